@@ -1,0 +1,192 @@
+"""Keyrings: contents, recursive search and cycle detection.
+
+A keyring's contents are indexed by (type, description), as the kernel's
+assoc_array is, so linking, unlinking and lookup are O(1) whatever the
+size; nested keyrings are also kept in their own dict, so a recursive search
+visits keyrings, never every key.
+
+Search follows security/keys/keyring.c: the keyring itself may match; a
+revoked keyring is not looked into; its own keys are checked before its
+nested keyrings; a nested keyring is entered only with search permission;
+at most :data:`SEARCH_MAX_DEPTH` levels are entered.  All functions here run
+with the service lock held.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from keyfence.keys import permission
+from keyfence.keys.key import Key, KeyState
+from keyfence.keys.permission import Perm
+
+if TYPE_CHECKING:
+    from keyfence.keys.process_keys import Caller
+
+SEARCH_MAX_DEPTH = 6
+"""KEYRING_SEARCH_MAX_DEPTH: nested keyrings entered below the top one."""
+
+
+class KeyringContents:
+    """The links of one keyring, in link order."""
+
+    __slots__ = ("by_index", "rings")
+
+    def __init__(self) -> None:
+        self.by_index: dict[tuple[str, str], Key] = {}
+        self.rings: dict[int, Key] = {}
+        """The nested keyrings among ``by_index``, by serial."""
+
+    def __len__(self) -> int:
+        return len(self.by_index)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self.by_index.values()))
+
+    def find(self, index_key: tuple[str, str]) -> Key | None:
+        return self.by_index.get(index_key)
+
+    def __contains__(self, key: Key) -> bool:
+        return self.by_index.get(key.index_key) is key
+
+
+def link_locked(ring: Key, key: Key) -> Key | None:
+    """Put ``key`` in ``ring``; return the key it displaced, if any.
+
+    A keyring holds one key per (type, description): linking a second one
+    replaces the first, as the kernel's key_link() does.
+    """
+    assert ring.contents is not None
+    contents = ring.contents
+    old = contents.by_index.get(key.index_key)
+    if old is key:
+        return None
+    if old is not None:
+        unlink_locked(ring, old)
+    contents.by_index[key.index_key] = key
+    if key.is_keyring:
+        contents.rings[key.serial] = key
+    key.parents.add(ring)
+    return old
+
+
+def unlink_locked(ring: Key, key: Key) -> None:
+    assert ring.contents is not None
+    contents = ring.contents
+    del contents.by_index[key.index_key]
+    if key.is_keyring:
+        del contents.rings[key.serial]
+    key.parents.discard(ring)
+
+
+@dataclass(slots=True)
+class SearchContext:
+    """One search through a tree of keyrings (keyring_search_context)."""
+
+    caller: Caller | None
+    """Whose permissions apply; None means no permission checks."""
+    possessed: bool
+    """Whether the top keyring is possessed; everything found inherits it."""
+    index_key: tuple[str, str] | None
+    """Look only at this (type, description) in each keyring, or None to
+    call ``match`` on every key."""
+    match: Callable[[Key], bool]
+    now: float
+    state_check: bool = True
+    """Skip revoked, invalidated and expired keys, reporting why."""
+    skip_expired: bool = False
+    """Pass over expired keys without reporting them (request_key)."""
+    detect_too_deep: bool = False
+    """Fail with ELOOP instead of quietly not entering a keyring too deep."""
+    found: Key | None = None
+    error: int = errno.EAGAIN
+    """Why nothing was found: EAGAIN (nothing matched) or the last skipped
+    match's reason (EACCES, EKEYREVOKED, EKEYEXPIRED)."""
+
+    def consider(self, key: Key) -> bool:
+        """The kernel's keyring_search_iterator: True if ``key`` is the answer."""
+        if not self.match(key):
+            return False
+        if self.state_check:
+            if key.state in (KeyState.INVALIDATED, KeyState.REVOKED, KeyState.DEAD):
+                self.error = errno.EKEYREVOKED
+                return False
+            if key.is_expired(self.now):
+                if not self.skip_expired:
+                    self.error = errno.EKEYEXPIRED
+                return False
+        if self.caller is not None and not permission.allowed(
+            key, self.caller, Perm.SEARCH, possessed=self.possessed
+        ):
+            self.error = errno.EACCES
+            return False
+        self.found = key
+        return True
+
+
+def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
+    """Search ``top`` and the keyrings nested in it; None if nothing matched.
+
+    On None, ``ctx.error`` says why (EAGAIN: no match at all; ELOOP: nesting
+    deeper than allowed and ``detect_too_deep``).
+    """
+    if (ctx.index_key is None or top.index_key == ctx.index_key) and ctx.consider(top):
+        return top
+    # Depth-first, own keys before nested keyrings, like search_nested_keyrings().
+    stack: list[Iterator[Key]] = []
+    ring: Key | None = top
+    while True:
+        if ring is not None and ring.state is not KeyState.REVOKED and ring.contents is not None:
+            contents = ring.contents
+            if ctx.index_key is not None:
+                candidate = contents.by_index.get(ctx.index_key)
+                if candidate is not None and ctx.consider(candidate):
+                    return candidate
+            else:
+                for candidate in contents.by_index.values():
+                    if ctx.consider(candidate):
+                        return candidate
+            stack.append(iter(list(contents.rings.values())))
+        ring = None
+        if not stack:
+            return None
+        for nested in stack[-1]:
+            if len(stack) > SEARCH_MAX_DEPTH:
+                if ctx.detect_too_deep:
+                    ctx.error = errno.ELOOP
+                    return None
+                break
+            if ctx.caller is not None and not permission.allowed(
+                nested, ctx.caller, Perm.SEARCH, possessed=ctx.possessed
+            ):
+                continue
+            ring = nested
+            break
+        else:
+            stack.pop()
+            continue
+        if ring is None:
+            stack.pop()
+
+
+def detect_cycle_locked(ring: Key, key: Key, now: float) -> int:
+    """0 if linking keyring ``key`` into ``ring`` is safe, else the errno.
+
+    EDEADLK if ``ring`` is reachable from ``key`` (or is ``key``); ELOOP if
+    the nesting below ``key`` is already too deep to search.
+    """
+    ctx = SearchContext(
+        caller=None,
+        possessed=False,
+        index_key=ring.index_key,
+        match=lambda k: k is ring,
+        now=now,
+        state_check=False,
+        detect_too_deep=True,
+    )
+    if search_tree_locked(key, ctx) is not None:
+        return errno.EDEADLK
+    return ctx.error if ctx.error == errno.ELOOP else 0

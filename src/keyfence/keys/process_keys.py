@@ -1,0 +1,108 @@
+"""Callers and their special keyrings: @t, @p, @s, @u, @us.
+
+The kernel hangs a thread, process and session keyring off each task's
+credentials.  keyfence has no task to hang them on, so it keeps tables keyed
+by who the caller is (DESIGN.md, "Processes"):
+
+* @t by (pid, start time, tid); @p by (pid, start time), so a reused pid
+  never inherits a dead process's keyring;
+* @s by the caller's POSIX session; a session that has none yet gets a new
+  anonymous ``_ses`` keyring when the caller asks to create one, and
+  otherwise sees its user-session keyring (docs/keys.md);
+* @u and @us by uid, created on first use and kept for good, as the
+  kernel's are.
+
+The tables *anchor* the keyrings they hold: a keyring anchored by a process
+or session lives on with no links, and goes away through the fenced removal
+path when its process exits or its session ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keyfence.keys.key import Key
+
+KEY_SPEC_THREAD_KEYRING = -1
+KEY_SPEC_PROCESS_KEYRING = -2
+KEY_SPEC_SESSION_KEYRING = -3
+KEY_SPEC_USER_KEYRING = -4
+KEY_SPEC_USER_SESSION_KEYRING = -5
+KEY_SPEC_GROUP_KEYRING = -6
+KEY_SPEC_REQKEY_AUTH_KEY = -7
+KEY_SPEC_REQUESTOR_KEYRING = -8
+
+SPECIAL_NAMES = {
+    "@t": KEY_SPEC_THREAD_KEYRING,
+    "@p": KEY_SPEC_PROCESS_KEYRING,
+    "@s": KEY_SPEC_SESSION_KEYRING,
+    "@u": KEY_SPEC_USER_KEYRING,
+    "@us": KEY_SPEC_USER_SESSION_KEYRING,
+    "@g": KEY_SPEC_GROUP_KEYRING,
+    "@a": KEY_SPEC_REQKEY_AUTH_KEY,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: everything a permission or keyring decision needs.
+
+    The daemon fills this from the socket's peer credentials and /proc,
+    never from what a client says.  ``session`` identifies the POSIX
+    session (None: the caller has no session to hang a keyring on).
+    """
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = field(default_factory=frozenset)
+    pid: int = 0
+    tid: int = 0
+    """0 means the main thread (tid == pid)."""
+    start_time: int = 0
+    """The process's start time, so that a recycled pid is another process."""
+    session: Hashable | None = None
+    admin: bool | None = None
+    """CAP_SYS_ADMIN; None means "uid 0 has it"."""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.uid == 0 if self.admin is None else self.admin
+
+    @property
+    def process(self) -> tuple[int, int]:
+        return (self.pid, self.start_time)
+
+    @property
+    def thread(self) -> tuple[int, int, int]:
+        return (self.pid, self.start_time, self.tid or self.pid)
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+class SpecialKeyrings:
+    """The anchor tables.  Mutated only with the service lock held."""
+
+    def __init__(self) -> None:
+        self.threads: dict[tuple[int, int, int], Key] = {}
+        self.processes: dict[tuple[int, int], Key] = {}
+        self.sessions: dict[Hashable, Key] = {}
+        self.users: dict[int, tuple[Key, Key]] = {}
+        """uid -> (user keyring, user-session keyring)."""
+
+    def thread_keyring(self, caller: Caller) -> Key | None:
+        return self.threads.get(caller.thread)
+
+    def process_keyring(self, caller: Caller) -> Key | None:
+        return self.processes.get(caller.process)
+
+    def session_keyring(self, caller: Caller) -> Key | None:
+        if caller.session is None:
+            return None
+        return self.sessions.get(caller.session)
+
+    def threads_of(self, pid: int, start_time: int) -> list[tuple[int, int, int]]:
+        return [t for t in self.threads if t[0] == pid and t[1] == start_time]

@@ -1,0 +1,153 @@
+"""The one removal path: how keys go away, worked out before anything changes.
+
+Every operation that can make a key unusable -- unlink, clear, move, link
+displacing a key, revoke, invalidate, expiry, gc reaping, process exit,
+session end -- describes what it takes away as a :class:`Removal` and hands
+it to the service, which
+
+1. computes the whole set of keys that will go away (:meth:`Removal.plan_locked`),
+   following cascades: a key that loses its last link and anchor is
+   destroyed, a destroyed or revoked keyring drops its own links, and so on;
+2. lets the key users fence the removal (notifications, keyfence.keys.notify);
+3. applies it atomically (:meth:`Removal.apply_locked`): unlinks, state
+   changes, payload wipes, quota refunds.
+
+Life-cycle rules live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from keyfence.keys import keyring
+from keyfence.keys.key import Key, KeyState
+
+if TYPE_CHECKING:
+    from keyfence.keys.process_keys import Caller
+
+
+class Why(Enum):
+    """Why a key goes away for its users."""
+
+    REVOKED = "revoked"
+    INVALIDATED = "invalidated"
+    EXPIRED = "expired"
+    UNLINKED = "unlinked"
+    """Lost its last link (unlink, clear, move, displacement, a dying keyring)."""
+    ENDED = "ended"
+    """A process or session keyring whose owner went away."""
+
+
+@dataclass
+class Removal:
+    """What one operation takes away.  Built and planned with the lock held."""
+
+    op: str
+    """The operation, as keyctl(1) names it: "unlink", "clear", "revoke", ..."""
+    caller: Caller | None
+    """Who asked; None for the service itself (expiry, gc, process exit)."""
+    unlinks: list[tuple[Key, Key]] = field(default_factory=list)
+    """Links to cut, as (keyring, key)."""
+    kills: dict[Key, KeyState] = field(default_factory=dict)
+    """Keys whose state changes: REVOKED, INVALIDATED or EXPIRED."""
+    releases: list[Key] = field(default_factory=list)
+    """Anchors to drop (a process's or session's keyring)."""
+    links: list[tuple[Key, Key]] = field(default_factory=list)
+    """Links to make in the same atomic step (move, displacement by link)."""
+    emergency: bool = False
+
+    # -- the plan, filled by plan_locked()
+    cut: set[tuple[Key, Key]] = field(default_factory=set)
+    destroyed: list[Key] = field(default_factory=list)
+    going: dict[Key, Why] = field(default_factory=dict)
+    """Every key that goes away for its users, and why."""
+
+    def plan_locked(self) -> None:
+        """Work out every link cut and every key that goes away."""
+        cut: set[tuple[Key, Key]] = set()
+        lost: dict[Key, int] = {}
+        released: dict[Key, int] = {}
+        destroyed: dict[Key, None] = {}
+        going: dict[Key, Why] = {}
+        todo: list[Key] = []
+
+        def cut_link(ring: Key, key: Key) -> None:
+            if (ring, key) not in cut:
+                cut.add((ring, key))
+                lost[key] = lost.get(key, 0) + 1
+                todo.append(key)
+
+        def drop_contents(ring: Key) -> None:
+            if ring.contents is not None:
+                for child in ring.contents.by_index.values():
+                    cut_link(ring, child)
+
+        for ring, key in self.unlinks:
+            cut_link(ring, key)
+        for key in self.releases:
+            released[key] = released.get(key, 0) + 1
+            todo.append(key)
+        for key, state in self.kills.items():
+            going[key] = Why(state.value)
+            if state is KeyState.INVALIDATED:
+                for parent in key.parents:
+                    cut_link(parent, key)
+            if key.is_keyring and state in (KeyState.REVOKED, KeyState.INVALIDATED):
+                drop_contents(key)  # the kernel clears a revoked keyring
+        gained = {key for _ring, key in self.links}
+        while todo:
+            key = todo.pop()
+            if key in destroyed or key in gained:
+                continue
+            if len(key.parents) - lost.get(key, 0) > 0:
+                continue
+            if key.anchors - released.get(key, 0) > 0:
+                continue
+            destroyed[key] = None
+            if key not in going:
+                going[key] = Why.ENDED if key in released else Why.UNLINKED
+            if key.is_keyring:
+                drop_contents(key)
+        self.cut = cut
+        self.destroyed = list(destroyed)
+        self.going = going
+
+    def apply_locked(self, now: float) -> list[Key]:
+        """Make the planned change; return the keys destroyed (already wiped).
+
+        The caller (the service) releases serials, quota and names of the
+        destroyed keys.
+        """
+        for ring, key in self.cut:
+            if ring.contents is not None and key in ring.contents:
+                keyring.unlink_locked(ring, key)
+        for ring, key in self.links:
+            keyring.link_locked(ring, key)
+        for key in self.releases:
+            key.anchors -= 1
+        for key, state in self.kills.items():
+            if key.state is KeyState.VALID or state is KeyState.INVALIDATED:
+                key.state = state
+            if state is KeyState.REVOKED and key.revoked_at is None:
+                key.revoked_at = int(now)
+            wipe_payload(key)
+        for key in self.destroyed:
+            for ring in list(key.parents):
+                keyring.unlink_locked(ring, key)
+            key.state = KeyState.DEAD
+            wipe_payload(key)
+        return self.destroyed
+
+    def keys_going(self) -> Iterable[Key]:
+        return self.going.keys()
+
+
+def wipe_payload(key: Key) -> None:
+    """Zero a key's payload now; a dead key keeps no secret."""
+    payload = key.payload
+    if payload is not None:
+        key.payload = None
+        payload.wipe()
