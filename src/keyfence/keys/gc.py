@@ -17,6 +17,7 @@ caused to finish.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from keyfence.keys.keyctl import KeyService
 
 _EXPIRE, _REAP = 0, 1
+RETRY_DELAY = 5.0
+"""Seconds before an expiry or reap that a watcher refused is tried again."""
+
+log = logging.getLogger(__name__)
 
 
 class GarbageCollector:
@@ -87,9 +92,16 @@ class GarbageCollector:
             done = 0
             for kind, key in self._due(now):
                 removal = self._work_for(kind, key, now)
-                if removal is not None:
-                    self._service._remove(removal)
-                    done += 1
+                if removal is None:
+                    continue
+                try:
+                    self._service._run_removal(lambda r=removal: r)  # type: ignore[misc]
+                except OSError as err:
+                    # a watcher refused: the key stays valid; try again later
+                    log.warning("%s of key %d postponed: %s", removal.op, key.serial, err)
+                    self._push(now + RETRY_DELAY, kind, key)
+                    continue
+                done += 1
             return done
         finally:
             with self._cond:

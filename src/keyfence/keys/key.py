@@ -40,6 +40,8 @@ class Key:
         "contents",
         "description",
         "expiry",
+        "fence",
+        "gate_closed",
         "gid",
         "in_quota",
         "parents",
@@ -49,6 +51,7 @@ class Key:
         "revoked_at",
         "serial",
         "state",
+        "sync_watches",
         "type",
         "uid",
     )
@@ -82,6 +85,14 @@ class Key:
         self.parents: set[Key] = set()
         """Keyrings that link this key (a key is in a keyring at most once)."""
         self.anchors = 0
+        self.fence = 0
+        """The removal whose watchers are flushing this key now (0: none)."""
+        self.gate_closed = False
+        """No new use-guards: a removal is about to apply."""
+        self.sync_watches = 0
+        """Synchronous watches on this key.  A watched key does not expire by
+        the clock alone: expiry goes through the fenced removal path, so the
+        key stays usable until its users have flushed (docs/notifications.md)."""
         """References from outside any keyring: a process, session or user
         holding this as one of its special keyrings.  A key with no parents
         and no anchors is destroyed."""
@@ -97,7 +108,10 @@ class Key:
 
     def is_expired(self, now: float) -> bool:
         return self.state is KeyState.EXPIRED or (
-            self.expiry is not None and self.state is KeyState.VALID and now >= self.expiry
+            self.expiry is not None
+            and self.state is KeyState.VALID
+            and not self.sync_watches
+            and now >= self.expiry
         )
 
     def is_live(self) -> bool:

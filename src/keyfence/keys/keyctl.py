@@ -15,12 +15,13 @@ checked, in that order.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -28,6 +29,7 @@ from keyfence.keys import keyring as _keyring
 from keyfence.keys import permission
 from keyfence.keys import secret as _secret
 from keyfence.keys.errors import fail
+from keyfence.keys.fence import FenceOutcome, FenceRound, RemovalProgress, current_fence
 from keyfence.keys.gc import GarbageCollector
 from keyfence.keys.key import Key, KeyState
 from keyfence.keys.key_type import (
@@ -39,6 +41,15 @@ from keyfence.keys.key_type import (
     lookup_type,
 )
 from keyfence.keys.keyring import KeyringContents, SearchContext
+from keyfence.keys.notify import (
+    Dispatcher,
+    KeyEvent,
+    Notification,
+    Phase,
+    Watch,
+    WatchCallback,
+    WatchTable,
+)
 from keyfence.keys.permission import Perm
 from keyfence.keys.process_keys import (
     KEY_SPEC_GROUP_KEYRING,
@@ -53,9 +64,23 @@ from keyfence.keys.process_keys import (
     SpecialKeyrings,
 )
 from keyfence.keys.quota import QuotaLimits, QuotaTable, QuotaUsage
-from keyfence.keys.removal import Removal
+from keyfence.keys.removal import Removal, Why, wipe_payload
+from keyfence.keys.secret import SecretBuffer
 
 KEYCTL_MOVE_EXCL = 0x01
+
+_WHY_EVENT = {
+    Why.REVOKED: KeyEvent.REVOKED,
+    Why.INVALIDATED: KeyEvent.INVALIDATED,
+    Why.EXPIRED: KeyEvent.EXPIRED,
+    Why.UNLINKED: KeyEvent.GC,
+    Why.ENDED: KeyEvent.GC,
+}
+_STATE_EVENT = {
+    KeyState.REVOKED: KeyEvent.REVOKED,
+    KeyState.INVALIDATED: KeyEvent.INVALIDATED,
+    KeyState.EXPIRED: KeyEvent.EXPIRED,
+}
 SERIAL_BITS = 31
 
 
@@ -98,6 +123,14 @@ class KeyService:
         """Published keyring names, oldest first (find_keyring_by_name)."""
         self._quota = QuotaTable(quota or QuotaLimits())
         self._special = SpecialKeyrings()
+        self._changed = threading.Condition(self._lock)
+        """Signalled when a removal applies or ends, or a use-guard ends."""
+        self._watches = WatchTable()
+        self._dispatcher = Dispatcher()
+        self._guards: dict[Key, int] = {}
+        self._pending_new: dict[Key, None] = {}
+        """Keys made for a removal still being fenced (add displacing a key,
+        joining a session keyring); destroyed if it does not apply."""
         self.gc = GarbageCollector(self, delay=gc_delay, clock=clock, threaded=run_gc_thread)
 
     # ------------------------------------------------------------------ helpers
@@ -357,31 +390,236 @@ class KeyService:
             return None
         if old is None:
             _keyring.link_locked(ring, key)
+            self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         return Removal(op, caller, unlinks=[(ring, old)], links=[(ring, key)])
 
     # -- the removal path
 
-    def _remove(self, removal: Removal) -> None:
-        """Run a removal: plan, fence, apply, wipe.  Called without the lock.
+    def _run_removal(
+        self,
+        build: Callable[[], Removal | None],
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
+        """Run one removal: plan, fence, apply, wipe, notify.
 
-        Everything that makes a key go away ends here.
+        ``build`` runs with the lock held and describes the removal (or does
+        the whole operation and returns None when nothing goes away); it is
+        run again if, before any watcher was called, another removal was
+        found fencing the same keys -- so the operation behaves as if it ran
+        after that one.  Called without the lock; every key that goes away,
+        goes away here.
+
+        Errors: the watcher's own error (the removal is aborted, keys
+        intact); ETIMEDOUT naming the watchers still working; EDEADLK when a
+        watcher's callback starts a removal of the keys its fence holds.
         """
-        with self._lock:
-            removal.plan_locked()
-            self._apply_locked(removal)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        removal: Removal | None = None
+        called: set[tuple[int, int]] = set()
+        fenced: list[Key] = []
+        gated: list[Key] = []
+        notes: list[tuple[Watch, Notification]] = []
+        applied = False
+        try:
+            while True:
+                with self._lock:
+                    if removal is None or not called:
+                        removal = build()
+                        if removal is None:
+                            return
+                        removal.emergency = emergency
+                    removal.plan_locked()
+                    if not emergency:
+                        blocker = self._blocking_fence_locked(removal)
+                        if blocker:
+                            if blocker == current_fence():
+                                raise fail(
+                                    errno.EDEADLK,
+                                    f"a watcher of removal {blocker} tried to remove its keys",
+                                )
+                            self._wait_changed_locked(deadline, f"removal {blocker}")
+                            continue
+                        calls = self._sync_calls_locked(removal, called)
+                        if calls:
+                            for key in removal.going:
+                                if not key.fence:
+                                    key.fence = removal.id
+                                    fenced.append(key)
+                        elif self._guarded_locked(removal, gated):
+                            self._wait_changed_locked(deadline, "a use of the key to end")
+                            continue
+                        else:
+                            notes = self._apply_locked(removal)
+                            applied = True
+                            break
+                    else:
+                        notes = self._apply_locked(removal)
+                        applied = True
+                        break
+                self._fence(removal, calls, deadline, progress)
+                called.update((w.id, n.key) for w, n in calls)
+        finally:
+            with self._lock:
+                for key in fenced:
+                    if removal is not None and key.fence == removal.id:
+                        key.fence = 0
+                for key in gated:
+                    key.gate_closed = False
+                self._changed.notify_all()
+        if applied:
+            self._dispatcher.post(notes)
 
-    def _apply_locked(self, removal: Removal) -> None:
+    def _blocking_fence_locked(self, removal: Removal) -> int:
+        for key in removal.going:
+            if key.fence and key.fence != removal.id:
+                return key.fence
+        return 0
+
+    def _wait_changed_locked(self, deadline: float | None, what: str) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise fail(errno.ETIMEDOUT, f"still waiting for {what}; nothing was removed")
+        self._changed.wait(0.1 if remaining is None else min(remaining, 0.1))
+
+    def _sync_calls_locked(
+        self, removal: Removal, called: set[tuple[int, int]]
+    ) -> list[tuple[Watch, Notification]]:
+        calls = []
+        for key, why in removal.going.items():
+            if not key.sync_watches:
+                continue
+            event = _WHY_EVENT[why]
+            for watch in self._watches.sync_of(key):
+                if (watch.id, key.serial) in called:
+                    continue
+                note = self._note(key, event, removal, phase=Phase.BEFORE)
+                calls.append((watch, note))
+        return calls
+
+    def _guarded_locked(self, removal: Removal, gated: list[Key]) -> bool:
+        """Close the gates of the keys going away; True while uses remain."""
+        busy = False
+        for key in removal.going:
+            if not key.gate_closed:
+                key.gate_closed = True
+                gated.append(key)
+            if self._guards.get(key):
+                busy = True
+        return busy
+
+    def _fence(
+        self,
+        removal: Removal,
+        calls: list[tuple[Watch, Notification]],
+        deadline: float | None,
+        progress: Callable[[RemovalProgress], None] | None,
+    ) -> None:
+        """Call the synchronous watchers (no lock held) and wait for them."""
+        fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls)
+        fence_round.start()
+        if progress is not None:
+            progress(fence_round.snapshot())
+        outcome = fence_round.wait(deadline, progress)
+        if outcome == FenceOutcome.FAILED:
+            assert fence_round.failure is not None
+            watch, err = fence_round.failure
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.ECANCELED
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise fail(code, f"{watch.name} failed: {reason}; nothing was removed") from None
+        if outcome == FenceOutcome.TIMEOUT:
+            raise fail(
+                errno.ETIMEDOUT,
+                f"still flushing: {fence_round.describe_pending()}; nothing was removed",
+            )
+
+    def _note(
+        self,
+        key: Key,
+        event: KeyEvent,
+        removal: Removal | None = None,
+        *,
+        aux: int | None = None,
+        phase: Phase = Phase.AFTER,
+        caller: Caller | None = None,
+        op: str = "",
+    ) -> Notification:
+        who = removal.caller if removal is not None else caller
+        return Notification(
+            key=key.serial,
+            event=event,
+            aux=aux,
+            op=removal.op if removal is not None else op,
+            uid=who.uid if who is not None else None,
+            pid=who.pid if who is not None else None,
+            phase=phase,
+            emergency=removal.emergency if removal is not None else False,
+            removal=removal.id if removal is not None else 0,
+            description=key.description,
+        )
+
+    def _after_notes_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
+        """What every watch is told once the removal is applied."""
+        events: list[tuple[Key, KeyEvent, int | None]] = []
+        cleared: set[Key] = set()
+        for ring, key in removal.cut:
+            if removal.op == "clear" and (ring, key) in removal.unlinks_set:
+                cleared.add(ring)
+            else:
+                events.append((ring, KeyEvent.UNLINKED, key.serial))
+        events.extend((ring, KeyEvent.CLEARED, None) for ring in cleared)
+        events.extend((ring, KeyEvent.LINKED, key.serial) for ring, key in removal.links)
+        for key, state in removal.killed.items():
+            events.append((key, _STATE_EVENT[state], None))
+        events.extend((key, KeyEvent.GC, None) for key in removal.destroyed)
+        return self._notes_for_locked(events, removal)
+
+    def _notes_for_locked(
+        self,
+        events: list[tuple[Key, KeyEvent, int | None]],
+        removal: Removal | None = None,
+        caller: Caller | None = None,
+        op: str = "",
+    ) -> list[tuple[Watch, Notification]]:
+        if not self._watches:
+            return []
+        notes = []
+        for key, event, aux in events:
+            for watch in self._watches.of(key):
+                if watch.events & event:
+                    note = self._note(key, event, removal, aux=aux, caller=caller, op=op)
+                    notes.append((watch, note))
+        return notes
+
+    def _notify(
+        self,
+        events: list[tuple[Key, KeyEvent, int | None]],
+        caller: Caller,
+        op: str,
+    ) -> None:
+        """Post AFTER notifications of a non-removal operation."""
+        if self._watches:
+            self._dispatcher.post(self._notes_for_locked(events, caller=caller, op=op))
+
+    def _apply_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
         now = self.now()
-        for key in removal.kills:
+        removal.unlinks_set = set(removal.unlinks)
+        notes = self._after_notes_locked(removal)
+        for key in removal.killed:
             if key.payload is not None and key.in_quota:
                 self._quota.resize_locked(key.uid, -len(key.payload))
                 key.quotalen -= len(key.payload)
         for key in removal.apply_locked(now):
             self._release_locked(key)
-        for key, state in removal.kills.items():
-            if state in (KeyState.REVOKED, KeyState.EXPIRED):
+            self._watches.forget(key)
+        for key, state in removal.killed.items():
+            if state in (KeyState.REVOKED, KeyState.EXPIRED) and key.is_live():
                 self.gc.schedule_reap(key, now)
+        self._changed.notify_all()
+        return notes
 
     # ------------------------------------------------------------- operations
 
@@ -398,7 +636,9 @@ class KeyService:
         Errors: EPERM (type or keyring description starting with '.'),
         EINVAL (bad description or payload), ENODEV (unknown type), ENOTDIR,
         EACCES (no write on the keyring or on the key to update), EDQUOT,
-        and the keyring lookup's errors.
+        and the keyring lookup's errors.  A new keyring displacing one of the
+        same name goes through the removal path (the old one's watchers are
+        fenced) and may fail as removals do.
         """
         data = payload or b""
         if type_name.startswith("."):
@@ -411,34 +651,62 @@ class KeyService:
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
         if len(data) > ADD_KEY_PAYLOAD_MAX:
             raise fail(errno.EINVAL, "payload too large")
-        displaced: Removal | None
-        with self._lock:
+        result: list[int] = []
+
+        def build() -> Removal | None:
             ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE, create=True)
             key_type = lookup_type(type_name)
-            data = key_type.preparse(data)
+            prepared = key_type.preparse(data)
             if description is None:
                 raise fail(errno.EINVAL, "a description is required")
             if not ring.is_keyring:
                 raise fail(errno.ENOTDIR)
             key_type.vet_description(description)
             assert ring.contents is not None
-            if key_type.updatable:
-                existing = ring.contents.find((type_name, description))
-                if existing is not None and existing.state is KeyState.VALID:
-                    possessed = self._possessed_locked(caller, existing)
-                    permission.check(existing, caller, Perm.WRITE, possessed=possessed)
-                    self._update_locked(existing, data)
-                    return existing.serial
+            existing = ring.contents.find((type_name, description))
+            if key_type.updatable and existing is not None and existing.state is KeyState.VALID:
+                possessed = self._possessed_locked(caller, existing)
+                permission.check(existing, caller, Perm.WRITE, possessed=possessed)
+                self._update_locked(existing, prepared)
+                result.append(existing.serial)
+                self._notify([(existing, KeyEvent.UPDATED, None)], caller, "add")
+                return None
             perm = permission.default_perm(
                 readable=key_type.readable, writable=key_type.updatable or key_type.is_keyring
             )
             key = self._alloc_locked(
-                key_type, description, uid=caller.uid, gid=caller.gid, perm=perm, payload=data
+                key_type, description, uid=caller.uid, gid=caller.gid, perm=perm, payload=prepared
             )
-            displaced = self._link_locked(ring, key, "add", caller)
-        if displaced is not None:
-            self._remove(displaced)
-        return key.serial
+            result.append(key.serial)
+            if existing is None:
+                _keyring.link_locked(ring, key)
+                self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, "add")
+                return None
+            # displacing a key: keep the new one anchored until the removal
+            # links it, so a re-run of build() cannot leak it
+            self._pending_new[key] = None
+            removal = Removal("add", caller, unlinks=[(ring, existing)], links=[(ring, key)])
+            removal.on_apply.append(lambda: self._pending_new.pop(key, None))
+            return removal
+
+        try:
+            self._run_removal(build)
+        finally:
+            with self._lock:
+                self._discard_pending_locked(result)
+        return result[-1]
+
+    def _discard_pending_locked(self, serials: list[int]) -> None:
+        """Destroy keys an operation made for a removal that did not apply
+        (it failed, or build() ran again and made another)."""
+        for serial in serials:
+            key = self._keys.get(serial)
+            if key is not None and key in self._pending_new:
+                del self._pending_new[key]
+                if not key.parents and not key.anchors:
+                    key.state = KeyState.DEAD
+                    wipe_payload(key)
+                    self._release_locked(key)
 
     def _update_locked(self, key: Key, data: bytes) -> None:
         old = key.payload
@@ -465,6 +733,7 @@ class KeyService:
                 raise fail(errno.EOPNOTSUPP)
             data = key.type.preparse(data)
             self._update_locked(key, data)
+            self._notify([(key, KeyEvent.UPDATED, None)], caller, "update")
 
     def request_key(
         self,
@@ -484,8 +753,9 @@ class KeyService:
             raise fail(errno.EPERM, "types starting with '.' are internal")
         if not description:
             raise fail(errno.EINVAL, "a description is required")
-        displaced = None
-        with self._lock:
+        result: list[int] = []
+
+        def build() -> Removal | None:
             dest = None
             if dest_keyring:
                 dest, _ = self._lookup_locked(caller, dest_keyring, Perm.WRITE, create=True)
@@ -505,12 +775,14 @@ class KeyService:
             found, error = self._search_process_keyrings_locked(caller, ctx)
             if found is None:
                 raise fail(errno.ENOKEY if error == errno.EAGAIN else error)
-            if dest is not None:
-                permission.check(found, caller, Perm.LINK, possessed=True)
-                displaced = self._link_locked(dest, found, "request", caller)
-        if displaced is not None:
-            self._remove(displaced)
-        return found.serial
+            result[:] = [found.serial]
+            if dest is None:
+                return None
+            permission.check(found, caller, Perm.LINK, possessed=True)
+            return self._link_locked(dest, found, "request", caller)
+
+        self._run_removal(build)
+        return result[0]
 
     def get_keyring_id(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: resolve an id, creating special keyrings if asked."""
@@ -523,76 +795,131 @@ class KeyService:
         join (creating if need be) the keyring called ``name``.
 
         The caller's whole POSIX session switches keyring; the one it had is
-        released (and goes away if nothing else holds it).
+        released, through the removal path if nothing else holds it.
         """
-        if caller.session is None:
+        session = caller.session
+        if session is None:
             raise fail(errno.EINVAL, "the caller has no session to join a keyring for")
-        with self._lock:
-            ring: Key | None = None
-            if name:
-                ring = self._find_keyring_by_name_locked(caller, name)
-                if ring is None:
-                    ring = self._alloc_locked(
-                        KEYRING,
-                        name,
-                        uid=caller.uid,
-                        gid=caller.gid,
-                        perm=permission.NAMED_SESSION_KEYRING_PERM,
-                    )
-            else:
+        result: list[int] = []
+
+        def build() -> Removal | None:
+            ring = self._find_keyring_by_name_locked(caller, name) if name else None
+            if ring is None:
+                named = bool(name)
                 ring = self._alloc_locked(
                     KEYRING,
-                    "_ses",
+                    name or "_ses",
                     uid=caller.uid,
                     gid=caller.gid,
-                    perm=permission.SESSION_KEYRING_PERM,
-                    overrun=True,
+                    perm=permission.NAMED_SESSION_KEYRING_PERM
+                    if named
+                    else permission.SESSION_KEYRING_PERM,
+                    overrun=not named,
                 )
-            released = self._install_session_keyring_locked(caller.session, ring)
-            serial = ring.serial
-        if released is not None:
-            self._remove(released)
-        return serial
+            result.append(ring.serial)
+            old = self._special.sessions.get(session)
+            if old is ring:
+                return None
+            ring.anchors += 1
+            self._special.sessions[session] = ring
+            if old is None:
+                return None
+            # the old keyring stays this session's until the removal applies
+            self._special.sessions[session] = old
+            ring.anchors -= 1
+            self._pending_new[ring] = None
+            removal = Removal("join_session_keyring", caller, releases=[old])
+
+            def switch() -> None:
+                self._pending_new.pop(ring, None)
+                ring.anchors += 1
+                self._special.sessions[session] = ring
+
+            removal.on_apply.append(switch)
+            return removal
+
+        try:
+            self._run_removal(build)
+        finally:
+            with self._lock:
+                self._discard_pending_locked(result)
+        return result[-1]
 
     def _find_keyring_by_name_locked(self, caller: Caller, name: str) -> Key | None:
         for ring in self._names.get(name, ()):
-            if ring.state is KeyState.REVOKED or not ring.is_live():
+            if ring.state is not KeyState.VALID:
                 continue
             if permission.allowed(ring, caller, Perm.SEARCH, possessed=False):
                 return ring
         return None
 
-    def revoke(self, caller: Caller, key_id: int) -> None:
+    def revoke(
+        self,
+        caller: Caller,
+        key_id: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
         """KEYCTL_REVOKE: the key (write or setattr permission) becomes unusable.
 
         Its payload is wiped at once; a revoked keyring loses its links.  It
         stays listed until the collector reaps it after ``gc_delay``.
+        ``timeout``/``emergency``/``progress`` as for every removal
+        (docs/notifications.md).
         """
-        with self._lock:
+
+        def build() -> Removal:
             try:
                 key, _ = self._lookup_locked(caller, key_id, Perm.WRITE)
             except OSError as err:
                 if err.errno != errno.EACCES:
                     raise
                 key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR)
-            removal = Removal("revoke", caller, kills={key: KeyState.REVOKED})
-        self._remove(removal)
+            return Removal("revoke", caller, kills={key: KeyState.REVOKED})
 
-    def invalidate(self, caller: Caller, key_id: int) -> None:
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
+    def invalidate(
+        self,
+        caller: Caller,
+        key_id: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
         """KEYCTL_INVALIDATE: the key (search permission) is unlinked
         everywhere and destroyed now."""
-        with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SEARCH)
-            removal = Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
-        self._remove(removal)
 
-    def clear(self, caller: Caller, keyring: int) -> None:
-        """KEYCTL_CLEAR: unlink everything from a keyring (write permission)."""
-        with self._lock:
+        def build() -> Removal:
+            key, _ = self._lookup_locked(caller, key_id, Perm.SEARCH)
+            return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
+    def clear(
+        self,
+        caller: Caller,
+        keyring: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
+        """KEYCTL_CLEAR: unlink everything from a keyring (write permission).
+
+        What goes is what the keyring held when the call was made; a key
+        linked while the watchers flush stays.
+        """
+
+        def build() -> Removal:
             ring, _ = self._keyring_locked(caller, keyring, Perm.WRITE, create=True)
             assert ring.contents is not None
-            removal = Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
-        self._remove(removal)
+            return Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def link(self, caller: Caller, key_id: int, keyring: int) -> None:
         """KEYCTL_LINK: link a key (link permission) into a keyring (write).
@@ -600,19 +927,30 @@ class KeyService:
         Errors: EDEADLK (would make a cycle), ELOOP (nesting too deep),
         ENOTDIR, EACCES, EKEYREVOKED, EKEYEXPIRED, ENOKEY.
         """
-        with self._lock:
+
+        def build() -> Removal | None:
             ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE, create=True)
             key, _ = self._lookup_locked(caller, key_id, Perm.LINK, create=True)
-            displaced = self._link_locked(ring, key, "link", caller)
-        if displaced is not None:
-            self._remove(displaced)
+            return self._link_locked(ring, key, "link", caller)
 
-    def unlink(self, caller: Caller, key_id: int, keyring: int) -> None:
+        self._run_removal(build)
+
+    def unlink(
+        self,
+        caller: Caller,
+        key_id: int,
+        keyring: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
         """KEYCTL_UNLINK: remove a link (write permission on the keyring only).
 
         Errors: ENOENT (not linked there), ENOTDIR, EACCES, ENOKEY.
         """
-        with self._lock:
+
+        def build() -> Removal:
             ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE)
             key, _ = self._lookup_locked(caller, key_id, _Need.UNLINK)
             if not ring.is_keyring:
@@ -620,11 +958,21 @@ class KeyService:
             assert ring.contents is not None
             if key not in ring.contents:
                 raise fail(errno.ENOENT)
-            removal = Removal("unlink", caller, unlinks=[(ring, key)])
-        self._remove(removal)
+            return Removal("unlink", caller, unlinks=[(ring, key)])
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def move(
-        self, caller: Caller, key_id: int, from_keyring: int, to_keyring: int, flags: int = 0
+        self,
+        caller: Caller,
+        key_id: int,
+        from_keyring: int,
+        to_keyring: int,
+        flags: int = 0,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
     ) -> None:
         """KEYCTL_MOVE: unlink from one keyring and link into another atomically.
 
@@ -634,12 +982,13 @@ class KeyService:
         """
         if flags & ~KEYCTL_MOVE_EXCL:
             raise fail(errno.EINVAL, "unknown move flags")
-        with self._lock:
+
+        def build() -> Removal | None:
             key, _ = self._lookup_locked(caller, key_id, Perm.LINK, create=True)
             src, _ = self._lookup_locked(caller, from_keyring, Perm.WRITE)
             dst, _ = self._lookup_locked(caller, to_keyring, Perm.WRITE, create=True)
             if src is dst:
-                return
+                return None
             if not src.is_keyring or not dst.is_keyring:
                 raise fail(errno.ENOTDIR)
             assert src.contents is not None and dst.contents is not None
@@ -655,8 +1004,9 @@ class KeyService:
             unlinks = [(src, key)]
             if old is not None and old is not key:
                 unlinks.append((dst, old))
-            removal = Removal("move", caller, unlinks=unlinks, links=[(dst, key)])
-        self._remove(removal)
+            return Removal("move", caller, unlinks=unlinks, links=[(dst, key)])
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def search(
         self, caller: Caller, keyring: int, type_name: str, description: str, dest_keyring: int = 0
@@ -669,8 +1019,9 @@ class KeyService:
         """
         if type_name.startswith("."):
             raise fail(errno.EPERM, "types starting with '.' are internal")
-        displaced = None
-        with self._lock:
+        result: list[int] = []
+
+        def build() -> Removal | None:
             ring, possessed = self._lookup_locked(caller, keyring, Perm.SEARCH)
             dest = None
             if dest_keyring:
@@ -686,12 +1037,14 @@ class KeyService:
             found = self._search_one_locked(ring, ctx, possessed=possessed)
             if found is None:
                 raise fail(errno.ENOKEY if ctx.error == errno.EAGAIN else ctx.error)
-            if dest is not None:
-                permission.check(found, caller, Perm.LINK, possessed=possessed)
-                displaced = self._link_locked(dest, found, "search", caller)
-        if displaced is not None:
-            self._remove(displaced)
-        return found.serial
+            result[:] = [found.serial]
+            if dest is None:
+                return None
+            permission.check(found, caller, Perm.LINK, possessed=possessed)
+            return self._link_locked(dest, found, "search", caller)
+
+        self._run_removal(build)
+        return result[0]
 
     def read(self, caller: Caller, key_id: int) -> bytes:
         """KEYCTL_READ: a key's payload, or a keyring's serials (native int32s).
@@ -747,6 +1100,7 @@ class KeyService:
                 key.uid = uid
             if gid != -1:
                 key.gid = gid
+            self._notify([(key, KeyEvent.SETATTR, None)], caller, "chown")
 
     def setperm(self, caller: Caller, key_id: int, perm: int) -> None:
         """KEYCTL_SETPERM: set the mask (owner or admin, setattr permission).
@@ -760,6 +1114,7 @@ class KeyService:
             if key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES)
             key.perm = perm
+            self._notify([(key, KeyEvent.SETATTR, None)], caller, "setperm")
 
     def set_timeout(self, caller: Caller, key_id: int, timeout: int) -> None:
         """KEYCTL_SET_TIMEOUT: expire the key ``timeout`` seconds from now
@@ -771,6 +1126,7 @@ class KeyService:
             key.expiry = int(self.now()) + timeout if timeout else None
             if key.expiry is not None:
                 self.gc.schedule_expiry(key)
+            self._notify([(key, KeyEvent.SETATTR, None)], caller, "timeout")
 
     def get_security(self, caller: Caller, key_id: int) -> str:
         """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty."""
@@ -780,30 +1136,139 @@ class KeyService:
 
     # ------------------------------------------------- process and session end
 
-    def process_exited(self, pid: int, start_time: int = 0) -> None:
-        """A process is gone: its process and thread keyrings go away."""
-        with self._lock:
-            released = []
-            ring = self._special.processes.pop((pid, start_time), None)
-            if ring is not None:
-                released.append(ring)
-            for thread in self._special.threads_of(pid, start_time):
-                released.append(self._special.threads.pop(thread))
-        if released:
-            self._remove(Removal("exit", None, releases=released))
+    def process_exited(
+        self,
+        pid: int,
+        start_time: int = 0,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+    ) -> None:
+        """A process is gone: its process and thread keyrings go away.
+
+        If a watcher aborts the removal, the keyrings stay registered and
+        the call raises; the caller (the daemon) retries.
+        """
+
+        def build() -> Removal | None:
+            tables = self._special
+            threads = tables.threads_of(pid, start_time)
+            rings = [tables.threads[t] for t in threads]
+            process = tables.processes.get((pid, start_time))
+            if process is not None:
+                rings.append(process)
+            if not rings:
+                return None
+            removal = Removal("exit", None, releases=rings)
+
+            def forget() -> None:
+                tables.processes.pop((pid, start_time), None)
+                for thread in threads:
+                    tables.threads.pop(thread, None)
+
+            removal.on_apply.append(forget)
+            return removal
+
+        self._run_removal(build, timeout=timeout, emergency=emergency)
 
     def thread_exited(self, pid: int, tid: int, start_time: int = 0) -> None:
-        with self._lock:
-            ring = self._special.threads.pop((pid, start_time, tid), None)
-        if ring is not None:
-            self._remove(Removal("exit", None, releases=[ring]))
+        """A thread is gone: its thread keyring goes away."""
 
-    def session_ended(self, session: Hashable) -> None:
+        def build() -> Removal | None:
+            ring = self._special.threads.get((pid, start_time, tid))
+            if ring is None:
+                return None
+            removal = Removal("exit", None, releases=[ring])
+            removal.on_apply.append(lambda: self._special.threads.pop((pid, start_time, tid)))
+            return removal
+
+        self._run_removal(build)
+
+    def session_ended(
+        self,
+        session: Hashable,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
         """A POSIX session has no process left: its session keyring goes away."""
+
+        def build() -> Removal | None:
+            ring = self._special.sessions.get(session)
+            if ring is None:
+                return None
+            removal = Removal("session_end", None, releases=[ring])
+            removal.on_apply.append(lambda: self._special.sessions.pop(session, None))
+            return removal
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
+    # ------------------------------------------------------ watches and guards
+
+    def watch(
+        self,
+        caller: Caller,
+        key_id: int,
+        callback: WatchCallback,
+        events: KeyEvent = KeyEvent.ALL,
+        *,
+        sync: bool = False,
+        name: str | None = None,
+    ) -> Watch:
+        """Watch a key or keyring (KEYCTL_WATCH_KEY, plus synchronous watches).
+
+        Needs view permission.  A synchronous watch -- the key's owner or an
+        admin only, so nobody else can hold a removal hostage -- is called
+        before the key goes away and the removal waits for it.
+        Errors: EACCES, and the lookup's.
+        """
         with self._lock:
-            ring = self._special.sessions.pop(session, None)
-        if ring is not None:
-            self._remove(Removal("session_end", None, releases=[ring]))
+            key, _ = self._lookup_locked(caller, key_id, Perm.VIEW)
+            if sync and key.uid != caller.uid and not caller.is_admin:
+                raise fail(errno.EACCES, "only the key's owner may watch it synchronously")
+            watch = Watch(
+                self._watches,
+                key,
+                events,
+                callback,
+                sync=sync,
+                name=name or f"uid {caller.uid} pid {caller.pid}",
+                owner_uid=caller.uid,
+            )
+            self._watches.add(watch)
+            return watch
+
+    @contextlib.contextmanager
+    def use_key(self, caller: Caller, key_id: int) -> Iterator[SecretBuffer]:
+        """Hold a use-guard on a key's payload for a short use (an encryption).
+
+        A removal waits for guards to end before it applies, and refuses new
+        ones from then on.  Trusted in-process users only: the payload of a
+        logon key is reachable here although read() refuses it.  Needs
+        search permission, as the kernel's own key users do.
+        Errors: EKEYREVOKED (the key is being removed), and the lookup's.
+        """
+        with self._lock:
+            key, _ = self._lookup_locked(caller, key_id, Perm.SEARCH)
+            if key.gate_closed or key.payload is None:
+                raise fail(errno.EKEYREVOKED, "the key is being removed")
+            self._guards[key] = self._guards.get(key, 0) + 1
+            payload = key.payload
+        try:
+            yield payload
+        finally:
+            with self._lock:
+                left = self._guards[key] - 1
+                if left:
+                    self._guards[key] = left
+                else:
+                    del self._guards[key]
+                    self._changed.notify_all()
+
+    def wait_for_notifications(self, timeout: float | None = None) -> bool:
+        """Wait until every AFTER notification posted so far was delivered."""
+        return self._dispatcher.wait_idle(timeout)
 
     # ------------------------------------------------------------ inspection
 
@@ -837,8 +1302,9 @@ class KeyService:
             return list(self._keys.values())
 
     def close(self) -> None:
-        """Stop the collector thread."""
+        """Stop the collector and notification threads."""
         self.gc.stop()
+        self._dispatcher.stop()
 
     def __enter__(self) -> KeyService:
         return self

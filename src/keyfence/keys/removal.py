@@ -17,7 +17,8 @@ Life-cycle rules live here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -27,6 +28,9 @@ from keyfence.keys.key import Key, KeyState
 
 if TYPE_CHECKING:
     from keyfence.keys.process_keys import Caller
+
+
+_removal_ids = itertools.count(1)
 
 
 class Why(Enum):
@@ -58,12 +62,19 @@ class Removal:
     links: list[tuple[Key, Key]] = field(default_factory=list)
     """Links to make in the same atomic step (move, displacement by link)."""
     emergency: bool = False
+    on_apply: list[Callable[[], object]] = field(default_factory=list)
+    """Bookkeeping done in the same atomic step (a session table entry)."""
+    id: int = field(default_factory=lambda: next(_removal_ids))
+
+    unlinks_set: set[tuple[Key, Key]] = field(default_factory=set)
 
     # -- the plan, filled by plan_locked()
     cut: set[tuple[Key, Key]] = field(default_factory=set)
     destroyed: list[Key] = field(default_factory=list)
+    killed: dict[Key, KeyState] = field(default_factory=dict)
     going: dict[Key, Why] = field(default_factory=dict)
-    """Every key that goes away for its users, and why."""
+    """Every usable key that stops being usable, and why: what the
+    synchronous watchers are called for."""
 
     def plan_locked(self) -> None:
         """Work out every link cut and every key that goes away."""
@@ -86,12 +97,18 @@ class Removal:
                     cut_link(ring, child)
 
         for ring, key in self.unlinks:
-            cut_link(ring, key)
+            if ring.contents is not None and key in ring.contents:
+                cut_link(ring, key)
         for key in self.releases:
             released[key] = released.get(key, 0) + 1
             todo.append(key)
+        killed: dict[Key, KeyState] = {}
         for key, state in self.kills.items():
-            going[key] = Why(state.value)
+            if not key.is_live() or key.state is state:
+                continue
+            killed[key] = state
+            if key.state is KeyState.VALID:
+                going[key] = Why(state.value)
             if state is KeyState.INVALIDATED:
                 for parent in key.parents:
                     cut_link(parent, key)
@@ -107,11 +124,12 @@ class Removal:
             if key.anchors - released.get(key, 0) > 0:
                 continue
             destroyed[key] = None
-            if key not in going:
+            if key not in going and key.state is KeyState.VALID:
                 going[key] = Why.ENDED if key in released else Why.UNLINKED
             if key.is_keyring:
                 drop_contents(key)
         self.cut = cut
+        self.killed = killed
         self.destroyed = list(destroyed)
         self.going = going
 
@@ -128,9 +146,10 @@ class Removal:
             keyring.link_locked(ring, key)
         for key in self.releases:
             key.anchors -= 1
-        for key, state in self.kills.items():
-            if key.state is KeyState.VALID or state is KeyState.INVALIDATED:
-                key.state = state
+        for action in self.on_apply:
+            action()
+        for key, state in self.killed.items():
+            key.state = state
             if state is KeyState.REVOKED and key.revoked_at is None:
                 key.revoked_at = int(now)
             wipe_payload(key)
