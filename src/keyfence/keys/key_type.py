@@ -61,16 +61,26 @@ class KeyType:
 
 USER = KeyType("user", readable=True, updatable=True)
 LOGON = KeyType("logon", readable=False, updatable=True)
-KEYRING = KeyType("keyring", readable=True, updatable=False, is_keyring=True, def_datalen=4)
+KEYRING = KeyType("keyring", readable=True, updatable=False, is_keyring=True)
 
 TYPES: dict[str, KeyType] = {t.name: t for t in (USER, LOGON, KEYRING)}
+
+
+def check_type_name(name: str) -> None:
+    """EINVAL for an empty type name, EPERM for the kernel's internal ones."""
+    if not name:
+        raise fail(errno.EINVAL, "a key type is required")
+    if name.startswith("."):
+        raise fail(errno.EPERM, "types starting with '.' are internal")
 
 
 def lookup_type(name: str, *, missing: int = errno.ENODEV) -> KeyType:
     """The registered type called ``name``; ``missing`` errno otherwise.
 
-    add_key(2) reports an unknown type as ENODEV, request/search as ENOKEY.
+    add_key(2) reports an unknown type as ENODEV, request/search as ENOKEY;
+    an empty or internal ('.') name is refused before any lookup.
     """
+    check_type_name(name)
     try:
         return TYPES[name]
     except KeyError:

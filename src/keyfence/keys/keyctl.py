@@ -38,6 +38,7 @@ from keyfence.keys.key_type import (
     KEYRING,
     UPDATE_PAYLOAD_MAX,
     KeyType,
+    check_type_name,
     lookup_type,
 )
 from keyfence.keys.keyring import KeyringContents, SearchContext
@@ -201,7 +202,7 @@ class KeyService:
             user_session = self._alloc_locked(
                 KEYRING, f"_uid_ses.{uid}", uid=uid, gid=-1, perm=perm, overrun=True
             )
-            _keyring.link_locked(user_session, user)
+            _keyring.link_locked(user_session, user, self._quota)
             user.anchors += 1
             user_session.anchors += 1
             pair = self._special.users[uid] = (user, user_session)
@@ -389,7 +390,7 @@ class KeyService:
         if old is key:
             return None
         if old is None:
-            _keyring.link_locked(ring, key)
+            _keyring.link_locked(ring, key, self._quota)
             self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         return Removal(op, caller, unlinks=[(ring, old)], links=[(ring, key)])
@@ -612,7 +613,7 @@ class KeyService:
             if key.payload is not None and key.in_quota:
                 self._quota.resize_locked(key.uid, -len(key.payload))
                 key.quotalen -= len(key.payload)
-        for key in removal.apply_locked(now):
+        for key in removal.apply_locked(now, self._quota):
             self._release_locked(key)
             self._watches.forget(key)
         for key, state in removal.killed.items():
@@ -641,8 +642,7 @@ class KeyService:
         fenced) and may fail as removals do.
         """
         data = payload or b""
-        if type_name.startswith("."):
-            raise fail(errno.EPERM, "types starting with '.' are internal")
+        check_type_name(type_name)
         if description is not None and len(description.encode()) > DESCRIPTION_MAX:
             raise fail(errno.EINVAL, "description too long")
         if description == "":
@@ -664,7 +664,12 @@ class KeyService:
             key_type.vet_description(description)
             assert ring.contents is not None
             existing = ring.contents.find((type_name, description))
-            if key_type.updatable and existing is not None and existing.state is KeyState.VALID:
+            # as the kernel: an expired key is updated in place, and lives again
+            if (
+                key_type.updatable
+                and existing is not None
+                and existing.state in (KeyState.VALID, KeyState.EXPIRED)
+            ):
                 possessed = self._possessed_locked(caller, existing)
                 permission.check(existing, caller, Perm.WRITE, possessed=possessed)
                 self._update_locked(existing, prepared)
@@ -679,7 +684,11 @@ class KeyService:
             )
             result.append(key.serial)
             if existing is None:
-                _keyring.link_locked(ring, key)
+                try:
+                    _keyring.link_locked(ring, key, self._quota)
+                except OSError:
+                    self._pending_new[key] = None
+                    raise
                 self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, "add")
                 return None
             # displacing a key: keep the new one anchored until the removal
@@ -715,6 +724,8 @@ class KeyService:
             self._quota.resize_locked(key.uid, delta)
         key.quotalen += delta
         key.payload = _secret.store(data)
+        key.expiry = None  # an update clears the timeout, as user_update() does
+        key.state = KeyState.VALID
         if old is not None:
             old.wipe()
 
@@ -749,10 +760,7 @@ class KeyService:
         permission).  keyfence has no upcall: with or without ``callout``, a
         key that is not found is ENOKEY (docs/keys.md).
         """
-        if type_name.startswith("."):
-            raise fail(errno.EPERM, "types starting with '.' are internal")
-        if not description:
-            raise fail(errno.EINVAL, "a description is required")
+        check_type_name(type_name)
         result: list[int] = []
 
         def build() -> Removal | None:
@@ -798,6 +806,10 @@ class KeyService:
         released, through the removal path if nothing else holds it.
         """
         session = caller.session
+        if name is not None and not name:
+            raise fail(errno.EINVAL, "an empty session keyring name")
+        if name is not None and name.startswith("."):
+            raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
         if session is None:
             raise fail(errno.EINVAL, "the caller has no session to join a keyring for")
         result: list[int] = []
@@ -819,6 +831,7 @@ class KeyService:
             result.append(ring.serial)
             old = self._special.sessions.get(session)
             if old is ring:
+                result.append(0)  # the kernel answers 0 when already joined
                 return None
             ring.anchors += 1
             self._special.sessions[session] = ring
@@ -1017,8 +1030,7 @@ class KeyService:
         Errors: ENOKEY (no such key), EKEYREVOKED / EKEYEXPIRED / EACCES (the
         only matches were unusable), ENOTDIR.
         """
-        if type_name.startswith("."):
-            raise fail(errno.EPERM, "types starting with '.' are internal")
+        check_type_name(type_name)
         result: list[int] = []
 
         def build() -> Removal | None:
@@ -1119,8 +1131,7 @@ class KeyService:
     def set_timeout(self, caller: Caller, key_id: int, timeout: int) -> None:
         """KEYCTL_SET_TIMEOUT: expire the key ``timeout`` seconds from now
         (0: never).  Needs setattr permission."""
-        if timeout < 0:
-            raise fail(errno.EINVAL, "negative timeout")
+        timeout &= 0xFFFFFFFF  # an unsigned int, as keyctl(2) takes it
         with self._lock:
             key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR, create=True)
             key.expiry = int(self.now()) + timeout if timeout else None

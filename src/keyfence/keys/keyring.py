@@ -25,6 +25,10 @@ from keyfence.keys.permission import Perm
 
 if TYPE_CHECKING:
     from keyfence.keys.process_keys import Caller
+    from keyfence.keys.quota import QuotaTable
+
+LINK_QUOTA_BYTES = 4
+"""What each link costs the keyring's owner (the kernel's KEYQUOTA_LINK_BYTES)."""
 
 SEARCH_MAX_DEPTH = 6
 """KEYRING_SEARCH_MAX_DEPTH: nested keyrings entered below the top one."""
@@ -53,11 +57,12 @@ class KeyringContents:
         return self.by_index.get(key.index_key) is key
 
 
-def link_locked(ring: Key, key: Key) -> Key | None:
+def link_locked(ring: Key, key: Key, quota: QuotaTable) -> Key | None:
     """Put ``key`` in ``ring``; return the key it displaced, if any.
 
     A keyring holds one key per (type, description): linking a second one
-    replaces the first, as the kernel's key_link() does.
+    replaces the first, as the kernel's key_link() does.  Each link costs
+    the keyring's owner :data:`LINK_QUOTA_BYTES` (EDQUOT, nothing changed).
     """
     assert ring.contents is not None
     contents = ring.contents
@@ -65,7 +70,13 @@ def link_locked(ring: Key, key: Key) -> Key | None:
     if old is key:
         return None
     if old is not None:
-        unlink_locked(ring, old)
+        unlink_locked(ring, old, quota)
+    try:
+        _charge_link(ring, quota, LINK_QUOTA_BYTES)
+    except OSError:
+        if old is not None:
+            link_locked(ring, old, quota)
+        raise
     contents.by_index[key.index_key] = key
     if key.is_keyring:
         contents.rings[key.serial] = key
@@ -73,13 +84,20 @@ def link_locked(ring: Key, key: Key) -> Key | None:
     return old
 
 
-def unlink_locked(ring: Key, key: Key) -> None:
+def unlink_locked(ring: Key, key: Key, quota: QuotaTable) -> None:
     assert ring.contents is not None
     contents = ring.contents
     del contents.by_index[key.index_key]
+    _charge_link(ring, quota, -LINK_QUOTA_BYTES)
     if key.is_keyring:
         del contents.rings[key.serial]
     key.parents.discard(ring)
+
+
+def _charge_link(ring: Key, quota: QuotaTable, delta: int) -> None:
+    if ring.in_quota and ring.is_live():
+        quota.resize_locked(ring.uid, delta)
+    ring.quotalen += delta
 
 
 @dataclass(slots=True)

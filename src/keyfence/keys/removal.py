@@ -28,6 +28,7 @@ from keyfence.keys.key import Key, KeyState
 
 if TYPE_CHECKING:
     from keyfence.keys.process_keys import Caller
+    from keyfence.keys.quota import QuotaTable
 
 
 _removal_ids = itertools.count(1)
@@ -133,7 +134,7 @@ class Removal:
         self.destroyed = list(destroyed)
         self.going = going
 
-    def apply_locked(self, now: float) -> list[Key]:
+    def apply_locked(self, now: float, quota: QuotaTable) -> list[Key]:
         """Make the planned change; return the keys destroyed (already wiped).
 
         The caller (the service) releases serials, quota and names of the
@@ -141,9 +142,9 @@ class Removal:
         """
         for ring, key in self.cut:
             if ring.contents is not None and key in ring.contents:
-                keyring.unlink_locked(ring, key)
+                keyring.unlink_locked(ring, key, quota)
         for ring, key in self.links:
-            keyring.link_locked(ring, key)
+            keyring.link_locked(ring, key, quota)
         for key in self.releases:
             key.anchors -= 1
         for action in self.on_apply:
@@ -155,7 +156,7 @@ class Removal:
             wipe_payload(key)
         for key in self.destroyed:
             for ring in list(key.parents):
-                keyring.unlink_locked(ring, key)
+                keyring.unlink_locked(ring, key, quota)
             key.state = KeyState.DEAD
             wipe_payload(key)
         return self.destroyed
