@@ -44,6 +44,7 @@ class Key:
         "gate_closed",
         "gid",
         "in_quota",
+        "index_key",
         "parents",
         "payload",
         "perm",
@@ -71,6 +72,8 @@ class Key:
         self.serial = serial
         self.type = key_type
         self.description = description
+        self.index_key = (key_type.name, description)
+        """What identifies the key inside a keyring: (type, description)."""
         self.uid = uid
         self.gid = gid
         self.perm = perm
@@ -96,11 +99,6 @@ class Key:
         """References from outside any keyring: a process, session or user
         holding this as one of its special keyrings.  A key with no parents
         and no anchors is destroyed."""
-
-    @property
-    def index_key(self) -> tuple[str, str]:
-        """What identifies the key inside a keyring: (type, description)."""
-        return (self.type.name, self.description)
 
     @property
     def is_keyring(self) -> bool:

@@ -51,7 +51,6 @@ from keyfence.keys.notify import (
     WatchCallback,
     WatchTable,
 )
-from keyfence.keys.permission import Perm
 from keyfence.keys.process_keys import (
     KEY_SPEC_GROUP_KEYRING,
     KEY_SPEC_PROCESS_KEYRING,
@@ -316,13 +315,31 @@ class KeyService:
             return None
         ctx.possessed = possessed
         if ctx.caller is not None and not permission.allowed(
-            ring, ctx.caller, Perm.SEARCH, possessed=possessed
+            ring, ctx.caller, permission.SEARCH, possessed=possessed
         ):
             ctx.error = errno.EACCES
             return None
         return _keyring.search_tree_locked(ring, ctx)
 
     def _possessed_locked(self, caller: Caller, key: Key) -> bool:
+        # Fast path: the key is one of the caller's keyrings or directly in
+        # one.  Possession is "found anywhere", so order does not matter.
+        rings = self._process_keyrings_locked(caller)
+        search = permission.SEARCH
+        if permission.allowed(key, caller, search, possessed=True):
+            for ring in rings:
+                if ring is key:
+                    return True
+                contents = ring.contents
+                if (
+                    contents is not None
+                    and ring.state is not KeyState.REVOKED
+                    and contents.by_index.get(key.index_key) is key
+                    and permission.allowed(ring, caller, search, possessed=True)
+                ):
+                    return True
+        else:
+            return False
         now = self.now()
 
         def ctx() -> SearchContext:
@@ -342,7 +359,7 @@ class KeyService:
         self,
         caller: Caller,
         key_id: int,
-        need: Perm | _Need,
+        need: int | _Need,
         *,
         create: bool = False,
     ) -> tuple[Key, bool]:
@@ -358,13 +375,13 @@ class KeyService:
                 raise fail(errno.ENOKEY)
             key = found
             possessed = self._possessed_locked(caller, key)
-        if isinstance(need, Perm):
+        if isinstance(need, int):
             key.validate(self.now())
             permission.check(key, caller, need, possessed=possessed)
         return key, possessed
 
     def _keyring_locked(
-        self, caller: Caller, key_id: int, need: Perm, *, create: bool = False
+        self, caller: Caller, key_id: int, need: int, *, create: bool = False
     ) -> tuple[Key, bool]:
         ring, possessed = self._lookup_locked(caller, key_id, need, create=create)
         if not ring.is_keyring:
@@ -564,6 +581,8 @@ class KeyService:
 
     def _after_notes_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
         """What every watch is told once the removal is applied."""
+        if not self._watches:
+            return []
         events: list[tuple[Key, KeyEvent, int | None]] = []
         cleared: set[Key] = set()
         for ring, key in removal.cut:
@@ -654,7 +673,7 @@ class KeyService:
         result: list[int] = []
 
         def build() -> Removal | None:
-            ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE, create=True)
+            ring, _ = self._lookup_locked(caller, keyring, permission.WRITE, create=True)
             key_type = lookup_type(type_name)
             prepared = key_type.preparse(data)
             if description is None:
@@ -671,7 +690,7 @@ class KeyService:
                 and existing.state in (KeyState.VALID, KeyState.EXPIRED)
             ):
                 possessed = self._possessed_locked(caller, existing)
-                permission.check(existing, caller, Perm.WRITE, possessed=possessed)
+                permission.check(existing, caller, permission.WRITE, possessed=possessed)
                 self._update_locked(existing, prepared)
                 result.append(existing.serial)
                 self._notify([(existing, KeyEvent.UPDATED, None)], caller, "add")
@@ -739,7 +758,7 @@ class KeyService:
         if len(data) > UPDATE_PAYLOAD_MAX:
             raise fail(errno.EINVAL, "payload too large")
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.WRITE)
+            key, _ = self._lookup_locked(caller, key_id, permission.WRITE)
             if not key.type.updatable:
                 raise fail(errno.EOPNOTSUPP)
             data = key.type.preparse(data)
@@ -766,7 +785,7 @@ class KeyService:
         def build() -> Removal | None:
             dest = None
             if dest_keyring:
-                dest, _ = self._lookup_locked(caller, dest_keyring, Perm.WRITE, create=True)
+                dest, _ = self._lookup_locked(caller, dest_keyring, permission.WRITE, create=True)
             key_type = lookup_type(type_name, missing=errno.ENOKEY)
             now = self.now()
 
@@ -786,7 +805,7 @@ class KeyService:
             result[:] = [found.serial]
             if dest is None:
                 return None
-            permission.check(found, caller, Perm.LINK, possessed=True)
+            permission.check(found, caller, permission.LINK, possessed=True)
             return self._link_locked(dest, found, "request", caller)
 
         self._run_removal(build)
@@ -862,7 +881,7 @@ class KeyService:
         for ring in self._names.get(name, ()):
             if ring.state is not KeyState.VALID:
                 continue
-            if permission.allowed(ring, caller, Perm.SEARCH, possessed=False):
+            if permission.allowed(ring, caller, permission.SEARCH, possessed=False):
                 return ring
         return None
 
@@ -885,11 +904,11 @@ class KeyService:
 
         def build() -> Removal:
             try:
-                key, _ = self._lookup_locked(caller, key_id, Perm.WRITE)
+                key, _ = self._lookup_locked(caller, key_id, permission.WRITE)
             except OSError as err:
                 if err.errno != errno.EACCES:
                     raise
-                key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR)
+                key, _ = self._lookup_locked(caller, key_id, permission.SETATTR)
             return Removal("revoke", caller, kills={key: KeyState.REVOKED})
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
@@ -907,7 +926,7 @@ class KeyService:
         everywhere and destroyed now."""
 
         def build() -> Removal:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SEARCH)
+            key, _ = self._lookup_locked(caller, key_id, permission.SEARCH)
             return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
@@ -928,7 +947,7 @@ class KeyService:
         """
 
         def build() -> Removal:
-            ring, _ = self._keyring_locked(caller, keyring, Perm.WRITE, create=True)
+            ring, _ = self._keyring_locked(caller, keyring, permission.WRITE, create=True)
             assert ring.contents is not None
             return Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
 
@@ -942,8 +961,8 @@ class KeyService:
         """
 
         def build() -> Removal | None:
-            ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE, create=True)
-            key, _ = self._lookup_locked(caller, key_id, Perm.LINK, create=True)
+            ring, _ = self._lookup_locked(caller, keyring, permission.WRITE, create=True)
+            key, _ = self._lookup_locked(caller, key_id, permission.LINK, create=True)
             return self._link_locked(ring, key, "link", caller)
 
         self._run_removal(build)
@@ -964,7 +983,7 @@ class KeyService:
         """
 
         def build() -> Removal:
-            ring, _ = self._lookup_locked(caller, keyring, Perm.WRITE)
+            ring, _ = self._lookup_locked(caller, keyring, permission.WRITE)
             key, _ = self._lookup_locked(caller, key_id, _Need.UNLINK)
             if not ring.is_keyring:
                 raise fail(errno.ENOTDIR)
@@ -997,9 +1016,9 @@ class KeyService:
             raise fail(errno.EINVAL, "unknown move flags")
 
         def build() -> Removal | None:
-            key, _ = self._lookup_locked(caller, key_id, Perm.LINK, create=True)
-            src, _ = self._lookup_locked(caller, from_keyring, Perm.WRITE)
-            dst, _ = self._lookup_locked(caller, to_keyring, Perm.WRITE, create=True)
+            key, _ = self._lookup_locked(caller, key_id, permission.LINK, create=True)
+            src, _ = self._lookup_locked(caller, from_keyring, permission.WRITE)
+            dst, _ = self._lookup_locked(caller, to_keyring, permission.WRITE, create=True)
             if src is dst:
                 return None
             if not src.is_keyring or not dst.is_keyring:
@@ -1034,10 +1053,10 @@ class KeyService:
         result: list[int] = []
 
         def build() -> Removal | None:
-            ring, possessed = self._lookup_locked(caller, keyring, Perm.SEARCH)
+            ring, possessed = self._lookup_locked(caller, keyring, permission.SEARCH)
             dest = None
             if dest_keyring:
-                dest, _ = self._lookup_locked(caller, dest_keyring, Perm.WRITE, create=True)
+                dest, _ = self._lookup_locked(caller, dest_keyring, permission.WRITE, create=True)
             key_type = lookup_type(type_name, missing=errno.ENOKEY)
             ctx = SearchContext(
                 caller=caller,
@@ -1052,7 +1071,7 @@ class KeyService:
             result[:] = [found.serial]
             if dest is None:
                 return None
-            permission.check(found, caller, Perm.LINK, possessed=possessed)
+            permission.check(found, caller, permission.LINK, possessed=possessed)
             return self._link_locked(dest, found, "search", caller)
 
         self._run_removal(build)
@@ -1066,7 +1085,8 @@ class KeyService:
         """
         with self._lock:
             key, possessed = self._lookup_locked(caller, key_id, _Need.DEFER)
-            if not possessed and not permission.allowed(key, caller, Perm.READ, possessed=False):
+            readable = permission.allowed(key, caller, permission.READ, possessed=False)
+            if not possessed and not readable:
                 raise fail(errno.EACCES)
             if not key.type.readable:
                 raise fail(errno.EOPNOTSUPP)
@@ -1089,7 +1109,7 @@ class KeyService:
     def describe(self, caller: Caller, key_id: int) -> str:
         """KEYCTL_DESCRIBE: "type;uid;gid;perm;description" (view permission)."""
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.VIEW)
+            key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
             gid = key.gid if key.gid != -1 else 65534
             uid = key.uid if key.uid != -1 else 65534
             return f"{key.type.name};{uid};{gid};{key.perm:08x};{key.description}"
@@ -1101,7 +1121,7 @@ class KeyService:
         if uid == -1 and gid == -1:
             return
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR, create=True)
+            key, _ = self._lookup_locked(caller, key_id, permission.SETATTR, create=True)
             if not caller.is_admin:
                 if uid != -1 and uid != key.uid:
                     raise fail(errno.EACCES)
@@ -1122,7 +1142,7 @@ class KeyService:
         if perm & ~permission.VALID_MASK:
             raise fail(errno.EINVAL, "permission bits outside the valid mask")
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR, create=True)
+            key, _ = self._lookup_locked(caller, key_id, permission.SETATTR, create=True)
             if key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES)
             key.perm = perm
@@ -1133,7 +1153,7 @@ class KeyService:
         (0: never).  Needs setattr permission."""
         timeout &= 0xFFFFFFFF  # an unsigned int, as keyctl(2) takes it
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SETATTR, create=True)
+            key, _ = self._lookup_locked(caller, key_id, permission.SETATTR, create=True)
             key.expiry = int(self.now()) + timeout if timeout else None
             if key.expiry is not None:
                 self.gc.schedule_expiry(key)
@@ -1142,7 +1162,7 @@ class KeyService:
     def get_security(self, caller: Caller, key_id: int) -> str:
         """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty."""
         with self._lock:
-            self._lookup_locked(caller, key_id, Perm.VIEW)
+            self._lookup_locked(caller, key_id, permission.VIEW)
             return ""
 
     # ------------------------------------------------- process and session end
@@ -1235,7 +1255,7 @@ class KeyService:
         Errors: EACCES, and the lookup's.
         """
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.VIEW)
+            key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
             if sync and key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES, "only the key's owner may watch it synchronously")
             watch = Watch(
@@ -1261,7 +1281,7 @@ class KeyService:
         Errors: EKEYREVOKED (the key is being removed), and the lookup's.
         """
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, Perm.SEARCH)
+            key, _ = self._lookup_locked(caller, key_id, permission.SEARCH)
             if key.gate_closed or key.payload is None:
                 raise fail(errno.EKEYREVOKED, "the key is being removed")
             self._guards[key] = self._guards.get(key, 0) + 1

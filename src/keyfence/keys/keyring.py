@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from keyfence.keys import permission
 from keyfence.keys.key import Key, KeyState
-from keyfence.keys.permission import Perm
 
 if TYPE_CHECKING:
     from keyfence.keys.process_keys import Caller
@@ -137,7 +136,7 @@ class SearchContext:
                     self.error = errno.EKEYEXPIRED
                 return False
         if self.caller is not None and not permission.allowed(
-            key, self.caller, Perm.SEARCH, possessed=self.possessed
+            key, self.caller, permission.SEARCH, possessed=self.possessed
         ):
             self.error = errno.EACCES
             return False
@@ -178,7 +177,7 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
                     return None
                 break
             if ctx.caller is not None and not permission.allowed(
-                nested, ctx.caller, Perm.SEARCH, possessed=ctx.possessed
+                nested, ctx.caller, permission.SEARCH, possessed=ctx.possessed
             ):
                 continue
             ring = nested
