@@ -138,10 +138,7 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
         # does it a moment later, so k4 is not looked at again: docs/keys.md)
         (A, "read", "k1"),
     ],
-    "depth limit for links": [
-        (A, "add_key", "keyring", f"c{i}", None, "@s")
-        for i in range(10)
-    ]
+    "depth limit for links": [(A, "add_key", "keyring", f"c{i}", None, "@s") for i in range(10)]
     + [(A, "link", f"k{i}", f"k{i + 1}") for i in range(1, 9)]
     + [(A, "link", "k1", "@s")],
     "search": [

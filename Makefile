@@ -1,0 +1,30 @@
+# keyfence: `make demo` runs the main job, `make test` the whole test suite.
+# Both set up a fresh machine first (apt packages and a venv, scripts/setup.sh).
+
+VENV := .venv
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test lint bench bench-quick
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(VENV)/bin/keyfence demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/python bench/keys_bench.py
+
+bench-quick: setup
+	$(VENV)/bin/python bench/keys_bench.py --quick

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``keyfence`` (and, later, ``kfctl``)."""
