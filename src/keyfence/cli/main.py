@@ -13,7 +13,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--emergency", action="store_true", help="wipe at once and report what was dropped"
     )
+    daemon = sub.add_parser("daemon", help="run the key service in the foreground")
+    daemon.add_argument("--socket", help="socket path (default: as keyfence.paths says)")
+    daemon.add_argument(
+        "--detach", action="store_true", help="return once the socket is ready (background)"
+    )
+    scope = daemon.add_mutually_exclusive_group()
+    scope.add_argument("--private", action="store_true", help="serve only this uid")
+    scope.add_argument("--system", action="store_true", help="serve every user (root)")
     args = parser.parse_args(argv)
+    if args.command == "daemon":
+        import logging
+
+        from keyfence import paths
+        from keyfence.server.daemon import run_daemon
+
+        logging.basicConfig(level=logging.INFO, format="keyfence daemon: %(message)s")
+        private = True if args.private else False if args.system else None
+        return run_daemon(
+            args.socket or paths.default_socket(), private=private, detach=args.detach
+        )
     if args.command == "demo":
         from keyfence.cli import demo as demo_module
 

@@ -105,9 +105,12 @@ class FenceRound:
         return report
 
     def start(self) -> None:
-        groups: dict[int, list[_Call]] = {}
+        groups: dict[object, list[_Call]] = {}
         for call in self._calls:
-            groups.setdefault(id(call.watch.callback), []).append(call)
+            # one thread per watcher: a callback may name the group it belongs
+            # to (a client connection owning many watches)
+            group = getattr(call.watch.callback, "fence_group", None) or id(call.watch.callback)
+            groups.setdefault(group, []).append(call)
         for group in groups.values():
             name = f"keyfence-fence-{self.removal}-{group[0].watch.name}"
             threading.Thread(target=self._run, args=(group,), name=name, daemon=True).start()

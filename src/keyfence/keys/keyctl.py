@@ -1323,6 +1323,18 @@ class KeyService:
                 users=len(self._special.users),
             )
 
+    def anchored_processes(self) -> list[tuple[int, int]]:
+        """(pid, start time) of every process holding a process or thread keyring."""
+        with self._lock:
+            found = set(self._special.processes)
+            found.update((pid, start) for pid, start, _tid in self._special.threads)
+            return sorted(found)
+
+    def anchored_sessions(self) -> list[Hashable]:
+        """Every session that has a session keyring."""
+        with self._lock:
+            return list(self._special.sessions)
+
     def find_key(self, serial: int) -> Key | None:
         """The key object for tests and the service's own subsystems."""
         with self._lock:

@@ -1,0 +1,200 @@
+"""The wire protocol every keyfence process speaks (docs/protocol.md).
+
+A connection carries frames: a 4-byte big-endian length, then one msgpack
+message of at most :data:`MAX_FRAME` bytes.  Messages are tagged msgspec
+structs, validated on decode: a frame that does not decode to one of them
+is a protocol error (the peer gets an :class:`Error` and, for framing
+errors, the connection is closed).
+
+Order: the client sends :class:`Hello` first and gets :class:`Welcome`;
+then any number of :class:`Request` (each answered by one :class:`Reply`
+or :class:`Error` with the same id, possibly preceded by
+:class:`RemovalStatus` updates), while the server pushes :class:`Event`
+for the client's watches.  An event of a synchronous watch in the
+``before`` phase carries ``ack=True``: the removal waits until the client
+sends :class:`Ack` for its ``seq`` (or drops the connection, which counts
+as done); meanwhile the client may send :class:`Progress`.
+
+This module imports nothing of keyfence, so clients start fast.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 2 * 1024 * 1024
+"""Big enough for the largest add_key payload (1 MiB - 1) with room to spare."""
+
+_LENGTH = struct.Struct(">I")
+
+
+class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
+    version: int
+    client: str = ""
+
+
+class Welcome(msgspec.Struct, tag="welcome", forbid_unknown_fields=True):
+    version: int
+    server: str
+    pid: int
+    uid: int
+    gid: int
+    session: int
+    """The POSIX session id the server sees for this client."""
+
+
+class Request(msgspec.Struct, tag="req", forbid_unknown_fields=True):
+    id: int
+    op: str
+    args: list[Any] = []
+    """Positional arguments; each operation checks their types (the
+    daemon's dispatch table), since msgspec unions cannot mix str and bytes."""
+    timeout: float | None = None
+    """For removals: abort after this many seconds, keys intact."""
+    emergency: bool = False
+    progress: bool = False
+    """For removals: send RemovalStatus while watchers flush."""
+
+
+class Reply(msgspec.Struct, tag="reply", forbid_unknown_fields=True):
+    id: int
+    value: Any = None
+
+
+class Error(msgspec.Struct, tag="error", forbid_unknown_fields=True):
+    id: int
+    """The request's id, or 0 for an error about the connection itself."""
+    errno: int
+    message: str
+
+
+class Pending(msgspec.Struct, forbid_unknown_fields=True):
+    watcher: str
+    key: int
+    remaining_bytes: int | None = None
+    note: str = ""
+
+
+class RemovalStatus(msgspec.Struct, tag="status", forbid_unknown_fields=True):
+    id: int
+    op: str
+    removal: int
+    keys: int
+    elapsed: float
+    pending: list[Pending] = []
+
+    @property
+    def remaining_bytes(self) -> int:
+        return sum(p.remaining_bytes or 0 for p in self.pending)
+
+
+class Event(msgspec.Struct, tag="event", forbid_unknown_fields=True):
+    watch: int
+    seq: int
+    key: int
+    event: str
+    """keyctl's word for it: inst, upd, link, unlk, clr, rev, inv, attr, exp, gc."""
+    aux: int | None = None
+    op: str = ""
+    uid: int | None = None
+    pid: int | None = None
+    phase: str = "after"
+    emergency: bool = False
+    removal: int = 0
+    description: str = ""
+    ack: bool = False
+
+
+class Ack(msgspec.Struct, tag="ack", forbid_unknown_fields=True):
+    seq: int
+    errno: int = 0
+    """Non-zero: the watcher failed; the removal is aborted with this errno."""
+    message: str = ""
+
+
+class Progress(msgspec.Struct, tag="progress", forbid_unknown_fields=True):
+    seq: int
+    remaining_bytes: int | None = None
+    note: str = ""
+
+
+Message = Hello | Welcome | Request | Reply | Error | RemovalStatus | Event | Ack | Progress
+
+EVENT_BITS: dict[str, int] = {
+    "inst": 0x001,
+    "upd": 0x002,
+    "link": 0x004,
+    "unlk": 0x008,
+    "clr": 0x010,
+    "rev": 0x020,
+    "inv": 0x040,
+    "attr": 0x080,
+    "exp": 0x100,
+    "gc": 0x200,
+}
+"""Watch masks on the wire: keyctl's event words and the model's KeyEvent bits."""
+ALL_EVENTS = 0x3FF
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame or message."""
+
+    def __init__(self, message: str, *, fatal: bool) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+        """True when the stream can no longer be trusted (framing)."""
+
+
+def encode(message: Message) -> bytes:
+    body = _encoder.encode(message)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return _LENGTH.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Message:
+    try:
+        message: Message = _decoder.decode(body)
+    except msgspec.ValidationError as err:
+        raise ProtocolError(f"invalid message: {err}", fatal=False) from None
+    except msgspec.DecodeError as err:
+        raise ProtocolError(f"undecodable message: {err}", fatal=False) from None
+    return message
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock: socket.socket) -> bytes | None:
+    """One frame's body; None at a clean end of stream."""
+    header = _recv_exact(sock, _LENGTH.size)
+    if header is None:
+        return None
+    (size,) = _LENGTH.unpack(header)
+    if size > MAX_FRAME:
+        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME}", fatal=True)
+    body = _recv_exact(sock, size)
+    if body is None:
+        raise ProtocolError("connection closed inside a frame", fatal=True)
+    return body
+
+
+def read_message(sock: socket.socket) -> Message | None:
+    body = read_frame(sock)
+    return None if body is None else decode(body)

@@ -1,0 +1,1 @@
+"""The keyfence daemon: socket server, remote watchers, process lifetimes."""

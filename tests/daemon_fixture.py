@@ -1,0 +1,60 @@
+"""A real keyfence daemon process for tests, on a private socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class DaemonProcess:
+    socket: str
+    process: subprocess.Popen[bytes]
+    log: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for client processes: this daemon, no autostart."""
+        return dict(os.environ, KEYFENCE_SOCKET=self.socket, KEYFENCE_NO_AUTOSTART="1")
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+
+@contextlib.contextmanager
+def running_daemon(*extra: str) -> Iterator[DaemonProcess]:
+    with tempfile.TemporaryDirectory(prefix="keyfence-test-") as tmp:
+        os.chmod(tmp, 0o755)  # other uids (setpriv tests) must reach the socket
+        sock = os.path.join(tmp, "sock")
+        log = os.path.join(tmp, "daemon.log")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", sock, *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {open(log).read()}")
+            time.sleep(0.01)
+        daemon = DaemonProcess(sock, proc, log)
+        try:
+            yield daemon
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -1,0 +1,337 @@
+"""The daemon as a real process, with clients as real processes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from keyfence import protocol
+from keyfence.client import Client
+from keyfence.errors import KeyfenceError
+from tests.daemon_fixture import DaemonProcess
+
+S = -3
+
+
+def client_script(daemon: DaemonProcess, code: str, *, new_session: bool = False) -> str:
+    """Run ``code`` in a separate Python process connected to ``daemon``."""
+    prelude = "from keyfence.client import Client\nc = Client.connect()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=new_session,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_round_trip_and_errors(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"payload", S)
+        assert c.read(key) == b"payload"
+        assert c.describe(key) == "user;0;0;3f010000;k"
+        with pytest.raises(KeyfenceError) as info:
+            c.read(key + 1 if key < 2**31 - 1 else key - 1)
+        assert info.value.errno == errno.ENOKEY
+        logon = c.add_key("logon", "svc:x", b"secret", S)
+        with pytest.raises(KeyfenceError) as info:
+            c.read(logon)
+        assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_session_keyring_is_shared_by_a_posix_session_only(daemon: DaemonProcess) -> None:
+    # two processes of one new session share @s; another session does not
+    out = client_script(
+        daemon,
+        """
+        import os, subprocess, sys
+        ring = c.get_keyring_id(-3, True)
+        c.add_key("user", "shared", b"1", -3)
+        child = subprocess.run([sys.executable, "-c",
+            "from keyfence.client import Client; c = Client.connect();"
+            "print(c.get_keyring_id(-3, False), c.search(-3, 'user', 'shared'))"],
+            capture_output=True, text=True, check=True)
+        print(ring, child.stdout.strip())
+        """,
+        new_session=True,
+    )
+    ring, child_ring, _found = out.split()
+    assert ring == child_ring
+    other = client_script(daemon, "print(c.get_keyring_id(-3, True))", new_session=True)
+    assert other != ring
+
+
+def test_session_keyring_goes_when_the_session_ends(daemon: DaemonProcess) -> None:
+    out = client_script(
+        daemon,
+        "print(c.get_keyring_id(-3, True), c.add_key('user', 'gone', b'x', -3))",
+        new_session=True,
+    )
+    ring, key = map(int, out.split())
+    with Client.connect(daemon.socket, autostart=False) as c:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                c.describe(ring)
+            except KeyfenceError as err:
+                assert err.errno in (errno.ENOKEY, errno.EACCES)
+                break
+            assert time.monotonic() < deadline, "session keyring outlived its session"
+            time.sleep(0.05)
+        with pytest.raises(KeyfenceError):
+            c.describe(key)
+
+
+def test_process_keyring_goes_when_the_process_exits(daemon: DaemonProcess) -> None:
+    out = client_script(daemon, "print(c.get_keyring_id(-2, True))")
+    ring = int(out)
+    with Client.connect(daemon.socket, autostart=False) as c:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                c.describe(ring)
+            except KeyfenceError as err:
+                assert err.errno == errno.ENOKEY
+                break
+            assert time.monotonic() < deadline, "process keyring outlived its process"
+            time.sleep(0.05)
+
+
+def test_remote_synchronous_watcher_fences_a_removal(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as owner:
+        key = owner.add_key("user", "fenced", b"still-here", S)
+        seen: list[str] = []
+
+        def flush(note: object) -> None:
+            if note.phase == "before":
+                # the key is still valid and readable while we flush
+                seen.append(owner.read(key).decode())
+                time.sleep(0.3)
+
+        owner.watch(key, flush, sync=True, name="test flusher")
+        started = time.monotonic()
+        owner.clear(S)
+        assert time.monotonic() - started >= 0.3
+        assert seen == ["still-here"]
+        with pytest.raises(KeyfenceError):
+            owner.read(key)
+
+
+def test_remote_watcher_refusal_aborts(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+
+        def refuse(note: object) -> None:
+            if note.phase == "before":
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        c.watch(key, refuse, sync=True, name="full disk")
+        with pytest.raises(KeyfenceError) as info:
+            c.revoke(key)
+        assert info.value.errno == errno.ENOSPC
+        assert "full disk" in str(info.value)
+        assert c.read(key) == b"x"
+
+
+def test_watcher_killed_mid_removal_counts_as_done(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+        ring = c.get_keyring_id(S)
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    f"""
+                    import time, sys
+                    from keyfence.client import Client
+                    c = Client.connect()
+                    def hang(note):
+                        print("called", flush=True)
+                        time.sleep(3600)
+                    c.watch({key}, hang, sync=True)
+                    print("ready", flush=True)
+                    time.sleep(3600)
+                    """
+                ),
+            ],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().strip() == "ready"
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def remove() -> None:
+            try:
+                c.unlink(key, ring)
+            except BaseException as err:
+                errors.append(err)
+            done.set()
+
+        threading.Thread(target=remove, daemon=True).start()
+        assert watcher.stdout.readline().strip() == "called"
+        assert not done.wait(0.3)  # the removal waits for the watcher
+        watcher.send_signal(signal.SIGKILL)
+        watcher.wait()
+        watcher.stdout.close()
+        assert done.wait(5), "removal did not complete after its watcher died"
+        assert not errors
+        with pytest.raises(KeyfenceError):
+            c.describe(key)
+
+
+def test_timeout_and_emergency_over_the_wire(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+        release = threading.Event()
+        c.watch(key, lambda n: release.wait(30) if n.phase == "before" else None, sync=True)
+        with pytest.raises(KeyfenceError) as info:
+            c.revoke(key, timeout=0.2)
+        assert info.value.errno == errno.ETIMEDOUT
+        assert c.read(key) == b"x"
+        started = time.monotonic()
+        c.revoke(key, emergency=True)
+        assert time.monotonic() - started < 1
+        with pytest.raises(KeyfenceError) as info:
+            c.read(key)
+        assert info.value.errno == errno.EKEYREVOKED
+        release.set()
+
+
+def test_progress_reaches_the_caller(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+
+        def flush(note: object) -> None:
+            if note.phase == "before":
+                for left in (300, 200, 100):
+                    note.report_progress(left, "flushing")  # type: ignore[attr-defined]
+                    time.sleep(0.1)
+
+        c.watch(key, flush, sync=True, name="slow mount")
+        statuses: list[protocol.RemovalStatus] = []
+        c.clear(S, progress=statuses.append)
+        assert any(s.pending and s.pending[0].watcher == "slow mount" for s in statuses)
+        assert any(s.remaining_bytes in (300, 200, 100) for s in statuses)
+
+
+def raw(daemon: DaemonProcess) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(daemon.socket)
+    sock.settimeout(5)
+    return sock
+
+
+def test_bad_frames_get_errors_and_the_daemon_keeps_serving(daemon: DaemonProcess) -> None:
+    sock = raw(daemon)
+    sock.sendall(b"\x00\x00\x00\x03abc")  # not a hello
+    reply = protocol.read_message(sock)
+    sock.close()
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EPROTO
+    sock = raw(daemon)
+    sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    assert isinstance(protocol.read_message(sock), protocol.Welcome)
+    sock.sendall(b"\x00\x00\x00\x02\xc1\xc1")  # undecodable, but framed
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EBADMSG
+    sock.sendall(protocol.encode(protocol.Request(id=7, op="add_key", args=[1, 2])))
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Error) and reply.id == 7 and reply.errno == errno.EINVAL
+    sock.sendall(protocol.encode(protocol.Request(id=8, op="no_such_op")))
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EOPNOTSUPP
+    sock.sendall(b"\xff\xff\xff\xff")  # oversized frame: error, then closed
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EMSGSIZE
+    assert protocol.read_frame(sock) is None
+    sock.close()
+    with Client.connect(daemon.socket, autostart=False) as c:
+        assert c.ping() == "pong"
+
+
+def test_old_protocol_version_is_refused(daemon: DaemonProcess) -> None:
+    sock = raw(daemon)
+    sock.sendall(protocol.encode(protocol.Hello(99)))
+    reply = protocol.read_message(sock)
+    sock.close()
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EPROTONOSUPPORT
+
+
+def test_second_daemon_refuses_and_stale_socket_is_replaced(daemon: DaemonProcess) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", daemon.socket],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert "already serves" in second.stdout
+    # a stale socket file (its daemon killed) does not stop a new daemon
+    daemon.process.kill()
+    daemon.process.wait()
+    assert os.path.exists(daemon.socket)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", daemon.socket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with Client.connect(daemon.socket, autostart=False) as c:
+                    assert c.ping() == "pong"
+                break
+            except KeyfenceError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def test_client_autostarts_a_daemon(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "auto", "sock")
+    with Client.connect(path, autostart=True) as c:
+        assert c.ping() == "pong"
+        pid = c.welcome.server
+    assert pid
+    with Client.connect(path, autostart=False) as c:
+        c.add_key("user", "k", b"x", S)
+    out = subprocess.run(["pgrep", "-f", f"--socket {path}"], capture_output=True, text=True)
+    for line in out.stdout.split():
+        os.kill(int(line), signal.SIGTERM)
+
+
+def test_inflight_limit(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+        release = threading.Event()
+        c.watch(key, lambda n: release.wait(30) if n.phase == "before" else None, sync=True)
+        sock = raw(daemon)
+        sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+        protocol.read_message(sock)
+        # 33 removals that all wait on the watcher: the 33rd is refused
+        for i in range(33):
+            sock.sendall(protocol.encode(protocol.Request(id=i + 1, op="revoke", args=[key])))
+        reply = protocol.read_message(sock)
+        assert isinstance(reply, protocol.Error) and reply.errno == errno.EBUSY
+        release.set()
+        sock.close()
