@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Client round trips and command start-up: keyfence beside the kernel.
+
+    .venv/bin/python bench/client_bench.py [--quick] [--json PATH]
+
+1. Operations per second through ``keyfence.client`` against a real daemon
+   process (add, search hit, read), beside the same operations as raw
+   syscalls to the kernel (tests/oracle/kernel.py, ctypes) in the same run.
+2. Wall time of one ``kfctl show @s`` beside Debian's ``keyctl show @s``,
+   median of repeated runs (aim: kfctl under 40 ms).
+
+Every figure is a median of repetitions from this one run; compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from tests.daemon_fixture import running_daemon  # noqa: E402
+
+from keyfence.client import Client  # noqa: E402
+
+S = -3
+
+
+def kernel_layer() -> Any:
+    spec = importlib.util.spec_from_file_location("_kernel", ROOT / "tests/oracle/kernel.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rate(fn: Any, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def one_round(api: Any, n: int, rep: int) -> dict[str, float]:
+    ring = api.add_key("keyring", f"bench{rep}", None, S)
+    keys: list[int] = []
+    add = rate(lambda i: keys.append(api.add_key("user", f"k{i}", b"12345678", ring)), n)
+    search = rate(lambda i: api.search(ring, "user", f"k{i}", 0), n)
+    read = rate(lambda i: api.read(keys[i]), n)
+    api.clear(ring)
+    api.unlink(ring, S)
+    return {"add": add, "search": search, "read": read}
+
+
+def ops_per_second(api: Any, n: int, reps: int) -> dict[str, float]:
+    rounds = [one_round(api, n, rep) for rep in range(reps)]
+    return {op: statistics.median(r[op] for r in rounds) for op in rounds[0]}
+
+
+def kernel_rates(n: int, reps: int) -> dict[str, float]:
+    """In a child that joins a fresh session keyring: the machine's are untouched."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r});"
+        f"sys.path.insert(0, {str(ROOT / 'src')!r});"
+        "import client_bench as b; k = b.kernel_layer(); k.join_session_keyring(None);"
+        f"print(json.dumps(b.ops_per_second(k, {n}, {reps})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def wall_times(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    n, reps, runs = (500, 3, 5) if args.quick else (5000, 3, 30)
+    figures: dict[str, Any] = {"n": n, "reps": reps}
+    with running_daemon("--system") as daemon:
+        with Client.connect(daemon.socket, autostart=False) as client:
+            client.get_keyring_id(S, True)
+            figures["client"] = ops_per_second(client, n, reps)
+        figures["kernel"] = kernel_rates(n, reps)
+        kfctl = shutil.which("kfctl") or str(Path(sys.executable).parent / "kfctl")
+        keyctl = shutil.which("keyctl")
+        if os.path.exists(kfctl) and keyctl:
+            env = daemon.env
+            figures["kfctl_ms"] = wall_times([kfctl, "show", "@s"], runs, env)
+            figures["keyctl_ms"] = wall_times([keyctl, "show", "@s"], runs, env)
+    print(f"client round trips ({n} ops, median of {reps}), same run:\n")
+    print("| op | client ops/s | kernel ops/s | kernel / client |")
+    print("|---|---:|---:|---:|")
+    for op in ("add", "search", "read"):
+        c, k = figures["client"][op], figures["kernel"][op]
+        print(f"| {op} | {c:,.0f} | {k:,.0f} | {k / c:.1f}x |")
+    if "kfctl_ms" in figures:
+        kf = statistics.median(figures["kfctl_ms"])
+        kc = statistics.median(figures["keyctl_ms"])
+        print(
+            f"\nwall time of one `show @s` (median of {runs}): kfctl {kf:.1f} ms, "
+            f"keyctl {kc:.1f} ms, ratio {kf / kc:.1f}x"
+        )
+        print(f"aim kfctl < 40 ms: {'MET' if kf < 40 else 'MISSED'}")
+    else:
+        print("\nkfctl or keyctl not installed: start-up not measured")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        sys.exit(main())
