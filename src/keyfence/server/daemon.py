@@ -297,7 +297,10 @@ class Connection:
                 text = f"too many requests in flight on this connection (limit {MAX_INFLIGHT})"
                 self.reply(protocol.Error(id=message.id, errno=errno.EBUSY, message=text))
                 return
-            if message.op in INLINE_OPS:
+            if message.op in INLINE_OPS or (
+                # a lookup without a destination keyring links nothing
+                message.op in ("search", "request_key") and message.args[-1:] == [0]
+            ):
                 self._run(message)  # never waits on a fence: skip the thread hop
             else:
                 self.daemon.pool.submit(self._run, message)
