@@ -167,6 +167,8 @@ def decode(body: bytes) -> Message:
         raise ProtocolError(f"invalid message: {err}", fatal=False) from None
     except msgspec.DecodeError as err:
         raise ProtocolError(f"undecodable message: {err}", fatal=False) from None
+    except RecursionError:  # msgspec's nesting limit: not a DecodeError
+        raise ProtocolError("undecodable message: nested too deeply", fatal=False) from None
     return message
 
 

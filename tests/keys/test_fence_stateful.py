@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
 from keyfence.keys import Caller, KeyService, KeyState
 from keyfence.keys.errors import KeyfenceError
@@ -113,8 +113,15 @@ class FenceMachine(RuleBasedStateMachine):
         return self.svc.add_key(ROOT, "user", desc, data, S)
 
     @rule(target=rings, desc=st.sampled_from(["r1", "r2", "r3"]))
-    def add_ring(self, desc: str) -> int:
-        return self.svc.add_key(ROOT, "keyring", desc, None, S)
+    def add_ring(self, desc: str) -> object:
+        # a new keyring displaces one of the same name, a removal like any other
+        before = snapshot(self.svc)
+        try:
+            return self.svc.add_key(ROOT, "keyring", desc, None, S)
+        except KeyfenceError as err:
+            assert err.errno == errno.ENOSPC
+            assert snapshot(self.svc) == before, "an aborted removal changed something"
+            return multiple()
 
     @rule(target=keys, ring=rings, desc=st.sampled_from("abc"))
     def add_to_ring(self, ring: int, desc: str) -> int:

@@ -14,6 +14,8 @@ left; :class:`RemovalProgress` is a frozen snapshot.
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,59 @@ from dataclasses import dataclass, replace
 from keyfence.keys.notify import Notification, Phase, Watch
 
 _local = threading.local()
+log = logging.getLogger(__name__)
+
+IDLE_WORKER_SECONDS = 30.0
+WATCH_CHECK_SECONDS = 0.1
+"""How often a waiting fence looks for watches removed while pending."""
+
+
+class _ElasticPool:
+    """Threads for watcher calls: an idle one is reused, else a new one starts.
+
+    Never bounded: a watcher that blocks forever must not keep another
+    removal's watchers from being called concurrently.  Reuse saves the
+    thread start (about half the cost of fencing one key).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = (
+            queue.SimpleQueue()
+        )
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put((fn, args))
+                return
+        threading.Thread(
+            target=self._work, args=((fn, args),), name="keyfence-fence", daemon=True
+        ).start()
+
+    def _work(self, job: tuple[Callable[..., None], tuple[object, ...]]) -> None:
+        while True:
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("fence worker failed")
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:
+                        job = self._jobs.get_nowait()  # submitted as we timed out
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+_pool = _ElasticPool()
 
 
 def current_fence() -> int:
@@ -87,6 +142,7 @@ class FenceRound:
         self.nkeys = nkeys
         self._cond = threading.Condition()
         self._calls: list[_Call] = []
+        self._left = len(calls)
         self._changed = False
         self.failure: tuple[Watch, BaseException] | None = None
         self._start = time.monotonic()
@@ -112,8 +168,7 @@ class FenceRound:
             group = getattr(call.watch.callback, "fence_group", None) or id(call.watch.callback)
             groups.setdefault(group, []).append(call)
         for group in groups.values():
-            name = f"keyfence-fence-{self.removal}-{group[0].watch.name}"
-            threading.Thread(target=self._run, args=(group,), name=name, daemon=True).start()
+            _pool.submit(self._run, group)
 
     def _run(self, group: list[_Call]) -> None:
         _local.removal = self.removal
@@ -132,12 +187,17 @@ class FenceRound:
                             self._cond.notify_all()
                         return
                 with self._cond:
-                    call.done = True
-                    call.progress = replace(call.progress, done=True)
-                    self._changed = True
-                    self._cond.notify_all()
+                    self._finish(call)
         finally:
             _local.removal = 0
+
+    def _finish(self, call: _Call) -> None:
+        """Mark one call done (the condition held)."""
+        if not call.done:
+            call.done = True
+            self._left -= 1
+            self._changed = True
+            self._cond.notify_all()
 
     def pending(self) -> list[_Call]:
         return [c for c in self._calls if not c.done]
@@ -155,19 +215,24 @@ class FenceRound:
         progress: Callable[[RemovalProgress], None] | None,
     ) -> str:
         """Wait for every call; FenceOutcome.OK, FAILED or TIMEOUT."""
+        next_check = time.monotonic() + WATCH_CHECK_SECONDS
         while True:
             with self._cond:
-                for call in self._calls:
-                    if not call.done and not call.watch.active:
-                        call.done = True  # the watcher went away: counts as done
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + WATCH_CHECK_SECONDS
+                    for call in self._calls:
+                        if not call.done and not call.watch.active:
+                            self._finish(call)  # the watcher went away: counts as done
                 if self.failure is not None:
                     return FenceOutcome.FAILED
-                if all(c.done for c in self._calls):
+                if not self._left:
                     return FenceOutcome.OK
-                now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return FenceOutcome.TIMEOUT
-                wait = 0.05 if deadline is None else min(0.05, deadline - now)
+                wait = next_check - now
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
                 if not self._changed:
                     self._cond.wait(wait)
                 changed, self._changed = self._changed, False
