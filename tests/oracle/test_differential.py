@@ -248,6 +248,48 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
     ],
 }
 
+# Found by the state machine (tests/oracle/test_stateful.py), kept as scripts.
+SCRIPTS.update(
+    {
+        "get_keyring_id checks state and search": [
+            (A, "setperm", "@s", 0x37010000),
+            (A, "get_keyring_id", "@s", False),
+            (A, "setperm", "@s", 0x3F030000),
+            (A, "revoke", "@s"),
+            (A, "get_keyring_id", "@s", False),
+        ],
+        "unlink and move go by type and description": [
+            (A, "add_key", "keyring", "r", None, "@s"),
+            (A, "add_key", "user", "x", b"1", "k1"),
+            (A, "add_key", "user", "x", b"2", "@s"),
+            (A, "unlink", "k3", "k1"),
+            (A, "read", "k1"),
+            (A, "add_key", "user", "x", b"1", "k1"),
+            (A, "add_key", "keyring", "t", None, "@s"),
+            (A, "move", "k3", "k1", "k5", 0),
+            (A, "read", "k1"),
+            (A, "read", "k5"),
+        ],
+        "an updated key is possessed through its keyring": [
+            (A, "add_key", "user", "c", b"1", "@u"),
+            (A, "add_key", "user", "c", b"2", "@u"),
+            (A, "setperm", "@s", 0x37010000),
+            (A, "add_key", "user", "a", b"1", "@s"),
+            (A, "add_key", "user", "a", b"2", "@s"),
+        ],
+        "exclusive move of a key already there": [
+            (A, "add_key", "keyring", "r", None, "@s"),
+            (A, "add_key", "user", "x", b"1", "@s"),
+            (A, "link", "k2", "k1"),
+            (A, "move", "k2", "@s", "k1", 1),
+            (A, "read", "@s"),
+            (A, "move", "k2", "@s", "k1", 0),
+            (A, "read", "@s"),
+            (A, "read", "k1"),
+        ],
+    }
+)
+
 USERS = {
     "a": Actor(uid=4301, gid=4301),
     "b": Actor(uid=4302, gid=4302, groups=(4301,)),

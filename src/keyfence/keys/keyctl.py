@@ -673,7 +673,9 @@ class KeyService:
         result: list[int] = []
 
         def build() -> Removal | None:
-            ring, _ = self._lookup_locked(caller, keyring, permission.WRITE, create=True)
+            ring, ring_possessed = self._lookup_locked(
+                caller, keyring, permission.WRITE, create=True
+            )
             key_type = lookup_type(type_name)
             prepared = key_type.preparse(data)
             if description is None:
@@ -689,8 +691,8 @@ class KeyService:
                 and existing is not None
                 and existing.state in (KeyState.VALID, KeyState.EXPIRED)
             ):
-                possessed = self._possessed_locked(caller, existing)
-                permission.check(existing, caller, permission.WRITE, possessed=possessed)
+                # found through the keyring: possessed if the keyring is
+                permission.check(existing, caller, permission.WRITE, possessed=ring_possessed)
                 self._update_locked(existing, prepared)
                 result.append(existing.serial)
                 self._notify([(existing, KeyEvent.UPDATED, None)], caller, "add")
@@ -812,9 +814,10 @@ class KeyService:
         return result[0]
 
     def get_keyring_id(self, caller: Caller, key_id: int, create: bool = False) -> int:
-        """KEYCTL_GET_KEYRING_ID: resolve an id, creating special keyrings if asked."""
+        """KEYCTL_GET_KEYRING_ID: resolve an id, creating special keyrings if
+        asked; the key must be valid and grant search."""
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, _Need.DEFER, create=create)
+            key, _ = self._lookup_locked(caller, key_id, permission.SEARCH, create=create)
             return key.serial
 
     def join_session_keyring(self, caller: Caller, name: str | None = None) -> int:
@@ -988,9 +991,12 @@ class KeyService:
             if not ring.is_keyring:
                 raise fail(errno.ENOTDIR)
             assert ring.contents is not None
-            if key not in ring.contents:
+            # as the kernel: what goes is the keyring's entry for the key's
+            # type and description, which may be another key of that name
+            linked = ring.contents.find(key.index_key)
+            if linked is None:
                 raise fail(errno.ENOENT)
-            return Removal("unlink", caller, unlinks=[(ring, key)])
+            return Removal("unlink", caller, unlinks=[(ring, linked)])
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
@@ -1024,16 +1030,18 @@ class KeyService:
             if not src.is_keyring or not dst.is_keyring:
                 raise fail(errno.ENOTDIR)
             assert src.contents is not None and dst.contents is not None
-            if key not in src.contents:
+            # unlinked from src by type and description, as unlink() does
+            leaving = src.contents.find(key.index_key)
+            if leaving is None:
                 raise fail(errno.ENOENT)
             old = dst.contents.find(key.index_key)
-            if old is not None and old is not key and flags & KEYCTL_MOVE_EXCL:
+            if old is not None and flags & KEYCTL_MOVE_EXCL:
                 raise fail(errno.EEXIST)
             if key.is_keyring:
                 loop = _keyring.detect_cycle_locked(dst, key, self.now())
                 if loop:
                     raise fail(loop)
-            unlinks = [(src, key)]
+            unlinks = [(src, leaving)]
             if old is not None and old is not key:
                 unlinks.append((dst, old))
             return Removal("move", caller, unlinks=unlinks, links=[(dst, key)])
