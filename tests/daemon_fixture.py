@@ -45,7 +45,8 @@ def running_daemon(*extra: str) -> Iterator[DaemonProcess]:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: {open(log).read()}")
+                with open(log, errors="replace") as f:
+                    raise RuntimeError(f"daemon did not start: {f.read()}")
             time.sleep(0.01)
         daemon = DaemonProcess(sock, proc, log)
         try:
