@@ -7,62 +7,111 @@ who we are from the socket -- and raise :class:`keyfence.errors.KeyfenceError`
 with the kernel's errno.  ``watch()`` works across processes: a synchronous
 watcher here takes part in removals exactly like one inside the daemon.
 
-Import-light on purpose (no keyfence.keys, no cryptography): kfctl starts
-in a few tens of milliseconds.
+Start-up matters (kfctl runs it once per command): the client speaks the
+wire through :mod:`keyfence.wire` rather than msgspec, reads its own
+replies until a watch needs a reader thread, and imports threading and
+subprocess only when it needs them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket  # not socket: its enum and selectors cost start-up time
 import errno
-import itertools
 import os
-import queue
-import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-from keyfence import paths, protocol
+from keyfence import paths, wire
 from keyfence.errors import KeyfenceError
 
-RemovalCallback = Callable[[protocol.RemovalStatus], None]
+TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the name
+if TYPE_CHECKING:
+    import queue
+    import threading
+    from collections.abc import Callable
+    from typing import Any
+
+PROTOCOL_VERSION = 1
+ALL_EVENTS = 0x3FF
 
 
-@dataclass(frozen=True)
+class PendingWatcher:
+    """A key user still flushing, as a removal's progress reports it."""
+
+    __slots__ = ("key", "note", "remaining_bytes", "watcher")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.watcher: str = raw.get("watcher", "")
+        self.key: int = raw.get("key", 0)
+        self.remaining_bytes: int | None = raw.get("remaining_bytes")
+        self.note: str = raw.get("note", "")
+
+
+class RemovalStatus:
+    """A removal's progress (the daemon's RemovalStatus message)."""
+
+    __slots__ = ("elapsed", "keys", "op", "pending", "removal")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.op: str = raw.get("op", "")
+        self.removal: int = raw.get("removal", 0)
+        self.keys: int = raw.get("keys", 0)
+        self.elapsed: float = raw.get("elapsed", 0.0)
+        self.pending = [PendingWatcher(p) for p in raw.get("pending") or ()]
+
+    @property
+    def remaining_bytes(self) -> int:
+        return sum(p.remaining_bytes or 0 for p in self.pending)
+
+
 class RemoteNotification:
     """An event of one of this client's watches (see keyfence.keys.notify)."""
 
-    watch: int
-    key: int
-    event: str
-    """keyctl's word: inst, upd, link, unlk, clr, rev, inv, attr, exp, gc."""
-    aux: int | None
-    op: str
-    uid: int | None
-    pid: int | None
-    phase: str
-    """"before": the key is about to go away; flush now (raise to refuse)."""
-    emergency: bool
-    removal: int
-    description: str
-    _client: Client | None = field(default=None, repr=False, compare=False)
-    _seq: int = field(default=0, repr=False, compare=False)
+    __slots__ = (
+        "_client",
+        "_seq",
+        "aux",
+        "description",
+        "emergency",
+        "event",
+        "key",
+        "op",
+        "phase",
+        "pid",
+        "removal",
+        "uid",
+        "watch",
+    )
+
+    def __init__(self, raw: dict[str, Any], client: Client) -> None:
+        self.watch: int = raw["watch"]
+        self.key: int = raw["key"]
+        self.event: str = raw["event"]
+        """keyctl's word: inst, upd, link, unlk, clr, rev, inv, attr, exp, gc."""
+        self.aux: int | None = raw.get("aux")
+        self.op: str = raw.get("op", "")
+        self.uid: int | None = raw.get("uid")
+        self.pid: int | None = raw.get("pid")
+        self.phase: str = raw.get("phase", "after")
+        """"before": the key is about to go away; flush now (raise to refuse)."""
+        self.emergency: bool = raw.get("emergency", False)
+        self.removal: int = raw.get("removal", 0)
+        self.description: str = raw.get("description", "")
+        self._client = client
+        self._seq: int = raw["seq"]
 
     def report_progress(self, remaining_bytes: int | None = None, note: str = "") -> None:
-        if self._client is not None and self.phase == "before":
-            self._client._send(protocol.Progress(self._seq, remaining_bytes, note))
+        if self.phase == "before":
+            message = {"remaining_bytes": remaining_bytes, "note": note}
+            self._client._send({"type": "progress", "seq": self._seq, **message})
+
+    def __repr__(self) -> str:
+        return f"<RemoteNotification {self.key} {self.event} {self.phase} op={self.op}>"
 
 
-WatchCallback = Callable[[RemoteNotification], None]
+WatchCallback = "Callable[[RemoteNotification], None]"
 
 
 class ClientWatch:
-    def __init__(self, client: Client, watch_id: int, callback: WatchCallback) -> None:
+    def __init__(self, client: Client, watch_id: int, callback: Any) -> None:
         self.client = client
         self.id = watch_id
         self.callback = callback
@@ -75,49 +124,45 @@ class ClientWatch:
 class _Pending:
     __slots__ = ("done", "error", "progress", "value")
 
-    def __init__(self, progress: RemovalCallback | None) -> None:
-        self.done = threading.Event()
+    def __init__(self, progress: Callable[[RemovalStatus], None] | None) -> None:
+        self.done = False
         self.value: Any = None
-        self.error: protocol.Error | None = None
+        self.error: dict[str, Any] | None = None
         self.progress = progress
 
 
+class Welcome:
+    """What the daemon said on connecting: who it sees us as."""
+
+    __slots__ = ("gid", "pid", "server", "session", "uid", "version")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.version: int = raw.get("version", 0)
+        self.server: str = raw.get("server", "")
+        self.pid: int = raw.get("pid", 0)
+        self.uid: int = raw.get("uid", 0)
+        self.gid: int = raw.get("gid", 0)
+        self.session: int = raw.get("session", 0)
+
+
 class Client:
-    def __init__(self, sock: socket.socket, welcome: protocol.Welcome) -> None:
+    def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
-        self.welcome = welcome
-        self._ids = itertools.count(1)
+        self.welcome = Welcome(welcome)
+        self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         self._watches: dict[int, ClientWatch] = {}
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self._closed = False
-        self._events: queue.Queue[tuple[ClientWatch, RemoteNotification] | None] | None = None
         self._reader: threading.Thread | None = None
-        self._inline = threading.Lock()
-        """Without watches, a call reads its own reply: no thread hop."""
+        self._cond: threading.Condition | None = None
+        """Set when the reader thread runs: guards _pending from then on."""
+        self._send_lock: threading.Lock | None = None
+        self._events: queue.Queue[tuple[ClientWatch, RemoteNotification] | None] | None = None
 
-    def _start_reader(self) -> None:
-        """From now on a thread reads the socket (watches need it)."""
-        with self._inline:
-            if self._reader is None:
-                self._reader = threading.Thread(
-                    target=self._read_loop, name="keyfence-client", daemon=True
-                )
-                self._reader.start()
-
-    def _receive_until(self, pending: _Pending) -> None:
-        with self._inline:
-            while self._reader is None and not pending.done.is_set():
-                try:
-                    message = protocol.read_message(self._sock)
-                except (OSError, protocol.ProtocolError):
-                    message = None
-                if message is None:
-                    self._fail_all()
-                    break
-                self._route(message)
-        pending.done.wait()
+    @property
+    def closed(self) -> bool:
+        """The connection to the daemon is gone."""
+        return self._closed
 
     # -- connecting
 
@@ -148,25 +193,33 @@ class Client:
                 ) from None
             sock = _start_daemon(path, timeout)
         try:
-            sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION, name)))
-            first = protocol.read_message(sock)
-        except (OSError, protocol.ProtocolError) as err:
+            try:  # noqa: SIM105 - contextlib costs start-up time
+                sock.sendall(
+                    wire.frame({"type": "hello", "version": PROTOCOL_VERSION, "client": name})
+                )
+            except OSError:
+                pass  # a daemon that refuses us closes at once: read why
+            first = wire.read(sock)
+        except (OSError, wire.WireError) as err:
             sock.close()
             raise KeyfenceError(errno.EPROTO, f"bad answer from the daemon: {err}") from None
-        if isinstance(first, protocol.Error):
+        if first is not None and first["type"] == "error":
             sock.close()
-            raise KeyfenceError(first.errno, first.message)
-        if not isinstance(first, protocol.Welcome):
+            raise KeyfenceError(int(first["errno"]), str(first["message"]))  # type: ignore[call-overload]
+        if first is None or first["type"] != "welcome":
             sock.close()
             raise KeyfenceError(errno.EPROTO, "the daemon did not answer hello")
         return cls(sock, first)
 
     # -- plumbing
 
-    def _send(self, message: protocol.Message) -> None:
-        frame = protocol.encode(message)
-        with self._send_lock:
-            self._sock.sendall(frame)
+    def _send(self, message: dict[str, Any]) -> None:
+        data = wire.frame(message)
+        if self._send_lock is None:
+            self._sock.sendall(data)
+        else:
+            with self._send_lock:
+                self._sock.sendall(data)
 
     def _call(
         self,
@@ -174,85 +227,101 @@ class Client:
         *args: Any,
         timeout: float | None = None,
         emergency: bool = False,
-        progress: RemovalCallback | None = None,
+        progress: Callable[[RemovalStatus], None] | None = None,
     ) -> Any:
-        request_id = next(self._ids)
+        if self._closed:
+            raise KeyfenceError(errno.ENOTCONN, "the connection to the daemon is closed")
+        self._next_id += 1
+        request_id = self._next_id
         pending = _Pending(progress)
-        with self._lock:
-            if self._closed:
-                raise KeyfenceError(errno.ENOTCONN, "the connection to the daemon is closed")
+        request = {
+            "type": "req",
+            "id": request_id,
+            "op": op,
+            "args": list(args),
+            "timeout": timeout,
+            "emergency": emergency,
+            "progress": progress is not None,
+        }
+        if self._cond is None:
             self._pending[request_id] = pending
-        request = protocol.Request(
-            id=request_id,
-            op=op,
-            args=list(args),
-            timeout=timeout,
-            emergency=emergency,
-            progress=progress is not None,
-        )
+            self._send_or_fail(request, request_id)
+            self._receive_until(pending)
+        else:
+            with self._cond:
+                self._pending[request_id] = pending
+            self._send_or_fail(request, request_id)
+            with self._cond:
+                self._cond.wait_for(lambda: pending.done)
+        if pending.error is not None:
+            raise KeyfenceError(int(pending.error["errno"]), _detail(pending.error))
+        return pending.value
+
+    def _send_or_fail(self, request: dict[str, Any], request_id: int) -> None:
         try:
             self._send(request)
         except OSError as err:
-            with self._lock:
-                self._pending.pop(request_id, None)
+            self._pending.pop(request_id, None)
             raise KeyfenceError(errno.ENOTCONN, f"lost the daemon: {err}") from None
-        if self._reader is None:
-            self._receive_until(pending)
-        else:
-            pending.done.wait()
-        if pending.error is not None:
-            raise KeyfenceError(pending.error.errno, _detail(pending.error))
-        return pending.value
+
+    def _receive_until(self, pending: _Pending) -> None:
+        """No reader thread: read the socket ourselves until our reply."""
+        while not pending.done:
+            try:
+                message = wire.read(self._sock)
+            except (OSError, wire.WireError):
+                message = None
+            if message is None:
+                self._fail_all()
+                return
+            self._route(message)
 
     def _read_loop(self) -> None:
         try:
             while True:
-                message = protocol.read_message(self._sock)
+                message = wire.read(self._sock)
                 if message is None:
                     break
                 self._route(message)
-        except (OSError, protocol.ProtocolError):
+        except (OSError, wire.WireError):
             pass
         finally:
             self._fail_all()
 
-    def _route(self, message: protocol.Message) -> None:
-        if isinstance(message, protocol.Reply | protocol.Error):
-            with self._lock:
-                pending = self._pending.pop(message.id, None)
+    def _route(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in ("reply", "error"):
+            pending = self._pending.get(message.get("id", 0))
             if pending is None:
                 return
-            if isinstance(message, protocol.Error):
+            if kind == "error":
                 pending.error = message
             else:
-                pending.value = message.value
-            pending.done.set()
-        elif isinstance(message, protocol.RemovalStatus):
-            with self._lock:
-                pending = self._pending.get(message.id)
+                pending.value = message.get("value")
+            self._complete(message["id"], pending)
+        elif kind == "status":
+            pending = self._pending.get(message.get("id", 0))
             if pending is not None and pending.progress is not None:
-                pending.progress(message)
-        elif isinstance(message, protocol.Event):
+                pending.progress(RemovalStatus(message))
+        elif kind == "event":
             self._event(message)
 
-    def _event(self, event: protocol.Event) -> None:
-        watch = self._watches.get(event.watch)
-        note = RemoteNotification(
-            watch=event.watch,
-            key=event.key,
-            event=event.event,
-            aux=event.aux,
-            op=event.op,
-            uid=event.uid,
-            pid=event.pid,
-            phase=event.phase,
-            emergency=event.emergency,
-            removal=event.removal,
-            description=event.description,
-            _client=self,
-            _seq=event.seq,
-        )
-        if event.ack:
+    def _complete(self, request_id: int, pending: _Pending) -> None:
+        if self._cond is None:
+            self._pending.pop(request_id, None)
+            pending.done = True
+            return
+        with self._cond:
+            self._pending.pop(request_id, None)
+            pending.done = True
+            self._cond.notify_all()
+
+    def _event(self, message: dict[str, Any]) -> None:
+        import threading
+
+        watch = self._watches.get(message["watch"])
+        note = RemoteNotification(message, self)
+        if message.get("ack"):
             # its own thread: the callback may call back into the daemon,
             # whose replies this reader must stay free to deliver
             threading.Thread(
@@ -270,10 +339,15 @@ class Client:
                 code, message = err.errno or errno.ECANCELED, err.strerror or str(err)
             except Exception as err:
                 code, message = errno.ECANCELED, f"{type(err).__name__}: {err}"
-        with contextlib.suppress(OSError):
-            self._send(protocol.Ack(note._seq, code, message))
+        try:  # noqa: SIM105 - contextlib costs start-up time
+            self._send({"type": "ack", "seq": note._seq, "errno": code, "message": message})
+        except OSError:
+            pass
 
     def _after_queue(self) -> queue.Queue[tuple[ClientWatch, RemoteNotification] | None]:
+        import queue
+        import threading
+
         if self._events is None:
             self._events = queue.Queue()
             threading.Thread(target=self._deliver, name="keyfence-events", daemon=True).start()
@@ -286,24 +360,40 @@ class Client:
             if item is None:
                 return
             watch, note = item
-            with contextlib.suppress(Exception):
+            try:  # noqa: SIM105 - a watcher's bug must not stop delivery to others
                 watch.callback(note)
+            except Exception:
+                pass
+
+    def _start_reader(self) -> None:
+        """From now on a thread reads the socket (watches need one)."""
+        import threading
+
+        if self._reader is not None:
+            return
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_loop, name="keyfence-client", daemon=True)
+        self._reader.start()
 
     def _fail_all(self) -> None:
-        with self._lock:
-            self._closed = True
-            pending = list(self._pending.values())
-            self._pending.clear()
-        for item in pending:
-            item.error = protocol.Error(0, errno.ENOTCONN, "the daemon closed the connection")
-            item.done.set()
+        self._closed = True
+        error = {"type": "error", "id": 0, "errno": errno.ENOTCONN}
+        error["message"] = "the daemon closed the connection"
+        pending = list(self._pending.items())
+        for request_id, item in pending:
+            item.error = error
+            self._complete(request_id, item)
         if self._events is not None:
             self._events.put(None)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        try:  # noqa: SIM105 - contextlib costs start-up time
+            self._sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._closed = True
         if self._reader is not None:
             self._reader.join(timeout=2)
 
@@ -378,7 +468,7 @@ class Client:
     def get_security(self, key_id: int) -> str:
         return str(self._call("get_security", key_id))
 
-    def key_users(self) -> list[tuple[int, int, int, int, int, int]]:
+    def key_users(self) -> list[tuple[int, ...]]:
         """(uid, nkeys, qnkeys, qnbytes, maxkeys, maxbytes), as /proc/key-users."""
         return [tuple(row) for row in self._call("key_users")]
 
@@ -388,8 +478,8 @@ class Client:
     def watch(
         self,
         key_id: int,
-        callback: WatchCallback,
-        events: int = protocol.ALL_EVENTS,
+        callback: Callable[[RemoteNotification], None],
+        events: int = ALL_EVENTS,
         *,
         sync: bool = False,
         name: str | None = None,
@@ -402,21 +492,22 @@ class Client:
         return watch
 
 
-def _detail(error: protocol.Error) -> str | None:
+def _detail(error: dict[str, Any]) -> str | None:
     """The daemon's message minus the errno text KeyfenceError adds again."""
-    text = os.strerror(error.errno)
-    message = error.message
-    if message.startswith(f"[Errno {error.errno}] "):
+    code = int(error["errno"])
+    text = os.strerror(code)
+    message = str(error.get("message", ""))
+    if message.startswith(f"[Errno {code}] "):
         message = message.split("] ", 1)[1]
-    if message == text:
+    if message == text or not message:
         return None
     if message.startswith(text + ": "):
         return message[len(text) + 2 :]
     return message
 
 
-def _open(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _open(path: str) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:
@@ -425,8 +516,12 @@ def _open(path: str) -> socket.socket:
     return sock
 
 
-def _start_daemon(path: str, timeout: float) -> socket.socket:
+def _start_daemon(path: str, timeout: float) -> _socket.socket:
     """Start a detached daemon for ``path`` and connect to it."""
+    import subprocess
+    import sys
+    import time
+
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     log_path = path + ".log"
@@ -447,8 +542,6 @@ def _start_daemon(path: str, timeout: float) -> socket.socket:
             return _open(path)
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
-                raise KeyfenceError(
-                    errno.ETIMEDOUT,
-                    f"started a keyfence daemon but it did not answer; see {log_path}",
-                ) from None
+                text = f"started a keyfence daemon but it did not answer; see {log_path}"
+                raise KeyfenceError(errno.ETIMEDOUT, text) from None
             time.sleep(0.01)

@@ -21,15 +21,16 @@ needs the daemon.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from keyfence.cli.kfctl_text import UsageError
 
+TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
     from keyfence.cli.kfctl_progress import ProgressLine
     from keyfence.cli.kfctl_text import Description, NameLookup
     from keyfence.client import Client
@@ -291,8 +292,10 @@ class Kfctl:
             if desc.type == lookup.type and desc.description == lookup.description:
                 found.append(serial)
             if desc.type == "keyring":
-                with contextlib.suppress(OSError):
+                try:
                     todo.extend(unpack_serials(client.read(serial)))
+                except OSError:
+                    continue
         if not found:
             raise UsageError(f"Can't find '{lookup.type}:{lookup.description}'", code=1)
         return min(found)
@@ -632,7 +635,8 @@ def _try_unlink(tool: Kfctl, key: int, keyring: int, command: str) -> int:
     return 1
 
 
-Scanner = Callable[[int, int, "str | None", "OSError | None"], int]
+if TYPE_CHECKING:
+    Scanner = Callable[[int, int, str | None, OSError | None], int]
 
 
 def _session_scan(tool: Kfctl, func: Scanner) -> int:

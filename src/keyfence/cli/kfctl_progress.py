@@ -78,9 +78,10 @@ class ProgressLine:
 
     def _width(self) -> int:
         try:
-            return max(20, os.get_terminal_size(self.stream.fileno()).columns)
+            columns = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError):
-            return 80
+            columns = 0
+        return max(20, columns) if columns > 0 else 80
 
     def __call__(self, snapshot: Snapshot) -> None:
         text = progress_text(self.prog, self.command, snapshot)

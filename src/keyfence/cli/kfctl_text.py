@@ -9,8 +9,10 @@ for byte; each function names the keyctl command whose output it makes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 # -- special key ids (keyctl(1) "KEY IDENTIFIERS")
 
@@ -41,11 +43,38 @@ class UsageError(Exception):
         self.code = code
 
 
-class NameLookup(NamedTuple):
+class _Record:
+    """A small value type (typing.NamedTuple would cost kfctl milliseconds
+    of start-up importing typing)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Record)
+            and type(other) is type(self)
+            and self._values() == other._values()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class NameLookup(_Record):
     """A ``%type:description`` (or ``%:name``) key id, resolved later."""
 
-    type: str
-    description: str
+    __slots__ = ("description", "type")
+
+    def __init__(self, type: str, description: str) -> None:
+        self.type = type
+        self.description = description
 
 
 def strtoul(text: str, base: int = 0) -> tuple[int, str]:
@@ -180,14 +209,17 @@ def hex2bin(data: bytes) -> bytes:
 # -- descriptions ("type;uid;gid;perm;description")
 
 
-class Description(NamedTuple):
+class Description(_Record):
     """A parsed "type;uid;gid;perm;description"."""
 
-    type: str
-    uid: int
-    gid: int
-    perm: int
-    description: str
+    __slots__ = ("description", "gid", "perm", "type", "uid")
+
+    def __init__(self, type: str, uid: int, gid: int, perm: int, description: str) -> None:
+        self.type = type
+        self.uid = uid
+        self.gid = gid
+        self.perm = perm
+        self.description = description
 
 
 def parse_description(raw: str) -> Description | None:

@@ -308,7 +308,9 @@ class Connection:
             with self.lock:
                 waiter = self.acks.pop(message.seq, None)
             if waiter is not None:
-                waiter.errno = message.errno
+                # a refusal must carry a real errno; anything else is ECANCELED
+                code = message.errno
+                waiter.errno = code if 0 <= code < 4096 else errno.ECANCELED
                 waiter.message = message.message
                 waiter.done.set()
         elif isinstance(message, protocol.Progress):
@@ -383,13 +385,11 @@ class Connection:
         )
 
     def _progress_sender(self, request_id: int) -> Callable[[RemovalProgress], None]:
-        last = [0.0]
+        """At most 20 RemovalStatus a second; the latest one is never lost."""
+        state: dict[str, Any] = {"last": 0.0, "held": None, "timer": None}
+        lock = threading.Lock()
 
-        def send(progress: RemovalProgress) -> None:
-            now = time.monotonic()
-            if now - last[0] < 0.05 and progress.pending:
-                return  # at most 20 updates a second
-            last[0] = now
+        def emit(progress: RemovalProgress) -> None:
             pending = [
                 protocol.Pending(p.watcher, p.key, p.remaining_bytes, p.note)
                 for p in progress.pending
@@ -404,6 +404,27 @@ class Connection:
                     pending=pending,
                 )
             )
+
+        def flush_held() -> None:
+            with lock:
+                held, state["held"], state["timer"] = state["held"], None, None
+                state["last"] = time.monotonic()
+            if held is not None:
+                emit(held)
+
+        def send(progress: RemovalProgress) -> None:
+            with lock:
+                wait = state["last"] + 0.05 - time.monotonic()
+                if wait > 0:
+                    state["held"] = progress
+                    if state["timer"] is None:
+                        timer = threading.Timer(wait, flush_held)
+                        timer.daemon = True
+                        timer.start()
+                        state["timer"] = timer
+                    return
+                state["last"] = time.monotonic()
+            emit(progress)
 
         return send
 

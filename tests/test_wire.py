@@ -1,0 +1,59 @@
+"""The client's lean msgpack codec agrees with msgspec both ways."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keyfence import protocol, wire
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=300)
+    | st.binary(max_size=70_000)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=20)
+    | st.dictionaries(st.text(max_size=20), inner, max_size=20),
+    max_leaves=40,
+)
+
+
+@given(values)
+def test_pack_decodes_with_msgspec(value: object) -> None:
+    assert msgspec.msgpack.decode(wire.pack(value)) == value
+
+
+@given(values)
+def test_unpack_reads_msgspec(value: object) -> None:
+    assert wire.unpack(msgspec.msgpack.encode(value)) == value
+
+
+def test_protocol_messages_round_trip() -> None:
+    request = {"type": "req", "id": 3, "op": "add_key", "args": ["user", "d", b"x", -3]}
+    decoded = protocol.decode(wire.pack(request))
+    assert decoded == protocol.Request(id=3, op="add_key", args=["user", "d", b"x", -3])
+    welcome = protocol.Welcome(version=1, server="s", pid=1, uid=2, gid=3, session=4)
+    assert wire.unpack(protocol.encode(welcome)[4:]) == msgspec.to_builtins(welcome) | {
+        "type": "welcome"
+    }
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xc1", b"\xd9\x05ab", b"\xc4\x10x", b"\x92\x01", b"\x81\xc0\x01", b"\x01\x02"],
+)
+def test_bad_bytes_are_wire_errors(data: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.unpack(data)
+
+
+def test_nesting_is_bounded() -> None:
+    with pytest.raises(wire.WireError):
+        wire.unpack(b"\x91" * 100 + b"\xc0")
