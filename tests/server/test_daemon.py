@@ -309,15 +309,19 @@ def test_second_daemon_refuses_and_stale_socket_is_replaced(daemon: DaemonProces
 
 def test_client_autostarts_a_daemon(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "auto", "sock")
-    with Client.connect(path, autostart=True) as c:
-        assert c.ping() == "pong"
-        pid = c.welcome.server
-    assert pid
-    with Client.connect(path, autostart=False) as c:
-        c.add_key("user", "k", b"x", S)
-    out = subprocess.run(["pgrep", "-f", f"--socket {path}"], capture_output=True, text=True)
-    for line in out.stdout.split():
-        os.kill(int(line), signal.SIGTERM)
+    try:
+        with Client.connect(path, autostart=True) as c:
+            assert c.ping() == "pong"
+            c.add_key("user", "k", b"x", S)
+        with Client.connect(path, autostart=False) as c:
+            assert c.ping() == "pong"  # the same daemon, still running
+    finally:
+        with open(path + ".lock") as lock:
+            pid = int(lock.read().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def test_inflight_limit(daemon: DaemonProcess) -> None:

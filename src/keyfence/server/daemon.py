@@ -511,9 +511,8 @@ class Daemon:
                 f"a keyfence daemon (pid {owner}) already serves {self.path}; "
                 "stop it first or set KEYFENCE_SOCKET to another path"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_file = fd
+        self.record_pid()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # stale: its daemon no longer holds the lock
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -521,6 +520,12 @@ class Daemon:
         os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
         listener.listen(128)
         self._listener = listener
+
+    def record_pid(self) -> None:
+        """Write our pid into the lock file (again after a fork)."""
+        if self._lock_file is not None:
+            os.ftruncate(self._lock_file, 0)
+            os.pwrite(self._lock_file, f"{os.getpid()}\n".encode(), 0)
 
     # -- serving
 
@@ -654,6 +659,7 @@ def run_daemon(path: str, *, private: bool | None = None, detach: bool = False) 
         if os.fork():
             os._exit(0)
         os.setsid()
+        daemon.record_pid()
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=daemon.shutdown, daemon=True).start()
