@@ -19,8 +19,9 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=20)
-    | st.dictionaries(st.text(max_size=20), inner, max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=20), inner, max_size=20)
+    ),
     max_leaves=40,
 )
 

@@ -1,0 +1,9 @@
+"""The encrypted overlay filesystem: on-disk format, crypto and (later) the mount.
+
+:mod:`keyfence.fs.format` holds the byte layouts (policy record, file header,
+block records, name encodings) and their size arithmetic;
+:mod:`keyfence.fs.crypto` the keys derived from a master key and the ciphers
+the mount worker calls per block, name and symlink;
+:mod:`keyfence.fs.e4crypt_compat` makes master keys from passphrases exactly
+as ``e4crypt add_key`` does.  ``docs/format.md`` is the specification.
+"""

@@ -1,0 +1,561 @@
+"""Keys and ciphers of the encrypted overlay, version 1 (``docs/format.md``).
+
+Only ``cryptography`` primitives: HKDF-SHA512 for every derived key,
+AES-256-GCM for file contents (one record per 4 KiB block), AES-SIV
+(AES-256-SIV, a 64-byte key) for names and symlink targets.
+
+The mount worker keeps one :class:`FileCipher` per open file (it holds the
+per-file key inside a ready ``AESGCM`` object) and one
+:class:`DirectoryCipher` per directory it lists.  Keys never appear in a
+``repr``, a ``str`` or an exception message.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keyfence.errors import KeyfenceError
+from keyfence.fs import e4crypt_compat
+from keyfence.fs.format import (
+    BLOCK_NONCE_SIZE,
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    BLOCK_TAG_SIZE,
+    DIR_NONCE_SIZE,
+    ENCODED_NAME_MAX,
+    FILE_ID_SIZE,
+    INFO_CONTENTS,
+    INFO_KEY_IDENTIFIER,
+    INFO_NAMES,
+    INFO_SYMLINKS,
+    KEY_IDENTIFIER_SIZE,
+    MASTER_KEY_SIZE,
+    NAME_MAX,
+    RECORD_SIZE,
+    SYMLINK_TARGET_MAX,
+    FileHeader,
+    FormatError,
+    IntegrityError,
+    KeyKind,
+    KeyRef,
+    Policy,
+    b64url_decode,
+    b64url_encode,
+    check_long_name,
+    is_long_name,
+    long_name_for,
+    sidecar_name,
+)
+
+__all__ = [
+    "DirectoryCipher",
+    "EncryptedName",
+    "FileCipher",
+    "MasterKey",
+    "NonceSource",
+    "derive_file_key",
+    "derive_names_key",
+    "derive_symlinks_key",
+    "key_identifier",
+    "urandom_nonce",
+]
+
+NonceSource = Callable[[int], bytes]
+"""``source(n)`` returns ``n`` fresh random bytes (file ids, dir nonces,
+block nonces).  Tests inject a fixed one; the default is
+:func:`urandom_nonce`."""
+
+
+# --- randomness ------------------------------------------------------------
+
+_NONCE_BATCH = 341  # 12-byte nonces per os.urandom call (4092 bytes)
+_nonces: Iterator[bytes] = iter(())
+
+
+def _refill_nonces() -> Iterator[bytes]:
+    global _nonces
+    size = BLOCK_NONCE_SIZE
+    buf = os.urandom(size * _NONCE_BATCH)
+    _nonces = it = iter([buf[i : i + size] for i in range(0, len(buf), size)])
+    return it
+
+
+def _after_fork_in_child() -> None:
+    global _nonces
+    _nonces = iter(())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def urandom_nonce(n: int) -> bytes:
+    """``n`` bytes from ``os.urandom``; 12-byte block nonces come in batches.
+
+    A ``getrandom`` call costs a third of encrypting a 4 KiB block, so
+    12-byte nonces are fetched 341 at a time and handed out by a list
+    iterator: ``next()`` on it is one step under the GIL, so no nonce is
+    ever handed out twice, whichever threads ask (two threads refilling at
+    once each make their own batch).  A child made by ``os.fork`` drops the
+    batch it inherited (``os.register_at_fork``), so parent and child never
+    share a nonce.  Other sizes (file ids, directory nonces) go straight to
+    ``os.urandom``.
+    """
+    if n != BLOCK_NONCE_SIZE:
+        return os.urandom(n)
+    try:
+        return next(_nonces)
+    except StopIteration:
+        return next(_refill_nonces())
+
+
+# --- key derivation --------------------------------------------------------
+
+
+def _hkdf(master: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA512(), length=length, salt=salt, info=info).derive(master)
+
+
+def _check_master(master: bytes) -> None:
+    if not isinstance(master, bytes | bytearray) or len(master) != MASTER_KEY_SIZE:
+        raise FormatError(f"a master key is {MASTER_KEY_SIZE} bytes")
+
+
+def key_identifier(master: bytes) -> str:
+    """32 hex digits: HKDF-SHA512(master, no salt, "keyfence\\0key-identifier")."""
+    _check_master(master)
+    return _hkdf(bytes(master), None, INFO_KEY_IDENTIFIER, KEY_IDENTIFIER_SIZE).hex()
+
+
+def derive_file_key(master: bytes, file_id: bytes) -> bytes:
+    """32-byte AES-256-GCM key of one file: HKDF-SHA512(master, file id, "contents")."""
+    _check_master(master)
+    if len(file_id) != FILE_ID_SIZE:
+        raise FormatError(f"a file id is {FILE_ID_SIZE} bytes")
+    return _hkdf(bytes(master), bytes(file_id), INFO_CONTENTS, 32)
+
+
+def derive_names_key(master: bytes, dir_nonce: bytes) -> bytes:
+    """64-byte AES-256-SIV key of one directory's names."""
+    _check_master(master)
+    if len(dir_nonce) != DIR_NONCE_SIZE:
+        raise FormatError(f"a directory nonce is {DIR_NONCE_SIZE} bytes")
+    return _hkdf(bytes(master), bytes(dir_nonce), INFO_NAMES, 64)
+
+
+def derive_symlinks_key(master: bytes, dir_nonce: bytes) -> bytes:
+    """64-byte AES-256-SIV key of one directory's symlink targets."""
+    _check_master(master)
+    if len(dir_nonce) != DIR_NONCE_SIZE:
+        raise FormatError(f"a directory nonce is {DIR_NONCE_SIZE} bytes")
+    return _hkdf(bytes(master), bytes(dir_nonce), INFO_SYMLINKS, 64)
+
+
+class MasterKey:
+    """A 64-byte master key; ``repr`` shows only its identifier.
+
+    Made from a keyring payload (``MasterKey(payload)``) or, for keys made
+    the e4crypt way, :meth:`from_e4crypt`.
+    """
+
+    __slots__ = ("_descriptor", "_identifier", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        _check_master(raw)
+        self._raw = bytes(raw)
+        self._identifier = key_identifier(self._raw)
+        self._descriptor: str | None = None
+
+    @classmethod
+    def from_e4crypt(cls, passphrase: bytes, salt: bytes) -> MasterKey:
+        """The key ``e4crypt add_key`` makes from this passphrase and salt."""
+        return cls(e4crypt_compat.derive_key(passphrase, salt))
+
+    @property
+    def raw(self) -> bytes:
+        """The key bytes (for the keyring payload; never log them)."""
+        return self._raw
+
+    @property
+    def identifier(self) -> str:
+        return self._identifier
+
+    @property
+    def e4crypt_descriptor(self) -> str:
+        if self._descriptor is None:
+            self._descriptor = e4crypt_compat.descriptor(self._raw)
+        return self._descriptor
+
+    def key_ref(self, kind: KeyKind = KeyKind.IDENTIFIER) -> KeyRef:
+        """How a policy names this key."""
+        if kind is KeyKind.IDENTIFIER:
+            return KeyRef(kind, bytes.fromhex(self._identifier))
+        return KeyRef(kind, bytes.fromhex(self.e4crypt_descriptor))
+
+    def matches(self, ref: KeyRef) -> bool:
+        """Whether ``ref`` names this key."""
+        return self.key_ref(ref.kind) == ref
+
+    def file_cipher(
+        self, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
+    ) -> FileCipher:
+        return FileCipher(derive_file_key(self._raw, file_id), file_id, nonce_source=nonce_source)
+
+    def directory_cipher(self, dir_nonce: bytes) -> DirectoryCipher:
+        return DirectoryCipher(self, dir_nonce)
+
+    def __repr__(self) -> str:
+        return f"MasterKey(identifier={self._identifier})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MasterKey):
+            return NotImplemented
+        return hmac.compare_digest(self._raw, other._raw)
+
+    def __hash__(self) -> int:
+        return hash(self._identifier)
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("master keys are not pickled")
+
+
+# --- contents --------------------------------------------------------------
+
+_pack_aad = struct.Struct(">16sQ").pack
+_ZEROS = memoryview(bytes(RECORD_SIZE))
+
+Buffer = bytes | bytearray | memoryview
+
+
+class FileCipher:
+    """Encrypts and decrypts the 4 KiB blocks of one file.
+
+    Block ``i`` of a file with id ``F`` is stored as
+    ``nonce(12) || AES-256-GCM(file key, nonce, plaintext, aad=F || u64be(i))``
+    (ciphertext then 16-byte tag).  A record that fails (tampered, torn,
+    truncated, moved to another index or file, wrong key) raises
+    :class:`IntegrityError` naming the block; an all-zero record reads as a
+    hole (zeros).
+    """
+
+    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_nonce")
+
+    def __init__(
+        self, file_key: bytes, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
+    ) -> None:
+        if len(file_key) != 32:
+            raise FormatError("a file key is 32 bytes")
+        if len(file_id) != FILE_ID_SIZE:
+            raise FormatError(f"a file id is {FILE_ID_SIZE} bytes")
+        self._aead = AESGCM(bytes(file_key))
+        self._encrypt = self._aead.encrypt
+        self._decrypt = self._aead.decrypt
+        self._file_id = bytes(file_id)
+        self._nonce = nonce_source
+
+    @classmethod
+    def for_header(
+        cls, master: MasterKey, header: FileHeader, *, nonce_source: NonceSource = urandom_nonce
+    ) -> FileCipher:
+        return master.file_cipher(header.file_id, nonce_source=nonce_source)
+
+    @property
+    def file_id(self) -> bytes:
+        return self._file_id
+
+    def __repr__(self) -> str:
+        return f"FileCipher(file_id={self._file_id.hex()})"
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("file ciphers are not pickled")
+
+    @staticmethod
+    def _check_range(first_index: int, count: int) -> None:
+        if first_index < 0 or first_index + count > 1 << 64:
+            raise ValueError(f"block indexes {first_index}..+{count} out of range")
+
+    def encrypt_block(self, index: int, plaintext: Buffer) -> bytes:
+        """The record of block ``index`` (1..4096 plaintext bytes; a short
+        block only as the file's last)."""
+        if not 0 < len(plaintext) <= BLOCK_SIZE:
+            raise ValueError(f"a block holds 1..{BLOCK_SIZE} bytes")
+        nonce = self._nonce(BLOCK_NONCE_SIZE)
+        if len(nonce) != BLOCK_NONCE_SIZE:
+            raise ValueError("nonce source returned the wrong length")
+        try:
+            aad = _pack_aad(self._file_id, index)
+        except struct.error:
+            raise ValueError(f"block index {index} out of range") from None
+        return nonce + self._encrypt(nonce, plaintext, aad)
+
+    def decrypt_block(self, index: int, record: Buffer) -> bytes:
+        """The plaintext of the record of block ``index``.
+
+        Raises :class:`IntegrityError` (EIO) for a truncated, torn or
+        tampered record, one written for another index or file, or one made
+        under another key.  An all-zero record is a hole and reads as zeros.
+        """
+        n = len(record)
+        if not BLOCK_OVERHEAD < n <= RECORD_SIZE:
+            if n > RECORD_SIZE:
+                raise ValueError(f"a block record is at most {RECORD_SIZE} bytes")
+            raise IntegrityError(
+                f"block {index} truncated ({n} bytes, a record is more than {BLOCK_OVERHEAD})",
+                block=index,
+            )
+        try:
+            aad = _pack_aad(self._file_id, index)
+        except struct.error:
+            raise ValueError(f"block index {index} out of range") from None
+        view = memoryview(record)
+        try:
+            return self._decrypt(view[:BLOCK_NONCE_SIZE], view[BLOCK_NONCE_SIZE:], aad)
+        except InvalidTag:
+            if view == _ZEROS[:n]:
+                return bytes(n - BLOCK_OVERHEAD)
+            raise IntegrityError(
+                f"block {index} failed authentication (tampered, torn, moved or wrong key)",
+                block=index,
+            ) from None
+
+    def encrypt_blocks(self, first_index: int, plaintext: Buffer) -> bytearray:
+        """Records of consecutive blocks from ``first_index``, back to back.
+
+        ``plaintext`` is cut into 4 KiB blocks (only the last may be short);
+        the result goes to :func:`~keyfence.fs.format.record_offset`
+        ``(first_index)`` in one ``pwrite``.
+        """
+        data = memoryview(plaintext).cast("B")
+        total = len(data)
+        if total == 0:
+            return bytearray()
+        count = -(-total // BLOCK_SIZE)
+        self._check_range(first_index, count)
+        out = bytearray(total + count * BLOCK_OVERHEAD)
+        view = memoryview(out)
+        nonce_source, file_id, pack = self._nonce, self._file_id, _pack_aad
+        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        pos = 0
+        for i in range(count):
+            chunk = data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            nonce = nonce_source(BLOCK_NONCE_SIZE)
+            if len(nonce) != BLOCK_NONCE_SIZE:
+                raise ValueError("nonce source returned the wrong length")
+            body = pos + BLOCK_NONCE_SIZE
+            end = body + len(chunk) + BLOCK_TAG_SIZE
+            view[pos:body] = nonce
+            if encrypt_into is not None:
+                encrypt_into(nonce, chunk, pack(file_id, first_index + i), view[body:end])
+            else:  # pragma: no cover - cryptography without encrypt_into
+                view[body:end] = self._encrypt(nonce, chunk, pack(file_id, first_index + i))
+            pos = end
+        return out
+
+    def decrypt_blocks(self, first_index: int, records: Buffer) -> bytearray:
+        """Plaintext of consecutive records read back to back from ``first_index``.
+
+        Every record but the last is full (4124 bytes).  The first failing
+        block raises :class:`IntegrityError` naming it; holes read as zeros.
+        """
+        data = memoryview(records).cast("B")
+        total = len(data)
+        if total == 0:
+            return bytearray()
+        count, rest = divmod(total, RECORD_SIZE)
+        if rest:
+            count += 1
+            if rest <= BLOCK_OVERHEAD:
+                index = first_index + count - 1
+                raise IntegrityError(
+                    f"block {index} truncated ({rest} bytes, a record is more than "
+                    f"{BLOCK_OVERHEAD})",
+                    block=index,
+                )
+        self._check_range(first_index, count)
+        out = bytearray(total - count * BLOCK_OVERHEAD)
+        view = memoryview(out)
+        file_id, pack = self._file_id, _pack_aad
+        decrypt_into = getattr(self._aead, "decrypt_into", None)
+        pos = 0
+        for i in range(count):
+            start = i * RECORD_SIZE
+            record = data[start : start + RECORD_SIZE]
+            size = len(record) - BLOCK_OVERHEAD
+            target = view[pos : pos + size]
+            nonce, sealed = record[:BLOCK_NONCE_SIZE], record[BLOCK_NONCE_SIZE:]
+            try:
+                if decrypt_into is not None:
+                    decrypt_into(nonce, sealed, pack(file_id, first_index + i), target)
+                else:  # pragma: no cover - cryptography without decrypt_into
+                    target[:] = self._decrypt(nonce, sealed, pack(file_id, first_index + i))
+            except InvalidTag:
+                if record != _ZEROS[: len(record)]:
+                    index = first_index + i
+                    raise IntegrityError(
+                        f"block {index} failed authentication (tampered, torn, moved or wrong key)",
+                        block=index,
+                    ) from None
+                target[:] = _ZEROS[:size]
+            pos += size
+        return out
+
+
+# --- names and symlink targets ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedName:
+    """An encrypted directory entry name.
+
+    ``disk_name`` is the name in the backing directory; ``full`` the whole
+    base64url encoding.  They differ only for a long name, whose sidecar
+    (``sidecar_name``) holds ``full`` as ASCII (``sidecar_content``).
+    """
+
+    disk_name: str
+    full: str
+
+    @property
+    def is_long(self) -> bool:
+        return self.disk_name != self.full
+
+    @property
+    def sidecar_name(self) -> str | None:
+        return sidecar_name(self.disk_name) if self.is_long else None
+
+    @property
+    def sidecar_content(self) -> bytes | None:
+        return self.full.encode("ascii") if self.is_long else None
+
+
+_DOT_NAMES = frozenset({b".", b".."})
+_DOT_DISK_NAMES = frozenset({".", ".."})
+
+
+def _valid_name(name: bytes) -> bool:
+    return 0 < len(name) <= NAME_MAX and b"/" not in name and b"\x00" not in name
+
+
+def _disk_text(name: str | bytes) -> str:
+    if isinstance(name, str):
+        return name
+    try:
+        return name.decode("ascii")
+    except UnicodeDecodeError:
+        raise IntegrityError("name is not an encrypted name (non-ASCII)") from None
+
+
+class DirectoryCipher:
+    """Encrypts the names and symlink targets of one encrypted directory.
+
+    Names: AES-SIV under HKDF-SHA512(master, dir nonce, "keyfence\\0names"),
+    associated data the dir nonce, base64url without padding; long encodings
+    become ``kf.long.<hash>`` plus a sidecar.  Symlink targets the same way
+    under the "keyfence\\0symlinks" key, never shortened.
+    """
+
+    __slots__ = ("_dir_nonce", "_names", "_symlinks")
+
+    def __init__(self, master: MasterKey, dir_nonce: bytes) -> None:
+        self._names = AESSIV(derive_names_key(master.raw, dir_nonce))
+        self._symlinks = AESSIV(derive_symlinks_key(master.raw, dir_nonce))
+        self._dir_nonce = bytes(dir_nonce)
+
+    @classmethod
+    def for_policy(cls, master: MasterKey, policy: Policy) -> DirectoryCipher:
+        if not master.matches(policy.key):
+            raise FormatError(f"policy names key {policy.key}, not this key")
+        return cls(master, policy.dir_nonce)
+
+    @property
+    def dir_nonce(self) -> bytes:
+        return self._dir_nonce
+
+    def __repr__(self) -> str:
+        return f"DirectoryCipher(dir_nonce={self._dir_nonce.hex()})"
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("directory ciphers are not pickled")
+
+    def encrypt_name(self, name: bytes) -> EncryptedName:
+        """The on-disk form of a plaintext entry name (``.``/``..`` unchanged).
+
+        Raises :class:`FormatError` for a name with ``/`` or NUL or an empty
+        one, ``ENAMETOOLONG`` beyond 255 bytes.
+        """
+        if name in _DOT_NAMES:
+            text = name.decode("ascii")
+            return EncryptedName(text, text)
+        if len(name) > NAME_MAX:
+            raise KeyfenceError(errno.ENAMETOOLONG)
+        if not _valid_name(name):
+            raise FormatError("a name is 1..255 bytes without '/' or NUL")
+        full = b64url_encode(self._names.encrypt(bytes(name), [self._dir_nonce]))
+        if len(full) > ENCODED_NAME_MAX:
+            return EncryptedName(long_name_for(full), full)
+        return EncryptedName(full, full)
+
+    def decrypt_name(self, disk_name: str | bytes, sidecar: bytes | None = None) -> bytes:
+        """The plaintext name of a backing entry (``.``/``..`` unchanged).
+
+        For a long name pass the content of its sidecar.  A name that is not
+        an authentic encrypted name of this directory (corrupt, renamed from
+        another directory, under another key) raises :class:`IntegrityError`.
+        Hidden names (policy, sidecars) raise :class:`FormatError`: the mount
+        never asks for them.
+        """
+        text = _disk_text(disk_name)
+        if text in _DOT_DISK_NAMES:
+            return text.encode("ascii")
+        if is_long_name(text):
+            if sidecar is None:
+                raise FormatError("a long name needs the content of its sidecar")
+            full = check_long_name(text, sidecar)
+        elif "." in text:
+            raise FormatError("a reserved name is not an encrypted name")
+        elif len(text) > ENCODED_NAME_MAX:
+            raise IntegrityError(f"name {text[:32]!r}... is too long to be an encrypted name")
+        else:
+            full = text
+        try:
+            sealed = b64url_decode(full)
+        except FormatError:
+            raise IntegrityError(f"name {text!r} is not an encrypted name") from None
+        try:
+            name = self._names.decrypt(sealed, [self._dir_nonce])
+        except (InvalidTag, ValueError):
+            raise IntegrityError(f"name {text!r} failed authentication") from None
+        if not _valid_name(name) or name in _DOT_NAMES:
+            raise IntegrityError(f"name {text!r} decrypts to an invalid name")
+        return name
+
+    def encrypt_symlink(self, target: bytes) -> str:
+        """The on-disk target of a symlink (base64url, at most 4095 bytes)."""
+        if len(target) > SYMLINK_TARGET_MAX:
+            raise KeyfenceError(errno.ENAMETOOLONG)
+        if not target or b"\x00" in target:
+            raise FormatError("a symlink target is 1..3055 bytes without NUL")
+        return b64url_encode(self._symlinks.encrypt(bytes(target), [self._dir_nonce]))
+
+    def decrypt_symlink(self, encoded: str | bytes) -> bytes:
+        """The plaintext target; :class:`IntegrityError` if not authentic."""
+        try:
+            sealed = b64url_decode(encoded)
+        except FormatError:
+            raise IntegrityError("symlink target is not an encrypted target") from None
+        try:
+            target = self._symlinks.decrypt(sealed, [self._dir_nonce])
+        except (InvalidTag, ValueError):
+            raise IntegrityError("symlink target failed authentication") from None
+        if not target or b"\x00" in target:
+            raise IntegrityError("symlink target decrypts to an invalid target")
+        return target

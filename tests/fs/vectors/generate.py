@@ -1,0 +1,199 @@
+"""Write the frozen test vectors of the on-disk format (version 1).
+
+Run once: ``.venv/bin/python tests/fs/vectors/generate.py``.  It refuses to
+overwrite existing files: the vectors pin the format, so a file written
+today reads back after any later change.  Regenerating them means changing
+the format, which needs a new format version instead.
+
+Inputs are fixed (master key, file id, directory nonce, block nonces, via an
+injected nonce source).  The e4crypt descriptors were also checked against
+Debian's ``/usr/sbin/e4crypt`` (e2fsprogs 1.47.0); see test_format.py for
+the live comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from keyfence.fs import e4crypt_compat
+from keyfence.fs.crypto import (
+    MasterKey,
+    derive_file_key,
+    derive_names_key,
+    derive_symlinks_key,
+)
+from keyfence.fs.format import FileHeader, KeyKind, Policy
+
+HERE = Path(__file__).parent
+
+MASTER = bytes(range(64))
+FILE_ID = bytes(range(0xF0, 0x100))
+OTHER_FILE_ID = bytes(range(0xE0, 0xF0))
+DIR_NONCE = bytes(range(0xA0, 0xB0))
+BLOCK_NONCES = [bytes(range(0xB0, 0xBC)), bytes(range(0xC0, 0xCC))]
+FULL_BLOCK = bytes(i % 251 for i in range(4096))
+LAST_BLOCK = b"hello, keyfence\n"
+
+E4CRYPT_CASES = [
+    # passphrase, -S argument, descriptor printed by Debian's e4crypt 1.47.0
+    ("hunter2", "0x0102030405060708", "e28e6032d715b2bb"),
+    ("pw", "s:hello", "a97df5a4e4eafa41"),
+    ("pw", "0x", "88b89836da21ab3f"),
+    ("pw", "12345678-1234-1234-1234-123456789ABC", "0021de2202c0dde2"),
+    ("", "s:hello", "74e79cabe991e3a7"),
+]
+
+
+def fixed_nonces(*nonces: bytes) -> Any:
+    """A nonce source handing out exactly these values, in order."""
+    it: Iterator[bytes] = iter(nonces)
+
+    def source(n: int) -> bytes:
+        value = next(it)
+        assert len(value) == n
+        return value
+
+    return source
+
+
+def build() -> dict[str, Any]:
+    master = MasterKey(MASTER)
+    vectors: dict[str, Any] = {}
+
+    vectors["keys.json"] = {
+        "master_key": MASTER.hex(),
+        "key_identifier": master.identifier,
+        "keyring_description": master.key_ref().description,
+        "e4crypt_descriptor_of_master": master.e4crypt_descriptor,
+        "file_id": FILE_ID.hex(),
+        "file_key": derive_file_key(MASTER, FILE_ID).hex(),
+        "dir_nonce": DIR_NONCE.hex(),
+        "names_key": derive_names_key(MASTER, DIR_NONCE).hex(),
+        "symlinks_key": derive_symlinks_key(MASTER, DIR_NONCE).hex(),
+    }
+
+    e4 = []
+    for passphrase, salt_arg, expected in E4CRYPT_CASES:
+        salt = e4crypt_compat.parse_salt(salt_arg)
+        assert isinstance(salt, bytes)
+        key = e4crypt_compat.derive_key(passphrase.encode(), salt)
+        desc = e4crypt_compat.descriptor(key)
+        assert desc == expected, (passphrase, salt_arg, desc)
+        e4.append(
+            {
+                "passphrase": passphrase,
+                "salt_argument": salt_arg,
+                "salt": salt.hex(),
+                "key": key.hex(),
+                "descriptor": desc,
+                "keyring_description": e4crypt_compat.key_description(desc),
+                "key_identifier": MasterKey(key).identifier,
+            }
+        )
+    vectors["e4crypt.json"] = {"source": "Debian e2fsprogs 1.47.0 /usr/sbin/e4crypt", "cases": e4}
+
+    cipher = master.file_cipher(FILE_ID, nonce_source=fixed_nonces(*BLOCK_NONCES))
+    full = cipher.encrypt_block(0, FULL_BLOCK)
+    last = cipher.encrypt_block(1, LAST_BLOCK)
+    header = FileHeader(FILE_ID).serialize()
+    vectors["contents.json"] = {
+        "master_key": MASTER.hex(),
+        "file_id": FILE_ID.hex(),
+        "header": header.hex(),
+        "blocks": [
+            {
+                "index": 0,
+                "nonce": BLOCK_NONCES[0].hex(),
+                "plaintext": FULL_BLOCK.hex(),
+                "record": full.hex(),
+            },
+            {
+                "index": 1,
+                "nonce": BLOCK_NONCES[1].hex(),
+                "plaintext": LAST_BLOCK.hex(),
+                "record": last.hex(),
+            },
+        ],
+        "file": (header + full + last).hex(),
+        "plaintext_size": len(FULL_BLOCK) + len(LAST_BLOCK),
+    }
+
+    directory = master.directory_cipher(DIR_NONCE)
+    names = []
+    for name in [b"hello.txt", "h\u00e9llo w\u00f6rld \u2603.txt".encode(), b"x" * 175]:
+        enc = directory.encrypt_name(name)
+        assert not enc.is_long
+        names.append({"name": name.hex(), "disk_name": enc.disk_name})
+    long_names = []
+    for name in [b"x" * 176, b"long-" + b"y" * 250]:
+        enc = directory.encrypt_name(name)
+        assert enc.is_long
+        long_names.append(
+            {
+                "name": name.hex(),
+                "disk_name": enc.disk_name,
+                "sidecar_name": enc.sidecar_name,
+                "sidecar_content": enc.full,
+            }
+        )
+    vectors["names.json"] = {
+        "master_key": MASTER.hex(),
+        "dir_nonce": DIR_NONCE.hex(),
+        "names": names,
+        "long_names": long_names,
+    }
+
+    vectors["symlinks.json"] = {
+        "master_key": MASTER.hex(),
+        "dir_nonce": DIR_NONCE.hex(),
+        "targets": [
+            {"target": t.hex(), "encoded": directory.encrypt_symlink(t)}
+            for t in [b"../some/target", b"/etc/hostname", "d\u00e9j\u00e0 vu".encode()]
+        ],
+    }
+
+    by_id = Policy(master.key_ref(KeyKind.IDENTIFIER), DIR_NONCE)
+    e4key = MasterKey(bytes.fromhex(e4[0]["key"]))
+    by_desc = Policy(e4key.key_ref(KeyKind.E4CRYPT_DESCRIPTOR), DIR_NONCE)
+    vectors["policy.json"] = {
+        "records": [
+            {
+                "key_kind": "identifier",
+                "key": by_id.key.hex,
+                "keyring_description": by_id.key.description,
+                "dir_nonce": DIR_NONCE.hex(),
+                "contents": by_id.contents_mode.label,
+                "names": by_id.names_mode.label,
+                "record": by_id.serialize().hex(),
+            },
+            {
+                "key_kind": "e4crypt-descriptor",
+                "key": by_desc.key.hex,
+                "keyring_description": by_desc.key.description,
+                "dir_nonce": DIR_NONCE.hex(),
+                "contents": by_desc.contents_mode.label,
+                "names": by_desc.names_mode.label,
+                "record": by_desc.serialize().hex(),
+            },
+        ]
+    }
+    return vectors
+
+
+def main() -> int:
+    vectors = build()
+    existing = [name for name in vectors if (HERE / name).exists()]
+    if existing and "--force" not in sys.argv:
+        print(f"refusing to overwrite frozen vectors: {', '.join(existing)}", file=sys.stderr)
+        return 1
+    for name, content in vectors.items():
+        (HERE / name).write_text(json.dumps(content, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
