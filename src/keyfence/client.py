@@ -211,6 +211,19 @@ class Client:
             raise KeyfenceError(errno.EPROTO, "the daemon did not answer hello")
         return cls(sock, first)
 
+    @classmethod
+    def over_socket(cls, sock: _socket.socket, *, name: str = "") -> Client:
+        """Speak to the daemon over an already connected socket (a mount
+        worker's private channel, made by the daemon at spawn)."""
+        try:
+            sock.sendall(wire.frame({"type": "hello", "version": PROTOCOL_VERSION, "client": name}))
+            first = wire.read(sock)
+        except (OSError, wire.WireError) as err:
+            raise KeyfenceError(errno.EPROTO, f"bad answer from the daemon: {err}") from None
+        if first is None or first["type"] != "welcome":
+            raise KeyfenceError(errno.EPROTO, "the daemon did not answer hello")
+        return cls(sock, first)
+
     # -- plumbing
 
     def _send(self, message: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""``keyfence``: the service's own commands (demo now; daemon, mount, ... later)."""
+"""keyfence: the key service's own commands (daemon, demo) and the filesystem's."""
 
 from __future__ import annotations
 
@@ -21,7 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     scope = daemon.add_mutually_exclusive_group()
     scope.add_argument("--private", action="store_true", help="serve only this uid")
     scope.add_argument("--system", action="store_true", help="serve every user (root)")
+    from keyfence.cli import fs_commands
+
+    fs_commands.add_parsers(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        from keyfence.errors import KeyfenceError
+
+        try:
+            return int(args.run(args))
+        except (KeyfenceError, OSError) as err:
+            print(f"keyfence {args.command}: {err.strerror or err}", file=sys.stderr)
+            return 1
     if args.command == "daemon":
         import logging
 

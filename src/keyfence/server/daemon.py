@@ -36,6 +36,7 @@ from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.keys.process_keys import Caller
 from keyfence.server import identity
+from keyfence.server.mounts import Mount, MountSupervisor
 
 log = logging.getLogger("keyfence.daemon")
 
@@ -63,6 +64,8 @@ _STR = (str,)
 _OPT_STR = (str, type(None))
 _OPT_BYTES = (bytes, type(None))
 _BOOL = (bool,)
+_LIST = (list,)
+_ANY = (object,)
 
 OPS: dict[str, tuple[tuple[tuple[type, ...], ...], bool]] = {
     "add_key": ((_STR, _OPT_STR, _OPT_BYTES, _INT), False),
@@ -102,9 +105,14 @@ INLINE_OPS = frozenset(
         "ping",
         "watch",
         "unwatch",
+        "mounts",
+        "worker_report",
     }
 )
 """Operations that never wait for a removal's watchers: run on the reader."""
+
+
+_MOUNT_OPS = frozenset({"mount", "umount", "mounts", "worker_find_key", "worker_report"})
 
 
 def _check_args(op: str, args: list[Any], types: tuple[tuple[type, ...], ...]) -> None:
@@ -112,7 +120,7 @@ def _check_args(op: str, args: list[Any], types: tuple[tuple[type, ...], ...]) -
         raise KeyfenceError(errno.EINVAL, f"{op} takes {len(types)} arguments, not {len(args)}")
     for index, (value, allowed) in enumerate(zip(args, types, strict=True)):
         # bool is an int in Python; keep them apart on the wire
-        if type(value) not in allowed:
+        if allowed is not _ANY and type(value) not in allowed:
             names = "/".join(t.__name__ for t in allowed)
             raise KeyfenceError(errno.EINVAL, f"{op}: argument {index + 1} must be {names}")
 
@@ -186,6 +194,9 @@ class Connection:
         self.watch_ids = itertools.count(1)
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self._send_lock = threading.Lock()
+        self.mount: Mount | None = None
+        """Set for a mount worker's private channel: the only connection
+        that may read a logon key's payload (worker_find_key)."""
         self._bad = 0
 
     def start(self) -> None:
@@ -363,6 +374,8 @@ class Connection:
             ]
         if op == "ping":
             return "pong"
+        if op in _MOUNT_OPS:
+            return self._mount_op(op, args)
         spec = OPS.get(op)
         if spec is None:
             raise KeyfenceError(errno.EOPNOTSUPP, f"unknown operation {op!r}")
@@ -383,6 +396,32 @@ class Connection:
             emergency=request.emergency,
             progress=progress,
         )
+
+    def _mount_op(self, op: str, args: list[Any]) -> Any:
+        mounts = self.daemon.mounts
+        if op == "mount":
+            _check_args(op, args, (_STR, _STR, _LIST))
+            if not all(type(o) is str for o in args[2]):
+                raise KeyfenceError(errno.EINVAL, "mount options must be strings")
+            mounts.mount(self.caller, args[0], args[1], args[2])
+            return None
+        if op == "umount":
+            _check_args(op, args, (_STR,))
+            mounts.umount(self.caller, args[0])
+            return None
+        if op == "mounts":
+            _check_args(op, args, ())
+            return mounts.describe()
+        if self.mount is None:
+            raise KeyfenceError(errno.EPERM, f"{op} is for mount workers only")
+        if op == "worker_find_key":
+            _check_args(op, args, (_INT, _LIST))
+            if not all(type(d) is str for d in args[1]):
+                raise KeyfenceError(errno.EINVAL, "descriptions must be strings")
+            return mounts.find_key(args[0], args[1])
+        _check_args(op, args, (_STR, _ANY))
+        mounts.report(self.mount, args[0], args[1])
+        return None
 
     def _progress_sender(self, request_id: int) -> Callable[[RemovalProgress], None]:
         """At most 20 RemovalStatus a second; the latest one is never lost."""
@@ -492,6 +531,7 @@ class Daemon:
         self._listener: socket.socket | None = None
         self._lock_file: int | None = None
         self._ending: set[object] = set()
+        self.mounts = MountSupervisor(self)
 
     # -- socket setup
 
@@ -563,6 +603,14 @@ class Daemon:
             self._conns.add(conn)
         conn.start()
 
+    def adopt(self, sock: socket.socket, caller: Caller, mount: Mount) -> None:
+        """Serve a mount worker's private channel (made by us at spawn)."""
+        conn = Connection(self, sock, caller, 0)
+        conn.mount = mount
+        with self._conns_lock:
+            self._conns.add(conn)
+        conn.start()
+
     def forget(self, conn: Connection) -> None:
         with self._conns_lock:
             self._conns.discard(conn)
@@ -622,6 +670,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self.mounts.shutdown()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.close()

@@ -1,0 +1,260 @@
+"""``keyfence mount/umount/status/lock/unlock/e4crypt``: the filesystem's commands.
+
+They talk to the daemon (mounts, keys) and to the mount itself through
+extended attributes on its directories: ``user.keyfence.policy`` (a
+directory's key reference; set on an empty directory to encrypt it) and
+``user.keyfence.status``.  ``e4crypt`` takes e4crypt(8)'s words, options
+and output; ``lock`` and ``unlock`` are in the spirit of fscrypt(1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+from keyfence.client import Client, RemovalStatus
+from keyfence.errors import KeyfenceError
+
+POLICY_XATTR = "user.keyfence.policy"
+STATUS_XATTR = "user.keyfence.status"
+S = -3
+
+
+def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes:
+    """From the terminal without echo, else the first line of standard input."""
+    from keyfence.fs.e4crypt_compat import passphrase_from_input
+
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt).encode()
+    print(prompt, file=sys.stderr, flush=True)
+    return passphrase_from_input(sys.stdin.buffer.read(4096))
+
+
+def keyring_id(client: Client, text: str) -> int:
+    from keyfence.keys.process_keys import SPECIAL_NAMES
+
+    if text in SPECIAL_NAMES:
+        return SPECIAL_NAMES[text]
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"e4crypt: invalid keyring: {text}") from None
+
+
+def default_keyring(client: Client) -> int:
+    """e4crypt: the session keyring if it exists, else the user session keyring."""
+    try:
+        client.get_keyring_id(S, False)
+        return S
+    except KeyfenceError:
+        return -5
+
+
+def set_policy(path: str, ref: str) -> None:
+    """Give an empty directory of a keyfence mount the policy ``ref``."""
+    try:
+        current = os.getxattr(path, POLICY_XATTR).decode()
+    except OSError as err:
+        if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise
+        current = None
+    if current is not None:
+        if current != ref:
+            raise KeyfenceError(errno.EEXIST, f"{path} already has policy {current}")
+        return
+    os.setxattr(path, POLICY_XATTR, ref.encode())
+
+
+def cmd_e4crypt(args: argparse.Namespace) -> int:
+    from keyfence.fs import e4crypt_compat as e4
+
+    if args.e4command == "add_key":
+        with Client.connect() as client:
+            if args.salt is None:
+                salts = e4.default_salts()
+                if not salts:
+                    print("e4crypt: no salt given (-S) and no ext4 salt found", file=sys.stderr)
+                    return 1
+                salt = salts[0]
+            else:
+                salt = e4.resolve_salt(e4.parse_salt(args.salt))
+            passphrase = read_passphrase()
+            key = e4.derive_key(passphrase, salt)
+            desc = e4.descriptor(key)
+            ring = keyring_id(client, args.keyring) if args.keyring else default_keyring(client)
+            client.add_key("logon", e4.key_description(desc), e4.kernel_payload(key), ring)
+            if not args.quiet:
+                print(f"Added key with descriptor [{desc}]")
+            for path in args.paths:
+                set_policy(path, e4.key_description(desc))
+                if args.verbose:
+                    print(f"Key with descriptor [{desc}] applied to {path}.")
+        return 0
+    if args.e4command == "set_policy":
+        desc = args.policy.lower()
+        if len(desc) != 16 or any(c not in "0123456789abcdef" for c in desc):
+            print(f"e4crypt: invalid policy: {args.policy}", file=sys.stderr)
+            return 1
+        for path in args.paths:
+            set_policy(path, e4.key_description(desc))
+            print(f"Key with descriptor [{desc}] applied to {path}.")
+        return 0
+    if args.e4command == "get_policy":
+        status = 0
+        for path in args.paths:
+            try:
+                ref = os.getxattr(path, POLICY_XATTR).decode()
+            except OSError as err:
+                print(f"{path}: Error getting policy: {err.strerror}", file=sys.stderr)
+                status = 1
+                continue
+            print(f"{path}: {ref.split(':', 1)[-1]}")
+        return status
+    if args.e4command == "new_session":
+        with Client.connect() as client:
+            serial = client.join_session_keyring(None)
+        print(f"Switched invoking process to new session keyring {serial}")
+        return 0
+    return 2
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with Client.connect() as client:
+        client._call("mount", args.backing, args.mountpoint, list(args.option or []))
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    with Client.connect() as client:
+        client._call("umount", args.mountpoint)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.path:
+        try:
+            raw = os.getxattr(args.path, STATUS_XATTR)
+        except OSError as err:
+            print(f"{args.path}: not in a keyfence mount ({err.strerror})", file=sys.stderr)
+            return 1
+        status: dict[str, Any] = json.loads(raw)
+        for key in sorted(status):
+            print(f"{key}: {status[key]}")
+        return 0
+    with Client.connect() as client:
+        mounts = client._call("mounts")
+    if not mounts:
+        print("no keyfence mounts")
+    for m in mounts:
+        print(f"{m['mountpoint']}: {m['state']} (backing {m['backing']}, worker pid {m['pid']})")
+        for name, value in sorted((m.get("busy") or {}).items()):
+            print(f"  incompletely locked: {name}: {value}")
+        for drop in m.get("dropped") or ():
+            print(f"  dropped in an emergency: {drop}")
+    return 0
+
+
+def _policy_of(path: str) -> str:
+    try:
+        return os.getxattr(path, POLICY_XATTR).decode()
+    except OSError as err:
+        raise SystemExit(f"{path}: no keyfence policy ({err.strerror})") from None
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Remove the directory's key through the fenced path: the mount flushes
+    every dirty page under it, evicts plaintext, and the key is wiped."""
+    ref = _policy_of(args.path)
+    key_type = "logon"
+    with Client.connect() as client:
+        try:
+            serial = client.request_key(key_type, ref)
+        except KeyfenceError as err:
+            print(f"{args.path}: already locked ({err.strerror})", file=sys.stderr)
+            return 1
+
+        def progress(status: RemovalStatus) -> None:
+            if sys.stderr.isatty() and status.pending:
+                left = status.remaining_bytes
+                who = ", ".join(p.watcher for p in status.pending)
+                print(
+                    f"\rlocking: waiting for {who}: {left:,} bytes left ", end="", file=sys.stderr
+                )
+
+        client.invalidate(serial, timeout=args.timeout, emergency=args.emergency, progress=progress)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        mounts = client._call("mounts")
+    print(f"{args.path}: locked")
+    for m in mounts:
+        if args.path.startswith(m["mountpoint"]):
+            for name, value in sorted((m.get("busy") or {}).items()):
+                print(f"incompletely locked (still open): {name}: {value}")
+            for drop in m.get("dropped") or ():
+                print(f"dropped: {drop}")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from keyfence.fs import e4crypt_compat as e4
+
+    ref = _policy_of(args.path)
+    if not ref.startswith("ext4:"):
+        print(f"{args.path}: policy {ref} needs its raw key (kfctl padd logon {ref} @s)")
+        return 1
+    if args.salt is None:
+        print("unlock: give the salt the key was made with (-S)", file=sys.stderr)
+        return 2
+    key = e4.derive_key(read_passphrase(), e4.resolve_salt(e4.parse_salt(args.salt)))
+    if e4.key_description(e4.descriptor(key)) != ref:
+        print(f"{args.path}: wrong passphrase (or salt): the key does not match", file=sys.stderr)
+        return 1
+    with Client.connect() as client:
+        client.add_key("logon", ref, e4.kernel_payload(key), S)
+    print(f"{args.path}: unlocked")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    mount = sub.add_parser("mount", help="mount BACKING (ciphertext) at MOUNTPOINT")
+    mount.add_argument("backing")
+    mount.add_argument("mountpoint")
+    mount.add_argument("-o", "--option", action="append", help="worker option (repeatable)")
+    mount.set_defaults(run=cmd_mount)
+    umount = sub.add_parser("umount", help="flush everything and unmount")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(run=cmd_umount)
+    status = sub.add_parser("status", help="mounts, or a directory's lock state")
+    status.add_argument("path", nargs="?")
+    status.set_defaults(run=cmd_status)
+    lock = sub.add_parser("lock", help="flush and remove a directory's key")
+    lock.add_argument("path")
+    lock.add_argument("--timeout", type=float, help="give up after SECONDS, key intact")
+    lock.add_argument("--emergency", action="store_true", help="wipe now, report what is lost")
+    lock.set_defaults(run=cmd_lock)
+    unlock = sub.add_parser("unlock", help="add a directory's key from its passphrase")
+    unlock.add_argument("path")
+    unlock.add_argument("-S", dest="salt")
+    unlock.set_defaults(run=cmd_unlock)
+    e4 = sub.add_parser("e4crypt", help="e4crypt(8)'s commands")
+    e4sub = e4.add_subparsers(dest="e4command", required=True)
+    add_key = e4sub.add_parser("add_key")
+    add_key.add_argument("-S", dest="salt")
+    add_key.add_argument("-k", dest="keyring")
+    add_key.add_argument("-v", dest="verbose", action="store_true")
+    add_key.add_argument("-q", dest="quiet", action="store_true")
+    add_key.add_argument("-p", dest="pad", type=int, choices=(4, 8, 16, 32), default=16)
+    add_key.add_argument("paths", nargs="*")
+    set_p = e4sub.add_parser("set_policy")
+    set_p.add_argument("-p", dest="pad", type=int, choices=(4, 8, 16, 32), default=16)
+    set_p.add_argument("policy")
+    set_p.add_argument("paths", nargs="+")
+    get_p = e4sub.add_parser("get_policy")
+    get_p.add_argument("paths", nargs="+")
+    e4sub.add_parser("new_session")
+    e4.set_defaults(run=cmd_e4crypt)
