@@ -128,7 +128,7 @@ class DaemonKeySource:
         self.report("ready", {})
 
     def failed(self, reason: str) -> None:
-        self.report("error", reason)
+        self.report("error", {"reason": reason})
 
     def close(self) -> None:
         self._client.close()

@@ -176,7 +176,7 @@ class MountSupervisor:
             mount.state = "mounted"
             mount.ready.set()
         elif event == "error":
-            mount.error = str(detail)
+            mount.error = str(detail.get("reason") if isinstance(detail, dict) else detail)
             mount.ready.set()
         elif event == "busy":
             mount.busy = detail if isinstance(detail, dict) else {"detail": detail}
