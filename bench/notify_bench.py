@@ -164,12 +164,20 @@ class Bench:
         return self.svc.watch(self.caller, key, callback, sync=sync, name="bench")
 
     def settle(self) -> int:
-        """Drain the dispatcher and wait for fence threads to end; threads left over."""
+        """Drain the dispatcher and wait for fence calls to end; busy threads left over.
+
+        Idle fence workers stay for reuse (keyfence.keys.fence): they are not leftovers.
+        """
+        from keyfence.keys.fence import worker_statistics
+
+        def busy() -> int:
+            return threading.active_count() - worker_statistics()[1] - self.base_threads
+
         self.svc.wait_for_notifications(SETTLE_S)
         deadline = time.monotonic() + SETTLE_S
-        while threading.active_count() > self.base_threads and time.monotonic() < deadline:
+        while busy() > 0 and time.monotonic() < deadline:
             time.sleep(0.001)
-        return threading.active_count() - self.base_threads
+        return busy()
 
     def close(self) -> None:
         self.svc.close()
@@ -428,11 +436,16 @@ def bench_latency(b: Bench, runs: int, big: int) -> dict[str, Any]:
             f"  {name} ({n:,} keys): median {s['median'] * 1e6:.0f} µs, "
             f"p99 {s['p99'] * 1e6:.0f} µs, max {s['max'] * 1e6:.0f} µs"
         )
+    from keyfence.keys.fence import worker_statistics
+
     out["blocker"] = {
         "before_calls": blocker.before,
         "after_calls": blocker.after,
         "after_marked_emergency": blocker.after_emergency,
-        "threads_blocked_before_release": threading.active_count() - b.base_threads,
+        # idle fence workers wait for reuse; only busy threads count
+        "threads_blocked_before_release": threading.active_count()
+        - worker_statistics()[1]
+        - b.base_threads,
     }
     blocker.never.set()  # release anything that did block, then count what is left
     out["blocker"]["threads_left_after_release"] = b.settle()

@@ -42,6 +42,7 @@ class _ElasticPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = 0
+        self._workers = 0
         self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = (
             queue.SimpleQueue()
         )
@@ -52,6 +53,7 @@ class _ElasticPool:
                 self._idle -= 1
                 self._jobs.put((fn, args))
                 return
+            self._workers += 1
         threading.Thread(
             target=self._work, args=((fn, args),), name="keyfence-fence", daemon=True
         ).start()
@@ -73,10 +75,21 @@ class _ElasticPool:
                         job = self._jobs.get_nowait()  # submitted as we timed out
                     except queue.Empty:
                         self._idle -= 1
+                        self._workers -= 1
                         return
+
+    def statistics(self) -> tuple[int, int]:
+        """(worker threads, of which idle)."""
+        with self._lock:
+            return self._workers, self._idle
 
 
 _pool = _ElasticPool()
+
+
+def worker_statistics() -> tuple[int, int]:
+    """Fence worker threads alive, and how many of them are idle."""
+    return _pool.statistics()
 
 
 def current_fence() -> int:
