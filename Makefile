@@ -24,7 +24,11 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: setup
-	$(VENV)/bin/python bench/keys_bench.py
+	$(VENV)/bin/python bench/keys_bench.py --json bench/results/keys-latest.json
+	$(VENV)/bin/python bench/notify_bench.py --json bench/results/notify-latest.json
+	$(VENV)/bin/python bench/client_bench.py --json bench/results/client-latest.json
 
 bench-quick: setup
 	$(VENV)/bin/python bench/keys_bench.py --quick
+	$(VENV)/bin/python bench/notify_bench.py --quick
+	$(VENV)/bin/python bench/client_bench.py --quick
