@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-ALL_EVENTS = 0x3FF
+ALL_EVENTS = wire.ALL_EVENTS
 
 
 class PendingWatcher:

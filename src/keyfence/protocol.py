@@ -26,9 +26,11 @@ from typing import Any
 
 import msgspec
 
+from keyfence.wire import ALL_EVENTS, EVENT_BITS, MAX_FRAME, recv_exact
+
+__all__ = ["ALL_EVENTS", "EVENT_BITS", "MAX_FRAME"]
+
 PROTOCOL_VERSION = 1
-MAX_FRAME = 2 * 1024 * 1024
-"""Big enough for the largest add_key payload (1 MiB - 1) with room to spare."""
 
 _LENGTH = struct.Struct(">I")
 
@@ -125,20 +127,6 @@ class Progress(msgspec.Struct, tag="progress", forbid_unknown_fields=True):
 
 Message = Hello | Welcome | Request | Reply | Error | RemovalStatus | Event | Ack | Progress
 
-EVENT_BITS: dict[str, int] = {
-    "inst": 0x001,
-    "upd": 0x002,
-    "link": 0x004,
-    "unlk": 0x008,
-    "clr": 0x010,
-    "rev": 0x020,
-    "inv": 0x040,
-    "attr": 0x080,
-    "exp": 0x100,
-    "gc": 0x200,
-}
-"""Watch masks on the wire: keyctl's event words and the model's KeyEvent bits."""
-ALL_EVENTS = 0x3FF
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -172,26 +160,15 @@ def decode(body: bytes) -> Message:
     return message
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    chunks = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
 def read_frame(sock: socket.socket) -> bytes | None:
     """One frame's body; None at a clean end of stream."""
-    header = _recv_exact(sock, _LENGTH.size)
+    header = recv_exact(sock, _LENGTH.size)
     if header is None:
         return None
     (size,) = _LENGTH.unpack(header)
     if size > MAX_FRAME:
         raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME}", fatal=True)
-    body = _recv_exact(sock, size)
+    body = recv_exact(sock, size)
     if body is None:
         raise ProtocolError("connection closed inside a frame", fatal=True)
     return body

@@ -17,7 +17,23 @@ TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the na
 if TYPE_CHECKING:
     import _socket
 
-MAX_FRAME = 2 * 1024 * 1024  # protocol.MAX_FRAME, repeated to avoid the import
+MAX_FRAME = 2 * 1024 * 1024
+"""Big enough for the largest add_key payload (1 MiB - 1) with room to spare."""
+
+EVENT_BITS: dict[str, int] = {
+    "inst": 0x001,
+    "upd": 0x002,
+    "link": 0x004,
+    "unlk": 0x008,
+    "clr": 0x010,
+    "rev": 0x020,
+    "inv": 0x040,
+    "attr": 0x080,
+    "exp": 0x100,
+    "gc": 0x200,
+}
+"""Watch masks on the wire: keyctl's event words and the model's KeyEvent bits."""
+ALL_EVENTS = 0x3FF
 
 _B = struct.Struct(">B")
 _H = struct.Struct(">H")
@@ -241,7 +257,7 @@ def frame(message: dict[str, object]) -> bytes:
     return _I.pack(len(body)) + body
 
 
-def _recv_exact(sock: _socket.socket, size: int) -> bytes | None:
+def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
     chunks = []
     while size:
         chunk = sock.recv(min(size, 1 << 20))
@@ -254,13 +270,13 @@ def _recv_exact(sock: _socket.socket, size: int) -> bytes | None:
 
 def read(sock: _socket.socket) -> dict[str, object] | None:
     """The next message as a dict; None at the end of the stream."""
-    header = _recv_exact(sock, 4)
+    header = recv_exact(sock, 4)
     if header is None:
         return None
     (size,) = _I.unpack(header)
     if size > MAX_FRAME:
         raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    body = _recv_exact(sock, size)
+    body = recv_exact(sock, size)
     if body is None:
         raise WireError("connection closed inside a frame")
     message = unpack(body)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from keyfence.wire import ALL_EVENTS, EVENT_BITS
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -472,20 +474,6 @@ WATCH_FILTERS = {
     "e": "exp",
 }
 """keyctl watch -f letters (and keyfence's ``e`` for expiry) -> event words."""
-
-EVENT_BITS = {
-    "inst": 0x001,
-    "upd": 0x002,
-    "link": 0x004,
-    "unlk": 0x008,
-    "clr": 0x010,
-    "rev": 0x020,
-    "inv": 0x040,
-    "attr": 0x080,
-    "exp": 0x100,
-    "gc": 0x200,
-}
-ALL_EVENTS = 0x3FF
 
 
 def watch_mask(filters: str | None) -> int:
