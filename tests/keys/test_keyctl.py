@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import threading
+import time
 
 import pytest
 
@@ -344,3 +345,18 @@ def test_concurrent_operations_keep_invariants(svc: KeyService, root: Caller) ->
     for key in svc.all_keys():
         for parent in key.parents:
             assert parent.contents is not None and key in parent.contents
+
+
+def test_an_operation_can_wait_for_the_gc_work_it_caused(clock: FakeClock, root: Caller) -> None:
+    with KeyService(clock=clock, gc_delay=2, run_gc_thread=True) as svc:
+        key = svc.add_key(root, "user", "k", b"x", S)
+        svc.set_timeout(root, key, 5)
+        clock.advance(6)
+        assert svc.gc.wait_idle(timeout=5)
+        found = svc.find_key(key)
+        assert found is not None and found.state is KeyState.EXPIRED
+        clock.advance(3)  # past gc_delay: the collector reaps it
+        deadline = time.monotonic() + 5
+        while svc.find_key(key) is not None and time.monotonic() < deadline:
+            svc.gc.wait_idle(timeout=1)
+        assert svc.find_key(key) is None
