@@ -172,9 +172,12 @@ class MountSupervisor:
         return None
 
     def report(self, mount: Mount, event: str, detail: Any) -> None:
-        if event == "ready":
+        if event in ("ready", "mounted"):
             mount.state = "mounted"
             mount.ready.set()
+        elif event == "unmounted":
+            if mount.state != "dead":
+                mount.state = "stopped"
         elif event == "error":
             mount.error = str(detail.get("reason") if isinstance(detail, dict) else detail)
             mount.ready.set()
