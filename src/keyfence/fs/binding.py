@@ -1,0 +1,201 @@
+"""Which keys a mount holds, and how it hears that one is going away.
+
+A directory's key is looked up the first time a request needs it, in the
+keyrings of the process making the request (``KeySource.find`` with the
+FUSE request's pid), as ext4 did.  A found key is *bound*: from then on the
+directories under it are unlocked for every process that file permissions
+allow, until the key goes away.  Each bound key has a synchronous watch
+(``KeySource.watch``); its callback runs on a thread of the key source,
+never on the trio thread, and calls :class:`KeyUser.key_going` (flush,
+evict, invalidate; docs/fs.md).  When the key has gone, the next request
+simply looks again: another key with the same description in the
+requester's keyrings unlocks the directories again.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from keyfence.fs import e4crypt_compat
+from keyfence.fs.crypto import MasterKey
+from keyfence.fs.format import FormatError, KeyKind, KeyRef
+from keyfence.fs.keysource import FoundKey, GoingAway, KeySource
+
+__all__ = ["GOING_GRACE", "Binding", "KeyBindings", "KeyUser"]
+
+log = logging.getLogger("keyfence.fs.binding")
+
+GOING_GRACE = 2.0
+"""Seconds during which a key whose removal we were told about is not bound
+again (its removal is applying); after that, a key that is still there (its
+removal was aborted by another watcher) is found and bound again."""
+
+
+@dataclass(eq=False)
+class Binding:
+    """A key the mount holds."""
+
+    ref: KeyRef
+    serial: int
+    master: MasterKey = field(repr=False)
+    bound_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def description(self) -> str:
+        return self.ref.description
+
+
+class KeyUser(Protocol):
+    """What the bindings call when a bound key goes away (the mount)."""
+
+    def key_going(self, binding: Binding, going: GoingAway) -> None: ...
+
+
+class KeyBindings:
+    """The bound keys of one mount: description -> :class:`Binding`.
+
+    The table is read from any thread and changed under :attr:`lock`.
+    """
+
+    def __init__(self, source: KeySource) -> None:
+        self.source = source
+        self.lock = threading.Lock()
+        self._bound: dict[str, Binding] = {}
+        self._watched: set[int] = set()
+        self._going: dict[int, float] = {}
+        self._finding: dict[str, trio.Lock] = {}
+        self.user: KeyUser | None = None
+        self.clock: Callable[[], float] = time.monotonic
+
+    # --------------------------------------------------------------- queries
+
+    def get(self, ref: KeyRef) -> Binding | None:
+        return self._bound.get(ref.description)
+
+    def master(self, ref: KeyRef) -> MasterKey | None:
+        binding = self._bound.get(ref.description)
+        return None if binding is None else binding.master
+
+    def bindings(self) -> list[Binding]:
+        with self.lock:
+            return list(self._bound.values())
+
+    # ---------------------------------------------------------------- lookups
+
+    async def unlock(self, ref: KeyRef, pid: int) -> MasterKey | None:
+        """The master key for ``ref``: bound, or found in ``pid``'s keyrings."""
+        binding = self._bound.get(ref.description)
+        if binding is not None:
+            return binding.master
+        lock = self._finding.setdefault(ref.description, trio.Lock())
+        async with lock:
+            binding = self._bound.get(ref.description)
+            if binding is None:
+                binding = await trio.to_thread.run_sync(self.find_and_bind, ref, pid)
+        return None if binding is None else binding.master
+
+    def find_and_bind(self, ref: KeyRef, pid: int) -> Binding | None:
+        """Look ``ref`` up for ``pid``, check it, watch it, bind it.
+
+        Blocking (the key source may be a socket): never call it on the
+        trio thread.  Returns None when the key is not reachable.
+        """
+        try:
+            found = self.source.find([ref.description], pid)
+        except Exception as err:  # a broken channel must not break requests
+            log.warning("looking up %s for pid %d failed: %s", ref, pid, err)
+            return None
+        if found is None:
+            return None
+        master = self._check(ref, found)
+        if master is None:
+            return None
+        with self.lock:
+            going_since = self._going.get(found.serial)
+            if going_since is not None:
+                if self.clock() - going_since < GOING_GRACE:
+                    return None  # its removal is applying
+                del self._going[found.serial]
+            current = self._bound.get(ref.description)
+            if current is not None:
+                return current
+            binding = Binding(ref, found.serial, master)
+            self._bound[ref.description] = binding
+            need_watch = found.serial not in self._watched
+            self._watched.add(found.serial)
+        if need_watch:
+            try:
+                self.source.watch(found.serial, functools.partial(self._on_going, found.serial))
+            except Exception as err:  # unwatched, the key must not be used
+                log.warning("cannot watch key %d (%s): %s", found.serial, ref, err)
+                with self.lock:
+                    self._watched.discard(found.serial)
+                    if self._bound.get(ref.description) is binding:
+                        del self._bound[ref.description]
+                return None
+        log.info("bound key %s (serial %d) for pid %d", ref, found.serial, pid)
+        return binding
+
+    @staticmethod
+    def _check(ref: KeyRef, found: FoundKey) -> MasterKey | None:
+        payload = found.payload
+        try:
+            if ref.kind is KeyKind.E4CRYPT_DESCRIPTOR:
+                payload = e4crypt_compat.key_from_payload(payload)
+            master = MasterKey(payload)
+        except FormatError as err:
+            log.warning("key %d (%s) has an unusable payload: %s", found.serial, ref, err)
+            return None
+        if not master.matches(ref):
+            log.warning("key %d is named %s but is another key; ignored", found.serial, ref)
+            return None
+        return master
+
+    # ------------------------------------------------------------ going away
+
+    def _on_going(self, serial: int, going: GoingAway) -> None:
+        with self.lock:
+            binding = next((b for b in self._bound.values() if b.serial == serial), None)
+            self._going[serial] = self.clock()
+            if going.emergency or binding is None:
+                self._watched.discard(serial)
+        if binding is None or self.user is None:
+            return
+        log.info(
+            "key %s (serial %d) is going away (%s%s)",
+            binding.ref,
+            serial,
+            going.op,
+            ", emergency" if going.emergency else "",
+        )
+        self.user.key_going(binding, going)
+
+    def is_current(self, binding: Binding) -> bool:
+        return self._bound.get(binding.description) is binding
+
+    def unbind(self, binding: Binding) -> bool:
+        """Forget a binding (its key went away); whether it was current."""
+        with self.lock:
+            if self._bound.get(binding.description) is binding:
+                del self._bound[binding.description]
+                return True
+            return False
+
+    def report(self, event: str, detail: dict[str, Any]) -> None:
+        try:
+            self.source.report(event, detail)
+        except Exception as err:
+            log.warning("could not report %s: %s", event, err)
+
+
+def enokey(ref: KeyRef) -> OSError:
+    return OSError(errno.ENOKEY, f"Required key not available: {ref}")

@@ -1,0 +1,342 @@
+"""The mount's inode table: FUSE inode numbers, backing paths, policies.
+
+FUSE inode numbers are the backing files' ``st_ino`` (the backing root is
+swapped with inode 1, which FUSE reserves for the root), so hard links are
+one inode and numbers survive a remount.  The table keeps, for every inode
+the kernel knows (lookup count above zero), its links as (parent inode,
+backing name) pairs: the backing path of an inode is found by walking up
+its first link, so renaming a directory updates one entry, not a subtree.
+
+Directories carry their policy (read from ``.keyfence-policy`` when the
+directory is first seen) and, while their key is bound, their
+:class:`~keyfence.fs.crypto.DirectoryCipher` and the names decrypted so
+far in both directions.  Everything here is used from the trio thread; the
+key-removal callback reads it (paths for reports) without changing it, and
+changes it only through the trio loop (docs/fs.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+
+from keyfence.errors import KeyfenceError
+from keyfence.fs.crypto import DirectoryCipher, EncryptedName
+from keyfence.fs.format import (
+    POLICY_FILE_NAME,
+    POLICY_SIZE,
+    FormatError,
+    Policy,
+)
+
+__all__ = ["ROOT_INODE", "Inode", "InodeTable", "read_policy"]
+
+log = logging.getLogger("keyfence.fs.inodes")
+
+ROOT_INODE = 1
+
+
+def read_policy(dir_path: str) -> Policy | None:
+    """The policy of a backing directory, None if it is not encrypted.
+
+    A malformed record raises :class:`FormatError`.
+    """
+    try:
+        fd = os.open(os.path.join(dir_path, POLICY_FILE_NAME), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.read(fd, POLICY_SIZE + 1)
+    finally:
+        os.close(fd)
+    return Policy.parse(data)
+
+
+class Inode:
+    """One inode the kernel knows."""
+
+    __slots__ = (
+        "cipher",
+        "contents",
+        "disk_names",
+        "ino",
+        "kind",
+        "links",
+        "lookups",
+        "plain_names",
+        "policy",
+        "policy_error",
+    )
+
+    def __init__(self, ino: int, kind: int) -> None:
+        self.ino = ino
+        self.kind = kind
+        """``stat.S_IFMT`` of the backing file."""
+        self.links: dict[tuple[int, str], None] = {}
+        """(parent inode, backing name), in the order they were seen."""
+        self.lookups = 0
+        self.policy: Policy | None = None
+        """Directories: their own policy (None: not encrypted)."""
+        self.policy_error: str | None = None
+        self.contents: Policy | None = None
+        """Non-directories: the policy of the directory they were found in
+        (kept after the last name goes: an open unlinked file stays
+        encrypted)."""
+        self.cipher: DirectoryCipher | None = None
+        """Directories while their key is bound."""
+        self.plain_names: dict[str, bytes] = {}
+        """Backing name -> plaintext name (while the key is bound)."""
+        self.disk_names: dict[bytes, EncryptedName] = {}
+        """Plaintext name -> backing name (while the key is bound)."""
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    @property
+    def is_reg(self) -> bool:
+        return self.kind == stat.S_IFREG
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == stat.S_IFLNK
+
+    def forget_names(self) -> None:
+        self.cipher = None
+        self.plain_names.clear()
+        self.disk_names.clear()
+
+    def remember_name(self, enc: EncryptedName, plain: bytes) -> None:
+        if len(self.plain_names) > 100_000:  # a huge directory: keep memory bounded
+            self.plain_names.clear()
+            self.disk_names.clear()
+        self.plain_names[enc.disk_name] = plain
+        self.disk_names[plain] = enc
+
+    def forget_name(self, disk: str) -> None:
+        plain = self.plain_names.pop(disk, None)
+        if plain is not None:
+            self.disk_names.pop(plain, None)
+
+    def __repr__(self) -> str:
+        return f"Inode({self.ino}, kind={self.kind:o}, links={list(self.links)})"
+
+
+class InodeTable:
+    """Inode number -> :class:`Inode`, and the backing path of each."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        st = os.lstat(self.root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise KeyfenceError(errno.ENOTDIR, f"backing {self.root} is not a directory")
+        self.root_st_ino = st.st_ino
+        self.root_dev = st.st_dev
+        self._inodes: dict[int, Inode] = {}
+        self._children: dict[int, dict[str, int]] = {}
+        """parent inode -> {backing name: inode} for every known link."""
+        root_inode = Inode(ROOT_INODE, stat.S_IFDIR)
+        root_inode.lookups = 1
+        self._load_policy(root_inode, self.root)
+        self._inodes[ROOT_INODE] = root_inode
+
+    # ----------------------------------------------------------- numbering
+
+    def fuse_ino(self, st_ino: int) -> int:
+        """The FUSE inode number of a backing inode number."""
+        if st_ino == self.root_st_ino:
+            return ROOT_INODE
+        if st_ino == ROOT_INODE:
+            return self.root_st_ino
+        return st_ino
+
+    # ------------------------------------------------------------- lookups
+
+    def get(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise KeyfenceError(errno.ESTALE, f"inode {ino} is not known") from None
+
+    def find(self, ino: int) -> Inode | None:
+        return self._inodes.get(ino)
+
+    def __iter__(self) -> Iterator[Inode]:
+        return iter(list(self._inodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def path(self, ino: int) -> str:
+        """The backing path of an inode (through its first link)."""
+        parts: list[str] = []
+        seen = 0
+        while ino != ROOT_INODE:
+            inode = self._inodes.get(ino)
+            if inode is None or not inode.links:
+                raise KeyfenceError(errno.ESTALE, f"inode {ino} has no name")
+            parent, name = next(iter(inode.links))
+            parts.append(name)
+            ino = parent
+            seen += 1
+            if seen > 4096:
+                raise KeyfenceError(errno.ELOOP, "inode table has a cycle")
+        if not parts:
+            return self.root
+        parts.append(self.root)
+        return os.path.join(*reversed(parts))
+
+    def child_path(self, parent: int, name: str) -> str:
+        return os.path.join(self.path(parent), name)
+
+    def parent_of(self, ino: int) -> int:
+        inode = self._inodes.get(ino)
+        if inode is None or not inode.links:
+            return ROOT_INODE
+        return next(iter(inode.links))[0]
+
+    def parents(self, ino: int) -> list[int]:
+        inode = self._inodes.get(ino)
+        return [] if inode is None else list(dict.fromkeys(p for p, _ in inode.links))
+
+    def contents_policy(self, inode: Inode) -> Policy | None:
+        """The policy that encrypts this inode's contents or target.
+
+        A directory's own; for anything else its parent directory's.
+        """
+        if inode.is_dir:
+            return inode.policy
+        for parent, _ in inode.links:
+            p = self._inodes.get(parent)
+            if p is not None:
+                return p.policy
+        return inode.contents
+
+    # ------------------------------------------------------------- changes
+
+    def _load_policy(self, inode: Inode, path: str) -> None:
+        try:
+            inode.policy = read_policy(path)
+            inode.policy_error = None
+        except FormatError as err:
+            inode.policy = None
+            inode.policy_error = str(err)
+            log.error("%s: bad encryption policy: %s", path, err)
+        except OSError as err:
+            inode.policy = None
+            inode.policy_error = os.strerror(err.errno or errno.EIO)
+            log.error("%s: cannot read encryption policy: %s", path, err)
+
+    def remember(self, parent: int, name: str, st: os.stat_result, *, count: bool = True) -> Inode:
+        """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``)."""
+        ino = self.fuse_ino(st.st_ino)
+        kind = stat.S_IFMT(st.st_mode)
+        inode = self._inodes.get(ino)
+        if inode is None or inode.kind != kind:
+            if inode is not None:
+                log.debug("inode %d was reused for another kind of file", ino)
+                self._drop_links(inode)
+            inode = Inode(ino, kind)
+            if inode.is_dir:
+                self._load_policy(inode, self.child_path(parent, name))
+            self._inodes[ino] = inode
+        if (parent, name) not in inode.links:
+            if inode.is_dir:  # a directory has one name: a new one means it moved
+                self._drop_links(inode)
+            self._add_link(inode, parent, name)
+        if not inode.is_dir:
+            p = self._inodes.get(parent)
+            inode.contents = p.policy if p is not None else None
+        if count:
+            inode.lookups += 1
+        return inode
+
+    def _add_link(self, inode: Inode, parent: int, name: str) -> None:
+        entries = self._children.setdefault(parent, {})
+        other = entries.get(name)
+        if other is not None and other != inode.ino:
+            old = self._inodes.get(other)
+            if old is not None:
+                old.links.pop((parent, name), None)
+        entries[name] = inode.ino
+        inode.links[(parent, name)] = None
+        if not inode.is_dir:
+            p = self._inodes.get(parent)
+            if p is not None:
+                inode.contents = p.policy
+
+    def _remove_link(self, inode: Inode, parent: int, name: str) -> None:
+        inode.links.pop((parent, name), None)
+        entries = self._children.get(parent)
+        if entries is not None and entries.get(name) == inode.ino:
+            del entries[name]
+            if not entries:
+                del self._children[parent]
+
+    def _drop_links(self, inode: Inode) -> None:
+        for parent, name in list(inode.links):
+            self._remove_link(inode, parent, name)
+
+    def reload_policy(self, inode: Inode) -> None:
+        self._load_policy(inode, self.path(inode.ino))
+        inode.forget_names()
+
+    def link_of(self, parent: int, name: str) -> Inode | None:
+        ino = self._children.get(parent, {}).get(name)
+        return None if ino is None else self._inodes.get(ino)
+
+    def unlink(self, parent: int, name: str) -> Inode | None:
+        """Forget the link ``name`` in ``parent``; the inode it named, if known."""
+        inode = self.link_of(parent, name)
+        if inode is not None:
+            self._remove_link(inode, parent, name)
+        return inode
+
+    def move(self, old_parent: int, old_name: str, new_parent: int, new_name: str) -> None:
+        """A rename: the inode at the old link now has the new one."""
+        moved = self.link_of(old_parent, old_name)
+        replaced = self.link_of(new_parent, new_name)
+        if replaced is not None and replaced is not moved:
+            self._remove_link(replaced, new_parent, new_name)
+        if moved is not None:
+            self._remove_link(moved, old_parent, old_name)
+            self._add_link(moved, new_parent, new_name)
+
+    def exchange(self, parent_a: int, name_a: str, parent_b: int, name_b: str) -> None:
+        a = self.link_of(parent_a, name_a)
+        b = self.link_of(parent_b, name_b)
+        if a is not None:
+            self._remove_link(a, parent_a, name_a)
+        if b is not None:
+            self._remove_link(b, parent_b, name_b)
+        if a is not None:
+            self._add_link(a, parent_b, name_b)
+        if b is not None:
+            self._add_link(b, parent_a, name_a)
+
+    def forget(self, ino: int, nlookup: int) -> Inode | None:
+        """Lower the lookup count; the inode if it left the table."""
+        inode = self._inodes.get(ino)
+        if inode is None or ino == ROOT_INODE:
+            return None
+        inode.lookups -= nlookup
+        if inode.lookups > 0:
+            return None
+        inode.lookups = 0
+        if self._children.get(ino):
+            return None  # children still known (the kernel forgets them first)
+        self._drop_links(inode)
+        del self._inodes[ino]
+        return inode
+
+    def children_of(self, ino: int) -> list[tuple[str, Inode]]:
+        """Known entries of a directory: (backing name, inode)."""
+        out: list[tuple[str, Inode]] = []
+        for name, child in list(self._children.get(ino, {}).items()):
+            inode = self._inodes.get(child)
+            if inode is not None:
+                out.append((name, inode))
+        return out

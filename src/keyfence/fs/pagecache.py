@@ -1,0 +1,940 @@
+"""The mount worker's write-back cache of plaintext pages (docs/fs.md).
+
+Every encrypted regular file that is open (or still has dirty pages) has one
+:class:`CachedFile`: the backing file descriptor, the per-file cipher, the
+plaintext size, and a dict of **dirty** 4 KiB pages.  The page cache holds
+only pages that still have to be written: a write lands in a page and
+returns; the page is encrypted and written back later, by
+
+* ``fsync``/``fdatasync`` (then the backing file is fsynced),
+* close (the FUSE ``flush`` of every close, so close(2) reports errors),
+* the flusher thread, for pages older than ``expire`` seconds or when the
+  dirty memory passes ``dirty_limit / 2``; writers wait (flush themselves)
+  past ``dirty_limit``,
+* :meth:`PageCache.flush_key` when a key is going away.
+
+Clean pages are not kept (the kernel's page cache keeps what was read);
+reads copy the dirty pages they overlap and decrypt the rest from the
+backing file, so they always see unflushed writes.
+
+Lock protocol (threads: the trio thread serving FUSE, the flusher, the
+key-removal callback, worker threads of ``trio.to_thread``): one
+``threading.Lock``, :attr:`PageCache.lock`, guards every field of every
+:class:`CachedFile` and the cache's tables.  It is held for memory copies of
+one request (at most ``max_write``), loading at most two edge blocks, taking
+a snapshot of at most ``chunk`` pages, and one ``pwrite`` of at most
+``chunk`` records; never while encrypting a chunk, during ``fsync``, while
+looking up keys or while talking to the kernel.  Write-back therefore
+encrypts a *copy* outside the lock and, back under the lock, writes only
+the pages whose version did not change meanwhile (a page written again stays
+dirty and is written by a later pass).  Truncation and a new file id bump
+the file's generation, which discards chunks encrypted before.  So flushes
+may run concurrently (on different threads) without losing or reordering
+data; ``CachedFile.flushing`` only keeps two threads from encrypting the
+same pages twice.  Emergency drops take only :attr:`PageCache.lock`, so they
+wait at most for one chunk's ``pwrite``, whatever is dirty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from keyfence.errors import KeyfenceError
+from keyfence.fs.crypto import FileCipher, MasterKey
+from keyfence.fs.format import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    FILE_HEADER_SIZE,
+    FILE_ID_SIZE,
+    RECORD_SIZE,
+    FileHeader,
+    FormatError,
+    IntegrityError,
+    backing_size,
+    record_offset,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_PAGES",
+    "DEFAULT_DIRTY_LIMIT",
+    "DEFAULT_EXPIRE",
+    "DEFAULT_PREFETCH",
+    "PAGE_SIZE",
+    "CachedFile",
+    "Flusher",
+    "PageCache",
+    "Progress",
+    "lenient_plaintext_size",
+]
+
+log = logging.getLogger("keyfence.fs.pagecache")
+
+PAGE_SIZE = BLOCK_SIZE
+DEFAULT_DIRTY_LIMIT = 64 << 20
+DEFAULT_EXPIRE = 5.0
+DEFAULT_CHUNK_PAGES = 256
+DEFAULT_PREFETCH = 4 << 20
+"""Backing bytes announced (POSIX_FADV_WILLNEED) ahead of a sequential reader."""
+"""Pages encrypted and written per ``pwrite`` during write-back (1 MiB)."""
+
+Progress = Callable[[int], None]
+"""Called during write-back with the bytes written so far."""
+
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def lenient_plaintext_size(disk_size: int) -> int:
+    """The plaintext size of a backing file, also for a damaged one.
+
+    A size no sequence of records gives (a header or last record cut short)
+    still maps to a size whose last block reads as EIO, never to garbage.
+    """
+    if disk_size <= 0:
+        return 0
+    if disk_size < FILE_HEADER_SIZE:
+        return 1
+    full, rest = divmod(disk_size - FILE_HEADER_SIZE, RECORD_SIZE)
+    if rest == 0:
+        return full * PAGE_SIZE
+    return full * PAGE_SIZE + max(rest - BLOCK_OVERHEAD, 1)
+
+
+def _enokey(detail: str = "the directory's key is gone") -> KeyfenceError:
+    return KeyfenceError(errno.ENOKEY, detail)
+
+
+class _Page:
+    """One dirty 4 KiB page: its own bytearray, or a view into the buffer
+    of the large write that made it (one copy for a whole 1 MiB write)."""
+
+    __slots__ = ("data", "version")
+
+    def __init__(self, data: bytearray | memoryview) -> None:
+        self.data = data
+        self.version = 0
+
+
+class CachedFile:
+    """One encrypted backing file in the page cache (one per inode).
+
+    Every field is guarded by :attr:`PageCache.lock`.
+    """
+
+    __slots__ = (
+        "cipher",
+        "closing",
+        "dirty_since",
+        "disk_size",
+        "fd",
+        "flushing",
+        "generation",
+        "header_error",
+        "header_on_disk",
+        "ino",
+        "key",
+        "master",
+        "mtime_ns",
+        "next_read",
+        "pages",
+        "size",
+        "users",
+    )
+
+    def __init__(self, ino: int, fd: int, key: str, master: MasterKey) -> None:
+        self.ino = ino
+        self.fd = fd
+        self.key = key
+        """Description of the key the file is under (``keyfence:...``)."""
+        self.master: MasterKey | None = master
+        self.cipher: FileCipher | None = None
+        self.header_on_disk = False
+        self.header_error: OSError | None = None
+        self.size = 0
+        self.disk_size = 0
+        self.pages: dict[int, _Page] = {}
+        self.generation = 0
+        self.dirty_since: float | None = None
+        self.mtime_ns: int | None = None
+        self.users = 0
+        self.closing = False
+        self.flushing = threading.Lock()
+        self.next_read = -1
+        """Where a sequential reader would read next (for prefetching)."""
+
+    def __repr__(self) -> str:
+        return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"
+
+    def dirty_bytes(self) -> int:
+        """Plaintext bytes in dirty pages (what an emergency would lose)."""
+        size = self.size
+        return sum(max(0, min(PAGE_SIZE, size - i * PAGE_SIZE)) for i in self.pages)
+
+
+@dataclass
+class _Chunk:
+    first: int
+    pages: list[tuple[int, _Page, int]]
+    """(index, page object, version) of consecutive pages, as snapshotted."""
+    plaintext: bytes
+    """Their bytes, copied under the lock (the last one cut at end of file)."""
+    last_len: int
+    generation: int
+    cipher: FileCipher
+
+
+class PageCache:
+    """Dirty plaintext pages of every open encrypted file (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+        expire: float = DEFAULT_EXPIRE,
+        chunk_pages: int = DEFAULT_CHUNK_PAGES,
+        prefetch: int = DEFAULT_PREFETCH,
+        label_of: Callable[[int], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if dirty_limit < PAGE_SIZE:
+            raise ValueError("dirty limit below one page")
+        self.lock = threading.Lock()
+        self.dirty_limit = dirty_limit
+        self.expire = expire
+        self.chunk_pages = max(1, chunk_pages)
+        self.prefetch = prefetch
+        self.label_of = label_of or (lambda ino: f"inode {ino}")
+        self.clock = clock
+        self._files: dict[int, CachedFile] = {}
+        self._dirty_pages = 0
+        self._wakeup = threading.Condition(self.lock)
+        self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0}
+
+    # ------------------------------------------------------------ accounting
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self._dirty_pages * PAGE_SIZE
+
+    def over_limit(self) -> bool:
+        return self._dirty_pages * PAGE_SIZE > self.dirty_limit
+
+    def get(self, ino: int) -> CachedFile | None:
+        return self._files.get(ino)
+
+    def files(self, key: str | None = None) -> list[CachedFile]:
+        with self.lock:
+            return [f for f in self._files.values() if key is None or f.key == key]
+
+    def dirty_bytes_of(self, key: str | None = None) -> int:
+        with self.lock:
+            return sum(f.dirty_bytes() for f in self._files.values() if key is None or f.key == key)
+
+    def attributes(self, ino: int) -> tuple[int, int | None] | None:
+        """(plaintext size, pending mtime in ns or None) of a cached file."""
+        f = self._files.get(ino)
+        if f is None:
+            return None
+        with self.lock:
+            return f.size, f.mtime_ns
+
+    # ------------------------------------------------------------- open/close
+
+    def open(self, ino: int, key: str, master: MasterKey, open_fd: Callable[[], int]) -> CachedFile:
+        """The cached file of ``ino`` with one more user, opened if needed.
+
+        ``open_fd`` opens the backing file (read-write if possible); it is
+        called only when the file is not cached yet.  A cached file whose
+        key went away while it was open gets the new key and is re-read.
+        """
+        with self.lock:
+            f = self._files.get(ino)
+            if f is not None:
+                if f.master is None:
+                    f.master, f.key, f.closing = master, key, False
+                    self._load_locked(f)
+                f.users += 1
+                return f
+        fd = open_fd()
+        with self.lock:
+            f = self._files.get(ino)
+            if f is not None:  # opened meanwhile by another thread
+                os.close(fd)
+                f.users += 1
+                return f
+            f = CachedFile(ino, fd, key, master)
+            self._load_locked(f)
+            f.users = 1
+            self._files[ino] = f
+            return f
+
+    def _load_locked(self, f: CachedFile) -> None:
+        f.disk_size = os.fstat(f.fd).st_size
+        f.size = lenient_plaintext_size(f.disk_size)
+        f.cipher, f.header_error, f.header_on_disk = None, None, False
+        f.generation += 1
+        if f.disk_size >= FILE_HEADER_SIZE:
+            f.header_on_disk = True
+            try:
+                header = FileHeader.parse(os.pread(f.fd, FILE_HEADER_SIZE, 0))
+                assert f.master is not None
+                f.cipher = f.master.file_cipher(header.file_id)
+            except (FormatError, IntegrityError) as err:
+                f.header_error = IntegrityError(f"bad file header: {err}").for_file(
+                    self.label_of(f.ino)
+                )
+        elif f.disk_size > 0:
+            f.header_error = IntegrityError("file header truncated").for_file(self.label_of(f.ino))
+
+    def release(self, f: CachedFile) -> bool:
+        """One user fewer; a file without users and dirty pages is closed.
+
+        Returns whether the file left the cache.
+        """
+        with self.lock:
+            f.users -= 1
+            return self._maybe_close_locked(f)
+
+    def _maybe_close_locked(self, f: CachedFile) -> bool:
+        if f.users > 0 or f.pages or self._files.get(f.ino) is not f:
+            return False
+        if f.master is not None and f.size > 0 and f.disk_size < backing_size(f.size):
+            return False  # an extension still to write
+        del self._files[f.ino]
+        with contextlib.suppress(OSError):
+            os.close(f.fd)
+        f.fd = -1
+        f.cipher = None
+        f.master = None
+        return True
+
+    def forget_unlinked(self, f: CachedFile) -> None:
+        """The file has no name left and no user: its pages need no write-back."""
+        with self.lock:
+            if f.users > 0:
+                return
+            self._dirty_pages -= len(f.pages)
+            for page in f.pages.values():
+                page.data[:] = _ZERO_PAGE
+            f.pages.clear()
+            f.size = min(f.size, lenient_plaintext_size(f.disk_size))
+            f.generation += 1
+            self._maybe_close_locked(f)
+
+    # ------------------------------------------------------------------ reads
+
+    def _check_usable_locked(self, f: CachedFile, *, writing: bool) -> None:
+        if f.master is None:
+            raise _enokey()
+        if writing and f.closing:
+            raise _enokey("the file's key is being removed")
+        if f.header_error is not None and f.size > 0:
+            raise f.header_error
+
+    def read(self, f: CachedFile, off: int, size: int) -> bytes | bytearray | memoryview:
+        """Plaintext bytes ``off .. off+size`` (short at end of file).
+
+        Dirty pages win over the backing file.  A block that fails
+        authentication raises :class:`IntegrityError` (EIO), logged with the
+        file's path.  The result is a bytes-like object (not copied again).
+        """
+        try:
+            return self._read(f, off, size, retry=True)
+        except IntegrityError as err:
+            self.stats["integrity_errors"] += 1
+            label = self.label_of(f.ino)
+            log.error("%s: %s", label, err.strerror)
+            raise err.for_file(label) from None
+
+    def _read(
+        self, f: CachedFile, off: int, size: int, *, retry: bool
+    ) -> bytes | bytearray | memoryview:
+        with self.lock:
+            self._check_usable_locked(f, writing=False)
+            fsize = f.size
+            if off >= fsize or size <= 0:
+                return b""
+            end = min(off + size, fsize)
+            first, last = off // PAGE_SIZE, (end - 1) // PAGE_SIZE
+            cached: dict[int, bytes] = {}
+            pages = f.pages
+            if pages:
+                for idx in range(first, last + 1):
+                    page = pages.get(idx)
+                    if page is not None:
+                        cached[idx] = bytes(page.data)
+            cipher, fd, generation = f.cipher, f.fd, f.generation
+            sequential = off == f.next_read
+            f.next_read = end
+        if sequential and self.prefetch and cipher is not None and end < fsize:
+            # ask the backing filesystem for what comes next: its disk reads
+            # overlap our decryption of this chunk
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, record_offset(last + 1), self.prefetch, os.POSIX_FADV_WILLNEED)
+        data: bytes | bytearray
+        try:
+            if not cached:
+                data = self._load_run(fd, cipher, first, last - first + 1, fsize)
+            else:
+                buf = bytearray((last - first + 1) * PAGE_SIZE)
+                idx = first
+                while idx <= last:
+                    if idx in cached:
+                        pos = (idx - first) * PAGE_SIZE
+                        buf[pos : pos + PAGE_SIZE] = cached[idx]
+                        idx += 1
+                        continue
+                    run_end = idx
+                    while run_end + 1 <= last and run_end + 1 not in cached:
+                        run_end += 1
+                    plain = self._load_run(fd, cipher, idx, run_end - idx + 1, fsize)
+                    pos = (idx - first) * PAGE_SIZE
+                    buf[pos : pos + len(plain)] = plain
+                    idx = run_end + 1
+                data = buf
+        except IntegrityError:
+            # The file may have changed under us (truncated, new file id):
+            # try once more with a fresh snapshot before calling it damaged.
+            with self.lock:
+                changed = f.generation != generation
+            if retry and changed:
+                return self._read(f, off, size, retry=False)
+            raise
+        start = off - first * PAGE_SIZE
+        n = end - off
+        self.stats["read_bytes"] += n
+        if start == 0 and len(data) == n:
+            return data
+        return memoryview(data)[start : start + n]
+
+    @staticmethod
+    def _load_run(
+        fd: int, cipher: FileCipher | None, first: int, count: int, fsize: int
+    ) -> bytes | bytearray:
+        """Plaintext of blocks ``first .. first+count`` from the backing file,
+        each padded to a full page (zeros beyond the end of file)."""
+        if cipher is None:  # no header on disk: everything is a hole
+            return bytes(count * PAGE_SIZE)
+        lengths = [
+            max(0, min(PAGE_SIZE, fsize - i * PAGE_SIZE)) for i in range(first, first + count)
+        ]
+        total = sum(n + BLOCK_OVERHEAD for n in lengths if n)
+        start = record_offset(first)
+        raw = os.pread(fd, total, start) if total else b""
+        if total and len(raw) == total:
+            return cipher.decrypt_blocks(first, raw)
+        out = bytearray(count * PAGE_SIZE)
+        pos = 0
+        for k, n in enumerate(lengths):
+            if n == 0:
+                break
+            rlen = n + BLOCK_OVERHEAD
+            record = raw[pos : pos + rlen]
+            pos += rlen
+            if not record:
+                continue  # beyond the backing file: a hole not written yet
+            if len(record) < rlen:
+                if not any(record):
+                    continue
+                index = first + k
+                raise IntegrityError(
+                    f"block {index} truncated ({len(record)} of {rlen} bytes)", block=index
+                )
+            plain = cipher.decrypt_block(first + k, record)
+            out[k * PAGE_SIZE : k * PAGE_SIZE + n] = plain
+        return out
+
+    def _load_block_locked(self, f: CachedFile, idx: int) -> bytearray:
+        """A full page holding block ``idx`` as the backing file has it."""
+        if idx * PAGE_SIZE >= f.size:
+            return bytearray(PAGE_SIZE)
+        try:
+            data = self._load_run(f.fd, f.cipher, idx, 1, f.size)
+        except IntegrityError as err:
+            self.stats["integrity_errors"] += 1
+            label = self.label_of(f.ino)
+            log.error("%s: %s", label, err.strerror)
+            raise err.for_file(label) from None
+        page = data if isinstance(data, bytearray) else bytearray(data)
+        if len(page) < PAGE_SIZE:
+            page.extend(bytes(PAGE_SIZE - len(page)))
+        return page
+
+    # ----------------------------------------------------------------- writes
+
+    def _dirty_page_locked(self, f: CachedFile, idx: int) -> _Page:
+        """Block ``idx`` as a dirty page (loaded if it was not cached)."""
+        page = f.pages.get(idx)
+        if page is None:
+            page = _Page(self._load_block_locked(f, idx))
+            f.pages[idx] = page
+            self._dirty_pages += 1
+        page.version += 1
+        return page
+
+    def _mark_dirty_locked(self, f: CachedFile) -> None:
+        if f.dirty_since is None:
+            f.dirty_since = self.clock()
+        if self._dirty_pages * PAGE_SIZE > self.dirty_limit // 2:
+            self._wakeup.notify_all()
+
+    def write(self, f: CachedFile, off: int, data: bytes | bytearray | memoryview) -> int:
+        """Copy ``data`` into dirty pages at ``off``; returns its length."""
+        n = len(data)
+        if n == 0:
+            return 0
+        view = memoryview(data).cast("B")
+        with self.lock:
+            self._check_usable_locked(f, writing=True)
+            end = off + n
+            first, last = off // PAGE_SIZE, (end - 1) // PAGE_SIZE
+            old_size = f.size
+            tail = old_size % PAGE_SIZE
+            if end > old_size and tail and old_size // PAGE_SIZE < first:
+                # the old last block grows to a full block: write it again
+                self._dirty_page_locked(f, old_size // PAGE_SIZE)
+            pages = f.pages
+            new_pages = 0
+            # whole pages in the middle: one copy, pages are views into it
+            full_first = first if off % PAGE_SIZE == 0 else first + 1
+            full_last = last if end % PAGE_SIZE == 0 else last - 1
+            if full_last - full_first >= 7:
+                start = full_first * PAGE_SIZE - off
+                block = memoryview(
+                    bytearray(view[start : start + (full_last - full_first + 1) * PAGE_SIZE])
+                )
+                pos = 0
+                for idx in range(full_first, full_last + 1):
+                    page = pages.get(idx)
+                    if page is None:
+                        page = _Page(block[pos : pos + PAGE_SIZE])
+                        pages[idx] = page
+                        new_pages += 1
+                    else:
+                        page.data[:] = block[pos : pos + PAGE_SIZE]
+                    page.version += 1
+                    pos += PAGE_SIZE
+                edges = [i for i in (first, last) if i < full_first or i > full_last]
+            else:
+                edges = list(range(first, last + 1))
+            for idx in dict.fromkeys(edges):
+                base = idx * PAGE_SIZE
+                lo = off - base if off > base else 0
+                hi = end - base if end < base + PAGE_SIZE else PAGE_SIZE
+                src = view[base + lo - off : base + hi - off]
+                page = pages.get(idx)
+                if page is None:
+                    if lo == 0 and hi == PAGE_SIZE:
+                        page = _Page(bytearray(src))
+                    else:
+                        on_disk = min(PAGE_SIZE, old_size - base)
+                        if on_disk > 0 and (lo > 0 or hi < on_disk):
+                            page = _Page(self._load_block_locked(f, idx))
+                        else:
+                            page = _Page(bytearray(PAGE_SIZE))
+                        page.data[lo:hi] = src
+                    pages[idx] = page
+                    new_pages += 1
+                else:
+                    page.data[lo:hi] = src
+                page.version += 1
+            self._dirty_pages += new_pages
+            if end > old_size:
+                f.size = end
+            f.mtime_ns = time.time_ns()
+            self._mark_dirty_locked(f)
+        return n
+
+    def truncate(self, f: CachedFile, size: int) -> None:
+        """Set the plaintext size (shrinking drops pages; growing makes a hole)."""
+        if size < 0:
+            raise KeyfenceError(errno.EINVAL)
+        with self.lock:
+            if f.master is None:
+                raise _enokey()
+            if f.closing:
+                raise _enokey("the file's key is being removed")
+            old = f.size
+            f.generation += 1
+            if size == 0:
+                self._dirty_pages -= len(f.pages)
+                f.pages.clear()
+                os.ftruncate(f.fd, 0)
+                f.disk_size = 0
+                f.cipher, f.header_on_disk, f.header_error = None, False, None
+                f.size = 0
+                f.dirty_since = None
+                f.mtime_ns = None
+                return
+            if f.header_error is not None:
+                raise f.header_error
+            if size < old:
+                last = (size - 1) // PAGE_SIZE
+                for idx in [i for i in f.pages if i > last]:
+                    del f.pages[idx]
+                    self._dirty_pages -= 1
+                if size % PAGE_SIZE:
+                    page = self._dirty_page_locked(f, last)
+                    page.data[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
+                f.size = size
+                new_disk = backing_size(size)
+                if f.disk_size > new_disk:
+                    os.ftruncate(f.fd, new_disk)
+                    f.disk_size = new_disk
+            elif size > old:
+                if old % PAGE_SIZE:
+                    self._dirty_page_locked(f, old // PAGE_SIZE)
+                f.size = size
+            f.mtime_ns = None
+            if f.pages or f.disk_size < backing_size(f.size):
+                self._mark_dirty_locked(f)
+
+    # ------------------------------------------------------------- write-back
+
+    def flush(self, f: CachedFile, progress: Progress | None = None) -> int:
+        """Write every dirty page of ``f`` back (encrypted); bytes written.
+
+        Does not fsync (see :meth:`fsync`).  Errors (ENOSPC, EIO) leave the
+        pages dirty and propagate.
+        """
+        with f.flushing:
+            return self._flush_locked_file(f, progress)
+
+    def try_flush(self, f: CachedFile, max_pages: int = 64) -> bool:
+        """Write back a file with at most ``max_pages`` dirty pages now, if no
+        other thread is writing it back; whether it did (small files are
+        cheaper to write back inline than through a worker thread)."""
+        if len(f.pages) > max_pages or not f.flushing.acquire(blocking=False):
+            return False
+        try:
+            self._flush_locked_file(f, None)
+        finally:
+            f.flushing.release()
+        return True
+
+    def _flush_locked_file(self, f: CachedFile, progress: Progress | None) -> int:
+        """:meth:`flush` with ``f.flushing`` held."""
+        written = 0
+        mtime: int | None = None
+        for _ in range(4):  # pages written meanwhile get another pass
+            with self.lock:
+                if not f.pages:
+                    break
+                order = sorted(f.pages)
+                mtime = f.mtime_ns
+            written += self._flush_pass(f, order, progress, written)
+        self._finish_extension(f)
+        self._restore_mtime(f, mtime if written else None)
+        return written
+
+    def _flush_pass(
+        self, f: CachedFile, order: list[int], progress: Progress | None, done: int
+    ) -> int:
+        written = 0
+        pos = 0
+        while pos < len(order):
+            with self.lock:
+                chunk, pos = self._next_chunk_locked(f, order, pos)
+            if chunk is None:
+                continue
+            records = chunk.cipher.encrypt_blocks(chunk.first, chunk.plaintext)
+            chunk.plaintext = b""
+            written += self._store_chunk(f, chunk, records)
+            if progress is not None:
+                progress(done + written)
+        return written
+
+    def _next_chunk_locked(
+        self, f: CachedFile, order: list[int], pos: int
+    ) -> tuple[_Chunk | None, int]:
+        """The next run of consecutive dirty pages from ``order[pos:]``,
+        snapshotted: page objects, versions and a copy of the bytes."""
+        pages = f.pages
+        n = len(order)
+        while pos < n and order[pos] not in pages:
+            pos += 1
+        if pos >= n or f.master is None:
+            return None, n
+        size = f.size
+        first = order[pos]
+        if first * PAGE_SIZE >= size:  # beyond the end (truncated meanwhile)
+            return None, pos + 1
+        if f.cipher is None:
+            f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
+            f.header_on_disk = False
+        run: list[tuple[int, _Page, int]] = []
+        datas: list[bytearray | memoryview] = []
+        idx = first
+        limit = self.chunk_pages
+        while pos < n and order[pos] == idx and len(run) < limit and idx * PAGE_SIZE < size:
+            page = pages.get(idx)
+            if page is None:
+                break
+            run.append((idx, page, page.version))
+            datas.append(page.data)
+            pos += 1
+            idx += 1
+        last_len = min(PAGE_SIZE, size - (first + len(run) - 1) * PAGE_SIZE)
+        if last_len < PAGE_SIZE:
+            datas[-1] = memoryview(datas[-1])[:last_len]
+        buf = b"".join(datas)  # the snapshot: one copy, in C
+        return _Chunk(first, run, buf, last_len, f.generation, f.cipher), pos
+
+    def _store_chunk(self, f: CachedFile, chunk: _Chunk, records: bytearray) -> int:
+        """Write the records of the pages that did not change since the
+        snapshot (same page object, same version) and forget those pages."""
+        count = len(chunk.pages)
+        with self.lock:
+            if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
+                return 0
+            if not f.header_on_disk:
+                os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
+                f.header_on_disk = True
+                f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
+            pages = f.pages
+            current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
+            view = memoryview(records)
+            k = 0
+            written = 0
+            while k < count:
+                if not current[k]:
+                    k += 1
+                    continue
+                j = k
+                while j + 1 < count and current[j + 1]:
+                    j += 1
+                start = k * RECORD_SIZE
+                stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
+                offset = record_offset(chunk.first + k)
+                data = view[start:stop]
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(f.fd, data[done:], offset + done)
+                f.disk_size = max(f.disk_size, offset + len(data))
+                for m in range(k, j + 1):
+                    del pages[chunk.first + m]
+                self._dirty_pages -= j - k + 1
+                written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
+                k = j + 1
+            if not pages and f.disk_size >= backing_size(f.size):
+                f.dirty_since = None
+            self.stats["written_bytes"] += written
+            return written
+
+    def _finish_extension(self, f: CachedFile) -> None:
+        """After the pages: a file grown by truncate gets its header and size."""
+        with self.lock:
+            if f.master is None or f.fd < 0 or f.pages or f.size == 0:
+                return
+            need = backing_size(f.size)
+            if f.disk_size >= need:
+                f.dirty_since = None
+                return
+            if f.cipher is None:
+                f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
+                f.header_on_disk = False
+            if not f.header_on_disk:
+                os.pwrite(f.fd, FileHeader(f.cipher.file_id).serialize(), 0)
+                f.header_on_disk = True
+            os.ftruncate(f.fd, need)
+            f.disk_size = need
+            f.dirty_since = None
+
+    def _restore_mtime(self, f: CachedFile, mtime: int | None) -> None:
+        """Write-back happens after the write: keep the write's mtime."""
+        if mtime is None:
+            return
+        with self.lock:
+            if f.fd < 0:
+                return
+            try:
+                st = os.fstat(f.fd)
+                os.utime(f.fd, ns=(st.st_atime_ns, mtime))
+            except OSError:
+                return
+            if f.mtime_ns == mtime:
+                f.mtime_ns = None
+
+    def set_mtime(self, f: CachedFile, mtime_ns: int) -> None:
+        """An explicit mtime (utimens): kept after the pending write-back."""
+        with self.lock:
+            if f.pages or f.mtime_ns is not None:
+                f.mtime_ns = mtime_ns
+
+    def fsync(self, f: CachedFile, datasync: bool = False) -> None:
+        """Write back and make it durable (POSIX fsync/fdatasync)."""
+        self.flush(f)
+        fd = f.fd
+        if fd >= 0:
+            (os.fdatasync if datasync else os.fsync)(fd)
+
+    def flush_files(
+        self, files: Iterable[CachedFile], *, sync: bool, progress: Progress | None = None
+    ) -> int:
+        written = 0
+        for f in files:
+            base = written
+
+            def report(n: int, base: int = base) -> None:
+                if progress is not None:
+                    progress(base + n)
+
+            written += self.flush(f, report)
+            if sync and f.fd >= 0:
+                os.fsync(f.fd)
+        return written
+
+    def flush_key(self, key: str, progress: Progress | None = None) -> int:
+        """Flush and fsync every file under ``key`` (the key is going away)."""
+        return self.flush_files(self.files(key), sync=True, progress=progress)
+
+    def flush_all(self, *, sync: bool = False) -> int:
+        return self.flush_files(self.files(), sync=sync)
+
+    def flush_expired(self) -> int:
+        """Write back files whose oldest dirty page is older than ``expire``."""
+        deadline = self.clock() - self.expire
+        with self.lock:
+            old = [
+                f
+                for f in self._files.values()
+                if f.dirty_since is not None and f.dirty_since <= deadline
+            ]
+        written = 0
+        for f in old:
+            if f.flushing.locked():
+                continue
+            try:
+                written += self.flush(f)
+            except OSError as err:
+                log.error("write-back of %s failed: %s", self.label_of(f.ino), err)
+            self._close_idle(f)
+        return written
+
+    def flush_until(self, target: int) -> int:
+        """Write back the oldest files until dirty memory is below ``target``."""
+        written = 0
+        while self._dirty_pages * PAGE_SIZE > target:
+            with self.lock:
+                candidates = sorted(
+                    (f for f in self._files.values() if f.pages and f.master is not None),
+                    key=lambda f: f.dirty_since or 0.0,
+                )
+            if not candidates:
+                break
+            progress = False
+            for f in candidates:
+                n = self.flush(f)
+                written += n
+                progress = progress or n > 0
+                self._close_idle(f)
+                if self._dirty_pages * PAGE_SIZE <= target:
+                    break
+            if not progress:
+                break
+        return written
+
+    def _close_idle(self, f: CachedFile) -> None:
+        with self.lock:
+            self._maybe_close_locked(f)
+
+    # -------------------------------------------------------------- key going
+
+    def close_key(self, key: str) -> None:
+        """Refuse new writes under ``key`` (its removal is flushing)."""
+        with self.lock:
+            for f in self._files.values():
+                if f.key == key:
+                    f.closing = True
+
+    def reopen_key(self, key: str) -> None:
+        """Undo :meth:`close_key` (the removal was aborted)."""
+        with self.lock:
+            for f in self._files.values():
+                if f.key == key:
+                    f.closing = False
+
+    def evict_key(self, key: str) -> tuple[list[int], dict[int, int]]:
+        """Forget plaintext and ciphers under ``key``.
+
+        Returns (inodes still open, {inode: dirty bytes discarded}); after a
+        successful :meth:`flush_key` nothing is discarded.  Dirty pages are
+        zeroed before they are let go.
+        """
+        busy: list[int] = []
+        dropped: dict[int, int] = {}
+        with self.lock:
+            for f in list(self._files.values()):
+                if f.key != key:
+                    continue
+                lost = f.dirty_bytes()
+                if lost:
+                    dropped[f.ino] = lost
+                for page in f.pages.values():
+                    page.data[:] = _ZERO_PAGE
+                self._dirty_pages -= len(f.pages)
+                f.pages.clear()
+                f.master = None
+                f.cipher = None
+                f.generation += 1
+                f.dirty_since = None
+                f.mtime_ns = None
+                f.closing = False
+                if f.users > 0:
+                    busy.append(f.ino)
+                else:
+                    self._maybe_close_locked(f)
+        return busy, dropped
+
+    def drop_key(self, key: str) -> tuple[list[int], dict[int, int]]:
+        """Emergency: the key is gone; drop its plaintext at once."""
+        return self.evict_key(key)
+
+
+class Flusher:
+    """The background write-back thread of a :class:`PageCache`.
+
+    Wakes every ``min(1 s, expire / 2)`` or when dirty memory passes half
+    the limit; writes back expired files, then the oldest files until dirty
+    memory is below a quarter of the limit.
+    """
+
+    def __init__(self, cache: PageCache) -> None:
+        self.cache = cache
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="keyfence-flusher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cache.lock:
+            self._stop = True
+            self.cache._wakeup.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        cache = self.cache
+        interval = max(0.05, min(1.0, cache.expire / 2))
+        while True:
+            with cache.lock:
+                if self._stop:
+                    return
+                if cache.dirty_bytes <= cache.dirty_limit // 2:
+                    cache._wakeup.wait(interval)
+                if self._stop:
+                    return
+            try:
+                cache.flush_expired()
+                if cache.dirty_bytes > cache.dirty_limit // 2:
+                    cache.flush_until(cache.dirty_limit // 4)
+            except Exception:  # keep the flusher alive; the error was logged
+                log.exception("background write-back failed")
+                time.sleep(interval)

@@ -1,0 +1,267 @@
+"""The mount worker process: ``python -m keyfence.fs.worker BACKING MOUNTPOINT``.
+
+One process per mount (pyfuse3 allows one FUSE session per process),
+started by the daemon with a private channel (``$KEYFENCE_WORKER_FD``) for
+its keys; tests pass their own :class:`~keyfence.fs.keysource.KeySource`
+to :func:`main`.  It mounts, serves until unmounted (``fusermount3 -u``,
+``umount``) or told to stop (SIGTERM, SIGINT, SIGHUP: the kernel's dirty
+pages are pushed first), then writes back and fsyncs everything and exits 0.
+
+Options (docs/fs.md has the measurements behind the defaults)::
+
+    --dirty-limit SIZE     dirty plaintext the page cache may hold (64M)
+    --dirty-expire SEC     age after which dirty pages are written back (5)
+    --writeback-cache      let the kernel cache writes too (off)
+    --readahead-kb KB      the mount's readahead window (1024; 0: kernel's)
+    --attr-timeout SEC     how long the kernel may cache names and attributes (1)
+    -o OPT[,OPT]           more FUSE mount options
+    --ready-fd FD          write "ready\\n" to FD once serving, then close it
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from keyfence.fs.keysource import DaemonKeySource, KeySource
+from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
+from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
+
+__all__ = ["DEFAULT_READAHEAD_KB", "main", "parse_size", "run"]
+
+log = logging.getLogger("keyfence.fs.worker")
+
+DEFAULT_READAHEAD_KB = 1024
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``64M``, ``1G`` (also with ``iB``/``B``)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = int(float(number) * _SUFFIXES[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m keyfence.fs.worker", description="keyfence mount worker"
+    )
+    p.add_argument("backing")
+    p.add_argument("mountpoint")
+    p.add_argument("--dirty-limit", type=parse_size, default=DEFAULT_DIRTY_LIMIT)
+    p.add_argument("--dirty-expire", type=float, default=DEFAULT_EXPIRE)
+    p.add_argument("--writeback-cache", action="store_true")
+    p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
+    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--max-tasks", type=int, default=64)
+    p.add_argument("-o", dest="fuse_options", action="append", default=[])
+    p.add_argument("--no-allow-other", action="store_true")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _mount_device(mountpoint: str) -> str | None:
+    """``major:minor`` of the mount at ``mountpoint`` (from mountinfo: no
+    stat, which would be a request to ourselves before we serve)."""
+    target = os.path.abspath(mountpoint)
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target:
+                found = fields[2]
+        return found
+    return None
+
+
+def _unescape(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def set_readahead(mountpoint: str, kb: int) -> int | None:
+    """Set the mount's readahead window (bdi ``read_ahead_kb``); the value set."""
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        return None
+    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        with open(path) as f:
+            return int(f.read().strip())
+    except OSError as err:
+        log.warning("cannot set readahead of %s: %s", mountpoint, err)
+        return None
+
+
+async def _serve(
+    ops: KeyfenceOperations, max_tasks: int, ready_fd: int | None, readahead_kb: int
+) -> None:
+    ops.started()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals, ops)
+        nursery.start_soon(_when_up, ops, ready_fd, readahead_kb)
+        await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+        nursery.cancel_scope.cancel()
+
+
+async def _when_up(ops: KeyfenceOperations, ready_fd: int | None, readahead_kb: int) -> None:
+    """Once the kernel has our INIT reply (a stat of the mount answers):
+    set the readahead window (INIT resets it) and say we are ready."""
+    await trio.to_thread.run_sync(os.stat, ops.mountpoint)
+    if readahead_kb > 0:
+        got = await trio.to_thread.run_sync(set_readahead, ops.mountpoint, readahead_kb)
+        log.info("readahead %s KiB", got)
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+
+async def _on_signals(ops: KeyfenceOperations) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: pushing the kernel's dirty pages, then unmounting", signum)
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(syncfs, ops.mountpoint)
+            pyfuse3.terminate()
+            return
+
+
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep large buffers on glibc's heap instead of fresh mmaps.
+
+    Every FUSE read or write-back chunk allocates buffers of about 1 MiB;
+    by default glibc maps each one freshly and the kernel faults in and
+    zeroes 256 pages every time, which cost two thirds of the read path
+    (docs/fs.md).  With a higher mmap threshold the buffers are reused.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+        ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and ok
+        return bool(libc.mallopt(_M_TOP_PAD, 16 << 20)) and ok
+    except (OSError, AttributeError):
+        return False
+
+
+def run(
+    backing: str,
+    mountpoint: str,
+    source: KeySource,
+    options: MountOptions,
+    *,
+    fuse_options: Sequence[str] = (),
+    allow_other: bool | None = None,
+    readahead_kb: int = DEFAULT_READAHEAD_KB,
+    max_tasks: int = 64,
+    ready_fd: int | None = None,
+) -> int:
+    """Mount, serve until unmounted, write everything back.  Exit status."""
+    os.umask(0)  # modes come from the requests, already masked by the kernel
+    tune_malloc()
+    ops = KeyfenceOperations(backing, mountpoint, source, options)
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname=keyfence:{ops.backing}", "subtype=keyfence"}
+    if allow_other if allow_other is not None else os.getuid() == 0:
+        opts.add("allow_other")
+    for extra in fuse_options:
+        opts |= {o for o in extra.split(",") if o}
+    pyfuse3.init(ops, mountpoint, opts)
+    unmounted = False
+    try:
+        _report(source, "mounted", {"backing": ops.backing, "mountpoint": ops.mountpoint})
+        log.info("serving %s on %s", ops.backing, ops.mountpoint)
+        trio.run(_serve, ops, max_tasks, ready_fd, readahead_kb)
+    except BaseException:
+        log.exception("the FUSE loop failed")
+        raise
+    finally:
+        ops.close()
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+            unmounted = True
+        _report(
+            source,
+            "unmounted",
+            {"backing": ops.backing, "mountpoint": ops.mountpoint, "clean": unmounted},
+        )
+        closer = getattr(source, "close", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+    return 0
+
+
+def _report(source: KeySource, event: str, detail: dict[str, Any]) -> None:
+    try:
+        source.report(event, detail)
+    except Exception as err:
+        log.debug("report %s: %s", event, err)
+
+
+def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s keyfence-worker[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    source = key_source if key_source is not None else DaemonKeySource.from_environment()
+    options = MountOptions(
+        dirty_limit=args.dirty_limit,
+        dirty_expire=args.dirty_expire,
+        attr_timeout=args.attr_timeout,
+        writeback_cache=args.writeback_cache,
+    )
+    return run(
+        args.backing,
+        args.mountpoint,
+        source,
+        options,
+        fuse_options=args.fuse_options,
+        allow_other=False if args.no_allow_other else None,
+        readahead_kb=args.readahead_kb,
+        max_tasks=args.max_tasks,
+        ready_fd=args.ready_fd,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Real mounts for the tests: a worker process, a backing dir, a mount point.
+
+:class:`Mount` starts ``tests.fs.kf_test_worker`` (the real worker with an
+in-process KeyService) and talks to its control socket to add and remove
+keys in the test process's session keyring.  ``unmount`` uses
+``fusermount3 -u`` and kills a stuck worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from keyfence.fs.crypto import MasterKey
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fuse_available() -> str | None:
+    """Why FUSE mounts cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3 (apt-get install fuse3)"
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether a mount sits at ``path`` (also a dead FUSE mount, which
+    ``os.path.ismount`` misses: its stat fails with ENOTCONN)."""
+    target = os.fsencode(os.path.abspath(path))
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace(b"\\040", b" ") == target:
+                return True
+    return False
+
+
+class Mount:
+    def __init__(self, tmp: Path, *worker_args: str, name: str = "m") -> None:
+        self.tmp = tmp
+        self.backing = tmp / f"{name}-backing"
+        self.mnt = tmp / f"{name}-mnt"
+        self.backing.mkdir(exist_ok=True)
+        self.mnt.mkdir(exist_ok=True)
+        self.control_path = str(tmp / f"{name}-control.sock")
+        self.log_path = tmp / f"{name}-worker.log"
+        self.worker_args = worker_args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.fs.kf_test_worker",
+                    "--control",
+                    self.control_path,
+                    str(self.backing),
+                    str(self.mnt),
+                    *self.worker_args,
+                ],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while not (os.path.ismount(self.mnt) and os.path.exists(self.control_path)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not mount:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------ control
+
+    def control(self, op: str, **kw: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(self.control_path)
+            f = s.makefile("rwb")
+            f.write(json.dumps({"op": op, **kw}).encode() + b"\n")
+            f.flush()
+            answer = json.loads(f.readline())
+        if not answer["ok"]:
+            code = answer["errno"] or errno.EIO
+            raise OSError(code, answer["message"])
+        return answer["result"]
+
+    def add_key(
+        self,
+        master: MasterKey,
+        *,
+        sid: int | None = None,
+        description: str | None = None,
+        payload: bytes | None = None,
+        type: str = "logon",
+    ) -> int:
+        return int(
+            self.control(
+                "add",
+                type=type,
+                description=description or f"keyfence:{master.identifier}",
+                payload=(payload if payload is not None else master.raw).hex(),
+                sid=os.getsid(0) if sid is None else sid,
+            )
+        )
+
+    def unlink_key(self, serial: int, *, emergency: bool = False) -> None:
+        self.control("unlink", serial=serial, sid=os.getsid(0), emergency=emergency)
+
+    def clear(self, *, emergency: bool = False, sid: int | None = None) -> None:
+        self.control("clear", sid=os.getsid(0) if sid is None else sid, emergency=emergency)
+
+    def revoke(self, serial: int, *, emergency: bool = False) -> None:
+        self.control("revoke", serial=serial, sid=os.getsid(0), emergency=emergency)
+
+    def reports(self, event: str | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self.control("reports")
+        return [r for r in out if event is None or r["event"] == event]
+
+    # ------------------------------------------------------------ teardown
+
+    def unmount(self) -> int | None:
+        """fusermount3 -u; kill the worker if it does not go."""
+        proc = self.proc
+        if proc is None:
+            return None
+        lazy = False
+        if os.path.ismount(self.mnt):
+            for _ in range(20):
+                r = subprocess.run(
+                    ["fusermount3", "-u", str(self.mnt)], capture_output=True, check=False
+                )
+                if r.returncode == 0 or not os.path.ismount(self.mnt):
+                    break
+                time.sleep(0.1)
+            else:  # busy (a failed test left a file open): detach
+                subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
+                lazy = True
+        try:
+            code = proc.wait(3 if lazy else 30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait(10)
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
+        self.proc = None
+        return code

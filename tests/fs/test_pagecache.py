@@ -1,0 +1,401 @@
+"""The worker's page cache on real files with real keys (no FUSE here).
+
+Every test writes through :class:`PageCache`, reads back, and checks the
+backing file with the format's own cipher: what is on disk is exactly the
+format of docs/format.md, whatever mix of writes, truncations and flushes
+made it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keyfence.fs.crypto import MasterKey
+from keyfence.fs.format import (
+    FILE_HEADER_SIZE,
+    RECORD_SIZE,
+    FileHeader,
+    IntegrityError,
+    backing_size,
+    plaintext_size,
+    record_offset,
+)
+from keyfence.fs.pagecache import (
+    PAGE_SIZE,
+    CachedFile,
+    Flusher,
+    PageCache,
+    lenient_plaintext_size,
+)
+
+MASTER = MasterKey(bytes(range(64)))
+KEY = "keyfence:" + MASTER.identifier
+
+
+def decrypt_backing(path: Path, master: MasterKey = MASTER) -> bytes:
+    """The plaintext of a backing file, read with the format alone."""
+    raw = path.read_bytes()
+    if len(raw) in (0, FILE_HEADER_SIZE):
+        return b""
+    header = FileHeader.parse(raw[:FILE_HEADER_SIZE])
+    cipher = master.file_cipher(header.file_id)
+    size = plaintext_size(len(raw))
+    return bytes(cipher.decrypt_blocks(0, raw[FILE_HEADER_SIZE:]))[:size]
+
+
+class Opened:
+    def __init__(self, cache: PageCache, path: Path, ino: int = 1) -> None:
+        self.cache = cache
+        self.path = path
+        self.file: CachedFile = cache.open(
+            ino, KEY, MASTER, lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        )
+
+    def read_all(self) -> bytes:
+        return bytes(self.cache.read(self.file, 0, self.file.size + 10))
+
+
+@pytest.fixture
+def cache() -> Iterator[PageCache]:
+    c = PageCache(dirty_limit=1 << 20, expire=60, label_of=lambda ino: f"file{ino}")
+    yield c
+
+
+def test_reads_see_unflushed_writes_and_nothing_is_on_disk(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(3 * PAGE_SIZE + 100)
+    assert cache.write(f.file, 0, data) == len(data)
+    assert f.read_all() == data
+    assert cache.read(f.file, 5000, 10) == data[5000:5010]
+    assert f.path.stat().st_size == 0
+    assert cache.dirty_bytes == 4 * PAGE_SIZE
+    assert cache.flush(f.file) == len(data)
+    assert cache.dirty_bytes == 0
+    assert f.path.stat().st_size == backing_size(len(data))
+    assert decrypt_backing(f.path) == data
+    assert data[:64] not in f.path.read_bytes()
+    assert f.read_all() == data
+
+
+def test_read_modify_write_after_flush(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    model = bytearray(os.urandom(10000))
+    cache.write(f.file, 0, model)
+    cache.flush(f.file)
+    cache.write(f.file, 4090, b"x" * 20)  # straddles blocks 0 and 1
+    model[4090:4110] = b"x" * 20
+    assert f.read_all() == model
+    cache.flush(f.file)
+    assert decrypt_backing(f.path) == model
+
+
+def test_extending_past_a_partial_block_rewrites_it_and_leaves_holes(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"hello")
+    cache.fsync(f.file)
+    assert f.path.stat().st_size == backing_size(5)
+    far = 50 * PAGE_SIZE + 7
+    cache.write(f.file, far, b"end")
+    model = bytearray(far + 3)
+    model[:5] = b"hello"
+    model[far:] = b"end"
+    assert f.read_all() == model
+    cache.fsync(f.file)
+    assert decrypt_backing(f.path) == model
+    st = f.path.stat()
+    assert st.st_size == backing_size(len(model))
+    assert st.st_blocks * 512 < 20 * PAGE_SIZE  # the middle is a hole
+    fresh = Opened(PageCache(), f.path, ino=2)
+    assert fresh.read_all() == model
+
+
+def test_truncate_shrink_grow_and_zero(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(5 * PAGE_SIZE)
+    cache.write(f.file, 0, data)
+    cache.fsync(f.file)
+    cache.truncate(f.file, 6000)
+    assert f.read_all() == data[:6000]
+    cache.fsync(f.file)
+    assert decrypt_backing(f.path) == data[:6000]
+    cache.truncate(f.file, 3 * PAGE_SIZE + 1)
+    expect = data[:6000] + bytes(3 * PAGE_SIZE + 1 - 6000)
+    assert f.read_all() == expect
+    cache.fsync(f.file)
+    assert f.path.stat().st_size == backing_size(len(expect))
+    assert decrypt_backing(f.path) == expect
+    old_id = FileHeader.parse(f.path.read_bytes()[:FILE_HEADER_SIZE]).file_id
+    cache.truncate(f.file, 0)
+    assert f.path.stat().st_size == 0
+    cache.write(f.file, 0, b"again")
+    cache.fsync(f.file)
+    new_id = FileHeader.parse(f.path.read_bytes()[:FILE_HEADER_SIZE]).file_id
+    assert new_id != old_id
+    assert decrypt_backing(f.path) == b"again"
+
+
+def test_truncate_grow_only_writes_header_and_size(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.truncate(f.file, 1 << 20)
+    assert f.read_all() == bytes(1 << 20)
+    cache.fsync(f.file)
+    st = f.path.stat()
+    assert st.st_size == backing_size(1 << 20)
+    assert st.st_blocks * 512 <= 8192
+    assert decrypt_backing(f.path) == bytes(1 << 20)
+
+
+def test_tampered_block_is_eio_naming_the_file(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(3 * PAGE_SIZE)
+    cache.write(f.file, 0, data)
+    cache.fsync(f.file)
+    cache.release(f.file)
+    raw = bytearray(f.path.read_bytes())
+    raw[record_offset(1) + 100] ^= 1
+    f.path.write_bytes(raw)
+    g = Opened(cache, f.path)
+    assert cache.read(g.file, 0, PAGE_SIZE) == data[:PAGE_SIZE]
+    assert cache.read(g.file, 2 * PAGE_SIZE, PAGE_SIZE) == data[2 * PAGE_SIZE :]
+    with pytest.raises(IntegrityError) as info:
+        cache.read(g.file, 0, 3 * PAGE_SIZE)
+    assert info.value.errno == errno.EIO
+    assert info.value.block == 1
+    assert info.value.filename == "file1"
+    # a partial write into the damaged block cannot be merged: EIO too
+    with pytest.raises(IntegrityError):
+        cache.write(g.file, PAGE_SIZE + 1, b"x")
+
+
+def test_truncated_backing_file_is_eio_in_the_last_block(tmp_path: Path) -> None:
+    path = tmp_path / "a"
+    cache = PageCache()
+    f = Opened(cache, path)
+    cache.write(f.file, 0, os.urandom(2 * PAGE_SIZE))
+    cache.fsync(f.file)
+    cache.release(f.file)
+    os.truncate(path, record_offset(1) + 20)  # a torn last record
+    g = Opened(PageCache(), path)
+    assert g.file.size == lenient_plaintext_size(record_offset(1) + 20)
+    with pytest.raises(IntegrityError):
+        g.cache.read(g.file, PAGE_SIZE, 10)
+
+
+def test_version_check_keeps_a_page_written_during_write_back(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"a" * PAGE_SIZE)
+    order = sorted(f.file.pages)
+    with cache.lock:
+        chunk, _ = cache._next_chunk_locked(f.file, order, 0)
+    assert chunk is not None
+    records = chunk.cipher.encrypt_blocks(chunk.first, chunk.plaintext)
+    cache.write(f.file, 0, b"b" * 10)  # written again after the snapshot
+    assert cache._store_chunk(f.file, chunk, records) == 0
+    assert cache.dirty_bytes == PAGE_SIZE
+    cache.flush(f.file)
+    assert decrypt_backing(f.path) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)
+
+
+def test_concurrent_flushers_and_writer_lose_nothing(tmp_path: Path) -> None:
+    cache = PageCache(dirty_limit=256 * PAGE_SIZE, expire=0.01, chunk_pages=8)
+    f = Opened(cache, tmp_path / "a")
+    model = bytearray()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def flusher() -> None:
+        while not stop.is_set():
+            try:
+                cache.flush(f.file)
+                cache.flush_until(0)
+            except BaseException as err:  # pragma: no cover - reported below
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=flusher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    rng = __import__("random").Random(7)
+    for _ in range(2000):
+        off = rng.randrange(0, 64 * PAGE_SIZE)
+        data = bytes([rng.randrange(256)]) * rng.randrange(1, 12 * PAGE_SIZE)
+        cache.write(f.file, off, data)
+        if len(model) < off:
+            model.extend(bytes(off - len(model)))
+        model[off : off + len(data)] = data
+        if rng.random() < 0.02:
+            size = rng.randrange(0, 64 * PAGE_SIZE)
+            cache.truncate(f.file, size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert f.read_all() == model
+    cache.fsync(f.file)
+    assert decrypt_backing(f.path) == model
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("write"),
+                st.one_of(st.integers(0, 6 * PAGE_SIZE), st.integers(0, 6).map(PAGE_SIZE.__mul__)),
+                st.one_of(
+                    st.integers(1, 12 * PAGE_SIZE), st.integers(1, 12).map(PAGE_SIZE.__mul__)
+                ),
+            ),
+            st.tuples(st.just("truncate"), st.integers(0, 7 * PAGE_SIZE), st.just(0)),
+            st.tuples(st.just("flush"), st.just(0), st.just(0)),
+            st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+        ),
+        max_size=25,
+    )
+)
+def test_model(tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
+    path = tmp_path / f"m{time.monotonic_ns()}"
+    cache = PageCache(chunk_pages=3)
+    f = Opened(cache, path)
+    model = bytearray()
+    for step, (op, a, b) in enumerate(ops):
+        if op == "write":
+            data = bytes([step % 251 + 1]) * b
+            cache.write(f.file, a, data)
+            if len(model) < a:
+                model.extend(bytes(a - len(model)))
+            model[a : a + b] = data
+        elif op == "truncate":
+            cache.truncate(f.file, a)
+            del model[a:]
+            model.extend(bytes(a - len(model)))
+        elif op == "flush":
+            cache.fsync(f.file)
+            assert decrypt_backing(path) == model
+        else:
+            cache.fsync(f.file)
+            cache.release(f.file)
+            cache = PageCache(chunk_pages=3)
+            f = Opened(cache, path)
+        assert f.file.size == len(model)
+        assert f.read_all() == model
+    cache.fsync(f.file)
+    assert path.stat().st_size == backing_size(len(model))
+    assert decrypt_backing(path) == model
+
+
+def test_flusher_writes_back_expired_pages(tmp_path: Path) -> None:
+    cache = PageCache(expire=0.1)
+    flusher = Flusher(cache)
+    flusher.start()
+    try:
+        f = Opened(cache, tmp_path / "a")
+        cache.write(f.file, 0, b"later")
+        deadline = time.monotonic() + 5
+        while cache.dirty_bytes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cache.dirty_bytes == 0
+        assert decrypt_backing(f.path) == b"later"
+    finally:
+        flusher.stop()
+
+
+def test_flusher_keeps_dirty_memory_under_the_limit(tmp_path: Path) -> None:
+    cache = PageCache(dirty_limit=64 * PAGE_SIZE, expire=3600)
+    flusher = Flusher(cache)
+    flusher.start()
+    try:
+        f = Opened(cache, tmp_path / "a")
+        cache.write(f.file, 0, os.urandom(48 * PAGE_SIZE))
+        deadline = time.monotonic() + 5
+        while cache.dirty_bytes > 16 * PAGE_SIZE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cache.dirty_bytes <= 16 * PAGE_SIZE
+    finally:
+        flusher.stop()
+
+
+def test_flush_key_then_evict(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(10 * PAGE_SIZE)
+    cache.write(f.file, 0, data)
+    seen: list[int] = []
+    cache.close_key(KEY)
+    with pytest.raises(OSError) as info:
+        cache.write(f.file, 0, b"no")
+    assert info.value.errno == errno.ENOKEY
+    assert cache.flush_key(KEY, seen.append) == len(data)
+    assert seen and seen[-1] == len(data)
+    busy, dropped = cache.evict_key(KEY)
+    assert busy == [1] and dropped == {}
+    with pytest.raises(OSError) as info:
+        cache.read(f.file, 0, 1)
+    assert info.value.errno == errno.ENOKEY
+    assert decrypt_backing(f.path) == data
+    # the key comes back: the open file works again
+    again = cache.open(1, KEY, MASTER, lambda: -1)
+    assert again is f.file
+    assert cache.read(f.file, 0, len(data)) == data
+
+
+def test_emergency_drop_counts_exact_bytes_and_zeroes_pages(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"kept")
+    cache.fsync(f.file)
+    cache.write(f.file, 0, b"x" * (2 * PAGE_SIZE + 5))
+    pages = list(f.file.pages.values())
+    busy, dropped = cache.drop_key(KEY)
+    assert dropped == {1: 2 * PAGE_SIZE + 5}
+    assert busy == [1]
+    assert all(not any(p.data) for p in pages)
+    assert cache.dirty_bytes == 0
+    assert decrypt_backing(f.path) == b"kept"
+
+
+def test_unlinked_file_pages_are_forgotten(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"gone" * 2000)
+    cache.release(f.file)
+    assert cache.get(1) is f.file  # dirty: still cached
+    cache.forget_unlinked(f.file)
+    assert cache.get(1) is None
+    assert cache.dirty_bytes == 0
+
+
+def test_release_of_a_clean_file_closes_it(cache: PageCache, tmp_path: Path) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"data")
+    cache.flush(f.file)
+    fd = f.file.fd
+    assert cache.release(f.file)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_lenient_sizes() -> None:
+    assert lenient_plaintext_size(0) == 0
+    assert lenient_plaintext_size(10) == 1
+    assert lenient_plaintext_size(FILE_HEADER_SIZE) == 0
+    assert lenient_plaintext_size(backing_size(5000)) == 5000
+    assert lenient_plaintext_size(FILE_HEADER_SIZE + RECORD_SIZE + 3) == PAGE_SIZE + 1
