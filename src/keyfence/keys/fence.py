@@ -27,6 +27,8 @@ _local = threading.local()
 log = logging.getLogger(__name__)
 
 IDLE_WORKER_SECONDS = 30.0
+MAX_QUEUED_REPORTS = 64
+"""Progress reports held for a caller that has not looked yet."""
 WATCH_CHECK_SECONDS = 0.1
 """How often a waiting fence looks for watches removed while pending."""
 
@@ -157,6 +159,7 @@ class FenceRound:
         self._calls: list[_Call] = []
         self._left = len(calls)
         self._changed = False
+        self._reports: list[RemovalProgress] = []
         self.failure: tuple[Watch, BaseException] | None = None
         self._start = time.monotonic()
         for watch, note in calls:
@@ -168,6 +171,13 @@ class FenceRound:
         def report(remaining: int | None, note: str) -> None:
             with self._cond:
                 call.progress = replace(call.progress, remaining_bytes=remaining, note=note)
+                # every report reaches the caller, in order; under a flood
+                # only the newest of the tail is kept
+                snap = self._snapshot_locked()
+                if len(self._reports) >= MAX_QUEUED_REPORTS:
+                    self._reports[-1] = snap
+                else:
+                    self._reports.append(snap)
                 self._changed = True
                 self._cond.notify_all()
 
@@ -217,7 +227,10 @@ class FenceRound:
 
     def snapshot(self) -> RemovalProgress:
         with self._cond:
-            pending = tuple(c.progress for c in self._calls if not c.done)
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> RemovalProgress:
+        pending = tuple(c.progress for c in self._calls if not c.done)
         return RemovalProgress(
             self.op, self.removal, self.nkeys, pending, time.monotonic() - self._start
         )
@@ -249,8 +262,10 @@ class FenceRound:
                 if not self._changed:
                     self._cond.wait(wait)
                 changed, self._changed = self._changed, False
+                reports, self._reports = self._reports, []
             if progress is not None and changed:
-                progress(self.snapshot())
+                for snap in reports or [self.snapshot()]:
+                    progress(snap)
 
     def describe_pending(self) -> str:
         with self._cond:
