@@ -11,7 +11,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the seed scenario: write, log out, data survives")
     demo.add_argument(
-        "--emergency", action="store_true", help="wipe at once and report what was dropped"
+        "--model", action="store_true", help="the key model only, with an in-process key user"
+    )
+    demo.add_argument(
+        "--emergency",
+        action="store_true",
+        help="(with --model) wipe at once and report what was dropped",
     )
     daemon = sub.add_parser("daemon", help="run the key service in the foreground")
     daemon.add_argument("--socket", help="socket path (default: as keyfence.paths says)")
@@ -45,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             args.socket or paths.default_socket(), private=private, detach=args.detach
         )
     if args.command == "demo":
-        from keyfence.cli import demo as demo_module
+        if args.model or args.emergency:
+            from keyfence.cli import demo as demo_module
 
-        return demo_module.run(emergency=args.emergency)
+            return demo_module.run(emergency=args.emergency)
+        from keyfence.cli import demo_mount
+
+        return demo_mount.run()
     parser.error(f"unknown command {args.command}")
     return 2
 
