@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from keyfence.keys.notify import Notification, Phase, Watch
+from keyfence.keys.notify import Notification, Watch
 
 _local = threading.local()
 log = logging.getLogger(__name__)
@@ -271,7 +271,3 @@ class FenceRound:
         with self._cond:
             names = sorted({f"{c.watch.name} (key {c.note.key})" for c in self.pending()})
         return ", ".join(names)
-
-
-def before_notification(note: Notification) -> Notification:
-    return replace(note, phase=Phase.BEFORE)

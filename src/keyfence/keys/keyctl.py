@@ -214,17 +214,6 @@ class KeyService:
         key.anchors += 1
         return key
 
-    def _install_session_keyring_locked(self, session: Hashable, ring: Key) -> Removal | None:
-        """Make ``ring`` the keyring of ``session``; the old one is released."""
-        old = self._special.sessions.get(session)
-        if old is ring:
-            return None
-        ring.anchors += 1
-        self._special.sessions[session] = ring
-        if old is None:
-            return None
-        return Removal("join_session_keyring", None, releases=[old])
-
     def _special_locked(self, caller: Caller, spec: int, create: bool) -> Key:
         tables = self._special
         if spec == KEY_SPEC_THREAD_KEYRING:
@@ -250,15 +239,9 @@ class KeyService:
             if key is None:
                 if not create or caller.session is None:
                     return self._user_keyrings_locked(caller.uid)[1]
-                key = self._alloc_locked(
-                    KEYRING,
-                    "_ses",
-                    uid=caller.uid,
-                    gid=caller.gid,
-                    perm=permission.SESSION_KEYRING_PERM,
-                    overrun=True,
-                )
-                self._install_session_keyring_locked(caller.session, key)
+                perm = permission.SESSION_KEYRING_PERM
+                key = self._new_private_keyring_locked(caller, "_ses", perm)
+                tables.sessions[caller.session] = key
             return key
         if spec == KEY_SPEC_USER_KEYRING:
             return self._user_keyrings_locked(caller.uid)[0]

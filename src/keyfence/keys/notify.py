@@ -61,9 +61,6 @@ _LABELS = {
     KeyEvent.GC: "gc",
 }
 
-GOING_AWAY = KeyEvent.REVOKED | KeyEvent.INVALIDATED | KeyEvent.EXPIRED | KeyEvent.GC
-"""The events that mean a key is no longer usable."""
-
 
 class Phase(Enum):
     BEFORE = "before"

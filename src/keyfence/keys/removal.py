@@ -18,7 +18,7 @@ Life-cycle rules live here and nowhere else.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -160,9 +160,6 @@ class Removal:
             key.state = KeyState.DEAD
             wipe_payload(key)
         return self.destroyed
-
-    def keys_going(self) -> Iterable[Key]:
-        return self.going.keys()
 
 
 def wipe_payload(key: Key) -> None:
