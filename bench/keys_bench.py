@@ -58,6 +58,8 @@ KERNEL_PY = ROOT / "tests" / "oracle" / "kernel.py"
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from _common import git_describe  # noqa: E402 - bench/ is the script's directory
+
 FULL_SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
 FULL_REPS, QUICK_REPS = 3, 3  # few: every 100k-key kernel round leaks quota
@@ -820,20 +822,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------- main
-
-
-def git_describe() -> str:
-    """The source measured: commit, and "-dirty" if the work tree differs."""
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return proc.stdout.strip() or "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

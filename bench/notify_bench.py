@@ -48,7 +48,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -60,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from _common import git_describe  # noqa: E402 - bench/ is the script's directory
 from keyfence.keys import KEY_SPEC_SESSION_KEYRING, Caller, KeyService  # noqa: E402
 from keyfence.keys.notify import Notification, Phase  # noqa: E402
 
@@ -740,19 +740,6 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------- main
-
-
-def git_describe() -> str:
-    try:
-        proc = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except OSError:
-        return "unknown"
-    return proc.stdout.strip() or "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
