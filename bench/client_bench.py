@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.daemon_fixture import running_daemon  # noqa: E402
 
+from _common import report, result, write_json  # noqa: E402 - bench/ is the script's directory
 from keyfence.client import Client  # noqa: E402
 
 S = -3
@@ -64,12 +65,17 @@ def one_round(api: Any, n: int, rep: int) -> dict[str, float]:
     return {"add": add, "search": search, "read": read}
 
 
-def ops_per_second(api: Any, n: int, reps: int) -> dict[str, float]:
+def ops_per_second(api: Any, n: int, reps: int) -> dict[str, list[float]]:
+    """ops/s of every round, per operation."""
     rounds = [one_round(api, n, rep) for rep in range(reps)]
-    return {op: statistics.median(r[op] for r in rounds) for op in rounds[0]}
+    return {op: [r[op] for r in rounds] for op in rounds[0]}
 
 
-def kernel_rates(n: int, reps: int) -> dict[str, float]:
+def medians(runs: dict[str, list[float]]) -> dict[str, float]:
+    return {op: statistics.median(values) for op, values in runs.items()}
+
+
+def kernel_rates(n: int, reps: int) -> dict[str, list[float]]:
     """In a child that joins a fresh session keyring: the machine's are untouched."""
     code = (
         f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r});"
@@ -97,11 +103,14 @@ def main() -> int:
     args = parser.parse_args()
     n, reps, runs = (500, 3, 5) if args.quick else (5000, 3, 30)
     figures: dict[str, Any] = {"n": n, "reps": reps}
+    rounds: dict[str, dict[str, list[float]]] = {}
     with running_daemon("--system") as daemon:
         with Client.connect(daemon.socket, autostart=False) as client:
             client.get_keyring_id(S, True)
-            figures["client"] = ops_per_second(client, n, reps)
-        figures["kernel"] = kernel_rates(n, reps)
+            rounds["client"] = ops_per_second(client, n, reps)
+        rounds["kernel"] = kernel_rates(n, reps)
+        figures["client"] = medians(rounds["client"])
+        figures["kernel"] = medians(rounds["kernel"])
         kfctl = shutil.which("kfctl") or str(Path(sys.executable).parent / "kfctl")
         keyctl = shutil.which("keyctl")
         if os.path.exists(kfctl) and keyctl:
@@ -125,8 +134,40 @@ def main() -> int:
     else:
         print("\nkfctl or keyctl not installed: start-up not measured")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        figures["rounds"] = rounds
+        write_json(
+            args.json,
+            report("client", quick=args.quick, results=schema_rows(figures), detail=figures),
+        )
     return 0
+
+
+def schema_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures as rows of the common schema (bench/_common.py)."""
+    rows = []
+    for op in ("add", "search", "read"):
+        for system in ("client", "kernel"):
+            rows.append(
+                result(
+                    f"round trip: {op} ({figures['n']:,} keys)",
+                    system,
+                    "ops/s",
+                    figures["rounds"][system][op],
+                    higher_is_better=True,
+                )
+            )
+    if "kfctl_ms" in figures:
+        for system in ("kfctl", "keyctl"):
+            rows.append(
+                result(
+                    "one `show @s` process",
+                    system,
+                    "ms",
+                    figures[f"{system}_ms"],
+                    higher_is_better=False,
+                )
+            )
+    return rows
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ KERNEL_PY = ROOT / "tests" / "oracle" / "kernel.py"
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from _common import git_describe  # noqa: E402 - bench/ is the script's directory
+# bench/ is the script's directory
+from _common import error, git_describe, result, write_json  # noqa: E402
+from _common import report as common_report  # noqa: E402
 
 FULL_SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -821,6 +823,93 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------ common schema
+
+
+def schema_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The figures as rows of the common schema (bench/_common.py): ops/s per operation
+    and keyring size, model beside kernel; whole-keyring clear in ms; memory per key."""
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    sides = {"model": report["model"]}
+    kinfo = report.get("kernel", {})
+    if kinfo.get("results"):
+        sides["kernel"] = kinfo["results"]
+    elif "kernel" in report:
+        errors.append(error("keyring", "kernel", kinfo.get("error", "no kernel results")))
+    for op in AIM_OPS:  # clear is per keyring, below
+        for n in report["meta"]["sizes"]:
+            for system, res in sides.items():
+                rows.append(
+                    result(
+                        f"keyring {LABELS[op]}, {n:,} keys",
+                        system,
+                        "ops/s",
+                        [1e6 / us for us in res[str(n)][op]["samples"]],
+                        higher_is_better=True,
+                        params={"op": op, "keys": n},
+                    )
+                )
+    for n in report["meta"]["sizes"]:
+        group = f"keyring clear, whole keyring of {n:,} keys"
+        for system, res in sides.items():
+            entry = res[str(n)]
+            rows.append(
+                result(
+                    group,
+                    system,
+                    "ms",
+                    entry["clear_total_ms"]["samples"],
+                    higher_is_better=False,
+                    params={"op": "clear_total", "keys": n},
+                )
+            )
+            if system == "model" and "kernel" in sides:
+                kernel = sides["kernel"][str(n)]
+                rows[-1]["ratios"] = {
+                    "kernel": kernel["clear_total_ms"]["median"] / rows[-1]["median"]
+                } | (
+                    {"kernel+gc": kernel["clear_until_freed_ms"]["median"] / rows[-1]["median"]}
+                    if "clear_until_freed_ms" in kernel
+                    else {}
+                )
+            if "clear_until_freed_ms" in entry:
+                rows.append(
+                    result(
+                        group,
+                        "kernel+gc",
+                        "ms",
+                        entry["clear_until_freed_ms"]["samples"],
+                        higher_is_better=False,
+                        params={"op": "clear_until_freed", "keys": n},
+                    )
+                )
+    mem = report.get("memory")
+    if mem:
+        group = f"keyring memory per key, {mem['keys']:,} keys"
+        rows.append(
+            result(
+                group,
+                "model",
+                "B/key",
+                [mem["total_per_key"]],
+                higher_is_better=False,
+                note="Python heap (tracemalloc) + secret-arena slabs",
+            )
+        )
+        rows.append(
+            result(
+                group,
+                "model (RSS)",
+                "B/key",
+                [mem["rss_per_key"]],
+                higher_is_better=False,
+                note="RSS delta of an untraced fill",
+            )
+        )
+    return rows, errors
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -879,7 +968,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["meta"]["seconds"] = round(time.time() - started, 1)
     print(markdown(report), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        rows, errors = schema_rows(report)
+        write_json(
+            args.json,
+            common_report("keys", quick=args.quick, results=rows, errors=errors, detail=report),
+        )
         log(f"wrote {args.json}")
     return 0
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import json
 import math
 import os
 import platform
@@ -59,7 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from _common import git_describe  # noqa: E402 - bench/ is the script's directory
+# bench/ is the script's directory
+from _common import error, git_describe, result, write_json  # noqa: E402
+from _common import report as common_report  # noqa: E402
 from keyfence.keys import KEY_SPEC_SESSION_KEYRING, Caller, KeyService  # noqa: E402
 from keyfence.keys.notify import Notification, Phase  # noqa: E402
 
@@ -242,7 +243,7 @@ def bench_clear(b: Bench, n: int, reps: int) -> dict[str, Any]:
                 f"{r['clear'] / 1e6:.1f} ms"
             )
         out[mode] = {
-            "per_key": summarize([r["clear"] / n for r in rounds]),
+            "per_key": summarize([r["clear"] / n for r in rounds], samples=True),
             "total": summarize([r["clear"] for r in rounds]),
             "until_delivered": summarize([r["delivered"] for r in rounds]),
             "gc_pause_ms": statistics.median(r["gc_ms"] for r in rounds),
@@ -287,7 +288,7 @@ def bench_fanout(b: Bench, reps: int) -> dict[str, Any]:
                 calls.append(t1 - t0)
                 delivered.append(t2 - t0)
         out[mode] = {
-            "revoke": summarize(calls),
+            "revoke": summarize(calls, samples=True),
             "until_delivered": summarize(delivered),
             "threads_left": left,
         }
@@ -739,6 +740,67 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------ common schema
+
+CLEAR_SYSTEMS = {
+    "none": "no watchers",
+    "shared": "sync watchers, one shared callback",
+    "distinct": "sync watchers, distinct callbacks",
+}
+FANOUT_SYSTEMS = {
+    "unwatched": "unwatched",
+    "sync_distinct": f"{FANOUT} sync watchers, distinct callbacks",
+    "sync_shared": f"{FANOUT} sync watchers, one shared callback",
+    "async": f"{FANOUT} async watchers",
+}
+LATENCY_SYSTEMS = {
+    "unwatched": "unwatched",
+    "noop_sync": "1 sync watcher (fenced)",
+    "emergency": "emergency, watcher blocked",
+    "unwatched_big": "unwatched",
+    "emergency_big": "emergency, watcher blocked",
+}
+
+
+def schema_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The figures as rows of the common schema (bench/_common.py), in µs; every
+    ratio is to the unwatched case of the same group (>1: faster than it)."""
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+
+    def add(
+        group: str, system: str, seconds: Sequence[float], base: str | None, **extra: Any
+    ) -> None:
+        rows.append(
+            result(group, system, "µs", [v * 1e6 for v in seconds], higher_is_better=False, **extra)
+        )
+        if base is not None:
+            other = next(r for r in rows if r["group"] == group and r["system"] == base)
+            rows[-1]["ratios"] = {base: other["median"] / rows[-1]["median"]}
+
+    clear = report["clear"]
+    group = f"fence: clear {clear['keys']:,} keys, per key"
+    for mode, system in CLEAR_SYSTEMS.items():
+        base = None if mode == "none" else CLEAR_SYSTEMS["none"]
+        add(group, system, clear[mode]["per_key"]["samples"], base)
+    fan = report["fanout"]
+    group = "fence: revoke 1 key"
+    for mode, system in FANOUT_SYSTEMS.items():
+        base = None if mode == "unwatched" else "unwatched"
+        add(group, system, fan[mode]["revoke"]["samples"], base)
+    lat = report["latency"]
+    for name, system in LATENCY_SYSTEMS.items():
+        big = name.endswith("_big")
+        group = f"fence: clear a keyring of {lat['big'] if big else 1:,} key{'s' if big else ''}"
+        s = lat.get(name)
+        if s is None:
+            errors.append(error(group, system, lat.get("probe") or "not measured"))
+            continue
+        base = None if name.startswith("unwatched") else "unwatched"
+        add(group, system, s["samples"], base, p99=s["p99"] * 1e6)
+    return rows, errors
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -785,7 +847,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["meta"]["seconds"] = round(time.time() - started, 1)
     print(markdown(report), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        rows, errors = schema_rows(report)
+        write_json(
+            args.json,
+            common_report("notify", quick=args.quick, results=rows, errors=errors, detail=report),
+        )
         log(f"wrote {args.json}")
     return 0
 
