@@ -84,6 +84,7 @@ class DaemonKeySource:
         self._client = Client.over_socket(sock, name="mount worker")
         self._client._start_reader()
         self._lock = threading.Lock()
+        self._closing = False
 
     @classmethod
     def from_environment(cls) -> DaemonKeySource:
@@ -130,5 +131,20 @@ class DaemonKeySource:
     def failed(self, reason: str) -> None:
         self.report("error", {"reason": reason})
 
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on its own thread) when the channel closes
+        without our asking: the daemon is gone, and with it every key
+        lookup and every fence (docs/fs.md, "Faults")."""
+        reader = self._client._reader
+
+        def wait() -> None:
+            if reader is not None:
+                reader.join()
+            if not self._closing:
+                callback()
+
+        threading.Thread(target=wait, name="keyfence-channel", daemon=True).start()
+
     def close(self) -> None:
+        self._closing = True
         self._client.close()

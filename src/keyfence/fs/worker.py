@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import pyfuse3
 import trio
 
-from keyfence.fs.keysource import DaemonKeySource, KeySource
+from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
 
@@ -124,6 +126,9 @@ async def _serve(
     ops: KeyfenceOperations, max_tasks: int, ready_fd: int | None, readahead_kb: int
 ) -> None:
     ops.started()
+    on_lost = getattr(ops.keys.source, "on_lost", None)
+    if callable(on_lost):
+        on_lost(functools.partial(lock_and_stop, ops, "daemon_lost"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, ops)
         nursery.start_soon(_when_up, ops, ready_fd, readahead_kb)
@@ -152,6 +157,36 @@ async def _on_signals(ops: KeyfenceOperations) -> None:
                 await trio.to_thread.run_sync(syncfs, ops.mountpoint)
             pyfuse3.terminate()
             return
+
+
+def lock_and_stop(ops: KeyfenceOperations, why: str) -> None:
+    """The daemon is gone (its channel closed): lock, then unmount.
+
+    Without the daemon no key can be found and no removal can be fenced,
+    so the worker does what a removal of every key would do, with the keys
+    it still holds: write back and fsync everything under each, evict the
+    plaintext and the key, then end the FUSE loop (the mount goes away).
+    A write-back error (ENOSPC) keeps that key and retries with back-off,
+    serving meanwhile, so that freeing space is enough (docs/fs.md, "Faults").
+    """
+    log.warning("%s: writing back with the keys held, dropping them, unmounting", why)
+    delay = 0.5
+    while ops.mounted and not ops.closed:
+        failed = []
+        for binding in ops.keys.bindings():
+            try:
+                ops.key_going(binding, GoingAway(binding.serial, emergency=False, op=why))
+            except OSError as err:
+                failed.append(f"{binding.description}: {err.strerror or err}")
+        if not failed:
+            break
+        log.error("%s: keys kept, retrying in %.1f s: %s", why, delay, "; ".join(failed))
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+    token = ops.trio_token
+    if token is not None:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
 
 
 _M_TRIM_THRESHOLD = -1

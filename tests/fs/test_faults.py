@@ -1,0 +1,373 @@
+"""Faults, on real processes: the daemon, the mount workers it spawns, login
+sessions as shells, a real kernel (issue #6, "Faults"; docs/fs.md "Faults").
+
+* a mount worker SIGKILLed in the middle of a removal's write-back;
+* the daemon SIGKILLed with dirty data in two mounts;
+* the backing filesystem filling up during a removal's write-back (ENOSPC);
+* a slow backing store (the block layer throttled): progress, --timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import pty
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+PASSPHRASE = "correct horse battery staple"
+SALT = "s:keyfence-faults-salt"
+BLOCK = 4096
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="FUSE is not available here (/dev/fuse, fusermount3)",
+)
+
+
+# ------------------------------------------------------------------ processes
+
+
+class Daemon:
+    """``keyfence daemon --system --socket S`` as a process (restartable)."""
+
+    def __init__(self, sock: str) -> None:
+        self.sock = sock
+        self.log = sock + ".log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            KEYFENCE_SOCKET=self.sock,
+            KEYFENCE_NO_AUTOSTART="1",
+            PATH=f"{BIN}:{os.environ['PATH']}",
+        )
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", self.sock]
+                + ["--system"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 10
+        while run(self, "kfctl show @u >/dev/null 2>&1", check=False).returncode != 0:
+            assert self.process.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+
+def run(
+    daemon: Daemon, script: str, stdin: str = "", check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh POSIX session (its own @s)."""
+    done = subprocess.run(
+        ["sh", "-ec", script],
+        input=stdin,
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+        check=False,
+    )
+    if check:
+        assert done.returncode == 0, f"{script}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+class Session:
+    """A login session: one long-lived shell in a new POSIX session, so
+    that commands sent one by one share its @s (and its background jobs)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.shell = subprocess.Popen(
+            ["sh"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=daemon.env,
+            text=True,
+            start_new_session=True,
+        )
+        self.count = 0
+
+    def do(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """Run ``command``; (exit status, output with stderr)."""
+        assert self.shell.stdin is not None and self.shell.stdout is not None
+        self.count += 1
+        marker = f"__done_{self.count}__"
+        self.shell.stdin.write(f"{{ {command}\n}} 2>&1; echo {marker} $?\n")
+        self.shell.stdin.flush()
+        out = []
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.shell.stdout], [], [], 1)
+            assert time.monotonic() < deadline, f"{command}: no answer\n{''.join(out)}"
+            if not ready:
+                continue
+            line = self.shell.stdout.readline()
+            assert line, f"{command}: the shell ended\n{''.join(out)}"
+            if line.startswith(marker):
+                return int(line.split()[1]), "".join(out)
+            out.append(line)
+
+    def ok(self, command: str, timeout: float = 120) -> str:
+        code, out = self.do(command, timeout)
+        assert code == 0, f"{command}: status {code}\n{out}"
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.shell.pid, signal.SIGKILL)
+        self.shell.wait()
+        for stream in (self.shell.stdin, self.shell.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+@contextlib.contextmanager
+def session(daemon: Daemon) -> Iterator[Session]:
+    s = Session(daemon)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def mount(daemon: Daemon, backing: Path, mnt: Path, *options: str) -> int:
+    """``keyfence mount``; the worker's pid."""
+    opts = " ".join(f"--option={o}" for o in options)
+    run(daemon, f"keyfence mount {opts} {backing} {mnt}")
+    return worker_pid(daemon, mnt)
+
+
+def mounts(daemon: Daemon) -> str:
+    return run(daemon, "keyfence status").stdout
+
+
+def worker_pid(daemon: Daemon, mnt: Path) -> int:
+    for line in mounts(daemon).splitlines():
+        if line.startswith(f"{os.path.realpath(mnt)}: mounted"):
+            return int(line.split("worker pid ")[1].split(")")[0])
+    raise AssertionError(f"{mnt} is not mounted: {mounts(daemon)}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unmount_quietly(mnt: Path) -> None:
+    subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+# The writer a session runs in the background: writes files under DIR,
+# fsyncs the ones named "synced*", keeps every file open (so nothing but a
+# removal or the flusher writes back the others), then says "written".
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    directory, seed = sys.argv[1], sys.argv[2]
+    fds = []
+    for spec in sys.argv[3:]:
+        name, size = spec.split("=")
+        fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fds.append(fd)
+        data = payload(seed + name, int(size))
+        for off in range(0, len(data), 1 << 20):
+            os.write(fd, data[off:off + (1 << 20)])
+        if name.startswith("synced"):
+            os.fsync(fd)
+    print("written", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def payload(tag: str, size: int) -> bytes:
+    """Deterministic, incompressible, and different in every 4 KiB block."""
+    out = bytearray()
+    seed = hashlib.sha256(tag.encode()).digest()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.shake_256(seed + counter.to_bytes(8, "little")).digest(1 << 16)
+        counter += 1
+    return bytes(out[:size])
+
+
+PAYLOAD_SRC = (
+    "import hashlib\n"
+    "def payload(tag, size):\n"
+    "    out = bytearray(); seed = hashlib.sha256(tag.encode()).digest(); counter = 0\n"
+    "    while len(out) < size:\n"
+    "        out += hashlib.shake_256(seed + counter.to_bytes(8, 'little')).digest(1 << 16)\n"
+    "        counter += 1\n"
+    "    return bytes(out[:size])\n"
+)
+
+
+def start_writer(s: Session, directory: Path, tmp: Path, seed: str, files: dict[str, int]) -> None:
+    """The writer as a background job of the session; returns once written."""
+    script = tmp / "writer.py"
+    script.write_text(PAYLOAD_SRC + WRITER)
+    specs = " ".join(f"{n}={size}" for n, size in files.items())
+    out = tmp / f"writer-{seed}.out"
+    out.write_text("")
+    s.ok(f"{sys.executable} {script} {directory} {seed} {specs} > {out} 2>&1 &")
+    deadline = time.monotonic() + 120
+    while "written" not in out.read_text():
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+
+
+def add_key(s: Session, directory: Path) -> None:
+    s.ok(f"echo '{PASSPHRASE}' | keyfence e4crypt add_key -S {SALT} {directory}")
+
+
+def unlock(s: Session, directory: Path) -> None:
+    """Add the key to the session's @s and use it once: the mount binds it
+    and the directory is open (to us too) until the key goes."""
+    s.ok(f"echo '{PASSPHRASE}' | keyfence unlock -S {SALT} {directory}; ls {directory} >/dev/null")
+
+
+def check_file(path: Path, seed: str, size: int) -> None:
+    """Every byte as written."""
+    with open(path, "rb") as f:
+        got = f.read()
+    assert len(got) == size, (path, len(got), size)
+    assert got == payload(seed + path.name, size), f"{path}: contents differ"
+
+
+def read_blocks(path: Path, expected: bytes) -> tuple[int, int]:
+    """Each 4 KiB block is what was written or EIO (never other bytes);
+    (blocks read back intact, blocks EIO).  A file cut short is fine."""
+    good = bad = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert size <= len(expected), (path, size, len(expected))
+        for off in range(0, size, BLOCK):
+            try:
+                block = os.pread(fd, BLOCK, off)
+            except OSError as err:
+                assert err.errno == errno.EIO, err
+                bad += 1
+                continue
+            assert block == expected[off : off + len(block)], f"{path}: garbage at {off}"
+            good += 1
+    finally:
+        os.close(fd)
+    return good, bad
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    with tempfile.TemporaryDirectory(prefix="keyfence-faults-") as tmp:
+        os.chmod(tmp, 0o755)
+        d = Daemon(os.path.join(tmp, "sock"))
+        d.start()
+        try:
+            yield d
+        finally:
+            d.stop()
+
+
+# ------------------------------------------------------------------- worker
+
+
+def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60) -> float:
+    """Poll until ``predicate()``; the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def backing_files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+
+
+def test_worker_killed_mid_flush(daemon: Daemon, tmp_path: Path) -> None:
+    """SIGKILL of the worker while `kfctl clear @s` writes back 160 MiB:
+    the clear returns (a dead watcher counts as done), the daemon reports
+    the dead worker and cleans the mount point up, a new mount of the
+    backing reads the fsync'd file back and every block of the interrupted
+    one is intact or EIO, never other bytes."""
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    pid = mount(daemon, backing, mnt, "--dirty-limit=1G", "--dirty-expire=600")
+    home = mnt / "home"
+    home.mkdir()
+    big = 160 << 20
+    try:
+        with session(daemon) as s:
+            add_key(s, home)
+            start_writer(s, home, tmp_path, "w", {"synced": 4 << 20, "dirty": big})
+            sizes = backing_files(backing / "home")
+            dirty = [n for n, size in sizes.items() if size < 1 << 20 and "policy" not in n]
+            assert len(dirty) == 1, sizes
+            target = backing / "home" / dirty[0]
+            out = tmp_path / "clear.out"
+            out.write_text("")
+            s.ok(f"(kfctl clear @s; echo status $?) > {out} 2>&1 &")
+            wait_for("the write-back to start", lambda: target.stat().st_size > 8 << 20)
+            os.kill(pid, signal.SIGKILL)
+            flushed = target.stat().st_size
+            wait_for("the clear to return", lambda: "status" in out.read_text())
+            assert out.read_text().strip().endswith("status 0"), out.read_text()
+            assert flushed < big, "the write-back ended before the kill: nothing was tested"
+            wait_for("the dead worker", lambda: ": dead" in mounts(daemon), 10)
+            assert f"worker pid {pid})" in mounts(daemon)
+            wait_for("the mount point", lambda: not os.path.ismount(mnt), 10)
+        # a new mount of the same backing works and reads back what was fsync'd
+        mount(daemon, backing, mnt)
+        with session(daemon) as s:
+            unlock(s, home)
+            check_file(home / "synced", "w", 4 << 20)
+            good, bad = read_blocks(home / "dirty", payload("wdirty", big))
+            assert good + bad > 0
+            print(f"killed with {flushed} bytes of ciphertext: {good} blocks intact, {bad} EIO")
+    finally:
+        unmount_quietly(mnt)
