@@ -139,18 +139,21 @@ def error(group: str, system: str, message: str) -> dict[str, str]:
 
 
 def add_ratios(
-    rows: Sequence[dict[str, Any]], references: Sequence[str] = REFERENCE_SYSTEMS
+    rows: Sequence[dict[str, Any]],
+    system: str | None = None,
+    references: Sequence[str] = REFERENCE_SYSTEMS,
 ) -> None:
-    """Fill each row's "ratios" against the reference systems of its group (rows
-    that already carry ratios keep them; a row gets no ratio to itself)."""
+    """Add to each row's "ratios" its ratio to every reference system of the same
+    group (only rows of ``system`` if given).  Ratios a row already carries are
+    kept; a row gets no ratio to itself."""
     medians: dict[tuple[str, str], float] = {(r["group"], r["system"]): r["median"] for r in rows}
     for row in rows:
-        if "ratios" in row:
+        if system is not None and row["system"] != system:
             continue
-        ratios = {}
+        ratios = dict(row.get("ratios") or {})
         for ref in references:
             other = medians.get((row["group"], ref))
-            if ref == row["system"] or other is None:
+            if ref == row["system"] or other is None or ref in ratios:
                 continue
             value = ratio(row["median"], other, row["higher_is_better"])
             if value is not None:
