@@ -371,3 +371,53 @@ def test_worker_killed_mid_flush(daemon: Daemon, tmp_path: Path) -> None:
             print(f"killed with {flushed} bytes of ciphertext: {good} blocks intact, {bad} EIO")
     finally:
         unmount_quietly(mnt)
+
+
+# ------------------------------------------------------------------- daemon
+
+
+def test_daemon_killed_workers_flush_lock_and_unmount(daemon: Daemon, tmp_path: Path) -> None:
+    """SIGKILL of the daemon with unsynced writes in two mounts: each worker
+    sees its channel close, writes back and fsyncs with the key it holds,
+    drops the key and unmounts; a new daemon starts on the same socket
+    (stale socket and lock file) and every byte reads back."""
+    files = {"a": 24 << 20, "b": 1000, "c": 3 * BLOCK + 17}
+    places = []
+    for name in ("one", "two"):
+        backing, mnt = tmp_path / f"backing-{name}", tmp_path / f"mnt-{name}"
+        backing.mkdir()
+        mnt.mkdir()
+        pid = mount(daemon, backing, mnt, "--dirty-limit=1G", "--dirty-expire=600")
+        places.append((backing, mnt, pid))
+    try:
+        with session(daemon) as s:
+            for _backing, mnt, _pid in places:
+                (mnt / "home").mkdir()
+                add_key(s, mnt / "home")
+                start_writer(s, mnt / "home", tmp_path, mnt.name, files)
+            for backing, _mnt, _pid in places:  # the writes are still dirty
+                assert sum(backing_files(backing / "home").values()) < 1 << 20
+            daemon.kill()
+            killed = time.monotonic()
+            for _backing, mnt, pid in places:
+                wait_for("the worker to exit", lambda pid=pid: not alive(pid), 30)
+                gone = time.monotonic() - killed
+                assert not os.path.ismount(mnt)
+                print(f"{mnt.name}: worker flushed, locked and exited {gone:.3f} s after the kill")
+                assert gone < 10
+        # nothing under the mount point, no plaintext in the backing store
+        for backing, mnt, _pid in places:
+            assert list(mnt.iterdir()) == []
+            for path in backing.rglob("*"):
+                assert path.name not in files
+        daemon.start()  # the same socket path: stale socket and lock file
+        for backing, mnt, _pid in places:
+            mount(daemon, backing, mnt)
+        with session(daemon) as s:
+            for _backing, mnt, _pid in places:
+                unlock(s, mnt / "home")
+                for name, size in files.items():
+                    check_file(mnt / "home" / name, mnt.name, size)
+    finally:
+        for _backing, mnt, _pid in places:
+            unmount_quietly(mnt)
