@@ -421,3 +421,74 @@ def test_daemon_killed_workers_flush_lock_and_unmount(daemon: Daemon, tmp_path: 
     finally:
         for _backing, mnt, _pid in places:
             unmount_quietly(mnt)
+
+
+# ------------------------------------------------------- a full backing store
+
+
+@contextlib.contextmanager
+def loop_ext4(image: Path, size: int, at: Path) -> Iterator[str]:
+    """A fresh ext4 of ``size`` bytes on a loop device, mounted at ``at``;
+    yields the device's ``major:minor``."""
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("losetup or mkfs.ext4 is not installed")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    made = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    device = made.stdout.strip()
+    try:
+        at.mkdir()
+        subprocess.run(["mount", device, str(at)], check=True, capture_output=True)
+        try:
+            st = os.stat(device)
+            yield f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        finally:
+            subprocess.run(["umount", "-l", str(at)], check=False, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+        image.unlink()
+
+
+def test_backing_store_full_during_removal(daemon: Daemon, tmp_path: Path) -> None:
+    """The backing filesystem (64 MiB ext4 on a loop device) fills up while
+    `kfctl clear @s` writes back 48 MiB: the clear fails with ENOSPC from
+    the mount, the key stays, what was fsync'd before is intact; once space
+    is freed the same clear succeeds and every byte reads back."""
+    fs = tmp_path / "fs"
+    with loop_ext4(tmp_path / "fs.img", 64 << 20, fs):
+        backing, mnt = fs / "backing", tmp_path / "mnt"
+        backing.mkdir()
+        mnt.mkdir()
+        ballast = fs / "ballast"
+        free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+        ballast.write_bytes(b"\xa5" * (free - (36 << 20)))
+        os.sync()
+        mount(daemon, backing, mnt, "--dirty-limit=1G", "--dirty-expire=600")
+        files = {"synced": 4 << 20, "dirty": 48 << 20}
+        try:
+            with session(daemon) as s:
+                (mnt / "home").mkdir()
+                add_key(s, mnt / "home")
+                start_writer(s, mnt / "home", tmp_path, "full", files)
+                code, out = s.do("kfctl clear @s")
+                assert code != 0, out
+                assert "No space left on device" in out, out
+                assert "could not write back" in out, out
+                # the key stays, the mount still has it, the fsync'd file is intact
+                assert "ext4:" in s.ok("kfctl show @s")
+                check_file(mnt / "home" / "synced", "full", files["synced"])
+                ballast.unlink()  # free space, then the same removal
+                s.ok("kfctl clear @s")
+                assert "ext4:" not in s.ok("kfctl show @s")
+                assert sorted(os.listdir(mnt / "home")) != sorted(files)
+            with session(daemon) as s:
+                unlock(s, mnt / "home")
+                for name, size in files.items():
+                    check_file(mnt / "home" / name, "full", size)
+        finally:
+            unmount_quietly(mnt)
