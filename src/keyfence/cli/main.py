@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="(with --model) wipe at once and report what was dropped",
     )
+    demo.add_argument(
+        "--without-fence",
+        action="store_true",
+        help="replay it with the fence off, to see the data loss it prevents",
+    )
     daemon = sub.add_parser("daemon", help="run the key service in the foreground")
     daemon.add_argument("--socket", help="socket path (default: as keyfence.paths says)")
     daemon.add_argument(
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo_module.run(emergency=args.emergency)
         from keyfence.cli import demo_mount
 
-        return demo_mount.run()
+        return demo_mount.run(fenced=not args.without_fence)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -106,6 +106,13 @@ class KeyService:
     ``clock`` gives wall-clock seconds (the kernel keeps expiry in whole
     seconds of real time); ``gc_delay`` is how long revoked and expired keys
     stay linked before the collector reaps them (/proc/sys/kernel/keys/gc_delay).
+
+    ``fenced``: False turns the fence off: every removal is applied at once,
+    as an emergency one (the key is wiped and its users are told only
+    afterwards), which is what the kernel does.  It exists only so that
+    ``keyfence demo --without-fence`` can show the data loss the fence
+    prevents; no command, option, protocol message or environment variable
+    reaches it (docs/fs.md, "Turning the fence off").
     """
 
     def __init__(
@@ -115,8 +122,10 @@ class KeyService:
         gc_delay: float = 300.0,
         clock: Callable[[], float] = time.time,
         run_gc_thread: bool = True,
+        fenced: bool = True,
     ) -> None:
         self._lock = threading.RLock()
+        self._fenced = fenced
         self._clock = clock
         self._keys: dict[int, Key] = {}
         self._names: dict[str, dict[Key, None]] = {}
@@ -134,6 +143,11 @@ class KeyService:
         self.gc = GarbageCollector(self, delay=gc_delay, clock=clock, threaded=run_gc_thread)
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def fenced(self) -> bool:
+        """Whether removals wait for their keys' users (always, but in the demo)."""
+        return self._fenced
 
     def now(self) -> float:
         return self._clock()
@@ -419,6 +433,7 @@ class KeyService:
         watcher's callback starts a removal of the keys its fence holds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        emergency = emergency or not self._fenced
         removal: Removal | None = None
         called: set[tuple[int, int]] = set()
         fenced: list[Key] = []
