@@ -1258,7 +1258,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         busy files.  A write-back error aborts the removal (the key stays).
         Emergency: the key is already gone; drop at once and account.
         """
-        with self.key_lock:
+        while not self.key_lock.acquire(timeout=0.25):
+            # behind an earlier removal's write-back (one aborted by its
+            # caller's timeout goes on): this caller sees it progress too
+            left = self.cache.dirty_bytes_of(binding.description)
+            going.report_progress(left, f"{self.mountpoint}: an earlier write-back")
+        with contextlib.ExitStack() as held:
+            held.callback(self.key_lock.release)
             if not self.keys.is_current(binding):
                 return  # a second callback for a removal already handled
             if going.emergency:
