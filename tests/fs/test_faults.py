@@ -31,6 +31,7 @@ BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"
 SALT = "s:keyfence-faults-salt"
 BLOCK = 4096
+DAEMON = [sys.executable, "-m", "keyfence.cli.main", "daemon"]
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -61,8 +62,7 @@ class Daemon:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", self.sock]
-                + ["--system"],
+                [*DAEMON, "--socket", self.sock, "--system"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -492,3 +492,91 @@ def test_backing_store_full_during_removal(daemon: Daemon, tmp_path: Path) -> No
                     check_file(mnt / "home" / name, "full", size)
         finally:
             unmount_quietly(mnt)
+
+
+# ------------------------------------------------------- a slow backing store
+
+THROTTLE = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device"
+
+
+@contextlib.contextmanager
+def throttled(device: str, bytes_per_second: int) -> Iterator[None]:
+    """Writes to ``device`` at most this fast: a cgroup (v1 blkio) limit on
+    the root group, which holds the worker and the kernel's flushers."""
+    if not os.access(THROTTLE, os.W_OK):
+        pytest.skip(f"no block I/O throttling here ({THROTTLE})")
+    with open(THROTTLE, "w") as f:
+        f.write(f"{device} {bytes_per_second}")
+    try:
+        yield
+    finally:
+        with open(THROTTLE, "w") as f:
+            f.write(f"{device} 0")
+
+
+class Terminal:
+    """A pty for kfctl's stderr: it draws progress only on a terminal."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self.name = os.ttyname(self.slave)
+        self.seen = ""
+
+    def drain(self) -> str:
+        while select.select([self.master], [], [], 0.05)[0]:
+            self.seen += os.read(self.master, 65536).decode(errors="replace")
+        return self.seen
+
+    def lines(self) -> list[str]:
+        """The progress lines drawn (each redraw starts with CR, erase line)."""
+        return [t for t in self.drain().replace("\x1b[K", "").split("\r") if "waiting" in t]
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_slow_backing_store_progress_and_timeout(daemon: Daemon, tmp_path: Path) -> None:
+    """Writes to the backing device throttled to 4 MiB/s: `kfctl clear
+    --timeout 1 @s` draws progress, then fails with ETIMEDOUT naming the
+    mount worker, keys and data intact; a clear without timeout then waits
+    for the write-back (progress lines counting down) and succeeds."""
+    fs = tmp_path / "fs"
+    with loop_ext4(tmp_path / "fs.img", 256 << 20, fs) as device:
+        backing, mnt = fs / "backing", tmp_path / "mnt"
+        backing.mkdir()
+        mnt.mkdir()
+        mount(daemon, backing, mnt, "--dirty-limit=1G", "--dirty-expire=600")
+        files = {"dirty": 16 << 20}
+        tty = Terminal()
+        try:
+            with session(daemon) as s, throttled(device, 4 << 20):
+                (mnt / "home").mkdir()
+                add_key(s, mnt / "home")
+                start_writer(s, mnt / "home", tmp_path, "slow", files)
+                started = time.monotonic()
+                code, out = s.do(f"kfctl clear --timeout 1 @s 2>{tty.name}")
+                took = time.monotonic() - started
+                shown = tty.drain()
+                assert code != 0, out
+                assert "Connection timed out" in shown, shown
+                assert "mount worker" in shown, shown
+                assert took < 5, took
+                assert tty.lines(), shown
+                assert "ext4:" in s.ok("kfctl show @s")  # the key stays
+                tty.seen = ""
+                started = time.monotonic()
+                s.ok(f"kfctl clear @s 2>{tty.name}")
+                waited = time.monotonic() - started
+                lines = tty.lines()
+                print(f"timeout after {took:.2f} s; the clear then waited {waited:.2f} s;")
+                print("\n".join(lines))
+                assert "ext4:" not in s.ok("kfctl show @s")
+                assert len(lines) >= 2, lines
+            with session(daemon) as s:
+                unlock(s, mnt / "home")
+                for name, size in files.items():
+                    check_file(mnt / "home" / name, "slow", size)
+        finally:
+            unmount_quietly(mnt)
+            tty.close()
