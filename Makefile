@@ -23,12 +23,20 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q
 
-bench: setup
-	$(VENV)/bin/python bench/keys_bench.py --json bench/results/keys-latest.json
-	$(VENV)/bin/python bench/notify_bench.py --json bench/results/notify-latest.json
-	$(VENV)/bin/python bench/client_bench.py --json bench/results/client-latest.json
+# The benchmarks also need the bench extra (matplotlib, for the charts).
+BENCH_STAMP := $(VENV)/.bench-setup-done
 
-bench-quick: setup
-	$(VENV)/bin/python bench/keys_bench.py --quick
-	$(VENV)/bin/python bench/notify_bench.py --quick
-	$(VENV)/bin/python bench/client_bench.py --quick
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# Every benchmark, side by side with the kernel, keyctl, gocryptfs, ext4+fscrypt
+# and the plain disk (missing peers are installed from apt first): writes
+# bench/results/<date>.{json,md}, latest.md, charts/, and README's bench block.
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/python bench/suite.py --install-peers --readme
+
+# The same suite in quick mode (seconds; CI): proves it still works, figures
+# go to bench/results/quick/ (not committed); fails if a benchmark crashes.
+bench-quick: $(BENCH_STAMP)
+	$(VENV)/bin/python bench/suite.py --quick --strict
