@@ -12,10 +12,12 @@ per-file key inside a ready ``AESGCM`` object) and one
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hmac
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -160,6 +162,18 @@ def derive_symlinks_key(master: bytes, dir_nonce: bytes) -> bytes:
     return _hkdf(bytes(master), bytes(dir_nonce), INFO_SYMLINKS, 64)
 
 
+def wipe_bytes(data: bytes) -> None:
+    """Overwrite an (immutable) bytes object's contents with zeros.
+
+    CPython only: its bytes keep their contents inline after a fixed
+    header.  For key material that must not outlive its key; the object
+    must not be shared with anything that still needs it.
+    """
+    if type(data) is bytes and data:
+        offset = sys.getsizeof(b"") - 1  # the header; the rest is contents + NUL
+        ctypes.memset(id(data) + offset, 0, len(data))
+
+
 class MasterKey:
     """A 64-byte master key; ``repr`` shows only its identifier.
 
@@ -167,13 +181,25 @@ class MasterKey:
     the e4crypt way, :meth:`from_e4crypt`.
     """
 
-    __slots__ = ("_descriptor", "_identifier", "_raw")
+    __slots__ = ("_descriptor", "_identifier", "_raw", "_wiped")
 
     def __init__(self, raw: bytes) -> None:
         _check_master(raw)
         self._raw = bytes(raw)
         self._identifier = key_identifier(self._raw)
         self._descriptor: str | None = None
+        self._wiped = False
+
+    def wipe(self) -> None:
+        """Zero the key bytes in place (a payload read from the key service
+        is this very object, often its only copy); unusable afterwards."""
+        self._wiped = True
+        wipe_bytes(self._raw)
+
+    def _usable(self) -> bytes:
+        if self._wiped:
+            raise KeyfenceError(errno.ENOKEY, "the key was wiped")
+        return self._raw
 
     @classmethod
     def from_e4crypt(cls, passphrase: bytes, salt: bytes) -> MasterKey:
@@ -183,7 +209,7 @@ class MasterKey:
     @property
     def raw(self) -> bytes:
         """The key bytes (for the keyring payload; never log them)."""
-        return self._raw
+        return self._usable()
 
     @property
     def identifier(self) -> str:
@@ -208,7 +234,8 @@ class MasterKey:
     def file_cipher(
         self, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
     ) -> FileCipher:
-        return FileCipher(derive_file_key(self._raw, file_id), file_id, nonce_source=nonce_source)
+        master = self._usable()
+        return FileCipher(derive_file_key(master, file_id), file_id, nonce_source=nonce_source)
 
     def directory_cipher(self, dir_nonce: bytes) -> DirectoryCipher:
         return DirectoryCipher(self, dir_nonce)
