@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import trio
 
 from keyfence.fs import e4crypt_compat
-from keyfence.fs.crypto import MasterKey
+from keyfence.fs.crypto import MasterKey, wipe_bytes
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
 from keyfence.fs.keysource import FoundKey, GoingAway, KeySource
 
@@ -121,12 +121,13 @@ class KeyBindings:
             return None
         with self.lock:
             going_since = self._going.get(found.serial)
-            if going_since is not None:
-                if self.clock() - going_since < GOING_GRACE:
-                    return None  # its removal is applying
-                del self._going[found.serial]
+            if going_since is not None and self.clock() - going_since < GOING_GRACE:
+                master.wipe()
+                return None  # its removal is applying
+            self._going.pop(found.serial, None)
             current = self._bound.get(ref.description)
             if current is not None:
+                master.wipe()  # found twice at once: one copy is enough
                 return current
             binding = Binding(ref, found.serial, master)
             self._bound[ref.description] = binding
@@ -137,10 +138,9 @@ class KeyBindings:
                 self.source.watch(found.serial, functools.partial(self._on_going, found.serial))
             except Exception as err:  # unwatched, the key must not be used
                 log.warning("cannot watch key %d (%s): %s", found.serial, ref, err)
+                self.unbind(binding)
                 with self.lock:
                     self._watched.discard(found.serial)
-                    if self._bound.get(ref.description) is binding:
-                        del self._bound[ref.description]
                 return None
         log.info("bound key %s (serial %d) for pid %d", ref, found.serial, pid)
         return binding
@@ -151,11 +151,15 @@ class KeyBindings:
         try:
             if ref.kind is KeyKind.E4CRYPT_DESCRIPTOR:
                 payload = e4crypt_compat.key_from_payload(payload)
+                if payload is not found.payload:
+                    wipe_bytes(found.payload)
             master = MasterKey(payload)
         except FormatError as err:
+            wipe_bytes(payload)
             log.warning("key %d (%s) has an unusable payload: %s", found.serial, ref, err)
             return None
         if not master.matches(ref):
+            master.wipe()
             log.warning("key %d is named %s but is another key; ignored", found.serial, ref)
             return None
         return master
@@ -183,12 +187,16 @@ class KeyBindings:
         return self._bound.get(binding.description) is binding
 
     def unbind(self, binding: Binding) -> bool:
-        """Forget a binding (its key went away); whether it was current."""
+        """Forget a binding (its key went away) and zero its key bytes in
+        place; whether it was current.  Whatever still holds the binding's
+        master gets ENOKEY from it (crypto.MasterKey.wipe)."""
         with self.lock:
-            if self._bound.get(binding.description) is binding:
+            current = self._bound.get(binding.description) is binding
+            if current:
                 del self._bound[binding.description]
-                return True
-            return False
+        if current:
+            binding.master.wipe()
+        return current
 
     def report(self, event: str, detail: dict[str, Any]) -> None:
         try:

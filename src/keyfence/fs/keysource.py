@@ -100,9 +100,12 @@ class DaemonKeySource:
         serial, description, payload = found
         if str(description).startswith("ext4:"):
             # e4crypt's payload is a 72-byte struct around the 64-byte key
+            from keyfence.fs.crypto import wipe_bytes
             from keyfence.fs.e4crypt_compat import key_from_payload
 
-            payload = key_from_payload(bytes(payload))
+            wire_payload, payload = payload, key_from_payload(bytes(payload))
+            if wire_payload is not payload:
+                wipe_bytes(wire_payload)  # the key's only other copy here
         return FoundKey(int(serial), str(description), bytes(payload))
 
     def watch(self, serial: int, on_going: OnGoing) -> None:
