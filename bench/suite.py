@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -384,7 +385,9 @@ def fmt(value: float) -> str:
 def fmt_ratio(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}x"
-    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+    if value >= 0.1:
+        return f"{value:.2f}x"
+    return f"1/{1 / value:,.0f}x" if value > 0 else "0x"  # 1/590x reads better than 0.0017x
 
 
 def by_bench(merged: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -423,22 +426,25 @@ def bench_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def pivot_table(rows: Sequence[dict[str, Any]]) -> list[str] | None:
+def pivot_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """group x system medians, one line per group: the compact view for README.
-    None when the systems differ per group too much for columns to help."""
-    systems = list(dict.fromkeys(r["system"] for r in rows))
+    Systems measured in more than one group get a column (six at most); the rest
+    are listed in the group's "other" cell."""
     groups = list(dict.fromkeys(r["group"] for r in rows))
-    if len(systems) > 6 or len(systems) < 2:
-        return None
-    first = systems[0]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["system"]] = counts.get(r["system"], 0) + 1
+    systems = [s for s in counts if counts[s] > 1 or len(groups) == 1][:6]
+    first = systems[0] if systems else None
     refs = [s for s in ratio_columns(rows) if s in systems and s != first]
     cells = {(r["group"], r["system"]): r for r in rows}
+    has_other = any(r["system"] not in systems for r in rows)
     lines = [
         "| group | unit | "
-        + " | ".join(systems)
-        + " | "
-        + "".join(f"{first} vs {ref} | " for ref in refs),
-        "|---|---|" + "---:|" * (len(systems) + len(refs)),
+        + "".join(f"{s} | " for s in systems)
+        + "".join(f"{first} vs {ref} | " for ref in refs)
+        + ("other |" if has_other else ""),
+        "|---|---|" + "---:|" * (len(systems) + len(refs)) + ("---|" if has_other else ""),
     ]
     for g in groups:
         unit = next(r["metric"] for r in rows if r["group"] == g)
@@ -446,14 +452,27 @@ def pivot_table(rows: Sequence[dict[str, Any]]) -> list[str] | None:
         for s in systems:
             row = cells.get((g, s))
             values.append("" if row is None else fmt(row["median"]))
-        ratios = (cells.get((g, first)) or {}).get("ratios") or {}
+        ratios = (cells.get((g, first)) or {}).get("ratios") or {} if first else {}
+        other = ", ".join(
+            f"{r['system']} {fmt(r['median'])}"
+            for r in rows
+            if r["group"] == g and r["system"] not in systems
+        )
         lines.append(
             f"| {g} | {unit} | "
-            + " | ".join(values)
-            + " | "
+            + "".join(f"{v} | " for v in values)
             + "".join(f"{fmt_ratio(ratios[ref]) if ref in ratios else ''} | " for ref in refs)
+            + (f"{other} |" if has_other else "")
         )
     return lines
+
+
+def short_version(line: str | None) -> str:
+    """'fscrypt version v0.3.3' -> '0.3.3'; the full line stays in the JSON."""
+    if line is None:
+        return "missing"
+    m = re.search(r"\d+\.\d+(?:\.\d+)?", line)
+    return m.group(0) if m else line
 
 
 def header_lines(merged: dict[str, Any]) -> list[str]:
@@ -465,7 +484,7 @@ def header_lines(merged: dict[str, Any]) -> list[str]:
         f"{m.get('cpus')} CPUs ({m.get('cpu') or m.get('arch')}), {mem}Linux {m.get('kernel')}, "
         f"{m.get('os') or ''}, Python {m.get('python')}, disk {m.get('filesystem') or '?'}.",
         "Peers: "
-        + ", ".join(f"{k} {v or 'missing'}" for k, v in (m.get("peers") or {}).items())
+        + ", ".join(f"{k} {short_version(v)}" for k, v in (m.get("peers") or {}).items())
         + ".",
     ]
 
@@ -528,17 +547,7 @@ def readme_block(merged: dict[str, Any], charts: Sequence[tuple[str, str]], late
     for name, rows in by_bench(merged).items():
         if not rows:
             continue
-        table = pivot_table(rows)
-        if table is None:
-            table = [
-                "| group | system | unit | median |",
-                "|---|---|---|---:|",
-                *(
-                    f"| {r['group']} | {r['system']} | {r['metric']} | {fmt(r['median'])} |"
-                    for r in rows
-                ),
-            ]
-        lines += ["", f"**{name}**", "", *table]
+        lines += ["", f"**{name}**", "", *pivot_table(rows)]
     not_run = [b for b in merged["benches"] if b["status"] != "ok"]
     if not_run:
         lines += [
