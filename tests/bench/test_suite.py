@@ -37,6 +37,7 @@ GOOD = f"""
         c.result("seq", "gocryptfs", "MB/s", [50], higher_is_better=True),
         c.result("seq", "disk", "MB/s", [200], higher_is_better=True),
         c.result("lock-64MiB", "keyfence", "s", [2.0], higher_is_better=False),
+        c.result("lock-64MiB", "gocryptfs", "s", [4.0], higher_is_better=False),
         c.result("lock-64MiB", "disk", "s", [1.0], higher_is_better=False),
         c.result("lock-256MiB", "keyfence", "s", [4.0], higher_is_better=False),
         c.result("lock-256MiB", "disk", "s", [3.0], higher_is_better=False),
@@ -88,7 +89,7 @@ def test_rows_are_merged_with_ratios(tmp_path: Path) -> None:
     assert (kf["median"], kf["min"], kf["max"]) == (100, 90, 110)
     assert kf["ratios"] == {"gocryptfs": 2.0, "disk": 0.5}
     # times: that/this, so 2 s against a 1 s sync is 0.5 ("half as good")
-    assert rows[("lock-64MiB", "keyfence")]["ratios"] == {"disk": 0.5}
+    assert rows[("lock-64MiB", "keyfence")]["ratios"] == {"gocryptfs": 2.0, "disk": 0.5}
     assert merged["errors"] == [
         {"bench": "toy", "group": "seq", "system": "fscrypt", "error": "no loop device"}
     ]
@@ -124,8 +125,9 @@ def test_markdown_and_readme_block(tmp_path: Path) -> None:
     assert text.startswith("# x\n\n## Performance\n\nhand\n")
     assert text.endswith(f"{suite.END}\nkept\n")
     assert "old" not in text
-    # the compact view: one line per group, a column per system
+    # the compact view: one line per group, a column per system that recurs
     assert "| seq | MB/s | 100 | 50.0 | 200 | 2.00x | 0.50x |" in text
+    assert "| lock-256MiB | s | 4.00 |  | 3.00 |  | 0.75x |" in text
     assert "![toy](bench/results/charts/toy.png)" in text
     assert suite.rewrite_readme(block, readme)  # again: same result, markers kept
     assert readme.read_text() == text
