@@ -167,17 +167,18 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
 
 
 def _kill_tree(proc: subprocess.Popen[str]) -> None:
-    """The child leads its own process group (start_new_session): end all of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """The child leads its own process group (start_new_session): end all of it.
+    SIGTERM first, with time to unmount and detach what it set up."""
+    for sig, grace in ((signal.SIGTERM, 90.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(10)
+            proc.wait(grace)
             return
         except subprocess.TimeoutExpired:
-            continue
+            say(f"  pid {proc.pid} still running {grace:g} s after signal {sig.name}")
 
 
 def run_one(bench: Bench, index: int, total: int, quick: bool, out: Path) -> dict[str, Any]:
