@@ -35,6 +35,7 @@ crashed or timed out (CI: the suite must still work), not for a missing peer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -218,6 +219,7 @@ def run_one(bench: Bench, index: int, total: int, quick: bool, out: Path) -> dic
         reader.start()
         timed_out = False
         last_output = start
+        exited_at = 0.0
         try:
             while True:
                 try:
@@ -227,6 +229,14 @@ def run_one(bench: Bench, index: int, total: int, quick: bool, out: Path) -> dic
                 now = time.monotonic()
                 if line is None:
                     break
+                if not line and proc.poll() is not None:
+                    # exited, but something it left behind holds the pipe open
+                    exited_at = exited_at or now
+                    if now - exited_at > 5:
+                        say(f"  {tag} exited, leaving processes behind: stopping them")
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGTERM)
+                        break
                 if line:
                     log.write(line)
                     last_output = now
@@ -246,8 +256,9 @@ def run_one(bench: Bench, index: int, total: int, quick: bool, out: Path) -> dic
             raise
         finally:
             proc.wait()
-            reader.join(5)
-            proc.stdout.close()
+            reader.join(10)
+            if not reader.is_alive():  # closing under a blocked reader would hang
+                proc.stdout.close()
     seconds = time.monotonic() - start
     record |= {"seconds": round(seconds, 1), "returncode": proc.returncode}
     record["log"] = str(log_path.relative_to(out))

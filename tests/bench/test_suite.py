@@ -75,6 +75,21 @@ def test_timeout_stops_the_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert record["seconds"] < 30
 
 
+def test_leftover_processes_do_not_hang_the_suite(tmp_path: Path) -> None:
+    leaves = script(
+        tmp_path,
+        "leaves.py",
+        """
+        import subprocess
+        subprocess.Popen(["sleep", "120"])  # inherits stdout, outlives the script
+        print("bye", flush=True)
+        """,
+    )
+    record = suite.run_one(leaves, 1, 1, True, tmp_path)
+    assert record["status"] == "no-json"
+    assert record["seconds"] < 60
+
+
 def good_merged(tmp_path: Path) -> dict[str, Any]:
     record = suite.run_one(script(tmp_path, "toy.py", GOOD), 1, 1, True, tmp_path)
     assert record["status"] == "ok", (tmp_path / record["log"]).read_text()
