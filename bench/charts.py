@@ -234,6 +234,7 @@ def render(merged: dict[str, Any], directory: Path) -> list[tuple[str, str]]:
             ]
         if lock_curve(rows, directory / f"{bench}-lock.png", palette):
             add("Lock: time to remove a key against dirty MiB", f"{bench}-lock.png")
+            rows = [r for r in rows if not r["group"].lower().startswith("lock")]
         for metric in dict.fromkeys(r["metric"] for r in rows):
             mine = [r for r in rows if r["metric"] == metric]
             groups = list(dict.fromkeys(r["group"] for r in mine))

@@ -60,6 +60,8 @@ from _common import add_ratios, git_describe, machine_info, today, write_json  #
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEARTBEAT_S = 30.0
+# charts left out of README (they stay in latest.md): detail, not headline
+NOT_IN_README = ("notify-", "keys-ms", "keys-b-per-key", "client-ms")
 
 
 @dataclass(frozen=True)
@@ -612,7 +614,7 @@ def render(merged: dict[str, Any], out: Path, readme: bool) -> Path:
     if readme:
         # README sits at the root: its links are relative to it
         rel = [(t, os.path.relpath(out / p, ROOT)) for t, p in charts]
-        headline = [(t, p) for t, p in rel if not Path(p).name.startswith("notify-")]
+        headline = [(t, p) for t, p in rel if not Path(p).name.startswith(NOT_IN_README)]
         latest = os.path.relpath(out / "latest.md", ROOT)
         if rewrite_readme(readme_block(merged, headline, latest)):
             say("rewrote README.md between the bench markers")

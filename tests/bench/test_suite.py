@@ -162,7 +162,7 @@ def test_charts_are_written(tmp_path: Path) -> None:
     merged = good_merged(tmp_path)
     made = charts.render(merged, tmp_path / "charts")
     names = sorted(Path(p).name for _, p in made)
-    assert names == ["toy-lock.png", "toy-mb-per-s.png", "toy-s.png"]
+    assert names == ["toy-lock.png", "toy-mb-per-s.png"]  # lock groups: the curve only
     for name in names:
         assert (tmp_path / "charts" / name).read_bytes().startswith(b"\x89PNG")
 
