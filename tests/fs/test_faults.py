@@ -122,30 +122,30 @@ class Session:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=daemon.env,
-            text=True,
+            bufsize=0,
             start_new_session=True,
         )
         self.count = 0
+        self.pending = b""
 
     def do(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run ``command``; (exit status, output with stderr)."""
         assert self.shell.stdin is not None and self.shell.stdout is not None
         self.count += 1
-        marker = f"__done_{self.count}__"
-        self.shell.stdin.write(f"{{ {command}\n}} 2>&1; echo {marker} $?\n")
-        self.shell.stdin.flush()
-        out = []
+        marker = f"__done_{self.count}__ ".encode()
+        self.shell.stdin.write(f"{{ {command}\n}} 2>&1; echo {marker.decode()}$?\n".encode())
         deadline = time.monotonic() + timeout
-        while True:
-            ready, _, _ = select.select([self.shell.stdout], [], [], 1)
-            assert time.monotonic() < deadline, f"{command}: no answer\n{''.join(out)}"
-            if not ready:
-                continue
-            line = self.shell.stdout.readline()
-            assert line, f"{command}: the shell ended\n{''.join(out)}"
-            if line.startswith(marker):
-                return int(line.split()[1]), "".join(out)
-            out.append(line)
+        fd = self.shell.stdout.fileno()
+        while marker not in self.pending or not self.pending.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0, f"{command}: no answer\n{self.pending.decode(errors='replace')}"
+            if select.select([fd], [], [], min(left, 1))[0]:
+                chunk = os.read(fd, 65536)
+                assert chunk, f"{command}: the shell ended\n{self.pending!r}"
+                self.pending += chunk
+        out, _, rest = self.pending.partition(marker)
+        status, _, self.pending = rest.partition(b"\n")
+        return int(status), out.decode(errors="replace")
 
     def ok(self, command: str, timeout: float = 120) -> str:
         code, out = self.do(command, timeout)
