@@ -212,6 +212,8 @@ class PageCache:
         self.label_of = label_of or (lambda ino: f"inode {ino}")
         self.clock = clock
         self._files: dict[int, CachedFile] = {}
+        self._closing_keys: set[str] = set()
+        """Keys whose removal is flushing: files opened meanwhile refuse writes too."""
         self._dirty_pages = 0
         self._wakeup = threading.Condition(self.lock)
         self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0}
@@ -257,7 +259,7 @@ class PageCache:
             f = self._files.get(ino)
             if f is not None:
                 if f.master is None:
-                    f.master, f.key, f.closing = master, key, False
+                    f.master, f.key, f.closing = master, key, key in self._closing_keys
                     self._load_locked(f)
                 f.users += 1
                 return f
@@ -269,6 +271,7 @@ class PageCache:
                 f.users += 1
                 return f
             f = CachedFile(ino, fd, key, master)
+            f.closing = key in self._closing_keys
             self._load_locked(f)
             f.users = 1
             self._files[ino] = f
@@ -849,6 +852,7 @@ class PageCache:
     def close_key(self, key: str) -> None:
         """Refuse new writes under ``key`` (its removal is flushing)."""
         with self.lock:
+            self._closing_keys.add(key)
             for f in self._files.values():
                 if f.key == key:
                     f.closing = True
@@ -856,6 +860,7 @@ class PageCache:
     def reopen_key(self, key: str) -> None:
         """Undo :meth:`close_key` (the removal was aborted)."""
         with self.lock:
+            self._closing_keys.discard(key)
             for f in self._files.values():
                 if f.key == key:
                     f.closing = False
@@ -870,6 +875,7 @@ class PageCache:
         busy: list[int] = []
         dropped: dict[int, int] = {}
         with self.lock:
+            self._closing_keys.discard(key)
             for f in list(self._files.values()):
                 if f.key != key:
                     continue
