@@ -91,6 +91,7 @@ _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
 _TEMP_PREFIX = "kf.tmp."
+_EXPECTED_IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 _AT_FDCWD = -100
 
 P = ParamSpec("P")
@@ -221,6 +222,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             chunk_pages=self.options.chunk_pages,
             label_of=self.label_of,
         )
+        self.cache.backing_sync = functools.partial(syncfs, self.backing)
         self.flusher = Flusher(self.cache)
         self.keys = KeyBindings(source)
         self.keys.user = self
@@ -755,10 +757,14 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             assert d.policy is not None
             ino = self.table.fuse_ino(st.st_ino)
-            cached = self.cache.open(ino, d.policy.key.description, master, lambda: fd)
+            cached = self.cache.open(
+                ino, d.policy.key.description, master, lambda: fd, disk_size=st.st_size
+            )
             if cached.fd != fd:
                 os.close(fd)
-            if flags & os.O_TRUNC:
+            if flags & os.O_TRUNC and (cached.size or cached.disk_size):
+                # a new file is empty: an ftruncate would only cost (on ext4
+                # it also makes close(2) start write-back: auto_da_alloc)
                 self.cache.truncate(cached, 0)
             self.handles[fh] = FileHandle(ino, flags, cached=cached)
         return FileInfo(fh=FileHandleT(fh)), self._attrs(st, d.policy)
@@ -1300,7 +1306,12 @@ class KeyfenceOperations(pyfuse3.Operations):
                     _fsync_dir(path)
         except OSError as err:
             self.cache.reopen_key(desc)
-            log.error("write-back under %s failed, removal refused: %s", desc, err)
+            log.error(
+                "write-back under %s failed, removal refused: %s",
+                desc,
+                err,
+                exc_info=err.errno not in _EXPECTED_IO_ERRORS,  # a bug: show where
+            )
             raise KeyfenceError(
                 err.errno or errno.EIO,
                 f"mount {self.mountpoint} could not write back: {err.strerror or err}",

@@ -38,6 +38,8 @@ wait at most for one chunk's ``pwrite``, whatever is dirty.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -45,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs.crypto import FileCipher, MasterKey
@@ -108,6 +111,28 @@ def lenient_plaintext_size(disk_size: int) -> int:
 
 def _enokey(detail: str = "the directory's key is gone") -> KeyfenceError:
     return KeyfenceError(errno.ENOKEY, detail)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+_UTIME_OMIT = (1 << 30) - 2
+_futimens: Callable[[int, Any], int] | None = None
+
+
+def set_mtime_ns(fd: int, mtime_ns: int) -> None:
+    """futimens(2) setting only the mtime (atime ``UTIME_OMIT``): one
+    syscall, where ``os.utime`` needs an ``fstat`` first for the atime."""
+    global _futimens
+    if _futimens is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _futimens = libc.futimens
+    seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_OMIT), _Timespec(seconds, nanoseconds))
+    if _futimens(fd, times) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 class _Page:
@@ -210,6 +235,9 @@ class PageCache:
         self.chunk_pages = max(1, chunk_pages)
         self.prefetch = prefetch
         self.label_of = label_of or (lambda ino: f"inode {ino}")
+        self.backing_sync: Callable[[], None] | None = None
+        """Makes the whole backing filesystem durable (``syncfs``): the
+        fallback for a file closed between its write-back and its fsync."""
         self.clock = clock
         self._files: dict[int, CachedFile] = {}
         self._closing_keys: set[str] = set()
@@ -248,12 +276,22 @@ class PageCache:
 
     # ------------------------------------------------------------- open/close
 
-    def open(self, ino: int, key: str, master: MasterKey, open_fd: Callable[[], int]) -> CachedFile:
+    def open(
+        self,
+        ino: int,
+        key: str,
+        master: MasterKey,
+        open_fd: Callable[[], int],
+        *,
+        disk_size: int | None = None,
+    ) -> CachedFile:
         """The cached file of ``ino`` with one more user, opened if needed.
 
         ``open_fd`` opens the backing file (read-write if possible); it is
         called only when the file is not cached yet.  A cached file whose
         key went away while it was open gets the new key and is re-read.
+        ``disk_size``: the backing size, when the caller has just stat'ed
+        the descriptor ``open_fd`` returns (saves an ``fstat`` per create).
         """
         with self.lock:
             f = self._files.get(ino)
@@ -272,13 +310,13 @@ class PageCache:
                 return f
             f = CachedFile(ino, fd, key, master)
             f.closing = key in self._closing_keys
-            self._load_locked(f)
+            self._load_locked(f, disk_size)
             f.users = 1
             self._files[ino] = f
             return f
 
-    def _load_locked(self, f: CachedFile) -> None:
-        f.disk_size = os.fstat(f.fd).st_size
+    def _load_locked(self, f: CachedFile, disk_size: int | None = None) -> None:
+        f.disk_size = os.fstat(f.fd).st_size if disk_size is None else disk_size
         f.size = lenient_plaintext_size(f.disk_size)
         f.cipher, f.header_error, f.header_on_disk = None, None, False
         f.generation += 1
@@ -696,12 +734,18 @@ class PageCache:
         with self.lock:
             if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
                 return 0
-            if not f.header_on_disk:
-                os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
-                f.header_on_disk = True
-                f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
             pages = f.pages
             current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
+            header: bytes | None = None
+            if not f.header_on_disk:
+                header = FileHeader(chunk.cipher.file_id).serialize()
+                if chunk.first != 0 or not current[0]:
+                    os.pwrite(f.fd, header, 0)
+                    header = None
+                # else: it goes out with the first records, one pwritev
+                # (a small file is then one write: header and its block)
+                f.header_on_disk = True
+                f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
             view = memoryview(records)
             k = 0
             written = 0
@@ -717,6 +761,12 @@ class PageCache:
                 offset = record_offset(chunk.first + k)
                 data = view[start:stop]
                 done = 0
+                if header is not None:  # block 0 and the header, adjacent
+                    done = os.pwritev(f.fd, [header, data], 0) - len(header)
+                    header = None
+                    if done < 0:  # a short write inside the header: rewrite it all
+                        os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
+                        done = 0
                 while done < len(data):
                     done += os.pwrite(f.fd, data[done:], offset + done)
                 f.disk_size = max(f.disk_size, offset + len(data))
@@ -757,8 +807,7 @@ class PageCache:
             if f.fd < 0:
                 return
             try:
-                st = os.fstat(f.fd)
-                os.utime(f.fd, ns=(st.st_atime_ns, mtime))
+                set_mtime_ns(f.fd, mtime)
             except OSError:
                 return
             if f.mtime_ns == mtime:
@@ -773,14 +822,37 @@ class PageCache:
     def fsync(self, f: CachedFile, datasync: bool = False) -> None:
         """Write back and make it durable (POSIX fsync/fdatasync)."""
         self.flush(f)
-        fd = f.fd
-        if fd >= 0:
+        if not self._sync_fd(f, datasync):
+            self._sync_backing()
+
+    def _sync_fd(self, f: CachedFile, datasync: bool = False) -> bool:
+        """fsync the backing file; False if its descriptor was closed already.
+
+        Another thread may close ``f.fd`` (a release, the flusher) at any
+        moment outside the lock: a duplicate taken under the lock keeps the
+        file open for the fsync (never EBADF, never another file's fd).
+        """
+        with self.lock:
+            if f.fd < 0:
+                return False
+            fd = os.dup(f.fd)
+        try:
             (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _sync_backing(self) -> None:
+        """A file was closed after its write-back but before its fsync: sync
+        the backing filesystem instead (rare: a race with a close)."""
+        if self.backing_sync is not None:
+            self.backing_sync()
 
     def flush_files(
         self, files: Iterable[CachedFile], *, sync: bool, progress: Progress | None = None
     ) -> int:
         written = 0
+        missed = False
         for f in files:
             base = written
 
@@ -789,8 +861,10 @@ class PageCache:
                     progress(base + n)
 
             written += self.flush(f, report)
-            if sync and f.fd >= 0:
-                os.fsync(f.fd)
+            if sync and not self._sync_fd(f):
+                missed = True
+        if missed:
+            self._sync_backing()
         return written
 
     def flush_key(self, key: str, progress: Progress | None = None) -> int:
