@@ -461,6 +461,10 @@ class ChaosConfig:
     writer_pause: float = 0.002
     dirty_expire: float = 30.0
     """The mounts' write-back expiry: long, so removals meet dirty pages."""
+    sample_every: float = 0.0
+    """Seconds between samples of the daemon's and workers' memory (0: none)."""
+    window: float = 10.0
+    """Acknowledged records are also counted per window of this many seconds."""
 
 
 @dataclass
@@ -490,6 +494,11 @@ class ChaosResult:
     dropped_reports: int = 0
     """The mounts' reports of data dropped in an emergency (fence off)."""
     read_errors: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+    """Seconds of chaos actually run."""
+    acked_per_window: list[int] = field(default_factory=list)
+    samples: list[dict[str, float]] = field(default_factory=list)
+    """{"t", "daemon_rss_mib", "workers_rss_mib"} every ``sample_every``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -547,6 +556,7 @@ class Chaos:
         self.writer_files: dict[int, Path] = {}
         self.daemon: subprocess.Popen[bytes] | None = None
         self._daemon_log: IO[bytes] | None = None
+        self._started_wall = 0.0
 
     def note(self, text: str) -> None:
         if self.out is not None:
@@ -779,16 +789,33 @@ class Chaos:
 
     def run(self) -> ChaosResult:
         started = time.monotonic()
+        self._started_wall = time.time()
         end = started + self.config.duration
+        next_sample = started
         while time.monotonic() < end:
             time.sleep(self.rng.uniform(*self.config.interval))
             now = time.monotonic()
+            if self.config.sample_every and now >= next_sample:
+                next_sample = now + self.config.sample_every
+                self.sample(now - started)
             for d in self.dirs:
                 if d.placement is None and now >= d.ready_at:
                     self.readd(d)
             self.act()
+        self.result.elapsed = time.monotonic() - started
         self.finish()
         return self.result
+
+    def sample(self, t: float) -> None:
+        daemon = self.daemon.pid if self.daemon is not None else 0
+        workers = [int(m["pid"]) for m in self._mounts() if m.get("pid")]
+        self.result.samples.append(
+            {
+                "t": round(t, 1),
+                "daemon_rss_mib": _rss_mib(daemon),
+                "workers_rss_mib": sum(_rss_mib(pid) for pid in workers),
+            }
+        )
 
     def finish(self) -> None:
         """Stop the writers, unmount, mount afresh, verify."""
@@ -842,11 +869,14 @@ class Chaos:
         r = self.result
         errors: Counter[str] = Counter()
         unclear: Counter[str] = Counter()
+        windows: Counter[int] = Counter()
+        began = self._started_wall
         for wid, path in self.writer_files.items():
             ok: list[int] = []
             for words in self._log_lines(wid):
                 if words[0] == "ok":
                     ok.append(int(words[1]))
+                    windows[int((float(words[2]) - began) // self.config.window)] += 1
                 elif words[0] == "err":
                     name = errno.errorcode.get(int(words[2]), words[2])
                     errors[f"{name} ({words[3]})"] += 1
@@ -876,8 +906,21 @@ class Chaos:
                     f"records missing, first seq {missing[0]}; "
                     f"garbled bytes {info.get('garbled_bytes')} at {info.get('garbled_at')}"
                 )
+        full = int(r.elapsed // self.config.window)  # whole windows only
+        r.acked_per_window = [windows.get(i, 0) for i in range(full)]
         r.writer_errors = dict(errors)
         r.unclear_errors = dict(unclear)
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def _listed_mount(path: Path) -> bool:
