@@ -10,6 +10,7 @@ uses.  A worker that dies is reported and its mount point lazily unmounted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -57,6 +58,7 @@ class Mount:
             "busy": self.busy,
             "dropped": self.dropped,
             "error": self.error,
+            "log": self.stderr_path if self.state == "dead" else "",
         }
 
 
@@ -219,6 +221,9 @@ class MountSupervisor:
             )
         else:
             mount.state = "stopped"
+            if code == 0:  # kept only when there is something to read in it
+                with contextlib.suppress(OSError):
+                    os.unlink(mount.stderr_path)
         mount.ready.set()
 
     @staticmethod
