@@ -61,7 +61,14 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEARTBEAT_S = 30.0
 # charts left out of README (they stay in latest.md): detail, not headline
-NOT_IN_README = ("notify-", "keys-ms", "keys-b-per-key", "client-ms")
+NOT_IN_README = (
+    "notify-",
+    "keys-ms",
+    "keys-b-per-key",
+    "client-ms",
+    "soak-removals",
+    "soak-records-per-10s",
+)
 
 
 @dataclass(frozen=True)
