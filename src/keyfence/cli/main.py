@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             args.socket or paths.default_socket(), private=private, detach=args.detach
         )
     if args.command == "demo":
+        if args.without_fence and (args.model or args.emergency):
+            parser.error("--without-fence replays the mount demo; not with --model")
         if args.model or args.emergency:
             from keyfence.cli import demo as demo_module
 
