@@ -390,6 +390,8 @@ def merge(
 
 def fmt(value: float) -> str:
     a = abs(value)
+    if value == int(value) and a < 1e15:
+        return f"{int(value):,}"  # counts: 23, not 23.0
     if a >= 1000:
         return f"{value:,.0f}"
     if a >= 100:
