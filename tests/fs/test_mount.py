@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -559,6 +560,58 @@ def test_key_removal_flushes_unflushed_writes(enc: Enc, op: str) -> None:
     enc.unlock()
     assert (enc.dir / "dirty.bin").read_bytes() == data
     assert (enc.dir / "closed.txt").read_bytes() == b"closed and flushed"
+
+
+MAPPER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+sys.stdout.write(m[:16].hex() + "\n"); sys.stdout.flush()
+sys.stdin.readline()  # the key goes meanwhile
+sys.stdout.write(m[8192:8208].hex() + "\n"); sys.stdout.flush()
+"""
+
+
+def test_open_files_lose_their_key_too_unlike_fscrypt(enc: Enc) -> None:
+    """A deliberate difference (docs/fs.md): fscrypt leaves files that are
+    open at removal readable until closed ("incompletely removed"); keyfence
+    reports them busy too, but wipes their key: a descriptor opened before
+    the lock reads and writes ENOKEY, a mapping gets SIGBUS, no plaintext is
+    served.  Once the key is back (bound by any request that finds it), the
+    same descriptor works again."""
+    data = os.urandom(64 << 10)
+    (enc.dir / "open").write_bytes(data)
+    reader = open(enc.dir / "open", "rb")  # noqa: SIM115
+    writer = open(enc.dir / "open", "r+b", buffering=0)  # noqa: SIM115
+    try:
+        assert reader.read(100) == data[:100]
+        with subprocess.Popen(
+            [sys.executable, "-c", MAPPER, str(enc.dir / "open")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as mapper:
+            assert mapper.stdin is not None and mapper.stdout is not None
+            assert mapper.stdout.readline().strip() == data[:16].hex()
+            enc.lock()
+            busy = enc.mount.reports("busy")
+            assert busy and busy[-1]["files"] == ["enc/open"]
+            assert errno_of(os.pread, reader.fileno(), 100, 0) == errno.ENOKEY
+            assert errno_of(os.pwrite, writer.fileno(), b"x", 0) == errno.ENOKEY
+            # the mapped pages were taken away; faulting them in again fails
+            mapper.stdin.write("go\n")
+            mapper.stdin.flush()
+            assert mapper.stdout.read() == ""
+            assert mapper.wait(30) == -signal.SIGBUS
+        enc.unlock()
+        assert errno_of(os.pread, reader.fileno(), 100, 0) == errno.ENOKEY  # not bound yet
+        os.listdir(enc.dir)  # a request from a process holding the key binds it
+        assert os.pread(reader.fileno(), 100, 0) == data[:100]
+        assert os.pwrite(writer.fileno(), b"again", 0) == 5
+    finally:
+        reader.close()
+        writer.close()
+    assert (enc.dir / "open").read_bytes() == b"again" + data[5:]
 
 
 def test_after_lock_pages_the_kernel_cached_are_gone(enc: Enc) -> None:

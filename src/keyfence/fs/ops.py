@@ -989,6 +989,20 @@ class KeyfenceOperations(pyfuse3.Operations):
             self.handles[fh] = FileHandle(node.ino, flags, cached=cached)
         return FileInfo(fh=FileHandleT(fh))
 
+    def _rekeyed(self, f: CachedFile) -> CachedFile:
+        """An open file whose key went away (ENOKEY through it, as docs/fs.md
+        says) works again once its key is bound again, by any request that
+        found it in its caller's keyrings: no need to reopen.  (Reads and
+        writes carry no caller context in pyfuse3: they cannot look the key
+        up themselves.)"""
+        if f.master is None:
+            node = self.table.find(f.ino)
+            policy = self.table.contents_policy(node) if node is not None else None
+            master = self.keys.master(policy.key) if policy is not None else None
+            if policy is not None and master is not None:
+                self.cache.rekey(f, policy.key.description, master)
+        return f
+
     def _handle(self, fh: int) -> FileHandle:
         try:
             return self.handles[fh]
@@ -1000,7 +1014,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         h = self._handle(fh)
         if h.cached is not None:
             # any contiguous buffer will do for pyfuse3: no copy to bytes
-            return cast(bytes, self.cache.read(h.cached, off, size))
+            return cast(bytes, self.cache.read(self._rekeyed(h.cached), off, size))
         return os.pread(h.fd, size, off)
 
     @fuse_op
@@ -1012,7 +1026,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             while done < len(view):
                 done += os.pwrite(h.fd, view[done:], off + done)
             return done
-        n = self.cache.write(h.cached, off, buf)
+        n = self.cache.write(self._rekeyed(h.cached), off, buf)
         if h.flags & (os.O_SYNC | os.O_DSYNC):
             datasync = (h.flags & os.O_SYNC) != os.O_SYNC
             await trio.to_thread.run_sync(self.cache.fsync, h.cached, datasync)
@@ -1032,7 +1046,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def flush(self, fh: FileHandleT) -> None:
         h = self._handle(fh)
         if h.cached is not None:
-            await self._write_back(h.cached)
+            await self._write_back(self._rekeyed(h.cached))
 
     @fuse_op
     async def release(self, fh: FileHandleT) -> None:
@@ -1054,7 +1068,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
         if h.cached is not None:
-            await trio.to_thread.run_sync(self.cache.fsync, h.cached, datasync)
+            await trio.to_thread.run_sync(self.cache.fsync, self._rekeyed(h.cached), datasync)
         else:
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
 

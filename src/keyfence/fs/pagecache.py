@@ -315,6 +315,13 @@ class PageCache:
             self._files[ino] = f
             return f
 
+    def rekey(self, f: CachedFile, key: str, master: MasterKey) -> None:
+        """Give an open file whose key went away its key again (re-read)."""
+        with self.lock:
+            if f.master is None and f.fd >= 0:
+                f.master, f.key, f.closing = master, key, key in self._closing_keys
+                self._load_locked(f)
+
     def _load_locked(self, f: CachedFile, disk_size: int | None = None) -> None:
         f.disk_size = os.fstat(f.fd).st_size if disk_size is None else disk_size
         f.size = lenient_plaintext_size(f.disk_size)
