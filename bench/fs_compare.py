@@ -18,10 +18,13 @@ image file there, and a plain directory.  Groups (sizes are options):
 * ``rand-write``: 20,000 random 4 KiB writes into a 256 MiB file, then fsync; MB/s.
 * ``lock``: write 64, 256, 1024 MiB (closed, not fsynced), then remove the key:
   ``kfctl clear @s``, FS_IOC_REMOVE_ENCRYPTION_KEY, gocryptfs unmount + sync,
-  and ``sync`` on the disk; seconds, and each as a factor of the plain sync.
-  The data is read back and compared after the key is back.
-  ``lock-open``: the same with the file still open (keyfence's worker then
-  holds every byte as dirty plaintext: its worst case).
+  and ``sync`` on the disk; seconds, and each as a factor of the plain sync
+  (``vs_sync``).  The data is read back and compared after the key is back.
+  ``lock-N-with-write``: the write (and close) plus the removal, since
+  keyfence encrypts and writes back at close where the kernel does it in
+  the removal's sync.  ``lock-open``: the file stays open in a writer
+  process during the removal (keyfence's worker then holds every byte as
+  dirty plaintext, its worst case; fscrypt reports the file busy).
 * ``emergency``: 1 GiB dirty in keyfence, ``clear --emergency @s`` through the
   client library (the removal itself), through ``kfctl`` (a user's wall time),
   and until the mount reported what it dropped; ms, median and p99.
@@ -154,12 +157,20 @@ def remove(path: Path) -> None:
     os.sync()
 
 
-def seq_write(peer: Peer, size: int) -> float:
+def seq_write(peer: Peer, size: int) -> tuple[float, dict[str, float]]:
     path = peer.work / "seq.bin"
     remove(path)
-    t = time.perf_counter()
-    write_file(path, size)
-    return size / (time.perf_counter() - t) / 1e6
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t = time.perf_counter()
+        for chunk in pattern(size, 1):
+            os.write(fd, chunk)
+        wrote = time.perf_counter() - t
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    took = time.perf_counter() - t
+    return size / took / 1e6, {"write_s": wrote, "fsync_s": took - wrote}
 
 
 def seq_read(peer: Peer, size: int) -> float:
@@ -179,7 +190,7 @@ def seq_read(peer: Peer, size: int) -> float:
     return size / took / 1e6
 
 
-def small_files(peer: Peer, count: int) -> float:
+def small_files(peer: Peer, count: int) -> tuple[float, dict[str, float]]:
     d = peer.work / "small"
     remove(d)
     d.mkdir()
@@ -190,10 +201,11 @@ def small_files(peer: Peer, count: int) -> float:
         fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)
         os.close(fd)
+    created = time.perf_counter() - t
     os.sync()
     took = time.perf_counter() - t
     remove(d)
-    return count / took
+    return count / took, {"create_s": created, "sync_s": took - created}
 
 
 def rand_write(peer: Peer, file_size: int, writes: int, seed: int) -> float:
@@ -230,25 +242,65 @@ def verify(path: Path, size: int, seed: int, *, every_mib: bool) -> bool:
     return True
 
 
+HOLD = "hold-open"
+
+
+def hold_open_main(path: str, size: int, seed: int) -> int:
+    """``fs_compare.py hold-open PATH SIZE SEED``: write, say "ready", keep the
+    file open until standard input closes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in pattern(size, seed):
+            os.write(fd, chunk)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdin.read()
+    finally:
+        with contextlib.suppress(OSError):  # the key may be gone
+            os.close(fd)
+    return 0
+
+
+@contextlib.contextmanager
+def held_open(path: Path, size: int, seed: int) -> Iterator[None]:
+    """``size`` bytes written to ``path`` by another process of this session,
+    which keeps the file open meanwhile.  Not by us: every process we fork
+    would inherit the descriptor and close it at exec, and a FUSE
+    filesystem is asked to flush on every close (keyfence writes back then),
+    so a forked ``kfctl`` would flush the data before it removed the key."""
+    holder = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), HOLD, str(path), str(size), str(seed)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        if holder.stdout.readline() != "ready\n":
+            raise PeerError(f"the writer holding {path.name} failed ({holder.wait()})")
+        yield
+    finally:
+        holder.stdin.close()
+        holder.stdout.close()
+        if holder.wait(600) != 0:
+            raise PeerError(f"the writer holding {path.name} exited {holder.returncode}")
+
+
 def lock(peer: Peer, size: int, *, hold_open: bool, run: int) -> tuple[float, dict[str, float]]:
     """Write ``size`` bytes (no fsync), remove the key, put it back, check
     every byte.  Seconds of the removal, and its parts."""
     path = peer.work / "lock.bin"
     remove(path)
     seed = 100 + run
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        t = time.perf_counter()
-        for chunk in pattern(size, seed):
-            os.write(fd, chunk)
-        if not hold_open:
-            os.close(fd)
-            fd = -1
+    t = time.perf_counter()
+    if hold_open:
+        with held_open(path, size, seed):
+            wrote = time.perf_counter() - t
+            parts = peer.lock()
+    else:
+        write_file(path, size, seed, fsync=False)
         wrote = time.perf_counter() - t
         parts = peer.lock()
-    finally:
-        if fd >= 0:
-            os.close(fd)
     peer.unlock()
     # keyfence's own data path is what this checks: every MiB of it
     every_mib = isinstance(peer, KeyfencePeer)
@@ -287,10 +339,7 @@ def emergency_rounds(
             via_kfctl = i % 2 == 1
             remove(path)
             before = dropped()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                for chunk in pattern(size, 7):
-                    os.write(fd, chunk)
+            with held_open(path, size, 7):
                 if via_kfctl:
                     kfctl_ms.append(peer.emergency_kfctl() * 1e3)
                 else:
@@ -303,9 +352,6 @@ def emergency_rounds(
                             raise PeerError("the mount never reported what it dropped")
                         time.sleep(0.0005)
                     reported_ms.append((time.perf_counter() - t) * 1e3)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             peer.unlock()
             say(
                 f"emergency round {i + 1}/{rounds * 2} ({'kfctl' if via_kfctl else 'client'}): "
@@ -371,10 +417,11 @@ class Bench:
         one: Callable[[Peer, int], float | tuple[float, dict[str, float]]],
         systems: list[str] | None = None,
         **extra: object,
-    ) -> None:
-        """``runs`` rounds of ``one(peer, run)`` over every system, interleaved."""
+    ) -> dict[str, list[dict[str, float]]]:
+        """``runs`` rounds of ``one(peer, run)`` over every system, interleaved;
+        the parts of each system's runs."""
         if not self.wanted(group):
-            return
+            return {}
         names = [s for s in (systems or SYSTEMS) if s in self.peers]
         values: dict[str, list[float]] = {s: [] for s in names}
         parts: dict[str, list[dict[str, float]]] = {s: [] for s in names}
@@ -406,6 +453,7 @@ class Bench:
                     k: round(statistics.median(p[k] for p in parts[name]), 4) for k in keys
                 }
             self.results.append(row)
+        return {name: parts[name] for name in names if values[name]}
 
     def setup(self) -> None:
         a = self.args
@@ -495,13 +543,25 @@ class Bench:
             except PeerError as err:
                 self.error("lock", "keyfence", err)
         for size in a.lock_bytes:
-            self.measure(
+            parts = self.measure(
                 f"lock-{label(size)}",
                 "s",
                 False,
                 locker(size, hold_open=False),
                 note="write (closed, no fsync), then remove the key; data checked after",
             )
+            # what a user waits for in all: writing (and closing) plus the removal
+            for name, runs in parts.items():
+                self.results.append(
+                    result(
+                        f"lock-{label(size)}-with-write",
+                        name,
+                        "s",
+                        [p["write"] + p["total"] for p in runs],
+                        higher_is_better=False,
+                        note="the write (and close) plus the removal",
+                    )
+                )
         for size in a.lock_bytes:
             self.measure(
                 f"lock-open-{label(size)}",
@@ -593,7 +653,7 @@ def table(results: list[Row], errors: list[Row]) -> str:
         ratios = r.get("ratios") or {}
         text = " ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         if "vs_sync" in r:
-            text = f"{r['vs_sync']:.2f}x the sync time; " + text
+            text = f"{r['vs_sync']:.2f}x disk's time; " + text
         if "p99" in r:
             text = f"p99 {r['p99']:.1f}; " + text
         lines.append(
@@ -662,6 +722,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [HOLD]:
+        return hold_open_main(argv[1], int(argv[2]), int(argv[3]))
     args = parse_args(argv)
     status = lead_own_session(argv)
     if status is not None:
