@@ -14,11 +14,12 @@ image file there, and a plain directory.  Groups (sizes are options):
 * ``seq-write``: 1 GiB in 1 MiB writes, then fsync; MB/s.
 * ``seq-read``: the same file with every cache cold (kernel caches dropped;
   keyfence and gocryptfs remounted, so their own caches are cold too); MB/s.
-* ``small-files``: 5,000 files of 4 KiB (open, write, close), then sync; files/s.
+* ``small-files``: 5,000 files of 4 KiB (open, write, close), then syncfs of
+  the mount and of the filesystem under it; files/s.
 * ``rand-write``: 20,000 random 4 KiB writes into a 256 MiB file, then fsync; MB/s.
 * ``lock``: write 64, 256, 1024 MiB (closed, not fsynced), then remove the key:
   ``kfctl clear @s``, FS_IOC_REMOVE_ENCRYPTION_KEY, gocryptfs unmount + sync,
-  and ``sync`` on the disk; seconds, and each as a factor of the plain sync
+  and ``syncfs`` on the disk; seconds, and each as a factor of the plain sync
   (``vs_sync``).  The data is read back and compared after the key is back.
   ``lock-N-with-write``: the write (and close) plus the removal, since
   keyfence encrypts and writes back at close where the kernel does it in
@@ -202,7 +203,7 @@ def small_files(peer: Peer, count: int) -> tuple[float, dict[str, float]]:
         os.write(fd, data)
         os.close(fd)
     created = time.perf_counter() - t
-    os.sync()
+    peer.sync()
     took = time.perf_counter() - t
     remove(d)
     return count / took, {"create_s": created, "sync_s": took - created}
@@ -509,7 +510,7 @@ class Bench:
             "files/s",
             True,
             lambda p, r: small_files(p, a.files),
-            note="open(O_CREAT), write 4 KiB, close each; then sync",
+            note="open(O_CREAT), write 4 KiB, close each; then syncfs",
         )
         self.measure(
             f"rand-write-4KiB-{label(a.rand_bytes)}",

@@ -5,13 +5,13 @@ caches cold, and its way of removing the key (``lock``) and getting it back
 (``unlock``).  ``teardown`` undoes everything ``setup`` did, also after a
 failure half-way; it is safe to call twice.
 
-* :class:`DiskPeer`: a plain directory; "lock" is ``sync``, the I/O limit.
+* :class:`DiskPeer`: a plain directory; "lock" is ``syncfs``, the I/O limit.
 * :class:`KeyfencePeer`: a private keyfence daemon, ``keyfence mount`` (the
   real worker the daemon spawns), an e4crypt key in the caller's session
   keyring; lock is ``kfctl clear @s``.  The caller must lead its own POSIX
   session (fs_compare does), so that ``@s`` is the benchmark's.
 * :class:`GocryptfsPeer`: gocryptfs in the foreground; lock is unmounting it
-  plus a sync of the backing disk (gocryptfs writes straight through to the
+  plus a syncfs of the backing disk (gocryptfs writes straight through to the
   backing files without syncing them, so its unmount alone persists nothing).
 * :class:`FscryptPeer`: kernel ext4 + fscrypt v2 on a loop device backed by
   an image file on the same disk; a raw 64-byte key added with
@@ -46,6 +46,21 @@ def drop_caches() -> None:
     """Write back, then drop the kernel's page cache, dentries and inodes."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2): write back the one filesystem holding ``path`` (a global
+    sync would also wait for other jobs' dirty data on other filesystems)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
 
 
 def _run(argv: list[str], *, env: dict[str, str] | None = None, stdin: str = "") -> str:
@@ -84,6 +99,15 @@ class Peer:
     def setup(self) -> None:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Put what was written through ``work`` on the disk: syncfs of the
+        mount, then of the filesystem under it."""
+        for path in self.sync_paths():
+            syncfs(path)
+
+    def sync_paths(self) -> list[Path]:
+        return [self.work]
+
     def cold(self) -> None:
         """Make every cache between the reader and the disk cold."""
         drop_caches()
@@ -108,7 +132,7 @@ class DiskPeer(Peer):
 
     def lock(self) -> dict[str, float]:
         t = time.perf_counter()
-        os.sync()
+        self.sync()
         return {"total": time.perf_counter() - t}
 
     def unlock(self) -> None:
@@ -173,6 +197,9 @@ class KeyfencePeer(Peer):
         self._keyfence(
             "e4crypt", "add_key", "-S", SALT, "-k", "@s", str(self.work), stdin=PASSPHRASE
         )
+
+    def sync_paths(self) -> list[Path]:
+        return [self.mnt, self.backing]
 
     def mount(self, options: list[str] | None = None) -> None:
         if options is not None:
@@ -254,6 +281,9 @@ class GocryptfsPeer(Peer):
         self.mount()
         self.work.mkdir(exist_ok=True)
 
+    def sync_paths(self) -> list[Path]:
+        return [self.mnt, self.cipher]
+
     def mount(self) -> None:
         self.process = subprocess.Popen(
             [
@@ -286,7 +316,7 @@ class GocryptfsPeer(Peer):
     def lock(self) -> dict[str, float]:
         t = time.perf_counter()
         unmounted = self.umount()
-        os.sync()  # what the others guarantee: the ciphertext is on disk
+        syncfs(self.cipher)  # what the others guarantee: the ciphertext is on disk
         return {"total": time.perf_counter() - t, "unmount": unmounted}
 
     def unlock(self) -> None:
