@@ -35,7 +35,7 @@ COLORS = {
     "aes": "#9467bd",
 }
 FALLBACK = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#d62728", "#aec7e8", "#ffbb78")
-MIB_IN_GROUP = re.compile(r"(\d+)\s*MiB", re.IGNORECASE)
+SIZE_IN_GROUP = re.compile(r"[-_ ]?(\d+)\s*(MiB|GiB)", re.IGNORECASE)
 
 
 def slug(text: str) -> str:
@@ -102,10 +102,10 @@ def group_panels(
         ax.set_title(group, fontsize=9)
         ax.set_xlabel(f"{mine[0]['metric']} ({better})", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-        for yi, v in zip(y, med, strict=True):
+        for yi, v, r in zip(y, med, mine, strict=True):
             ax.annotate(
                 f"{v:,.3g}" if v < 1000 else f"{v:,.0f}",
-                (v, yi),
+                (max(v, r["max"]), yi),  # right of the whisker
                 xytext=(3, 0),
                 textcoords="offset points",
                 va="center",
@@ -167,20 +167,24 @@ def lock_curve(rows: Sequence[dict[str, Any]], path: Path, palette: dict[str, st
     points: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
     kinds: dict[str, None] = {}
     for r in rows:
-        m = MIB_IN_GROUP.search(r["group"])
+        m = SIZE_IN_GROUP.search(r["group"])
         if not r["group"].lower().startswith("lock") or m is None:
             continue
-        kind = r["group"][: m.start()].rstrip("-_ ") or "lock"
+        # "lock-1GiB-with-write" -> kind "lock-with-write", 1024 MiB
+        kind = (r["group"][: m.start()] + r["group"][m.end() :]).strip("-_ ") or "lock"
+        mib = int(m.group(1)) * (1024 if m.group(2).lower() == "gib" else 1)
         kinds[kind] = None
-        points.setdefault((kind, r["system"]), []).append(
-            (int(m.group(1)), r["median"], r["min"], r["max"])
-        )
+        points.setdefault((kind, r["system"]), []).append((mib, r["median"], r["min"], r["max"]))
     if not points:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.8), squeeze=False)
+    cols = min(len(kinds), 3)
+    nrows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(kinds) :]:
+        ax.set_visible(False)
     unit = next(r["metric"] for r in rows if r["group"].lower().startswith("lock"))
-    for ax, kind in zip(axes.flat, kinds, strict=True):
+    for ax, kind in zip(axes.flat, kinds, strict=False):
         for (k, system), pts in points.items():
             if k != kind:
                 continue
@@ -198,7 +202,11 @@ def lock_curve(rows: Sequence[dict[str, Any]], path: Path, palette: dict[str, st
         sizes = sorted({p[0] for (k, _s), pts in points.items() if k == kind for p in pts})
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
-        ax.set_ylim(bottom=0)
+        medians = [p[1] for (k, _s), pts in points.items() if k == kind for p in pts if p[1] > 0]
+        if medians and max(medians) / min(medians) > 20:
+            ax.set_yscale("log")  # fscrypt's minutes must not flatten the rest
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("MiB written, not yet on disk", fontsize=8)
         ax.set_ylabel(f"{unit} to remove the key (lower is better)", fontsize=8)
         ax.set_title(kind, fontsize=10)
