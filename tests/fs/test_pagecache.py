@@ -203,7 +203,7 @@ def test_version_check_keeps_a_page_written_during_write_back(
     with cache.lock:
         chunk, _ = cache._next_chunk_locked(f.file, order, 0)
     assert chunk is not None
-    records = chunk.cipher.encrypt_blocks(chunk.first, chunk.plaintext)
+    records = chunk.cipher.encrypt_blocks(chunk.first, b"".join(chunk.blocks))
     cache.write(f.file, 0, b"b" * 10)  # written again after the snapshot
     assert cache._store_chunk(f.file, chunk, records) == 0
     assert cache.dirty_bytes == PAGE_SIZE

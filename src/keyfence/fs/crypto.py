@@ -18,7 +18,7 @@ import hmac
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -366,26 +366,59 @@ class FileCipher:
         if total == 0:
             return bytearray()
         count = -(-total // BLOCK_SIZE)
-        self._check_range(first_index, count)
+        blocks = [data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] for i in range(count)]
         out = bytearray(total + count * BLOCK_OVERHEAD)
-        view = memoryview(out)
-        nonce_source, file_id, pack = self._nonce, self._file_id, _pack_aad
-        encrypt_into = getattr(self._aead, "encrypt_into", None)
-        pos = 0
-        for i in range(count):
-            chunk = data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-            nonce = nonce_source(BLOCK_NONCE_SIZE)
-            if len(nonce) != BLOCK_NONCE_SIZE:
-                raise ValueError("nonce source returned the wrong length")
-            body = pos + BLOCK_NONCE_SIZE
-            end = body + len(chunk) + BLOCK_TAG_SIZE
-            view[pos:body] = nonce
-            if encrypt_into is not None:
-                encrypt_into(nonce, chunk, pack(file_id, first_index + i), view[body:end])
-            else:  # pragma: no cover - cryptography without encrypt_into
-                view[body:end] = self._encrypt(nonce, chunk, pack(file_id, first_index + i))
-            pos = end
+        self.encrypt_pages_into(first_index, blocks, memoryview(out))
         return out
+
+    def encrypt_pages_into(
+        self, first_index: int, blocks: Sequence[Buffer], out: memoryview
+    ) -> int:
+        """Encrypt separate block buffers (4 KiB each, only the last may be
+        1..4096 bytes) as consecutive records from ``first_index`` into
+        ``out``, back to back; returns the bytes of records written.
+
+        The write-back path hands its dirty pages straight in: no copy of
+        the plaintext into one buffer, no new buffer for the records.
+        Nonces of the default source come from one ``os.urandom`` call per
+        batch (the per-block cost here is Python's, not AES's).
+        """
+        count = len(blocks)
+        if count == 0:
+            return 0
+        self._check_range(first_index, count)
+        for block in blocks[:-1]:
+            if len(block) != BLOCK_SIZE:
+                raise ValueError(f"only the last block may be shorter than {BLOCK_SIZE} bytes")
+        last = len(blocks[-1])
+        if not 0 < last <= BLOCK_SIZE:
+            raise ValueError(f"a block holds 1..{BLOCK_SIZE} bytes")
+        total = (count - 1) * RECORD_SIZE + last + BLOCK_OVERHEAD
+        if len(out) < total:
+            raise ValueError("output buffer too small")
+        file_id, pack, size = self._file_id, _pack_aad, BLOCK_NONCE_SIZE
+        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        nonces: memoryview | None = None
+        if self._nonce is urandom_nonce:
+            nonces = memoryview(os.urandom(size * count))
+        pos = 0
+        for i, block in enumerate(blocks):
+            if nonces is not None:
+                nonce: Buffer = nonces[i * size : (i + 1) * size]
+            else:
+                nonce = self._nonce(size)
+                if len(nonce) != size:
+                    raise ValueError("nonce source returned the wrong length")
+            body = pos + size
+            end = body + len(block) + BLOCK_TAG_SIZE
+            out[pos:body] = nonce
+            aad = pack(file_id, first_index + i)
+            if encrypt_into is not None:
+                encrypt_into(nonce, block, aad, out[body:end])
+            else:  # pragma: no cover - cryptography without encrypt_into
+                out[body:end] = self._encrypt(nonce, block, aad)
+            pos = end
+        return pos
 
     def decrypt_blocks(self, first_index: int, records: Buffer) -> bytearray:
         """Plaintext of consecutive records read back to back from ``first_index``.

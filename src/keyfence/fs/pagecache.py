@@ -25,9 +25,14 @@ one request (at most ``max_write``), loading at most two edge blocks, taking
 a snapshot of at most ``chunk`` pages, and one ``pwrite`` of at most
 ``chunk`` records; never while encrypting a chunk, during ``fsync``, while
 looking up keys or while talking to the kernel.  Write-back therefore
-encrypts a *copy* outside the lock and, back under the lock, writes only
-the pages whose version did not change meanwhile (a page written again stays
-dirty and is written by a later pass).  Truncation and a new file id bump
+encrypts the page buffers (snapshotted with their versions, not copied)
+outside the lock and, back under the lock, writes only the pages whose
+version did not change meanwhile (every change of a page's bytes bumps its
+version under the lock, so a record of a page changed mid-encryption is
+never stored; the page stays dirty and is written by a later pass).  A pass
+of several chunks is a pipeline: the flushing thread encrypts the next chunk
+while one store thread writes the previous one and, when an fsync follows,
+starts its disk writes (``sync_file_range``) every few MiB.  Truncation and a new file id bump
 the file's generation, which discards chunks encrypted before.  So flushes
 may run concurrently (on different threads) without losing or reordering
 data; ``CachedFile.flushing`` only keeps two threads from encrypting the
@@ -46,6 +51,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,11 +213,48 @@ class _Chunk:
     first: int
     pages: list[tuple[int, _Page, int]]
     """(index, page object, version) of consecutive pages, as snapshotted."""
-    plaintext: bytes
-    """Their bytes, copied under the lock (the last one cut at end of file)."""
+    blocks: list[bytearray | memoryview]
+    """Their buffers (not copied; the last one cut at end of file)."""
     last_len: int
     generation: int
     cipher: FileCipher
+
+    def records_size(self) -> int:
+        return (len(self.pages) - 1) * RECORD_SIZE + self.last_len + BLOCK_OVERHEAD
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start the disk writes of a
+    range without waiting for them (Python has no ``os`` binding).  Best
+    effort: the fsync that follows is what makes the data durable."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        call = libc.sync_file_range
+        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        call.restype = ctypes.c_int
+        _sync_file_range = call
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class _StartIO:
+    """Byte range of a backing file stored by one flush pass and not yet
+    handed to the disk; handed over every :data:`START_IO_BYTES`."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self) -> None:
+        self.lo = -1
+        self.hi = -1
+
+
+START_IO_BYTES = 8 << 20
+"""Write-back that an fsync follows starts the disk writes every 8 MiB, so
+the fsync finds the work under way instead of starting all of it."""
 
 
 class PageCache:
@@ -244,6 +287,10 @@ class PageCache:
         """Keys whose removal is flushing: files opened meanwhile refuse writes too."""
         self._dirty_pages = 0
         self._wakeup = threading.Condition(self.lock)
+        self._store_thread: ThreadPoolExecutor | None = None
+        """Writes encrypted chunks while the flushing thread encrypts the
+        next one (pwrite releases the GIL; AES on 4 KiB blocks does not)."""
+        self._store_thread_lock = threading.Lock()
         self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0}
 
     # ------------------------------------------------------------ accounting
@@ -645,14 +692,17 @@ class PageCache:
 
     # ------------------------------------------------------------- write-back
 
-    def flush(self, f: CachedFile, progress: Progress | None = None) -> int:
+    def flush(
+        self, f: CachedFile, progress: Progress | None = None, *, start_io: bool = False
+    ) -> int:
         """Write every dirty page of ``f`` back (encrypted); bytes written.
 
         Does not fsync (see :meth:`fsync`).  Errors (ENOSPC, EIO) leave the
-        pages dirty and propagate.
+        pages dirty and propagate.  ``start_io``: start the backing file's
+        disk writes as it goes (an fsync follows, or memory is short).
         """
         with f.flushing:
-            return self._flush_locked_file(f, progress)
+            return self._flush_locked_file(f, progress, start_io)
 
     def try_flush(self, f: CachedFile, max_pages: int = 64) -> bool:
         """Write back a file with at most ``max_pages`` dirty pages now, if no
@@ -661,12 +711,12 @@ class PageCache:
         if len(f.pages) > max_pages or not f.flushing.acquire(blocking=False):
             return False
         try:
-            self._flush_locked_file(f, None)
+            self._flush_locked_file(f, None, False)
         finally:
             f.flushing.release()
         return True
 
-    def _flush_locked_file(self, f: CachedFile, progress: Progress | None) -> int:
+    def _flush_locked_file(self, f: CachedFile, progress: Progress | None, start_io: bool) -> int:
         """:meth:`flush` with ``f.flushing`` held."""
         written = 0
         mtime: int | None = None
@@ -676,14 +726,21 @@ class PageCache:
                     break
                 order = sorted(f.pages)
                 mtime = f.mtime_ns
-            written += self._flush_pass(f, order, progress, written)
+            written += self._flush_pass(f, order, progress, written, start_io)
         self._finish_extension(f)
         self._restore_mtime(f, mtime if written else None)
         return written
 
     def _flush_pass(
-        self, f: CachedFile, order: list[int], progress: Progress | None, done: int
+        self,
+        f: CachedFile,
+        order: list[int],
+        progress: Progress | None,
+        done: int,
+        start_io: bool,
     ) -> int:
+        if len(order) > self.chunk_pages:
+            return self._flush_pipelined(f, order, progress, done, start_io)
         written = 0
         pos = 0
         while pos < len(order):
@@ -691,11 +748,87 @@ class PageCache:
                 chunk, pos = self._next_chunk_locked(f, order, pos)
             if chunk is None:
                 continue
-            records = chunk.cipher.encrypt_blocks(chunk.first, chunk.plaintext)
-            chunk.plaintext = b""
+            records = memoryview(bytearray(chunk.records_size()))
+            chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, records)
+            chunk.blocks = []
             written += self._store_chunk(f, chunk, records)
             if progress is not None:
                 progress(done + written)
+        return written
+
+    def _flush_pipelined(
+        self,
+        f: CachedFile,
+        order: list[int],
+        progress: Progress | None,
+        done: int,
+        start_io: bool,
+    ) -> int:
+        """A pass of several chunks: this thread encrypts chunk k+1 into one
+        of two reused buffers while the store thread writes chunk k (and
+        starts its disk writes); at most one store is outstanding."""
+        size = self.chunk_pages * RECORD_SIZE
+        buffers = (memoryview(bytearray(size)), memoryview(bytearray(size)))
+        pending: Future[int] | None = None
+        started = _StartIO() if start_io else None
+        written = 0
+        pos = 0
+        turn = 0
+        try:
+            while pos < len(order):
+                with self.lock:
+                    chunk, pos = self._next_chunk_locked(f, order, pos)
+                if chunk is None:
+                    continue
+                records = buffers[turn][: chunk.records_size()]
+                turn ^= 1
+                chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, records)
+                chunk.blocks = []
+                if pending is not None:
+                    written += pending.result()
+                    pending = None
+                    if progress is not None:
+                        progress(done + written)
+                pending = self._store_executor().submit(
+                    self._store_and_start_io, f, chunk, records, started
+                )
+            if pending is not None:
+                written += pending.result()
+                pending = None
+                if progress is not None:
+                    progress(done + written)
+        finally:
+            if pending is not None:  # failing already: let the store end first
+                with contextlib.suppress(Exception):
+                    pending.result()
+        return written
+
+    def _store_executor(self) -> ThreadPoolExecutor:
+        with self._store_thread_lock:
+            if self._store_thread is None:
+                self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="keyfence-store")
+            return self._store_thread
+
+    def _store_and_start_io(
+        self, f: CachedFile, chunk: _Chunk, records: memoryview, started: _StartIO | None
+    ) -> int:
+        written = self._store_chunk(f, chunk, records)
+        if started is None:
+            return written
+        lo = record_offset(chunk.first)
+        hi = lo + len(records)
+        if started.lo < 0 or lo != started.hi:  # not contiguous: a new range
+            started.lo = lo
+        started.hi = hi
+        if started.hi - started.lo >= START_IO_BYTES:
+            with self.lock:
+                fd = os.dup(f.fd) if f.fd >= 0 else -1
+            if fd >= 0:
+                try:
+                    start_writeback(fd, started.lo, started.hi - started.lo)
+                finally:
+                    os.close(fd)
+            started.lo = -1
         return written
 
     def _next_chunk_locked(
@@ -717,7 +850,7 @@ class PageCache:
             f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
             f.header_on_disk = False
         run: list[tuple[int, _Page, int]] = []
-        datas: list[bytearray | memoryview] = []
+        blocks: list[bytearray | memoryview] = []
         idx = first
         limit = self.chunk_pages
         while pos < n and order[pos] == idx and len(run) < limit and idx * PAGE_SIZE < size:
@@ -725,16 +858,17 @@ class PageCache:
             if page is None:
                 break
             run.append((idx, page, page.version))
-            datas.append(page.data)
+            blocks.append(page.data)
             pos += 1
             idx += 1
         last_len = min(PAGE_SIZE, size - (first + len(run) - 1) * PAGE_SIZE)
         if last_len < PAGE_SIZE:
-            datas[-1] = memoryview(datas[-1])[:last_len]
-        buf = b"".join(datas)  # the snapshot: one copy, in C
-        return _Chunk(first, run, buf, last_len, f.generation, f.cipher), pos
+            blocks[-1] = memoryview(blocks[-1])[:last_len]
+        # No copy: a page written (or zeroed) while it is being encrypted
+        # gets a new version under the lock, so its record is not stored.
+        return _Chunk(first, run, blocks, last_len, f.generation, f.cipher), pos
 
-    def _store_chunk(self, f: CachedFile, chunk: _Chunk, records: bytearray) -> int:
+    def _store_chunk(self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview) -> int:
         """Write the records of the pages that did not change since the
         snapshot (same page object, same version) and forget those pages."""
         count = len(chunk.pages)
@@ -828,7 +962,7 @@ class PageCache:
 
     def fsync(self, f: CachedFile, datasync: bool = False) -> None:
         """Write back and make it durable (POSIX fsync/fdatasync)."""
-        self.flush(f)
+        self.flush(f, start_io=True)
         if not self._sync_fd(f, datasync):
             self._sync_backing()
 
@@ -867,7 +1001,7 @@ class PageCache:
                 if progress is not None:
                     progress(base + n)
 
-            written += self.flush(f, report)
+            written += self.flush(f, report, start_io=sync)
             if sync and not self._sync_fd(f):
                 missed = True
         if missed:
@@ -914,7 +1048,8 @@ class PageCache:
                 break
             progress = False
             for f in candidates:
-                n = self.flush(f)
+                # memory is short: the disk may as well start on it now
+                n = self.flush(f, start_io=True)
                 written += n
                 progress = progress or n > 0
                 self._close_idle(f)
