@@ -365,6 +365,7 @@ def test_worker_killed_mid_flush(daemon: Daemon, tmp_path: Path) -> None:
             assert flushed < big, "the write-back ended before the kill: nothing was tested"
             wait_for("the dead worker", lambda: ": dead" in mounts(daemon), 10)
             assert f"worker pid {pid})" in mounts(daemon)
+            assert f"worker exited with status {-signal.SIGKILL}" in mounts(daemon)
             wait_for("the mount point", lambda: not os.path.ismount(mnt), 10)
         # a kill cannot tear a pwrite (the page cache has it whole); a power
         # cut can: cut the last record in the middle, as one would leave it

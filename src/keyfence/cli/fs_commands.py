@@ -152,6 +152,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no keyfence mounts")
     for m in mounts:
         print(f"{m['mountpoint']}: {m['state']} (backing {m['backing']}, worker pid {m['pid']})")
+        if m.get("error"):
+            print(f"  {m['error']}" + (f" (log: {m['log']})" if m.get("log") else ""))
         for name, value in sorted((m.get("busy") or {}).items()):
             print(f"  incompletely locked: {name}: {value}")
         for drop in m.get("dropped") or ():
