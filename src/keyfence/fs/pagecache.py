@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyfence.errors import KeyfenceError
-from keyfence.fs.crypto import FileCipher, MasterKey
+from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
     BLOCK_SIZE,
@@ -777,8 +777,7 @@ class PageCache:
         """A pass of several chunks: this thread encrypts chunk k+1 into one
         of two reused buffers while the store thread writes chunk k (and
         starts its disk writes); at most one store is outstanding."""
-        size = self.chunk_pages * RECORD_SIZE
-        buffers = (memoryview(bytearray(size)), memoryview(bytearray(size)))
+        buffers = (RecordBuffer(self.chunk_pages), RecordBuffer(self.chunk_pages))
         pending: Future[int] | None = None
         started = _StartIO() if start_io else None
         written = 0
@@ -790,9 +789,10 @@ class PageCache:
                     chunk, pos = self._next_chunk_locked(f, order, pos)
                 if chunk is None:
                     continue
-                records = buffers[turn][: chunk.records_size()]
+                out = buffers[turn]
                 turn ^= 1
-                chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, records)
+                n = chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, out)
+                records = out.buffer[:n]
                 chunk.blocks = []
                 if pending is not None:
                     written += pending.result()
