@@ -45,24 +45,10 @@ def serve_without_fence(path: str) -> int:
     proves the stress test can fail).  Reached by Python code alone
     (:func:`start_daemon`); serves until SIGTERM.
     """
-    import threading
-
     from keyfence.keys import KeyService
-    from keyfence.keys.secret import disable_core_dumps
-    from keyfence.server.daemon import Daemon
+    from keyfence.server.daemon import run_daemon
 
-    disable_core_dumps()
-    uid = os.geteuid()
-    daemon = Daemon(path, service=KeyService(fenced=False), private_uid=None if uid == 0 else uid)
-    daemon.bind()
-
-    def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=daemon.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    daemon.serve_forever()
-    return 0
+    return run_daemon(path, service=KeyService(fenced=False))
 
 
 def start_daemon(

@@ -687,18 +687,26 @@ class Daemon:
         self.service.close()
 
 
-def run_daemon(path: str, *, private: bool | None = None, detach: bool = False) -> int:
+def run_daemon(
+    path: str,
+    *,
+    private: bool | None = None,
+    detach: bool = False,
+    service: KeyService | None = None,
+) -> int:
     """``keyfence daemon``: serve in the foreground until SIGTERM or SIGINT.
 
     ``detach``: claim the socket, then fork; the parent exits as soon as
     the socket accepts connections (how clients start a daemon on demand).
+    ``service``: the key service to serve (Python callers only; the demo's
+    unfenced one).
     """
     from keyfence.keys.secret import disable_core_dumps
 
     disable_core_dumps()
     if private is None:
         private = os.geteuid() != 0
-    daemon = Daemon(path, private_uid=os.geteuid() if private else None)
+    daemon = Daemon(path, service=service, private_uid=os.geteuid() if private else None)
     try:
         daemon.bind()
     except DaemonRunning as err:
