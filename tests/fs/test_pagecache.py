@@ -211,6 +211,52 @@ def test_version_check_keeps_a_page_written_during_write_back(
     assert decrypt_backing(f.path) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_scattered_pages_are_written_back_in_batches(tmp_path: Path, pipelined: bool) -> None:
+    # random 4 KiB writes leave runs of one page: a batch holds several runs
+    # (one encrypt call), each still lands at its own record offset
+    chunk_pages = 8
+    cache = PageCache(dirty_limit=64 << 20, expire=60, chunk_pages=chunk_pages)
+    f = Opened(cache, tmp_path / "a")
+    size = 64 * PAGE_SIZE + 123  # a short last block
+    base = os.urandom(size)
+    cache.write(f.file, 0, base)
+    cache.flush(f.file)
+    want = bytearray(base)
+    indexes = [3, 5, 6, 9, 17, 30, 31, 32, 40, 44, 50, 63]
+    if pipelined:
+        indexes += [1, 11, 13, 22, 25, 27, 35, 37, 42, 47, 52, 55, 57, 60]
+    for idx in indexes:
+        page = os.urandom(PAGE_SIZE)
+        cache.write(f.file, idx * PAGE_SIZE, page)
+        want[idx * PAGE_SIZE : (idx + 1) * PAGE_SIZE] = page
+    cache.write(f.file, 64 * PAGE_SIZE, b"z" * 100)  # the short last page, dirty too
+    want[64 * PAGE_SIZE : 64 * PAGE_SIZE + 100] = b"z" * 100
+    cache.flush(f.file)
+    assert cache.dirty_bytes == 0
+    assert decrypt_backing(f.path) == bytes(want)
+    assert os.path.getsize(f.path) == backing_size(size)
+    assert f.read_all() == bytes(want)
+
+
+def test_batch_encryption_matches_the_records_of_single_blocks() -> None:
+    cipher = MASTER.file_cipher(bytes(16))
+    indexes = [7, 2, 1000, 3]
+    blocks = [os.urandom(PAGE_SIZE) for _ in indexes[:-1]] + [b"end"]
+    out = memoryview(bytearray(len(indexes) * RECORD_SIZE))
+    n = cipher.encrypt_indexed_into(indexes, blocks, out)
+    assert n == 3 * RECORD_SIZE + 3 + RECORD_SIZE - PAGE_SIZE
+    for k, (idx, block) in enumerate(zip(indexes, blocks, strict=True)):
+        record = out[k * RECORD_SIZE : min(n, (k + 1) * RECORD_SIZE)]
+        assert cipher.decrypt_block(idx, record) == block
+        with pytest.raises(IntegrityError):  # sealed to its own index
+            cipher.decrypt_block(idx + 1, record)
+    with pytest.raises(ValueError):
+        cipher.encrypt_indexed_into([-1], [b"x"], out)
+    with pytest.raises(ValueError):
+        cipher.encrypt_indexed_into([1, 2], [b"x"], out)
+
+
 def test_concurrent_flushers_and_writer_lose_nothing(tmp_path: Path) -> None:
     cache = PageCache(dirty_limit=256 * PAGE_SIZE, expire=0.01, chunk_pages=8)
     f = Opened(cache, tmp_path / "a")

@@ -407,6 +407,32 @@ class FileCipher:
         if count == 0:
             return 0
         self._check_range(first_index, count)
+        return self.encrypt_indexed_into(
+            range(first_index, first_index + count), blocks, out, checked=True
+        )
+
+    def encrypt_indexed_into(
+        self,
+        indexes: Sequence[int],
+        blocks: Sequence[Buffer],
+        out: memoryview | RecordBuffer,
+        *,
+        checked: bool = False,
+    ) -> int:
+        """:meth:`encrypt_pages_into` for blocks that need not be adjacent:
+        block ``blocks[k]`` (index ``indexes[k]``) is sealed into record slot
+        ``k`` of ``out``.  A write-back of scattered pages (random writes)
+        encrypts a whole batch of them in one call: one ``os.urandom`` and one
+        loop instead of a call per page.  The records stay the format's
+        records; only where they go on disk is the caller's business.
+        """
+        count = len(blocks)
+        if count == 0:
+            return 0
+        if len(indexes) != count:
+            raise ValueError("one index per block")
+        if not checked and (min(indexes) < 0 or max(indexes) >= 1 << 64):
+            raise ValueError("block index out of range")
         for block in blocks[:-1]:
             if len(block) != BLOCK_SIZE:
                 raise ValueError(f"only the last block may be shorter than {BLOCK_SIZE} bytes")
@@ -431,7 +457,6 @@ class FileCipher:
             bodies[-1] = bodies[-1][: last + BLOCK_TAG_SIZE]
         file_id, pack = self._file_id, _pack_aad
         encrypt_into = getattr(self._aead, "encrypt_into", None)
-        indexes = range(first_index, first_index + count)
         for nonce, slot, body, block, index in zip(
             nonces, records.nonces, bodies, blocks, indexes, strict=False
         ):

@@ -86,6 +86,8 @@ POLICY_XATTR = b"user.keyfence.policy"
 STATUS_XATTR = b"user.keyfence.status"
 _OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR)
 _XATTR_PREFIX = b"user.keyfence."
+_CAPABILITY_XATTR = b"security.capability"
+"""Asked by the kernel before every write (to drop file capabilities)."""
 
 _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
@@ -230,6 +232,8 @@ class KeyfenceOperations(pyfuse3.Operations):
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
+        self._no_capability: set[int] = set()
+        """Inodes known to have no security.capability (see getxattr)."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self.mounted = False
@@ -525,6 +529,8 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
             gone = self.table.forget(ino, nlookup)
+            if gone is not None:
+                self._no_capability.discard(ino)
             if gone is not None and gone.is_reg:
                 cached = self.cache.get(ino)
                 if cached is not None and cached.users == 0 and cached.fd >= 0:
@@ -1147,6 +1153,11 @@ class KeyfenceOperations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
+        if name == _CAPABILITY_XATTR and inode in self._no_capability:
+            # the kernel asks this before every write(2) on FUSE: remember
+            # the answer instead of a path walk and syscall per write (our
+            # setxattr, removexattr and forget drop it)
+            raise FUSEError(pyfuse3.ENOATTR)
         node = self.table.get(inode)
         if name == POLICY_XATTR:
             policy = self.table.contents_policy(node)
@@ -1157,7 +1168,12 @@ class KeyfenceOperations(pyfuse3.Operations):
             return json.dumps(self.status(node), sort_keys=True).encode()
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
-        return os.getxattr(self.table.path(node.ino), name, follow_symlinks=False)
+        try:
+            return os.getxattr(self.table.path(node.ino), name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno == errno.ENODATA and name == _CAPABILITY_XATTR:
+                self._no_capability.add(inode)
+            raise
 
     @fuse_op
     async def setxattr(
@@ -1169,6 +1185,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             return
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
+        self._no_capability.discard(inode)
         os.setxattr(self.table.path(node.ino), name, value, follow_symlinks=False)
 
     @fuse_op
@@ -1188,6 +1205,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
+        self._no_capability.discard(inode)
         os.removexattr(self.table.path(node.ino), name, follow_symlinks=False)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:

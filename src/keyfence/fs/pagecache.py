@@ -255,11 +255,12 @@ class _StartIO:
     """Byte range of a backing file stored by one flush pass and not yet
     handed to the disk; handed over every :data:`START_IO_BYTES`."""
 
-    __slots__ = ("hi", "lo")
+    __slots__ = ("hi", "lo", "stored")
 
     def __init__(self) -> None:
         self.lo = -1
         self.hi = -1
+        self.stored = 0
 
 
 START_IO_BYTES = 8 << 20
@@ -755,13 +756,11 @@ class PageCache:
         pos = 0
         while pos < len(order):
             with self.lock:
-                chunk, pos = self._next_chunk_locked(f, order, pos)
-            if chunk is None:
+                batch, pos = self._next_batch_locked(f, order, pos)
+            if not batch:
                 continue
-            records = memoryview(bytearray(chunk.records_size()))
-            chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, records)
-            chunk.blocks = []
-            written += self._store_chunk(f, chunk, records)
+            records = self._encrypt_batch(batch, RecordBuffer(sum(len(c.pages) for c in batch)))
+            written += self._store_batch(f, batch, records)
             if progress is not None:
                 progress(done + written)
         return written
@@ -774,8 +773,8 @@ class PageCache:
         done: int,
         start_io: bool,
     ) -> int:
-        """A pass of several chunks: this thread encrypts chunk k+1 into one
-        of two reused buffers while the store thread writes chunk k (and
+        """A pass of several batches: this thread encrypts batch k+1 into one
+        of two reused buffers while the store thread writes batch k (and
         starts its disk writes); at most one store is outstanding."""
         buffers = (RecordBuffer(self.chunk_pages), RecordBuffer(self.chunk_pages))
         pending: Future[int] | None = None
@@ -786,21 +785,18 @@ class PageCache:
         try:
             while pos < len(order):
                 with self.lock:
-                    chunk, pos = self._next_chunk_locked(f, order, pos)
-                if chunk is None:
+                    batch, pos = self._next_batch_locked(f, order, pos)
+                if not batch:
                     continue
-                out = buffers[turn]
+                records = self._encrypt_batch(batch, buffers[turn])
                 turn ^= 1
-                n = chunk.cipher.encrypt_pages_into(chunk.first, chunk.blocks, out)
-                records = out.buffer[:n]
-                chunk.blocks = []
                 if pending is not None:
                     written += pending.result()
                     pending = None
                     if progress is not None:
                         progress(done + written)
                 pending = self._store_executor().submit(
-                    self._store_and_start_io, f, chunk, records, started
+                    self._store_and_start_io, f, batch, records, started
                 )
             if pending is not None:
                 written += pending.result()
@@ -820,17 +816,23 @@ class PageCache:
             return self._store_thread
 
     def _store_and_start_io(
-        self, f: CachedFile, chunk: _Chunk, records: memoryview, started: _StartIO | None
+        self,
+        f: CachedFile,
+        batch: list[_Chunk],
+        records: list[memoryview],
+        started: _StartIO | None,
     ) -> int:
-        written = self._store_chunk(f, chunk, records)
+        written = self._store_batch(f, batch, records)
         if started is None:
             return written
-        lo = record_offset(chunk.first)
-        hi = lo + len(records)
-        if started.lo < 0 or lo != started.hi:  # not contiguous: a new range
-            started.lo = lo
-        started.hi = hi
-        if started.hi - started.lo >= START_IO_BYTES:
+        # the range spans the batches stored since the last start (with
+        # gaps, for scattered pages: the kernel skips what is not dirty)
+        lo = record_offset(batch[0].first)
+        hi = record_offset(batch[-1].first) + len(records[-1])
+        started.lo = lo if started.lo < 0 else min(started.lo, lo)
+        started.hi = max(started.hi, hi)
+        started.stored += sum(len(r) for r in records)
+        if started.stored >= START_IO_BYTES:
             with self.lock:
                 fd = os.dup(f.fd) if f.fd >= 0 else -1
             if fd >= 0:
@@ -838,11 +840,49 @@ class PageCache:
                     start_writeback(fd, started.lo, started.hi - started.lo)
                 finally:
                     os.close(fd)
-            started.lo = -1
+            started.lo, started.hi, started.stored = -1, -1, 0
         return written
 
-    def _next_chunk_locked(
+    def _next_batch_locked(
         self, f: CachedFile, order: list[int], pos: int
+    ) -> tuple[list[_Chunk], int]:
+        """Runs of dirty pages from ``order[pos:]``, up to ``chunk_pages``
+        pages in all, adjacent or not: scattered pages (random writes) are
+        encrypted and stored a batch at a time, not a call and a thread hop
+        per page.  The page at the end of file (maybe short) ends a batch."""
+        batch: list[_Chunk] = []
+        room = self.chunk_pages
+        n = len(order)
+        while pos < n and room > 0:
+            chunk, pos = self._next_chunk_locked(f, order, pos, room)
+            if chunk is None:
+                continue
+            batch.append(chunk)
+            room -= len(chunk.pages)
+            if chunk.last_len < PAGE_SIZE:
+                break
+        return batch, pos
+
+    @staticmethod
+    def _encrypt_batch(batch: list[_Chunk], out: RecordBuffer) -> list[memoryview]:
+        """Encrypt a batch's pages into ``out`` (one call for all its runs);
+        the records of each run, in ``out``."""
+        indexes: list[int] = []
+        blocks: list[bytearray | memoryview] = []
+        for chunk in batch:
+            indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
+            blocks.extend(chunk.blocks)
+            chunk.blocks = []
+        batch[0].cipher.encrypt_indexed_into(indexes, blocks, out, checked=True)
+        views = []
+        start = 0
+        for chunk in batch:
+            views.append(out.buffer[start : start + chunk.records_size()])
+            start += len(chunk.pages) * RECORD_SIZE
+        return views
+
+    def _next_chunk_locked(
+        self, f: CachedFile, order: list[int], pos: int, limit: int = 0
     ) -> tuple[_Chunk | None, int]:
         """The next run of consecutive dirty pages from ``order[pos:]``,
         snapshotted: page objects, versions and a copy of the bytes."""
@@ -862,7 +902,7 @@ class PageCache:
         run: list[tuple[int, _Page, int]] = []
         blocks: list[bytearray | memoryview] = []
         idx = first
-        limit = self.chunk_pages
+        limit = limit or self.chunk_pages
         while pos < n and order[pos] == idx and len(run) < limit and idx * PAGE_SIZE < size:
             page = pages.get(idx)
             if page is None:
@@ -878,58 +918,71 @@ class PageCache:
         # gets a new version under the lock, so its record is not stored.
         return _Chunk(first, run, blocks, last_len, f.generation, f.cipher), pos
 
+    def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
+        """:meth:`_store_chunk` for every run of a batch, under one lock hold."""
+        with self.lock:
+            return sum(
+                self._store_chunk_locked(f, chunk, rec)
+                for chunk, rec in zip(batch, records, strict=True)
+            )
+
     def _store_chunk(self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview) -> int:
+        with self.lock:
+            return self._store_chunk_locked(f, chunk, records)
+
+    def _store_chunk_locked(
+        self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview
+    ) -> int:
         """Write the records of the pages that did not change since the
         snapshot (same page object, same version) and forget those pages."""
         count = len(chunk.pages)
-        with self.lock:
-            if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
-                return 0
-            pages = f.pages
-            current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
-            header: bytes | None = None
-            if not f.header_on_disk:
-                header = FileHeader(chunk.cipher.file_id).serialize()
-                if chunk.first != 0 or not current[0]:
-                    os.pwrite(f.fd, header, 0)
-                    header = None
-                # else: it goes out with the first records, one pwritev
-                # (a small file is then one write: header and its block)
-                f.header_on_disk = True
-                f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
-            view = memoryview(records)
-            k = 0
-            written = 0
-            while k < count:
-                if not current[k]:
-                    k += 1
-                    continue
-                j = k
-                while j + 1 < count and current[j + 1]:
-                    j += 1
-                start = k * RECORD_SIZE
-                stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
-                offset = record_offset(chunk.first + k)
-                data = view[start:stop]
-                done = 0
-                if header is not None:  # block 0 and the header, adjacent
-                    done = os.pwritev(f.fd, [header, data], 0) - len(header)
-                    header = None
-                    if done < 0:  # a short write inside the header: rewrite it all
-                        os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
-                        done = 0
-                while done < len(data):
-                    done += os.pwrite(f.fd, data[done:], offset + done)
-                f.disk_size = max(f.disk_size, offset + len(data))
-                for m in range(k, j + 1):
-                    del pages[chunk.first + m]
-                self._dirty_pages -= j - k + 1
-                written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
-                k = j + 1
-            if not pages and f.disk_size >= backing_size(f.size):
-                f.dirty_since = None
-            self.stats["written_bytes"] += written
-            return written
+        if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
+            return 0
+        pages = f.pages
+        current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
+        header: bytes | None = None
+        if not f.header_on_disk:
+            header = FileHeader(chunk.cipher.file_id).serialize()
+            if chunk.first != 0 or not current[0]:
+                os.pwrite(f.fd, header, 0)
+                header = None
+            # else: it goes out with the first records, one pwritev
+            # (a small file is then one write: header and its block)
+            f.header_on_disk = True
+            f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
+        view = memoryview(records)
+        k = 0
+        written = 0
+        while k < count:
+            if not current[k]:
+                k += 1
+                continue
+            j = k
+            while j + 1 < count and current[j + 1]:
+                j += 1
+            start = k * RECORD_SIZE
+            stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
+            offset = record_offset(chunk.first + k)
+            data = view[start:stop]
+            done = 0
+            if header is not None:  # block 0 and the header, adjacent
+                done = os.pwritev(f.fd, [header, data], 0) - len(header)
+                header = None
+                if done < 0:  # a short write inside the header: rewrite it all
+                    os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
+                    done = 0
+            while done < len(data):
+                done += os.pwrite(f.fd, data[done:], offset + done)
+            f.disk_size = max(f.disk_size, offset + len(data))
+            for m in range(k, j + 1):
+                del pages[chunk.first + m]
+            self._dirty_pages -= j - k + 1
+            written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
+            k = j + 1
+        if not pages and f.disk_size >= backing_size(f.size):
+            f.dirty_since = None
+        self.stats["written_bytes"] += written
+        return written
 
     def _finish_extension(self, f: CachedFile) -> None:
         """After the pages: a file grown by truncate gets its header and size."""
