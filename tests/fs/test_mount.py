@@ -995,6 +995,25 @@ def test_other_xattrs_pass_through(enc: Enc) -> None:
     assert errno_of(os.removexattr, enc.dir, POLICY) == errno.EPERM
 
 
+def test_a_write_still_drops_file_capabilities(enc: Enc) -> None:
+    """The mount remembers that a file has no security.capability (the kernel
+    asks before every write); a capability set later must still be dropped
+    by the next write, as on any filesystem."""
+    import struct
+
+    f = enc.dir / "tool"
+    f.write_bytes(b"#!/bin/sh\n")
+    with open(f, "r+b", buffering=0) as out:  # the kernel asked: no capability
+        out.write(b"#")
+    # VFS_CAP_REVISION_2 with CAP_NET_RAW permitted, effective bit set
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    os.setxattr(f, "security.capability", cap)
+    assert os.getxattr(f, "security.capability") == cap
+    with open(f, "r+b", buffering=0) as out:
+        out.write(b"#")
+    assert errno_of(os.getxattr, f, "security.capability") == errno.ENODATA
+
+
 READER = r"""
 import os, sys
 path = sys.argv[1]
