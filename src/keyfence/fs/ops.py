@@ -29,7 +29,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -409,6 +409,20 @@ class KeyfenceOperations(pyfuse3.Operations):
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def _new_entry(self, dir_path: str, enc: EncryptedName) -> Iterator[str]:
+        """Write a long name's sidecar, then let the block make the entry at
+        the path yielded; if that fails, remove the sidecar unless an entry
+        of that name exists (it is that entry's)."""
+        path = os.path.join(dir_path, enc.disk_name)
+        self._write_sidecar(dir_path, enc)
+        try:
+            yield path
+        except BaseException:
+            if enc.is_long and not os.path.lexists(path):
+                self._remove_sidecar(dir_path, enc.disk_name)
+            raise
+
     @staticmethod
     def _remove_sidecar(dir_path: str, disk: str) -> None:
         if is_long_name(disk):
@@ -653,15 +667,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             disk_target = self._cipher(d, master).encrypt_symlink(bytes(target))
         else:
             disk_target = os.fsdecode(target)
-        path = os.path.join(d_path, enc.disk_name)
         uid, gid, _ = self._owner(d_path, ctx)
-        self._write_sidecar(d_path, enc)
-        try:
+        with self._new_entry(d_path, enc) as path:
             os.symlink(disk_target, path)
-        except OSError:
-            if enc.is_long and not os.path.lexists(path):
-                self._remove_sidecar(d_path, enc.disk_name)
-            raise
         os.chown(path, uid, gid, follow_symlinks=False)
         st = os.lstat(path)
         self.table.remember(d.ino, enc.disk_name, st)
@@ -677,10 +685,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, _master = await self._new_name(d, name, ctx)
         d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, enc.disk_name)
         uid, gid, _ = self._owner(d_path, ctx)
-        self._write_sidecar(d_path, enc)
-        os.mknod(path, mode, rdev)
+        with self._new_entry(d_path, enc) as path:
+            os.mknod(path, mode, rdev)
         os.chown(path, uid, gid, follow_symlinks=False)
         st = os.lstat(path)
         self.table.remember(d.ino, enc.disk_name, st)
@@ -714,8 +721,8 @@ class KeyfenceOperations(pyfuse3.Operations):
                 _write_policy(tmp, policy)
                 os.chown(tmp, uid, gid)
                 os.chmod(tmp, perm)
-                self._write_sidecar(d_path, enc)
-                rename2(tmp, path, RENAME_NOREPLACE)
+                with self._new_entry(d_path, enc):
+                    rename2(tmp, path, RENAME_NOREPLACE)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(tmp, POLICY_FILE_NAME))
@@ -738,15 +745,14 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
         d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, enc.disk_name)
         uid, gid, _ = self._owner(d_path, ctx)
-        self._write_sidecar(d_path, enc)
         open_flags = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | (flags & os.O_EXCL)
         if master is None:
             open_flags |= flags & _PLAIN_OPEN_FLAGS
         else:
             open_flags |= os.O_RDWR
-        fd = os.open(path, open_flags, stat.S_IMODE(mode))
+        with self._new_entry(d_path, enc) as path:
+            fd = os.open(path, open_flags, stat.S_IMODE(mode))
         try:
             st = os.fstat(fd)
             if st.st_uid != uid or st.st_gid != gid:
@@ -826,9 +832,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             raise _err(errno.EXDEV, "an encrypted symlink is bound to its directory")
         enc, _master = await self._new_name(d, new_name, ctx)
         d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, enc.disk_name)
-        self._write_sidecar(d_path, enc)
-        os.link(self.table.path(node.ino), path, follow_symlinks=False)
+        with self._new_entry(d_path, enc) as path:
+            os.link(self.table.path(node.ino), path, follow_symlinks=False)
         st = os.lstat(path)
         self.table.remember(d.ino, enc.disk_name, st)
         self._modified(d)
