@@ -205,7 +205,7 @@ def test_version_check_keeps_a_page_written_during_write_back(
     assert chunk is not None
     records = chunk.cipher.encrypt_blocks(chunk.first, b"".join(chunk.blocks))
     cache.write(f.file, 0, b"b" * 10)  # written again after the snapshot
-    assert cache._store_chunk(f.file, chunk, records) == 0
+    assert cache._store_batch(f.file, [chunk], [memoryview(records)]) == 0
     assert cache.dirty_bytes == PAGE_SIZE
     cache.flush(f.file)
     assert decrypt_backing(f.path) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)

@@ -919,16 +919,12 @@ class PageCache:
         return _Chunk(first, run, blocks, last_len, f.generation, f.cipher), pos
 
     def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
-        """:meth:`_store_chunk` for every run of a batch, under one lock hold."""
+        """:meth:`_store_chunk_locked` for every run of a batch, under one lock hold."""
         with self.lock:
             return sum(
                 self._store_chunk_locked(f, chunk, rec)
                 for chunk, rec in zip(batch, records, strict=True)
             )
-
-    def _store_chunk(self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview) -> int:
-        with self.lock:
-            return self._store_chunk_locked(f, chunk, records)
 
     def _store_chunk_locked(
         self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview
