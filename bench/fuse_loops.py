@@ -38,7 +38,8 @@ keyfence uses today.  Loops:
   reused buffer per thread (zeroed after each request), one descriptor
   cloned per thread (``FUSE_DEV_IOC_CLONE``), mounted by fusermount3,
   ``FUSE_HANDLE_KILLPRIV_V2`` and ``max_pages`` 256 set; ``raw-N-no-killpriv2``
-  without KILLPRIV_V2 shows what the capability lookup costs.
+  without KILLPRIV_V2 shows what the capability lookup costs, ``raw-1-no-zero``
+  what zeroing the buffer costs.
 
 A loop whose library is missing becomes an error row, never a failure.
 """
@@ -228,6 +229,7 @@ def default_loops(threads: int) -> list[str]:
         f"llfuse-{threads}",
         "mfusepy",
         "raw-1",
+        "raw-1-no-zero",
         "raw-2",
         f"raw-{threads}",
         f"raw-{threads}-no-killpriv2",

@@ -2,7 +2,7 @@
 """The do-nothing filesystem of bench/fuse_loops.py, once per request loop.
 
 Usage: ``fuse_loops_fs.py LOOP MOUNTPOINT``, LOOP one of ``pyfuse3``,
-``llfuse-N``, ``mfusepy``, ``raw-N``, ``raw-N-no-killpriv2``; serves until
+``llfuse-N``, ``mfusepy``, ``raw-N[-no-killpriv2][-no-zero]``; serves until
 unmounted.
 
 Every version has the same tree: a root directory whose files keep a size
@@ -320,10 +320,18 @@ def serve_mfusepy(mnt: str) -> None:
 # -- our own loop --------------------------------------------------------------
 
 
-def serve_raw(mnt: str, threads: int, killpriv_v2: bool) -> None:
+def serve_raw(mnt: str, threads: int, flags: str) -> None:
+    """``flags``: what follows ``raw-N``: ``-no-killpriv2``, ``-no-zero``."""
     import fuse_rawloop
 
-    fuse_rawloop.serve(TREE, mnt, threads=threads, killpriv_v2=killpriv_v2, options=OPTIONS)
+    fuse_rawloop.serve(
+        TREE,
+        mnt,
+        threads=threads,
+        killpriv_v2="-no-killpriv2" not in flags,
+        zero="-no-zero" not in flags,
+        options=OPTIONS,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -335,8 +343,8 @@ def main(argv: list[str]) -> int:
     elif loop == "mfusepy":
         serve_mfusepy(mnt)
     elif loop.startswith("raw-"):
-        parts = loop.split("-")
-        serve_raw(mnt, int(parts[1]), killpriv_v2=parts[2:] != ["no", "killpriv2"])
+        threads, _, flags = loop.removeprefix("raw-").partition("-")
+        serve_raw(mnt, int(threads), "-" + flags)
     else:
         print(f"unknown loop {loop}", file=sys.stderr)
         return 2

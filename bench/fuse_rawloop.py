@@ -126,10 +126,11 @@ def clone(fd: int) -> int:
 
 
 class Session:
-    def __init__(self, tree: Tree, fd: int, killpriv_v2: bool) -> None:
+    def __init__(self, tree: Tree, fd: int, killpriv_v2: bool, zero: bool) -> None:
         self.tree = tree
         self.fd = fd
         self.killpriv_v2 = killpriv_v2
+        self.zero = zero
         self.handlers: dict[int, Callable[[int, memoryview], bytes]] = {
             LOOKUP: self.lookup,
             GETATTR: self.getattr,
@@ -247,6 +248,7 @@ class Session:
         address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         counts = self.tree.counts
         handlers = self.handlers
+        zero = self.zero
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -274,14 +276,21 @@ class Session:
                         return
                     if err.errno != errno.ENOENT:  # ENOENT: the request was interrupted
                         raise
-            ctypes.memset(address, 0, n)  # no request bytes outlive their request
+            if zero:
+                ctypes.memset(address, 0, n)  # no request bytes outlive their request
 
 
 def serve(
-    tree: Tree, mountpoint: str, *, threads: int, killpriv_v2: bool, options: Sequence[str]
+    tree: Tree,
+    mountpoint: str,
+    *,
+    threads: int,
+    killpriv_v2: bool,
+    zero: bool,
+    options: Sequence[str],
 ) -> None:
     fd = mount(mountpoint, [*options, "fsname=fuseloops-raw", "subtype=fuseloops"])
-    session = Session(tree, fd, killpriv_v2)
+    session = Session(tree, fd, killpriv_v2, zero)
     session.init()
     fds = [fd] + [clone(fd) for _ in range(threads - 1)]
     workers = [threading.Thread(target=session.serve, args=(f,), daemon=True) for f in fds[1:]]
