@@ -18,6 +18,7 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --no-allow-other       only the mounting user may (a user's default)
     --backing-fd FD        the backing directory, opened and checked by the daemon
     --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
+    --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
 
 There is no way to hand libfuse a raw option: the FUSE options are made
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--backing-fd", type=int)
     p.add_argument("--fuse-fd", type=int)
+    p.add_argument("--mountpoint-fd", type=int)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
     return p
@@ -264,6 +266,31 @@ def fuse_options(backing: str, allow_other: bool) -> set[str]:
     return opts
 
 
+def unmount_own(mountpoint: str, mountpoint_fd: int | None) -> None:
+    """Take our mount away when we stop on our own (a signal, the daemon
+    gone): root through the mount point's descriptor, a user through
+    fusermount3 (which unmounts only that user's own FUSE mounts).
+    Nothing happens when the mount is already gone."""
+    import ctypes
+    import subprocess
+
+    if os.geteuid() == 0 and mountpoint_fd is not None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.umount2(f"/proc/self/fd/{mountpoint_fd}".encode(), ctypes.c_int(MNT_DETACH))
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["fusermount3", "-u", "-z", "--", mountpoint],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+
+
+MNT_DETACH = 2
+
+
 def run(
     backing: str,
     mountpoint: str,
@@ -276,6 +303,7 @@ def run(
     ready_fd: int | None = None,
     backing_fd: int | None = None,
     fuse_fd: int | None = None,
+    mountpoint_fd: int | None = None,
 ) -> int:
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel
@@ -307,6 +335,8 @@ def run(
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
             unmounted = True
+        if fuse_fd is not None:  # libfuse unmounts only what it mounted
+            unmount_own(mountpoint, mountpoint_fd)
         _report(
             source,
             "unmounted",
@@ -356,6 +386,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         ready_fd=args.ready_fd,
         backing_fd=args.backing_fd,
         fuse_fd=args.fuse_fd,
+        mountpoint_fd=args.mountpoint_fd,
     )
 
 

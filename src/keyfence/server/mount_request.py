@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,6 +171,27 @@ def keyfence_devices(mountinfo: str = "/proc/self/mountinfo") -> set[int]:
     return devices
 
 
+def keyfence_mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Where keyfence mounts are, by name (a first, cheap check: the
+    descriptor checks below are the ones that count)."""
+    points: list[str] = []
+    with contextlib.suppress(OSError), open(mountinfo, errors="surrogateescape") as f:
+        for line in f:
+            head, sep, tail = line.partition(" - ")
+            fields = head.split()
+            if sep and len(fields) > 4 and tail.split()[:1] == ["fuse.keyfence"]:
+                points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return points
+
+
+def _inside_a_mount(backing: str) -> KeyfenceError:
+    return KeyfenceError(
+        errno.EINVAL,
+        f"the backing directory {backing} is inside a keyfence mount "
+        "(ciphertext of ciphertext, and a worker waiting on another)",
+    )
+
+
 @dataclass
 class CheckedRequest:
     """Descriptors of a checked mount request; close() when done with them."""
@@ -203,6 +225,9 @@ def check_request(
 ) -> CheckedRequest:
     """Open and check both directories as ``caller``; raise KeyfenceError
     with the kernel's errno and the reason, or return the descriptors."""
+    for point in keyfence_mount_points():
+        if backing == point or backing.startswith(point.rstrip("/") + "/"):
+            raise _inside_a_mount(backing)
     with as_caller(caller):
         backing_fd = open_directory(backing, "backing directory")
         try:
@@ -252,11 +277,7 @@ def _check(caller: Caller, request: CheckedRequest, *, nonempty: bool) -> None:
                 f"{request.mountpoint} (the mount would hide its own ciphertext)",
             )
         if st.st_dev in ours:
-            raise KeyfenceError(
-                errno.EINVAL,
-                f"the backing directory {request.backing} is inside a keyfence mount "
-                "(ciphertext of ciphertext, and a worker waiting on another)",
-            )
+            raise _inside_a_mount(request.backing)
     if not nonempty and not _is_empty(request.mountpoint_fd, request.mountpoint):
         raise KeyfenceError(
             errno.ENOTEMPTY,

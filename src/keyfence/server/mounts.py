@@ -245,8 +245,8 @@ class MountSupervisor:
         fds = [theirs.fileno(), request.backing_fd]
         argv = [*command, "--backing-fd", str(request.backing_fd)]
         if fuse_fd is not None:
-            fds.append(fuse_fd)
-            argv += ["--fuse-fd", str(fuse_fd)]
+            fds += [fuse_fd, request.mountpoint_fd]
+            argv += ["--fuse-fd", str(fuse_fd), "--mountpoint-fd", str(request.mountpoint_fd)]
         argv += [
             *worker_args,
             "--allow-other" if allow_other else "--no-allow-other",
