@@ -66,11 +66,25 @@ def test_a_bad_option_says_why(s: Scene) -> None:
     assert "exited with status" not in done.stderr
     done = s.keyfence(USER, "mount", "-o", "allow_other", str(backing), str(mnt))
     assert done.returncode == 1 and "user_allow_other" in done.stderr
+    # mount(8) style: a list in one -o, and the older worker-flag spelling
+    done = s.keyfence(USER, "mount", "-o", "dirty_limit=32M,dirty_expire=2", str(backing), str(mnt))
+    assert done.returncode == 0, done.stderr
+    limit = s.run(
+        USER,
+        f'"$KF_PYTHON" -c "import json, os; '
+        f"s = json.loads(os.getxattr('{mnt}', 'user.keyfence.status')); "
+        "print(s['mount']['dirty_limit'])\"",
+    )
+    assert limit.stdout.strip() == str(32 << 20), limit.stdout + limit.stderr
+    assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+    done = s.keyfence(USER, "mount", "--option=--dirty-limit=16M", str(backing), str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
 
 
 def test_a_user_mount_is_nosuid_nodev_and_runs_as_the_user(s: Scene) -> None:
     backing, mnt = s.directory("b"), s.directory("m")
-    done = s.keyfence(USER, "mount", "-o", "dirty_limit=32M,dirty_expire=2", str(backing), str(mnt))
+    done = s.keyfence(USER, "mount", str(backing), str(mnt))
     assert done.returncode == 0, done.stderr
     options = mount_options_of(mnt)
     assert {"nosuid", "nodev"} <= options, options
@@ -105,7 +119,7 @@ def test_a_mount_over_its_own_backing_is_refused_at_once(s: Scene, shape: str) -
         backing, mnt = outer, s.directory("x/inner")
     else:
         backing, mnt = s.directory("x/inner"), outer
-    done = s.keyfence(USER, "mount", "-o", "nonempty", str(backing), str(mnt), timeout=60)
+    done = s.keyfence(USER, "mount", str(backing), str(mnt), timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "backing directory" in done.stderr
     assert not is_mounted(mnt)
