@@ -102,6 +102,13 @@ def _error(err: OSError, path: str, what: str) -> KeyfenceError:
     return KeyfenceError(code, f"{what} {path}: {os.strerror(code)}")
 
 
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
 def open_directory(path: str, what: str) -> int:
     """An O_PATH descriptor of the directory ``path``, walked component by
     component without following any symlink (with the current thread's
@@ -118,14 +125,12 @@ def open_directory(path: str, what: str) -> int:
             try:
                 nxt = os.open(name, _OPEN_DIR, dir_fd=fd)
             except OSError as err:
-                if err.errno == errno.ENOTDIR:
-                    with contextlib.suppress(OSError):
-                        if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
-                            raise KeyfenceError(
-                                errno.ELOOP,
-                                f"{what} {path}: {walked} became a symbolic link "
-                                "(the request is resolved once, by the client)",
-                            ) from None
+                if err.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(name, fd):
+                    raise KeyfenceError(
+                        errno.ELOOP,
+                        f"{what} {path}: {walked} became a symbolic link "
+                        "(the request is resolved once, by the client)",
+                    ) from None
                 raise _error(err, path, what) from None
             os.close(fd)
             fd = nxt
