@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyfence.mounts")
 
 READY_TIMEOUT = 30.0
+MAX_FINDERS = 1024
+"""Keys found but not yet watched, per mount (a watch follows at once)."""
 
 
 @dataclass
@@ -396,6 +398,8 @@ class MountSupervisor:
                 try:
                     serial = svc.request_key(caller, key_type, description)
                     with svc.use_key(caller, serial) as payload:
+                        if len(mount.finders) >= MAX_FINDERS:  # oldest first
+                            mount.finders.pop(next(iter(mount.finders)))
                         mount.finders[serial] = caller
                         return [serial, description, payload.reveal()]
                 except OSError:
@@ -407,7 +411,7 @@ class MountSupervisor:
         """Who watches key ``serial`` for ``mount``: the process it was found
         for (possessor, or owner), so the watch needs no right the
         request did not have."""
-        return mount.finders.get(serial)
+        return mount.finders.pop(serial, None)
 
     def report(self, mount: Mount, event: str, detail: Any) -> None:
         if event in ("ready", "mounted"):
