@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.testing import users
 from tests.security.mount_helpers import (
     OTHER,
     PASSPHRASE,
@@ -161,6 +163,25 @@ def test_someone_elses_directory_is_refused(s: Scene) -> None:
     done = s.keyfence(USER, "mount", str(backing), str(mnt))
     assert done.returncode == 1 and "do not own" in done.stderr
     assert not is_mounted(mnt)
+
+
+def test_a_mount_point_in_procfs_is_refused(s: Scene) -> None:
+    """A user owns directories in /proc (its processes'); fusermount3 refuses
+    to mount over anything but plain data filesystems, and so do we."""
+    backing = s.directory("b")
+    sleeper = subprocess.Popen(users.as_uid(USER, ["sleep", "60"]))
+    try:
+        where = f"/proc/{sleeper.pid}/fdinfo"
+        deadline = time.monotonic() + 30
+        while os.stat(f"/proc/{sleeper.pid}").st_uid != USER:  # until setpriv has exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        done = s.keyfence(USER, "mount", str(backing), where)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "forbidden" in done.stderr, done.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 # ------------------------------------------------------------- finding 2

@@ -33,7 +33,7 @@ import struct
 
 from keyfence.errors import KeyfenceError
 
-__all__ = ["MNT_DETACH", "filesystem_type", "mount_fuse", "umount"]
+__all__ = ["MNT_DETACH", "filesystem_type", "is_data_filesystem", "mount_fuse", "umount"]
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -100,11 +100,16 @@ def filesystem_type(fd: int) -> int:
     return int(struct.unpack_from("l", buf.raw, 0)[0]) & 0xFFFFFFFF
 
 
+def is_data_filesystem(fd: int) -> bool:
+    """Whether ``fd`` is on a filesystem fusermount3 would mount over."""
+    return filesystem_type(fd) in _DATA_FILESYSTEMS
+
+
 def mount_fuse(
     mountpoint_fd: int, source: str, *, uid: int, gid: int, allow_other: bool, what: str
 ) -> int:
     """Mount FUSE on the directory ``mountpoint_fd``; the /dev/fuse descriptor."""
-    if filesystem_type(mountpoint_fd) not in _DATA_FILESYSTEMS:
+    if not is_data_filesystem(mountpoint_fd):
         raise KeyfenceError(
             errno.EPERM, f"mounting over the filesystem type of {what} is forbidden"
         )

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from keyfence.errors import KeyfenceError
 from keyfence.keys.process_keys import Caller
+from keyfence.server import fuse_mount
 
 __all__ = ["CheckedRequest", "as_caller", "check_request", "keyfence_devices"]
 
@@ -283,6 +284,12 @@ def _check(caller: Caller, request: CheckedRequest, *, nonempty: bool) -> None:
             )
         if st.st_dev in ours:
             raise _inside_a_mount(request.backing)
+    if not fuse_mount.is_data_filesystem(request.mountpoint_fd):
+        raise KeyfenceError(
+            errno.EPERM,
+            f"mounting over the filesystem type of {request.mountpoint} is forbidden "
+            "(as fusermount3: only plain data filesystems, not procfs, sysfs ...)",
+        )
     if not nonempty and not _is_empty(request.mountpoint_fd, request.mountpoint):
         raise KeyfenceError(
             errno.ENOTEMPTY,
