@@ -265,6 +265,9 @@ def test_a_user_runs_the_readme_on_their_own_mount(s: Scene) -> None:
         cat {home}/my_file 2>/dev/null && echo READABLE || echo LOCKED
         keyfence unlock -S {SALT} {home} < {s.root}/pass
         cat {home}/my_file
+        keyfence status
+        keyfence lock {home}
+        cat {home}/my_file 2>/dev/null && echo READABLE || echo LOCKED AGAIN
         """,
         stdin=PASSPHRASE,
     )
@@ -276,6 +279,8 @@ def test_a_user_runs_the_readme_on_their_own_mount(s: Scene) -> None:
     assert "LOCKED" in login.stdout
     assert login.stdout.count("secret words") == 2, login.stdout + login.stderr
     assert f"{home}: unlocked" in login.stdout
+    assert f"{mnt}: mounted" in login.stdout  # keyfence status: its own mount
+    assert f"{home}: locked" in login.stdout and "LOCKED AGAIN" in login.stdout
     assert login.returncode == 0, login.stderr
     for path in backing.rglob("*"):
         assert "my_file" not in path.name
