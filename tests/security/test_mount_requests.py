@@ -26,6 +26,7 @@ from tests.security.mount_helpers import (
     USER,
     Scene,
     abort_and_unmount,
+    fuse_mounts_under,
     is_mounted,
     mount_options_of,
     scene,
@@ -100,6 +101,12 @@ def test_a_user_mount_is_nosuid_nodev_and_runs_as_the_user(s: Scene) -> None:
     with open(f"/proc/{pid}/limits") as f:
         core = next(line for line in f if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"], core
+    # the daemon set the readahead window the user's worker may not set itself
+    device = next(dev for point, dev, _o in fuse_mounts_under(mnt) if point == str(mnt))
+    deadline = time.monotonic() + 60
+    while Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() != "1024":
+        assert time.monotonic() < deadline, "readahead not set"
+        time.sleep(0.05)
     # root's mounts keep allow_other and default_permissions
     rb, rm = s.directory("rb", owner=0), s.directory("rm", owner=0)
     done = s.keyfence(0, "mount", str(rb), str(rm))

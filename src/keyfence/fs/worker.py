@@ -162,9 +162,14 @@ async def _when_up(ops: KeyfenceOperations, ready_fd: int | None, readahead_kb: 
     """Once the kernel has our INIT reply (a stat of the mount answers):
     set the readahead window (INIT resets it) and say we are ready."""
     await trio.to_thread.run_sync(os.stat, ops.mountpoint)
-    if readahead_kb > 0:
+    if readahead_kb > 0 and os.geteuid() == 0:
         got = await trio.to_thread.run_sync(set_readahead, ops.mountpoint, readahead_kb)
         log.info("readahead %s KiB", got)
+    elif readahead_kb > 0:  # a user's worker may not write sysfs: the daemon does
+        device = _mount_device(ops.mountpoint)
+        if device is not None:
+            detail = {"device": device, "kb": readahead_kb}
+            await trio.to_thread.run_sync(ops.keys.report, "readahead", detail)
     if ready_fd is not None:
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"ready\n")
@@ -381,7 +386,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         source,
         options,
         allow_other=args.allow_other,
-        readahead_kb=args.readahead_kb if os.geteuid() == 0 else 0,
+        readahead_kb=args.readahead_kb,
         max_tasks=args.max_tasks,
         ready_fd=args.ready_fd,
         backing_fd=args.backing_fd,

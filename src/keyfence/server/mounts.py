@@ -24,6 +24,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -170,6 +171,20 @@ def worker_command(uid: int) -> tuple[list[str], dict[str, str]]:
         f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {uid} can run "
         f"(the daemon's, {sys.executable}, is out of its reach)",
     )
+
+
+def _keyfence_devices_at(mountpoint: str) -> set[str]:
+    """``major:minor`` of the keyfence mounts whose mount point is ``mountpoint``."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", errors="replace") as f:
+        for line in f:
+            head, sep, tail = line.partition(" - ")
+            fields = head.split()
+            if sep and len(fields) > 4 and tail.split()[:1] == ["fuse.keyfence"]:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+                if point == mountpoint:
+                    found.add(fields[2])
+    return found
 
 
 def _status_ids(pid: int) -> tuple[int, int] | None:
@@ -425,11 +440,25 @@ class MountSupervisor:
             mount.ready.set()
         elif event == "busy":
             mount.busy = detail if isinstance(detail, dict) else {"detail": detail}
+        elif event == "readahead" and isinstance(detail, dict):
+            self._set_readahead(mount, detail.get("device"), detail.get("kb"))
         elif event == "dropped":
             mount.dropped.append(detail if isinstance(detail, dict) else {"detail": detail})
             files = detail.get("files") if isinstance(detail, dict) else None
             count = len(files) if isinstance(files, dict) else "some"
             log.warning("a mount of uid %d dropped %s files in an emergency", mount.owner, count)
+
+    @staticmethod
+    def _set_readahead(mount: Mount, device: Any, kb: Any) -> None:
+        """A user's worker cannot write its mount's bdi ``read_ahead_kb``
+        (root's only): we do, for the device mountinfo shows at that mount's
+        mount point as a keyfence mount, and nothing else."""
+        if os.geteuid() != 0 or type(kb) is not int or not 0 < kb <= 1 << 20:
+            return
+        if not isinstance(device, str) or device not in _keyfence_devices_at(mount.mountpoint):
+            return
+        with contextlib.suppress(OSError), open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
 
     def _caller_of_pid(self, pid: int) -> Caller | None:
         info = identity.read_proc(pid)
