@@ -127,8 +127,16 @@ def is_mounted(path: Path) -> bool:
 
 def abort_and_unmount(root: Path) -> None:
     """Abort every FUSE connection mounted under ``root`` (a deadlocked
-    worker cannot hang the cleanup) and detach the mounts."""
-    for point, dev, _options in reversed(fuse_mounts_under(root)):
+    worker cannot hang the cleanup) and detach the mounts.  Aborting needs
+    fusectl at /sys/fs/fuse/connections (mounted here if it is not: without
+    it a worker stuck on its own mount stays stuck after a lazy unmount)."""
+    mounts = fuse_mounts_under(root)
+    connections = Path("/sys/fs/fuse/connections")
+    if mounts and connections.is_dir() and not any(connections.iterdir()):
+        subprocess.run(
+            ["mount", "-t", "fusectl", "none", str(connections)], capture_output=True, check=False
+        )
+    for point, dev, _options in reversed(mounts):
         minor = dev.split(":")[1]
         with contextlib.suppress(OSError):
             Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
