@@ -334,7 +334,6 @@ def test_a_user_unlocks_a_directory_of_a_shared_root_mount(s: Scene) -> None:
 
 
 def test_users_see_only_their_own_mounts_and_logs_are_private(s: Scene) -> None:
-    before = set(glob.glob("/tmp/keyfence-worker-*.log"))
     backing, mnt = s.directory("b"), s.directory("m")
     assert s.keyfence(USER, "mount", str(backing), str(mnt)).returncode == 0
     mine = s.keyfence(USER, "status")
@@ -348,7 +347,8 @@ def test_users_see_only_their_own_mounts_and_logs_are_private(s: Scene) -> None:
     )
     assert json.loads(listing.stdout) == [], listing.stdout + listing.stderr
     assert f"{mnt}: mounted" in s.keyfence(0, "status").stdout
-    assert set(glob.glob("/tmp/keyfence-worker-*.log")) == before
+    # not /tmp/keyfence-worker-<daemon pid>-*.log, 0644, as before the fix
+    assert glob.glob(f"/tmp/keyfence-worker-{s.daemon.process.pid}-*.log") == []
     logs = Path(s.daemon.socket).parent / "worker-logs"
     assert (os.stat(logs).st_mode & 0o777) == 0o700 and os.stat(logs).st_uid == 0
     for log in logs.iterdir():
