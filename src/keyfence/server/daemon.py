@@ -411,14 +411,14 @@ class Connection:
             return None
         if op == "mounts":
             _check_args(op, args, ())
-            return mounts.describe()
+            return mounts.describe(self.caller)
         if self.mount is None:
             raise KeyfenceError(errno.EPERM, f"{op} is for mount workers only")
         if op == "worker_find_key":
             _check_args(op, args, (_INT, _LIST))
             if not all(type(d) is str for d in args[1]):
                 raise KeyfenceError(errno.EINVAL, "descriptions must be strings")
-            return mounts.find_key(args[0], args[1])
+            return mounts.find_key(self.mount, args[0], args[1])
         _check_args(op, args, (_STR, _ANY))
         mounts.report(self.mount, args[0], args[1])
         return None
@@ -478,8 +478,11 @@ class Connection:
             watch_id = next(self.watch_ids)
         mask = KeyEvent(events & KeyEvent.ALL) or KeyEvent.ALL
         label = name or f"pid {self.caller.pid}"
+        caller = self.caller
+        if self.mount is not None:  # a mount watches with the rights it found the key with
+            caller = self.daemon.mounts.watcher(self.mount, key_id) or caller
         watch = self.daemon.service.watch(
-            self.caller, key_id, RemoteWatcher(self, watch_id), mask, sync=sync, name=label
+            caller, key_id, RemoteWatcher(self, watch_id), mask, sync=sync, name=label
         )
         with self.lock:
             self.watches[watch_id] = watch
