@@ -143,3 +143,67 @@ def wait_until_gone(client: Client, serial: int, seconds: float = 20) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+DETACHED = """
+    keyctl new_session >/dev/null
+    keyctl add user a v @s > $WORK/key
+    {launch}
+    script -qc 'keyctl print %user:a' /dev/null | tr -d '\\r'
+    exit 0
+"""
+
+
+def _wait_for(path: Path, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("\n"):
+            return path.read_text()
+        time.sleep(0.05)
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("how", ["tmux", "setsid -f"])
+def test_a_detached_process_keeps_the_login_keyring_after_the_shell_exits(
+    daemon: DaemonProcess, tmp_path: Path, how: str
+) -> None:
+    """Issue 13: a tmux pane, or a double-forked ``setsid -f`` child, sees
+    the login's @s and holds it after the login shell is gone; the keyring
+    ends (through the fenced path) when the last of them exits."""
+    body = "sleep 1.5; keyctl print %user:a > $WORK/out.tmp 2>&1; mv $WORK/out.tmp $WORK/out"
+    if how == "tmux":
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed")
+        launch = (
+            f'tmux -S $WORK/tmux -f /dev/null new-session -d "{body}" </dev/null >/dev/null 2>&1'
+        )
+    else:
+        launch = f'setsid -f sh -c "{body}" </dev/null >/dev/null 2>&1'
+    script = DETACHED.format(launch=launch)
+    kernel, ours = run_both(script, daemon, tmp_path)
+    assert kernel == ours == "v\n"
+    for side in ("kernel", "ours"):
+        assert _wait_for(tmp_path / side / "out") == "v\n", side
+    if how == "tmux":
+        for side in ("kernel", "ours"):
+            tmux = ["tmux", "-S", str(tmp_path / side / "tmux"), "kill-server"]
+            subprocess.run(tmux, capture_output=True, check=False)
+    key = int((tmp_path / "ours" / "key").read_text())
+    with Client.connect(daemon.socket, autostart=False) as c:
+        assert wait_until_gone(c, key), "the session keyring outlived every process holding it"
+
+
+def test_the_keyring_stays_while_a_detached_process_holds_it(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    script = DETACHED.format(
+        launch='setsid -f sh -c "sleep 4; echo done > $WORK/out" </dev/null >/dev/null 2>&1'
+    )
+    _, ours = run_both(script, daemon, tmp_path)
+    assert ours == "v\n"
+    key = int((tmp_path / "ours" / "key").read_text())
+    with Client.connect(daemon.socket, autostart=False) as c:
+        time.sleep(1.5)  # the shell is long gone; several lifetime checks ran
+        assert c.describe(key) == "user;0;0;3f010000;a"
+        assert _wait_for(tmp_path / "ours" / "out") == "done\n"
+        assert wait_until_gone(c, key)

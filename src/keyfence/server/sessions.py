@@ -159,13 +159,23 @@ class SessionTracker:
             return
         me = read_stat(child)
         up = read_stat(parent)
-        if me is None or up is None or up.start_time > me.start_time:
-            return
+        if up is not None and me is not None and up.start_time > me.start_time:
+            up = None  # the parent's pid was reused already
+        if up is not None:
+            source = up.process
+        else:
+            # a short-lived parent (daemon(3)'s middle process) is gone
+            # already: it passed on what it inherited from its own parent
+            with self._lock:
+                forked = self._forks.get(parent)
+            if forked is None:
+                return
+            source = forked[1]
         with self._lock:
-            self._forks[child] = (me.start_time, up.process)
+            self._forks[child] = (me.start_time if me is not None else -1, source)
         service = self._service
-        if service is not None:
-            service.inherit_session(me.process, up.process, started_by(me.start_time))
+        if me is not None and service is not None:
+            service.inherit_session(me.process, source, started_by(me.start_time))
 
     def parent_of(self, process: ProcessId) -> ProcessId | None:
         """The process's parent at fork if a fork event told us, else its
