@@ -264,9 +264,24 @@ _FORK = 0x00000001
 _EXIT = 0x80000000
 
 
+def in_initial_pid_namespace() -> bool:
+    """Fork events carry the initial pid namespace's pids: a daemon in
+    another one (a container) must not read them as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) == 2
+    except OSError:
+        pass
+    return False
+
+
 def open_process_events() -> socket.socket | None:
     """A socket receiving fork and exit events; None without the privilege
-    (CAP_NET_ADMIN) or the facility."""
+    (CAP_NET_ADMIN) or the facility, or outside the initial pid namespace."""
+    if not in_initial_pid_namespace():
+        return None
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
     except OSError:
