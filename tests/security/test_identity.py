@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,86 @@ def test_a_reused_pid_does_not_lend_its_session_to_a_connection() -> None:
         pytest.skip(f"could not force the pid reuse ({reused})")
     assert outcome.startswith("REFUSED"), outcome
     assert "s3cret" not in outcome
+
+
+PLANTER_UID = 4643
+
+PLANTER = textwrap.dedent(
+    r"""
+    import os, sys, threading, time
+    from keyfence.client import Client
+    work = sys.argv[1]
+    c = Client.connect()
+    key = c.add_key("user", "planted", b"x", -3)  # into root's @s, inherited
+    c.watch(key, lambda note: threading.Event().wait(), sync=True, name="never acks")
+    c.join_session_keyring(None)  # leave root's session, keep the watch
+    open(os.path.join(work, "planted"), "w").write(str(key))
+    time.sleep(600)
+    """
+)
+
+
+def test_a_planted_key_with_a_silent_watcher_holds_neither_roots_clear_nor_its_logout() -> None:
+    """Issue 12, finding 4: uid 4643, started in root's login, plants its own
+    key in root's @s with a synchronous watcher that never acks and leaves
+    the session.  Root's ``kfctl clear @s`` returns (the foreign watcher
+    holds it up FOREIGN_WATCHER_SECONDS at most), and when root's login
+    ends its keyring and keys go (checked failing before: clear hung)."""
+    if (reason := users.why_no_other_uids()) is not None:
+        pytest.skip(reason)
+    from keyfence.client import Client
+    from keyfence.errors import KeyfenceError
+    from tests.daemon_fixture import running_daemon
+
+    with running_daemon("--system") as daemon, tempfile.TemporaryDirectory(prefix="kfses-") as work:
+        os.chmod(work, 0o777)
+        os.makedirs(os.path.join(work, "bin"))
+        shim = os.path.join(work, "bin", "keyctl")
+        with open(shim, "w") as f:
+            f.write(f'#!/bin/sh\nexec {users.SYSTEM_PYTHON} -m keyfence.cli.kfctl "$@"\n')
+        os.chmod(shim, 0o755)
+        os.chmod(os.path.dirname(daemon.socket), 0o755)
+        planter = " ".join(users.as_uid(PLANTER_UID, users.python_argv("-c", "$PLANTER", work)))
+        script = f"""
+            keyctl new_session >/dev/null
+            keyctl add user mine v @s > {work}/mine
+            {planter.replace("$PLANTER", '"$PLANTER"')} </dev/null >{work}/planter.log 2>&1 &
+            echo $! > {work}/planter
+            while [ ! -s {work}/planted ]; do sleep 0.05; done
+            keyctl clear @s && echo cleared
+            keyctl add user again v @s > {work}/again
+        """
+        env = users.environment(
+            KEYFENCE_SOCKET=daemon.socket,
+            KEYFENCE_NO_AUTOSTART="1",
+            PLANTER=PLANTER,
+        )
+        env["PATH"] = f"{work}/bin:{env['PATH']}"
+        try:
+            done = subprocess.run(
+                ["sh", "-c", script],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
+            assert done.stdout == "cleared\n", done.stderr
+            again, planted = (int(Path(work, name).read_text()) for name in ("again", "planted"))
+            # root's login is over: its keyring and every key in it go,
+            # the planted key's silent watcher notwithstanding
+            with Client.connect(daemon.socket, autostart=False) as c:
+                for serial in (again, planted):
+                    deadline = time.monotonic() + 60
+                    while True:
+                        try:
+                            c.describe(serial)
+                        except KeyfenceError:
+                            break
+                        assert time.monotonic() < deadline, f"key {serial} outlived the login"
+                        time.sleep(0.1)
+        finally:
+            with open(os.path.join(work, "planter")) as f:
+                pid = int(f.read() or 0)
+            if pid:
+                subprocess.run(["kill", str(pid)], check=False)
