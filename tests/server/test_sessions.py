@@ -23,6 +23,8 @@ import pytest
 
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
+from keyfence.keys import KeyService
+from keyfence.keys.process_keys import Caller, ParentProcess
 from keyfence.testing import users
 from tests.daemon_fixture import DaemonProcess, running_daemon
 
@@ -207,3 +209,75 @@ def test_the_keyring_stays_while_a_detached_process_holds_it(
         assert c.describe(key) == "user;0;0;3f010000;a"
         assert _wait_for(tmp_path / "ours" / "out") == "done\n"
         assert wait_until_gone(c, key)
+
+
+# -- the model's rules (keys/keyctl.py), without a daemon
+
+
+def _svc() -> KeyService:
+    return KeyService(run_gc_thread=False)
+
+
+def _proc(pid: int, uid: int = 0, parent: Caller | None = None, threads: int = 1) -> Caller:
+    up = None
+    if parent is not None:
+        ids = (parent.uid, parent.uid, parent.uid)
+        gids = (parent.gid, parent.gid, parent.gid)
+        up = ParentProcess(parent.pid, parent.session, ids, gids, threads)
+    return Caller(uid=uid, gid=uid, pid=pid, start_time=pid, session=(pid, pid), parent=up)
+
+
+def test_model_session_to_parent_follows_the_kernels_rules() -> None:
+    with _svc() as svc:
+        shell = _proc(100)
+        child = _proc(101, parent=shell)
+        svc.inherit_session(child.session, shell.session)  # nothing to inherit yet
+        ring = svc.join_session_keyring(child)
+        svc.session_to_parent(child)
+        assert svc.session_binding(shell.session) == ring
+        assert svc.get_keyring_id(shell, -3) == ring
+        # twice: nothing to do, no error
+        svc.session_to_parent(child)
+        # a multi-threaded parent, init, no parent known: EPERM
+        for bad in (
+            _proc(102, parent=shell, threads=2),
+            Caller(uid=0, gid=0, pid=103, session=(103, 103)),
+            Caller(
+                uid=0,
+                gid=0,
+                pid=104,
+                session=(104, 104),
+                parent=ParentProcess(1, (1, 1), (0, 0, 0), (0, 0, 0), 1),
+            ),
+        ):
+            svc.join_session_keyring(bad)
+            with pytest.raises(KeyfenceError) as info:
+                svc.session_to_parent(bad)
+            assert info.value.errno == errno.EPERM
+        # another uid's child of root's shell: EPERM, root keeps its keyring
+        stranger = _proc(105, uid=OTHER_UID, parent=shell)
+        svc.join_session_keyring(stranger)
+        with pytest.raises(KeyfenceError) as info:
+            svc.session_to_parent(stranger)
+        assert info.value.errno == errno.EPERM
+        assert svc.session_binding(shell.session) == ring
+
+
+def test_model_a_child_older_than_its_parents_keyring_does_not_inherit_it() -> None:
+    with _svc() as svc:
+        shell = _proc(200)
+        svc.join_session_keyring(shell)
+        assert not svc.inherit_session((201, 1), shell.session, child_started=0.0)
+        assert svc.inherit_session((202, 2), shell.session, child_started=float("inf"))
+
+
+def test_model_the_keyring_ends_with_its_last_binding() -> None:
+    with _svc() as svc:
+        shell = _proc(300)
+        ring = svc.join_session_keyring(shell)
+        key = svc.add_key(shell, "user", "k", b"v", -3)
+        assert svc.inherit_session((301, 301), shell.session)
+        svc.process_exited(300, 300)
+        assert svc.find_key(ring) is not None  # the detached child holds it
+        svc.process_exited(301, 301)
+        assert svc.find_key(ring) is None and svc.find_key(key) is None
