@@ -9,12 +9,15 @@ keyring, never the test runner's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.keys import KeyService
 from keyfence.keys.process_keys import Caller, ParentProcess
+from keyfence.server.sessions import ProcStat, SessionTracker, read_stat
 from keyfence.testing import users
 from tests.daemon_fixture import DaemonProcess, running_daemon
 
@@ -281,3 +285,146 @@ def test_model_the_keyring_ends_with_its_last_binding() -> None:
         assert svc.find_key(ring) is not None  # the detached child holds it
         svc.process_exited(301, 301)
         assert svc.find_key(ring) is None and svc.find_key(key) is None
+
+
+def test_a_per_user_daemon_without_fork_events_keeps_a_child_that_outlived_its_shell(
+    tmp_path: Path,
+) -> None:
+    """A per-user daemon (not root: fork events only on Linux >= 6.6, else
+    rule 3 of server/sessions.py) keeps the keyring for a child that
+    outlived its shell, and ends it with that child."""
+    if (reason := users.why_no_other_uids()) is not None:
+        pytest.skip(reason)
+    uid = OTHER_UID + 1
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, uid, uid)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)
+    sock = str(run / "sock")
+    env = users.environment(KEYFENCE_SOCKET=sock, KEYFENCE_NO_AUTOSTART="1", WORK=str(work))
+    env["PATH"] = f"{_shim(tmp_path)}:{env['PATH']}"
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        users.as_uid(uid, users.keyfence_argv("daemon", "--socket", sock)),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert daemon.poll() is None and time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        script = """
+            keyctl new_session >/dev/null
+            keyctl add user a v @s > $WORK/key
+            (sleep 2; keyctl search @s user a >/dev/null && echo found > $WORK/out) \
+                </dev/null >/dev/null 2>&1 &
+            sleep 1
+        """
+        done = subprocess.run(
+            users.as_uid(uid, ["sh", "-c", script]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert _wait_for(work / "out") == "found\n"
+        key = (work / "key").read_text().strip()
+        probe = f"""
+            import time
+            from keyfence.client import Client
+            c = Client.connect()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    c.describe({key})
+                except OSError:
+                    print("gone"); break
+                time.sleep(0.05)
+        """
+        gone = subprocess.run(
+            users.as_uid(uid, users.python_argv("-c", textwrap.dedent(probe))),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert gone.stdout == "gone\n", gone.stderr
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        log.close()
+
+
+def _bind(svc: KeyService, process: tuple[int, int]) -> int:
+    return svc.join_session_keyring(Caller(uid=0, gid=0, pid=process[0], session=process))
+
+
+def _children(pid: int) -> list[ProcStat]:
+    stats = [read_stat(int(name)) for name in os.listdir("/proc") if name.isdigit()]
+    return [s for s in stats if s is not None and s.ppid == pid]
+
+
+def _wait_child(pid: int) -> ProcStat:
+    deadline = time.monotonic() + 20
+    while not (kids := _children(pid)):
+        assert time.monotonic() < deadline, f"process {pid} started no child"
+        time.sleep(0.02)
+    return kids[0]
+
+
+@contextlib.contextmanager
+def _bound_tree(svc: KeyService) -> Iterator[tuple[subprocess.Popen[bytes], ProcStat, int]]:
+    """python -> (0.5 s later) sh -> sleep; the top process bound to a new
+    session keyring before either child starts."""
+    code = "import subprocess, time; time.sleep(0.5); subprocess.run(['sh', '-c', 'sleep 30; :'])"
+    tree = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        top = read_stat(tree.pid)
+        assert top is not None
+        yield tree, top, _bind(svc, top.process)
+    finally:
+        for kid in _children(tree.pid):
+            for grandkid in _children(kid.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(grandkid.pid, 9)
+        tree.kill()
+        tree.wait()
+
+
+def test_tracker_without_fork_events_walks_from_first_contact() -> None:
+    """Rule 2 of server/sessions.py on a real tree: the grandchild's first
+    contact binds it and its parent; the top shell's exit leaves the
+    keyring to them."""
+    tracker = SessionTracker()  # never started: no fork events
+    with _svc() as svc, _bound_tree(svc) as (tree, top, ring):
+        kid = _wait_child(top.pid)
+        grandkid = _wait_child(kid.pid)
+        tracker.resolve(svc, grandkid.process)
+        assert svc.session_binding(grandkid.process) == ring
+        assert svc.session_binding(kid.process) == ring
+        tree.kill()
+        tree.wait()
+        for pid, start in tracker.gone(svc):
+            svc.process_exited(pid, start)
+        assert svc.session_binding(top.process) == 0
+        assert svc.find_key(ring) is not None
+
+
+def test_tracker_without_fork_events_propagates_at_each_check() -> None:
+    """Rule 3: children of bound processes bind at the next check, before
+    anyone asks, so they keep the keyring when their parent goes."""
+    tracker = SessionTracker()
+    with _svc() as svc, _bound_tree(svc) as (_tree, top, ring):
+        kid = _wait_child(top.pid)
+        grandkid = _wait_child(kid.pid)
+        tracker.gone(svc)  # parents before children: both in one pass
+        assert svc.session_binding(kid.process) == ring
+        assert svc.session_binding(grandkid.process) == ring

@@ -8,8 +8,9 @@ hang it on, so it keeps a *binding* per process, named (pid, start time),
 in the model (KeyService.inherit_session / session_binding), and learns
 the tree three ways:
 
-1. **At fork**, from the kernel's process events connector (root only:
-   CAP_NET_ADMIN).  A fork by a bound process binds the child at once --
+1. **At fork**, from the kernel's process events connector (any user
+   since Linux 6.6, CAP_NET_ADMIN before; the initial pid namespace only).
+   A fork by a bound process binds the child at once --
    exactly the kernel's rule, even for a double-forked daemon (tmux) whose
    parent exits a moment later.  The parent at fork is remembered, so the
    walk in 2 follows it even after the child was reparented.
@@ -18,9 +19,9 @@ the tree three ways:
    process, and every process on the way inherits its keyring.  A child
    that started before that ancestor got its keyring did not inherit it
    (start times are compared) and stops the walk.
-3. **Each lifetime check** (no events connector: a per-user daemon): live
-   children of bound processes inherit their parent's keyring, so a child
-   that outlives its parent by at least one check keeps the keyring.
+3. **Each lifetime check**, when there are no fork events: live children
+   of bound processes inherit their parent's keyring, so a child that
+   existed for at least one check before its parent exited keeps it.
 
 A binding ends when its process is gone (the daemon's lifetime check); the
 keyring ends, through the fenced removal path, with the last binding or
@@ -108,12 +109,13 @@ class SessionTracker:
         """child pid -> (its start time, its parent at fork), from fork events."""
         self._service: KeyService | None = None
         self._events: socket.socket | None = None
+        self._checks = 0
 
     # -- learning the tree
 
     def start(self, service: KeyService) -> None:
-        """Listen to fork events for ``service`` (idempotent; without
-        CAP_NET_ADMIN this is a no-op and rules 2 and 3 do the work)."""
+        """Listen to fork events for ``service`` (idempotent; where the
+        kernel refuses them, rules 2 and 3 do the work)."""
         with self._lock:
             if self._service is not None:
                 return
@@ -193,6 +195,24 @@ class SessionTracker:
             return None  # the parent's pid already belongs to a younger process
         return up.process
 
+    def _prune(self) -> None:
+        """Forget fork records of processes gone (their exit events may
+        have been lost to an overflowing socket): every 64th check."""
+        self._checks += 1
+        if self._checks % 64:
+            return
+        with self._lock:
+            records = list(self._forks.items())
+        stale = []
+        for pid, record in records:
+            stat = read_stat(pid)
+            if stat is None or stat.start_time != record[0]:
+                stale.append((pid, record))
+        with self._lock:
+            for pid, record in stale:
+                if self._forks.get(pid) == record:  # not re-recorded meanwhile
+                    del self._forks[pid]
+
     # -- resolving
 
     def resolve(self, service: KeyService, process: ProcessId) -> None:
@@ -243,6 +263,7 @@ class SessionTracker:
     def gone(self, service: KeyService) -> list[ProcessId]:
         """Processes holding keyrings or bindings that no longer exist."""
         self.propagate(service)
+        self._prune()
         dead = []
         for pid, start in service.anchored_processes():
             stat = read_stat(pid)
