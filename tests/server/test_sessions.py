@@ -407,7 +407,7 @@ def test_tracker_without_fork_events_walks_from_first_contact() -> None:
     with _svc() as svc, _bound_tree(svc) as (tree, top, ring):
         kid = _wait_child(top.pid)
         grandkid = _wait_child(kid.pid)
-        tracker.resolve(svc, grandkid.process)
+        tracker.resolve(svc, grandkid)
         assert svc.session_binding(grandkid.process) == ring
         assert svc.session_binding(kid.process) == ring
         tree.kill()

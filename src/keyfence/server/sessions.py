@@ -90,6 +90,13 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
 
 
+class _Gone(ProcStat):
+    """A parent known from a fork record that has exited since."""
+
+    def __init__(self, process: ProcessId) -> None:
+        super().__init__(pid=process[0], ppid=0, session=0, threads=0, start_time=process[1])
+
+
 def started_by(start_time: int) -> float:
     """The latest boot_clock() time a process with this start time may have
     started at (start times have clock-tick resolution)."""
@@ -179,21 +186,29 @@ class SessionTracker:
         if me is not None and service is not None:
             service.inherit_session(me.process, source, started_by(me.start_time))
 
-    def parent_of(self, process: ProcessId) -> ProcessId | None:
+    def parent_of(self, process: ProcessId, ppid: int | None = None) -> ProcStat | None:
         """The process's parent at fork if a fork event told us, else its
-        parent now (it may have been reparented: docs/keys.md)."""
+        parent now (it may have been reparented: docs/keys.md).  ``ppid``:
+        its parent pid if the caller just read it."""
         pid, start = process
         with self._lock:
             forked = self._forks.get(pid)
         if forked is not None and forked[0] == start:
-            return forked[1]
-        me = read_stat(pid)
-        if me is None or me.start_time != start or me.ppid <= 0:
+            up = read_stat(forked[1][0])
+            if up is not None and up.start_time == forked[1][1]:
+                return up
+            return _Gone(forked[1])
+        if ppid is None:
+            me = read_stat(pid)
+            if me is None or me.start_time != start:
+                return None
+            ppid = me.ppid
+        if ppid <= 0:
             return None
-        up = read_stat(me.ppid)
+        up = read_stat(ppid)
         if up is None or up.start_time > start:
             return None  # the parent's pid already belongs to a younger process
-        return up.process
+        return up
 
     def _prune(self) -> None:
         """Forget fork records of processes gone (their exit events may
@@ -215,22 +230,26 @@ class SessionTracker:
 
     # -- resolving
 
-    def resolve(self, service: KeyService, process: ProcessId) -> None:
-        """Give ``process`` the session binding fork would have given it
+    def resolve(self, service: KeyService, stat: ProcStat) -> None:
+        """Give the process the session binding fork would have given it
         (rule 2); nothing if no ancestor has one."""
+        process = stat.process
         if service.session_binding(process):
             return
         chain = [process]
         above: ProcessId | None = None
-        current = process
+        current: ProcStat | None = stat
         for _ in range(MAX_DEPTH):
-            parent = self.parent_of(current)
-            if parent is None or parent[0] <= 0:
+            assert current is not None
+            parent = self.parent_of(current.process, current.ppid)
+            if parent is None or parent.pid <= 0:
                 return
-            if service.session_binding(parent):
-                above = parent
+            if service.session_binding(parent.process):
+                above = parent.process
                 break
-            chain.append(parent)
+            if isinstance(parent, _Gone):
+                return  # a dead middle process with no binding: nothing above is known
+            chain.append(parent.process)
             current = parent
         if above is None:
             return
