@@ -37,6 +37,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from keyfence.keys import KeyService
@@ -95,6 +96,19 @@ class _Gone(ProcStat):
 
     def __init__(self, process: ProcessId) -> None:
         super().__init__(pid=process[0], ppid=0, session=0, threads=0, start_time=process[1])
+
+
+FORK_SKEW = 0.5
+"""Seconds a fork event's time and the child's start time may differ by
+(start times have clock-tick resolution; events queue).  A pid cannot come
+round again this fast in the initial pid namespace."""
+
+
+def _boottime_of(monotonic_ns: int) -> float:
+    """A CLOCK_MONOTONIC time (a fork event's) on the CLOCK_BOOTTIME scale
+    of /proc's start times."""
+    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+    return monotonic_ns / 1e9 + offset
 
 
 def started_by(start_time: int) -> float:
@@ -160,13 +174,15 @@ class SessionTracker:
                 except Exception:
                     log.exception("process event %r", event)
 
-    def _on_event(self, event: tuple[int, int, int]) -> None:
-        kind, child, parent = event
+    def _on_event(self, event: tuple[int, int, int, int]) -> None:
+        kind, child, parent, when_ns = event
         if kind == _EXIT:
             with self._lock:
                 self._forks.pop(child, None)
             return
         me = read_stat(child)
+        if me is not None and abs(me.start_time / CLK_TCK - _boottime_of(when_ns)) > FORK_SKEW:
+            me = None  # the child is gone and its pid already reused
         up = read_stat(parent)
         if up is not None and me is not None and up.start_time > me.start_time:
             up = None  # the parent's pid was reused already
@@ -338,9 +354,9 @@ def open_process_events() -> socket.socket | None:
     return sock
 
 
-def parse_process_events(data: bytes) -> list[tuple[int, int, int]]:
-    """(kind, pid, parent pid) for each process fork and exit in a datagram
-    (thread creation and exit are skipped)."""
+def parse_process_events(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(kind, pid, parent pid, CLOCK_MONOTONIC ns) for each process fork and
+    exit in a datagram (thread creation and exit are skipped)."""
     events = []
     offset = 0
     while offset + _NLMSG_HDR.size <= len(data):
@@ -349,15 +365,15 @@ def parse_process_events(data: bytes) -> list[tuple[int, int, int]]:
             break
         body = offset + _NLMSG_HDR.size + _CN_MSG.size
         if body + _EVENT_HDR.size <= offset + length:
-            what = _EVENT_HDR.unpack_from(data, body)[0]
+            what, _cpu, when = _EVENT_HDR.unpack_from(data, body)
             fields = body + _EVENT_HDR.size
             if what == _FORK and fields + 16 <= offset + length:
                 _ppid, ptgid, cpid, ctgid = struct.unpack_from("=4i", data, fields)
                 if cpid == ctgid:
-                    events.append((_FORK, ctgid, ptgid))
+                    events.append((_FORK, ctgid, ptgid, when))
             elif what == _EXIT and fields + 8 <= offset + length:
                 pid, tgid = struct.unpack_from("=2i", data, fields)
                 if pid == tgid:
-                    events.append((_EXIT, tgid, 0))
+                    events.append((_EXIT, tgid, 0, when))
         offset += (length + 3) & ~3
     return events
