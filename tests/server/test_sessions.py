@@ -428,3 +428,55 @@ def test_tracker_without_fork_events_propagates_at_each_check() -> None:
         tracker.gone(svc)  # parents before children: both in one pass
         assert svc.session_binding(kid.process) == ring
         assert svc.session_binding(grandkid.process) == ring
+
+
+def test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """The mount looks keys up for the FUSE request's pid through the same
+    ancestry (identity.caller_of_pid): a ``setsid -f`` child of the login
+    reads its files after the login shell exited, because it still holds
+    the login's keyring; when it exits too, the keyring ends and the
+    directory locks."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("FUSE is not available here (/dev/fuse, fusermount3)")
+    backing, mnt, work = tmp_path / "backing", tmp_path / "mnt", tmp_path / "work"
+    for path in (backing, mnt, work):
+        path.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = dict(daemon.env, PATH=f"{bin_dir}:{os.environ['PATH']}", WORK=str(work))
+
+    def sh(script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-ec", script],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    assert sh(f"keyfence mount {backing} {mnt}").returncode == 0
+    try:
+        home = mnt / "home"
+        home.mkdir()
+        login = sh(
+            f"""
+            kfctl new_session >/dev/null
+            keyfence e4crypt add_key -S s:kfses-salt {home} >/dev/null
+            echo secret-text > {home}/f
+            setsid -f sh -c 'sleep 1.5; cat {home}/f >$WORK/o 2>&1; mv $WORK/o $WORK/out' \
+                </dev/null >/dev/null 2>&1
+            """,
+            stdin="kfses passphrase\n",
+        )
+        assert login.returncode == 0, login.stderr
+        assert _wait_for(work / "out") == "secret-text\n"
+        deadline = time.monotonic() + 30
+        while (home / "f").exists():  # locked: the name shows as ciphertext
+            assert time.monotonic() < deadline, "the directory stayed unlocked"
+            time.sleep(0.1)
+    finally:
+        sh(f"keyfence umount {mnt} || true")
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
