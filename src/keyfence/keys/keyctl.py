@@ -986,6 +986,23 @@ class KeyService:
             tables.bound_at[child] = since if child_started is None else child_started
             return True
 
+    def drop_shared_session(self, pid: int, start_time: int) -> bool:
+        """Forget a gone process's session binding at once if that takes
+        nothing away: it has no process or thread keyring and other
+        bindings hold its keyring.  False: process_exited() is needed."""
+        me = (pid, start_time)
+        with self._lock:
+            tables = self._special
+            ring = tables.sessions.get(me)
+            if ring is None or ring.anchors < 2 or me in tables.processes:
+                return False
+            if tables.threads_of(pid, start_time):
+                return False
+            del tables.sessions[me]
+            tables.bound_at.pop(me, None)
+            ring.anchors -= 1
+            return True
+
     def session_binding(self, session: Hashable) -> int:
         """Serial of the keyring bound to ``session``; 0 if none."""
         with self._lock:

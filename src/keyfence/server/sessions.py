@@ -48,6 +48,9 @@ MAX_DEPTH = 4096
 """Parents walked at most (pid_max bounds a real chain; this bounds a
 hostile one)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SWEEP_CHECKS = 16
+"""With fork and exit events, every holder is still looked at every 16th
+lifetime check (4 s), for exit events lost to an overflowing socket."""
 
 ProcessId = tuple[int, int]
 """(pid, start time in clock ticks since boot): a process, never its pid's
@@ -64,6 +67,13 @@ class ProcStat:
     threads: int
     start_time: int
     """Clock ticks since boot (field 22)."""
+    state: str = "R"
+
+    @property
+    def exited(self) -> bool:
+        """A zombie: it has exited (and, as in the kernel's exit_creds(),
+        let go of its keyrings) but its parent has not reaped it yet."""
+        return self.state in ("Z", "X")
 
     @property
     def process(self) -> ProcessId:
@@ -86,6 +96,7 @@ def read_stat(pid: int) -> ProcStat | None:
             session=int(rest[3]),
             threads=int(rest[17]),
             start_time=int(rest[19]),
+            state=rest[0].decode(errors="replace"),
         )
     except (IndexError, ValueError):
         return None
@@ -131,6 +142,8 @@ class SessionTracker:
         self._service: KeyService | None = None
         self._events: socket.socket | None = None
         self._checks = 0
+        self._exited: set[int] = set()
+        """Pids exit events named since the last check."""
 
     # -- learning the tree
 
@@ -179,6 +192,7 @@ class SessionTracker:
         if kind == _EXIT:
             with self._lock:
                 self._forks.pop(child, None)
+                self._exited.add(child)
             return
         me = read_stat(child)
         if me is not None and abs(me.start_time / CLK_TCK - _boottime_of(when_ns)) > FORK_SKEW:
@@ -296,13 +310,27 @@ class SessionTracker:
                 service.inherit_session(stat.process, parent, started_by(stat.start_time))
 
     def gone(self, service: KeyService) -> list[ProcessId]:
-        """Processes holding keyrings or bindings that no longer exist."""
+        """Processes holding keyrings or bindings that no longer exist and
+        whose going needs the removal path.
+
+        With fork events, only processes an exit event named are looked at,
+        and everything every SWEEP_CHECKS checks (an event may be lost);
+        without, every holder at every check.  A binding whose keyring
+        other processes still hold is dropped here at once: nothing goes
+        away, so there is nothing to fence.
+        """
         self.propagate(service)
         self._prune()
+        with self._lock:
+            exited, self._exited = self._exited, set()
+        sweep = not self.follows_forks or self._checks % SWEEP_CHECKS == 0
         dead = []
         for pid, start in service.anchored_processes():
+            if not sweep and pid not in exited:
+                continue
             stat = read_stat(pid)
-            if stat is None or stat.start_time != start:
+            alive = stat is not None and stat.start_time == start and not stat.exited
+            if not alive and not service.drop_shared_session(pid, start):
                 dead.append((pid, start))
         return dead
 
