@@ -144,6 +144,8 @@ class SessionTracker:
         self._checks = 0
         self._exited: set[int] = set()
         """Pids exit events named since the last check."""
+        self._lost = False
+        """Events were lost since the last check."""
 
     # -- learning the tree
 
@@ -178,8 +180,10 @@ class SessionTracker:
             except OSError as err:
                 if self._events is None:
                     return
-                # ENOBUFS: events were lost; rules 2 and 3 cover the gap
+                # ENOBUFS: events were lost; the next check runs rule 3
+                # and looks at every holder
                 log.debug("process events: %s", err)
+                self._lost = True
                 continue
             for event in parse_process_events(data):
                 try:
@@ -207,8 +211,8 @@ class SessionTracker:
             # already: it passed on what it inherited from its own parent
             with self._lock:
                 forked = self._forks.get(parent)
-            if forked is None:
-                return
+            if forked is None or (me is not None and forked[0] > me.start_time):
+                return  # unknown, or the record of the pid's next owner
             source = forked[1]
         with self._lock:
             self._forks[child] = (me.start_time if me is not None else -1, source)
@@ -288,10 +292,10 @@ class SessionTracker:
                 return
             above = proc
 
-    def propagate(self, service: KeyService) -> None:
+    def propagate(self, service: KeyService, *, force: bool = False) -> None:
         """Rule 3: live children of bound processes inherit their keyring.
-        Needed only without fork events."""
-        if self.follows_forks or not service.anchored_processes():
+        Needed only without fork events (``force``: some were lost)."""
+        if (self.follows_forks and not force) or not service.anchored_processes():
             return
         procs: list[ProcStat] = []
         for entry in os.scandir("/proc"):
@@ -319,11 +323,12 @@ class SessionTracker:
         other processes still hold is dropped here at once: nothing goes
         away, so there is nothing to fence.
         """
-        self.propagate(service)
+        lost, self._lost = self._lost, False
+        self.propagate(service, force=lost)
         self._prune()
         with self._lock:
             exited, self._exited = self._exited, set()
-        sweep = not self.follows_forks or self._checks % SWEEP_CHECKS == 0
+        sweep = not self.follows_forks or lost or self._checks % SWEEP_CHECKS == 0
         dead = []
         for pid, start in service.anchored_processes():
             if not sweep and pid not in exited:
