@@ -132,3 +132,31 @@ def test_every_way_of_starting_a_program_sees_the_kernels_session_keyring(
         "after": login,
     }, kernel
     assert ours == kernel
+
+
+def test_session_to_parent_against_the_kernel_worker() -> None:
+    """The harness's worker serves from a child of its own stub: giving the
+    stub the worker's keyring succeeds and leaves the worker's own @s as it
+    was (the model's ModelBackend mirrors that stub)."""
+    from tests.oracle.harness import KernelBackend, Normalizer, run_ops
+    from tests.oracle.model_backend import ModelBackend, ModelWorld
+
+    if KEYCTL is None:
+        pytest.skip("keyutils is missing")
+    ops = [
+        ("get_keyring_id", "@s", False),
+        ("add_key", "user", "a", b"v", "@s"),
+        ("session_to_parent",),
+        ("session_to_parent",),
+        ("get_keyring_id", "@s", False),
+        ("search", "@s", "user", "a", 0),
+    ]
+    with KernelBackend(userns=True) as kb:
+        kernel_results = run_ops(kb, ops, Normalizer())
+    world = ModelWorld()
+    try:
+        model_results = run_ops(ModelBackend(world), ops, Normalizer())
+    finally:
+        world.close()
+    assert kernel_results[2:4] == [("ok", None), ("ok", None)], kernel_results
+    assert model_results == kernel_results
