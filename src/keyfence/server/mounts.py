@@ -187,22 +187,6 @@ def _keyfence_devices_at(mountpoint: str) -> set[str]:
     return found
 
 
-def _status_ids(pid: int) -> tuple[int, int] | None:
-    """(effective uid, effective gid) of ``pid`` from /proc/PID/status (the
-    owner of /proc/PID is root for a non-dumpable process: not its uid)."""
-    uid = gid = None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    uid = int(line.split()[2])
-                elif line.startswith("Gid:"):
-                    gid = int(line.split()[2])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None if uid is None or gid is None else (uid, gid)
-
-
 class MountSupervisor:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -402,7 +386,12 @@ class MountSupervisor:
         kernel does for a request.  A user's mount is given only keys found
         for that user's own processes (no one else can use it without
         allow_other, and its worker must never hold another user's key)."""
-        caller = self._caller_of_pid(pid)
+        caller = identity.caller_of_pid(
+            pid,
+            self.daemon.sessions,
+            self.daemon.service,
+            admin_uid=0 if self.daemon.private_uid is None else None,
+        )
         if caller is None:
             return None
         if mount.owner != 0 and caller.uid != mount.owner:
@@ -459,21 +448,6 @@ class MountSupervisor:
             return
         with contextlib.suppress(OSError), open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(kb))
-
-    def _caller_of_pid(self, pid: int) -> Caller | None:
-        info = identity.read_proc(pid)
-        ids = _status_ids(pid)
-        if info is None or ids is None:
-            return None
-        return Caller(
-            uid=ids[0],
-            gid=ids[1],
-            groups=identity.read_groups(pid),
-            pid=pid,
-            start_time=info.start_time,
-            session=self.daemon.sessions.identify(info.session),
-            admin=ids[0] == 0 and self.daemon.private_uid is None,
-        )
 
     # -- supervision
 
