@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 ALL_EVENTS = wire.ALL_EVENTS
 
 

@@ -1,12 +1,16 @@
-"""A lean msgpack codec and framing for clients that must start fast.
+"""The wire's one framing and one set of constants, and a lean msgpack codec.
 
-The daemon decodes with msgspec, which validates every message against the
-structs in :mod:`keyfence.protocol`; importing msgspec costs a command-line
-client about 10 ms, a quarter of its budget.  Clients therefore encode and
-decode here, in plain Python, the subset msgpack the protocol uses (nil,
-bool, int, float, str, bin, array, map) -- messages are dicts whose
-``"type"`` is the struct's tag, exactly as msgspec lays tagged structs out.
-tests/test_wire.py checks both directions against msgspec.
+Everything both ends of a connection must agree on lives here, once:
+:data:`PROTOCOL_VERSION`, :data:`MAX_FRAME`, the frame header, the event
+bits, and the fields of each message (:data:`FIELDS`, which the msgspec
+structs of :mod:`keyfence.protocol` are checked against when it is
+imported).  The daemon decodes message bodies with msgspec, which validates
+them; importing msgspec costs a command-line client about 10 ms, a quarter
+of its budget.  Clients therefore encode and decode here, in plain Python,
+the subset of msgpack the protocol uses (nil, bool, int, float, str, bin,
+array, map) -- messages are dicts whose ``"type"`` is the struct's tag,
+exactly as msgspec lays tagged structs out.  tests/test_wire.py checks both
+directions against msgspec.
 """
 
 from __future__ import annotations
@@ -17,8 +21,42 @@ TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the na
 if TYPE_CHECKING:
     import _socket
 
+PROTOCOL_VERSION = 1
+
 MAX_FRAME = 2 * 1024 * 1024
 """Big enough for the largest add_key payload (1 MiB - 1) with room to spare."""
+
+HEADER_SIZE = 4
+"""A frame: a 4-byte big-endian body length, then the msgpack body."""
+
+FIELDS: dict[str, tuple[str, ...]] = {
+    "hello": ("version", "client"),
+    "welcome": ("version", "server", "pid", "uid", "gid", "session"),
+    "req": ("id", "op", "args", "timeout", "emergency", "progress"),
+    "reply": ("id", "value"),
+    "error": ("id", "errno", "message"),
+    "status": ("id", "op", "removal", "keys", "elapsed", "pending"),
+    "event": (
+        "watch",
+        "seq",
+        "key",
+        "event",
+        "aux",
+        "op",
+        "uid",
+        "pid",
+        "phase",
+        "emergency",
+        "removal",
+        "description",
+        "ack",
+    ),
+    "ack": ("seq", "errno", "message"),
+    "progress": ("seq", "remaining_bytes", "note"),
+    "pending": ("watcher", "key", "remaining_bytes", "note"),
+}
+"""Each message's fields by tag (``pending``: the untagged entries of a
+status).  keyfence.protocol's structs must have exactly these, in order."""
 
 EVENT_BITS: dict[str, int] = {
     "inst": 0x001,
@@ -250,11 +288,50 @@ def _map(data: bytes, pos: int, n: int, depth: int) -> tuple[dict[object, object
 # -- framing
 
 
-def frame(message: dict[str, object]) -> bytes:
-    body = pack(message)
+def framed(body: bytes) -> bytes:
+    """``body`` with its header; ValueError if it is too large for a frame."""
     if len(body) > MAX_FRAME:
         raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
     return _I.pack(len(body)) + body
+
+
+def frame(message: dict[str, object]) -> bytes:
+    return framed(pack(message))
+
+
+def body_size(header: bytes | bytearray, offset: int = 0) -> int:
+    """The body length a header announces; WireError past MAX_FRAME."""
+    (size,) = _I.unpack_from(header, offset)
+    if size > MAX_FRAME:
+        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    return int(size)
+
+
+def split_frames(buffer: bytearray) -> tuple[list[bytes], WireError | None]:
+    """Take every complete frame's body off the front of ``buffer``.
+
+    For readers that receive whatever the socket has (the daemon's event
+    loop).  The error, if any, is a header past MAX_FRAME after those
+    bodies: the stream can no longer be trusted from there on.
+    """
+    bodies = []
+    offset = 0
+    end = len(buffer)
+    error = None
+    while end - offset >= HEADER_SIZE:
+        try:
+            size = body_size(buffer, offset)
+        except WireError as err:
+            error = err
+            break
+        start = offset + HEADER_SIZE
+        if end - start < size:
+            break
+        bodies.append(bytes(buffer[start : start + size]))
+        offset = start + size
+    if offset:
+        del buffer[:offset]
+    return bodies, error
 
 
 def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
@@ -268,17 +345,25 @@ def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read(sock: _socket.socket) -> dict[str, object] | None:
-    """The next message as a dict; None at the end of the stream."""
-    header = recv_exact(sock, 4)
+def read_body(sock: _socket.socket) -> bytes | None:
+    """The next frame's body, read blocking; None at a clean end of stream.
+
+    WireError for a header past MAX_FRAME or a stream ending inside a frame.
+    """
+    header = recv_exact(sock, HEADER_SIZE)
     if header is None:
         return None
-    (size,) = _I.unpack(header)
-    if size > MAX_FRAME:
-        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    body = recv_exact(sock, size)
+    body = recv_exact(sock, body_size(header))
     if body is None:
         raise WireError("connection closed inside a frame")
+    return body
+
+
+def read(sock: _socket.socket) -> dict[str, object] | None:
+    """The next message as a dict; None at the end of the stream."""
+    body = read_body(sock)
+    if body is None:
+        return None
     message = unpack(body)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise WireError("a message must be a map with a 'type'")
