@@ -165,8 +165,8 @@ class Loop:
             self.register(conn, handshake=False)
         for conn in dirty:
             fd = conn.fd
-            if fd not in self._conns:
-                continue
+            if self._conns.get(fd) is not conn:
+                continue  # dropped already (its descriptor may be another's now)
             if conn.closed:
                 self._drop(conn)
                 continue
