@@ -267,19 +267,16 @@ class Daemon:
 
     def _unmount_all(self) -> None:
         try:
-            self.mounts.shutdown()
+            pids = [m["pid"] for m in self.mounts.describe()]
+            self.mounts.shutdown()  # each worker writes back, then exits
             deadline = time.monotonic() + UNMOUNT_SECONDS
             while time.monotonic() < deadline:
-                live = [
-                    m
-                    for m in self.mounts.describe()
-                    if m["state"] in ("starting", "mounted", "unmounting")
-                ]
+                live = [p for p in pids if _alive(p)]
                 if not live:
                     break
                 time.sleep(0.05)
             else:
-                log.error("mount workers still running after %.0f s: %s", UNMOUNT_SECONDS, live)
+                log.error("mount workers %s still running after %.0f s", live, UNMOUNT_SECONDS)
         except Exception:
             log.exception("unmounting at shutdown failed")
         finally:
@@ -292,6 +289,17 @@ class Daemon:
             os.close(self._lock_file)
             self._lock_file = None
         self.service.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether our child ``pid`` still runs (a zombie counts as gone: the
+    mount supervisor reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
 
 
 def _refuse(sock: socket.socket, code: int, message: str) -> None:
