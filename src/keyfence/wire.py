@@ -360,11 +360,51 @@ def read_body(sock: _socket.socket) -> bytes | None:
 
 
 def read(sock: _socket.socket) -> dict[str, object] | None:
-    """The next message as a dict; None at the end of the stream."""
+    """The next message as a dict; None at the end of the stream.
+
+    Reads exactly one frame (nothing beyond it): for a handshake, before a
+    :class:`FrameReader` takes the socket over.
+    """
     body = read_body(sock)
-    if body is None:
-        return None
+    return None if body is None else message_of(body)
+
+
+def message_of(body: bytes) -> dict[str, object]:
     message = unpack(body)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise WireError("a message must be a map with a 'type'")
     return message
+
+
+class FrameReader:
+    """Messages from a blocking socket, with as few recv calls as it can:
+    one recv usually brings a whole reply (header and body), where reading
+    the header and then the body costs two system calls per message."""
+
+    __slots__ = ("_buffer", "_sock")
+
+    CHUNK = 64 * 1024
+    """Below malloc's mmap threshold: no mmap/munmap per receive."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def read(self) -> dict[str, object] | None:
+        """The next message; None at a clean end of stream; WireError."""
+        buffer = self._buffer
+        want = HEADER_SIZE
+        while True:
+            have = len(buffer)
+            if have >= HEADER_SIZE:
+                want = HEADER_SIZE + body_size(buffer)
+                if have >= want:
+                    body = bytes(buffer[HEADER_SIZE:want])
+                    del buffer[:want]
+                    return message_of(body)
+            chunk = self._sock.recv(max(self.CHUNK, want - have))
+            if not chunk:
+                if buffer:
+                    raise WireError("connection closed inside a frame")
+                return None
+            buffer += chunk

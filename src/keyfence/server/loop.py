@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from keyfence import protocol
 from keyfence.server import limits
-from keyfence.server.connection import Connection
+from keyfence.server.connection import RECV_BYTES, Connection
 from keyfence.server.optable import OPERATIONS
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Loop:
         self._listen_fd: int | None = listener.fileno()
         self._epoll.register(self._listen_fd, _IN)
         self._accept_paused_until = 0.0
+        self._scratch = memoryview(bytearray(RECV_BYTES))
         self._conns: dict[int, Connection] = {}
         self._interest: dict[int, int] = {}
         self._handshakes: deque[Connection] = deque()
@@ -242,7 +243,7 @@ class Loop:
     # -- reading and dispatching
 
     def _readable(self, conn: Connection) -> None:
-        bodies = conn.receive()
+        bodies = conn.receive(self._scratch)
         if bodies is None:
             conn.close()
             return
