@@ -307,18 +307,21 @@ def body_size(header: bytes | bytearray, offset: int = 0) -> int:
     return int(size)
 
 
-def split_frames(buffer: bytearray) -> tuple[list[bytes], WireError | None]:
-    """Take every complete frame's body off the front of ``buffer``.
+def split_frames(
+    buffer: bytearray, limit: int | None = None
+) -> tuple[list[bytes], WireError | None]:
+    """Take the complete frames' bodies (at most ``limit``) off the front of
+    ``buffer``.
 
     For readers that receive whatever the socket has (the daemon's event
     loop).  The error, if any, is a header past MAX_FRAME after those
     bodies: the stream can no longer be trusted from there on.
     """
-    bodies = []
+    bodies: list[bytes] = []
     offset = 0
     end = len(buffer)
     error = None
-    while end - offset >= HEADER_SIZE:
+    while end - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
         try:
             size = body_size(buffer, offset)
         except WireError as err:

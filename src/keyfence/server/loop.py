@@ -70,6 +70,8 @@ class Loop:
         self._conns: dict[int, Connection] = {}
         self._interest: dict[int, int] = {}
         self._handshakes: deque[Connection] = deque()
+        self._backlog: set[Connection] = set()
+        """Connections with buffered messages left after their turn."""
         self._lock = threading.Lock()
         self._dirty: set[Connection] = set()
         self._adopted: list[Connection] = []
@@ -119,6 +121,13 @@ class Loop:
                 self._stop_listening()
                 self.daemon.begin_shutdown()
             touched = []
+            backlog, self._backlog = self._backlog, set()
+            for waiting in backlog:
+                if not waiting.closed and not waiting.reading_paused:
+                    self._readable(waiting)
+                    touched.append(waiting)
+                elif not waiting.closed:
+                    self._backlog.add(waiting)  # its turn comes when it reads
             for fd, mask in self._epoll.poll(self._timeout()):
                 if fd == self._wake_fd:
                     with contextlib.suppress(BlockingIOError):
@@ -147,6 +156,8 @@ class Loop:
         os.close(self._wake_fd)
 
     def _timeout(self) -> float | None:
+        if any(not c.reading_paused for c in self._backlog):
+            return 0.0
         deadlines = []
         if self._handshakes:
             deadlines.append(self._handshakes[0].deadline)
@@ -254,6 +265,8 @@ class Loop:
                 conn.close()
                 return
             self._message(conn, body)
+        if conn.has_backlog() and not conn.closed:
+            self._backlog.add(conn)
 
     def _message(self, conn: Connection, body: bytes) -> None:
         try:
