@@ -124,7 +124,7 @@ class Loop:
             backlog, self._backlog = self._backlog, set()
             for waiting in backlog:
                 if not waiting.closed and not waiting.reading_paused:
-                    self._readable(waiting)
+                    self._serve(waiting, select.EPOLLIN)
                     touched.append(waiting)
                 elif not waiting.closed:
                     self._backlog.add(waiting)  # its turn comes when it reads
@@ -138,10 +138,7 @@ class Loop:
                     conn = self._conns.get(fd)
                     if conn is None:
                         continue
-                    if mask & _OUT:
-                        conn.flush()
-                    if mask & ~_OUT:
-                        self._readable(conn)
+                    self._serve(conn, mask)
                     touched.append(conn)
             self._settle(touched)
             self._expire_handshakes()
@@ -154,6 +151,17 @@ class Loop:
         self._settle([])
         self._epoll.close()
         os.close(self._wake_fd)
+
+    def _serve(self, conn: Connection, mask: int) -> None:
+        """One turn of ``conn``; a bug here costs that connection, not the loop."""
+        try:
+            if mask & _OUT:
+                conn.flush()
+            if mask & ~_OUT:
+                self._readable(conn)
+        except Exception:
+            log.exception("serving pid %d failed: connection closed", conn.caller.pid)
+            conn.close()
 
     def _timeout(self) -> float | None:
         if any(not c.reading_paused for c in self._backlog):
