@@ -144,7 +144,9 @@ def worker(seed, quota):
                 if not chunk:
                     break
                 received += chunk
-                answered += len(wire.split_frames(received)[0])
+                bodies, used, _ = wire.split_frames(received)
+                answered += len(bodies)
+                del received[:used]
         except OSError:
             pass
         s.close()

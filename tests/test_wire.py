@@ -83,12 +83,13 @@ def test_frame_reader_and_split_frames_agree_with_encode() -> None:
     ]
     data = b"".join(protocol.encode(m) for m in messages)
     buffer = bytearray(data[:-5])
-    bodies, error = wire.split_frames(buffer)
+    bodies, used, error = wire.split_frames(buffer)
     assert error is None and [protocol.decode(b) for b in bodies] == messages[:3]
+    wire.consume(buffer, used)
     buffer += data[-5:]
-    assert [protocol.decode(b) for b in wire.split_frames(buffer)[0]] == messages[3:]
-    assert not buffer
-    assert wire.split_frames(bytearray(b"\xff\xff\xff\xff"))[1] is not None
+    bodies, used, error = wire.split_frames(memoryview(buffer), limit=1)
+    assert [protocol.decode(b) for b in bodies] == messages[3:] and used == len(buffer)
+    assert wire.split_frames(b"\x00\x00\x00\x01x\xff\xff\xff\xff")[1:][1] is not None
     a, b = socket.socketpair()
     with a, b:
         reader = wire.FrameReader(b)

@@ -299,7 +299,7 @@ def frame(message: dict[str, object]) -> bytes:
     return framed(pack(message))
 
 
-def body_size(header: bytes | bytearray, offset: int = 0) -> int:
+def body_size(header: bytes | bytearray | memoryview, offset: int = 0) -> int:
     """The body length a header announces; WireError past MAX_FRAME."""
     (size,) = _I.unpack_from(header, offset)
     if size > MAX_FRAME:
@@ -308,33 +308,37 @@ def body_size(header: bytes | bytearray, offset: int = 0) -> int:
 
 
 def split_frames(
-    buffer: bytearray, limit: int | None = None
-) -> tuple[list[bytes], WireError | None]:
-    """Take the complete frames' bodies (at most ``limit``) off the front of
-    ``buffer``.
-
-    For readers that receive whatever the socket has (the daemon's event
-    loop).  The error, if any, is a header past MAX_FRAME after those
-    bodies: the stream can no longer be trusted from there on.
+    data: bytes | bytearray | memoryview, limit: int | None = None
+) -> tuple[list[bytes], int, WireError | None]:
+    """The bodies of the complete frames at the front of ``data`` (at most
+    ``limit``), how many bytes those frames take, and the error, if any,
+    of a header past MAX_FRAME after them (the stream can no longer be
+    trusted from there on).  For readers that receive whatever the socket
+    has (the daemon's event loop); the caller drops what was consumed.
     """
     bodies: list[bytes] = []
     offset = 0
-    end = len(buffer)
+    end = len(data)
     error = None
     while end - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
         try:
-            size = body_size(buffer, offset)
+            size = body_size(data, offset)
         except WireError as err:
             error = err
             break
         start = offset + HEADER_SIZE
         if end - start < size:
             break
-        bodies.append(bytes(buffer[start : start + size]))
+        bodies.append(bytes(data[start : start + size]))
         offset = start + size
-    if offset:
-        del buffer[:offset]
-    return bodies, error
+    return bodies, offset, error
+
+
+def consume(buffer: bytearray, size: int) -> None:
+    """Drop ``size`` bytes off the front of ``buffer``, zeroed first: a
+    payload (a logon key on its way to a mount) must not linger there."""
+    buffer[:size] = bytes(size)
+    del buffer[:size]
 
 
 def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
@@ -382,32 +386,44 @@ def message_of(body: bytes) -> dict[str, object]:
 class FrameReader:
     """Messages from a blocking socket, with as few recv calls as it can:
     one recv usually brings a whole reply (header and body), where reading
-    the header and then the body costs two system calls per message."""
+    the header and then the body costs two system calls per message.
 
-    __slots__ = ("_buffer", "_sock")
+    It receives into one buffer of its own and zeroes what it has read:
+    a reply may carry a key's payload (a mount worker's lookups), and no
+    copy of it may stay behind in the reader.
+    """
+
+    __slots__ = ("_buffer", "_scratch", "_sock", "_zeros")
 
     CHUNK = 64 * 1024
-    """Below malloc's mmap threshold: no mmap/munmap per receive."""
 
     def __init__(self, sock: _socket.socket) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self._scratch = memoryview(bytearray(self.CHUNK))
+        self._zeros = memoryview(bytes(self.CHUNK))
 
     def read(self) -> dict[str, object] | None:
         """The next message; None at a clean end of stream; WireError."""
         buffer = self._buffer
-        want = HEADER_SIZE
+        scratch = self._scratch
         while True:
             have = len(buffer)
             if have >= HEADER_SIZE:
                 want = HEADER_SIZE + body_size(buffer)
                 if have >= want:
                     body = bytes(buffer[HEADER_SIZE:want])
-                    del buffer[:want]
+                    consume(buffer, want)
                     return message_of(body)
-            chunk = self._sock.recv(max(self.CHUNK, want - have))
-            if not chunk:
+            size = self._sock.recv_into(scratch)
+            if not size:
                 if buffer:
                     raise WireError("connection closed inside a frame")
                 return None
-            buffer += chunk
+            try:
+                # the usual case, one whole message: straight from scratch
+                if not buffer and size >= HEADER_SIZE and size == HEADER_SIZE + body_size(scratch):
+                    return message_of(bytes(scratch[HEADER_SIZE:size]))
+                buffer += scratch[:size]
+            finally:
+                scratch[:size] = self._zeros[:size]

@@ -42,6 +42,7 @@ log = logging.getLogger("keyfence.daemon")
 
 SERVER_NAME = "keyfence 0.1.0"
 RECV_BYTES = 256 * 1024
+_ZEROS = memoryview(bytes(RECV_BYTES))
 FRAMES_PER_TURN = 16
 """Messages the loop takes from one connection before serving the next: a
 client pipelining thousands of cheap requests gets turns, not the loop."""
@@ -209,8 +210,16 @@ class Connection:
         """Read what the socket has (through the loop's ``scratch`` buffer:
         a fresh 256 KiB bytes per recv costs an mmap and munmap) and take
         this turn's messages; None at the end of the stream (or after a
-        framing error, already reported)."""
-        if not self.has_backlog():
+        framing error, already reported).
+
+        Neither buffer keeps a copy of what passed through it (a payload may
+        be a key): ``scratch`` is zeroed after each receive, the consumed
+        part of ``inbuf`` before it is dropped.
+        """
+        if self.has_backlog():
+            bodies, used, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
+            wire.consume(self.inbuf, used)
+        else:
             try:
                 size = self.sock.recv_into(scratch)
             except (BlockingIOError, InterruptedError):
@@ -219,12 +228,21 @@ class Connection:
                 return None
             if not size:
                 return None
-            self.inbuf += scratch[:size]
-        bodies, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
-        if error is not None:
-            # the stream can no longer be trusted: answer, then close
+            if self.inbuf:
+                self.inbuf += scratch[:size]
+                scratch[:size] = _ZEROS[:size]
+                bodies, used, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
+                wire.consume(self.inbuf, used)
+            else:  # the usual case: whole messages straight from scratch
+                bodies, used, error = wire.split_frames(scratch[:size], FRAMES_PER_TURN)
+                if used < size:  # a partial message (or a bad header: next turn)
+                    self.inbuf += scratch[used:size]
+                scratch[:size] = _ZEROS[:size]
+        if error is not None and not bodies:
+            # the stream can no longer be trusted: answer, then close (the
+            # messages before the bad header were served in earlier turns)
             self.send(protocol.Error(id=0, errno=errno.EMSGSIZE, message=str(error)))
-            self.inbuf.clear()
+            wire.consume(self.inbuf, len(self.inbuf))
             bodies.append(b"")  # the loop closes at this marker
         return bodies
 

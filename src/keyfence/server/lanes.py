@@ -55,21 +55,26 @@ class Lanes:
                 self._queued.setdefault(uid, deque()).append(job)
                 return
             self._running[uid] = self._running.get(uid, 0) + 1
+            # through the queue, never a Thread's args (which it keeps while
+            # it lives): a request's arguments may be a key's payload
+            self._jobs.put((uid, job))
             if self._idle:
                 self._idle -= 1
-                self._jobs.put((uid, job))
                 return
             self._threads += 1
-        threading.Thread(
-            target=self._work, args=(uid, job), name="keyfence-lane", daemon=True
-        ).start()
+        threading.Thread(target=self._work, name="keyfence-lane", daemon=True).start()
 
-    def _work(self, uid: int, job: Job) -> None:
-        while True:
+    def _work(self) -> None:
+        job: Job | None
+        uid, job = self._jobs.get()
+        while job is not None:
             try:
                 job()
             except BaseException:
                 log.exception("a request thread failed")
+            # drop the request now, not when the next one comes: its
+            # arguments may be a key's payload
+            job = None
             with self._lock:
                 waiting = self._queued.get(uid)
                 if waiting:
