@@ -305,9 +305,14 @@ class Connection:
     # -- requests (loop thread or a lane thread)
 
     def run(
-        self, op: Callable[[Connection, protocol.Request], Any], request: protocol.Request
+        self,
+        op: Callable[[Connection, protocol.Request], Any],
+        request: protocol.Request,
+        *,
+        counted: bool = True,
     ) -> None:
-        """Run one checked request and send its answer."""
+        """Run one checked request and send its answer; ``counted``: it holds
+        one of the connection's and the uid's in-flight places."""
         try:
             reply: protocol.Message = protocol.Reply(id=request.id, value=op(self, request))
         except KeyfenceError as err:
@@ -319,9 +324,10 @@ class Connection:
             log.exception("request %s from pid %d failed", request.op, self.caller.pid)
             reply = protocol.Error(id=request.id, errno=errno.EIO, message="internal error")
         finally:
-            with self.lock:
-                self.inflight -= 1
-            self.daemon.limits.give_back("inflight", self.uid)
+            if counted:
+                with self.lock:
+                    self.inflight -= 1
+                self.daemon.limits.give_back("inflight", self.uid)
         self.send(reply)
 
     def watch(self, key_id: int, mask: KeyEvent, sync: bool, name: str | None) -> int:

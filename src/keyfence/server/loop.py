@@ -316,6 +316,10 @@ class Loop:
             op.check(request)
         except OSError as err:
             return refuse(err.errno or errno.EINVAL, str(err))
+        if not op.waits(request):
+            # done before the next message is read: no in-flight place needed
+            conn.run(op.handler, request, counted=False)
+            return None
         with conn.lock:
             busy = conn.inflight >= limits.MAX_INFLIGHT
             if not busy:
@@ -331,8 +335,5 @@ class Loop:
             return refuse(
                 errno.EBUSY, f"too many requests in flight for uid {conn.uid} (limit {bound})"
             )
-        if op.waits(request):
-            self.daemon.lanes.submit(conn.uid, functools.partial(conn.run, op.handler, request))
-        else:
-            conn.run(op.handler, request)
+        self.daemon.lanes.submit(conn.uid, functools.partial(conn.run, op.handler, request))
         return None
