@@ -150,10 +150,11 @@ class Connection:
         self.send_frame(frame)
 
     def send_frame(self, frame: bytes) -> None:
-        overflow = False
+        overflow = ""
         with self.lock:
             if self.closed:
                 return
+            pending = memoryview(frame)
             if not self.out:
                 try:
                     sent = self.sock.send(frame)
@@ -164,40 +165,62 @@ class Connection:
                 if sent == len(frame):
                     return
                 if sent < 0:
-                    overflow = True  # the peer is gone: close below
+                    overflow = "gone"  # the peer is gone: close below
+                pending = pending[max(sent, 0) :]
+            if not overflow:
+                size = len(pending)
+                if self.out_bytes + size > limits.OUTPUT_LIMIT_BYTES:
+                    overflow = "this connection"
+                elif not self.daemon.limits.try_take("output", self.uid, size):
+                    overflow = f"uid {self.uid}'s connections"
                 else:
-                    self.out.append(memoryview(frame)[sent:])
-                    self.out_bytes += len(frame) - sent
-            else:
-                self.out.append(memoryview(frame))
-                self.out_bytes += len(frame)
-            overflow = overflow or self.out_bytes > limits.OUTPUT_LIMIT_BYTES
+                    self.out.append(pending)
+                    self.out_bytes += size
         if overflow:
-            if self.out_bytes > limits.OUTPUT_LIMIT_BYTES:
-                log.warning("pid %d does not read its socket: dropping it", self.caller.pid)
+            if overflow != "gone":
+                log.warning(
+                    "pid %d does not read its socket (%s past the bound): dropping it",
+                    self.caller.pid,
+                    overflow,
+                )
             self.close()
         else:
             self.daemon.loop.wake_for(self)
 
     def flush(self) -> bool:
         """Loop thread: write what the socket takes; True when all is out."""
+        drained = 0
+        try:
+            with self.lock:
+                while self.out:
+                    head = self.out[0]
+                    try:
+                        sent = self.sock.send(head)
+                    except BlockingIOError:
+                        return False
+                    except OSError:
+                        drained += self.out_bytes
+                        self.out.clear()
+                        self.out_bytes = 0
+                        return True  # the reader will see the end of the stream
+                    self.out_bytes -= sent
+                    drained += sent
+                    if sent == len(head):
+                        self.out.popleft()
+                    else:
+                        self.out[0] = head[sent:]
+                return True
+        finally:
+            if drained:
+                self.daemon.limits.give_back("output", self.uid, drained)
+
+    def discard_output(self) -> None:
+        """Loop thread, closing: what is still queued is dropped."""
         with self.lock:
-            while self.out:
-                head = self.out[0]
-                try:
-                    sent = self.sock.send(head)
-                except BlockingIOError:
-                    return False
-                except OSError:
-                    self.out.clear()
-                    self.out_bytes = 0
-                    return True  # the reader will see the end of the stream
-                self.out_bytes -= sent
-                if sent == len(head):
-                    self.out.popleft()
-                else:
-                    self.out[0] = head[sent:]
-            return True
+            dropped, self.out_bytes = self.out_bytes, 0
+            self.out.clear()
+        if dropped:
+            self.daemon.limits.give_back("output", self.uid, dropped)
 
     @property
     def reading_paused(self) -> bool:

@@ -37,12 +37,15 @@ requests until it reads its replies (a pipelining client slows itself)."""
 OUTPUT_LIMIT_BYTES = 8 * 1024 * 1024
 """Queued bytes past which a client that does not read is disconnected
 (room for a few maximum-size frames: a reply of a 1 MiB key and events)."""
+OUTPUT_BYTES_PER_UID = 32 * 1024 * 1024
+"""Queued bytes one uid's connections may hold together; the connection
+that would pass it is disconnected (so 128 non-readers cost 32 MiB, not 1 GiB)."""
 
 UNLIMITED_UIDS = frozenset({0})
 
 
 class UidLimits:
-    """Counts of what each uid holds; ``try_*`` take one unit or refuse."""
+    """Counts of what each uid holds: ``try_take`` takes units or refuses."""
 
     def __init__(
         self,
@@ -50,21 +53,27 @@ class UidLimits:
         connections: int = CONNECTIONS_PER_UID,
         inflight: int = INFLIGHT_PER_UID,
         watches: int = WATCHES_PER_UID,
+        output: int = OUTPUT_BYTES_PER_UID,
     ) -> None:
         self._lock = threading.Lock()
-        self._bounds = {"connections": connections, "inflight": inflight, "watches": watches}
+        self._bounds = {
+            "connections": connections,
+            "inflight": inflight,
+            "watches": watches,
+            "output": output,
+        }
         self._held: dict[tuple[str, int], int] = {}
 
     def bound(self, what: str) -> int:
         return self._bounds[what]
 
-    def try_take(self, what: str, uid: int) -> bool:
+    def try_take(self, what: str, uid: int, amount: int = 1) -> bool:
         key = (what, uid)
         with self._lock:
             held = self._held.get(key, 0)
-            if held >= self._bounds[what] and uid not in UNLIMITED_UIDS:
+            if held + amount > self._bounds[what] and uid not in UNLIMITED_UIDS:
                 return False
-            self._held[key] = held + 1
+            self._held[key] = held + amount
             return True
 
     def give_back(self, what: str, uid: int, count: int = 1) -> None:
