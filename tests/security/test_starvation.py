@@ -280,3 +280,45 @@ print(json.dumps(ends), flush=True)
     sock.sendall(protocol.encode(protocol.Hello(wire.PROTOCOL_VERSION)))
     assert isinstance(protocol.read_message(sock), protocol.Welcome)
     sock.close()
+
+
+def test_partial_frames_of_one_uid_are_bounded(daemon: DaemonProcess) -> None:
+    """Each connection may buffer one partial message of up to MAX_FRAME;
+    one uid's together are bounded (keyfence.server.limits.INPUT_BYTES_PER_UID)."""
+    code = (
+        RAW
+        + """
+import json, struct, time
+header = struct.pack(">I", wire.MAX_FRAME)
+socks, closed = [], 0
+for n in range(24):  # 24 x 2 MiB: more than one uid may have buffered
+    s = connect()
+    s.settimeout(10)
+    try:
+        s.sendall(header + b"\\x00" * (wire.MAX_FRAME - 1))  # one byte short, for ever
+    except OSError:
+        pass
+    socks.append(s)
+time.sleep(1)
+for s in socks:
+    s.setblocking(False)
+    try:
+        data = s.recv(1 << 16)
+        closed += 1 if data == b"" or b"buffered input" in data else 0
+    except BlockingIOError:
+        pass
+    except OSError:
+        closed += 1
+print("ready", flush=True)
+print(json.dumps({"closed": closed, "open": len(socks) - closed}), flush=True)
+sys.stdin.read()
+"""
+    )
+    attack = Attack(daemon, FLOODER, code)
+    assert attack.proc.stdout is not None
+    counts = json.loads(attack.proc.stdout.readline())
+    try:
+        assert counts["closed"] >= 24 - limits.INPUT_BYTES_PER_UID // (2 << 20), counts
+        assert_root_is_served(daemon)
+    finally:
+        attack.end()

@@ -214,6 +214,13 @@ class Connection:
             if drained:
                 self.daemon.limits.give_back("output", self.uid, drained)
 
+    def discard_buffers(self) -> None:
+        """Loop thread, closing: partial input is dropped (zeroed)."""
+        if self.inbuf:
+            self.daemon.limits.give_back("input", self.uid, len(self.inbuf))
+            wire.consume(self.inbuf, len(self.inbuf))
+        self.discard_output()
+
     def discard_output(self) -> None:
         """Loop thread, closing: what is still queued is dropped."""
         with self.lock:
@@ -239,6 +246,20 @@ class Connection:
         be a key): ``scratch`` is zeroed after each receive, the consumed
         part of ``inbuf`` before it is dropped.
         """
+        held = len(self.inbuf)
+        bodies = self._receive(scratch)
+        grown = len(self.inbuf) - held
+        if grown > 0 and not self.daemon.limits.try_take("input", self.uid, grown):
+            text = f"too much buffered input for uid {self.uid}"
+            self.send(protocol.Error(id=0, errno=errno.ENOBUFS, message=text))
+            self.daemon.limits.give_back("input", self.uid, held)
+            wire.consume(self.inbuf, len(self.inbuf))
+            return None
+        if grown < 0:
+            self.daemon.limits.give_back("input", self.uid, -grown)
+        return bodies
+
+    def _receive(self, scratch: memoryview) -> list[bytes] | None:
         if self.has_backlog():
             bodies, used, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
             wire.consume(self.inbuf, used)

@@ -37,6 +37,9 @@ requests until it reads its replies (a pipelining client slows itself)."""
 OUTPUT_LIMIT_BYTES = 8 * 1024 * 1024
 """Queued bytes past which a client that does not read is disconnected
 (room for a few maximum-size frames: a reply of a 1 MiB key and events)."""
+INPUT_BYTES_PER_UID = 32 * 1024 * 1024
+"""Bytes of partial messages one uid's connections may have buffered together
+(each up to MAX_FRAME): the connection that would pass it is closed."""
 OUTPUT_BYTES_PER_UID = 32 * 1024 * 1024
 """Queued bytes one uid's connections may hold together; the connection
 that would pass it is disconnected (so 128 non-readers cost 32 MiB, not 1 GiB)."""
@@ -54,6 +57,7 @@ class UidLimits:
         inflight: int = INFLIGHT_PER_UID,
         watches: int = WATCHES_PER_UID,
         output: int = OUTPUT_BYTES_PER_UID,
+        input: int = INPUT_BYTES_PER_UID,
     ) -> None:
         self._lock = threading.Lock()
         self._bounds = {
@@ -61,6 +65,7 @@ class UidLimits:
             "inflight": inflight,
             "watches": watches,
             "output": output,
+            "input": input,
         }
         self._held: dict[tuple[str, int], int] = {}
 

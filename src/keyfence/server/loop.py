@@ -205,7 +205,7 @@ class Loop:
 
     def _drop(self, conn: Connection) -> None:
         conn.flush()  # best effort: an error said just before closing
-        conn.discard_output()
+        conn.discard_buffers()
         del self._conns[conn.fd]
         del self._interest[conn.fd]
         with contextlib.suppress(OSError):
