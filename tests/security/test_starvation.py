@@ -185,6 +185,9 @@ s = connect(hello=False)
 s.settimeout(10)
 try:
     s.sendall(wire.frame({"type": "hello", "version": 1, "client": "x"}))
+except OSError:
+    pass  # a daemon that refuses us may have closed already: read why
+try:
     answer = wire.read(s)
 except OSError as err:
     answer = {"type": "oserror", "errno": err.errno}
@@ -220,6 +223,9 @@ s = connect(hello=False)
 s.settimeout(10)
 try:
     s.sendall(wire.frame({{"type": "hello", "version": 1, "client": "x"}}))
+except OSError:
+    pass  # a daemon that refuses us may have closed already: read why
+try:
     answer = wire.read(s)
 except OSError as err:
     answer = {{"type": "oserror", "errno": err.errno}}
