@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 ALL_EVENTS = wire.ALL_EVENTS
 
 
@@ -148,6 +148,7 @@ class Welcome:
 class Client:
     def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
+        self._frames = wire.FrameReader(sock)
         self.welcome = Welcome(welcome)
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
@@ -281,7 +282,7 @@ class Client:
         """No reader thread: read the socket ourselves until our reply."""
         while not pending.done:
             try:
-                message = wire.read(self._sock)
+                message = self._frames.read()
             except (OSError, wire.WireError):
                 message = None
             if message is None:
@@ -292,7 +293,7 @@ class Client:
     def _read_loop(self) -> None:
         try:
             while True:
-                message = wire.read(self._sock)
+                message = self._frames.read()
                 if message is None:
                     break
                 self._route(message)
