@@ -38,9 +38,10 @@ pytestmark = pytest.mark.skipif(
 def session_sh(
     daemon: DaemonProcess, script: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
+    """``script`` in a login-like shell: its own session keyring first."""
     env = dict(daemon.env, PATH=f"{BIN}:{os.environ['PATH']}")
     return subprocess.run(
-        ["sh", "-ec", script],
+        ["sh", "-ec", "kfctl new_session >/dev/null\n" + script],
         input=stdin,
         env=env,
         capture_output=True,
