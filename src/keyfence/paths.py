@@ -4,8 +4,9 @@
    daemon answers there it is an error, never a daemon started in its
    place (a mistyped variable must not start a stray daemon); ``keyfence
    daemon`` starts one there when asked.
-2. The system daemon's ``/run/keyfence/sock`` when it exists, or when we
-   are root: trusted only if the server is root.
+2. The system daemon's ``/run/keyfence/sock`` (``$KEYFENCE_SYSTEM_SOCKET``
+   where it is elsewhere) when it exists, or when we are root: trusted only
+   if the server is root.
 3. Else a private per-user daemon at ``$XDG_RUNTIME_DIR/keyfence/sock``; the
    runtime directory must be ours, mode 0700 and not a symlink.  Without
    ``XDG_RUNTIME_DIR``: ``/run/user/UID`` when logind made it, else
@@ -59,8 +60,9 @@ def locate(path: str | None = None) -> SocketPlace:
     env = os.environ.get("KEYFENCE_SOCKET")
     if env:
         return SocketPlace(env, EXPLICIT, "$KEYFENCE_SOCKET")
-    if os.path.exists(SYSTEM_SOCKET) or os.geteuid() == 0:
-        return SocketPlace(SYSTEM_SOCKET, SYSTEM, "the system daemon")
+    system = os.environ.get("KEYFENCE_SYSTEM_SOCKET") or SYSTEM_SOCKET
+    if os.path.exists(system) or os.geteuid() == 0:
+        return SocketPlace(system, SYSTEM, "the system daemon")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         try:

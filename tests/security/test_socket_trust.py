@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from keyfence.paths import SYSTEM_SOCKET
 from keyfence.testing import users
 
 VICTIM = 4650
@@ -118,8 +117,13 @@ def fake_daemon(sock: Path) -> Iterator[FakeDaemon]:
         shutil.rmtree(record_dir, ignore_errors=True)
 
 
+NO_SYSTEM_DAEMON = "/nonexistent/kfct/system-sock"
+"""The victims' system socket: the machine may run a system daemon."""
+
+
 def victim_env(**extra: str) -> dict[str, str]:
     env = users.environment(**extra)
+    env["KEYFENCE_SYSTEM_SOCKET"] = NO_SYSTEM_DAEMON
     for name in ("KEYFENCE_SOCKET", "KEYFENCE_NO_AUTOSTART", "XDG_RUNTIME_DIR"):
         if name not in extra:
             env.pop(name, None)
@@ -157,8 +161,6 @@ def kill_daemon_of(sock: Path) -> None:
 @pytest.fixture
 def fallback_dir() -> Iterator[Path]:
     """The victim's fallback directory, as the attacker can guess it."""
-    if os.path.exists(SYSTEM_SOCKET):
-        pytest.skip(f"{SYSTEM_SOCKET} exists: clients would use the system daemon")
     if os.path.exists(f"/run/user/{VICTIM}"):
         pytest.skip(f"/run/user/{VICTIM} exists: the fallback would not be /tmp")
     path = Path(f"/tmp/keyfence-{VICTIM}")

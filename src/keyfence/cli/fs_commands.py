@@ -243,10 +243,28 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     return 2
 
 
-def resolve_directory(path: str) -> str:
+def nonempty_utf8(path: str, what: str) -> str:
+    """A path argument the daemon can be sent: not empty (realpath("") is
+    the working directory: ``mount '' ''`` mounted over it) and UTF-8."""
+    if not path:
+        raise KeyfenceError(errno.ENOENT, f"{what}: an empty path")
+    return utf8(path, what)
+
+
+def utf8(text: str, what: str) -> str:
+    """``text`` if the daemon can be sent it (the wire carries UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        shown = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        raise KeyfenceError(errno.EINVAL, f"{what} {shown}: not UTF-8") from None
+    return text
+
+
+def resolve_directory(path: str, what: str) -> str:
     """The client resolves a request's paths (symlinks, ``..``) once; the
     daemon then opens exactly these names without following anything."""
-    resolved = os.path.realpath(path)
+    resolved = os.path.realpath(nonempty_utf8(path, what))
     try:
         os.stat(resolved)
     except OSError as err:
@@ -258,16 +276,17 @@ def resolve_directory(path: str) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    backing = resolve_directory(args.backing)
-    mountpoint = resolve_directory(args.mountpoint)
+    backing = resolve_directory(args.backing, "backing directory")
+    mountpoint = resolve_directory(args.mountpoint, "mount point")
+    options = [utf8(option, "option") for option in args.option or ()]
     with Client.connect() as client:
-        client._call("mount", backing, mountpoint, list(args.option or []))
+        client._call("mount", backing, mountpoint, options)
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     # not stat(): that would ask the mount itself, which may be the stuck one
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = os.path.realpath(nonempty_utf8(args.mountpoint, "mount point"))
     with Client.connect() as client:
         client._call("umount", mountpoint)
     return 0
