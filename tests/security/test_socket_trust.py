@@ -96,13 +96,13 @@ class FakeDaemon:
 
 
 @contextlib.contextmanager
-def fake_daemon(sock: Path) -> Iterator[FakeDaemon]:
-    """The attacker's fake daemon listening at ``sock`` (its directory
-    already made by the test)."""
+def fake_daemon(sock: Path, uid: int = ATTACKER) -> Iterator[FakeDaemon]:
+    """A fake daemon of ``uid`` (the attacker's) listening at ``sock`` (its
+    directory already made by the test)."""
     record_dir = Path(tempfile.mkdtemp(prefix="kfct-record-"))
-    os.chown(record_dir, ATTACKER, ATTACKER)
+    os.chown(record_dir, uid, uid)
     record = record_dir / "received"
-    argv = users.as_uid(ATTACKER, users.python_argv("-c", FAKE_DAEMON, str(sock), str(record)))
+    argv = users.as_uid(uid, users.python_argv("-c", FAKE_DAEMON, str(sock), str(record)))
     process = subprocess.Popen(argv, env=users.environment(), start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -123,7 +123,7 @@ NO_SYSTEM_DAEMON = "/nonexistent/kfct/system-sock"
 
 def victim_env(**extra: str) -> dict[str, str]:
     env = users.environment(**extra)
-    env["KEYFENCE_SYSTEM_SOCKET"] = NO_SYSTEM_DAEMON
+    env.setdefault("KEYFENCE_SYSTEM_SOCKET", NO_SYSTEM_DAEMON)
     for name in ("KEYFENCE_SOCKET", "KEYFENCE_NO_AUTOSTART", "XDG_RUNTIME_DIR"):
         if name not in extra:
             env.pop(name, None)
@@ -290,3 +290,17 @@ def test_own_daemon_in_a_checked_directory_is_still_trusted(fallback_dir: Path) 
         assert st.st_uid == VICTIM and (st.st_mode & 0o777) == 0o700
     finally:
         kill_daemon_of(fallback_dir / "sock")
+
+
+def test_system_socket_is_trusted_only_from_root(scratch: Path) -> None:
+    """The system daemon's socket served by a non-root uid -- even the
+    victim's own -- is not the system daemon."""
+    run = scratch / "run"
+    run.mkdir(mode=0o755)
+    os.chown(run, VICTIM, VICTIM)
+    sock = run / "sock"
+    with fake_daemon(sock, uid=VICTIM) as fake:
+        argv, stdin = VICTIM_COMMANDS[0]
+        code, output = run_victim(argv, victim_env(KEYFENCE_SYSTEM_SOCKET=str(sock)), stdin)
+        assert_refused(fake, code, output, str(sock), f"uid {VICTIM}", "not as root")
+        assert fake.connections == 1
