@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from keyfence import protocol
+from keyfence import protocol, socket_trust
 from keyfence.keys import KeyService
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.process_keys import Caller
@@ -108,9 +108,9 @@ class Daemon:
     def bind(self) -> None:
         """Claim the socket; DaemonRunning if another daemon serves it."""
         directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o700 if self.private_uid is not None else 0o755, exist_ok=True)
+        socket_trust.prepare_bind_dir(directory, private=self.private_uid is not None)
         lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
