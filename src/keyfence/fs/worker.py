@@ -203,10 +203,8 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     (docs/fs.md).  With a higher mmap threshold the buffers are reused.
     """
     try:
-        import ctypes
-        import ctypes.util
+        from keyfence.fs.syscalls import libc  # the one CDLL of fs/
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
         ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and ok
         return bool(libc.mallopt(_M_TOP_PAD, 16 << 20)) and ok
