@@ -1192,7 +1192,11 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
         try:
-            return sc.getxattr_at(*self.table.entry(node.ino), bytes(name))
+            cached = self.cache.get(node.ino) if node.is_reg else None
+            if cached is not None and cached.fd >= 0:
+                # open anyway: the kernel asks this before every write
+                return sc.fgetxattr(cached.fd, bytes(name))
+            return sc.getxattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
         except OSError as err:
             if err.errno == errno.ENODATA and name == _CAPABILITY_XATTR:
                 self._no_capability.add(inode)
@@ -1209,12 +1213,12 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
         self._no_capability.discard(inode)
-        sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value))
+        sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
     @fuse_op
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         node = self.table.get(inode)
-        names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino))]
+        names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
         if self.table.contents_policy(node) is not None:
             names.append(XAttrNameT(POLICY_XATTR))
         names.append(XAttrNameT(STATUS_XATTR))
@@ -1226,7 +1230,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
         self._no_capability.discard(inode)
-        sc.removexattr_at(*self.table.entry(node.ino), bytes(name))
+        sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
         """setxattr user.keyfence.policy: encrypt an empty directory."""

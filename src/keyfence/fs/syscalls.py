@@ -47,6 +47,7 @@ __all__ = [
     "chmod_at",
     "chown_at",
     "exists_at",
+    "fgetxattr",
     "fsync_dir",
     "getxattr_at",
     "link_at",
@@ -359,8 +360,21 @@ def fsync_dir(dir_fd: int) -> None:
 # ------------------------------------------------------------------ xattrs
 
 
-def _xattr_target(dir_fd: int, name: str) -> tuple[int, bool]:
-    """A descriptor for the xattr calls on ``name``: (fd, is it O_PATH)."""
+def _xattr_target(dir_fd: int, name: str, kind: int | None) -> tuple[int, bool]:
+    """A descriptor for the xattr calls on ``name``: (fd, is it O_PATH).
+
+    ``kind``: what the caller believes ``name`` is (``S_IFREG``...); for a
+    regular file or a directory one open does (checked by ``fstat``)."""
+    if kind in (stat.S_IFREG, stat.S_IFDIR):
+        try:
+            fd = open_at(dir_fd, name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.EACCES, errno.EPERM):
+                raise
+        else:
+            if stat.S_IFMT(os.fstat(fd).st_mode) == kind:
+                return fd, False
+            os.close(fd)  # swapped for something else: see below
     fd = open_at(dir_fd, name, os.O_PATH)
     try:
         kind = stat.S_IFMT(os.fstat(fd).st_mode)
@@ -384,27 +398,36 @@ def _proc(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
 
-def getxattr_at(dir_fd: int, name: str, attr: bytes) -> bytes:
-    fd, opath = _xattr_target(dir_fd, name)
+def fgetxattr(fd: int, attr: bytes) -> bytes:
+    """An xattr of an open (not O_PATH) descriptor."""
+    return _get(fd, False, attr)
+
+
+def getxattr_at(dir_fd: int, name: str, attr: bytes, kind: int | None = None) -> bytes:
+    fd, opath = _xattr_target(dir_fd, name, kind)
     try:
-        size = 256
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            if opath:
-                n = int(_getxattr(_proc(fd), attr, buf, size))
-            else:
-                n = int(_fgetxattr(fd, attr, buf, size))
-            if n >= 0:
-                return buf.raw[:n]
-            if ctypes.get_errno() != errno.ERANGE or size >= 1 << 20:
-                raise _fail()
-            size *= 16
+        return _get(fd, opath, attr)
     finally:
         os.close(fd)
 
 
-def listxattr_at(dir_fd: int, name: str) -> list[bytes]:
-    fd, opath = _xattr_target(dir_fd, name)
+def _get(fd: int, opath: bool, attr: bytes) -> bytes:
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        if opath:
+            n = int(_getxattr(_proc(fd), attr, buf, size))
+        else:
+            n = int(_fgetxattr(fd, attr, buf, size))
+        if n >= 0:
+            return buf.raw[:n]
+        if ctypes.get_errno() != errno.ERANGE or size >= 1 << 20:
+            raise _fail()
+        size *= 16
+
+
+def listxattr_at(dir_fd: int, name: str, kind: int | None = None) -> list[bytes]:
+    fd, opath = _xattr_target(dir_fd, name, kind)
     try:
         size = 1024
         while True:
@@ -419,21 +442,21 @@ def listxattr_at(dir_fd: int, name: str) -> list[bytes]:
         os.close(fd)
 
 
-def setxattr_at(dir_fd: int, name: str, attr: bytes, value: bytes, flags: int = 0) -> None:
-    fd, opath = _xattr_target(dir_fd, name)
+def setxattr_at(dir_fd: int, name: str, attr: bytes, value: bytes, kind: int | None = None) -> None:
+    fd, opath = _xattr_target(dir_fd, name, kind)
     try:
         if opath:
-            ret = _setxattr(_proc(fd), attr, value, len(value), flags)
+            ret = _setxattr(_proc(fd), attr, value, len(value), 0)
         else:
-            ret = _fsetxattr(fd, attr, value, len(value), flags)
+            ret = _fsetxattr(fd, attr, value, len(value), 0)
         if ret != 0:
             raise _fail()
     finally:
         os.close(fd)
 
 
-def removexattr_at(dir_fd: int, name: str, attr: bytes) -> None:
-    fd, opath = _xattr_target(dir_fd, name)
+def removexattr_at(dir_fd: int, name: str, attr: bytes, kind: int | None = None) -> None:
+    fd, opath = _xattr_target(dir_fd, name, kind)
     try:
         ret = _removexattr(_proc(fd), attr) if opath else _fremovexattr(fd, attr)
         if ret != 0:
