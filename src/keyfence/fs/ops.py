@@ -478,7 +478,12 @@ class KeyfenceOperations(pyfuse3.Operations):
         try:
             if inode.is_dir:
                 return os.fstat(self.table.dir_fd(inode.ino))
-            return sc.stat_at(*self.table.entry(inode.ino))
+            st = sc.stat_at(*self.table.entry(inode.ino))
+            if self.table.fuse_ino(st.st_ino) != inode.ino:
+                # the name holds another file now (swapped in the backing
+                # store): never report its attributes as this inode's
+                raise _err(errno.ESTALE)
+            return st
         except (FileNotFoundError, KeyfenceError):
             cached = self.cache.get(inode.ino)
             if cached is not None and cached.fd >= 0:
@@ -1049,7 +1054,10 @@ class KeyfenceOperations(pyfuse3.Operations):
             while done < len(view):
                 done += os.pwrite(h.fd, view[done:], off + done)
             return done
-        n = self.cache.write(self._rekeyed(h.cached), off, buf)
+        try:
+            n = self.cache.write(self._rekeyed(h.cached), off, buf)
+        finally:
+            sc.wipe_request_buffer(buf)  # copied: nothing refers to it any more
         if h.flags & (os.O_SYNC | os.O_DSYNC):
             datasync = (h.flags & os.O_SYNC) != os.O_SYNC
             await trio.to_thread.run_sync(self.cache.fsync, h.cached, datasync)

@@ -628,6 +628,8 @@ class PageCache:
             f.generation += 1
             if size == 0:
                 self._dirty_pages -= len(f.pages)
+                for page in f.pages.values():
+                    page.data[:] = _ZERO_PAGE
                 f.pages.clear()
                 os.ftruncate(f.fd, 0)
                 f.disk_size = 0
@@ -641,7 +643,7 @@ class PageCache:
             if size < old:
                 last = (size - 1) // PAGE_SIZE
                 for idx in [i for i in f.pages if i > last]:
-                    del f.pages[idx]
+                    f.pages.pop(idx).data[:] = _ZERO_PAGE
                     self._dirty_pages -= 1
                 if size % PAGE_SIZE:
                     page = self._dirty_page_locked(f, last)
@@ -929,7 +931,9 @@ class PageCache:
                 done += os.pwrite(f.fd, data[done:], offset + done)
             f.disk_size = max(f.disk_size, offset + len(data))
             for m in range(k, j + 1):
-                del pages[chunk.first + m]
+                # written: its plaintext is zeroed before the memory goes
+                # back to the allocator (docs/security.md)
+                pages.pop(chunk.first + m).data[:] = _ZERO_PAGE
             self._dirty_pages -= j - k + 1
             written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
             k = j + 1

@@ -519,3 +519,13 @@ def utime_fd(fd: int, atime_ns: int, mtime_ns: int) -> None:
     )
     if _futimens(fd, times) != 0:
         raise _fail()
+
+
+def wipe_request_buffer(buf: bytes) -> None:
+    """Zero the plaintext of a FUSE write request once it is in the page
+    cache: pyfuse3 makes that ``bytes`` object for the one call and frees it
+    afterwards, and freed heap memory keeps its contents.  Only a ``bytes``
+    of two bytes or more (CPython shares the empty and one-byte objects);
+    nothing may use ``buf`` afterwards."""
+    if type(buf) is bytes and len(buf) > 1:
+        ctypes.memset(ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p), 0, len(buf))
