@@ -762,7 +762,10 @@ class KeyfenceOperations(pyfuse3.Operations):
             if open_flags & os.O_TRUNC and st.st_size:
                 os.ftruncate(fd, 0)  # open_regular truncates nothing itself
                 st = os.fstat(fd)
-            if st.st_uid != uid or st.st_gid != gid:
+            if (st.st_uid != uid or st.st_gid != gid) and st.st_uid == os.geteuid():
+                # made by us just now; a file that was there already (put
+                # under the name in the backing store meanwhile) keeps its
+                # owner, as open(O_CREAT) of an existing file does
                 os.fchown(fd, uid, gid)
                 st = os.fstat(fd)
         except BaseException:
