@@ -402,6 +402,28 @@ class KeyfenceOperations(pyfuse3.Operations):
             return ctx.uid, st.st_gid, True
         return ctx.uid, ctx.gid, False
 
+    def _open_new(self, d_fd: int, disk: str, kind: int) -> int:
+        """An ``O_PATH`` descriptor of the entry just made as ``disk``,
+        checked to be it: of that kind and owned by the worker.  A user who
+        can write the directory may have put an entry of their own under
+        the name in between: that one is left alone (ESTALE)."""
+        fd = sc.open_at(d_fd, disk, os.O_PATH)
+        st = os.fstat(fd)
+        if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
+            os.close(fd)
+            log.warning("a new backing entry was replaced before it was set up")
+            raise _err(errno.ESTALE)
+        return fd
+
+    def _give_new(self, d_fd: int, disk: str, kind: int, uid: int, gid: int) -> os.stat_result:
+        """Give the entry just made to its owner, through a descriptor."""
+        fd = self._open_new(d_fd, disk, kind)
+        try:
+            sc.chown_fd(fd, uid, gid)
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
     def _open_file(self, node: Inode, flags: int) -> tuple[int, os.stat_result]:
         """Open a regular file's backing inode by its name, no-follow; ESTALE
         if the name now holds another inode (swapped in the backing store)."""
@@ -666,8 +688,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         uid, gid, _ = self._owner(d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.symlink_at(disk_target, d_fd, disk)
-        sc.chown_at(d_fd, disk, uid, gid)
-        st = sc.stat_at(d_fd, disk)
+        st = self._give_new(d_fd, disk, stat.S_IFLNK, uid, gid)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
         return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
@@ -684,8 +705,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         uid, gid, _ = self._owner(d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.mknod_at(d_fd, disk, mode, rdev)
-        sc.chown_at(d_fd, disk, uid, gid)
-        st = sc.stat_at(d_fd, disk)
+        st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
         return self._attrs(st, d.policy)
@@ -705,8 +725,12 @@ class KeyfenceOperations(pyfuse3.Operations):
             # in a locked one); inside an encrypted one every directory is
             # made with its policy, below
             sc.mkdir_at(d_fd, disk, perm)
-            sc.chown_at(d_fd, disk, uid, gid)
-            sc.chmod_at(d_fd, disk, perm)
+            new_fd = self._open_new(d_fd, disk, stat.S_IFDIR)
+            try:
+                sc.chown_at(new_fd, ".", uid, gid)
+                sc.chmod_at(new_fd, ".", perm)
+            finally:
+                os.close(new_fd)
         else:
             assert d.policy is not None
             if sc.exists_at(d_fd, disk):
@@ -717,7 +741,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             sc.mkdir_at(d_fd, tmp, 0o700)
             tmp_fd = -1
             try:
-                tmp_fd = sc.open_dir(d_fd, tmp, os.O_PATH)
+                tmp_fd = self._open_new(d_fd, tmp, stat.S_IFDIR)
                 policy = d.policy.with_nonce(os.urandom(DIR_NONCE_SIZE))
                 _write_policy(tmp_fd, policy)
                 sc.chown_at(tmp_fd, ".", uid, gid)

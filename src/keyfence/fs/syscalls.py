@@ -46,6 +46,7 @@ __all__ = [
     "HAVE_OPENAT2",
     "chmod_at",
     "chown_at",
+    "chown_fd",
     "exists_at",
     "fgetxattr",
     "fsync_dir",
@@ -107,6 +108,9 @@ _renameat2.restype = ctypes.c_int
 _fchmodat = libc.fchmodat
 _fchmodat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_int)
 _fchmodat.restype = ctypes.c_int
+_fchownat = libc.fchownat
+_fchownat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int)
+_fchownat.restype = ctypes.c_int
 _syncfs = libc.syncfs
 _syncfs.argtypes = (ctypes.c_int,)
 _syncfs.restype = ctypes.c_int
@@ -290,6 +294,13 @@ def chmod_at(dir_fd: int, name: str, mode: int) -> None:
 def chown_at(dir_fd: int, name: str, uid: int, gid: int) -> None:
     """fchownat(AT_SYMLINK_NOFOLLOW)."""
     os.chown(_name(name), uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chown_fd(fd: int, uid: int, gid: int) -> None:
+    """fchownat(fd, "", AT_EMPTY_PATH): the inode an ``O_PATH`` descriptor
+    holds (a symlink itself, a device node without opening it)."""
+    if _fchownat(fd, b"", uid, gid, AT_EMPTY_PATH) != 0:
+        raise _fail()
 
 
 def utime_at(dir_fd: int, name: str, atime_ns: int, mtime_ns: int) -> None:
