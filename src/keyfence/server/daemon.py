@@ -35,7 +35,7 @@ from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.keys.process_keys import Caller
-from keyfence.server import identity
+from keyfence.server import identity, request_key_runner
 from keyfence.server.mounts import Mount, MountSupervisor
 
 log = logging.getLogger("keyfence.daemon")
@@ -87,6 +87,9 @@ OPS: dict[str, tuple[tuple[tuple[type, ...], ...], bool]] = {
     "invalidate": ((_INT,), True),
     "move": ((_INT, _INT, _INT, _INT), True),
     "get_security": ((_INT,), False),
+    "instantiate": ((_INT, _OPT_BYTES, _INT), False),
+    "reject": ((_INT, _INT, _INT, _INT), False),
+    "assume_authority": ((_INT,), False),
 }
 
 
@@ -522,6 +525,7 @@ class Daemon:
     ) -> None:
         self.path = path
         self.service = service or KeyService()
+        request_key_runner.install(self.service, path)
         self.private_uid = private_uid
         self.sessions = identity.SessionRegistry()
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="keyfence-req")
