@@ -143,7 +143,7 @@ def run_real(script: str, tmp: Path) -> str:
 class Daemon:
     """A keyfence daemon process on a private socket."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_env: dict[str, str] | None = None) -> None:
         self.socket = str(directory / "sock")
         self.log = directory / "daemon.log"
         self.bin = directory / "bin"
@@ -157,7 +157,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**_base_env(), "PYTHONUNBUFFERED": "1"},
+                env={**_base_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})},
             )
         deadline = time.monotonic() + 30
         while not self._answers():
