@@ -63,9 +63,8 @@ def upcalls() -> Iterator[tuple[Daemon, Path]]:
 
 def _upcalls(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     keyctl = tmp_path / "keyctl"
-    keyctl.write_text(
-        f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec /usr/bin/python3 -m keyfence.cli.kfctl "$@"\n'
-    )
+    kfctl = "/usr/bin/python3 -m keyfence.cli.kfctl"
+    keyctl.write_text(f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec {kfctl} "$@"\n')
     keyctl.chmod(0o755)
     log = tmp_path / "handler.log"
     log.touch()
