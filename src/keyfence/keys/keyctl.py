@@ -440,7 +440,9 @@ class KeyService:
             raise fail(errno.EINVAL, "key id 0")
         else:
             found = self._keys.get(key_id)
-            if found is None or not found.is_live():
+            # an invalidated key the removal path kept for its anchor (a
+            # user or session keyring) is as gone as the kernel's gc makes it
+            if found is None or not found.is_live() or found.state is KeyState.INVALIDATED:
                 raise fail(errno.ENOKEY)
             key = found
             if self._constructions.by_key:
@@ -821,6 +823,8 @@ class KeyService:
         key.payload = _secret.store(data)
         key.expiry = None  # an update clears the timeout, as user_update() does
         key.state = KeyState.VALID
+        if self._constructions.by_key:
+            _upcall.updated_locked(self, key)
         if old is not None:
             old.wipe()
 

@@ -105,6 +105,18 @@ def check_constructed_locked(svc: KeyService, key: Key, *, partial: bool) -> Non
         raise fail(construction.error)
 
 
+def updated_locked(svc: KeyService, key: Key) -> None:
+    """add_key() updating a key found in a keyring instantiates it, even a
+    negative or uninstantiated one (__key_update: mark_key_instantiated)."""
+    construction = svc._constructions.of_locked(key)
+    if construction is None:
+        return
+    if construction.pending:
+        _finish_locked(svc, construction, 0, 0)
+    else:
+        svc._constructions.forget_key_locked(key)
+
+
 def negative_error_locked(svc: KeyService, key: Key) -> int:
     """A negative key's errno, else 0 (what a search or read reports)."""
     construction = svc._constructions.of_locked(key)
@@ -196,10 +208,16 @@ def _find_or_construct(
             raise fail(errno.ENOKEY)
         if made:  # build() runs again: the construction is made
             return None
-        if not description:
-            raise fail(errno.EINVAL, "a key to construct needs a description")
+        if key_type.is_keyring:
+            raise fail(errno.EPERM, "keyrings are not constructed by request_key")
         ring = dest if dest is not None else _default_destination_locked(svc, caller)
         permission.check(ring, caller, permission.WRITE, possessed=True)
+        if not ring.is_keyring:
+            raise fail(errno.ENOTDIR)
+        if ring.state is KeyState.REVOKED:
+            raise fail(errno.EKEYREVOKED)
+        if not description:
+            raise fail(errno.EINVAL, "a key to construct needs a description")
         found[:] = [_construct_locked(svc, caller, key_type.name, description, callout, ring)]
         made[:] = [True]
         return None
@@ -267,6 +285,12 @@ def _call_out(svc: KeyService, construction: Construction) -> None:
     start one, is the kernel failing to run /sbin/request-key: the key is
     negated and the requester gets the reason."""
     hook = svc.request_key_upcall
+    with svc._lock:
+        unusable = _user_keyrings_error_locked(svc, construction.requester)
+    if unusable:
+        # call_sbin_request_key() looks up the user keyrings first
+        handler_ended(svc, construction)
+        raise fail(unusable)
     try:
         if hook is None:
             raise fail(errno.ENOENT, "no request-key handler")
@@ -275,6 +299,26 @@ def _call_out(svc: KeyService, construction: Construction) -> None:
         handler_ended(svc, construction)
         construction.done.wait()
         raise fail(err.errno or errno.ENOKEY, str(err)) from None
+
+
+def _user_keyrings_error_locked(svc: KeyService, caller: Caller) -> int:
+    """look_up_user_keyrings()'s own error for a requester whose @u or @us
+    cannot be used (0: they can)."""
+    try:
+        svc._caller_user_keyrings_locked(caller)
+    except OSError:
+        pass
+    else:
+        return 0
+    now = svc.now()
+    for ring in svc._special.users[caller.uid]:
+        if ring.state is KeyState.REVOKED:
+            return errno.EKEYREVOKED
+        if ring.is_expired(now):
+            return errno.EKEYEXPIRED
+        if not permission.allowed(ring, caller, permission.SEARCH, possessed=True):
+            return errno.EACCES
+    return errno.ENOKEY
 
 
 def handler_ended(svc: KeyService, construction: Construction) -> None:
