@@ -626,7 +626,12 @@ def test_missing_or_extra_arguments_print_the_format_and_exit_2(
         (["get_persistent", "@s"], 1, "keyctl_get_persistent: Operation not supported\n"),
         (["pkey_query", "1", "0"], 1, "keyctl_pkey_query: Operation not supported\n"),
         (["restrict_keyring", "@s"], 1, "keyctl_restrict_keyring: Operation not supported\n"),
-        (["watch_add", "3", "@s"], 1, "keyctl_watch_key: Operation not supported\n"),
+        (["watch_session", "a", "b", "2", "true"], 2, "The target fd must be between 3 and 9\n"),
+        (
+            ["watch_session", "-z", "a", "b", "5", "true"],
+            2,
+            "watch_session: invalid option -- 'z'\nUnknown option\n",
+        ),
         (["clear", "@s", "--timeout", "soon"], 2, "Unparsable --timeout: 'soon'\n"),
         (["clear", "@s", "--timeout=-1"], 2, "Unparsable --timeout: '-1'\n"),
         (
@@ -644,8 +649,8 @@ def test_error_paths_before_the_daemon(
 
 def test_supports_without_a_daemon(capfd: pytest.CaptureFixture[str]) -> None:
     code, out, _ = kfctl_run(["supports"], capfd)
-    assert code == 0 and "have_key_invalidate=1\n" in out and "have_notify=0\n" in out
-    assert kfctl_run(["supports", "--raw"], capfd) == (3, "a100\n", "")
+    assert code == 0 and "have_key_invalidate=1\n" in out and "have_notify=1\n" in out
+    assert kfctl_run(["supports", "--raw"], capfd) == (3, "a104\n", "")
     assert kfctl_run(["supports", "move_key"], capfd) == (0, "", "")
     assert kfctl_run(["supports", "dh_compute"], capfd) == (1, "", "")
     assert kfctl_run(["supports", "nosuch"], capfd) == (3, "", "")

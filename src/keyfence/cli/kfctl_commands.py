@@ -749,18 +749,24 @@ def cmd_reject(tool: Kfctl, args: list[str], flag: bool) -> None:
 
 
 def cmd_watch_add(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_watch_key", (1,))
+    from keyfence.cli import kfctl_watch
+
+    kfctl_watch.cmd_watch_add(tool, args, flag)
 
 
 def cmd_watch_rm(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_watch_key", (1,))
+    from keyfence.cli import kfctl_watch
+
+    kfctl_watch.cmd_watch_rm(tool, args, flag)
 
 
 def cmd_watch_session(tool: Kfctl, args: list[str], flag: bool) -> None:
-    if len(args) < 4:
-        tool.usage()
-    _unsupported(tool, args, "keyctl_watch_key/session", ())
+    from keyfence.cli import kfctl_watch
+
+    kfctl_watch.cmd_watch_session(tool, args, flag)
 
 
 def cmd_watch_sync(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_watch_sync", ())
+    from keyfence.cli import kfctl_watch
+
+    kfctl_watch.cmd_watch_sync(tool, args, flag)

@@ -453,11 +453,11 @@ CAPABILITIES: tuple[tuple[str, int, int], ...] = (
 )
 """keyctl's capability names: (name, byte, bit) of KEYCTL_CAPABILITIES."""
 
-KEYFENCE_CAPS = bytes([0x01 | 0x20 | 0x80, 0x00])
-"""What keyfence offers: capabilities query, invalidate, move.  ``notify``
-means keyctl's watch queues (watch_session, watch_add, watch_rm,
-watch_sync); it is set only when kfctl provides all of them, since
-scripts that see it go on to use them."""
+KEYFENCE_CAPS = bytes([0x01 | 0x20 | 0x80, 0x04])
+"""What keyfence offers: capabilities query, invalidate, move, and
+notifications: ``watch`` and keyctl's watch queues (watch_session,
+watch_add, watch_rm, watch_sync; kfctl_watch.py) -- scripts that see
+``have_notify=1`` go on to use all of them."""
 
 
 def supports_lines(caps: bytes) -> str:

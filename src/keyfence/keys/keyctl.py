@@ -1005,9 +1005,13 @@ class KeyService:
         linked while the watchers flush stays.
         """
 
-        def build() -> Removal:
+        def build() -> Removal | None:
             ring, _ = self._keyring_locked(caller, keyring, permission.WRITE, create=True)
             assert ring.contents is not None
+            if not len(ring.contents):
+                # the kernel tells a keyring's watchers it was cleared, even empty
+                self._notify([(ring, KeyEvent.CLEARED, None)], caller, "clear")
+                return None
             return Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
