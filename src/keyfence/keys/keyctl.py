@@ -480,6 +480,8 @@ class KeyService:
         assert ring.contents is not None
         old = ring.contents.find(key.index_key)
         if old is key:
+            # linked again: the kernel tells the keyring's watchers all the same
+            self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         if old is None:
             _keyring.link_locked(ring, key, self._quota)
@@ -661,9 +663,12 @@ class KeyService:
             return []
         events: list[tuple[Key, KeyEvent, int | None]] = []
         cleared: set[Key] = set()
+        destroyed = set(removal.destroyed)
         for ring, key in removal.cut:
             if removal.op == "clear" and (ring, key) in removal.unlinks_set:
                 cleared.add(ring)
+            elif ring in destroyed:
+                continue  # a destroyed keyring's contents go without a word (gc only)
             else:
                 events.append((ring, KeyEvent.UNLINKED, key.serial))
         events.extend((ring, KeyEvent.CLEARED, None) for ring in cleared)
