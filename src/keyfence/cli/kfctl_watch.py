@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from keyfence.cli.kfctl import Kfctl
 
+KEY_SPEC_PROCESS_KEYRING = -2
 KEY_EVENTS = "inst upd link unlk clr rev inv attr"
 SYNC_QUIET = 0.1
 """watch_sync: the queue counts as drained after this long without an event."""
@@ -126,6 +127,11 @@ def cmd_watch_session(tool: Kfctl, args: list[str], flag: bool) -> None:
         session = client.join_session_keyring(name)
     except OSError as err:
         tool.fail("keyctl_join_session_keyring", err)
+    # keyctl's credentials keep this keyring while it runs, even after the
+    # program joins another (new_session); a keyfence session has one
+    # keyring, so this process holds it through its own process keyring
+    with contextlib.suppress(OSError):
+        client.link(session, KEY_SPEC_PROCESS_KEYRING)
     client.close()
     tool.flush()
     consumer = os.fork()
