@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ case "$3" in
   die) exit 3 ;;
   kill) kill -9 $$ ;;
   slow) sleep 2; {keyctl} instantiate "$1" "slow" "$4" ;;
+  hang) echo "hang $$" >> {log}; exec sleep 60 ;;
   auth)
     {keyctl} rdescribe @a >> {log} 2>&1
     {keyctl} print @a >> {log} 2>&1
@@ -76,7 +78,10 @@ def _upcalls(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     conf.write_text(CONF.format(handler=handler))
     (tmp_path / "request-key.d").mkdir()
     (tmp_path / "d").mkdir()
-    running = Daemon(tmp_path / "d", {"KEYFENCE_REQUEST_KEY_CONF": str(conf)})
+    running = Daemon(
+        tmp_path / "d",
+        {"KEYFENCE_REQUEST_KEY_CONF": str(conf), "KEYFENCE_REQUEST_KEY_TIMEOUT": "3"},
+    )
     yield running, log
     running.stop()
 
@@ -212,3 +217,29 @@ def test_the_handler_runs_as_the_requesting_user(upcalls: tuple[Daemon, Path]) -
     (run,) = runs(log)
     assert f"uid={UID} " in run
     assert f" {UID} {UID} 0 0" in run
+
+
+def test_a_handler_that_hangs_is_killed_and_the_key_negated(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    daemon, log = upcalls
+    out = sh(daemon, "keyctl request2 user test:h hang; keyctl request user test:h; true")
+    assert out.splitlines() == [
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "exit=0",
+    ]
+    (hung,) = [line for line in log.read_text().splitlines() if line.startswith("hang ")]
+    pid = int(hung.split()[1])
+    deadline = time.monotonic() + 30
+    while _running(pid):
+        assert time.monotonic() < deadline, "the hung handler was not killed"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

@@ -21,15 +21,20 @@ the key and calls :func:`install`'s hook, which does what the kernel and
    it makes can come first;
 4. a ``|program`` line gets the callout info on stdin and, if it exits 0,
    the key is instantiated with what it printed;
-5. when the handler exits and the key is still uninstantiated, it is
-   negated (ENOKEY for 60 s), which wakes the waiters.  No matching line
+5. when the handler exits (or, after :data:`HANDLER_TIMEOUT`, is killed
+   with its process group) and the key is still uninstantiated, it is
+   negated (ENOKEY for 60 s), which wakes the waiters.  How many handlers
+   a user can have running is bounded by the key quota: each construction
+   is a key charged to the requester.  No matching line
    does the same at once (request-key: "No matching action").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -45,6 +50,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONF = "/etc/keyfence/request-key.conf"
 CONF_ENV = "KEYFENCE_REQUEST_KEY_CONF"
+HANDLER_TIMEOUT = 120
+"""Seconds a handler may run before it is killed and the key negated: the
+kernel waits for ever, but a waiter here holds a daemon thread, and no user
+may hold the daemon's threads for long (docs/cli.md, "request-key").
+``$KEYFENCE_REQUEST_KEY_TIMEOUT`` in the daemon's environment overrides it."""
 HANDLER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _HOLD = 'read _ <&{fd} || exit 1; exec {fd}<&-; exec "$0" "$@"'
 """The handler waits on the pipe until the daemon has recorded its pid."""
@@ -270,18 +280,35 @@ class Runner:
         self, construction: Construction, child: subprocess.Popen[bytes], callout: str | None
     ) -> None:
         svc = self.service
+        limit = _timeout()
         try:
             if callout is not None:
-                out, _ = child.communicate(callout.encode())
+                out, _ = child.communicate(callout.encode(), timeout=limit)
                 if child.returncode == 0:
                     try:
                         upcall.instantiate_from_handler(svc, construction, out)
                     except OSError as err:
                         log.info("request-key: key %d: %s", construction.key.serial, err)
             else:
-                child.wait()
+                child.wait(limit)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "request-key: the handler of key %d ran %g s; killed",
+                construction.key.serial,
+                limit,
+            )
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         finally:
             upcall.handler_ended(svc, construction)
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get("KEYFENCE_REQUEST_KEY_TIMEOUT", HANDLER_TIMEOUT))
+    except ValueError:
+        return HANDLER_TIMEOUT
 
 
 def install(service: KeyService, socket_path: str) -> None:
