@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from keyfence.cli.kfctl import Kfctl
 
 KEY_SPEC_PROCESS_KEYRING = -2
+EVENT_UPDATED = 0x002
 KEY_EVENTS = "inst upd link unlk clr rev inv attr"
 SYNC_QUIET = 0.1
 """watch_sync: the queue counts as drained after this long without an event."""
@@ -202,6 +203,11 @@ def _consume(
 
     def on_event(note: Any) -> None:
         last_event[0] = time.monotonic()
+        if note.key == marker[0]:
+            with synced:
+                marker[1] += 1
+                synced.notify_all()
+            return
         if note.event == "gc":
             write(gc_log, f"{note.key & 0xFFFFFFFF} gc\n")
             if note.key == session:
@@ -224,6 +230,14 @@ def _consume(
         sys.stderr.write(f"watch_session: {os.strerror(err.errno or 0)}\n")
         os._exit(1)
     watches: dict[int, Any] = {}
+    # watch_sync's marker: a key in this process's own keyring, updated to
+    # send one event down the same path (the daemon's dispatcher, this
+    # connection, the client's delivery thread) after everything before it
+    marker = [0, 0]
+    synced = threading.Condition()
+    with contextlib.suppress(OSError):
+        marker[0] = client.add_key("user", "kfctl-watch-sync", b"0", KEY_SPEC_PROCESS_KEYRING)
+        client.watch(marker[0], on_event, EVENT_UPDATED)
     # a timeout, so that SIGTERM (which the client's reader thread may be
     # the one to receive) is handled by this thread soon
     sock.settimeout(0.2)
@@ -254,9 +268,7 @@ def _consume(
                 else:
                     watch.remove()
             elif words[:1] == ["sync"]:
-                client.ping()
-                while time.monotonic() - last_event[0] < SYNC_QUIET:
-                    time.sleep(SYNC_QUIET / 2)
+                _sync(client, marker, synced)
             else:
                 error = errno.EINVAL
         except OSError as err:
@@ -265,6 +277,19 @@ def _consume(
             with contextlib.suppress(OSError):
                 reply.send(str(error).encode())
             reply.close()
+
+
+def _sync(client: Any, marker: list[int], synced: threading.Condition) -> None:
+    """Return once every notification posted before now was written."""
+    if not marker[0]:
+        client.ping()
+        time.sleep(SYNC_QUIET)
+        return
+    with synced:
+        wanted = marker[1] + 1
+    client.update(marker[0], str(wanted).encode())
+    with synced:
+        synced.wait_for(lambda: marker[1] >= wanted, REPLY_TIMEOUT)
 
 
 def _request(fd: int, message: str) -> int:
