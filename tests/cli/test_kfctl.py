@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from keyfence.cli import kfctl, kfctl_text
+from keyfence.cli import kfctl, kfctl_text, kfctl_tool
 from keyfence.cli.kfctl_progress import human_bytes, progress_text
 from keyfence.cli.kfctl_text import NameLookup, UsageError
 
@@ -665,13 +665,13 @@ def test_help_and_version(capfd: pytest.CaptureFixture[str]) -> None:
 
 def test_removal_options_are_taken_out_anywhere() -> None:
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl._removal_options(tool, ["--timeout", "2.5", "@s"]) == ["@s"]
+    assert kfctl_tool.removal_options(tool, ["--timeout", "2.5", "@s"]) == ["@s"]
     assert tool.timeout == 2.5
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl._removal_options(tool, ["1", "--emergency", "2"]) == ["1", "2"]
+    assert kfctl_tool.removal_options(tool, ["1", "--emergency", "2"]) == ["1", "2"]
     assert tool.emergency and tool.timeout is None
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl._removal_options(tool, ["--timeout=3", "--", "--emergency"]) == ["--emergency"]
+    assert kfctl_tool.removal_options(tool, ["--timeout=3", "--", "--emergency"]) == ["--emergency"]
     assert tool.timeout == 3.0 and not tool.emergency
 
 
@@ -960,11 +960,11 @@ def test_removal_failures_keep_keyctls_text_and_add_keyfences_reason() -> None:
     from keyfence.errors import KeyfenceError
 
     plain = KeyfenceError(errno.EINVAL, "key id 0")
-    assert kfctl._removal_detail(plain) is None  # keyctl's own line, unchanged
+    assert kfctl_tool._removal_detail(plain) is None  # keyctl's own line, unchanged
     aborted = KeyfenceError(errno.ENOSPC, "fs /mnt failed: disk full; nothing was removed")
-    assert kfctl._removal_detail(aborted) == "fs /mnt failed: disk full; nothing was removed"
+    assert kfctl_tool._removal_detail(aborted) == "fs /mnt failed: disk full; nothing was removed"
     lost = KeyfenceError(errno.ENOTCONN, "the daemon closed the connection")
-    assert kfctl._removal_detail(lost) == "the daemon closed the connection"
+    assert kfctl_tool._removal_detail(lost) == "the daemon closed the connection"
 
 
 def test_a_name_lookup_falls_back_to_keys_the_caller_can_view() -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import os
 
-from keyfence.cli.kfctl import (
+from keyfence.cli.kfctl_text import Exit, UsageError
+from keyfence.cli.kfctl_tool import (
     HELP_EXTRA,
     KEY_SPEC_SESSION_KEYRING,
     KEYCTL_MOVE_EXCL,
@@ -19,7 +20,6 @@ from keyfence.cli.kfctl import (
     _strerror,
     usage_text,
 )
-from keyfence.cli.kfctl_text import Exit, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -521,8 +521,11 @@ def purge_match(raw: str, key_type: str, description: str, *, prefix: bool, fold
     head, sep, _ = raw.partition(";")
     if not sep or head != key_type:
         return False
-    candidate = raw.rpartition(";")[2].encode()
-    wanted = description.encode()
+    import os  # already loaded by kfctl; not at this module's import
+
+    # the raw bytes of both (an argument need not be UTF-8: keyctl compares bytes)
+    candidate = os.fsencode(raw.rpartition(";")[2])
+    wanted = os.fsencode(description)
     if prefix:
         if len(candidate) < len(wanted):
             return False

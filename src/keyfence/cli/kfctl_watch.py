@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, NoReturn, TextIO
 
-    from keyfence.cli.kfctl import Kfctl
+    from keyfence.cli.kfctl_tool import Kfctl
 
 KEY_SPEC_PROCESS_KEYRING = -2
 EVENT_UPDATED = 0x002
@@ -297,7 +297,7 @@ def _request(fd: int, message: str) -> int:
     # the kernel's get_watch_queue(): EBADF for any fd that is not a queue
     try:
         queue = socket.socket(fileno=os.dup(fd))
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: past any C int, no such fd
         return errno.EBADF
     try:
         if queue.type != socket.SOCK_SEQPACKET or queue.family != socket.AF_UNIX:

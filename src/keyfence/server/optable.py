@@ -57,13 +57,6 @@ def unless_no_destination(request: protocol.Request) -> bool:
     return bool(request.args[-1] != 0)
 
 
-def unless_plain_lookup(request: protocol.Request) -> bool:
-    """request_key: with callout information it may run a request-key
-    handler and wait for it (an upcall); without, and without a destination
-    keyring, it is a lookup (the mount worker's key lookups are these)."""
-    return bool(request.args[2] is not None or request.args[-1] != 0)
-
-
 @dataclass(frozen=True, slots=True)
 class Op:
     name: str
@@ -180,7 +173,9 @@ OPERATIONS: dict[str, Op] = _table(
     # keys (keyfence.keys.KeyService); an add, link or joined session may
     # displace a key, which goes through the removal path and may wait
     Op("add_key", (STR, OPT_STR, OPT_BYTES, INT), _service("add_key"), always),
-    Op("request_key", (STR, STR, OPT_STR, INT), _service("request_key"), unless_plain_lookup),
+    # request_key waits: for its request-key handler, and (even without
+    # callout information) for a key another request is constructing
+    Op("request_key", (STR, STR, OPT_STR, INT), _service("request_key"), always),
     Op("get_keyring_id", (INT, BOOL), _service("get_keyring_id")),
     Op("join_session_keyring", (OPT_STR,), _service("join_session_keyring"), always),
     Op(
@@ -219,6 +214,7 @@ OPERATIONS: dict[str, Op] = _table(
     Op("mount", (STR, STR, LIST), _mount, always),
     Op("umount", (STR,), _umount, always),
     Op("mounts", (), _mounts),
-    Op("worker_find_key", (INT, LIST), _worker_find_key, worker_only=True),
+    # a lookup for a FUSE request: may meet a key under construction and wait
+    Op("worker_find_key", (INT, LIST), _worker_find_key, always, worker_only=True),
     Op("worker_report", (STR, ANY), _worker_report, worker_only=True),
 )
