@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import errno
 import getpass
-import json
 import os
 import sys
 from typing import Any
 
-from keyfence.client import Client, RemovalStatus
+from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 
 POLICY_XATTR = "user.keyfence.policy"
@@ -75,10 +74,12 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
 
     if args.e4command == "add_key":
         with Client.connect() as client:
+            from keyfence.cli import dir_keys
+
             if args.salt is None:
-                salts = e4.default_salts()
+                salts = dir_keys.salt_for_paths(args.paths) or e4.default_salts()[:1]
                 if not salts:
-                    print("e4crypt: no salt given (-S) and no ext4 salt found", file=sys.stderr)
+                    print("e4crypt: No salt values available (give -S)", file=sys.stderr)
                     return 1
                 salt = salts[0]
             else:
@@ -92,6 +93,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
                 print(f"Added key with descriptor [{desc}]")
             for path in args.paths:
                 set_policy(path, e4.key_description(desc))
+                dir_keys.store_salt(path, salt)
                 if args.verbose:
                     print(f"Key with descriptor [{desc}] applied to {path}.")
         return 0
@@ -137,15 +139,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.path:
-        try:
-            raw = os.getxattr(args.path, STATUS_XATTR)
-        except OSError as err:
-            print(f"{args.path}: not in a keyfence mount ({err.strerror})", file=sys.stderr)
-            return 1
-        status: dict[str, Any] = json.loads(raw)
-        for key in sorted(status):
-            print(f"{key}: {status[key]}")
-        return 0
+        from keyfence.cli import dir_keys
+
+        return dir_keys.print_status(args.path)
     with Client.connect() as client:
         mounts = client._call("mounts")
     if not mounts:
@@ -169,57 +165,15 @@ def _policy_of(path: str) -> str:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    """Remove the directory's key through the fenced path: the mount flushes
-    every dirty page under it, evicts plaintext, and the key is wiped."""
-    ref = _policy_of(args.path)
-    key_type = "logon"
-    with Client.connect() as client:
-        try:
-            serial = client.request_key(key_type, ref)
-        except KeyfenceError as err:
-            print(f"{args.path}: already locked ({err.strerror})", file=sys.stderr)
-            return 1
+    from keyfence.cli import dir_keys
 
-        def progress(status: RemovalStatus) -> None:
-            if sys.stderr.isatty() and status.pending:
-                left = status.remaining_bytes
-                who = ", ".join(p.watcher for p in status.pending)
-                print(
-                    f"\rlocking: waiting for {who}: {left:,} bytes left ", end="", file=sys.stderr
-                )
-
-        client.invalidate(serial, timeout=args.timeout, emergency=args.emergency, progress=progress)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
-        mounts = client._call("mounts")
-    print(f"{args.path}: locked")
-    for m in mounts:
-        if args.path.startswith(m["mountpoint"]):
-            for name, value in sorted((m.get("busy") or {}).items()):
-                print(f"incompletely locked (still open): {name}: {value}")
-            for drop in m.get("dropped") or ():
-                print(f"dropped: {drop}")
-    return 0
+    return dir_keys.cmd_lock(args)
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    from keyfence.fs import e4crypt_compat as e4
+    from keyfence.cli import dir_keys
 
-    ref = _policy_of(args.path)
-    if not ref.startswith("ext4:"):
-        print(f"{args.path}: policy {ref} needs its raw key (kfctl padd logon {ref} @s)")
-        return 1
-    if args.salt is None:
-        print("unlock: give the salt the key was made with (-S)", file=sys.stderr)
-        return 2
-    key = e4.derive_key(read_passphrase(), e4.resolve_salt(e4.parse_salt(args.salt)))
-    if e4.key_description(e4.descriptor(key)) != ref:
-        print(f"{args.path}: wrong passphrase (or salt): the key does not match", file=sys.stderr)
-        return 1
-    with Client.connect() as client:
-        client.add_key("logon", ref, e4.kernel_payload(key), S)
-    print(f"{args.path}: unlocked")
-    return 0
+    return dir_keys.cmd_unlock(args)
 
 
 def add_parsers(sub: Any) -> None:

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from keyfence.cli import fs_commands
 
     fs_commands.add_parsers(sub)
+    from keyfence.cli import login, pam
+
+    login.add_parser(sub)
+    pam.add_parser(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
         from keyfence.errors import KeyfenceError

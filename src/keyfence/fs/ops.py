@@ -57,6 +57,7 @@ from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
     DIR_NONCE_SIZE,
     POLICY_FILE_NAME,
+    PROTECTORS_FILE_NAME,
     FormatError,
     IntegrityError,
     KeyRef,
@@ -77,6 +78,7 @@ from keyfence.fs.pagecache import (
     PageCache,
     lenient_plaintext_size,
 )
+from keyfence.fs.protector import MAX_PROTECTORS_SIZE, Protectors
 
 __all__ = ["POLICY_XATTR", "STATUS_XATTR", "KeyfenceOperations", "MountOptions"]
 
@@ -84,7 +86,9 @@ log = logging.getLogger("keyfence.fs.ops")
 
 POLICY_XATTR = b"user.keyfence.policy"
 STATUS_XATTR = b"user.keyfence.status"
-_OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR)
+PROTECTORS_XATTR = b"user.keyfence.protectors"
+"""A directory's ``.keyfence-protectors`` (keyfence.fs.protector): owner and root."""
+_OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR, PROTECTORS_XATTR)
 _XATTR_PREFIX = b"user.keyfence."
 _CAPABILITY_XATTR = b"security.capability"
 """Asked by the kernel before every write (to drop file capabilities)."""
@@ -233,6 +237,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self._no_capability: set[int] = set()
+        self._busy_names: dict[int, str] = {}
+        """Plaintext paths of files open when their key went (status shows
+        them; the names themselves are evicted)."""
         """Inodes known to have no security.capability (see getxattr)."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
@@ -1171,6 +1178,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             return policy.key.description.encode()
         if name == STATUS_XATTR:
             return json.dumps(self.status(node), sort_keys=True).encode()
+        if name == PROTECTORS_XATTR:
+            return await trio.to_thread.run_sync(self._read_protectors, node, ctx)
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
         try:
@@ -1187,6 +1196,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if name == POLICY_XATTR:
             await self._set_policy(node, value, ctx)
+            return
+        if name == PROTECTORS_XATTR:
+            await trio.to_thread.run_sync(self._write_protectors, node, value, ctx)
             return
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
@@ -1244,6 +1256,59 @@ class KeyfenceOperations(pyfuse3.Operations):
         node.forget_names()
         log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
 
+    def _protectors_path(self, node: Inode, ctx: RequestContext) -> str:
+        """The protectors file of an encrypted directory the caller owns (or root)."""
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        if node.policy is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        path = self.table.path(node.ino)
+        if ctx.uid != 0 and ctx.uid != os.lstat(path).st_uid:
+            raise _err(errno.EACCES)
+        return os.path.join(path, PROTECTORS_FILE_NAME)
+
+    def _read_protectors(self, node: Inode, ctx: RequestContext) -> bytes:
+        path = self._protectors_path(node, ctx)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise FUSEError(pyfuse3.ENOATTR) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME} is not a regular file")
+            data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
+        finally:
+            os.close(fd)
+        try:
+            Protectors.parse(data)
+        except FormatError as err:
+            raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
+        return data
+
+    def _write_protectors(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
+        """Replace the file atomically (write, fsync, rename, fsync the directory)."""
+        path = self._protectors_path(node, ctx)
+        try:
+            Protectors.parse(value)
+        except FormatError as err:
+            raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
+        tmp = os.path.join(os.path.dirname(path), f"{_TEMP_PREFIX}{secrets.token_hex(8)}")
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, value)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(os.path.dirname(path))
+
     def status(self, node: Inode) -> dict[str, Any]:
         """What ``user.keyfence.status`` shows (JSON)."""
         policy = self.table.contents_policy(node)
@@ -1255,9 +1320,15 @@ class KeyfenceOperations(pyfuse3.Operations):
             if binding is not None:
                 out["serial"] = binding.serial
             out["dirty_bytes"] = self.cache.dirty_bytes_of(policy.key.description)
-            out["open_files"] = sum(
-                1 for f in self.cache.files(policy.key.description) if f.users > 0
-            )
+            still_open = [f.ino for f in self.cache.files(policy.key.description) if f.users > 0]
+            out["open_files"] = len(still_open)
+            if binding is None and still_open:
+                # fscrypt's "incompletely locked": the key went while these
+                # were open; the list empties as they close
+                out["state"] = "incompletely locked"
+                out["busy_files"] = sorted(
+                    self._busy_names.get(ino) or self.label_of(ino) for ino in still_open
+                )
         if node.ino == ROOT_INODE:
             out["mount"] = {
                 "backing": self.backing,
@@ -1412,6 +1483,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         self.keys.unbind(binding)
         busy, _dropped = self.cache.evict_key(desc)
         out.busy = [busy_labels.get(ino) or self.label_of(ino) for ino in busy]
+        self._busy_names.update(zip(busy, out.busy, strict=True))
         for inode in self.table:
             if not inode.is_dir or inode.policy is None or inode.policy.key.description != desc:
                 continue
@@ -1495,7 +1567,11 @@ def _remove_encrypted_dir(path: str) -> None:
         os.rmdir(path)
         return
     if any(
-        not (n == POLICY_FILE_NAME or is_sidecar_name(n) or n.startswith(_TEMP_PREFIX))
+        not (
+            n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
+            or is_sidecar_name(n)
+            or n.startswith(_TEMP_PREFIX)
+        )
         for n in names
     ):
         raise _err(errno.ENOTEMPTY)

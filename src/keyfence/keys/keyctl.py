@@ -932,6 +932,29 @@ class KeyService:
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
+    def invalidate_filesystem_key(
+        self,
+        caller: Caller,
+        key_id: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
+        """fscrypt's FS_IOC_REMOVE_ENCRYPTION_KEY(_ALL_USERS) for a key a
+        mount uses: invalidated through the fence whatever the caller's
+        keyrings hold, by the key's owner or an admin (the daemon checks
+        that a mount uses it).  Errors: ENOKEY, EKEYREVOKED, EACCES."""
+
+        def build() -> Removal:
+            key, _ = self._lookup_locked(caller, key_id, _Need.DEFER)
+            key.validate(self.now())
+            if key.uid != caller.uid and not caller.is_admin:
+                raise fail(errno.EACCES)
+            return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
     def clear(
         self,
         caller: Caller,

@@ -376,6 +376,8 @@ class Connection:
             return "pong"
         if op in _MOUNT_OPS:
             return self._mount_op(op, args)
+        if op == "lock_filesystem_key":
+            return self._lock_filesystem_key(request, args)
         spec = OPS.get(op)
         if spec is None:
             raise KeyfenceError(errno.EOPNOTSUPP, f"unknown operation {op!r}")
@@ -392,6 +394,23 @@ class Connection:
         return method(
             self.caller,
             *args,
+            timeout=request.timeout,
+            emergency=request.emergency,
+            progress=progress,
+        )
+
+    def _lock_filesystem_key(self, request: protocol.Request, args: list[Any]) -> None:
+        """``keyfence lock``: remove a key a mount uses, whoever possesses it
+        (fscrypt's lock --all-users; the owner or root, see keyctl)."""
+        _check_args("lock_filesystem_key", args, (_INT,))
+        if not self.daemon.mounts.used_by_a_mount(args[0]):
+            raise KeyfenceError(errno.EACCES, "no mount uses this key")
+        if request.timeout is not None and not request.timeout >= 0:
+            raise KeyfenceError(errno.EINVAL, "timeout must be a number of seconds >= 0")
+        progress = self._progress_sender(request.id) if request.progress else None
+        self.daemon.service.invalidate_filesystem_key(
+            self.caller,
+            args[0],
             timeout=request.timeout,
             emergency=request.emergency,
             progress=progress,

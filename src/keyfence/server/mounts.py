@@ -83,6 +83,8 @@ class MountSupervisor:
         self.daemon = daemon
         self._lock = threading.Lock()
         self._mounts: dict[str, Mount] = {}
+        self._handed_out: set[int] = set()
+        """Serials of keys given to a mount worker (keyfence lock's check)."""
 
     # -- client operations
 
@@ -151,6 +153,11 @@ class MountSupervisor:
         except subprocess.TimeoutExpired:
             raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing") from None
 
+    def used_by_a_mount(self, serial: int) -> bool:
+        """Whether ``serial`` was ever handed to a mount worker."""
+        with self._lock:
+            return serial in self._handed_out
+
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             return [m.describe() for m in self._mounts.values()]
@@ -168,6 +175,8 @@ class MountSupervisor:
                 try:
                     serial = svc.request_key(caller, key_type, description)
                     with svc.use_key(caller, serial) as payload:
+                        with self._lock:
+                            self._handed_out.add(serial)
                         return [serial, description, payload.reveal()]
                 except OSError:
                     continue
