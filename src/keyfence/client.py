@@ -434,6 +434,11 @@ class Client:
     def join_session_keyring(self, name: str | None = None) -> int:
         return int(self._call("join_session_keyring", name))
 
+    def session_to_parent(self, **removal: Any) -> None:
+        """KEYCTL_SESSION_TO_PARENT: give this process's session keyring to
+        its parent (keyctl new_session's second step)."""
+        self._call("session_to_parent", **removal)
+
     def update(self, key_id: int, payload: bytes | None) -> None:
         self._call("update", key_id, payload)
 

@@ -120,6 +120,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     if args.e4command == "new_session":
         with Client.connect() as client:
             serial = client.join_session_keyring(None)
+            client.session_to_parent()  # as e4crypt: the invoking shell gets it
         print(f"Switched invoking process to new session keyring {serial}")
         return 0
     return 2

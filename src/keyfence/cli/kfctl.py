@@ -843,13 +843,12 @@ def cmd_setperm(tool: Kfctl, args: list[str]) -> None:
 
 
 def cmd_session(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_session import enter_new_session, exec_program
+    from keyfence.cli.kfctl_session import exec_program
 
     name = None
     if args:
         name = None if args[0] == "-" else args[0]
         args = args[1:]
-    enter_new_session()
     try:
         serial = tool.client.join_session_keyring(name)
     except OSError as err:
@@ -868,8 +867,11 @@ def cmd_new_session(tool: Kfctl, args: list[str]) -> None:
         client.join_session_keyring(args[0] if args else None)
     except OSError as err:
         tool.fail("keyctl_join_session_keyring", err)
-    # keyctl then gives the keyring to its parent (session_to_parent); here
-    # the keyring already belongs to the whole POSIX session, shell included
+    # as keyctl: the new keyring goes to our parent (the shell)
+    try:
+        client.session_to_parent()
+    except OSError as err:
+        tool.fail("keyctl_session_to_parent", err)
     try:
         serial = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
     except OSError as err:

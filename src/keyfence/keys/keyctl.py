@@ -62,6 +62,7 @@ from keyfence.keys.process_keys import (
     KEY_SPEC_USER_SESSION_KEYRING,
     Caller,
     SpecialKeyrings,
+    boot_clock,
 )
 from keyfence.keys.quota import QuotaLimits, QuotaTable, QuotaUsage
 from keyfence.keys.removal import Removal, Why, wipe_payload
@@ -256,6 +257,7 @@ class KeyService:
                 perm = permission.SESSION_KEYRING_PERM
                 key = self._new_private_keyring_locked(caller, "_ses", perm)
                 tables.sessions[caller.session] = key
+                tables.bound_at[caller.session] = boot_clock()
             return key
         if spec == KEY_SPEC_USER_KEYRING:
             return self._user_keyrings_locked(caller.uid)[0]
@@ -822,8 +824,12 @@ class KeyService:
         """KEYCTL_JOIN_SESSION_KEYRING: a new anonymous session keyring, or
         join (creating if need be) the keyring called ``name``.
 
-        The caller's whole POSIX session switches keyring; the one it had is
-        released, through the removal path if nothing else holds it.
+        Only the caller's own binding changes (its children forked later
+        inherit it); the keyring it had is released, through the removal
+        path if nothing else holds it.  Returns the keyring's serial, or 0
+        when the caller already has that keyring (as the kernel answers).
+        Errors: EINVAL (empty name, no binding), EPERM (a name starting
+        with '.'), EDQUOT, and the fence's.
         """
         session = caller.session
         if name is not None and not name:
@@ -848,28 +854,12 @@ class KeyService:
                     else permission.SESSION_KEYRING_PERM,
                     overrun=not named,
                 )
+                self._pending_new[ring] = None
             result.append(ring.serial)
-            old = self._special.sessions.get(session)
-            if old is ring:
+            if self._special.sessions.get(session) is ring:
                 result.append(0)  # the kernel answers 0 when already joined
                 return None
-            ring.anchors += 1
-            self._special.sessions[session] = ring
-            if old is None:
-                return None
-            # the old keyring stays this session's until the removal applies
-            self._special.sessions[session] = old
-            ring.anchors -= 1
-            self._pending_new[ring] = None
-            removal = Removal("join_session_keyring", caller, releases=[old])
-
-            def switch() -> None:
-                self._pending_new.pop(ring, None)
-                ring.anchors += 1
-                self._special.sessions[session] = ring
-
-            removal.on_apply.append(switch)
-            return removal
+            return self._bind_session_locked(caller, session, ring, "join_session_keyring")
 
         try:
             self._run_removal(build)
@@ -877,6 +867,106 @@ class KeyService:
             with self._lock:
                 self._discard_pending_locked(result)
         return result[-1]
+
+    def session_to_parent(
+        self,
+        caller: Caller,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
+        """KEYCTL_SESSION_TO_PARENT: give the caller's session keyring (its
+        user-session keyring if it has none) to its parent, replacing the
+        parent's, as keyctl's ``new_session`` does after joining.
+
+        The kernel's rules (keyctl_session_to_parent()): the caller needs
+        link permission on its session keyring; the parent is not init and
+        is single-threaded; its real, effective and saved uid equal the
+        caller's (effective) uid and likewise its gids; both the parent's
+        current session keyring and the caller's are owned by the caller's
+        uid.  Root has no bypass.  Nothing happens when the parent already
+        has that keyring.  The parent's old keyring is released through the
+        removal path.
+        Errors: EPERM (any rule above, or no parent known), EACCES, and the
+        fence's.
+        """
+        parent = caller.parent
+
+        def build() -> Removal | None:
+            ring, _ = self._lookup_locked(caller, KEY_SPEC_SESSION_KEYRING, permission.LINK)
+            if parent is None or parent.pid <= 1:
+                raise fail(errno.EPERM, "the caller's parent cannot take a session keyring")
+            if parent.threads != 1:
+                raise fail(errno.EPERM, "the parent is not single-threaded")
+            old = self._special.sessions.get(parent.session)
+            if old is ring or (old is None and ring is self._user_keyrings_locked(caller.uid)[1]):
+                return None
+            uid, gid = caller.uid, caller.gid
+            if any(u != uid for u in parent.uids) or any(g != gid for g in parent.gids):
+                raise fail(errno.EPERM, "the parent runs with other credentials")
+            if (old is not None and old.uid != uid) or ring.uid != uid:
+                raise fail(errno.EPERM, "the session keyring belongs to another user")
+            return self._bind_session_locked(caller, parent.session, ring, "session_to_parent")
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
+    def _bind_session_locked(
+        self, caller: Caller, session: Hashable, ring: Key, op: str
+    ) -> Removal | None:
+        """Point ``session`` at ``ring``: now if it had no keyring, else as
+        a removal releasing the old one (which stays the binding's keyring
+        until the removal applies)."""
+        tables = self._special
+        old = tables.sessions.get(session)
+
+        def switch() -> None:
+            self._pending_new.pop(ring, None)
+            if not ring.is_live():  # ended while the old keyring's users flushed
+                tables.sessions.pop(session, None)
+                tables.bound_at.pop(session, None)
+                return
+            ring.anchors += 1
+            tables.sessions[session] = ring
+            tables.bound_at[session] = boot_clock()
+
+        if old is None:
+            switch()
+            return None
+        removal = Removal(op, caller, releases=[old])
+        removal.on_apply.append(switch)
+        return removal
+
+    def inherit_session(
+        self, child: Hashable, parent: Hashable, child_started: float | None = None
+    ) -> bool:
+        """Bind ``child`` to ``parent``'s session keyring, as fork does.
+
+        ``child_started`` (boot_clock() seconds, rounded up): a child that
+        started before the parent got its keyring did not inherit it, and
+        is left alone.  Nothing goes away, so no fence.  True if ``child``
+        has a binding afterwards.
+        """
+        with self._lock:
+            tables = self._special
+            if child in tables.sessions:
+                return True
+            ring = tables.sessions.get(parent)
+            if ring is None or not ring.is_live():
+                return False
+            since = tables.bound_at.get(parent, 0.0)
+            if child_started is not None and child_started < since:
+                return False
+            ring.anchors += 1
+            tables.sessions[child] = ring
+            tables.bound_at[child] = since if child_started is None else child_started
+            return True
+
+    def session_binding(self, session: Hashable) -> int:
+        """Serial of the keyring bound to ``session``; 0 if none."""
+        with self._lock:
+            ring = self._special.sessions.get(session)
+            return ring.serial if ring is not None else 0
 
     def _find_keyring_by_name_locked(self, caller: Caller, name: str) -> Key | None:
         for ring in self._names.get(name, ()):
@@ -1204,25 +1294,33 @@ class KeyService:
         timeout: float | None = None,
         emergency: bool = False,
     ) -> None:
-        """A process is gone: its process and thread keyrings go away.
+        """A process is gone: its process and thread keyrings go away, and
+        its session binding (named (pid, start_time)) is released; the
+        session keyring ends with the last process that held it.
 
         If a watcher aborts the removal, the keyrings stay registered and
         the call raises; the caller (the daemon) retries.
         """
+        me = (pid, start_time)
 
         def build() -> Removal | None:
             tables = self._special
             threads = tables.threads_of(pid, start_time)
             rings = [tables.threads[t] for t in threads]
-            process = tables.processes.get((pid, start_time))
+            process = tables.processes.get(me)
             if process is not None:
                 rings.append(process)
+            session = tables.sessions.get(me)
+            if session is not None:
+                rings.append(session)
             if not rings:
                 return None
             removal = Removal("exit", None, releases=rings)
 
             def forget() -> None:
-                tables.processes.pop((pid, start_time), None)
+                tables.processes.pop(me, None)
+                tables.sessions.pop(me, None)
+                tables.bound_at.pop(me, None)
                 for thread in threads:
                     tables.threads.pop(thread, None)
 
@@ -1252,14 +1350,20 @@ class KeyService:
         emergency: bool = False,
         progress: Callable[[RemovalProgress], None] | None = None,
     ) -> None:
-        """A POSIX session has no process left: its session keyring goes away."""
+        """A session binding is gone: its keyring is released (and ends if
+        that was the last binding or link holding it)."""
 
         def build() -> Removal | None:
             ring = self._special.sessions.get(session)
             if ring is None:
                 return None
             removal = Removal("session_end", None, releases=[ring])
-            removal.on_apply.append(lambda: self._special.sessions.pop(session, None))
+
+            def forget() -> None:
+                self._special.sessions.pop(session, None)
+                self._special.bound_at.pop(session, None)
+
+            removal.on_apply.append(forget)
             return removal
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
@@ -1353,10 +1457,16 @@ class KeyService:
             )
 
     def anchored_processes(self) -> list[tuple[int, int]]:
-        """(pid, start time) of every process holding a process or thread keyring."""
+        """(pid, start time) of every process holding a process or thread
+        keyring or a session binding named by its process."""
         with self._lock:
             found = set(self._special.processes)
             found.update((pid, start) for pid, start, _tid in self._special.threads)
+            found.update(
+                s
+                for s in self._special.sessions
+                if type(s) is tuple and len(s) == 2 and all(type(n) is int for n in s)
+            )
             return sorted(found)
 
     def anchored_sessions(self) -> list[Hashable]:

@@ -6,19 +6,25 @@ by who the caller is (DESIGN.md, "Processes"):
 
 * @t by (pid, start time, tid); @p by (pid, start time), so a reused pid
   never inherits a dead process's keyring;
-* @s by the caller's POSIX session; a session that has none yet gets a new
-  anonymous ``_ses`` keyring when the caller asks to create one, and
-  otherwise sees its user-session keyring (docs/keys.md);
+* @s by the caller's *session binding* (``Caller.session``): the daemon
+  names it by the process itself, (pid, start time), and binds a process
+  to the keyring its parent had at fork, as the kernel's credentials do
+  (server/sessions.py follows the ancestry).  Many bindings may share one
+  keyring; each holds an anchor, so the keyring ends when the last process
+  holding it is gone.  A caller with no binding sees its user-session
+  keyring, and gets a new anonymous ``_ses`` when it asks to create one
+  (docs/keys.md, "Session keyrings");
 * @u and @us by uid, created on first use and kept for good, as the
   kernel's are.
 
 The tables *anchor* the keyrings they hold: a keyring anchored by a process
 or session lives on with no links, and goes away through the fenced removal
-path when its process exits or its session ends.
+path when its process exits or its last session binding goes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -46,13 +52,33 @@ SPECIAL_NAMES = {
 }
 
 
+def boot_clock() -> float:
+    """Seconds since boot (CLOCK_BOOTTIME): the clock of /proc's process
+    start times, so a binding's time compares with a child's fork time."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@dataclass(frozen=True, slots=True)
+class ParentProcess:
+    """The caller's parent, as KEYCTL_SESSION_TO_PARENT needs it."""
+
+    pid: int
+    session: Hashable
+    """The parent's session binding (the daemon: its (pid, start time))."""
+    uids: tuple[int, int, int]
+    """Real, effective and saved uid."""
+    gids: tuple[int, int, int]
+    threads: int
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is asking: everything a permission or keyring decision needs.
 
     The daemon fills this from the socket's peer credentials and /proc,
-    never from what a client says.  ``session`` identifies the POSIX
-    session (None: the caller has no session to hang a keyring on).
+    never from what a client says.  ``session`` names the caller's session
+    binding (None: the caller has nothing to hang a session keyring on);
+    ``parent``, the process a session_to_parent would change.
     """
 
     uid: int
@@ -66,6 +92,7 @@ class Caller:
     session: Hashable | None = None
     admin: bool | None = None
     """CAP_SYS_ADMIN; None means "uid 0 has it"."""
+    parent: ParentProcess | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -90,6 +117,9 @@ class SpecialKeyrings:
         self.threads: dict[tuple[int, int, int], Key] = {}
         self.processes: dict[tuple[int, int], Key] = {}
         self.sessions: dict[Hashable, Key] = {}
+        """Session binding -> its keyring; each entry holds one anchor."""
+        self.bound_at: dict[Hashable, float] = {}
+        """Session binding -> when it got its keyring (boot_clock())."""
         self.users: dict[int, tuple[Key, Key]] = {}
         """uid -> (user keyring, user-session keyring)."""
 

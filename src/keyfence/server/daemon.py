@@ -72,6 +72,7 @@ OPS: dict[str, tuple[tuple[tuple[type, ...], ...], bool]] = {
     "request_key": ((_STR, _STR, _OPT_STR, _INT), False),
     "get_keyring_id": ((_INT, _BOOL), False),
     "join_session_keyring": ((_OPT_STR,), False),
+    "session_to_parent": ((), True),
     "update": ((_INT, _OPT_BYTES), False),
     "revoke": ((_INT,), True),
     "chown": ((_INT, _INT, _INT), False),
@@ -608,16 +609,22 @@ class Daemon:
                 sock.close()
 
     def _accept(self, sock: socket.socket) -> None:
-        caller, info = identity.caller_of(
-            sock, self.sessions, admin_uid=0 if self.private_uid is None else None
-        )
+        try:
+            caller, info = identity.caller_of(
+                sock, self.sessions, self.service, admin_uid=0 if self.private_uid is None else None
+            )
+        except KeyfenceError as err:
+            with contextlib.suppress(OSError):
+                sock.sendall(protocol.encode(protocol.Error(0, err.errno or errno.EIO, str(err))))
+            sock.close()
+            return
         if self.private_uid is not None and caller.uid != self.private_uid:
             message = f"this is uid {self.private_uid}'s private keyfence daemon"
             with contextlib.suppress(OSError):
                 sock.sendall(protocol.encode(protocol.Error(0, errno.EACCES, message)))
             sock.close()
             return
-        conn = Connection(self, sock, caller, info.session if info is not None else 0)
+        conn = Connection(self, sock, caller, info.session)
         with self._conns_lock:
             self._conns.add(conn)
         conn.start()
@@ -648,24 +655,13 @@ class Daemon:
                 log.exception("lifetime check failed")
 
     def check_lifetimes(self) -> None:
-        """End the keyrings of processes and sessions that are gone."""
-        for pid, start in self.service.anchored_processes():
-            info = identity.read_proc(pid)
-            if info is None or info.start_time != start:
-                self._end(("process", pid, start), functools.partial(self._exit, pid, start))
-        sessions = self.service.anchored_sessions()
-        if sessions:
-            live = identity.live_sessions()
-            for name in sessions:
-                if isinstance(name, tuple) and len(name) == 2 and name[0] not in live:
-                    self._end(("session", name), functools.partial(self._session_end, name))
+        """End the keyrings and session bindings of processes that are gone
+        (a session keyring ends with the last process holding it)."""
+        for pid, start in self.sessions.gone(self.service):
+            self._end(("process", pid, start), functools.partial(self._exit, pid, start))
 
     def _exit(self, pid: int, start: int) -> None:
         self.service.process_exited(pid, start)
-
-    def _session_end(self, name: tuple[int, int]) -> None:
-        self.service.session_ended(name)
-        self.sessions.forget(name)
 
     def _end(self, tag: object, action: Callable[[], None]) -> None:
         """Run a fenced removal off the monitor thread, once at a time per tag."""

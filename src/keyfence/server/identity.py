@@ -1,52 +1,86 @@
-"""Who is on the other end of a socket: peer credentials and /proc.
+"""Who is on the other end of a socket, pinned to the process.
 
-Caller identity comes only from the kernel -- SO_PEERCRED for pid, uid and
-gid at connect time, /proc for the POSIX session, the process start time
-and supplementary groups -- never from what the client says.
+Caller identity comes only from the kernel, never from what the client
+says: SO_PEERCRED gives the pid, uid and gid the peer had when it
+connected; SO_PEERPIDFD a pidfd for that very process.  /proc then gives
+the start time, the parent and the groups -- but /proc is read by pid, and
+a pid is reused as soon as its process is reaped.  So every /proc read is
+checked against the pidfd afterwards: if the process the pidfd names is
+still alive once /proc was read, that pid was not reused in between, and
+what /proc said was about the caller.  A caller that is already gone is
+refused (ESRCH); one whose /proc credentials no longer match SO_PEERCRED
+is refused (EPERM).  The Caller is then named by (pid, start time), which
+no later owner of the pid can share (docs/security.md, "Daemon: caller
+identity and session keyrings across users").
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 
-from keyfence.keys.process_keys import Caller
+from keyfence.keys import KeyService
+from keyfence.keys.errors import KeyfenceError, fail
+from keyfence.keys.process_keys import Caller, ParentProcess
+from keyfence.server.sessions import SessionTracker, read_stat
 
 _CRED = struct.Struct("3i")
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+"""Linux >= 6.5."""
+
+SessionRegistry = SessionTracker
+"""The daemon's name for the tracker (server/sessions.py)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ProcInfo:
     pid: int
     session: int
+    """The POSIX session id (shown in the Welcome; not the keyring's)."""
     start_time: int
     """Clock ticks since boot (field 22 of /proc/PID/stat)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ProcCreds:
+    """Credentials of a process from /proc/PID/status."""
+
+    tgid: int
+    uids: tuple[int, int, int]
+    """Real, effective, saved."""
+    gids: tuple[int, int, int]
+    groups: frozenset[int]
+
+
 def read_proc(pid: int) -> ProcInfo | None:
     """Session and start time of a live process; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    stat = read_stat(pid)
+    if stat is None:
         return None
-    # the command name may contain spaces and parentheses: split after the last ')'
-    rest = stat[stat.rfind(b")") + 2 :].split()
-    return ProcInfo(pid=pid, session=int(rest[3]), start_time=int(rest[19]))
+    return ProcInfo(pid=pid, session=stat.session, start_time=stat.start_time)
+
+
+def read_creds(pid: int) -> ProcCreds | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        uids = [int(u) for u in fields["Uid"].split()[:3]]
+        gids = [int(g) for g in fields["Gid"].split()[:3]]
+        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
+        tgid = int(fields["Tgid"])
+    except (OSError, KeyError, ValueError):
+        return None
+    return ProcCreds(tgid, (uids[0], uids[1], uids[2]), (gids[0], gids[1], gids[2]), groups)
 
 
 def read_groups(pid: int) -> frozenset[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
-    return frozenset()
+    creds = read_creds(pid)
+    return creds.groups if creds is not None else frozenset()
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -56,63 +90,128 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-class SessionRegistry:
-    """Stable identities for POSIX sessions.
+def peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd for the process that connected.
 
-    A session id can be reused once the session is gone, so a session is
-    named by (sid, start time of its leader) the first time it is seen and
-    keeps that name while any process is in it, even after its leader
-    exits.
+    SO_PEERPIDFD names the connecting process itself.  Without it (Linux <
+    6.5) pidfd_open(pid) is the fallback, which a pid reused between
+    connect() and this call would fool; docs/security.md says so.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._names: dict[int, tuple[int, int]] = {}
-
-    def identify(self, sid: int) -> tuple[int, int]:
-        with self._lock:
-            name = self._names.get(sid)
-            if name is None:
-                leader = read_proc(sid)
-                start = leader.start_time if leader is not None and leader.session == sid else 0
-                name = self._names[sid] = (sid, start)
-            return name
-
-    def forget(self, name: tuple[int, int]) -> None:
-        with self._lock:
-            if self._names.get(name[0]) == name:
-                del self._names[name[0]]
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError as err:
+        # 6.5 to 6.8 refuse (EINVAL/ESRCH) a peer already reaped; only a
+        # kernel without the option (ENOPROTOOPT) gets the fallback
+        if err.errno != errno.ENOPROTOOPT:
+            raise fail(errno.ESRCH, "the connecting process is gone") from None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        raise fail(errno.ESRCH, "the connecting process is gone") from None
 
 
-def live_sessions() -> set[int]:
-    """Session ids that have at least one process."""
-    sids = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            info = read_proc(int(entry.name))
-            if info is not None:
-                sids.add(info.session)
-    return sids
+def alive(pidfd: int) -> bool:
+    """Whether the process a pidfd names has not exited."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another uid's process: it exists
+    return True
 
 
-def caller_of(
-    sock: socket.socket, sessions: SessionRegistry, *, admin_uid: int | None = 0
-) -> tuple[Caller, ProcInfo | None]:
-    """The Caller for a freshly accepted connection.
+def _parent(pid: int, ppid: int) -> ParentProcess | None:
+    """The parent as session_to_parent sees it (no pinning needed: the
+    binding it names is (pid, start time), and a wrong guess only names a
+    process that has no binding or fails the uid checks)."""
+    stat = read_stat(ppid)
+    creds = read_creds(ppid)
+    if stat is None or creds is None:
+        return None
+    return ParentProcess(
+        pid=ppid, session=stat.process, uids=creds.uids, gids=creds.gids, threads=stat.threads
+    )
 
-    ``admin_uid``: the uid that has CAP_SYS_ADMIN over keys (0 in a system
-    daemon; None in a private per-user daemon, where nobody has).
-    """
-    pid, uid, gid = peer_credentials(sock)
-    info = read_proc(pid)
-    session = sessions.identify(info.session) if info is not None else None
+
+def _pinned_caller(
+    pidfd: int,
+    pid: int,
+    uid: int | None,
+    gid: int | None,
+    sessions: SessionTracker,
+    service: KeyService,
+    admin_uid: int | None,
+) -> tuple[Caller, ProcInfo]:
+    """Read /proc for ``pid``, then check the pidfd: the reads were of the
+    process the pidfd names only if it is still alive afterwards."""
+    stat = read_stat(pid)
+    creds = read_creds(pid)
+    if stat is None or creds is None or not alive(pidfd):
+        raise fail(errno.ESRCH, "the connecting process is gone")
+    if uid is not None and (creds.uids[1] != uid or creds.gids[1] != gid):
+        raise fail(errno.EPERM, "the connecting process changed credentials")
+    uid = creds.uids[1] if uid is None else uid
+    gid = creds.gids[1] if gid is None else gid
+    sessions.start(service)
+    sessions.resolve(service, stat.process)
     caller = Caller(
         uid=uid,
         gid=gid,
-        groups=read_groups(pid),
+        groups=creds.groups,
         pid=pid,
-        start_time=info.start_time if info is not None else 0,
-        session=session,
+        start_time=stat.start_time,
+        session=stat.process,
         admin=admin_uid is not None and uid == admin_uid,
+        parent=_parent(pid, stat.ppid),
     )
-    return caller, info
+    return caller, ProcInfo(pid=pid, session=stat.session, start_time=stat.start_time)
+
+
+def caller_of(
+    sock: socket.socket,
+    sessions: SessionTracker,
+    service: KeyService,
+    *,
+    admin_uid: int | None = 0,
+) -> tuple[Caller, ProcInfo]:
+    """The Caller for a freshly accepted connection, pinned to its process.
+
+    ``admin_uid``: the uid that has CAP_SYS_ADMIN over keys (0 in a system
+    daemon; None in a private per-user daemon, where nobody has).
+    Errors: ESRCH (the peer is gone), EPERM (its credentials changed).
+    """
+    pid, uid, gid = peer_credentials(sock)
+    pidfd = peer_pidfd(sock, pid)
+    try:
+        return _pinned_caller(pidfd, pid, uid, gid, sessions, service, admin_uid)
+    finally:
+        os.close(pidfd)
+
+
+def caller_of_pid(
+    pid: int,
+    sessions: SessionTracker,
+    service: KeyService,
+    *,
+    admin_uid: int | None = 0,
+) -> Caller | None:
+    """The Caller for a process known only by pid (a FUSE request's): its
+    effective uid and gid from /proc, pinned by pidfd while /proc is read,
+    its session keyring resolved as for a connection.  A thread id counts
+    as its process.  None if the process is gone."""
+    creds = read_creds(pid)
+    if creds is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(creds.tgid)
+    except OSError:
+        return None
+    try:
+        caller, _ = _pinned_caller(pidfd, creds.tgid, None, None, sessions, service, admin_uid)
+    except KeyfenceError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(pidfd)
+    return caller

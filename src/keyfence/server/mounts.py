@@ -166,7 +166,7 @@ class MountSupervisor:
 
     def find_key(self, pid: int, descriptions: list[str]) -> list[Any] | None:
         """The first of ``descriptions`` reachable from process ``pid``'s keyrings."""
-        caller = self._caller_of_pid(pid)
+        caller = identity.caller_of_pid(pid, self.daemon.sessions, self.daemon.service)
         if caller is None:
             return None
         svc = self.daemon.service
@@ -197,24 +197,6 @@ class MountSupervisor:
         elif event == "dropped":
             mount.dropped.append(detail if isinstance(detail, dict) else {"detail": detail})
             log.warning("mount %s dropped data in an emergency: %s", mount.mountpoint, detail)
-
-    def _caller_of_pid(self, pid: int) -> Caller | None:
-        info = identity.read_proc(pid)
-        if info is None:
-            return None
-        try:
-            st = os.stat(f"/proc/{pid}")
-        except OSError:
-            return None
-        return Caller(
-            uid=st.st_uid,
-            gid=st.st_gid,
-            groups=identity.read_groups(pid),
-            pid=pid,
-            start_time=info.start_time,
-            session=self.daemon.sessions.identify(info.session),
-            admin=st.st_uid == 0,
-        )
 
     # -- supervision
 
