@@ -74,7 +74,9 @@ def main() -> int:
         return 0
 
     pamconv = PamConv(conv, None)
-    if libpam.pam_start(service.encode(), user.encode(), ctypes.byref(pamconv), ctypes.byref(handle)):
+    if libpam.pam_start(
+        service.encode(), user.encode(), ctypes.byref(pamconv), ctypes.byref(handle)
+    ):
         return 90
     steps = [
         ("authenticate", lambda: libpam.pam_authenticate(handle, 0)),

@@ -52,8 +52,8 @@ from keyfence.fs.protector import LoginProtector, WrongPassphrase
 
 KEY_SPEC_SESSION_KEYRING = -3
 KEY_SPEC_USER_KEYRING = -4
-STASH_PERM = 0x3F000000
-"""Possessor only: root's own processes that hold root's @u, nobody else."""
+STASH_PERM = 0x3F3F0000
+"""Possessor and owner (root) only: no other uid even sees the stash."""
 DEFAULT_STATE_DIR = "/run/keyfence/pam"
 MAX_AUTHTOK = 8192
 DEFAULT_CLOSE_TIMEOUT = 60.0
@@ -292,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
     except (KeyfenceError, OSError, FormatError, ValueError) as err:
         text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         log(f"{pam_type}: {text}", error=True)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         status = 1
     return status if args.strict else 0
 
@@ -313,6 +317,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=DEFAULT_CLOSE_TIMEOUT,
         help="longest wait at logout for write-back, in seconds (keys stay after it)",
     )
+    pam.add_argument("--debug", action="store_true", help="tracebacks on standard error")
     pam.add_argument(
         "--strict", action="store_true", help="fail the PAM stack on errors (default: never)"
     )

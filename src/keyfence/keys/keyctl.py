@@ -1379,16 +1379,21 @@ class KeyService:
         *,
         sync: bool = False,
         name: str | None = None,
+        handed_to_caller: bool = False,
     ) -> Watch:
         """Watch a key or keyring (KEYCTL_WATCH_KEY, plus synchronous watches).
 
-        Needs view permission.  A synchronous watch -- the key's owner or an
-        admin only, so nobody else can hold a removal hostage -- is called
-        before the key goes away and the removal waits for it.
+        Needs view permission, unless ``handed_to_caller``: the daemon gave
+        the key's payload to this caller (a mount worker, for a process that
+        possesses the key), which must then be told when it goes.  A
+        synchronous watch -- the key's owner or an admin only, so nobody
+        else can hold a removal hostage -- is called before the key goes
+        away and the removal waits for it.
         Errors: EACCES, and the lookup's.
         """
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
+            need = _Need.DEFER if handed_to_caller else permission.VIEW
+            key, _ = self._lookup_locked(caller, key_id, need)
             if sync and key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES, "only the key's owner may watch it synchronously")
             watch = Watch(

@@ -498,8 +498,17 @@ class Connection:
             watch_id = next(self.watch_ids)
         mask = KeyEvent(events & KeyEvent.ALL) or KeyEvent.ALL
         label = name or f"pid {self.caller.pid}"
+        # a root mount serves every user: it watches keys it was handed
+        # for their processes, which it has no permission to view
+        handed = self.mount is not None and self.daemon.mounts.used_by_a_mount(key_id)
         watch = self.daemon.service.watch(
-            self.caller, key_id, RemoteWatcher(self, watch_id), mask, sync=sync, name=label
+            self.caller,
+            key_id,
+            RemoteWatcher(self, watch_id),
+            mask,
+            sync=sync,
+            name=label,
+            handed_to_caller=handed,
         )
         with self.lock:
             self.watches[watch_id] = watch
