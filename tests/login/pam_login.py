@@ -11,8 +11,10 @@ they do with a service of the test's own:
 
 Run as root: ``python3 pam_login.py SERVICE USER COMMAND`` with the
 password in ``$PAM_LOGIN_PASSWORD`` (removed from the environment before
-anything else runs).  Exit status: the command's, or 90 + the PAM step
-that failed.  Single-threaded, as session_to_parent wants its target.
+anything else runs); with ``$PAM_LOGIN_NEW_PASSWORD`` the password is
+changed (pam_chauthtok) after the command, before the session closes.
+Exit status: the command's, or 90 + the PAM step that failed.
+Single-threaded, as session_to_parent wants its target.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PamConv(ctypes.Structure):
 def main() -> int:
     service, user, command = sys.argv[1], sys.argv[2], sys.argv[3]
     password = os.environ.pop("PAM_LOGIN_PASSWORD", "").encode()
+    new_password = os.environ.pop("PAM_LOGIN_NEW_PASSWORD", "").encode()
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.calloc.restype = ctypes.c_void_p
     libc.strdup.restype = ctypes.c_void_p
@@ -66,7 +69,8 @@ def main() -> int:
             m = messages[i].contents
             text = (m.msg or b"").decode(errors="replace")
             if m.msg_style == PAM_PROMPT_ECHO_OFF:
-                responses[0][i].resp = libc.strdup(password)
+                new = new_password and "new" in text.lower()
+                responses[0][i].resp = libc.strdup(new_password if new else password)
             elif m.msg_style == PAM_PROMPT_ECHO_ON:
                 responses[0][i].resp = libc.strdup(user.encode())
             else:
@@ -106,6 +110,11 @@ def main() -> int:
         finally:
             os._exit(127)
     _, status = os.waitpid(pid, 0)
+    if new_password:  # passwd in the session, as root changes it (no old one asked)
+        code = libpam.pam_chauthtok(handle, 0)
+        if code:
+            print(f"pam_login: pam_chauthtok failed ({code})", file=sys.stderr, flush=True)
+            return 95
     code = libpam.pam_close_session(handle, 0)
     if code:
         print(f"pam_login: pam_close_session failed ({code})", file=sys.stderr, flush=True)

@@ -131,8 +131,14 @@ def _protector(path: str, user: LoginUser) -> tuple[str, LoginProtector] | None:
 # -- the four PAM operations
 
 
-def do_auth(client: Client, user: LoginUser, config_dir: str | None, log: _Log) -> int:
+def do_auth(
+    client: Client, user: LoginUser, config_dir: str | None, log: _Log, *, rewrap: bool
+) -> int:
+    """Unwrap into the stash.  With ``rewrap`` (the line runs only after the
+    password was verified), a password the protector does not know while
+    the stash holds the key means the password was changed: re-wrap."""
     authtok = _read_authtok()
+    stashed = _stashed_keys(client, user) if rewrap else {}
     unlocked = 0
     for path, ref in _login_dirs(user, config_dir, log):
         found = _protector(path, user)
@@ -142,7 +148,10 @@ def do_auth(client: Client, user: LoginUser, config_dir: str | None, log: _Log) 
         try:
             master = found[1].unwrap(authtok, ref)
         except WrongPassphrase:
-            log(f"{path}: the login password does not open it (changed without keyfence?)")
+            if ref.description in stashed and authtok:
+                _rewrap(path, found, user, authtok, ref, stashed[ref.description], log)
+            else:
+                log(f"{path}: the login password does not open it (changed without keyfence?)")
             continue
         ring = _stash(client, user, create=True)
         assert ring is not None
@@ -186,10 +195,20 @@ def do_open_session(
 
 
 def do_close_session(
-    client: Client, user: LoginUser, state_dir: str, timeout: float, log: _Log
+    client: Client,
+    user: LoginUser,
+    config_dir: str | None,
+    state_dir: str,
+    timeout: float,
+    log: _Log,
 ) -> int:
     """clear @s through the fence; log what is still open."""
     status = 0
+    dirty = 0
+    for path, _ref in _login_dirs(user, config_dir, log):
+        with contextlib.suppress(OSError, ValueError, KeyfenceError):
+            dirty += int(dir_keys.status_of(path).get("dirty_bytes", 0))
+    log(f"{user.name}: logout: {dirty:,} bytes to write back")
     start = time.monotonic()
     try:
         keys = client.list_keyring(KEY_SPEC_SESSION_KEYRING)
@@ -221,8 +240,32 @@ def do_close_session(
     return status
 
 
+def _rewrap(
+    path: str,
+    found: tuple[str, LoginProtector],
+    user: LoginUser,
+    new: bytes,
+    ref: KeyRef,
+    master: bytes,
+    log: _Log,
+) -> None:
+    where, old = found
+    new_protector = LoginProtector.wrap(user.uid, new, master, ref, params=old.params)
+    prot = dir_keys.read_protectors(where)
+    dir_keys.write_protectors(where, prot.with_login(new_protector))
+    log(f"{path}: login protector re-wrapped for the new password")
+
+
 def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _Log) -> int:
     new = _read_authtok()
+    if not new:
+        # Linux-PAM before 1.5.3 exposes the token to auth only: nothing here
+        log(
+            f"{user.name}: chauthtok got no password from pam_exec (this Linux-PAM gives it "
+            "to auth only); --rewrap-on-auth re-wraps at the next login",
+            error=True,
+        )
+        return 1
     stashed = _stashed_keys(client, user)
     status = 0
     for path, ref in _login_dirs(user, config_dir, log):
@@ -238,11 +281,7 @@ def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _
             )
             status = 1
             continue
-        where, old = found
-        new_protector = LoginProtector.wrap(user.uid, new, master, ref, params=old.params)
-        prot = dir_keys.read_protectors(where)
-        dir_keys.write_protectors(where, prot.with_login(new_protector))
-        log(f"{path}: login protector re-wrapped for the new password")
+        _rewrap(path, found, user, new, ref, master, log)
     return status
 
 
@@ -280,11 +319,13 @@ def run(args: argparse.Namespace) -> int:
         user = lookup_user(os.environ.get("PAM_USER", ""))
         with Client.connect(autostart=False, name="keyfence-pam") as client:
             if pam_type == "auth":
-                status = do_auth(client, user, args.config_dir, log)
+                status = do_auth(client, user, args.config_dir, log, rewrap=args.rewrap_on_auth)
             elif pam_type == "open_session":
                 status = do_open_session(client, user, args.config_dir, args.state_dir, log)
             elif pam_type == "close_session":
-                status = do_close_session(client, user, args.state_dir, args.timeout, log)
+                status = do_close_session(
+                    client, user, args.config_dir, args.state_dir, args.timeout, log
+                )
             elif pam_type in ("password", "chauthtok"):
                 status = do_chauthtok(client, user, args.config_dir, log)
             else:
@@ -318,6 +359,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="longest wait at logout for write-back, in seconds (keys stay after it)",
     )
     pam.add_argument("--debug", action="store_true", help="tracebacks on standard error")
+    pam.add_argument(
+        "--rewrap-on-auth",
+        action="store_true",
+        help="auth re-wraps a login protector the verified password does not open while "
+        "another session holds its key (the line must run only after pam_unix succeeded)",
+    )
     pam.add_argument(
         "--strict", action="store_true", help="fail the PAM stack on errors (default: never)"
     )
