@@ -25,7 +25,8 @@ does in-process.
 * ``password`` (chauthtok): re-wrap each stashed key under the new password
   (no data is re-encrypted).  Without a stash (the user is not logged in)
   the old protector stays and a log line says to run ``keyfence login
-  passwd DIR``.
+  passwd DIR``.  Linux-PAM 1.5.2's pam_exec gives this step no password;
+  ``--rewrap-on-auth`` then re-wraps at the next login (docs/login.md).
 
 Errors never fail the PAM stack (exit 0) unless ``--strict``; a password
 is never logged or shown.
