@@ -293,6 +293,10 @@ def _role_argv(role: str, spec: dict[str, Any]) -> list[str]:
 
 def agent_main(spec: dict[str, Any]) -> int:
     """Lead one POSIX session: run commands in it, on request, one at a time."""
+    from keyfence.client import Client
+
+    with Client.connect(autostart=False) as client:
+        client.join_session_keyring(None)  # the login's @s, as pam_keyinit makes it
     owned: list[str] = []
     stop = threading.Event()
     _binder(owned, stop)

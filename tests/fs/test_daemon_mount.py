@@ -34,10 +34,11 @@ pytestmark = pytest.mark.skipif(
 def session_sh(
     daemon: DaemonProcess, script: str, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a new POSIX session (a fresh @s), as a login would."""
+    """Run ``script`` in a new POSIX session with a fresh @s (``kfctl
+    new_session``, as pam_keyinit gives a login), as a login would."""
     env = dict(daemon.env, PATH=f"{BIN}:{os.environ['PATH']}")
     return subprocess.run(
-        ["sh", "-ec", script],
+        ["sh", "-ec", "kfctl new_session >/dev/null\n" + script],
         input=stdin,
         env=env,
         capture_output=True,

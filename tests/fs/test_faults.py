@@ -128,6 +128,7 @@ class Session:
         )
         self.count = 0
         self.pending = b""
+        self.ok("kfctl new_session >/dev/null")  # the login's @s, as pam_keyinit makes it
 
     def do(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run ``command``; (exit status, output with stderr)."""

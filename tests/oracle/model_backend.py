@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from keyfence.keys import Caller, KeyService
 from keyfence.keys.errors import fail
+from keyfence.keys.process_keys import ParentProcess
 
 _pids = itertools.count(50_000)
 
@@ -63,6 +64,14 @@ class ModelBackend:
             pid=pid,
             session=("model-session", pid),
             admin=admin,
+            # the worker serves from a child of its own stub process (worker.py)
+            parent=ParentProcess(
+                pid=pid + 1_000_000,
+                session=("model-stub", pid),
+                uids=(uid, uid, uid),
+                gids=(uid if gid is None else gid,) * 3,
+                threads=1,
+            ),
         )
         if session == "anon":
             self.svc.join_session_keyring(self.caller)
@@ -138,7 +147,7 @@ class ModelBackend:
         raise fail(errno.EOPNOTSUPP, "not modelled")
 
     def session_to_parent(self) -> None:
-        raise fail(errno.EOPNOTSUPP, "not modelled")
+        self.svc.session_to_parent(self.caller)
 
     def restrict_keyring(self, ring: int, type: str | None, restriction: str | None) -> None:
         raise fail(errno.EOPNOTSUPP, "not modelled")

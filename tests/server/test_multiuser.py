@@ -159,7 +159,7 @@ def test_session_keyring_of_a_new_session_is_separate_from_roots(daemon: DaemonP
     with Client.connect(daemon.socket, autostart=False) as root:
         root_session = root.get_keyring_id(-3, True)
         code = f"""
-            out['s'] = c.get_keyring_id(-3, True)
+            out['s'] = c.join_session_keyring(None)  # a child inherits root's until it joins
             out['describe'] = c.describe(-3)
             out['session'] = c.welcome.session
             out['root'] = attempt(c.describe, {root_session})

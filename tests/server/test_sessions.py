@@ -9,12 +9,15 @@ keyring, never the test runner's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,9 @@ import pytest
 
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
+from keyfence.keys import KeyService
+from keyfence.keys.process_keys import Caller, ParentProcess
+from keyfence.server.sessions import ProcStat, SessionTracker, read_stat
 from keyfence.testing import users
 from tests.daemon_fixture import DaemonProcess, running_daemon
 
@@ -143,3 +149,334 @@ def wait_until_gone(client: Client, serial: int, seconds: float = 20) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+DETACHED = """
+    keyctl new_session >/dev/null
+    keyctl add user a v @s > $WORK/key
+    {launch}
+    script -qc 'keyctl print %user:a' /dev/null | tr -d '\\r'
+    exit 0
+"""
+
+
+def _wait_for(path: Path, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("\n"):
+            return path.read_text()
+        time.sleep(0.05)
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("how", ["tmux", "setsid -f"])
+def test_a_detached_process_keeps_the_login_keyring_after_the_shell_exits(
+    daemon: DaemonProcess, tmp_path: Path, how: str
+) -> None:
+    """Issue 13: a tmux pane, or a double-forked ``setsid -f`` child, sees
+    the login's @s and holds it after the login shell is gone; the keyring
+    ends (through the fenced path) when the last of them exits."""
+    body = "sleep 1.5; keyctl print %user:a > $WORK/out.tmp 2>&1; mv $WORK/out.tmp $WORK/out"
+    if how == "tmux":
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed")
+        launch = (
+            f'tmux -S $WORK/tmux -f /dev/null new-session -d "{body}" </dev/null >/dev/null 2>&1'
+        )
+    else:
+        launch = f'setsid -f sh -c "{body}" </dev/null >/dev/null 2>&1'
+    script = DETACHED.format(launch=launch)
+    kernel, ours = run_both(script, daemon, tmp_path)
+    assert kernel == ours == "v\n"
+    for side in ("kernel", "ours"):
+        assert _wait_for(tmp_path / side / "out") == "v\n", side
+    if how == "tmux":
+        for side in ("kernel", "ours"):
+            tmux = ["tmux", "-S", str(tmp_path / side / "tmux"), "kill-server"]
+            subprocess.run(tmux, capture_output=True, check=False)
+    key = int((tmp_path / "ours" / "key").read_text())
+    with Client.connect(daemon.socket, autostart=False) as c:
+        assert wait_until_gone(c, key), "the session keyring outlived every process holding it"
+
+
+def test_the_keyring_stays_while_a_detached_process_holds_it(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    script = DETACHED.format(
+        launch='setsid -f sh -c "sleep 4; echo done > $WORK/out" </dev/null >/dev/null 2>&1'
+    )
+    _, ours = run_both(script, daemon, tmp_path)
+    assert ours == "v\n"
+    key = int((tmp_path / "ours" / "key").read_text())
+    with Client.connect(daemon.socket, autostart=False) as c:
+        time.sleep(1.5)  # the shell is long gone; several lifetime checks ran
+        assert c.describe(key) == "user;0;0;3f010000;a"
+        assert _wait_for(tmp_path / "ours" / "out") == "done\n"
+        assert wait_until_gone(c, key)
+
+
+# -- the model's rules (keys/keyctl.py), without a daemon
+
+
+def _svc() -> KeyService:
+    return KeyService(run_gc_thread=False)
+
+
+def _proc(pid: int, uid: int = 0, parent: Caller | None = None, threads: int = 1) -> Caller:
+    up = None
+    if parent is not None:
+        ids = (parent.uid, parent.uid, parent.uid)
+        gids = (parent.gid, parent.gid, parent.gid)
+        up = ParentProcess(parent.pid, parent.session, ids, gids, threads)
+    return Caller(uid=uid, gid=uid, pid=pid, start_time=pid, session=(pid, pid), parent=up)
+
+
+def test_model_session_to_parent_follows_the_kernels_rules() -> None:
+    with _svc() as svc:
+        shell = _proc(100)
+        child = _proc(101, parent=shell)
+        svc.inherit_session(child.session, shell.session)  # nothing to inherit yet
+        ring = svc.join_session_keyring(child)
+        svc.session_to_parent(child)
+        assert svc.session_binding(shell.session) == ring
+        assert svc.get_keyring_id(shell, -3) == ring
+        # twice: nothing to do, no error
+        svc.session_to_parent(child)
+        # a multi-threaded parent, init, no parent known: EPERM
+        for bad in (
+            _proc(102, parent=shell, threads=2),
+            Caller(uid=0, gid=0, pid=103, session=(103, 103)),
+            Caller(
+                uid=0,
+                gid=0,
+                pid=104,
+                session=(104, 104),
+                parent=ParentProcess(1, (1, 1), (0, 0, 0), (0, 0, 0), 1),
+            ),
+        ):
+            svc.join_session_keyring(bad)
+            with pytest.raises(KeyfenceError) as info:
+                svc.session_to_parent(bad)
+            assert info.value.errno == errno.EPERM
+        # another uid's child of root's shell: EPERM, root keeps its keyring
+        stranger = _proc(105, uid=OTHER_UID, parent=shell)
+        svc.join_session_keyring(stranger)
+        with pytest.raises(KeyfenceError) as info:
+            svc.session_to_parent(stranger)
+        assert info.value.errno == errno.EPERM
+        assert svc.session_binding(shell.session) == ring
+
+
+def test_model_a_child_older_than_its_parents_keyring_does_not_inherit_it() -> None:
+    with _svc() as svc:
+        shell = _proc(200)
+        svc.join_session_keyring(shell)
+        assert not svc.inherit_session((201, 1), shell.session, child_started=0.0)
+        assert svc.inherit_session((202, 2), shell.session, child_started=float("inf"))
+
+
+def test_model_the_keyring_ends_with_its_last_binding() -> None:
+    with _svc() as svc:
+        shell = _proc(300)
+        ring = svc.join_session_keyring(shell)
+        key = svc.add_key(shell, "user", "k", b"v", -3)
+        assert svc.inherit_session((301, 301), shell.session)
+        svc.process_exited(300, 300)
+        assert svc.find_key(ring) is not None  # the detached child holds it
+        svc.process_exited(301, 301)
+        assert svc.find_key(ring) is None and svc.find_key(key) is None
+
+
+def test_a_per_user_daemon_without_fork_events_keeps_a_child_that_outlived_its_shell(
+    tmp_path: Path,
+) -> None:
+    """A per-user daemon (not root: fork events only on Linux >= 6.6, else
+    rule 3 of server/sessions.py) keeps the keyring for a child that
+    outlived its shell, and ends it with that child."""
+    if (reason := users.why_no_other_uids()) is not None:
+        pytest.skip(reason)
+    uid = OTHER_UID + 1
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, uid, uid)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)
+    sock = str(run / "sock")
+    env = users.environment(KEYFENCE_SOCKET=sock, KEYFENCE_NO_AUTOSTART="1", WORK=str(work))
+    env["PATH"] = f"{_shim(tmp_path)}:{env['PATH']}"
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    daemon = subprocess.Popen(
+        users.as_uid(uid, users.keyfence_argv("daemon", "--socket", sock)),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert daemon.poll() is None and time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        script = """
+            keyctl new_session >/dev/null
+            keyctl add user a v @s > $WORK/key
+            (sleep 2; keyctl search @s user a >/dev/null && echo found > $WORK/out) \
+                </dev/null >/dev/null 2>&1 &
+            sleep 1
+        """
+        done = subprocess.run(
+            users.as_uid(uid, ["sh", "-c", script]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert _wait_for(work / "out") == "found\n"
+        key = (work / "key").read_text().strip()
+        probe = f"""
+            import time
+            from keyfence.client import Client
+            c = Client.connect()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    c.describe({key})
+                except OSError:
+                    print("gone"); break
+                time.sleep(0.05)
+        """
+        gone = subprocess.run(
+            users.as_uid(uid, users.python_argv("-c", textwrap.dedent(probe))),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert gone.stdout == "gone\n", gone.stderr
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        log.close()
+
+
+def _bind(svc: KeyService, process: tuple[int, int]) -> int:
+    return svc.join_session_keyring(Caller(uid=0, gid=0, pid=process[0], session=process))
+
+
+def _children(pid: int) -> list[ProcStat]:
+    stats = [read_stat(int(name)) for name in os.listdir("/proc") if name.isdigit()]
+    return [s for s in stats if s is not None and s.ppid == pid]
+
+
+def _wait_child(pid: int) -> ProcStat:
+    deadline = time.monotonic() + 20
+    while not (kids := _children(pid)):
+        assert time.monotonic() < deadline, f"process {pid} started no child"
+        time.sleep(0.02)
+    return kids[0]
+
+
+@contextlib.contextmanager
+def _bound_tree(svc: KeyService) -> Iterator[tuple[subprocess.Popen[bytes], ProcStat, int]]:
+    """python -> (0.5 s later) sh -> sleep; the top process bound to a new
+    session keyring before either child starts."""
+    code = "import subprocess, time; time.sleep(0.5); subprocess.run(['sh', '-c', 'sleep 30; :'])"
+    tree = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        top = read_stat(tree.pid)
+        assert top is not None
+        yield tree, top, _bind(svc, top.process)
+    finally:
+        for kid in _children(tree.pid):
+            for grandkid in _children(kid.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(grandkid.pid, 9)
+        tree.kill()
+        tree.wait()
+
+
+def test_tracker_without_fork_events_walks_from_first_contact() -> None:
+    """Rule 2 of server/sessions.py on a real tree: the grandchild's first
+    contact binds it and its parent; the top shell's exit leaves the
+    keyring to them."""
+    tracker = SessionTracker()  # never started: no fork events
+    with _svc() as svc, _bound_tree(svc) as (tree, top, ring):
+        kid = _wait_child(top.pid)
+        grandkid = _wait_child(kid.pid)
+        tracker.resolve(svc, grandkid)
+        assert svc.session_binding(grandkid.process) == ring
+        assert svc.session_binding(kid.process) == ring
+        tree.kill()
+        tree.wait()
+        for pid, start in tracker.gone(svc):
+            svc.process_exited(pid, start)
+        assert svc.session_binding(top.process) == 0
+        assert svc.find_key(ring) is not None
+
+
+def test_tracker_without_fork_events_propagates_at_each_check() -> None:
+    """Rule 3: children of bound processes bind at the next check, before
+    anyone asks, so they keep the keyring when their parent goes."""
+    tracker = SessionTracker()
+    with _svc() as svc, _bound_tree(svc) as (_tree, top, ring):
+        kid = _wait_child(top.pid)
+        grandkid = _wait_child(kid.pid)
+        tracker.gone(svc)  # parents before children: both in one pass
+        assert svc.session_binding(kid.process) == ring
+        assert svc.session_binding(grandkid.process) == ring
+
+
+def test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """The mount looks keys up for the FUSE request's pid through the same
+    ancestry (identity.caller_of_pid): a ``setsid -f`` child of the login
+    reads its files after the login shell exited, because it still holds
+    the login's keyring; when it exits too, the keyring ends and the
+    directory locks."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("FUSE is not available here (/dev/fuse, fusermount3)")
+    backing, mnt, work = tmp_path / "backing", tmp_path / "mnt", tmp_path / "work"
+    for path in (backing, mnt, work):
+        path.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = dict(daemon.env, PATH=f"{bin_dir}:{os.environ['PATH']}", WORK=str(work))
+
+    def sh(script: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-ec", script],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    assert sh(f"keyfence mount {backing} {mnt}").returncode == 0
+    try:
+        home = mnt / "home"
+        home.mkdir()
+        login = sh(
+            f"""
+            kfctl new_session >/dev/null
+            keyfence e4crypt add_key -S s:kfses-salt {home} >/dev/null
+            echo secret-text > {home}/f
+            setsid -f sh -c 'sleep 1.5; cat {home}/f >$WORK/o 2>&1; mv $WORK/o $WORK/out' \
+                </dev/null >/dev/null 2>&1
+            """,
+            stdin="kfses passphrase\n",
+        )
+        assert login.returncode == 0, login.stderr
+        assert _wait_for(work / "out") == "secret-text\n"
+        deadline = time.monotonic() + 30
+        while (home / "f").exists():  # locked: the name shows as ciphertext
+            assert time.monotonic() < deadline, "the directory stayed unlocked"
+            time.sleep(0.1)
+    finally:
+        sh(f"keyfence umount {mnt} || true")
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)

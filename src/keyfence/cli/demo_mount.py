@@ -175,6 +175,7 @@ def run(*, user: str = "alice", fenced: bool = True) -> int:
                     "sh",
                     "-ec",
                     f"""
+                    kfctl new_session >/dev/null  # the login's @s, as pam_keyinit makes it
                     keyfence e4crypt add_key -S {SALT} {home}
                     echo test > {home}/my_file
                     {sys.executable} -c "$EDITOR" {source} {home}/big_file {written} {logout} &
@@ -255,6 +256,7 @@ def run(*, user: str = "alice", fenced: bool = True) -> int:
             step("logout finished (big_file closed)")
             again = sh(
                 f"""
+                kfctl new_session >/dev/null
                 keyfence unlock -S {SALT} {home}
                 cat {home}/my_file
                 stat -c 'size %s' {home}/big_file

@@ -1,20 +1,15 @@
-"""``kfctl session``: run a program in a new session with its own keyring.
+"""``kfctl session``: run a program with a new session keyring.
 
-keyctl(1) replaces the calling process's session keyring and execs the
-program.  In keyfence the POSIX session *is* the session: a session
-keyring belongs to every process of one POSIX session (the daemon reads
-the caller's session id from /proc).  So kfctl starts a new POSIX session
-(setsid), joins the anonymous or named keyring for it through the daemon,
-prints "Joined session keyring: N" on stderr as keyctl does, and execs the
-program (default $SHELL, else /bin/sh).
+As keyctl(1): join the anonymous or named keyring (the daemon binds it to
+this process, which keeps its pid and start time across exec, so the
+program and its children have it), print "Joined session keyring: N" on
+stderr, and exec the program (default $SHELL, else /bin/sh).  No new
+POSIX session: a session keyring follows the process tree, not setsid(2)
+(docs/keys.md, "Session keyrings").
 
-setsid() needs a process that is not a process-group leader.  From a
-script (no job control) kfctl usually is not one and execs in place, so
-the program keeps kfctl's pid as it would keyctl's; from an interactive
-shell it is one, and kfctl forks: the child makes the session and execs,
-the parent forwards termination signals and exits as the child did.  A
-new session has no controlling terminal: an interactive shell started
-this way runs without job control.
+``enter_new_session`` is kept for callers that want a POSIX session of
+their own: setsid() needs a process that is not a process-group leader,
+so it forks when it must and relays the child's status.
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ MAX_QUEUED_REPORTS = 64
 """Progress reports held for a caller that has not looked yet."""
 WATCH_CHECK_SECONDS = 0.1
 """How often a waiting fence looks for watches removed while pending."""
+FOREIGN_WATCHER_SECONDS = 5.0
+"""How long a *foreign* synchronous watcher -- one whose uid is not the
+removal's (docs/security.md, "Daemon: caller identity and session keyrings
+across users") -- may hold a removal up.  Past it, the call counts as done;
+a foreign watcher's error does not abort the removal either."""
 
 
 class _ElasticPool:
@@ -134,6 +139,8 @@ class _Call:
     note: Notification
     progress: WatcherProgress
     done: bool = False
+    until: float | None = None
+    """For a foreign watcher: when it stops holding the removal up."""
 
 
 class FenceOutcome:
@@ -151,7 +158,10 @@ class FenceRound:
         op: str,
         nkeys: int,
         calls: list[tuple[Watch, Notification]],
+        foreign: frozenset[int] = frozenset(),
     ) -> None:
+        """``foreign``: ids of the watches that may hold the removal up for
+        FOREIGN_WATCHER_SECONDS at most, and cannot abort it."""
         self.removal = removal
         self.op = op
         self.nkeys = nkeys
@@ -162,9 +172,12 @@ class FenceRound:
         self._reports: list[RemovalProgress] = []
         self.failure: tuple[Watch, BaseException] | None = None
         self._start = time.monotonic()
+        until = self._start + FOREIGN_WATCHER_SECONDS
         for watch, note in calls:
             call = _Call(watch, note, WatcherProgress(watch.name, note.key))
             call.note = replace(note, _report=self._reporter(call))
+            if watch.id in foreign:
+                call.until = until
             self._calls.append(call)
 
     def _reporter(self, call: _Call) -> Callable[[int | None, str], None]:
@@ -205,6 +218,11 @@ class FenceRound:
                         call.watch.callback(call.note)
                     except BaseException as err:
                         with self._cond:
+                            if call.until is not None:
+                                name = call.watch.name
+                                log.warning("%s refused a foreign removal: %s", name, err)
+                                self._finish(call)
+                                continue
                             if self.failure is None:
                                 self.failure = (call.watch, err)
                             self._cond.notify_all()
@@ -250,13 +268,16 @@ class FenceRound:
                     for call in self._calls:
                         if not call.done and not call.watch.active:
                             self._finish(call)  # the watcher went away: counts as done
+                        elif not call.done and call.until is not None and now >= call.until:
+                            log.warning("%s held a foreign removal too long", call.watch.name)
+                            self._finish(call)  # failed open
                 if self.failure is not None:
                     return FenceOutcome.FAILED
                 if not self._left:
                     return FenceOutcome.OK
                 if deadline is not None and now >= deadline:
                     return FenceOutcome.TIMEOUT
-                wait = next_check - now
+                wait = max(0.0, next_check - now)
                 if deadline is not None:
                     wait = min(wait, deadline - now)
                 if not self._changed:

@@ -537,7 +537,8 @@ class KeyService:
         progress: Callable[[RemovalProgress], None] | None,
     ) -> None:
         """Call the synchronous watchers (no lock held) and wait for them."""
-        fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls)
+        foreign = self._foreign_watches(removal, calls)
+        fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls, foreign)
         fence_round.start()
         if progress is not None:
             progress(fence_round.snapshot())
@@ -553,6 +554,29 @@ class KeyService:
                 errno.ETIMEDOUT,
                 f"still flushing: {fence_round.describe_pending()}; nothing was removed",
             )
+
+    @staticmethod
+    def _foreign_watches(
+        removal: Removal, calls: list[tuple[Watch, Notification]]
+    ) -> frozenset[int]:
+        """Watches that may hold ``removal`` up only for a bounded time.
+
+        Patient (unbounded) are root's watchers (the service's own mount
+        workers), the caller's own uid's, and -- for a removal by root or
+        by the service (process exit, session end) -- those of the uid that
+        owns what is removed: the keyring cut from or released, the key
+        revoked or invalidated.  Everyone else is foreign: a key planted
+        in root's @s cannot hold root's clear or root's logout hostage.
+        """
+        caller = removal.caller
+        patient = {0}
+        if caller is not None:
+            patient.add(caller.uid)
+        if caller is None or caller.is_admin:
+            patient.update(ring.uid for ring, _key in removal.unlinks)
+            patient.update(key.uid for key in removal.releases)
+            patient.update(key.uid for key in removal.kills)
+        return frozenset(w.id for w, _note in calls if w.owner_uid not in patient)
 
     def _note(
         self,
@@ -960,6 +984,23 @@ class KeyService:
             ring.anchors += 1
             tables.sessions[child] = ring
             tables.bound_at[child] = since if child_started is None else child_started
+            return True
+
+    def drop_shared_session(self, pid: int, start_time: int) -> bool:
+        """Forget a gone process's session binding at once if that takes
+        nothing away: it has no process or thread keyring and other
+        bindings hold its keyring.  False: process_exited() is needed."""
+        me = (pid, start_time)
+        with self._lock:
+            tables = self._special
+            ring = tables.sessions.get(me)
+            if ring is None or ring.anchors < 2 or me in tables.processes:
+                return False
+            if tables.threads_of(pid, start_time):
+                return False
+            del tables.sessions[me]
+            tables.bound_at.pop(me, None)
+            ring.anchors -= 1
             return True
 
     def session_binding(self, session: Hashable) -> int:

@@ -154,7 +154,7 @@ def _pinned_caller(
     uid = creds.uids[1] if uid is None else uid
     gid = creds.gids[1] if gid is None else gid
     sessions.start(service)
-    sessions.resolve(service, stat.process)
+    sessions.resolve(service, stat)
     caller = Caller(
         uid=uid,
         gid=gid,

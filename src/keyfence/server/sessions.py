@@ -8,8 +8,9 @@ hang it on, so it keeps a *binding* per process, named (pid, start time),
 in the model (KeyService.inherit_session / session_binding), and learns
 the tree three ways:
 
-1. **At fork**, from the kernel's process events connector (root only:
-   CAP_NET_ADMIN).  A fork by a bound process binds the child at once --
+1. **At fork**, from the kernel's process events connector (any user
+   since Linux 6.6, CAP_NET_ADMIN before; the initial pid namespace only).
+   A fork by a bound process binds the child at once --
    exactly the kernel's rule, even for a double-forked daemon (tmux) whose
    parent exits a moment later.  The parent at fork is remembered, so the
    walk in 2 follows it even after the child was reparented.
@@ -18,9 +19,9 @@ the tree three ways:
    process, and every process on the way inherits its keyring.  A child
    that started before that ancestor got its keyring did not inherit it
    (start times are compared) and stops the walk.
-3. **Each lifetime check** (no events connector: a per-user daemon): live
-   children of bound processes inherit their parent's keyring, so a child
-   that outlives its parent by at least one check keeps the keyring.
+3. **Each lifetime check**, when there are no fork events: live children
+   of bound processes inherit their parent's keyring, so a child that
+   existed for at least one check before its parent exited keeps it.
 
 A binding ends when its process is gone (the daemon's lifetime check); the
 keyring ends, through the fenced removal path, with the last binding or
@@ -36,6 +37,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from keyfence.keys import KeyService
@@ -46,6 +48,9 @@ MAX_DEPTH = 4096
 """Parents walked at most (pid_max bounds a real chain; this bounds a
 hostile one)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SWEEP_CHECKS = 16
+"""With fork and exit events, every holder is still looked at every 16th
+lifetime check (4 s), for exit events lost to an overflowing socket."""
 
 ProcessId = tuple[int, int]
 """(pid, start time in clock ticks since boot): a process, never its pid's
@@ -62,6 +67,13 @@ class ProcStat:
     threads: int
     start_time: int
     """Clock ticks since boot (field 22)."""
+    state: str = "R"
+
+    @property
+    def exited(self) -> bool:
+        """A zombie: it has exited (and, as in the kernel's exit_creds(),
+        let go of its keyrings) but its parent has not reaped it yet."""
+        return self.state in ("Z", "X")
 
     @property
     def process(self) -> ProcessId:
@@ -84,9 +96,30 @@ def read_stat(pid: int) -> ProcStat | None:
             session=int(rest[3]),
             threads=int(rest[17]),
             start_time=int(rest[19]),
+            state=rest[0].decode(errors="replace"),
         )
     except (IndexError, ValueError):
         return None
+
+
+class _Gone(ProcStat):
+    """A parent known from a fork record that has exited since."""
+
+    def __init__(self, process: ProcessId) -> None:
+        super().__init__(pid=process[0], ppid=0, session=0, threads=0, start_time=process[1])
+
+
+FORK_SKEW = 0.5
+"""Seconds a fork event's time and the child's start time may differ by
+(start times have clock-tick resolution; events queue).  A pid cannot come
+round again this fast in the initial pid namespace."""
+
+
+def _boottime_of(monotonic_ns: int) -> float:
+    """A CLOCK_MONOTONIC time (a fork event's) on the CLOCK_BOOTTIME scale
+    of /proc's start times."""
+    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+    return monotonic_ns / 1e9 + offset
 
 
 def started_by(start_time: int) -> float:
@@ -108,12 +141,17 @@ class SessionTracker:
         """child pid -> (its start time, its parent at fork), from fork events."""
         self._service: KeyService | None = None
         self._events: socket.socket | None = None
+        self._checks = 0
+        self._exited: set[int] = set()
+        """Pids exit events named since the last check."""
+        self._lost = False
+        """Events were lost since the last check."""
 
     # -- learning the tree
 
     def start(self, service: KeyService) -> None:
-        """Listen to fork events for ``service`` (idempotent; without
-        CAP_NET_ADMIN this is a no-op and rules 2 and 3 do the work)."""
+        """Listen to fork events for ``service`` (idempotent; where the
+        kernel refuses them, rules 2 and 3 do the work)."""
         with self._lock:
             if self._service is not None:
                 return
@@ -142,8 +180,10 @@ class SessionTracker:
             except OSError as err:
                 if self._events is None:
                     return
-                # ENOBUFS: events were lost; rules 2 and 3 cover the gap
+                # ENOBUFS: events were lost; the next check runs rule 3
+                # and looks at every holder
                 log.debug("process events: %s", err)
+                self._lost = True
                 continue
             for event in parse_process_events(data):
                 try:
@@ -151,56 +191,99 @@ class SessionTracker:
                 except Exception:
                     log.exception("process event %r", event)
 
-    def _on_event(self, event: tuple[int, int, int]) -> None:
-        kind, child, parent = event
+    def _on_event(self, event: tuple[int, int, int, int]) -> None:
+        kind, child, parent, when_ns = event
         if kind == _EXIT:
             with self._lock:
                 self._forks.pop(child, None)
+                self._exited.add(child)
             return
         me = read_stat(child)
+        if me is not None and abs(me.start_time / CLK_TCK - _boottime_of(when_ns)) > FORK_SKEW:
+            me = None  # the child is gone and its pid already reused
         up = read_stat(parent)
-        if me is None or up is None or up.start_time > me.start_time:
-            return
+        if up is not None and me is not None and up.start_time > me.start_time:
+            up = None  # the parent's pid was reused already
+        if up is not None:
+            source = up.process
+        else:
+            # a short-lived parent (daemon(3)'s middle process) is gone
+            # already: it passed on what it inherited from its own parent
+            with self._lock:
+                forked = self._forks.get(parent)
+            if forked is None or (me is not None and forked[0] > me.start_time):
+                return  # unknown, or the record of the pid's next owner
+            source = forked[1]
         with self._lock:
-            self._forks[child] = (me.start_time, up.process)
+            self._forks[child] = (me.start_time if me is not None else -1, source)
         service = self._service
-        if service is not None:
-            service.inherit_session(me.process, up.process, started_by(me.start_time))
+        if me is not None and service is not None:
+            service.inherit_session(me.process, source, started_by(me.start_time))
 
-    def parent_of(self, process: ProcessId) -> ProcessId | None:
+    def parent_of(self, process: ProcessId, ppid: int | None = None) -> ProcStat | None:
         """The process's parent at fork if a fork event told us, else its
-        parent now (it may have been reparented: docs/keys.md)."""
+        parent now (it may have been reparented: docs/keys.md).  ``ppid``:
+        its parent pid if the caller just read it."""
         pid, start = process
         with self._lock:
             forked = self._forks.get(pid)
         if forked is not None and forked[0] == start:
-            return forked[1]
-        me = read_stat(pid)
-        if me is None or me.start_time != start or me.ppid <= 0:
+            up = read_stat(forked[1][0])
+            if up is not None and up.start_time == forked[1][1]:
+                return up
+            return _Gone(forked[1])
+        if ppid is None:
+            me = read_stat(pid)
+            if me is None or me.start_time != start:
+                return None
+            ppid = me.ppid
+        if ppid <= 0:
             return None
-        up = read_stat(me.ppid)
+        up = read_stat(ppid)
         if up is None or up.start_time > start:
             return None  # the parent's pid already belongs to a younger process
-        return up.process
+        return up
+
+    def _prune(self) -> None:
+        """Forget fork records of processes gone (their exit events may
+        have been lost to an overflowing socket): every 64th check."""
+        self._checks += 1
+        if self._checks % 64:
+            return
+        with self._lock:
+            records = list(self._forks.items())
+        stale = []
+        for pid, record in records:
+            stat = read_stat(pid)
+            if stat is None or stat.start_time != record[0]:
+                stale.append((pid, record))
+        with self._lock:
+            for pid, record in stale:
+                if self._forks.get(pid) == record:  # not re-recorded meanwhile
+                    del self._forks[pid]
 
     # -- resolving
 
-    def resolve(self, service: KeyService, process: ProcessId) -> None:
-        """Give ``process`` the session binding fork would have given it
+    def resolve(self, service: KeyService, stat: ProcStat) -> None:
+        """Give the process the session binding fork would have given it
         (rule 2); nothing if no ancestor has one."""
+        process = stat.process
         if service.session_binding(process):
             return
         chain = [process]
         above: ProcessId | None = None
-        current = process
+        current: ProcStat | None = stat
         for _ in range(MAX_DEPTH):
-            parent = self.parent_of(current)
-            if parent is None or parent[0] <= 0:
+            assert current is not None
+            parent = self.parent_of(current.process, current.ppid)
+            if parent is None or parent.pid <= 0:
                 return
-            if service.session_binding(parent):
-                above = parent
+            if service.session_binding(parent.process):
+                above = parent.process
                 break
-            chain.append(parent)
+            if isinstance(parent, _Gone):
+                return  # a dead middle process with no binding: nothing above is known
+            chain.append(parent.process)
             current = parent
         if above is None:
             return
@@ -209,10 +292,10 @@ class SessionTracker:
                 return
             above = proc
 
-    def propagate(self, service: KeyService) -> None:
+    def propagate(self, service: KeyService, *, force: bool = False) -> None:
         """Rule 3: live children of bound processes inherit their keyring.
-        Needed only without fork events."""
-        if self.follows_forks or not service.anchored_processes():
+        Needed only without fork events (``force``: some were lost)."""
+        if (self.follows_forks and not force) or not service.anchored_processes():
             return
         procs: list[ProcStat] = []
         for entry in os.scandir("/proc"):
@@ -231,12 +314,28 @@ class SessionTracker:
                 service.inherit_session(stat.process, parent, started_by(stat.start_time))
 
     def gone(self, service: KeyService) -> list[ProcessId]:
-        """Processes holding keyrings or bindings that no longer exist."""
-        self.propagate(service)
+        """Processes holding keyrings or bindings that no longer exist and
+        whose going needs the removal path.
+
+        With fork events, only processes an exit event named are looked at,
+        and everything every SWEEP_CHECKS checks (an event may be lost);
+        without, every holder at every check.  A binding whose keyring
+        other processes still hold is dropped here at once: nothing goes
+        away, so there is nothing to fence.
+        """
+        lost, self._lost = self._lost, False
+        self.propagate(service, force=lost)
+        self._prune()
+        with self._lock:
+            exited, self._exited = self._exited, set()
+        sweep = not self.follows_forks or lost or self._checks % SWEEP_CHECKS == 0
         dead = []
         for pid, start in service.anchored_processes():
+            if not sweep and pid not in exited:
+                continue
             stat = read_stat(pid)
-            if stat is None or stat.start_time != start:
+            alive = stat is not None and stat.start_time == start and not stat.exited
+            if not alive and not service.drop_shared_session(pid, start):
                 dead.append((pid, start))
         return dead
 
@@ -254,9 +353,24 @@ _FORK = 0x00000001
 _EXIT = 0x80000000
 
 
+def in_initial_pid_namespace() -> bool:
+    """Fork events carry the initial pid namespace's pids: a daemon in
+    another one (a container) must not read them as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) == 2
+    except OSError:
+        pass
+    return False
+
+
 def open_process_events() -> socket.socket | None:
     """A socket receiving fork and exit events; None without the privilege
-    (CAP_NET_ADMIN) or the facility."""
+    (CAP_NET_ADMIN) or the facility, or outside the initial pid namespace."""
+    if not in_initial_pid_namespace():
+        return None
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_CONNECTOR)
     except OSError:
@@ -273,9 +387,9 @@ def open_process_events() -> socket.socket | None:
     return sock
 
 
-def parse_process_events(data: bytes) -> list[tuple[int, int, int]]:
-    """(kind, pid, parent pid) for each process fork and exit in a datagram
-    (thread creation and exit are skipped)."""
+def parse_process_events(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(kind, pid, parent pid, CLOCK_MONOTONIC ns) for each process fork and
+    exit in a datagram (thread creation and exit are skipped)."""
     events = []
     offset = 0
     while offset + _NLMSG_HDR.size <= len(data):
@@ -284,15 +398,15 @@ def parse_process_events(data: bytes) -> list[tuple[int, int, int]]:
             break
         body = offset + _NLMSG_HDR.size + _CN_MSG.size
         if body + _EVENT_HDR.size <= offset + length:
-            what = _EVENT_HDR.unpack_from(data, body)[0]
+            what, _cpu, when = _EVENT_HDR.unpack_from(data, body)
             fields = body + _EVENT_HDR.size
             if what == _FORK and fields + 16 <= offset + length:
                 _ppid, ptgid, cpid, ctgid = struct.unpack_from("=4i", data, fields)
                 if cpid == ctgid:
-                    events.append((_FORK, ctgid, ptgid))
+                    events.append((_FORK, ctgid, ptgid, when))
             elif what == _EXIT and fields + 8 <= offset + length:
                 pid, tgid = struct.unpack_from("=2i", data, fields)
                 if pid == tgid:
-                    events.append((_EXIT, tgid, 0))
+                    events.append((_EXIT, tgid, 0, when))
         offset += (length + 3) & ~3
     return events

@@ -1,0 +1,162 @@
+"""``@s`` along a real process tree: the kernel's keyring is the oracle.
+
+One login shell joins a session keyring and adds a key; then programs are
+started from it the ways users start them -- a subshell, ``setsid``,
+``setsid -f`` (double fork, detached), ``nohup``, ``script`` (a pty), a
+tmux pane, ``keyctl session`` -- and each reports what its ``@s`` holds.
+The kernel side runs Debian's ``keyctl`` in a fresh user namespace (fresh
+``@u``/``@us``; the runner's keyrings untouched); the keyfence side runs the
+same script with ``keyctl`` on PATH being kfctl against a private daemon.
+The reports must agree (KERNEL_FACTS.md, section 14).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_fixture import DaemonProcess, running_daemon
+
+KEYCTL = shutil.which("keyctl")
+UNSHARE = shutil.which("unshare")
+
+# name -> how the login shell starts "$PROBE" (a script printing what @s holds)
+LAUNCHERS = {
+    "subshell": 'sh -c "$PROBE" > $WORK/subshell.out 2>&1',
+    "setsid": 'setsid sh -c "$PROBE" > $WORK/setsid.out 2>&1',
+    "setsid-f": 'setsid -f sh -c "sleep 0.3; $PROBE" > $WORK/setsid-f.out 2>&1 </dev/null',
+    "nohup": 'nohup sh -c "$PROBE" > $WORK/nohup.out 2>&1 </dev/null',
+    "script": "script -qc \"sh -c '$PROBE' > $WORK/script.out 2>&1\" /dev/null >/dev/null",
+    "tmux": (
+        "tmux -S $WORK/tmux -f /dev/null new-session -d"
+        " \"sh -c '$PROBE' > $WORK/tmux.out 2>&1\" </dev/null >/dev/null 2>&1"
+    ),
+    "background": '(sleep 0.2; sh -c "$PROBE" > $WORK/background.out 2>&1) &',
+    "keyctl-session": 'keyctl session - sh -c "$PROBE" > $WORK/keyctl-session.out 2>/dev/null',
+    "new-session-in-child": (
+        "sh -c 'keyctl new_session >/dev/null; sh -c \"$PROBE\"' > $WORK/new-session-in-child.out"
+    ),
+}
+
+# (not ``print %user:login``: keyutils falls back to /proc/keys for %type:desc)
+PROBE = "keyctl rdescribe @s; keyctl search @s user login >/dev/null 2>&1 && echo v || echo missing"
+
+LOGIN = """
+keyctl new_session >/dev/null
+keyctl add user login v @s >/dev/null
+{launch}
+keyctl rdescribe @s > $WORK/after.out
+keyctl search @s user login >/dev/null && echo v >> $WORK/after.out
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    with running_daemon("--system") as d:
+        yield d
+
+
+def _collect(work: Path, names: list[str], seconds: float = 30) -> dict[str, str]:
+    deadline = time.monotonic() + seconds
+    out: dict[str, str] = {}
+    for name in names:
+        path = work / f"{name}.out"
+        while time.monotonic() < deadline:
+            text = path.read_text() if path.exists() else ""
+            if text.count("\n") >= 2:
+                break
+            time.sleep(0.05)
+        out[name] = re.sub(r"\b\d{6,10}\b", "<serial>", path.read_text() if path.exists() else "")
+    return out
+
+
+def _run(argv: list[str], env: dict[str, str], work: Path) -> dict[str, str]:
+    work.mkdir()
+    env = dict(env, WORK=str(work), PROBE=PROBE)
+    launch = "\n".join(LAUNCHERS.values())
+    done = subprocess.run(
+        [*argv, "sh", "-c", LOGIN.format(launch=launch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    reports = _collect(work, [*LAUNCHERS, "after"])
+    subprocess.run(
+        ["tmux", "-S", str(work / "tmux"), "kill-server"], capture_output=True, check=False
+    )
+    return reports
+
+
+def test_every_way_of_starting_a_program_sees_the_kernels_session_keyring(
+    daemon: DaemonProcess,
+) -> None:
+    if KEYCTL is None or UNSHARE is None:
+        pytest.skip("keyctl (keyutils) or unshare (util-linux) is missing: no kernel oracle")
+    for tool in ("tmux", "script", "setsid", "nohup"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    with tempfile.TemporaryDirectory(prefix="kfses-") as tmp:
+        root = Path(tmp)
+        bin_dir = root / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "keyctl"
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m keyfence.cli.kfctl "$@"\n')
+        shim.chmod(0o755)
+        kernel = _run([UNSHARE, "--user", "--map-root-user"], dict(os.environ), root / "kernel")
+        ours_env = dict(daemon.env, PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        ours = _run([], ours_env, root / "ours")
+    login = "keyring;0;0;3f030000;_ses\nv\n"
+    fresh = "keyring;0;0;3f030000;_ses\nmissing\n"
+    assert kernel == {
+        "subshell": login,
+        "setsid": login,
+        "setsid-f": login,
+        "nohup": login,
+        "script": login,
+        "tmux": login,
+        "background": login,
+        "keyctl-session": fresh,
+        "new-session-in-child": fresh,
+        "after": login,
+    }, kernel
+    assert ours == kernel
+
+
+def test_session_to_parent_against_the_kernel_worker() -> None:
+    """The harness's worker serves from a child of its own stub: giving the
+    stub the worker's keyring succeeds and leaves the worker's own @s as it
+    was (the model's ModelBackend mirrors that stub)."""
+    from tests.oracle.harness import KernelBackend, Normalizer, run_ops
+    from tests.oracle.model_backend import ModelBackend, ModelWorld
+
+    if KEYCTL is None:
+        pytest.skip("keyutils is missing")
+    ops = [
+        ("get_keyring_id", "@s", False),
+        ("add_key", "user", "a", b"v", "@s"),
+        ("session_to_parent",),
+        ("session_to_parent",),
+        ("get_keyring_id", "@s", False),
+        ("search", "@s", "user", "a", 0),
+    ]
+    with KernelBackend(userns=True) as kb:
+        kernel_results = run_ops(kb, ops, Normalizer())
+    world = ModelWorld()
+    try:
+        model_results = run_ops(ModelBackend(world), ops, Normalizer())
+    finally:
+        world.close()
+    assert kernel_results[2:4] == [("ok", None), ("ok", None)], kernel_results
+    assert model_results == kernel_results
