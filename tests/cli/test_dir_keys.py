@@ -82,6 +82,7 @@ def test_lock_from_another_session_finds_the_key(
         [
             "sh",
             "-ec",
+            "kfctl new_session >/dev/null; "
             f"echo '{PASSPHRASE.strip()}' | keyfence e4crypt add_key {home} >/dev/null; "
             f"dd if=/dev/urandom of={home}/data bs=1M count=4 status=none; "
             "echo ready; exec sleep 600",
@@ -122,6 +123,7 @@ def test_incompletely_locked_until_the_file_closes(
         [
             "sh",
             "-ec",
+            "kfctl new_session >/dev/null; "
             f"echo '{PASSPHRASE.strip()}' | keyfence unlock {home} >/dev/null; "
             f"exec 3>{home}/open.txt; echo x >&3; "
             "echo ready; read _; exec 3>&-; echo closed; exec sleep 600",
