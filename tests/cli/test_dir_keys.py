@@ -144,6 +144,7 @@ def test_incompletely_locked_until_the_file_closes(
         status = session_sh(daemon, f"keyfence status {home}")
         assert "Unlocked: Partially (incompletely locked)" in status.stdout, status.stdout
         assert "open.txt" in status.stdout
+        assert "open.txt" in session_sh(daemon, "keyfence status").stdout
         holder.stdin.write("\n")
         holder.stdin.flush()
         assert holder.stdout.readline() == "closed\n"
@@ -155,6 +156,9 @@ def test_incompletely_locked_until_the_file_closes(
             assert time.monotonic() < deadline, status.stdout
             time.sleep(0.1)
         assert "open.txt" not in status.stdout
+        # the daemon's report (keyfence status without a directory) clears too
+        listing = session_sh(daemon, "keyfence status")
+        assert "open.txt" not in listing.stdout, listing.stdout
     finally:
         holder.kill()
         holder.communicate()

@@ -225,14 +225,12 @@ def do_close_session(
             error=True,
         )
         status = 1
-    for m in client._call("mounts"):
-        busy = m.get("busy") or {}
-        files = busy.get("files") if isinstance(busy, dict) else None
-        if files:
-            log(
-                f"{m.get('mountpoint')}: incompletely locked, still open: {', '.join(files)}",
-                error=True,
-            )
+    for path, _ref in _login_dirs(user, config_dir, log):
+        with contextlib.suppress(OSError, ValueError, KeyfenceError):
+            files = dir_keys.status_of(path).get("busy_files") or []
+            if files:
+                still = ", ".join(map(str, files))
+                log(f"{path}: incompletely locked, still open: {still}", error=True)
     with _session_count(state_dir, user) as count:
         if count(-1) <= 0:
             ring = _stash(client, user, create=False)

@@ -1081,6 +1081,13 @@ class KeyfenceOperations(pyfuse3.Operations):
             log.error("write-back of %s on close failed: %s", self.label_of(h.ino), err)
         finally:
             self.cache.release(h.cached)
+        if h.ino in self._busy_names and h.cached.users <= 0:
+            # an incompletely locked file closed: the busy report shrinks
+            self._busy_names.pop(h.ino, None)
+            still = sorted(self._busy_names.values())
+            report = {"mount": self.mountpoint, "files": still} if still else {}
+            with contextlib.suppress(Exception):  # a report must not fail a close
+                await trio.to_thread.run_sync(self.keys.report, "busy", report)
 
     @fuse_op
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
