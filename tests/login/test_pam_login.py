@@ -16,10 +16,12 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
+from keyfence.testing.users import as_uid, ensure_user, environment, keyfence_argv
 from tests.login.conftest import LoginSetup
 
 pytestmark = pytest.mark.slow
@@ -158,3 +160,54 @@ def test_password_change_rewraps_without_reencrypting(login_setup: LoginSetup) -
     assert "does not open it" not in s.pam_log_text()
     # the data was not re-encrypted: the same backing files
     assert sorted(p.name for p in s.backing.rglob("*")) == backing_before
+
+
+def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSetup) -> None:
+    """fscrypt's lock: the key is found through the mount, whoever's @s holds
+    it; the user may lock their own home from outside the login, another
+    user may not."""
+    s = login_setup
+    go = s.user_tmp / "go"
+    login = s.login_process(
+        f"echo data > {s.home}/f; echo up > {s.user_tmp}/up; "
+        f"until [ -e {go} ]; do sleep 0.1; done; cat {s.home}/f 2>&1 || true"
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (s.user_tmp / "up").exists():
+            assert login.poll() is None and time.monotonic() < deadline, s.pam_log_text()
+            time.sleep(0.1)
+        assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
+        other = ensure_user("kfpam2")
+        env = environment(KEYFENCE_SOCKET=s.daemon.socket, KEYFENCE_NO_AUTOSTART="1")
+        refused = subprocess.run(
+            as_uid(other.pw_uid, keyfence_argv("lock", str(s.home))),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert refused.returncode == 1, refused.stdout
+        assert "Traceback" not in refused.stderr
+        assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
+        user = ensure_user(s.user)
+        # the user, from a process outside the login (no @s of its own)
+        mine = subprocess.run(
+            as_uid(user.pw_uid, keyfence_argv("lock", str(s.home))),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            start_new_session=True,
+        )
+        assert mine.returncode == 0, mine.stderr
+        assert "is now locked" in mine.stdout
+        assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
+    finally:
+        go.touch()
+        out, _err = login.communicate(timeout=300)
+    assert "data" not in out  # locked under the login's feet: the name is ciphertext now
+    again = s.login(f"cat {s.home}/f")
+    assert again.stdout == "data\n", again.stderr
