@@ -125,6 +125,22 @@ def test_pamtester_steps(login_setup: LoginSetup) -> None:
     assert done.returncode == 0, done.stderr
     log = s.pam_log_text()
     assert "ready to unlock" in log and "unlocked (key" in log and "cleared (1 keys)" in log
+    # close_session without our open_session (su from an admin's shell whose
+    # open_session failed): the application's @s is not ours to clear
+    alone = s.pamtester("close_session", stdin="")
+    assert alone.returncode == 0, alone.stderr
+    assert "not the one open_session made; left alone" in s.pam_log_text()
+
+
+def test_login_add_refuses_a_directory_outside_a_mount(login_setup: LoginSetup) -> None:
+    s = login_setup
+    plain = s.root / "plain"
+    plain.mkdir()
+    done = s.keyfence("login", "add", "--config-dir", str(s.config_dir), str(plain), stdin="x\n")
+    assert done.returncode == 1
+    assert "not a directory of a keyfence mount" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(plain.iterdir())
 
 
 def test_password_change_rewraps_without_reencrypting(login_setup: LoginSetup) -> None:

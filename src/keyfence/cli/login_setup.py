@@ -82,6 +82,12 @@ def _existing_key(path: str, ref: KeyRef, user: LoginUser) -> bytes:
 
 
 def add_login_protector(path: str, user: LoginUser, *, kdf_log2_n: int = 15) -> None:
+    try:
+        dir_keys.status_of(path)
+    except OSError as err:
+        raise KeyfenceError(
+            errno.EINVAL, f"{path}: not a directory of a keyfence mount ({err.strerror})"
+        ) from None
     ref_text = dir_keys.policy_of(path)
     created = False
     if ref_text is None:

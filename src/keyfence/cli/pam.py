@@ -180,6 +180,7 @@ def do_open_session(
     # the login's @s is the user's, as pam_keyinit makes it (after the
     # handover: session_to_parent wants the caller's own keyring)
     client.chown(ring, user.uid, user.gid)
+    _remember_session(state_dir, ring)
     stashed = _stashed_keys(client, user)
     with _session_count(state_dir, user) as count:
         count(+1)
@@ -203,8 +204,18 @@ def do_close_session(
     timeout: float,
     log: _Log,
 ) -> int:
-    """clear @s through the fence; log what is still open."""
+    """clear @s through the fence; log what is still open.
+
+    Only the keyring open_session gave this PAM application: if that step
+    failed, @s is whatever the application had (an admin's, for ``su``),
+    which is not ours to clear.
+    """
     status = 0
+    ours = _remembered_session(state_dir)
+    current = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
+    if ours is None or ours != current:
+        log(f"{user.name}: close_session: @s is not the one open_session made; left alone")
+        return 1
     dirty = 0
     for path, _ref in _login_dirs(user, config_dir, log):
         with contextlib.suppress(OSError, ValueError, KeyfenceError):
@@ -282,6 +293,45 @@ def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _
             continue
         _rewrap(path, found, user, new, ref, master, log)
     return status
+
+
+def _parent_key() -> str:
+    """Our parent (the PAM application), named by pid and start time."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as f:
+            stat = f.read()
+        start = stat[stat.rindex(b")") + 2 :].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        start = "0"
+    return f"{ppid}.{start}"
+
+
+def _remember_session(state_dir: str, ring: int) -> None:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, f"session.{_parent_key()}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, str(ring).encode())
+    finally:
+        os.close(fd)
+
+
+def _remembered_session(state_dir: str) -> int | None:
+    """The keyring open_session made for our parent (forgotten once read)."""
+    path = os.path.join(state_dir, f"session.{_parent_key()}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 32))
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 @contextlib.contextmanager
