@@ -1186,7 +1186,8 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name == STATUS_XATTR:
             return json.dumps(self.status(node), sort_keys=True).encode()
         if name == PROTECTORS_XATTR:
-            return await trio.to_thread.run_sync(self._read_protectors, node, ctx)
+            path = self._protectors_path(node, ctx)  # the inode table: trio thread only
+            return await trio.to_thread.run_sync(_read_protectors, path)
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
         try:
@@ -1205,7 +1206,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             await self._set_policy(node, value, ctx)
             return
         if name == PROTECTORS_XATTR:
-            await trio.to_thread.run_sync(self._write_protectors, node, value, ctx)
+            path = self._protectors_path(node, ctx)
+            await trio.to_thread.run_sync(_write_protectors, path, value)
             return
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
@@ -1273,48 +1275,6 @@ class KeyfenceOperations(pyfuse3.Operations):
         if ctx.uid != 0 and ctx.uid != os.lstat(path).st_uid:
             raise _err(errno.EACCES)
         return os.path.join(path, PROTECTORS_FILE_NAME)
-
-    def _read_protectors(self, node: Inode, ctx: RequestContext) -> bytes:
-        path = self._protectors_path(node, ctx)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise FUSEError(pyfuse3.ENOATTR) from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME} is not a regular file")
-            data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
-        finally:
-            os.close(fd)
-        try:
-            Protectors.parse(data)
-        except FormatError as err:
-            raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
-        return data
-
-    def _write_protectors(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
-        """Replace the file atomically (write, fsync, rename, fsync the directory)."""
-        path = self._protectors_path(node, ctx)
-        try:
-            Protectors.parse(value)
-        except FormatError as err:
-            raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
-        tmp = os.path.join(os.path.dirname(path), f"{_TEMP_PREFIX}{secrets.token_hex(8)}")
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        try:
-            os.write(fd, value)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(os.path.dirname(path))
 
     def status(self, node: Inode) -> dict[str, Any]:
         """What ``user.keyfence.status`` shows (JSON)."""
@@ -1556,6 +1516,46 @@ def _write_policy(dir_path: str, policy: Policy, *, sync: bool = False) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_protectors(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise FUSEError(pyfuse3.ENOATTR) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME} is not a regular file")
+        data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
+    finally:
+        os.close(fd)
+    try:
+        Protectors.parse(data)
+    except FormatError as err:
+        raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
+    return data
+
+
+def _write_protectors(path: str, value: bytes) -> None:
+    """Replace the file atomically (write, fsync, rename, fsync the directory)."""
+    try:
+        Protectors.parse(value)
+    except FormatError as err:
+        raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
+    tmp = os.path.join(os.path.dirname(path), f"{_TEMP_PREFIX}{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, value)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(path: str) -> None:
