@@ -162,3 +162,24 @@ def test_incompletely_locked_until_the_file_closes(
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_a_hostile_protectors_file_is_a_clear_error(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    daemon, backing, mnt = mounted
+    home = mnt / "h"
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    record = backing / "h" / ".keyfence-protectors"
+    for hostile in (b"KFR1\x01\x00\x00\x05garbage", b"x" * 100_000):
+        record.write_bytes(hostile)
+        done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
+        assert done.returncode == 1, done.stdout
+        assert "Input/output error" in done.stderr and "Traceback" not in done.stderr
+    record.unlink()
+    record.symlink_to("/etc/shadow")
+    done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "root:" not in done.stdout + done.stderr
