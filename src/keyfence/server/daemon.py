@@ -438,7 +438,7 @@ class Connection:
             _check_args(op, args, (_INT, _LIST))
             if not all(type(d) is str for d in args[1]):
                 raise KeyfenceError(errno.EINVAL, "descriptions must be strings")
-            return mounts.find_key(args[0], args[1])
+            return mounts.find_key(args[0], args[1], self.mount)
         _check_args(op, args, (_STR, _ANY))
         mounts.report(self.mount, args[0], args[1])
         return None
@@ -500,7 +500,7 @@ class Connection:
         label = name or f"pid {self.caller.pid}"
         # a root mount serves every user: it watches keys it was handed
         # for their processes, which it has no permission to view
-        handed = self.mount is not None and self.daemon.mounts.used_by_a_mount(key_id)
+        handed = self.mount is not None and self.daemon.mounts.used_by_a_mount(key_id, self.mount)
         watch = self.daemon.service.watch(
             self.caller,
             key_id,

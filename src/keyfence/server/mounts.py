@@ -83,8 +83,9 @@ class MountSupervisor:
         self.daemon = daemon
         self._lock = threading.Lock()
         self._mounts: dict[str, Mount] = {}
-        self._handed_out: set[int] = set()
-        """Serials of keys given to a mount worker (keyfence lock's check)."""
+        self._handed_out: dict[int, set[str]] = {}
+        """Key serial -> mount points whose worker was given it (keyfence
+        lock's check; a worker may watch what it was given)."""
 
     # -- client operations
 
@@ -153,10 +154,11 @@ class MountSupervisor:
         except subprocess.TimeoutExpired:
             raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing") from None
 
-    def used_by_a_mount(self, serial: int) -> bool:
-        """Whether ``serial`` was ever handed to a mount worker."""
+    def used_by_a_mount(self, serial: int, mount: Mount | None = None) -> bool:
+        """Whether ``serial`` was ever handed to a mount worker (``mount``'s, if given)."""
         with self._lock:
-            return serial in self._handed_out
+            given = self._handed_out.get(serial, set())
+            return bool(given) if mount is None else mount.mountpoint in given
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -164,7 +166,9 @@ class MountSupervisor:
 
     # -- worker operations (private channel only)
 
-    def find_key(self, pid: int, descriptions: list[str]) -> list[Any] | None:
+    def find_key(
+        self, pid: int, descriptions: list[str], mount: Mount | None = None
+    ) -> list[Any] | None:
         """The first of ``descriptions`` reachable from process ``pid``'s keyrings."""
         caller = identity.caller_of_pid(pid, self.daemon.sessions, self.daemon.service)
         if caller is None:
@@ -176,7 +180,8 @@ class MountSupervisor:
                     serial = svc.request_key(caller, key_type, description)
                     with svc.use_key(caller, serial) as payload:
                         with self._lock:
-                            self._handed_out.add(serial)
+                            given = self._handed_out.setdefault(serial, set())
+                            given.add(mount.mountpoint if mount is not None else "")
                         return [serial, description, payload.reveal()]
                 except OSError:
                     continue
