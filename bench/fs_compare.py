@@ -80,14 +80,14 @@ Row = dict[str, Any]
 # -- running: in a POSIX session of our own, with progress -------------------
 
 
-def lead_own_session(argv: list[str]) -> int | None:
+def lead_own_session(argv: list[str], script: str = __file__) -> int | None:
     """Re-run this script as the leader of a new POSIX session (keyfence's
     ``@s`` is per session, and the removal must clear ours, nobody else's).
     Returns the child's exit status, or None when we already are that child."""
     if os.environ.get(SESSION_ENV) == "1" or os.getsid(0) == os.getpid():
         return None
     child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *argv],
+        [sys.executable, os.path.abspath(script), *argv],
         env=dict(os.environ, **{SESSION_ENV: "1"}),
         start_new_session=True,
     )

@@ -28,7 +28,8 @@ never committed):
 ``--readme`` rewrites the part of README.md between ``<!-- bench:begin -->``
 and ``<!-- bench:end -->`` with a summary and the charts; nothing else in
 README is touched.  ``--install-peers`` installs what the peers need from apt
-first (idempotent; needs root).  ``--strict`` exits 1 if a benchmark script
+first, and the FUSE libraries bench/fuse_loops.py compares from pip
+(idempotent; needs root).  ``--strict`` exits 1 if a benchmark script
 crashed or timed out (CI: the suite must still work), not for a missing peer.
 """
 
@@ -36,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import queue
@@ -86,6 +89,8 @@ BENCHES = (
     Bench("client", "client_bench.py", 900, "client round trips through the daemon vs the kernel"),
     Bench("kfctl", "kfctl_bench.py", 900, "one kfctl process vs one keyctl process vs a syscall"),
     Bench("fs-compare", "fs_compare.py", 5400, "keyfence vs gocryptfs vs ext4+fscrypt vs disk"),
+    Bench("fs-everyday", "fs_everyday.py", 3600, "tar, find, grep, git, rm, sqlite, fio vs peers"),
+    Bench("fuse-loops", "fuse_loops.py", 900, "FUSE request loops' ceiling: pyfuse3 vs others"),
     Bench("fs-emergency", "fs_emergency.py", 1800, "emergency removal with dirty data"),
     Bench("soak", "soak.py", 3600, "long run: throughput and memory over time"),
 )
@@ -99,7 +104,13 @@ PEER_PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "fusermount3": "fuse3",
     "losetup": "util-linux",
+    "git": "git",
 }
+# Python libraries bench/fuse_loops.py compares with pyfuse3 (optional: a loop
+# whose library is missing is an error row): module -> pip requirement, and
+# the Debian packages its build needs (llfuse compiles against libfuse 2).
+PIP_PEERS = {"llfuse": "llfuse>=1.5", "mfusepy": "mfusepy>=3.1"}
+PIP_BUILD_PACKAGES = {"llfuse": ("libfuse-dev", "pkg-config", "gcc")}
 VERSION_ARGS = {
     "gocryptfs": ["--version"],
     "fscrypt": ["--version"],
@@ -146,6 +157,40 @@ def install_peers() -> list[dict[str, Any]]:
     return [
         {"bench": "suite", "group": "peers", "system": cmd, "error": f"{cmd} missing (apt: {pkg})"}
         for cmd, pkg in missing_peers().items()
+    ] + install_pip_peers()
+
+
+def missing_pip_peers() -> list[str]:
+    return [m for m in PIP_PEERS if importlib.util.find_spec(m) is None]
+
+
+def install_pip_peers() -> list[dict[str, Any]]:
+    """pip install the loops fuse_loops compares (and apt what llfuse's build
+    needs); errors for what is still missing after."""
+    missing = missing_pip_peers()
+    if missing and os.geteuid() == 0:
+        build = sorted({p for m in missing for p in PIP_BUILD_PACKAGES.get(m, ())})
+        if build:
+            say(f"peers: apt-get install {' '.join(build)} (to build {', '.join(missing)})")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", *build],
+                env=env,
+                check=False,
+                stdout=subprocess.DEVNULL,
+            )
+        requirements = [PIP_PEERS[m] for m in missing]
+        say(f"peers: pip install {' '.join(requirements)}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", *requirements],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+        importlib.invalidate_caches()
+    return [
+        {"bench": "suite", "group": "peers", "system": m, "error": f"{m} missing (pip: {req})"}
+        for m in missing_pip_peers()
+        for req in [PIP_PEERS[m]]
     ]
 
 
@@ -679,6 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "error": f"{cmd} missing (apt: {pkg})",
             }
             for cmd, pkg in missing_peers().items()
+        ]
+        + [
+            {"bench": "suite", "group": "peers", "system": m, "error": f"{m} missing (pip)"}
+            for m in missing_pip_peers()
         ]
     )
     chosen = [

@@ -265,8 +265,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         return 1
     with Client.connect() as client:
         client.add_key("logon", ref_text, e4.kernel_payload(key), S)
-    print(f'"{path}" is now unlocked and ready for use.')
-    return 0
+    return _report_unlocked(path)
 
 
 def _unlock_with_login_protector(path: str, ref: KeyRef) -> int:
@@ -289,6 +288,25 @@ def _unlock_with_login_protector(path: str, ref: KeyRef) -> int:
         return 1
     with Client.connect() as client:
         client.add_key("logon", ref.description, keyring_payload(ref, master), S)
+    return _report_unlocked(path)
+
+
+def _report_unlocked(path: str) -> int:
+    """Say "unlocked" only once the mount has used the key: it looks for it
+    in our keyrings when we use the directory (it said so while locked)."""
+    try:
+        os.listdir(path)
+        state = status_of(path).get("state")
+    except (OSError, ValueError, KeyfenceError):
+        state = None
+    if state != "unlocked":
+        print(
+            f"{path}: the key was added but the directory is still {state or 'locked'}: "
+            "the mount could not use it (is the key in this session's keyring, "
+            "and the mount yours?)",
+            file=sys.stderr,
+        )
+        return 1
     print(f'"{path}" is now unlocked and ready for use.')
     return 0
 

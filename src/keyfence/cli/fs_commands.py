@@ -54,8 +54,72 @@ def default_keyring(client: Client) -> int:
         return -5
 
 
+FUSE_KEYFENCE = "fuse.keyfence"
+
+
+def keyfence_devices(mountinfo: str = "/proc/self/mountinfo") -> set[int]:
+    """st_dev of every keyfence mount (``fuse.keyfence`` in mountinfo)."""
+    devices: set[int] = set()
+    try:
+        with open(mountinfo, errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return devices
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if sep and len(fields) > 2 and tail.split()[:1] == [FUSE_KEYFENCE]:
+            major, _, minor = fields[2].partition(":")
+            if major.isdigit() and minor.isdigit():
+                devices.add(os.makedev(int(major), int(minor)))
+    return devices
+
+
+def on_keyfence_mount(path: str) -> bool:
+    """Whether directory ``path`` is on a keyfence mount (its device is one).
+
+    The policy lives in an xattr the mount answers; on any other filesystem
+    ``user.keyfence.policy`` would be a plain xattr that encrypts nothing,
+    so we ask the kernel's mount table first, as e4crypt's ioctl would
+    fail with ENOTTY there."""
+    return os.stat(path).st_dev in keyfence_devices()
+
+
+def _policy_error(path: str, desc: str, code: int) -> None:
+    """e4crypt's words for a policy it could not set (on standard output)."""
+    print(
+        f"Error [{os.strerror(code)}] setting policy.\n"
+        f"The key descriptor [{desc}] may not match the existing encryption "
+        f"context for directory [{path}]."
+    )
+
+
+def validate_paths(paths: list[str]) -> bool:
+    """e4crypt's checks before it adds a key: each path a writable directory
+    (perror's words on standard error), and -- ours -- on a keyfence mount."""
+    valid = True
+    for path in paths:
+        try:
+            if not os.access(path, os.W_OK):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+            if not os.path.isdir(path):
+                print(f"{path} is not a directory", file=sys.stderr)
+                valid = False
+                continue
+        except OSError as err:
+            code = err.errno if os.path.lexists(path) else errno.ENOENT
+            print(f"{path}: {os.strerror(code or errno.EIO)}", file=sys.stderr)
+            valid = False
+    return valid
+
+
 def set_policy(path: str, ref: str) -> None:
-    """Give an empty directory of a keyfence mount the policy ``ref``."""
+    """Give an empty directory of a keyfence mount the policy ``ref``.
+
+    ENOTTY (e4crypt's "Inappropriate ioctl for device") for a directory that
+    is not on a keyfence mount: nothing is written there."""
+    if not on_keyfence_mount(path):
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
     try:
         current = os.getxattr(path, POLICY_XATTR).decode()
     except OSError as err:
@@ -73,6 +137,12 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     from keyfence.fs import e4crypt_compat as e4
 
     if args.e4command == "add_key":
+        if not validate_paths(args.paths):
+            return 1
+        for path in args.paths:
+            if not on_keyfence_mount(path):  # before any key is added: change nothing
+                _policy_error(path, "-", errno.ENOTTY)
+                return 1
         with Client.connect() as client:
             from keyfence.cli import dir_keys
 
@@ -91,25 +161,41 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
             client.add_key("logon", e4.key_description(desc), e4.kernel_payload(key), ring)
             if not args.quiet:
                 print(f"Added key with descriptor [{desc}]")
+            status = 0
             for path in args.paths:
-                set_policy(path, e4.key_description(desc))
+                try:
+                    set_policy(path, e4.key_description(desc))
+                except OSError as err:
+                    _policy_error(path, desc, err.errno or errno.EIO)
+                    status = 1
+                    continue
                 dir_keys.store_salt(path, salt)
                 if args.verbose:
                     print(f"Key with descriptor [{desc}] applied to {path}.")
-        return 0
+        return status
     if args.e4command == "set_policy":
         desc = args.policy.lower()
         if len(desc) != 16 or any(c not in "0123456789abcdef" for c in desc):
             print(f"e4crypt: invalid policy: {args.policy}", file=sys.stderr)
             return 1
+        if not validate_paths(args.paths):
+            return 1
+        status = 0
         for path in args.paths:
-            set_policy(path, e4.key_description(desc))
+            try:
+                set_policy(path, e4.key_description(desc))
+            except OSError as err:
+                _policy_error(path, desc, err.errno or errno.EIO)
+                status = 1
+                continue
             print(f"Key with descriptor [{desc}] applied to {path}.")
-        return 0
+        return status
     if args.e4command == "get_policy":
         status = 0
         for path in args.paths:
             try:
+                if not on_keyfence_mount(path):
+                    raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
                 ref = os.getxattr(path, POLICY_XATTR).decode()
             except OSError as err:
                 print(f"{path}: Error getting policy: {err.strerror}", file=sys.stderr)
@@ -126,15 +212,33 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     return 2
 
 
+def resolve_directory(path: str) -> str:
+    """The client resolves a request's paths (symlinks, ``..``) once; the
+    daemon then opens exactly these names without following anything."""
+    resolved = os.path.realpath(path)
+    try:
+        os.stat(resolved)
+    except OSError as err:
+        code = err.errno or errno.EIO
+        raise KeyfenceError(code, f"{path}: {os.strerror(code)}") from None
+    if not os.path.isdir(resolved):
+        raise KeyfenceError(errno.ENOTDIR, f"{path}: {os.strerror(errno.ENOTDIR)}")
+    return resolved
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
+    backing = resolve_directory(args.backing)
+    mountpoint = resolve_directory(args.mountpoint)
     with Client.connect() as client:
-        client._call("mount", args.backing, args.mountpoint, list(args.option or []))
+        client._call("mount", backing, mountpoint, list(args.option or []))
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    # not stat(): that would ask the mount itself, which may be the stuck one
+    mountpoint = os.path.realpath(args.mountpoint)
     with Client.connect() as client:
-        client._call("umount", args.mountpoint)
+        client._call("umount", mountpoint)
     return 0
 
 
@@ -158,13 +262,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_of(path: str) -> str:
-    try:
-        return os.getxattr(path, POLICY_XATTR).decode()
-    except OSError as err:
-        raise SystemExit(f"{path}: no keyfence policy ({err.strerror})") from None
-
-
 def cmd_lock(args: argparse.Namespace) -> int:
     from keyfence.cli import dir_keys
 
@@ -181,7 +278,14 @@ def add_parsers(sub: Any) -> None:
     mount = sub.add_parser("mount", help="mount BACKING (ciphertext) at MOUNTPOINT")
     mount.add_argument("backing")
     mount.add_argument("mountpoint")
-    mount.add_argument("-o", "--option", action="append", help="worker option (repeatable)")
+    mount.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="mount options: dirty_limit=SIZE, dirty_expire=SEC, attr_timeout=SEC, "
+        "readahead_kb=KB, max_tasks=N, writeback_cache, allow_other, nonempty, debug",
+    )
     mount.set_defaults(run=cmd_mount)
     umount = sub.add_parser("umount", help="flush everything and unmount")
     umount.add_argument("mountpoint")

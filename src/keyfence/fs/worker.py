@@ -14,14 +14,32 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --writeback-cache      let the kernel cache writes too (off)
     --readahead-kb KB      the mount's readahead window (1024; 0: kernel's)
     --attr-timeout SEC     how long the kernel may cache names and attributes (1)
-    -o OPT[,OPT]           more FUSE mount options
+    --allow-other          other users may use the mount (root's default)
+    --no-allow-other       only the mounting user may (a user's default)
+    --backing-fd FD        the backing directory, opened and checked by the daemon
+    --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
+    --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
+
+There is no way to hand libfuse a raw option: the FUSE options are made
+here (``nosuid,nodev`` always, ``default_permissions``, ``allow_other``
+when allowed).  Started by a root daemon, the worker runs as the mount's
+owner and gets the mount already made (``--fuse-fd``: the daemon mounted
+/dev/fuse on the checked mount point's descriptor, server/fuse_mount.py)
+and the checked backing directory (``--backing-fd``); the names on the
+command line are then only what ``keyfence status`` shows.  Without
+``--fuse-fd`` (a per-user daemon) libfuse mounts by name, through
+fusermount3 when not root.
+
+The worker makes itself non-dumpable (no core file, no ptrace or
+/proc/PID/mem by its own uid) before it touches a key.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -34,6 +52,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from keyfence.errors import KeyfenceError
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
@@ -73,8 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
     p.add_argument("--attr-timeout", type=float, default=1.0)
     p.add_argument("--max-tasks", type=int, default=64)
-    p.add_argument("-o", dest="fuse_options", action="append", default=[])
-    p.add_argument("--no-allow-other", action="store_true")
+    p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
+    p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
+    p.add_argument("--backing-fd", type=int)
+    p.add_argument("--fuse-fd", type=int)
+    p.add_argument("--mountpoint-fd", type=int)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--debug", action="store_true")
     return p
@@ -140,9 +162,14 @@ async def _when_up(ops: KeyfenceOperations, ready_fd: int | None, readahead_kb: 
     """Once the kernel has our INIT reply (a stat of the mount answers):
     set the readahead window (INIT resets it) and say we are ready."""
     await trio.to_thread.run_sync(os.stat, ops.mountpoint)
-    if readahead_kb > 0:
+    if readahead_kb > 0 and os.geteuid() == 0:
         got = await trio.to_thread.run_sync(set_readahead, ops.mountpoint, readahead_kb)
         log.info("readahead %s KiB", got)
+    elif readahead_kb > 0:  # a user's worker may not write sysfs: the daemon does
+        device = _mount_device(ops.mountpoint)
+        if device is not None:
+            detail = {"device": device, "kb": readahead_kb}
+            await trio.to_thread.run_sync(ops.keys.report, "readahead", detail)
     if ready_fd is not None:
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"ready\n")
@@ -214,33 +241,96 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
         return False
 
 
+PR_SET_DUMPABLE = 4
+
+
+def harden() -> bool:
+    """No core file, and not dumpable: neither the worker's own uid nor a
+    crash can read its memory (keys, plaintext pages).  Whether prctl took."""
+    import ctypes
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def fuse_options(backing: str, allow_other: bool) -> set[str]:
+    """The FUSE mount options, all made here.  ``nosuid,nodev`` always (a
+    user's mount gets them from fusermount3 anyway); the kernel checks
+    permissions (``default_permissions``)."""
+    escaped = backing.replace("\\", "\\\\").replace(",", "\\,")
+    opts = set(pyfuse3.default_options) | {"default_permissions", "nosuid", "nodev"}
+    opts |= {f"fsname=keyfence:{escaped}", "subtype=keyfence"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def unmount_own(mountpoint: str, mountpoint_fd: int | None) -> None:
+    """Take our mount away when we stop on our own (a signal, the daemon
+    gone): root through the mount point's descriptor, a user through
+    fusermount3 (which unmounts only that user's own FUSE mounts).
+    Nothing happens when the mount is already gone."""
+    import ctypes
+    import subprocess
+
+    if os.geteuid() == 0 and mountpoint_fd is not None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.umount2(f"/proc/self/fd/{mountpoint_fd}".encode(), ctypes.c_int(MNT_DETACH))
+        return
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["fusermount3", "-u", "-z", "--", mountpoint],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+
+
+MNT_DETACH = 2
+
+
 def run(
     backing: str,
     mountpoint: str,
     source: KeySource,
     options: MountOptions,
     *,
-    fuse_options: Sequence[str] = (),
     allow_other: bool | None = None,
     readahead_kb: int = DEFAULT_READAHEAD_KB,
     max_tasks: int = 64,
     ready_fd: int | None = None,
+    backing_fd: int | None = None,
+    fuse_fd: int | None = None,
+    mountpoint_fd: int | None = None,
 ) -> int:
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel
     tune_malloc()
-    ops = KeyfenceOperations(backing, mountpoint, source, options)
-    opts = set(pyfuse3.default_options)
-    opts |= {f"fsname=keyfence:{ops.backing}", "subtype=keyfence"}
-    if allow_other if allow_other is not None else os.getuid() == 0:
-        opts.add("allow_other")
-    for extra in fuse_options:
-        opts |= {o for o in extra.split(",") if o}
-    pyfuse3.init(ops, mountpoint, opts)
+    served = backing if backing_fd is None else os.readlink(f"/proc/self/fd/{backing_fd}")
+    # mounted by the daemon on the checked directory: serve its /dev/fuse
+    target = mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
+    ops = KeyfenceOperations(served, mountpoint, source, options)
+    if backing_fd is not None:
+        # the operations still take a path (issue 11: dir-fd backing access
+        # is being built in fs/ops.py): make sure it names the directory the
+        # daemon checked, not one swapped in since
+        st = os.fstat(backing_fd)
+        if (ops.table.root_dev, ops.table.root_st_ino) != (st.st_dev, st.st_ino):
+            raise KeyfenceError(errno.ESTALE, "the backing directory was replaced")
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))
     unmounted = False
     try:
-        _report(source, "mounted", {"backing": ops.backing, "mountpoint": ops.mountpoint})
-        log.info("serving %s on %s", ops.backing, ops.mountpoint)
+        _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
+        log.info("serving as uid %d", os.geteuid())
         trio.run(_serve, ops, max_tasks, ready_fd, readahead_kb)
     except BaseException:
         log.exception("the FUSE loop failed")
@@ -250,10 +340,12 @@ def run(
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
             unmounted = True
+        if fuse_fd is not None:  # libfuse unmounts only what it mounted
+            unmount_own(mountpoint, mountpoint_fd)
         _report(
             source,
             "unmounted",
-            {"backing": ops.backing, "mountpoint": ops.mountpoint, "clean": unmounted},
+            {"backing": backing, "mountpoint": ops.mountpoint, "clean": unmounted},
         )
         closer = getattr(source, "close", None)
         if callable(closer):
@@ -271,6 +363,7 @@ def _report(source: KeySource, event: str, detail: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = None) -> int:
     args = _parser().parse_args(argv)
+    hardened = harden()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s keyfence-worker[%(process)d] %(levelname)s %(name)s: %(message)s",
@@ -278,6 +371,8 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
     )
     if not args.debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    if not hardened:
+        log.warning("could not make the worker non-dumpable")
     source = key_source if key_source is not None else DaemonKeySource.from_environment()
     options = MountOptions(
         dirty_limit=args.dirty_limit,
@@ -290,11 +385,13 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         args.mountpoint,
         source,
         options,
-        fuse_options=args.fuse_options,
-        allow_other=False if args.no_allow_other else None,
+        allow_other=args.allow_other,
         readahead_kb=args.readahead_kb,
         max_tasks=args.max_tasks,
         ready_fd=args.ready_fd,
+        backing_fd=args.backing_fd,
+        fuse_fd=args.fuse_fd,
+        mountpoint_fd=args.mountpoint_fd,
     )
 
 

@@ -1072,15 +1072,20 @@ class KeyService:
         emergency: bool = False,
         progress: Callable[[RemovalProgress], None] | None = None,
     ) -> None:
-        """fscrypt's FS_IOC_REMOVE_ENCRYPTION_KEY(_ALL_USERS) for a key a
-        mount uses: invalidated through the fence whatever the caller's
-        keyrings hold, by the key's owner or an admin (the daemon checks
-        that a mount uses it).  Errors: ENOKEY, EKEYREVOKED, EACCES."""
+        """fscrypt's FS_IOC_REMOVE_ENCRYPTION_KEY(_ALL_USERS) for a
+        filesystem key (a ``logon`` or ``user`` key described
+        ``keyfence:...`` or ``ext4:...``, what a mount looks up):
+        invalidated through the fence whatever the caller's keyrings hold,
+        by the key's owner or an admin.  Errors: ENOKEY, EKEYREVOKED,
+        EACCES (not the caller's, or not a filesystem key)."""
 
         def build() -> Removal:
             key, _ = self._lookup_locked(caller, key_id, _Need.DEFER)
             key.validate(self.now())
-            if key.uid != caller.uid and not caller.is_admin:
+            filesystem_key = key.type.name in ("logon", "user") and (
+                key.description.startswith(("keyfence:", "ext4:"))
+            )
+            if not filesystem_key or (key.uid != caller.uid and not caller.is_admin):
                 raise fail(errno.EACCES)
             return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
 
@@ -1420,21 +1425,16 @@ class KeyService:
         *,
         sync: bool = False,
         name: str | None = None,
-        handed_to_caller: bool = False,
     ) -> Watch:
         """Watch a key or keyring (KEYCTL_WATCH_KEY, plus synchronous watches).
 
-        Needs view permission, unless ``handed_to_caller``: the daemon gave
-        the key's payload to this caller (a mount worker, for a process that
-        possesses the key), which must then be told when it goes.  A
-        synchronous watch -- the key's owner or an admin only, so nobody
-        else can hold a removal hostage -- is called before the key goes
-        away and the removal waits for it.
+        Needs view permission.  A synchronous watch -- the key's owner or an
+        admin only, so nobody else can hold a removal hostage -- is called
+        before the key goes away and the removal waits for it.
         Errors: EACCES, and the lookup's.
         """
         with self._lock:
-            need = _Need.DEFER if handed_to_caller else permission.VIEW
-            key, _ = self._lookup_locked(caller, key_id, need)
+            key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
             if sync and key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES, "only the key's owner may watch it synchronously")
             watch = Watch(

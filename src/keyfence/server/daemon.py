@@ -404,8 +404,6 @@ class Connection:
         """``keyfence lock``: remove a key a mount uses, whoever possesses it
         (fscrypt's lock --all-users; the owner or root, see keyctl)."""
         _check_args("lock_filesystem_key", args, (_INT,))
-        if not self.daemon.mounts.used_by_a_mount(args[0]):
-            raise KeyfenceError(errno.EACCES, "no mount uses this key")
         if request.timeout is not None and not request.timeout >= 0:
             raise KeyfenceError(errno.EINVAL, "timeout must be a number of seconds >= 0")
         progress = self._progress_sender(request.id) if request.progress else None
@@ -431,14 +429,14 @@ class Connection:
             return None
         if op == "mounts":
             _check_args(op, args, ())
-            return mounts.describe()
+            return mounts.describe(self.caller)
         if self.mount is None:
             raise KeyfenceError(errno.EPERM, f"{op} is for mount workers only")
         if op == "worker_find_key":
             _check_args(op, args, (_INT, _LIST))
             if not all(type(d) is str for d in args[1]):
                 raise KeyfenceError(errno.EINVAL, "descriptions must be strings")
-            return mounts.find_key(args[0], args[1], self.mount)
+            return mounts.find_key(self.mount, args[0], args[1])
         _check_args(op, args, (_STR, _ANY))
         mounts.report(self.mount, args[0], args[1])
         return None
@@ -498,17 +496,11 @@ class Connection:
             watch_id = next(self.watch_ids)
         mask = KeyEvent(events & KeyEvent.ALL) or KeyEvent.ALL
         label = name or f"pid {self.caller.pid}"
-        # a root mount serves every user: it watches keys it was handed
-        # for their processes, which it has no permission to view
-        handed = self.mount is not None and self.daemon.mounts.used_by_a_mount(key_id, self.mount)
+        caller = self.caller
+        if self.mount is not None:  # a mount watches with the rights it found the key with
+            caller = self.daemon.mounts.watcher(self.mount, key_id) or caller
         watch = self.daemon.service.watch(
-            self.caller,
-            key_id,
-            RemoteWatcher(self, watch_id),
-            mask,
-            sync=sync,
-            name=label,
-            handed_to_caller=handed,
+            caller, key_id, RemoteWatcher(self, watch_id), mask, sync=sync, name=label
         )
         with self.lock:
             self.watches[watch_id] = watch

@@ -6,6 +6,16 @@ spawn and keeps one end: that private channel is the only connection on
 which a logon key's payload may be read (``worker_find_key``), and the
 worker's synchronous watches on it fence every removal of a key the mount
 uses.  A worker that dies is reported and its mount point lazily unmounted.
+
+Least privilege (docs/security.md, "Filesystem"): the request is checked
+by :mod:`keyfence.server.mount_request` (directories opened as the caller,
+no name resolved twice) and the worker runs as the uid that asked for the
+mount, with that user's gid and groups, started from an interpreter that
+user can run.  A user's worker mounts through fusermount3 like sshfs and
+gocryptfs do (``nosuid,nodev``, ``allow_other`` only where /etc/fuse.conf
+says ``user_allow_other``); root's keep ``allow_other,default_permissions``.
+A user's worker is only ever given keys reachable by that user's own
+processes.  Worker logs are 0600 in a directory only the daemon can write.
 """
 
 from __future__ import annotations
@@ -14,17 +24,23 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import keyfence
 from keyfence.errors import KeyfenceError
 from keyfence.keys.process_keys import Caller
-from keyfence.server import identity
+from keyfence.server import fuse_mount, identity
+from keyfence.server.mount_options import parse_options, user_allow_other
+from keyfence.server.mount_request import CheckedRequest, check_request
 
 if TYPE_CHECKING:
     from keyfence.server.daemon import Connection, Daemon
@@ -32,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyfence.mounts")
 
 READY_TIMEOUT = 30.0
+MAX_FINDERS = 1024
+"""Keys found but not yet watched, per mount (a watch follows at once)."""
 
 
 @dataclass
@@ -47,6 +65,14 @@ class Mount:
     busy: dict[str, Any] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     stderr_path: str = ""
+    owner_gid: int = 0
+    mountpoint_id: tuple[int, int] = (0, 0)
+    pinned_fd: int | None = field(default=None, repr=False)
+    """O_PATH descriptor of the mount point directory (root daemon): every
+    unmount goes through it, never through the name."""
+    finders: dict[int, Caller] = field(default_factory=dict, repr=False)
+    """serial -> the process whose keyrings the key was found in (watches
+    on that key are made with its rights, as the kernel's would)."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -71,11 +97,94 @@ def _fusermount() -> str:
     return "fusermount3"
 
 
-def _owns(uid: int, path: str) -> bool:
-    try:
-        return uid == 0 or os.stat(path).st_uid == uid
-    except OSError:
-        return False
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Every directory from / to ``path`` searchable by others."""
+    current = os.path.realpath(path)
+    while True:
+        try:
+            if not os.stat(current).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+        if current == "/":
+            return True
+        current = os.path.dirname(current)
+
+
+_system_python_ok: bool | None = None
+
+
+def _system_python_matches() -> bool:
+    global _system_python_ok
+    if _system_python_ok is None:
+        done = subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        _system_python_ok = done.stdout.split() == [str(v) for v in sys.version_info[:2]]
+    return _system_python_ok
+
+
+def worker_command(uid: int) -> tuple[list[str], dict[str, str]]:
+    """The worker's interpreter and environment for a worker running as ``uid``.
+
+    Our own interpreter when ``uid`` is ours or can reach it and its
+    standard library; otherwise the system's Python of the same version
+    with our package on PYTHONPATH (a venv under /root is out of reach).
+    The environment is made here, not inherited: a user's worker gets
+    nothing of the daemon's but the locale."""
+    module = ["-m", "keyfence.fs.worker"]
+    if uid == os.geteuid():
+        return [sys.executable, *module], dict(os.environ)
+    paths = sysconfig.get_paths()
+    package_dirs = list(
+        dict.fromkeys([os.path.dirname(os.path.dirname(keyfence.__file__)), paths["purelib"]])
+    )
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys([*package_dirs, paths["platlib"]])),
+    }
+    for name in ("LANG", "LC_ALL", "LC_CTYPE", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    for directory in package_dirs:
+        if not _reachable_by_others(directory):
+            raise KeyfenceError(
+                errno.EACCES,
+                f"uid {uid} cannot reach keyfence's code in {directory} "
+                "(install keyfence where every user can read it)",
+            )
+    if _reachable_by_others(sys.executable) and _reachable_by_others(paths["stdlib"]):
+        return [os.path.realpath(sys.executable), *module], env
+    if os.path.exists(SYSTEM_PYTHON) and _system_python_matches():
+        return [SYSTEM_PYTHON, *module], env
+    raise KeyfenceError(
+        errno.EACCES,
+        f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {uid} can run "
+        f"(the daemon's, {sys.executable}, is out of its reach)",
+    )
+
+
+def _keyfence_devices_at(mountpoint: str) -> set[str]:
+    """``major:minor`` of the keyfence mounts whose mount point is ``mountpoint``."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", errors="replace") as f:
+        for line in f:
+            head, sep, tail = line.partition(" - ")
+            fields = head.split()
+            if sep and len(fields) > 4 and tail.split()[:1] == ["fuse.keyfence"]:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+                if point == mountpoint:
+                    found.add(fields[2])
+    return found
 
 
 class MountSupervisor:
@@ -83,46 +192,137 @@ class MountSupervisor:
         self.daemon = daemon
         self._lock = threading.Lock()
         self._mounts: dict[str, Mount] = {}
-        self._handed_out: dict[int, set[str]] = {}
-        """Key serial -> mount points whose worker was given it (keyfence
-        lock's check; a worker may watch what it was given)."""
 
     # -- client operations
 
     def mount(self, caller: Caller, backing: str, mountpoint: str, options: list[str]) -> None:
-        """Start a worker; return once the mount is live (or raise its error)."""
-        backing = os.path.realpath(backing)
-        mountpoint = os.path.realpath(mountpoint)
-        for path in (backing, mountpoint):
-            if not os.path.isdir(path):
-                raise KeyfenceError(errno.ENOTDIR, f"{path} is not a directory")
-            if not _owns(caller.uid, path):
-                raise KeyfenceError(errno.EPERM, f"you do not own {path}")
-        with self._lock:
-            if mountpoint in self._mounts and self._mounts[mountpoint].state in (
-                "starting",
-                "mounted",
-            ):
-                raise KeyfenceError(errno.EBUSY, f"{mountpoint} is already a keyfence mount")
+        """Check the request, start a worker as the caller; return once the
+        mount is live (or raise its error)."""
+        opts = parse_options(options)
+        if opts.allow_other and caller.uid != 0 and not user_allow_other():
+            raise KeyfenceError(
+                errno.EPERM,
+                "allow_other: only allowed if 'user_allow_other' is set in /etc/fuse.conf",
+            )
+        if opts.debug and caller.uid != 0:
+            raise KeyfenceError(errno.EPERM, "debug: root's mounts only (it logs names)")
+        request = check_request(caller, backing, mountpoint, nonempty=opts.nonempty)
+        try:
+            with self._lock:
+                for other in self._mounts.values():
+                    live = other.state in ("starting", "mounted") or other.pinned_fd is not None
+                    if live and (
+                        other.mountpoint == request.mountpoint
+                        or other.mountpoint_id == request.mountpoint_id
+                    ):
+                        raise KeyfenceError(
+                            errno.EBUSY, f"{request.mountpoint} is already a keyfence mount"
+                        )
+            mount = self._spawn(caller, request, opts.worker_args(), opts.allow_other)
+        finally:
+            request.close()
+        self._wait_ready(mount)
+
+    def _spawn(
+        self, caller: Caller, request: CheckedRequest, worker_args: list[str], allow_other: bool
+    ) -> Mount:
+        uid, gid = caller.uid, caller.gid
+        root = os.geteuid() == 0
+        allow_other = allow_other or uid == 0
+        command, env = worker_command(uid if root else os.geteuid())
+        fuse_fd = pinned = None
+        if root:  # mount on the checked directory ourselves, as fusermount3 would
+            fuse_fd = fuse_mount.mount_fuse(
+                request.mountpoint_fd,
+                f"keyfence:{request.backing}",
+                uid=uid,
+                gid=gid,
+                allow_other=allow_other,
+                what=request.mountpoint,
+            )
+            pinned = os.dup(request.mountpoint_fd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        stderr_path = os.path.join("/tmp", f"keyfence-worker-{os.getpid()}-{time.time_ns()}.log")
-        env = dict(os.environ, KEYFENCE_WORKER_FD=str(theirs.fileno()))
-        with open(stderr_path, "wb") as err:
+        env["KEYFENCE_WORKER_FD"] = str(theirs.fileno())
+        fds = [theirs.fileno(), request.backing_fd]
+        argv = [*command, "--backing-fd", str(request.backing_fd)]
+        if fuse_fd is not None:
+            fds += [fuse_fd, request.mountpoint_fd]
+            argv += ["--fuse-fd", str(fuse_fd), "--mountpoint-fd", str(request.mountpoint_fd)]
+        argv += [
+            *worker_args,
+            "--allow-other" if allow_other else "--no-allow-other",
+            "--",
+            request.backing,
+            request.mountpoint,
+        ]
+        privileges: dict[str, Any] = {}
+        if root and uid != 0:
+            privileges = {"user": uid, "group": gid, "extra_groups": sorted(caller.groups)}
+        err_fd = -1
+        try:
+            stderr_path, err_fd = self._open_log()
             process = subprocess.Popen(
-                [sys.executable, "-m", "keyfence.fs.worker", backing, mountpoint, *options],
-                pass_fds=[theirs.fileno()],
+                argv,
+                pass_fds=fds,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
+                stdout=err_fd,
+                stderr=err_fd,
                 start_new_session=True,
+                cwd="/",
+                **privileges,
             )
-        theirs.close()
-        mount = Mount(backing, mountpoint, caller.uid, process, stderr_path=stderr_path)
+        except (OSError, KeyfenceError) as err:
+            ours.close()
+            if pinned is not None:
+                with contextlib.suppress(KeyfenceError):
+                    fuse_mount.umount(pinned, fuse_mount.MNT_DETACH)
+                os.close(pinned)
+            if isinstance(err, KeyfenceError):
+                raise
+            raise KeyfenceError(err.errno or errno.EIO, f"cannot start the worker: {err}") from None
+        finally:
+            if err_fd >= 0:
+                os.close(err_fd)
+            if fuse_fd is not None:
+                os.close(fuse_fd)
+            theirs.close()
+        mount = Mount(
+            request.backing,
+            request.mountpoint,
+            uid,
+            process,
+            stderr_path=stderr_path,
+            owner_gid=gid,
+            mountpoint_id=request.mountpoint_id,
+            pinned_fd=pinned,
+        )
         with self._lock:
-            self._mounts[mountpoint] = mount
-        worker = Caller(uid=0, gid=0, pid=process.pid, admin=True)
+            self._mounts[request.mountpoint] = mount
+        # the channel speaks with the owner's rights, not root's
+        worker = Caller(uid=uid, gid=gid, groups=caller.groups, pid=process.pid, admin=uid == 0)
         self.daemon.adopt(ours, worker, mount)
+        return mount
+
+    def _log_dir(self) -> str:
+        """``worker-logs`` next to the socket: ours, mode 0700, not a link."""
+        directory = os.path.join(os.path.dirname(self.daemon.path) or ".", "worker-logs")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise KeyfenceError(errno.EPERM, f"{directory} is not the daemon's own directory")
+        if st.st_mode & 0o077:
+            os.chmod(directory, 0o700)
+        return directory
+
+    def _open_log(self) -> tuple[str, int]:
+        path = os.path.join(self._log_dir(), f"worker-{os.getpid()}-{time.time_ns()}.log")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return path, os.open(path, flags, 0o600)
+
+    def _wait_ready(self, mount: Mount) -> None:
+        process = mount.process
         threading.Thread(
             target=self._supervise, args=(mount,), name="keyfence-mount", daemon=True
         ).start()
@@ -135,7 +335,7 @@ class MountSupervisor:
     def umount(self, caller: Caller, mountpoint: str, *, timeout: float = 60.0) -> None:
         """Unmount after a full flush: the kernel pushes its cache to the
         worker, which writes back every dirty page before it exits."""
-        mountpoint = os.path.realpath(mountpoint)
+        mountpoint = os.path.normpath(mountpoint)
         with self._lock:
             mount = self._mounts.get(mountpoint)
         if mount is None or mount.state not in ("mounted", "starting"):
@@ -143,35 +343,58 @@ class MountSupervisor:
         if caller.uid not in (0, mount.owner):
             raise KeyfenceError(errno.EPERM, "only the mount's owner or root may unmount it")
         mount.state = "unmounting"
-        done = subprocess.run(
-            [_fusermount(), "-u", mountpoint], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
+        done, why = self._unmount(mount)
+        if not done:
             mount.state = "mounted"
-            raise KeyfenceError(errno.EBUSY, done.stderr.strip() or "unmount failed")
+            raise KeyfenceError(errno.EBUSY, f"{mountpoint}: {why}")
         try:
             mount.process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing") from None
 
-    def used_by_a_mount(self, serial: int, mount: Mount | None = None) -> bool:
-        """Whether ``serial`` was ever handed to a mount worker (``mount``'s, if given)."""
+    def describe(self, caller: Caller | None = None) -> list[dict[str, Any]]:
+        """The mounts ``caller`` may know of: its own; root sees all."""
         with self._lock:
-            given = self._handed_out.get(serial, set())
-            return bool(given) if mount is None else mount.mountpoint in given
+            mounts = list(self._mounts.values())
+        if caller is not None and not caller.is_admin and caller.uid != 0:
+            mounts = [m for m in mounts if m.owner == caller.uid]
+        return [m.describe() for m in mounts]
 
-    def describe(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [m.describe() for m in self._mounts.values()]
+    def _unmount(self, mount: Mount, lazy: bool = False) -> tuple[bool, str]:
+        """Unmount through the pinned descriptor (root daemon), else with
+        ``fusermount3 -u`` (a per-user daemon: its own mounts).  (done, why not)."""
+        if mount.pinned_fd is not None:
+            try:
+                fuse_mount.umount(mount.pinned_fd, fuse_mount.MNT_DETACH if lazy else 0)
+            except KeyfenceError as err:
+                return err.errno == errno.EINVAL, err.strerror or str(err)
+            return True, ""
+        done = subprocess.run(
+            [_fusermount(), "-uz" if lazy else "-u", mount.mountpoint],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+        return done.returncode == 0, done.stderr.strip() or "unmount failed"
 
     # -- worker operations (private channel only)
 
-    def find_key(
-        self, pid: int, descriptions: list[str], mount: Mount | None = None
-    ) -> list[Any] | None:
-        """The first of ``descriptions`` reachable from process ``pid``'s keyrings."""
-        caller = identity.caller_of_pid(pid, self.daemon.sessions, self.daemon.service)
+    def find_key(self, mount: Mount, pid: int, descriptions: list[str]) -> list[Any] | None:
+        """The first of ``descriptions`` reachable from process ``pid``'s
+        keyrings, with that process's rights (owner, possessor), as the
+        kernel does for a request.  A user's mount is given only keys found
+        for that user's own processes (no one else can use it without
+        allow_other, and its worker must never hold another user's key)."""
+        caller = identity.caller_of_pid(
+            pid,
+            self.daemon.sessions,
+            self.daemon.service,
+            admin_uid=0 if self.daemon.private_uid is None else None,
+        )
         if caller is None:
+            return None
+        if mount.owner != 0 and caller.uid != mount.owner:
             return None
         svc = self.daemon.service
         for description in descriptions:
@@ -179,13 +402,20 @@ class MountSupervisor:
                 try:
                     serial = svc.request_key(caller, key_type, description)
                     with svc.use_key(caller, serial) as payload:
-                        with self._lock:
-                            given = self._handed_out.setdefault(serial, set())
-                            given.add(mount.mountpoint if mount is not None else "")
+                        if len(mount.finders) >= MAX_FINDERS:  # oldest first
+                            mount.finders.pop(next(iter(mount.finders)))
+                        mount.finders[serial] = caller
                         return [serial, description, payload.reveal()]
                 except OSError:
                     continue
         return None
+
+    @staticmethod
+    def watcher(mount: Mount, serial: int) -> Caller | None:
+        """Who watches key ``serial`` for ``mount``: the process it was found
+        for (possessor, or owner), so the watch needs no right the
+        request did not have."""
+        return mount.finders.pop(serial, None)
 
     def report(self, mount: Mount, event: str, detail: Any) -> None:
         if event in ("ready", "mounted"):
@@ -199,9 +429,25 @@ class MountSupervisor:
             mount.ready.set()
         elif event == "busy":
             mount.busy = detail if isinstance(detail, dict) else {"detail": detail}
+        elif event == "readahead" and isinstance(detail, dict):
+            self._set_readahead(mount, detail.get("device"), detail.get("kb"))
         elif event == "dropped":
             mount.dropped.append(detail if isinstance(detail, dict) else {"detail": detail})
-            log.warning("mount %s dropped data in an emergency: %s", mount.mountpoint, detail)
+            files = detail.get("files") if isinstance(detail, dict) else None
+            count = len(files) if isinstance(files, dict) else "some"
+            log.warning("a mount of uid %d dropped %s files in an emergency", mount.owner, count)
+
+    @staticmethod
+    def _set_readahead(mount: Mount, device: Any, kb: Any) -> None:
+        """A user's worker cannot write its mount's bdi ``read_ahead_kb``
+        (root's only): we do, for the device mountinfo shows at that mount's
+        mount point as a keyfence mount, and nothing else."""
+        if os.geteuid() != 0 or type(kb) is not int or not 0 < kb <= 1 << 20:
+            return
+        if not isinstance(device, str) or device not in _keyfence_devices_at(mount.mountpoint):
+            return
+        with contextlib.suppress(OSError), open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
 
     # -- supervision
 
@@ -211,15 +457,19 @@ class MountSupervisor:
         if not expected:
             mount.state = "dead"
             mount.error = mount.error or f"worker exited with status {code}"
-            log.error("mount worker for %s died (%s)", mount.mountpoint, mount.error)
-            subprocess.run(
-                [_fusermount(), "-uz", mount.mountpoint], capture_output=True, check=False
-            )
+            log.error("mount worker for uid %d died (%s)", mount.owner, mount.error)
+            self._unmount(mount, lazy=True)
         else:
             mount.state = "stopped"
             if code == 0:  # kept only when there is something to read in it
                 with contextlib.suppress(OSError):
                     os.unlink(mount.stderr_path)
+        if mount.pinned_fd is not None:
+            if expected:  # gone already, unless the worker stopped on a signal
+                self._unmount(mount, lazy=True)
+            with contextlib.suppress(OSError):
+                os.close(mount.pinned_fd)
+            mount.pinned_fd = None
         mount.ready.set()
 
     @staticmethod
@@ -235,9 +485,7 @@ class MountSupervisor:
             mounts = [m for m in self._mounts.values() if m.state in ("mounted", "starting")]
         for mount in mounts:
             mount.state = "unmounting"
-            subprocess.run(
-                [_fusermount(), "-u", mount.mountpoint], capture_output=True, check=False
-            )
+            self._unmount(mount)
 
 
 def connection_mount(conn: Connection) -> Mount | None:

@@ -1,0 +1,179 @@
+"""Mount options: a fixed table, in mount(8) style, never raw FUSE strings.
+
+``keyfence mount -o dirty_limit=256M,allow_other,nonempty BACKING MNT``.
+Every option is a name in :data:`OPTIONS` with a parser for its value; the
+result is a :class:`MountRequestOptions` from which the daemon writes the
+worker's command line itself.  Nothing a client sends reaches libfuse's
+option string, so ``-o=-o -o=suid,dev`` is a clear EINVAL, not a mount
+without ``nosuid,nodev`` (issue 11, finding 3).
+
+The older spelling ``-o --dirty-limit=256M`` (one worker flag per ``-o``)
+is read through the same table: leading dashes dropped, dashes made
+underscores.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keyfence.errors import KeyfenceError
+
+__all__ = ["OPTIONS", "MountRequestOptions", "parse_options", "parse_size", "user_allow_other"]
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``64M``, ``1G`` (also with ``iB``/``B``): bytes > 0."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = int(float(number) * _SUFFIXES[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"not a positive size: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 86400 * 365:
+        raise ValueError(f"out of range (0 to one year): {text!r}")
+    return value
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"out of range ({low} to {high}): {text!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    parse: Callable[[str], Any] | None
+    """None: a flag (no value)."""
+    worker_flag: str | None
+    """The worker's command-line flag, or None for an option the daemon uses."""
+    help: str
+
+
+OPTIONS: dict[str, _Option] = {
+    "dirty_limit": _Option(
+        "dirty_limit", parse_size, "--dirty-limit", "dirty plaintext the cache may hold (64M)"
+    ),
+    "dirty_expire": _Option(
+        "dirty_expire", _seconds, "--dirty-expire", "seconds before dirty pages are written (5)"
+    ),
+    "attr_timeout": _Option(
+        "attr_timeout", _seconds, "--attr-timeout", "seconds the kernel may cache attributes (1)"
+    ),
+    "readahead_kb": _Option(
+        "readahead_kb", _count(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"
+    ),
+    "max_tasks": _Option(
+        "max_tasks", _count(1, 1024), "--max-tasks", "concurrent FUSE requests served (64)"
+    ),
+    "writeback_cache": _Option(
+        "writeback_cache", None, "--writeback-cache", "let the kernel cache writes too"
+    ),
+    "debug": _Option("debug", None, "--debug", "log every request (root's mounts only)"),
+    "allow_other": _Option(
+        "allow_other", None, None, "other users may use the mount (fuse.conf user_allow_other)"
+    ),
+    "nonempty": _Option("nonempty", None, None, "mount over a directory that has files"),
+}
+
+
+@dataclass
+class MountRequestOptions:
+    dirty_limit: int | None = None
+    dirty_expire: float | None = None
+    attr_timeout: float | None = None
+    readahead_kb: int | None = None
+    max_tasks: int | None = None
+    writeback_cache: bool = False
+    debug: bool = False
+    allow_other: bool = False
+    nonempty: bool = False
+
+    def worker_args(self) -> list[str]:
+        """The worker's command-line flags for these options (made here, never
+        copied from the request)."""
+        args: list[str] = []
+        for option in OPTIONS.values():
+            value = getattr(self, option.field)
+            if option.worker_flag is None or value is None or value is False:
+                continue
+            args.append(option.worker_flag if value is True else f"{option.worker_flag}={value}")
+        return args
+
+
+def _bad(item: str, why: str) -> KeyfenceError:
+    known = ", ".join(sorted(OPTIONS))
+    return KeyfenceError(errno.EINVAL, f"bad mount option {item!r}: {why} (known: {known})")
+
+
+def parse_options(items: Sequence[str]) -> MountRequestOptions:
+    """Each item is ``name[=value][,name[=value]...]``; the legacy worker-flag
+    spelling (``--dirty-limit=64M``, or ``--dirty-expire`` followed by its
+    value as the next item) is accepted too.  EINVAL with the reason."""
+    result = MountRequestOptions()
+    pending: list[str] = list(items)
+    pending.reverse()
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, str):
+            raise KeyfenceError(errno.EINVAL, "mount options must be strings")
+        legacy = item.startswith("--")
+        parts = [item] if legacy else item.split(",")
+        for part in parts:
+            if not part:
+                continue
+            name, has_value, value = part.lstrip("-").partition("=")
+            name = name.replace("-", "_")
+            option = OPTIONS.get(name)
+            if option is None or (part.startswith("-") and not legacy):
+                raise _bad(part, "not a keyfence mount option")
+            if option.parse is None:
+                if has_value:
+                    raise _bad(part, "takes no value")
+                setattr(result, option.field, True)
+                continue
+            if not has_value:
+                if legacy and pending and not pending[-1].startswith("-"):
+                    value = pending.pop()  # ``--dirty-expire 3``
+                else:
+                    raise _bad(part, "needs a value (name=value)")
+            try:
+                setattr(result, option.field, option.parse(value))
+            except ValueError as err:
+                raise _bad(part, str(err)) from None
+    return result
+
+
+def user_allow_other(conf: str = FUSE_CONF) -> bool:
+    """Whether /etc/fuse.conf lets users ask for ``allow_other`` (a line
+    ``user_allow_other`` by itself), as fusermount3 decides."""
+    try:
+        with open(conf, errors="replace") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False

@@ -1,0 +1,48 @@
+"""The shipped systemd units are valid (`systemd-analyze verify`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import keyfence
+
+UNITS = Path(keyfence.__file__).parent / "data" / "systemd"
+_VERIFY = shutil.which("systemd-analyze")
+
+
+def _installed(tmp: Path, directory: Path) -> list[str]:
+    """The units of ``directory`` copied to ``tmp`` with ExecStart pointing
+    at this venv's keyfence (verify checks the binary exists)."""
+    keyfence_bin = shutil.which("keyfence") or str(Path(sys.executable).parent / "keyfence")
+    paths = []
+    for unit in sorted(directory.glob("keyfence.*")):
+        target = tmp / unit.name
+        target.write_text(unit.read_text().replace("/usr/bin/keyfence", keyfence_bin))
+        paths.append(str(target))
+    return paths
+
+
+@pytest.mark.skipif(_VERIFY is None, reason="systemd-analyze is missing (apt-get install systemd)")
+@pytest.mark.parametrize("scope", ["system", "user"])
+def test_units_verify(tmp_path: Path, scope: str) -> None:
+    directory = UNITS if scope == "system" else UNITS / "user"
+    units = _installed(tmp_path, directory)
+    assert len(units) == 2
+    argv = [str(_VERIFY), "verify", "--man=no", *(["--user"] if scope == "user" else []), *units]
+    # %t (the user's runtime directory) must resolve for a user unit
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.strip() == "", done.stderr
+
+
+def test_units_are_package_data() -> None:
+    names = {p.name for p in UNITS.rglob("keyfence.*")}
+    assert names == {"keyfence.service", "keyfence.socket"}
+    assert (UNITS / "user" / "keyfence.service").exists()
