@@ -100,7 +100,7 @@ def test_lock_from_another_session_finds_the_key(
         assert "Unlocked: Yes" in status.stdout, status.stdout
         lock = session_sh(daemon, f"keyfence lock {home}")
         assert lock.returncode == 0, lock.stderr
-        assert "is now locked" in lock.stdout
+        assert f"{home}: locked" in lock.stdout
         status = session_sh(daemon, f"keyfence status {home}")
         assert "Unlocked: No" in status.stdout
         again = session_sh(daemon, f"keyfence lock {home}")

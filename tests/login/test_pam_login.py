@@ -219,7 +219,7 @@ def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSe
             start_new_session=True,
         )
         assert mine.returncode == 0, mine.stderr
-        assert "is now locked" in mine.stdout
+        assert f"{s.home}: locked" in mine.stdout
         assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
     finally:
         go.touch()

@@ -219,7 +219,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         return 1
     if status.get("busy_files"):
         return _incompletely_locked(path, status)
-    print(f'"{path}" is now locked.')
+    print(f"{path}: locked")
     return 0
 
 
@@ -307,7 +307,7 @@ def _report_unlocked(path: str) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f'"{path}" is now unlocked and ready for use.')
+    print(f"{path}: unlocked")
     return 0
 
 
