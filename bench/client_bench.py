@@ -6,7 +6,10 @@
 1. Operations per second through ``keyfence.client`` against a real daemon
    process (add, search hit, read), beside the same operations as raw
    syscalls to the kernel (tests/oracle/kernel.py, ctypes) in the same run.
-2. Wall time of one ``kfctl show @s`` beside Debian's ``keyctl show @s``,
+2. Total read throughput with 1, 2 and 4 client processes, one connection
+   each (it should grow with connections up to the core count: the daemon's
+   loop answers reads without a thread hop, the clients run in parallel).
+3. Wall time of one ``kfctl show @s`` beside Debian's ``keyctl show @s``,
    median of repeated runs (aim: kfctl under 40 ms).
 
 Every figure is a median of repetitions from this one run; compare ratios.
@@ -87,6 +90,48 @@ def kernel_rates(n: int, reps: int) -> dict[str, list[float]]:
     return dict(json.loads(out.stdout))
 
 
+SCALING_CHILD = """
+import sys, time
+sys.path.insert(0, {src!r})
+from keyfence.client import Client
+c = Client.connect({sock!r}, autostart=False)
+key = c.add_key("user", "scale", b"12345678", -3)
+print("ready", flush=True)
+sys.stdin.readline()
+n, end = 0, time.perf_counter() + {seconds}
+while time.perf_counter() < end:
+    for _ in range(100):
+        c.read(key)
+    n += 100
+print(n / {seconds}, flush=True)
+"""
+
+
+def scaling(sock: str, seconds: float, counts: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
+    """Total read ops/s with ``count`` client processes reading at once."""
+    out = {}
+    code = SCALING_CHILD.format(src=str(ROOT / "src"), sock=sock, seconds=seconds)
+    for count in counts:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            for _ in range(count)
+        ]
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        for child in children:  # all start together
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        out[count] = sum(float(child.communicate()[0]) for child in children)
+    return out
+
+
 def wall_times(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
     times = []
     for _ in range(runs):
@@ -108,6 +153,7 @@ def main() -> int:
         with Client.connect(daemon.socket, autostart=False) as client:
             client.get_keyring_id(S, True)
             rounds["client"] = ops_per_second(client, n, reps)
+        figures["scaling"] = scaling(daemon.socket, 1.0 if args.quick else 5.0)
         rounds["kernel"] = kernel_rates(n, reps)
         figures["client"] = medians(rounds["client"])
         figures["kernel"] = medians(rounds["kernel"])
@@ -123,6 +169,9 @@ def main() -> int:
     for op in ("add", "search", "read"):
         c, k = figures["client"][op], figures["kernel"][op]
         print(f"| {op} | {c:,.0f} | {k:,.0f} | {k / c:.1f}x |")
+    print(f"\ntotal read ops/s by client processes (cores: {os.cpu_count()}):")
+    for count, total in figures["scaling"].items():
+        print(f"  {count} connection(s): {total:,.0f}")
     if "kfctl_ms" in figures:
         kf = statistics.median(figures["kfctl_ms"])
         kc = statistics.median(figures["keyctl_ms"])
@@ -156,6 +205,16 @@ def schema_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                     higher_is_better=True,
                 )
             )
+    for count, total in figures["scaling"].items():
+        rows.append(
+            result(
+                "total reads, concurrent connections",
+                f"client x{count}",
+                "ops/s",
+                [total],
+                higher_is_better=True,
+            )
+        )
     if "kfctl_ms" in figures:
         for system in ("kfctl", "keyctl"):
             rows.append(

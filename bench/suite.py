@@ -87,6 +87,12 @@ BENCHES = (
     Bench("keys", "keys_bench.py", 1800, "keyring model vs kernel syscalls, 1k-100k keys, memory"),
     Bench("notify", "notify_bench.py", 1200, "fences: what synchronous watchers cost a removal"),
     Bench("client", "client_bench.py", 900, "client round trips through the daemon vs the kernel"),
+    Bench(
+        "daemon-attack",
+        "daemon_attack.py",
+        1800,
+        "root's latency while an unprivileged uid attacks; 100k-frame wire fuzz from one",
+    ),
     Bench("kfctl", "kfctl_bench.py", 900, "one kfctl process vs one keyctl process vs a syscall"),
     Bench("fs-compare", "fs_compare.py", 5400, "keyfence vs gocryptfs vs ext4+fscrypt vs disk"),
     Bench("fs-everyday", "fs_everyday.py", 3600, "tar, find, grep, git, rm, sqlite, fio vs peers"),

@@ -2,9 +2,10 @@
 checked by `make lint`) and no module imports itself back through others.
 
 A cycle means two modules are really one, or that a shared contract
-(``internal.h`` in the kernel's words) is missing between them.  The cycles
-below predate this test and are being taken apart (issue 15); the list may
-only shrink.
+(``internal.h`` in the kernel's words) is missing between them.  Imports
+made only for the type checker count: they are the same dependency.  The
+cycles below predate this test and are being taken apart (issue 15); the
+list may only shrink.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ KNOWN_CYCLES: list[set[str]] = [
         "keyfence.keys.process_keys",
     },
     {"keyfence.keys.gc", "keyfence.keys.keyctl"},
-    {"keyfence.server.daemon", "keyfence.server.mounts"},
+    # the daemon's parts see the Daemon through type-only imports
+    {
+        "keyfence.server.connection",
+        "keyfence.server.daemon",
+        "keyfence.server.loop",
+        "keyfence.server.mounts",
+        "keyfence.server.optable",
+    },
 ]
 
 

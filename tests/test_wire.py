@@ -58,3 +58,43 @@ def test_bad_bytes_are_wire_errors(data: bytes) -> None:
 def test_nesting_is_bounded() -> None:
     with pytest.raises(wire.WireError):
         wire.unpack(b"\x91" * 100 + b"\xc0")
+
+
+def test_one_set_of_constants_and_fields() -> None:
+    """The client's views of the messages, the daemon's structs and wire.py
+    agree (protocol.py also checks its structs against wire.FIELDS when it
+    is imported)."""
+    from keyfence import client
+
+    assert protocol.PROTOCOL_VERSION == client.PROTOCOL_VERSION == wire.PROTOCOL_VERSION
+    assert protocol.MAX_FRAME == wire.MAX_FRAME and protocol.EVENT_BITS is wire.EVENT_BITS
+    assert set(client.Welcome.__slots__) == set(wire.FIELDS["welcome"])
+    assert set(client.PendingWatcher.__slots__) == set(wire.FIELDS["pending"])
+    assert set(client.RemovalStatus.__slots__) == set(wire.FIELDS["status"]) - {"id"}
+    note = set(client.RemoteNotification.__slots__)
+    assert note - {"_client", "_seq"} == set(wire.FIELDS["event"]) - {"seq", "ack"}
+
+
+def test_frame_reader_and_split_frames_agree_with_encode() -> None:
+    import socket
+
+    messages = [
+        protocol.Reply(id=i, value=b"x" * size) for i, size in enumerate([0, 10, 70_000, 3])
+    ]
+    data = b"".join(protocol.encode(m) for m in messages)
+    buffer = bytearray(data[:-5])
+    bodies, used, error = wire.split_frames(buffer)
+    assert error is None and [protocol.decode(b) for b in bodies] == messages[:3]
+    wire.consume(buffer, used)
+    buffer += data[-5:]
+    bodies, used, error = wire.split_frames(memoryview(buffer), limit=1)
+    assert [protocol.decode(b) for b in bodies] == messages[3:] and used == len(buffer)
+    assert wire.split_frames(b"\x00\x00\x00\x01x\xff\xff\xff\xff")[1:][1] is not None
+    a, b = socket.socketpair()
+    with a, b:
+        reader = wire.FrameReader(b)
+        a.sendall(data)
+        a.shutdown(socket.SHUT_WR)
+        got = [reader.read() for _ in messages]
+        assert [g["id"] for g in got if g is not None] == [0, 1, 2, 3]
+        assert reader.read() is None

@@ -19,7 +19,7 @@ import _socket  # not socket: its enum and selectors cost start-up time
 import errno
 import os
 
-from keyfence import paths, wire
+from keyfence import paths, socket_trust, wire
 from keyfence.errors import KeyfenceError
 
 TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the name
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = wire.PROTOCOL_VERSION
 ALL_EVENTS = wire.ALL_EVENTS
 
 
@@ -148,6 +148,7 @@ class Welcome:
 class Client:
     def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
+        self._frames = wire.FrameReader(sock)
         self.welcome = Welcome(welcome)
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
@@ -177,21 +178,43 @@ class Client:
     ) -> Client:
         """Connect (starting a daemon if none answers and autostart is allowed).
 
+        ``path``: a socket of the caller's choosing; else as
+        :func:`keyfence.paths.locate` says.  ``autostart``: None starts a
+        daemon only at the default per-user (or, for root, system) socket,
+        unless ``KEYFENCE_NO_AUTOSTART=1``; an explicit path or
+        ``$KEYFENCE_SOCKET`` that does not answer is an error unless
+        ``autostart=True``.  Before a byte is sent the server must be root
+        or ourselves (docs/security.md, "which socket a client trusts").
+
         Errors: ENOENT/ECONNREFUSED with an explanation when no daemon
-        answers; EPROTONOSUPPORT on a version mismatch.
+        answers; EACCES (ELOOP, ENOTDIR) when the socket or its directory
+        is not one we can trust; EPROTONOSUPPORT on a version mismatch.
         """
-        path = path or paths.default_socket()
+        place = paths.locate(path)
         if autostart is None:
-            autostart = paths.autostart_allowed()
+            autostart = place.kind != paths.EXPLICIT and paths.autostart_allowed()
         try:
-            sock = _open(path)
+            if place.private_dir is not None:
+                socket_trust.check_private_dir(place.private_dir)
+            sock = _open(place.path)
         except (FileNotFoundError, ConnectionRefusedError) as err:
             if not autostart:
+                hint = "start one: keyfence daemon"
+                if place.kind == paths.EXPLICIT:
+                    hint = f"check {place.source}, or start one there: keyfence daemon"
                 raise KeyfenceError(
                     err.errno or errno.ECONNREFUSED,
-                    f"no keyfence daemon answers at {path} (start one: keyfence daemon)",
+                    f"no keyfence daemon answers at {place.path} ({hint})",
                 ) from None
-            sock = _start_daemon(path, timeout)
+            sock = _start_daemon(place, timeout)
+        except KeyfenceError:
+            raise
+        except OSError as err:
+            raise KeyfenceError(
+                err.errno or errno.EIO,
+                f"cannot reach a keyfence daemon at {place.path} ({place.source})",
+            ) from None
+        socket_trust.check_server(sock, place.path, root_only=place.root_only)
         try:
             try:  # noqa: SIM105 - contextlib costs start-up time
                 sock.sendall(
@@ -276,12 +299,15 @@ class Client:
         except OSError as err:
             self._pending.pop(request_id, None)
             raise KeyfenceError(errno.ENOTCONN, f"lost the daemon: {err}") from None
+        except UnicodeEncodeError:  # a name from argv that is not UTF-8: the wire carries text
+            self._pending.pop(request_id, None)
+            raise KeyfenceError(errno.EINVAL, "a name or description that is not UTF-8") from None
 
     def _receive_until(self, pending: _Pending) -> None:
         """No reader thread: read the socket ourselves until our reply."""
         while not pending.done:
             try:
-                message = wire.read(self._sock)
+                message = self._frames.read()
             except (OSError, wire.WireError):
                 message = None
             if message is None:
@@ -292,7 +318,7 @@ class Client:
     def _read_loop(self) -> None:
         try:
             while True:
-                message = wire.read(self._sock)
+                message = self._frames.read()
                 if message is None:
                     break
                 self._route(message)
@@ -539,16 +565,30 @@ def _open(path: str) -> _socket.socket:
     return sock
 
 
-def _start_daemon(path: str, timeout: float) -> _socket.socket:
-    """Start a detached daemon for ``path`` and connect to it."""
+def _start_daemon(place: paths.SocketPlace, timeout: float) -> _socket.socket:
+    """Start a detached daemon for ``place`` and connect to it.
+
+    Its directory is created with mode 0700 and checked (ours, 0700, not a
+    symlink) before the log file is written into it: never a directory
+    someone else made."""
     import subprocess
     import sys
     import time
 
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    log_path = path + ".log"
-    with open(log_path, "ab") as log:
+    path = place.path
+    directory = place.private_dir or os.path.dirname(path) or "."
+    try:
+        socket_trust.make_private_dir(directory)
+        log_path = path + ".log"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        log = os.open(log_path, flags, 0o600)
+    except KeyfenceError:
+        raise
+    except OSError as err:
+        raise KeyfenceError(
+            err.errno or errno.EIO, f"cannot start a keyfence daemon at {path}"
+        ) from None
+    try:
         # the daemon binds, forks and its parent exits: nothing to reap here
         subprocess.run(
             [sys.executable, "-m", "keyfence.cli.main", "daemon", "--detach", "--socket", path],
@@ -559,6 +599,10 @@ def _start_daemon(path: str, timeout: float) -> _socket.socket:
             timeout=timeout,
             check=False,
         )
+    except subprocess.TimeoutExpired:
+        pass  # it may still come up: wait for the socket below
+    finally:
+        os.close(log)
     deadline = time.monotonic() + timeout
     while True:
         try:

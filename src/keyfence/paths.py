@@ -1,28 +1,90 @@
-"""Where the daemon's socket is (DESIGN.md, "Processes").
+"""Where the daemon's socket is (DESIGN.md, "Processes"; docs/security.md).
 
-``$KEYFENCE_SOCKET`` if set; else the system daemon's ``/run/keyfence/sock``
-when it exists (it serves every user, as the kernel does) or when we are
-root; else a private per-user daemon at ``$XDG_RUNTIME_DIR/keyfence/sock``
-(``/tmp/keyfence-UID/sock`` without a runtime directory).
+1. ``$KEYFENCE_SOCKET`` (or a path a caller gives): *explicit*.  If no
+   daemon answers there it is an error, never a daemon started in its
+   place (a mistyped variable must not start a stray daemon); ``keyfence
+   daemon`` starts one there when asked.
+2. The system daemon's ``/run/keyfence/sock`` (``$KEYFENCE_SYSTEM_SOCKET``
+   where it is elsewhere) when it exists, or when we are root: trusted only
+   if the server is root.
+3. Else a private per-user daemon at ``$XDG_RUNTIME_DIR/keyfence/sock``; the
+   runtime directory must be ours, mode 0700 and not a symlink.  Without
+   ``XDG_RUNTIME_DIR``: ``/run/user/UID`` when logind made it, else
+   ``/tmp/keyfence-UID``, a directory the client creates with mode 0700 and
+   refuses if anyone else made it first.
+
+The client checks every server's peer credentials in any case
+(:mod:`keyfence.socket_trust`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+
+from keyfence import socket_trust
+from keyfence.errors import KeyfenceError
 
 SYSTEM_SOCKET = "/run/keyfence/sock"
 
+EXPLICIT = "explicit"
+SYSTEM = "system"
+USER = "user"
 
-def default_socket() -> str:
+
+class SocketPlace:
+    """A socket path, how it was chosen, and what may be trusted there."""
+
+    __slots__ = ("kind", "path", "private_dir", "source")
+
+    def __init__(self, path: str, kind: str, source: str, private_dir: str | None = None) -> None:
+        self.path = path
+        self.kind = kind
+        """EXPLICIT, SYSTEM or USER."""
+        self.source = source
+        """Where the path came from, for messages ("$KEYFENCE_SOCKET")."""
+        self.private_dir = private_dir
+        """USER: the per-user directory to check (and create to autostart)."""
+
+    @property
+    def root_only(self) -> bool:
+        """Only a root server may answer here (the system daemon)."""
+        return self.kind == SYSTEM and os.geteuid() != 0
+
+
+def locate(path: str | None = None) -> SocketPlace:
+    """Where to find the daemon; KeyfenceError if ``$XDG_RUNTIME_DIR`` is
+    not a directory we can trust."""
+    if path:
+        return SocketPlace(path, EXPLICIT, "the socket path given")
     env = os.environ.get("KEYFENCE_SOCKET")
     if env:
-        return env
-    if os.path.exists(SYSTEM_SOCKET) or os.geteuid() == 0:
-        return SYSTEM_SOCKET
+        return SocketPlace(env, EXPLICIT, "$KEYFENCE_SOCKET")
+    system = os.environ.get("KEYFENCE_SYSTEM_SOCKET") or SYSTEM_SOCKET
+    if os.path.exists(system) or os.geteuid() == 0:
+        return SocketPlace(system, SYSTEM, "the system daemon")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return os.path.join(runtime, "keyfence", "sock")
-    return f"/tmp/keyfence-{os.geteuid()}/sock"
+        try:
+            socket_trust.check_private_dir(runtime, "$XDG_RUNTIME_DIR")
+        except FileNotFoundError:
+            raise KeyfenceError(
+                errno.ENOENT, f"$XDG_RUNTIME_DIR {runtime} does not exist"
+            ) from None
+    else:
+        logind = f"/run/user/{os.geteuid()}"
+        if os.path.isdir(logind):
+            socket_trust.check_private_dir(logind, "runtime directory")
+            runtime = logind
+    directory = os.path.join(runtime, "keyfence") if runtime else f"/tmp/keyfence-{os.geteuid()}"
+    return SocketPlace(
+        os.path.join(directory, "sock"), USER, "the per-user daemon", private_dir=directory
+    )
+
+
+def default_socket() -> str:
+    """The socket ``keyfence daemon`` serves when given none."""
+    return locate().path
 
 
 def autostart_allowed() -> bool:

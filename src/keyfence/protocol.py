@@ -15,24 +15,23 @@ for the client's watches.  An event of a synchronous watch in the
 sends :class:`Ack` for its ``seq`` (or drops the connection, which counts
 as done); meanwhile the client may send :class:`Progress`.
 
-This module imports nothing of keyfence, so clients start fast.
+Framing, the protocol version, the frame limit, the event bits and each
+message's field names are defined once, in :mod:`keyfence.wire` (which the
+lean client imports instead of this module); the structs here must match
+:data:`keyfence.wire.FIELDS`, checked when this module is imported.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 from typing import Any
 
 import msgspec
 
-from keyfence.wire import ALL_EVENTS, EVENT_BITS, MAX_FRAME, recv_exact
+from keyfence import wire
+from keyfence.wire import ALL_EVENTS, EVENT_BITS, MAX_FRAME, PROTOCOL_VERSION
 
-__all__ = ["ALL_EVENTS", "EVENT_BITS", "MAX_FRAME"]
-
-PROTOCOL_VERSION = 1
-
-_LENGTH = struct.Struct(">I")
+__all__ = ["ALL_EVENTS", "EVENT_BITS", "MAX_FRAME", "PROTOCOL_VERSION"]
 
 
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
@@ -132,6 +131,30 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
+def _check_fields() -> None:
+    """The structs say what keyfence.wire.FIELDS says (the lean client's view)."""
+    structs: list[type[msgspec.Struct]] = [
+        Hello,
+        Welcome,
+        Request,
+        Reply,
+        Error,
+        RemovalStatus,
+        Event,
+        Ack,
+        Progress,
+    ]
+    for struct in structs:
+        tag = struct.__struct_config__.tag
+        if wire.FIELDS.get(str(tag)) != struct.__struct_fields__:
+            raise AssertionError(f"protocol.{struct.__name__} does not match wire.FIELDS")
+    if wire.FIELDS["pending"] != Pending.__struct_fields__:
+        raise AssertionError("protocol.Pending does not match wire.FIELDS")
+
+
+_check_fields()
+
+
 class ProtocolError(Exception):
     """The peer sent something that is not a valid frame or message."""
 
@@ -142,10 +165,8 @@ class ProtocolError(Exception):
 
 
 def encode(message: Message) -> bytes:
-    body = _encoder.encode(message)
-    if len(body) > MAX_FRAME:
-        raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
-    return _LENGTH.pack(len(body)) + body
+    """One frame; ValueError if the message is too large for one."""
+    return wire.framed(_encoder.encode(message))
 
 
 def decode(body: bytes) -> Message:
@@ -161,17 +182,11 @@ def decode(body: bytes) -> Message:
 
 
 def read_frame(sock: socket.socket) -> bytes | None:
-    """One frame's body; None at a clean end of stream."""
-    header = recv_exact(sock, _LENGTH.size)
-    if header is None:
-        return None
-    (size,) = _LENGTH.unpack(header)
-    if size > MAX_FRAME:
-        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME}", fatal=True)
-    body = recv_exact(sock, size)
-    if body is None:
-        raise ProtocolError("connection closed inside a frame", fatal=True)
-    return body
+    """One frame's body, read blocking; None at a clean end of stream."""
+    try:
+        return wire.read_body(sock)
+    except wire.WireError as err:
+        raise ProtocolError(str(err), fatal=True) from None
 
 
 def read_message(sock: socket.socket) -> Message | None:

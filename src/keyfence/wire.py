@@ -1,12 +1,16 @@
-"""A lean msgpack codec and framing for clients that must start fast.
+"""The wire's one framing and one set of constants, and a lean msgpack codec.
 
-The daemon decodes with msgspec, which validates every message against the
-structs in :mod:`keyfence.protocol`; importing msgspec costs a command-line
-client about 10 ms, a quarter of its budget.  Clients therefore encode and
-decode here, in plain Python, the subset msgpack the protocol uses (nil,
-bool, int, float, str, bin, array, map) -- messages are dicts whose
-``"type"`` is the struct's tag, exactly as msgspec lays tagged structs out.
-tests/test_wire.py checks both directions against msgspec.
+Everything both ends of a connection must agree on lives here, once:
+:data:`PROTOCOL_VERSION`, :data:`MAX_FRAME`, the frame header, the event
+bits, and the fields of each message (:data:`FIELDS`, which the msgspec
+structs of :mod:`keyfence.protocol` are checked against when it is
+imported).  The daemon decodes message bodies with msgspec, which validates
+them; importing msgspec costs a command-line client about 10 ms, a quarter
+of its budget.  Clients therefore encode and decode here, in plain Python,
+the subset of msgpack the protocol uses (nil, bool, int, float, str, bin,
+array, map) -- messages are dicts whose ``"type"`` is the struct's tag,
+exactly as msgspec lays tagged structs out.  tests/test_wire.py checks both
+directions against msgspec.
 """
 
 from __future__ import annotations
@@ -17,8 +21,42 @@ TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the na
 if TYPE_CHECKING:
     import _socket
 
+PROTOCOL_VERSION = 1
+
 MAX_FRAME = 2 * 1024 * 1024
 """Big enough for the largest add_key payload (1 MiB - 1) with room to spare."""
+
+HEADER_SIZE = 4
+"""A frame: a 4-byte big-endian body length, then the msgpack body."""
+
+FIELDS: dict[str, tuple[str, ...]] = {
+    "hello": ("version", "client"),
+    "welcome": ("version", "server", "pid", "uid", "gid", "session"),
+    "req": ("id", "op", "args", "timeout", "emergency", "progress"),
+    "reply": ("id", "value"),
+    "error": ("id", "errno", "message"),
+    "status": ("id", "op", "removal", "keys", "elapsed", "pending"),
+    "event": (
+        "watch",
+        "seq",
+        "key",
+        "event",
+        "aux",
+        "op",
+        "uid",
+        "pid",
+        "phase",
+        "emergency",
+        "removal",
+        "description",
+        "ack",
+    ),
+    "ack": ("seq", "errno", "message"),
+    "progress": ("seq", "remaining_bytes", "note"),
+    "pending": ("watcher", "key", "remaining_bytes", "note"),
+}
+"""Each message's fields by tag (``pending``: the untagged entries of a
+status).  keyfence.protocol's structs must have exactly these, in order."""
 
 EVENT_BITS: dict[str, int] = {
     "inst": 0x001,
@@ -250,11 +288,57 @@ def _map(data: bytes, pos: int, n: int, depth: int) -> tuple[dict[object, object
 # -- framing
 
 
-def frame(message: dict[str, object]) -> bytes:
-    body = pack(message)
+def framed(body: bytes) -> bytes:
+    """``body`` with its header; ValueError if it is too large for a frame."""
     if len(body) > MAX_FRAME:
         raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
     return _I.pack(len(body)) + body
+
+
+def frame(message: dict[str, object]) -> bytes:
+    return framed(pack(message))
+
+
+def body_size(header: bytes | bytearray | memoryview, offset: int = 0) -> int:
+    """The body length a header announces; WireError past MAX_FRAME."""
+    (size,) = _I.unpack_from(header, offset)
+    if size > MAX_FRAME:
+        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    return int(size)
+
+
+def split_frames(
+    data: bytes | bytearray | memoryview, limit: int | None = None
+) -> tuple[list[bytes], int, WireError | None]:
+    """The bodies of the complete frames at the front of ``data`` (at most
+    ``limit``), how many bytes those frames take, and the error, if any,
+    of a header past MAX_FRAME after them (the stream can no longer be
+    trusted from there on).  For readers that receive whatever the socket
+    has (the daemon's event loop); the caller drops what was consumed.
+    """
+    bodies: list[bytes] = []
+    offset = 0
+    end = len(data)
+    error = None
+    while end - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
+        try:
+            size = body_size(data, offset)
+        except WireError as err:
+            error = err
+            break
+        start = offset + HEADER_SIZE
+        if end - start < size:
+            break
+        bodies.append(bytes(data[start : start + size]))
+        offset = start + size
+    return bodies, offset, error
+
+
+def consume(buffer: bytearray, size: int) -> None:
+    """Drop ``size`` bytes off the front of ``buffer``, zeroed first: a
+    payload (a logon key on its way to a mount) must not linger there."""
+    buffer[:size] = bytes(size)
+    del buffer[:size]
 
 
 def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
@@ -268,18 +352,78 @@ def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read(sock: _socket.socket) -> dict[str, object] | None:
-    """The next message as a dict; None at the end of the stream."""
-    header = recv_exact(sock, 4)
+def read_body(sock: _socket.socket) -> bytes | None:
+    """The next frame's body, read blocking; None at a clean end of stream.
+
+    WireError for a header past MAX_FRAME or a stream ending inside a frame.
+    """
+    header = recv_exact(sock, HEADER_SIZE)
     if header is None:
         return None
-    (size,) = _I.unpack(header)
-    if size > MAX_FRAME:
-        raise WireError(f"frame of {size} bytes exceeds {MAX_FRAME}")
-    body = recv_exact(sock, size)
+    body = recv_exact(sock, body_size(header))
     if body is None:
         raise WireError("connection closed inside a frame")
+    return body
+
+
+def read(sock: _socket.socket) -> dict[str, object] | None:
+    """The next message as a dict; None at the end of the stream.
+
+    Reads exactly one frame (nothing beyond it): for a handshake, before a
+    :class:`FrameReader` takes the socket over.
+    """
+    body = read_body(sock)
+    return None if body is None else message_of(body)
+
+
+def message_of(body: bytes) -> dict[str, object]:
     message = unpack(body)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise WireError("a message must be a map with a 'type'")
     return message
+
+
+class FrameReader:
+    """Messages from a blocking socket, with as few recv calls as it can:
+    one recv usually brings a whole reply (header and body), where reading
+    the header and then the body costs two system calls per message.
+
+    It receives into one buffer of its own and zeroes what it has read:
+    a reply may carry a key's payload (a mount worker's lookups), and no
+    copy of it may stay behind in the reader.
+    """
+
+    __slots__ = ("_buffer", "_scratch", "_sock", "_zeros")
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._scratch = memoryview(bytearray(self.CHUNK))
+        self._zeros = memoryview(bytes(self.CHUNK))
+
+    def read(self) -> dict[str, object] | None:
+        """The next message; None at a clean end of stream; WireError."""
+        buffer = self._buffer
+        scratch = self._scratch
+        while True:
+            have = len(buffer)
+            if have >= HEADER_SIZE:
+                want = HEADER_SIZE + body_size(buffer)
+                if have >= want:
+                    body = bytes(buffer[HEADER_SIZE:want])
+                    consume(buffer, want)
+                    return message_of(body)
+            size = self._sock.recv_into(scratch)
+            if not size:
+                if buffer:
+                    raise WireError("connection closed inside a frame")
+                return None
+            try:
+                # the usual case, one whole message: straight from scratch
+                if not buffer and size >= HEADER_SIZE and size == HEADER_SIZE + body_size(scratch):
+                    return message_of(bytes(scratch[HEADER_SIZE:size]))
+                buffer += scratch[:size]
+            finally:
+                scratch[:size] = self._zeros[:size]

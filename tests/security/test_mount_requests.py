@@ -263,6 +263,7 @@ def test_a_user_runs_the_readme_on_their_own_mount(s: Scene) -> None:
     login = s.run(
         USER,
         f"""
+        kfctl new_session >/dev/null  # a login's @s (pam_keyinit's); a shell has none
         mkdir {home}
         keyfence e4crypt add_key -S {SALT} {home}
         echo secret words > {home}/my_file
@@ -313,6 +314,7 @@ def test_a_user_unlocks_a_directory_of_a_shared_root_mount(s: Scene) -> None:
     made = s.run(
         0,
         f"""
+        kfctl new_session >/dev/null  # a login's @s (pam_keyinit's); a shell has none
         mkdir {home}
         keyfence e4crypt add_key -S {SALT} {home}
         echo theirs > {home}/my_file

@@ -339,3 +339,33 @@ def test_inflight_limit(daemon: DaemonProcess) -> None:
         assert isinstance(reply, protocol.Error) and reply.errno == errno.EBUSY
         release.set()
         sock.close()
+
+
+def test_a_client_that_does_not_read_its_events_is_dropped(daemon: DaemonProcess) -> None:
+    """Events pile up for a watcher that never reads; past the output bound
+    (keyfence.server.limits.OUTPUT_LIMIT_BYTES) it is disconnected, and
+    the daemon, and whoever makes the events, never wait for it."""
+    from keyfence.server.limits import OUTPUT_LIMIT_BYTES
+
+    with Client.connect(daemon.socket, autostart=False) as c:
+        description = "d" * 4000  # each event carries it: ~4 KB an event
+        key = c.add_key("user", description, b"0", S)
+        sock = raw(daemon)
+        sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+        assert isinstance(protocol.read_message(sock), protocol.Welcome)
+        sock.sendall(protocol.encode(protocol.Request(1, "watch", [key, 0, False, None])))
+        assert isinstance(protocol.read_message(sock), protocol.Reply)
+        updates = 3 * OUTPUT_LIMIT_BYTES // 4000
+        for i in range(updates):  # each returns at once: nobody waits for the watcher
+            c.update(key, str(i).encode())
+        assert c.ping() == "pong"
+    received = 0
+    sock.settimeout(30)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break  # dropped
+        received += len(chunk)
+        assert received < 2 * OUTPUT_LIMIT_BYTES, "the daemon kept queueing for a non-reader"
+    sock.close()
+    assert received < updates * 4000

@@ -247,7 +247,9 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         return 1
     ref = KeyRef.from_description(ref_text)
     if args.salt is not None:
-        salt = e4.resolve_salt(e4.parse_salt(args.salt))
+        from keyfence.cli.fs_commands import salt_of
+
+        salt = salt_of(args.salt)
     elif ref.kind is KeyKind.E4CRYPT_DESCRIPTOR:
         stored = stored_salt(path)
         if stored is None:

@@ -28,21 +28,53 @@ def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes
     """From the terminal without echo, else the first line of standard input."""
     from keyfence.fs.e4crypt_compat import passphrase_from_input
 
+    if sys.stdin is None:  # started with standard input closed (<&-)
+        raise KeyfenceError(errno.EBADF, "no passphrase: standard input is closed")
     if sys.stdin.isatty():
         return getpass.getpass(prompt).encode()
     print(prompt, file=sys.stderr, flush=True)
-    return passphrase_from_input(sys.stdin.buffer.read(4096))
+    try:
+        data = sys.stdin.buffer.read(4096)
+    except OSError as err:
+        code = err.errno or errno.EIO
+        text = f"reading the passphrase from standard input: {os.strerror(code)}"
+        raise KeyfenceError(code, text) from None
+    if not data:
+        raise KeyfenceError(errno.ENODATA, "no passphrase: standard input is empty")
+    return passphrase_from_input(data)
 
 
-def keyring_id(client: Client, text: str) -> int:
+def salt_of(text: str) -> bytes:
+    """An ``-S`` argument's salt, e4crypt's way; SystemExit (status 1, as
+    e4crypt) with e4crypt's "Invalid salt" or the filesystem's errno."""
+    from keyfence.fs import e4crypt_compat as e4
+
+    try:
+        parsed = e4.parse_salt(text)
+    except e4.SaltError as err:
+        raise SystemExit(f"e4crypt: {err}") from None
+    try:
+        return e4.resolve_salt(parsed)
+    except OSError as err:
+        where = err.filename or text
+        code = err.errno or errno.EIO
+        raise SystemExit(
+            f"e4crypt: cannot read the password salt of {where}: {os.strerror(code)}"
+        ) from None
+
+
+def keyring_id(client: Client | None, text: str) -> int:
     from keyfence.keys.process_keys import SPECIAL_NAMES
 
     if text in SPECIAL_NAMES:
         return SPECIAL_NAMES[text]
     try:
-        return int(text)
+        serial = int(text)
     except ValueError:
         raise SystemExit(f"e4crypt: invalid keyring: {text}") from None
+    if not -(2**31) <= serial < 2**31:  # a key_serial_t
+        raise SystemExit(f"e4crypt: invalid keyring: {text} (out of range)")
+    return serial
 
 
 def default_keyring(client: Client) -> int:
@@ -137,27 +169,30 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     from keyfence.fs import e4crypt_compat as e4
 
     if args.e4command == "add_key":
+        from keyfence.cli import dir_keys
+
         if not validate_paths(args.paths):
             return 1
         for path in args.paths:
             if not on_keyfence_mount(path):  # before any key is added: change nothing
                 _policy_error(path, "-", errno.ENOTTY)
                 return 1
+        if args.salt is None:
+            # the salt stored with a keyfence directory's policy, a new one
+            # for a new directory, else e4crypt's scan of ext4 filesystems
+            salts = dir_keys.salt_for_paths(args.paths) or e4.default_salts()[:1]
+            if not salts:
+                print("e4crypt: No salt values available (give -S)", file=sys.stderr)
+                return 1
+            salt = salts[0]
+        else:
+            salt = salt_of(args.salt)
+        given_ring = keyring_id(None, args.keyring) if args.keyring else None
         with Client.connect() as client:
-            from keyfence.cli import dir_keys
-
-            if args.salt is None:
-                salts = dir_keys.salt_for_paths(args.paths) or e4.default_salts()[:1]
-                if not salts:
-                    print("e4crypt: No salt values available (give -S)", file=sys.stderr)
-                    return 1
-                salt = salts[0]
-            else:
-                salt = e4.resolve_salt(e4.parse_salt(args.salt))
             passphrase = read_passphrase()
             key = e4.derive_key(passphrase, salt)
             desc = e4.descriptor(key)
-            ring = keyring_id(client, args.keyring) if args.keyring else default_keyring(client)
+            ring = default_keyring(client) if given_ring is None else given_ring
             client.add_key("logon", e4.key_description(desc), e4.kernel_payload(key), ring)
             if not args.quiet:
                 print(f"Added key with descriptor [{desc}]")
@@ -212,10 +247,28 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     return 2
 
 
-def resolve_directory(path: str) -> str:
+def nonempty_utf8(path: str, what: str) -> str:
+    """A path argument the daemon can be sent: not empty (realpath("") is
+    the working directory: ``mount '' ''`` mounted over it) and UTF-8."""
+    if not path:
+        raise KeyfenceError(errno.ENOENT, f"{what}: an empty path")
+    return utf8(path, what)
+
+
+def utf8(text: str, what: str) -> str:
+    """``text`` if the daemon can be sent it (the wire carries UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        shown = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        raise KeyfenceError(errno.EINVAL, f"{what} {shown}: not UTF-8") from None
+    return text
+
+
+def resolve_directory(path: str, what: str) -> str:
     """The client resolves a request's paths (symlinks, ``..``) once; the
     daemon then opens exactly these names without following anything."""
-    resolved = os.path.realpath(path)
+    resolved = os.path.realpath(nonempty_utf8(path, what))
     try:
         os.stat(resolved)
     except OSError as err:
@@ -227,16 +280,17 @@ def resolve_directory(path: str) -> str:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    backing = resolve_directory(args.backing)
-    mountpoint = resolve_directory(args.mountpoint)
+    backing = resolve_directory(args.backing, "backing directory")
+    mountpoint = resolve_directory(args.mountpoint, "mount point")
+    options = [utf8(option, "option") for option in args.option or ()]
     with Client.connect() as client:
-        client._call("mount", backing, mountpoint, list(args.option or []))
+        client._call("mount", backing, mountpoint, options)
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     # not stat(): that would ask the mount itself, which may be the stuck one
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = os.path.realpath(nonempty_utf8(args.mountpoint, "mount point"))
     with Client.connect() as client:
         client._call("umount", mountpoint)
     return 0
@@ -274,6 +328,34 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return dir_keys.cmd_unlock(args)
 
 
+SALT_HELP = (
+    "the salt the passphrase is stretched with, as e4crypt(8) reads it: s:TEXT"
+    " (the bytes of TEXT), 0xHEX (lower-case hex bytes), a UUID (its 16 bytes),"
+    " or f:PATH or /PATH (the password salt of the ext4 filesystem holding PATH)."
+    " The same passphrase and salt always give the same key descriptor"
+)
+KEYRING_HELP = (
+    "the keyring to add the key to: @s, @u, @us, @p, @t, @g or a key serial"
+    " number (default: the session keyring @s if there is one, else the user"
+    " session keyring @us, as e4crypt does)"
+)
+PAD_HELP = (
+    "pad encrypted file names to a multiple of PAD bytes, so that names of"
+    " nearby lengths look alike: 4, 8, 16 or 32 (default 16, as e4crypt)"
+)
+
+
+def seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < 1e9:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def add_parsers(sub: Any) -> None:
     mount = sub.add_parser("mount", help="mount BACKING (ciphertext) at MOUNTPOINT")
     mount.add_argument("backing")
@@ -295,24 +377,69 @@ def add_parsers(sub: Any) -> None:
     status.set_defaults(run=cmd_status)
     lock = sub.add_parser("lock", help="flush and remove a directory's key")
     lock.add_argument("path")
-    lock.add_argument("--timeout", type=float, help="give up after SECONDS, key intact")
+    lock.add_argument(
+        "--timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="give up after SECONDS, key intact",
+    )
     lock.add_argument("--emergency", action="store_true", help="wipe now, report what is lost")
     lock.set_defaults(run=cmd_lock)
-    unlock = sub.add_parser("unlock", help="add a directory's key from its passphrase")
-    unlock.add_argument("path")
-    unlock.add_argument("-S", dest="salt")
+    unlock = sub.add_parser(
+        "unlock",
+        help="add a directory's key from its passphrase",
+        description="Derive the key of an e4crypt-style directory from its passphrase"
+        " (read from the terminal, else the first line of standard input) and add it"
+        " to the session keyring @s; the directory's files become readable.",
+    )
+    unlock.add_argument("path", help="an encrypted directory of a keyfence mount")
+    unlock.add_argument("-S", dest="salt", metavar="SALT", help=SALT_HELP + " (required)")
     unlock.set_defaults(run=cmd_unlock)
     e4 = sub.add_parser("e4crypt", help="e4crypt(8)'s commands")
     e4sub = e4.add_subparsers(dest="e4command", required=True)
-    add_key = e4sub.add_parser("add_key")
-    add_key.add_argument("-S", dest="salt")
-    add_key.add_argument("-k", dest="keyring")
-    add_key.add_argument("-v", dest="verbose", action="store_true")
-    add_key.add_argument("-q", dest="quiet", action="store_true")
-    add_key.add_argument("-p", dest="pad", type=int, choices=(4, 8, 16, 32), default=16)
-    add_key.add_argument("paths", nargs="*")
-    set_p = e4sub.add_parser("set_policy")
-    set_p.add_argument("-p", dest="pad", type=int, choices=(4, 8, 16, 32), default=16)
+    add_key = e4sub.add_parser(
+        "add_key",
+        help="derive a key from a passphrase and add it to a keyring",
+        description="Prompt for a passphrase (or read the first line of standard input),"
+        " derive an e4crypt key from it and the salt, add it as logon key"
+        " ext4:DESCRIPTOR and print its descriptor; with PATHs, give those empty"
+        " directories a policy naming it.",
+    )
+    add_key.add_argument(
+        "-S",
+        dest="salt",
+        metavar="SALT",
+        help=SALT_HELP + " (default: the salt of the first mounted ext4 filesystem)",
+    )
+    add_key.add_argument("-k", dest="keyring", metavar="KEYRING", help=KEYRING_HELP)
+    add_key.add_argument(
+        "-v", dest="verbose", action="store_true", help="say which directories got the policy"
+    )
+    add_key.add_argument(
+        "-q", dest="quiet", action="store_true", help="do not print the key's descriptor"
+    )
+    add_key.add_argument(
+        "-p",
+        dest="pad",
+        type=int,
+        choices=(4, 8, 16, 32),
+        default=16,
+        metavar="PAD",
+        help=PAD_HELP,
+    )
+    add_key.add_argument(
+        "paths", nargs="*", metavar="PATH", help="empty directories to encrypt with the key"
+    )
+    set_p = e4sub.add_parser("set_policy", help="encrypt empty directories with a key")
+    set_p.add_argument(
+        "-p",
+        dest="pad",
+        type=int,
+        choices=(4, 8, 16, 32),
+        default=16,
+        metavar="PAD",
+        help=PAD_HELP,
+    )
     set_p.add_argument("policy")
     set_p.add_argument("paths", nargs="+")
     get_p = e4sub.add_parser("get_policy")

@@ -334,6 +334,10 @@ class Kfctl:
         """keyctl's grab_stdin(): all of stdin, at most 1 MiB."""
         chunks = []
         size = 0
+        if sys.stdin is None:  # started with fd 0 closed: keyctl's read(0) fails so
+            import errno
+
+            self.fail("stdin", OSError(errno.EBADF, os.strerror(errno.EBADF)))
         fd = sys.stdin.fileno()
         while size <= STDIN_MAX:
             try:

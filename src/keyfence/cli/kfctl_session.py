@@ -15,6 +15,7 @@ so it forks when it must and relays the child's status.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -84,4 +85,7 @@ def exec_program(argv: list[str], report: Callable[[str], None]) -> NoReturn:
             os.execvp(argv[0], argv)
         except OSError as err:
             report(f"{target}: {os.strerror(err.errno or 0)}\n")
+        except ValueError:  # an empty name or a NUL in it: no such program
+            text = os.strerror(errno.ENOENT)
+            report(f"{target}: {text}\n" if target else f"{text}\n")  # as perror("")
     os._exit(1)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option (the tests enumerate it)."""
+    from keyfence import __version__
+
     parser = argparse.ArgumentParser(prog="keyfence", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s from keyfence-{__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the seed scenario: write, log out, data survives")
     demo.add_argument(
@@ -38,26 +45,29 @@ def main(argv: list[str] | None = None) -> int:
 
     login.add_parser(sub)
     pam.add_parser(sub)
+    return parser
+
+
+def describe_error(err: OSError) -> str:
+    """An OSError as a user reads it: the file it is about, then the
+    kernel's text (a KeyfenceError's message already says both)."""
+    text = err.strerror or os.strerror(err.errno or 0)
+    if err.filename is not None:
+        return f"{err.filename}: {text}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
-        from keyfence.errors import KeyfenceError
-
         try:
             return int(args.run(args))
-        except (KeyfenceError, OSError) as err:
-            print(f"keyfence {args.command}: {err.strerror or err}", file=sys.stderr)
+        except OSError as err:  # KeyfenceError too: errno and a message, never a traceback
+            print(f"keyfence {args.command}: {describe_error(err)}", file=sys.stderr)
             return 1
     if args.command == "daemon":
-        import logging
-
-        from keyfence import paths
-        from keyfence.server.daemon import run_daemon
-
-        logging.basicConfig(level=logging.INFO, format="keyfence daemon: %(message)s")
-        private = True if args.private else False if args.system else None
-        return run_daemon(
-            args.socket or paths.default_socket(), private=private, detach=args.detach
-        )
+        return run_daemon_command(parser, args)
     if args.command == "demo":
         if args.without_fence and (args.model or args.emergency):
             parser.error("--without-fence replays the mount demo; not with --model")
@@ -70,6 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         return demo_mount.run(fenced=not args.without_fence)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def run_daemon_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import logging
+
+    from keyfence import paths
+    from keyfence.server.daemon import run_daemon
+
+    if args.socket == "":
+        parser.error("daemon: --socket: an empty path")
+    private = True if args.private else False if args.system else None
+    try:
+        path = args.socket or paths.default_socket()
+        logging.basicConfig(level=logging.INFO, format="keyfence daemon: %(message)s")
+        return run_daemon(path, private=private, detach=args.detach)
+    except OSError as err:  # the socket's directory: missing, not ours, not a directory
+        where = args.socket or "the default socket"
+        print(f"keyfence daemon: cannot serve {where}: {describe_error(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

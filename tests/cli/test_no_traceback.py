@@ -1,0 +1,330 @@
+"""No command prints a traceback, whatever its arguments and standard input
+(issue 12, finding 6).
+
+Every ``kfctl`` command (enumerated from its command table) and every
+``keyfence`` subcommand (enumerated from its argument parser) runs as a real
+process against a private daemon with a corpus of bad arguments -- too
+few, too many, non-numbers, huge and negative numbers, empty strings, bad
+key specs, bad salts, nonexistent and /proc paths, bytes that are not
+UTF-8 -- and with standard input closed (``<&-``), empty, and
+``/dev/null``.  Each run must end with no "Traceback" anywhere, a message
+on stderr if it failed, and an exit status as keyctl(1) and e4crypt(8)
+use: 0, 1 for a failed operation, 2 for bad usage (kfctl also 3, as
+keyctl's ``supports``).  A hang is a failure too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keyfence.cli import kfctl
+from keyfence.cli.main import build_parser
+from tests.daemon_fixture import DaemonProcess, running_daemon
+
+BAD = [
+    "",
+    "zz",
+    "-1",
+    "1.5",
+    "99999999999999999999",
+    "-99999999999999999999",
+    "0x",
+    "@zz",
+    "%:",
+    "/proc/nope",
+    "/proc/self/mem",
+    "\udcff\udcfe",  # the bytes ff fe: not UTF-8
+]
+"""Each argument position gets each of these."""
+
+SOME_BAD = ["", "zz", "99999999999999999999", "/proc/nope", "\udcff"]
+"""One position at a time, the others plausible."""
+
+POLICY = "0123456789abcdef"
+HANG = 30.0
+"""Seconds before a run counts as hung (generous: the machine is shared)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    argv: tuple[str, ...]
+    stdin: str = "devnull"  # devnull | empty | closed
+
+
+@dataclass
+class Outcome:
+    run: Run
+    code: int | None
+    out: str
+    err: str
+
+    def problem(
+        self, codes: tuple[int, ...], quiet: tuple[int, ...] = (), stdout_ok: bool = False
+    ) -> str | None:
+        shown = " ".join(repr(a) for a in self.run.argv) + f" <{self.run.stdin}"
+        if self.code is None:
+            return f"{shown}: hung (killed after {HANG:.0f} s)"
+        if "Traceback" in self.out + self.err:
+            return f"{shown}: traceback\n{self.err[-1500:]}"
+        if self.code not in codes:
+            return f"{shown}: exit status {self.code}\n{self.err[-500:]}"
+        said = self.err + self.out if stdout_ok else self.err
+        if self.code != 0 and self.code not in quiet and not said.strip():
+            return f"{shown}: exit status {self.code} with nothing on stderr"
+        return None
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch cwd, with ``enc``: a directory carrying a keyfence policy."""
+    path = tmp_path_factory.mktemp("no-traceback")
+    (path / "enc").mkdir()
+    os.setxattr(path / "enc", "user.keyfence.policy", f"ext4:{POLICY}".encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    # started in an empty directory: should a bad mount request ever reach
+    # it as a relative or empty path, nothing that matters is mounted over
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("daemon-cwd"))
+    try:
+        with running_daemon() as d:
+            os.chdir(here)
+            yield d
+    finally:
+        os.chdir(here)
+
+
+def execute(argv: list[str], runs: list[Run], daemon: DaemonProcess, cwd: Path) -> list[Outcome]:
+    env = dict(daemon.env, SHELL="/bin/true", LC_ALL="C.UTF-8")
+
+    def one(run: Run) -> Outcome:
+        stdin: int | None = subprocess.DEVNULL
+        preexec = None
+        data = None
+        if run.stdin == "empty":
+            stdin, data = None, b""
+        elif run.stdin == "closed":
+            stdin, preexec = None, lambda: os.close(0)
+        args = [*argv, *(os.fsencode(a) for a in run.argv)]
+        # output to files, not pipes: a hung run's children cannot hold us
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE if data is not None else stdin,
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=cwd,
+                preexec_fn=preexec,
+                start_new_session=True,
+            )
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                code: int | None = process.wait(HANG)
+            except subprocess.TimeoutExpired:
+                code = None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # and anything it left behind
+            process.wait()
+            out.seek(0)
+            err.seek(0)
+            return Outcome(
+                run, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+            )
+
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(one, runs))
+
+
+def check(
+    outcomes: list[Outcome],
+    codes: tuple[int, ...],
+    quiet: tuple[int, ...] = (),
+    stdout_ok: bool = False,
+) -> None:
+    problems = [p for o in outcomes if (p := o.problem(codes, quiet, stdout_ok)) is not None]
+    assert not problems, f"{len(problems)} of {len(outcomes)} runs:\n" + "\n".join(problems)
+
+
+# -------------------------------------------------------------------- kfctl
+
+KFCTL = [sys.executable, "-m", "keyfence.cli.kfctl"]
+
+PLAUSIBLE = {
+    "key": "@s",
+    "keyring": "@s",
+    "from_keyring": "@s",
+    "to_keyring": "@u",
+    "dest_keyring": "@s",
+    "type": "user",
+    "desc": "kfct-desc",
+    "data": "x",
+    "name": "kfct-ring",
+    "uid": "0",
+    "gid": "0",
+    "mask": "0x3f3f0000",
+    "timeout": "100",
+    "fd": "9",
+    "prog": "/proc/nope",
+}
+
+
+def kfctl_slots(name: str) -> list[str]:
+    """The argument slots of a command's longest keyctl format."""
+    formats = [f for n, f in kfctl.FORMATS if n == name] or [""]
+    words = max((f.split() for f in formats), key=len)
+    return [w.strip("[]<>").rstrip("]") for w in words if w.startswith(("<", "[<"))]
+
+
+def kfctl_runs(name: str) -> list[Run]:
+    slots = kfctl_slots(name)
+    runs = {Run((name,))}
+    for value in BAD:
+        runs.add(Run((name, value)))
+        runs.add(Run((name, *[value] * (len(slots) + 1))))
+    plausible = [PLAUSIBLE.get(slot, "x") for slot in slots]
+    for i in range(len(slots)):
+        for value in SOME_BAD:
+            argv = list(plausible)
+            argv[i] = value
+            runs.add(Run((name, *argv)))
+    if name in kfctl.REMOVAL_COMMANDS:
+        for value in ("-1", "nan", "inf", "zz", ""):
+            runs.add(Run((name, "--timeout", value, *plausible)))
+    for stdin in ("closed", "empty", "devnull"):
+        runs.add(Run((name, *plausible), stdin))
+        runs.add(Run((name, "-x", *plausible), stdin))
+    return sorted(runs, key=repr)
+
+
+@pytest.mark.parametrize("name", sorted(kfctl.COMMANDS))
+def test_kfctl_command(name: str, daemon: DaemonProcess, workdir: Path) -> None:
+    # 3 with nothing said: keyctl's "supports" answering "no"
+    quiet = (3,) if name == "supports" else ()
+    check(execute(KFCTL, kfctl_runs(name), daemon, workdir), (0, 1, 2, 3), quiet)
+
+
+def test_kfctl_without_a_command_or_with_an_unknown_one(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    runs = [Run(()), Run(("nope",)), Run(("",)), Run(("\udcff",)), Run(("--nope",))]
+    check(execute(KFCTL, runs, daemon, workdir), (2,))
+
+
+# ----------------------------------------------------------------- keyfence
+
+KEYFENCE = [sys.executable, "-m", "keyfence.cli.main"]
+
+
+def leaves(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """(command words, parser) of every subcommand that does something."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for sub in subs:
+        for word, child in sub.choices.items():
+            yield from leaves(child, (*path, word))
+
+
+LEAVES = dict(leaves(build_parser()))
+
+
+def plausible_positional(words: tuple[str, ...], dest: str) -> str:
+    if words in (("mount",), ("umount",)):
+        return "/proc/nope"  # never a real mount from this test
+    if dest == "policy":
+        return POLICY
+    return "enc"
+
+
+def keyfence_runs(words: tuple[str, ...]) -> list[Run]:
+    parser = LEAVES[words]
+    positionals = [a for a in parser._actions if not a.option_strings]
+    options = [
+        a
+        for a in parser._actions
+        if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._HelpAction)
+    ]
+    plausible = [plausible_positional(words, a.dest) for a in positionals]
+    runs = {Run(words)}
+    for value in BAD:
+        runs.add(Run((*words, *[value] * max(1, len(positionals)))))
+        runs.add(Run((*words, *[value] * (len(positionals) + 2))))
+        for option in options:
+            runs.add(Run((*words, option.option_strings[0], value, *plausible)))
+            runs.add(Run((*words, option.option_strings[0], value)))
+    for i in range(len(positionals)):
+        for value in SOME_BAD:
+            argv = list(plausible)
+            argv[i] = value
+            runs.add(Run((*words, *argv)))
+    runs.add(Run((*words, "--nope", *plausible)))
+    salts = [["-S", "s:kfct"]] if any(o.dest == "salt" for o in options) else [[]]
+    for stdin in ("closed", "empty", "devnull"):
+        for salt in salts:
+            runs.add(Run((*words, *salt, *plausible), stdin))
+    if words == ("daemon",):
+        # the daemon runs until stopped: only arguments it must refuse
+        bound = "/proc/nope/sock", "/proc/self/mem", "", "/dev/null/sock", "x" * 200 + "/s"
+        return [Run((*words, "--socket", s)) for s in bound] + [
+            Run((*words, "zz")),
+            Run((*words, "--private", "--system", "--socket", "/proc/nope/sock")),
+        ]
+    if words == ("demo",):
+        # the demo runs a whole scenario: only the usage errors
+        return [
+            Run((*words, "zz")),
+            Run((*words, "--model", "--without-fence")),
+            Run((*words, "--emergency", "--without-fence")),
+        ]
+    return sorted(runs, key=repr)
+
+
+@pytest.mark.parametrize("words", sorted(LEAVES), ids=" ".join)
+def test_keyfence_command(words: tuple[str, ...], daemon: DaemonProcess, workdir: Path) -> None:
+    # e4crypt(8) prints its policy errors on stdout ("Error [...] setting policy.")
+    stdout_ok = words[0] == "e4crypt"
+    check(execute(KEYFENCE, keyfence_runs(words), daemon, workdir), (0, 1, 2), stdout_ok=stdout_ok)
+
+
+def test_keyfence_without_a_command_or_with_an_unknown_one(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    runs = [Run(()), Run(("nope",)), Run(("",)), Run(("--nope",)), Run(("e4crypt", "nope"))]
+    check(execute(KEYFENCE, runs, daemon, workdir), (2,))
+
+
+def test_version() -> None:
+    from keyfence import __version__
+
+    for argv, name in ((KFCTL, "kfctl"), (KEYFENCE, "keyfence")):
+        done = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=True)
+        # keyctl's shape: "keyctl from keyutils-1.6.3 (Built 2022-12-18)"
+        assert done.stdout.startswith(f"{name} from keyfence-{__version__}"), done.stdout
+
+
+@pytest.mark.parametrize("words", [("e4crypt", "add_key"), ("unlock",)], ids=" ".join)
+def test_every_option_of_add_key_and_unlock_is_described(words: tuple[str, ...]) -> None:
+    for action in LEAVES[words]._actions:
+        assert action.help and len(action.help) > 15, (words, action.option_strings)
+    done = subprocess.run([*KEYFENCE, *words, "--help"], capture_output=True, text=True, check=True)
+    assert "s:TEXT" in done.stdout and "0xHEX" in done.stdout
