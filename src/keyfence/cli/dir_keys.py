@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from keyfence.client import Client, RemovalStatus
@@ -237,9 +238,13 @@ def _incompletely_locked(path: str, status: dict[str, Any]) -> int:
     return 1
 
 
-def cmd_unlock(args: argparse.Namespace) -> int:
-    from keyfence.cli.fs_commands import read_passphrase
+Passphrase = Callable[..., bytes]
 
+
+def cmd_unlock(
+    args: argparse.Namespace, read_passphrase: Passphrase, salt_of: Callable[[str], bytes]
+) -> int:
+    """``read_passphrase`` and ``salt_of`` are fs_commands' (e4crypt's rules)."""
     path = args.path
     ref_text = policy_of(path)
     if ref_text is None:
@@ -247,8 +252,6 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         return 1
     ref = KeyRef.from_description(ref_text)
     if args.salt is not None:
-        from keyfence.cli.fs_commands import salt_of
-
         salt = salt_of(args.salt)
     elif ref.kind is KeyKind.E4CRYPT_DESCRIPTOR:
         stored = stored_salt(path)
@@ -260,7 +263,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
             return 2
         salt = stored
     else:
-        return _unlock_with_login_protector(path, ref)
+        return _unlock_with_login_protector(path, ref, read_passphrase)
     key = e4.derive_key(read_passphrase(), salt)
     if e4.key_description(e4.descriptor(key)) != ref_text:
         print(f"{path}: wrong passphrase (or salt): the key does not match", file=sys.stderr)
@@ -270,8 +273,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return _report_unlocked(path)
 
 
-def _unlock_with_login_protector(path: str, ref: KeyRef) -> int:
-    from keyfence.cli.fs_commands import read_passphrase
+def _unlock_with_login_protector(path: str, ref: KeyRef, read_passphrase: Passphrase) -> int:
     from keyfence.fs.protector import WrongPassphrase
 
     where = protectors_dir(path)

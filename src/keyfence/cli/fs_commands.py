@@ -325,7 +325,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_unlock(args: argparse.Namespace) -> int:
     from keyfence.cli import dir_keys
 
-    return dir_keys.cmd_unlock(args)
+    return dir_keys.cmd_unlock(args, read_passphrase, salt_of)
 
 
 SALT_HELP = (

@@ -27,21 +27,14 @@ import os
 import pwd
 import stat
 import tomllib
-from dataclasses import dataclass
 
+from keyfence.cli import login_setup
+from keyfence.cli.login_setup import LoginUser
 from keyfence.errors import KeyfenceError
 
 DEFAULT_SYSTEM_DIR = "/etc/keyfence/login"
 USER_CONFIG = os.path.join(".config", "keyfence", "login.toml")
 MAX_CONFIG_SIZE = 65536
-
-
-@dataclass(frozen=True, slots=True)
-class LoginUser:
-    name: str
-    uid: int
-    gid: int
-    home: str
 
 
 def lookup_user(name: str) -> LoginUser:
@@ -144,8 +137,6 @@ def _config_path(user: LoginUser, system: bool, args: argparse.Namespace) -> str
 def cmd_add(args: argparse.Namespace) -> int:
     """Give DIR a login protector and list it (a new empty DIR is encrypted
     with a new random key first, as ``fscrypt encrypt --source=pam_passphrase``)."""
-    from keyfence.cli import login_setup
-
     user, system = _target_user(args)
     path = os.path.abspath(args.dir)
     login_setup.add_login_protector(path, user, kdf_log2_n=args.kdf_cost)
@@ -188,8 +179,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     """Re-wrap DIR's key under a new login passphrase (old one asked)."""
-    from keyfence.cli import login_setup
-
     user, _system = _target_user(args)
     login_setup.change_passphrase(os.path.abspath(args.dir), user, kdf_log2_n=args.kdf_cost)
     print(f"{args.dir}: the new login passphrase opens it")

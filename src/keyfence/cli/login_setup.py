@@ -10,9 +10,9 @@ import errno
 import getpass
 import os
 import sys
+from dataclasses import dataclass
 
 from keyfence.cli import dir_keys
-from keyfence.cli.login import LoginUser
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat as e4
@@ -21,6 +21,16 @@ from keyfence.fs.format import KeyKind, KeyRef
 from keyfence.fs.protector import LoginProtector, ScryptParams, WrongPassphrase
 
 S = -3
+
+
+@dataclass(frozen=True, slots=True)
+class LoginUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
 _lines: list[bytes] | None = None
 
 

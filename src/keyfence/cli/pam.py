@@ -45,7 +45,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from keyfence.cli import dir_keys
-from keyfence.cli.login import LoginUser, login_directories, lookup_user
+from keyfence.cli.login import login_directories, lookup_user
+from keyfence.cli.login_setup import LoginUser
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs.format import FormatError, KeyRef
