@@ -517,6 +517,19 @@ class Client:
     def get_security(self, key_id: int) -> str:
         return str(self._call("get_security", key_id))
 
+    def instantiate(self, key_id: int, payload: bytes | None, keyring: int) -> None:
+        """KEYCTL_INSTANTIATE: only with the authority over ``key_id``."""
+        self._call("instantiate", key_id, payload, keyring)
+
+    def reject(self, key_id: int, timeout: int, error: int, keyring: int) -> None:
+        """KEYCTL_REJECT (KEYCTL_NEGATE is ``error`` ENOKEY)."""
+        self._call("reject", key_id, timeout, error, keyring)
+
+    def assume_authority(self, key_id: int) -> int:
+        """KEYCTL_ASSUME_AUTHORITY: this process (and its children) act for
+        the request-key construction of ``key_id`` (0: give it up)."""
+        return int(self._call("assume_authority", key_id))
+
     def key_users(self) -> list[tuple[int, ...]]:
         """(uid, nkeys, qnkeys, qnbytes, maxkeys, maxbytes), as /proc/key-users."""
         return [tuple(row) for row in self._call("key_users")]

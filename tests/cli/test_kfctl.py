@@ -143,7 +143,7 @@ def run_real(script: str, tmp: Path) -> str:
 class Daemon:
     """A keyfence daemon process on a private socket."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_env: dict[str, str] | None = None) -> None:
         self.socket = str(directory / "sock")
         self.log = directory / "daemon.log"
         self.bin = directory / "bin"
@@ -157,7 +157,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**_base_env(), "PYTHONUNBUFFERED": "1"},
+                env={**_base_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})},
             )
         deadline = time.monotonic() + 30
         while not self._answers():
@@ -620,13 +620,18 @@ def test_missing_or_extra_arguments_print_the_format_and_exit_2(
         (["watch", "-f"], 2, "watch: option requires an argument -- 'f'\nUnknown option\n"),
         (["watch", "@s", "-fq"], 2, "Unknown filter character 'q'\n"),
         (["negate", "1", "x", "@s"], 2, "Unparsable timeout: 'x'\n"),
-        (["instantiate", "1", "d", "@s"], 1, "keyctl_instantiate: Operation not permitted\n"),
-        (["reject", "1", "5", "rejected", "@s"], 1, "keyctl_negate: Operation not permitted\n"),
+        (["reject", "1", "5", "nonsense", "@s"], 2, "Unparsable error: 'nonsense'\n"),
+        (["reject", "1", "x", "rejected", "@s"], 2, "Unparsable timeout: 'x'\n"),
         (["dh_compute", "1", "2", "3"], 1, "keyctl_dh_compute_alloc: Operation not supported\n"),
         (["get_persistent", "@s"], 1, "keyctl_get_persistent: Operation not supported\n"),
         (["pkey_query", "1", "0"], 1, "keyctl_pkey_query: Operation not supported\n"),
         (["restrict_keyring", "@s"], 1, "keyctl_restrict_keyring: Operation not supported\n"),
-        (["watch_add", "3", "@s"], 1, "keyctl_watch_key: Operation not supported\n"),
+        (["watch_session", "a", "b", "2", "true"], 2, "The target fd must be between 3 and 9\n"),
+        (
+            ["watch_session", "-z", "a", "b", "5", "true"],
+            2,
+            "watch_session: invalid option -- 'z'\nUnknown option\n",
+        ),
         (["clear", "@s", "--timeout", "soon"], 2, "Unparsable --timeout: 'soon'\n"),
         (["clear", "@s", "--timeout=-1"], 2, "Unparsable --timeout: '-1'\n"),
         (
@@ -655,7 +660,7 @@ def test_help_and_version(capfd: pytest.CaptureFixture[str]) -> None:
     code, out, err = kfctl_run(["--help"], capfd)
     assert code == 0 and err == "" and out.startswith("Format:\n") and "--emergency" in out
     code, out, err = kfctl_run(["--version"], capfd)
-    assert code == 0 and out.startswith("kfctl from keyfence-") and "keyutils-1.6.3" in out
+    assert code == 0 and out.startswith("keyctl from keyutils-1.6.3 (Built keyfence-")
 
 
 def test_removal_options_are_taken_out_anywhere() -> None:

@@ -306,7 +306,11 @@ def test_request_key_links_into_destination(svc: KeyService, root: Caller) -> No
     assert svc.request_key(root, "user", "k", None, U) == key
     assert key in svc.list_keyring(root, U)
     assert errno_of(svc.request_key, root, "user", "missing") == errno.ENOKEY
+    # with callout info and no request-key handler to run (as on a kernel
+    # that cannot exec /sbin/request-key): ENOENT, and a negative key stays
+    assert errno_of(svc.request_key, root, "user", "missing", "callout") == errno.ENOENT
     assert errno_of(svc.request_key, root, "user", "missing", "callout") == errno.ENOKEY
+    assert errno_of(svc.request_key, root, "user", "missing") == errno.ENOKEY
 
 
 def test_hundred_thousand_keys_in_one_keyring(svc: KeyService, root: Caller) -> None:

@@ -299,6 +299,15 @@ class KernelBackend:
     def search(self, ring: int, type: str, desc: str | None, dest: int) -> int:
         return int(self.call("search", ring, type, desc, dest))
 
+    def instantiate(self, id: int, payload: bytes | None, ring: int) -> None:
+        self.call("instantiate", id, payload, ring)
+
+    def reject(self, id: int, timeout: int, error: int, ring: int) -> None:
+        self.call("reject", id, timeout, error, ring)
+
+    def assume_authority(self, id: int) -> int:
+        return int(self.call("assume_authority", id))
+
     def read(self, id: int) -> bytes:
         data: bytes = self.call("read", id)
         return data
@@ -404,6 +413,9 @@ _SIGNATURES: dict[str, tuple[frozenset[int], int | None, _ResultKind]] = {
     "session_to_parent": (frozenset(), None, "none"),
     "restrict_keyring": (frozenset({0}), None, "none"),
     "capabilities": (frozenset(), None, "plain"),
+    "instantiate": (frozenset({0, 2}), None, "none"),
+    "reject": (frozenset({0, 3}), None, "none"),
+    "assume_authority": (frozenset({0}), None, "key"),
 }
 
 Op = tuple[Any, ...]

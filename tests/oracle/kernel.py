@@ -89,10 +89,14 @@ KEYCTL_LINK = 8
 KEYCTL_UNLINK = 9
 KEYCTL_SEARCH = 10
 KEYCTL_READ = 11
+KEYCTL_INSTANTIATE = 12
+KEYCTL_NEGATE = 13
 KEYCTL_SET_REQKEY_KEYRING = 14
 KEYCTL_SET_TIMEOUT = 15
+KEYCTL_ASSUME_AUTHORITY = 16
 KEYCTL_GET_SECURITY = 17
 KEYCTL_SESSION_TO_PARENT = 18
+KEYCTL_REJECT = 19
 KEYCTL_INVALIDATE = 21
 KEYCTL_RESTRICT_KEYRING = 29
 KEYCTL_MOVE = 30
@@ -239,6 +243,20 @@ def invalidate(id: int) -> None:
 
 def move(id: int, from_ring: int, to_ring: int, flags: int) -> None:
     _keyctl(KEYCTL_MOVE, _int(id), _int(from_ring), _int(to_ring), _int(flags))
+
+
+def instantiate(id: int, payload: bytes | None, ring: int) -> None:
+    plen = 0 if payload is None else len(payload)
+    _keyctl(KEYCTL_INSTANTIATE, _int(id), ctypes.c_char_p(payload), _int(plen), _int(ring))
+
+
+def reject(id: int, timeout: int, error: int, ring: int) -> None:
+    """KEYCTL_REJECT; ``error`` ENOKEY is KEYCTL_NEGATE's."""
+    _keyctl(KEYCTL_REJECT, _int(id), _int(timeout), _int(error), _int(ring))
+
+
+def assume_authority(id: int) -> int:
+    return _keyctl(KEYCTL_ASSUME_AUTHORITY, _int(id))
 
 
 def get_security(id: int) -> str:

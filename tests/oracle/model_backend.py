@@ -131,6 +131,15 @@ class ModelBackend:
     def read(self, id: int) -> bytes:
         return self.svc.read(self.caller, id)
 
+    def instantiate(self, id: int, payload: bytes | None, ring: int) -> None:
+        self.svc.instantiate(self.caller, id, payload, ring)
+
+    def reject(self, id: int, timeout: int, error: int, ring: int) -> None:
+        self.svc.reject(self.caller, id, timeout & 0xFFFFFFFF, error & 0xFFFFFFFF, ring)
+
+    def assume_authority(self, id: int) -> int:
+        return self.svc.assume_authority(self.caller, id)
+
     def set_timeout(self, id: int, seconds: int) -> None:
         self.svc.set_timeout(self.caller, id, seconds)
 

@@ -47,6 +47,9 @@ CLONE_NEWUSER = 0x10000000
 
 OPS: frozenset[str] = frozenset(
     {
+        "instantiate",
+        "reject",
+        "assume_authority",
         "add_key",
         "request_key",
         "get_keyring_id",

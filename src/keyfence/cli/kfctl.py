@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
-from keyfence.cli.kfctl_text import UsageError
+from keyfence.cli.kfctl_text import Exit, UsageError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds
 if TYPE_CHECKING:
@@ -36,78 +36,12 @@ if TYPE_CHECKING:
     from keyfence.client import Client
 
 KEY_SPEC_SESSION_KEYRING = -3
+KEY_SPEC_USER_KEYRING = -4
+KEY_SPEC_USER_SESSION_KEYRING = -5
 KEYCTL_MOVE_EXCL = 0x01
 STDIN_MAX = 1024 * 1024
 """keyctl reads at most 1 MiB of payload from stdin."""
 STDIO_BUFSIZ = 4096
-
-# keyctl's command table, in its order: (name, format).  Commands keyfence
-# does not provide are listed all the same (scripts may parse the text);
-# they fail as the kernel fails when it lacks the feature.
-FORMATS: tuple[tuple[str, str], ...] = (
-    ("--version", ""),
-    ("add", "[-x] <type> <desc> <data> <keyring>"),
-    ("chgrp", "<key> <gid>"),
-    ("chown", "<key> <uid>"),
-    ("clear", "<keyring>"),
-    ("describe", "<keyring>"),
-    ("dh_compute", "<private> <prime> <base>"),
-    ("dh_compute_kdf", "<private> <prime> <base> <len> <hash_name>"),
-    ("dh_compute_kdf_oi", "[-x] <private> <prime> <base> <len> <hash_name>"),
-    ("get_persistent", "<keyring> [<uid>]"),
-    ("id", "<key>"),
-    ("instantiate", "[-x] <key> <data> <keyring>"),
-    ("invalidate", "<key>"),
-    ("link", "<key> <keyring>"),
-    ("list", "<keyring>"),
-    ("move", "[-f] <key> <from_keyring> <to_keyring>"),
-    ("negate", "<key> <timeout> <keyring>"),
-    ("new_session", "[<name>]"),
-    ("newring", "<name> <keyring>"),
-    ("padd", "[-x] <type> <desc> <keyring>"),
-    ("pinstantiate", "[-x] <key> <keyring>"),
-    ("pipe", "<key>"),
-    ("pkey_query", "<key> <pass> [k=v]*"),
-    ("pkey_encrypt", "<key> <pass> <datafile> [k=v]*"),
-    ("pkey_decrypt", "<key> <pass> <datafile> [k=v]*"),
-    ("pkey_sign", "<key> <pass> <datafile> [k=v]*"),
-    ("pkey_verify", "<key> <pass> <datafile> <sigfile> [k=v]*"),
-    ("prequest2", "<type> <desc> [<dest_keyring>]"),
-    ("print", "<key>"),
-    ("pupdate", "[-x] <key>"),
-    ("purge", "<type>"),
-    ("purge", "[-p] [-i] <type> <desc>"),
-    ("purge", "-s <type> <desc>"),
-    ("rdescribe", "<keyring> [sep]"),
-    ("read", "<key>"),
-    ("reap", "[-v]"),
-    ("reject", "<key> <timeout> <error> <keyring>"),
-    ("request", "<type> <desc> [<dest_keyring>]"),
-    ("request2", "<type> <desc> <info> [<dest_keyring>]"),
-    ("restrict_keyring", "<keyring> [<type> [<restriction>]]"),
-    ("revoke", "<key>"),
-    ("rlist", "<keyring>"),
-    ("search", "<keyring> <type> <desc> [<dest_keyring>]"),
-    ("security", "<key>"),
-    ("session", ""),
-    ("session", "- [<prog> <arg1> <arg2> ...]"),
-    ("session", "<name> [<prog> <arg1> <arg2> ...]"),
-    ("setperm", "<key> <mask>"),
-    ("show", "[-x] [<keyring>]"),
-    ("supports", "[<cap> | --raw]"),
-    ("timeout", "<key> <timeout>"),
-    ("unlink", "<key> [<keyring>]"),
-    ("update", "[-x] <key> <data>"),
-    ("watch", "[-f<filters>] <key>"),
-    ("watch_add", "<fd> <key>"),
-    ("watch_rm", "<fd> <key>"),
-    (
-        "watch_session",
-        "[-f<filters>] [-n <name>] <notifylog> <gclog> <fd> <prog> [<arg1> <arg2> ...]",
-    ),
-    ("watch_sync", "<fd>"),
-    ("--test", "..."),
-)
 
 FORMAT_TAIL = """
 Key/keyring ID:
@@ -137,22 +71,10 @@ keyfence additions (kfctl only):
   The daemon's socket: $KEYFENCE_SOCKET (no autostart: KEYFENCE_NO_AUTOSTART=1).
 """
 
-REMOVAL_COMMANDS = frozenset(
-    {"clear", "revoke", "invalidate", "unlink", "move", "timeout", "purge"}
-)
-
-
-class Exit(Exception):
-    """Leave with this status (output already written)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
 
 def usage_text(prog: str) -> str:
     lines = ["Format:\n"]
-    lines.extend(f"  {prog} {name} {fmt}\n" for name, fmt in FORMATS)
+    lines.extend(f"  {prog} {c.name} {usage}\n" for c in TABLE if c.listed for usage in c.usage)
     return "".join(lines) + FORMAT_TAIL
 
 
@@ -273,7 +195,11 @@ class Kfctl:
         found: list[int] = []
         seen: set[int] = set()
         todo: list[int] = []
-        for special in (KEY_SPEC_SESSION_KEYRING, -4, -5):
+        for special in (
+            KEY_SPEC_SESSION_KEYRING,
+            KEY_SPEC_USER_KEYRING,
+            KEY_SPEC_USER_SESSION_KEYRING,
+        ):
             try:
                 todo.append(client.get_keyring_id(special, False))
             except OSError:
@@ -364,13 +290,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _flag(args: list[str], flag: str) -> tuple[bool, list[str]]:
-    """keyctl's leading ``-x`` / ``-v``: only as the first argument."""
-    if args and args[0] == flag:
-        return True, args[1:]
-    return False, args
-
-
 def _removal_options(tool: Kfctl, args: list[str]) -> list[str]:
     """Take keyfence's --timeout/--emergency out of a removal's arguments
     (anywhere before a ``--``, which is dropped)."""
@@ -406,764 +325,154 @@ def _removal_options(tool: Kfctl, args: list[str]) -> list[str]:
     return rest
 
 
-# ---------------------------------------------------------------- commands
-# Each takes the arguments after the command name; argument counts, the
-# order of checks (and so which error wins) follow keyctl.
-
-
-def cmd_version(tool: Kfctl, args: list[str]) -> None:
-    from keyfence import __version__
-
-    tool.out(f"{tool.prog} from keyfence-{__version__} (keyctl of keyutils-1.6.3)\n")
-
-
-def cmd_help(tool: Kfctl, args: list[str]) -> None:
-    tool.out(usage_text(tool.prog) + HELP_EXTRA)
-
-
-def cmd_supports(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import KEYFENCE_CAPS, has_capability, supports_lines
-
-    if len(args) > 1:
-        tool.usage()
-    if not args:
-        tool.out(supports_lines(KEYFENCE_CAPS))
-        return
-    if args[0] == "--raw":
-        tool.out(KEYFENCE_CAPS.hex() + "\n")
-    have = has_capability(KEYFENCE_CAPS, args[0])
-    raise Exit(3 if have is None else 0 if have else 1)
-
-
-def cmd_id(tool: Kfctl, args: list[str]) -> None:
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    try:
-        serial = tool.client.get_keyring_id(key, False)
-    except OSError as err:
-        tool.fail("keyctl_get_keyring_ID", err)
-    tool.out(f"{serial}\n")
-
-
-def cmd_show(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import TreeError, show_tree
-
-    hex_ids, args = _flag(args, "-x")
-    if len(args) > 1:
-        tool.usage()
-    keyring = tool.key(args[0]) if args else KEY_SPEC_SESSION_KEYRING
-    tool.out("Keyring\n" if args else "Session Keyring\n")
-    client = tool.client
-    try:
-        root = client.get_keyring_id(keyring, False)
-    except OSError as err:
-        tool.fail("Unable to dump key", err)
-    try:
-        for line in show_tree(
-            root, client.describe, client.read, tool.granted, _strerror, hex_ids=hex_ids
-        ):
-            tool.out(line)
-    except TreeError as err:
-        tool.fail(err.function, err.error)
-
-
-def _add(tool: Kfctl, key_type: str, description: str, data: bytes | None, dest: int) -> None:
-    try:
-        serial = tool.client.add_key(key_type, description, data, dest)
-    except OSError as err:
-        tool.fail("add_key", err)
-    tool.out(f"{serial}\n")
-
-
-def cmd_add(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import hex2bin
-
-    as_hex, args = _flag(args, "-x")
-    if len(args) != 4:
-        tool.usage()
-    data = os.fsencode(args[2])
-    if as_hex and data:
-        data = hex2bin(data)
-    dest = tool.key(args[3])
-    _add(tool, args[0], args[1], data, dest)
-
-
-def cmd_padd(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import hex2bin
-
-    as_hex, args = _flag(args, "-x")
-    if len(args) != 3:
-        tool.usage()
-    data = tool.stdin_data()
-    if as_hex and data:
-        data = hex2bin(data)
-    dest = tool.key(args[2])
-    _add(tool, args[0], args[1], data, dest)
-
-
-def _request(tool: Kfctl, args: list[str], callout: str | None) -> None:
-    dest = tool.key(args[2]) if len(args) == 3 else 0
-    try:
-        serial = tool.client.request_key(args[0], args[1], callout, dest)
-    except OSError as err:
-        tool.fail("request_key", err)
-    tool.out(f"{serial}\n")
-
-
-def cmd_request(tool: Kfctl, args: list[str]) -> None:
-    if len(args) not in (2, 3):
-        tool.usage()
-    _request(tool, args, None)
-
-
-def cmd_request2(tool: Kfctl, args: list[str]) -> None:
-    if len(args) not in (3, 4):
-        tool.usage()
-    _request(tool, [args[0], args[1], *args[3:]], args[2])
-
-
-def cmd_prequest2(tool: Kfctl, args: list[str]) -> None:
-    if len(args) not in (2, 3):
-        tool.usage()
-    info = tool.stdin_data().split(b"\0", 1)[0].decode("utf-8", "replace")
-    _request(tool, args, info)
-
-
-def _update(tool: Kfctl, key: int, data: bytes) -> None:
-    try:
-        tool.client.update(key, data)
-    except OSError as err:
-        tool.fail("keyctl_update", err)
-
-
-def cmd_update(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import hex2bin
-
-    as_hex, args = _flag(args, "-x")
-    if len(args) != 2:
-        tool.usage()
-    data = os.fsencode(args[1])
-    if as_hex and data:
-        data = hex2bin(data)
-    _update(tool, tool.key(args[0]), data)
-
-
-def cmd_pupdate(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import hex2bin
-
-    as_hex, args = _flag(args, "-x")
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    data = tool.stdin_data()
-    if as_hex and data:
-        data = hex2bin(data)
-    _update(tool, key, data)
-
-
-def cmd_newring(tool: Kfctl, args: list[str]) -> None:
-    if len(args) != 2:
-        tool.usage()
-    dest = tool.key(args[1])
-    _add(tool, "keyring", args[0], None, dest)
-
-
-def _single_key_removal(tool: Kfctl, args: list[str], command: str, function: str) -> None:
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    op: Callable[..., None] = getattr(tool.client, command)
-    try:
-        op(key, **tool.removal(command))
-    except OSError as err:
-        tool.removal_done()
-        tool.fail(function, err)
-    tool.removal_done()
-
-
-def cmd_revoke(tool: Kfctl, args: list[str]) -> None:
-    _single_key_removal(tool, args, "revoke", "keyctl_revoke")
-
-
-def cmd_clear(tool: Kfctl, args: list[str]) -> None:
-    _single_key_removal(tool, args, "clear", "keyctl_clear")
-
-
-def cmd_invalidate(tool: Kfctl, args: list[str]) -> None:
-    _single_key_removal(tool, args, "invalidate", "keyctl_invalidate")
-
-
-def cmd_link(tool: Kfctl, args: list[str]) -> None:
-    if len(args) != 2:
-        tool.usage()
-    key = tool.key(args[0])
-    keyring = tool.key(args[1])
-    try:
-        tool.client.link(key, keyring)
-    except OSError as err:
-        tool.fail("keyctl_link", err)
-
-
-def cmd_unlink(tool: Kfctl, args: list[str]) -> None:
-    if len(args) not in (1, 2):
-        tool.usage()
-    key = tool.key(args[0])
-    client = tool.client
-    if len(args) == 2:
-        keyring = tool.key(args[1])
-        try:
-            client.unlink(key, keyring, **tool.removal("unlink"))
-        except OSError as err:
-            tool.removal_done()
-            tool.fail("keyctl_unlink", err)
-        tool.removal_done()
-        return
-
-    def unlink_match(parent: int, member: int, raw: str | None, error: OSError | None) -> int:
-        if member != key:
-            return 0
-        return _try_unlink(tool, member, parent, "unlink")
-
-    count = _session_scan(tool, unlink_match)
-    tool.out(f"{count} links removed\n")
-
-
-def _try_unlink(tool: Kfctl, key: int, keyring: int, command: str) -> int:
-    try:
-        tool.client.unlink(key, keyring, **tool.removal(command))
-    except OSError:
-        return 0
-    finally:
-        tool.removal_done()
-    return 1
-
-
-if TYPE_CHECKING:
-    Scanner = Callable[[int, int, str | None, OSError | None], int]
-
-
-def _session_scan(tool: Kfctl, func: Scanner) -> int:
-    """libkeyutils' recursive_session_key_scan(): depth first through the
-    session keyring tree, members before their keyring, calling
-    ``func(parent, key, raw_description | None, describe_error)``."""
-    client = tool.client
-    try:
-        session = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
-    except OSError:
-        return 0
-    if session <= 0:
-        return 0
-    return _scan(tool, 0, session, func)
-
-
-def _scan(tool: Kfctl, parent: int, key: int, func: Scanner) -> int:
-    import errno as errno_codes
-
-    from keyfence.cli.kfctl_text import parse_description, unpack_serials
-
-    client = tool.client
-    count = 0
-    raw: str | None
-    error: OSError | None = None
-    try:
-        raw = client.describe(key)
-    except OSError as err:
-        raw, error = None, err
-    if raw is not None:
-        desc = parse_description(raw)
-        if desc is None:
-            raw, error = None, OSError(errno_codes.EINVAL, os.strerror(errno_codes.EINVAL))
-        elif desc.type == "keyring":
-            try:
-                members = unpack_serials(client.read(key))
-            except OSError:
-                members = []
-            for member in members:
-                count += _scan(tool, key, member, func)
-    return count + func(parent, key, raw, error)
-
-
-def cmd_move(tool: Kfctl, args: list[str]) -> None:
-    flags = KEYCTL_MOVE_EXCL
-    if len(args) > 3 and args[0] == "-f":
-        flags = 0
-        args = args[1:]
-    if len(args) != 3:
-        tool.usage()
-    key = tool.key(args[0])
-    from_ring = tool.key(args[1])
-    to_ring = tool.key(args[2])
-    try:
-        tool.client.move(key, from_ring, to_ring, flags, **tool.removal("move"))
-    except OSError as err:
-        tool.removal_done()
-        tool.fail("keyctl_move", err)
-    tool.removal_done()
-
-
-def cmd_search(tool: Kfctl, args: list[str]) -> None:
-    if len(args) not in (3, 4):
-        tool.usage()
-    keyring = tool.key(args[0])
-    dest = tool.key(args[3]) if len(args) == 4 else 0
-    try:
-        serial = tool.client.search(keyring, args[1], args[2], dest)
-    except OSError as err:
-        tool.fail("keyctl_search", err)
-    tool.out(f"{serial}\n")
-
-
-def _read(tool: Kfctl, args: list[str]) -> bytes:
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    try:
-        return tool.client.read(key)
-    except OSError as err:
-        tool.fail("keyctl_read_alloc", err)
-
-
-def cmd_read(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import hexdump
-
-    tool.out(hexdump(_read(tool, args)))
-
-
-def cmd_pipe(tool: Kfctl, args: list[str]) -> None:
-    data = _read(tool, args)
-    if data:
-        tool.out_bytes(data)
-
-
-def cmd_print(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import printable
-
-    tool.out_bytes(printable(_read(tool, args)))
-
-
-def cmd_list(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import (
-        inaccessible,
-        list_header,
-        list_line,
-        parse_description,
-        unpack_serials,
-    )
-
-    serials = unpack_serials(_read(tool, args))
-    tool.out(list_header(len(serials)))
-    client = tool.client
-    for serial in serials:
-        try:
-            raw = client.describe(serial)
-        except OSError as err:
-            tool.out(inaccessible(serial, _strerror(err), width=9))
-            continue
-        desc = parse_description(raw)
-        if desc is None:
-            raise UsageError(f"Unparsable description obtained for key {serial}", code=3)
-        tool.out(list_line(serial, desc, tool.granted(desc)))
-
-
-def cmd_rlist(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import rlist_line, unpack_serials
-
-    tool.out(rlist_line(unpack_serials(_read(tool, args))))
-
-
-def cmd_describe(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import describe_line, parse_description
-
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    try:
-        raw = tool.client.describe(key)
-    except OSError as err:
-        tool.fail("keyctl_describe_alloc", err)
-    desc = parse_description(raw)
-    if desc is None:
-        raise UsageError(f"Unparsable description obtained for key {key}", code=3)
-    tool.out(describe_line(key, desc))
-
-
-def cmd_rdescribe(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import rdescribe
-
-    if len(args) not in (1, 2) or (len(args) == 2 and not args[1]):
-        tool.usage()
-    key = tool.key(args[0])
-    try:
-        raw = tool.client.describe(key)
-    except OSError as err:
-        tool.fail("keyctl_describe", err)
-    tool.out(rdescribe(raw, args[1] if len(args) == 2 else None))
-
-
-def _owner(value: int) -> int:
-    """A uid_t/gid_t argument: 32 bits, (uid_t)-1 meaning "leave alone"."""
-    value &= 0xFFFFFFFF
-    return -1 if value == 0xFFFFFFFF else value
-
-
-def cmd_chown(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import parse_number
-
-    if len(args) != 2:
-        tool.usage()
-    key = tool.key(args[0])
-    uid = _owner(parse_number(args[1], "uid"))
-    try:
-        tool.client.chown(key, uid, -1)
-    except OSError as err:
-        tool.fail("keyctl_chown", err)
-
-
-def cmd_chgrp(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import parse_number
-
-    if len(args) != 2:
-        tool.usage()
-    key = tool.key(args[0])
-    gid = _owner(parse_number(args[1], "gid"))
-    try:
-        tool.client.chown(key, -1, gid)
-    except OSError as err:
-        tool.fail("keyctl_chown", err)
-
-
-def cmd_setperm(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import parse_number
-
-    if len(args) != 2:
-        tool.usage()
-    key = tool.key(args[0])
-    perm = parse_number(args[1], "permissions") & 0xFFFFFFFF
-    try:
-        tool.client.setperm(key, perm)
-    except OSError as err:
-        tool.fail("keyctl_setperm", err)
-
-
-def cmd_session(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_session import exec_program
-
-    name = None
-    if args:
-        name = None if args[0] == "-" else args[0]
-        args = args[1:]
-    try:
-        serial = tool.client.join_session_keyring(name)
-    except OSError as err:
-        tool.fail("keyctl_join_session_keyring", err)
-    tool.err(f"Joined session keyring: {serial}\n")
-    tool.client.close()
-    tool.flush()
-    exec_program(args, tool.err)
-
-
-def cmd_new_session(tool: Kfctl, args: list[str]) -> None:
-    if len(args) > 1:
-        tool.usage()
-    client = tool.client
-    try:
-        client.join_session_keyring(args[0] if args else None)
-    except OSError as err:
-        tool.fail("keyctl_join_session_keyring", err)
-    # as keyctl: the new keyring goes to our parent (the shell)
-    try:
-        client.session_to_parent()
-    except OSError as err:
-        tool.fail("keyctl_session_to_parent", err)
-    try:
-        serial = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
-    except OSError as err:
-        tool.fail("keyctl_get_keyring_ID", err)
-    tool.out(f"{serial}\n")
-
-
-def cmd_timeout(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import parse_number
-
-    if len(args) != 2:
-        tool.usage()
-    key = tool.key(args[0])
-    seconds = parse_number(args[1], "timeout", 10) & 0xFFFFFFFF
-    options = tool.removal("timeout")
-    options.pop("progress", None)
-    try:
-        if options:
-            tool.client.set_timeout(key, seconds, **options)
-        else:
-            tool.client.set_timeout(key, seconds)
-    except TypeError:
-        tool.err(f"{tool.prog}: timeout: this keyfence client takes no --timeout/--emergency\n")
-        raise Exit(2) from None
-    except OSError as err:
-        tool.fail("keyctl_set_timeout", err)
-
-
-def cmd_security(tool: Kfctl, args: list[str]) -> None:
-    if len(args) != 1:
-        tool.usage()
-    key = tool.key(args[0])
-    try:
-        label = tool.client.get_security(key)
-    except OSError as err:
-        tool.fail("keyctl_getsecurity", err)
-    tool.out(f"{label}\n")
-
-
-def cmd_reap(tool: Kfctl, args: list[str]) -> None:
-    import errno as errno_codes
-
-    verbose, args = _flag(args, "-v")
-    if args:
-        tool.usage()
-
-    def reap(parent: int, key: int, raw: str | None, error: OSError | None) -> int:
-        if raw is not None or (error is not None and error.errno == errno_codes.EACCES):
-            return 0
-        if verbose:
-            tool.out(f"Reap {key}")
-        try:
-            tool.client.unlink(key, parent)
-        except OSError as err:
-            if verbose:
-                tool.out(f"... failed {_strerror(err)}\n")
-            return 0
-        if verbose:
-            tool.out("\n")
-        return 1
-
-    count = _session_scan(tool, reap)
-    tool.out(f"{count} keys reaped\n")
-
-
-def cmd_purge(tool: Kfctl, args: list[str]) -> None:
-    from keyfence.cli.kfctl_text import purge_match
-
-    search_mode = prefix = fold = False
-    while args and args[0].startswith("-"):
-        letter = args[0][1:2]
-        if letter == "s":
-            search_mode = True
-        elif letter == "p":
-            prefix = True
-        elif letter == "i":
-            fold = True
-        else:
+# ------------------------------------------------------------ the table
+# One row per keyctl command, in keyctl's order (its usage text is made
+# from this table): the name, its usage line(s), the handler (a function
+# name in kfctl_commands, imported when first needed so that start-up stays
+# cheap), and the argument rules checked before the handler runs, in
+# keyctl's order: a leading flag (``-x``, ``-v``) is taken only as the
+# first argument, then the number of the remaining arguments must be one of
+# ``nargs`` (or at least ``at_least``); anything else prints the usage text
+# and exits 2.  ``nargs`` None: the handler parses its own options
+# (getopt-style commands).  ``removal``: keyfence's --timeout/--emergency
+# are taken out first.
+
+
+class Command:
+    """One command: name, usage lines, handler and argument rules."""
+
+    __slots__ = ("at_least", "flag", "handler", "listed", "name", "nargs", "removal", "usage")
+
+    def __init__(
+        self,
+        name: str,
+        usage: str | tuple[str, ...],
+        handler: str | None,
+        *,
+        nargs: tuple[int, ...] | None = None,
+        at_least: int | None = None,
+        flag: str | None = None,
+        removal: bool = False,
+        listed: bool = True,
+    ) -> None:
+        self.name = name
+        self.usage = (usage,) if isinstance(usage, str) else usage
+        self.handler = handler
+        self.nargs = nargs
+        self.at_least = at_least
+        self.flag = flag
+        self.removal = removal
+        self.listed = listed
+
+    def check(self, tool: Kfctl, args: list[str]) -> tuple[list[str], bool]:
+        """keyctl's argument rules: (the arguments, whether the flag was given)."""
+        flagged = False
+        if self.flag is not None and args and args[0] == self.flag:
+            flagged = True
+            args = args[1:]
+        if self.nargs is not None and len(args) not in self.nargs:
             tool.usage()
-        args = args[1:]
-    if not args:
-        tool.usage()
-    key_type = args[0]
-    description = args[1] if len(args) > 1 else ""
-    func: Scanner
-    if search_mode:
-        if len(args) != 2 or prefix or fold:
+        if self.at_least is not None and len(args) < self.at_least:
             tool.usage()
-
-        def by_search(parent: int, keyring: int, raw: str | None, error: OSError | None) -> int:
-            if raw is None or not raw.startswith("keyring;"):
-                return 0
-            count = 0
-            while True:
-                try:
-                    found = tool.client.search(keyring, key_type, description, 0)
-                except OSError:
-                    return count
-                if not _try_unlink(tool, found, keyring, "purge"):
-                    return count
-                count += 1
-
-        func = by_search
-    elif len(args) == 1:
-        if prefix or fold:
-            tool.usage()
-
-        def by_type(parent: int, key: int, raw: str | None, error: OSError | None) -> int:
-            if parent == 0 or raw is None or raw.partition(";")[0] != key_type:
-                return 0
-            return _try_unlink(tool, key, parent, "purge")
-
-        func = by_type
-    elif len(args) == 2:
-
-        def literal(parent: int, key: int, raw: str | None, error: OSError | None) -> int:
-            if parent == 0 or raw is None:
-                return 0
-            if not purge_match(raw, key_type, description, prefix=prefix, fold=fold):
-                return 0
-            tool.out(f"{key_type} '{raw.rpartition(';')[2]}'\n")
-            return _try_unlink(tool, key, parent, "purge")
-
-        func = literal
-    else:
-        tool.usage()
-    count = _session_scan(tool, func)
-    tool.out(f"purged {count} keys\n")
+        return args, flagged
 
 
-def cmd_watch(tool: Kfctl, args: list[str]) -> None:
-    import threading
+_ONE = (1,)
+_TWO = (2,)
 
-    from keyfence.cli.kfctl_text import watch_line, watch_mask
-
-    filters: str | None = None
-    positional: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            positional.extend(args[i + 1 :])
-            break
-        if arg.startswith("-") and len(arg) > 1:
-            j = 1
-            while j < len(arg):
-                letter = arg[j]
-                if letter != "f":
-                    tool.err(f"watch: invalid option -- '{letter}'\n")
-                    raise UsageError("Unknown option")
-                value = arg[j + 1 :]
-                if not value:
-                    if i + 1 >= len(args):
-                        tool.err("watch: option requires an argument -- 'f'\n")
-                        raise UsageError("Unknown option")
-                    i += 1
-                    value = args[i]
-                watch_mask(value)  # an unknown letter fails here, as in getopt's loop
-                filters = (filters or "") + value
-                break
-        else:
-            positional.append(arg)
-        i += 1
-    if len(positional) != 1:
-        tool.usage()
-    key = tool.key(positional[0])
-    mask = watch_mask(filters)
-    done = threading.Event()
-
-    def on_event(note: Any) -> None:
-        tool.out(watch_line(note.key, note.event, note.aux))
-        tool.flush()
-        if note.event == "gc":
-            done.set()
-
-    client = tool.client
-    try:
-        client.watch(key, on_event, mask)
-    except OSError as err:
-        tool.fail("keyctl_watch_key", err)
-    while not done.wait(0.5):
-        if getattr(client, "_closed", False) or getattr(client, "closed", False):
-            tool.flush()
-            tool.err("watch: the keyfence daemon closed the connection\n")
-            raise Exit(1)
-
-
-_EPERM = 1
-_EOPNOTSUPP = 95
-
-
-def _unsupported(
-    function: str,
-    code: int,
-    counts: tuple[int, ...] | int,
-    keys: tuple[int, ...] = (),
-    numbers: tuple[tuple[int, str, int], ...] = (),
-    *,
-    hex_flag: bool = False,
-) -> Callable[[Kfctl, list[str]], None]:
-    """A keyctl command keyfence has no counterpart for.  keyctl's own
-    checks run first (argument count, key syntax, numbers), then it fails
-    as the kernel fails when it lacks the feature: ``counts`` is the
-    allowed numbers of arguments (an int: at least that many), ``keys``
-    the positions of key ids, ``numbers`` (position, what, base) of
-    strtoul() arguments."""
-
-    def run(tool: Kfctl, args: list[str]) -> None:
-        from keyfence.cli.kfctl_text import parse_key_id, parse_number
-
-        if hex_flag:
-            _, args = _flag(args, "-x")
-        if len(args) < counts if isinstance(counts, int) else len(args) not in counts:
-            tool.usage()
-        for index in sorted({*keys, *(n[0] for n in numbers)}):
-            if index >= len(args):
-                continue
-            if index in keys:
-                parse_key_id(args[index])
-            else:
-                _, what, base = next(n for n in numbers if n[0] == index)
-                parse_number(args[index], what, base)
-        tool.fail(function, OSError(code, os.strerror(code)))
-
-    return run
-
-
-COMMANDS: dict[str, Callable[[Kfctl, list[str]], None]] = {
-    "--version": cmd_version,
-    "--help": cmd_help,
-    "add": cmd_add,
-    "chgrp": cmd_chgrp,
-    "chown": cmd_chown,
-    "clear": cmd_clear,
-    "describe": cmd_describe,
-    "dh_compute": _unsupported("keyctl_dh_compute_alloc", _EOPNOTSUPP, (3,), (0, 1, 2)),
-    "dh_compute_kdf": _unsupported("keyctl_dh_compute_kdf", _EOPNOTSUPP, (5,), (0, 1, 2)),
-    "dh_compute_kdf_oi": _unsupported(
-        "keyctl_dh_compute_kdf", _EOPNOTSUPP, (5,), (0, 1, 2), hex_flag=True
+TABLE: tuple[Command, ...] = (
+    Command("--version", "", "cmd_version"),
+    Command("add", "[-x] <type> <desc> <data> <keyring>", "cmd_add", nargs=(4,), flag="-x"),
+    Command("chgrp", "<key> <gid>", "cmd_chgrp", nargs=_TWO),
+    Command("chown", "<key> <uid>", "cmd_chown", nargs=_TWO),
+    Command("clear", "<keyring>", "cmd_clear", nargs=_ONE, removal=True),
+    Command("describe", "<keyring>", "cmd_describe", nargs=_ONE),
+    Command("dh_compute", "<private> <prime> <base>", "cmd_dh_compute", nargs=(3,)),
+    Command(
+        "dh_compute_kdf",
+        "<private> <prime> <base> <len> <hash_name>",
+        "cmd_dh_compute_kdf",
+        nargs=(5,),
     ),
-    "get_persistent": _unsupported(
-        "keyctl_get_persistent", _EOPNOTSUPP, (1, 2), (0,), ((1, "uid", 0),)
+    Command(
+        "dh_compute_kdf_oi",
+        "[-x] <private> <prime> <base> <len> <hash_name>",
+        "cmd_dh_compute_kdf",
+        nargs=(5,),
+        flag="-x",
     ),
-    "id": cmd_id,
-    "instantiate": _unsupported("keyctl_instantiate", _EPERM, (3,), (0, 2), hex_flag=True),
-    "invalidate": cmd_invalidate,
-    "link": cmd_link,
-    "list": cmd_list,
-    "move": cmd_move,
-    "negate": _unsupported("keyctl_negate", _EPERM, (3,), (0, 2), ((1, "timeout", 10),)),
-    "new_session": cmd_new_session,
-    "newring": cmd_newring,
-    "padd": cmd_padd,
-    "pinstantiate": _unsupported("keyctl_instantiate", _EPERM, (2,), (0, 1), hex_flag=True),
-    "pipe": cmd_pipe,
-    "pkey_query": _unsupported("keyctl_pkey_query", _EOPNOTSUPP, 2, (0,)),
-    "pkey_encrypt": _unsupported("keyctl_pkey_query", _EOPNOTSUPP, 3, (0,)),
-    "pkey_decrypt": _unsupported("keyctl_pkey_query", _EOPNOTSUPP, 3, (0,)),
-    "pkey_sign": _unsupported("keyctl_pkey_query", _EOPNOTSUPP, 3, (0,)),
-    "pkey_verify": _unsupported("keyctl_pkey_verify", _EOPNOTSUPP, 4, (0,)),
-    "prequest2": cmd_prequest2,
-    "print": cmd_print,
-    "pupdate": cmd_pupdate,
-    "purge": cmd_purge,
-    "rdescribe": cmd_rdescribe,
-    "read": cmd_read,
-    "reap": cmd_reap,
-    "reject": _unsupported("keyctl_negate", _EPERM, (4,), (0, 3), ((1, "timeout", 10),)),
-    "request": cmd_request,
-    "request2": cmd_request2,
-    "restrict_keyring": _unsupported("keyctl_restrict_keyring", _EOPNOTSUPP, (1, 2, 3), (0,)),
-    "revoke": cmd_revoke,
-    "rlist": cmd_rlist,
-    "search": cmd_search,
-    "security": cmd_security,
-    "session": cmd_session,
-    "setperm": cmd_setperm,
-    "show": cmd_show,
-    "supports": cmd_supports,
-    "timeout": cmd_timeout,
-    "unlink": cmd_unlink,
-    "update": cmd_update,
-    "watch": cmd_watch,
-    "watch_add": _unsupported("keyctl_watch_key", _EOPNOTSUPP, (2,), (1,)),
-    "watch_rm": _unsupported("keyctl_watch_key", _EOPNOTSUPP, (2,), (1,)),
-    "watch_session": _unsupported("keyctl_watch_key/session", _EOPNOTSUPP, 4),
-    "watch_sync": _unsupported("keyctl_watch_sync", _EOPNOTSUPP, (1,)),
-}
+    Command("get_persistent", "<keyring> [<uid>]", "cmd_get_persistent", nargs=(1, 2)),
+    Command("id", "<key>", "cmd_id", nargs=_ONE),
+    Command("instantiate", "[-x] <key> <data> <keyring>", "cmd_instantiate", nargs=(3,), flag="-x"),
+    Command("invalidate", "<key>", "cmd_invalidate", nargs=_ONE, removal=True),
+    Command("link", "<key> <keyring>", "cmd_link", nargs=_TWO),
+    Command("list", "<keyring>", "cmd_list", nargs=_ONE),
+    Command("move", "[-f] <key> <from_keyring> <to_keyring>", "cmd_move", removal=True),
+    Command("negate", "<key> <timeout> <keyring>", "cmd_negate", nargs=(3,)),
+    Command("new_session", "[<name>]", "cmd_new_session", nargs=(0, 1)),
+    Command("newring", "<name> <keyring>", "cmd_newring", nargs=_TWO),
+    Command("padd", "[-x] <type> <desc> <keyring>", "cmd_padd", nargs=(3,), flag="-x"),
+    Command("pinstantiate", "[-x] <key> <keyring>", "cmd_pinstantiate", nargs=_TWO, flag="-x"),
+    Command("pipe", "<key>", "cmd_pipe", nargs=_ONE),
+    Command("pkey_query", "<key> <pass> [k=v]*", "cmd_pkey_query", at_least=2),
+    Command("pkey_encrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
+    Command("pkey_decrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
+    Command("pkey_sign", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
+    Command(
+        "pkey_verify", "<key> <pass> <datafile> <sigfile> [k=v]*", "cmd_pkey_verify", at_least=4
+    ),
+    Command("prequest2", "<type> <desc> [<dest_keyring>]", "cmd_prequest2", nargs=(2, 3)),
+    Command("print", "<key>", "cmd_print", nargs=_ONE),
+    Command("pupdate", "[-x] <key>", "cmd_pupdate", nargs=_ONE, flag="-x"),
+    Command(
+        "purge",
+        ("<type>", "[-p] [-i] <type> <desc>", "-s <type> <desc>"),
+        "cmd_purge",
+        removal=True,
+    ),
+    Command("rdescribe", "<keyring> [sep]", "cmd_rdescribe", nargs=(1, 2)),
+    Command("read", "<key>", "cmd_read", nargs=_ONE),
+    Command("reap", "[-v]", "cmd_reap", nargs=(0,), flag="-v"),
+    Command("reject", "<key> <timeout> <error> <keyring>", "cmd_reject", nargs=(4,)),
+    Command("request", "<type> <desc> [<dest_keyring>]", "cmd_request", nargs=(2, 3)),
+    Command("request2", "<type> <desc> <info> [<dest_keyring>]", "cmd_request2", nargs=(3, 4)),
+    Command(
+        "restrict_keyring",
+        "<keyring> [<type> [<restriction>]]",
+        "cmd_restrict_keyring",
+        nargs=(1, 2, 3),
+    ),
+    Command("revoke", "<key>", "cmd_revoke", nargs=_ONE, removal=True),
+    Command("rlist", "<keyring>", "cmd_rlist", nargs=_ONE),
+    Command("search", "<keyring> <type> <desc> [<dest_keyring>]", "cmd_search", nargs=(3, 4)),
+    Command("security", "<key>", "cmd_security", nargs=_ONE),
+    Command(
+        "session",
+        ("", "- [<prog> <arg1> <arg2> ...]", "<name> [<prog> <arg1> <arg2> ...]"),
+        "cmd_session",
+    ),
+    Command("setperm", "<key> <mask>", "cmd_setperm", nargs=_TWO),
+    Command("show", "[-x] [<keyring>]", "cmd_show", nargs=(0, 1), flag="-x"),
+    Command("supports", "[<cap> | --raw]", "cmd_supports", nargs=(0, 1)),
+    Command("timeout", "<key> <timeout>", "cmd_timeout", nargs=_TWO, removal=True),
+    Command("unlink", "<key> [<keyring>]", "cmd_unlink", nargs=(1, 2), removal=True),
+    Command("update", "[-x] <key> <data>", "cmd_update", nargs=_TWO, flag="-x"),
+    Command("watch", "[-f<filters>] <key>", "cmd_watch"),
+    Command("watch_add", "<fd> <key>", "cmd_watch_add", nargs=_TWO),
+    Command("watch_rm", "<fd> <key>", "cmd_watch_rm", nargs=_TWO),
+    Command(
+        "watch_session",
+        "[-f<filters>] [-n <name>] <notifylog> <gclog> <fd> <prog> [<arg1> <arg2> ...]",
+        "cmd_watch_session",
+    ),
+    Command("watch_sync", "<fd>", "cmd_watch_sync", nargs=_ONE),
+    # keyutils' self-test: listed in the usage text, not provided
+    Command("--test", "...", None),
+    # kfctl's own
+    Command("--help", "", "cmd_help", listed=False),
+)
+
+_BY_NAME = {c.name: c for c in TABLE if c.handler is not None}
 
 
 def run(argv: list[str], tool: Kfctl) -> int:
@@ -1173,14 +482,18 @@ def run(argv: list[str], tool: Kfctl) -> int:
             tool.usage()
         # keyctl 1.6.3 accepts exact command names only (its prefix
         # matching never matches a shorter word)
-        command = COMMANDS.get(argv[0])
-        if command is None:
+        command = _BY_NAME.get(argv[0])
+        if command is None or command.handler is None:
             tool.err("Unknown command\n")
             return 2
         args = argv[1:]
-        if argv[0] in REMOVAL_COMMANDS:
+        if command.removal:
             args = _removal_options(tool, args)
-        command(tool, args)
+        args, flagged = command.check(tool, args)
+        from keyfence.cli import kfctl_commands
+
+        handler: Callable[[Kfctl, list[str], bool], None] = getattr(kfctl_commands, command.handler)
+        handler(tool, args, flagged)
         return 0
     except Exit as done:
         return done.code

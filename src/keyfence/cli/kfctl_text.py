@@ -45,6 +45,16 @@ class UsageError(Exception):
         self.code = code
 
 
+class Exit(Exception):
+    """Leave with this status (output already written).  Here, not in kfctl,
+    so that ``python -m keyfence.cli.kfctl`` (whose module is __main__) and
+    the command modules raise and catch one class."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class _Record:
     """A small value type (typing.NamedTuple would cost kfctl milliseconds
     of start-up importing typing)."""
@@ -444,7 +454,10 @@ CAPABILITIES: tuple[tuple[str, int, int], ...] = (
 """keyctl's capability names: (name, byte, bit) of KEYCTL_CAPABILITIES."""
 
 KEYFENCE_CAPS = bytes([0x01 | 0x20 | 0x80, 0x04])
-"""What keyfence offers: capabilities query, invalidate, move, notifications."""
+"""What keyfence offers: capabilities query, invalidate, move, and
+notifications: ``watch`` and keyctl's watch queues (watch_session,
+watch_add, watch_rm, watch_sync; kfctl_watch.py) -- scripts that see
+``have_notify=1`` go on to use all of them."""
 
 
 def supports_lines(caps: bytes) -> str:

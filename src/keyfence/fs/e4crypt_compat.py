@@ -205,10 +205,13 @@ def fs_pwsalt(path: str) -> bytes:
     ext4 ``encrypt`` feature (and every non-ext4 one) raise an
     :class:`OSError` (``EOPNOTSUPP`` / ``ENOTTY``).
     """
+    # the client's own path, with the user's rights: links are the user's to
+    # follow (as e4crypt does), resolved here once and opened without following
+    target = os.path.realpath(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except NotADirectoryError:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         buf = bytearray(16)
         fcntl.ioctl(fd, EXT4_IOC_GET_ENCRYPTION_PWSALT, buf, True)

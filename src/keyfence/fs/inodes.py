@@ -1,11 +1,28 @@
-"""The mount's inode table: FUSE inode numbers, backing paths, policies.
+"""The mount's inode table: FUSE inode numbers, backing locations, policies.
 
 FUSE inode numbers are the backing files' ``st_ino`` (the backing root is
 swapped with inode 1, which FUSE reserves for the root), so hard links are
 one inode and numbers survive a remount.  The table keeps, for every inode
 the kernel knows (lookup count above zero), its links as (parent inode,
-backing name) pairs: the backing path of an inode is found by walking up
-its first link, so renaming a directory updates one entry, not a subtree.
+backing name) pairs.
+
+No backing path is ever resolved (docs/security.md): a directory is held
+by an ``O_PATH`` descriptor, opened one name at a time below its parent's
+descriptor without following symlinks (:mod:`keyfence.fs.syscalls`), and
+checked to be the inode the table expects.  Everything else is named as
+(its directory's descriptor, its name).  A descriptor follows its
+directory through renames, so nothing is re-resolved when a directory
+moves, and depth is unlimited (no PATH_MAX).  Descriptors are kept while
+the kernel knows the directory, up to a cap (least recently used closed
+first); above it a directory is opened again from its nearest held
+ancestor.  Rule for callers: a descriptor from :meth:`InodeTable.dir_fd`
+is used before the next ``await`` (another request may close it then),
+and at most a few are taken in one step (the cap is far above that).
+
+Encryption is inherited as in fscrypt: a directory inside an encrypted
+directory must have its own policy record.  One without (deleted offline:
+a downgrade) gets a ``policy_error`` and every request on it fails with
+EIO; it never passes through as plaintext.
 
 Directories carry their policy (read from ``.keyfence-policy`` when the
 directory is first seen) and, while their key is bound, their
@@ -20,10 +37,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from keyfence.errors import KeyfenceError
+from keyfence.fs import syscalls
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName
 from keyfence.fs.format import (
     POLICY_FILE_NAME,
@@ -39,20 +59,28 @@ log = logging.getLogger("keyfence.fs.inodes")
 ROOT_INODE = 1
 
 
-def read_policy(dir_path: str) -> Policy | None:
-    """The policy of a backing directory, None if it is not encrypted.
+def read_policy(dir_fd: int) -> Policy | None:
+    """The policy of a backing directory (a descriptor of it), None if it
+    is not encrypted.  A malformed record raises :class:`FormatError`."""
+    data = syscalls.read_small(dir_fd, POLICY_FILE_NAME, POLICY_SIZE + 1)
+    return None if data is None else Policy.parse(data)
 
-    A malformed record raises :class:`FormatError`.
-    """
-    try:
-        fd = os.open(os.path.join(dir_path, POLICY_FILE_NAME), os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    try:
-        data = os.read(fd, POLICY_SIZE + 1)
-    finally:
-        os.close(fd)
-    return Policy.parse(data)
+
+def _dir_fd_cap() -> int:
+    """How many directory descriptors the table keeps open: a quarter of
+    the descriptor limit, raised to the hard limit first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft // 4)
 
 
 class Inode:
@@ -62,6 +90,7 @@ class Inode:
         "cipher",
         "contents",
         "disk_names",
+        "fd",
         "ino",
         "kind",
         "links",
@@ -75,6 +104,8 @@ class Inode:
         self.ino = ino
         self.kind = kind
         """``stat.S_IFMT`` of the backing file."""
+        self.fd = -1
+        """Directories: an ``O_PATH`` descriptor while held (see the module)."""
         self.links: dict[tuple[int, str], None] = {}
         """(parent inode, backing name), in the order they were seen."""
         self.lookups = 0
@@ -126,22 +157,43 @@ class Inode:
 
 
 class InodeTable:
-    """Inode number -> :class:`Inode`, and the backing path of each."""
+    """Inode number -> :class:`Inode`, and the backing location of each."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, root_fd: int | None = None) -> None:
+        """``root``: the backing directory, given by the daemon as an absolute
+        path (its last component must not be a symlink) or already opened
+        (``root_fd``, an ``O_PATH`` or read descriptor; the table dups it)."""
         self.root = os.path.abspath(root)
-        st = os.lstat(self.root)
+        if root_fd is None:
+            fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        else:
+            fd = os.dup(root_fd)
+        st = os.fstat(fd)
         if not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
             raise KeyfenceError(errno.ENOTDIR, f"backing {self.root} is not a directory")
+        self.root_fd = fd
         self.root_st_ino = st.st_ino
         self.root_dev = st.st_dev
         self._inodes: dict[int, Inode] = {}
         self._children: dict[int, dict[str, int]] = {}
         """parent inode -> {backing name: inode} for every known link."""
+        self._held: OrderedDict[int, None] = OrderedDict()
+        """Directories holding a descriptor, least recently used first."""
+        self.fd_cap = _dir_fd_cap()
         root_inode = Inode(ROOT_INODE, stat.S_IFDIR)
         root_inode.lookups = 1
-        self._load_policy(root_inode, self.root)
+        root_inode.fd = fd
         self._inodes[ROOT_INODE] = root_inode
+        self._load_policy(root_inode, None)
+
+    def close(self) -> None:
+        """Close every descriptor (the mount is over)."""
+        for ino in list(self._held):
+            self._release_fd(self._inodes[ino])
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
 
     # ----------------------------------------------------------- numbering
 
@@ -170,27 +222,77 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._inodes)
 
-    def path(self, ino: int) -> str:
-        """The backing path of an inode (through its first link)."""
-        parts: list[str] = []
-        seen = 0
-        while ino != ROOT_INODE:
-            inode = self._inodes.get(ino)
-            if inode is None or not inode.links:
-                raise KeyfenceError(errno.ESTALE, f"inode {ino} has no name")
-            parent, name = next(iter(inode.links))
-            parts.append(name)
-            ino = parent
-            seen += 1
-            if seen > 4096:
-                raise KeyfenceError(errno.ELOOP, "inode table has a cycle")
-        if not parts:
-            return self.root
-        parts.append(self.root)
-        return os.path.join(*reversed(parts))
+    def name_of(self, ino: int) -> tuple[int, str]:
+        """(parent inode, backing name) of an inode's first link."""
+        inode = self._inodes.get(ino)
+        if inode is None or not inode.links:
+            raise KeyfenceError(errno.ESTALE, f"inode {ino} has no name")
+        return next(iter(inode.links))
 
-    def child_path(self, parent: int, name: str) -> str:
-        return os.path.join(self.path(parent), name)
+    def dir_fd(self, ino: int) -> int:
+        """An ``O_PATH`` descriptor of a known directory (see the module for
+        how long it may be used).  ESTALE if the backing entry is gone or is
+        no longer that directory."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise KeyfenceError(errno.ESTALE, f"inode {ino} is not known")
+        if inode.fd >= 0:
+            if ino != ROOT_INODE:
+                self._held.move_to_end(ino)
+            return inode.fd
+        if not inode.is_dir:
+            raise KeyfenceError(errno.ENOTDIR)
+        # walk up to the nearest held ancestor, then open down one name at a
+        # time; the directories in between are opened and closed again
+        chain: list[str] = []
+        at = inode
+        while at.fd < 0:
+            parent, name = self.name_of(at.ino)
+            chain.append(name)
+            up = self._inodes.get(parent)
+            if up is None or len(chain) > len(self._inodes):
+                raise KeyfenceError(errno.ESTALE, f"inode {ino} has no path to the root")
+            at = up
+        fd = at.fd
+        for depth, name in enumerate(reversed(chain)):
+            try:
+                child = syscalls.open_dir(fd, name, os.O_PATH)
+            finally:
+                if depth > 0:
+                    os.close(fd)
+            fd = child
+        st = os.fstat(fd)
+        if self.fuse_ino(st.st_ino) != ino or not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            log.warning("directory inode %d: its backing entry was replaced", ino)
+            raise KeyfenceError(errno.ESTALE, f"inode {ino} was replaced")
+        self._hold_fd(inode, fd)
+        return fd
+
+    def entry(self, ino: int) -> tuple[int, str]:
+        """(directory descriptor, name) naming an inode for the ``*at`` calls:
+        a directory is (its own descriptor, ``"."``), exactly the directory
+        held; anything else is (its parent's descriptor, its first name)."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise KeyfenceError(errno.ESTALE, f"inode {ino} is not known")
+        if inode.is_dir:
+            return self.dir_fd(ino), "."
+        parent, name = self.name_of(ino)
+        return self.dir_fd(parent), name
+
+    def _hold_fd(self, inode: Inode, fd: int) -> None:
+        inode.fd = fd
+        self._held[inode.ino] = None
+        while len(self._held) > self.fd_cap:
+            oldest = next(iter(self._held))
+            self._release_fd(self._inodes[oldest])
+
+    def _release_fd(self, inode: Inode) -> None:
+        if inode.fd >= 0 and inode.ino != ROOT_INODE:
+            self._held.pop(inode.ino, None)
+            os.close(inode.fd)
+            inode.fd = -1
 
     def parent_of(self, ino: int) -> int:
         inode = self._inodes.get(ino)
@@ -217,18 +319,33 @@ class InodeTable:
 
     # ------------------------------------------------------------- changes
 
-    def _load_policy(self, inode: Inode, path: str) -> None:
+    def _load_policy(self, inode: Inode, parent: Inode | None) -> None:
+        """Read a directory's policy; an error if it should have one and
+        has none (its parent is encrypted: fscrypt's inheritance)."""
+        inode.policy = None
+        inode.policy_error = None
         try:
-            inode.policy = read_policy(path)
-            inode.policy_error = None
+            inode.policy = read_policy(self.dir_fd(inode.ino))
         except FormatError as err:
-            inode.policy = None
             inode.policy_error = str(err)
-            log.error("%s: bad encryption policy: %s", path, err)
+            log.error("directory inode %d: bad encryption policy: %s", inode.ino, err)
         except OSError as err:
-            inode.policy = None
             inode.policy_error = os.strerror(err.errno or errno.EIO)
-            log.error("%s: cannot read encryption policy: %s", path, err)
+            log.error("directory inode %d: cannot read encryption policy: %s", inode.ino, err)
+        if (
+            inode.policy is None
+            and inode.policy_error is None
+            and parent is not None
+            and (parent.policy is not None or parent.policy_error is not None)
+        ):
+            inode.policy_error = "no policy record inside an encrypted directory"
+            log.error(
+                "directory inode %d in encrypted directory inode %d has no %s:"
+                " refused (deleted offline? it is not served as plaintext)",
+                inode.ino,
+                parent.ino,
+                POLICY_FILE_NAME,
+            )
 
     def remember(self, parent: int, name: str, st: os.stat_result, *, count: bool = True) -> Inode:
         """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``)."""
@@ -239,10 +356,12 @@ class InodeTable:
             if inode is not None:
                 log.debug("inode %d was reused for another kind of file", ino)
                 self._drop_links(inode)
+                self._release_fd(inode)
             inode = Inode(ino, kind)
-            if inode.is_dir:
-                self._load_policy(inode, self.child_path(parent, name))
             self._inodes[ino] = inode
+            if inode.is_dir:
+                self._add_link(inode, parent, name)
+                self._load_policy(inode, self._inodes.get(parent))
         if (parent, name) not in inode.links:
             if inode.is_dir:  # a directory has one name: a new one means it moved
                 self._drop_links(inode)
@@ -281,7 +400,8 @@ class InodeTable:
             self._remove_link(inode, parent, name)
 
     def reload_policy(self, inode: Inode) -> None:
-        self._load_policy(inode, self.path(inode.ino))
+        parent = None if inode.ino == ROOT_INODE else self._inodes.get(self.parent_of(inode.ino))
+        self._load_policy(inode, parent)
         inode.forget_names()
 
     def link_of(self, parent: int, name: str) -> Inode | None:
@@ -329,6 +449,7 @@ class InodeTable:
         if self._children.get(ino):
             return None  # children still known (the kernel forgets them first)
         self._drop_links(inode)
+        self._release_fd(inode)
         del self._inodes[ino]
         return inode
 

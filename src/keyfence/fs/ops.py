@@ -19,8 +19,6 @@ a request handler: it may wait for requests).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import functools
 import json
@@ -52,6 +50,7 @@ from pyfuse3 import (
 )
 
 from keyfence.errors import KeyfenceError
+from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
@@ -98,7 +97,6 @@ _PLAIN_OPEN_FLAGS = (
 )
 _TEMP_PREFIX = "kf.tmp."
 _EXPECTED_IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
-_AT_FDCWD = -100
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -143,35 +141,8 @@ def _err(code: int, detail: str | None = None) -> KeyfenceError:
     return KeyfenceError(code, detail)
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _libc_call(name: str, *args: Any) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    ret = int(getattr(_libc, name)(*args))
-    if ret < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return ret
-
-
-def rename2(old: str, new: str, flags: int) -> None:
-    """renameat2(2) (RENAME_NOREPLACE / RENAME_EXCHANGE)."""
-    if not flags:
-        os.rename(old, new)
-        return
-    _libc_call("renameat2", _AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags)
-
-
-def syncfs(path: str) -> None:
-    """syncfs(2) on the filesystem of ``path`` (without holding the GIL)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _libc_call("syncfs", fd)
-    finally:
-        os.close(fd)
+syncfs = sc.syncfs_path
+"""syncfs(2) of the filesystem at a path (the worker's own mount point)."""
 
 
 class FileHandle:
@@ -215,20 +186,25 @@ class KeyfenceOperations(pyfuse3.Operations):
         mountpoint: str,
         source: KeySource,
         options: MountOptions | None = None,
+        *,
+        backing_fd: int | None = None,
     ) -> None:
+        """``backing_fd``: the backing directory already opened and checked
+        (by the daemon, as the caller): served as it is, never looked up by
+        name again (``backing`` is then only its name for messages)."""
         super().__init__()
         self.options = options or MountOptions()
         self.enable_writeback_cache = self.options.writeback_cache
         self.backing = os.path.abspath(backing)
         self.mountpoint = os.path.abspath(mountpoint)
-        self.table = InodeTable(self.backing)
+        self.table = InodeTable(self.backing, root_fd=backing_fd)
         self.cache = PageCache(
             dirty_limit=self.options.dirty_limit,
             expire=self.options.dirty_expire,
             chunk_pages=self.options.chunk_pages,
             label_of=self.label_of,
         )
-        self.cache.backing_sync = functools.partial(syncfs, self.backing)
+        self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
         self.keys = KeyBindings(source)
         self.keys.user = self
@@ -279,6 +255,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             self.cache.evict_key(binding.description)
             self.keys.unbind(binding)
         self.closed = True
+        self.table.close()
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -344,7 +321,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         d.remember_name(enc, name)
         return enc
 
-    def _decode(self, d: Inode, master: MasterKey, dir_path: str, disk: str) -> bytes | None:
+    def _decode(self, d: Inode, master: MasterKey, d_fd: int, disk: str) -> bytes | None:
         plain = d.plain_names.get(disk)
         if plain is not None:
             return plain
@@ -352,18 +329,16 @@ class KeyfenceOperations(pyfuse3.Operations):
             return None
         sidecar: bytes | None = None
         if is_long_name(disk):
-            try:
-                with open(os.path.join(dir_path, sidecar_name(disk)), "rb") as f:
-                    sidecar = f.read(8192)
-            except FileNotFoundError:
-                log.error("%s: long name without its sidecar", os.path.join(dir_path, disk))
+            sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
+            if sidecar is None:
+                log.error("%s/%s: long name without its sidecar", self.label_of(d.ino), disk)
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
         except FormatError:
             return None
         except IntegrityError as err:
-            log.error("%s: %s", os.path.join(dir_path, disk), err.strerror)
+            log.error("%s/%s: %s", self.label_of(d.ino), disk, err.strerror)
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
@@ -405,43 +380,80 @@ class KeyfenceOperations(pyfuse3.Operations):
         master = await self._need_key(d.policy, ctx)
         return self._encode(d, master, name), master
 
-    def _write_sidecar(self, dir_path: str, enc: EncryptedName) -> None:
+    @staticmethod
+    def _write_sidecar(d_fd: int, enc: EncryptedName) -> None:
         if enc.sidecar_name is None or enc.sidecar_content is None:
             return
-        path = os.path.join(dir_path, enc.sidecar_name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, enc.sidecar_content)
-            os.fdatasync(fd)  # rare (names of 176+ bytes); the entry depends on it
-        finally:
-            os.close(fd)
+        # rare (names of 176+ bytes); the entry depends on it: fdatasync
+        sc.write_new(d_fd, enc.sidecar_name, enc.sidecar_content, replace=True, sync=True)
 
     @contextlib.contextmanager
-    def _new_entry(self, dir_path: str, enc: EncryptedName) -> Iterator[str]:
-        """Write a long name's sidecar, then let the block make the entry at
-        the path yielded; if that fails, remove the sidecar unless an entry
+    def _new_entry(self, d_fd: int, enc: EncryptedName) -> Iterator[str]:
+        """Write a long name's sidecar, then let the block make the entry
+        named as yielded; if that fails, remove the sidecar unless an entry
         of that name exists (it is that entry's)."""
-        path = os.path.join(dir_path, enc.disk_name)
-        self._write_sidecar(dir_path, enc)
+        self._write_sidecar(d_fd, enc)
         try:
-            yield path
+            yield enc.disk_name
         except BaseException:
-            if enc.is_long and not os.path.lexists(path):
-                self._remove_sidecar(dir_path, enc.disk_name)
+            if enc.is_long and not sc.exists_at(d_fd, enc.disk_name):
+                self._remove_sidecar(d_fd, enc.disk_name)
             raise
 
     @staticmethod
-    def _remove_sidecar(dir_path: str, disk: str) -> None:
+    def _remove_sidecar(d_fd: int, disk: str) -> None:
         if is_long_name(disk):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(dir_path, sidecar_name(disk)))
+                sc.unlink_at(d_fd, sidecar_name(disk))
 
-    def _owner(self, d_path: str, ctx: RequestContext) -> tuple[int, int, bool]:
+    @staticmethod
+    def _owner(d_fd: int, ctx: RequestContext) -> tuple[int, int, bool]:
         """(uid, gid, setgid dir) of a new entry, as POSIX says."""
-        st = os.stat(d_path)
+        st = os.fstat(d_fd)
         if st.st_mode & stat.S_ISGID:
             return ctx.uid, st.st_gid, True
         return ctx.uid, ctx.gid, False
+
+    def _open_new(self, d_fd: int, disk: str, kind: int) -> int:
+        """An ``O_PATH`` descriptor of the entry just made as ``disk``,
+        checked to be it: of that kind and owned by the worker.  A user who
+        can write the directory may have put an entry of their own under
+        the name in between: that one is left alone (ESTALE)."""
+        fd = sc.open_at(d_fd, disk, os.O_PATH)
+        st = os.fstat(fd)
+        if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
+            os.close(fd)
+            log.warning("a new backing entry was replaced before it was set up")
+            raise _err(errno.ESTALE)
+        return fd
+
+    def _give_new(self, d_fd: int, disk: str, kind: int, uid: int, gid: int) -> os.stat_result:
+        """Give the entry just made to its owner, through a descriptor."""
+        fd = self._open_new(d_fd, disk, kind)
+        try:
+            sc.chown_fd(fd, uid, gid)
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def _open_file(self, node: Inode, flags: int) -> tuple[int, os.stat_result]:
+        """Open a regular file's backing inode by its name, no-follow; ESTALE
+        if the name now holds another inode (swapped in the backing store)."""
+        d_fd, name = self.table.entry(node.ino)
+        fd, st = sc.open_regular(d_fd, name, flags)
+        if self.table.fuse_ino(st.st_ino) != node.ino:
+            os.close(fd)
+            log.warning("%s: backing entry was replaced", self.label_of(node.ino))
+            raise _err(errno.ESTALE)
+        return fd, st
+
+    def _open_rw(self, node: Inode) -> int:
+        try:
+            return self._open_file(node, os.O_RDWR)[0]
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise
+            return self._open_file(node, os.O_RDONLY)[0]
 
     def _timeout(self, locked: bool) -> float:
         return 0.0 if locked else self.options.attr_timeout
@@ -453,8 +465,10 @@ class KeyfenceOperations(pyfuse3.Operations):
         *,
         locked: bool = False,
         dir_inode: Inode | None = None,
-        path: str | None = None,
+        link: tuple[int, str] | None = None,
     ) -> EntryAttributes:
+        """``link``: (directory descriptor, name) of a symlink, to read its
+        target for the plaintext size."""
         a = EntryAttributes()
         ino = self.table.fuse_ino(st.st_ino)
         a.st_ino = InodeT(ino)
@@ -478,12 +492,12 @@ class KeyfenceOperations(pyfuse3.Operations):
                         mtime = pending
                 else:
                     size = lenient_plaintext_size(size)
-            elif stat.S_ISLNK(st.st_mode) and not locked and dir_inode is not None and path:
+            elif stat.S_ISLNK(st.st_mode) and not locked and dir_inode is not None and link:
                 master = self.keys.master(parent_policy.key)
                 if master is not None and dir_inode.policy is not None:
                     with contextlib.suppress(OSError, FormatError):
                         size = len(
-                            self._cipher(dir_inode, master).decrypt_symlink(os.readlink(path))
+                            self._cipher(dir_inode, master).decrypt_symlink(sc.readlink_at(*link))
                         )
         a.st_size = size
         a.st_blksize = 4096
@@ -496,7 +510,14 @@ class KeyfenceOperations(pyfuse3.Operations):
     def _stat_inode(self, inode: Inode) -> os.stat_result:
         """lstat of an inode's backing file, also once it has no name left."""
         try:
-            return os.lstat(self.table.path(inode.ino))
+            if inode.is_dir:
+                return os.fstat(self.table.dir_fd(inode.ino))
+            st = sc.stat_at(*self.table.entry(inode.ino))
+            if self.table.fuse_ino(st.st_ino) != inode.ino:
+                # the name holds another file now (swapped in the backing
+                # store): never report its attributes as this inode's
+                raise _err(errno.ESTALE)
+            return st
         except (FileNotFoundError, KeyfenceError):
             cached = self.cache.get(inode.ino)
             if cached is not None and cached.fd >= 0:
@@ -516,11 +537,11 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             policy = self.table.contents_policy(inode)
         locked = policy is not None and self.keys.master(policy.key) is None
-        path = None
+        link = None
         if inode.is_symlink and not locked:
             with contextlib.suppress(KeyfenceError):
-                path = self.table.path(inode.ino)
-        return self._attrs(st, policy, locked=locked, dir_inode=parent, path=path)
+                link = self.table.entry(inode.ino)
+        return self._attrs(st, policy, locked=locked, dir_inode=parent, link=link)
 
     def _modified(self, d: Inode) -> None:
         if d.policy is not None:
@@ -541,10 +562,10 @@ class KeyfenceOperations(pyfuse3.Operations):
             up.lookups += 1
             return self._inode_attrs(up)
         disk, _master, locked = await self._resolve(d, name, ctx)
-        path = self.table.child_path(d.ino, disk)
-        st = os.lstat(path)
+        st = sc.stat_at(self.table.dir_fd(d.ino), disk)
         self.table.remember(d.ino, disk, st)
-        return self._attrs(st, d.policy, locked=locked, dir_inode=d, path=path)
+        link = (self.table.dir_fd(d.ino), disk)
+        return self._attrs(st, d.policy, locked=locked, dir_inode=d, link=link)
 
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
@@ -575,29 +596,28 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         handle = self.handles.get(fh) if fh is not None else None
         policy = self.table.contents_policy(node) if not node.is_dir else None
-        path: str | None
-        try:
-            path = self.table.path(node.ino)
-        except KeyfenceError:
-            path = None
         if fields.update_size:
-            await self._truncate(node, handle, path, policy, attr.st_size, ctx)
-        target: int | str
+            await self._truncate(node, handle, policy, attr.st_size, ctx)
+        # by descriptor when the file is open, else by (directory, name)
+        # with AT_SYMLINK_NOFOLLOW: never through a symlink swapped in
+        fd = -1
         if handle is not None and handle.fd >= 0:
-            target = handle.fd
+            fd = handle.fd
         elif handle is not None and handle.cached is not None and handle.cached.fd >= 0:
-            target = handle.cached.fd
-        elif path is not None:
-            target = path
-        else:
-            raise _err(errno.ESTALE)
-        follow = not isinstance(target, str)
+            fd = handle.cached.fd
         if fields.update_mode and not node.is_symlink:
-            os.chmod(target, stat.S_IMODE(attr.st_mode))
+            mode = stat.S_IMODE(attr.st_mode)
+            if fd >= 0:
+                os.fchmod(fd, mode)
+            else:
+                sc.chmod_at(*self.table.entry(node.ino), mode)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            os.chown(target, uid, gid, follow_symlinks=follow)
+            if fd >= 0:
+                os.fchown(fd, uid, gid)
+            else:
+                sc.chown_at(*self.table.entry(node.ino), uid, gid)
         if fields.update_atime or fields.update_mtime:
             st = self._stat_inode(node)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
@@ -609,14 +629,16 @@ class KeyfenceOperations(pyfuse3.Operations):
                 pending = self.cache.attributes(node.ino)
                 if pending is not None and pending[1] is not None:
                     mtime = pending[1]
-            os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+            if fd >= 0:
+                sc.utime_fd(fd, atime, mtime)
+            else:
+                sc.utime_at(*self.table.entry(node.ino), atime, mtime)
         return self._inode_attrs(node)
 
     async def _truncate(
         self,
         node: Inode,
         handle: FileHandle | None,
-        path: str | None,
         policy: Policy | None,
         size: int,
         ctx: RequestContext,
@@ -626,18 +648,20 @@ class KeyfenceOperations(pyfuse3.Operations):
         if policy is None:
             if handle is not None and handle.fd >= 0:
                 os.ftruncate(handle.fd, size)
-            elif path is not None:
-                os.truncate(path, size)
-            else:
-                raise _err(errno.ESTALE)
+                return
+            fd, _st = self._open_file(node, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
             return
         if handle is not None and handle.cached is not None:
             self.cache.truncate(handle.cached, size)
             return
-        if path is None:
-            raise _err(errno.ESTALE)
         master = await self._need_key(policy, ctx)
-        cached = self.cache.open(node.ino, policy.key.description, master, lambda: _open_rw(path))
+        cached = self.cache.open(
+            node.ino, policy.key.description, master, lambda: self._open_rw(node)
+        )
         try:
             self.cache.truncate(cached, size)
             await trio.to_thread.run_sync(self.cache.flush, cached)
@@ -649,8 +673,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     @fuse_op
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         node = self.table.get(inode)
-        path = self.table.path(node.ino)
-        raw = os.readlink(path)
+        raw = sc.readlink_at(*self.table.entry(node.ino))
         parent = self.table.get(self.table.parent_of(node.ino))
         if parent.policy is None:
             return FileNameT(os.fsencode(raw))
@@ -669,19 +692,18 @@ class KeyfenceOperations(pyfuse3.Operations):
     ) -> EntryAttributes:
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
-        d_path = self.table.path(d.ino)
         if master is not None:
             disk_target = self._cipher(d, master).encrypt_symlink(bytes(target))
         else:
             disk_target = os.fsdecode(target)
-        uid, gid, _ = self._owner(d_path, ctx)
-        with self._new_entry(d_path, enc) as path:
-            os.symlink(disk_target, path)
-        os.chown(path, uid, gid, follow_symlinks=False)
-        st = os.lstat(path)
-        self.table.remember(d.ino, enc.disk_name, st)
+        d_fd = self.table.dir_fd(d.ino)
+        uid, gid, _ = self._owner(d_fd, ctx)
+        with self._new_entry(d_fd, enc) as disk:
+            sc.symlink_at(disk_target, d_fd, disk)
+        st = self._give_new(d_fd, disk, stat.S_IFLNK, uid, gid)
+        self.table.remember(d.ino, disk, st)
         self._modified(d)
-        return self._attrs(st, d.policy, dir_inode=d, path=path)
+        return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
 
     # ---------------------------------------------------- creating and removing
 
@@ -691,13 +713,12 @@ class KeyfenceOperations(pyfuse3.Operations):
     ) -> EntryAttributes:
         d = self._dir(parent_inode)
         enc, _master = await self._new_name(d, name, ctx)
-        d_path = self.table.path(d.ino)
-        uid, gid, _ = self._owner(d_path, ctx)
-        with self._new_entry(d_path, enc) as path:
-            os.mknod(path, mode, rdev)
-        os.chown(path, uid, gid, follow_symlinks=False)
-        st = os.lstat(path)
-        self.table.remember(d.ino, enc.disk_name, st)
+        d_fd = self.table.dir_fd(d.ino)
+        uid, gid, _ = self._owner(d_fd, ctx)
+        with self._new_entry(d_fd, enc) as disk:
+            sc.mknod_at(d_fd, disk, mode, rdev)
+        st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
+        self.table.remember(d.ino, disk, st)
         self._modified(d)
         return self._attrs(st, d.policy)
 
@@ -707,36 +728,49 @@ class KeyfenceOperations(pyfuse3.Operations):
     ) -> EntryAttributes:
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
-        d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, enc.disk_name)
-        uid, gid, sgid = self._owner(d_path, ctx)
+        d_fd = self.table.dir_fd(d.ino)
+        disk = enc.disk_name
+        uid, gid, sgid = self._owner(d_fd, ctx)
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if sgid else 0)
         if master is None:
-            os.mkdir(path, perm)
-            os.chown(path, uid, gid)
-            os.chmod(path, perm)
+            # only in a directory that is not encrypted (_new_name: ENOKEY
+            # in a locked one); inside an encrypted one every directory is
+            # made with its policy, below
+            sc.mkdir_at(d_fd, disk, perm)
+            new_fd = self._open_new(d_fd, disk, stat.S_IFDIR)
+            try:
+                sc.chown_at(new_fd, ".", uid, gid)
+                sc.chmod_at(new_fd, ".", perm)
+            finally:
+                os.close(new_fd)
         else:
             assert d.policy is not None
-            if os.path.lexists(path):
+            if sc.exists_at(d_fd, disk):
                 raise _err(errno.EEXIST)
             # made under a temporary name, with its policy, then renamed:
             # no encrypted directory is ever without its policy
-            tmp = os.path.join(d_path, _TEMP_PREFIX + secrets.token_hex(8))
-            os.mkdir(tmp, 0o700)
+            tmp = _TEMP_PREFIX + secrets.token_hex(8)
+            sc.mkdir_at(d_fd, tmp, 0o700)
+            tmp_fd = -1
             try:
+                tmp_fd = self._open_new(d_fd, tmp, stat.S_IFDIR)
                 policy = d.policy.with_nonce(os.urandom(DIR_NONCE_SIZE))
-                _write_policy(tmp, policy)
-                os.chown(tmp, uid, gid)
-                os.chmod(tmp, perm)
-                with self._new_entry(d_path, enc):
-                    rename2(tmp, path, RENAME_NOREPLACE)
+                _write_policy(tmp_fd, policy)
+                sc.chown_at(tmp_fd, ".", uid, gid)
+                sc.chmod_at(tmp_fd, ".", perm)
+                with self._new_entry(d_fd, enc):
+                    sc.rename_at(d_fd, tmp, d_fd, disk, RENAME_NOREPLACE)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(tmp, POLICY_FILE_NAME))
-                    os.rmdir(tmp)
+                    if tmp_fd >= 0:
+                        sc.unlink_at(tmp_fd, POLICY_FILE_NAME)
+                    sc.rmdir_at(d_fd, tmp)
                 raise
-        st = os.lstat(path)
-        self.table.remember(d.ino, enc.disk_name, st)
+            finally:
+                if tmp_fd >= 0:
+                    os.close(tmp_fd)
+        st = sc.stat_at(d_fd, disk)
+        self.table.remember(d.ino, disk, st)
         self._modified(d)
         return self._attrs(st, d.policy)
 
@@ -751,24 +785,29 @@ class KeyfenceOperations(pyfuse3.Operations):
     ) -> tuple[FileInfo, EntryAttributes]:
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
-        d_path = self.table.path(d.ino)
-        uid, gid, _ = self._owner(d_path, ctx)
-        open_flags = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | (flags & os.O_EXCL)
+        d_fd = self.table.dir_fd(d.ino)
+        uid, gid, _ = self._owner(d_fd, ctx)
+        open_flags = os.O_CREAT | (flags & os.O_EXCL)
         if master is None:
             open_flags |= flags & _PLAIN_OPEN_FLAGS
         else:
             open_flags |= os.O_RDWR
-        with self._new_entry(d_path, enc) as path:
-            fd = os.open(path, open_flags, stat.S_IMODE(mode))
+        with self._new_entry(d_fd, enc) as disk:
+            fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
         try:
-            st = os.fstat(fd)
-            if st.st_uid != uid or st.st_gid != gid:
+            if open_flags & os.O_TRUNC and st.st_size:
+                os.ftruncate(fd, 0)  # open_regular truncates nothing itself
+                st = os.fstat(fd)
+            if (st.st_uid != uid or st.st_gid != gid) and st.st_uid == os.geteuid():
+                # made by us just now; a file that was there already (put
+                # under the name in the backing store meanwhile) keeps its
+                # owner, as open(O_CREAT) of an existing file does
                 os.fchown(fd, uid, gid)
                 st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        self.table.remember(d.ino, enc.disk_name, st)
+        self.table.remember(d.ino, disk, st)
         self._modified(d)
         fh = self._new_fh()
         if master is None:
@@ -792,13 +831,12 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         d = self._dir(parent_inode)
         disk, _master, _locked = await self._resolve(d, name, ctx)
-        d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, disk)
-        st = os.lstat(path)
+        d_fd = self.table.dir_fd(d.ino)
+        st = sc.stat_at(d_fd, disk)
         if stat.S_ISDIR(st.st_mode):
             raise _err(errno.EISDIR)
-        os.unlink(path)
-        self._remove_sidecar(d_path, disk)
+        sc.unlink_at(d_fd, disk)
+        self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
         d.forget_name(disk)
         self._modified(d)
@@ -811,13 +849,12 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         d = self._dir(parent_inode)
         disk, _master, _locked = await self._resolve(d, name, ctx)
-        d_path = self.table.path(d.ino)
-        path = os.path.join(d_path, disk)
-        st = os.lstat(path)
+        d_fd = self.table.dir_fd(d.ino)
+        st = sc.stat_at(d_fd, disk)
         if not stat.S_ISDIR(st.st_mode):
             raise _err(errno.ENOTDIR)
-        _remove_encrypted_dir(path)
-        self._remove_sidecar(d_path, disk)
+        _remove_encrypted_dir(d_fd, disk)
+        self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
         d.forget_name(disk)
         self._modified(d)
@@ -838,13 +875,19 @@ class KeyfenceOperations(pyfuse3.Operations):
         if node.is_symlink and d.policy is not None and d.ino not in self.table.parents(node.ino):
             raise _err(errno.EXDEV, "an encrypted symlink is bound to its directory")
         enc, _master = await self._new_name(d, new_name, ctx)
-        d_path = self.table.path(d.ino)
-        with self._new_entry(d_path, enc) as path:
-            os.link(self.table.path(node.ino), path, follow_symlinks=False)
-        st = os.lstat(path)
-        self.table.remember(d.ino, enc.disk_name, st)
+        src_fd, src = self.table.entry(node.ino)
+        d_fd = self.table.dir_fd(d.ino)
+        with self._new_entry(d_fd, enc) as disk:
+            sc.link_at(src_fd, src, d_fd, disk)
+        st = sc.stat_at(d_fd, disk)
+        if self.table.fuse_ino(st.st_ino) != node.ino:
+            # the source name was swapped meanwhile: undo, never link another file
+            sc.unlink_at(d_fd, disk)
+            self._remove_sidecar(d_fd, disk)
+            raise _err(errno.ESTALE)
+        self.table.remember(d.ino, disk, st)
         self._modified(d)
-        return self._attrs(st, d.policy, dir_inode=d, path=path)
+        return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
 
     @fuse_op
     async def rename(
@@ -860,57 +903,57 @@ class KeyfenceOperations(pyfuse3.Operations):
         nd = self._dir(parent_inode_new)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise _err(errno.EINVAL)
+        od_master = nd_master = None
         if od.policy is not None:
-            await self._need_key(od.policy, ctx)
+            od_master = await self._need_key(od.policy, ctx)
         if nd.policy is not None:
-            await self._need_key(nd.policy, ctx)
+            nd_master = await self._need_key(nd.policy, ctx)
         old_disk, _, _ = await self._resolve(od, name_old, ctx)
-        od_path = self.table.path(od.ino)
-        nd_path = self.table.path(nd.ino)
-        old_path = os.path.join(od_path, old_disk)
-        st = os.lstat(old_path)
+        # no await below: the directory descriptors are used at once
+        od_fd = self.table.dir_fd(od.ino)
+        nd_fd = self.table.dir_fd(nd.ino)
+        st = sc.stat_at(od_fd, old_disk)
         exchange = bool(flags & RENAME_EXCHANGE)
-        self._check_move(od, nd, old_path, st)
-        if nd.policy is not None:
-            master = await self._need_key(nd.policy, ctx)
-            new_enc = self._encode(nd, master, name_new)
+        self._check_move(od, nd, od_fd, old_disk, st)
+        if nd_master is not None:
+            new_enc = self._encode(nd, nd_master, name_new)
         else:
             new_enc = EncryptedName(os.fsdecode(name_new), os.fsdecode(name_new))
             if new_enc.disk_name == POLICY_FILE_NAME:
                 raise _err(errno.EPERM)
-        new_path = os.path.join(nd_path, new_enc.disk_name)
+        new_disk = new_enc.disk_name
         if exchange:
-            st_new = os.lstat(new_path)
-            self._check_move(nd, od, new_path, st_new)
+            st_new = sc.stat_at(nd_fd, new_disk)
+            self._check_move(nd, od, nd_fd, new_disk, st_new)
             if (
                 od.ino != nd.ino
                 and (od.policy or nd.policy)
                 and (stat.S_ISLNK(st.st_mode) or stat.S_ISLNK(st_new.st_mode))
             ):
                 raise _err(errno.EXDEV, "encrypted symlinks are bound to their directory")
-        if old_path == new_path:
+        if (od.ino, old_disk) == (nd.ino, new_disk):
             return
         replaced: os.stat_result | None = None
         with contextlib.suppress(FileNotFoundError):
-            replaced = os.lstat(new_path)
+            replaced = sc.stat_at(nd_fd, new_disk)
         if (
             stat.S_ISLNK(st.st_mode)
             and od.ino != nd.ino
             and (od.policy is not None or nd.policy is not None)
             and not exchange
         ):
-            await self._move_symlink(od, nd, old_disk, new_enc, flags, ctx)
+            self._move_symlink(od, nd, od_master, nd_master, old_disk, new_enc, flags)
         else:
-            self._write_sidecar(nd_path, new_enc)
-            rename2(old_path, new_path, flags)
-            if not exchange and (od.ino, old_disk) != (nd.ino, new_enc.disk_name):
-                self._remove_sidecar(od_path, old_disk)
+            self._write_sidecar(nd_fd, new_enc)
+            sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
+            if not exchange and (od.ino, old_disk) != (nd.ino, new_disk):
+                self._remove_sidecar(od_fd, old_disk)
         if exchange:
-            self.table.exchange(od.ino, old_disk, nd.ino, new_enc.disk_name)
+            self.table.exchange(od.ino, old_disk, nd.ino, new_disk)
             od.forget_name(old_disk)
-            nd.forget_name(new_enc.disk_name)
+            nd.forget_name(new_disk)
         else:
-            self.table.move(od.ino, old_disk, nd.ino, new_enc.disk_name)
+            self.table.move(od.ino, old_disk, nd.ino, new_disk)
             od.forget_name(old_disk)
             if replaced is not None and stat.S_ISREG(replaced.st_mode) and replaced.st_nlink <= 1:
                 cached = self.cache.get(self.table.fuse_ino(replaced.st_ino))
@@ -919,13 +962,17 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._modified(od)
         self._modified(nd)
 
-    def _check_move(self, od: Inode, nd: Inode, path: str, st: os.stat_result) -> None:
+    def _check_move(self, od: Inode, nd: Inode, od_fd: int, disk: str, st: os.stat_result) -> None:
         """EXDEV unless the entry may live in ``nd`` (docs/fs.md, as fscrypt)."""
         if stat.S_ISDIR(st.st_mode):
             moved = self.table.find(self.table.fuse_ino(st.st_ino))
             own = moved.policy if moved is not None else None
             if moved is None:
-                own = read_policy(path)
+                fd = sc.open_dir(od_fd, disk, os.O_PATH)
+                try:
+                    own = read_policy(fd)
+                finally:
+                    os.close(fd)
         else:
             own = od.policy
         if nd.policy is not None:
@@ -934,44 +981,41 @@ class KeyfenceOperations(pyfuse3.Operations):
         elif not stat.S_ISDIR(st.st_mode) and od.policy is not None:
             raise _err(errno.EXDEV)
 
-    async def _move_symlink(
+    def _move_symlink(
         self,
         od: Inode,
         nd: Inode,
+        od_master: MasterKey | None,
+        nd_master: MasterKey | None,
         old_disk: str,
         new_enc: EncryptedName,
         flags: int,
-        ctx: RequestContext,
     ) -> None:
         """Rename a symlink into another directory: its target is re-encrypted."""
-        od_path = self.table.path(od.ino)
-        nd_path = self.table.path(nd.ino)
-        old_path = os.path.join(od_path, old_disk)
-        new_path = os.path.join(nd_path, new_enc.disk_name)
-        raw = os.readlink(old_path)
-        if od.policy is not None:
-            target = self._cipher(od, await self._need_key(od.policy, ctx)).decrypt_symlink(raw)
+        od_fd = self.table.dir_fd(od.ino)
+        nd_fd = self.table.dir_fd(nd.ino)
+        raw = sc.readlink_at(od_fd, old_disk)
+        if od_master is not None:
+            target = self._cipher(od, od_master).decrypt_symlink(raw)
         else:
             target = os.fsencode(raw)
-        if nd.policy is not None:
-            disk_target = self._cipher(nd, await self._need_key(nd.policy, ctx)).encrypt_symlink(
-                target
-            )
+        if nd_master is not None:
+            disk_target = self._cipher(nd, nd_master).encrypt_symlink(target)
         else:
             disk_target = os.fsdecode(target)
-        st = os.lstat(old_path)
-        tmp = os.path.join(nd_path, _TEMP_PREFIX + secrets.token_hex(8))
-        os.symlink(disk_target, tmp)
+        st = sc.stat_at(od_fd, old_disk)
+        tmp = _TEMP_PREFIX + secrets.token_hex(8)
+        sc.symlink_at(disk_target, nd_fd, tmp)
         try:
-            os.chown(tmp, st.st_uid, st.st_gid, follow_symlinks=False)
-            self._write_sidecar(nd_path, new_enc)
-            rename2(tmp, new_path, flags & RENAME_NOREPLACE)
+            sc.chown_at(nd_fd, tmp, st.st_uid, st.st_gid)
+            self._write_sidecar(nd_fd, new_enc)
+            sc.rename_at(nd_fd, tmp, nd_fd, new_enc.disk_name, flags & RENAME_NOREPLACE)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                sc.unlink_at(nd_fd, tmp)
             raise
-        os.unlink(old_path)
-        self._remove_sidecar(od_path, old_disk)
+        sc.unlink_at(od_fd, old_disk)
+        self._remove_sidecar(od_fd, old_disk)
         # the kernel still has the old inode number under the new name
         pyfuse3.invalidate_entry_async(
             InodeT(nd.ino), FileNameT(self._plain_of(nd, new_enc.disk_name)), ignore_enoent=True
@@ -988,15 +1032,20 @@ class KeyfenceOperations(pyfuse3.Operations):
         if node.is_dir:
             raise _err(errno.EISDIR)
         policy = self.table.contents_policy(node)
-        path = self.table.path(node.ino)
         fh = self._new_fh()
         if policy is None:
-            fd = os.open(path, (flags & _PLAIN_OPEN_FLAGS) | os.O_CLOEXEC)
+            fd, st = self._open_file(node, flags & _PLAIN_OPEN_FLAGS)
+            if flags & os.O_TRUNC and st.st_size:
+                try:
+                    os.ftruncate(fd, 0)
+                except BaseException:
+                    os.close(fd)
+                    raise
             self.handles[fh] = FileHandle(node.ino, flags, fd=fd)
         else:
             master = await self._need_key(policy, ctx)
             cached = self.cache.open(
-                node.ino, policy.key.description, master, lambda: _open_rw(path)
+                node.ino, policy.key.description, master, lambda: self._open_rw(node)
             )
             if flags & os.O_TRUNC:
                 try:
@@ -1044,7 +1093,10 @@ class KeyfenceOperations(pyfuse3.Operations):
             while done < len(view):
                 done += os.pwrite(h.fd, view[done:], off + done)
             return done
-        n = self.cache.write(self._rekeyed(h.cached), off, buf)
+        try:
+            n = self.cache.write(self._rekeyed(h.cached), off, buf)
+        finally:
+            sc.wipe_request_buffer(buf)  # copied: nothing refers to it any more
         if h.flags & (os.O_SYNC | os.O_DSYNC):
             datasync = (h.flags & os.O_SYNC) != os.O_SYNC
             await trio.to_thread.run_sync(self.cache.fsync, h.cached, datasync)
@@ -1107,16 +1159,17 @@ class KeyfenceOperations(pyfuse3.Operations):
         return FileHandleT(fh)
 
     async def _list(self, d: Inode, pid: int) -> tuple[list[tuple[bytes, str]], bool]:
-        d_path = self.table.path(d.ino)
-        names = os.listdir(d_path)
         if d.policy is None:
+            names = sc.listdir_fd(self.table.dir_fd(d.ino))
             return [(os.fsencode(n), n) for n in names], False
         master = await self._unlock(d.policy, pid)
+        names = sc.listdir_fd(self.table.dir_fd(d.ino))
         if master is None:
             return [(n.encode("ascii"), n) for n in names if self._listed_disk_name(n)], True
         out: list[tuple[bytes, str]] = []
+        d_fd = self.table.dir_fd(d.ino)
         for n in names:
-            plain = self._decode(d, master, d_path, n)
+            plain = self._decode(d, master, d_fd, n)
             if plain is not None:
                 out.append((plain, n))
         return out, False
@@ -1129,15 +1182,16 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(dh.ino)
         if start_id == 0 or dh.entries is None:
             dh.entries, dh.locked = await self._list(d, dh.pid)
-        d_path = self.table.path(d.ino)
         for i in range(start_id, len(dh.entries)):
             name, disk = dh.entries[i]
-            path = os.path.join(d_path, disk)
+            # asked again each time: remembering a directory below may
+            # open descriptors and close the least recently used
+            d_fd = self.table.dir_fd(d.ino)
             try:
-                st = os.lstat(path)
+                st = sc.stat_at(d_fd, disk)
             except FileNotFoundError:
                 continue
-            attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, path=path)
+            attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
             if not pyfuse3.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break
             self.table.remember(d.ino, disk, st)
@@ -1151,11 +1205,15 @@ class KeyfenceOperations(pyfuse3.Operations):
         dh = self.dir_handles.get(fh)
         if dh is None:
             raise _err(errno.EBADF)
-        await trio.to_thread.run_sync(_fsync_dir, self.table.path(dh.ino))
+        fd = sc.open_dir(self.table.dir_fd(dh.ino), ".")
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
 
     @fuse_op
     async def statfs(self, ctx: RequestContext) -> StatvfsData:
-        s = os.statvfs(self.backing)
+        s = os.statvfs(self.table.root_fd)  # fstatvfs
         out = StatvfsData()
         out.f_bsize = s.f_bsize
         out.f_frsize = s.f_frsize
@@ -1186,12 +1244,16 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name == STATUS_XATTR:
             return json.dumps(self.status(node), sort_keys=True).encode()
         if name == PROTECTORS_XATTR:
-            path = self._protectors_path(node, ctx)  # the inode table: trio thread only
-            return await trio.to_thread.run_sync(_read_protectors, path)
+            # tiny file, on the trio thread: the directory descriptor is the table's
+            return _read_protectors(self._protectors_dir(node, ctx))
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
         try:
-            return os.getxattr(self.table.path(node.ino), name, follow_symlinks=False)
+            cached = self.cache.get(node.ino) if node.is_reg else None
+            if cached is not None and cached.fd >= 0:
+                # open anyway: the kernel asks this before every write
+                return sc.fgetxattr(cached.fd, bytes(name))
+            return sc.getxattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
         except OSError as err:
             if err.errno == errno.ENODATA and name == _CAPABILITY_XATTR:
                 self._no_capability.add(inode)
@@ -1206,21 +1268,17 @@ class KeyfenceOperations(pyfuse3.Operations):
             await self._set_policy(node, value, ctx)
             return
         if name == PROTECTORS_XATTR:
-            path = self._protectors_path(node, ctx)
-            await trio.to_thread.run_sync(_write_protectors, path, value)
+            _write_protectors(self._protectors_dir(node, ctx), value)
             return
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
         self._no_capability.discard(inode)
-        os.setxattr(self.table.path(node.ino), name, value, follow_symlinks=False)
+        sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
     @fuse_op
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         node = self.table.get(inode)
-        names = [
-            XAttrNameT(os.fsencode(n))
-            for n in os.listxattr(self.table.path(node.ino), follow_symlinks=False)
-        ]
+        names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
         if self.table.contents_policy(node) is not None:
             names.append(XAttrNameT(POLICY_XATTR))
         names.append(XAttrNameT(STATUS_XATTR))
@@ -1232,7 +1290,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
         self._no_capability.discard(inode)
-        os.removexattr(self.table.path(node.ino), name, follow_symlinks=False)
+        sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
         """setxattr user.keyfence.policy: encrypt an empty directory."""
@@ -1244,37 +1302,45 @@ class KeyfenceOperations(pyfuse3.Operations):
             raise _err(
                 errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>"
             ) from None
-        path = self.table.path(node.ino)
-        st = os.lstat(path)
+        if node.policy_error is not None:
+            raise IntegrityError(f"bad encryption policy: {node.policy_error}")
+        st = os.fstat(self.table.dir_fd(node.ino))
         if ctx.uid != 0 and ctx.uid != st.st_uid:
             raise _err(errno.EACCES)
         if node.policy is not None:
             if node.policy.key == ref:
                 return
             raise _err(errno.EEXIST, "the directory already has another policy")
-        if os.listdir(path):
+        if sc.listdir_fd(self.table.dir_fd(node.ino)):
             raise _err(errno.ENOTEMPTY)
         master = await self.keys.unlock(ref, ctx.pid)
         if master is None:
             raise _err(errno.ENOKEY, str(ref))
         policy = Policy(ref, os.urandom(DIR_NONCE_SIZE))
-        _write_policy(path, policy, sync=True)
-        await trio.to_thread.run_sync(_fsync_dir, path)
+        d_fd = self.table.dir_fd(node.ino)
+        if sc.listdir_fd(d_fd):  # filled while the key was looked up
+            raise _err(errno.ENOTEMPTY)
+        _write_policy(d_fd, policy, sync=True)
+        fd = sc.open_dir(d_fd, ".")
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
         node.policy = policy
         node.policy_error = None
         node.forget_names()
         log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
 
-    def _protectors_path(self, node: Inode, ctx: RequestContext) -> str:
-        """The protectors file of an encrypted directory the caller owns (or root)."""
+    def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
+        """The backing descriptor of an encrypted directory the caller owns (or root)."""
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
         if node.policy is None:
             raise FUSEError(pyfuse3.ENOATTR)
-        path = self.table.path(node.ino)
-        if ctx.uid != 0 and ctx.uid != os.lstat(path).st_uid:
+        d_fd = self.table.dir_fd(node.ino)
+        if ctx.uid != 0 and ctx.uid != os.fstat(d_fd).st_uid:
             raise _err(errno.EACCES)
-        return os.path.join(path, PROTECTORS_FILE_NAME)
+        return d_fd
 
     def status(self, node: Inode) -> dict[str, Any]:
         """What ``user.keyfence.status`` shows (JSON)."""
@@ -1376,9 +1442,11 @@ class KeyfenceOperations(pyfuse3.Operations):
             self.cache.flush_key(desc, progress)
             self.cache.close_key(desc)
             self.cache.flush_key(desc)
-            for path in self._in_loop(lambda: self._modified_dir_paths(desc)):
-                with contextlib.suppress(FileNotFoundError):
-                    _fsync_dir(path)
+            for fd in self._in_loop(lambda: self._modified_dir_fds(desc)):
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except OSError as err:
             self.cache.reopen_key(desc)
             log.error(
@@ -1431,15 +1499,17 @@ class KeyfenceOperations(pyfuse3.Operations):
                 },
             )
 
-    def _modified_dir_paths(self, desc: str) -> list[str]:
+    def _modified_dir_fds(self, desc: str) -> list[int]:
+        """On the trio thread: descriptors (to fsync, then close) of the
+        directories changed under ``desc`` since its last removal."""
         out = []
         for ino in list(self._modified_dirs):
             d = self.table.find(ino)
             if d is None or d.policy is None or d.policy.key.description != desc:
                 continue
             self._modified_dirs.discard(ino)
-            with contextlib.suppress(KeyfenceError):
-                out.append(self.table.path(ino))
+            with contextlib.suppress(OSError):  # gone, or no longer that directory
+                out.append(sc.open_dir(self.table.dir_fd(ino), "."))
         return out
 
     def _evict(self, binding: Binding) -> _Eviction:
@@ -1497,38 +1567,14 @@ RENAME_NOREPLACE = int(pyfuse3.RENAME_NOREPLACE)
 RENAME_EXCHANGE = int(pyfuse3.RENAME_EXCHANGE)
 
 
-def _open_rw(path: str) -> int:
-    flags = os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        return os.open(path, os.O_RDWR | flags)
-    except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
-        return os.open(path, os.O_RDONLY | flags)
+def _write_policy(dir_fd: int, policy: Policy, *, sync: bool = False) -> None:
+    sc.write_new(dir_fd, POLICY_FILE_NAME, policy.serialize(), replace=False, sync=sync)
 
 
-def _write_policy(dir_path: str, policy: Policy, *, sync: bool = False) -> None:
-    path = os.path.join(dir_path, POLICY_FILE_NAME)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, policy.serialize())
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_protectors(path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise FUSEError(pyfuse3.ENOATTR) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME} is not a regular file")
-        data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
-    finally:
-        os.close(fd)
+def _read_protectors(d_fd: int) -> bytes:
+    data = sc.read_small(d_fd, PROTECTORS_FILE_NAME, MAX_PROTECTORS_SIZE + 1)
+    if data is None:
+        raise FUSEError(pyfuse3.ENOATTR)
     try:
         Protectors.parse(data)
     except FormatError as err:
@@ -1536,72 +1582,52 @@ def _read_protectors(path: str) -> bytes:
     return data
 
 
-def _write_protectors(path: str, value: bytes) -> None:
+def _write_protectors(d_fd: int, value: bytes) -> None:
     """Replace the file atomically (write, fsync, rename, fsync the directory)."""
     try:
         Protectors.parse(value)
     except FormatError as err:
         raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
-    tmp = os.path.join(os.path.dirname(path), f"{_TEMP_PREFIX}{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+    sc.write_new(d_fd, tmp, value, replace=False, sync=True)
     try:
-        os.write(fd, value)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, path)
+        sc.rename_at(d_fd, tmp, d_fd, PROTECTORS_FILE_NAME)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            sc.unlink_at(d_fd, tmp)
         raise
-    _fsync_dir(os.path.dirname(path))
+    sc.fsync_dir(d_fd)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_encrypted_dir(path: str) -> None:
+def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
     """rmdir, where an encrypted directory may hold only its policy and
     stale long-name sidecars (ENOTEMPTY otherwise)."""
-    names = os.listdir(path)
-    if POLICY_FILE_NAME not in names:
-        os.rmdir(path)
-        return
-    if any(
-        not (
-            n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
-            or is_sidecar_name(n)
-            or n.startswith(_TEMP_PREFIX)
-        )
-        for n in names
-    ):
-        raise _err(errno.ENOTEMPTY)
-    for n in names:
-        if n != POLICY_FILE_NAME:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(os.path.join(path, n))
-    with open(os.path.join(path, POLICY_FILE_NAME), "rb") as f:
-        record = f.read()
-    os.unlink(os.path.join(path, POLICY_FILE_NAME))
+    fd = sc.open_dir(d_fd, disk, os.O_PATH)
     try:
-        os.rmdir(path)
-    except OSError:
-        _restore_policy(path, record)
-        raise
-
-
-def _restore_policy(path: str, record: bytes) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(
-            os.path.join(path, POLICY_FILE_NAME), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-        )
+        names = sc.listdir_fd(fd)
+        if POLICY_FILE_NAME not in names:
+            sc.rmdir_at(d_fd, disk)
+            return
+        if any(
+            not (
+                n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
+                or is_sidecar_name(n)
+                or n.startswith(_TEMP_PREFIX)
+            )
+            for n in names
+        ):
+            raise _err(errno.ENOTEMPTY)
+        for n in names:
+            if n != POLICY_FILE_NAME:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    sc.unlink_at(fd, n)
+        record = sc.read_small(fd, POLICY_FILE_NAME, 1 << 16) or b""
+        sc.unlink_at(fd, POLICY_FILE_NAME)
         try:
-            os.write(fd, record)
-        finally:
-            os.close(fd)
+            sc.rmdir_at(d_fd, disk)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sc.write_new(fd, POLICY_FILE_NAME, record, replace=False, sync=False)
+            raise
+    finally:
+        os.close(fd)

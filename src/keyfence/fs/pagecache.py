@@ -43,8 +43,6 @@ wait at most for one chunk's ``pwrite``, whatever is dirty.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -53,7 +51,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
@@ -69,6 +66,7 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
+from keyfence.fs.syscalls import set_mtime_ns, start_writeback
 
 __all__ = [
     "DEFAULT_CHUNK_PAGES",
@@ -117,28 +115,6 @@ def lenient_plaintext_size(disk_size: int) -> int:
 
 def _enokey(detail: str = "the directory's key is gone") -> KeyfenceError:
     return KeyfenceError(errno.ENOKEY, detail)
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-_UTIME_OMIT = (1 << 30) - 2
-_futimens: Callable[[int, Any], int] | None = None
-
-
-def set_mtime_ns(fd: int, mtime_ns: int) -> None:
-    """futimens(2) setting only the mtime (atime ``UTIME_OMIT``): one
-    syscall, where ``os.utime`` needs an ``fstat`` first for the atime."""
-    global _futimens
-    if _futimens is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _futimens = libc.futimens
-    seconds, nanoseconds = divmod(mtime_ns, 1_000_000_000)
-    times = (_Timespec * 2)(_Timespec(0, _UTIME_OMIT), _Timespec(seconds, nanoseconds))
-    if _futimens(fd, times) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 class _Page:
@@ -231,24 +207,6 @@ class _Chunk:
 
     def records_size(self) -> int:
         return (len(self.pages) - 1) * RECORD_SIZE + self.last_len + BLOCK_OVERHEAD
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range: Callable[[int, int, int, int], int] | None = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): start the disk writes of a
-    range without waiting for them (Python has no ``os`` binding).  Best
-    effort: the fsync that follows is what makes the data durable."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
-        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        call.restype = ctypes.c_int
-        _sync_file_range = call
-    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class _StartIO:
@@ -670,6 +628,8 @@ class PageCache:
             f.generation += 1
             if size == 0:
                 self._dirty_pages -= len(f.pages)
+                for page in f.pages.values():
+                    page.data[:] = _ZERO_PAGE
                 f.pages.clear()
                 os.ftruncate(f.fd, 0)
                 f.disk_size = 0
@@ -683,7 +643,7 @@ class PageCache:
             if size < old:
                 last = (size - 1) // PAGE_SIZE
                 for idx in [i for i in f.pages if i > last]:
-                    del f.pages[idx]
+                    f.pages.pop(idx).data[:] = _ZERO_PAGE
                     self._dirty_pages -= 1
                 if size % PAGE_SIZE:
                     page = self._dirty_page_locked(f, last)
@@ -971,7 +931,9 @@ class PageCache:
                 done += os.pwrite(f.fd, data[done:], offset + done)
             f.disk_size = max(f.disk_size, offset + len(data))
             for m in range(k, j + 1):
-                del pages[chunk.first + m]
+                # written: its plaintext is zeroed before the memory goes
+                # back to the allocator (docs/security.md)
+                pages.pop(chunk.first + m).data[:] = _ZERO_PAGE
             self._dirty_pages -= j - k + 1
             written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
             k = j + 1

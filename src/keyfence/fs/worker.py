@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -52,7 +51,6 @@ from typing import Any
 import pyfuse3
 import trio
 
-from keyfence.errors import KeyfenceError
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
@@ -230,10 +228,8 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     (docs/fs.md).  With a higher mmap threshold the buffers are reused.
     """
     try:
-        import ctypes
-        import ctypes.util
+        from keyfence.fs.syscalls import libc  # the one CDLL of fs/
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
         ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and ok
         return bool(libc.mallopt(_M_TOP_PAD, 16 << 20)) and ok
@@ -313,17 +309,9 @@ def run(
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel
     tune_malloc()
-    served = backing if backing_fd is None else os.readlink(f"/proc/self/fd/{backing_fd}")
     # mounted by the daemon on the checked directory: serve its /dev/fuse
     target = mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
-    ops = KeyfenceOperations(served, mountpoint, source, options)
-    if backing_fd is not None:
-        # the operations still take a path (issue 11: dir-fd backing access
-        # is being built in fs/ops.py): make sure it names the directory the
-        # daemon checked, not one swapped in since
-        st = os.fstat(backing_fd)
-        if (ops.table.root_dev, ops.table.root_st_ino) != (st.st_dev, st.st_ino):
-            raise KeyfenceError(errno.ESTALE, "the backing directory was replaced")
+    ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
     if allow_other is None:
         allow_other = os.geteuid() == 0
     pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))

@@ -22,6 +22,12 @@ ADD_KEY_PAYLOAD_MAX = 1024 * 1024 - 1
 UPDATE_PAYLOAD_MAX = 4096
 """keyctl(KEYCTL_UPDATE) copies at most a page."""
 
+TYPE_NAME_MAX = 32
+"""Type names are copied into 32 bytes with their NUL (key_get_type_from_user)."""
+
+CALLOUT_MAX = 4095
+"""request_key(2)'s callout info: strndup_user() into a page."""
+
 DESCRIPTION_MAX = 4095
 """Descriptions are strndup_user()'d into KEY_MAX_DESC_SIZE (4096) bytes."""
 
@@ -68,8 +74,8 @@ TYPES: dict[str, KeyType] = {t.name: t for t in (USER, LOGON, KEYRING)}
 
 def check_type_name(name: str) -> None:
     """EINVAL for an empty type name, EPERM for the kernel's internal ones."""
-    if not name:
-        raise fail(errno.EINVAL, "a key type is required")
+    if not name or len(name.encode()) >= TYPE_NAME_MAX:
+        raise fail(errno.EINVAL, "a key type name is 1 to 31 bytes")
     if name.startswith("."):
         raise fail(errno.EPERM, "types starting with '.' are internal")
 

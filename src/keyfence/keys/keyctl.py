@@ -28,6 +28,7 @@ from enum import Enum
 from keyfence.keys import keyring as _keyring
 from keyfence.keys import permission
 from keyfence.keys import secret as _secret
+from keyfence.keys import upcall as _upcall
 from keyfence.keys.errors import fail
 from keyfence.keys.fence import FenceOutcome, FenceRound, RemovalProgress, current_fence
 from keyfence.keys.gc import GarbageCollector
@@ -66,6 +67,7 @@ from keyfence.keys.process_keys import (
 )
 from keyfence.keys.quota import QuotaLimits, QuotaTable, QuotaUsage
 from keyfence.keys.removal import Removal, Why, wipe_payload
+from keyfence.keys.request_key import Constructions, UpcallHook
 from keyfence.keys.secret import SecretBuffer
 
 KEYCTL_MOVE_EXCL = 0x01
@@ -83,6 +85,10 @@ _STATE_EVENT = {
     KeyState.EXPIRED: KeyEvent.EXPIRED,
 }
 SERIAL_BITS = 31
+
+
+def _own_process(caller: Caller) -> tuple[tuple[int, int], ...]:
+    return (caller.process,)
 
 
 class _Need(Enum):
@@ -142,6 +148,14 @@ class KeyService:
         """Keys made for a removal still being fenced (add displacing a key,
         joining a session keyring); destroyed if it does not apply."""
         self.gc = GarbageCollector(self, delay=gc_delay, clock=clock, threaded=run_gc_thread)
+        self._constructions = Constructions()
+        """Keys request_key() is constructing (keys/request_key.py)."""
+        self.request_key_upcall: UpcallHook | None = None
+        """Runs the handler of a construction (the daemon's); None: no
+        handler can be run, as when /sbin/request-key is missing."""
+        self.process_lineage: Callable[[Caller], Iterable[tuple[int, int]]] = _own_process
+        """The caller's process, then its ancestors, as (pid, start time):
+        who may act for a construction (the daemon reads /proc)."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -222,6 +236,60 @@ class KeyService:
             pair = self._special.users[uid] = (user, user_session)
         return pair
 
+    def _caller_user_keyrings_locked(self, caller: Caller) -> tuple[Key, Key]:
+        """look_up_user_keyrings() for a caller's @u, @us (and @s fallback).
+
+        The kernel finds both keyrings by searching its per-namespace
+        register, as their possessor: one that was invalidated is gone from
+        the register and made anew (a new @us links the old @u); one found
+        but revoked, expired or not searchable makes *both* lookups fail
+        with ENOKEY (observed: KERNEL_FACTS.md, "User keyrings").
+        """
+        pair = self._special.users.get(caller.uid)
+        if pair is None:
+            return self._user_keyrings_locked(caller.uid)
+        user, user_session = pair
+        gone = (KeyState.INVALIDATED, KeyState.DEAD)
+        if user.state in gone or user_session.state in gone:
+            perm = permission.USER_KEYRING_PERM
+            if user.state in gone:
+                self._drop_user_keyring_locked(user)
+                user = self._alloc_locked(
+                    KEYRING, f"_uid.{caller.uid}", uid=caller.uid, gid=-1, perm=perm, overrun=True
+                )
+                user.anchors += 1
+            if user_session.state in gone:
+                self._drop_user_keyring_locked(user_session)
+                user_session = self._alloc_locked(
+                    KEYRING,
+                    f"_uid_ses.{caller.uid}",
+                    uid=caller.uid,
+                    gid=-1,
+                    perm=perm,
+                    overrun=True,
+                )
+                user_session.anchors += 1
+                _keyring.link_locked(user_session, user, self._quota)
+            pair = self._special.users[caller.uid] = (user, user_session)
+        now = self.now()
+        for ring in pair:
+            if (
+                ring.state is not KeyState.VALID
+                or ring.is_expired(now)
+                or not permission.allowed(ring, caller, permission.SEARCH, possessed=True)
+            ):
+                raise fail(errno.ENOKEY, "the user keyrings cannot be found")
+        return pair
+
+    def _drop_user_keyring_locked(self, ring: Key) -> None:
+        """Let go of a user keyring that was invalidated; destroy it if
+        nothing else holds it (the removal left it for its anchor)."""
+        ring.anchors -= 1
+        if ring.state is not KeyState.DEAD and not ring.parents and not ring.anchors:
+            ring.state = KeyState.DEAD
+            wipe_payload(ring)
+            self._release_locked(ring)
+
     def _new_private_keyring_locked(self, caller: Caller, description: str, perm: int) -> Key:
         key = self._alloc_locked(
             KEYRING, description, uid=caller.uid, gid=caller.gid, perm=perm, overrun=True
@@ -253,18 +321,18 @@ class KeyService:
             key = tables.session_keyring(caller)
             if key is None:
                 if not create or caller.session is None:
-                    return self._user_keyrings_locked(caller.uid)[1]
+                    return self._caller_user_keyrings_locked(caller)[1]
                 perm = permission.SESSION_KEYRING_PERM
                 key = self._new_private_keyring_locked(caller, "_ses", perm)
                 tables.sessions[caller.session] = key
                 tables.bound_at[caller.session] = boot_clock()
             return key
         if spec == KEY_SPEC_USER_KEYRING:
-            return self._user_keyrings_locked(caller.uid)[0]
+            return self._caller_user_keyrings_locked(caller)[0]
         if spec == KEY_SPEC_USER_SESSION_KEYRING:
-            return self._user_keyrings_locked(caller.uid)[1]
+            return self._caller_user_keyrings_locked(caller)[1]
         if spec in (KEY_SPEC_REQKEY_AUTH_KEY, KEY_SPEC_REQUESTOR_KEYRING):
-            raise fail(errno.ENOKEY, "no request_key authorisation")
+            return _upcall.special_locked(self, caller, spec)
         if spec == KEY_SPEC_GROUP_KEYRING:
             raise fail(errno.EINVAL, "group keyrings are not supported")
         raise fail(errno.EINVAL, f"bad key id {spec}")
@@ -282,6 +350,10 @@ class KeyService:
         if session is None:
             session = self._user_keyrings_locked(caller.uid)[1]
         rings.append(session)
+        if self._constructions:
+            rings.extend(
+                r for r in _upcall.requester_keyrings_locked(self, caller) if r not in rings
+            )
         return rings
 
     def _search_process_keyrings_locked(
@@ -370,9 +442,15 @@ class KeyService:
             raise fail(errno.EINVAL, "key id 0")
         else:
             found = self._keys.get(key_id)
-            if found is None or not found.is_live():
+            # an invalidated key the removal path kept for its anchor (a
+            # user or session keyring) is as gone as the kernel's gc makes it
+            if found is None or not found.is_live() or found.state is KeyState.INVALIDATED:
                 raise fail(errno.ENOKEY)
             key = found
+            if self._constructions.by_key:
+                # KEY_LOOKUP_PARTIAL: describe, chown, setperm, timeout, unlink
+                partial = need in (permission.VIEW, permission.SETATTR, _Need.UNLINK, _Need.DEFER)
+                _upcall.check_constructed_locked(self, key, partial=partial)
             possessed = self._possessed_locked(caller, key)
         if isinstance(need, int):
             key.validate(self.now())
@@ -404,6 +482,8 @@ class KeyService:
         assert ring.contents is not None
         old = ring.contents.find(key.index_key)
         if old is key:
+            # linked again: the kernel tells the keyring's watchers all the same
+            self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         if old is None:
             _keyring.link_locked(ring, key, self._quota)
@@ -609,9 +689,12 @@ class KeyService:
             return []
         events: list[tuple[Key, KeyEvent, int | None]] = []
         cleared: set[Key] = set()
+        destroyed = set(removal.destroyed)
         for ring, key in removal.cut:
             if removal.op == "clear" and (ring, key) in removal.unlinks_set:
                 cleared.add(ring)
+            elif ring in destroyed:
+                continue  # a destroyed keyring's contents go without a word (gc only)
             else:
                 events.append((ring, KeyEvent.UNLINKED, key.serial))
         events.extend((ring, KeyEvent.CLEARED, None) for ring in cleared)
@@ -771,6 +854,8 @@ class KeyService:
         key.payload = _secret.store(data)
         key.expiry = None  # an update clears the timeout, as user_update() does
         key.state = KeyState.VALID
+        if self._constructions.by_key:
+            _upcall.updated_locked(self, key)
         if old is not None:
             old.wipe()
 
@@ -799,43 +884,21 @@ class KeyService:
         callout: str | None = None,
         dest_keyring: int = 0,
     ) -> int:
-        """request_key(2): find a key from the caller's keyrings.
+        """request_key(2): find a key from the caller's keyrings, or, given
+        ``callout``, have a handler construct it (keys/upcall.py)."""
+        return _upcall.request_key(self, caller, type_name, description, callout, dest_keyring)
 
-        A found key is linked into ``dest_keyring`` when one is given (link
-        permission).  keyfence has no upcall: with or without ``callout``, a
-        key that is not found is ENOKEY (docs/keys.md).
-        """
-        check_type_name(type_name)
-        result: list[int] = []
+    def instantiate(self, caller: Caller, key_id: int, payload: bytes | None, keyring: int) -> None:
+        """KEYCTL_INSTANTIATE, by a handler holding the key's authority."""
+        _upcall.instantiate(self, caller, key_id, payload, keyring)
 
-        def build() -> Removal | None:
-            dest = None
-            if dest_keyring:
-                dest, _ = self._lookup_locked(caller, dest_keyring, permission.WRITE, create=True)
-            key_type = lookup_type(type_name, missing=errno.ENOKEY)
-            now = self.now()
+    def reject(self, caller: Caller, key_id: int, timeout: int, error: int, keyring: int) -> None:
+        """KEYCTL_REJECT (KEYCTL_NEGATE: ``error`` ENOKEY), by a handler."""
+        _upcall.reject(self, caller, key_id, timeout, error, keyring)
 
-            def ctx() -> SearchContext:
-                return SearchContext(
-                    caller=caller,
-                    possessed=True,
-                    index_key=(key_type.name, description),
-                    match=lambda k: True,
-                    now=now,
-                    skip_expired=True,
-                )
-
-            found, error = self._search_process_keyrings_locked(caller, ctx)
-            if found is None:
-                raise fail(errno.ENOKEY if error == errno.EAGAIN else error)
-            result[:] = [found.serial]
-            if dest is None:
-                return None
-            permission.check(found, caller, permission.LINK, possessed=True)
-            return self._link_locked(dest, found, "request", caller)
-
-        self._run_removal(build)
-        return result[0]
+    def assume_authority(self, caller: Caller, key_id: int) -> int:
+        """KEYCTL_ASSUME_AUTHORITY."""
+        return _upcall.assume_authority(self, caller, key_id)
 
     def get_keyring_id(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: resolve an id, creating special keyrings if
@@ -856,8 +919,8 @@ class KeyService:
         with '.'), EDQUOT, and the fence's.
         """
         session = caller.session
-        if name is not None and not name:
-            raise fail(errno.EINVAL, "an empty session keyring name")
+        if name is not None and (not name or len(name.encode()) > DESCRIPTION_MAX):
+            raise fail(errno.EINVAL, "a session keyring name is 1 to 4095 bytes")
         if name is not None and name.startswith("."):
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
         if session is None:
@@ -1106,9 +1169,13 @@ class KeyService:
         linked while the watchers flush stays.
         """
 
-        def build() -> Removal:
+        def build() -> Removal | None:
             ring, _ = self._keyring_locked(caller, keyring, permission.WRITE, create=True)
             assert ring.contents is not None
+            if not len(ring.contents):
+                # the kernel tells a keyring's watchers it was cleared, even empty
+                self._notify([(ring, KeyEvent.CLEARED, None)], caller, "clear")
+                return None
             return Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
@@ -1215,6 +1282,8 @@ class KeyService:
         only matches were unusable), ENOTDIR.
         """
         check_type_name(type_name)
+        if len(description.encode()) > DESCRIPTION_MAX:
+            raise fail(errno.EINVAL, "description too long")
         result: list[int] = []
 
         def build() -> Removal | None:
@@ -1233,6 +1302,9 @@ class KeyService:
             found = self._search_one_locked(ring, ctx, possessed=possessed)
             if found is None:
                 raise fail(errno.ENOKEY if ctx.error == errno.EAGAIN else ctx.error)
+            negative = _upcall.negative_error_locked(self, found)
+            if negative:
+                raise fail(negative)
             result[:] = [found.serial]
             if dest is None:
                 return None
@@ -1249,10 +1321,17 @@ class KeyService:
         EACCES, EKEYREVOKED, EKEYEXPIRED, ENOKEY.
         """
         with self._lock:
-            key, possessed = self._lookup_locked(caller, key_id, _Need.DEFER)
+            try:
+                key, possessed = self._lookup_locked(caller, key_id, _Need.DEFER)
+            except OSError as err:
+                # keyctl_read_key() answers ENOKEY for any failed lookup
+                raise fail(errno.ENOKEY) from err
             readable = permission.allowed(key, caller, permission.READ, possessed=False)
             if not possessed and not readable:
                 raise fail(errno.EACCES)
+            negative = _upcall.negative_error_locked(self, key)
+            if negative:
+                raise fail(negative)
             if not key.type.readable:
                 raise fail(errno.EOPNOTSUPP)
             key.validate(self.now())

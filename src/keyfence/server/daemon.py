@@ -39,7 +39,7 @@ from keyfence import protocol, socket_trust
 from keyfence.keys import KeyService
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.process_keys import Caller
-from keyfence.server import identity
+from keyfence.server import identity, request_key_runner
 from keyfence.server.connection import SERVER_NAME, Connection
 from keyfence.server.lanes import Lanes
 from keyfence.server.limits import MAX_INFLIGHT, UidLimits
@@ -85,6 +85,7 @@ class Daemon:
     ) -> None:
         self.path = path
         self.service = service or KeyService()
+        request_key_runner.install(self.service, path)
         self.private_uid = private_uid
         self.sessions = identity.SessionRegistry()
         self.limits = UidLimits()

@@ -52,9 +52,16 @@ def always(request: protocol.Request) -> bool:
 
 
 def unless_no_destination(request: protocol.Request) -> bool:
-    """search/request_key: a lookup without a destination keyring links
-    nothing, so it displaces nothing and cannot wait."""
+    """search: a lookup without a destination keyring links nothing, so it
+    displaces nothing and cannot wait."""
     return bool(request.args[-1] != 0)
+
+
+def unless_plain_lookup(request: protocol.Request) -> bool:
+    """request_key: with callout information it may run a request-key
+    handler and wait for it (an upcall); without, and without a destination
+    keyring, it is a lookup (the mount worker's key lookups are these)."""
+    return bool(request.args[2] is not None or request.args[-1] != 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +180,7 @@ OPERATIONS: dict[str, Op] = _table(
     # keys (keyfence.keys.KeyService); an add, link or joined session may
     # displace a key, which goes through the removal path and may wait
     Op("add_key", (STR, OPT_STR, OPT_BYTES, INT), _service("add_key"), always),
-    Op("request_key", (STR, STR, OPT_STR, INT), _service("request_key"), unless_no_destination),
+    Op("request_key", (STR, STR, OPT_STR, INT), _service("request_key"), unless_plain_lookup),
     Op("get_keyring_id", (INT, BOOL), _service("get_keyring_id")),
     Op("join_session_keyring", (OPT_STR,), _service("join_session_keyring"), always),
     Op(
@@ -206,6 +213,11 @@ OPERATIONS: dict[str, Op] = _table(
     ),
     Op("move", (INT, INT, INT, INT), _service("move", removal=True), always, removal=True),
     Op("get_security", (INT,), _service("get_security")),
+    # request-key: the handler instantiates the key under construction (and
+    # may link it into a destination keyring, displacing another: may wait)
+    Op("instantiate", (INT, OPT_BYTES, INT), _service("instantiate"), always),
+    Op("reject", (INT, INT, INT, INT), _service("reject"), always),
+    Op("assume_authority", (INT,), _service("assume_authority")),
     Op("key_users", (), _key_users),
     # the connection's own watches
     Op("watch", (INT, INT, BOOL, OPT_STR), _watch),

@@ -1,0 +1,480 @@
+"""The request-key operations: request_key(2) with its upcall, and the
+handler's side (KEYCTL_INSTANTIATE, KEYCTL_REJECT/NEGATE,
+KEYCTL_ASSUME_AUTHORITY).  The concept is in :mod:`keyfence.keys.request_key`;
+these are the entry points :class:`~keyfence.keys.keyctl.KeyService`
+delegates to, one function per operation, each taking the service.
+
+Errors, per operation, in the kernel's order:
+
+* request_key: EINVAL (type name, description over 4,095 bytes, callout
+  over 4,095 bytes), EPERM (type starting with '.'), the destination
+  keyring's lookup errors, ENOKEY (unknown type; nothing found and no
+  callout), a negative key's error, EINVAL (empty description when a key
+  must be made), EACCES (no write on the default destination), EDQUOT,
+  ENOENT (no handler could be run), ENOKEY (the handler gave no answer).
+* instantiate: EINVAL (payload over 1 MiB), EPERM (no authority over this
+  key), the destination's errors, the type's payload errors (EINVAL).
+* reject/negate: EINVAL (not an errno), EPERM, the destination's errors.
+* assume_authority: EINVAL (a special id), ENOKEY (no construction of that
+  key this process may act for).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from keyfence.keys import keyring as _keyring
+from keyfence.keys import permission
+from keyfence.keys.errors import fail
+from keyfence.keys.key import KeyState
+from keyfence.keys.key_type import (
+    ADD_KEY_PAYLOAD_MAX,
+    CALLOUT_MAX,
+    DESCRIPTION_MAX,
+    check_type_name,
+    lookup_type,
+)
+from keyfence.keys.keyring import SearchContext
+from keyfence.keys.notify import KeyEvent
+from keyfence.keys.process_keys import KEY_SPEC_REQKEY_AUTH_KEY, KEY_SPEC_REQUESTOR_KEYRING
+from keyfence.keys.removal import Removal, wipe_payload
+from keyfence.keys.request_key import (
+    AUTH_KEY_PERM,
+    AUTH_KEY_TYPE,
+    KEY_NEGATIVE_TIMEOUT,
+    Construction,
+    Outcome,
+    check_reject_error,
+)
+
+if TYPE_CHECKING:
+    from keyfence.keys.key import Key
+    from keyfence.keys.keyctl import KeyService
+    from keyfence.keys.process_keys import Caller
+
+
+# -- hooks the service calls with its lock held
+
+
+def authority_locked(svc: KeyService, caller: Caller) -> Construction | None:
+    """The construction ``caller`` may instantiate (cred->request_key_auth)."""
+    table = svc._constructions
+    if not table:
+        return None
+    return table.authority_locked(svc.process_lineage(caller))
+
+
+def requester_keyrings_locked(svc: KeyService, caller: Caller) -> list[Key]:
+    """A handler also searches, and possesses, its requester's keyrings
+    (search_process_keyrings_rcu); empty for everyone else."""
+    held = authority_locked(svc, caller)
+    if held is None or held.requester == caller:
+        return []
+    return svc._process_keyrings_locked(held.requester)
+
+
+def special_locked(svc: KeyService, caller: Caller, spec: int) -> Key:
+    """@a (the authorisation key) and the requestor keyring: ENOKEY
+    outside an upcall."""
+    held = authority_locked(svc, caller)
+    if held is None:
+        raise fail(errno.ENOKEY, "no request_key authorisation")
+    if spec == KEY_SPEC_REQKEY_AUTH_KEY:
+        return held.auth
+    if held.dest is None:
+        raise fail(errno.ENOKEY, "the requester gave no keyring")
+    return held.dest
+
+
+def check_constructed_locked(svc: KeyService, key: Key, *, partial: bool) -> None:
+    """lookup_user_key()'s wait_for_key_construction(): a lookup that is
+    not KEY_LOOKUP_PARTIAL waits while the key is under construction, then
+    fails with a negative key's error."""
+    construction = svc._constructions.of_locked(key)
+    if construction is None:
+        return
+    if not key.is_live():
+        svc._constructions.forget_key_locked(key)
+        return
+    if partial:
+        return
+    while construction.pending:
+        svc._changed.wait()
+    if construction.outcome is Outcome.NEGATIVE:
+        raise fail(construction.error)
+
+
+def updated_locked(svc: KeyService, key: Key) -> None:
+    """add_key() updating a key found in a keyring instantiates it, even a
+    negative or uninstantiated one (__key_update: mark_key_instantiated)."""
+    construction = svc._constructions.of_locked(key)
+    if construction is None:
+        return
+    if construction.pending:
+        _finish_locked(svc, construction, 0, 0)
+    else:
+        svc._constructions.forget_key_locked(key)
+
+
+def negative_error_locked(svc: KeyService, key: Key) -> int:
+    """A negative key's errno, else 0 (what a search or read reports)."""
+    construction = svc._constructions.of_locked(key)
+    if construction is None or construction.outcome is not Outcome.NEGATIVE:
+        return 0
+    return construction.error
+
+
+# -- request_key(2)
+
+
+def request_key(
+    svc: KeyService,
+    caller: Caller,
+    type_name: str,
+    description: str,
+    callout: str | None,
+    dest_keyring: int,
+) -> int:
+    check_type_name(type_name)
+    if len(description.encode()) > DESCRIPTION_MAX:
+        raise fail(errno.EINVAL, "description too long")
+    if callout is not None and len(callout.encode()) > CALLOUT_MAX:
+        raise fail(errno.EINVAL, "callout info too long")
+    while True:
+        result, made = _find_or_construct(
+            svc, caller, type_name, description, callout, dest_keyring
+        )
+        if not isinstance(result, Construction):
+            return result.serial
+        construction = result
+        if made:
+            _call_out(svc, construction)
+        construction.done.wait()
+        if construction.outcome is Outcome.INSTANTIATED:
+            if made:
+                return construction.key.serial
+            continue  # a waiter searches again (the key may have moved)
+        raise fail(construction.error)
+
+
+def _find_or_construct(
+    svc: KeyService,
+    caller: Caller,
+    type_name: str,
+    description: str,
+    callout: str | None,
+    dest_keyring: int,
+) -> tuple[Key | Construction, bool]:
+    """request_key_and_link(): the key found (linked into the destination),
+    a construction in progress to wait for, or a new one (True)."""
+    found: list[Key | Construction] = []
+    made: list[bool] = []
+
+    def build() -> Removal | None:
+        dest = None
+        if dest_keyring:
+            dest, _ = svc._lookup_locked(caller, dest_keyring, permission.WRITE, create=True)
+        key_type = lookup_type(type_name, missing=errno.ENOKEY)
+        now = svc.now()
+
+        def ctx() -> SearchContext:
+            return SearchContext(
+                caller=caller,
+                possessed=True,
+                index_key=(key_type.name, description),
+                match=lambda k: True,
+                now=now,
+                skip_expired=True,
+            )
+
+        key, error = svc._search_process_keyrings_locked(caller, ctx)
+        if key is not None:
+            construction = svc._constructions.of_locked(key)
+            if construction is not None and construction.pending:
+                found[:] = [construction]
+                return None
+            negative = negative_error_locked(svc, key)
+            if negative:
+                raise fail(negative)
+            found[:] = [key]
+            if dest is None:
+                return None
+            permission.check(key, caller, permission.LINK, possessed=True)
+            return svc._link_locked(dest, key, "request", caller)
+        if error != errno.EAGAIN:
+            raise fail(error)
+        if callout is None:
+            raise fail(errno.ENOKEY)
+        if made:  # build() runs again: the construction is made
+            return None
+        if key_type.is_keyring:
+            raise fail(errno.EPERM, "keyrings are not constructed by request_key")
+        ring = dest if dest is not None else _default_destination_locked(svc, caller)
+        permission.check(ring, caller, permission.WRITE, possessed=True)
+        if not ring.is_keyring:
+            raise fail(errno.ENOTDIR)
+        if ring.state is KeyState.REVOKED:
+            raise fail(errno.EKEYREVOKED)
+        if not description:
+            raise fail(errno.EINVAL, "a key to construct needs a description")
+        found[:] = [_construct_locked(svc, caller, key_type.name, description, callout, ring)]
+        made[:] = [True]
+        return None
+
+    svc._run_removal(build)
+    return found[0], bool(made)
+
+
+def _default_destination_locked(svc: KeyService, caller: Caller) -> Key:
+    """construct_get_dest_keyring(), KEY_REQKEY_DEFL_DEFAULT: a handler's
+    requester's destination, else @t, @p, @s, @us -- the first that exists."""
+    held = authority_locked(svc, caller)
+    if held is not None and held.dest is not None:
+        return held.dest
+    tables = svc._special
+    for ring in (
+        tables.thread_keyring(caller),
+        tables.process_keyring(caller),
+        tables.session_keyring(caller),
+    ):
+        if ring is not None:
+            return ring
+    return svc._caller_user_keyrings_locked(caller)[1]
+
+
+def _construct_locked(
+    svc: KeyService, caller: Caller, type_name: str, description: str, callout: str, ring: Key
+) -> Construction:
+    """construct_alloc_key() + request_key_auth_new(): the uninstantiated
+    key, linked into ``ring``, and its authorisation key."""
+    table = svc._constructions
+    for stale in [k for k in table.by_key if not k.is_live()]:
+        table.forget_key_locked(stale)
+    key_type = lookup_type(type_name, missing=errno.ENOKEY)
+    perm = permission.default_perm(
+        readable=key_type.readable, writable=key_type.updatable or key_type.is_keyring
+    )
+    key = svc._alloc_locked(key_type, description, uid=caller.uid, gid=caller.gid, perm=perm)
+    try:
+        auth = svc._alloc_locked(
+            AUTH_KEY_TYPE,
+            f"{key.serial:x}",
+            uid=caller.uid,
+            gid=caller.gid,
+            perm=AUTH_KEY_PERM,
+            payload=callout.encode(),
+            in_quota=False,
+        )
+    except OSError:
+        _destroy_locked(svc, key)
+        raise
+    key.anchors += 1  # the construction holds both until it ends
+    auth.anchors += 1
+    displaced = _keyring.link_locked(ring, key, svc._quota)
+    if displaced is not None and not displaced.parents and not displaced.anchors:
+        _destroy_locked(svc, displaced)
+    construction = Construction(key, auth, callout, caller, ring)
+    table.by_key[key] = construction
+    svc._notify([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
+    return construction
+
+
+def _call_out(svc: KeyService, construction: Construction) -> None:
+    """Start the handler (without the lock).  No hook, or a hook that cannot
+    start one, is the kernel failing to run /sbin/request-key: the key is
+    negated and the requester gets the reason."""
+    hook = svc.request_key_upcall
+    with svc._lock:
+        unusable = _user_keyrings_error_locked(svc, construction.requester)
+    if unusable:
+        # call_sbin_request_key() looks up the user keyrings first
+        handler_ended(svc, construction)
+        raise fail(unusable)
+    try:
+        if hook is None:
+            raise fail(errno.ENOENT, "no request-key handler")
+        hook(construction)
+    except OSError as err:
+        handler_ended(svc, construction)
+        construction.done.wait()
+        raise fail(err.errno or errno.ENOKEY, str(err)) from None
+
+
+def _user_keyrings_error_locked(svc: KeyService, caller: Caller) -> int:
+    """look_up_user_keyrings()'s own error for a requester whose @u or @us
+    cannot be used (0: they can)."""
+    try:
+        svc._caller_user_keyrings_locked(caller)
+    except OSError:
+        pass
+    else:
+        return 0
+    now = svc.now()
+    for ring in svc._special.users[caller.uid]:
+        if ring.state is KeyState.REVOKED:
+            return errno.EKEYREVOKED
+        if ring.is_expired(now):
+            return errno.EKEYEXPIRED
+        if not permission.allowed(ring, caller, permission.SEARCH, possessed=True):
+            return errno.EACCES
+    return errno.ENOKEY
+
+
+def handler_ended(svc: KeyService, construction: Construction) -> None:
+    """The handler is gone: a key it left uninstantiated is negated with
+    ENOKEY for KEY_NEGATIVE_TIMEOUT seconds (complete_request_key)."""
+    with svc._lock:
+        if construction.pending:
+            _finish_locked(svc, construction, errno.ENOKEY, KEY_NEGATIVE_TIMEOUT)
+
+
+def _finish_locked(svc: KeyService, construction: Construction, error: int, timeout: int) -> None:
+    """Instantiated (error 0) or negative: record it, destroy the
+    authorisation key, release the key's anchor, wake every waiter."""
+    key = construction.key
+    if error:
+        key.expiry = int(svc.now()) + timeout
+        svc._constructions.finish_locked(construction, Outcome.NEGATIVE, error)
+    else:
+        svc._constructions.finish_locked(construction, Outcome.INSTANTIATED)
+    _destroy_locked(svc, construction.auth, anchored=True)
+    key.anchors -= 1
+    if not key.parents and not key.anchors and key.state is not KeyState.DEAD:
+        _destroy_locked(svc, key)
+    svc._notify([(key, KeyEvent.INSTANTIATED, None)], construction.requester, "instantiate")
+    svc._changed.notify_all()
+    construction.done.set()
+
+
+def _destroy_locked(svc: KeyService, key: Key, *, anchored: bool = False) -> None:
+    if anchored:
+        key.anchors -= 1
+    key.state = KeyState.DEAD
+    wipe_payload(key)
+    svc._release_locked(key)
+
+
+# -- the handler's side
+
+
+def _instantiation_keyring_locked(
+    svc: KeyService, caller: Caller, construction: Construction, ringid: int
+) -> Key | None:
+    """get_instantiation_keyring(): none, a keyring by serial (write), or,
+    for any special id, the requester's destination."""
+    if ringid == 0:
+        return None
+    if ringid > 0:
+        ring, _ = svc._lookup_locked(caller, ringid, permission.WRITE, create=True)
+        if not ring.is_keyring:
+            raise fail(errno.ENOTDIR)
+        return ring
+    if ringid == KEY_SPEC_REQKEY_AUTH_KEY:
+        raise fail(errno.EINVAL, "@a is not a keyring")
+    if ringid >= KEY_SPEC_REQUESTOR_KEYRING:
+        return construction.dest
+    raise fail(errno.ENOKEY)
+
+
+def _held_locked(svc: KeyService, caller: Caller, key_id: int) -> Construction:
+    held = authority_locked(svc, caller)
+    if held is None or held.key.serial != key_id:
+        raise fail(errno.EPERM, "no authority to instantiate this key")
+    return held
+
+
+def instantiate(
+    svc: KeyService, caller: Caller, key_id: int, payload: bytes | None, keyring: int
+) -> None:
+    data = payload or b""
+    if len(data) > ADD_KEY_PAYLOAD_MAX:
+        raise fail(errno.EINVAL, "payload too large")
+
+    def build() -> Removal | None:
+        held = _held_locked(svc, caller, key_id)
+        dest = _instantiation_keyring_locked(svc, caller, held, keyring)
+        key = held.key
+        prepared = key.type.preparse(data)
+        svc._update_locked(key, prepared)
+        _finish_locked(svc, held, 0, 0)
+        svc._constructions.assume_locked(caller.process, None)
+        if dest is None or not key.is_live():
+            return None
+        return svc._link_locked(dest, key, "instantiate", caller)
+
+    svc._run_removal(build)
+
+
+def reject(
+    svc: KeyService, caller: Caller, key_id: int, timeout: int, error: int, keyring: int
+) -> None:
+    check_reject_error(error)
+
+    def build() -> Removal | None:
+        held = _held_locked(svc, caller, key_id)
+        dest = _instantiation_keyring_locked(svc, caller, held, keyring)
+        key = held.key
+        _finish_locked(svc, held, error, timeout)
+        svc._constructions.assume_locked(caller.process, None)
+        if dest is None or not key.is_live():
+            return None
+        return svc._link_locked(dest, key, "reject", caller)
+
+    svc._run_removal(build)
+
+
+def assume_authority(svc: KeyService, caller: Caller, key_id: int) -> int:
+    """KEYCTL_ASSUME_AUTHORITY: act for the construction of ``key_id`` (one
+    this process or an ancestor was given), or, with 0, for none."""
+    if key_id < 0:
+        raise fail(errno.EINVAL, "a special id cannot be assumed")
+    with svc._lock:
+        table = svc._constructions
+        if key_id == 0:
+            table.assume_locked(caller.process, None)
+            return 0
+        lineage = list(svc.process_lineage(caller))
+        for process in lineage:
+            for held in (table.assumed.get(process), table.granted.get(process)):
+                if held is not None and held.pending and held.key.serial == key_id:
+                    table.assume_locked(caller.process, held)
+                    return held.auth.serial
+        raise fail(errno.ENOKEY, "no authorisation for that key")
+
+
+def grant(svc: KeyService, construction: Construction, process: tuple[int, int]) -> None:
+    """Give a handler process the authority over ``construction``."""
+    with svc._lock:
+        svc._constructions.grant_locked(construction, process)
+
+
+def requester_keyring_ids(svc: KeyService, construction: Construction) -> tuple[int, int, int]:
+    """The requester's thread, process and session keyring serials, as the
+    kernel passes them to /sbin/request-key (0: none; the session falls
+    back to the user-session keyring)."""
+    caller = construction.requester
+    with svc._lock:
+        tables = svc._special
+        thread = tables.thread_keyring(caller)
+        process = tables.process_keyring(caller)
+        session = tables.session_keyring(caller)
+        if session is None:
+            session = svc._user_keyrings_locked(caller.uid)[1]
+        return (
+            thread.serial if thread is not None else 0,
+            process.serial if process is not None else 0,
+            session.serial,
+        )
+
+
+def instantiate_from_handler(svc: KeyService, construction: Construction, data: bytes) -> None:
+    """request-key's ``|program`` form: request-key (here, the daemon acting
+    for the handler it ran) instantiates with what the program printed."""
+    with svc._lock:
+        if not construction.pending:
+            return
+        key = construction.key
+        prepared = key.type.preparse(data)
+        svc._update_locked(key, prepared)
+        _finish_locked(svc, construction, 0, 0)

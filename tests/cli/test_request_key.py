@@ -1,0 +1,245 @@
+"""request-key upcalls through a real daemon, real handler scripts and kfctl.
+
+The daemon reads a request-key.conf(5) file given by
+``KEYFENCE_REQUEST_KEY_CONF``; the handlers are shell scripts that call
+kfctl (as ``keyctl``) with the authority the daemon gives them: the same
+scripts a keyutils user writes for /sbin/request-key.  What the kernel on
+this machine can show (its /sbin/request-key cannot be run from a user
+namespace here: ENOENT, then a negative key) is compared in
+tests/oracle/test_kernel_errors.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyfence.testing import users
+from tests.cli.test_kfctl import Daemon
+
+UID = 4671
+
+HANDLER = """#!/bin/sh
+# request-key-debug.sh's arguments: <key> <desc> <callout> <session> <uid> <gid> <T> <P>
+echo "run $$ uid=$(id -u) args=$*" >> {log}
+case "$3" in
+  neg) {keyctl} negate "$1" 30 "$4" ;;
+  rej*) {keyctl} reject "$1" "${{3#rej}}" rejected "$4" ;;
+  die) exit 3 ;;
+  kill) kill -9 $$ ;;
+  slow) sleep 2; {keyctl} instantiate "$1" "slow" "$4" ;;
+  hang) echo "hang $$" >> {log}; exec sleep 60 ;;
+  auth)
+    {keyctl} rdescribe @a >> {log} 2>&1
+    {keyctl} print @a >> {log} 2>&1
+    {keyctl} instantiate "$1" "auth" "$4" ;;
+  *) {keyctl} instantiate "$1" "Debug $3" "$4" || exit 1 ;;
+esac
+"""
+
+CONF = """# keyfence request-key.conf for tests
+create user test:loop:* * |/bin/cat
+create user test:* * {handler} %k %d %c %S %u %g %T %P
+create user  other:* nomatch* {handler} %k %d %c %S
+"""
+
+
+@pytest.fixture
+def upcalls() -> Iterator[tuple[Daemon, Path]]:
+    why = users.why_no_other_uids()
+    if why is not None:
+        pytest.skip(why)
+    # not pytest's tmp_path (mode 0700 up the tree): the requesting user
+    # reaches the socket, the handler and its log
+    with tempfile.TemporaryDirectory(prefix="keyfence-request-key-") as tmp:
+        os.chmod(tmp, 0o755)
+        yield from _upcalls(Path(tmp))
+
+
+def _upcalls(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
+    keyctl = tmp_path / "keyctl"
+    kfctl = "/usr/bin/python3 -m keyfence.cli.kfctl"
+    keyctl.write_text(f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec {kfctl} "$@"\n')
+    keyctl.chmod(0o755)
+    log = tmp_path / "handler.log"
+    log.touch()
+    log.chmod(0o666)
+    handler = tmp_path / "handler.sh"
+    handler.write_text(HANDLER.format(log=log, keyctl=keyctl))
+    handler.chmod(0o755)
+    conf = tmp_path / "request-key.conf"
+    conf.write_text(CONF.format(handler=handler))
+    (tmp_path / "request-key.d").mkdir()
+    (tmp_path / "d").mkdir()
+    running = Daemon(
+        tmp_path / "d",
+        {"KEYFENCE_REQUEST_KEY_CONF": str(conf), "KEYFENCE_REQUEST_KEY_TIMEOUT": "3"},
+    )
+    yield running, log
+    running.stop()
+
+
+def sh(daemon: Daemon, script: str, *, uid: int | None = None) -> str:
+    """Run ``script`` in a new kfctl session; stdout+stderr and the status."""
+    argv = [sys.executable, "-m", "keyfence.cli.kfctl", "session", "-", "sh", "-c", script]
+    env = daemon.env()
+    if uid is not None:
+        argv = users.as_uid(uid, users.kfctl_argv("session", "-", "sh", "-c", script))
+        # keyctl: the system interpreter's kfctl (the venv is root's alone)
+        env = users.environment(env, PATH=f"{daemon.bin.parent.parent}:/usr/bin:/bin")
+    done = subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+        check=False,
+    )
+    lines = done.stdout.decode().splitlines()
+    return "\n".join(line for line in lines if not line.startswith("Joined session")) + (
+        f"\nexit={done.returncode}"
+    )
+
+
+def runs(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("run ")]
+
+
+def test_a_handler_instantiates_with_the_kernels_arguments(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    daemon, log = upcalls
+    out = sh(
+        daemon,
+        "k=$(keyctl request2 user test:lizard gizzard) || exit 1; keyctl print $k;"
+        " keyctl id @s; keyctl request2 user test:lizard gizzard | grep -qx $k && echo same",
+    )
+    printed, session, same, status = out.splitlines()
+    assert (printed, same, status) == ("Debug gizzard", "same", "exit=0")
+    (run,) = runs(log)  # found the second time: no second upcall
+    key = run.split("args=")[1].split()[0]
+    assert run.endswith(f"args={key} test:lizard gizzard {session} 0 0 0 0")
+
+
+def test_the_handler_holds_the_authority_and_reads_the_callout_info(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    daemon, log = upcalls
+    out = sh(daemon, "keyctl request2 user test:a auth >/dev/null; keyctl describe @a")
+    assert out == "keyctl_describe_alloc: Required key not available\nexit=1"
+    text = log.read_text()
+    assert ".request_key_auth;0;0;1b010000;" in text
+    assert "\nauth\n" in text
+
+
+def test_negate_reject_and_a_handler_that_dies(upcalls: tuple[Daemon, Path]) -> None:
+    daemon, log = upcalls
+    out = sh(
+        daemon,
+        "keyctl request2 user test:n neg; keyctl request2 user test:n neg;"
+        " keyctl request user test:n; keyctl request2 user test:r rej30;"
+        " keyctl request2 user test:r rej30; keyctl request2 user test:d die;"
+        " keyctl request2 user test:k kill; keyctl print %user:test:d; true",
+    )
+    assert out.splitlines() == [
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "request_key: Key was rejected by service",
+        "request_key: Key was rejected by service",
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "keyctl_read_alloc: Required key not available",
+        "exit=0",
+    ]
+    assert len(runs(log)) == 4  # a negative key answers without a new upcall
+
+
+def test_a_negative_key_expires_and_is_asked_for_again(upcalls: tuple[Daemon, Path]) -> None:
+    daemon, log = upcalls
+    out = sh(
+        daemon,
+        "keyctl request2 user test:e rej1; sleep 2.5; keyctl request2 user test:e rej1; true",
+    )
+    assert out.count("Key was rejected by service") == 2
+    assert len(runs(log)) == 2
+
+
+def test_concurrent_waiters_share_one_slow_handler(upcalls: tuple[Daemon, Path]) -> None:
+    daemon, log = upcalls
+    script = (
+        "keyctl request2 user test:s slow > a & keyctl request2 user test:s slow > b &"
+        " sleep 0.5; keyctl request user test:s > c; wait; cat a b c; keyctl print $(cat a)"
+    )
+    cwd = log.parent
+    out = sh(daemon, f"cd {cwd}; {script}")
+    assert len(out.splitlines()) == 5, out
+    a, b, c, payload, status = out.splitlines()
+    assert a == b and status == "exit=0"
+    assert payload == "slow"
+    # request without callout info finds the key under construction and waits
+    assert c == a
+    assert len(runs(log)) == 1
+
+
+def test_pipe_handlers_no_match_and_no_authority(upcalls: tuple[Daemon, Path]) -> None:
+    daemon, _ = upcalls
+    out = sh(
+        daemon,
+        "keyctl print $(keyctl request2 user test:loop:x piped-data);"
+        " keyctl request2 user nothing:x info; keyctl request2 user other:x info;"
+        " k=$(keyctl add user plain v @s); keyctl instantiate $k d @s; keyctl negate $k 1 @s;"
+        " keyctl reject $k 1 99999 @s; true",
+    )
+    assert out.splitlines() == [
+        "piped-data",
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "keyctl_instantiate: Operation not permitted",
+        "keyctl_negate: Operation not permitted",
+        "keyctl_negate: Invalid argument",
+        "exit=0",
+    ]
+
+
+def test_the_handler_runs_as_the_requesting_user(upcalls: tuple[Daemon, Path]) -> None:
+    daemon, log = upcalls
+    out = sh(daemon, "keyctl print $(keyctl request2 user test:u mine); keyctl show", uid=UID)
+    assert out.splitlines()[0] == "Debug mine", out
+    (run,) = runs(log)
+    assert f"uid={UID} " in run
+    assert f" {UID} {UID} 0 0" in run
+
+
+def test_a_handler_that_hangs_is_killed_and_the_key_negated(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    daemon, log = upcalls
+    out = sh(daemon, "keyctl request2 user test:h hang; keyctl request user test:h; true")
+    assert out.splitlines() == [
+        "request_key: Required key not available",
+        "request_key: Required key not available",
+        "exit=0",
+    ]
+    (hung,) = [line for line in log.read_text().splitlines() if line.startswith("hang ")]
+    pid = int(hung.split()[1])
+    deadline = time.monotonic() + 30
+    while _running(pid):
+        assert time.monotonic() < deadline, "the hung handler was not killed"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"

@@ -1,0 +1,191 @@
+"""What the worker finds in the backing store: deep trees and downgrades.
+
+* Deep trees (issue 11): backing paths longer than PATH_MAX work as on
+  ext4, since the worker reaches every entry by (directory descriptor,
+  name) and never builds a path.
+* Downgrade (issue 11, finding 5): an encrypted directory whose policy
+  record was deleted offline is refused with EIO (and a log line), never
+  served as plaintext, and nothing is ever stored in plaintext inside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyfence.fs.crypto import MasterKey
+from tests.fs.mounting import Mount, fuse_available
+
+POLICY = "user.keyfence.policy"
+POLICY_RECORD = ".keyfence-policy"
+
+_why = fuse_available()
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    m = Mount(tmp_path, "--dirty-expire", "60")
+    try:
+        yield m
+    finally:
+        code = m.unmount()
+        log = m.log()
+        assert "Traceback" not in log, log
+        assert code == 0, log
+
+
+def encrypt(mount: Mount, name: str) -> MasterKey:
+    master = MasterKey(os.urandom(64))
+    mount.add_key(master)
+    (mount.mnt / name).mkdir()
+    os.setxattr(mount.mnt / name, POLICY, f"keyfence:{master.identifier}".encode())
+    return master
+
+
+def backing_depth(top: Path) -> tuple[int, int]:
+    """(levels, bytes of the longest backing path) below ``top``, walked by
+    descriptors (a path of that length cannot be opened)."""
+    best = (0, 0)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    length, levels = len(os.fsencode(top)), 0
+    while True:
+        dirs = [
+            e.name
+            for e in os.scandir(fd)
+            if stat.S_ISDIR(os.stat(e.name, dir_fd=fd, follow_symlinks=False).st_mode)
+        ]
+        best = max(best, (levels, length))
+        if not dirs:
+            os.close(fd)
+            return best
+        child = os.open(dirs[0], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        length += 1 + len(os.fsencode(dirs[0]))
+        levels += 1
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_deeper_than_path_max(mount: Mount, encrypted: bool) -> None:
+    top = "deep"
+    master = encrypt(mount, top) if encrypted else None
+    if not encrypted:
+        (mount.mnt / top).mkdir()
+    # plain: 255-byte names; encrypted: names whose backing form is ~250 bytes
+    name_len = 170 if encrypted else 255
+    levels = 24
+    fd = os.open(mount.mnt / top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(levels):
+            name = f"{i:03d}".ljust(name_len, "d")
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        data = os.urandom(100_000)
+        f = os.open("file", os.O_CREAT | os.O_RDWR, 0o600, dir_fd=fd)
+        os.write(f, data)
+        os.fsync(f)
+        os.close(f)
+        os.rename("file", "renamed", src_dir_fd=fd, dst_dir_fd=fd)
+        os.chmod("renamed", 0o640, dir_fd=fd)
+        os.symlink("target", "link", dir_fd=fd)
+        assert sorted(os.listdir(fd)) == ["link", "renamed"]
+        assert os.readlink("link", dir_fd=fd) == "target"
+        assert stat.S_IMODE(os.stat("renamed", dir_fd=fd).st_mode) == 0o640
+    finally:
+        os.close(fd)
+    levels_found, length = backing_depth(mount.backing / top)
+    assert levels_found == levels
+    assert length > 4096, length
+
+    # after a remount every level is found again from the root
+    mount.unmount()
+    mount.start()
+    if master is not None:
+        mount.add_key(master)
+    fd = os.open(mount.mnt / top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(levels):
+            (name,) = os.listdir(fd)
+            assert name == f"{i:03d}".ljust(name_len, "d")
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        f = os.open("renamed", os.O_RDONLY, dir_fd=fd)
+        assert os.read(f, len(data) + 1) == data
+        os.close(f)
+        os.unlink("renamed", dir_fd=fd)
+        os.unlink("link", dir_fd=fd)
+        assert os.listdir(fd) == []
+    finally:
+        os.close(fd)
+
+
+def _only_dir(path: Path) -> Path:
+    (found,) = [p for p in path.iterdir() if p.is_dir()]
+    return found
+
+
+def test_deleted_policy_is_refused_not_plaintext(mount: Mount) -> None:
+    master = encrypt(mount, "enc")
+    (mount.mnt / "enc" / "sub").mkdir()
+    (mount.mnt / "enc" / "sub" / "old").write_bytes(b"written encrypted\n")
+    mount.unmount()
+
+    # offline: the attacker deletes the subdirectory's policy record
+    sub_backing = _only_dir(mount.backing / "enc")
+    (sub_backing / POLICY_RECORD).unlink()
+    before = sorted(p.name for p in sub_backing.iterdir())
+
+    mount.start()
+    mount.add_key(master)
+    sub = mount.mnt / "enc" / "sub"
+    assert os.listdir(mount.mnt / "enc") == ["sub"]  # its name still decrypts
+    for attempt in (
+        lambda: os.listdir(sub),
+        lambda: (sub / "new").write_bytes(b"must never be stored in plaintext\n"),
+        lambda: (sub / "newdir").mkdir(),
+        lambda: os.symlink("x", sub / "newlink"),
+        lambda: (sub / "old").read_bytes(),
+        lambda: os.setxattr(sub, POLICY, f"keyfence:{master.identifier}".encode()),
+    ):
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EIO, attempt
+    # nothing was stored in the downgraded directory
+    assert sorted(p.name for p in sub_backing.iterdir()) == before
+    assert not any(b"plaintext" in p.read_bytes() for p in sub_backing.iterdir() if p.is_file())
+    assert "has no .keyfence-policy: refused" in mount.log()
+
+    # locked (no key), it is refused too, under its encrypted name
+    mount.clear()
+    (name,) = os.listdir(mount.mnt / "enc")
+    with pytest.raises(OSError) as caught:
+        os.listdir(mount.mnt / "enc" / name)
+    assert caught.value.errno == errno.EIO
+
+
+def test_planted_plain_directory_is_refused(mount: Mount) -> None:
+    """A directory made in the backing store (offline, or by a user who can
+    write there) inside an encrypted one, named like an encrypted entry."""
+    master = encrypt(mount, "enc")
+    (mount.mnt / "enc" / "real").mkdir()
+    mount.unmount()
+    real = _only_dir(mount.backing / "enc")
+    # the attacker replaces it with a policy-less directory of the same name
+    (real / POLICY_RECORD).unlink()
+    real.rmdir()
+    real.mkdir()
+    mount.start()
+    mount.add_key(master)
+    with pytest.raises(OSError) as caught:
+        (mount.mnt / "enc" / "real" / "leak").write_bytes(b"plaintext")
+    assert caught.value.errno == errno.EIO
+    assert list(real.iterdir()) == []
