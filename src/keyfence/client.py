@@ -504,6 +504,11 @@ class Client:
     def invalidate(self, key_id: int, **removal: Any) -> None:
         self._call("invalidate", key_id, **removal)
 
+    def lock_filesystem_key(self, key_id: int, **removal: Any) -> None:
+        """Remove a key a mount uses whatever this caller's keyrings hold
+        (its owner or root; fscrypt's lock --all-users)."""
+        self._call("lock_filesystem_key", key_id, **removal)
+
     def move(
         self, key_id: int, from_keyring: int, to_keyring: int, flags: int = 0, **removal: Any
     ) -> None:

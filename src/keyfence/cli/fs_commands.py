@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import errno
 import getpass
-import json
 import os
 import sys
 from typing import Any
 
-from keyfence.client import Client, RemovalStatus
+from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 
 POLICY_XATTR = "user.keyfence.policy"
@@ -170,6 +169,8 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     from keyfence.fs import e4crypt_compat as e4
 
     if args.e4command == "add_key":
+        from keyfence.cli import dir_keys
+
         if not validate_paths(args.paths):
             return 1
         for path in args.paths:
@@ -177,9 +178,11 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
                 _policy_error(path, "-", errno.ENOTTY)
                 return 1
         if args.salt is None:
-            salts = e4.default_salts()
+            # the salt stored with a keyfence directory's policy, a new one
+            # for a new directory, else e4crypt's scan of ext4 filesystems
+            salts = dir_keys.salt_for_paths(args.paths) or e4.default_salts()[:1]
             if not salts:
-                print("e4crypt: no salt given (-S) and no ext4 salt found", file=sys.stderr)
+                print("e4crypt: No salt values available (give -S)", file=sys.stderr)
                 return 1
             salt = salts[0]
         else:
@@ -201,6 +204,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
                     _policy_error(path, desc, err.errno or errno.EIO)
                     status = 1
                     continue
+                dir_keys.store_salt(path, salt)
                 if args.verbose:
                     print(f"Key with descriptor [{desc}] applied to {path}.")
         return status
@@ -294,15 +298,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.path:
-        try:
-            raw = os.getxattr(args.path, STATUS_XATTR)
-        except OSError as err:
-            print(f"{args.path}: not in a keyfence mount ({err.strerror})", file=sys.stderr)
-            return 1
-        status: dict[str, Any] = json.loads(raw)
-        for key in sorted(status):
-            print(f"{key}: {status[key]}")
-        return 0
+        from keyfence.cli import dir_keys
+
+        return dir_keys.print_status(args.path)
     with Client.connect() as client:
         mounts = client._call("mounts")
     if not mounts:
@@ -318,89 +316,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_of(path: str) -> str:
-    try:
-        return os.getxattr(path, POLICY_XATTR).decode()
-    except OSError as err:
-        raise SystemExit(f"{path}: no keyfence policy ({err.strerror})") from None
-
-
 def cmd_lock(args: argparse.Namespace) -> int:
-    """Remove the directory's key through the fenced path: the mount flushes
-    every dirty page under it, evicts plaintext, and the key is wiped."""
-    ref = _policy_of(args.path)
-    key_type = "logon"
-    with Client.connect() as client:
-        try:
-            serial = client.request_key(key_type, ref)
-        except KeyfenceError as err:
-            print(f"{args.path}: already locked ({err.strerror})", file=sys.stderr)
-            return 1
+    from keyfence.cli import dir_keys
 
-        def progress(status: RemovalStatus) -> None:
-            if sys.stderr.isatty() and status.pending:
-                left = status.remaining_bytes
-                who = ", ".join(p.watcher for p in status.pending)
-                print(
-                    f"\rlocking: waiting for {who}: {left:,} bytes left ", end="", file=sys.stderr
-                )
-
-        client.invalidate(serial, timeout=args.timeout, emergency=args.emergency, progress=progress)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
-        mounts = client._call("mounts")
-    print(f"{args.path}: locked")
-    for m in mounts:
-        if args.path.startswith(m["mountpoint"]):
-            for name, value in sorted((m.get("busy") or {}).items()):
-                print(f"incompletely locked (still open): {name}: {value}")
-            for drop in m.get("dropped") or ():
-                print(f"dropped: {drop}")
-    return 0
+    return dir_keys.cmd_lock(args)
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    from keyfence.fs import e4crypt_compat as e4
+    from keyfence.cli import dir_keys
 
-    if args.salt is None:
-        print("unlock: give the salt the key was made with (-S)", file=sys.stderr)
-        return 2
-    salt = salt_of(args.salt)
-    ref = _policy_of(args.path)
-    if not ref.startswith("ext4:"):
-        print(f"{args.path}: policy {ref} needs its raw key (kfctl padd logon {ref} @s)")
-        return 1
-    key = e4.derive_key(read_passphrase(), salt)
-    if e4.key_description(e4.descriptor(key)) != ref:
-        print(f"{args.path}: wrong passphrase (or salt): the key does not match", file=sys.stderr)
-        return 1
-    with Client.connect() as client:
-        client.add_key("logon", ref, e4.kernel_payload(key), S)
-    # the mount looks the key up in our keyrings when we use the directory:
-    # say "unlocked" only once it has (finding 7: it said so while locked)
-    state = _state_after_use(args.path)
-    if state != "unlocked":
-        print(
-            f"{args.path}: the key was added but the directory is still {state or 'locked'}: "
-            "the mount could not use it (is the key in this session's keyring, "
-            "and the mount yours?)",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{args.path}: unlocked")
-    return 0
-
-
-def _state_after_use(path: str) -> str | None:
-    """Read the directory (the mount then looks for its key in our keyrings)
-    and return its ``state`` from ``user.keyfence.status``."""
-    try:
-        os.listdir(path)
-        status = json.loads(os.getxattr(path, STATUS_XATTR))
-    except (OSError, ValueError):
-        return None
-    state = status.get("state") if isinstance(status, dict) else None
-    return state if isinstance(state, str) else None
+    return dir_keys.cmd_unlock(args, read_passphrase, salt_of)
 
 
 SALT_HELP = (

@@ -53,6 +53,7 @@ __all__ = [
     "POLICY_FILE_NAME",
     "POLICY_MAGIC",
     "POLICY_SIZE",
+    "PROTECTORS_FILE_NAME",
     "RECORD_SIZE",
     "SIV_TAG_SIZE",
     "SYMLINK_TARGET_MAX",
@@ -123,6 +124,8 @@ SYMLINK_TARGET_MAX = (ENCODED_SYMLINK_MAX * 3) // 4 - SIV_TAG_SIZE
 """Longest plaintext symlink target (3055 bytes) whose encoding still fits."""
 
 POLICY_FILE_NAME = ".keyfence-policy"
+PROTECTORS_FILE_NAME = ".keyfence-protectors"
+"""Beside the policy: how a passphrase opens the key (:mod:`keyfence.fs.protector`)."""
 LONG_NAME_PREFIX = "kf.long."
 LONG_NAME_SIDECAR_SUFFIX = ".name"
 
@@ -231,12 +234,14 @@ def is_sidecar_name(disk_name: str | bytes) -> bool:
 def is_hidden_name(disk_name: str | bytes) -> bool:
     """Backing entries of an encrypted directory that the mount never lists.
 
-    The policy record and long-name sidecars.  None of them can be an
+    The policy record, the protectors file and long-name sidecars.  None of them can be an
     encrypted name: those are base64url (no ``.``) while every reserved name
     contains a ``.``.
     """
     text = _as_str(disk_name)
-    return text is not None and (text == POLICY_FILE_NAME or is_sidecar_name(text))
+    return text is not None and (
+        text in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME) or is_sidecar_name(text)
+    )
 
 
 def check_long_name(disk_name: str | bytes, sidecar_content: bytes) -> str:

@@ -56,6 +56,7 @@ from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
     DIR_NONCE_SIZE,
     POLICY_FILE_NAME,
+    PROTECTORS_FILE_NAME,
     FormatError,
     IntegrityError,
     KeyRef,
@@ -76,6 +77,7 @@ from keyfence.fs.pagecache import (
     PageCache,
     lenient_plaintext_size,
 )
+from keyfence.fs.protector import MAX_PROTECTORS_SIZE, Protectors
 
 __all__ = ["POLICY_XATTR", "STATUS_XATTR", "KeyfenceOperations", "MountOptions"]
 
@@ -83,7 +85,9 @@ log = logging.getLogger("keyfence.fs.ops")
 
 POLICY_XATTR = b"user.keyfence.policy"
 STATUS_XATTR = b"user.keyfence.status"
-_OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR)
+PROTECTORS_XATTR = b"user.keyfence.protectors"
+"""A directory's ``.keyfence-protectors`` (keyfence.fs.protector): owner and root."""
+_OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR, PROTECTORS_XATTR)
 _XATTR_PREFIX = b"user.keyfence."
 _CAPABILITY_XATTR = b"security.capability"
 """Asked by the kernel before every write (to drop file capabilities)."""
@@ -209,6 +213,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self._no_capability: set[int] = set()
+        self._busy_names: dict[int, str] = {}
+        """Plaintext paths of files open when their key went (status shows
+        them; the names themselves are evicted)."""
         """Inodes known to have no security.capability (see getxattr)."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
@@ -1126,6 +1133,13 @@ class KeyfenceOperations(pyfuse3.Operations):
             log.error("write-back of %s on close failed: %s", self.label_of(h.ino), err)
         finally:
             self.cache.release(h.cached)
+        if h.ino in self._busy_names and h.cached.users <= 0:
+            # an incompletely locked file closed: the busy report shrinks
+            self._busy_names.pop(h.ino, None)
+            still = sorted(self._busy_names.values())
+            report = {"mount": self.mountpoint, "files": still} if still else {}
+            with contextlib.suppress(Exception):  # a report must not fail a close
+                await trio.to_thread.run_sync(self.keys.report, "busy", report)
 
     @fuse_op
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
@@ -1229,6 +1243,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             return policy.key.description.encode()
         if name == STATUS_XATTR:
             return json.dumps(self.status(node), sort_keys=True).encode()
+        if name == PROTECTORS_XATTR:
+            # tiny file, on the trio thread: the directory descriptor is the table's
+            return _read_protectors(self._protectors_dir(node, ctx))
         if name.startswith(_XATTR_PREFIX):
             raise FUSEError(pyfuse3.ENOATTR)
         try:
@@ -1249,6 +1266,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if name == POLICY_XATTR:
             await self._set_policy(node, value, ctx)
+            return
+        if name == PROTECTORS_XATTR:
+            _write_protectors(self._protectors_dir(node, ctx), value)
             return
         if name.startswith(_XATTR_PREFIX):
             raise _err(errno.EPERM)
@@ -1311,6 +1331,17 @@ class KeyfenceOperations(pyfuse3.Operations):
         node.forget_names()
         log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
 
+    def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
+        """The backing descriptor of an encrypted directory the caller owns (or root)."""
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        if node.policy is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        d_fd = self.table.dir_fd(node.ino)
+        if ctx.uid != 0 and ctx.uid != os.fstat(d_fd).st_uid:
+            raise _err(errno.EACCES)
+        return d_fd
+
     def status(self, node: Inode) -> dict[str, Any]:
         """What ``user.keyfence.status`` shows (JSON)."""
         policy = self.table.contents_policy(node)
@@ -1322,9 +1353,15 @@ class KeyfenceOperations(pyfuse3.Operations):
             if binding is not None:
                 out["serial"] = binding.serial
             out["dirty_bytes"] = self.cache.dirty_bytes_of(policy.key.description)
-            out["open_files"] = sum(
-                1 for f in self.cache.files(policy.key.description) if f.users > 0
-            )
+            still_open = [f.ino for f in self.cache.files(policy.key.description) if f.users > 0]
+            out["open_files"] = len(still_open)
+            if binding is None and still_open:
+                # fscrypt's "incompletely locked": the key went while these
+                # were open; the list empties as they close
+                out["state"] = "incompletely locked"
+                out["busy_files"] = sorted(
+                    self._busy_names.get(ino) or self.label_of(ino) for ino in still_open
+                )
         if node.ino == ROOT_INODE:
             out["mount"] = {
                 "backing": self.backing,
@@ -1483,6 +1520,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         self.keys.unbind(binding)
         busy, _dropped = self.cache.evict_key(desc)
         out.busy = [busy_labels.get(ino) or self.label_of(ino) for ino in busy]
+        self._busy_names.update(zip(busy, out.busy, strict=True))
         for inode in self.table:
             if not inode.is_dir or inode.policy is None or inode.policy.key.description != desc:
                 continue
@@ -1533,6 +1571,34 @@ def _write_policy(dir_fd: int, policy: Policy, *, sync: bool = False) -> None:
     sc.write_new(dir_fd, POLICY_FILE_NAME, policy.serialize(), replace=False, sync=sync)
 
 
+def _read_protectors(d_fd: int) -> bytes:
+    data = sc.read_small(d_fd, PROTECTORS_FILE_NAME, MAX_PROTECTORS_SIZE + 1)
+    if data is None:
+        raise FUSEError(pyfuse3.ENOATTR)
+    try:
+        Protectors.parse(data)
+    except FormatError as err:
+        raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
+    return data
+
+
+def _write_protectors(d_fd: int, value: bytes) -> None:
+    """Replace the file atomically (write, fsync, rename, fsync the directory)."""
+    try:
+        Protectors.parse(value)
+    except FormatError as err:
+        raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
+    tmp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+    sc.write_new(d_fd, tmp, value, replace=False, sync=True)
+    try:
+        sc.rename_at(d_fd, tmp, d_fd, PROTECTORS_FILE_NAME)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sc.unlink_at(d_fd, tmp)
+        raise
+    sc.fsync_dir(d_fd)
+
+
 def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
     """rmdir, where an encrypted directory may hold only its policy and
     stale long-name sidecars (ENOTEMPTY otherwise)."""
@@ -1543,7 +1609,11 @@ def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
             sc.rmdir_at(d_fd, disk)
             return
         if any(
-            not (n == POLICY_FILE_NAME or is_sidecar_name(n) or n.startswith(_TEMP_PREFIX))
+            not (
+                n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
+                or is_sidecar_name(n)
+                or n.startswith(_TEMP_PREFIX)
+            )
             for n in names
         ):
             raise _err(errno.ENOTEMPTY)

@@ -1126,6 +1126,34 @@ class KeyService:
 
         self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
 
+    def invalidate_filesystem_key(
+        self,
+        caller: Caller,
+        key_id: int,
+        *,
+        timeout: float | None = None,
+        emergency: bool = False,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
+        """fscrypt's FS_IOC_REMOVE_ENCRYPTION_KEY(_ALL_USERS) for a
+        filesystem key (a ``logon`` or ``user`` key described
+        ``keyfence:...`` or ``ext4:...``, what a mount looks up):
+        invalidated through the fence whatever the caller's keyrings hold,
+        by the key's owner or an admin.  Errors: ENOKEY, EKEYREVOKED,
+        EACCES (not the caller's, or not a filesystem key)."""
+
+        def build() -> Removal:
+            key, _ = self._lookup_locked(caller, key_id, _Need.DEFER)
+            key.validate(self.now())
+            filesystem_key = key.type.name in ("logon", "user") and (
+                key.description.startswith(("keyfence:", "ext4:"))
+            )
+            if not filesystem_key or (key.uid != caller.uid and not caller.is_admin):
+                raise fail(errno.EACCES)
+            return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
+
+        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+
     def clear(
         self,
         caller: Caller,

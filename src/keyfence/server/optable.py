@@ -198,6 +198,14 @@ OPERATIONS: dict[str, Op] = _table(
     Op("list_keyring", (INT,), _service("list_keyring")),
     Op("set_timeout", (INT, INT), _service("set_timeout")),
     Op("invalidate", (INT,), _service("invalidate", removal=True), always, removal=True),
+    # keyfence lock: a filesystem key, whoever's keyrings hold it (the owner or root)
+    Op(
+        "lock_filesystem_key",
+        (INT,),
+        _service("invalidate_filesystem_key", removal=True),
+        always,
+        removal=True,
+    ),
     Op("move", (INT, INT, INT, INT), _service("move", removal=True), always, removal=True),
     Op("get_security", (INT,), _service("get_security")),
     # request-key: the handler instantiates the key under construction (and

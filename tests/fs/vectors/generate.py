@@ -27,6 +27,7 @@ from keyfence.fs.crypto import (
     derive_symlinks_key,
 )
 from keyfence.fs.format import FileHeader, KeyKind, Policy
+from keyfence.fs.protector import LoginProtector, Protectors, ScryptParams
 
 HERE = Path(__file__).parent
 
@@ -181,16 +182,60 @@ def build() -> dict[str, Any]:
             },
         ]
     }
+    vectors["protectors.json"] = protectors_vector(by_id)
     return vectors
 
 
+PROTECTOR_UID = 1000
+PROTECTOR_PASSPHRASE = b"correct horse battery staple"
+PROTECTOR_SALT = bytes(range(0x10, 0x20))
+PROTECTOR_NONCE = bytes(range(0x20, 0x2C))
+PROTECTOR_SCRYPT = (10, 8, 1)
+E4CRYPT_SALT = bytes.fromhex("0102030405060708")
+
+
+def protectors_vector(policy: Policy) -> dict[str, Any]:
+    """docs/format.md 3.1: a protectors file with an e4crypt salt and one
+    login protector (scrypt N = 2^10 to keep the test fast)."""
+    log2_n, r, p = PROTECTOR_SCRYPT
+    login = LoginProtector.wrap(
+        PROTECTOR_UID,
+        PROTECTOR_PASSPHRASE,
+        MASTER,
+        policy.key,
+        params=ScryptParams(log2_n, r, p),
+        salt=PROTECTOR_SALT,
+        nonce=PROTECTOR_NONCE,
+    )
+    params = ScryptParams(log2_n, r, p)
+    return {
+        "master_key": MASTER.hex(),
+        "keyring_description": policy.key.description,
+        "e4crypt_salt": E4CRYPT_SALT.hex(),
+        "login": {
+            "uid": PROTECTOR_UID,
+            "passphrase": PROTECTOR_PASSPHRASE.decode(),
+            "scrypt_log2_n": log2_n,
+            "scrypt_r": r,
+            "scrypt_p": p,
+            "salt": PROTECTOR_SALT.hex(),
+            "nonce": PROTECTOR_NONCE.hex(),
+            "kek": params.derive(PROTECTOR_PASSPHRASE, PROTECTOR_SALT).hex(),
+            "wrapped": login.wrapped.hex(),
+        },
+        "file": Protectors([E4CRYPT_SALT], [login]).serialize().hex(),
+    }
+
+
 def main() -> int:
+    """Write the vectors that are missing; never overwrite one (unless --force)."""
     vectors = build()
-    existing = [name for name in vectors if (HERE / name).exists()]
-    if existing and "--force" not in sys.argv:
-        print(f"refusing to overwrite frozen vectors: {', '.join(existing)}", file=sys.stderr)
+    force = "--force" in sys.argv
+    missing = {n: c for n, c in vectors.items() if force or not (HERE / n).exists()}
+    if not missing:
+        print(f"refusing to overwrite frozen vectors: {', '.join(vectors)}", file=sys.stderr)
         return 1
-    for name, content in vectors.items():
+    for name, content in missing.items():
         (HERE / name).write_text(json.dumps(content, indent=2) + "\n")
     return 0
 

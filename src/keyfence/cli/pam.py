@@ -1,0 +1,421 @@
+"""``keyfence pam``: a login's keys, driven by ``pam_exec`` (docs/login.md).
+
+pam_exec forks, calls ``setsid()`` and execs us with ``PAM_TYPE``,
+``PAM_USER``, ``PAM_SERVICE`` ... in the environment, as the PAM
+application's uid (root for login, su, sshd); with ``expose_authtok`` the
+password is on standard input (no newline; we also cut at a NUL).  Our
+parent is the PAM application, which is what makes ``session_to_parent``
+the way to give the login its session keyring, as ``pam_keyinit force``
+does in-process.
+
+* ``auth``: for each directory in the user's login list, unwrap its master
+  key with the password (the login protector) and keep it in root's
+  *stash* keyring ``keyfence-login:<user>`` (a ``user`` key described
+  ``keyfence-login:<ref>``: a description no mount looks up, so the stash
+  unlocks nothing by itself).
+* ``open_session``: join a new anonymous session keyring, hand it to the
+  PAM application (``session_to_parent``: every process of the login
+  inherits it), give it to the user (chown), and put a ``logon`` key for
+  each stashed directory key into it: the directories are unlocked for the
+  login's processes.
+* ``close_session``: ``clear @s`` through the fence with a bounded wait:
+  the mount writes back and encrypts everything written in the session
+  before we return; anything still open is logged (fscrypt's "incompletely
+  locked").  When the user's last session ends the stash is cleared too.
+* ``password`` (chauthtok): re-wrap each stashed key under the new password
+  (no data is re-encrypted).  Without a stash (the user is not logged in)
+  the old protector stays and a log line says to run ``keyfence login
+  passwd DIR``.  Linux-PAM 1.5.2's pam_exec gives this step no password;
+  ``--rewrap-on-auth`` then re-wraps at the next login (docs/login.md).
+
+Errors never fail the PAM stack (exit 0) unless ``--strict``; a password
+is never logged or shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+import syslog
+import time
+from collections.abc import Callable, Iterator
+
+from keyfence.cli import dir_keys
+from keyfence.cli.login import login_directories, lookup_user
+from keyfence.cli.login_setup import LoginUser
+from keyfence.client import Client
+from keyfence.errors import KeyfenceError
+from keyfence.fs.format import FormatError, KeyRef
+from keyfence.fs.protector import LoginProtector, WrongPassphrase
+
+KEY_SPEC_SESSION_KEYRING = -3
+KEY_SPEC_USER_KEYRING = -4
+STASH_PERM = 0x3F3F0000
+"""Possessor and owner (root) only: no other uid even sees the stash."""
+DEFAULT_STATE_DIR = "/run/keyfence/pam"
+MAX_AUTHTOK = 8192
+DEFAULT_CLOSE_TIMEOUT = 60.0
+
+
+class _Log:
+    def __init__(self, service: str) -> None:
+        syslog.openlog("keyfence-pam", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+        self.service = service
+
+    def __call__(self, message: str, *, error: bool = False) -> None:
+        syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_NOTICE, message)
+        print(f"keyfence pam: {message}", file=sys.stderr, flush=True)
+
+
+def _read_authtok() -> bytes:
+    data = sys.stdin.buffer.read(MAX_AUTHTOK)
+    data = data.split(b"\x00", 1)[0]
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def _stash_name(user: LoginUser) -> str:
+    return f"keyfence-login:{user.name}"
+
+
+def _stash(client: Client, user: LoginUser, *, create: bool) -> int | None:
+    """Root's stash keyring for ``user`` (in root's @u), made if asked."""
+    try:
+        return int(client.search(KEY_SPEC_USER_KEYRING, "keyring", _stash_name(user)))
+    except KeyfenceError as err:
+        if err.errno not in (errno.ENOKEY, errno.EKEYEXPIRED, errno.EKEYREVOKED):
+            raise
+    if not create:
+        return None
+    ring = int(client.add_key("keyring", _stash_name(user), None, KEY_SPEC_USER_KEYRING))
+    client.setperm(ring, STASH_PERM)
+    return ring
+
+
+def _stashed_keys(client: Client, user: LoginUser) -> dict[str, bytes]:
+    """{key reference description: master key} from the stash."""
+    ring = _stash(client, user, create=False)
+    if ring is None:
+        return {}
+    out = {}
+    for serial in client.list_keyring(ring):
+        with contextlib.suppress(KeyfenceError):
+            desc = client.describe(serial).split(";", 4)[-1]
+            if desc.startswith("keyfence-login:"):
+                out[desc.removeprefix("keyfence-login:")] = client.read(serial)
+    return out
+
+
+def _login_dirs(user: LoginUser, config_dir: str | None, log: _Log) -> Iterator[tuple[str, KeyRef]]:
+    for path in login_directories(user, config_dir):
+        try:
+            ref = dir_keys.policy_of(path)
+        except OSError as err:
+            log(f"{path}: cannot read its policy ({err.strerror})", error=True)
+            continue
+        if ref is None:
+            log(f"{path}: not an encrypted keyfence directory (is it mounted?)", error=True)
+            continue
+        yield path, KeyRef.from_description(ref)
+
+
+def _protector(path: str, user: LoginUser) -> tuple[str, LoginProtector] | None:
+    where = dir_keys.protectors_dir(path)
+    if where is None:
+        return None
+    found = dir_keys.read_protectors(where).login_for(user.uid)
+    return (where, found) if found is not None else None
+
+
+# -- the four PAM operations
+
+
+def do_auth(
+    client: Client, user: LoginUser, config_dir: str | None, log: _Log, *, rewrap: bool
+) -> int:
+    """Unwrap into the stash.  With ``rewrap`` (the line runs only after the
+    password was verified), a password the protector does not know while
+    the stash holds the key means the password was changed: re-wrap."""
+    authtok = _read_authtok()
+    stashed = _stashed_keys(client, user) if rewrap else {}
+    unlocked = 0
+    for path, ref in _login_dirs(user, config_dir, log):
+        found = _protector(path, user)
+        if found is None:
+            log(f"{path}: no login protector for {user.name}", error=True)
+            continue
+        try:
+            master = found[1].unwrap(authtok, ref)
+        except WrongPassphrase:
+            if ref.description in stashed and authtok:
+                _rewrap(path, found, user, authtok, ref, stashed[ref.description], log)
+            else:
+                log(f"{path}: the login password does not open it (changed without keyfence?)")
+            continue
+        ring = _stash(client, user, create=True)
+        assert ring is not None
+        serial = client.add_key("user", f"keyfence-login:{ref.description}", master, ring)
+        client.setperm(serial, STASH_PERM)
+        unlocked += 1
+    if unlocked:
+        log(f"{user.name}: {unlocked} director{'y' if unlocked == 1 else 'ies'} ready to unlock")
+    return 0
+
+
+def do_open_session(
+    client: Client, user: LoginUser, config_dir: str | None, state_dir: str, log: _Log
+) -> int:
+    ring = client.join_session_keyring(None)
+    try:
+        client._call("session_to_parent")
+    except KeyfenceError as err:
+        log(
+            f"{user.name}: could not give the login its session keyring "
+            f"(session_to_parent: {err.strerror or err})",
+            error=True,
+        )
+        return 1
+    # the login's @s is the user's, as pam_keyinit makes it (after the
+    # handover: session_to_parent wants the caller's own keyring)
+    client.chown(ring, user.uid, user.gid)
+    _remember_session(state_dir, ring)
+    stashed = _stashed_keys(client, user)
+    with _session_count(state_dir, user) as count:
+        count(+1)
+    for path, ref in _login_dirs(user, config_dir, log):
+        master = stashed.get(ref.description)
+        if master is None:
+            continue  # not authenticated with the password (ssh key...): stays locked
+        serial = client.add_key(
+            "logon", ref.description, dir_keys.keyring_payload(ref, master), ring
+        )
+        client.chown(serial, user.uid, user.gid)
+        log(f"{user.name}: {path} unlocked (key {serial} in session keyring {ring})")
+    return 0
+
+
+def do_close_session(
+    client: Client,
+    user: LoginUser,
+    config_dir: str | None,
+    state_dir: str,
+    timeout: float,
+    log: _Log,
+) -> int:
+    """clear @s through the fence; log what is still open.
+
+    Only the keyring open_session gave this PAM application: if that step
+    failed, @s is whatever the application had (an admin's, for ``su``),
+    which is not ours to clear.
+    """
+    status = 0
+    ours = _remembered_session(state_dir)
+    current = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
+    if ours is None or ours != current:
+        log(f"{user.name}: close_session: @s is not the one open_session made; left alone")
+        return 1
+    dirty = 0
+    for path, _ref in _login_dirs(user, config_dir, log):
+        with contextlib.suppress(OSError, ValueError, KeyfenceError):
+            dirty += int(dir_keys.status_of(path).get("dirty_bytes", 0))
+    log(f"{user.name}: logout: {dirty:,} bytes to write back")
+    start = time.monotonic()
+    try:
+        keys = client.list_keyring(KEY_SPEC_SESSION_KEYRING)
+        client.clear(KEY_SPEC_SESSION_KEYRING, timeout=timeout)
+        log(
+            f"{user.name}: session keyring cleared ({len(keys)} keys) in "
+            f"{time.monotonic() - start:.2f} s; everything written is on disk"
+        )
+    except KeyfenceError as err:
+        log(
+            f"{user.name}: logout could not lock in {timeout:g} s, keys left in place: "
+            f"{err.strerror or err}",
+            error=True,
+        )
+        status = 1
+    for path, _ref in _login_dirs(user, config_dir, log):
+        with contextlib.suppress(OSError, ValueError, KeyfenceError):
+            files = dir_keys.status_of(path).get("busy_files") or []
+            if files:
+                still = ", ".join(map(str, files))
+                log(f"{path}: incompletely locked, still open: {still}", error=True)
+    with _session_count(state_dir, user) as count:
+        if count(-1) <= 0:
+            ring = _stash(client, user, create=False)
+            if ring is not None:
+                client.invalidate(ring)
+    return status
+
+
+def _rewrap(
+    path: str,
+    found: tuple[str, LoginProtector],
+    user: LoginUser,
+    new: bytes,
+    ref: KeyRef,
+    master: bytes,
+    log: _Log,
+) -> None:
+    where, old = found
+    new_protector = LoginProtector.wrap(user.uid, new, master, ref, params=old.params)
+    prot = dir_keys.read_protectors(where)
+    dir_keys.write_protectors(where, prot.with_login(new_protector))
+    log(f"{path}: login protector re-wrapped for the new password")
+
+
+def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _Log) -> int:
+    new = _read_authtok()
+    if not new:
+        # Linux-PAM before 1.5.3 exposes the token to auth only: nothing here
+        log(
+            f"{user.name}: chauthtok got no password from pam_exec (this Linux-PAM gives it "
+            "to auth only); --rewrap-on-auth re-wraps at the next login",
+            error=True,
+        )
+        return 1
+    stashed = _stashed_keys(client, user)
+    status = 0
+    for path, ref in _login_dirs(user, config_dir, log):
+        found = _protector(path, user)
+        master = stashed.get(ref.description)
+        if found is None:
+            continue
+        if master is None:
+            log(
+                f"{path}: not re-wrapped ({user.name} is not logged in with the password): "
+                f"its login protector still opens with the old one; run keyfence login passwd",
+                error=True,
+            )
+            status = 1
+            continue
+        _rewrap(path, found, user, new, ref, master, log)
+    return status
+
+
+def _parent_key() -> str:
+    """Our parent (the PAM application), named by pid and start time."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat", "rb") as f:
+            stat = f.read()
+        start = stat[stat.rindex(b")") + 2 :].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        start = "0"
+    return f"{ppid}.{start}"
+
+
+def _remember_session(state_dir: str, ring: int) -> None:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, f"session.{_parent_key()}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, str(ring).encode())
+    finally:
+        os.close(fd)
+
+
+def _remembered_session(state_dir: str) -> int | None:
+    """The keyring open_session made for our parent (forgotten once read)."""
+    path = os.path.join(state_dir, f"session.{_parent_key()}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 32))
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def _session_count(state_dir: str, user: LoginUser) -> Iterator[Callable[[int], int]]:
+    """The user's number of open sessions, under a lock (pam_fscrypt's count)."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, f"{user.uid}.count")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        def count(delta: int) -> int:
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                value = int(os.read(fd, 32) or b"0")
+            except ValueError:
+                value = 0
+            value = max(0, value + delta)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(value).encode(), 0)
+            return value
+
+        yield count
+    finally:
+        os.close(fd)
+
+
+def run(args: argparse.Namespace) -> int:
+    pam_type = args.type or os.environ.get("PAM_TYPE", "")
+    log = _Log(os.environ.get("PAM_SERVICE", "?"))
+    if args.socket:
+        os.environ["KEYFENCE_SOCKET"] = args.socket
+    try:
+        user = lookup_user(os.environ.get("PAM_USER", ""))
+        with Client.connect(autostart=False, name="keyfence-pam") as client:
+            if pam_type == "auth":
+                status = do_auth(client, user, args.config_dir, log, rewrap=args.rewrap_on_auth)
+            elif pam_type == "open_session":
+                status = do_open_session(client, user, args.config_dir, args.state_dir, log)
+            elif pam_type == "close_session":
+                status = do_close_session(
+                    client, user, args.config_dir, args.state_dir, args.timeout, log
+                )
+            elif pam_type in ("password", "chauthtok"):
+                status = do_chauthtok(client, user, args.config_dir, log)
+            else:
+                status = 0  # account: nothing to do
+    except (KeyfenceError, OSError, FormatError, ValueError) as err:
+        text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        log(f"{pam_type}: {text}", error=True)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        status = 1
+    return status if args.strict else 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pam = sub.add_parser("pam", help="PAM hook for pam_exec (auth, open/close_session, password)")
+    pam.add_argument(
+        "type",
+        nargs="?",
+        choices=("auth", "open_session", "close_session", "password", "chauthtok", "account"),
+        help="what to do (default: $PAM_TYPE, as pam_exec sets it)",
+    )
+    pam.add_argument("--socket", help="the daemon's socket (default: as keyfence.paths says)")
+    pam.add_argument("--config-dir", help="system login lists (default /etc/keyfence/login)")
+    pam.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="session counts (root only)")
+    pam.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CLOSE_TIMEOUT,
+        help="longest wait at logout for write-back, in seconds (keys stay after it)",
+    )
+    pam.add_argument("--debug", action="store_true", help="tracebacks on standard error")
+    pam.add_argument(
+        "--rewrap-on-auth",
+        action="store_true",
+        help="auth re-wraps a login protector the verified password does not open while "
+        "another session holds its key (the line must run only after pam_unix succeeded)",
+    )
+    pam.add_argument(
+        "--strict", action="store_true", help="fail the PAM stack on errors (default: never)"
+    )
+    pam.set_defaults(run=run)

@@ -1,0 +1,185 @@
+"""keyfence lock / unlock / status DIR and e4crypt add_key through a real mount.
+
+Salts stored with the policy (no -S needed after the first time), lock
+finding the key through the mount's binding whatever the caller's @s,
+fscrypt's status wording and exit codes, the busy report clearing when the
+files close.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tests.daemon_fixture import DaemonProcess
+from tests.fs.test_daemon_mount import BIN, PASSPHRASE, mounted, session_sh
+
+__all__ = ["mounted"]
+
+
+def login_env(daemon: DaemonProcess) -> dict[str, str]:
+    return dict(daemon.env, PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def test_add_key_without_salt_stores_one_and_unlock_needs_none(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    daemon, backing, mnt = mounted
+    home = mnt / "notes"
+    home.mkdir()
+    made = session_sh(
+        daemon,
+        f"keyfence e4crypt add_key {home} && echo hi > {home}/f && kfctl clear @s",
+        stdin=PASSPHRASE,
+    )
+    assert made.returncode == 0, made.stderr
+    desc = made.stdout.split("[")[1].split("]")[0]
+    status = session_sh(daemon, f"keyfence status {home}")
+    assert "Unlocked: No" in status.stdout, status.stdout
+    salt_hex = status.stdout.split("e4crypt salt 0x")[1].split(")")[0]
+    assert len(salt_hex) == 32
+    # the stored salt is an ordinary e4crypt salt: -S 0x<salt> gives the same descriptor
+    same = session_sh(daemon, f"keyfence e4crypt add_key -S 0x{salt_hex}", stdin=PASSPHRASE)
+    assert f"[{desc}]" in same.stdout, same.stdout + same.stderr
+    # the protectors file is hidden from the mount and the name never leaks
+    assert (backing / "notes" / ".keyfence-protectors").is_file()
+    again = session_sh(daemon, f"keyfence unlock {home} && cat {home}/f", stdin=PASSPHRASE)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.endswith("hi\n")
+    listing = session_sh(
+        daemon, f"keyfence unlock {home} >/dev/null; ls -A {home}", stdin=PASSPHRASE
+    )
+    assert listing.stdout.split() == ["f"]
+
+
+def test_unlock_without_stored_salt_says_so(mounted: tuple[DaemonProcess, Path, Path]) -> None:
+    daemon, backing, mnt = mounted
+    home = mnt / "old"
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key -S s:x {home}", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    # made before salts were stored: drop the record to play an old directory
+    (backing / "old" / ".keyfence-protectors").unlink()
+    done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
+    assert done.returncode == 2
+    assert "no salt stored with the policy" in done.stderr
+    ok = session_sh(daemon, f"keyfence unlock -S s:x {home}", stdin=PASSPHRASE)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_lock_from_another_session_finds_the_key(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """fscrypt's lock: whoever's keyrings hold the key (here: a login's @s
+    that the locking process does not share); exit 1 when already locked."""
+    daemon, _backing, mnt = mounted
+    home = mnt / "h"
+    home.mkdir()
+    # a long-lived "login" holding the key in its own session keyring
+    login = subprocess.Popen(
+        [
+            "sh",
+            "-ec",
+            "kfctl new_session >/dev/null; "
+            f"echo '{PASSPHRASE.strip()}' | keyfence e4crypt add_key {home} >/dev/null; "
+            f"dd if=/dev/urandom of={home}/data bs=1M count=4 status=none; "
+            "echo ready; exec sleep 600",
+        ],
+        env=login_env(daemon),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert login.stdin is not None and login.stdout is not None
+        assert login.stdout.readline() == "ready\n"
+        status = session_sh(daemon, f"keyfence status {home}")
+        assert "Unlocked: Yes" in status.stdout, status.stdout
+        lock = session_sh(daemon, f"keyfence lock {home}")
+        assert lock.returncode == 0, lock.stderr
+        assert f"{home}: locked" in lock.stdout
+        status = session_sh(daemon, f"keyfence status {home}")
+        assert "Unlocked: No" in status.stdout
+        again = session_sh(daemon, f"keyfence lock {home}")
+        assert again.returncode == 1
+        assert "already locked" in again.stderr
+    finally:
+        login.kill()
+        login.communicate()
+
+
+def test_incompletely_locked_until_the_file_closes(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    daemon, _backing, mnt = mounted
+    home = mnt / "busy"
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    holder = subprocess.Popen(
+        [
+            "sh",
+            "-ec",
+            "kfctl new_session >/dev/null; "
+            f"echo '{PASSPHRASE.strip()}' | keyfence unlock {home} >/dev/null; "
+            f"exec 3>{home}/open.txt; echo x >&3; "
+            "echo ready; read _; exec 3>&-; echo closed; exec sleep 600",
+        ],
+        env=login_env(daemon),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        assert holder.stdout.readline() == "ready\n"
+        lock = session_sh(daemon, f"keyfence lock {home}")
+        assert lock.returncode == 1, lock.stdout + lock.stderr
+        assert "incompletely locked" in lock.stderr
+        assert "open.txt" in lock.stderr
+        status = session_sh(daemon, f"keyfence status {home}")
+        assert "Unlocked: Partially (incompletely locked)" in status.stdout, status.stdout
+        assert "open.txt" in status.stdout
+        assert "open.txt" in session_sh(daemon, "keyfence status").stdout
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "closed\n"
+        deadline = time.monotonic() + 30
+        while True:
+            status = session_sh(daemon, f"keyfence status {home}")
+            if "Unlocked: No" in status.stdout:
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.1)
+        assert "open.txt" not in status.stdout
+        # the daemon's report (keyfence status without a directory) clears too
+        listing = session_sh(daemon, "keyfence status")
+        assert "open.txt" not in listing.stdout, listing.stdout
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+def test_a_hostile_protectors_file_is_a_clear_error(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    daemon, backing, mnt = mounted
+    home = mnt / "h"
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    record = backing / "h" / ".keyfence-protectors"
+    for hostile in (b"KFR1\x01\x00\x00\x05garbage", b"x" * 100_000):
+        record.write_bytes(hostile)
+        done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
+        assert done.returncode == 1, done.stdout
+        assert "Input/output error" in done.stderr and "Traceback" not in done.stderr
+    record.unlink()
+    record.symlink_to("/etc/shadow")
+    done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "root:" not in done.stdout + done.stderr
