@@ -39,7 +39,7 @@ from keyfence import protocol, socket_trust
 from keyfence.keys import KeyService
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.process_keys import Caller
-from keyfence.server import identity, request_key_runner
+from keyfence.server import identity, request_key_runner, systemd
 from keyfence.server.connection import SERVER_NAME, Connection
 from keyfence.server.lanes import Lanes
 from keyfence.server.limits import MAX_INFLIGHT, UidLimits
@@ -97,6 +97,8 @@ class Daemon:
         self._lock_file: int | None = None
         self._ending: set[object] = set()
         self._loop: Loop | None = None
+        self._activated = False
+        """Serving a socket systemd made (socket activation): it stays at exit."""
         self.mounts = MountSupervisor(self)
 
     @property
@@ -106,8 +108,12 @@ class Daemon:
 
     # -- socket setup
 
-    def bind(self) -> None:
-        """Claim the socket; DaemonRunning if another daemon serves it."""
+    def bind(self, listener: socket.socket | None = None) -> None:
+        """Claim the socket; DaemonRunning if another daemon serves it.
+
+        ``listener``: a listening socket already bound at ``path`` (systemd's
+        socket activation): served as it is, and left in place at exit, as
+        the service manager owns it."""
         directory = os.path.dirname(self.path) or "."
         socket_trust.prepare_bind_dir(directory, private=self.private_uid is not None)
         lock_path = self.path + ".lock"
@@ -124,12 +130,14 @@ class Daemon:
             ) from None
         self._lock_file = fd
         self.record_pid()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # stale: its daemon no longer holds the lock
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
-        os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
-        listener.listen(128)
+        self._activated = listener is not None
+        if listener is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # stale: its daemon no longer holds the lock
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.path)
+            os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
+            listener.listen(128)
         self._listener = listener
         self._loop = Loop(self, listener)
 
@@ -252,8 +260,8 @@ class Daemon:
         """Loop thread, once the listener is closed: drop the clients, then
         write back and unmount every mount while the loop keeps serving the
         workers' channels; the loop ends when they are gone."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        systemd.notify("STOPPING=1")
+        self._remove_socket()
         with self._conns_lock:
             clients = [c for c in self._conns if c.mount is None]
         for conn in clients:
@@ -277,9 +285,13 @@ class Daemon:
         finally:
             self.loop.finish()
 
+    def _remove_socket(self) -> None:
+        if not self._activated:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
     def _release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self._remove_socket()
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
@@ -334,7 +346,7 @@ def run_daemon(
         private = os.geteuid() != 0
     daemon = Daemon(path, service=service, private_uid=os.geteuid() if private else None)
     try:
-        daemon.bind()
+        daemon.bind(systemd.listen_socket())
     except DaemonRunning as err:
         print(f"keyfence daemon: {err}", flush=True)
         return 1
@@ -343,6 +355,9 @@ def run_daemon(
             os._exit(0)
         os.setsid()
         daemon.record_pid()
+    # the socket accepts from here on (connections wait in its backlog)
+    systemd.take_notify_socket()
+    systemd.notify("READY=1")
 
     def stop(signum: int, frame: object) -> None:
         daemon.stop()  # sets flags and writes an eventfd: safe in a handler

@@ -21,10 +21,20 @@ import socket
 
 SD_LISTEN_FDS_START = 3
 
+_notify_address = ""
+"""``$NOTIFY_SOCKET``, taken out of the environment by :func:`take_notify_socket`."""
+
+
+def take_notify_socket() -> None:
+    """Keep ``$NOTIFY_SOCKET`` for :func:`notify` and remove it from the
+    environment: children (mount workers) must not speak for us."""
+    global _notify_address
+    _notify_address = os.environ.pop("NOTIFY_SOCKET", "") or _notify_address
+
 
 def notify(state: str) -> bool:
     """Tell the service manager ``state`` (``READY=1``...); False if none listens."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
+    address = _notify_address or os.environ.get("NOTIFY_SOCKET", "")
     if not address or address[0] not in "/@":
         return False
     if address[0] == "@":  # an abstract socket
@@ -36,11 +46,6 @@ def notify(state: str) -> bool:
         sock.sendto(state.encode(), address)
         return True
     return False
-
-
-def forget_notify_socket() -> None:
-    """Children must not notify in our name."""
-    os.environ.pop("NOTIFY_SOCKET", None)
 
 
 def listen_socket() -> socket.socket | None:
