@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.client import Client
 from keyfence.testing import users
 from tests.cli.test_kfctl import Daemon
 
@@ -187,6 +188,27 @@ def test_concurrent_waiters_share_one_slow_handler(upcalls: tuple[Daemon, Path])
     assert payload == "slow"
     # request without callout info finds the key under construction and waits
     assert c == a
+    assert len(runs(log)) == 1
+
+
+def test_handlers_run_while_the_daemon_has_many_descriptors_open(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """The handler used to be held on a pipe named by its number in the
+    shell's ``<&N``: dash takes one digit there, so once the daemon had ten
+    descriptors open (here: a dozen idle clients) no handler ran at all."""
+    daemon, log = upcalls
+    clients = [Client.connect(daemon.socket, autostart=False) for _ in range(12)]
+    try:
+        out = sh(
+            daemon,
+            "keyctl print $(keyctl request2 user test:fds many);"
+            " keyctl print $(keyctl request2 user test:loop:fds piped)",
+        )
+    finally:
+        for client in clients:
+            client.close()
+    assert out.splitlines() == ["Debug many", "piped", "exit=0"], out
     assert len(runs(log)) == 1
 
 

@@ -16,8 +16,8 @@ the key and calls :func:`install`'s hook, which does what the kernel and
    a literal ``%`` (``%{type:desc}`` key substitution is not provided);
 3. run it as the requesting user (uid, gid, groups), in a new session,
    stdin/stdout/stderr on /dev/null, with ``KEYFENCE_SOCKET`` naming this
-   daemon, holding the authority over the key: the process is held on a
-   pipe until the service has recorded it (pid and start time), so no call
+   daemon, holding the authority over the key: the process is held on its
+   stdin until the service has recorded it (pid and start time), so no call
    it makes can come first;
 4. a ``|program`` line gets the callout info on stdin and, if it exits 0,
    the key is instantiated with what it printed;
@@ -56,8 +56,13 @@ kernel waits for ever, but a waiter here holds a daemon thread, and no user
 may hold the daemon's threads for long (docs/cli.md, "request-key").
 ``$KEYFENCE_REQUEST_KEY_TIMEOUT`` in the daemon's environment overrides it."""
 HANDLER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_HOLD = 'read _ <&{fd} || exit 1; exec {fd}<&-; exec "$0" "$@"'
-"""The handler waits on the pipe until the daemon has recorded its pid."""
+_HOLD = 'read _ || exit 1; {stdin}exec "$0" "$@"'
+"""The handler waits for a first line on its stdin until the daemon has
+recorded its pid; a ``|program`` then reads the callout info from the same
+pipe, any other handler gets /dev/null.  Not a pipe of its own: its number
+would be the daemon's next free descriptor, and /bin/sh (dash) takes only
+one digit in ``<&N`` ("Bad fd number") -- a daemon with ten descriptors open
+ran no handler at all."""
 
 
 @dataclass(frozen=True)
@@ -244,31 +249,29 @@ class Runner:
         }
         if "PYTHONPATH" in os.environ:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        hold_read, hold_write = os.pipe()
-        try:
-            child = subprocess.Popen(
-                ["/bin/sh", "-c", _HOLD.format(fd=hold_read), *argv],
-                stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if piped else subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(hold_read,),
-                env=env,
-                cwd="/",
-                start_new_session=True,
-                user=requester.uid if switch else None,
-                group=requester.gid if switch else None,
-                extra_groups=sorted(requester.groups) if switch else None,
-            )
-        finally:
-            os.close(hold_read)
+        child = subprocess.Popen(
+            ["/bin/sh", "-c", _HOLD.format(stdin="" if piped else "exec </dev/null; "), *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if piped else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+            user=requester.uid if switch else None,
+            group=requester.gid if switch else None,
+            extra_groups=sorted(requester.groups) if switch else None,
+        )
+        assert child.stdin is not None
+        hold = child.stdin.fileno()
         try:
             start = next(lineage(Caller(uid=requester.uid, gid=requester.gid, pid=child.pid)))
             upcall.grant(self.service, construction, start)
-            os.write(hold_write, b"go\n")
+            os.write(hold, b"go\n")  # unbuffered: sh's read takes this line alone
         except (OSError, StopIteration):
             child.kill()
-        finally:
-            os.close(hold_write)
+        if not piped:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
         threading.Thread(
             target=self._wait,
             args=(construction, child, request.callout if piped else None),
