@@ -20,6 +20,7 @@ import errno
 import os
 
 from keyfence import paths, socket_trust, wire
+from keyfence.constants import *  # noqa: F403 - KEY_SPEC_*, KEY_POS_*, ...: keyutils' names
 from keyfence.errors import KeyfenceError
 
 TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the name
@@ -59,6 +60,7 @@ class RemovalStatus:
 
     @property
     def remaining_bytes(self) -> int:
+        """Bytes the pending watchers still have to flush, as they said."""
         return sum(p.remaining_bytes or 0 for p in self.pending)
 
 
@@ -99,6 +101,8 @@ class RemoteNotification:
         self._seq: int = raw["seq"]
 
     def report_progress(self, remaining_bytes: int | None = None, note: str = "") -> None:
+        """While handling a ``"before"`` event: tell the waiting removal how
+        much is left to flush (shown by kfctl and keyfence lock)."""
         if self.phase == "before":
             message = {"remaining_bytes": remaining_bytes, "note": note}
             self._client._send({"type": "progress", "seq": self._seq, **message})
@@ -111,12 +115,17 @@ WatchCallback = "Callable[[RemoteNotification], None]"
 
 
 class ClientWatch:
+    """A watch made by :meth:`Client.watch`."""
+
     def __init__(self, client: Client, watch_id: int, callback: Any) -> None:
         self.client = client
         self.id = watch_id
         self.callback = callback
 
     def remove(self) -> None:
+        """keyctl watch_rm: stop watching (a synchronous watch stops fencing).
+
+        Errors: ENOENT when the watch is already gone."""
         self.client._call("unwatch", self.id)
         self.client._watches.pop(self.id, None)
 
@@ -146,6 +155,17 @@ class Welcome:
 
 
 class Client:
+    """A connection to the key service, as one process.
+
+    Methods are the keyctl(2) operations, named after them, with the same
+    arguments (keyring ids or ``KEY_SPEC_*`` constants from
+    :mod:`keyfence.constants`, re-exported here) and the kernel's errors,
+    raised as :class:`keyfence.errors.KeyfenceError` (an ``OSError`` whose
+    ``errno`` is the kernel's).  Operations that remove keys take
+    ``timeout=``, ``emergency=`` and ``progress=`` (see :meth:`revoke`).
+    Use one from several threads once a watch exists; a context manager.
+    """
+
     def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
         self._frames = wire.FrameReader(sock)
@@ -427,6 +447,9 @@ class Client:
             self._events.put(None)
 
     def close(self) -> None:
+        """Close the connection.  The daemon forgets this client's watches; a
+        synchronous watch here stops fencing (its key can go without asking).
+        """
         try:  # noqa: SIM105 - contextlib costs start-up time
             self._sock.shutdown(_socket.SHUT_RDWR)
         except OSError:
@@ -437,6 +460,7 @@ class Client:
             self._reader.join(timeout=2)
 
     def __enter__(self) -> Client:
+        """``with Client.connect() as client:`` closes it at the end."""
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -447,17 +471,46 @@ class Client:
     def add_key(
         self, type: str, description: str | None, payload: bytes | None, keyring: int
     ) -> int:
+        """add_key(2): create a key of ``type`` (``"user"``, ``"logon"``,
+        ``"keyring"``, ...) with ``description`` and ``payload`` and link it into
+        ``keyring`` (an id or a ``KEY_SPEC_*`` constant), or update the key of the
+        same type and description already there.  Returns the key's id.
+
+        Errors (as the kernel's): EINVAL (bad type, description or payload),
+        ENOKEY/EKEYREVOKED/EKEYEXPIRED (the keyring), EACCES (no write permission
+        on the keyring), EDQUOT (the owner's key quota), ENOTDIR (not a keyring).
+        """
         return int(self._call("add_key", type, description, payload, keyring))
 
     def request_key(
         self, type: str, description: str, callout: str | None = None, dest_keyring: int = 0
     ) -> int:
+        """request_key(2): search the caller's keyrings for a key of ``type``
+        and ``description``; with ``callout`` and none found, construct it through
+        request-key.conf (keyfence-request-key.conf(5)) and wait.  The key found
+        is linked into ``dest_keyring`` (0: the default).  Returns its id.
+
+        Errors: ENOKEY (none, and no callout or no handler), EKEYREJECTED or the
+        error it was negated with, EKEYREVOKED, EKEYEXPIRED, EACCES, EDQUOT.
+        """
         return int(self._call("request_key", type, description, callout, dest_keyring))
 
     def get_keyring_id(self, key_id: int, create: bool = False) -> int:
+        """KEYCTL_GET_KEYRING_ID: the id behind ``key_id`` (a ``KEY_SPEC_*``
+        constant); with ``create``, make the special keyring if it does not exist.
+
+        Errors: ENOKEY (no such keyring and not ``create``), EINVAL.
+        """
         return int(self._call("get_keyring_id", key_id, create))
 
     def join_session_keyring(self, name: str | None = None) -> int:
+        """KEYCTL_JOIN_SESSION_KEYRING: give this process a new anonymous
+        session keyring (``name`` None) or join, creating it if needed, the
+        session keyring called ``name``.  Returns its id.
+
+        Errors: EACCES (a keyring of that name this caller may not join),
+        EDQUOT.
+        """
         return int(self._call("join_session_keyring", name))
 
     def session_to_parent(self, **removal: Any) -> None:
@@ -466,42 +519,145 @@ class Client:
         self._call("session_to_parent", **removal)
 
     def update(self, key_id: int, payload: bytes | None) -> None:
+        """KEYCTL_UPDATE: replace the payload of ``key_id``.
+
+        Errors: EOPNOTSUPP (a type that cannot be updated, such as a keyring),
+        EACCES (no write permission), EKEYREVOKED, EKEYEXPIRED, EINVAL, EDQUOT.
+        """
         self._call("update", key_id, payload)
 
     def revoke(self, key_id: int, **removal: Any) -> None:
+        """KEYCTL_REVOKE: revoke ``key_id`` -- after every synchronous watcher
+        (such as a mount flushing data written with the key) has finished.
+        ``removal``: ``timeout=SECONDS`` (give up with ETIMEDOUT, nothing
+        removed, if the key's synchronous watchers have not finished),
+        ``emergency=True`` (remove now; the watchers are told afterwards),
+        ``progress=callable`` (called with a :class:`RemovalStatus` while it
+        waits).
+
+        Errors: EACCES (no write or setattr permission), ENOKEY; a synchronous
+        watcher's own error aborts the removal (keys intact); ETIMEDOUT; EDEADLK
+        when a watcher's callback removes the keys its fence holds.
+        """
         self._call("revoke", key_id, **removal)
 
     def chown(self, key_id: int, uid: int, gid: int) -> None:
+        """KEYCTL_CHOWN: change the owner (``uid``) and group (``gid``) of
+        ``key_id``; -1 leaves either as it is.
+
+        Errors: EACCES (only root changes the owner; setattr permission),
+        EDQUOT (the new owner's quota), ENOKEY.
+        """
         self._call("chown", key_id, uid, gid)
 
     def setperm(self, key_id: int, perm: int) -> None:
+        """KEYCTL_SETPERM: set the permission mask of ``key_id`` (``KEY_POS_*``
+        | ``KEY_USR_*`` | ``KEY_GRP_*`` | ``KEY_OTH_*``).
+
+        Errors: EACCES (not the owner, or no setattr permission), EINVAL (bits
+        outside the mask), ENOKEY.
+        """
         self._call("setperm", key_id, perm)
 
     def describe(self, key_id: int) -> str:
+        """KEYCTL_DESCRIBE: ``type;uid;gid;perm;description`` of ``key_id``
+        (perm in hex), as keyctl describe's raw form.
+
+        Errors: EACCES (no view permission), ENOKEY, EKEYREVOKED.
+        """
         return str(self._call("describe", key_id))
 
     def clear(self, keyring: int, **removal: Any) -> None:
+        """KEYCTL_CLEAR: unlink every key from ``keyring``, fenced: each key
+        that goes away waits for its synchronous watchers first.
+        ``removal``: ``timeout=SECONDS`` (give up with ETIMEDOUT, nothing
+        removed, if the key's synchronous watchers have not finished),
+        ``emergency=True`` (remove now; the watchers are told afterwards),
+        ``progress=callable`` (called with a :class:`RemovalStatus` while it
+        waits).
+
+        Errors: ENOTDIR (not a keyring), EACCES (no write permission), ENOKEY;
+        a synchronous watcher's own error aborts the removal (keys intact);
+        ETIMEDOUT; EDEADLK when a watcher's callback removes the keys its fence
+        holds.
+        """
         self._call("clear", keyring, **removal)
 
     def link(self, key_id: int, keyring: int) -> None:
+        """KEYCTL_LINK: link ``key_id`` into ``keyring``.
+
+        Errors: ENOTDIR, EACCES (no link permission on the key or no write
+        permission on the keyring), EDEADLK (a loop), ENFILE (keyring full),
+        EDQUOT, ENOKEY, EKEYREVOKED.
+        """
         self._call("link", key_id, keyring)
 
     def unlink(self, key_id: int, keyring: int, **removal: Any) -> None:
+        """KEYCTL_UNLINK: remove the link to ``key_id`` from ``keyring``; a key
+        whose last link goes waits for its synchronous watchers first.
+        ``removal``: ``timeout=SECONDS`` (give up with ETIMEDOUT, nothing
+        removed, if the key's synchronous watchers have not finished),
+        ``emergency=True`` (remove now; the watchers are told afterwards),
+        ``progress=callable`` (called with a :class:`RemovalStatus` while it
+        waits).
+
+        Errors: ENOENT (not linked there), ENOTDIR, EACCES, ENOKEY; a
+        synchronous watcher's own error aborts the removal (keys intact);
+        ETIMEDOUT; EDEADLK when a watcher's callback removes the keys its fence
+        holds.
+        """
         self._call("unlink", key_id, keyring, **removal)
 
     def search(self, keyring: int, type: str, description: str, dest_keyring: int = 0) -> int:
+        """KEYCTL_SEARCH: find a key of ``type`` and ``description`` in
+        ``keyring`` and the keyrings below it; link it into ``dest_keyring``
+        if not 0.  Returns its id.
+
+        Errors: ENOKEY (not found), EACCES (no search permission), EKEYREVOKED,
+        EKEYEXPIRED, ENOTDIR.
+        """
         return int(self._call("search", keyring, type, description, dest_keyring))
 
     def read(self, key_id: int) -> bytes:
+        """KEYCTL_READ: the payload of ``key_id`` (for a keyring, its key ids as
+        32-bit integers in host order, as the kernel gives them).
+
+        Errors: EACCES (no read permission, nor possessed with search
+        permission), EOPNOTSUPP (a type that cannot be read, such as logon),
+        EKEYREVOKED, EKEYEXPIRED, ENOKEY.
+        """
         return bytes(self._call("read", key_id))
 
     def list_keyring(self, keyring: int) -> list[int]:
+        """The ids of the keys linked into ``keyring`` (KEYCTL_READ on a keyring,
+        as keyctl rlist prints them).
+
+        Errors: ENOTDIR (not a keyring), EACCES, ENOKEY, EKEYREVOKED.
+        """
         return [int(s) for s in self._call("list_keyring", keyring)]
 
     def set_timeout(self, key_id: int, timeout: int) -> None:
+        """KEYCTL_SET_TIMEOUT: expire ``key_id`` in ``timeout`` seconds (0:
+        never).  An expiring key is fenced like a removal: its synchronous
+        watchers are called before it goes.
+
+        Errors: EACCES (no setattr permission), EKEYREVOKED, ENOKEY.
+        """
         self._call("set_timeout", key_id, timeout)
 
     def invalidate(self, key_id: int, **removal: Any) -> None:
+        """KEYCTL_INVALIDATE: invalidate ``key_id`` at once, unlinking it
+        everywhere -- after its synchronous watchers have finished.
+        ``removal``: ``timeout=SECONDS`` (give up with ETIMEDOUT, nothing
+        removed, if the key's synchronous watchers have not finished),
+        ``emergency=True`` (remove now; the watchers are told afterwards),
+        ``progress=callable`` (called with a :class:`RemovalStatus` while it
+        waits).
+
+        Errors: EACCES (no search permission), ENOKEY; a synchronous watcher's
+        own error aborts the removal (keys intact); ETIMEDOUT; EDEADLK when a
+        watcher's callback removes the keys its fence holds.
+        """
         self._call("invalidate", key_id, **removal)
 
     def lock_filesystem_key(self, key_id: int, **removal: Any) -> None:
@@ -512,9 +668,29 @@ class Client:
     def move(
         self, key_id: int, from_keyring: int, to_keyring: int, flags: int = 0, **removal: Any
     ) -> None:
+        """KEYCTL_MOVE: move the link to ``key_id`` from ``from_keyring`` to
+        ``to_keyring`` (``flags``: ``KEYCTL_MOVE_EXCL`` fails with EEXIST rather
+        than displace a key of the same type and description).  A key displaced
+        in the destination waits for its watchers first.
+        ``removal``: ``timeout=SECONDS`` (give up with ETIMEDOUT, nothing
+        removed, if the key's synchronous watchers have not finished),
+        ``emergency=True`` (remove now; the watchers are told afterwards),
+        ``progress=callable`` (called with a :class:`RemovalStatus` while it
+        waits).
+
+        Errors: ENOENT (not in ``from_keyring``), EEXIST, ENOTDIR, EACCES, EDQUOT;
+        a synchronous watcher's own error aborts the removal (keys intact);
+        ETIMEDOUT; EDEADLK when a watcher's callback removes the keys its fence
+        holds.
+        """
         self._call("move", key_id, from_keyring, to_keyring, flags, **removal)
 
     def get_security(self, key_id: int) -> str:
+        """KEYCTL_GET_SECURITY: the LSM label of ``key_id`` (always empty: no
+        LSM labels keyfence's keys; the call still checks view permission).
+
+        Errors: EACCES (no view permission), ENOKEY.
+        """
         return str(self._call("get_security", key_id))
 
     def instantiate(self, key_id: int, payload: bytes | None, keyring: int) -> None:
@@ -535,6 +711,10 @@ class Client:
         return [tuple(row) for row in self._call("key_users")]
 
     def ping(self) -> str:
+        """A round trip to the daemon (it answers ``"pong"``).
+
+        Errors: ENOTCONN when the connection is gone.
+        """
         return str(self._call("ping"))
 
     def watch(
@@ -546,7 +726,24 @@ class Client:
         sync: bool = False,
         name: str | None = None,
     ) -> ClientWatch:
-        """Watch a key; with ``sync``, removals wait for ``callback`` (BEFORE phase)."""
+        """keyctl watch_add, across processes: call ``callback`` with a
+        :class:`RemoteNotification` for each event of ``key_id`` (and, for a
+        keyring, of its links) in ``events`` (``KEY_EVENT_*`` bits, all by
+        default).  Returns a :class:`ClientWatch`; ``.remove()`` ends it.
+
+        With ``sync`` the watch is a fence: before ``key_id`` goes away
+        (revoke, invalidate, unlink of its last link, clear, expiry, a
+        logout), the removal calls ``callback`` with ``phase == "before"``
+        and waits until it returns; the callback flushes what it wrote with
+        the key, reporting with ``note.report_progress()``, or raises (an
+        OSError's errno, else ECANCELED) to refuse the removal, unless it is
+        an emergency.  ``name`` is shown in removal progress.  Other
+        callbacks run one at a time on a delivery thread, after the fact.
+
+        Errors: EACCES (no view permission on the key; a synchronous watch
+        on a key that is not the caller's, unless root), ENOKEY, EMFILE (the
+        daemon's limit on this uid's watches).
+        """
         self._start_reader()
         watch_id = int(self._call("watch", key_id, events, sync, name))
         watch = ClientWatch(self, watch_id, callback)
