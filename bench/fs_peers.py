@@ -8,8 +8,8 @@ failure half-way; it is safe to call twice.
 * :class:`DiskPeer`: a plain directory; "lock" is ``syncfs``, the I/O limit.
 * :class:`KeyfencePeer`: a private keyfence daemon, ``keyfence mount`` (the
   real worker the daemon spawns), an e4crypt key in the caller's session
-  keyring; lock is ``kfctl clear @s``.  The caller must lead its own POSIX
-  session (fs_compare does), so that ``@s`` is the benchmark's.
+  keyring; lock is ``kfctl clear @s``.  The peer joins a session keyring of
+  its own first (as a login has), so that ``@s`` is the benchmark's.
 * :class:`GocryptfsPeer`: gocryptfs in the foreground; lock is unmounting it
   plus a syncfs of the backing disk (gocryptfs writes straight through to the
   backing files without syncing them, so its unmount alone persists nothing).
@@ -171,8 +171,6 @@ class KeyfencePeer(Peer):
     def setup(self) -> None:
         if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
             raise PeerError("FUSE is not available (/dev/fuse, fusermount3)")
-        if os.getsid(0) != os.getpid():
-            raise PeerError("the benchmark must lead its own POSIX session (for @s)")
         self.backing.mkdir(parents=True)
         self.mnt.mkdir()
         log = open(self.root / "daemon.log", "wb")  # noqa: SIM115 - the daemon keeps it
@@ -191,6 +189,12 @@ class KeyfencePeer(Peer):
         )
         if daemon.poll() is not None:
             raise PeerError(f"the keyfence daemon exited ({daemon.returncode})")
+        # our own session keyring, as a login has one: our children (kfctl
+        # clear @s, the writers) inherit it; the lock clears it, nobody else's
+        from keyfence.client import Client
+
+        with Client.connect(str(self.socket), autostart=False) as client:
+            client.join_session_keyring(None)
         self.mount()
         self.work.mkdir()
         # the e4crypt way a user would do it; the key lands in our @s
