@@ -28,10 +28,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from keyfence import protocol, wire
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
-from keyfence.keys.process_keys import Caller
 from keyfence.server import limits
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import keyfence
 from keyfence.errors import KeyfenceError
-from keyfence.keys.process_keys import Caller
+from keyfence.keys.caller import Caller
 from keyfence.server import fuse_mount, identity
 from keyfence.server.mount_options import parse_options, user_allow_other
 from keyfence.server.mount_request import CheckedRequest, check_request
