@@ -55,8 +55,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
 
 # bench/ is the script's directory
 from _common import error, git_describe, result, write_json  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 from keyfence import protocol
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
-from tests.daemon_fixture import DaemonProcess
+from keyfence.testing.daemon import DaemonProcess
 
 S = -3
 
