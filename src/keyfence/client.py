@@ -46,7 +46,7 @@ class PendingWatcher:
 
 
 class RemovalStatus:
-    """A removal's progress (the daemon's RemovalStatus message)."""
+    """A removal's progress, as the daemon's :class:`keyfence.protocol.Status` message gives it."""
 
     __slots__ = ("elapsed", "keys", "op", "pending", "removal")
 
@@ -131,7 +131,7 @@ class _Pending:
         self.progress = progress
 
 
-class Welcome:
+class ServerInfo:
     """What the daemon said on connecting: who it sees us as."""
 
     __slots__ = ("gid", "pid", "server", "session", "uid", "version")
@@ -149,7 +149,7 @@ class Client:
     def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
         self._frames = wire.FrameReader(sock)
-        self.welcome = Welcome(welcome)
+        self.welcome = ServerInfo(welcome)
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         self._watches: dict[int, ClientWatch] = {}
@@ -538,7 +538,8 @@ class Client:
         """Mount the encrypted overlay of ``backing`` at ``mountpoint``.
 
         Both are absolute paths the daemon opens and checks as the caller;
-        ``options`` are mount(8)-style words (docs/fs.md, "Mount options").
+        ``options`` are mount(8)-style words from a fixed table
+        (docs/cli.md, ``keyfence mount``; server/mount_options.py).
         Returns when the worker serves the mount.  Errors carry the errno
         of the check that failed (EACCES, ENOTDIR, EBUSY, EINVAL, ...).
         """

@@ -278,7 +278,7 @@ def consumed(data: bytes) -> int:
     return offset
 
 
-ANSWERS = protocol.Reply | protocol.Error | protocol.Event | protocol.RemovalStatus
+ANSWERS = protocol.Reply | protocol.Error | protocol.Event | protocol.Status
 """What a daemon may send after its Welcome."""
 
 

@@ -44,7 +44,7 @@ class Key:
         "contents",
         "description",
         "expiry",
-        "fence",
+        "fenced_by",
         "gate_closed",
         "gid",
         "in_quota",
@@ -92,17 +92,17 @@ class Key:
         self.parents: set[Key] = set()
         """Keyrings that link this key (a key is in a keyring at most once)."""
         self.anchors = 0
-        self.fence = 0
-        """The removal whose watchers are flushing this key now (0: none)."""
+        """References from outside any keyring: a process, session or user
+        holding this as one of its special keyrings.  A key with no parents
+        and no anchors is destroyed."""
+        self.fenced_by = 0
+        """The id of the removal whose watchers are flushing this key now (0: none)."""
         self.gate_closed = False
         """No new use-guards: a removal is about to apply."""
         self.sync_watches = 0
         """Synchronous watches on this key.  A watched key does not expire by
         the clock alone: expiry goes through the fenced removal path, so the
         key stays usable until its users have flushed (docs/notifications.md)."""
-        """References from outside any keyring: a process, session or user
-        holding this as one of its special keyrings.  A key with no parents
-        and no anchors is destroyed."""
 
     @property
     def is_keyring(self) -> bool:

@@ -119,7 +119,6 @@ class KeyService:
         fenced: bool = True,
     ) -> None:
         self._lock = threading.RLock()
-        self._fenced = fenced
         self._clock = clock
         self._keys: dict[int, Key] = {}
         self._names: dict[str, dict[Key, None]] = {}
@@ -162,9 +161,9 @@ class KeyService:
     # ------------------------------------------------------------------ helpers
 
     @property
-    def fenced(self) -> bool:
+    def waits_for_users(self) -> bool:
         """Whether removals wait for their keys' users (always, but in the demo)."""
-        return self._fenced
+        return self.removals.wait_for_users
 
     def now(self) -> float:
         return self._clock()

@@ -8,7 +8,7 @@ key removal"):
 1. ``build()`` (under the lock) describes the removal; the removal plans
    the whole set of keys going away;
 2. if another removal is fencing one of those keys, wait for it and build
-   again; else mark the keys with this removal's id (:attr:`Key.fence`) and
+   again; else mark the keys with this removal's id (:attr:`Key.fenced_by`) and
    call their synchronous watchers without the lock
    (:class:`~keyfence.keys.fence.FenceRound`), keys still valid;
 3. close the keys' use-gates and wait for use-guards taken before;
@@ -164,8 +164,8 @@ class RemovalPath:
                         calls = self._sync_calls_locked(removal, called)
                         if calls:
                             for key in removal.going:
-                                if not key.fence:
-                                    key.fence = removal.id
+                                if not key.fenced_by:
+                                    key.fenced_by = removal.id
                                     fenced.append(key)
                         elif self._guarded_locked(removal, gated):
                             self._wait_changed_locked(deadline, "a use of the key to end")
@@ -183,8 +183,8 @@ class RemovalPath:
         finally:
             with self.lock:
                 for key in fenced:
-                    if removal is not None and key.fence == removal.id:
-                        key.fence = 0
+                    if removal is not None and key.fenced_by == removal.id:
+                        key.fenced_by = 0
                 for key in gated:
                     key.gate_closed = False
                 self._changed.notify_all()
@@ -194,8 +194,8 @@ class RemovalPath:
 
     def _blocking_fence_locked(self, removal: Removal) -> int:
         for key in removal.going:
-            if key.fence and key.fence != removal.id:
-                return key.fence
+            if key.fenced_by and key.fenced_by != removal.id:
+                return key.fenced_by
         return 0
 
     def _wait_changed_locked(self, deadline: float | None, what: str) -> None:
@@ -244,13 +244,13 @@ class RemovalPath:
         if progress is not None:
             progress(fence_round.snapshot())
         outcome = fence_round.wait(deadline, progress)
-        if outcome == FenceOutcome.FAILED:
+        if outcome is FenceOutcome.FAILED:
             assert fence_round.failure is not None
             watch, err = fence_round.failure
             code = err.errno if isinstance(err, OSError) and err.errno else errno.ECANCELED
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise fail(code, f"{watch.name} failed: {reason}; nothing was removed") from None
-        if outcome == FenceOutcome.TIMEOUT:
+        if outcome is FenceOutcome.TIMEOUT:
             raise fail(
                 errno.ETIMEDOUT,
                 f"still flushing: {fence_round.describe_pending()}; nothing was removed",

@@ -420,7 +420,7 @@ class Connection:
         self.daemon.limits.give_back("watches", self.uid)
 
     def progress_sender(self, request_id: int) -> Callable[[RemovalProgress], None]:
-        """At most 20 RemovalStatus a second; the latest one is never lost."""
+        """At most 20 Status messages a second; the latest one is never lost."""
         state: dict[str, Any] = {"last": 0.0, "held": None, "timer": None}
         lock = threading.Lock()
 
@@ -430,7 +430,7 @@ class Connection:
                 for p in progress.pending
             ]
             self.send(
-                protocol.RemovalStatus(
+                protocol.Status(
                     id=request_id,
                     op=progress.op,
                     removal=progress.removal,
