@@ -35,7 +35,7 @@ from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.server import limits
 
 if TYPE_CHECKING:
-    from keyfence.server.daemon import Daemon
+    from keyfence.server.internal import DaemonParts
     from keyfence.server.mounts import Mount
 
 log = logging.getLogger("keyfence.daemon")
@@ -105,7 +105,7 @@ class RemoteWatcher:
 class Connection:
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: DaemonParts,
         sock: socket.socket,
         caller: Caller,
         sid: int,
