@@ -5,7 +5,7 @@
 
 1. Operations per second through ``keyfence.client`` against a real daemon
    process (add, search hit, read), beside the same operations as raw
-   syscalls to the kernel (tests/oracle/kernel.py, ctypes) in the same run.
+   syscalls to the kernel (src/keyfence/testing/kernel_keyctl.py, ctypes) in the same run.
 2. Total read throughput with 1, 2 and 4 client processes, one connection
    each (it should grow with connections up to the core count: the daemon's
    loop answers reads without a thread hop, the clients run in parallel).
@@ -18,7 +18,6 @@ Every figure is a median of repetitions from this one run; compare ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,23 +30,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-
-from tests.daemon_fixture import running_daemon  # noqa: E402
 
 from _common import report, result, write_json  # noqa: E402 - bench/ is the script's directory
 from keyfence.client import Client  # noqa: E402
+from keyfence.testing.daemon import running_daemon  # noqa: E402
 
 S = -3
 
 
 def kernel_layer() -> Any:
-    spec = importlib.util.spec_from_file_location("_kernel", ROOT / "tests/oracle/kernel.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from keyfence.testing import kernel_keyctl
+
+    return kernel_keyctl
 
 
 def rate(fn: Any, n: int) -> float:

@@ -7,7 +7,7 @@ Usage (root, from the repository root)::
         [--config NAME=ARGS ...]
 
 For each configuration a fresh mount is made with the test launcher
-(``tests/fs/kf_test_worker.py``: the real worker, keys from an in-process
+(``src/keyfence/testing/mount_worker.py``: the real worker, keys from an in-process
 KeyService), an encrypted directory is set up, and each run does:
 
 * write: ``dd if=/dev/zero of=FILE bs=1M count=N conv=fsync`` (write-back
@@ -40,11 +40,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.fs.mounting import Mount  # noqa: E402
 
 from keyfence.fs.crypto import MasterKey  # noqa: E402
+from keyfence.testing.mounting import Mount  # noqa: E402
 
 DEFAULT_CONFIGS = {
     "default": "",

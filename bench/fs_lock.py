@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.fs.mounting import Mount  # noqa: E402
 
 from keyfence.fs.crypto import MasterKey  # noqa: E402
+from keyfence.testing.mounting import Mount  # noqa: E402
 
 
 def one(dirty_mib: int, emergency: bool) -> dict[str, float]:

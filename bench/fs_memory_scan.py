@@ -4,7 +4,7 @@ Usage (root, from the repository root)::
 
     .venv/bin/python bench/fs_memory_scan.py [--mib 8]
 
-A real mount worker (tests/fs/kf_test_worker: the worker with an
+A real mount worker (keyfence.testing.mount_worker: the worker with an
 in-process key service) gets an encrypted directory; a file of ``--mib``
 MiB made of one 16-byte marker repeated is written through the mount (1 MiB
 writes) and closed.  The worker's readable memory (/proc/PID/mem) is
@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.fs.mounting import Mount
-
 from keyfence.fs.crypto import MasterKey
+from keyfence.testing.mounting import Mount
 
 
 def hits(pid: int, needle: bytes) -> int:

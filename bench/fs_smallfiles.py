@@ -47,13 +47,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from tests.fs.mounting import Mount  # noqa: E402
 
 from _common import report, result, write_json  # noqa: E402 - bench/ is the script's directory
 from keyfence.fs.crypto import MasterKey  # noqa: E402
+from keyfence.testing.mounting import Mount  # noqa: E402
 
 BLOCK = b"\xa5" * 4096
 

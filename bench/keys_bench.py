@@ -18,7 +18,7 @@ The kernel side runs in a child process (this script with ``--kernel-worker``) t
 first joins a fresh anonymous session keyring, so the machine's own keyrings are never
 touched; its keyrings are cleared and unlinked afterwards and the child waits for the
 kernel's garbage collector to release the keys before the next repetition.  It makes
-the syscalls through tests/oracle/kernel.py (ctypes), so both sides include the cost
+the syscalls through src/keyfence/testing/kernel_keyctl.py (ctypes), so both sides include the cost
 of calling from Python; the "kernel floor" line shows what one ctypes keyctl() costs.
 Note that kernel.py's read() makes two syscalls (ask the size, then fetch).
 
@@ -37,7 +37,6 @@ import contextlib
 import ctypes
 import errno
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -54,9 +53,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_PY = ROOT / "tests" / "oracle" / "kernel.py"
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
 
 # bench/ is the script's directory
 from _common import error, git_describe, result, write_json  # noqa: E402
@@ -145,7 +141,7 @@ NEEDED = ("add_key", "search", "read", "clear", "unlink", "join_session_keyring"
 
 
 class FallbackKernel:
-    """Minimal ctypes syscalls, used only if tests/oracle/kernel.py cannot be used."""
+    """Minimal ctypes syscalls, used only if keyfence.testing.kernel_keyctl cannot be used."""
 
     _NUMBERS = {"x86_64": (248, 250), "aarch64": (217, 219), "arm64": (217, 219)}
 
@@ -202,17 +198,14 @@ class FallbackKernel:
 
 
 def load_kernel_layer() -> tuple[Any, str]:
-    """tests/oracle/kernel.py if it loads and has what we need, else the fallback."""
+    """keyfence.testing.kernel_keyctl if it loads and has what we need, else the fallback."""
     try:
-        spec = importlib.util.spec_from_file_location("_keys_bench_kernel", KERNEL_PY)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {KERNEL_PY}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from keyfence.testing import kernel_keyctl as module
+
         missing = [n for n in NEEDED if not callable(getattr(module, n, None))]
         if missing:
             raise ImportError(f"missing {', '.join(missing)}")
-        return module, "tests/oracle/kernel.py"
+        return module, "src/keyfence/testing/kernel_keyctl.py"
     except Exception as err:
         return FallbackKernel(), f"bench fallback ctypes ({type(err).__name__}: {err})"
 

@@ -20,7 +20,6 @@ keyrings are never touched; it is cleared at the end.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import statistics
@@ -32,12 +31,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-
-from tests.daemon_fixture import running_daemon  # noqa: E402
 
 from _common import error, report, result, write_json  # noqa: E402 - bench/ is this directory
+from keyfence.testing.daemon import running_daemon  # noqa: E402
 
 SESSION = -3
 FULL_RUNS, QUICK_RUNS = 30, 5
@@ -49,11 +45,9 @@ def log(message: str) -> None:
 
 
 def kernel_layer() -> Any:
-    spec = importlib.util.spec_from_file_location("_kernel", ROOT / "tests/oracle/kernel.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from keyfence.testing import kernel_keyctl
+
+    return kernel_keyctl
 
 
 def wall_ms(

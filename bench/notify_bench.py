@@ -55,8 +55,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
 
 # bench/ is the script's directory
 from _common import error, git_describe, result, write_json  # noqa: E402
@@ -172,7 +170,7 @@ class Bench:
         from keyfence.keys.fence import worker_statistics
 
         def busy() -> int:
-            return threading.active_count() - worker_statistics()[1] - self.base_threads
+            return threading.active_count() - worker_statistics().idle - self.base_threads
 
         self.svc.wait_for_notifications(SETTLE_S)
         deadline = time.monotonic() + SETTLE_S
@@ -445,7 +443,7 @@ def bench_latency(b: Bench, runs: int, big: int) -> dict[str, Any]:
         "after_marked_emergency": blocker.after_emergency,
         # idle fence workers wait for reuse; only busy threads count
         "threads_blocked_before_release": threading.active_count()
-        - worker_statistics()[1]
+        - worker_statistics().idle
         - b.base_threads,
     }
     blocker.never.set()  # release anything that did block, then count what is left

@@ -14,7 +14,7 @@ import pytest
 
 from keyfence import client, constants, wire
 from keyfence.keys import permission, process_keys
-from tests.daemon_fixture import running_daemon
+from keyfence.testing.daemon import running_daemon
 
 API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 

@@ -68,7 +68,7 @@ def test_one_set_of_constants_and_fields() -> None:
 
     assert protocol.PROTOCOL_VERSION == client.PROTOCOL_VERSION == wire.PROTOCOL_VERSION
     assert protocol.MAX_FRAME == wire.MAX_FRAME and protocol.EVENT_BITS is wire.EVENT_BITS
-    assert set(client.Welcome.__slots__) == set(wire.FIELDS["welcome"])
+    assert set(client.ServerInfo.__slots__) == set(wire.FIELDS["welcome"])
     assert set(client.PendingWatcher.__slots__) == set(wire.FIELDS["pending"])
     assert set(client.RemovalStatus.__slots__) == set(wire.FIELDS["status"]) - {"id"}
     note = set(client.RemoteNotification.__slots__)

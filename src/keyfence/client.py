@@ -27,7 +27,7 @@ TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the na
 if TYPE_CHECKING:
     import queue
     import threading
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
@@ -47,7 +47,7 @@ class PendingWatcher:
 
 
 class RemovalStatus:
-    """A removal's progress (the daemon's RemovalStatus message)."""
+    """A removal's progress, as the daemon's :class:`keyfence.protocol.Status` message gives it."""
 
     __slots__ = ("elapsed", "keys", "op", "pending", "removal")
 
@@ -140,7 +140,7 @@ class _Pending:
         self.progress = progress
 
 
-class Welcome:
+class ServerInfo:
     """What the daemon said on connecting: who it sees us as."""
 
     __slots__ = ("gid", "pid", "server", "session", "uid", "version")
@@ -169,7 +169,7 @@ class Client:
     def __init__(self, sock: _socket.socket, welcome: dict[str, Any]) -> None:
         self._sock = sock
         self._frames = wire.FrameReader(sock)
-        self.welcome = Welcome(welcome)
+        self.welcome = ServerInfo(welcome)
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         self._watches: dict[int, ClientWatch] = {}
@@ -716,6 +716,62 @@ class Client:
         Errors: ENOTCONN when the connection is gone.
         """
         return str(self._call("ping"))
+
+    # -- mounts (the daemon spawns and supervises the workers: docs/fs.md)
+
+    def mount(self, backing: str, mountpoint: str, options: Sequence[str] = ()) -> None:
+        """Mount the encrypted overlay of ``backing`` at ``mountpoint``.
+
+        Both are absolute paths the daemon opens and checks as the caller;
+        ``options`` are mount(8)-style words from a fixed table
+        (docs/cli.md, ``keyfence mount``; server/mount_options.py).
+        Returns when the worker serves the mount.  Errors carry the errno
+        of the check that failed (EACCES, ENOTDIR, EBUSY, EINVAL, ...).
+        """
+        self._call("mount", backing, mountpoint, list(options))
+
+    def umount(self, mountpoint: str) -> None:
+        """Unmount the keyfence mount at ``mountpoint`` (EINVAL: none there;
+        EPERM: another user's)."""
+        self._call("umount", mountpoint)
+
+    def mounts(self) -> list[dict[str, Any]]:
+        """The daemon's mounts the caller may see, one dict each (backing,
+        mountpoint, uid, pid, state, ...), as ``keyfence status`` prints them."""
+        return list(self._call("mounts"))
+
+    # -- the mount worker's private channel (refused on any other socket)
+
+    def listen(self) -> None:
+        """Read the daemon's messages on a thread of their own from now on,
+        so that watch events arrive while no call is being made."""
+        self._start_reader()
+
+    def wait_disconnected(self) -> None:
+        """Block until the connection to the daemon ends (after :meth:`listen`)."""
+        reader = self._reader
+        if reader is not None:
+            reader.join()
+
+    def worker_find_key(
+        self, pid: int, descriptions: Sequence[str]
+    ) -> tuple[int, str, bytes] | None:
+        """The first key of ``descriptions`` that process ``pid`` can search
+        for in its keyrings, as (serial, description, payload), or None.
+
+        Only a mount worker's channel may ask: the payload of a logon key
+        leaves the daemon only this way.  The caller owns the payload and
+        must wipe it."""
+        found = self._call("worker_find_key", pid, list(descriptions))
+        if found is None:
+            return None
+        serial, description, payload = found
+        return int(serial), str(description), bytes(payload)
+
+    def worker_report(self, event: str, detail: dict[str, Any]) -> None:
+        """Tell the daemon about the mount: ``ready``, ``error`` (with a
+        ``reason``), ``dropped`` (files discarded by an emergency removal)."""
+        self._call("worker_report", event, detail)
 
     def watch(
         self,

@@ -1,4 +1,4 @@
-"""Where the daemon's socket is (DESIGN.md, "Processes"; docs/security.md).
+"""Where the daemon's socket is (docs/design.md, "Processes"; docs/security.md).
 
 1. ``$KEYFENCE_SOCKET`` (or a path a caller gives): *explicit*.  If no
    daemon answers there it is an error, never a daemon started in its

@@ -9,7 +9,7 @@ errors, the connection is closed).
 Order: the client sends :class:`Hello` first and gets :class:`Welcome`;
 then any number of :class:`Request` (each answered by one :class:`Reply`
 or :class:`Error` with the same id, possibly preceded by
-:class:`RemovalStatus` updates), while the server pushes :class:`Event`
+:class:`Status` updates), while the server pushes :class:`Event`
 for the client's watches.  An event of a synchronous watch in the
 ``before`` phase carries ``ack=True``: the removal waits until the client
 sends :class:`Ack` for its ``seq`` (or drops the connection, which counts
@@ -59,7 +59,7 @@ class Request(msgspec.Struct, tag="req", forbid_unknown_fields=True):
     """For removals: abort after this many seconds, keys intact."""
     emergency: bool = False
     progress: bool = False
-    """For removals: send RemovalStatus while watchers flush."""
+    """For removals: send Status while watchers flush."""
 
 
 class Reply(msgspec.Struct, tag="reply", forbid_unknown_fields=True):
@@ -81,7 +81,7 @@ class Pending(msgspec.Struct, forbid_unknown_fields=True):
     note: str = ""
 
 
-class RemovalStatus(msgspec.Struct, tag="status", forbid_unknown_fields=True):
+class Status(msgspec.Struct, tag="status", forbid_unknown_fields=True):
     id: int
     op: str
     removal: int
@@ -124,7 +124,7 @@ class Progress(msgspec.Struct, tag="progress", forbid_unknown_fields=True):
     note: str = ""
 
 
-Message = Hello | Welcome | Request | Reply | Error | RemovalStatus | Event | Ack | Progress
+Message = Hello | Welcome | Request | Reply | Error | Status | Event | Ack | Progress
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -139,7 +139,7 @@ def _check_fields() -> None:
         Request,
         Reply,
         Error,
-        RemovalStatus,
+        Status,
         Event,
         Ack,
         Progress,

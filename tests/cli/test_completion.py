@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.cli import completion
-from tests.daemon_fixture import running_daemon
+from keyfence.testing.daemon import running_daemon
 
 SHIPPED = resources.files("keyfence") / "data" / "completion"
 BIN = os.path.dirname(sys.executable)

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.daemon_fixture import DaemonProcess
+from keyfence.testing.daemon import DaemonProcess
 from tests.fs.test_daemon_mount import BIN, PASSPHRASE, mounted, session_sh
 
 __all__ = ["mounted"]

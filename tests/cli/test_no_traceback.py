@@ -31,7 +31,7 @@ import pytest
 
 from keyfence.cli import kfctl
 from keyfence.cli.main import build_parser
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 BAD = [
     "",

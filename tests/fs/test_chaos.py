@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.testing.mounting import fuse_available
 from tests.fs.chaos import ALL_PATHS, ChaosConfig, ChaosResult, run_chaos
-from tests.fs.mounting import fuse_available
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 

@@ -1,7 +1,7 @@
 """The encrypted overlay on a real FUSE mount (docs/fs.md).
 
 Each test mounts a fresh backing directory with a real worker process
-(``tests/fs/kf_test_worker.py``: the worker over an in-process KeyService
+(``src/keyfence/testing/mount_worker.py``: the worker over an in-process KeyService
 with real keys and synchronous watches) and unmounts it with
 ``fusermount3 -u``.  Keys live in the test process's session keyring, so
 requests from this process find them; a process in another session does
@@ -37,7 +37,7 @@ from keyfence.fs.format import (
     plaintext_size,
     record_offset,
 )
-from tests.fs.mounting import Mount, fuse_available
+from keyfence.testing.mounting import Mount, fuse_available
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 

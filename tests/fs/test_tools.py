@@ -1,6 +1,6 @@
 """Real tools against a real mount: fio with verification, stress-ng.
 
-Each test mounts a fresh backing directory (``tests/fs/mounting.py``),
+Each test mounts a fresh backing directory (``src/keyfence/testing/mounting.py``),
 sets up an encrypted directory and lets the tool loose in it, with the
 worker's page cache kept small (``--dirty-limit``) so that write-back runs
 all the time.  What must hold afterwards:
@@ -37,7 +37,7 @@ import pytest
 
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.format import POLICY_FILE_NAME, record_offset
-from tests.fs.mounting import Mount, fuse_available
+from keyfence.testing.mounting import Mount, fuse_available
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 from keyfence.testing.users import SYSTEM_PYTHON, ensure_user, pythonpath, why_no_other_uids
-from tests.daemon_fixture import DaemonProcess, running_daemon
 
 PAM_EXEC = "/lib/x86_64-linux-gnu/security/pam_exec.so"
 PAM_LOGIN = Path(__file__).with_name("pam_login.py")

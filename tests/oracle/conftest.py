@@ -10,7 +10,7 @@ import errno
 
 import pytest
 
-from tests.oracle import kernel
+from keyfence.testing import kernel_keyctl as kernel
 
 
 def _kernel_keyring_reason() -> str | None:

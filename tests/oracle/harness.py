@@ -33,8 +33,10 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from tests.oracle import kernel
+import keyfence
+from keyfence.testing import kernel_keyctl as kernel
 
+_SRC = os.path.dirname(os.path.dirname(os.path.abspath(keyfence.__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 SPECIAL: dict[str, int] = {
@@ -161,8 +163,8 @@ class KernelBackend:
         if userns:
             argv.append("--userns")
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the worker
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        env.pop("PYTHONPATH", None)
+        # the worker needs only keyfence.testing.kernel_keyctl (stdlib ctypes)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=_SRC)
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,

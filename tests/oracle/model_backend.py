@@ -12,8 +12,8 @@ import itertools
 from collections.abc import Sequence
 
 from keyfence.keys import Caller, KeyService
+from keyfence.keys.caller import ParentProcess
 from keyfence.keys.errors import fail
-from keyfence.keys.process_keys import ParentProcess
 
 _pids = itertools.count(50_000)
 

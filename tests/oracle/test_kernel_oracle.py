@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.oracle import kernel
+from keyfence.testing import kernel_keyctl as kernel
 from tests.oracle.harness import KernelBackend, Normalizer, Op, Result, run_ops
 
 OTHER_UID = 4242

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 KEYCTL = shutil.which("keyctl")
 UNSHARE = shutil.which("unshare")

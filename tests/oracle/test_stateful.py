@@ -53,7 +53,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.oracle import kernel
+from keyfence.testing import kernel_keyctl as kernel
 from tests.oracle.harness import KernelBackend, Normalizer, Result, run_op
 from tests.oracle.model_backend import ModelBackend, ModelWorld
 

@@ -38,10 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-if __package__:
-    from . import kernel
-else:  # run as a script path: this directory is sys.path[0]
-    import kernel  # type: ignore[import-not-found,no-redef]
+from keyfence.testing import kernel_keyctl as kernel  # PYTHONPATH: harness.py
 
 CLONE_NEWUSER = 0x10000000
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.testing import users
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 USER = 4620
 """The mounting user (issue 11's tests use uids 4620-4629)."""

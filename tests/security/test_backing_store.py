@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.crypto import MasterKey
-from tests.fs.mounting import Mount, fuse_available
+from keyfence.testing.mounting import Mount, fuse_available
 
 POLICY = "user.keyfence.policy"
 POLICY_RECORD = ".keyfence-policy"

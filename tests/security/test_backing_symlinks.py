@@ -36,8 +36,8 @@ from typing import Any
 import pytest
 
 from keyfence.fs.crypto import MasterKey
+from keyfence.testing.mounting import Mount, fuse_available
 from keyfence.testing.users import as_uid, environment, python_argv, why_no_other_uids
-from tests.fs.mounting import Mount, fuse_available
 
 ATTACKER = 4610
 SECRET = b"root-only secret contents\n"

@@ -146,7 +146,7 @@ def test_a_planted_key_with_a_silent_watcher_holds_neither_roots_clear_nor_its_l
         pytest.skip(reason)
     from keyfence.client import Client
     from keyfence.errors import KeyfenceError
-    from tests.daemon_fixture import running_daemon
+    from keyfence.testing.daemon import running_daemon
 
     with running_daemon("--system") as daemon, tempfile.TemporaryDirectory(prefix="kfses-") as work:
         os.chmod(work, 0o777)

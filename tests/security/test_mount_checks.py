@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.errors import KeyfenceError
-from keyfence.keys.process_keys import Caller
+from keyfence.keys.caller import Caller
 from keyfence.server.mount_options import parse_options
 from keyfence.server.mount_request import as_caller, check_request, open_directory
 

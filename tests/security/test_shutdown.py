@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple\n"

@@ -23,8 +23,8 @@ import pytest
 
 from keyfence import protocol, wire
 from keyfence.server import limits
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 from keyfence.testing.users import as_uid, environment, python_argv, why_no_other_uids
-from tests.daemon_fixture import DaemonProcess, running_daemon
 
 ATTACKER, FLOODER, SILENT = 4630, 4631, 4632
 BOUND = 5.0

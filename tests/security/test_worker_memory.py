@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.crypto import MasterKey
-from tests.fs.mounting import Mount, fuse_available
+from keyfence.testing.mounting import Mount, fuse_available
 
 _why = fuse_available()
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")

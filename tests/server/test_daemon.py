@@ -17,7 +17,7 @@ import pytest
 from keyfence import protocol
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
-from tests.daemon_fixture import DaemonProcess
+from keyfence.testing.daemon import DaemonProcess
 
 S = -3
 
@@ -225,7 +225,7 @@ def test_progress_reaches_the_caller(daemon: DaemonProcess) -> None:
                     time.sleep(0.1)
 
         c.watch(key, flush, sync=True, name="slow mount")
-        statuses: list[protocol.RemovalStatus] = []
+        statuses: list[protocol.Status] = []
         c.clear(S, progress=statuses.append)
         assert any(s.pending and s.pending[0].watcher == "slow mount" for s in statuses)
         assert any(s.remaining_bytes in (300, 200, 100) for s in statuses)

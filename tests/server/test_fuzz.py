@@ -39,7 +39,7 @@ from keyfence.keys.fence import IDLE_WORKER_SECONDS
 from keyfence.server.lanes import THREADS_PER_UID
 from keyfence.server.limits import MAX_INFLIGHT
 from keyfence.server.optable import OPERATIONS
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 POOL_WORKERS = THREADS_PER_UID
 """Lane threads one uid may use (keyfence.server.lanes); warmed up before counting."""
@@ -278,7 +278,7 @@ def consumed(data: bytes) -> int:
     return offset
 
 
-ANSWERS = protocol.Reply | protocol.Error | protocol.Event | protocol.RemovalStatus
+ANSWERS = protocol.Reply | protocol.Error | protocol.Event | protocol.Status
 """What a daemon may send after its Welcome."""
 
 

@@ -23,7 +23,7 @@ import pytest
 
 import keyfence
 from keyfence.client import Client
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 PYTHON = "/usr/bin/python3"
 A, B, C = 4501, 4502, 4503

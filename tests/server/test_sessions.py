@@ -27,10 +27,10 @@ import pytest
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.keys import KeyService
-from keyfence.keys.process_keys import Caller, ParentProcess
+from keyfence.keys.caller import Caller, ParentProcess
 from keyfence.server.sessions import ProcStat, SessionTracker, read_stat
 from keyfence.testing import users
-from tests.daemon_fixture import DaemonProcess, running_daemon
+from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 KEYCTL = shutil.which("keyctl")
 OTHER_UID = 4640

@@ -1,1 +1,1 @@
-"""Command-line entry points: ``keyfence`` (and, later, ``kfctl``)."""
+"""Command-line entry points: ``keyfence`` and ``kfctl``."""

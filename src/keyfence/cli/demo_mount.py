@@ -101,7 +101,7 @@ def _mount_reports(sock: Path) -> list[dict[str, Any]]:
     from keyfence.client import Client
 
     with Client.connect(str(sock), autostart=False) as client:
-        mounts: list[dict[str, Any]] = client._call("mounts")
+        mounts: list[dict[str, Any]] = client.mounts()
     return mounts
 
 

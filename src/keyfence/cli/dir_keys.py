@@ -117,7 +117,7 @@ def keyring_payload(ref: KeyRef, master: bytes) -> bytes:
 def _mount_of(client: Client, path: str) -> dict[str, Any] | None:
     real = os.path.realpath(path)
     best = None
-    for m in client._call("mounts"):
+    for m in client.mounts():
         mp = str(m.get("mountpoint", ""))
         if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
             best is None or len(mp) > len(best["mountpoint"])

@@ -284,7 +284,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = resolve_directory(args.mountpoint, "mount point")
     options = [utf8(option, "option") for option in args.option or ()]
     with Client.connect() as client:
-        client._call("mount", backing, mountpoint, options)
+        client.mount(backing, mountpoint, options)
     return 0
 
 
@@ -292,7 +292,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     # not stat(): that would ask the mount itself, which may be the stuck one
     mountpoint = os.path.realpath(nonempty_utf8(args.mountpoint, "mount point"))
     with Client.connect() as client:
-        client._call("umount", mountpoint)
+        client.umount(mountpoint)
     return 0
 
 
@@ -302,7 +302,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         return dir_keys.print_status(args.path)
     with Client.connect() as client:
-        mounts = client._call("mounts")
+        mounts = client.mounts()
     if not mounts:
         print("no keyfence mounts")
     for m in mounts:

@@ -170,7 +170,7 @@ def do_open_session(
 ) -> int:
     ring = client.join_session_keyring(None)
     try:
-        client._call("session_to_parent")
+        client.session_to_parent()
     except KeyfenceError as err:
         log(
             f"{user.name}: could not give the login its session keyring "

@@ -1,4 +1,4 @@
-"""The encrypted overlay filesystem: on-disk format, crypto and (later) the mount.
+"""The encrypted overlay filesystem: on-disk format, crypto and the mount.
 
 :mod:`keyfence.fs.format` holds the byte layouts (policy record, file header,
 block records, name encodings) and their size arithmetic;

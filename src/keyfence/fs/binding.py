@@ -6,7 +6,7 @@ FUSE request's pid), as ext4 did.  A found key is *bound*: from then on the
 directories under it are unlocked for every process that file permissions
 allow, until the key goes away.  Each bound key has a synchronous watch
 (``KeySource.watch``); its callback runs on a thread of the key source,
-never on the trio thread, and calls :class:`KeyUser.key_going` (flush,
+never on the trio thread, and calls :class:`KeyGoingListener.key_going` (flush,
 evict, invalidate; docs/fs.md).  When the key has gone, the next request
 simply looks again: another key with the same description in the
 requester's keyrings unlocks the directories again.
@@ -14,7 +14,6 @@ requester's keyrings unlocks the directories again.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import threading
@@ -30,7 +29,7 @@ from keyfence.fs.crypto import MasterKey, wipe_bytes
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
 from keyfence.fs.keysource import FoundKey, GoingAway, KeySource
 
-__all__ = ["GOING_GRACE", "Binding", "KeyBindings", "KeyUser"]
+__all__ = ["GOING_GRACE", "Binding", "KeyBindings", "KeyGoingListener"]
 
 log = logging.getLogger("keyfence.fs.binding")
 
@@ -54,7 +53,7 @@ class Binding:
         return self.ref.description
 
 
-class KeyUser(Protocol):
+class KeyGoingListener(Protocol):
     """What the bindings call when a bound key goes away (the mount)."""
 
     def key_going(self, binding: Binding, going: GoingAway) -> None: ...
@@ -73,7 +72,7 @@ class KeyBindings:
         self._watched: set[int] = set()
         self._going: dict[int, float] = {}
         self._finding: dict[str, trio.Lock] = {}
-        self.user: KeyUser | None = None
+        self.user: KeyGoingListener | None = None
         self.clock: Callable[[], float] = time.monotonic
 
     # --------------------------------------------------------------- queries
@@ -203,7 +202,3 @@ class KeyBindings:
             self.source.report(event, detail)
         except Exception as err:
             log.warning("could not report %s: %s", event, err)
-
-
-def enokey(ref: KeyRef) -> OSError:
-    return OSError(errno.ENOKEY, f"Required key not available: {ref}")

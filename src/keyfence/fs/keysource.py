@@ -82,7 +82,7 @@ class DaemonKeySource:
         from keyfence.client import Client
 
         self._client = Client.over_socket(sock, name="mount worker")
-        self._client._start_reader()
+        self._client.listen()
         self._lock = threading.Lock()
         self._closing = False
 
@@ -94,19 +94,12 @@ class DaemonKeySource:
         return cls(socket.socket(fileno=int(fd)))
 
     def find(self, descriptions: list[str], pid: int) -> FoundKey | None:
-        found = self._client._call("worker_find_key", pid, list(descriptions))
+        found = self._client.worker_find_key(pid, descriptions)
         if found is None:
             return None
+        # as given: an e4crypt payload is unwrapped by the binding (binding.py)
         serial, description, payload = found
-        if str(description).startswith("ext4:"):
-            # e4crypt's payload is a 72-byte struct around the 64-byte key
-            from keyfence.fs.crypto import wipe_bytes
-            from keyfence.fs.e4crypt_compat import key_from_payload
-
-            wire_payload, payload = payload, key_from_payload(bytes(payload))
-            if wire_payload is not payload:
-                wipe_bytes(wire_payload)  # the key's only other copy here
-        return FoundKey(int(serial), str(description), bytes(payload))
+        return FoundKey(serial, description, payload)
 
     def watch(self, serial: int, on_going: OnGoing) -> None:
         def callback(note: Any) -> None:
@@ -125,7 +118,7 @@ class DaemonKeySource:
         self._client.watch(serial, callback, sync=True, name="mount worker")
 
     def report(self, event: str, detail: dict[str, Any]) -> None:
-        self._client._call("worker_report", event, detail)
+        self._client.worker_report(event, detail)
 
     def ready(self) -> None:
         """The mount is live: the daemon's ``keyfence mount`` returns now."""
@@ -138,11 +131,9 @@ class DaemonKeySource:
         """Call ``callback`` (on its own thread) when the channel closes
         without our asking: the daemon is gone, and with it every key
         lookup and every fence (docs/fs.md, "Faults")."""
-        reader = self._client._reader
 
         def wait() -> None:
-            if reader is not None:
-                reader.join()
+            self._client.wait_disconnected()
             if not self._closing:
                 callback()
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from keyfence.errors import KeyfenceError
+from keyfence.errors import KeyfenceError, fail
 from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
@@ -87,9 +87,9 @@ PAGE_SIZE = BLOCK_SIZE
 DEFAULT_DIRTY_LIMIT = 64 << 20
 DEFAULT_EXPIRE = 5.0
 DEFAULT_CHUNK_PAGES = 256
+"""Pages encrypted and written per ``pwrite`` during write-back (1 MiB)."""
 DEFAULT_PREFETCH = 4 << 20
 """Backing bytes announced (POSIX_FADV_WILLNEED) ahead of a sequential reader."""
-"""Pages encrypted and written per ``pwrite`` during write-back (1 MiB)."""
 
 Progress = Callable[[int], None]
 """Called during write-back with the bytes written so far."""
@@ -111,10 +111,6 @@ def lenient_plaintext_size(disk_size: int) -> int:
     if rest == 0:
         return full * PAGE_SIZE
     return full * PAGE_SIZE + max(rest - BLOCK_OVERHEAD, 1)
-
-
-def _enokey(detail: str = "the directory's key is gone") -> KeyfenceError:
-    return KeyfenceError(errno.ENOKEY, detail)
 
 
 class _Page:
@@ -395,9 +391,9 @@ class PageCache:
 
     def _check_usable_locked(self, f: CachedFile, *, writing: bool) -> None:
         if f.master is None:
-            raise _enokey()
+            raise fail(errno.ENOKEY, "the directory's key is gone")
         if writing and f.closing:
-            raise _enokey("the file's key is being removed")
+            raise fail(errno.ENOKEY, "the file's key is being removed")
         if f.header_error is not None and f.size > 0:
             raise f.header_error
 
@@ -621,9 +617,9 @@ class PageCache:
             raise KeyfenceError(errno.EINVAL)
         with self.lock:
             if f.master is None:
-                raise _enokey()
+                raise fail(errno.ENOKEY, "the directory's key is gone")
             if f.closing:
-                raise _enokey("the file's key is being removed")
+                raise fail(errno.ENOKEY, "the file's key is being removed")
             old = f.size
             f.generation += 1
             if size == 0:

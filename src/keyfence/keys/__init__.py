@@ -8,6 +8,7 @@ keyring), :mod:`.keyring` (contents, search, cycles), :mod:`.permission`,
 :mod:`.secret` (payload memory) and :mod:`.keyctl` (the operations).
 """
 
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.key import Key, KeyState
 from keyfence.keys.keyctl import KEYCTL_MOVE_EXCL, KeyService, ServiceStatistics
@@ -18,7 +19,6 @@ from keyfence.keys.process_keys import (
     KEY_SPEC_USER_KEYRING,
     KEY_SPEC_USER_SESSION_KEYRING,
     SPECIAL_NAMES,
-    Caller,
 )
 from keyfence.keys.quota import QuotaLimits, QuotaUsage
 

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import Enum
+from typing import NamedTuple
 
 from keyfence.keys.notify import Notification, Watch
 
@@ -36,6 +38,15 @@ FOREIGN_WATCHER_SECONDS = 5.0
 removal's (docs/security.md, "Daemon: caller identity and session keyrings
 across users") -- may hold a removal up.  Past it, the call counts as done;
 a foreign watcher's error does not abort the removal either."""
+
+
+class PoolStatistics(NamedTuple):
+    """The fence's worker threads."""
+
+    workers: int
+    """Threads alive."""
+    idle: int
+    """Of which idle, waiting for a call (kept IDLE_WORKER_SECONDS for reuse)."""
 
 
 class _ElasticPool:
@@ -85,16 +96,15 @@ class _ElasticPool:
                         self._workers -= 1
                         return
 
-    def statistics(self) -> tuple[int, int]:
-        """(worker threads, of which idle)."""
+    def statistics(self) -> PoolStatistics:
         with self._lock:
-            return self._workers, self._idle
+            return PoolStatistics(workers=self._workers, idle=self._idle)
 
 
 _pool = _ElasticPool()
 
 
-def worker_statistics() -> tuple[int, int]:
+def worker_statistics() -> PoolStatistics:
     """Fence worker threads alive, and how many of them are idle."""
     return _pool.statistics()
 
@@ -143,10 +153,14 @@ class _Call:
     """For a foreign watcher: when it stops holding the removal up."""
 
 
-class FenceOutcome:
+class FenceOutcome(Enum):
+    """How a fence round ended."""
+
     OK = "ok"
     FAILED = "failed"
+    """A watcher raised: the removal is aborted."""
     TIMEOUT = "timeout"
+    """The caller's deadline passed with watchers still working."""
 
 
 class FenceRound:
@@ -257,7 +271,7 @@ class FenceRound:
         self,
         deadline: float | None,
         progress: Callable[[RemovalProgress], None] | None,
-    ) -> str:
+    ) -> FenceOutcome:
         """Wait for every call; FenceOutcome.OK, FAILED or TIMEOUT."""
         next_check = time.monotonic() + WATCH_CHECK_SECONDS
         while True:

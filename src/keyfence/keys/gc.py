@@ -26,7 +26,7 @@ from keyfence.keys.key import Key, KeyState
 from keyfence.keys.removal import Removal
 
 if TYPE_CHECKING:
-    from keyfence.keys.keyctl import KeyService
+    from keyfence.keys.removal_path import RemovalPath
 
 _EXPIRE, _REAP = 0, 1
 RETRY_DELAY = 5.0
@@ -35,17 +35,23 @@ RETRY_DELAY = 5.0
 log = logging.getLogger(__name__)
 
 
+def _given(removal: Removal) -> Callable[[], Removal]:
+    """A ``build()`` for a removal already worked out."""
+    return lambda: removal
+
+
 class GarbageCollector:
     def __init__(
         self,
-        service: KeyService,
+        removals: RemovalPath,
         *,
         delay: float,
         clock: Callable[[], float],
         threaded: bool = True,
     ) -> None:
         self.delay = delay
-        self._service = service
+        self._removals = removals
+        removals.reap_with(self.schedule_reap)
         self._clock = clock
         self._heap: list[tuple[float, int, int, Key]] = []
         self._seq = 0
@@ -95,7 +101,7 @@ class GarbageCollector:
                 if removal is None:
                     continue
                 try:
-                    self._service._run_removal(lambda r=removal: r)  # type: ignore[misc]
+                    self._removals.run(_given(removal))
                 except OSError as err:
                     # a watcher refused: the key stays valid; try again later
                     log.warning("%s of key %d postponed: %s", removal.op, key.serial, err)
@@ -109,7 +115,7 @@ class GarbageCollector:
                 self._cond.notify_all()
 
     def _work_for(self, kind: int, key: Key, now: float) -> Removal | None:
-        with self._service._lock:
+        with self._removals.lock:
             if not key.is_live():
                 return None
             if kind == _EXPIRE:

@@ -3,12 +3,17 @@
 A :class:`Key` is the model's ``struct key``: serial, type, description,
 owner, mask, expiry, and a payload held in secret memory (or, for a keyring,
 its contents).  Life-cycle *transitions* are made only by the removal path in
-:mod:`keyfence.keys.keyctl`; this module only describes states.
+:mod:`keyfence.keys.removal` (run by keys/removal_path.py), except where
+nothing is taken from anyone: an update revives an expired key
+(``KeyService._update_locked``), a key made for a removal that did not
+apply dies unborn (``KeyService._discard_pending_locked``), and a
+construction ends (keys/upcall.py).  This module only describes states.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -16,7 +21,6 @@ from keyfence.keys.errors import fail
 from keyfence.keys.key_type import KeyType
 
 if TYPE_CHECKING:
-    from keyfence.keys.keyring import KeyringContents
     from keyfence.keys.secret import SecretBuffer
 
 NO_EXPIRY = None
@@ -40,7 +44,7 @@ class Key:
         "contents",
         "description",
         "expiry",
-        "fence",
+        "fenced_by",
         "gate_closed",
         "gid",
         "in_quota",
@@ -88,17 +92,17 @@ class Key:
         self.parents: set[Key] = set()
         """Keyrings that link this key (a key is in a keyring at most once)."""
         self.anchors = 0
-        self.fence = 0
-        """The removal whose watchers are flushing this key now (0: none)."""
+        """References from outside any keyring: a process, session or user
+        holding this as one of its special keyrings.  A key with no parents
+        and no anchors is destroyed."""
+        self.fenced_by = 0
+        """The id of the removal whose watchers are flushing this key now (0: none)."""
         self.gate_closed = False
         """No new use-guards: a removal is about to apply."""
         self.sync_watches = 0
         """Synchronous watches on this key.  A watched key does not expire by
         the clock alone: expiry goes through the fenced removal path, so the
         key stays usable until its users have flushed (docs/notifications.md)."""
-        """References from outside any keyring: a process, session or user
-        holding this as one of its special keyrings.  A key with no parents
-        and no anchors is destroyed."""
 
     @property
     def is_keyring(self) -> bool:
@@ -132,3 +136,26 @@ class Key:
             f"<Key {self.serial} {self.type.name}:{self.description!r} "
             f"uid={self.uid} perm={self.perm:08x} {self.state.value}>"
         )
+
+
+class KeyringContents:
+    """The links of one keyring, in link order."""
+
+    __slots__ = ("by_index", "rings")
+
+    def __init__(self) -> None:
+        self.by_index: dict[tuple[str, str], Key] = {}
+        self.rings: dict[int, Key] = {}
+        """The nested keyrings among ``by_index``, by serial."""
+
+    def __len__(self) -> int:
+        return len(self.by_index)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self.by_index.values()))
+
+    def find(self, index_key: tuple[str, str]) -> Key | None:
+        return self.by_index.get(index_key)
+
+    def __contains__(self, key: Key) -> bool:
+        return self.by_index.get(key.index_key) is key

@@ -29,10 +29,11 @@ from keyfence.keys import keyring as _keyring
 from keyfence.keys import permission
 from keyfence.keys import secret as _secret
 from keyfence.keys import upcall as _upcall
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import fail
-from keyfence.keys.fence import FenceOutcome, FenceRound, RemovalProgress, current_fence
+from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.gc import GarbageCollector
-from keyfence.keys.key import Key, KeyState
+from keyfence.keys.key import Key, KeyringContents, KeyState
 from keyfence.keys.key_type import (
     ADD_KEY_PAYLOAD_MAX,
     DESCRIPTION_MAX,
@@ -42,12 +43,10 @@ from keyfence.keys.key_type import (
     check_type_name,
     lookup_type,
 )
-from keyfence.keys.keyring import KeyringContents, SearchContext
+from keyfence.keys.keyring import SearchContext
 from keyfence.keys.notify import (
     Dispatcher,
     KeyEvent,
-    Notification,
-    Phase,
     Watch,
     WatchCallback,
     WatchTable,
@@ -61,29 +60,17 @@ from keyfence.keys.process_keys import (
     KEY_SPEC_THREAD_KEYRING,
     KEY_SPEC_USER_KEYRING,
     KEY_SPEC_USER_SESSION_KEYRING,
-    Caller,
     SpecialKeyrings,
     boot_clock,
 )
 from keyfence.keys.quota import QuotaLimits, QuotaTable, QuotaUsage
-from keyfence.keys.removal import Removal, Why, wipe_payload
+from keyfence.keys.removal import Removal, wipe_payload
+from keyfence.keys.removal_path import RemovalPath
 from keyfence.keys.request_key import Constructions, UpcallHook
 from keyfence.keys.secret import SecretBuffer
 
 KEYCTL_MOVE_EXCL = 0x01
 
-_WHY_EVENT = {
-    Why.REVOKED: KeyEvent.REVOKED,
-    Why.INVALIDATED: KeyEvent.INVALIDATED,
-    Why.EXPIRED: KeyEvent.EXPIRED,
-    Why.UNLINKED: KeyEvent.GC,
-    Why.ENDED: KeyEvent.GC,
-}
-_STATE_EVENT = {
-    KeyState.REVOKED: KeyEvent.REVOKED,
-    KeyState.INVALIDATED: KeyEvent.INVALIDATED,
-    KeyState.EXPIRED: KeyEvent.EXPIRED,
-}
 SERIAL_BITS = 31
 
 
@@ -132,7 +119,6 @@ class KeyService:
         fenced: bool = True,
     ) -> None:
         self._lock = threading.RLock()
-        self._fenced = fenced
         self._clock = clock
         self._keys: dict[int, Key] = {}
         self._names: dict[str, dict[Key, None]] = {}
@@ -144,10 +130,25 @@ class KeyService:
         self._watches = WatchTable()
         self._dispatcher = Dispatcher()
         self._guards: dict[Key, int] = {}
-        self._pending_new: dict[Key, None] = {}
+        self._pending_new: dict[Key, object] = {}
         """Keys made for a removal still being fenced (add displacing a key,
-        joining a session keyring); destroyed if it does not apply."""
-        self.gc = GarbageCollector(self, delay=gc_delay, clock=clock, threaded=run_gc_thread)
+        joining a session keyring), with the token of the operation that
+        made them; destroyed if it does not apply."""
+        self.removals = RemovalPath(
+            lock=self._lock,
+            changed=self._changed,
+            release_locked=self._release_locked,
+            quota=self._quota,
+            watches=self._watches,
+            dispatcher=self._dispatcher,
+            guards=self._guards,
+            clock=clock,
+            wait_for_users=fenced,
+        )
+        """Runs every removal (keys/removal_path.py); the collector holds it too."""
+        self.gc = GarbageCollector(
+            self.removals, delay=gc_delay, clock=clock, threaded=run_gc_thread
+        )
         self._constructions = Constructions()
         """Keys request_key() is constructing (keys/request_key.py)."""
         self.request_key_upcall: UpcallHook | None = None
@@ -160,9 +161,9 @@ class KeyService:
     # ------------------------------------------------------------------ helpers
 
     @property
-    def fenced(self) -> bool:
+    def waits_for_users(self) -> bool:
         """Whether removals wait for their keys' users (always, but in the demo)."""
-        return self._fenced
+        return self.removals.wait_for_users
 
     def now(self) -> float:
         return self._clock()
@@ -483,270 +484,13 @@ class KeyService:
         old = ring.contents.find(key.index_key)
         if old is key:
             # linked again: the kernel tells the keyring's watchers all the same
-            self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
+            self.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         if old is None:
             _keyring.link_locked(ring, key, self._quota)
-            self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, op)
+            self.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, op)
             return None
         return Removal(op, caller, unlinks=[(ring, old)], links=[(ring, key)])
-
-    # -- the removal path
-
-    def _run_removal(
-        self,
-        build: Callable[[], Removal | None],
-        *,
-        timeout: float | None = None,
-        emergency: bool = False,
-        progress: Callable[[RemovalProgress], None] | None = None,
-    ) -> None:
-        """Run one removal: plan, fence, apply, wipe, notify.
-
-        ``build`` runs with the lock held and describes the removal (or does
-        the whole operation and returns None when nothing goes away); it is
-        run again if, before any watcher was called, another removal was
-        found fencing the same keys -- so the operation behaves as if it ran
-        after that one.  Called without the lock; every key that goes away,
-        goes away here.
-
-        Errors: the watcher's own error (the removal is aborted, keys
-        intact); ETIMEDOUT naming the watchers still working; EDEADLK when a
-        watcher's callback starts a removal of the keys its fence holds.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        emergency = emergency or not self._fenced
-        removal: Removal | None = None
-        called: set[tuple[int, int]] = set()
-        fenced: list[Key] = []
-        gated: list[Key] = []
-        notes: list[tuple[Watch, Notification]] = []
-        applied = False
-        try:
-            while True:
-                with self._lock:
-                    if removal is None or not called:
-                        removal = build()
-                        if removal is None:
-                            return
-                        removal.emergency = emergency
-                    removal.plan_locked()
-                    if not emergency:
-                        blocker = self._blocking_fence_locked(removal)
-                        if blocker:
-                            if blocker == current_fence():
-                                raise fail(
-                                    errno.EDEADLK,
-                                    f"a watcher of removal {blocker} tried to remove its keys",
-                                )
-                            self._wait_changed_locked(deadline, f"removal {blocker}")
-                            continue
-                        calls = self._sync_calls_locked(removal, called)
-                        if calls:
-                            for key in removal.going:
-                                if not key.fence:
-                                    key.fence = removal.id
-                                    fenced.append(key)
-                        elif self._guarded_locked(removal, gated):
-                            self._wait_changed_locked(deadline, "a use of the key to end")
-                            continue
-                        else:
-                            notes = self._apply_locked(removal)
-                            applied = True
-                            break
-                    else:
-                        notes = self._apply_locked(removal)
-                        applied = True
-                        break
-                self._fence(removal, calls, deadline, progress)
-                called.update((w.id, n.key) for w, n in calls)
-        finally:
-            with self._lock:
-                for key in fenced:
-                    if removal is not None and key.fence == removal.id:
-                        key.fence = 0
-                for key in gated:
-                    key.gate_closed = False
-                self._changed.notify_all()
-        if applied:
-            self._dispatcher.post(notes)
-
-    def _blocking_fence_locked(self, removal: Removal) -> int:
-        for key in removal.going:
-            if key.fence and key.fence != removal.id:
-                return key.fence
-        return 0
-
-    def _wait_changed_locked(self, deadline: float | None, what: str) -> None:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise fail(errno.ETIMEDOUT, f"still waiting for {what}; nothing was removed")
-        self._changed.wait(0.1 if remaining is None else min(remaining, 0.1))
-
-    def _sync_calls_locked(
-        self, removal: Removal, called: set[tuple[int, int]]
-    ) -> list[tuple[Watch, Notification]]:
-        calls = []
-        for key, why in removal.going.items():
-            if not key.sync_watches:
-                continue
-            event = _WHY_EVENT[why]
-            for watch in self._watches.sync_of(key):
-                if (watch.id, key.serial) in called:
-                    continue
-                note = self._note(key, event, removal, phase=Phase.BEFORE)
-                calls.append((watch, note))
-        return calls
-
-    def _guarded_locked(self, removal: Removal, gated: list[Key]) -> bool:
-        """Close the gates of the keys going away; True while uses remain."""
-        busy = False
-        for key in removal.going:
-            if not key.gate_closed:
-                key.gate_closed = True
-                gated.append(key)
-            if self._guards.get(key):
-                busy = True
-        return busy
-
-    def _fence(
-        self,
-        removal: Removal,
-        calls: list[tuple[Watch, Notification]],
-        deadline: float | None,
-        progress: Callable[[RemovalProgress], None] | None,
-    ) -> None:
-        """Call the synchronous watchers (no lock held) and wait for them."""
-        foreign = self._foreign_watches(removal, calls)
-        fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls, foreign)
-        fence_round.start()
-        if progress is not None:
-            progress(fence_round.snapshot())
-        outcome = fence_round.wait(deadline, progress)
-        if outcome == FenceOutcome.FAILED:
-            assert fence_round.failure is not None
-            watch, err = fence_round.failure
-            code = err.errno if isinstance(err, OSError) and err.errno else errno.ECANCELED
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise fail(code, f"{watch.name} failed: {reason}; nothing was removed") from None
-        if outcome == FenceOutcome.TIMEOUT:
-            raise fail(
-                errno.ETIMEDOUT,
-                f"still flushing: {fence_round.describe_pending()}; nothing was removed",
-            )
-
-    @staticmethod
-    def _foreign_watches(
-        removal: Removal, calls: list[tuple[Watch, Notification]]
-    ) -> frozenset[int]:
-        """Watches that may hold ``removal`` up only for a bounded time.
-
-        Patient (unbounded) are root's watchers (the service's own mount
-        workers), the caller's own uid's, and -- for a removal by root or
-        by the service (process exit, session end) -- those of the uid that
-        owns what is removed: the keyring cut from or released, the key
-        revoked or invalidated.  Everyone else is foreign: a key planted
-        in root's @s cannot hold root's clear or root's logout hostage.
-        """
-        caller = removal.caller
-        patient = {0}
-        if caller is not None:
-            patient.add(caller.uid)
-        if caller is None or caller.is_admin:
-            patient.update(ring.uid for ring, _key in removal.unlinks)
-            patient.update(key.uid for key in removal.releases)
-            patient.update(key.uid for key in removal.kills)
-        return frozenset(w.id for w, _note in calls if w.owner_uid not in patient)
-
-    def _note(
-        self,
-        key: Key,
-        event: KeyEvent,
-        removal: Removal | None = None,
-        *,
-        aux: int | None = None,
-        phase: Phase = Phase.AFTER,
-        caller: Caller | None = None,
-        op: str = "",
-    ) -> Notification:
-        who = removal.caller if removal is not None else caller
-        return Notification(
-            key=key.serial,
-            event=event,
-            aux=aux,
-            op=removal.op if removal is not None else op,
-            uid=who.uid if who is not None else None,
-            pid=who.pid if who is not None else None,
-            phase=phase,
-            emergency=removal.emergency if removal is not None else False,
-            removal=removal.id if removal is not None else 0,
-            description=key.description,
-        )
-
-    def _after_notes_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
-        """What every watch is told once the removal is applied."""
-        if not self._watches:
-            return []
-        events: list[tuple[Key, KeyEvent, int | None]] = []
-        cleared: set[Key] = set()
-        destroyed = set(removal.destroyed)
-        for ring, key in removal.cut:
-            if removal.op == "clear" and (ring, key) in removal.unlinks_set:
-                cleared.add(ring)
-            elif ring in destroyed:
-                continue  # a destroyed keyring's contents go without a word (gc only)
-            else:
-                events.append((ring, KeyEvent.UNLINKED, key.serial))
-        events.extend((ring, KeyEvent.CLEARED, None) for ring in cleared)
-        events.extend((ring, KeyEvent.LINKED, key.serial) for ring, key in removal.links)
-        for key, state in removal.killed.items():
-            events.append((key, _STATE_EVENT[state], None))
-        events.extend((key, KeyEvent.GC, None) for key in removal.destroyed)
-        return self._notes_for_locked(events, removal)
-
-    def _notes_for_locked(
-        self,
-        events: list[tuple[Key, KeyEvent, int | None]],
-        removal: Removal | None = None,
-        caller: Caller | None = None,
-        op: str = "",
-    ) -> list[tuple[Watch, Notification]]:
-        if not self._watches:
-            return []
-        notes = []
-        for key, event, aux in events:
-            for watch in self._watches.of(key):
-                if watch.events & event:
-                    note = self._note(key, event, removal, aux=aux, caller=caller, op=op)
-                    notes.append((watch, note))
-        return notes
-
-    def _notify(
-        self,
-        events: list[tuple[Key, KeyEvent, int | None]],
-        caller: Caller,
-        op: str,
-    ) -> None:
-        """Post AFTER notifications of a non-removal operation."""
-        if self._watches:
-            self._dispatcher.post(self._notes_for_locked(events, caller=caller, op=op))
-
-    def _apply_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
-        now = self.now()
-        removal.unlinks_set = set(removal.unlinks)
-        notes = self._after_notes_locked(removal)
-        for key in removal.killed:
-            if key.payload is not None and key.in_quota:
-                self._quota.resize_locked(key.uid, -len(key.payload))
-                key.quotalen -= len(key.payload)
-        for key in removal.apply_locked(now, self._quota):
-            self._release_locked(key)
-            self._watches.forget(key)
-        for key, state in removal.killed.items():
-            if state in (KeyState.REVOKED, KeyState.EXPIRED) and key.is_live():
-                self.gc.schedule_reap(key, now)
-        self._changed.notify_all()
-        return notes
 
     # ------------------------------------------------------------- operations
 
@@ -777,9 +521,9 @@ class KeyService:
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
         if len(data) > ADD_KEY_PAYLOAD_MAX:
             raise fail(errno.EINVAL, "payload too large")
-        result: list[int] = []
+        made = object()  # this call's token for the keys it makes
 
-        def build() -> Removal | None:
+        def build() -> tuple[Removal | None, int]:
             ring, ring_possessed = self._lookup_locked(
                 caller, keyring, permission.WRITE, create=True
             )
@@ -801,49 +545,45 @@ class KeyService:
                 # found through the keyring: possessed if the keyring is
                 permission.check(existing, caller, permission.WRITE, possessed=ring_possessed)
                 self._update_locked(existing, prepared)
-                result.append(existing.serial)
-                self._notify([(existing, KeyEvent.UPDATED, None)], caller, "add")
-                return None
+                self.removals.notify_locked([(existing, KeyEvent.UPDATED, None)], caller, "add")
+                return None, existing.serial
             perm = permission.default_perm(
                 readable=key_type.readable, writable=key_type.updatable or key_type.is_keyring
             )
             key = self._alloc_locked(
                 key_type, description, uid=caller.uid, gid=caller.gid, perm=perm, payload=prepared
             )
-            result.append(key.serial)
             if existing is None:
                 try:
                     _keyring.link_locked(ring, key, self._quota)
                 except OSError:
-                    self._pending_new[key] = None
+                    self._pending_new[key] = made
                     raise
-                self._notify([(ring, KeyEvent.LINKED, key.serial)], caller, "add")
-                return None
+                self.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "add")
+                return None, key.serial
             # displacing a key: keep the new one anchored until the removal
             # links it, so a re-run of build() cannot leak it
-            self._pending_new[key] = None
+            self._pending_new[key] = made
             removal = Removal("add", caller, unlinks=[(ring, existing)], links=[(ring, key)])
             removal.on_apply.append(lambda: self._pending_new.pop(key, None))
-            return removal
+            return removal, key.serial
 
         try:
-            self._run_removal(build)
+            return self.removals.run_for(build)
         finally:
             with self._lock:
-                self._discard_pending_locked(result)
-        return result[-1]
+                self._discard_pending_locked(made)
 
-    def _discard_pending_locked(self, serials: list[int]) -> None:
-        """Destroy keys an operation made for a removal that did not apply
-        (it failed, or build() ran again and made another)."""
-        for serial in serials:
-            key = self._keys.get(serial)
-            if key is not None and key in self._pending_new:
-                del self._pending_new[key]
-                if not key.parents and not key.anchors:
-                    key.state = KeyState.DEAD
-                    wipe_payload(key)
-                    self._release_locked(key)
+    def _discard_pending_locked(self, made: object) -> None:
+        """Destroy keys an operation (``made``: its token) made for a removal
+        that did not apply (it failed, or build() ran again and made another)."""
+        for key in [k for k, token in self._pending_new.items() if token is made]:
+            del self._pending_new[key]
+            unlinked = not key.parents and not key.anchors
+            if unlinked and self._keys.get(key.serial) is key:
+                key.state = KeyState.DEAD
+                wipe_payload(key)
+                self._release_locked(key)
 
     def _update_locked(self, key: Key, data: bytes) -> None:
         old = key.payload
@@ -874,7 +614,7 @@ class KeyService:
                 raise fail(errno.EOPNOTSUPP)
             data = key.type.preparse(data)
             self._update_locked(key, data)
-            self._notify([(key, KeyEvent.UPDATED, None)], caller, "update")
+            self.removals.notify_locked([(key, KeyEvent.UPDATED, None)], caller, "update")
 
     def request_key(
         self,
@@ -925,9 +665,9 @@ class KeyService:
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
         if session is None:
             raise fail(errno.EINVAL, "the caller has no session to join a keyring for")
-        result: list[int] = []
+        made = object()  # this call's token for the keyring it makes
 
-        def build() -> Removal | None:
+        def build() -> tuple[Removal | None, int]:
             ring = self._find_keyring_by_name_locked(caller, name) if name else None
             if ring is None:
                 named = bool(name)
@@ -941,19 +681,19 @@ class KeyService:
                     else permission.SESSION_KEYRING_PERM,
                     overrun=not named,
                 )
-                self._pending_new[ring] = None
-            result.append(ring.serial)
+                self._pending_new[ring] = made
             if self._special.sessions.get(session) is ring:
-                result.append(0)  # the kernel answers 0 when already joined
-                return None
-            return self._bind_session_locked(caller, session, ring, "join_session_keyring")
+                return None, 0  # the kernel answers 0 when already joined
+            return (
+                self._bind_session_locked(caller, session, ring, "join_session_keyring"),
+                ring.serial,
+            )
 
         try:
-            self._run_removal(build)
+            return self.removals.run_for(build)
         finally:
             with self._lock:
-                self._discard_pending_locked(result)
-        return result[-1]
+                self._discard_pending_locked(made)
 
     def session_to_parent(
         self,
@@ -996,7 +736,7 @@ class KeyService:
                 raise fail(errno.EPERM, "the session keyring belongs to another user")
             return self._bind_session_locked(caller, parent.session, ring, "session_to_parent")
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def _bind_session_locked(
         self, caller: Caller, session: Hashable, ring: Key, op: str
@@ -1106,7 +846,7 @@ class KeyService:
                 key, _ = self._lookup_locked(caller, key_id, permission.SETATTR)
             return Removal("revoke", caller, kills={key: KeyState.REVOKED})
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def invalidate(
         self,
@@ -1124,7 +864,7 @@ class KeyService:
             key, _ = self._lookup_locked(caller, key_id, permission.SEARCH)
             return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def invalidate_filesystem_key(
         self,
@@ -1152,7 +892,7 @@ class KeyService:
                 raise fail(errno.EACCES)
             return Removal("invalidate", caller, kills={key: KeyState.INVALIDATED})
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def clear(
         self,
@@ -1174,11 +914,11 @@ class KeyService:
             assert ring.contents is not None
             if not len(ring.contents):
                 # the kernel tells a keyring's watchers it was cleared, even empty
-                self._notify([(ring, KeyEvent.CLEARED, None)], caller, "clear")
+                self.removals.notify_locked([(ring, KeyEvent.CLEARED, None)], caller, "clear")
                 return None
             return Removal("clear", caller, unlinks=[(ring, k) for k in ring.contents])
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def link(self, caller: Caller, key_id: int, keyring: int) -> None:
         """KEYCTL_LINK: link a key (link permission) into a keyring (write).
@@ -1192,7 +932,7 @@ class KeyService:
             key, _ = self._lookup_locked(caller, key_id, permission.LINK, create=True)
             return self._link_locked(ring, key, "link", caller)
 
-        self._run_removal(build)
+        self.removals.run(build)
 
     def unlink(
         self,
@@ -1222,7 +962,7 @@ class KeyService:
                 raise fail(errno.ENOENT)
             return Removal("unlink", caller, unlinks=[(ring, linked)])
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def move(
         self,
@@ -1270,7 +1010,7 @@ class KeyService:
                 unlinks.append((dst, old))
             return Removal("move", caller, unlinks=unlinks, links=[(dst, key)])
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     def search(
         self, caller: Caller, keyring: int, type_name: str, description: str, dest_keyring: int = 0
@@ -1284,9 +1024,8 @@ class KeyService:
         check_type_name(type_name)
         if len(description.encode()) > DESCRIPTION_MAX:
             raise fail(errno.EINVAL, "description too long")
-        result: list[int] = []
 
-        def build() -> Removal | None:
+        def build() -> tuple[Removal | None, int]:
             ring, possessed = self._lookup_locked(caller, keyring, permission.SEARCH)
             dest = None
             if dest_keyring:
@@ -1305,14 +1044,12 @@ class KeyService:
             negative = _upcall.negative_error_locked(self, found)
             if negative:
                 raise fail(negative)
-            result[:] = [found.serial]
             if dest is None:
-                return None
+                return None, found.serial
             permission.check(found, caller, permission.LINK, possessed=possessed)
-            return self._link_locked(dest, found, "search", caller)
+            return self._link_locked(dest, found, "search", caller), found.serial
 
-        self._run_removal(build)
-        return result[0]
+        return self.removals.run_for(build)
 
     def read(self, caller: Caller, key_id: int) -> bytes:
         """KEYCTL_READ: a key's payload, or a keyring's serials (native int32s).
@@ -1376,7 +1113,7 @@ class KeyService:
                 key.uid = uid
             if gid != -1:
                 key.gid = gid
-            self._notify([(key, KeyEvent.SETATTR, None)], caller, "chown")
+            self.removals.notify_locked([(key, KeyEvent.SETATTR, None)], caller, "chown")
 
     def setperm(self, caller: Caller, key_id: int, perm: int) -> None:
         """KEYCTL_SETPERM: set the mask (owner or admin, setattr permission).
@@ -1390,7 +1127,7 @@ class KeyService:
             if key.uid != caller.uid and not caller.is_admin:
                 raise fail(errno.EACCES)
             key.perm = perm
-            self._notify([(key, KeyEvent.SETATTR, None)], caller, "setperm")
+            self.removals.notify_locked([(key, KeyEvent.SETATTR, None)], caller, "setperm")
 
     def set_timeout(self, caller: Caller, key_id: int, timeout: int) -> None:
         """KEYCTL_SET_TIMEOUT: expire the key ``timeout`` seconds from now
@@ -1401,7 +1138,7 @@ class KeyService:
             key.expiry = int(self.now()) + timeout if timeout else None
             if key.expiry is not None:
                 self.gc.schedule_expiry(key)
-            self._notify([(key, KeyEvent.SETATTR, None)], caller, "timeout")
+            self.removals.notify_locked([(key, KeyEvent.SETATTR, None)], caller, "timeout")
 
     def get_security(self, caller: Caller, key_id: int) -> str:
         """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty."""
@@ -1452,7 +1189,7 @@ class KeyService:
             removal.on_apply.append(forget)
             return removal
 
-        self._run_removal(build, timeout=timeout, emergency=emergency)
+        self.removals.run(build, timeout=timeout, emergency=emergency)
 
     def thread_exited(self, pid: int, tid: int, start_time: int = 0) -> None:
         """A thread is gone: its thread keyring goes away."""
@@ -1465,7 +1202,7 @@ class KeyService:
             removal.on_apply.append(lambda: self._special.threads.pop((pid, start_time, tid)))
             return removal
 
-        self._run_removal(build)
+        self.removals.run(build)
 
     def session_ended(
         self,
@@ -1491,7 +1228,7 @@ class KeyService:
             removal.on_apply.append(forget)
             return removal
 
-        self._run_removal(build, timeout=timeout, emergency=emergency, progress=progress)
+        self.removals.run(build, timeout=timeout, emergency=emergency, progress=progress)
 
     # ------------------------------------------------------ watches and guards
 

@@ -23,7 +23,7 @@ from keyfence.keys import permission
 from keyfence.keys.key import Key, KeyState
 
 if TYPE_CHECKING:
-    from keyfence.keys.process_keys import Caller
+    from keyfence.keys.caller import Caller
     from keyfence.keys.quota import QuotaTable
 
 LINK_QUOTA_BYTES = 4
@@ -31,29 +31,6 @@ LINK_QUOTA_BYTES = 4
 
 SEARCH_MAX_DEPTH = 6
 """KEYRING_SEARCH_MAX_DEPTH: nested keyrings entered below the top one."""
-
-
-class KeyringContents:
-    """The links of one keyring, in link order."""
-
-    __slots__ = ("by_index", "rings")
-
-    def __init__(self) -> None:
-        self.by_index: dict[tuple[str, str], Key] = {}
-        self.rings: dict[int, Key] = {}
-        """The nested keyrings among ``by_index``, by serial."""
-
-    def __len__(self) -> int:
-        return len(self.by_index)
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(list(self.by_index.values()))
-
-    def find(self, index_key: tuple[str, str]) -> Key | None:
-        return self.by_index.get(index_key)
-
-    def __contains__(self, key: Key) -> bool:
-        return self.by_index.get(key.index_key) is key
 
 
 def link_locked(ring: Key, key: Key, quota: QuotaTable) -> Key | None:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from keyfence.keys.errors import fail
 
 if TYPE_CHECKING:
+    from keyfence.keys.caller import Caller
     from keyfence.keys.key import Key
-    from keyfence.keys.process_keys import Caller
 
 
 class Perm(IntFlag):

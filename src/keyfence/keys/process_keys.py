@@ -2,7 +2,8 @@
 
 The kernel hangs a thread, process and session keyring off each task's
 credentials.  keyfence has no task to hang them on, so it keeps tables keyed
-by who the caller is (DESIGN.md, "Processes"):
+by who the caller is (docs/design.md, "Processes"; the caller itself is
+keys/caller.py):
 
 * @t by (pid, start time, tid); @p by (pid, start time), so a reused pid
   never inherits a dead process's keyring;
@@ -26,8 +27,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from keyfence.keys.caller import Caller
 
 if TYPE_CHECKING:
     from keyfence.keys.key import Key
@@ -56,58 +58,6 @@ def boot_clock() -> float:
     """Seconds since boot (CLOCK_BOOTTIME): the clock of /proc's process
     start times, so a binding's time compares with a child's fork time."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-@dataclass(frozen=True, slots=True)
-class ParentProcess:
-    """The caller's parent, as KEYCTL_SESSION_TO_PARENT needs it."""
-
-    pid: int
-    session: Hashable
-    """The parent's session binding (the daemon: its (pid, start time))."""
-    uids: tuple[int, int, int]
-    """Real, effective and saved uid."""
-    gids: tuple[int, int, int]
-    threads: int
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is asking: everything a permission or keyring decision needs.
-
-    The daemon fills this from the socket's peer credentials and /proc,
-    never from what a client says.  ``session`` names the caller's session
-    binding (None: the caller has nothing to hang a session keyring on);
-    ``parent``, the process a session_to_parent would change.
-    """
-
-    uid: int
-    gid: int
-    groups: frozenset[int] = field(default_factory=frozenset)
-    pid: int = 0
-    tid: int = 0
-    """0 means the main thread (tid == pid)."""
-    start_time: int = 0
-    """The process's start time, so that a recycled pid is another process."""
-    session: Hashable | None = None
-    admin: bool | None = None
-    """CAP_SYS_ADMIN; None means "uid 0 has it"."""
-    parent: ParentProcess | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return self.uid == 0 if self.admin is None else self.admin
-
-    @property
-    def process(self) -> tuple[int, int]:
-        return (self.pid, self.start_time)
-
-    @property
-    def thread(self) -> tuple[int, int, int]:
-        return (self.pid, self.start_time, self.tid or self.pid)
-
-    def in_group(self, gid: int) -> bool:
-        return gid == self.gid or gid in self.groups
 
 
 class SpecialKeyrings:

@@ -41,6 +41,9 @@ class QuotaUsage:
 
 
 class KeyUser:
+    """One uid's quota account: the kernel's ``struct key_user``, as
+    /proc/key-users shows it (not a user of a key: see fs/binding.py)."""
+
     __slots__ = ("nkeys", "qnbytes", "qnkeys", "uid")
 
     def __init__(self, uid: int) -> None:

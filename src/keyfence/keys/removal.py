@@ -3,7 +3,7 @@
 Every operation that can make a key unusable -- unlink, clear, move, link
 displacing a key, revoke, invalidate, expiry, gc reaping, process exit,
 session end -- describes what it takes away as a :class:`Removal` and hands
-it to the service, which
+it to the removal path (keys/removal_path.py), which
 
 1. computes the whole set of keys that will go away (:meth:`Removal.plan_locked`),
    following cascades: a key that loses its last link and anchor is
@@ -12,7 +12,9 @@ it to the service, which
 3. applies it atomically (:meth:`Removal.apply_locked`): unlinks, state
    changes, payload wipes, quota refunds.
 
-Life-cycle rules live here and nowhere else.
+Life-cycle rules live here; the few transitions that take nothing from
+anyone (an update, a key dying unborn, a construction ending) are listed in
+keys/key.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from keyfence.keys import keyring
 from keyfence.keys.key import Key, KeyState
 
 if TYPE_CHECKING:
-    from keyfence.keys.process_keys import Caller
+    from keyfence.keys.caller import Caller
     from keyfence.keys.quota import QuotaTable
 
 

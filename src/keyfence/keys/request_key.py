@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING
 from keyfence.keys.key_type import KeyType
 
 if TYPE_CHECKING:
+    from keyfence.keys.caller import Caller
     from keyfence.keys.key import Key
-    from keyfence.keys.process_keys import Caller
 
 KEY_NEGATIVE_TIMEOUT = 60
 """Seconds a key stays negative when its handler gave no answer

@@ -49,15 +49,15 @@ from keyfence.keys.request_key import (
 )
 
 if TYPE_CHECKING:
+    from keyfence.keys.caller import Caller
+    from keyfence.keys.internal import ServiceInternals
     from keyfence.keys.key import Key
-    from keyfence.keys.keyctl import KeyService
-    from keyfence.keys.process_keys import Caller
 
 
 # -- hooks the service calls with its lock held
 
 
-def authority_locked(svc: KeyService, caller: Caller) -> Construction | None:
+def authority_locked(svc: ServiceInternals, caller: Caller) -> Construction | None:
     """The construction ``caller`` may instantiate (cred->request_key_auth)."""
     table = svc._constructions
     if not table:
@@ -65,7 +65,7 @@ def authority_locked(svc: KeyService, caller: Caller) -> Construction | None:
     return table.authority_locked(svc.process_lineage(caller))
 
 
-def requester_keyrings_locked(svc: KeyService, caller: Caller) -> list[Key]:
+def requester_keyrings_locked(svc: ServiceInternals, caller: Caller) -> list[Key]:
     """A handler also searches, and possesses, its requester's keyrings
     (search_process_keyrings_rcu); empty for everyone else."""
     held = authority_locked(svc, caller)
@@ -74,7 +74,7 @@ def requester_keyrings_locked(svc: KeyService, caller: Caller) -> list[Key]:
     return svc._process_keyrings_locked(held.requester)
 
 
-def special_locked(svc: KeyService, caller: Caller, spec: int) -> Key:
+def special_locked(svc: ServiceInternals, caller: Caller, spec: int) -> Key:
     """@a (the authorisation key) and the requestor keyring: ENOKEY
     outside an upcall."""
     held = authority_locked(svc, caller)
@@ -87,7 +87,7 @@ def special_locked(svc: KeyService, caller: Caller, spec: int) -> Key:
     return held.dest
 
 
-def check_constructed_locked(svc: KeyService, key: Key, *, partial: bool) -> None:
+def check_constructed_locked(svc: ServiceInternals, key: Key, *, partial: bool) -> None:
     """lookup_user_key()'s wait_for_key_construction(): a lookup that is
     not KEY_LOOKUP_PARTIAL waits while the key is under construction, then
     fails with a negative key's error."""
@@ -105,7 +105,7 @@ def check_constructed_locked(svc: KeyService, key: Key, *, partial: bool) -> Non
         raise fail(construction.error)
 
 
-def updated_locked(svc: KeyService, key: Key) -> None:
+def updated_locked(svc: ServiceInternals, key: Key) -> None:
     """add_key() updating a key found in a keyring instantiates it, even a
     negative or uninstantiated one (__key_update: mark_key_instantiated)."""
     construction = svc._constructions.of_locked(key)
@@ -117,7 +117,7 @@ def updated_locked(svc: KeyService, key: Key) -> None:
         svc._constructions.forget_key_locked(key)
 
 
-def negative_error_locked(svc: KeyService, key: Key) -> int:
+def negative_error_locked(svc: ServiceInternals, key: Key) -> int:
     """A negative key's errno, else 0 (what a search or read reports)."""
     construction = svc._constructions.of_locked(key)
     if construction is None or construction.outcome is not Outcome.NEGATIVE:
@@ -129,7 +129,7 @@ def negative_error_locked(svc: KeyService, key: Key) -> int:
 
 
 def request_key(
-    svc: KeyService,
+    svc: ServiceInternals,
     caller: Caller,
     type_name: str,
     description: str,
@@ -159,7 +159,7 @@ def request_key(
 
 
 def _find_or_construct(
-    svc: KeyService,
+    svc: ServiceInternals,
     caller: Caller,
     type_name: str,
     description: str,
@@ -168,10 +168,8 @@ def _find_or_construct(
 ) -> tuple[Key | Construction, bool]:
     """request_key_and_link(): the key found (linked into the destination),
     a construction in progress to wait for, or a new one (True)."""
-    found: list[Key | Construction] = []
-    made: list[bool] = []
 
-    def build() -> Removal | None:
+    def build() -> tuple[Removal | None, tuple[Key | Construction, bool]]:
         dest = None
         if dest_keyring:
             dest, _ = svc._lookup_locked(caller, dest_keyring, permission.WRITE, create=True)
@@ -192,22 +190,18 @@ def _find_or_construct(
         if key is not None:
             construction = svc._constructions.of_locked(key)
             if construction is not None and construction.pending:
-                found[:] = [construction]
-                return None
+                return None, (construction, False)
             negative = negative_error_locked(svc, key)
             if negative:
                 raise fail(negative)
-            found[:] = [key]
             if dest is None:
-                return None
+                return None, (key, False)
             permission.check(key, caller, permission.LINK, possessed=True)
-            return svc._link_locked(dest, key, "request", caller)
+            return svc._link_locked(dest, key, "request", caller), (key, False)
         if error != errno.EAGAIN:
             raise fail(error)
         if callout is None:
             raise fail(errno.ENOKEY)
-        if made:  # build() runs again: the construction is made
-            return None
         if key_type.is_keyring:
             raise fail(errno.EPERM, "keyrings are not constructed by request_key")
         ring = dest if dest is not None else _default_destination_locked(svc, caller)
@@ -218,15 +212,13 @@ def _find_or_construct(
             raise fail(errno.EKEYREVOKED)
         if not description:
             raise fail(errno.EINVAL, "a key to construct needs a description")
-        found[:] = [_construct_locked(svc, caller, key_type.name, description, callout, ring)]
-        made[:] = [True]
-        return None
+        construction = _construct_locked(svc, caller, key_type.name, description, callout, ring)
+        return None, (construction, True)
 
-    svc._run_removal(build)
-    return found[0], bool(made)
+    return svc.removals.run_for(build)
 
 
-def _default_destination_locked(svc: KeyService, caller: Caller) -> Key:
+def _default_destination_locked(svc: ServiceInternals, caller: Caller) -> Key:
     """construct_get_dest_keyring(), KEY_REQKEY_DEFL_DEFAULT: a handler's
     requester's destination, else @t, @p, @s, @us -- the first that exists."""
     held = authority_locked(svc, caller)
@@ -244,7 +236,7 @@ def _default_destination_locked(svc: KeyService, caller: Caller) -> Key:
 
 
 def _construct_locked(
-    svc: KeyService, caller: Caller, type_name: str, description: str, callout: str, ring: Key
+    svc: ServiceInternals, caller: Caller, type_name: str, description: str, callout: str, ring: Key
 ) -> Construction:
     """construct_alloc_key() + request_key_auth_new(): the uninstantiated
     key, linked into ``ring``, and its authorisation key."""
@@ -276,11 +268,11 @@ def _construct_locked(
         _destroy_locked(svc, displaced)
     construction = Construction(key, auth, callout, caller, ring)
     table.by_key[key] = construction
-    svc._notify([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
+    svc.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
     return construction
 
 
-def _call_out(svc: KeyService, construction: Construction) -> None:
+def _call_out(svc: ServiceInternals, construction: Construction) -> None:
     """Start the handler (without the lock).  No hook, or a hook that cannot
     start one, is the kernel failing to run /sbin/request-key: the key is
     negated and the requester gets the reason."""
@@ -301,7 +293,7 @@ def _call_out(svc: KeyService, construction: Construction) -> None:
         raise fail(err.errno or errno.ENOKEY, str(err)) from None
 
 
-def _user_keyrings_error_locked(svc: KeyService, caller: Caller) -> int:
+def _user_keyrings_error_locked(svc: ServiceInternals, caller: Caller) -> int:
     """look_up_user_keyrings()'s own error for a requester whose @u or @us
     cannot be used (0: they can)."""
     try:
@@ -321,7 +313,7 @@ def _user_keyrings_error_locked(svc: KeyService, caller: Caller) -> int:
     return errno.ENOKEY
 
 
-def handler_ended(svc: KeyService, construction: Construction) -> None:
+def handler_ended(svc: ServiceInternals, construction: Construction) -> None:
     """The handler is gone: a key it left uninstantiated is negated with
     ENOKEY for KEY_NEGATIVE_TIMEOUT seconds (complete_request_key)."""
     with svc._lock:
@@ -329,7 +321,9 @@ def handler_ended(svc: KeyService, construction: Construction) -> None:
             _finish_locked(svc, construction, errno.ENOKEY, KEY_NEGATIVE_TIMEOUT)
 
 
-def _finish_locked(svc: KeyService, construction: Construction, error: int, timeout: int) -> None:
+def _finish_locked(
+    svc: ServiceInternals, construction: Construction, error: int, timeout: int
+) -> None:
     """Instantiated (error 0) or negative: record it, destroy the
     authorisation key, release the key's anchor, wake every waiter."""
     key = construction.key
@@ -342,12 +336,14 @@ def _finish_locked(svc: KeyService, construction: Construction, error: int, time
     key.anchors -= 1
     if not key.parents and not key.anchors and key.state is not KeyState.DEAD:
         _destroy_locked(svc, key)
-    svc._notify([(key, KeyEvent.INSTANTIATED, None)], construction.requester, "instantiate")
+    svc.removals.notify_locked(
+        [(key, KeyEvent.INSTANTIATED, None)], construction.requester, "instantiate"
+    )
     svc._changed.notify_all()
     construction.done.set()
 
 
-def _destroy_locked(svc: KeyService, key: Key, *, anchored: bool = False) -> None:
+def _destroy_locked(svc: ServiceInternals, key: Key, *, anchored: bool = False) -> None:
     if anchored:
         key.anchors -= 1
     key.state = KeyState.DEAD
@@ -359,7 +355,7 @@ def _destroy_locked(svc: KeyService, key: Key, *, anchored: bool = False) -> Non
 
 
 def _instantiation_keyring_locked(
-    svc: KeyService, caller: Caller, construction: Construction, ringid: int
+    svc: ServiceInternals, caller: Caller, construction: Construction, ringid: int
 ) -> Key | None:
     """get_instantiation_keyring(): none, a keyring by serial (write), or,
     for any special id, the requester's destination."""
@@ -377,7 +373,7 @@ def _instantiation_keyring_locked(
     raise fail(errno.ENOKEY)
 
 
-def _held_locked(svc: KeyService, caller: Caller, key_id: int) -> Construction:
+def _held_locked(svc: ServiceInternals, caller: Caller, key_id: int) -> Construction:
     held = authority_locked(svc, caller)
     if held is None or held.key.serial != key_id:
         raise fail(errno.EPERM, "no authority to instantiate this key")
@@ -385,7 +381,7 @@ def _held_locked(svc: KeyService, caller: Caller, key_id: int) -> Construction:
 
 
 def instantiate(
-    svc: KeyService, caller: Caller, key_id: int, payload: bytes | None, keyring: int
+    svc: ServiceInternals, caller: Caller, key_id: int, payload: bytes | None, keyring: int
 ) -> None:
     data = payload or b""
     if len(data) > ADD_KEY_PAYLOAD_MAX:
@@ -403,11 +399,11 @@ def instantiate(
             return None
         return svc._link_locked(dest, key, "instantiate", caller)
 
-    svc._run_removal(build)
+    svc.removals.run(build)
 
 
 def reject(
-    svc: KeyService, caller: Caller, key_id: int, timeout: int, error: int, keyring: int
+    svc: ServiceInternals, caller: Caller, key_id: int, timeout: int, error: int, keyring: int
 ) -> None:
     check_reject_error(error)
 
@@ -421,10 +417,10 @@ def reject(
             return None
         return svc._link_locked(dest, key, "reject", caller)
 
-    svc._run_removal(build)
+    svc.removals.run(build)
 
 
-def assume_authority(svc: KeyService, caller: Caller, key_id: int) -> int:
+def assume_authority(svc: ServiceInternals, caller: Caller, key_id: int) -> int:
     """KEYCTL_ASSUME_AUTHORITY: act for the construction of ``key_id`` (one
     this process or an ancestor was given), or, with 0, for none."""
     if key_id < 0:
@@ -443,13 +439,15 @@ def assume_authority(svc: KeyService, caller: Caller, key_id: int) -> int:
         raise fail(errno.ENOKEY, "no authorisation for that key")
 
 
-def grant(svc: KeyService, construction: Construction, process: tuple[int, int]) -> None:
+def grant(svc: ServiceInternals, construction: Construction, process: tuple[int, int]) -> None:
     """Give a handler process the authority over ``construction``."""
     with svc._lock:
         svc._constructions.grant_locked(construction, process)
 
 
-def requester_keyring_ids(svc: KeyService, construction: Construction) -> tuple[int, int, int]:
+def requester_keyring_ids(
+    svc: ServiceInternals, construction: Construction
+) -> tuple[int, int, int]:
     """The requester's thread, process and session keyring serials, as the
     kernel passes them to /sbin/request-key (0: none; the session falls
     back to the user-session keyring)."""
@@ -468,7 +466,9 @@ def requester_keyring_ids(svc: KeyService, construction: Construction) -> tuple[
         )
 
 
-def instantiate_from_handler(svc: KeyService, construction: Construction, data: bytes) -> None:
+def instantiate_from_handler(
+    svc: ServiceInternals, construction: Construction, data: bytes
+) -> None:
     """request-key's ``|program`` form: request-key (here, the daemon acting
     for the handler it ran) instantiates with what the program printed."""
     with svc._lock:

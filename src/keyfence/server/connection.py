@@ -28,14 +28,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from keyfence import protocol, wire
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
-from keyfence.keys.process_keys import Caller
 from keyfence.server import limits
 
 if TYPE_CHECKING:
-    from keyfence.server.daemon import Daemon
+    from keyfence.server.internal import DaemonParts
     from keyfence.server.mounts import Mount
 
 log = logging.getLogger("keyfence.daemon")
@@ -105,7 +105,7 @@ class RemoteWatcher:
 class Connection:
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: DaemonParts,
         sock: socket.socket,
         caller: Caller,
         sid: int,
@@ -420,7 +420,7 @@ class Connection:
         self.daemon.limits.give_back("watches", self.uid)
 
     def progress_sender(self, request_id: int) -> Callable[[RemovalProgress], None]:
-        """At most 20 RemovalStatus a second; the latest one is never lost."""
+        """At most 20 Status messages a second; the latest one is never lost."""
         state: dict[str, Any] = {"last": 0.0, "held": None, "timer": None}
         lock = threading.Lock()
 
@@ -430,7 +430,7 @@ class Connection:
                 for p in progress.pending
             ]
             self.send(
-                protocol.RemovalStatus(
+                protocol.Status(
                     id=request_id,
                     op=progress.op,
                     removal=progress.removal,

@@ -37,8 +37,8 @@ from collections.abc import Callable
 
 from keyfence import protocol, socket_trust
 from keyfence.keys import KeyService
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
-from keyfence.keys.process_keys import Caller
 from keyfence.server import identity, request_key_runner, systemd
 from keyfence.server.connection import SERVER_NAME, Connection
 from keyfence.server.lanes import Lanes

@@ -25,8 +25,8 @@ import struct
 from dataclasses import dataclass
 
 from keyfence.keys import KeyService
+from keyfence.keys.caller import Caller, ParentProcess
 from keyfence.keys.errors import KeyfenceError, fail
-from keyfence.keys.process_keys import Caller, ParentProcess
 from keyfence.server.sessions import SessionTracker, read_stat
 
 _CRED = struct.Struct("3i")

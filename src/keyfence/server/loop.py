@@ -44,7 +44,7 @@ from keyfence.server.connection import RECV_BYTES, Connection
 from keyfence.server.optable import OPERATIONS
 
 if TYPE_CHECKING:
-    from keyfence.server.daemon import Daemon
+    from keyfence.server.internal import DaemonParts
 
 log = logging.getLogger("keyfence.daemon")
 
@@ -56,7 +56,7 @@ _OUT = select.EPOLLOUT
 
 
 class Loop:
-    def __init__(self, daemon: Daemon, listener: socket.socket) -> None:
+    def __init__(self, daemon: DaemonParts, listener: socket.socket) -> None:
         self.daemon = daemon
         self.listener = listener
         listener.setblocking(False)

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from keyfence.errors import KeyfenceError
-from keyfence.keys.process_keys import Caller
+from keyfence.keys.caller import Caller
 from keyfence.server import fuse_mount
 
 __all__ = ["CheckedRequest", "as_caller", "check_request", "keyfence_devices"]

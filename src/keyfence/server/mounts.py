@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import keyfence
 from keyfence.errors import KeyfenceError
-from keyfence.keys.process_keys import Caller
+from keyfence.keys.caller import Caller
 from keyfence.server import fuse_mount, identity
 from keyfence.server.mount_options import parse_options, user_allow_other
 from keyfence.server.mount_request import CheckedRequest, check_request
 
 if TYPE_CHECKING:
-    from keyfence.server.daemon import Connection, Daemon
+    from keyfence.server.internal import DaemonParts
 
 log = logging.getLogger("keyfence.mounts")
 
@@ -188,7 +188,7 @@ def _keyfence_devices_at(mountpoint: str) -> set[str]:
 
 
 class MountSupervisor:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonParts) -> None:
         self.daemon = daemon
         self._lock = threading.Lock()
         self._mounts: dict[str, Mount] = {}
@@ -486,8 +486,3 @@ class MountSupervisor:
         for mount in mounts:
             mount.state = "unmounting"
             self._unmount(mount)
-
-
-def connection_mount(conn: Connection) -> Mount | None:
-    mount = getattr(conn, "mount", None)
-    return mount if isinstance(mount, Mount) else None

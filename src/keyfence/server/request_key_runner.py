@@ -41,9 +41,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from keyfence.keys import upcall
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import fail
 from keyfence.keys.keyctl import KeyService
-from keyfence.keys.process_keys import Caller
 from keyfence.keys.request_key import Construction
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A mount worker for tests, with its keys in an in-process KeyService.
 
-``python -m tests.fs.kf_test_worker --control SOCK BACKING MOUNTPOINT [worker options]``
+``python -m keyfence.testing.mount_worker --control SOCK BACKING MOUNTPOINT [worker options]``
 
 Until the daemon's ``mount`` operation exists, the tests start the worker
 themselves: this launcher runs the real worker (:func:`keyfence.fs.worker.main`)

@@ -1,6 +1,6 @@
 """Real mounts for the tests: a worker process, a backing dir, a mount point.
 
-:class:`Mount` starts ``tests.fs.kf_test_worker`` (the real worker with an
+:class:`Mount` starts ``keyfence.testing.mount_worker`` (the real worker with an
 in-process KeyService) and talks to its control socket to add and remove
 keys in the test process's session keyring.  ``unmount`` uses
 ``fusermount3 -u`` and kills a stuck worker.
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from keyfence.fs.crypto import MasterKey
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fuse_available() -> str | None:
@@ -68,14 +66,13 @@ class Mount:
                 [
                     sys.executable,
                     "-m",
-                    "tests.fs.kf_test_worker",
+                    "keyfence.testing.mount_worker",
                     "--control",
                     self.control_path,
                     str(self.backing),
                     str(self.mnt),
                     *self.worker_args,
                 ],
-                cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
