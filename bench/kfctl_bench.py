@@ -132,6 +132,12 @@ def main() -> int:
     try:
         with running_daemon("--system") as daemon:
             envs = {"kfctl": daemon.env, "keyctl": dict(os.environ)}
+            # keyfence's session keyring for us too (as the kernel's above):
+            # every kfctl run below is our child and shares it
+            from keyfence.client import Client
+
+            with Client.connect(daemon.socket, autostart=False) as client:
+                client.join_session_keyring(None)
             targets: dict[str, int] = {}
             for system, tool in tools.items():
                 try:
