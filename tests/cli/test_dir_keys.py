@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +184,42 @@ def test_a_hostile_protectors_file_is_a_clear_error(
     done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "root:" not in done.stdout + done.stderr
+
+
+def test_lock_right_after_add_key_removes_the_unused_key(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """A key added but not yet used by the mount (no access since) is still
+    the directory's key: lock removes it (before, lock said "already
+    locked", exited 1 and left the key to unlock the directory at the next
+    access; the chaos test caught it)."""
+    daemon, _backing, mnt = mounted
+    home = mnt / "fresh"
+    home.mkdir()
+    made = session_sh(
+        daemon, f"keyfence e4crypt add_key -S s:fresh {home} && kfctl clear @s", stdin=PASSPHRASE
+    )
+    assert made.returncode == 0, made.stderr
+    # the same key back in a session's @s as a script would add it (kfctl
+    # padd), without touching the directory: the mount has not bound it
+    readd = (
+        "import sys; from keyfence.fs import e4crypt_compat as e4; "
+        "k = e4.derive_key(sys.stdin.buffer.read().strip(), b'fresh'); "
+        "sys.stdout.buffer.write(e4.kernel_payload(k))"
+    )
+    desc = made.stdout.split("[")[1].split("]")[0]
+    done = session_sh(
+        daemon,
+        f"""
+        kfctl new_session >/dev/null
+        {sys.executable} -c "{readd}" | kfctl padd logon ext4:{desc} @s >/dev/null
+        keyfence lock {home} && echo lock=0 || echo "lock=$?"
+        keyfence lock {home} && echo again=0 || echo "again=$?"
+        ls -A {home} | wc -l; keyfence status {home}
+        """,
+        stdin=PASSPHRASE,
+    )
+    assert f"{home}: locked" in done.stdout, done.stdout + done.stderr
+    assert "lock=0" in done.stdout and "again=1" in done.stdout
+    assert "already locked" in done.stderr
+    assert "Unlocked: No" in done.stdout

@@ -185,8 +185,14 @@ def cmd_lock(args: argparse.Namespace) -> int:
     if status.get("state") != "unlocked":
         if status.get("busy_files"):
             return _incompletely_locked(path, status)
-        print(f"Error: directory {path} is already locked.", file=sys.stderr)
-        return 1
+        # the mount binds a key on first use: one added since but not yet
+        # used leaves the directory locked while the key waits in our
+        # keyrings, and would unlock it at the next access; remove it too
+        if not _remove_own_key(ref, args):
+            print(f"Error: directory {path} is already locked.", file=sys.stderr)
+            return 1
+        print(f"{path}: locked")
+        return 0
 
     def progress(st: RemovalStatus) -> None:
         if sys.stderr.isatty() and st.pending:
@@ -222,6 +228,22 @@ def cmd_lock(args: argparse.Namespace) -> int:
         return _incompletely_locked(path, status)
     print(f"{path}: locked")
     return 0
+
+
+def _remove_own_key(ref: str, args: argparse.Namespace) -> bool:
+    """Remove the key ``ref`` names from the caller's keyrings, through the
+    fence, if they hold one; whether they did."""
+    with Client.connect() as client:
+        for key_type in ("logon", "user"):
+            try:
+                serial = client.request_key(key_type, ref, None, 0)
+            except KeyfenceError as err:
+                if err.errno in (errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED):
+                    continue
+                raise
+            client.lock_filesystem_key(serial, timeout=args.timeout, emergency=args.emergency)
+            return True
+    return False
 
 
 def _incompletely_locked(path: str, status: dict[str, Any]) -> int:
