@@ -29,19 +29,36 @@ import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
+from keyfence.constants import (  # the one copy of <keyutils.h>'s numbers (re-exported)
+    KEY_SPEC_GROUP_KEYRING,
+    KEY_SPEC_PROCESS_KEYRING,
+    KEY_SPEC_REQKEY_AUTH_KEY,
+    KEY_SPEC_REQUESTOR_KEYRING,
+    KEY_SPEC_SESSION_KEYRING,
+    KEY_SPEC_THREAD_KEYRING,
+    KEY_SPEC_USER_KEYRING,
+    KEY_SPEC_USER_SESSION_KEYRING,
+)
 from keyfence.keys.caller import Caller
+
+__all__ = [
+    "KEY_SPEC_GROUP_KEYRING",
+    "KEY_SPEC_PROCESS_KEYRING",
+    "KEY_SPEC_REQKEY_AUTH_KEY",
+    "KEY_SPEC_REQUESTOR_KEYRING",
+    "KEY_SPEC_SESSION_KEYRING",
+    "KEY_SPEC_THREAD_KEYRING",
+    "KEY_SPEC_USER_KEYRING",
+    "KEY_SPEC_USER_SESSION_KEYRING",
+    "SPECIAL_NAMES",
+    "Caller",
+    "SpecialKeyrings",
+    "boot_clock",
+]
 
 if TYPE_CHECKING:
     from keyfence.keys.key import Key
 
-KEY_SPEC_THREAD_KEYRING = -1
-KEY_SPEC_PROCESS_KEYRING = -2
-KEY_SPEC_SESSION_KEYRING = -3
-KEY_SPEC_USER_KEYRING = -4
-KEY_SPEC_USER_SESSION_KEYRING = -5
-KEY_SPEC_GROUP_KEYRING = -6
-KEY_SPEC_REQKEY_AUTH_KEY = -7
-KEY_SPEC_REQUESTOR_KEYRING = -8
 
 SPECIAL_NAMES = {
     "@t": KEY_SPEC_THREAD_KEYRING,
