@@ -22,25 +22,8 @@ import tempfile
 from pathlib import Path
 
 from keyfence.fs.crypto import MasterKey
+from keyfence.testing.memory import count_in_memory
 from keyfence.testing.mounting import Mount
-
-
-def hits(pid: int, needle: bytes) -> int:
-    count = 0
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            name = fields[5] if len(fields) > 5 else ""
-            if "r" not in fields[1] or name in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except (OSError, ValueError, OverflowError):
-                continue
-            count += data.count(needle)
-    return count
 
 
 def write(path: Path, marker: bytes, mib: int) -> None:
@@ -67,13 +50,13 @@ def main() -> None:
             os.setxattr(enc, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
             print(f"one copy of the file: {a.mib * (1 << 20) // 16:,} hits")
             write(enc / "f", marker, a.mib)
-            print(f"after the write (closed, written back): {hits(pid, marker):,}")
+            print(f"after the write (closed, written back): {count_in_memory(pid, marker):,}")
             m.clear()
-            print(f"after a fenced clear:                   {hits(pid, marker):,}")
+            print(f"after a fenced clear:                   {count_in_memory(pid, marker):,}")
             m.add_key(master)
             write(enc / "g", marker, a.mib)
             m.clear(emergency=True)
-            print(f"after an emergency clear (second file): {hits(pid, marker):,}")
+            print(f"after an emergency clear (second file): {count_in_memory(pid, marker):,}")
         finally:
             m.unmount()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.crypto import MasterKey
+from keyfence.testing.memory import addresses_in_memory
 from tests.fs.test_faults import (  # noqa: F401 - the daemon fixture
     BLOCK,
     Daemon,
@@ -32,28 +33,6 @@ from tests.fs.test_faults import (  # noqa: F401 - the daemon fixture
     unmount_quietly,
     wait_for,
 )
-
-
-def memory_hits(pid: int, needle: bytes) -> list[int]:
-    """Addresses in process ``pid``'s readable memory holding ``needle``."""
-    hits = []
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            name = fields[5] if len(fields) > 5 else ""
-            if "r" not in fields[1] or name in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except (OSError, ValueError, OverflowError):
-                continue
-            at = data.find(needle)
-            while at >= 0:
-                hits.append(start + at)
-                at = data.find(needle, at + 1)
-    return hits
 
 
 def add_logon_key(s: Session, directory: Path, key: bytes, tmp: Path) -> str:
@@ -120,8 +99,8 @@ def test_emergency_clear_wipes_at_once_and_reports_the_loss(
             start_writer(s, home, tmp_path, "em", files)
             assert daemon.process is not None
             # the control: the key is there to be found before
-            assert memory_hits(daemon.process.pid, key), "the search cannot find the key"
-            assert memory_hits(pid, key), "the search cannot find the worker's key"
+            assert addresses_in_memory(daemon.process.pid, key), "the search cannot find the key"
+            assert addresses_in_memory(pid, key), "the search cannot find the worker's key"
             out = s.ok("t=$(date +%s%N); kfctl clear --emergency @s; echo $(( $(date +%s%N) - t ))")
             took = int(out.split()[-1]) / 1e9
             print(f"kfctl clear --emergency (a whole kfctl process) returned in {took:.3f} s")
@@ -130,8 +109,8 @@ def test_emergency_clear_wipes_at_once_and_reports_the_loss(
             wait_for("the mount's report", lambda: dropped_report(mounts(daemon)) is not None, 10)
             assert dropped_report(mounts(daemon)) == {"home/a": files["a"], "home/b": files["b"]}
             # the key's bytes are gone from both processes
-            assert memory_hits(daemon.process.pid, key) == []
-            assert memory_hits(pid, key) == []
+            assert addresses_in_memory(daemon.process.pid, key) == []
+            assert addresses_in_memory(pid, key) == []
             # nothing of the plaintext through the mount: names, contents
             names = os.listdir(home)
             assert not set(names) & set(files), names

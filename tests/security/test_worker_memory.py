@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.crypto import MasterKey
+from keyfence.testing.memory import count_in_memory
 from keyfence.testing.mounting import Mount, fuse_available
 
 _why = fuse_available()
@@ -36,24 +37,6 @@ def mount(tmp_path: Path) -> Iterator[Mount]:
         assert code == 0, m.log()
 
 
-def marker_hits(pid: int, needle: bytes) -> int:
-    count = 0
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            name = fields[5] if len(fields) > 5 else ""
-            if "r" not in fields[1] or name in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except (OSError, ValueError, OverflowError):
-                continue
-            count += data.count(needle)
-    return count
-
-
 def test_written_plaintext_does_not_linger(mount: Mount) -> None:
     assert mount.proc is not None
     marker = os.urandom(16)
@@ -67,9 +50,9 @@ def test_written_plaintext_does_not_linger(mount: Mount) -> None:
         for _ in range(MIB):
             f.write(chunk)
     one_copy = MIB * (1 << 20) // len(marker)
-    after_write = marker_hits(mount.proc.pid, marker)
+    after_write = count_in_memory(mount.proc.pid, marker)
     mount.clear()
-    after_clear = marker_hits(mount.proc.pid, marker)
+    after_clear = count_in_memory(mount.proc.pid, marker)
     print(f"one copy {one_copy:,}, after the write {after_write:,}, after clear {after_clear:,}")
     assert after_write < one_copy // 2
     assert after_clear < one_copy // 2
