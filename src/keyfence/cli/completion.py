@@ -18,7 +18,6 @@ directories for paths, and mount points from ``keyfence status``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from keyfence.cli import manpages
@@ -267,14 +266,7 @@ def files() -> dict[str, str]:
 
 
 def write(directory: str) -> list[str]:
-    written = []
-    for name, text in files().items():
-        path = os.path.join(directory, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        written.append(path)
-    return written
+    return manpages.write_files(directory, files())
 
 
 def main(argv: list[str] | None = None) -> int:

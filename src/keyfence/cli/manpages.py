@@ -385,15 +385,21 @@ def pages() -> dict[str, str]:
     return {f"{name}.{section}": render(name) for name, section in ALL}
 
 
-def write(directory: str) -> list[str]:
-    os.makedirs(directory, exist_ok=True)
+def write_files(directory: str, files: dict[str, str]) -> list[str]:
+    """Write generated ``files`` (relative name -> text) under ``directory``;
+    the paths written."""
     written = []
-    for filename, text in pages().items():
-        path = os.path.join(directory, filename)
+    for name, text in files.items():
+        path = os.path.join(directory, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         written.append(path)
     return written
+
+
+def write(directory: str) -> list[str]:
+    return write_files(directory, pages())
 
 
 def main(argv: list[str] | None = None) -> int:
