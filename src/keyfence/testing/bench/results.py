@@ -1,5 +1,5 @@
-"""What every benchmark script shares: the source measured, the machine, and the
-common result schema (/work/notes/schema.md, also described in bench/suite.py).
+"""What every benchmark script (bench/) shares: the source measured, the machine,
+and the common result schema (bench/suite.py merges the reports).
 
 A report is ``{"bench", "date", "git", "quick", "machine", "results", "errors"}``;
 each result row is one (group, system) pair with its unit, direction, median,
@@ -18,7 +18,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import keyfence
+
+SOURCE = Path(keyfence.__file__).resolve().parents[2]
+"""The checkout whose keyfence is measured (the one imported: with
+``PYTHONPATH`` at another checkout's ``src``, that checkout)."""
 
 # Systems a ratio is taken against when present in the same group.
 REFERENCE_SYSTEMS = ("gocryptfs", "disk", "kernel", "keyctl", "sync")
@@ -28,7 +32,7 @@ def git_describe() -> str:
     """The source measured: commit, and "-dirty" if the work tree differs."""
     try:
         proc = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            ["git", "-C", str(SOURCE), "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
             check=False,
@@ -81,7 +85,7 @@ def _distro() -> str | None:
         return None
 
 
-def machine_info(path: str | Path = ROOT) -> dict[str, Any]:
+def machine_info(path: str | Path = SOURCE) -> dict[str, Any]:
     """What a reader needs to compare figures across machines; ``path`` names the
     directory whose file system the benchmark writes to."""
     fs = _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", str(path)])
@@ -168,7 +172,7 @@ def report(
     quick: bool,
     results: Sequence[dict[str, Any]],
     errors: Sequence[dict[str, Any]] = (),
-    machine_path: str | Path = ROOT,
+    machine_path: str | Path = SOURCE,
     **extra: Any,
 ) -> dict[str, Any]:
     """A whole report in the common schema; ratios are added where missing and

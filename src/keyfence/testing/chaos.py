@@ -22,7 +22,7 @@ At the end the writers stop, the mounts are unmounted, a fresh mount is
 made, a new session adds every key and reads every file: each record
 logged ``ok`` must be there, intact; any byte that is not part of an
 intact record is *garbled*.  Run as a module for the processes' roles:
-``python -m tests.fs.chaos {agent,writer,holder,verify} JSON``.
+``python -m keyfence.testing.chaos {agent,writer,holder,verify} JSON``.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-REPO = Path(__file__).resolve().parents[2]
+from keyfence.constants import KEY_SPEC_PROCESS_KEYRING
+from keyfence.testing.users import src_dir
+
 BIN = Path(sys.executable).parent
 MAGIC = b"KFR1"
 HEADER = struct.Struct("<4sIQI")
 TRAILER = 16
 MAX_RECORD = 64 << 10
-KEY_SPEC_PROCESS_KEYRING = -2
 CLEAR_ERRNOS = {errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED, errno.ENOENT}
 """What a writer may get from a locked directory: the key is not there
 (ENOKEY, or the kernel's words for a dead key), or the name is not there
@@ -270,7 +271,6 @@ class _Child:
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdin else subprocess.DEVNULL,
             text=True,
-            cwd=REPO,
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
@@ -288,7 +288,7 @@ class _Child:
 
 
 def _role_argv(role: str, spec: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "tests.fs.chaos", role, json.dumps(spec)]
+    return [sys.executable, "-m", "keyfence.testing.chaos", role, json.dumps(spec)]
 
 
 def agent_main(spec: dict[str, Any]) -> int:
@@ -374,7 +374,6 @@ class Agent:
         self.proc = subprocess.Popen(
             _role_argv("agent", {}),
             env=env,
-            cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -549,7 +548,7 @@ class Chaos:
             os.environ,
             KEYFENCE_SOCKET=str(self.sock),
             KEYFENCE_NO_AUTOSTART="1",
-            PYTHONPATH=str(REPO),
+            PYTHONPATH=str(src_dir()),  # the children import this keyfence
             PATH=f"{BIN}:{os.environ.get('PATH', '')}",
         )
         self.mounts: list[tuple[Path, Path]] = []
@@ -844,7 +843,6 @@ class Chaos:
         done = subprocess.run(
             _role_argv("verify", spec),
             env=self.env,
-            cwd=REPO,
             capture_output=True,
             text=True,
             check=False,
