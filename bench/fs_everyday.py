@@ -7,7 +7,7 @@ Usage (root, from the repository root)::
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
         [--tree full|small] [--sqlite-tx 10000] [--fio-mib 256] [--fio-io-mib 80]
 
-The peers are bench/fs_peers.py's, set up over the same disk as for
+The peers (keyfence.testing.bench.peers) are set up over the same disk as for
 bench/fs_compare.py (keyfence through its real daemon and worker with an
 e4crypt key in this run's session keyring).  One run of one system is the
 whole day, in order; the runs interleave the systems (run 1 of every

@@ -135,7 +135,7 @@ def _intact_at(data: bytes, pos: int) -> int:
 # ------------------------------------------------------------------ writer
 
 
-class _Log:
+class _WriterLog:
     """A writer's log: plain file, write(2) per line, fsync every 64."""
 
     def __init__(self, path: str) -> None:
@@ -158,7 +158,7 @@ def writer_main(spec: dict[str, Any]) -> int:
     rng = random.Random(spec["seed"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    log = _Log(spec["log"])
+    log = _WriterLog(spec["log"])
     seq, fd = 0, -1
     pause = float(spec.get("pause", 0.002))
     parent = os.getppid()

@@ -90,7 +90,7 @@ class Tree(Protocol):
     def counts_json(self) -> bytes: ...
 
 
-class Reply(Exception):
+class ErrorReply(Exception):
     """An error reply: the kernel's errno."""
 
     def __init__(self, err: int) -> None:
@@ -164,18 +164,18 @@ class Session:
     def entry(self, ino: int) -> bytes:
         return ENTRY_HEAD.pack(ino, 0, TIMEOUT_S, TIMEOUT_S, 0, 0) + self.attr(ino)
 
-    # -- handlers: (nodeid, body) -> reply payload, or raise Reply(errno)
+    # -- handlers: (nodeid, body) -> reply payload, or raise ErrorReply(errno)
 
     def lookup(self, nodeid: int, body: memoryview) -> bytes:
         name = bytes(body[: len(body) - 1])
         ino = self.tree.names.get(name) if nodeid == ROOT_INO else None
         if ino is None:
-            raise Reply(errno.ENOENT)
+            raise ErrorReply(errno.ENOENT)
         return self.entry(ino)
 
     def getattr(self, nodeid: int, body: memoryview) -> bytes:
         if nodeid not in self.tree.modes:
-            raise Reply(errno.ENOENT)
+            raise ErrorReply(errno.ENOENT)
         return ATTR_OUT_HEAD.pack(TIMEOUT_S, 0, 0) + self.attr(nodeid)
 
     def setattr(self, nodeid: int, body: memoryview) -> bytes:
@@ -190,7 +190,7 @@ class Session:
         try:
             ino = self.tree.create(name, mode)
         except OSError as err:
-            raise Reply(err.errno or errno.EIO) from None
+            raise ErrorReply(err.errno or errno.EIO) from None
         return self.entry(ino) + OPEN_OUT.pack(ino, 0, 0)
 
     def open(self, nodeid: int, body: memoryview) -> bytes:
@@ -205,12 +205,12 @@ class Session:
         (size, _) = GETXATTR_IN.unpack_from(body)
         name = bytes(body[GETXATTR_IN.size : len(body) - 1])
         if name != b"user.fuseloops.counts":
-            raise Reply(errno.ENODATA)
+            raise ErrorReply(errno.ENODATA)
         value = self.tree.counts_json()
         if size == 0:
             return GETXATTR_OUT.pack(len(value), 0)
         if size < len(value):
-            raise Reply(errno.ERANGE)
+            raise ErrorReply(errno.ERANGE)
         return value
 
     def statfs(self, nodeid: int, body: memoryview) -> bytes:
@@ -264,10 +264,10 @@ class Session:
                 handler = handlers.get(opcode)
                 try:
                     if handler is None:
-                        raise Reply(errno.ENOSYS)
+                        raise ErrorReply(errno.ENOSYS)
                     payload = handler(nodeid, view[IN_HEADER.size : length])
                     out = OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload
-                except Reply as err:
+                except ErrorReply as err:
                     out = OUT_HEADER.pack(OUT_HEADER.size, -err.errno, unique)
                 try:
                     os.write(fd, out)
