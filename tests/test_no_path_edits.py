@@ -1,4 +1,5 @@
-"""No ``sys.path`` edits in src/, bench/ or tests/ (issue 15).
+"""No ``sys.path`` edits in src/, bench/ or tests/, and no bench script
+imports another (issue 15).
 
 What tests and benchmarks share lives in the ``keyfence.testing`` package;
 bench/ scripts import only ``keyfence``, the standard library and third-party
@@ -9,6 +10,7 @@ this test fails on the first one, code strings for child processes included.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -52,3 +54,29 @@ def test_the_pattern_finds_each_kind_of_edit() -> None:
 
 def test_no_sys_path_edits() -> None:
     assert path_edits(ROOT) == []
+
+
+def sibling_imports(root: Path) -> list[str]:
+    """``file:line: module`` of every import in a bench/ script of another
+    script (Python finds those through the script's own directory, no edit
+    needed) or of ``tests``."""
+    bench = root / "bench"
+    scripts = {path.stem for path in bench.glob("*.py")}
+    found = []
+    for path in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                if top in scripts or top == "tests":
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {name}")
+    return found
+
+
+def test_bench_scripts_import_no_other_script() -> None:
+    assert sibling_imports(ROOT) == []
