@@ -1,7 +1,7 @@
 """The seed scenario through a real login and logout (PAM, pam_exec).
 
 A real account with a password; the PAM lines of docs/login.md in a test
-service; a login program on the real libpam (tests/login/pam_login.py, what
+service; a login program on the real libpam (keyfence/testing/pam_login.py, what
 su does, with our service name) and pamtester for the single steps.  The
 user writes in the encrypted home, leaves a file open and dirty in a
 process that outlives the login (as a tmux server would), logs out; logout
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
+from keyfence.testing.login import LoginSetup
 from keyfence.testing.users import as_uid, ensure_user, environment, keyfence_argv
-from tests.login.conftest import LoginSetup
 
 pytestmark = pytest.mark.slow
 
