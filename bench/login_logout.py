@@ -16,7 +16,11 @@ the user's encrypted home.  One run, for each size N and each set-up:
    home with the password, open_session gives the login its ``@s``);
 2. an "editor" started in the login (``setsid``: it outlives the shell, as
    a tmux server would) writes N MiB to a file in the home and keeps it
-   open, never closing it (a close(2) would write it back): N MiB dirty;
+   open, never closing it (a close(2) would write it back): N MiB dirty,
+   unless the mount's flusher wrote some back first (pages older than
+   ``--dirty-expire``, 5 s; files while dirty memory is above half of
+   ``--dirty-limit``, 64 MiB: docs/fs.md), so the bytes still dirty at
+   logout are reported too (``keyfence pam``'s log line);
 3. log out: the shell exits, ``close_session`` clears ``@s`` (through the
    fence, or, without it, wiping the key at once); timed as the PAM
    application waits for it, ``keyfence pam``'s start included;
@@ -138,7 +142,8 @@ def one_run(s: LoginSetup, source: Path, mib: int, tag: str) -> dict[str, float]
         logout = close_session_seconds(first.stderr)
         log = s.pam_log_text()
         cleared = re.search(r"session keyring cleared \(\d+ keys\) in ([0-9.]+) s", log)
-        if logout is None or cleared is None:
+        dirty = re.search(r"logout: ([0-9,]+) bytes to write back", log)
+        if logout is None or cleared is None or dirty is None:
             raise RuntimeError(f"no logout figures: {first.stderr.strip()} {log.strip()}")
     finally:
         if pid is not None:
@@ -150,6 +155,7 @@ def one_run(s: LoginSetup, source: Path, mib: int, tag: str) -> dict[str, float]
     return {
         "logout_s": logout,
         "clear_s": float(cleared.group(1)),
+        "dirty_bytes": float(dirty.group(1).replace(",", "")),
         "intact_bytes": float(words[0]),
         "size_bytes": float(words[1]),
     }
@@ -214,7 +220,7 @@ def report(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="8 MiB, one run")
-    p.add_argument("--sizes", help="MiB dirty at logout, comma-separated (8,24,64)")
+    p.add_argument("--sizes", help="MiB written before logout, comma-separated (8,24,64)")
     p.add_argument("--runs", type=int, help="runs per size and set-up (3)")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args()
@@ -257,7 +263,8 @@ def main() -> int:
                         continue
                     figures.setdefault((mib, system), []).append(got)
                     say(
-                        f"{system:9} {mib:3} MiB dirty, run {n + 1}: logout "
+                        f"{system:9} {mib:3} MiB written, run {n + 1}: "
+                        f"{int(got['dirty_bytes']):,} bytes dirty at logout; logout "
                         f"{got['logout_s']:.2f} s (clear @s {got['clear_s']:.2f} s); after a "
                         f"fresh login {int(got['intact_bytes']):,} of {mib << 20:,} bytes intact"
                     )
@@ -286,6 +293,15 @@ def main() -> int:
             )
             results.append(
                 row(
+                    f"login-dirty-{mib}MiB",
+                    system,
+                    "bytes",
+                    [g["dirty_bytes"] for g in got],
+                    False,
+                )
+            )
+            results.append(
+                row(
                     f"login-intact-{mib}MiB",
                     system,
                     "bytes",
@@ -302,16 +318,17 @@ def main() -> int:
         peer = medians.get((r["group"], "disk"))
         if peer and r["system"] != "disk" and r["median"] > 0:
             r["ratios"] = {"disk": peer / r["median"]}
-    say("\nmedians (N MiB dirty at logout):")
+    say("\nmedians (N MiB written, left open, then logout):")
     for mib in sizes:
         line = [f"{mib:3} MiB:"]
         for system, _fenced in SYSTEMS:
             logout = medians.get((f"login-logout-{mib}MiB", system))
+            dirty = medians.get((f"login-dirty-{mib}MiB", system))
             intact = medians.get((f"login-intact-{mib}MiB", system))
-            if logout is not None and intact is not None:
-                written = mib << 20
+            if logout is not None and intact is not None and dirty is not None:
                 line.append(
-                    f"{system} logout {logout:.2f} s, {int(intact):,} of {written:,} intact;"
+                    f"{system}: {int(dirty):,} dirty, logout {logout:.2f} s, "
+                    f"{int(intact):,}/{mib << 20:,} intact;"
                 )
         if (f"login-logout-{mib}MiB", "disk") in medians:
             line.append(f"disk write+fsync {medians[(f'login-logout-{mib}MiB', 'disk')]:.2f} s")
