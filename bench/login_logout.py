@@ -6,13 +6,14 @@ Usage (root, from the repository root)::
     .venv/bin/python bench/login_logout.py [--quick] [--sizes 8,24,64] [--runs 3]
                                            [--json PATH]
 
-A real account (``login1``, uid 61301, with a password), the PAM lines of
-docs/login.md in a service of our own, and two set-ups side by side
-(keyfence.testing.login): a daemon with the fence and one without it
+Two real-login set-ups side by side (keyfence.testing.login, the set-up of
+``keyfence demo --login``): a daemon with the fence and one without it
 (keyfence.cli.demo_mount's switch, the only one), each with a mount holding
-the user's encrypted home.  One run, for each size N and each set-up:
+the encrypted home of an account with a password (``login1``, uid 61301;
+``login2``, uid 61302; made for the run and removed after it), and the PAM
+lines of docs/login.md in a service of our own.  One run, for each size N and each set-up:
 
-1. log in through libpam (keyfence/testing/pam_login.py: auth unlocks the
+1. log in through libpam (keyfence/cli/pam_login.py: auth unlocks the
    home with the password, open_session gives the login its ``@s``);
 2. an "editor" started in the login (``setsid``: it outlives the shell, as
    a tmux server would) writes N MiB to a file in the home and keeps it
@@ -45,7 +46,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,28 +53,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keyfence.testing.login import LoginSetup, close_session_seconds, login_setup, why_no_login
+from keyfence.testing.login import (
+    LoginSetup,
+    close_session_seconds,
+    editor_command,
+    kill_editor,
+    login_setup,
+    why_no_login,
+)
 
-USER, UID = "login1", 61301
-PASSWORD = "login1-bench-password"
-BLOCK = 4096
+PASSWORD = "login-bench-password"
 SYSTEMS = (("keyfence", True), ("no-fence", False))
-
-EDITOR = """
-import os, sys, time
-source, target, pidfile = sys.argv[1:4]
-fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-with open(source, "rb") as f:
-    while chunk := f.read(1 << 20):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-with open(pidfile + ".tmp", "w") as f:
-    f.write(str(os.getpid()))
-os.rename(pidfile + ".tmp", pidfile)
-time.sleep(3600)
-"""
-"""Writes N MiB and keeps the file open (dirty) until killed."""
+ACCOUNTS = {"keyfence": ("login1", 61301), "no-fence": ("login2", 61302)}
+"""One account per set-up (made for the run, removed after it)."""
 
 CHECK = """
 import os, sys
@@ -106,36 +97,12 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def _editor_pid(pidfile: Path) -> int | None:
-    try:
-        return int(pidfile.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        # a zombie of init's: gone for our purpose once it is not running
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-                return
-        time.sleep(0.05)
-
-
 def one_run(s: LoginSetup, source: Path, mib: int, tag: str) -> dict[str, float]:
     """Login, N MiB dirty in an open file, logout, fresh login: the figures."""
     target = s.home / f"edit-{tag}.bin"
     pidfile = s.user_tmp / f"editor-{tag}.pid"
     s.pam_log.write_text("")
-    first = s.login(
-        f"setsid /usr/bin/python3 -c '{EDITOR}' {source} {target} {pidfile} "
-        "</dev/null >/dev/null 2>&1 &\n"
-        f"for _ in $(seq 2400); do [ -s {pidfile} ] && exit 0; sleep 0.05; done; exit 1"
-    )
-    pid = _editor_pid(pidfile)
+    first = s.login(editor_command(source, target, pidfile))
     try:
         if first.returncode:
             raise RuntimeError(f"login failed ({first.returncode}): {first.stderr.strip()}")
@@ -146,8 +113,7 @@ def one_run(s: LoginSetup, source: Path, mib: int, tag: str) -> dict[str, float]
         if logout is None or cleared is None or dirty is None:
             raise RuntimeError(f"no logout figures: {first.stderr.strip()} {log.strip()}")
     finally:
-        if pid is not None:
-            _kill(pid)
+        kill_editor(pidfile)
     second = s.login(f"/usr/bin/python3 -c '{CHECK}' {source} {target}")
     words = second.stdout.split()
     if second.returncode or len(words) < 3:
@@ -239,7 +205,13 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         setups = {
             system: stack.enter_context(
-                login_setup(USER, PASSWORD, uid=UID, fenced=fenced, service_prefix="login-bench")
+                login_setup(
+                    ACCOUNTS[system][0],
+                    PASSWORD,
+                    uid=ACCOUNTS[system][1],
+                    fenced=fenced,
+                    service_prefix="login-bench",
+                )
             )
             for system, fenced in SYSTEMS
         }
@@ -273,7 +245,7 @@ def main() -> int:
                 say(f"{'disk':9} {mib:3} MiB write + fsync, run {n + 1}: {took:.2f} s")
     results: list[dict[str, Any]] = []
     for mib in sizes:
-        params = {"dirty_mib": mib, "user": USER}
+        params = {"dirty_mib": mib}
         for system, _fenced in SYSTEMS:
             got = figures.get((mib, system))
             if not got:

@@ -19,7 +19,7 @@ logout as a user waits for it, keyfence pam's start included).
 Single-threaded, as session_to_parent wants its target.
 
 Imports nothing of keyfence: it runs under the system interpreter, by path
-(:data:`keyfence.testing.login.PAM_LOGIN`).
+(:data:`keyfence.cli.demo_login.PAM_LOGIN`).
 """
 
 from __future__ import annotations
