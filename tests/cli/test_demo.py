@@ -101,7 +101,7 @@ def test_login_demo_through_pam_loses_nothing_at_logout() -> None:
     done = login_demo(user="login3", uid=61303)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    assert "login 1, auth + open_session: login3: " in out and "unlocked (key" in out
+    assert "auth + open_session: login3: " in out and "unlocked (key" in out
     assert "logout: close_session cleared @s in" in out and "(25,165,824 bytes were dirty)" in out
     assert "incompletely locked, still open: home/login3/big_file" in out
     assert "between the logins: Unlocked: Partially (incompletely locked)" in out

@@ -371,6 +371,7 @@ def run(*, fenced: bool = True, user: str | None = None, uid: int | None = None)
 
     name = user or f"kfdemo-{os.urandom(3).hex()}"
     password = "demo-" + os.urandom(9).hex()
+    step(f"setting up: a daemon, a mount, the account {name} and a PAM service")
     with login_setup(name, password, uid=uid, fenced=fenced) as s:
         step(
             f"daemon (pid {s.daemon.pid}{'' if fenced else ', WITHOUT THE FENCE'}), "
@@ -386,6 +387,7 @@ def run(*, fenced: bool = True, user: str | None = None, uid: int | None = None)
         source.write_bytes(big)
         source.chmod(0o644)
         pidfile = s.user_tmp / "editor.pid"
+        step(f"login 1 as {name} with the password, through libpam ({PAM_LOGIN.name})")
         first = s.login(
             f"cd {s.home}\necho test > my_file\n"
             + editor_command(source, s.home / "big_file", pidfile)
@@ -397,7 +399,7 @@ def run(*, fenced: bool = True, user: str | None = None, uid: int | None = None)
                 return 1
             for line in log.splitlines():
                 if line.startswith("keyfence pam: ") and "unlocked (key" in line:
-                    step(f"login 1, auth + open_session: {line.removeprefix('keyfence pam: ')}")
+                    step(f"auth + open_session: {line.removeprefix('keyfence pam: ')}")
             step(
                 f"the user wrote my_file (closed) and an editor keeps big_file open "
                 f"({BIG_MIB} MiB, its pages dirty in the mount); the shell exits"
