@@ -106,18 +106,14 @@ def keyfence_argv(*args: str) -> list[str]:
     return python_argv("-m", "keyfence.cli.main", *args)
 
 
-def ensure_user(
-    name: str, *, password: str | None = None, home: bool = True, uid: int | None = None
-) -> pwd.struct_passwd:
-    """A real account ``name`` (made with useradd if missing, with ``uid``
-    when given: an engineer's own range), its password set when given.
-    Root only."""
+def ensure_user(name: str, *, password: str | None = None, home: bool = True) -> pwd.struct_passwd:
+    """A real account ``name`` (made with useradd if missing), its password
+    set when given.  Root only."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
         argv = ["useradd", "--user-group", "--shell", "/bin/bash"]
         argv += ["--create-home"] if home else ["--no-create-home"]
-        argv += ["--uid", str(uid)] if uid is not None else []
         subprocess.run([*argv, name], check=True, capture_output=True)
         entry = pwd.getpwnam(name)
     if password is not None:
