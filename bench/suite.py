@@ -96,6 +96,12 @@ BENCHES = (
     Bench("fs-everyday", "fs_everyday.py", 3600, "tar, find, grep, git, rm, sqlite, fio vs peers"),
     Bench("fuse-loops", "fuse_loops.py", 900, "FUSE request loops' ceiling: pyfuse3 vs others"),
     Bench("fs-emergency", "fs_emergency.py", 1800, "emergency removal with dirty data"),
+    Bench(
+        "login-logout",
+        "login_logout.py",
+        1800,
+        "logout through a real PAM login, N MiB dirty, with and without the fence",
+    ),
     Bench("soak", "soak.py", 3600, "long run: throughput and memory over time"),
 )
 

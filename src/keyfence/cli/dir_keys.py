@@ -183,12 +183,15 @@ def cmd_lock(args: argparse.Namespace) -> int:
         return 1
     status = status_of(path)
     if status.get("state") != "unlocked":
-        if status.get("busy_files"):
-            return _incompletely_locked(path, status)
         # the mount binds a key on first use: one added since but not yet
         # used leaves the directory locked while the key waits in our
         # keyrings, and would unlock it at the next access; remove it too
-        if not _remove_own_key(ref, args):
+        # (also when files are still open from an earlier lock)
+        removed = _remove_own_key(ref, args)
+        status = status_of(path) if removed else status
+        if status.get("busy_files"):
+            return _incompletely_locked(path, status)
+        if not removed:
             print(f"Error: directory {path} is already locked.", file=sys.stderr)
             return 1
         print(f"{path}: locked")

@@ -13,8 +13,13 @@ Run as root: ``python3 pam_login.py SERVICE USER COMMAND`` with the
 password in ``$PAM_LOGIN_PASSWORD`` (removed from the environment before
 anything else runs); with ``$PAM_LOGIN_NEW_PASSWORD`` the password is
 changed (pam_chauthtok) after the command, before the session closes.
-Exit status: the command's, or 90 + the PAM step that failed.
+Exit status: the command's, or 90 + the PAM step that failed.  The last
+line on standard error is ``pam_login: close_session took S s`` (the
+logout as a user waits for it, keyfence pam's start included).
 Single-threaded, as session_to_parent wants its target.
+
+Imports nothing of keyfence: it runs under the system interpreter, by path
+(:data:`keyfence.cli.demo_login.PAM_LOGIN`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import ctypes.util
 import os
 import pwd
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
 PAM_ESTABLISH_CRED, PAM_DELETE_CRED = 0x2, 0x4
@@ -61,8 +69,7 @@ def main() -> int:
     libpam = ctypes.CDLL(ctypes.util.find_library("pam"))
     handle = ctypes.c_void_p()
 
-    @CONV
-    def conv(n, messages, responses, _data):  # type: ignore[no-untyped-def]
+    def conversation(n: int, messages: Any, responses: Any, _data: Any) -> int:
         array = libc.calloc(n, ctypes.sizeof(PamResponse))
         responses[0] = ctypes.cast(array, ctypes.POINTER(PamResponse))
         for i in range(n):
@@ -77,12 +84,13 @@ def main() -> int:
                 print(f"pam_login: {text}", file=sys.stderr, flush=True)
         return 0
 
+    conv = CONV(conversation)
     pamconv = PamConv(conv, None)
     if libpam.pam_start(
         service.encode(), user.encode(), ctypes.byref(pamconv), ctypes.byref(handle)
     ):
         return 90
-    steps = [
+    steps: list[tuple[str, Callable[[], int]]] = [
         ("authenticate", lambda: libpam.pam_authenticate(handle, 0)),
         ("acct_mgmt", lambda: libpam.pam_acct_mgmt(handle, 0)),
         ("setcred", lambda: libpam.pam_setcred(handle, PAM_ESTABLISH_CRED)),
@@ -115,11 +123,14 @@ def main() -> int:
         if code:
             print(f"pam_login: pam_chauthtok failed ({code})", file=sys.stderr, flush=True)
             return 95
+    start = time.monotonic()
     code = libpam.pam_close_session(handle, 0)
+    took = time.monotonic() - start
     if code:
         print(f"pam_login: pam_close_session failed ({code})", file=sys.stderr, flush=True)
     libpam.pam_setcred(handle, PAM_DELETE_CRED)
     libpam.pam_end(handle, 0)
+    print(f"pam_login: close_session took {took:.3f} s", file=sys.stderr, flush=True)
     return os.waitstatus_to_exitcode(status)
 
 
