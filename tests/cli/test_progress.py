@@ -84,7 +84,7 @@ def test_a_live_line_with_a_bar_erased_when_done(monkeypatch: pytest.MonkeyPatch
         f"{bar(0.75)} keyfence lock: waiting 0.5s for 1 key user, 1.0 MiB left: "
         "fs /m (key 7, 1.0 MiB left, flushing)",
     ]
-    assert bar(0.75) == "[" + "#" * 15 + "-" * 5 + "]  75%"
+    assert bar(0.75) == "[" + "#" * 7 + "-" * 3 + "]  75%"
 
 
 def test_a_mounts_own_write_back_is_named_not_counted() -> None:

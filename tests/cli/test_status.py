@@ -208,7 +208,7 @@ def test_status_of_a_mount_and_of_a_directory(
         assert lines[3] == (
             "Options:  contents:AES-256-GCM-4K filenames:AES-SIV-B64URL policy_version:1"
         ) or lines[3].startswith("Options:  padding:")
-        assert "Unlocked: Yes" in lines
+        assert "Unlocked: Yes" in lines and "Open:     1 file" in lines
         code, info = status_json(daemon, str(home))
         assert code == 0
         assert info["unlocked"] == "Yes" and info["state"] == "unlocked"

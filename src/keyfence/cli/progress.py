@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
 ERASE = "\r\x1b[K"
-BAR_WIDTH = 20
+BAR_WIDTH = 10
 REDRAW_EVERY = 0.1
 """Seconds between two redraws of the live line."""
 PLAIN_EVERY = 1.0
@@ -102,7 +102,8 @@ def progress_text(prog: str, command: str, snapshot: Snapshot) -> str:
 
 
 def bar(done: float) -> str:
-    """``[########------------]  40%`` for ``done`` = 0.4."""
+    """``[####------]  40%`` for ``done`` = 0.4 (short: an 80-column line
+    still shows who is waiting and how much is left after it)."""
     done = min(1.0, max(0.0, done))
     filled = int(done * BAR_WIDTH)
     return f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {int(done * 100):3d}%"

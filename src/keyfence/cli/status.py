@@ -247,7 +247,7 @@ def print_dir_status(path: str, as_json: bool) -> int:
         if code == errno.ENOTTY:
             return _fail(path, f'"{path}" is not on a keyfence mount', as_json)
         return _fail(path, f"{path}: {err.strerror or os.strerror(code)}", as_json)
-    except (ValueError, KeyfenceError) as err:
+    except (ValueError, TypeError, KeyfenceError) as err:  # a status the mount garbled
         return _fail(path, f"{path}: {err}", as_json)
     if not info["encrypted"]:
         # fscrypt: 'file or directory "X" is not encrypted', exit 1
@@ -264,6 +264,8 @@ def print_dir_status(path: str, as_json: bool) -> int:
     if info["serial"] is not None:
         print(f"Key:      {info['serial']}")
     print(f"Dirty:    {info['dirty_bytes']:,} bytes")
+    opened = info["open_files"]
+    print(f"Open:     {opened} file{'s' if opened != 1 else ''}")
     if info["busy_files"]:
         print()
         print("Still open (incompletely locked):")

@@ -51,6 +51,10 @@ INTERVAL = 0.5
 """Seconds between two looks at the figures (a report only if they changed)."""
 DIRS_EVERY = 5.0
 """Seconds between two scans of the inode table when its size is unchanged."""
+DIRS_SHARE = 50
+"""After a scan that took T seconds, the next waits at least this many T
+(and a second): the scan runs on the FUSE loop's thread, and a table of a
+million inodes must not cost a busy mount more than 2% of it."""
 MAX_LISTED = 256
 """Keys and encrypted directories listed at most (the counts stay exact)."""
 
@@ -120,6 +124,7 @@ class StatsReporter:
         self._last: dict[str, Any] | None = None
         self._dirs: tuple[int, list[dict[str, Any]]] = (0, [])
         self._dirs_at = -DIRS_EVERY
+        self._dirs_next = 0.0
         self._table_size = -1
 
     def start(self) -> None:
@@ -142,10 +147,13 @@ class StatsReporter:
         token = ops.trio_token
         now = time.monotonic()
         size = len(ops.table) if not ops.closed else self._table_size
-        if token is not None and (size != self._table_size or now - self._dirs_at >= DIRS_EVERY):
+        due = now >= self._dirs_next and size != self._table_size
+        if token is not None and (due or now - self._dirs_at >= DIRS_EVERY):
             with contextlib.suppress(trio.RunFinishedError, RuntimeError):
                 self._dirs = trio.from_thread.run_sync(encrypted_dirs, ops, trio_token=token)
+                took = time.monotonic() - now
                 self._dirs_at, self._table_size = now, size
+                self._dirs_next = now + max(1.0, DIRS_SHARE * took)
         count, dirs = self._dirs
         return {
             "phase": "serving" if ops.mounted else "written back" if ops.closed else "writing back",
