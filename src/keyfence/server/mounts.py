@@ -68,8 +68,6 @@ class Mount:
     """key description ("" for the whole list) -> files open when it went."""
     stats: dict[str, Any] = field(default_factory=dict)
     """The worker's last ``stats`` report (server/mount_status.py)."""
-    stats_at: float = 0.0
-    """When it came (time.monotonic())."""
     dropped: list[dict[str, Any]] = field(default_factory=list)
     stderr_path: str = ""
     owner_gid: int = 0
@@ -220,22 +218,31 @@ def _tell_unmount_progress(
             progress(RemovalProgress("umount", 0, 0, pending, time.monotonic() - start))
 
 
+UNMOUNT_WAIT_MAX = 3600.0
+"""However well a worker says it is doing, an unmount waits no longer."""
+
+
 def _wait_for_write_back(mount: Mount, timeout: float) -> None:
-    """Until the worker exits; ETIMEDOUT after ``timeout`` s without a change
-    in what it reports (a slow disk that keeps writing is waited for)."""
-    last = (mount.stats_at, mount.stats.get("dirty_bytes"))
-    quiet_since = time.monotonic()
+    """Until the worker exits; ETIMEDOUT after ``timeout`` s in which what
+    it reports (bytes left, phase) did not change -- a slow disk that keeps
+    writing is waited for -- and after :data:`UNMOUNT_WAIT_MAX` in any case
+    (a worker is its user's: its reports cannot hold root's unmount)."""
+    figures = ("dirty_bytes", "phase")
+    last = [mount.stats.get(name) for name in figures]
+    start = quiet_since = time.monotonic()
     while True:
         try:
             mount.process.wait(0.25)
             return
         except subprocess.TimeoutExpired:
             pass
-        now = (mount.stats_at, mount.stats.get("dirty_bytes"))
+        now = [mount.stats.get(name) for name in figures]
         if now != last:
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since > timeout:
             raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing")
+        if time.monotonic() - start > UNMOUNT_WAIT_MAX:
+            raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing after an hour")
 
 
 class MountSupervisor:
@@ -513,7 +520,6 @@ class MountSupervisor:
             mount.busy = mount_status.busy_update(mount.busy, detail)
         elif event == "stats":
             mount.stats = mount_status.clean_stats(detail)
-            mount.stats_at = time.monotonic()
         elif event == "readahead" and isinstance(detail, dict):
             self._set_readahead(mount, detail.get("device"), detail.get("kb"))
         elif event == "dropped":
