@@ -227,6 +227,18 @@ def test_status_of_a_mount_and_of_a_directory(
         done = session_sh(daemon, f"keyfence status {mnt}/missing")
         assert done.returncode == 1 and "No such file or directory" in done.stderr
         assert "Traceback" not in done.stderr
+        done = session_sh(daemon, "keyfence status ''")
+        assert (done.returncode, done.stderr) == (
+            1,
+            "keyfence status: : No such file or directory\n",
+        )
+        odd = os.fsdecode(os.fsencode(plain) + b"/\xff")  # a name that is not UTF-8
+        os.mkdir(odd)
+        done = session_sh(daemon, "keyfence status \"$(printf '%s/\\377' " + str(plain) + ')"')
+        assert done.returncode == 1, done.stderr
+        assert (
+            done.stderr == f'keyfence status: file or directory "{plain}/\\xff" is not encrypted\n'
+        )
     finally:
         holder.end()
 

@@ -38,11 +38,11 @@ UNLOCKED = {
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.path and _inside_a_mount(args.path):  # the mount answers; no daemon needed
-        return print_dir_status(args.path, args.json)
+    if args.path == "" or (args.path and _inside_a_mount(args.path)):
+        return print_dir_status(args.path, args.json)  # the mount answers, not the daemon
     with Client.connect() as client:
         mounts = client.mounts()
-    if not args.path:
+    if args.path is None:
         return _print_mounts(mounts, args.json)
     real = os.path.realpath(args.path)
     for mount in mounts:
@@ -215,7 +215,7 @@ def dir_status(path: str) -> dict[str, Any]:
         serial=status.get("serial") if isinstance(status.get("serial"), int) else None,
         dirty_bytes=int(status.get("dirty_bytes") or 0),
         open_files=int(status.get("open_files") or 0),
-        busy_files=[str(n) for n in status.get("busy_files") or ()],
+        busy_files=[shown(str(n)) for n in status.get("busy_files") or ()],
     )
     protectors: list[dict[str, Any]] = []
     where = None
@@ -238,10 +238,17 @@ def _options_line(options: dict[str, Any]) -> str:
     return " ".join(f"{name}:{options[name]}" for name in order if name in options)
 
 
-def print_dir_status(path: str, as_json: bool) -> int:
+def shown(path: str) -> str:
+    """A path as it can be printed (a name that is not UTF-8: escaped)."""
+    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def print_dir_status(given: str, as_json: bool) -> int:
     """fscrypt status DIR, keyfence's way."""
+    path = shown(given)
     try:
-        info = dir_status(path)
+        info = dir_status(given)
+        info["path"] = path
     except OSError as err:
         code = err.errno or errno.EIO
         if code == errno.ENOTTY:
