@@ -233,7 +233,7 @@ def run(*, user: str = "alice", fenced: bool = True) -> int:
                     for name, nbytes in sorted(drop.get("files", {}).items()):
                         step(f"the mount could not encrypt it and dropped {name}: {nbytes:,} bytes")
                 for m in _mount_reports(sock):
-                    for name in sorted((m.get("busy") or {}).get("files") or ()):
+                    for name in m.get("busy_files") or ():  # keyfence status --json's
                         step(f"still open at logout (incompletely locked): {name}")
                 names = sorted(os.listdir(home))
                 step(f"locked: {home} now lists {names}")

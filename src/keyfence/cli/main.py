@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from keyfence.cli import fs_commands
 
     fs_commands.add_parsers(sub)
+    from keyfence.cli import status
+
+    status.add_parser(sub)
     from keyfence.cli import login, pam
 
     login.add_parser(sub)

@@ -68,6 +68,7 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.keysource import GoingAway, KeySource
+from keyfence.fs.mount_stats import policy_options
 from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
@@ -1349,6 +1350,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if policy is not None:
             binding = self.keys.get(policy.key)
             out["key"] = policy.key.description
+            out["options"] = policy_options(policy)
             out["state"] = "unlocked" if binding is not None else "locked"
             if binding is not None:
                 out["serial"] = binding.serial

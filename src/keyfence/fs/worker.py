@@ -52,6 +52,7 @@ import pyfuse3
 import trio
 
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
+from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
 
@@ -316,8 +317,10 @@ def run(
         allow_other = os.geteuid() == 0
     pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))
     unmounted = False
+    stats = StatsReporter(ops, source.report)
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
+        stats.start()
         log.info("serving as uid %d", os.geteuid())
         trio.run(_serve, ops, max_tasks, ready_fd, readahead_kb)
     except BaseException:
@@ -325,6 +328,7 @@ def run(
         raise
     finally:
         ops.close()
+        stats.stop()  # after the final write-back: status shows nothing dirty
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
             unmounted = True
