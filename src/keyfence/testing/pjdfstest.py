@@ -180,7 +180,7 @@ def run(
         targets = [str(where / "tests" / t) for t in tests] or [str(where / "tests")]
         started = time.monotonic()
         done = subprocess.run(
-            [*prefix, "prove", "-r", "-v", *targets],
+            [*prefix, "prove", "-r", "-v", "--timer", *targets],
             cwd=directory,
             env=dict(os.environ if env is None else env, PJDFSTEST_FS=fs),
             start_new_session=True,
