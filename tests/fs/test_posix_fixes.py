@@ -4,6 +4,8 @@ keys, as tests/fs/test_mount.py."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -99,3 +101,19 @@ def test_replaced_directory_leaves_nothing_in_the_backing_store(enc_dir: Path) -
     assert len(after) == len(before) - 1  # one encrypted name less, nothing set aside
     assert POLICY_FILE_NAME in after
     assert os.listdir(enc_dir) == ["dst"]
+
+
+def test_noreplace_and_exchange_of_empty_encrypted_directories(enc_dir: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(old: Path, new: Path, flags: int) -> int:
+        r = libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags)
+        return 0 if r == 0 else ctypes.get_errno()
+
+    (enc_dir / "a").mkdir()
+    (enc_dir / "b").mkdir()
+    (enc_dir / "a" / "mark").write_bytes(b"a")
+    assert renameat2(enc_dir / "a", enc_dir / "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert renameat2(enc_dir / "a", enc_dir / "b", 2) == 0  # RENAME_EXCHANGE
+    assert (enc_dir / "b" / "mark").read_bytes() == b"a"
+    assert os.listdir(enc_dir / "a") == []

@@ -947,7 +947,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             # an empty encrypted directory still holds its policy: set it
             # aside, or the backing rename over it is ENOTEMPTY
             aside = None
-            if replaced is not None and not exchange and stat.S_ISDIR(st.st_mode):
+            if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
                 aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
             try:
                 self._write_sidecar(nd_fd, new_enc)
