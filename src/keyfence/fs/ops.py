@@ -945,8 +945,20 @@ class KeyfenceOperations(pyfuse3.Operations):
         ):
             self._move_symlink(od, nd, od_master, nd_master, old_disk, new_enc, flags)
         else:
-            self._write_sidecar(nd_fd, new_enc)
-            sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
+            # an empty encrypted directory still holds its policy: set it
+            # aside, or the backing rename over it is ENOTEMPTY
+            aside = None
+            if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
+                aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
+            try:
+                self._write_sidecar(nd_fd, new_enc)
+                sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
+            except BaseException:
+                if aside is not None:
+                    sc.rename_at(nd_fd, aside, nd_fd, new_disk, RENAME_NOREPLACE)
+                raise
+            if aside is not None:
+                _remove_encrypted_dir(nd_fd, aside)
             if not exchange and (od.ino, old_disk) != (nd.ino, new_disk):
                 self._remove_sidecar(od_fd, old_disk)
         if exchange:
@@ -1601,6 +1613,38 @@ def _write_protectors(d_fd: int, value: bytes) -> None:
     sc.fsync_dir(d_fd)
 
 
+def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None:
+    """A rename is about to replace the directory ``disk``: if it is an
+    empty encrypted one (only its policy and records left), rename it to a
+    temporary name (never listed) and return that; None if it has no
+    policy (the backing rename decides); ENOTEMPTY if it holds entries."""
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    fd = sc.open_dir(d_fd, disk, os.O_PATH)
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:
+            raise _err(errno.ESTALE)
+        names = sc.listdir_fd(fd)
+    finally:
+        os.close(fd)
+    if POLICY_FILE_NAME not in names:
+        return None
+    if not all(_is_record_name(n) for n in names):
+        raise _err(errno.ENOTEMPTY)
+    aside = _TEMP_PREFIX + secrets.token_hex(8)
+    sc.rename_at(d_fd, disk, d_fd, aside, RENAME_NOREPLACE)
+    return aside
+
+
+def _is_record_name(name: str) -> bool:
+    """A backing name an empty encrypted directory may hold."""
+    return (
+        name in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
+        or is_sidecar_name(name)
+        or name.startswith(_TEMP_PREFIX)
+    )
+
+
 def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
     """rmdir, where an encrypted directory may hold only its policy and
     stale long-name sidecars (ENOTEMPTY otherwise)."""
@@ -1610,14 +1654,7 @@ def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
         if POLICY_FILE_NAME not in names:
             sc.rmdir_at(d_fd, disk)
             return
-        if any(
-            not (
-                n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
-                or is_sidecar_name(n)
-                or n.startswith(_TEMP_PREFIX)
-            )
-            for n in names
-        ):
+        if not all(_is_record_name(n) for n in names):
             raise _err(errno.ENOTEMPTY)
         for n in names:
             if n != POLICY_FILE_NAME:

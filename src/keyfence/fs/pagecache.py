@@ -633,6 +633,8 @@ class PageCache:
                 f.size = 0
                 f.dirty_since = None
                 f.mtime_ns = None
+                if old:
+                    _touch(f.fd)
                 return
             if f.header_error is not None:
                 raise f.header_error
@@ -654,6 +656,8 @@ class PageCache:
                     self._dirty_page_locked(f, old // PAGE_SIZE)
                 f.size = size
             f.mtime_ns = None
+            if size != old:
+                _touch(f.fd)
             if f.pages or f.disk_size < backing_size(f.size):
                 self._mark_dirty_locked(f)
 
@@ -1177,3 +1181,11 @@ class Flusher:
             except Exception:  # keep the flusher alive; the error was logged
                 log.exception("background write-back failed")
                 time.sleep(interval)
+
+
+def _touch(fd: int) -> None:
+    """A size change is a change now (POSIX truncate: ctime and mtime), even
+    where the backing file itself changes only at write-back.  Best effort:
+    the size change stands without it."""
+    with contextlib.suppress(OSError):
+        set_mtime_ns(fd, time.time_ns())
