@@ -125,7 +125,7 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]
         except OSError as err:
             code = err.errno or errno.EIO
             if code == errno.EIO and not isinstance(err, IntegrityError):
-                log.error("%s: %s", fn.__name__, err)
+                log.error("%s: %s", fn.__name__, err.strerror or os.strerror(code))  # no name
             raise FUSEError(code) from None
         except FormatError as err:
             log.error("%s: %s", fn.__name__, err)
@@ -202,7 +202,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             dirty_limit=self.options.dirty_limit,
             expire=self.options.dirty_expire,
             chunk_pages=self.options.chunk_pages,
-            label_of=self.label_of,
+            label_of=self.log_label,
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
@@ -284,6 +284,15 @@ class KeyfenceOperations(pyfuse3.Operations):
             ino = parent
         return "/".join(reversed(parts))
 
+    def log_label(self, ino: int) -> str:
+        """How a log line names a file: by inode number, never by name
+        (logs outlive a lock); the plaintext path only at debug level
+        (``-o debug``, root's mounts only).  Reports to the mount's owner
+        (busy, dropped files) name files with :meth:`label_of`."""
+        if log.isEnabledFor(logging.DEBUG):
+            return f"inode {ino} ({self.label_of(ino)})"
+        return f"inode {ino}"
+
     def _dir(self, ino: int) -> Inode:
         inode = self.table.get(ino)
         if not inode.is_dir:
@@ -331,14 +340,14 @@ class KeyfenceOperations(pyfuse3.Operations):
         if is_long_name(disk):
             sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
             if sidecar is None:
-                log.error("%s/%s: long name without its sidecar", self.label_of(d.ino), disk)
+                log.error("%s/%s: long name without its sidecar", self.log_label(d.ino), disk)
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
         except FormatError:
             return None
         except IntegrityError as err:
-            log.error("%s/%s: %s", self.label_of(d.ino), disk, err.strerror)
+            log.error("%s/%s: %s", self.log_label(d.ino), disk, err.strerror)  # disk: ciphertext
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
@@ -443,7 +452,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         fd, st = sc.open_regular(d_fd, name, flags)
         if self.table.fuse_ino(st.st_ino) != node.ino:
             os.close(fd)
-            log.warning("%s: backing entry was replaced", self.label_of(node.ino))
+            log.warning("%s: backing entry was replaced", self.log_label(node.ino))
             raise _err(errno.ESTALE)
         return fd, st
 
@@ -683,7 +692,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         try:
             return FileNameT(self._cipher(parent, master).decrypt_symlink(raw))
         except IntegrityError as err:
-            log.error("%s: %s", self.label_of(node.ino), err.strerror)
+            log.error("%s: %s", self.log_label(node.ino), err.strerror)
             raise
 
     @fuse_op
@@ -1130,7 +1139,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if h.cached.master is not None:
                 await self._write_back(h.cached)
         except OSError as err:
-            log.error("write-back of %s on close failed: %s", self.label_of(h.ino), err)
+            log.error("write-back of %s on close failed: %s", self.log_label(h.ino), err)
         finally:
             self.cache.release(h.cached)
         if h.ino in self._busy_names and h.cached.users <= 0:
@@ -1329,7 +1338,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         node.policy = policy
         node.policy_error = None
         node.forget_names()
-        log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
+        log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
         """The backing descriptor of an encrypted directory the caller owns (or root)."""
@@ -1463,7 +1472,8 @@ class KeyfenceOperations(pyfuse3.Operations):
         eviction = self._in_loop(lambda: self._evict(binding))
         self._invalidate(eviction)
         if eviction.busy:
-            log.warning("%s: incompletely locked, files still open: %s", desc, eviction.busy)
+            log.warning("%s: incompletely locked, %d files still open", desc, len(eviction.busy))
+            log.debug("%s: still open: %s", desc, eviction.busy)
             self.keys.report(
                 "busy",
                 {
@@ -1483,7 +1493,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             label = labels.get(ino) or self.label_of(ino)
             going.dropped[label] = going.dropped.get(label, 0) + lost
         if dropped:
-            log.warning("%s: emergency removal dropped %s", desc, going.dropped)
+            log.warning("%s: emergency removal dropped data of %d files", desc, len(dropped))
+            log.debug("%s: dropped: %s", desc, going.dropped)
         eviction = self._in_loop(lambda: self._evict(binding))
         eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
         self._invalidate(eviction)
