@@ -135,10 +135,14 @@ class Inode:
     def is_symlink(self) -> bool:
         return self.kind == stat.S_IFLNK
 
-    def forget_names(self) -> None:
+    def forget_names(self) -> list[object]:
+        """Drop the names and the cipher; what was dropped, for the caller
+        to zero once nothing else uses it (fs/wipe.py)."""
+        spent: list[object] = [*self.plain_names.values(), self.cipher]
         self.cipher = None
         self.plain_names.clear()
         self.disk_names.clear()
+        return spent
 
     def remember_name(self, enc: EncryptedName, plain: bytes) -> None:
         if len(self.plain_names) > 100_000:  # a huge directory: keep memory bounded

@@ -51,6 +51,7 @@ from pyfuse3 import (
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs import syscalls as sc
+from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
@@ -171,6 +172,8 @@ class _Eviction:
     entries: list[tuple[int, bytes]] = field(default_factory=list)
     inodes: list[int] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    spent: list[object] = field(default_factory=list)
+    """Names and ciphers dropped: zeroed after the kernel's invalidation."""
 
 
 class KeyfenceOperations(pyfuse3.Operations):
@@ -1471,6 +1474,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         going.report_progress(0, f"{self.mountpoint}: evicting")
         eviction = self._in_loop(lambda: self._evict(binding))
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
             log.warning("%s: incompletely locked, %d files still open", desc, len(eviction.busy))
             log.debug("%s: still open: %s", desc, eviction.busy)
@@ -1498,6 +1502,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         eviction = self._in_loop(lambda: self._evict(binding))
         eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
             self.keys.report(
                 "busy",
@@ -1543,7 +1548,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                     out.entries.append((inode.ino, plain))
             for plain in inode.plain_names.values():
                 out.entries.append((inode.ino, plain))
-            inode.forget_names()
+            out.spent += inode.forget_names()
         for dh in self.dir_handles.values():
             d = self.table.find(dh.ino)
             if d is not None and d.policy is not None and d.policy.key.description == desc:
@@ -1551,6 +1556,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         out.entries = list(dict.fromkeys(out.entries))
         out.inodes = list(dict.fromkeys(out.inodes))
         return out
+
+    @staticmethod
+    def _wipe(eviction: _Eviction) -> None:
+        """Zero the evicted names and directory keys nothing uses any more
+        (a name a suspended request still holds is left alone)."""
+        eviction.entries.clear()
+        wipe.release(eviction.spent)
 
     def _invalidate(self, eviction: _Eviction) -> None:
         """Drop the kernel's dentries and pages under an evicted key.
