@@ -352,7 +352,12 @@ class InodeTable:
             )
 
     def remember(self, parent: int, name: str, st: os.stat_result, *, count: bool = True) -> Inode:
-        """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``)."""
+        """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``).
+
+        EXDEV for a mount point of another filesystem: inode numbers are
+        the backing filesystem's, and so is the lock's syncfs."""
+        if st.st_dev != self.root_dev:
+            raise KeyfenceError(errno.EXDEV, "another filesystem is mounted here")
         ino = self.fuse_ino(st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
         inode = self._inodes.get(ino)

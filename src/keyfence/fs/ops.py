@@ -1203,6 +1203,8 @@ class KeyfenceOperations(pyfuse3.Operations):
                 st = sc.stat_at(d_fd, disk)
             except FileNotFoundError:
                 continue
+            if st.st_dev != self.table.root_dev:
+                continue  # a mount point: not crossed (lookup says EXDEV)
             attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
             if not pyfuse3.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break

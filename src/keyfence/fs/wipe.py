@@ -27,10 +27,14 @@ from typing import Any
 __all__ = ["release", "zero"]
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
 def zero(obj: Any) -> None:
     """Overwrite ``obj``'s contents with zeros, now, whoever uses it."""
     if type(obj) is bytearray:
-        obj[:] = bytes(len(obj))
+        n = len(obj)
+        obj[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)  # same size: in place
     elif type(obj) is bytes:
         if len(obj) > 1:
             ctypes.memset(ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p), 0, len(obj))
