@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from keyfence.fs.crypto import MasterKey
@@ -85,6 +86,7 @@ def main() -> None:
             assert read(enc / "g") == a.mib << 20
             assert len(os.listdir(enc / "d")) == a.names
             m.clear(emergency=True)
+            time.sleep(1)  # an emergency removal returns before the worker has dropped
             show("after an emergency clear (second file)")
         finally:
             m.unmount()

@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ Progress = Callable[[int], None]
 """Called during write-back with the bytes written so far."""
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_SPENT_READS_MAX = 64
-"""Read replies kept to be zeroed once pyfuse3 has sent them (fs/wipe.py)."""
+_RECENT_READS = 4
+"""Read replies kept after pyfuse3 has sent them, to be zeroed at a key
+removal (fs/wipe.py); older ones are freed as they are: glibc hands their
+memory to the next reads, which overwrite it."""
 
 
 def lenient_plaintext_size(disk_size: int) -> int:
@@ -254,9 +257,8 @@ class PageCache:
         self._closing_keys: set[str] = set()
         """Keys whose removal is flushing: files opened meanwhile refuse writes too."""
         self._dirty_pages = 0
-        self._spent_reads: list[bytearray] = []
-        """Plaintext handed to pyfuse3 for a read reply, zeroed at the next
-        read (or key removal) once nothing refers to it any more."""
+        self._recent_reads: deque[bytearray] = deque(maxlen=_RECENT_READS)
+        """The last plaintext handed to pyfuse3 for read replies."""
         self._wakeup = threading.Condition(self.lock)
         self._store_thread: ThreadPoolExecutor | None = None
         """Writes encrypted chunks while the flushing thread encrypts the
@@ -418,10 +420,8 @@ class PageCache:
             log.error("%s: %s", label, err.strerror)
             raise err.for_file(label) from None
         buffer = data.obj if isinstance(data, memoryview) else data
-        with self.lock:  # earlier replies are sent: zero their plaintext
-            wipe.release(self._spent_reads, keep_shared=True)
-            if type(buffer) is bytearray and len(self._spent_reads) < _SPENT_READS_MAX:
-                self._spent_reads.append(buffer)
+        if type(buffer) is bytearray:
+            self._recent_reads.append(buffer)  # the oldest goes (see __init__)
         return data
 
     def _read(
@@ -1148,7 +1148,7 @@ class PageCache:
                     busy.append(f.ino)
                 else:
                     self._maybe_close_locked(f)
-            wipe.release(self._spent_reads, keep_shared=True)
+            wipe.release(self._recent_reads, keep_shared=True)
         wipe.release(ciphers)  # the file keys; one a write-back still holds is skipped
         return busy, dropped
 
