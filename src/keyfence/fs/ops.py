@@ -51,6 +51,7 @@ from pyfuse3 import (
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs import syscalls as sc
+from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
@@ -126,7 +127,7 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]
         except OSError as err:
             code = err.errno or errno.EIO
             if code == errno.EIO and not isinstance(err, IntegrityError):
-                log.error("%s: %s", fn.__name__, err)
+                log.error("%s: %s", fn.__name__, err.strerror or os.strerror(code))  # no name
             raise FUSEError(code) from None
         except FormatError as err:
             log.error("%s: %s", fn.__name__, err)
@@ -172,6 +173,8 @@ class _Eviction:
     entries: list[tuple[int, bytes]] = field(default_factory=list)
     inodes: list[int] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    spent: list[object] = field(default_factory=list)
+    """Names and ciphers dropped: zeroed after the kernel's invalidation."""
 
 
 class KeyfenceOperations(pyfuse3.Operations):
@@ -203,7 +206,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             dirty_limit=self.options.dirty_limit,
             expire=self.options.dirty_expire,
             chunk_pages=self.options.chunk_pages,
-            label_of=self.label_of,
+            label_of=self.log_label,
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
@@ -285,6 +288,15 @@ class KeyfenceOperations(pyfuse3.Operations):
             ino = parent
         return "/".join(reversed(parts))
 
+    def log_label(self, ino: int) -> str:
+        """How a log line names a file: by inode number, never by name
+        (logs outlive a lock); the plaintext path only at debug level
+        (``-o debug``, root's mounts only).  Reports to the mount's owner
+        (busy, dropped files) name files with :meth:`label_of`."""
+        if log.isEnabledFor(logging.DEBUG):
+            return f"inode {ino} ({self.label_of(ino)})"
+        return f"inode {ino}"
+
     def _dir(self, ino: int) -> Inode:
         inode = self.table.get(ino)
         if not inode.is_dir:
@@ -332,14 +344,14 @@ class KeyfenceOperations(pyfuse3.Operations):
         if is_long_name(disk):
             sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
             if sidecar is None:
-                log.error("%s/%s: long name without its sidecar", self.label_of(d.ino), disk)
+                log.error("%s/%s: long name without its sidecar", self.log_label(d.ino), disk)
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
         except FormatError:
             return None
         except IntegrityError as err:
-            log.error("%s/%s: %s", self.label_of(d.ino), disk, err.strerror)
+            log.error("%s/%s: %s", self.log_label(d.ino), disk, err.strerror)  # disk: ciphertext
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
@@ -444,7 +456,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         fd, st = sc.open_regular(d_fd, name, flags)
         if self.table.fuse_ino(st.st_ino) != node.ino:
             os.close(fd)
-            log.warning("%s: backing entry was replaced", self.label_of(node.ino))
+            log.warning("%s: backing entry was replaced", self.log_label(node.ino))
             raise _err(errno.ESTALE)
         return fd, st
 
@@ -684,7 +696,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         try:
             return FileNameT(self._cipher(parent, master).decrypt_symlink(raw))
         except IntegrityError as err:
-            log.error("%s: %s", self.label_of(node.ino), err.strerror)
+            log.error("%s: %s", self.log_label(node.ino), err.strerror)
             raise
 
     @fuse_op
@@ -1143,7 +1155,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if h.cached.master is not None:
                 await self._write_back(h.cached)
         except OSError as err:
-            log.error("write-back of %s on close failed: %s", self.label_of(h.ino), err)
+            log.error("write-back of %s on close failed: %s", self.log_label(h.ino), err)
         finally:
             self.cache.release(h.cached)
         if h.ino in self._busy_names and h.cached.users <= 0:
@@ -1204,6 +1216,8 @@ class KeyfenceOperations(pyfuse3.Operations):
                 st = sc.stat_at(d_fd, disk)
             except FileNotFoundError:
                 continue
+            if st.st_dev != self.table.root_dev:
+                continue  # a mount point: not crossed (lookup says EXDEV)
             attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
             if not pyfuse3.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break
@@ -1342,7 +1356,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         node.policy = policy
         node.policy_error = None
         node.forget_names()
-        log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
+        log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
         """The backing descriptor of an encrypted directory the caller owns (or root)."""
@@ -1476,8 +1490,10 @@ class KeyfenceOperations(pyfuse3.Operations):
         going.report_progress(0, f"{self.mountpoint}: evicting")
         eviction = self._in_loop(lambda: self._evict(binding))
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
-            log.warning("%s: incompletely locked, files still open: %s", desc, eviction.busy)
+            log.warning("%s: incompletely locked, %d files still open", desc, len(eviction.busy))
+            log.debug("%s: still open: %s", desc, eviction.busy)
             self.keys.report(
                 "busy",
                 {
@@ -1497,10 +1513,12 @@ class KeyfenceOperations(pyfuse3.Operations):
             label = labels.get(ino) or self.label_of(ino)
             going.dropped[label] = going.dropped.get(label, 0) + lost
         if dropped:
-            log.warning("%s: emergency removal dropped %s", desc, going.dropped)
+            log.warning("%s: emergency removal dropped data of %d files", desc, len(dropped))
+            log.debug("%s: dropped: %s", desc, going.dropped)
         eviction = self._in_loop(lambda: self._evict(binding))
         eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
             self.keys.report(
                 "busy",
@@ -1546,7 +1564,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                     out.entries.append((inode.ino, plain))
             for plain in inode.plain_names.values():
                 out.entries.append((inode.ino, plain))
-            inode.forget_names()
+            out.spent += inode.forget_names()
         for dh in self.dir_handles.values():
             d = self.table.find(dh.ino)
             if d is not None and d.policy is not None and d.policy.key.description == desc:
@@ -1554,6 +1572,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         out.entries = list(dict.fromkeys(out.entries))
         out.inodes = list(dict.fromkeys(out.inodes))
         return out
+
+    @staticmethod
+    def _wipe(eviction: _Eviction) -> None:
+        """Zero the evicted names and directory keys nothing uses any more
+        (a name a suspended request still holds is left alone)."""
+        eviction.entries.clear()
+        wipe.release(eviction.spent)
 
     def _invalidate(self, eviction: _Eviction) -> None:
         """Drop the kernel's dentries and pages under an evicted key.
