@@ -145,11 +145,14 @@ def validate_paths(paths: list[str]) -> bool:
     return valid
 
 
-def set_policy(path: str, ref: str) -> None:
-    """Give an empty directory of a keyfence mount the policy ``ref``.
+def set_policy(path: str, ref: str, pad: int | None = None) -> None:
+    """Give an empty directory of a keyfence mount the policy ``ref`` with
+    names padded to a multiple of ``pad`` (None: the mount's default, 16, for
+    a new directory; any for one that already has ``ref``).
 
     ENOTTY (e4crypt's "Inappropriate ioctl for device") for a directory that
-    is not on a keyfence mount: nothing is written there."""
+    is not on a keyfence mount: nothing is written there.  EEXIST for one
+    with another key or padding, as the kernel's ioctl."""
     if not on_keyfence_mount(path):
         raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
     try:
@@ -158,11 +161,13 @@ def set_policy(path: str, ref: str) -> None:
         if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
             raise
         current = None
-    if current is not None:
-        if current != ref:
-            raise KeyfenceError(errno.EEXIST, f"{path} already has policy {current}")
+    if current is not None and current != ref:
+        raise KeyfenceError(errno.EEXIST, f"{path} already has policy {current}")
+    if current is not None and pad is None:
         return
-    os.setxattr(path, POLICY_XATTR, ref.encode())
+    # the mount checks an existing directory's padding (EEXIST if it differs)
+    value = ref if pad is None else f"{ref} pad={pad}"
+    os.setxattr(path, POLICY_XATTR, value.encode())
 
 
 def cmd_e4crypt(args: argparse.Namespace) -> int:
@@ -199,7 +204,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
             status = 0
             for path in args.paths:
                 try:
-                    set_policy(path, e4.key_description(desc))
+                    set_policy(path, e4.key_description(desc), args.pad)
                 except OSError as err:
                     _policy_error(path, desc, err.errno or errno.EIO)
                     status = 1
@@ -218,7 +223,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
         status = 0
         for path in args.paths:
             try:
-                set_policy(path, e4.key_description(desc))
+                set_policy(path, e4.key_description(desc), args.pad)
             except OSError as err:
                 _policy_error(path, desc, err.errno or errno.EIO)
                 status = 1
@@ -228,12 +233,21 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     if args.e4command == "get_policy":
         status = 0
         for path in args.paths:
+            # e4crypt's words: perror() when the path is not there, "Error
+            # getting policy" (stdout) when the ioctl fails (ENODATA: none)
+            try:
+                os.stat(path)
+            except OSError as err:
+                print(f"{path}: {os.strerror(err.errno or errno.EIO)}", file=sys.stderr)
+                status = 1
+                continue
             try:
                 if not on_keyfence_mount(path):
                     raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
                 ref = os.getxattr(path, POLICY_XATTR).decode()
             except OSError as err:
-                print(f"{path}: Error getting policy: {err.strerror}", file=sys.stderr)
+                code = err.errno or errno.EIO
+                print(f"Error getting policy for {path}: {os.strerror(code)}")
                 status = 1
                 continue
             print(f"{path}: {ref.split(':', 1)[-1]}")
@@ -340,9 +354,22 @@ KEYRING_HELP = (
     " session keyring @us, as e4crypt does)"
 )
 PAD_HELP = (
-    "pad encrypted file names to a multiple of PAD bytes, so that names of"
-    " nearby lengths look alike: 4, 8, 16 or 32 (default 16, as e4crypt)"
+    "pad file names with NULs to a multiple of PAD bytes (and to at least 16)"
+    " before they are encrypted, so that the ciphertext shows only the padded"
+    " length: 4, 8, 16 or 32, recorded in the directory's policy (default 16;"
+    " e4crypt(8)'s own default is 4)"
 )
+
+
+def padding(text: str) -> int:
+    """A ``-p`` value; e4crypt's words for any other ("Invalid padding 5")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid padding {text}") from None
+    if value not in (4, 8, 16, 32):
+        raise argparse.ArgumentTypeError(f"Invalid padding {value}")
+    return value
 
 
 def seconds(text: str) -> float:
@@ -421,9 +448,7 @@ def add_parsers(sub: Any) -> None:
     add_key.add_argument(
         "-p",
         dest="pad",
-        type=int,
-        choices=(4, 8, 16, 32),
-        default=16,
+        type=padding,
         metavar="PAD",
         help=PAD_HELP,
     )
@@ -434,9 +459,7 @@ def add_parsers(sub: Any) -> None:
     set_p.add_argument(
         "-p",
         dest="pad",
-        type=int,
-        choices=(4, 8, 16, 32),
-        default=16,
+        type=padding,
         metavar="PAD",
         help=PAD_HELP,
     )
