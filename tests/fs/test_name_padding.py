@@ -154,6 +154,12 @@ def test_padding_is_part_of_the_policy() -> None:
 # ------------------------------------------------------------ on a real mount
 
 
+def cipher_name(directory: Path) -> str:
+    """The one subdirectory of a backing directory."""
+    (only,) = (p.name for p in directory.iterdir() if p.is_dir())
+    return only
+
+
 def test_directories_with_p_4_and_p_32(mounted: tuple[DaemonProcess, Path, Path]) -> None:
     daemon, backing, mnt = mounted
     for name in ("p4", "p32", "pdefault"):
@@ -168,6 +174,7 @@ def test_directories_with_p_4_and_p_32(mounted: tuple[DaemonProcess, Path, Path]
         f"   name=$(printf '%*s' $n '' | tr ' ' n);"
         f"   for d in p4 p32 pdefault; do echo $n > {mnt}/$d/$name; done;"
         f" done"
+        f" && mkdir {mnt}/p4/sub && echo deep > {mnt}/p4/sub/f"
         f" && keyfence e4crypt get_policy {mnt}/p4 {mnt}/p32",
     )
     assert made.returncode == 0, made.stderr
@@ -180,6 +187,12 @@ def test_directories_with_p_4_and_p_32(mounted: tuple[DaemonProcess, Path, Path]
         status = json.loads(os.getxattr(mnt / name, "user.keyfence.status"))
         assert status["name_padding"] == padding
         disk = [n for n in os.listdir(backing / name) if not n.startswith(".keyfence")]
+        if name == "p4":  # a subdirectory inherits the padding, with its own nonce
+            sub = Policy.parse(
+                (backing / name / cipher_name(backing / name) / POLICY_FILE_NAME).read_bytes()
+            )
+            assert sub.name_padding == 4
+            disk.remove(cipher_name(backing / name))
         assert len(disk) == 40
         shown = sorted({sealed_length(n) - SIV_TAG for n in disk})
         assert shown == sorted({padded_name_length(n, padding) for n in range(1, 41)}), name
@@ -187,11 +200,11 @@ def test_directories_with_p_4_and_p_32(mounted: tuple[DaemonProcess, Path, Path]
     again = session_sh(
         daemon,
         f"keyfence unlock -S s:pad {mnt}/p4 >/dev/null && cat {mnt}/p4/nnnnnnnnnnnnnnnnnnnnnnnnn"
-        f" && ls {mnt}/p32 | wc -l",
+        f" && cat {mnt}/p4/sub/f && ls {mnt}/p32 | wc -l",
         stdin=PASSPHRASE,
     )
     assert again.returncode == 0, again.stderr
-    assert again.stdout.split() == ["25", "40"]
+    assert again.stdout.split() == ["25", "deep", "40"]
 
 
 def test_set_policy_with_another_padding_is_refused(
@@ -199,9 +212,7 @@ def test_set_policy_with_another_padding_is_refused(
 ) -> None:
     daemon, _backing, mnt = mounted
     (mnt / "once").mkdir()
-    first = session_sh(
-        daemon, f"keyfence e4crypt add_key -S s:x -p 8 {mnt}/once", stdin=PASSPHRASE
-    )
+    first = session_sh(daemon, f"keyfence e4crypt add_key -S s:x -p 8 {mnt}/once", stdin=PASSPHRASE)
     assert first.returncode == 0, first.stderr
     desc = first.stdout.split("[")[1].split("]")[0]
     same = session_sh(daemon, f"keyfence e4crypt set_policy -p 8 {desc} {mnt}/once")

@@ -1576,9 +1576,7 @@ def _policy_request(value: bytes) -> tuple[KeyRef, int | None]:
     try:
         ref = KeyRef.from_description(words[0] if words else "")
     except FormatError:
-        raise _err(
-            errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>"
-        ) from None
+        raise _err(errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>") from None
     if len(words) == 1:
         return ref, None
     pad = words[1].removeprefix("pad=")
