@@ -41,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     from keyfence.cli import fs_commands
 
     fs_commands.add_parsers(sub)
-    from keyfence.cli import login, pam
+    from keyfence.cli import install_data, login, pam
 
     login.add_parser(sub)
     pam.add_parser(sub)
+    install_data.add_parser(sub)
     return parser
 
 
