@@ -34,7 +34,7 @@ def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes
         return getpass.getpass(prompt).encode()
     print(prompt, file=sys.stderr, flush=True)
     try:
-        data = sys.stdin.buffer.read(4096)
+        data = _first_line(sys.stdin.fileno())
     except OSError as err:
         code = err.errno or errno.EIO
         text = f"reading the passphrase from standard input: {os.strerror(code)}"
@@ -42,6 +42,21 @@ def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes
     if not data:
         raise KeyfenceError(errno.ENODATA, "no passphrase: standard input is empty")
     return passphrase_from_input(data)
+
+
+def _first_line(fd: int, limit: int = 4096) -> bytes:
+    """Standard input up to and including its first newline, not a byte
+    more: the next command of a script reading the same input (a second
+    passphrase, ``printf 'pw\\npw\\n' | sh script``) finds the rest."""
+    data = bytearray()
+    while len(data) < limit:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+        if byte == b"\n":
+            break
+    return bytes(data)
 
 
 def salt_of(text: str) -> bytes:
@@ -285,11 +300,11 @@ def resolve_directory(path: str, what: str) -> str:
     resolved = os.path.realpath(nonempty_utf8(path, what))
     try:
         os.stat(resolved)
-    except OSError as err:
+    except OSError as err:  # "keyfence mount: PATH: No such file or directory"
         code = err.errno or errno.EIO
-        raise KeyfenceError(code, f"{path}: {os.strerror(code)}") from None
+        raise OSError(code, os.strerror(code), path) from None
     if not os.path.isdir(resolved):
-        raise KeyfenceError(errno.ENOTDIR, f"{path}: {os.strerror(errno.ENOTDIR)}")
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return resolved
 
 
