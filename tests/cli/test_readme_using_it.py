@@ -21,10 +21,13 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from keyfence.testing import users
 
 README = Path(__file__).resolve().parent.parent.parent / "README.md"
 MARKER = "<!-- using-it:"
@@ -79,13 +82,41 @@ def stop(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_using_it_runs_verbatim(tmp_path: Path) -> None:
-    home, run = tmp_path / "home", tmp_path / "run"
+USER_UID = 61601
+"""The unprivileged user the README runs as too (this branch's uid range)."""
+
+
+def wrappers(bin_dir: Path) -> None:
+    """``keyfence`` and ``kfctl`` for another uid: the system interpreter
+    with the checkout on PYTHONPATH (the venv's lives under /root)."""
+    for name, module in (("keyfence", "keyfence.cli.main"), ("kfctl", "keyfence.cli.kfctl")):
+        path = bin_dir / name
+        path.write_text(f'#!/bin/sh\nexec {users.SYSTEM_PYTHON} -m {module} "$@"\n')
+        path.chmod(0o755)
+
+
+def why_no_user_mounts() -> str | None:
+    """Why a user's own daemon cannot mount here, or None."""
+    if (mode := os.stat("/dev/fuse").st_mode & 0o777) & 0o006 != 0o006:
+        # Debian's udev makes it 0666; the user's mount worker opens it
+        return f"/dev/fuse is mode {mode:04o} here, not 0666: only root can mount FUSE"
+    return users.why_no_other_uids()
+
+
+@pytest.mark.parametrize("who", ["root", "user"])
+def test_using_it_runs_verbatim(who: str) -> None:
+    if who == "user" and (reason := why_no_user_mounts()) is not None:
+        pytest.skip(reason)
+    uid = 0 if who == "root" else USER_UID
+    top = Path(tempfile.mkdtemp(prefix="kf-readme-"))  # not under pytest's 0700 root
+    top.chmod(0o755)
+    home, run, bin_dir = top / "home", top / "run", top / "bin"
     home.mkdir()
     run.mkdir(mode=0o700)
-    script = tmp_path / "using-it.sh"
+    bin_dir.mkdir()
+    script = top / "using-it.sh"
     script.write_text("".join(using_it_blocks(README.read_text())))
-    stdin = tmp_path / "passphrases"
+    stdin = top / "passphrases"
     stdin.write_text(f"{PASSPHRASE}\n{PASSPHRASE}\n")
     sock = run / "sock"
     env = {
@@ -95,10 +126,18 @@ def test_using_it_runs_verbatim(tmp_path: Path) -> None:
         "XDG_RUNTIME_DIR": str(run),
         "LC_ALL": "C.UTF-8",
     }
+    argv = ["sh", "-e", str(script)]
+    if uid:
+        wrappers(bin_dir)
+        env = users.environment(env, PATH=f"{bin_dir}:/usr/bin:/bin")
+        env["HOME"] = str(home)
+        for path in (home, run):
+            os.chown(path, uid, uid)
+        argv = users.as_uid(uid, argv)
     try:
         with stdin.open() as passphrases:
             done = subprocess.run(
-                ["sh", "-e", str(script)],
+                argv,
                 stdin=passphrases,
                 capture_output=True,
                 text=True,
@@ -131,3 +170,4 @@ def test_using_it_runs_verbatim(tmp_path: Path) -> None:
         pid = daemon_pid(sock)
         if pid is not None:
             stop(pid)
+        shutil.rmtree(top, ignore_errors=True)
