@@ -12,11 +12,12 @@ bytes that are not UTF-8 -- with standard input closed (``<&-``), empty,
 ``/dev/null``, a directory (the interpreter itself refuses to start:
 "Fatal Python error: init_sys_streams: <stdin> is a directory, cannot
 continue", before any keyfence code runs) and write-only (read: EBADF), and
-with no daemon at all (``$KEYFENCE_SOCKET`` naming nothing, or a regular
-file).  Issue 16 widened it to the options, files, stdin and daemon cases.
-Each run must end with no "Traceback" anywhere, a message on stderr if it
-failed, and an exit status as keyctl(1) and e4crypt(8) use: 0, 1 for a
-failed operation, 2 for bad usage (kfctl also 3, as keyctl's
+with no daemon at all (``$KEYFENCE_SOCKET`` naming nothing, a regular
+file, or a path too long for a socket address).  Issue 16 widened it to
+the options, files, stdin and daemon cases.  Each run must end with no
+"Traceback" anywhere, a message on stderr if it failed (never errno 0's
+"Success"), and an exit status as keyctl(1) and e4crypt(8) use: 0, 1 for
+a failed operation, 2 for bad usage (kfctl also 3, as keyctl's
 ``supports``).  A hang is a failure too.
 """
 
@@ -61,8 +62,9 @@ FILE = "afile"
 SOME_BAD = ["", "zz", "99999999999999999999", "/proc/nope", "\udcff", FILE, "enc"]
 """One position at a time, the others plausible."""
 STDINS = ("closed", "empty", "devnull", "directory", "writeonly")
-NO_DAEMON = ("none", "file")
-"""$KEYFENCE_SOCKET naming a path where nothing is, or a regular file."""
+NO_DAEMON = ("none", "file", "too-long")
+"""$KEYFENCE_SOCKET naming a path where nothing is, a regular file, or a
+path longer than a socket address holds (ENAMETOOLONG)."""
 
 POLICY = "0123456789abcdef"
 HANG = 30.0
@@ -103,6 +105,8 @@ class Outcome:
             self.run.stdin == "directory" and "<stdin> is a directory" in self.err
         ):
             return f"{shown}: the interpreter died\n{self.err[-1500:]}"
+        if self.code and ": Success" in self.err:  # errno 0's text for a failure
+            return f"{shown}: failed saying 'Success'\n{self.err[-500:]}"
         if self.code is None:  # still watching, as it should, when killed
             return None
         if self.code not in codes:
@@ -139,7 +143,11 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 def execute(argv: list[str], runs: list[Run], daemon: DaemonProcess, cwd: Path) -> list[Outcome]:
     running = dict(daemon.env, SHELL="/bin/true", LC_ALL="C.UTF-8")
-    sockets = {"none": str(cwd / "no-daemon" / "sock"), "file": str(cwd / FILE)}
+    sockets = {
+        "none": str(cwd / "no-daemon" / "sock"),
+        "file": str(cwd / FILE),
+        "too-long": str(cwd / ("x" * 120) / "sock"),
+    }
 
     def as_stdin(path: str, flags: int) -> Callable[[], None]:
         def preexec() -> None:

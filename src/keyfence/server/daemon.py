@@ -136,7 +136,14 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # stale: its daemon no longer holds the lock
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self.path)
+            try:
+                listener.bind(self.path)
+            except OSError as err:
+                listener.close()
+                if err.errno is None:  # "AF_UNIX path too long": bind(2)'s own word
+                    code = errno.ENAMETOOLONG
+                    raise OSError(code, os.strerror(code), self.path) from None
+                raise
             os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
             listener.listen(128)
         self._listener = listener
