@@ -21,6 +21,7 @@ Nothing is enabled or started: it prints the ``systemctl`` lines to run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -99,9 +100,18 @@ def install(prefix: Path, systemd: bool, dry_run: bool) -> list[Path]:
         data = source.read_bytes()
         if source.name.startswith("keyfence.") and source.parent.name in ("systemd", "user"):
             data = data.replace(PACKAGED_BINARY.encode(), binary.encode())
+        # never through a link someone planted in the prefix: a fresh file,
+        # renamed over the target (rename replaces a link, never follows it)
         temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_bytes(data)
-        temporary.chmod(0o644)
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temporary, flags, 0o644)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
         temporary.replace(target)
     return done
 
