@@ -185,7 +185,7 @@ def test_directories_with_p_4_and_p_32(mounted: tuple[DaemonProcess, Path, Path]
         record = (backing / name / POLICY_FILE_NAME).read_bytes()
         assert Policy.parse(record).name_padding == padding
         status = json.loads(os.getxattr(mnt / name, "user.keyfence.status"))
-        assert status["name_padding"] == padding
+        assert status["options"]["padding"] == padding
         disk = [n for n in os.listdir(backing / name) if not n.startswith(".keyfence")]
         if name == "p4":  # a subdirectory inherits the padding, with its own nonce
             sub = Policy.parse(
