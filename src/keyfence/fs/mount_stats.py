@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import trio
 
 from keyfence.fs.binding import KeyBindings
-from keyfence.fs.format import Policy
+from keyfence.fs.format import KeyRef, Policy
 from keyfence.fs.inodes import ROOT_INODE, InodeTable
 from keyfence.fs.pagecache import PageCache
 
@@ -72,11 +72,13 @@ def policy_options(policy: Policy) -> dict[str, Any]:
     return out
 
 
-def encrypted_dirs(ops: MountView) -> tuple[int, list[dict[str, Any]]]:
+def encrypted_dirs(ops: MountView) -> tuple[int, list[tuple[str, KeyRef]]]:
     """On the trio thread: the encrypted directories the mount knows (has
     looked up since it started) whose parent is not encrypted with the same
-    key -- where a policy was set, fscrypt's "encrypted directories"."""
-    roots = []
+    key -- where a policy was set, fscrypt's "encrypted directories".
+    Whether each is unlocked is not part of the scan (scans are rare, keys
+    bind at any time): :func:`dir_figures` asks at each report."""
+    roots: list[tuple[str, KeyRef]] = []
     for inode in ops.table:
         policy = inode.policy
         if not inode.is_dir or policy is None:
@@ -85,15 +87,17 @@ def encrypted_dirs(ops: MountView) -> tuple[int, list[dict[str, Any]]]:
             parent = ops.table.find(ops.table.parent_of(inode.ino))
             if parent is not None and parent.policy is not None and parent.policy.key == policy.key:
                 continue
-        roots.append(
-            {
-                "path": "/" + ops.label_of(inode.ino),
-                "key": policy.key.description,
-                "unlocked": ops.keys.get(policy.key) is not None,
-            }
-        )
-    roots.sort(key=lambda d: str(d["path"]))
+        roots.append(("/" + ops.label_of(inode.ino), policy.key))
+    roots.sort(key=lambda d: d[0])
     return len(roots), roots[:MAX_LISTED]
+
+
+def dir_figures(ops: MountView, dirs: list[tuple[str, KeyRef]]) -> list[dict[str, Any]]:
+    """Any thread: the scanned directories with whether each is unlocked now."""
+    return [
+        {"path": path, "key": key.description, "unlocked": ops.keys.get(key) is not None}
+        for path, key in dirs
+    ]
 
 
 def key_figures(ops: MountView) -> list[dict[str, Any]]:
@@ -121,7 +125,7 @@ class StatsReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: dict[str, Any] | None = None
-        self._dirs: tuple[int, list[dict[str, Any]]] = (0, [])
+        self._dirs: tuple[int, list[tuple[str, KeyRef]]] = (0, [])
         self._dirs_at = -DIRS_EVERY
         self._dirs_next = 0.0
         self._table_size = -1
@@ -159,7 +163,7 @@ class StatsReporter:
             "dirty_bytes": ops.cache.dirty_bytes_of(),
             "dirty_limit": ops.cache.dirty_limit,
             "keys": key_figures(ops),
-            "encrypted_dirs": dirs,
+            "encrypted_dirs": dir_figures(ops, dirs),
             "encrypted_dir_count": count,
         }
 
