@@ -46,6 +46,7 @@ from keyfence.server.limits import MAX_INFLIGHT, UidLimits
 from keyfence.server.loop import Loop
 from keyfence.server.mounts import Mount, MountSupervisor
 from keyfence.server.optable import OPERATIONS
+from keyfence.server.sessions import SessionTracker
 
 __all__ = [
     "MAX_INFLIGHT",
@@ -87,7 +88,7 @@ class Daemon:
         self.service = service or KeyService()
         request_key_runner.install(self.service, path)
         self.private_uid = private_uid
-        self.sessions = identity.SessionRegistry()
+        self.sessions = SessionTracker()
         self.limits = UidLimits()
         self.lanes = Lanes()
         self._conns: set[Connection] = set()
