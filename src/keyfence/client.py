@@ -831,8 +831,10 @@ def _open(path: str) -> _socket.socket:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
-    except OSError:
+    except OSError as err:
         sock.close()
+        if err.errno is None:  # Python's "AF_UNIX path too long" carries no errno
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path) from None
         raise
     return sock
 

@@ -1,16 +1,24 @@
 """No command prints a traceback, whatever its arguments and standard input
 (issue 12, finding 6).
 
-Every ``kfctl`` command (enumerated from its command table) and every
-``keyfence`` subcommand (enumerated from its argument parser) runs as a real
-process against a private daemon with a corpus of bad arguments -- too
-few, too many, non-numbers, huge and negative numbers, empty strings, bad
-key specs, bad salts, nonexistent and /proc paths, bytes that are not
-UTF-8 -- and with standard input closed (``<&-``), empty, and
-``/dev/null``.  Each run must end with no "Traceback" anywhere, a message
-on stderr if it failed, and an exit status as keyctl(1) and e4crypt(8)
-use: 0, 1 for a failed operation, 2 for bad usage (kfctl also 3, as
-keyctl's ``supports``).  A hang is a failure too.
+Every ``kfctl`` command and each of its usage forms with their options
+(enumerated from its command table) and every ``keyfence`` subcommand and
+option (enumerated from its argument parser) runs as a real process against
+a private daemon with a corpus of bad arguments -- too few, too many, an
+option without its value, non-numbers, huge and negative numbers, empty
+strings, bad key specs, bad salts, nonexistent and /proc paths, a regular
+file where a directory or key is wanted and a directory where a file is,
+bytes that are not UTF-8 -- with standard input closed (``<&-``), empty,
+``/dev/null``, a directory (the interpreter itself refuses to start:
+"Fatal Python error: init_sys_streams: <stdin> is a directory, cannot
+continue", before any keyfence code runs) and write-only (read: EBADF), and
+with no daemon at all (``$KEYFENCE_SOCKET`` naming nothing, a regular
+file, or a path too long for a socket address).  Issue 16 widened it to
+the options, files, stdin and daemon cases.  Each run must end with no
+"Traceback" anywhere, a message on stderr if it failed (never errno 0's
+"Success"), and an exit status as keyctl(1) and e4crypt(8) use: 0, 1 for
+a failed operation, 2 for bad usage (kfctl also 3, as keyctl's
+``supports``).  A hang is a failure too.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +57,14 @@ BAD = [
 ]
 """Each argument position gets each of these."""
 
-SOME_BAD = ["", "zz", "99999999999999999999", "/proc/nope", "\udcff"]
+FILE = "afile"
+"""A regular file in the scratch directory (where a directory, key or socket is wanted)."""
+SOME_BAD = ["", "zz", "99999999999999999999", "/proc/nope", "\udcff", FILE, "enc"]
 """One position at a time, the others plausible."""
+STDINS = ("closed", "empty", "devnull", "directory", "writeonly")
+NO_DAEMON = ("none", "file", "too-long")
+"""$KEYFENCE_SOCKET naming a path where nothing is, a regular file, or a
+path longer than a socket address holds (ENAMETOOLONG)."""
 
 POLICY = "0123456789abcdef"
 HANG = 30.0
@@ -64,7 +78,8 @@ until the key is destroyed, and a caller without a session keyring watches
 @dataclass(frozen=True)
 class Run:
     argv: tuple[str, ...]
-    stdin: str = "devnull"  # devnull | empty | closed
+    stdin: str = "devnull"  # one of STDINS
+    daemon: str = "running"  # running, or one of NO_DAEMON
 
 
 @dataclass
@@ -78,10 +93,20 @@ class Outcome:
         self, codes: tuple[int, ...], quiet: tuple[int, ...] = (), stdout_ok: bool = False
     ) -> str | None:
         shown = " ".join(repr(a) for a in self.run.argv) + f" <{self.run.stdin}"
+        if self.run.daemon != "running":
+            shown += f" (daemon: {self.run.daemon})"
         if self.code is None and self.run.argv not in WATCHES_FOREVER:
             return f"{shown}: hung (killed after {HANG:.0f} s)"
         if "Traceback" in self.out + self.err:
             return f"{shown}: traceback\n{self.err[-1500:]}"
+        if "Fatal Python error" in self.err and not (
+            # the interpreter itself stops before any of keyfence runs
+            # (pylifecycle.c, init_sys_streams); its words are clear
+            self.run.stdin == "directory" and "<stdin> is a directory" in self.err
+        ):
+            return f"{shown}: the interpreter died\n{self.err[-1500:]}"
+        if self.code and ": Success" in self.err:  # errno 0's text for a failure
+            return f"{shown}: failed saying 'Success'\n{self.err[-500:]}"
         if self.code is None:  # still watching, as it should, when killed
             return None
         if self.code not in codes:
@@ -97,6 +122,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A scratch cwd, with ``enc``: a directory carrying a keyfence policy."""
     path = tmp_path_factory.mktemp("no-traceback")
     (path / "enc").mkdir()
+    (path / FILE).write_bytes(b"not a directory, a key or a socket\n")
     os.setxattr(path / "enc", "user.keyfence.policy", f"ext4:{POLICY}".encode())
     return path
 
@@ -116,9 +142,25 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 
 def execute(argv: list[str], runs: list[Run], daemon: DaemonProcess, cwd: Path) -> list[Outcome]:
-    env = dict(daemon.env, SHELL="/bin/true", LC_ALL="C.UTF-8")
+    running = dict(daemon.env, SHELL="/bin/true", LC_ALL="C.UTF-8")
+    sockets = {
+        "none": str(cwd / "no-daemon" / "sock"),
+        "file": str(cwd / FILE),
+        "too-long": str(cwd / ("x" * 120) / "sock"),
+    }
+
+    def as_stdin(path: str, flags: int) -> Callable[[], None]:
+        def preexec() -> None:
+            fd = os.open(path, flags)
+            os.dup2(fd, 0)
+            os.close(fd)
+
+        return preexec
 
     def one(run: Run) -> Outcome:
+        env = running
+        if run.daemon != "running":
+            env = dict(running, KEYFENCE_SOCKET=sockets[run.daemon])
         stdin: int | None = subprocess.DEVNULL
         preexec = None
         data = None
@@ -126,6 +168,10 @@ def execute(argv: list[str], runs: list[Run], daemon: DaemonProcess, cwd: Path) 
             stdin, data = None, b""
         elif run.stdin == "closed":
             stdin, preexec = None, lambda: os.close(0)
+        elif run.stdin == "directory":  # read(2): EISDIR
+            stdin, preexec = None, as_stdin(str(cwd / "enc"), os.O_RDONLY | os.O_DIRECTORY)
+        elif run.stdin == "writeonly":  # read(2): EBADF
+            stdin, preexec = None, as_stdin(os.devnull, os.O_WRONLY)
         args = [*argv, *(os.fsencode(a) for a in run.argv)]
         # output to files, not pipes: a hung run's children cannot hold us
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -191,11 +237,27 @@ PLAUSIBLE = {
 }
 
 
+def kfctl_formats(name: str) -> list[list[str]]:
+    """Each keyctl usage form of a command as words: options (``-x``,
+    ``-f``, ``-n``, ``-f<filters>``, ...) and ``<slot>``s, brackets gone."""
+    formats = [u for c in kfctl.TABLE if c.name == name for u in c.usage] or [""]
+    forms = []
+    for text in formats:
+        words = [w.strip("[]|*").rstrip("]") for w in text.split()]
+        forms.append([w for w in words if w and w not in ("...", "k=v")])
+    return forms
+
+
 def kfctl_slots(name: str) -> list[str]:
     """The argument slots of a command's longest keyctl format."""
-    formats = [u for c in kfctl.TABLE if c.name == name for u in c.usage] or [""]
-    words = max((f.split() for f in formats), key=len)
-    return [w.strip("[]<>").rstrip("]") for w in words if w.startswith(("<", "[<"))]
+    words = max(kfctl_formats(name), key=len)
+    return [w.strip("<>") for w in words if w.startswith("<")]
+
+
+def plausible_word(word: str) -> str:
+    if word.startswith("<"):
+        return PLAUSIBLE.get(word.strip("<>"), "x")
+    return "-fa" if word == "-f<filters>" else word  # an option as written
 
 
 def kfctl_runs(name: str) -> list[Run]:
@@ -210,12 +272,27 @@ def kfctl_runs(name: str) -> list[Run]:
             argv = list(plausible)
             argv[i] = value
             runs.add(Run((name, *argv)))
+    # every usage form with its options: as written, each slot bad in turn,
+    # and each option given last, without what follows it
+    for form in kfctl_formats(name):
+        words = [plausible_word(w) for w in form]
+        runs.add(Run((name, *words)))
+        for i, word in enumerate(form):
+            if word.startswith("-") and not word.startswith("-f<"):
+                runs.add(Run((name, *words[: i + 1])))
+            if word.startswith("<"):
+                for value in SOME_BAD:
+                    runs.add(Run((name, *words[:i], value, *words[i + 1 :])))
     if any(c.removal for c in kfctl.TABLE if c.name == name):
         for value in ("-1", "nan", "inf", "zz", ""):
             runs.add(Run((name, "--timeout", value, *plausible)))
-    for stdin in ("closed", "empty", "devnull"):
+        runs.add(Run((name, *plausible, "--timeout")))
+        runs.add(Run((name, "--emergency", "--timeout", "1", *plausible)))
+    for stdin in STDINS:
         runs.add(Run((name, *plausible), stdin))
         runs.add(Run((name, "-x", *plausible), stdin))
+    for where in NO_DAEMON:
+        runs.add(Run((name, *plausible), daemon=where))
     return sorted(runs, key=repr)
 
 
@@ -284,10 +361,21 @@ def keyfence_runs(words: tuple[str, ...]) -> list[Run]:
             argv[i] = value
             runs.add(Run((*words, *argv)))
     runs.add(Run((*words, "--nope", *plausible)))
+    for option in options:  # its value missing
+        runs.add(Run((*words, *plausible, option.option_strings[0])))
+    flags = [
+        a
+        for a in parser._actions
+        if a.option_strings and a.nargs == 0 and not isinstance(a, argparse._HelpAction)
+    ]
+    for flag in flags:
+        runs.add(Run((*words, flag.option_strings[0], *plausible)))
     salts = [["-S", "s:kfct"]] if any(o.dest == "salt" for o in options) else [[]]
-    for stdin in ("closed", "empty", "devnull"):
+    for stdin in STDINS:
         for salt in salts:
             runs.add(Run((*words, *salt, *plausible), stdin))
+    for where in NO_DAEMON:
+        runs.add(Run((*words, *plausible), daemon=where))
     if words == ("daemon",):
         # the daemon runs until stopped: only arguments it must refuse
         bound = "/proc/nope/sock", "/proc/self/mem", "", "/dev/null/sock", "x" * 200 + "/s"

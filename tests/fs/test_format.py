@@ -272,7 +272,8 @@ def test_policy_parse_rejects_bad_input(master: MasterKey) -> None:
     bad(b"", "0 bytes")
     for offset, value, message in [
         (0, ord("X"), "bad magic"),
-        (4, 2, "unsupported policy version 2"),
+        (4, 3, "unsupported policy version 3"),
+        (4, 2, "a version 2 policy record is 44 bytes, not 40"),
         (5, 3, "unknown key reference kind 3"),
         (5, 0, "unknown key reference kind 0"),
         (6, 9, "unknown contents mode 9"),
@@ -293,7 +294,7 @@ def test_policy_and_key_ref_validation() -> None:
     with pytest.raises(FormatError):
         Policy(KeyRef(KeyKind.IDENTIFIER, bytes(16)), bytes(15))
     with pytest.raises(FormatError):
-        Policy(KeyRef(KeyKind.IDENTIFIER, bytes(16)), bytes(16), version=2)
+        Policy(KeyRef(KeyKind.IDENTIFIER, bytes(16)), bytes(16), name_padding=2)
     ref = KeyRef.from_description("keyfence:" + "ab" * 16)
     assert ref.kind is KeyKind.IDENTIFIER and str(ref) == "keyfence:" + "ab" * 16
     assert KeyRef.from_description("ext4:0123456789abcdef").kind is KeyKind.E4CRYPT_DESCRIPTOR

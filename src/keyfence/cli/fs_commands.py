@@ -34,7 +34,7 @@ def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes
         return getpass.getpass(prompt).encode()
     print(prompt, file=sys.stderr, flush=True)
     try:
-        data = sys.stdin.buffer.read(4096)
+        data = _first_line(sys.stdin.fileno())
     except OSError as err:
         code = err.errno or errno.EIO
         text = f"reading the passphrase from standard input: {os.strerror(code)}"
@@ -42,6 +42,21 @@ def read_passphrase(prompt: str = "Enter passphrase (echo disabled): ") -> bytes
     if not data:
         raise KeyfenceError(errno.ENODATA, "no passphrase: standard input is empty")
     return passphrase_from_input(data)
+
+
+def _first_line(fd: int, limit: int = 4096) -> bytes:
+    """Standard input up to and including its first newline, not a byte
+    more: the next command of a script reading the same input (a second
+    passphrase, ``printf 'pw\\npw\\n' | sh script``) finds the rest."""
+    data = bytearray()
+    while len(data) < limit:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+        if byte == b"\n":
+            break
+    return bytes(data)
 
 
 def salt_of(text: str) -> bytes:
@@ -145,11 +160,14 @@ def validate_paths(paths: list[str]) -> bool:
     return valid
 
 
-def set_policy(path: str, ref: str) -> None:
-    """Give an empty directory of a keyfence mount the policy ``ref``.
+def set_policy(path: str, ref: str, pad: int | None = None) -> None:
+    """Give an empty directory of a keyfence mount the policy ``ref`` with
+    names padded to a multiple of ``pad`` (None: the mount's default, 16, for
+    a new directory; any for one that already has ``ref``).
 
     ENOTTY (e4crypt's "Inappropriate ioctl for device") for a directory that
-    is not on a keyfence mount: nothing is written there."""
+    is not on a keyfence mount: nothing is written there.  EEXIST for one
+    with another key or padding, as the kernel's ioctl."""
     if not on_keyfence_mount(path):
         raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
     try:
@@ -158,11 +176,13 @@ def set_policy(path: str, ref: str) -> None:
         if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
             raise
         current = None
-    if current is not None:
-        if current != ref:
-            raise KeyfenceError(errno.EEXIST, f"{path} already has policy {current}")
+    if current is not None and current != ref:
+        raise KeyfenceError(errno.EEXIST, f"{path} already has policy {current}")
+    if current is not None and pad is None:
         return
-    os.setxattr(path, POLICY_XATTR, ref.encode())
+    # the mount checks an existing directory's padding (EEXIST if it differs)
+    value = ref if pad is None else f"{ref} pad={pad}"
+    os.setxattr(path, POLICY_XATTR, value.encode())
 
 
 def cmd_e4crypt(args: argparse.Namespace) -> int:
@@ -199,7 +219,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
             status = 0
             for path in args.paths:
                 try:
-                    set_policy(path, e4.key_description(desc))
+                    set_policy(path, e4.key_description(desc), args.pad)
                 except OSError as err:
                     _policy_error(path, desc, err.errno or errno.EIO)
                     status = 1
@@ -218,7 +238,7 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
         status = 0
         for path in args.paths:
             try:
-                set_policy(path, e4.key_description(desc))
+                set_policy(path, e4.key_description(desc), args.pad)
             except OSError as err:
                 _policy_error(path, desc, err.errno or errno.EIO)
                 status = 1
@@ -228,12 +248,21 @@ def cmd_e4crypt(args: argparse.Namespace) -> int:
     if args.e4command == "get_policy":
         status = 0
         for path in args.paths:
+            # e4crypt's words: perror() when the path is not there, "Error
+            # getting policy" (stdout) when the ioctl fails (ENODATA: none)
+            try:
+                os.stat(path)
+            except OSError as err:
+                print(f"{path}: {os.strerror(err.errno or errno.EIO)}", file=sys.stderr)
+                status = 1
+                continue
             try:
                 if not on_keyfence_mount(path):
                     raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY), path)
                 ref = os.getxattr(path, POLICY_XATTR).decode()
             except OSError as err:
-                print(f"{path}: Error getting policy: {err.strerror}", file=sys.stderr)
+                code = err.errno or errno.EIO
+                print(f"Error getting policy for {path}: {os.strerror(code)}")
                 status = 1
                 continue
             print(f"{path}: {ref.split(':', 1)[-1]}")
@@ -271,11 +300,11 @@ def resolve_directory(path: str, what: str) -> str:
     resolved = os.path.realpath(nonempty_utf8(path, what))
     try:
         os.stat(resolved)
-    except OSError as err:
+    except OSError as err:  # "keyfence mount: PATH: No such file or directory"
         code = err.errno or errno.EIO
-        raise KeyfenceError(code, f"{path}: {os.strerror(code)}") from None
+        raise OSError(code, os.strerror(code), path) from None
     if not os.path.isdir(resolved):
-        raise KeyfenceError(errno.ENOTDIR, f"{path}: {os.strerror(errno.ENOTDIR)}")
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     return resolved
 
 
@@ -322,9 +351,22 @@ KEYRING_HELP = (
     " session keyring @us, as e4crypt does)"
 )
 PAD_HELP = (
-    "pad encrypted file names to a multiple of PAD bytes, so that names of"
-    " nearby lengths look alike: 4, 8, 16 or 32 (default 16, as e4crypt)"
+    "pad file names with NULs to a multiple of PAD bytes (and to at least 16)"
+    " before they are encrypted, so that the ciphertext shows only the padded"
+    " length: 4, 8, 16 or 32, recorded in the directory's policy (default 16;"
+    " e4crypt(8)'s own default is 4)"
 )
+
+
+def padding(text: str) -> int:
+    """A ``-p`` value; e4crypt's words for any other ("Invalid padding 5")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Invalid padding {text}") from None
+    if value not in (4, 8, 16, 32):
+        raise argparse.ArgumentTypeError(f"Invalid padding {value}")
+    return value
 
 
 def seconds(text: str) -> float:
@@ -400,9 +442,7 @@ def add_parsers(sub: Any) -> None:
     add_key.add_argument(
         "-p",
         dest="pad",
-        type=int,
-        choices=(4, 8, 16, 32),
-        default=16,
+        type=padding,
         metavar="PAD",
         help=PAD_HELP,
     )
@@ -413,9 +453,7 @@ def add_parsers(sub: Any) -> None:
     set_p.add_argument(
         "-p",
         dest="pad",
-        type=int,
-        choices=(4, 8, 16, 32),
-        default=16,
+        type=padding,
         metavar="PAD",
         help=PAD_HELP,
     )

@@ -53,17 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     from keyfence.cli import status
 
     status.add_parser(sub)
-    from keyfence.cli import login, pam
+    from keyfence.cli import install_data, login, pam
 
     login.add_parser(sub)
     pam.add_parser(sub)
+    install_data.add_parser(sub)
     return parser
 
 
 def describe_error(err: OSError) -> str:
     """An OSError as a user reads it: the file it is about, then the
     kernel's text (a KeyfenceError's message already says both)."""
-    text = err.strerror or os.strerror(err.errno or 0)
+    if err.strerror is None and err.errno is None:
+        text = str(err)  # an OSError without errno (Python's own): its words
+    else:
+        text = err.strerror or os.strerror(err.errno or 0)
     if err.filename is not None:
         return f"{err.filename}: {text}"
     return text
@@ -114,7 +118,7 @@ def run_daemon_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         logging.basicConfig(level=logging.INFO, format="keyfence daemon: %(message)s")
         return run_daemon(path, private=private, detach=args.detach)
     except OSError as err:  # the socket's directory: missing, not ours, not a directory
-        where = args.socket or "the default socket"
+        where = args.socket or os.environ.get("KEYFENCE_SOCKET") or "the default socket"
         print(f"keyfence daemon: cannot serve {where}: {describe_error(err)}", file=sys.stderr)
         return 1
 

@@ -43,6 +43,7 @@ from keyfence.fs.format import (
     KEY_IDENTIFIER_SIZE,
     MASTER_KEY_SIZE,
     NAME_MAX,
+    NAME_PADDINGS,
     RECORD_SIZE,
     SYMLINK_TARGET_MAX,
     FileHeader,
@@ -56,6 +57,7 @@ from keyfence.fs.format import (
     check_long_name,
     is_long_name,
     long_name_for,
+    padded_name_length,
     sidecar_name,
 )
 
@@ -238,8 +240,8 @@ class MasterKey:
         master = self._usable()
         return FileCipher(derive_file_key(master, file_id), file_id, nonce_source=nonce_source)
 
-    def directory_cipher(self, dir_nonce: bytes) -> DirectoryCipher:
-        return DirectoryCipher(self, dir_nonce)
+    def directory_cipher(self, dir_nonce: bytes, name_padding: int = 0) -> DirectoryCipher:
+        return DirectoryCipher(self, dir_nonce, name_padding)
 
     def __repr__(self) -> str:
         return f"MasterKey(identifier={self._identifier})"
@@ -572,13 +574,18 @@ class DirectoryCipher:
 
     Names: AES-SIV under HKDF-SHA512(master, dir nonce, "keyfence\\0names"),
     associated data the dir nonce, base64url without padding; long encodings
-    become ``kf.long.<hash>`` plus a sidecar.  Symlink targets the same way
-    under the "keyfence\\0symlinks" key, never shortened.
+    become ``kf.long.<hash>`` plus a sidecar.  With ``name_padding`` (the
+    policy's, 4..32) a name is padded with NULs before encryption to
+    :func:`~keyfence.fs.format.padded_name_length`, so its ciphertext tells
+    only that length.  Symlink targets the same way under the
+    "keyfence\\0symlinks" key, never shortened nor padded.
     """
 
-    __slots__ = ("_dir_nonce", "_keys", "_names", "_symlinks")
+    __slots__ = ("_dir_nonce", "_keys", "_name_padding", "_names", "_symlinks")
 
-    def __init__(self, master: MasterKey, dir_nonce: bytes) -> None:
+    def __init__(self, master: MasterKey, dir_nonce: bytes, name_padding: int = 0) -> None:
+        if name_padding != 0 and name_padding not in NAME_PADDINGS:
+            raise FormatError(f"name padding is 4, 8, 16 or 32, not {name_padding!r}")
         self._keys = (
             derive_names_key(master.raw, dir_nonce),
             derive_symlinks_key(master.raw, dir_nonce),
@@ -586,6 +593,7 @@ class DirectoryCipher:
         self._names = AESSIV(self._keys[0])  # each holds its very key object
         self._symlinks = AESSIV(self._keys[1])
         self._dir_nonce = bytes(dir_nonce)
+        self._name_padding = name_padding
 
     def wipe(self) -> None:
         """Zero both derived keys in place; only for a cipher nothing uses
@@ -597,14 +605,18 @@ class DirectoryCipher:
     def for_policy(cls, master: MasterKey, policy: Policy) -> DirectoryCipher:
         if not master.matches(policy.key):
             raise FormatError(f"policy names key {policy.key}, not this key")
-        return cls(master, policy.dir_nonce)
+        return cls(master, policy.dir_nonce, policy.name_padding)
 
     @property
     def dir_nonce(self) -> bytes:
         return self._dir_nonce
 
+    @property
+    def name_padding(self) -> int:
+        return self._name_padding
+
     def __repr__(self) -> str:
-        return f"DirectoryCipher(dir_nonce={self._dir_nonce.hex()})"
+        return f"DirectoryCipher(dir_nonce={self._dir_nonce.hex()}, padding={self._name_padding})"
 
     def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("directory ciphers are not pickled")
@@ -622,7 +634,8 @@ class DirectoryCipher:
             raise KeyfenceError(errno.ENAMETOOLONG)
         if not _valid_name(name):
             raise FormatError("a name is 1..255 bytes without '/' or NUL")
-        full = b64url_encode(self._names.encrypt(bytes(name), [self._dir_nonce]))
+        padded = bytes(name).ljust(padded_name_length(len(name), self._name_padding), b"\x00")
+        full = b64url_encode(self._names.encrypt(padded, [self._dir_nonce]))
         if len(full) > ENCODED_NAME_MAX:
             return EncryptedName(long_name_for(full), full)
         return EncryptedName(full, full)
@@ -657,6 +670,12 @@ class DirectoryCipher:
             name = self._names.decrypt(sealed, [self._dir_nonce])
         except (InvalidTag, ValueError):
             raise IntegrityError(f"name {text!r} failed authentication") from None
+        if self._name_padding:
+            # one padded form per name, so two entries never decrypt alike
+            padded_len = len(name)
+            name = name.rstrip(b"\x00")
+            if padded_name_length(len(name), self._name_padding) != padded_len:
+                raise IntegrityError(f"name {text!r} is not padded as its policy says")
         if not _valid_name(name) or name in _DOT_NAMES:
             raise IntegrityError(f"name {text!r} decrypts to an invalid name")
         return name

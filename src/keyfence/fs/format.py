@@ -33,6 +33,7 @@ __all__ = [
     "BLOCK_OVERHEAD",
     "BLOCK_SIZE",
     "BLOCK_TAG_SIZE",
+    "DEFAULT_NAME_PADDING",
     "DIR_NONCE_SIZE",
     "E4CRYPT_DESCRIPTOR_SIZE",
     "ENCODED_NAME_MAX",
@@ -50,9 +51,13 @@ __all__ = [
     "LONG_NAME_SIDECAR_SUFFIX",
     "MASTER_KEY_SIZE",
     "NAME_MAX",
+    "NAME_PADDINGS",
+    "NAME_PADDING_MIN",
     "POLICY_FILE_NAME",
     "POLICY_MAGIC",
+    "POLICY_PADDED_SIZE",
     "POLICY_SIZE",
+    "POLICY_VERSION_PADDED",
     "PROTECTORS_FILE_NAME",
     "RECORD_SIZE",
     "SIV_TAG_SIZE",
@@ -74,6 +79,7 @@ __all__ = [
     "is_long_name",
     "is_sidecar_name",
     "long_name_for",
+    "padded_name_length",
     "plaintext_size",
     "record_offset",
     "record_size",
@@ -81,7 +87,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-"""Version of the policy record and of the file header written today."""
+"""Version of the file header, and of a policy record without name padding."""
 
 # --- keys ------------------------------------------------------------------
 
@@ -132,6 +138,27 @@ LONG_NAME_SIDECAR_SUFFIX = ".name"
 DIR_NONCE_SIZE = 16
 POLICY_MAGIC = b"KFP1"
 POLICY_SIZE = 40
+"""A version 1 record: names are not padded (every directory made before 3.2)."""
+POLICY_VERSION_PADDED = 2
+POLICY_PADDED_SIZE = 44
+"""A version 2 record: version 1's 40 bytes, a flags byte, 3 reserved bytes."""
+
+NAME_PADDINGS = (4, 8, 16, 32)
+"""e4crypt's ``-p``: names are padded to a multiple of this before encryption."""
+DEFAULT_NAME_PADDING = 16
+NAME_PADDING_MIN = 16
+"""No padded name is shorter (the kernel's FSCRYPT_FNAME_MIN_MSG_LEN)."""
+_PAD_FLAGS_MASK = 0x03  # fscrypt's FSCRYPT_POLICY_FLAGS_PAD_MASK: flags = log2(padding / 4)
+
+
+def padded_name_length(length: int, padding: int) -> int:
+    """How long a name of ``length`` bytes is once padded, as the kernel's
+    fscrypt_fname_encrypted_size(): at least 16, rounded up to a multiple of
+    ``padding``, at most 255.  ``padding`` 0 means no padding (version 1)."""
+    if padding == 0:
+        return length
+    rounded = -(-max(length, NAME_PADDING_MIN) // padding) * padding
+    return min(rounded, NAME_MAX)
 
 
 class FormatError(ValueError):
@@ -346,37 +373,47 @@ class NamesMode(enum.IntEnum):
 
 _POLICY = struct.Struct(">4sBBBB16s16s")
 assert _POLICY.size == POLICY_SIZE
+_POLICY_TAIL = struct.Struct(">B3s")  # version 2: flags, reserved
+assert _POLICY.size + _POLICY_TAIL.size == POLICY_PADDED_SIZE
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A directory's encryption policy, stored in its ``.keyfence-policy``.
 
-    Every encrypted directory has its own record: the key reference and the
-    modes are inherited from the parent, the 16-byte ``dir_nonce`` is fresh.
+    Every encrypted directory has its own record: the key reference, the
+    modes and the name padding are inherited from the parent, the 16-byte
+    ``dir_nonce`` is fresh.  ``name_padding`` is 4, 8, 16 or 32 (e4crypt's
+    ``-p``; a version 2 record), or 0 for a directory made before padding
+    existed (a version 1 record: names are encrypted at their exact length).
     """
 
     key: KeyRef
     dir_nonce: bytes
     contents_mode: ContentsMode = ContentsMode.AES_256_GCM_4K
     names_mode: NamesMode = NamesMode.AES_SIV_B64URL
-    version: int = FORMAT_VERSION
+    name_padding: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, KeyRef):
             raise FormatError("policy key must be a KeyRef")
         if not isinstance(self.dir_nonce, bytes) or len(self.dir_nonce) != DIR_NONCE_SIZE:
             raise FormatError(f"a directory nonce is {DIR_NONCE_SIZE} bytes")
-        if self.version != FORMAT_VERSION:
-            raise FormatError(f"unsupported policy version {self.version}")
         if not isinstance(self.contents_mode, ContentsMode):
             raise FormatError(f"unknown contents mode {self.contents_mode!r}")
         if not isinstance(self.names_mode, NamesMode):
             raise FormatError(f"unknown names mode {self.names_mode!r}")
+        if self.name_padding != 0 and self.name_padding not in NAME_PADDINGS:
+            raise FormatError(f"name padding is 4, 8, 16 or 32, not {self.name_padding!r}")
+
+    @property
+    def version(self) -> int:
+        """The record's version: 1 without name padding, 2 with it."""
+        return POLICY_VERSION_PADDED if self.name_padding else FORMAT_VERSION
 
     def serialize(self) -> bytes:
-        """The 40-byte record (see ``docs/format.md``)."""
-        return _POLICY.pack(
+        """The 40-byte (version 1) or 44-byte (version 2) record (``docs/format.md``)."""
+        head = _POLICY.pack(
             POLICY_MAGIC,
             self.version,
             self.key.kind,
@@ -385,17 +422,29 @@ class Policy:
             self.key.value.ljust(16, b"\x00"),
             self.dir_nonce,
         )
+        if not self.name_padding:
+            return head
+        flags = NAME_PADDINGS.index(self.name_padding)
+        return head + _POLICY_TAIL.pack(flags, bytes(3))
 
     @classmethod
     def parse(cls, data: bytes) -> Policy:
         """Parse a record; anything malformed raises :class:`FormatError`."""
-        if len(data) != POLICY_SIZE:
-            raise FormatError(f"policy record is {len(data)} bytes, expected {POLICY_SIZE}")
-        magic, version, kind, contents, names, ref, nonce = _POLICY.unpack(data)
+        if len(data) not in (POLICY_SIZE, POLICY_PADDED_SIZE):
+            raise FormatError(
+                f"policy record is {len(data)} bytes, expected {POLICY_SIZE}"
+                f" or {POLICY_PADDED_SIZE}"
+            )
+        magic, version, kind, contents, names, ref, nonce = _POLICY.unpack_from(data)
         if magic != POLICY_MAGIC:
             raise FormatError("not a keyfence policy record (bad magic)")
-        if version != FORMAT_VERSION:
+        sizes = {FORMAT_VERSION: POLICY_SIZE, POLICY_VERSION_PADDED: POLICY_PADDED_SIZE}
+        if version not in sizes:
             raise FormatError(f"unsupported policy version {version}")
+        if len(data) != sizes[version]:
+            raise FormatError(
+                f"a version {version} policy record is {sizes[version]} bytes, not {len(data)}"
+            )
         try:
             key_kind = KeyKind(kind)
         except ValueError:
@@ -411,24 +460,32 @@ class Policy:
         size = _KEY_REF_SIZES[key_kind]
         if any(ref[size:]):
             raise FormatError("key reference padding is not zero")
-        return cls(KeyRef(key_kind, ref[:size]), nonce, contents_mode, names_mode, version)
+        padding = 0
+        if version == POLICY_VERSION_PADDED:
+            flags, reserved = _POLICY_TAIL.unpack_from(data, POLICY_SIZE)
+            if flags & ~_PAD_FLAGS_MASK:
+                raise FormatError(f"unknown policy flags {flags:#04x}")
+            if any(reserved):
+                raise FormatError("policy reserved bytes are not zero")
+            padding = NAME_PADDINGS[flags]
+        return cls(KeyRef(key_kind, ref[:size]), nonce, contents_mode, names_mode, padding)
 
     def same_key_and_modes(self, other: Policy) -> bool:
         """Whether two policies differ at most in their directory nonce.
 
         Rename and link across directories are allowed only then (EXDEV
-        otherwise, as fscrypt does).
+        otherwise, as fscrypt does: the padding is part of the policy).
         """
         return (
             self.key == other.key
             and self.contents_mode == other.contents_mode
             and self.names_mode == other.names_mode
-            and self.version == other.version
+            and self.name_padding == other.name_padding
         )
 
     def with_nonce(self, dir_nonce: bytes) -> Policy:
         """The policy a new subdirectory inherits, with its own nonce."""
-        return Policy(self.key, dir_nonce, self.contents_mode, self.names_mode, self.version)
+        return Policy(self.key, dir_nonce, self.contents_mode, self.names_mode, self.name_padding)
 
 
 # --- file header -----------------------------------------------------------

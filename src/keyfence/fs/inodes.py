@@ -47,7 +47,7 @@ from keyfence.fs import syscalls
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName
 from keyfence.fs.format import (
     POLICY_FILE_NAME,
-    POLICY_SIZE,
+    POLICY_PADDED_SIZE,
     FormatError,
     Policy,
 )
@@ -62,7 +62,7 @@ ROOT_INODE = 1
 def read_policy(dir_fd: int) -> Policy | None:
     """The policy of a backing directory (a descriptor of it), None if it
     is not encrypted.  A malformed record raises :class:`FormatError`."""
-    data = syscalls.read_small(dir_fd, POLICY_FILE_NAME, POLICY_SIZE + 1)
+    data = syscalls.read_small(dir_fd, POLICY_FILE_NAME, POLICY_PADDED_SIZE + 1)
     return None if data is None else Policy.parse(data)
 
 

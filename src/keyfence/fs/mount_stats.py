@@ -67,9 +67,8 @@ def policy_options(policy: Policy) -> dict[str, Any]:
         "filenames": policy.names_mode.label,
         "policy_version": policy.version,
     }
-    padding = getattr(policy, "padding", None)
-    if isinstance(padding, int) and padding > 0:
-        out["padding"] = padding
+    if policy.name_padding:
+        out["padding"] = policy.name_padding
     return out
 
 

@@ -55,7 +55,9 @@ from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
+    DEFAULT_NAME_PADDING,
     DIR_NONCE_SIZE,
+    NAME_PADDINGS,
     POLICY_FILE_NAME,
     PROTECTORS_FILE_NAME,
     FormatError,
@@ -1323,19 +1325,15 @@ class KeyfenceOperations(pyfuse3.Operations):
         """setxattr user.keyfence.policy: encrypt an empty directory."""
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        try:
-            ref = KeyRef.from_description(value.decode("ascii").strip())
-        except (UnicodeDecodeError, FormatError):
-            raise _err(
-                errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>"
-            ) from None
+        ref, padding = _policy_request(value)
         if node.policy_error is not None:
             raise IntegrityError(f"bad encryption policy: {node.policy_error}")
         st = os.fstat(self.table.dir_fd(node.ino))
         if ctx.uid != 0 and ctx.uid != st.st_uid:
             raise _err(errno.EACCES)
         if node.policy is not None:
-            if node.policy.key == ref:
+            # as the kernel: the same policy again is fine, another is EEXIST
+            if node.policy.key == ref and padding in (None, node.policy.name_padding):
                 return
             raise _err(errno.EEXIST, "the directory already has another policy")
         if sc.listdir_fd(self.table.dir_fd(node.ino)):
@@ -1343,7 +1341,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         master = await self.keys.unlock(ref, ctx.pid)
         if master is None:
             raise _err(errno.ENOKEY, str(ref))
-        policy = Policy(ref, os.urandom(DIR_NONCE_SIZE))
+        policy = Policy(
+            ref, os.urandom(DIR_NONCE_SIZE), name_padding=padding or DEFAULT_NAME_PADDING
+        )
         d_fd = self.table.dir_fd(node.ino)
         if sc.listdir_fd(d_fd):  # filled while the key was looked up
             raise _err(errno.ENOTEMPTY)
@@ -1604,6 +1604,23 @@ class KeyfenceOperations(pyfuse3.Operations):
 
 RENAME_NOREPLACE = int(pyfuse3.RENAME_NOREPLACE)
 RENAME_EXCHANGE = int(pyfuse3.RENAME_EXCHANGE)
+
+
+def _policy_request(value: bytes) -> tuple[KeyRef, int | None]:
+    """A ``user.keyfence.policy`` value being set: ``REF`` or ``REF pad=N``
+    (e4crypt's ``-p``; without it a new directory gets the default and an
+    encrypted one keeps its own)."""
+    words = value.decode("ascii", errors="replace").split()
+    try:
+        ref = KeyRef.from_description(words[0] if words else "")
+    except FormatError:
+        raise _err(errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>") from None
+    if len(words) == 1:
+        return ref, None
+    pad = words[1].removeprefix("pad=")
+    if len(words) > 2 or not words[1].startswith("pad=") or pad not in map(str, NAME_PADDINGS):
+        raise _err(errno.EINVAL, "a policy is REF or REF pad=4|8|16|32")
+    return ref, int(pad)
 
 
 def _write_policy(dir_fd: int, policy: Policy, *, sync: bool = False) -> None:

@@ -31,6 +31,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -136,7 +137,14 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # stale: its daemon no longer holds the lock
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self.path)
+            try:
+                listener.bind(self.path)
+            except OSError as err:
+                listener.close()
+                if err.errno is None:  # "AF_UNIX path too long": bind(2)'s own word
+                    code = errno.ENAMETOOLONG
+                    raise OSError(code, os.strerror(code), self.path) from None
+                raise
             os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
             listener.listen(128)
         self._listener = listener
@@ -326,6 +334,35 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _let_go_of_the_terminal(path: str) -> None:
+    """A detached daemon keeps no terminal or pipe of its caller open (a
+    ``$(keyfence daemon --detach)`` or a test reading its output would wait
+    for the daemon's exit): standard input from /dev/null, and output that
+    does not already go to a file (the client's autostart log) to
+    ``SOCKET.log`` beside the socket, as an autostarted daemon's."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if all(_is_regular_file(fd) for fd in (1, 2)):
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        log = os.open(path + ".log", flags, 0o600)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if not _is_regular_file(fd):
+            os.dup2(log, fd)
+    os.close(log)
+
+
+def _is_regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def run_daemon(
     path: str,
     *,
@@ -355,6 +392,7 @@ def run_daemon(
         if os.fork():
             os._exit(0)
         os.setsid()
+        _let_go_of_the_terminal(path)
         daemon.record_pid()
     # the socket accepts from here on (connections wait in its backlog)
     systemd.take_notify_socket()

@@ -1,4 +1,5 @@
-"""Write the frozen test vectors of the on-disk format (version 1).
+"""Write the frozen test vectors of the on-disk format (version 1, and 3.2's
+name padding, policy version 2).
 
 Run once: ``.venv/bin/python tests/fs/vectors/generate.py``.  It refuses to
 overwrite existing files: the vectors pin the format, so a file written
@@ -26,7 +27,7 @@ from keyfence.fs.crypto import (
     derive_names_key,
     derive_symlinks_key,
 )
-from keyfence.fs.format import FileHeader, KeyKind, Policy
+from keyfence.fs.format import NAME_PADDINGS, FileHeader, KeyKind, Policy, padded_name_length
 from keyfence.fs.protector import LoginProtector, Protectors, ScryptParams
 
 HERE = Path(__file__).parent
@@ -183,7 +184,51 @@ def build() -> dict[str, Any]:
         ]
     }
     vectors["protectors.json"] = protectors_vector(by_id)
+    vectors.update(padded_vectors(master))
     return vectors
+
+
+PADDED_NAMES = [b"a", b"hello.txt", b"exactly-16-bytes", b"seventeen-bytes-x", b"x" * 160]
+
+
+def padded_vectors(master: MasterKey) -> dict[str, Any]:
+    """Added with format.md 3.2 (name padding, policy version 2): the same
+    names under each padding, and a version 2 policy record for each."""
+    paddings = []
+    records = []
+    for padding in NAME_PADDINGS:
+        directory = master.directory_cipher(DIR_NONCE, padding)
+        names = []
+        for name in PADDED_NAMES:
+            enc = directory.encrypt_name(name)
+            names.append(
+                {
+                    "name": name.hex(),
+                    "padded_length": padded_name_length(len(name), padding),
+                    "disk_name": enc.disk_name,
+                    "full": enc.full,
+                }
+            )
+        paddings.append({"padding": padding, "names": names})
+        policy = Policy(master.key_ref(KeyKind.IDENTIFIER), DIR_NONCE, name_padding=padding)
+        records.append(
+            {
+                "key_kind": "identifier",
+                "key": policy.key.hex,
+                "dir_nonce": DIR_NONCE.hex(),
+                "name_padding": padding,
+                "version": policy.version,
+                "record": policy.serialize().hex(),
+            }
+        )
+    return {
+        "names_padded.json": {
+            "master_key": MASTER.hex(),
+            "dir_nonce": DIR_NONCE.hex(),
+            "paddings": paddings,
+        },
+        "policy_padded.json": {"records": records},
+    }
 
 
 PROTECTOR_UID = 1000
