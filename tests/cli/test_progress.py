@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from keyfence.cli.progress import ERASE, Progress, bar, progress_text
+from keyfence.cli.progress import ERASE, ProgressDisplay, bar, progress_text
 from keyfence.client import RemovalStatus
 from tests.cli.test_kfctl import BlockingWatcher, Daemon, _client
 from tests.cli.test_kfctl import daemon as daemon  # the fixture
@@ -51,7 +51,7 @@ def snapshot(left: int | None, elapsed: float, key: int = 7) -> RemovalStatus:
 def test_plain_lines_once_a_second_and_none_for_a_quick_operation() -> None:
     now = [100.0]
     out = io.StringIO()
-    progress = Progress("kfctl", "clear", out, live=False, clock=lambda: now[0])
+    progress = ProgressDisplay("kfctl", "clear", out, live=False, clock=lambda: now[0])
     for step in range(25):  # 2.5 s of snapshots every 0.1 s
         now[0] = 100.0 + step / 10
         progress(snapshot((25 - step) << 20, step / 10))
@@ -61,7 +61,7 @@ def test_plain_lines_once_a_second_and_none_for_a_quick_operation() -> None:
     assert lines[0].startswith("kfctl clear: waiting 1.0s for 1 key user, 15.0 MiB left")
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
     quick = io.StringIO()
-    with Progress("kfctl", "clear", quick, live=False, clock=lambda: 0.0) as p:
+    with ProgressDisplay("kfctl", "clear", quick, live=False, clock=lambda: 0.0) as p:
         p(snapshot(1 << 20, 0.01))
     assert quick.getvalue() == ""
 
@@ -70,7 +70,7 @@ def test_a_live_line_with_a_bar_erased_when_done(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("COLUMNS", "200")  # StringIO has no size: shutil's fallback
     now = [0.0]
     out = io.StringIO()
-    with Progress("keyfence", "lock", out, live=True, clock=lambda: now[0]) as progress:
+    with ProgressDisplay("keyfence", "lock", out, live=True, clock=lambda: now[0]) as progress:
         progress(snapshot(4 << 20, 0.0))
         now[0] = 0.05
         progress(snapshot(3 << 20, 0.05))  # within 0.1 s of the last draw: skipped

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from keyfence.cli.progress import Progress
+from keyfence.cli.progress import ProgressDisplay
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat as e4
@@ -155,7 +155,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         print(f"{path}: locked")
         return 0
 
-    with Client.connect() as client, Progress("keyfence", "lock") as progress:
+    with Client.connect() as client, ProgressDisplay("keyfence", "lock") as progress:
         for _ in range(64):
             serial = status.get("serial")
             if status.get("state") != "unlocked" or not isinstance(serial, int):
@@ -195,7 +195,7 @@ def _remove_own_key(ref: str, args: argparse.Namespace) -> bool:
                 if err.errno in (errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED):
                     continue
                 raise
-            with Progress("keyfence", "lock") as progress:
+            with ProgressDisplay("keyfence", "lock") as progress:
                 client.lock_filesystem_key(
                     serial,
                     timeout=args.timeout,

@@ -320,9 +320,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     # not stat(): that would ask the mount itself, which may be the stuck one
     mountpoint = os.path.realpath(nonempty_utf8(args.mountpoint, "mount point"))
-    from keyfence.cli.progress import Progress
+    from keyfence.cli.progress import ProgressDisplay
 
-    with Client.connect() as client, Progress("keyfence", "umount") as progress:
+    with Client.connect() as client, ProgressDisplay("keyfence", "umount") as progress:
         client.umount(mountpoint, progress=progress)
     return 0
 

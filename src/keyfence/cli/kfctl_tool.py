@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from keyfence.cli.kfctl_text import Description, NameLookup
-    from keyfence.cli.progress import Progress
+    from keyfence.cli.progress import ProgressDisplay
     from keyfence.client import Client
 
 KEY_SPEC_SESSION_KEYRING = -3
@@ -103,7 +103,7 @@ class Kfctl:
         self._line_buffered = os.isatty(1)
         self.timeout: float | None = None
         self.emergency = False
-        self.progress: Progress | None = None
+        self.progress: ProgressDisplay | None = None
         self._groups: frozenset[int] | None = None
 
     # -- output, buffered as C's stdio does (whatever PYTHONUNBUFFERED says):
@@ -223,9 +223,9 @@ class Kfctl:
             options["emergency"] = True
         else:
             if self.progress is None:
-                from keyfence.cli.progress import Progress
+                from keyfence.cli.progress import ProgressDisplay
 
-                self.progress = Progress(self.prog, command, sys.stderr)
+                self.progress = ProgressDisplay(self.prog, command, sys.stderr)
             options["progress"] = self.progress
         return options
 

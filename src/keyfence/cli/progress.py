@@ -4,7 +4,7 @@
 ``keyfence lock`` and ``keyfence umount`` wait for someone to write data
 back: the key users of a removal (a mount flushing what it wrote with the
 key), or a mount's own worker.  The daemon sends status snapshots while
-they work (:class:`keyfence.client.RemovalStatus`); a :class:`Progress` is
+they work (:class:`keyfence.client.RemovalStatus`); a :class:`ProgressDisplay` is
 the callable the client calls with them, and shows them on standard error:
 
 * on a terminal, one live line, redrawn at most 10 times a second: a bar
@@ -117,7 +117,7 @@ class _Aged:
         self.elapsed = elapsed
 
 
-class Progress:
+class ProgressDisplay:
     """The client's ``progress=`` callable for one command; also a context
     manager that erases (terminal) what it drew when the command is done.
 
@@ -224,7 +224,7 @@ class Progress:
                 self._write(ERASE)
                 self._drawn = False
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> ProgressDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:

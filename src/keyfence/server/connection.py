@@ -36,7 +36,7 @@ from keyfence.server import limits
 
 if TYPE_CHECKING:
     from keyfence.server.internal import DaemonParts
-    from keyfence.server.mounts import Mount
+    from keyfence.server.mounts import SupervisedMount
 
 log = logging.getLogger("keyfence.daemon")
 
@@ -110,7 +110,7 @@ class Connection:
         caller: Caller,
         sid: int,
         *,
-        mount: Mount | None = None,
+        mount: SupervisedMount | None = None,
     ) -> None:
         self.daemon = daemon
         self.sock = sock

@@ -45,8 +45,9 @@ from keyfence.server.connection import SERVER_NAME, Connection
 from keyfence.server.lanes import Lanes
 from keyfence.server.limits import MAX_INFLIGHT, UidLimits
 from keyfence.server.loop import Loop
-from keyfence.server.mounts import Mount, MountSupervisor
+from keyfence.server.mounts import MountSupervisor, SupervisedMount
 from keyfence.server.optable import OPERATIONS
+from keyfence.server.sessions import SessionTracker
 
 __all__ = [
     "MAX_INFLIGHT",
@@ -88,7 +89,7 @@ class Daemon:
         self.service = service or KeyService()
         request_key_runner.install(self.service, path)
         self.private_uid = private_uid
-        self.sessions = identity.SessionRegistry()
+        self.sessions = SessionTracker()
         self.limits = UidLimits()
         self.lanes = Lanes()
         self._conns: set[Connection] = set()
@@ -194,7 +195,7 @@ class Daemon:
             self._conns.add(conn)
         return conn
 
-    def adopt(self, sock: socket.socket, caller: Caller, mount: Mount) -> None:
+    def adopt(self, sock: socket.socket, caller: Caller, mount: SupervisedMount) -> None:
         """Serve a mount worker's private channel (made by us at spawn)."""
         conn = Connection(self, sock, caller, 0, mount=mount)
         conn.greeted = False

@@ -33,9 +33,6 @@ _CRED = struct.Struct("3i")
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 """Linux >= 6.5."""
 
-SessionRegistry = SessionTracker
-"""The daemon's name for the tracker (server/sessions.py)."""
-
 
 @dataclass(frozen=True, slots=True)
 class ProcInfo:

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from keyfence.keys import KeyService
     from keyfence.keys.caller import Caller
     from keyfence.keys.fence import RemovalProgress
-    from keyfence.server.identity import SessionRegistry
     from keyfence.server.lanes import Lanes
     from keyfence.server.limits import UidLimits
+    from keyfence.server.sessions import SessionTracker
 
 
 class LoopParts(Protocol):
@@ -66,7 +66,7 @@ class DaemonParts(Protocol):
     def service(self) -> KeyService: ...
 
     @property
-    def sessions(self) -> SessionRegistry: ...
+    def sessions(self) -> SessionTracker: ...
 
     @property
     def limits(self) -> UidLimits: ...

@@ -55,7 +55,11 @@ MAX_FINDERS = 1024
 
 
 @dataclass
-class Mount:
+class SupervisedMount:
+    """One mount worker as the daemon keeps it: what it serves, its process
+    and what it last reported (tests' own mounts are keyfence.testing's
+    ``Mount``)."""
+
     backing: str
     mountpoint: str
     owner: int
@@ -204,7 +208,7 @@ def _keyfence_devices_at(mountpoint: str) -> set[str]:
 
 
 def _tell_unmount_progress(
-    mount: Mount, progress: Callable[[RemovalProgress], None], done: threading.Event
+    mount: SupervisedMount, progress: Callable[[RemovalProgress], None], done: threading.Event
 ) -> None:
     """Every 0.25 s until ``done``: what the worker still has to write."""
     start = time.monotonic()
@@ -222,7 +226,7 @@ UNMOUNT_WAIT_MAX = 3600.0
 """However well a worker says it is doing, an unmount waits no longer."""
 
 
-def _wait_for_write_back(mount: Mount, timeout: float) -> None:
+def _wait_for_write_back(mount: SupervisedMount, timeout: float) -> None:
     """Until the worker exits; ETIMEDOUT after ``timeout`` s in which what
     it reports (bytes left, phase) did not change -- a slow disk that keeps
     writing is waited for -- and after :data:`UNMOUNT_WAIT_MAX` in any case
@@ -249,7 +253,7 @@ class MountSupervisor:
     def __init__(self, daemon: DaemonParts) -> None:
         self.daemon = daemon
         self._lock = threading.Lock()
-        self._mounts: dict[str, Mount] = {}
+        self._mounts: dict[str, SupervisedMount] = {}
 
     # -- client operations
 
@@ -283,7 +287,7 @@ class MountSupervisor:
 
     def _spawn(
         self, caller: Caller, request: CheckedRequest, worker_args: list[str], allow_other: bool
-    ) -> Mount:
+    ) -> SupervisedMount:
         uid, gid = caller.uid, caller.gid
         root = os.geteuid() == 0
         allow_other = allow_other or uid == 0
@@ -345,7 +349,7 @@ class MountSupervisor:
             if fuse_fd is not None:
                 os.close(fuse_fd)
             theirs.close()
-        mount = Mount(
+        mount = SupervisedMount(
             request.backing,
             request.mountpoint,
             uid,
@@ -379,7 +383,7 @@ class MountSupervisor:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return path, os.open(path, flags, 0o600)
 
-    def _wait_ready(self, mount: Mount) -> None:
+    def _wait_ready(self, mount: SupervisedMount) -> None:
         process = mount.process
         threading.Thread(
             target=self._supervise, args=(mount,), name="keyfence-mount", daemon=True
@@ -449,7 +453,7 @@ class MountSupervisor:
                     del self._mounts[m.mountpoint]
         return shown
 
-    def _unmount(self, mount: Mount, lazy: bool = False) -> tuple[bool, str]:
+    def _unmount(self, mount: SupervisedMount, lazy: bool = False) -> tuple[bool, str]:
         """Unmount through the pinned descriptor (root daemon), else with
         ``fusermount3 -u`` (a per-user daemon: its own mounts).  (done, why not)."""
         if mount.pinned_fd is not None:
@@ -469,7 +473,9 @@ class MountSupervisor:
 
     # -- worker operations (private channel only)
 
-    def find_key(self, mount: Mount, pid: int, descriptions: list[str]) -> list[Any] | None:
+    def find_key(
+        self, mount: SupervisedMount, pid: int, descriptions: list[str]
+    ) -> list[Any] | None:
         """The first of ``descriptions`` reachable from process ``pid``'s
         keyrings, with that process's rights (owner, possessor), as the
         kernel does for a request.  A user's mount is given only keys found
@@ -500,13 +506,13 @@ class MountSupervisor:
         return None
 
     @staticmethod
-    def watcher(mount: Mount, serial: int) -> Caller | None:
+    def watcher(mount: SupervisedMount, serial: int) -> Caller | None:
         """Who watches key ``serial`` for ``mount``: the process it was found
         for (possessor, or owner), so the watch needs no right the
         request did not have."""
         return mount.finders.pop(serial, None)
 
-    def report(self, mount: Mount, event: str, detail: Any) -> None:
+    def report(self, mount: SupervisedMount, event: str, detail: Any) -> None:
         if event in ("ready", "mounted"):
             mount.state = "mounted"
             mount.ready.set()
@@ -529,7 +535,7 @@ class MountSupervisor:
             log.warning("a mount of uid %d dropped %s files in an emergency", mount.owner, count)
 
     @staticmethod
-    def _set_readahead(mount: Mount, device: Any, kb: Any) -> None:
+    def _set_readahead(mount: SupervisedMount, device: Any, kb: Any) -> None:
         """A user's worker cannot write its mount's bdi ``read_ahead_kb``
         (root's only): we do, for the device mountinfo shows at that mount's
         mount point as a keyfence mount, and nothing else."""
@@ -542,7 +548,7 @@ class MountSupervisor:
 
     # -- supervision
 
-    def _supervise(self, mount: Mount) -> None:
+    def _supervise(self, mount: SupervisedMount) -> None:
         code = mount.process.wait()
         expected = mount.state in ("unmounting", "stopped")
         if not expected:
@@ -564,7 +570,7 @@ class MountSupervisor:
         mount.ready.set()
 
     @staticmethod
-    def _stderr_tail(mount: Mount) -> str:
+    def _stderr_tail(mount: SupervisedMount) -> str:
         try:
             with open(mount.stderr_path, errors="replace") as f:
                 return f.read()[-2000:].strip()

@@ -5,7 +5,7 @@ The suite is vendored in ``third_party/pjdfstest`` (BSD-2, upstream commit in
 into a temporary directory (the ``-D`` flags stand in for autotools'
 ``config.h`` on Linux/glibc) beside a copy of ``tests/``; :func:`run` runs
 ``prove -r -v`` there with the target directory as the working directory and
-parses the TAP into one :class:`Outcome` per test.  It must run as root:
+parses the TAP into one :class:`TapResult` per test.  It must run as root:
 pjdfstest switches uids and gids itself.
 
 Every system runs the same plan: the suite picks some tests by the
@@ -86,7 +86,7 @@ def built() -> Iterator[Path]:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class TapResult:
     """One test: ``chmod/00.t:5``, whether it passed, what it printed."""
 
     file: str
@@ -101,7 +101,7 @@ class Outcome:
 
 @dataclass
 class Result:
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[TapResult] = field(default_factory=list)
     files: int = 0
     failed_files: set[str] = field(default_factory=set)
     seconds: float = 0.0
@@ -112,7 +112,7 @@ class Result:
         return sum(o.passed for o in self.outcomes)
 
     @property
-    def failed(self) -> list[Outcome]:
+    def failed(self) -> list[TapResult]:
         return [o for o in self.outcomes if not o.passed]
 
     def figure(self) -> str:
@@ -133,14 +133,14 @@ def parse(tap: str) -> Result:
     result = Result()
     current: str | None = None
     plan = 0
-    seen: dict[int, Outcome] = {}
+    seen: dict[int, TapResult] = {}
 
     def close() -> None:
         if current is None:
             return
         result.files += 1
         for number in range(1, max(plan, max(seen, default=0)) + 1):
-            outcome = seen.get(number) or Outcome(current, number, False, "not run")
+            outcome = seen.get(number) or TapResult(current, number, False, "not run")
             result.outcomes.append(outcome)
             if not outcome.passed:
                 result.failed_files.add(current)
@@ -158,7 +158,7 @@ def parse(tap: str) -> Result:
         elif m := _TEST.match(raw):
             number = int(m.group(2))
             ok = m.group(1) == "ok" or "# TODO" in m.group(3)
-            seen[number] = Outcome(current, number, ok, raw.strip())
+            seen[number] = TapResult(current, number, ok, raw.strip())
     close()
     return result
 
