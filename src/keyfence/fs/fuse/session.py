@@ -119,6 +119,8 @@ class Session:
         self.waiting: set[int] = set()
         """``unique`` of the requests whose handlers are suspended."""
         self._buffers: list[bytearray] = []
+        self.buffers: list[bytearray] = []
+        """Every request buffer made (at most ``max_tasks`` + 1): what tests scan."""
         self._slots = trio.Semaphore(self.options.max_tasks)
         self._nursery: trio.Nursery | None = None
         self._wait_scope: trio.CancelScope | None = None
@@ -146,7 +148,11 @@ class Session:
             self._wait_scope.cancel()
 
     async def _reader(self) -> None:
-        buf = self._buffers.pop() if self._buffers else bytearray(p.BUFFER_SIZE)
+        if self._buffers:
+            buf = self._buffers.pop()
+        else:
+            buf = bytearray(p.BUFFER_SIZE)
+            self.buffers.append(buf)
         view = memoryview(buf)
         address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         every = self.options.checkpoint_every
@@ -184,8 +190,7 @@ class Session:
                 if self.requests % every == 0:
                     await trio.lowlevel.checkpoint()
         finally:
-            if len(self._buffers) < 4:
-                self._buffers.append(buf)
+            self._buffers.append(buf)
 
     async def _request(self, buf: bytearray, view: memoryview, n: int) -> bool:
         """Serve one request; True when its handler suspended and this
