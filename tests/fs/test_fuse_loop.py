@@ -450,3 +450,80 @@ def test_worker_serves_keyfence_through_its_own_loop(worker: Mount) -> None:
         io.close()
     with pytest.raises(FileNotFoundError):
         os.stat(d / "moved")
+
+
+# ------------------------------------- malformed requests (no kernel sends these)
+
+
+class Piped:
+    """A session whose "/dev/fuse" is a pipe: each answer is read back."""
+
+    def __init__(self) -> None:
+        self.r, w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.session = Session(CornerFS(), w)
+        self.session.initialized = True
+
+    def ask(self, request: bytes) -> bytes | None:
+        buf = bytearray(protocol.BUFFER_SIZE)
+        buf[: len(request)] = request
+        trio.run(self.session._request, buf, memoryview(buf), len(request))
+        try:
+            return os.read(self.r, 1 << 16)
+        except BlockingIOError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.session.fd)
+
+
+@pytest.fixture
+def piped() -> Iterator[Piped]:
+    p = Piped()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _header(length: int, opcode: int, unique: int, nodeid: int = 1) -> bytes:
+    return protocol.IN_HEADER.pack(length, opcode, unique, nodeid, 0, 0, os.getpid(), 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("opcode", "body"),
+    [
+        (protocol.LOOKUP, b"no-terminating-nul"),
+        (protocol.LOOKUP, b""),
+        (protocol.READ, b"\x01\x02"),
+        (protocol.WRITE, protocol.WRITE_IN.pack(3, 0, 4096, 0, 0, 0, 0) + b"short"),
+        (protocol.SYMLINK, b"only-one-name\0"),
+        (protocol.SETXATTR, protocol.SETXATTR_IN.pack(99, 0) + b"user.x\0tiny"),
+        (protocol.INIT, b"\x07"),
+    ],
+)
+def test_malformed_bodies_are_answered_eio(piped: Piped, opcode: int, body: bytes) -> None:
+    answer = piped.ask(_header(protocol.IN_HEADER.size + len(body), opcode, 77) + body)
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.EIO, 77)
+
+
+def test_malformed_forgets_are_dropped(piped: Piped) -> None:
+    body = protocol.BATCH_FORGET_IN.pack(1000, 0)  # 1,000 announced, none there
+    size = protocol.IN_HEADER.size + len(body)
+    assert piped.ask(_header(size, protocol.BATCH_FORGET, 9) + body) is None
+    assert piped.ask(_header(protocol.IN_HEADER.size, protocol.FORGET, 10)) is None
+    assert piped.ask(_header(size + 8, protocol.FORGET, 11) + body) is None  # a lying length
+
+
+def test_a_length_that_lies_is_eio(piped: Piped) -> None:
+    answer = piped.ask(_header(999, protocol.GETATTR, 5) + protocol.GETATTR_IN.pack(0, 0, 0))
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.EIO, 5)
+
+
+def test_an_unknown_opcode_is_enosys(piped: Piped) -> None:
+    answer = piped.ask(_header(protocol.IN_HEADER.size, 4242, 6))
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.ENOSYS, 6)

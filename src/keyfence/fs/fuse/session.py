@@ -201,7 +201,8 @@ class Session:
         length, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(buf)
         if length != n:
             log.error("request %d: %d bytes announced, %d read", unique, length, n)
-            self._answer_error(unique, errno.EIO)
+            if opcode not in p.NO_REPLY:
+                self._answer_error(unique, errno.EIO)
             return False
         body = view[p.IN_HEADER.size : n]
         if opcode == p.INIT:
