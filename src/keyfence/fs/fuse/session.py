@@ -35,7 +35,6 @@ running have finished.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -91,6 +90,13 @@ def _resume(coro: Coroutine[Any, Any, Answer], trap: Any) -> Generator[Any, Any,
                 value = coro.send(sent)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
+
+
+_ZEROS = memoryview(bytes(p.BUFFER_SIZE))
+"""What request buffers are zeroed from: a copy that keeps the GIL.
+(``ctypes.memset`` lets go of the GIL and must take it back: with another
+thread busy in Python, that costs up to the 5 ms switch interval, per
+request.)"""
 
 
 def _errno_of(err: FUSEError) -> int:
@@ -154,7 +160,6 @@ class Session:
             buf = bytearray(p.BUFFER_SIZE)
             self.buffers.append(buf)
         view = memoryview(buf)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         every = self.options.checkpoint_every
         fd = self.fd
         try:
@@ -184,7 +189,7 @@ class Session:
                     handed_off = await self._request(buf, view, n)
                 finally:
                     if not handed_off:
-                        ctypes.memset(address, 0, n)
+                        view[:n] = _ZEROS[:n]
                 if handed_off:
                     return  # this task served a suspended handler; another reads
                 if self.requests % every == 0:
@@ -260,7 +265,7 @@ class Session:
         finally:
             self.waiting.discard(unique)
             self._slots.release()
-            ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 0, n)
+            memoryview(buf)[:n] = _ZEROS[:n]
 
     def _failed(self, unique: int, opcode: int, err: BaseException) -> None:
         if isinstance(err, FUSEError):
