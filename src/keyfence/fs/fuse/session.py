@@ -167,6 +167,8 @@ class Session:
                 if self._slots.value == 0:  # max_tasks handlers waiting
                     await self._slots.acquire()
                     self._slots.release()
+                    if self.stopping:
+                        break
                 try:
                     n = os.readv(fd, [buf])
                 except BlockingIOError:
