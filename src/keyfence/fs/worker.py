@@ -20,8 +20,8 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
     --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
-    --fuse-loop LOOP       the FUSE request loop: pyfuse3 (libfuse's) or keyfence
-                           (fs/fuse/, our own); default $KEYFENCE_FUSE_LOOP or pyfuse3
+    --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
+                           pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
 
 There is no way to hand libfuse a raw option: the FUSE options are made
 here (``nosuid,nodev`` always, ``default_permissions``, ``allow_other``
@@ -111,10 +111,9 @@ FUSE_LOOPS = ("pyfuse3", "keyfence")
 
 def default_fuse_loop() -> str:
     """``$KEYFENCE_FUSE_LOOP`` when it names a loop (tests run whole
-    directories either way with it), else pyfuse3 (keyfence's own loop
-    is opt-in until the chaos test's lock race is understood: docs/performance.md)."""
+    directories either way with it), else keyfence's own."""
     chosen = os.environ.get("KEYFENCE_FUSE_LOOP", "")
-    return chosen if chosen in FUSE_LOOPS else "pyfuse3"
+    return chosen if chosen in FUSE_LOOPS else "keyfence"
 
 
 def _mount_device(mountpoint: str) -> str | None:
@@ -346,7 +345,7 @@ def run(
     backing_fd: int | None = None,
     fuse_fd: int | None = None,
     mountpoint_fd: int | None = None,
-    fuse_loop: str = "pyfuse3",
+    fuse_loop: str = "keyfence",
 ) -> int:
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel

@@ -105,7 +105,7 @@ OPTIONS: dict[str, _Option] = {
         "writeback_cache", None, "--writeback-cache", "let the kernel cache writes too"
     ),
     "fuse_loop": _Option(
-        "fuse_loop", _fuse_loop, "--fuse-loop", "FUSE request loop: pyfuse3 or keyfence (pyfuse3)"
+        "fuse_loop", _fuse_loop, "--fuse-loop", "FUSE request loop: keyfence or pyfuse3 (keyfence)"
     ),
     "debug": _Option("debug", None, "--debug", "log every request (root's mounts only)"),
     "allow_other": _Option(

@@ -1,4 +1,4 @@
-"""keyfence's own FUSE request loop (opt-in: ``-o fuse_loop=keyfence``).
+"""keyfence's own FUSE request loop (the default; ``-o fuse_loop=pyfuse3`` keeps libfuse's).
 
 :mod:`.protocol` the kernel's structures; :mod:`.dispatch` requests to the
 handlers of :class:`~keyfence.fs.ops.KeyfenceOperations` and back;
