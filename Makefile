@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
+# As root, the seed scenario through a real login (PAM; an account and a PAM
+# service made for the demo and removed after it); otherwise on a mount alone.
 demo: setup
-	$(VENV)/bin/keyfence demo
+	if [ "$$(id -u)" = 0 ]; then $(VENV)/bin/keyfence demo --login; \
+	else $(VENV)/bin/keyfence demo; fi
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -29,11 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from _common import report, result, write_json  # noqa: E402 - bench/ is the script's directory
-from keyfence.client import Client  # noqa: E402
-from keyfence.testing.daemon import running_daemon  # noqa: E402
+from keyfence.client import Client
+from keyfence.testing.bench.results import report, result, write_json
+from keyfence.testing.daemon import running_daemon
 
 S = -3
 
@@ -72,21 +70,26 @@ def medians(runs: dict[str, list[float]]) -> dict[str, float]:
     return {op: statistics.median(values) for op, values in runs.items()}
 
 
+KERNEL_CHILD = "--kernel-rates"
+
+
 def kernel_rates(n: int, reps: int) -> dict[str, list[float]]:
     """In a child that joins a fresh session keyring: the machine's are untouched."""
-    code = (
-        f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r});"
-        f"sys.path.insert(0, {str(ROOT / 'src')!r});"
-        "import client_bench as b; k = b.kernel_layer(); k.join_session_keyring(None);"
-        f"print(json.dumps(b.ops_per_second(k, {n}, {reps})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    argv = [sys.executable, __file__, KERNEL_CHILD, str(n), str(reps)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return dict(json.loads(out.stdout))
+
+
+def kernel_child_main(n: int, reps: int) -> int:
+    """The child of :func:`kernel_rates`: its figures as JSON on stdout."""
+    kernel = kernel_layer()
+    kernel.join_session_keyring(None)
+    print(json.dumps(ops_per_second(kernel, n, reps)))
+    return 0
 
 
 SCALING_CHILD = """
 import sys, time
-sys.path.insert(0, {src!r})
 from keyfence.client import Client
 c = Client.connect({sock!r}, autostart=False)
 key = c.add_key("user", "scale", b"12345678", -3)
@@ -104,7 +107,7 @@ print(n / {seconds}, flush=True)
 def scaling(sock: str, seconds: float, counts: tuple[int, ...] = (1, 2, 4)) -> dict[int, float]:
     """Total read ops/s with ``count`` client processes reading at once."""
     out = {}
-    code = SCALING_CHILD.format(src=str(ROOT / "src"), sock=sock, seconds=seconds)
+    code = SCALING_CHILD.format(sock=sock, seconds=seconds)
     for count in counts:
         children = [
             subprocess.Popen(
@@ -136,6 +139,8 @@ def wall_times(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == [KERNEL_CHILD]:
+        return kernel_child_main(int(sys.argv[2]), int(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="seconds, not minutes")
     parser.add_argument("--json", help="write the figures here")
@@ -186,7 +191,7 @@ def main() -> int:
 
 
 def schema_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
-    """The figures as rows of the common schema (bench/_common.py)."""
+    """The figures as rows of the common schema (keyfence.testing.bench.results)."""
     rows = []
     for op in ("add", "search", "read"):
         for system in ("client", "kernel"):

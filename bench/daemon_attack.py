@@ -34,9 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from _common import error, report, result, write_json  # noqa: E402 - bench/ is the script's directory
 from keyfence.client import Client  # noqa: E402
 from keyfence.server import limits  # noqa: E402
+from keyfence.testing.bench.results import error, report, result, write_json  # noqa: E402
 from keyfence.testing.daemon import DaemonProcess, running_daemon  # noqa: E402
 from keyfence.testing.users import (  # noqa: E402
     as_uid,

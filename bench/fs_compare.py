@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import shutil
@@ -54,13 +53,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import error, ratio, report, result, write_json
-from fs_peers import (
+from keyfence.testing.bench.peers import (
     MIB,
     DiskPeer,
     FscryptPeer,
@@ -72,57 +67,23 @@ from fs_peers import (
     PeerError,
     kernel_cipher_driver,
 )
+from keyfence.testing.bench.process import (
+    Interrupted,
+    die_with_parent,
+    lead_own_session,
+    raise_interrupted,
+)
+from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
 VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop"]
 """keyfence with a given FUSE loop (fs_peers.py), for ``--systems``."""
-SESSION_ENV = "KEYFENCE_FS_COMPARE_SESSION"
 BLOCK = 4096
 
 Row = dict[str, Any]
 
 
-# -- running: in a POSIX session of our own, with progress -------------------
-
-
-def lead_own_session(argv: list[str], script: str = __file__) -> int | None:
-    """Re-run this script as the leader of a new POSIX session (keyfence's
-    ``@s`` is per session, and the removal must clear ours, nobody else's).
-    Returns the child's exit status, or None when we already are that child."""
-    if os.environ.get(SESSION_ENV) == "1" or os.getsid(0) == os.getpid():
-        return None
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(script), *argv],
-        env=dict(os.environ, **{SESSION_ENV: "1"}),
-        start_new_session=True,
-    )
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:
-            continue
-
-
-def die_with_parent() -> None:
-    """If whoever started us dies, get SIGTERM (and clean up) too."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Interrupted(BaseException):
-    pass
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+# -- progress ----------------------------------------------------------------
 
 
 START = time.perf_counter()
@@ -741,12 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [HOLD]:
         return hold_open_main(argv[1], int(argv[2]), int(argv[3]))
     args = parse_args(argv)
-    status = lead_own_session(argv)
+    status = lead_own_session(__file__, argv)
     if status is not None:
         return status
     die_with_parent()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, raise_interrupted)
     if os.geteuid() != 0:
         print("fs_compare: needs root (loop devices, mounts, drop_caches)", file=sys.stderr)
         return 2

@@ -37,10 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from _common import report, result, write_json  # noqa: E402
+from keyfence.testing.bench.results import report, result, write_json
 
 KEY_SPEC_SESSION_KEYRING = -3
 KEYFENCE = [sys.executable, "-m", "keyfence.cli.main"]

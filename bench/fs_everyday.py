@@ -7,7 +7,7 @@ Usage (root, from the repository root)::
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
         [--tree full|small] [--sqlite-tx 10000] [--fio-mib 256] [--fio-io-mib 80]
 
-The peers are bench/fs_peers.py's, set up over the same disk as for
+The peers (keyfence.testing.bench.peers) are set up over the same disk as for
 bench/fs_compare.py (keyfence through its real daemon and worker with an
 e4crypt key in this run's session keyring).  One run of one system is the
 whole day, in order; the runs interleave the systems (run 1 of every
@@ -52,11 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import error, ratio, report, result, write_json
-from fs_compare import Interrupted, _interrupt, die_with_parent, lead_own_session
-from fs_peers import (
+from keyfence.testing.bench.peers import (
     MIB,
     DiskPeer,
     FscryptPeer,
@@ -65,6 +61,13 @@ from fs_peers import (
     Peer,
     PeerError,
 )
+from keyfence.testing.bench.process import (
+    Interrupted,
+    die_with_parent,
+    lead_own_session,
+    raise_interrupted,
+)
+from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
 SMALL_TREE = ("email", "json", "asyncio", "concurrent")
@@ -352,12 +355,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    status = lead_own_session(argv, __file__)
+    status = lead_own_session(__file__, argv)
     if status is not None:
         return status
     die_with_parent()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, raise_interrupted)
     if os.geteuid() != 0:
         print("fs_everyday: needs root (loop devices, mounts)", file=sys.stderr)
         return 2

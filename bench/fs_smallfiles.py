@@ -48,8 +48,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from _common import report, result, write_json  # noqa: E402 - bench/ is the script's directory
 from keyfence.fs.crypto import MasterKey  # noqa: E402
+from keyfence.testing.bench.results import report, result, write_json  # noqa: E402
 from keyfence.testing.mounting import Mount  # noqa: E402
 
 BLOCK = b"\xa5" * 4096

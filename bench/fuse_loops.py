@@ -8,7 +8,7 @@ Usage (root, from the repository root)::
         [--files 5000] [--write-mib 256] [--loops pyfuse3,llfuse-4,...] [--threads 4]
 
 The filesystem is the same everywhere (bench/fuse_loops_fs.py has the
-pyfuse3, llfuse and mfusepy versions, bench/fuse_rawloop.py the loop of our
+pyfuse3, llfuse and mfusepy versions, keyfence.testing.bench.rawloop the loop of our
 own): a root directory whose files keep a size and no contents, a
 ``getxattr`` that answers ENODATA (keyfence has xattrs, so the kernel keeps
 asking ``security.capability`` before every write unless the loop can set
@@ -36,7 +36,7 @@ keyfence uses today.  Loops:
   thread serves every request).
 * ``mfusepy``: mfusepy (ctypes over libfuse 3's high-level, path-based API)
   on libfuse 3's multi-threaded loop.
-* ``raw-1``, ``raw-N``: bench/fuse_rawloop.py: /dev/fuse read into one
+* ``raw-1``, ``raw-N``: keyfence.testing.bench.rawloop: /dev/fuse read into one
   reused buffer per thread (zeroed after each request), one descriptor
   cloned per thread (``FUSE_DEV_IOC_CLONE``), mounted by fusermount3,
   ``FUSE_HANDLE_KILLPRIV_V2`` and ``max_pages`` 256 set; ``raw-N-no-killpriv2``
@@ -61,10 +61,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
+from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
-from _common import error, ratio, report, result, write_json  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parent
 
 MIB = 1 << 20
 BLOCK = 4096

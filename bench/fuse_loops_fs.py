@@ -21,10 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 COUNTS_XATTR = b"user.fuseloops.counts"
 TIMEOUT = 1.0
@@ -322,9 +319,9 @@ def serve_mfusepy(mnt: str) -> None:
 
 def serve_raw(mnt: str, threads: int, flags: str) -> None:
     """``flags``: what follows ``raw-N``: ``-no-killpriv2``, ``-no-zero``."""
-    import fuse_rawloop
+    from keyfence.testing.bench import rawloop
 
-    fuse_rawloop.serve(
+    rawloop.serve(
         TREE,
         mnt,
         threads=threads,

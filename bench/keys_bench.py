@@ -55,8 +55,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 # bench/ is the script's directory
-from _common import error, git_describe, result, write_json  # noqa: E402
-from _common import report as common_report  # noqa: E402
+from keyfence.testing.bench.results import error, git_describe, result, write_json  # noqa: E402
+from keyfence.testing.bench.results import report as common_report  # noqa: E402
 
 FULL_SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (1_000, 10_000)
@@ -820,8 +820,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def schema_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The figures as rows of the common schema (bench/_common.py): ops/s per operation
-    and keyring size, model beside kernel; whole-keyring clear in ms; memory per key."""
+    """The figures as rows of the common schema (keyfence.testing.bench.results):
+    ops/s per operation and keyring size, model beside kernel; whole-keyring
+    clear in ms; memory per key."""
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     sides = {"model": report["model"]}

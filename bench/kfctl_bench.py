@@ -32,7 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from _common import error, report, result, write_json  # noqa: E402 - bench/ is this directory
+from keyfence.testing.bench.results import error, report, result, write_json  # noqa: E402
 from keyfence.testing.daemon import running_daemon  # noqa: E402
 
 SESSION = -3

@@ -57,10 +57,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 # bench/ is the script's directory
-from _common import error, git_describe, result, write_json  # noqa: E402
-from _common import report as common_report  # noqa: E402
 from keyfence.keys import KEY_SPEC_SESSION_KEYRING, Caller, KeyService  # noqa: E402
 from keyfence.keys.notify import Notification, Phase  # noqa: E402
+from keyfence.testing.bench.results import error, git_describe, result, write_json  # noqa: E402
+from keyfence.testing.bench.results import report as common_report  # noqa: E402
 
 FULL = {"clear_keys": 10_000, "clear_reps": 3, "fanout_reps": 50, "runs": 1_000, "big": 1_000}
 QUICK = {"clear_keys": 1_000, "clear_reps": 3, "fanout_reps": 10, "runs": 100, "big": 100}
@@ -761,7 +761,7 @@ LATENCY_SYSTEMS = {
 
 
 def schema_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The figures as rows of the common schema (bench/_common.py), in µs; every
+    """The figures as rows of the common schema (keyfence.testing.bench.results), in µs; every
     ratio is to the unwatched case of the same group (>1: faster than it)."""
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []

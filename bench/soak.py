@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak: the chaos test (tests/fs/chaos.py) for a duration, with and without the fence.
+"""Soak: the chaos test (keyfence.testing.chaos) for a duration, with and without the fence.
 
 Usage (root, from the repository root)::
 
@@ -29,20 +29,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from tests.fs.chaos import ChaosConfig, ChaosResult, run_chaos  # noqa: E402
-
-import _common  # noqa: E402
+import keyfence.testing.bench.results as bench_results
+from keyfence.testing.chaos import ChaosConfig, ChaosResult, run_chaos
 
 
 def rows(result: ChaosResult, system: str) -> list[dict[str, Any]]:
     """Result rows for one run (one value each: a soak is one long run)."""
     params = {"seconds": round(result.elapsed, 1), "seed": result.seed}
     out = [
-        _common.result(
+        bench_results.result(
             "soak-records-written",
             system,
             "records",
@@ -50,17 +45,17 @@ def rows(result: ChaosResult, system: str) -> list[dict[str, Any]]:
             higher_is_better=True,
             params=params,
         ),
-        _common.result(
+        bench_results.result(
             "soak-records-verified",
             system,
             "records",
             [result.records_verified],
             higher_is_better=True,
         ),
-        _common.result(
+        bench_results.result(
             "soak-records-lost", system, "records", [result.records_lost], higher_is_better=False
         ),
-        _common.result(
+        bench_results.result(
             "soak-removals",
             system,
             "removals",
@@ -71,7 +66,7 @@ def rows(result: ChaosResult, system: str) -> list[dict[str, Any]]:
     ]
     if result.acked_per_window:
         out.append(
-            _common.result(
+            bench_results.result(
                 "soak-acked-records-per-10s",
                 system,
                 "records/10s",
@@ -83,7 +78,7 @@ def rows(result: ChaosResult, system: str) -> list[dict[str, Any]]:
         values = [s[name] for s in result.samples if s[name]]
         if values:
             out.append(
-                _common.result(
+                bench_results.result(
                     f"soak-{name.replace('_mib', '').replace('_', '-')}",
                     system,
                     "MiB",
@@ -150,7 +145,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="kf-soak-", dir="/tmp") as tmp:
                 result = run_chaos(config, Path(tmp), log=sys.stderr if not args.quick else None)
         except Exception as err:  # a peer failing is reported, not a crash
-            errors.append(_common.error("soak", system, f"{type(err).__name__}: {err}"))
+            errors.append(bench_results.error("soak", system, f"{type(err).__name__}: {err}"))
             continue
         results.extend(rows(result, system))
         detail[system] = summary(result)
@@ -163,9 +158,11 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
-    report = _common.report("soak", quick=args.quick, results=results, errors=errors, detail=detail)
+    report = bench_results.report(
+        "soak", quick=args.quick, results=results, errors=errors, detail=detail
+    )
     if args.json:
-        _common.write_json(args.json, report)
+        bench_results.write_json(args.json, report)
     else:
         print(json.dumps(report, indent=2))
     return 1 if lost_with_fence or any(e["system"] == "keyfence" for e in errors) else 0

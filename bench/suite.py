@@ -9,7 +9,7 @@ Usage (root, from the repository root; ``make bench`` / ``make bench-quick``)::
 
 Each benchmark script (``BENCHES``) runs as a child process,
 ``python bench/<script> [--quick] --json FILE``, and writes the common result
-schema (bench/_common.py): rows of (group, system, metric, median, min, max,
+schema (keyfence.testing.bench.results): rows of (group, system, metric, median, min, max,
 runs, ratios) and a list of errors.  Progress is shown while each runs (its
 output, and a heartbeat when it is silent); its whole output goes to
 ``<out>/logs/``.  A script that is missing, fails, times out or writes no
@@ -23,7 +23,7 @@ never committed):
 * ``<date>.md`` and ``latest.md``: Markdown tables, per group each system's
   median, min, max and its ratios to the reference systems (gocryptfs, the
   plain disk, the kernel, keyctl; ratios are "times better", > 1 = better),
-* ``charts/*.png``: matplotlib charts (bench/charts.py).
+* ``charts/*.png``: matplotlib charts (keyfence.testing.bench.charts).
 
 ``--readme`` rewrites the part of README.md between ``<!-- bench:begin -->``
 and ``<!-- bench:end -->`` with a summary and the charts; nothing else in
@@ -54,12 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyfence.testing.bench.results import add_ratios, git_describe, machine_info, today, write_json
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
-
-from _common import add_ratios, git_describe, machine_info, today, write_json  # noqa: E402
-
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEARTBEAT_S = 30.0
@@ -98,6 +96,12 @@ BENCHES = (
     Bench("fs-everyday", "fs_everyday.py", 3600, "tar, find, grep, git, rm, sqlite, fio vs peers"),
     Bench("fuse-loops", "fuse_loops.py", 900, "FUSE request loops' ceiling: pyfuse3 vs others"),
     Bench("fs-emergency", "fs_emergency.py", 1800, "emergency removal with dirty data"),
+    Bench(
+        "login-logout",
+        "login_logout.py",
+        1800,
+        "logout through a real PAM login, N MiB dirty, with and without the fence",
+    ),
     Bench("soak", "soak.py", 3600, "long run: throughput and memory over time"),
 )
 
@@ -653,7 +657,7 @@ def render(merged: dict[str, Any], out: Path, readme: bool) -> Path:
     """Charts, Markdown (dated and latest), and README's block from merged results."""
     charts: list[tuple[str, str]] = []
     try:
-        import charts as chart_module
+        from keyfence.testing.bench import charts as chart_module
 
         charts = chart_module.render(merged, out / "charts")
     except Exception as err:  # charts are a view: the tables stand without them

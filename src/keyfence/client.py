@@ -730,14 +730,20 @@ class Client:
         """
         self._call("mount", backing, mountpoint, list(options))
 
-    def umount(self, mountpoint: str) -> None:
-        """Unmount the keyfence mount at ``mountpoint`` (EINVAL: none there;
-        EPERM: another user's)."""
-        self._call("umount", mountpoint)
+    def umount(
+        self, mountpoint: str, *, progress: Callable[[RemovalStatus], None] | None = None
+    ) -> None:
+        """Unmount the keyfence mount at ``mountpoint`` once the worker has
+        written back everything (EINVAL: none there; EPERM: another user's;
+        ETIMEDOUT: the worker wrote nothing for a minute).  ``progress`` is
+        called while it writes, as for a removal: one pending entry, the
+        mount worker, with the bytes it still has to write."""
+        self._call("umount", mountpoint, progress=progress)
 
     def mounts(self) -> list[dict[str, Any]]:
-        """The daemon's mounts the caller may see, one dict each (backing,
-        mountpoint, uid, pid, state, ...), as ``keyfence status`` prints them."""
+        """The daemon's mounts the caller may see (its own; root: all), one
+        dict each, as ``keyfence status --json`` prints them: the schema is
+        in docs/cli.md ("keyfence status").  A dead mount is listed once."""
         return list(self._call("mounts"))
 
     # -- the mount worker's private channel (refused on any other socket)

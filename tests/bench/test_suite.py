@@ -1,23 +1,38 @@
 """bench/suite.py: failures become error rows, tables and README block, charts.
 
 Nothing here is timed: the scripts run are tiny stand-ins written by the tests.
+bench/ is a directory of scripts, not a package: the suite script is loaded
+from its file (importlib), as ``python bench/suite.py`` runs it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
+from keyfence.testing.bench import results
 
-import _common  # noqa: E402
-import suite  # noqa: E402
+SUITE = Path(__file__).resolve().parents[2] / "bench" / "suite.py"
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script by its path, under ``name`` (no sys.path entry for it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = load_script(SUITE, "bench_suite")
 
 
 def script(tmp_path: Path, name: str, body: str) -> suite.Bench:
@@ -27,10 +42,9 @@ def script(tmp_path: Path, name: str, body: str) -> suite.Bench:
     return suite.Bench(name.removesuffix(".py"), str(path), 60, "test stand-in")
 
 
-GOOD = f"""
+GOOD = """
     import sys
-    sys.path.insert(0, {str(BENCH)!r})
-    import _common as c
+    from keyfence.testing.bench import results as c
     path = sys.argv[sys.argv.index("--json") + 1]
     rows = [
         c.result("seq", "keyfence", "MB/s", [90, 100, 110], higher_is_better=True),
@@ -157,7 +171,7 @@ def test_readme_without_markers_is_left_alone(tmp_path: Path) -> None:
 
 def test_charts_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the bench extra is not installed")
-    import charts
+    from keyfence.testing.bench import charts
 
     merged = good_merged(tmp_path)
     made = charts.render(merged, tmp_path / "charts")
@@ -168,6 +182,6 @@ def test_charts_are_written(tmp_path: Path) -> None:
 
 
 def test_ratio_direction() -> None:
-    assert _common.ratio(200.0, 100.0, higher_is_better=True) == 2.0
-    assert _common.ratio(1.0, 2.0, higher_is_better=False) == 2.0
-    assert _common.ratio(1.0, 0.0, higher_is_better=True) is None
+    assert results.ratio(200.0, 100.0, higher_is_better=True) == 2.0
+    assert results.ratio(1.0, 2.0, higher_is_better=False) == 2.0
+    assert results.ratio(1.0, 0.0, higher_is_better=True) is None

@@ -223,3 +223,47 @@ def test_lock_right_after_add_key_removes_the_unused_key(
     assert "lock=0" in done.stdout and "again=1" in done.stdout
     assert "already locked" in done.stderr
     assert "Unlocked: No" in done.stdout
+
+
+def test_lock_of_an_incompletely_locked_directory_removes_a_new_unused_key(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """Incompletely locked (a file still open) and then the key added again
+    without touching the directory (the mount has not bound it): lock must
+    remove that key too, not just repeat "incompletely locked" and leave
+    the key to unlock the directory at the next access (before, the
+    still-open report returned first; the chaos test's lock path met it)."""
+    daemon, _backing, mnt = mounted
+    home = mnt / "busy"
+    home.mkdir()
+    holder = (
+        "import os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600); "
+        "os.write(fd, b'x'); open(sys.argv[2], 'w').close(); time.sleep(60)"
+    )
+    readd = (
+        "import sys; from keyfence.fs import e4crypt_compat as e4; "
+        "k = e4.derive_key(sys.stdin.buffer.read().strip(), b'busy'); "
+        "sys.stdout.buffer.write(e4.kernel_payload(k))"
+    )
+    ready = mnt.parent / "holder-ready"
+    done = session_sh(
+        daemon,
+        f"""
+        desc=$(keyfence e4crypt add_key -S s:busy {home} | sed 's/.*\\[//; s/\\].*//')
+        {sys.executable} -c "{holder}" {home}/open.log {ready} &
+        holder=$!
+        while [ ! -e {ready} ]; do sleep 0.05; done
+        keyfence lock {home} && echo first=0 || echo "first=$?"
+        printf '%s' '{PASSPHRASE.strip()}' | {sys.executable} -c "{readd}" \\
+            | kfctl padd logon ext4:$desc @s >/dev/null
+        keyfence lock {home} && echo second=0 || echo "second=$?"
+        kfctl search @s logon ext4:$desc >/dev/null 2>&1 && echo key=present || echo key=gone
+        ls {home} | grep -c open.log || true
+        kill $holder
+        """,
+        stdin=PASSPHRASE,
+    )
+    out = done.stdout
+    assert "first=1" in out and "second=1" in out, out + done.stderr
+    assert "was incompletely locked" in done.stderr
+    assert "key=gone" in out, out + done.stderr

@@ -42,8 +42,8 @@ from typing import Any
 import pytest
 
 from keyfence.cli import kfctl, kfctl_text, kfctl_tool
-from keyfence.cli.kfctl_progress import human_bytes, progress_text
 from keyfence.cli.kfctl_text import NameLookup, UsageError
+from keyfence.cli.progress import human_bytes, progress_text
 
 GOLDEN = Path(__file__).parent / "kfctl_golden"
 SCRIPTS = sorted(p.stem for p in GOLDEN.glob("*.sh"))

@@ -3,7 +3,7 @@ several keys in several sessions while a chaos loop runs every removal path
 (clear, unlink, move, revoke, invalidate, expiry, session end, process
 keyring owners exiting, ``keyfence lock``) and re-adds the keys; then every
 record whose write() returned success must read back intact after a fresh
-mount.  The logic is in tests/fs/chaos.py (bench/soak.py runs it longer).
+mount.  The logic is in keyfence.testing.chaos (bench/soak.py runs it longer).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.testing.chaos import ALL_PATHS, ChaosConfig, ChaosResult, run_chaos
 from keyfence.testing.mounting import fuse_available
-from tests.fs.chaos import ALL_PATHS, ChaosConfig, ChaosResult, run_chaos
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 

@@ -9,6 +9,7 @@ session unlocks with the same passphrase and reads everything back.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -120,8 +121,8 @@ def test_wrong_passphrase_is_a_clear_error(mounted: tuple[DaemonProcess, Path, P
 
 def test_a_dead_worker_is_reported(mounted: tuple[DaemonProcess, Path, Path]) -> None:
     daemon, _backing, mnt = mounted
-    status = session_sh(daemon, "keyfence status")
-    pid = int(status.stdout.split("worker pid ")[1].split(")")[0])
+    status = session_sh(daemon, "keyfence status --json")
+    pid = json.loads(status.stdout)["mounts"][0]["pid"]
     os.kill(pid, 9)
     deadline = time.monotonic() + 10
     while True:

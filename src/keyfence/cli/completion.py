@@ -12,7 +12,8 @@ the bash functions through ``bashcompinit`` (one logic, two shells).
 What is completed: kfctl's commands, its special keyrings and, for key and
 keyring arguments, the ids ``kfctl rlist @s`` and ``@u`` return (never
 starting a daemon); keyfence's subcommands, options and option choices,
-directories for paths, and mount points from ``keyfence status``.
+directories for paths, and mount points from the kernel's mount table
+(``fuse.keyfence`` in /proc/self/mountinfo).
 """
 
 from __future__ import annotations
@@ -177,10 +178,12 @@ def keyfence_tables() -> str:
 
 KEYFENCE_LOGIC = r"""
 _keyfence_mounts() {
-    KEYFENCE_NO_AUTOSTART=1 command keyfence status 2>/dev/null |
-        while read -r first _; do
-            [[ $first == /* ]] && echo "${first%:}"
-        done
+    # the kernel's mount table, not keyfence status: no daemon is asked (or
+    # started), and a dead mount's one-time report is left for its owner
+    local _id _parent _dev _root point _rest
+    while read -r _id _parent _dev _root point _rest; do
+        [[ $_rest == *" - fuse.keyfence "* ]] && echo "$point"
+    done < /proc/self/mountinfo
 }
 
 _keyfence() {

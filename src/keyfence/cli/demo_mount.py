@@ -228,12 +228,12 @@ def run(*, user: str = "alice", fenced: bool = True) -> int:
                         f"logout: kfctl clear @s returned after {cleared[-1]} ms: "
                         "the key was wiped at once"
                     )
-                dropped = _wait_for_drops(sock) if not fenced else []
+                dropped = wait_for_drops(sock) if not fenced else []
                 for drop in dropped:
                     for name, nbytes in sorted(drop.get("files", {}).items()):
                         step(f"the mount could not encrypt it and dropped {name}: {nbytes:,} bytes")
                 for m in _mount_reports(sock):
-                    for name in sorted((m.get("busy") or {}).get("files") or ()):
+                    for name in m.get("busy_files") or ():  # keyfence status --json's
                         step(f"still open at logout (incompletely locked): {name}")
                 names = sorted(os.listdir(home))
                 step(f"locked: {home} now lists {names}")
@@ -313,7 +313,7 @@ except OSError as err:
 """The session's editor: writes big_file, keeps it open until the logout."""
 
 
-def _wait_for_drops(sock: Path) -> list[dict[str, Any]]:
+def wait_for_drops(sock: Path) -> list[dict[str, Any]]:
     """The mount's reports of what it dropped (they follow the removal)."""
     deadline = time.monotonic() + DROP_REPORT_SECONDS
     while True:

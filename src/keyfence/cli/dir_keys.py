@@ -20,7 +20,6 @@ does not hold it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -28,7 +27,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from keyfence.client import Client, RemovalStatus
+from keyfence.cli.progress import Progress
+from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat as e4
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
@@ -126,48 +126,6 @@ def _mount_of(client: Client, path: str) -> dict[str, Any] | None:
     return best
 
 
-def print_status(path: str) -> int:
-    """fscrypt status DIR, keyfence's way."""
-    try:
-        ref = policy_of(path)
-        status = status_of(path)
-    except OSError as err:
-        print(f"{path}: not in a keyfence mount ({err.strerror})", file=sys.stderr)
-        return 1
-    if ref is None:
-        print(f'"{path}" is not encrypted with keyfence.')
-        return 0
-    state = status.get("state")
-    unlocked = {"unlocked": "Yes", "locked": "No"}.get(
-        str(state), "Partially (incompletely locked)"
-    )
-    print(f'"{path}" is encrypted with keyfence.')
-    print()
-    print(f"Policy:   {ref}")
-    print(f"Unlocked: {unlocked}")
-    if status.get("serial") is not None:
-        print(f"Key:      {status['serial']}")
-    print(f"Dirty:    {int(status.get('dirty_bytes', 0)):,} bytes")
-    for name in status.get("busy_files") or ():
-        print(f"Still open (incompletely locked): {name}")
-    where = None
-    with contextlib.suppress(OSError):
-        where = protectors_dir(path)
-    if where is not None:
-        try:
-            prot = read_protectors(where)
-        except (OSError, KeyfenceError):
-            prot = Protectors()
-        names = [f"passphrase (e4crypt salt 0x{s.hex()})" for s in prot.salts]
-        names += [f"login passphrase of uid {p.uid}" for p in prot.logins]
-        if names:
-            print()
-            print(f"Protected with {len(names)} protector{'s' if len(names) > 1 else ''}:")
-            for n in names:
-                print(f"  {n}")
-    return 0
-
-
 def cmd_lock(args: argparse.Namespace) -> int:
     """Remove the directory's key through the fenced path.
 
@@ -183,41 +141,37 @@ def cmd_lock(args: argparse.Namespace) -> int:
         return 1
     status = status_of(path)
     if status.get("state") != "unlocked":
-        if status.get("busy_files"):
-            return _incompletely_locked(path, status)
         # the mount binds a key on first use: one added since but not yet
         # used leaves the directory locked while the key waits in our
         # keyrings, and would unlock it at the next access; remove it too
-        if not _remove_own_key(ref, args):
+        # (also when files are still open from an earlier lock)
+        removed = _remove_own_key(ref, args)
+        status = status_of(path) if removed else status
+        if status.get("busy_files"):
+            return _incompletely_locked(path, status)
+        if not removed:
             print(f"Error: directory {path} is already locked.", file=sys.stderr)
             return 1
         print(f"{path}: locked")
         return 0
 
-    def progress(st: RemovalStatus) -> None:
-        if sys.stderr.isatty() and st.pending:
-            who = ", ".join(p.watcher for p in st.pending)
-            print(
-                f"\rlocking: waiting for {who}: {st.remaining_bytes:,} bytes left ",
-                end="",
-                file=sys.stderr,
-            )
-
-    with Client.connect() as client:
+    with Client.connect() as client, Progress("keyfence", "lock") as progress:
         for _ in range(64):
             serial = status.get("serial")
             if status.get("state") != "unlocked" or not isinstance(serial, int):
                 break
             try:
                 client.lock_filesystem_key(
-                    serial, timeout=args.timeout, emergency=args.emergency, progress=progress
+                    serial,
+                    timeout=args.timeout,
+                    emergency=args.emergency,
+                    progress=None if args.emergency else progress,
                 )
             except KeyfenceError as err:
                 if err.errno not in (errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED):
                     raise
             status = status_of(path)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
+        progress.close()
         mount = _mount_of(client, path)
     for drop in (mount or {}).get("dropped") or ():
         print(f"dropped: {drop}")
@@ -241,7 +195,13 @@ def _remove_own_key(ref: str, args: argparse.Namespace) -> bool:
                 if err.errno in (errno.ENOKEY, errno.EKEYREVOKED, errno.EKEYEXPIRED):
                     continue
                 raise
-            client.lock_filesystem_key(serial, timeout=args.timeout, emergency=args.emergency)
+            with Progress("keyfence", "lock") as progress:
+                client.lock_filesystem_key(
+                    serial,
+                    timeout=args.timeout,
+                    emergency=args.emergency,
+                    progress=None if args.emergency else progress,
+                )
             return True
     return False
 

@@ -291,28 +291,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     # not stat(): that would ask the mount itself, which may be the stuck one
     mountpoint = os.path.realpath(nonempty_utf8(args.mountpoint, "mount point"))
-    with Client.connect() as client:
-        client.umount(mountpoint)
-    return 0
+    from keyfence.cli.progress import Progress
 
-
-def cmd_status(args: argparse.Namespace) -> int:
-    if args.path:
-        from keyfence.cli import dir_keys
-
-        return dir_keys.print_status(args.path)
-    with Client.connect() as client:
-        mounts = client.mounts()
-    if not mounts:
-        print("no keyfence mounts")
-    for m in mounts:
-        print(f"{m['mountpoint']}: {m['state']} (backing {m['backing']}, worker pid {m['pid']})")
-        if m.get("error"):
-            print(f"  {m['error']}" + (f" (log: {m['log']})" if m.get("log") else ""))
-        for name, value in sorted((m.get("busy") or {}).items()):
-            print(f"  incompletely locked: {name}: {value}")
-        for drop in m.get("dropped") or ():
-            print(f"  dropped in an emergency: {drop}")
+    with Client.connect() as client, Progress("keyfence", "umount") as progress:
+        client.umount(mountpoint, progress=progress)
     return 0
 
 
@@ -373,9 +355,6 @@ def add_parsers(sub: Any) -> None:
     umount = sub.add_parser("umount", help="flush everything and unmount")
     umount.add_argument("mountpoint")
     umount.set_defaults(run=cmd_umount)
-    status = sub.add_parser("status", help="mounts, or a directory's lock state")
-    status.add_argument("path", nargs="?")
-    status.set_defaults(run=cmd_status)
     lock = sub.add_parser("lock", help="flush and remove a directory's key")
     lock.add_argument("path")
     lock.add_argument(

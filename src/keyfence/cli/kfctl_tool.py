@@ -17,8 +17,8 @@ TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from keyfence.cli.kfctl_progress import ProgressLine
     from keyfence.cli.kfctl_text import Description, NameLookup
+    from keyfence.cli.progress import Progress
     from keyfence.client import Client
 
 KEY_SPEC_SESSION_KEYRING = -3
@@ -103,7 +103,7 @@ class Kfctl:
         self._line_buffered = os.isatty(1)
         self.timeout: float | None = None
         self.emergency = False
-        self.progress: ProgressLine | None = None
+        self.progress: Progress | None = None
         self._groups: frozenset[int] | None = None
 
     # -- output, buffered as C's stdio does (whatever PYTHONUNBUFFERED says):
@@ -213,24 +213,25 @@ class Kfctl:
         return min(found)
 
     def removal(self, command: str) -> dict[str, Any]:
-        """The keyword arguments of a removal: --timeout, --emergency, and a
-        progress line when stderr is a terminal."""
+        """The keyword arguments of a removal: --timeout, --emergency, and the
+        progress display on stderr (cli/progress.py: a live line on a
+        terminal, else a plain line a second while the removal waits)."""
         options: dict[str, Any] = {}
         if self.timeout is not None:
             options["timeout"] = self.timeout
         if self.emergency:
             options["emergency"] = True
-        elif sys.stderr.isatty():
+        else:
             if self.progress is None:
-                from keyfence.cli.kfctl_progress import ProgressLine
+                from keyfence.cli.progress import Progress
 
-                self.progress = ProgressLine(self.prog, command, sys.stderr)
+                self.progress = Progress(self.prog, command, sys.stderr)
             options["progress"] = self.progress
         return options
 
     def removal_done(self) -> None:
         if self.progress is not None:
-            self.progress.clear()
+            self.progress.close()
 
     # -- small shared pieces
 

@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay it with the fence off, to see the data loss it prevents",
     )
+    demo.add_argument(
+        "--login",
+        action="store_true",
+        help="(root) through a real login: an account, PAM (pam_exec + keyfence pam), "
+        "logout with a file open; made for the demo and removed after it",
+    )
+    # tests name the demo's account and uid (their own range)
+    demo.add_argument("--login-user", help=argparse.SUPPRESS)
+    demo.add_argument("--login-uid", type=int, help=argparse.SUPPRESS)
     daemon = sub.add_parser("daemon", help="run the key service in the foreground")
     daemon.add_argument("--socket", help="socket path (default: as keyfence.paths says)")
     daemon.add_argument(
@@ -41,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from keyfence.cli import fs_commands
 
     fs_commands.add_parsers(sub)
+    from keyfence.cli import status
+
+    status.add_parser(sub)
     from keyfence.cli import login, pam
 
     login.add_parser(sub)
@@ -69,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "daemon":
         return run_daemon_command(parser, args)
     if args.command == "demo":
-        if args.without_fence and (args.model or args.emergency):
-            parser.error("--without-fence replays the mount demo; not with --model")
+        if (args.without_fence or args.login) and (args.model or args.emergency):
+            parser.error("--without-fence and --login replay the mount demo; not with --model")
+        if args.login:
+            from keyfence.cli import demo_login
+
+            return demo_login.run(
+                fenced=not args.without_fence, user=args.login_user, uid=args.login_uid
+            )
         if args.model or args.emergency:
             from keyfence.cli import demo as demo_module
 

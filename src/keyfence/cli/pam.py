@@ -270,7 +270,7 @@ def _rewrap(
 def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _Log) -> int:
     new = _read_authtok()
     if not new:
-        # Linux-PAM before 1.5.3 exposes the token to auth only: nothing here
+        # Linux-PAM before 1.6 exposes the token to auth only: nothing here
         log(
             f"{user.name}: chauthtok got no password from pam_exec (this Linux-PAM gives it "
             "to auth only); --rewrap-on-auth re-wraps at the next login",

@@ -170,7 +170,7 @@ def wipe_bytes(data: bytes) -> None:
     header.  For key material that must not outlive its key; the object
     must not be shared with anything that still needs it.
     """
-    if type(data) is bytes and data:
+    if type(data) is bytes and len(data) > 1:  # never the shared b"" and one-byte objects
         offset = sys.getsizeof(b"") - 1  # the header; the rest is contents + NUL
         ctypes.memset(id(data) + offset, 0, len(data))
 
@@ -293,7 +293,7 @@ class FileCipher:
     hole (zeros).
     """
 
-    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_nonce")
+    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_key", "_nonce")
 
     def __init__(
         self, file_key: bytes, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
@@ -302,7 +302,8 @@ class FileCipher:
             raise FormatError("a file key is 32 bytes")
         if len(file_id) != FILE_ID_SIZE:
             raise FormatError(f"a file id is {FILE_ID_SIZE} bytes")
-        self._aead = AESGCM(bytes(file_key))
+        self._key = bytes(file_key)
+        self._aead = AESGCM(self._key)  # holds this very object (no copy)
         self._encrypt = self._aead.encrypt
         self._decrypt = self._aead.decrypt
         self._file_id = bytes(file_id)
@@ -320,6 +321,11 @@ class FileCipher:
 
     def __repr__(self) -> str:
         return f"FileCipher(file_id={self._file_id.hex()})"
+
+    def wipe(self) -> None:
+        """Zero the file key in place (the ``AESGCM`` holds the same bytes);
+        only for a cipher nothing uses any more (fs/wipe.py)."""
+        wipe_bytes(self._key)
 
     def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("file ciphers are not pickled")
@@ -570,12 +576,22 @@ class DirectoryCipher:
     under the "keyfence\\0symlinks" key, never shortened.
     """
 
-    __slots__ = ("_dir_nonce", "_names", "_symlinks")
+    __slots__ = ("_dir_nonce", "_keys", "_names", "_symlinks")
 
     def __init__(self, master: MasterKey, dir_nonce: bytes) -> None:
-        self._names = AESSIV(derive_names_key(master.raw, dir_nonce))
-        self._symlinks = AESSIV(derive_symlinks_key(master.raw, dir_nonce))
+        self._keys = (
+            derive_names_key(master.raw, dir_nonce),
+            derive_symlinks_key(master.raw, dir_nonce),
+        )
+        self._names = AESSIV(self._keys[0])  # each holds its very key object
+        self._symlinks = AESSIV(self._keys[1])
         self._dir_nonce = bytes(dir_nonce)
+
+    def wipe(self) -> None:
+        """Zero both derived keys in place; only for a cipher nothing uses
+        any more (fs/wipe.py)."""
+        for key in self._keys:
+            wipe_bytes(key)
 
     @classmethod
     def for_policy(cls, master: MasterKey, policy: Policy) -> DirectoryCipher:

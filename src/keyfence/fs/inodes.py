@@ -135,10 +135,14 @@ class Inode:
     def is_symlink(self) -> bool:
         return self.kind == stat.S_IFLNK
 
-    def forget_names(self) -> None:
+    def forget_names(self) -> list[object]:
+        """Drop the names and the cipher; what was dropped, for the caller
+        to zero once nothing else uses it (fs/wipe.py)."""
+        spent: list[object] = [*self.plain_names.values(), self.cipher]
         self.cipher = None
         self.plain_names.clear()
         self.disk_names.clear()
+        return spent
 
     def remember_name(self, enc: EncryptedName, plain: bytes) -> None:
         if len(self.plain_names) > 100_000:  # a huge directory: keep memory bounded
@@ -348,7 +352,12 @@ class InodeTable:
             )
 
     def remember(self, parent: int, name: str, st: os.stat_result, *, count: bool = True) -> Inode:
-        """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``)."""
+        """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``).
+
+        EXDEV for a mount point of another filesystem: inode numbers are
+        the backing filesystem's, and so is the lock's syncfs."""
+        if st.st_dev != self.root_dev:
+            raise KeyfenceError(errno.EXDEV, "another filesystem is mounted here")
         ino = self.fuse_ino(st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
         inode = self._inodes.get(ino)

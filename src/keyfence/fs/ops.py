@@ -51,6 +51,7 @@ from pyfuse3 import (
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs import syscalls as sc
+from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
@@ -69,6 +70,7 @@ from keyfence.fs.format import (
 from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.keysource import GoingAway, KeySource
+from keyfence.fs.mount_stats import policy_options
 from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
@@ -126,7 +128,7 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]
         except OSError as err:
             code = err.errno or errno.EIO
             if code == errno.EIO and not isinstance(err, IntegrityError):
-                log.error("%s: %s", fn.__name__, err)
+                log.error("%s: %s", fn.__name__, err.strerror or os.strerror(code))  # no name
             raise FUSEError(code) from None
         except FormatError as err:
             log.error("%s: %s", fn.__name__, err)
@@ -172,6 +174,8 @@ class _Eviction:
     entries: list[tuple[int, bytes]] = field(default_factory=list)
     inodes: list[int] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
+    spent: list[object] = field(default_factory=list)
+    """Names and ciphers dropped: zeroed after the kernel's invalidation."""
 
 
 class KeyfenceOperations(pyfuse3.Operations):
@@ -203,7 +207,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             dirty_limit=self.options.dirty_limit,
             expire=self.options.dirty_expire,
             chunk_pages=self.options.chunk_pages,
-            label_of=self.label_of,
+            label_of=self.log_label,
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
@@ -285,6 +289,15 @@ class KeyfenceOperations(pyfuse3.Operations):
             ino = parent
         return "/".join(reversed(parts))
 
+    def log_label(self, ino: int) -> str:
+        """How a log line names a file: by inode number, never by name
+        (logs outlive a lock); the plaintext path only at debug level
+        (``-o debug``, root's mounts only).  Reports to the mount's owner
+        (busy, dropped files) name files with :meth:`label_of`."""
+        if log.isEnabledFor(logging.DEBUG):
+            return f"inode {ino} ({self.label_of(ino)})"
+        return f"inode {ino}"
+
     def _dir(self, ino: int) -> Inode:
         inode = self.table.get(ino)
         if not inode.is_dir:
@@ -332,14 +345,14 @@ class KeyfenceOperations(pyfuse3.Operations):
         if is_long_name(disk):
             sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
             if sidecar is None:
-                log.error("%s/%s: long name without its sidecar", self.label_of(d.ino), disk)
+                log.error("%s/%s: long name without its sidecar", self.log_label(d.ino), disk)
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
         except FormatError:
             return None
         except IntegrityError as err:
-            log.error("%s/%s: %s", self.label_of(d.ino), disk, err.strerror)
+            log.error("%s/%s: %s", self.log_label(d.ino), disk, err.strerror)  # disk: ciphertext
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
@@ -444,7 +457,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         fd, st = sc.open_regular(d_fd, name, flags)
         if self.table.fuse_ino(st.st_ino) != node.ino:
             os.close(fd)
-            log.warning("%s: backing entry was replaced", self.label_of(node.ino))
+            log.warning("%s: backing entry was replaced", self.log_label(node.ino))
             raise _err(errno.ESTALE)
         return fd, st
 
@@ -684,7 +697,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         try:
             return FileNameT(self._cipher(parent, master).decrypt_symlink(raw))
         except IntegrityError as err:
-            log.error("%s: %s", self.label_of(node.ino), err.strerror)
+            log.error("%s: %s", self.log_label(node.ino), err.strerror)
             raise
 
     @fuse_op
@@ -945,8 +958,20 @@ class KeyfenceOperations(pyfuse3.Operations):
         ):
             self._move_symlink(od, nd, od_master, nd_master, old_disk, new_enc, flags)
         else:
-            self._write_sidecar(nd_fd, new_enc)
-            sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
+            # an empty encrypted directory still holds its policy: set it
+            # aside, or the backing rename over it is ENOTEMPTY
+            aside = None
+            if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
+                aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
+            try:
+                self._write_sidecar(nd_fd, new_enc)
+                sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
+            except BaseException:
+                if aside is not None:
+                    sc.rename_at(nd_fd, aside, nd_fd, new_disk, RENAME_NOREPLACE)
+                raise
+            if aside is not None:
+                _remove_encrypted_dir(nd_fd, aside)
             if not exchange and (od.ino, old_disk) != (nd.ino, new_disk):
                 self._remove_sidecar(od_fd, old_disk)
         if exchange:
@@ -1131,7 +1156,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if h.cached.master is not None:
                 await self._write_back(h.cached)
         except OSError as err:
-            log.error("write-back of %s on close failed: %s", self.label_of(h.ino), err)
+            log.error("write-back of %s on close failed: %s", self.log_label(h.ino), err)
         finally:
             self.cache.release(h.cached)
         if h.ino in self._busy_names and h.cached.users <= 0:
@@ -1192,6 +1217,8 @@ class KeyfenceOperations(pyfuse3.Operations):
                 st = sc.stat_at(d_fd, disk)
             except FileNotFoundError:
                 continue
+            if st.st_dev != self.table.root_dev:
+                continue  # a mount point: not crossed (lookup says EXDEV)
             attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
             if not fuse_kernel.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break
@@ -1330,7 +1357,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         node.policy = policy
         node.policy_error = None
         node.forget_names()
-        log.info("%s: encrypted with %s", self.label_of(node.ino) or "/", ref)
+        log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
         """The backing descriptor of an encrypted directory the caller owns (or root)."""
@@ -1350,6 +1377,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if policy is not None:
             binding = self.keys.get(policy.key)
             out["key"] = policy.key.description
+            out["options"] = policy_options(policy)
             out["state"] = "unlocked" if binding is not None else "locked"
             if binding is not None:
                 out["serial"] = binding.serial
@@ -1463,8 +1491,10 @@ class KeyfenceOperations(pyfuse3.Operations):
         going.report_progress(0, f"{self.mountpoint}: evicting")
         eviction = self._in_loop(lambda: self._evict(binding))
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
-            log.warning("%s: incompletely locked, files still open: %s", desc, eviction.busy)
+            log.warning("%s: incompletely locked, %d files still open", desc, len(eviction.busy))
+            log.debug("%s: still open: %s", desc, eviction.busy)
             self.keys.report(
                 "busy",
                 {
@@ -1484,10 +1514,12 @@ class KeyfenceOperations(pyfuse3.Operations):
             label = labels.get(ino) or self.label_of(ino)
             going.dropped[label] = going.dropped.get(label, 0) + lost
         if dropped:
-            log.warning("%s: emergency removal dropped %s", desc, going.dropped)
+            log.warning("%s: emergency removal dropped data of %d files", desc, len(dropped))
+            log.debug("%s: dropped: %s", desc, going.dropped)
         eviction = self._in_loop(lambda: self._evict(binding))
         eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
         self._invalidate(eviction)
+        self._wipe(eviction)
         if eviction.busy:
             self.keys.report(
                 "busy",
@@ -1533,7 +1565,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                     out.entries.append((inode.ino, plain))
             for plain in inode.plain_names.values():
                 out.entries.append((inode.ino, plain))
-            inode.forget_names()
+            out.spent += inode.forget_names()
         for dh in self.dir_handles.values():
             d = self.table.find(dh.ino)
             if d is not None and d.policy is not None and d.policy.key.description == desc:
@@ -1541,6 +1573,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         out.entries = list(dict.fromkeys(out.entries))
         out.inodes = list(dict.fromkeys(out.inodes))
         return out
+
+    @staticmethod
+    def _wipe(eviction: _Eviction) -> None:
+        """Zero the evicted names and directory keys nothing uses any more
+        (a name a suspended request still holds is left alone)."""
+        eviction.entries.clear()
+        wipe.release(eviction.spent)
 
     def _invalidate(self, eviction: _Eviction) -> None:
         """Drop the kernel's dentries and pages under an evicted key.
@@ -1600,6 +1639,38 @@ def _write_protectors(d_fd: int, value: bytes) -> None:
     sc.fsync_dir(d_fd)
 
 
+def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None:
+    """A rename is about to replace the directory ``disk``: if it is an
+    empty encrypted one (only its policy and records left), rename it to a
+    temporary name (never listed) and return that; None if it has no
+    policy (the backing rename decides); ENOTEMPTY if it holds entries."""
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    fd = sc.open_dir(d_fd, disk, os.O_PATH)
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:
+            raise _err(errno.ESTALE)
+        names = sc.listdir_fd(fd)
+    finally:
+        os.close(fd)
+    if POLICY_FILE_NAME not in names:
+        return None
+    if not all(_is_record_name(n) for n in names):
+        raise _err(errno.ENOTEMPTY)
+    aside = _TEMP_PREFIX + secrets.token_hex(8)
+    sc.rename_at(d_fd, disk, d_fd, aside, RENAME_NOREPLACE)
+    return aside
+
+
+def _is_record_name(name: str) -> bool:
+    """A backing name an empty encrypted directory may hold."""
+    return (
+        name in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
+        or is_sidecar_name(name)
+        or name.startswith(_TEMP_PREFIX)
+    )
+
+
 def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
     """rmdir, where an encrypted directory may hold only its policy and
     stale long-name sidecars (ENOTEMPTY otherwise)."""
@@ -1609,14 +1680,7 @@ def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
         if POLICY_FILE_NAME not in names:
             sc.rmdir_at(d_fd, disk)
             return
-        if any(
-            not (
-                n in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
-                or is_sidecar_name(n)
-                or n.startswith(_TEMP_PREFIX)
-            )
-            for n in names
-        ):
+        if not all(_is_record_name(n) for n in names):
             raise _err(errno.ENOTEMPTY)
         for n in names:
             if n != POLICY_FILE_NAME:

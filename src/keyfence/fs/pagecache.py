@@ -48,11 +48,13 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from keyfence.errors import KeyfenceError, fail
+from keyfence.fs import wipe
 from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
@@ -95,6 +97,10 @@ Progress = Callable[[int], None]
 """Called during write-back with the bytes written so far."""
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_RECENT_READS = 4
+"""Read replies kept after pyfuse3 has sent them, to be zeroed at a key
+removal (fs/wipe.py); older ones are freed as they are: glibc hands their
+memory to the next reads, which overwrite it."""
 
 
 def lenient_plaintext_size(disk_size: int) -> int:
@@ -251,6 +257,8 @@ class PageCache:
         self._closing_keys: set[str] = set()
         """Keys whose removal is flushing: files opened meanwhile refuse writes too."""
         self._dirty_pages = 0
+        self._recent_reads: deque[bytearray] = deque(maxlen=_RECENT_READS)
+        """The last plaintext handed to pyfuse3 for read replies."""
         self._wakeup = threading.Condition(self.lock)
         self._store_thread: ThreadPoolExecutor | None = None
         """Writes encrypted chunks while the flushing thread encrypts the
@@ -405,12 +413,16 @@ class PageCache:
         file's path.  The result is a bytes-like object (not copied again).
         """
         try:
-            return self._read(f, off, size, retry=True)
+            data = self._read(f, off, size, retry=True)
         except IntegrityError as err:
             self.stats["integrity_errors"] += 1
             label = self.label_of(f.ino)
             log.error("%s: %s", label, err.strerror)
             raise err.for_file(label) from None
+        buffer = data.obj if isinstance(data, memoryview) else data
+        if type(buffer) is bytearray:
+            self._recent_reads.append(buffer)  # the oldest goes (see __init__)
+        return data
 
     def _read(
         self, f: CachedFile, off: int, size: int, *, retry: bool
@@ -456,8 +468,12 @@ class PageCache:
                     plain = self._load_run(fd, cipher, idx, run_end - idx + 1, fsize)
                     pos = (idx - first) * PAGE_SIZE
                     buf[pos : pos + len(plain)] = plain
+                    wipe.zero(plain)  # made for this copy only
                     idx = run_end + 1
                 data = buf
+                copies = list(cached.values())
+                cached.clear()
+                wipe.release(copies)
         except IntegrityError:
             # The file may have changed under us (truncated, new file id):
             # try once more with a fresh snapshot before calling it damaged.
@@ -508,6 +524,7 @@ class PageCache:
                 )
             plain = cipher.decrypt_block(first + k, record)
             out[k * PAGE_SIZE : k * PAGE_SIZE + n] = plain
+            wipe.zero(plain)  # made for this copy only
         return out
 
     def _load_block_locked(self, f: CachedFile, idx: int) -> bytearray:
@@ -633,6 +650,8 @@ class PageCache:
                 f.size = 0
                 f.dirty_since = None
                 f.mtime_ns = None
+                if old:
+                    _touch(f.fd)
                 return
             if f.header_error is not None:
                 raise f.header_error
@@ -654,6 +673,8 @@ class PageCache:
                     self._dirty_page_locked(f, old // PAGE_SIZE)
                 f.size = size
             f.mtime_ns = None
+            if size != old:
+                _touch(f.fd)
             if f.pages or f.disk_size < backing_size(f.size):
                 self._mark_dirty_locked(f)
 
@@ -1107,6 +1128,7 @@ class PageCache:
         """
         busy: list[int] = []
         dropped: dict[int, int] = {}
+        ciphers: list[FileCipher | None] = []
         with self.lock:
             self._closing_keys.discard(key)
             for f in list(self._files.values()):
@@ -1120,6 +1142,7 @@ class PageCache:
                 self._dirty_pages -= len(f.pages)
                 f.pages.clear()
                 f.master = None
+                ciphers.append(f.cipher)
                 f.cipher = None
                 f.generation += 1
                 f.dirty_since = None
@@ -1129,6 +1152,8 @@ class PageCache:
                     busy.append(f.ino)
                 else:
                     self._maybe_close_locked(f)
+            wipe.release(self._recent_reads, keep_shared=True)
+        wipe.release(ciphers)  # the file keys; one a write-back still holds is skipped
         return busy, dropped
 
     def drop_key(self, key: str) -> tuple[list[int], dict[int, int]]:
@@ -1177,3 +1202,11 @@ class Flusher:
             except Exception:  # keep the flusher alive; the error was logged
                 log.exception("background write-back failed")
                 time.sleep(interval)
+
+
+def _touch(fd: int) -> None:
+    """A size change is a change now (POSIX truncate: ctime and mtime), even
+    where the backing file itself changes only at write-back.  Best effort:
+    the size change stands without it."""
+    with contextlib.suppress(OSError):
+        set_mtime_ns(fd, time.time_ns())

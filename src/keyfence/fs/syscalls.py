@@ -86,7 +86,8 @@ _SYS_FCHMODAT2 = 452  # Linux 6.6
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
-_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+RESOLVE_NO_XDEV = 0x01
+_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 _ALWAYS = os.O_CLOEXEC | os.O_NOFOLLOW
@@ -190,11 +191,15 @@ HAVE_OPENAT2 = _probe_openat2()
 
 
 def open_at(dir_fd: int, name: str, flags: int, mode: int = 0) -> int:
-    """Open ``name`` inside ``dir_fd``, never through a symlink.
+    """Open ``name`` inside ``dir_fd``, never through a symlink, never
+    into another filesystem.
 
     A symlink at ``name`` gives ELOOP, except with ``O_PATH`` (then the
-    descriptor holds the symlink itself).  ``O_CLOEXEC | O_NOFOLLOW`` are
-    always added.
+    descriptor holds the symlink itself).  A mount point gives EXDEV
+    (``RESOLVE_NO_XDEV``; without openat2, the opened descriptor's device is
+    compared with ``dir_fd``'s): the worker's inode table and its ``syncfs``
+    hold for one filesystem (docs/security.md).  ``O_CLOEXEC | O_NOFOLLOW``
+    are always added.
     """
     raw = _name(name)
     flags |= _ALWAYS
@@ -204,7 +209,11 @@ def open_at(dir_fd: int, name: str, flags: int, mode: int = 0) -> int:
         if fd < 0:
             raise _fail()
         return fd
-    return os.open(raw, flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    fd = os.open(raw, flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    if os.fstat(fd).st_dev != os.fstat(dir_fd).st_dev:
+        os.close(fd)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+    return fd
 
 
 def open_dir(dir_fd: int, name: str, flags: int = os.O_RDONLY) -> int:

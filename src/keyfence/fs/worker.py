@@ -57,6 +57,7 @@ from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
+from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
 
@@ -364,8 +365,10 @@ def run(
         allow_other = os.geteuid() == 0
     pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))
     unmounted = False
+    stats = StatsReporter(ops, source.report)
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
+        stats.start()
         log.info("serving as uid %d", os.geteuid())
         trio.run(_serve, ops, max_tasks, ready_fd, readahead_kb)
     except BaseException:
@@ -373,6 +376,7 @@ def run(
         raise
     finally:
         ops.close()
+        stats.stop()  # after the final write-back: status shows nothing dirty
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
             unmounted = True

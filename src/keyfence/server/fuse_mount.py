@@ -17,7 +17,9 @@ that has already checked the request as the caller (mount_request.py):
 
 As fusermount3, we refuse a mount point on a filesystem that is not a
 plain data filesystem (procfs, sysfs ...: a user may "own" directories
-there without being meant to put anything over them).
+there without being meant to put anything over them), and a user's mount
+while the system has ``mount_max`` (/etc/fuse.conf, default 1000) FUSE
+filesystems or more (fuse_conf.py): fusermount3's words, EPERM.
 
 Unmounting uses the same descriptor: ``umount2(/proc/self/fd/M)`` unmounts
 the mount on top of that directory (the kernel looks the last component up
@@ -26,14 +28,24 @@ as a mount point), never a name looked up again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import struct
+import threading
 
 from keyfence.errors import KeyfenceError
+from keyfence.server.fuse_conf import FUSE_CONF, count_fuse_mounts, read_fuse_conf
 
-__all__ = ["MNT_DETACH", "filesystem_type", "is_data_filesystem", "mount_fuse", "umount"]
+__all__ = [
+    "MNT_DETACH",
+    "check_mount_max",
+    "filesystem_type",
+    "is_data_filesystem",
+    "mount_fuse",
+    "umount",
+]
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -78,6 +90,9 @@ _DATA_FILESYSTEMS = frozenset(
 )
 
 _libc: ctypes.CDLL | None = None
+_counted_mounts = threading.Lock()
+"""Held from counting the FUSE mounts to mounting one more (users' mounts):
+two requests at once cannot both take the last place under mount_max."""
 
 
 def _c() -> ctypes.CDLL:
@@ -105,6 +120,21 @@ def is_data_filesystem(fd: int) -> bool:
     return filesystem_type(fd) in _DATA_FILESYSTEMS
 
 
+def check_mount_max(uid: int, conf: str = FUSE_CONF) -> None:
+    """fusermount3's limit for a user (not root): refused with its words
+    while ``mount_max`` or more FUSE filesystems are mounted.  fusermount3
+    only exits 1; EPERM is what mount(2) itself says to a user, and what
+    this module answers for fusermount3's other refusals."""
+    if uid == 0:
+        return
+    limit = read_fuse_conf(conf).mount_max
+    if limit != -1 and count_fuse_mounts() >= limit:
+        raise KeyfenceError(
+            errno.EPERM,
+            f"too many FUSE filesystems mounted; mount_max=N can be set in {FUSE_CONF}",
+        )
+
+
 def mount_fuse(
     mountpoint_fd: int, source: str, *, uid: int, gid: int, allow_other: bool, what: str
 ) -> int:
@@ -113,6 +143,14 @@ def mount_fuse(
         raise KeyfenceError(
             errno.EPERM, f"mounting over the filesystem type of {what} is forbidden"
         )
+    with _counted_mounts if uid != 0 else contextlib.nullcontext():
+        check_mount_max(uid)
+        return _mount(mountpoint_fd, source, uid=uid, gid=gid, allow_other=allow_other, what=what)
+
+
+def _mount(
+    mountpoint_fd: int, source: str, *, uid: int, gid: int, allow_other: bool, what: str
+) -> int:
     fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     options = f"fd={fuse},rootmode=40000,user_id={uid},group_id={gid},default_permissions"
     if allow_other:

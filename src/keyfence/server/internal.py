@@ -14,8 +14,11 @@ import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from keyfence.keys import KeyService
     from keyfence.keys.caller import Caller
+    from keyfence.keys.fence import RemovalProgress
     from keyfence.server.identity import SessionRegistry
     from keyfence.server.lanes import Lanes
     from keyfence.server.limits import UidLimits
@@ -32,7 +35,14 @@ class MountParts(Protocol):
 
     def mount(self, caller: Caller, backing: str, mountpoint: str, options: list[str]) -> None: ...
 
-    def umount(self, caller: Caller, mountpoint: str, *, timeout: float = 60.0) -> None: ...
+    def umount(
+        self,
+        caller: Caller,
+        mountpoint: str,
+        *,
+        timeout: float = 60.0,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None: ...
 
     def describe(self, caller: Caller | None = None) -> list[dict[str, Any]]: ...
 

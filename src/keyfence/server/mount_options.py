@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyfence.errors import KeyfenceError
+from keyfence.server.fuse_conf import FUSE_CONF, read_fuse_conf
 
 __all__ = ["OPTIONS", "MountRequestOptions", "parse_options", "parse_size", "user_allow_other"]
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-FUSE_CONF = "/etc/fuse.conf"
 
 
 def parse_size(text: str) -> int:
@@ -185,9 +184,5 @@ def parse_options(items: Sequence[str]) -> MountRequestOptions:
 
 def user_allow_other(conf: str = FUSE_CONF) -> bool:
     """Whether /etc/fuse.conf lets users ask for ``allow_other`` (a line
-    ``user_allow_other`` by itself), as fusermount3 decides."""
-    try:
-        with open(conf, errors="replace") as f:
-            return any(line.strip() == "user_allow_other" for line in f)
-    except OSError:
-        return False
+    ``user_allow_other`` by itself), as fusermount3 reads it (fuse_conf.py)."""
+    return read_fuse_conf(conf).user_allow_other

@@ -32,13 +32,15 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import keyfence
 from keyfence.errors import KeyfenceError
 from keyfence.keys.caller import Caller
-from keyfence.server import fuse_mount, identity
+from keyfence.keys.fence import RemovalProgress, WatcherProgress
+from keyfence.server import fuse_mount, identity, mount_status
 from keyfence.server.mount_options import parse_options, user_allow_other
 from keyfence.server.mount_request import CheckedRequest, check_request
 
@@ -62,7 +64,10 @@ class Mount:
     """starting, mounted, unmounting, stopped, dead."""
     ready: threading.Event = field(default_factory=threading.Event)
     error: str = ""
-    busy: dict[str, Any] = field(default_factory=dict)
+    busy: dict[str, list[str]] = field(default_factory=dict)
+    """key description ("" for the whole list) -> files open when it went."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """The worker's last ``stats`` report (server/mount_status.py)."""
     dropped: list[dict[str, Any]] = field(default_factory=list)
     stderr_path: str = ""
     owner_gid: int = 0
@@ -75,16 +80,27 @@ class Mount:
     on that key are made with its rights, as the kernel's would)."""
 
     def describe(self) -> dict[str, Any]:
+        """This mount as ``keyfence status --json`` shows it (the schema is
+        in server/mount_status.py and docs/cli.md)."""
+        dead = self.state == "dead"
         return {
-            "backing": self.backing,
             "mountpoint": self.mountpoint,
-            "pid": self.process.pid,
+            "backing": self.backing,
             "owner": self.owner,
+            "pid": self.process.pid,
             "state": self.state,
-            "busy": self.busy,
+            "phase": "",
+            "dirty_bytes": 0,
+            "dirty_limit": 0,
+            "keys": [],
+            "encrypted_dirs": [],
+            "encrypted_dir_count": 0,
+            **self.stats,
+            "busy_files": mount_status.busy_files(self.busy),
             "dropped": self.dropped,
             "error": self.error,
-            "log": self.stderr_path if self.state == "dead" else "",
+            "exit_status": self.process.returncode if dead else None,
+            "log": self.stderr_path if dead else "",
         }
 
 
@@ -185,6 +201,48 @@ def _keyfence_devices_at(mountpoint: str) -> set[str]:
                 if point == mountpoint:
                     found.add(fields[2])
     return found
+
+
+def _tell_unmount_progress(
+    mount: Mount, progress: Callable[[RemovalProgress], None], done: threading.Event
+) -> None:
+    """Every 0.25 s until ``done``: what the worker still has to write."""
+    start = time.monotonic()
+    who = f"mount worker {mount.mountpoint}"
+    while not done.wait(0.25):
+        left = mount.stats.get("dirty_bytes")
+        phase = mount.stats.get("phase")
+        note = phase if phase and phase != "serving" else "unmounting"
+        pending = (WatcherProgress(who, 0, left if type(left) is int else None, note),)
+        with contextlib.suppress(Exception):  # a caller gone: nothing to tell
+            progress(RemovalProgress("umount", 0, 0, pending, time.monotonic() - start))
+
+
+UNMOUNT_WAIT_MAX = 3600.0
+"""However well a worker says it is doing, an unmount waits no longer."""
+
+
+def _wait_for_write_back(mount: Mount, timeout: float) -> None:
+    """Until the worker exits; ETIMEDOUT after ``timeout`` s in which what
+    it reports (bytes left, phase) did not change -- a slow disk that keeps
+    writing is waited for -- and after :data:`UNMOUNT_WAIT_MAX` in any case
+    (a worker is its user's: its reports cannot hold root's unmount)."""
+    figures = ("dirty_bytes", "phase")
+    last = [mount.stats.get(name) for name in figures]
+    start = quiet_since = time.monotonic()
+    while True:
+        try:
+            mount.process.wait(0.25)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        now = [mount.stats.get(name) for name in figures]
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since > timeout:
+            raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing")
+        if time.monotonic() - start > UNMOUNT_WAIT_MAX:
+            raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing after an hour")
 
 
 class MountSupervisor:
@@ -332,9 +390,21 @@ class MountSupervisor:
                 process.kill()
             raise KeyfenceError(errno.EIO, f"mount failed: {detail}")
 
-    def umount(self, caller: Caller, mountpoint: str, *, timeout: float = 60.0) -> None:
+    def umount(
+        self,
+        caller: Caller,
+        mountpoint: str,
+        *,
+        timeout: float = 60.0,
+        progress: Callable[[RemovalProgress], None] | None = None,
+    ) -> None:
         """Unmount after a full flush: the kernel pushes its cache to the
-        worker, which writes back every dirty page before it exits."""
+        worker, which writes back every dirty page before it exits.
+
+        ``progress`` hears, every 0.25 s until then, how much the worker
+        still has to write (its last report); ETIMEDOUT once the worker has
+        written nothing for ``timeout`` seconds (it goes on: the mount is
+        already gone)."""
         mountpoint = os.path.normpath(mountpoint)
         with self._lock:
             mount = self._mounts.get(mountpoint)
@@ -343,22 +413,41 @@ class MountSupervisor:
         if caller.uid not in (0, mount.owner):
             raise KeyfenceError(errno.EPERM, "only the mount's owner or root may unmount it")
         mount.state = "unmounting"
-        done, why = self._unmount(mount)
-        if not done:
-            mount.state = "mounted"
-            raise KeyfenceError(errno.EBUSY, f"{mountpoint}: {why}")
+        ticking = threading.Event()
+        if progress is not None:
+            threading.Thread(
+                target=_tell_unmount_progress,
+                args=(mount, progress, ticking),
+                name="keyfence-umount-progress",
+                daemon=True,
+            ).start()
         try:
-            mount.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise KeyfenceError(errno.ETIMEDOUT, "the worker is still flushing") from None
+            done, why = self._unmount(mount)
+            if not done:
+                mount.state = "mounted"
+                raise KeyfenceError(errno.EBUSY, f"{mountpoint}: {why}")
+            _wait_for_write_back(mount, timeout)
+        finally:
+            ticking.set()
 
     def describe(self, caller: Caller | None = None) -> list[dict[str, Any]]:
-        """The mounts ``caller`` may know of: its own; root sees all."""
+        """The mounts ``caller`` may know of: its own; root sees all.
+
+        A stopped mount is gone; a dead one is shown once (with why) to
+        whoever may see it, then forgotten -- once its supervisor has let go
+        of the mount point, so that a new mount there is not refused."""
         with self._lock:
             mounts = list(self._mounts.values())
         if caller is not None and not caller.is_admin and caller.uid != 0:
             mounts = [m for m in mounts if m.owner == caller.uid]
-        return [m.describe() for m in mounts]
+        shown = [m.describe() for m in mounts if m.state != "stopped"]
+        with self._lock:
+            for m in mounts:
+                over = m.state in ("stopped", "dead") and m.process.poll() is not None
+                gone = over and m.pinned_fd is None and m.ready.is_set()
+                if gone and self._mounts.get(m.mountpoint) is m:
+                    del self._mounts[m.mountpoint]
+        return shown
 
     def _unmount(self, mount: Mount, lazy: bool = False) -> tuple[bool, str]:
         """Unmount through the pinned descriptor (root daemon), else with
@@ -428,7 +517,9 @@ class MountSupervisor:
             mount.error = str(detail.get("reason") if isinstance(detail, dict) else detail)
             mount.ready.set()
         elif event == "busy":
-            mount.busy = detail if isinstance(detail, dict) else {"detail": detail}
+            mount.busy = mount_status.busy_update(mount.busy, detail)
+        elif event == "stats":
+            mount.stats = mount_status.clean_stats(detail)
         elif event == "readahead" and isinstance(detail, dict):
             self._set_readahead(mount, detail.get("device"), detail.get("kb"))
         elif event == "dropped":

@@ -67,6 +67,8 @@ class Op:
     """Takes timeout, emergency and progress (keyfence.keys removal options)."""
     worker_only: bool = False
     """Only on a mount worker's private channel."""
+    progress: bool = False
+    """Not a removal, but reports progress as one does (umount)."""
 
     def check(self, request: protocol.Request) -> None:
         """EINVAL for arguments or options this operation does not take."""
@@ -82,7 +84,11 @@ class Op:
                     errno.EINVAL, f"{self.name}: argument {index + 1} must be {names}"
                 )
         if not self.removal:
-            if request.timeout is not None or request.emergency or request.progress:
+            if (
+                request.timeout is not None
+                or request.emergency
+                or (request.progress and not self.progress)
+            ):
                 raise KeyfenceError(errno.EINVAL, f"{self.name} is not a removal")
         elif request.timeout is not None and not request.timeout >= 0:
             raise KeyfenceError(errno.EINVAL, "timeout must be a number of seconds >= 0")
@@ -145,7 +151,8 @@ def _mount(conn: Connection, request: protocol.Request) -> None:
 
 
 def _umount(conn: Connection, request: protocol.Request) -> None:
-    conn.daemon.mounts.umount(conn.caller, request.args[0])
+    progress = conn.progress_sender(request.id) if request.progress else None
+    conn.daemon.mounts.umount(conn.caller, request.args[0], progress=progress)
 
 
 def _mounts(conn: Connection, request: protocol.Request) -> Any:
@@ -220,7 +227,7 @@ OPERATIONS: dict[str, Op] = _table(
     Op("ping", (), _ping),
     # mounts (keyfence.server.mounts); mount waits for the worker to start
     Op("mount", (STR, STR, LIST), _mount, always),
-    Op("umount", (STR,), _umount, always),
+    Op("umount", (STR,), _umount, always, progress=True),
     Op("mounts", (), _mounts),
     # a lookup for a FUSE request: may meet a key under construction and wait
     Op("worker_find_key", (INT, LIST), _worker_find_key, always, worker_only=True),

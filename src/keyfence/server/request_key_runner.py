@@ -66,8 +66,8 @@ ran no handler at all."""
 
 
 @dataclass(frozen=True)
-class Request:
-    """What request-key is told about a construction."""
+class UpcallArgs:
+    """What request-key is told about a construction (the arguments of one upcall)."""
 
     op: str
     key: int
@@ -111,7 +111,7 @@ def conf_files(conf: str) -> Iterator[str]:
     yield conf
 
 
-def choose(conf: str, request: Request) -> str | None:
+def choose(conf: str, request: UpcallArgs) -> str | None:
     """The command line of the least wild matching line, or None."""
     best: tuple[int, ...] | None = None
     command = None
@@ -141,7 +141,7 @@ def choose(conf: str, request: Request) -> str | None:
     return command
 
 
-def expand(command: str, request: Request) -> tuple[list[str], bool]:
+def expand(command: str, request: UpcallArgs) -> tuple[list[str], bool]:
     """The argv of a command line (program path first) and whether it is a
     ``|program``; EINVAL for a macro request-key would refuse."""
     piped = command.startswith("|")
@@ -209,7 +209,7 @@ class Runner:
         key = construction.key
         thread, process, session = upcall.requester_keyring_ids(svc, construction)
         requester = construction.requester
-        request = Request(
+        request = UpcallArgs(
             op="create",
             key=key.serial,
             type=key.type.name,
@@ -235,7 +235,7 @@ class Runner:
         self._spawn(construction, request, argv, piped)
 
     def _spawn(
-        self, construction: Construction, request: Request, argv: list[str], piped: bool
+        self, construction: Construction, request: UpcallArgs, argv: list[str], piped: bool
     ) -> None:
         requester = construction.requester
         switch = os.geteuid() == 0 and requester.uid != 0

@@ -1,0 +1,119 @@
+"""POSIX behaviour pjdfstest found wrong in an encrypted directory, one test
+per fix (docs/fs.md, "POSIX conformance (pjdfstest)").  Real mounts, real
+keys, as tests/fs/test_mount.py."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyfence.fs.crypto import MasterKey
+from keyfence.fs.format import POLICY_FILE_NAME
+from keyfence.testing.mounting import Mount, fuse_available
+
+pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+
+
+@pytest.fixture
+def enc_dir(tmp_path: Path) -> Iterator[Path]:
+    """An encrypted directory ``enc`` on a fresh mount, its key in our @s."""
+    mount = Mount(tmp_path, "--dirty-expire", "60")
+    try:
+        master = MasterKey(os.urandom(64))
+        mount.add_key(master)
+        enc = mount.mnt / "enc"
+        enc.mkdir()
+        os.setxattr(enc, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+        yield enc
+    finally:
+        code = mount.unmount()
+        assert "Traceback" not in mount.log(), mount.log()
+        assert code == 0, mount.log()
+
+
+def test_ftruncate_updates_ctime_and_mtime(enc_dir: Path) -> None:
+    # pjdfstest ftruncate/00.t: the size changes in the page cache, so the
+    # backing file's times used to stay as they were until write-back
+    path = enc_dir / "f"
+    path.write_bytes(b"x" * 100)
+    before = os.stat(path)
+    time.sleep(0.05)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for size in (10_000, 5):  # grow (a hole), then shrink
+            os.ftruncate(fd, size)
+            after = os.stat(path)
+            assert after.st_size == size
+            assert after.st_ctime_ns > before.st_ctime_ns
+            assert after.st_mtime_ns > before.st_mtime_ns
+            before = after
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 5
+
+
+@pytest.mark.parametrize("where", ["same", "other"])
+def test_rename_a_directory_over_an_empty_one(enc_dir: Path, where: str) -> None:
+    # pjdfstest rename/09.t, 10.t: an empty encrypted directory still holds
+    # its policy record in the backing store; the backing rename said
+    # ENOTEMPTY where ext4 replaces the empty directory
+    source_parent = enc_dir / "a"
+    target_parent = enc_dir / ("a" if where == "same" else "b")
+    source_parent.mkdir()
+    target_parent.mkdir(exist_ok=True)
+    source, target = source_parent / "src", target_parent / "dst"
+    source.mkdir()
+    (source / "inside").write_bytes(b"kept")
+    target.mkdir()
+    inode = os.stat(source).st_ino
+    os.rename(source, target)
+    assert not source.exists()
+    assert os.stat(target).st_ino == inode
+    assert (target / "inside").read_bytes() == b"kept"
+    assert os.listdir(target_parent) == ["dst"]
+
+
+def test_rename_over_a_nonempty_encrypted_directory_is_enotempty(enc_dir: Path) -> None:
+    (enc_dir / "src").mkdir()
+    (enc_dir / "dst").mkdir()
+    (enc_dir / "dst" / "file").write_bytes(b"stays")
+    with pytest.raises(OSError) as err:
+        os.rename(enc_dir / "src", enc_dir / "dst")
+    assert err.value.errno == 39  # ENOTEMPTY
+    assert (enc_dir / "dst" / "file").read_bytes() == b"stays"
+    assert (enc_dir / "src").is_dir()
+
+
+def test_replaced_directory_leaves_nothing_in_the_backing_store(enc_dir: Path) -> None:
+    (enc_dir / "src").mkdir()
+    (enc_dir / "dst").mkdir()
+    backing = enc_dir.parent.parent / "m-backing" / "enc"
+    before = set(os.listdir(backing))
+    os.rename(enc_dir / "src", enc_dir / "dst")
+    after = set(os.listdir(backing))
+    assert len(after) == len(before) - 1  # one encrypted name less, nothing set aside
+    assert POLICY_FILE_NAME in after
+    assert os.listdir(enc_dir) == ["dst"]
+
+
+def test_noreplace_and_exchange_of_empty_encrypted_directories(enc_dir: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def renameat2(old: Path, new: Path, flags: int) -> int:
+        r = libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags)
+        return 0 if r == 0 else ctypes.get_errno()
+
+    (enc_dir / "a").mkdir()
+    (enc_dir / "b").mkdir()
+    (enc_dir / "a" / "mark").write_bytes(b"a")
+    assert renameat2(enc_dir / "a", enc_dir / "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert renameat2(enc_dir / "a", enc_dir / "b", 2) == 0  # RENAME_EXCHANGE
+    assert (enc_dir / "b" / "mark").read_bytes() == b"a"
+    assert os.listdir(enc_dir / "a") == []
