@@ -302,15 +302,14 @@ class Session:
             | p.DO_READDIRPLUS
             | p.ASYNC_DIO
             | p.PARALLEL_DIROPS
-            | p.HANDLE_KILLPRIV
             | p.MAX_PAGES
-        )
+        )  # not HANDLE_KILLPRIV: the kernel clears set-id bits on write (pjdfstest chmod/12)
         if getattr(self.ops, "supports_dot_lookup", False):
             want |= p.EXPORT_SUPPORT
         if self.options.writeback_cache:
             want |= p.WRITEBACK_CACHE
         if self.options.killpriv_v2:
-            want = (want & ~p.HANDLE_KILLPRIV) | p.HANDLE_KILLPRIV_V2
+            want |= p.HANDLE_KILLPRIV_V2
         self.proto_minor = min(minor, p.OUR_MINOR)
         payload = p.INIT_OUT.pack(
             p.KERNEL_MAJOR, self.proto_minor, max_readahead, want & offered,
