@@ -5,6 +5,7 @@ Usage (root, from the repository root)::
 
     .venv/bin/python bench/fs_compare.py [--quick] [--json PATH] [--runs 3]
         [--systems keyfence,gocryptfs,fscrypt,disk] [--only GROUP,...] [--scratch DIR]
+        (also keyfence-pyfuse3, keyfence-ownloop: keyfence with a given FUSE loop)
 
 Every peer lives over the same disk (``--scratch``, default /var/tmp): keyfence
 through its real daemon and mount worker with an e4crypt key in this run's
@@ -59,7 +60,9 @@ from keyfence.testing.bench.peers import (
     DiskPeer,
     FscryptPeer,
     GocryptfsPeer,
+    KeyfenceOwnLoopPeer,
     KeyfencePeer,
+    KeyfencePyfuse3Peer,
     Peer,
     PeerError,
     kernel_cipher_driver,
@@ -73,6 +76,8 @@ from keyfence.testing.bench.process import (
 from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
+VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop"]
+"""keyfence with a given FUSE loop (fs_peers.py), for ``--systems``."""
 BLOCK = 4096
 
 Row = dict[str, Any]
@@ -384,7 +389,7 @@ class Bench:
         the parts of each system's runs."""
         if not self.wanted(group):
             return {}
-        names = [s for s in (systems or SYSTEMS) if s in self.peers]
+        names = [s for s in (systems or self.args.systems) if s in self.peers]
         values: dict[str, list[float]] = {s: [] for s in names}
         parts: dict[str, list[dict[str, float]]] = {s: [] for s in names}
         failed: set[str] = set()
@@ -422,6 +427,8 @@ class Bench:
         image = max(4 << 30, 3 * max(a.seq_bytes, a.lock_bytes[-1], a.rand_bytes))
         makers: dict[str, Callable[[], Peer]] = {
             "keyfence": lambda: KeyfencePeer(a.scratch_dir),
+            "keyfence-pyfuse3": lambda: KeyfencePyfuse3Peer(a.scratch_dir),
+            "keyfence-ownloop": lambda: KeyfenceOwnLoopPeer(a.scratch_dir),
             "gocryptfs": lambda: GocryptfsPeer(a.scratch_dir),
             "fscrypt": lambda: FscryptPeer(a.scratch_dir, image),
             "disk": lambda: DiskPeer(a.scratch_dir),
@@ -683,7 +690,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.emergency_rounds = pick(a.emergency_rounds, 10, 2)
     a.aes_bytes = pick(a.aes_mib, 256, 8) * MIB
     a.systems = [s for s in a.systems.split(",") if s]
-    unknown = set(a.systems) - set(SYSTEMS)
+    unknown = set(a.systems) - set(SYSTEMS) - set(VARIANTS)
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     a.only = [g for g in a.only.split(",") if g]

@@ -32,6 +32,7 @@ from keyfence.fs.format import (
     FILE_HEADER_SIZE,
     POLICY_FILE_NAME,
     FileHeader,
+    FormatError,
     Policy,
     backing_size,
     plaintext_size,
@@ -482,10 +483,17 @@ def test_flusher_writes_back_after_expiry(tmp_path: Path) -> None:
         with open(e.dir / "x", "wb", buffering=0) as io:
             io.write(b"expire me" * 1000)
             back = backing_file_of(e, "x")
-            deadline = time.monotonic() + 10
-            while back.stat().st_size == 0 and time.monotonic() < deadline:
+            deadline = time.monotonic() + 30
+            # until the flusher has written it all: a file read while it
+            # writes has a header and a block or two (IntegrityError)
+            while True:
+                try:
+                    if decrypt_backing_file(back, e.master) == b"expire me" * 1000:
+                        break
+                except (OSError, FormatError):
+                    pass
+                assert time.monotonic() < deadline, "not written back"
                 time.sleep(0.05)
-            assert decrypt_backing_file(back, e.master) == b"expire me" * 1000
     finally:
         assert m.unmount() == 0
 

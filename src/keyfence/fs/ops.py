@@ -69,6 +69,7 @@ from keyfence.fs.format import (
     is_sidecar_name,
     sidecar_name,
 )
+from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.keysource import GoingAway, KeySource
 from keyfence.fs.mount_stats import policy_options
@@ -1044,7 +1045,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         sc.unlink_at(od_fd, old_disk)
         self._remove_sidecar(od_fd, old_disk)
         # the kernel still has the old inode number under the new name
-        pyfuse3.invalidate_entry_async(
+        fuse_kernel.invalidate_entry_async(
             InodeT(nd.ino), FileNameT(self._plain_of(nd, new_enc.disk_name)), ignore_enoent=True
         )
 
@@ -1221,7 +1222,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if st.st_dev != self.table.root_dev:
                 continue  # a mount point: not crossed (lookup says EXDEV)
             attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
-            if not pyfuse3.readdir_reply(token, FileNameT(name), attrs, i + 1):
+            if not fuse_kernel.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break
             self.table.remember(d.ino, disk, st)
 
@@ -1590,13 +1591,13 @@ class KeyfenceOperations(pyfuse3.Operations):
             return
         for parent, name in eviction.entries:
             try:
-                pyfuse3.invalidate_entry(InodeT(parent), FileNameT(name))
+                fuse_kernel.invalidate_entry(parent, name)
             except OSError as err:
                 if err.errno not in (errno.ENOENT, errno.ENOTDIR):
                     log.debug("invalidate entry %d/%r: %s", parent, name, err)
         for ino in eviction.inodes:
             try:
-                pyfuse3.invalidate_inode(InodeT(ino))
+                fuse_kernel.invalidate_inode(ino)
             except OSError as err:
                 if err.errno != errno.ENOENT:
                     log.debug("invalidate inode %d: %s", ino, err)

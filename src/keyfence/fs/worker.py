@@ -20,6 +20,8 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
     --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
+    --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
+                           pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
 
 There is no way to hand libfuse a raw option: the FUSE options are made
 here (``nosuid,nodev`` always, ``default_permissions``, ``allow_other``
@@ -51,6 +53,9 @@ from typing import Any
 import pyfuse3
 import trio
 
+from keyfence.fs.fuse import kernel as fuse_kernel
+from keyfence.fs.fuse.mount import mount_by_name
+from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
@@ -97,8 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-fd", type=int)
     p.add_argument("--mountpoint-fd", type=int)
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--fuse-loop", choices=FUSE_LOOPS, default=default_fuse_loop())
     p.add_argument("--debug", action="store_true")
     return p
+
+
+FUSE_LOOPS = ("pyfuse3", "keyfence")
+
+
+def default_fuse_loop() -> str:
+    """``$KEYFENCE_FUSE_LOOP`` when it names a loop (tests run whole
+    directories either way with it), else keyfence's own."""
+    chosen = os.environ.get("KEYFENCE_FUSE_LOOP", "")
+    return chosen if chosen in FUSE_LOOPS else "keyfence"
 
 
 def _mount_device(mountpoint: str) -> str | None:
@@ -157,6 +173,30 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
+async def _serve_own(
+    ops: KeyfenceOperations, session: Session, ready_fd: int | None, readahead_kb: int
+) -> None:
+    """:func:`_serve` with keyfence's own loop (fs/fuse/) instead of pyfuse3's."""
+    ops.started()
+    on_lost = getattr(ops.keys.source, "on_lost", None)
+    if callable(on_lost):
+        on_lost(functools.partial(lock_and_stop, ops, "daemon_lost"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals, ops)
+        nursery.start_soon(_when_up, ops, ready_fd, readahead_kb)
+        await session.serve()
+        nursery.cancel_scope.cancel()
+
+
+def _terminate() -> None:
+    """End whichever FUSE loop runs (on the trio thread)."""
+    session = fuse_kernel.active()
+    if session is not None:
+        session.terminate()
+    else:
+        pyfuse3.terminate()
+
+
 async def _when_up(ops: KeyfenceOperations, ready_fd: int | None, readahead_kb: int) -> None:
     """Once the kernel has our INIT reply (a stat of the mount answers):
     set the readahead window (INIT resets it) and say we are ready."""
@@ -181,7 +221,7 @@ async def _on_signals(ops: KeyfenceOperations) -> None:
             log.info("%s: pushing the kernel's dirty pages, then unmounting", signum)
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(syncfs, ops.mountpoint)
-            pyfuse3.terminate()
+            _terminate()
             return
 
 
@@ -212,7 +252,7 @@ def lock_and_stop(ops: KeyfenceOperations, why: str) -> None:
     token = ops.trio_token
     if token is not None:
         with contextlib.suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+            trio.from_thread.run_sync(_terminate, trio_token=token)
 
 
 _M_TRIM_THRESHOLD = -1
@@ -306,10 +346,18 @@ def run(
     backing_fd: int | None = None,
     fuse_fd: int | None = None,
     mountpoint_fd: int | None = None,
+    fuse_loop: str = "keyfence",
 ) -> int:
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel
     tune_malloc()
+    if fuse_loop == "keyfence":
+        return _run_own(
+            backing, mountpoint, source, options,
+            allow_other=allow_other, readahead_kb=readahead_kb, max_tasks=max_tasks,
+            ready_fd=ready_fd, backing_fd=backing_fd, fuse_fd=fuse_fd,
+            mountpoint_fd=mountpoint_fd,
+        )  # fmt: skip
     # mounted by the daemon on the checked directory: serve its /dev/fuse
     target = mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
     ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
@@ -338,6 +386,60 @@ def run(
             source,
             "unmounted",
             {"backing": backing, "mountpoint": ops.mountpoint, "clean": unmounted},
+        )
+        closer = getattr(source, "close", None)
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+    return 0
+
+
+def _run_own(
+    backing: str,
+    mountpoint: str,
+    source: KeySource,
+    options: MountOptions,
+    *,
+    allow_other: bool | None,
+    readahead_kb: int,
+    max_tasks: int,
+    ready_fd: int | None,
+    backing_fd: int | None,
+    fuse_fd: int | None,
+    mountpoint_fd: int | None,
+) -> int:
+    """:func:`run` with keyfence's own loop: the same steps, our session."""
+    ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
+    if allow_other is None:
+        allow_other = os.geteuid() == 0
+    if fuse_fd is None:
+        fd = mount_by_name(ops.mountpoint, fuse_options(os.path.abspath(backing), allow_other))
+    else:
+        fd = fuse_fd
+    session = Session(
+        ops,
+        fd,
+        SessionOptions(writeback_cache=options.writeback_cache, max_tasks=max_tasks),
+    )
+    fuse_kernel.set_active(session)
+    try:
+        _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
+        log.info("serving as uid %d (keyfence's FUSE loop)", os.geteuid())
+        trio.run(_serve_own, ops, session, ready_fd, readahead_kb)
+    except BaseException:
+        log.exception("the FUSE loop failed")
+        raise
+    finally:
+        ops.close()
+        if not session.unmounted:  # ended by a signal or the daemon's loss
+            unmount_own(ops.mountpoint, mountpoint_fd)
+        fuse_kernel.set_active(None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _report(
+            source,
+            "unmounted",
+            {"backing": backing, "mountpoint": ops.mountpoint, "clean": True},
         )
         closer = getattr(source, "close", None)
         if callable(closer):
@@ -384,6 +486,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         backing_fd=args.backing_fd,
         fuse_fd=args.fuse_fd,
         mountpoint_fd=args.mountpoint_fd,
+        fuse_loop=args.fuse_loop,
     )
 
 

@@ -64,6 +64,16 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _fuse_loop(text: str) -> str:
+    if text not in FUSE_LOOPS:
+        raise ValueError(f"one of {', '.join(FUSE_LOOPS)}: {text!r}")
+    return text
+
+
+FUSE_LOOPS = ("pyfuse3", "keyfence")
+"""The worker's FUSE request loops (fs/worker.py ``--fuse-loop``)."""
+
+
 @dataclass(frozen=True)
 class _Option:
     field: str
@@ -93,6 +103,9 @@ OPTIONS: dict[str, _Option] = {
     "writeback_cache": _Option(
         "writeback_cache", None, "--writeback-cache", "let the kernel cache writes too"
     ),
+    "fuse_loop": _Option(
+        "fuse_loop", _fuse_loop, "--fuse-loop", "FUSE request loop: keyfence or pyfuse3 (keyfence)"
+    ),
     "debug": _Option("debug", None, "--debug", "log every request (root's mounts only)"),
     "allow_other": _Option(
         "allow_other", None, None, "other users may use the mount (fuse.conf user_allow_other)"
@@ -108,6 +121,7 @@ class MountRequestOptions:
     attr_timeout: float | None = None
     readahead_kb: int | None = None
     max_tasks: int | None = None
+    fuse_loop: str | None = None
     writeback_cache: bool = False
     debug: bool = False
     allow_other: bool = False

@@ -172,8 +172,8 @@ def worker_command(uid: int) -> tuple[list[str], dict[str, str]]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONPATH": os.pathsep.join(dict.fromkeys([*package_dirs, paths["platlib"]])),
     }
-    for name in ("LANG", "LC_ALL", "LC_CTYPE", "TZ"):
-        if name in os.environ:
+    for name in ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "KEYFENCE_FUSE_LOOP"):
+        if name in os.environ:  # KEYFENCE_FUSE_LOOP: only picks one of two loops
             env[name] = os.environ[name]
     for directory in package_dirs:
         if not _reachable_by_others(directory):

@@ -255,6 +255,24 @@ class KeyfencePeer(Peer):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
+class KeyfencePyfuse3Peer(KeyfencePeer):
+    """keyfence served by pyfuse3's loop (``-o fuse_loop=pyfuse3``)."""
+
+    name = "keyfence-pyfuse3"
+
+    def __init__(self, scratch: Path, options: list[str] | None = None) -> None:
+        super().__init__(scratch, ["fuse_loop=pyfuse3", *(options or [])])
+
+
+class KeyfenceOwnLoopPeer(KeyfencePeer):
+    """keyfence served by its own loop, src/keyfence/fs/fuse/ (``-o fuse_loop=keyfence``)."""
+
+    name = "keyfence-ownloop"
+
+    def __init__(self, scratch: Path, options: list[str] | None = None) -> None:
+        super().__init__(scratch, ["fuse_loop=keyfence", *(options or [])])
+
+
 # -- gocryptfs --------------------------------------------------------------
 
 

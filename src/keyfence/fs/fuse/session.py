@@ -1,0 +1,384 @@
+"""keyfence's own FUSE request loop over an already-mounted ``/dev/fuse``.
+
+Concurrency contract (why it is fast, and why the handlers need no change):
+
+1. One *reader* task on the trio thread reads one request at a time into a
+   buffer it owns (non-blocking ``readv``; ``wait_readable`` only when the
+   queue is empty) and starts the request's handler coroutine right there,
+   with ``coroutine.send(None)``: no task, no lock, no ``epoll`` per
+   request.  A handler that finishes without suspending (most do: they make
+   syscalls on the trio thread) is answered at once and the reader reads
+   the next request into the same buffer.
+2. A handler that *does* suspend (``trio.to_thread``: a key lookup,
+   write-back, fsync) suspended inside the reader's own task, so that task
+   becomes the handler's: it starts a new reader (with another buffer),
+   then goes on driving the handler through trio (:func:`_resume` passes
+   trio's traps and answers up and down unchanged), answers it, and ends.
+   At most ``max_tasks`` handlers wait at once; the reader waits for a free
+   slot before reading more.
+3. Every request buffer is zeroed once its request is answered (write
+   requests carry plaintext).
+4. Every ``checkpoint_every`` requests the reader yields to trio, so that
+   signals, timers and ``trio.from_thread`` calls (key removals) run under
+   a steady load too.
+
+Unsolicited messages (cache invalidations) are written from any thread: a
+write to ``/dev/fuse`` is one message, and the kernel may wait for requests
+while it invalidates, so they are never written by the reader itself
+(:meth:`Session.invalidate_entry_async` hands them to a thread).
+
+Errors: ``FUSEError`` is its errno, a malformed request EIO, any other
+exception EIO and a logged traceback; the loop itself goes on.  ``ENODEV``
+from ``/dev/fuse`` means unmounted: the loop ends once the handlers still
+running have finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import threading
+import types
+from collections.abc import Coroutine, Generator
+from typing import Any, cast
+
+import trio
+from pyfuse3 import FUSEError
+
+from keyfence.fs.fuse import protocol as p
+from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, Malformed
+
+__all__ = ["Session", "SessionOptions"]
+
+log = logging.getLogger("keyfence.fs.fuse")
+
+
+class SessionOptions:
+    """What INIT asks the kernel for, and the loop's limits."""
+
+    def __init__(
+        self,
+        *,
+        writeback_cache: bool = False,
+        killpriv_v2: bool = False,
+        max_tasks: int = 64,
+        checkpoint_every: int = 32,
+    ) -> None:
+        self.writeback_cache = writeback_cache
+        self.killpriv_v2 = killpriv_v2
+        self.max_tasks = max_tasks
+        self.checkpoint_every = checkpoint_every
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Answer], trap: Any) -> Generator[Any, Any, Answer]:
+    """Go on driving ``coro``, which yielded ``trap`` in the current task:
+    what trio sends (or throws) goes down, what ``coro`` yields goes up."""
+    value = trap
+    while True:
+        try:
+            sent = yield value
+        except BaseException as exc:
+            try:
+                value = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+
+_ZEROS = memoryview(bytes(p.BUFFER_SIZE))
+"""What request buffers are zeroed from: a copy that keeps the GIL.
+(``ctypes.memset`` lets go of the GIL and must take it back: with another
+thread busy in Python, that costs up to the 5 ms switch interval, per
+request.)"""
+
+
+def _errno_of(err: FUSEError) -> int:
+    code = int(err.errno)
+    return code if 0 < code <= p.ERRNO_MAX else errno.EIO
+
+
+class Session:
+    """Serve ``ops`` on the mounted ``/dev/fuse`` descriptor ``fd`` (not closed here)."""
+
+    def __init__(self, ops: Any, fd: int, options: SessionOptions | None = None) -> None:
+        self.ops = ops
+        self.fd = fd
+        self.options = options or SessionOptions()
+        self.handlers = Dispatcher(ops).table()
+        self.initialized = False
+        self.proto_minor = 0
+        self.stopping = False
+        self.unmounted = False
+        """The kernel said ENODEV: the mount is gone."""
+        self.requests = 0
+        """Requests read (a figure for tests and benchmarks)."""
+        self.interrupts = 0
+        self.abandoned = 0
+        """Answers the kernel no longer wanted (the caller was killed)."""
+        self.waiting: set[int] = set()
+        """``unique`` of the requests whose handlers are suspended."""
+        self._buffers: list[bytearray] = []
+        self.buffers: list[bytearray] = []
+        """Every request buffer made (at most ``max_tasks`` + 1): what tests scan."""
+        self._slots = trio.Semaphore(self.options.max_tasks)
+        self._nursery: trio.Nursery | None = None
+        self._wait_scope: trio.CancelScope | None = None
+        self._notices: queue.SimpleQueue[tuple[int, bytes, bool] | None] = queue.SimpleQueue()
+        self._notifier: threading.Thread | None = None
+
+    # ------------------------------------------------------------ the loop
+
+    async def serve(self) -> None:
+        """Answer requests until unmounted or :meth:`terminate` d."""
+        os.set_blocking(self.fd, False)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+        finally:
+            self._nursery = None
+            if self._notifier is not None:
+                self._notices.put(None)
+
+    def terminate(self) -> None:
+        """On the trio thread: read no more requests (those being served finish)."""
+        self.stopping = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    async def _reader(self) -> None:
+        if self._buffers:
+            buf = self._buffers.pop()
+        else:
+            buf = bytearray(p.BUFFER_SIZE)
+            self.buffers.append(buf)
+        view = memoryview(buf)
+        every = self.options.checkpoint_every
+        fd = self.fd
+        try:
+            while not self.stopping:
+                if self._slots.value == 0:  # max_tasks handlers waiting
+                    await self._slots.acquire()
+                    self._slots.release()
+                    if self.stopping:
+                        break
+                try:
+                    n = os.readv(fd, [buf])
+                except BlockingIOError:
+                    with trio.CancelScope() as scope:
+                        self._wait_scope = scope
+                        if not self.stopping:
+                            await trio.lowlevel.wait_readable(fd)
+                    self._wait_scope = None
+                    continue
+                except OSError as err:
+                    if err.errno in (errno.ENOENT, errno.EINTR):
+                        continue  # interrupted before we read it; a signal
+                    if err.errno == errno.ENODEV:
+                        self.stopping = self.unmounted = True
+                        return
+                    raise
+                self.requests += 1
+                handed_off = False
+                try:
+                    handed_off = await self._request(buf, view, n)
+                finally:
+                    if not handed_off:
+                        view[:n] = _ZEROS[:n]
+                if handed_off:
+                    return  # this task served a suspended handler; another reads
+                if self.requests % every == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._buffers.append(buf)
+
+    async def _request(self, buf: bytearray, view: memoryview, n: int) -> bool:
+        """Serve one request; True when its handler suspended and this
+        task served it to the end (the buffer was then zeroed here)."""
+        if n < p.IN_HEADER.size:
+            log.error("a request of %d bytes, shorter than its header", n)
+            return False
+        length, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(buf)
+        if length != n:
+            log.error("request %d: %d bytes announced, %d read", unique, length, n)
+            if opcode not in p.NO_REPLY:
+                self._answer_error(unique, errno.EIO)
+            return False
+        body = view[p.IN_HEADER.size : n]
+        if opcode == p.INIT:
+            try:
+                self._init(unique, body)
+            except Exception as err:
+                self._failed(unique, opcode, err)
+            return False
+        if opcode == p.INTERRUPT:
+            self.interrupts += 1  # handlers are not cancelled: they finish
+            return False
+        handler = self.handlers.get(opcode)
+        if handler is None or not self.initialized:
+            if opcode not in p.NO_REPLY:
+                self._answer_error(unique, errno.ENOSYS if self.initialized else errno.EIO)
+            return False
+        coro = cast(Coroutine[Any, Any, Answer], handler(nodeid, Caller(uid, gid, pid), body))
+        try:
+            trap = coro.send(None)
+        except StopIteration as stop:
+            if opcode not in p.NO_REPLY:
+                self._answer(unique, stop.value)
+            return False
+        except BaseException as err:
+            self._failed(unique, opcode, err)
+            return False
+        await self._suspended(unique, opcode, coro, trap, buf, n)
+        return True
+
+    async def _suspended(
+        self,
+        unique: int,
+        opcode: int,
+        coro: Coroutine[Any, Any, Answer],
+        trap: Any,
+        buf: bytearray,
+        n: int,
+    ) -> None:
+        """The handler yielded ``trap`` in this task: serve it to the end here."""
+        assert self._nursery is not None
+        self._slots.acquire_nowait()  # the reader made sure one is free
+        self.waiting.add(unique)
+        self._nursery.start_soon(self._reader)
+        try:
+            try:
+                answer = await _resume(coro, trap)
+            except BaseException as err:
+                if isinstance(err, trio.Cancelled):
+                    self._answer_error(unique, errno.EINTR)
+                    raise
+                self._failed(unique, opcode, err)
+            else:
+                if opcode not in p.NO_REPLY:
+                    self._answer(unique, answer)
+        finally:
+            self.waiting.discard(unique)
+            self._slots.release()
+            memoryview(buf)[:n] = _ZEROS[:n]
+
+    def _failed(self, unique: int, opcode: int, err: BaseException) -> None:
+        if isinstance(err, FUSEError):
+            code = _errno_of(err)
+        elif isinstance(err, (Malformed, ValueError, IndexError)) or (
+            type(err).__name__ == "error" and type(err).__module__ == "struct"
+        ):
+            log.error("request %d (opcode %d) malformed: %s", unique, opcode, err)
+            code = errno.EIO
+        elif isinstance(err, Exception):
+            log.error("request %d (opcode %d) failed", unique, opcode, exc_info=err)
+            code = errno.EIO
+        else:
+            raise err  # KeyboardInterrupt, SystemExit: not ours to swallow
+        if opcode not in p.NO_REPLY:
+            self._answer_error(unique, code)
+
+    # ---------------------------------------------------------------- INIT
+
+    def _init(self, unique: int, body: memoryview) -> None:
+        major, minor, max_readahead, offered = p.INIT_IN.unpack_from(body)
+        if major != p.KERNEL_MAJOR or minor < p.OLDEST_MINOR:
+            log.error("the kernel speaks FUSE %d.%d: too old for this loop", major, minor)
+            self._answer_error(unique, errno.EPROTO)
+            self.stopping = True
+            return
+        want = (
+            p.ASYNC_READ
+            | p.ATOMIC_O_TRUNC
+            | p.BIG_WRITES
+            | p.AUTO_INVAL_DATA
+            | p.DO_READDIRPLUS
+            | p.ASYNC_DIO
+            | p.PARALLEL_DIROPS
+            | p.MAX_PAGES
+        )  # not HANDLE_KILLPRIV: the kernel clears set-id bits on write (pjdfstest chmod/12)
+        if getattr(self.ops, "supports_dot_lookup", False):
+            want |= p.EXPORT_SUPPORT
+        if self.options.writeback_cache:
+            want |= p.WRITEBACK_CACHE
+        if self.options.killpriv_v2:
+            want |= p.HANDLE_KILLPRIV_V2
+        self.proto_minor = min(minor, p.OUR_MINOR)
+        payload = p.INIT_OUT.pack(
+            p.KERNEL_MAJOR, self.proto_minor, max_readahead, want & offered,
+            12, 9, p.MAX_WRITE, 1, p.MAX_PAGES_PER_REQUEST, 0, 0,
+        )  # fmt: skip
+        init = getattr(self.ops, "init", None)
+        if callable(init):
+            init()
+        self._answer(unique, payload)
+        self.initialized = True
+
+    # ------------------------------------------------------------- answers
+
+    def _write(self, parts: list[Any], unique: int) -> None:
+        try:
+            os.writev(self.fd, parts)
+        except OSError as err:
+            if err.errno == errno.ENOENT:  # the caller is gone (killed)
+                self.abandoned += 1
+            elif err.errno == errno.ENODEV:
+                self.stopping = self.unmounted = True
+            else:
+                log.error("answer to request %d refused: %s", unique, err)
+
+    def _answer(self, unique: int, answer: Answer) -> None:
+        if answer is None:
+            answer = b""
+        if isinstance(answer, list):
+            size = sum(len(part) for part in answer)
+            header = p.OUT_HEADER.pack(p.OUT_HEADER.size + size, 0, unique)
+            self._write([header, *answer], unique)
+        else:
+            header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(answer), 0, unique)
+            self._write([header, answer], unique)
+
+    def _answer_error(self, unique: int, code: int) -> None:
+        self._write([p.OUT_HEADER.pack(p.OUT_HEADER.size, -code, unique)], unique)
+
+    # ---------------------------------------------- unsolicited (any thread)
+
+    def invalidate_inode(self, ino: int) -> None:
+        """Drop the kernel's attributes and pages of ``ino`` (OSError ENOENT:
+        the kernel does not know it)."""
+        body = p.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)
+        header = p.OUT_HEADER.pack(p.OUT_HEADER.size + len(body), p.NOTIFY_INVAL_INODE, 0)
+        os.writev(self.fd, [header, body])
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Drop the kernel's dentry ``name`` in ``parent``."""
+        body = p.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0)
+        size = p.OUT_HEADER.size + len(body) + len(name) + 1
+        header = p.OUT_HEADER.pack(size, p.NOTIFY_INVAL_ENTRY, 0)
+        os.writev(self.fd, [header, body, name, b"\0"])
+
+    def invalidate_entry_async(self, parent: int, name: bytes, ignore_enoent: bool) -> None:
+        """:meth:`invalidate_entry` on a thread of its own: safe from a handler
+        (the kernel may hold the directory's lock until we answer)."""
+        if self._notifier is None:
+            self._notifier = threading.Thread(
+                target=self._notify_loop, name="keyfence-fuse-notify", daemon=True
+            )
+            self._notifier.start()
+        self._notices.put((parent, bytes(name), ignore_enoent))
+
+    def _notify_loop(self) -> None:
+        while (notice := self._notices.get()) is not None:
+            parent, name, ignore_enoent = notice
+            try:
+                self.invalidate_entry(parent, name)
+            except OSError as err:
+                if not (ignore_enoent and err.errno == errno.ENOENT):
+                    log.warning("invalidate entry %d/%r: %s", parent, name, err)

@@ -1,0 +1,529 @@
+"""keyfence's own FUSE loop (src/keyfence/fs/fuse/) against the kernel.
+
+Two kinds of tests, both on real FUSE mounts:
+
+* the real worker serving keyfence's handlers through the loop
+  (``--fuse-loop=keyfence``): every operation, big writes, a lock;
+* the loop (:class:`~keyfence.fs.fuse.session.Session`, in this process on
+  a thread of its own) serving a small in-memory filesystem built for the
+  protocol's corners: a read that waits until the test lets it go (interrupts,
+  unmount with requests pending, other requests served meanwhile), a read that
+  raises, lookup counting (FORGET and BATCH_FORGET), the largest write seen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+from pyfuse3 import FUSEError
+
+from keyfence.fs.crypto import MasterKey
+from keyfence.fs.fuse import protocol
+from keyfence.fs.fuse.mount import mount_by_name
+from keyfence.fs.fuse.session import Session
+from keyfence.testing.mounting import Mount, fuse_available, is_mounted
+
+pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+
+WAIT = 60.0
+
+
+def wait_for(what: str, ok: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# ------------------------------------------------- a filesystem for the corners
+
+
+class Node:
+    def __init__(self, ino: int, mode: int) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.data = bytearray()
+        self.lookups = 0
+
+
+class CornerFS(pyfuse3.Operations):
+    """Flat, in memory.  ``slow`` reads wait for :attr:`gate` (on a worker
+    thread, as keyfence's key lookups and write-backs do); ``boom`` reads
+    raise; every lookup is counted until forgotten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: dict[int, Node] = {1: Node(1, stat.S_IFDIR | 0o777)}
+        self.names: dict[bytes, int] = {}
+        self.gate = threading.Event()
+        self.slow_readers = 0
+        self.biggest_write = 0
+        self.forgets = 0
+        for name in (b"slow", b"boom"):
+            self._new(name, stat.S_IFREG | 0o666).data[:] = b"data of " + name
+
+    def _new(self, name: bytes, mode: int) -> Node:
+        node = Node(max(self.nodes) + 1, mode)
+        self.nodes[node.ino] = node
+        self.names[name] = node.ino
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(node.ino)
+        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_nlink = 2 if node.ino == 1 else 1
+        a.st_size = len(node.data)
+        a.entry_timeout = a.attr_timeout = 60
+        return a
+
+    async def lookup(self, parent: Any, name: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        ino = self.names.get(bytes(name))
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        self.nodes[ino].lookups += 1
+        return self._attrs(self.nodes[ino])
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.nodes[ino].lookups -= n
+            self.forgets += 1
+
+    async def getattr(self, inode: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.nodes[inode])
+
+    async def setattr(
+        self, inode: Any, attr: Any, fields: Any, fh: Any, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = self.nodes[inode]
+        if fields.update_size:
+            del node.data[attr.st_size :]
+            node.data.extend(bytes(attr.st_size - len(node.data)))
+        return self._attrs(node)
+
+    async def create(
+        self, parent: Any, name: Any, mode: Any, flags: Any, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._new(bytes(name), stat.S_IFREG | (mode & 0o7777))
+        node.lookups += 1
+        return pyfuse3.FileInfo(fh=node.ino), self._attrs(node)
+
+    async def open(self, inode: Any, flags: Any, ctx: Any) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=inode == self.names[b"slow"])
+
+    async def read(self, fh: Any, off: int, size: int) -> bytes:
+        if fh == self.names[b"slow"]:
+            self.slow_readers += 1
+            try:
+                await trio.to_thread.run_sync(self.gate.wait)
+            finally:
+                self.slow_readers -= 1
+        if fh == self.names[b"boom"]:
+            raise RuntimeError("a handler's bug")
+        return bytes(self.nodes[fh].data[off : off + size])
+
+    async def write(self, fh: Any, off: int, buf: Any) -> int:
+        self.biggest_write = max(self.biggest_write, len(buf))
+        data = self.nodes[fh].data
+        if len(data) < off:
+            data.extend(bytes(off - len(data)))
+        data[off : off + len(buf)] = buf
+        return len(buf)
+
+    async def getxattr(self, inode: Any, name: Any, ctx: Any) -> bytes:
+        raise FUSEError(errno.ENODATA)
+
+    async def opendir(self, inode: Any, ctx: Any) -> Any:
+        return inode
+
+    async def readdir(self, fh: Any, start_id: int, token: Any) -> None:
+        from keyfence.fs.fuse.kernel import readdir_reply
+
+        names = sorted(self.names)
+        for i in range(start_id, len(names)):
+            node = self.nodes[self.names[names[i]]]
+            if not readdir_reply(token, names[i], self._attrs(node), i + 1):
+                return
+            node.lookups += 1  # readdirplus entries count as lookups
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+
+class Served:
+    def __init__(self, fs: CornerFS, mnt: Path, session: Session, thread: threading.Thread):
+        self.fs = fs
+        self.mnt = mnt
+        self.session = session
+        self.thread = thread
+        self.error: list[BaseException] = []
+
+
+def _unmount(mnt: Path) -> None:
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fs = CornerFS()
+    options = {"fsname=kfloop", "subtype=kfloop", "default_permissions", "nosuid", "nodev"}
+    fd = mount_by_name(str(mnt), options)
+    session = Session(fs, fd)
+    out: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            trio.run(session.serve)
+        except BaseException as err:  # reported by the test
+            out.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    s = Served(fs, mnt, session, thread)
+    s.error = out
+    try:
+        wait_for("INIT", lambda: session.initialized)
+        yield s
+    finally:
+        fs.gate.set()
+        if is_mounted(mnt):
+            _unmount(mnt)
+        thread.join(WAIT)
+        os.close(fd)
+        assert not thread.is_alive(), "the loop did not end after the unmount"
+        assert not out, out
+
+
+def reader(path: Path) -> subprocess.Popen[bytes]:
+    """A process reading ``path`` with SIGUSR1 caught (an interruptible caller)."""
+    code = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+        "signal.siginterrupt(signal.SIGUSR1, False)\n"
+        "sys.stdout.buffer.write(open(sys.argv[1], 'rb').read()); sys.stdout.flush()\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+
+
+# --------------------------------------------------------------------- tests
+
+
+def test_a_suspended_handler_does_not_stop_other_requests(served: Served) -> None:
+    child = reader(served.mnt / "slow")
+    try:
+        wait_for("the slow read", lambda: served.fs.slow_readers == 1)
+        # the loop goes on while that handler waits on its thread
+        assert sorted(os.listdir(served.mnt)) == ["boom", "slow"]
+        (served.mnt / "new").write_bytes(b"hello")
+        assert (served.mnt / "new").read_bytes() == b"hello"
+        assert len(served.session.waiting) == 1
+        served.fs.gate.set()
+        out, _ = child.communicate(timeout=WAIT)
+        assert out == b"data of slow"
+        assert not served.session.waiting
+    finally:
+        served.fs.gate.set()
+        child.kill()
+        child.communicate()
+
+
+def test_interrupt_is_received_and_the_request_still_answered(served: Served) -> None:
+    child = reader(served.mnt / "slow")
+    try:
+        wait_for("the slow read", lambda: served.fs.slow_readers == 1)
+        os.kill(child.pid, signal.SIGUSR1)
+        wait_for("FUSE_INTERRUPT", lambda: served.session.interrupts >= 1)
+        assert child.poll() is None  # the caller waits for our answer
+        served.fs.gate.set()
+        out, _ = child.communicate(timeout=WAIT)
+        assert child.returncode == 0
+        assert out == b"data of slow"
+        assert (served.mnt / "boom").stat().st_size == len(b"data of boom")
+    finally:
+        served.fs.gate.set()
+        child.kill()
+        child.communicate()
+
+
+def test_a_killed_caller_leaves_the_loop_serving(served: Served) -> None:
+    child = reader(served.mnt / "slow")
+    wait_for("the slow read", lambda: served.fs.slow_readers == 1)
+    child.kill()  # the kernel waits for our answer (the request was read)
+    served.fs.gate.set()
+    child.wait(timeout=WAIT)
+    assert child.stdout is not None
+    child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    wait_for("the handler's end", lambda: not served.session.waiting)
+    assert os.listdir(served.mnt)
+
+
+def test_a_handler_raising_answers_eio_and_the_loop_goes_on(served: Served) -> None:
+    for _ in range(3):
+        with pytest.raises(OSError) as caught:
+            (served.mnt / "boom").read_bytes()
+        assert caught.value.errno == errno.EIO
+    assert (served.mnt / "new").exists() is False
+    (served.mnt / "new").write_bytes(b"still serving")
+    assert (served.mnt / "new").read_bytes() == b"still serving"
+
+
+def test_unknown_requests_get_enosys_not_a_dead_loop(served: Served) -> None:
+    fd = os.open(served.mnt / "boom", os.O_RDWR)
+    try:
+        # FALLOCATE: no handler (fallocate(2) itself: glibc's posix_fallocate
+        # would write zeros instead)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        assert libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(4096)) == -1
+        assert ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS)
+    finally:
+        os.close(fd)
+    assert os.statvfs(served.mnt).f_namemax == 255
+
+
+def test_unmount_while_a_request_is_pending(served: Served) -> None:
+    child = reader(served.mnt / "slow")
+    try:
+        wait_for("the slow read", lambda: served.fs.slow_readers == 1)
+        _unmount(served.mnt)  # lazy: the busy mount goes once the read ends
+        assert not is_mounted(served.mnt)
+        assert served.thread.is_alive()  # still serving the pending read
+        served.fs.gate.set()
+        out, _ = child.communicate(timeout=WAIT)
+        assert out == b"data of slow"
+        served.thread.join(WAIT)
+        assert not served.thread.is_alive()
+        assert served.session.unmounted
+    finally:
+        served.fs.gate.set()
+        child.kill()
+        child.communicate()
+
+
+def test_abort_while_a_request_is_pending(served: Served) -> None:
+    """The connection aborted (``/sys/fs/fuse/connections/N/abort``): the
+    caller gets ENOTCONN at once; the loop ends once its handler is done,
+    its late answer dropped."""
+    dev = os.stat(served.mnt).st_dev
+    child = reader(served.mnt / "slow")
+    try:
+        wait_for("the slow read", lambda: served.fs.slow_readers == 1)
+        with open(f"/sys/fs/fuse/connections/{os.minor(dev)}/abort", "w") as f:
+            f.write("1")
+        child.wait(timeout=WAIT)
+        assert child.returncode != 0
+        served.fs.gate.set()
+        served.thread.join(WAIT)
+        assert not served.thread.is_alive()
+        assert served.session.unmounted
+    finally:
+        served.fs.gate.set()
+        child.kill()
+        child.communicate()
+        _unmount(served.mnt)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drop_caches needs root")
+def test_forget_accounting(served: Served) -> None:
+    names = [f"f{i}" for i in range(200)]
+    for name in names:
+        (served.mnt / name).write_bytes(b"x")
+    for name in names:
+        os.stat(served.mnt / name)
+    os.listdir(served.mnt)  # readdirplus: a lookup per entry
+    assert sum(n.lookups for n in served.fs.nodes.values()) >= len(names)
+
+    def all_forgotten() -> bool:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")  # dentries and inodes: the kernel forgets them
+        return all(n.lookups == 0 for ino, n in served.fs.nodes.items() if ino != 1)
+
+    wait_for("every lookup forgotten", all_forgotten)
+    assert all(n.lookups >= 0 for n in served.fs.nodes.values())
+    assert served.fs.forgets >= len(names)
+
+
+def test_big_writes_arrive_whole(served: Served) -> None:
+    data = os.urandom(4 << 20)
+    with open(served.mnt / "big", "wb", buffering=0) as f:
+        assert f.write(data) == len(data)
+    assert served.fs.biggest_write == protocol.MAX_WRITE  # max_pages 256: 1 MiB
+    assert (served.mnt / "big").read_bytes() == data
+
+
+def test_request_buffers_are_zeroed(served: Served) -> None:
+    needle = b"PLAINTEXT-NEEDLE-" * 64
+    (served.mnt / "secret").write_bytes(needle)
+    assert (served.mnt / "secret").read_bytes() == needle
+    assert served.session.buffers
+    assert all(needle[:17] not in bytes(buf) for buf in served.session.buffers)
+
+
+# ------------------------------------------ the real worker through the loop
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Mount]:
+    m = Mount(tmp_path, "--fuse-loop=keyfence", "--dirty-expire", "60")
+    try:
+        yield m
+    finally:
+        code = m.unmount()
+        log = m.log()
+        assert "Traceback" not in log, log
+        assert code == 0, log
+        assert "keyfence's FUSE loop" in log, log
+
+
+def test_worker_serves_keyfence_through_its_own_loop(worker: Mount) -> None:
+    master = MasterKey(os.urandom(64))
+    serial = worker.add_key(master)
+    d = worker.mnt / "enc"
+    d.mkdir()
+    os.setxattr(d, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+    data = os.urandom(3 << 20) + b"tail"
+    (d / "file").write_bytes(data)
+    assert (d / "file").read_bytes() == data
+    os.symlink("file", d / "link")
+    assert os.readlink(d / "link") == "file"
+    os.link(d / "file", d / "hard")
+    os.rename(d / "hard", d / "moved")
+    os.mkdir(d / "sub")
+    os.mkfifo(d / "sub" / "fifo")
+    assert sorted(os.listdir(d)) == ["file", "link", "moved", "sub"]
+    os.truncate(d / "moved", 10)
+    assert (d / "file").read_bytes() == data[:10]
+    os.chmod(d / "file", 0o600)
+    os.utime(d / "file", ns=(1_000_000_000, 2_000_000_000))
+    st = os.stat(d / "file")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == 2_000_000_000
+    os.setxattr(d / "file", "user.note", b"v")
+    assert os.getxattr(d / "file", "user.note") == b"v"
+    assert "user.note" in os.listxattr(d / "file")
+    os.removexattr(d / "file", "user.note")
+    fd = os.open(d / "file", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"abc", 2)
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    assert os.statvfs(worker.mnt).f_bsize > 0
+    for name in ("link", "sub/fifo"):
+        os.unlink(d / name)
+    os.rmdir(d / "sub")
+    # the lock: write-back, then the kernel's caches invalidated by our
+    # NOTIFY_INVAL_ENTRY / NOTIFY_INVAL_INODE messages
+    io = open(d / "moved", "rb")  # noqa: SIM115
+    assert io.read() == data[:2] + b"abc" + data[5:10]
+    worker.unlink_key(serial)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.pread(io.fileno(), 4096, 0)
+        assert caught.value.errno == errno.ENOKEY
+    finally:
+        io.close()
+    with pytest.raises(FileNotFoundError):
+        os.stat(d / "moved")
+
+
+# ------------------------------------- malformed requests (no kernel sends these)
+
+
+class Piped:
+    """A session whose "/dev/fuse" is a pipe: each answer is read back."""
+
+    def __init__(self) -> None:
+        self.r, w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.session = Session(CornerFS(), w)
+        self.session.initialized = True
+
+    def ask(self, request: bytes) -> bytes | None:
+        buf = bytearray(protocol.BUFFER_SIZE)
+        buf[: len(request)] = request
+        trio.run(self.session._request, buf, memoryview(buf), len(request))
+        try:
+            return os.read(self.r, 1 << 16)
+        except BlockingIOError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.session.fd)
+
+
+@pytest.fixture
+def piped() -> Iterator[Piped]:
+    p = Piped()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _header(length: int, opcode: int, unique: int, nodeid: int = 1) -> bytes:
+    return protocol.IN_HEADER.pack(length, opcode, unique, nodeid, 0, 0, os.getpid(), 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("opcode", "body"),
+    [
+        (protocol.LOOKUP, b"no-terminating-nul"),
+        (protocol.LOOKUP, b""),
+        (protocol.READ, b"\x01\x02"),
+        (protocol.WRITE, protocol.WRITE_IN.pack(3, 0, 4096, 0, 0, 0, 0) + b"short"),
+        (protocol.SYMLINK, b"only-one-name\0"),
+        (protocol.SETXATTR, protocol.SETXATTR_IN.pack(99, 0) + b"user.x\0tiny"),
+        (protocol.INIT, b"\x07"),
+    ],
+)
+def test_malformed_bodies_are_answered_eio(piped: Piped, opcode: int, body: bytes) -> None:
+    answer = piped.ask(_header(protocol.IN_HEADER.size + len(body), opcode, 77) + body)
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.EIO, 77)
+
+
+def test_malformed_forgets_are_dropped(piped: Piped) -> None:
+    body = protocol.BATCH_FORGET_IN.pack(1000, 0)  # 1,000 announced, none there
+    size = protocol.IN_HEADER.size + len(body)
+    assert piped.ask(_header(size, protocol.BATCH_FORGET, 9) + body) is None
+    assert piped.ask(_header(protocol.IN_HEADER.size, protocol.FORGET, 10)) is None
+    assert piped.ask(_header(size + 8, protocol.FORGET, 11) + body) is None  # a lying length
+
+
+def test_a_length_that_lies_is_eio(piped: Piped) -> None:
+    answer = piped.ask(_header(999, protocol.GETATTR, 5) + protocol.GETATTR_IN.pack(0, 0, 0))
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.EIO, 5)
+
+
+def test_an_unknown_opcode_is_enosys(piped: Piped) -> None:
+    answer = piped.ask(_header(protocol.IN_HEADER.size, 4242, 6))
+    assert answer is not None
+    assert protocol.OUT_HEADER.unpack(answer) == (protocol.OUT_HEADER.size, -errno.ENOSYS, 6)
