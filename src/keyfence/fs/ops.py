@@ -68,6 +68,7 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.keysource import GoingAway, KeySource
+from keyfence.fs.negative import NegativeEntries
 from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
@@ -213,6 +214,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self._no_capability: set[int] = set()
+        self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
         """Plaintext paths of files open when their key went (status shows
         them; the names themselves are evicted)."""
@@ -562,10 +564,26 @@ class KeyfenceOperations(pyfuse3.Operations):
             up.lookups += 1
             return self._inode_attrs(up)
         disk, _master, locked = await self._resolve(d, name, ctx)
-        st = sc.stat_at(self.table.dir_fd(d.ino), disk)
+        try:
+            st = sc.stat_at(self.table.dir_fd(d.ino), disk)
+        except FileNotFoundError:
+            return self._missing(d, name, locked)
         self.table.remember(d.ino, disk, st)
         link = (self.table.dir_fd(d.ino), disk)
         return self._attrs(st, d.policy, locked=locked, dir_inode=d, link=link)
+
+    def _missing(self, d: Inode, name: bytes, locked: bool) -> EntryAttributes:
+        """A negative entry (inode 0) the kernel may keep for the timeout,
+        remembered for a key removal to invalidate (keyfence.fs.negative);
+        none at all in a locked directory."""
+        timeout = self._timeout(locked)
+        if not timeout or not self.negatives.remember(d.ino, name):
+            raise _err(errno.ENOENT)
+        a = EntryAttributes()
+        a.st_ino = InodeT(0)
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        return a
 
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
@@ -573,6 +591,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
                 self._no_capability.discard(ino)
+                if gone.is_dir:
+                    self.negatives.forget_dir(ino)
             if gone is not None and gone.is_reg:
                 cached = self.cache.get(ino)
                 if cached is not None and cached.users == 0 and cached.fd >= 0:
@@ -1532,6 +1552,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                     out.entries.append((inode.ino, plain))
             for plain in inode.plain_names.values():
                 out.entries.append((inode.ino, plain))
+            out.entries.extend((inode.ino, name) for name in self.negatives.take(inode.ino))
             inode.forget_names()
         for dh in self.dir_handles.values():
             d = self.table.find(dh.ino)
