@@ -97,6 +97,12 @@ _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
 _TEMP_PREFIX = "kf.tmp."
+# How long the kernel may keep names (negative ones too) and attributes
+# answered unlocked.  The backing store is the mount's own and a key removal
+# invalidates what it cached, so this only bounds how late changes made
+# behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
+# every `git status` or `make` more than a second after the last one.
+DEFAULT_ATTR_TIMEOUT = 10.0
 _EXPECTED_IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 P = ParamSpec("P")
@@ -109,7 +115,7 @@ class MountOptions:
 
     dirty_limit: int = DEFAULT_DIRTY_LIMIT
     dirty_expire: float = DEFAULT_EXPIRE
-    attr_timeout: float = 1.0
+    attr_timeout: float = DEFAULT_ATTR_TIMEOUT
     writeback_cache: bool = False
     chunk_pages: int = DEFAULT_CHUNK_PAGES
 
