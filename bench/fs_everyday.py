@@ -6,6 +6,7 @@ Usage (root, from the repository root)::
     .venv/bin/python bench/fs_everyday.py [--quick] [--json PATH] [--runs 3]
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
         [--tree full|small] [--sqlite-tx 10000] [--fio-mib 256] [--fio-io-mib 80]
+        [--before TREE]
 
 The peers (keyfence.testing.bench.peers) are set up over the same disk as for
 bench/fs_compare.py (keyfence through its real daemon and worker with an
@@ -70,6 +71,19 @@ from keyfence.testing.bench.process import (
 from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
+
+
+class KeyfenceBeforePeer(KeyfencePeer):
+    """keyfence from another tree (``--before TREE``: ``git archive COMMIT src
+    | tar -x -C TREE``): its daemon and worker import ``TREE/src``."""
+
+    name = "keyfence-before"
+
+    def __init__(self, scratch: Path, tree: str) -> None:
+        super().__init__(scratch)
+        self.env["PYTHONPATH"] = str(Path(tree).resolve() / "src")
+
+
 SMALL_TREE = ("email", "json", "asyncio", "concurrent")
 STEPS = ("extract", "find", "grep", "git-add-commit", "git-status", "git-commit-a", "rm")
 START = time.perf_counter()
@@ -235,6 +249,7 @@ class Everyday:
             "gocryptfs": lambda: GocryptfsPeer(self.scratch),
             "fscrypt": lambda: FscryptPeer(self.scratch, 2 << 30),
             "disk": lambda: DiskPeer(self.scratch),
+            "keyfence-before": lambda: KeyfenceBeforePeer(self.scratch, self.args.before),
         }
         for name in self.args.systems:
             peer = makers[name]()
@@ -336,6 +351,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--scratch", default="/var/tmp", help="a directory on the disk to compare on")
     p.add_argument("--tree", choices=("full", "small"), help="full stdlib, or four packages")
+    p.add_argument(
+        "--before", metavar="TREE", help="also keyfence-before: the daemon and worker of TREE/src"
+    )
     p.add_argument("--sqlite-tx", type=int, help="transactions (10000; quick: 100)")
     p.add_argument("--fio-mib", type=int, help="size of fio's file, MiB (256; quick: 8)")
     p.add_argument("--fio-io-mib", type=int, help="MiB of random writes (80; quick: 1)")
@@ -346,7 +364,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.fio_mib = a.fio_mib or (8 if a.quick else 256)
     a.fio_io_mib = a.fio_io_mib or (1 if a.quick else 80)
     a.systems = [s for s in a.systems.split(",") if s]
-    unknown = set(a.systems) - set(SYSTEMS)
+    if a.before and "keyfence-before" not in a.systems:
+        a.systems.insert(1, "keyfence-before")
+    unknown = set(a.systems) - {*SYSTEMS, *(["keyfence-before"] if a.before else [])}
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     return a

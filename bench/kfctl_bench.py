@@ -11,10 +11,12 @@ from Python (start, run, exit; output discarded) and the median taken:
 * ``keyctl`` (Debian's keyutils) against the kernel,
 * ``kernel``: the same request as one in-process ctypes syscall (per call),
 
-plus the floor under any command: ``/bin/true`` and ``python -c pass`` (the
-venv's interpreter, as kfctl starts it).  This process first joins a fresh
-anonymous session keyring, which every child inherits, so the machine's own
-keyrings are never touched; it is cleared at the end.
+plus the floor under any command: ``/bin/true``, ``python -c pass`` (the
+venv's interpreter, as pip's console script starts it) and ``python -IS -c
+pass`` (as the launcher setup.sh installs starts kfctl: keyfence.cli.launcher).
+This process first joins a fresh anonymous session keyring, which every
+child inherits, so the machine's own keyrings are never touched; it is
+cleared at the end.
 """
 
 from __future__ import annotations
@@ -187,6 +189,13 @@ def main() -> int:
                 group,
                 "python -c pass",
                 lambda: wall_ms(lambda _r: [sys.executable, "-c", "pass"], runs, dict(os.environ)),
+            )
+            measure(
+                group,
+                "python -IS -c pass",
+                lambda: wall_ms(
+                    lambda _r: [sys.executable, "-IS", "-c", "pass"], runs, dict(os.environ)
+                ),
             )
     finally:
         kernel.clear(SESSION)

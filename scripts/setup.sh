@@ -26,6 +26,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# kfctl starts as `python -IS` (no site: half its start-up), not pip's script
+.venv/bin/python -m keyfence.cli.launcher .venv/bin/kfctl
 # command-line tools start faster from cached bytecode, even where the
 # environment says PYTHONDONTWRITEBYTECODE
 .venv/bin/python -m compileall -q src

@@ -15,8 +15,9 @@ once without waiting; on a terminal a progress line names the key users
 still flushing.
 
 Start-up time matters to shell scripts: this module imports only ``os``
-and ``sys`` at start; the client library is imported when a command first
-needs the daemon.
+and ``sys`` at start (not ``signal``: its enums); the client library is
+imported when a command first needs the daemon.  The installed ``kfctl``
+is keyfence.cli.launcher's script (``python -I -S``: no ``site``).
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def run(argv: list[str], tool: Kfctl) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
+    # not signal: it imports enum (and functools, collections...), about as
+    # long as the rest of kfctl's imports together
+    import _signal  # type: ignore[import-not-found,unused-ignore]
 
     # die of SIGPIPE and SIGINT as a C program does, silently
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     if argv is None:
         argv = sys.argv[1:]
     tool = Kfctl(program_name(sys.argv[0] if sys.argv else "kfctl"))

@@ -73,6 +73,7 @@ from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.keysource import GoingAway, KeySource
 from keyfence.fs.mount_stats import policy_options
+from keyfence.fs.negative import NegativeEntries
 from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
@@ -101,6 +102,12 @@ _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
 _TEMP_PREFIX = "kf.tmp."
+# How long the kernel may keep names (negative ones too) and attributes
+# answered unlocked.  The backing store is the mount's own and a key removal
+# invalidates what it cached, so this only bounds how late changes made
+# behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
+# every `git status` or `make` more than a second after the last one.
+DEFAULT_ATTR_TIMEOUT = 10.0
 _EXPECTED_IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 P = ParamSpec("P")
@@ -113,7 +120,7 @@ class MountOptions:
 
     dirty_limit: int = DEFAULT_DIRTY_LIMIT
     dirty_expire: float = DEFAULT_EXPIRE
-    attr_timeout: float = 1.0
+    attr_timeout: float = DEFAULT_ATTR_TIMEOUT
     writeback_cache: bool = False
     chunk_pages: int = DEFAULT_CHUNK_PAGES
 
@@ -220,6 +227,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self._no_capability: set[int] = set()
+        self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
         """Plaintext paths of files open when their key went (status shows
         them; the names themselves are evicted)."""
@@ -578,10 +586,26 @@ class KeyfenceOperations(pyfuse3.Operations):
             up.lookups += 1
             return self._inode_attrs(up)
         disk, _master, locked = await self._resolve(d, name, ctx)
-        st = sc.stat_at(self.table.dir_fd(d.ino), disk)
+        try:
+            st = sc.stat_at(self.table.dir_fd(d.ino), disk)
+        except FileNotFoundError:
+            return self._missing(d, name, locked)
         self.table.remember(d.ino, disk, st)
         link = (self.table.dir_fd(d.ino), disk)
         return self._attrs(st, d.policy, locked=locked, dir_inode=d, link=link)
+
+    def _missing(self, d: Inode, name: bytes, locked: bool) -> EntryAttributes:
+        """A negative entry (inode 0) the kernel may keep for the timeout,
+        remembered for a key removal to invalidate (keyfence.fs.negative);
+        none at all in a locked directory."""
+        timeout = self._timeout(locked)
+        if not timeout or not self.negatives.remember(d.ino, name):
+            raise _err(errno.ENOENT)
+        a = EntryAttributes()
+        a.st_ino = InodeT(0)
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        return a
 
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
@@ -589,6 +613,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
                 self._no_capability.discard(ino)
+                if gone.is_dir:
+                    self.negatives.forget_dir(ino)
             if gone is not None and gone.is_reg:
                 cached = self.cache.get(ino)
                 if cached is not None and cached.users == 0 and cached.fd >= 0:
@@ -1565,6 +1591,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                     out.entries.append((inode.ino, plain))
             for plain in inode.plain_names.values():
                 out.entries.append((inode.ino, plain))
+            out.entries.extend((inode.ino, name) for name in self.negatives.take(inode.ino))
             out.spent += inode.forget_names()
         for dh in self.dir_handles.values():
             d = self.table.find(dh.ino)

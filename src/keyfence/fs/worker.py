@@ -13,7 +13,7 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --dirty-expire SEC     age after which dirty pages are written back (5)
     --writeback-cache      let the kernel cache writes too (off)
     --readahead-kb KB      the mount's readahead window (1024; 0: kernel's)
-    --attr-timeout SEC     how long the kernel may cache names and attributes (1)
+    --attr-timeout SEC     how long the kernel may cache names and attributes (10)
     --allow-other          other users may use the mount (root's default)
     --no-allow-other       only the mounting user may (a user's default)
     --backing-fd FD        the backing directory, opened and checked by the daemon
@@ -58,7 +58,7 @@ from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
-from keyfence.fs.ops import KeyfenceOperations, MountOptions, syncfs
+from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
 
 __all__ = ["DEFAULT_READAHEAD_KB", "main", "parse_size", "run"]
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-expire", type=float, default=DEFAULT_EXPIRE)
     p.add_argument("--writeback-cache", action="store_true")
     p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
-    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT)
     p.add_argument("--max-tasks", type=int, default=64)
     p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")

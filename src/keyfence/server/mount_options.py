@@ -92,7 +92,7 @@ OPTIONS: dict[str, _Option] = {
         "dirty_expire", _seconds, "--dirty-expire", "seconds before dirty pages are written (5)"
     ),
     "attr_timeout": _Option(
-        "attr_timeout", _seconds, "--attr-timeout", "seconds the kernel may cache attributes (1)"
+        "attr_timeout", _seconds, "--attr-timeout", "seconds the kernel caches entries (10)"
     ),
     "readahead_kb": _Option(
         "readahead_kb", _count(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"

@@ -22,6 +22,7 @@ failure half-way; it is safe to call twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -193,7 +194,16 @@ class KeyfencePeer(Peer):
         # clear @s, the writers) inherit it; the lock clears it, nobody else's
         from keyfence.client import Client
 
-        with Client.connect(str(self.socket), autostart=False) as client:
+        deadline = time.monotonic() + 10
+        while True:  # the socket's name exists a moment before the daemon listens
+            try:
+                client = Client.connect(str(self.socket), autostart=False)
+                break
+            except OSError as err:  # KeyfenceError, ECONNREFUSED
+                if err.errno != errno.ECONNREFUSED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with client:
             client.join_session_keyring(None)
         self.mount()
         self.work.mkdir()

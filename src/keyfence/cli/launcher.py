@@ -1,0 +1,78 @@
+"""The ``kfctl`` launcher: a console script that starts in the fewest milliseconds.
+
+pip writes ``kfctl`` as ``#!<python>`` + ``from keyfence.cli.kfctl import
+main``: the interpreter first runs ``site`` (site-packages, every ``.pth``
+file, ``os``, ``sitecustomize``), which costs about as much again as the
+bare interpreter, for a command that needs nothing outside the standard
+library and keyfence itself.  The launcher written here starts the same
+``main`` with ``-I -S`` (isolated: no ``PYTHON*`` variables, no user site,
+no script directory on ``sys.path``; no ``site``) and puts the one directory
+that holds the ``keyfence`` package on ``sys.path`` itself.
+
+    python -m keyfence.cli.launcher PATH     # scripts/setup.sh: .venv/bin/kfctl
+
+The interpreter is this one (``sys.executable``) and the package directory
+is where this module was imported from, as pip would have resolved them.
+``pip install`` writes its own script again: run this afterwards (setup.sh
+does).  ``python -m keyfence.cli.kfctl`` and the ``PYTHONPATH`` others use
+(keyfence.testing.users) are untouched: only the installed command changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+FLAGS = "-IS"  # one word: Linux passes everything after the interpreter as one argument
+
+
+def launcher_text(python: str, package_parent: str) -> str:
+    """The script: ``python`` with FLAGS, keyfence imported from ``package_parent``."""
+    if any(c in python for c in " \t\n") or "\n" in package_parent:
+        # a shebang line splits at the first blank: such a path cannot be one
+        raise ValueError(f"cannot write a launcher for the interpreter {python!r}")
+    return (
+        f"#!{python} {FLAGS}\n"
+        "# keyfence's kfctl launcher (python -m keyfence.cli.launcher): no site, no\n"
+        "# PYTHON* variables; keyfence from the directory below\n"
+        "import sys\n"
+        f"sys.path.insert(0, {package_parent!r})\n"
+        "from keyfence.cli.kfctl import main\n"
+        "sys.exit(main())\n"
+    )
+
+
+def package_parent() -> str:
+    """The directory that holds the ``keyfence`` package this module belongs to."""
+    here = os.path.dirname(os.path.abspath(__file__))  # .../keyfence/cli
+    return os.path.dirname(os.path.dirname(here))
+
+
+def write_launcher(path: str, python: str | None = None) -> None:
+    """Replace ``path`` (atomically, mode 0755) with the launcher."""
+    text = launcher_text(python or sys.executable, package_parent())
+    temporary = f"{path}.kf-new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o755)
+    try:
+        os.write(fd, text.encode())
+        os.fchmod(fd, 0o755)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m keyfence.cli.launcher PATH", file=sys.stderr)
+        return 2
+    try:
+        write_launcher(args[0])
+    except (OSError, ValueError) as err:
+        print(f"launcher: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

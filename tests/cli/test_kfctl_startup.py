@@ -1,0 +1,94 @@
+"""kfctl's start-up: the installed launcher (keyfence.cli.launcher) and what a
+command imports.
+
+No timed assertion (the machine is shared): what is checked is what makes
+start-up slow, the modules loaded, and that the launcher prints the same
+bytes as ``python -m keyfence.cli.kfctl``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keyfence.cli import launcher
+from keyfence.testing.daemon import running_daemon
+
+# each of these costs start-up time and no everyday command needs it
+HEAVY = {
+    "site",  # the launcher runs -S
+    "signal",  # its enums: the _signal module does the same
+    "enum",
+    "typing",
+    "argparse",
+    "dataclasses",
+    "functools",
+    "collections",
+    "socket",  # _socket is enough
+    "selectors",
+    "re",
+    "threading",
+    "subprocess",
+    "msgspec",
+}
+
+
+def write(tmp_path: Path) -> Path:
+    path = tmp_path / "kfctl"
+    assert launcher.main([str(path)]) == 0
+    return path
+
+
+def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
+
+
+def test_launcher_is_an_isolated_interpreter_on_this_tree(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    text = path.read_text()
+    assert text.startswith(f"#!{sys.executable} -IS\n")
+    assert repr(launcher.package_parent()) in text
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert (Path(launcher.package_parent()) / "keyfence" / "cli" / "kfctl.py").exists()
+
+
+def test_launcher_refuses_an_interpreter_path_a_shebang_cannot_hold() -> None:
+    with pytest.raises(ValueError):
+        launcher.launcher_text("/opt/my python/bin/python3", "/src")
+
+
+def test_launcher_prints_what_the_module_prints(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    with running_daemon() as daemon:
+        env = daemon.env
+        module = [sys.executable, "-m", "keyfence.cli.kfctl"]
+        added = run([*module, "add", "user", "speed.startup", "payload", "@u"], env)
+        assert added.returncode == 0, added.stderr
+        key = added.stdout.decode().strip()
+        for args in (["show", "@u"], ["print", key], ["describe", key], ["nosuchcommand"]):
+            ours = run([str(path), *args], env)
+            theirs = run([*module, *args], env)
+            assert (ours.returncode, ours.stdout, ours.stderr) == (
+                theirs.returncode,
+                theirs.stdout,
+                theirs.stderr,
+            ), args
+
+
+def test_show_imports_nothing_heavy(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    with running_daemon() as daemon:
+        argv = [sys.executable, "-X", "importtime", "-IS", str(path), "show", "@u"]
+        done = run(argv, daemon.env)
+    assert done.returncode == 0, done.stderr
+    loaded = {
+        line.split("|")[-1].strip()
+        for line in done.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "keyfence.client" in loaded  # the command did reach the daemon
+    assert not loaded & HEAVY, sorted(loaded & HEAVY)
