@@ -52,8 +52,15 @@ def test_the_pattern_finds_each_kind_of_edit() -> None:
         assert not EDIT.search(line), line
 
 
+LAUNCHER = "src/keyfence/cli/launcher.py"
+"""The one allowed: the installed ``kfctl`` script it writes runs ``python
+-IS`` (no ``site``, so no site-packages on the path; docs/performance.md) and
+must name the directory that holds ``keyfence`` itself.  That is the
+product's entry point, not a test or a benchmark reaching into a sibling."""
+
+
 def test_no_sys_path_edits() -> None:
-    assert path_edits(ROOT) == []
+    assert [edit for edit in path_edits(ROOT) if not edit.startswith(LAUNCHER + ":")] == []
 
 
 def sibling_imports(root: Path) -> list[str]:
