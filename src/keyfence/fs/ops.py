@@ -49,7 +49,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from keyfence.errors import KeyfenceError
+from keyfence.errors import KeyfenceError, fail
 from keyfence.fs import syscalls as sc
 from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
@@ -147,10 +147,6 @@ def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]
             raise FUSEError(errno.EIO) from None
 
     return handler
-
-
-def _err(code: int, detail: str | None = None) -> KeyfenceError:
-    return KeyfenceError(code, detail)
 
 
 syncfs = sc.syncfs_path
@@ -311,7 +307,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     def _dir(self, ino: int) -> Inode:
         inode = self.table.get(ino)
         if not inode.is_dir:
-            raise _err(errno.ENOTDIR)
+            raise fail(errno.ENOTDIR)
         if inode.policy_error is not None:
             raise IntegrityError(f"bad encryption policy: {inode.policy_error}")
         return inode
@@ -328,7 +324,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def _need_key(self, policy: Policy, ctx: RequestContext) -> MasterKey:
         master = await self._unlock(policy, ctx.pid)
         if master is None:
-            raise _err(errno.ENOKEY, f"{policy.key}")
+            raise fail(errno.ENOKEY, f"{policy.key}")
         return master
 
     def _cipher(self, d: Inode, master: MasterKey) -> DirectoryCipher:
@@ -386,9 +382,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             try:
                 disk = name.decode("ascii")
             except UnicodeDecodeError:
-                raise _err(errno.ENOENT) from None
+                raise fail(errno.ENOENT) from None
             if not self._listed_disk_name(disk):
-                raise _err(errno.ENOENT)
+                raise fail(errno.ENOENT)
             return disk, None, True
         return self._encode(d, master, name).disk_name, master, False
 
@@ -399,7 +395,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if d.policy is None:
             disk = os.fsdecode(name)
             if disk == POLICY_FILE_NAME:
-                raise _err(errno.EPERM, f"{POLICY_FILE_NAME} is reserved")
+                raise fail(errno.EPERM, f"{POLICY_FILE_NAME} is reserved")
             return EncryptedName(disk, disk), None
         master = await self._need_key(d.policy, ctx)
         return self._encode(d, master, name), master
@@ -448,7 +444,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
             os.close(fd)
             log.warning("a new backing entry was replaced before it was set up")
-            raise _err(errno.ESTALE)
+            raise fail(errno.ESTALE)
         return fd
 
     def _give_new(self, d_fd: int, disk: str, kind: int, uid: int, gid: int) -> os.stat_result:
@@ -468,7 +464,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if self.table.fuse_ino(st.st_ino) != node.ino:
             os.close(fd)
             log.warning("%s: backing entry was replaced", self.log_label(node.ino))
-            raise _err(errno.ESTALE)
+            raise fail(errno.ESTALE)
         return fd, st
 
     def _open_rw(self, node: Inode) -> int:
@@ -540,7 +536,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if self.table.fuse_ino(st.st_ino) != inode.ino:
                 # the name holds another file now (swapped in the backing
                 # store): never report its attributes as this inode's
-                raise _err(errno.ESTALE)
+                raise fail(errno.ESTALE)
             return st
         except (FileNotFoundError, KeyfenceError):
             cached = self.cache.get(inode.ino)
@@ -600,7 +596,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         none at all in a locked directory."""
         timeout = self._timeout(locked)
         if not timeout or not self.negatives.remember(d.ino, name):
-            raise _err(errno.ENOENT)
+            raise fail(errno.ENOENT)
         a = EntryAttributes()
         a.st_ino = InodeT(0)
         a.entry_timeout = timeout
@@ -686,7 +682,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> None:
         if node.is_dir:
-            raise _err(errno.EISDIR)
+            raise fail(errno.EISDIR)
         if policy is None:
             if handle is not None and handle.fd >= 0:
                 os.ftruncate(handle.fd, size)
@@ -788,7 +784,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             assert d.policy is not None
             if sc.exists_at(d_fd, disk):
-                raise _err(errno.EEXIST)
+                raise fail(errno.EEXIST)
             # made under a temporary name, with its policy, then renamed:
             # no encrypted directory is ever without its policy
             tmp = _TEMP_PREFIX + secrets.token_hex(8)
@@ -876,7 +872,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         d_fd = self.table.dir_fd(d.ino)
         st = sc.stat_at(d_fd, disk)
         if stat.S_ISDIR(st.st_mode):
-            raise _err(errno.EISDIR)
+            raise fail(errno.EISDIR)
         sc.unlink_at(d_fd, disk)
         self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
@@ -894,7 +890,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         d_fd = self.table.dir_fd(d.ino)
         st = sc.stat_at(d_fd, disk)
         if not stat.S_ISDIR(st.st_mode):
-            raise _err(errno.ENOTDIR)
+            raise fail(errno.ENOTDIR)
         _remove_encrypted_dir(d_fd, disk)
         self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
@@ -913,9 +909,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             and d.policy is not None
             and not src_policy.same_key_and_modes(d.policy)
         ):
-            raise _err(errno.EXDEV)
+            raise fail(errno.EXDEV)
         if node.is_symlink and d.policy is not None and d.ino not in self.table.parents(node.ino):
-            raise _err(errno.EXDEV, "an encrypted symlink is bound to its directory")
+            raise fail(errno.EXDEV, "an encrypted symlink is bound to its directory")
         enc, _master = await self._new_name(d, new_name, ctx)
         src_fd, src = self.table.entry(node.ino)
         d_fd = self.table.dir_fd(d.ino)
@@ -926,7 +922,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             # the source name was swapped meanwhile: undo, never link another file
             sc.unlink_at(d_fd, disk)
             self._remove_sidecar(d_fd, disk)
-            raise _err(errno.ESTALE)
+            raise fail(errno.ESTALE)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
         return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
@@ -944,7 +940,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         od = self._dir(parent_inode_old)
         nd = self._dir(parent_inode_new)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
-            raise _err(errno.EINVAL)
+            raise fail(errno.EINVAL)
         od_master = nd_master = None
         if od.policy is not None:
             od_master = await self._need_key(od.policy, ctx)
@@ -962,7 +958,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             new_enc = EncryptedName(os.fsdecode(name_new), os.fsdecode(name_new))
             if new_enc.disk_name == POLICY_FILE_NAME:
-                raise _err(errno.EPERM)
+                raise fail(errno.EPERM)
         new_disk = new_enc.disk_name
         if exchange:
             st_new = sc.stat_at(nd_fd, new_disk)
@@ -972,7 +968,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                 and (od.policy or nd.policy)
                 and (stat.S_ISLNK(st.st_mode) or stat.S_ISLNK(st_new.st_mode))
             ):
-                raise _err(errno.EXDEV, "encrypted symlinks are bound to their directory")
+                raise fail(errno.EXDEV, "encrypted symlinks are bound to their directory")
         if (od.ino, old_disk) == (nd.ino, new_disk):
             return
         replaced: os.stat_result | None = None
@@ -1031,9 +1027,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             own = od.policy
         if nd.policy is not None:
             if own is None or not own.same_key_and_modes(nd.policy):
-                raise _err(errno.EXDEV)
+                raise fail(errno.EXDEV)
         elif not stat.S_ISDIR(st.st_mode) and od.policy is not None:
-            raise _err(errno.EXDEV)
+            raise fail(errno.EXDEV)
 
     def _move_symlink(
         self,
@@ -1084,7 +1080,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         node = self.table.get(inode)
         if node.is_dir:
-            raise _err(errno.EISDIR)
+            raise fail(errno.EISDIR)
         policy = self.table.contents_policy(node)
         fh = self._new_fh()
         if policy is None:
@@ -1128,7 +1124,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         try:
             return self.handles[fh]
         except KeyError:
-            raise _err(errno.EBADF) from None
+            raise fail(errno.EBADF) from None
 
     @fuse_op
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -1232,7 +1228,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         dh = self.dir_handles.get(fh)
         if dh is None:
-            raise _err(errno.EBADF)
+            raise fail(errno.EBADF)
         d = self._dir(dh.ino)
         if start_id == 0 or dh.entries is None:
             dh.entries, dh.locked = await self._list(d, dh.pid)
@@ -1260,7 +1256,7 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         dh = self.dir_handles.get(fh)
         if dh is None:
-            raise _err(errno.EBADF)
+            raise fail(errno.EBADF)
         fd = sc.open_dir(self.table.dir_fd(dh.ino), ".")
         try:
             await trio.to_thread.run_sync(os.fsync, fd)
@@ -1327,7 +1323,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             _write_protectors(self._protectors_dir(node, ctx), value)
             return
         if name.startswith(_XATTR_PREFIX):
-            raise _err(errno.EPERM)
+            raise fail(errno.EPERM)
         self._no_capability.discard(inode)
         sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
@@ -1344,36 +1340,36 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         node = self.table.get(inode)
         if name.startswith(_XATTR_PREFIX):
-            raise _err(errno.EPERM)
+            raise fail(errno.EPERM)
         self._no_capability.discard(inode)
         sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
         """setxattr user.keyfence.policy: encrypt an empty directory."""
         if not node.is_dir:
-            raise _err(errno.ENOTDIR)
+            raise fail(errno.ENOTDIR)
         ref, padding = _policy_request(value)
         if node.policy_error is not None:
             raise IntegrityError(f"bad encryption policy: {node.policy_error}")
         st = os.fstat(self.table.dir_fd(node.ino))
         if ctx.uid != 0 and ctx.uid != st.st_uid:
-            raise _err(errno.EACCES)
+            raise fail(errno.EACCES)
         if node.policy is not None:
             # as the kernel: the same policy again is fine, another is EEXIST
             if node.policy.key == ref and padding in (None, node.policy.name_padding):
                 return
-            raise _err(errno.EEXIST, "the directory already has another policy")
+            raise fail(errno.EEXIST, "the directory already has another policy")
         if sc.listdir_fd(self.table.dir_fd(node.ino)):
-            raise _err(errno.ENOTEMPTY)
+            raise fail(errno.ENOTEMPTY)
         master = await self.keys.unlock(ref, ctx.pid)
         if master is None:
-            raise _err(errno.ENOKEY, str(ref))
+            raise fail(errno.ENOKEY, str(ref))
         policy = Policy(
             ref, os.urandom(DIR_NONCE_SIZE), name_padding=padding or DEFAULT_NAME_PADDING
         )
         d_fd = self.table.dir_fd(node.ino)
         if sc.listdir_fd(d_fd):  # filled while the key was looked up
-            raise _err(errno.ENOTEMPTY)
+            raise fail(errno.ENOTEMPTY)
         _write_policy(d_fd, policy, sync=True)
         fd = sc.open_dir(d_fd, ".")
         try:
@@ -1388,12 +1384,12 @@ class KeyfenceOperations(pyfuse3.Operations):
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
         """The backing descriptor of an encrypted directory the caller owns (or root)."""
         if not node.is_dir:
-            raise _err(errno.ENOTDIR)
+            raise fail(errno.ENOTDIR)
         if node.policy is None:
             raise FUSEError(pyfuse3.ENOATTR)
         d_fd = self.table.dir_fd(node.ino)
         if ctx.uid != 0 and ctx.uid != os.fstat(d_fd).st_uid:
-            raise _err(errno.EACCES)
+            raise fail(errno.EACCES)
         return d_fd
 
     def status(self, node: Inode) -> dict[str, Any]:
@@ -1642,12 +1638,12 @@ def _policy_request(value: bytes) -> tuple[KeyRef, int | None]:
     try:
         ref = KeyRef.from_description(words[0] if words else "")
     except FormatError:
-        raise _err(errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>") from None
+        raise fail(errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>") from None
     if len(words) == 1:
         return ref, None
     pad = words[1].removeprefix("pad=")
     if len(words) > 2 or not words[1].startswith("pad=") or pad not in map(str, NAME_PADDINGS):
-        raise _err(errno.EINVAL, "a policy is REF or REF pad=4|8|16|32")
+        raise fail(errno.EINVAL, "a policy is REF or REF pad=4|8|16|32")
     return ref, int(pad)
 
 
@@ -1662,7 +1658,7 @@ def _read_protectors(d_fd: int) -> bytes:
     try:
         Protectors.parse(data)
     except FormatError as err:
-        raise _err(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
+        raise fail(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
     return data
 
 
@@ -1671,7 +1667,7 @@ def _write_protectors(d_fd: int, value: bytes) -> None:
     try:
         Protectors.parse(value)
     except FormatError as err:
-        raise _err(errno.EINVAL, f"not a protectors record: {err}") from None
+        raise fail(errno.EINVAL, f"not a protectors record: {err}") from None
     tmp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
     sc.write_new(d_fd, tmp, value, replace=False, sync=True)
     try:
@@ -1693,14 +1689,14 @@ def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None
     fd = sc.open_dir(d_fd, disk, os.O_PATH)
     try:
         if os.fstat(fd).st_ino != st.st_ino:
-            raise _err(errno.ESTALE)
+            raise fail(errno.ESTALE)
         names = sc.listdir_fd(fd)
     finally:
         os.close(fd)
     if POLICY_FILE_NAME not in names:
         return None
     if not all(_is_record_name(n) for n in names):
-        raise _err(errno.ENOTEMPTY)
+        raise fail(errno.ENOTEMPTY)
     aside = _TEMP_PREFIX + secrets.token_hex(8)
     sc.rename_at(d_fd, disk, d_fd, aside, RENAME_NOREPLACE)
     return aside
@@ -1725,7 +1721,7 @@ def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
             sc.rmdir_at(d_fd, disk)
             return
         if not all(_is_record_name(n) for n in names):
-            raise _err(errno.ENOTEMPTY)
+            raise fail(errno.ENOTEMPTY)
         for n in names:
             if n != POLICY_FILE_NAME:
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
