@@ -47,7 +47,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -160,8 +160,13 @@ def set_readahead(mountpoint: str, kb: int) -> int | None:
 
 
 async def _serve(
-    ops: KeyfenceOperations, max_tasks: int, ready_fd: int | None, readahead_kb: int
+    ops: KeyfenceOperations,
+    loop: Callable[[], Awaitable[None]],
+    ready_fd: int | None,
+    readahead_kb: int,
 ) -> None:
+    """Serve the mount with ``loop`` (pyfuse3's main or keyfence's own
+    session, fs/fuse/) beside the signal and readiness tasks."""
     ops.started()
     on_lost = getattr(ops.keys.source, "on_lost", None)
     if callable(on_lost):
@@ -169,22 +174,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, ops)
         nursery.start_soon(_when_up, ops, ready_fd, readahead_kb)
-        await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
-        nursery.cancel_scope.cancel()
-
-
-async def _serve_own(
-    ops: KeyfenceOperations, session: Session, ready_fd: int | None, readahead_kb: int
-) -> None:
-    """:func:`_serve` with keyfence's own loop (fs/fuse/) instead of pyfuse3's."""
-    ops.started()
-    on_lost = getattr(ops.keys.source, "on_lost", None)
-    if callable(on_lost):
-        on_lost(functools.partial(lock_and_stop, ops, "daemon_lost"))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals, ops)
-        nursery.start_soon(_when_up, ops, ready_fd, readahead_kb)
-        await session.serve()
+        await loop()
         nursery.cancel_scope.cancel()
 
 
@@ -370,7 +360,13 @@ def run(
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
         log.info("serving as uid %d", os.geteuid())
-        trio.run(_serve, ops, max_tasks, ready_fd, readahead_kb)
+        trio.run(
+            _serve,
+            ops,
+            functools.partial(pyfuse3.main, min_tasks=1, max_tasks=max_tasks),
+            ready_fd,
+            readahead_kb,
+        )
     except BaseException:
         log.exception("the FUSE loop failed")
         raise
@@ -425,7 +421,7 @@ def _run_own(
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         log.info("serving as uid %d (keyfence's FUSE loop)", os.geteuid())
-        trio.run(_serve_own, ops, session, ready_fd, readahead_kb)
+        trio.run(_serve, ops, session.serve, ready_fd, readahead_kb)
     except BaseException:
         log.exception("the FUSE loop failed")
         raise
