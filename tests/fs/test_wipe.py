@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-import os
+import subprocess
+import sys
 
 from keyfence.fs import wipe
-from keyfence.fs.crypto import MasterKey
-from keyfence.testing.memory import count_in_memory
 
 
 def test_only_objects_no_one_else_holds_are_zeroed() -> None:
@@ -44,20 +42,36 @@ def test_shared_small_bytes_are_never_touched() -> None:
     assert one == b"k" and bytes([ord("k")]) == b"k"
 
 
+RELEASED_CIPHER = """
+import gc, os
+from keyfence.fs import wipe
+from keyfence.fs.crypto import MasterKey
+from keyfence.testing.memory import count_in_memory
+
+master = MasterKey(os.urandom(64))
+file_cipher = master.file_cipher(os.urandom(16))
+file_cipher.decrypt_block(0, file_cipher.encrypt_block(0, b"x" * 4096))
+dir_cipher = master.directory_cipher(os.urandom(16))
+dir_cipher.decrypt_name(dir_cipher.encrypt_name(b"a name").disk_name)
+reversed_keys = [bytes(reversed(file_cipher._key)), bytes(reversed(dir_cipher._keys[0]))]
+objects = [file_cipher, dir_cipher]
+del file_cipher, dir_cipher
+assert wipe.release(objects) == 2
+gc.collect()
+for needle in reversed_keys:
+    key = bytes(reversed(needle))
+    print(count_in_memory(os.getpid(), key))
+"""
+
+
 def test_a_released_cipher_leaves_no_key_bytes_in_memory() -> None:
     """The derived keys of a file cipher and a directory cipher, searched in
-    this process's memory after release (the needle is kept reversed, so
-    the only copy found besides the fresh one searched for is a leftover)."""
-    master = MasterKey(os.urandom(64))
-    file_cipher = master.file_cipher(os.urandom(16))
-    file_cipher.decrypt_block(0, file_cipher.encrypt_block(0, b"x" * 4096))
-    dir_cipher = master.directory_cipher(os.urandom(16))
-    dir_cipher.decrypt_name(dir_cipher.encrypt_name(b"a name").disk_name)
-    reversed_keys = [bytes(reversed(file_cipher._key)), bytes(reversed(dir_cipher._keys[0]))]
-    objects: list[object] = [file_cipher, dir_cipher]
-    del file_cipher, dir_cipher
-    assert wipe.release(objects) == 2
-    gc.collect()
-    for needle in reversed_keys:
-        key = bytes(reversed(needle))
-        assert count_in_memory(os.getpid(), key) == 1  # ``key`` itself
+    a fresh process's memory after release (the needle is kept reversed, so
+    the only copy found besides the fresh one searched for is a leftover).
+    A fresh process: in pytest's, after hundreds of tests, the allocator's
+    state decides whether some freed copy elsewhere happens to match."""
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASED_CIPHER], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]  # ``key`` itself, each

@@ -418,8 +418,10 @@ def _run_own(
         SessionOptions(writeback_cache=options.writeback_cache, max_tasks=max_tasks),
     )
     fuse_kernel.set_active(session)
+    stats = StatsReporter(ops, source.report)
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
+        stats.start()
         log.info("serving as uid %d (keyfence's FUSE loop)", os.geteuid())
         trio.run(_serve, ops, session.serve, ready_fd, readahead_kb)
     except BaseException:
@@ -427,6 +429,7 @@ def _run_own(
         raise
     finally:
         ops.close()
+        stats.stop()  # after the final write-back: status shows nothing dirty
         if not session.unmounted:  # ended by a signal or the daemon's loss
             unmount_own(ops.mountpoint, mountpoint_fd)
         fuse_kernel.set_active(None)
