@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keyfence.errors import KeyfenceError
-from keyfence.fs import e4crypt_compat
+from keyfence.fs import e4crypt_compat, sealer
 from keyfence.fs.format import (
     BLOCK_NONCE_SIZE,
     BLOCK_OVERHEAD,
@@ -295,7 +295,7 @@ class FileCipher:
     hole (zeros).
     """
 
-    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_key", "_nonce")
+    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_key", "_native", "_nonce")
 
     def __init__(
         self, file_key: bytes, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
@@ -310,6 +310,7 @@ class FileCipher:
         self._decrypt = self._aead.decrypt
         self._file_id = bytes(file_id)
         self._nonce = nonce_source
+        self._native = sealer.NATIVE  # batches: one call, GIL released (fs/sealer.py)
 
     @classmethod
     def for_header(
@@ -447,10 +448,24 @@ class FileCipher:
         last = len(blocks[-1])
         if not 0 < last <= BLOCK_SIZE:
             raise ValueError(f"a block holds 1..{BLOCK_SIZE} bytes")
+        size = BLOCK_NONCE_SIZE
+        if self._native is not None:
+            # one call for the batch; the same nonces as below, as one string
+            if self._nonce is urandom_nonce:
+                raw = os.urandom(size * count)
+            else:
+                raw = b"".join([self._nonce(size) for _ in range(count)])
+                if len(raw) != size * count:
+                    raise ValueError("nonce source returned the wrong length")
+            target = out.buffer if isinstance(out, RecordBuffer) else out
+            if isinstance(indexes, range) and indexes.step == 1:
+                return int(
+                    self._native.seal(self._key, self._file_id, raw, indexes.start, blocks, target)
+                )
+            return int(self._native.seal(self._key, self._file_id, raw, indexes, blocks, target))
         records = out if isinstance(out, RecordBuffer) else RecordBuffer(count, out)
         if count > records.count:
             raise ValueError("output buffer too small")
-        size = BLOCK_NONCE_SIZE
         nonces: list[bytes]
         if self._nonce is urandom_nonce:
             raw = os.urandom(size * count)
@@ -497,6 +512,15 @@ class FileCipher:
                 )
         self._check_range(first_index, count)
         out = bytearray(total - count * BLOCK_OVERHEAD)
+        if self._native is not None:
+            failed = self._native.open(self._key, self._file_id, first_index, data, out)
+            if failed >= 0:
+                index = first_index + failed
+                raise IntegrityError(
+                    f"block {index} failed authentication (tampered, torn, moved or wrong key)",
+                    block=index,
+                )
+            return out
         view = memoryview(out)
         file_id, pack = self._file_id, _pack_aad
         decrypt_into = getattr(self._aead, "decrypt_into", None)

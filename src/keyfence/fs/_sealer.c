@@ -1,0 +1,379 @@
+/*
+ * keyfence.fs._sealer: the contents records of docs/format.md, a batch per
+ * call, with the GIL released (optional; keyfence/fs/sealer.py picks it).
+ *
+ * A record is nonce(12) || AES-256-GCM(file key, nonce, block,
+ * aad = file_id(16) || u64be(index)) || tag(16); records lie back to back,
+ * 4124 bytes each, only the last may be shorter.  The format is fs/format.py's;
+ * this file only does the same work without one Python call per block.
+ *
+ * Key material: the caller's key bytes object is read, never copied; the key
+ * schedule lives in one EVP_CIPHER_CTX made at the start of a call and freed
+ * (EVP_CIPHER_CTX_free cleanses it) before the call returns, on every path.
+ * Nothing here keeps a key between calls (docs/security.md, "Key material in
+ * the native sealer").
+ *
+ * Threads: every buffer is exported (PyObject_GetBuffer) before the GIL is
+ * released, so no other thread can resize or free it meanwhile; the
+ * EVP_CIPHER object fetched at import is immutable and shared.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#define BLOCK_SIZE 4096
+#define NONCE_SIZE 12
+#define TAG_SIZE 16
+#define OVERHEAD (NONCE_SIZE + TAG_SIZE)
+#define RECORD_SIZE (BLOCK_SIZE + OVERHEAD)
+#define KEY_SIZE 32
+#define FILE_ID_SIZE 16
+#define AAD_SIZE (FILE_ID_SIZE + 8)
+
+static EVP_CIPHER *aes_gcm; /* fetched once at import */
+
+static void pack_aad(unsigned char *aad, const unsigned char *file_id, uint64_t index)
+{
+    memcpy(aad, file_id, FILE_ID_SIZE);
+    for (int i = 7; i >= 0; i--) {
+        aad[FILE_ID_SIZE + i] = (unsigned char)(index & 0xff);
+        index >>= 8;
+    }
+}
+
+static int all_zero(const unsigned char *p, Py_ssize_t n)
+{
+    unsigned char acc = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        acc |= p[i];
+    return acc == 0;
+}
+
+/* Index k of a batch: consecutive from `first` (indexes given as an int) or
+ * indexes[k], into out (NULL: only check the range).  Returns 0, or -1 with
+ * ValueError set for an index outside 0 .. 2**64-1 (GIL held). */
+static int read_indexes(PyObject *spec, Py_ssize_t count, uint64_t *out)
+{
+    if (PyLong_Check(spec)) {
+        unsigned long long first = PyLong_AsUnsignedLongLong(spec);
+        if (first == (unsigned long long)-1 && PyErr_Occurred())
+            goto range;
+        if (count > 0 && first > UINT64_MAX - (uint64_t)(count - 1))
+            goto range;
+        for (Py_ssize_t k = 0; out != NULL && k < count; k++)
+            out[k] = (uint64_t)first + (uint64_t)k;
+        return 0;
+    }
+    PyObject *seq = PySequence_Fast(spec, "indexes: an int or a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != count) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "one index per block");
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(items[k]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            goto range;
+        }
+        out[k] = (uint64_t)v;
+    }
+    Py_DECREF(seq);
+    return 0;
+range:
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_OverflowError)
+        && !PyErr_ExceptionMatches(PyExc_ValueError))
+        return -1; /* a TypeError stays a TypeError */
+    PyErr_Clear();
+    PyErr_SetString(PyExc_ValueError, "block index out of range");
+    return -1;
+}
+
+static int check_key(const Py_buffer *key, const Py_buffer *file_id)
+{
+    if (key->len != KEY_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "a file key is 32 bytes");
+        return -1;
+    }
+    if (file_id->len != FILE_ID_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "a file id is 16 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* The sealing loop, without the GIL.  Returns 0, or -1 if OpenSSL failed. */
+static int seal_loop(const unsigned char *key, const unsigned char *file_id,
+                     const unsigned char *nonces, const uint64_t *indexes,
+                     const Py_buffer *blocks, Py_ssize_t count, unsigned char *out)
+{
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    int ok = ctx != NULL && EVP_EncryptInit_ex(ctx, aes_gcm, NULL, key, NULL) == 1;
+    unsigned char aad[AAD_SIZE];
+    for (Py_ssize_t k = 0; ok && k < count; k++) {
+        unsigned char *record = out + k * RECORD_SIZE;
+        const unsigned char *nonce = nonces + k * NONCE_SIZE;
+        int len = (int)blocks[k].len, n = 0;
+        pack_aad(aad, file_id, indexes[k]);
+        memcpy(record, nonce, NONCE_SIZE);
+        ok = EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) == 1
+             && EVP_EncryptUpdate(ctx, NULL, &n, aad, AAD_SIZE) == 1
+             && EVP_EncryptUpdate(ctx, record + NONCE_SIZE, &n, blocks[k].buf, len) == 1
+             && EVP_EncryptFinal_ex(ctx, record + NONCE_SIZE + n, &n) == 1
+             && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_SIZE,
+                                    record + NONCE_SIZE + len) == 1;
+    }
+    EVP_CIPHER_CTX_free(ctx); /* cleanses the key schedule */
+    return ok ? 0 : -1;
+}
+
+PyDoc_STRVAR(seal_doc,
+"seal(key, file_id, nonces, indexes, blocks, out) -> int\n\n"
+"Seal blocks[k] (4096 bytes each, the last 1..4096) as the record of block\n"
+"indexes[k] (or first + k when indexes is an int) with nonce\n"
+"nonces[12k:12k+12], into record slot k of the writable buffer out.\n"
+"Returns the bytes of records written.  ValueError for a wrong key or file\n"
+"id length, a block of the wrong size, too few nonces or too small a buffer.");
+
+static PyObject *seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "seal takes 6 arguments");
+        return NULL;
+    }
+    Py_buffer key = {0}, file_id = {0}, nonces = {0}, out = {0};
+    Py_buffer *blocks = NULL;
+    uint64_t *indexes = NULL;
+    PyObject *seq = NULL, *result = NULL;
+    Py_ssize_t count = 0, got = 0;
+
+    if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &file_id, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[2], &nonces, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[5], &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    if (check_key(&key, &file_id) < 0)
+        goto done;
+    seq = PySequence_Fast(args[4], "blocks: a sequence of buffers");
+    if (seq == NULL)
+        goto done;
+    count = PySequence_Fast_GET_SIZE(seq);
+    if (count == 0) {
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    if (count > PY_SSIZE_T_MAX / RECORD_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "too many blocks");
+        goto done;
+    }
+    if (nonces.len != count * NONCE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "one 12-byte nonce per block");
+        goto done;
+    }
+    blocks = PyMem_Calloc((size_t)count, sizeof(Py_buffer));
+    indexes = PyMem_Calloc((size_t)count, sizeof(uint64_t));
+    if (blocks == NULL || indexes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (read_indexes(args[3], count, indexes) < 0)
+        goto done;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (; got < count; got++) {
+        if (PyObject_GetBuffer(items[got], &blocks[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        Py_ssize_t len = blocks[got].len;
+        if (got < count - 1 ? len != BLOCK_SIZE : (len < 1 || len > BLOCK_SIZE)) {
+            got++; /* release this one too */
+            PyErr_SetString(PyExc_ValueError,
+                            "a block holds 4096 bytes (only the last 1..4096)");
+            goto done;
+        }
+    }
+    Py_ssize_t last = blocks[count - 1].len;
+    Py_ssize_t total = (count - 1) * RECORD_SIZE + last + OVERHEAD;
+    if (out.len < total) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = seal_loop(key.buf, file_id.buf, nonces.buf, indexes, blocks, count, out.buf);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
+        goto done;
+    }
+    result = PyLong_FromSsize_t(total);
+done:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&blocks[k]);
+    PyMem_Free(blocks);
+    PyMem_Free(indexes);
+    Py_XDECREF(seq);
+    if (key.obj)
+        PyBuffer_Release(&key);
+    if (file_id.obj)
+        PyBuffer_Release(&file_id);
+    if (nonces.obj)
+        PyBuffer_Release(&nonces);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return result;
+}
+
+/* The opening loop, without the GIL: -1 when every record opened (or was a
+ * hole), else the position k of the first that failed (its plaintext slot is
+ * zeroed), or -2 if OpenSSL failed. */
+static Py_ssize_t open_loop(const unsigned char *key, const unsigned char *file_id,
+                            uint64_t first, const unsigned char *records, Py_ssize_t total,
+                            unsigned char *out)
+{
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    Py_ssize_t failed = -1;
+    int ok = ctx != NULL && EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, NULL) == 1;
+    unsigned char aad[AAD_SIZE], tag[TAG_SIZE];
+    Py_ssize_t k = 0;
+    for (Py_ssize_t pos = 0; ok && pos < total; pos += RECORD_SIZE, k++) {
+        const unsigned char *record = records + pos;
+        Py_ssize_t rlen = total - pos < RECORD_SIZE ? total - pos : RECORD_SIZE;
+        int len = (int)(rlen - OVERHEAD), n = 0;
+        unsigned char *plain = out + k * BLOCK_SIZE;
+        pack_aad(aad, file_id, first + (uint64_t)k);
+        memcpy(tag, record + NONCE_SIZE + len, TAG_SIZE);
+        ok = EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, record) == 1
+             && EVP_DecryptUpdate(ctx, NULL, &n, aad, AAD_SIZE) == 1
+             && EVP_DecryptUpdate(ctx, plain, &n, record + NONCE_SIZE, len) == 1
+             && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_SIZE, tag) == 1;
+        if (!ok)
+            break;
+        if (EVP_DecryptFinal_ex(ctx, plain + n, &n) != 1) {
+            memset(plain, 0, (size_t)len); /* unauthenticated: never handed out */
+            if (!all_zero(record, rlen)) {
+                failed = k;
+                break;
+            }
+        }
+    }
+    EVP_CIPHER_CTX_free(ctx); /* cleanses the key schedule */
+    return ok ? failed : -2;
+}
+
+PyDoc_STRVAR(open_doc,
+"open(key, file_id, first, records, out) -> int\n\n"
+"Open the records lying back to back in records (4124 bytes each, the last\n"
+"29..4124) as blocks first, first+1, ..., into out (4096 bytes per block,\n"
+"the last as long as its plaintext).  An all-zero record is a hole and reads\n"
+"as zeros.  Returns -1, or the position of the first record that failed\n"
+"authentication.  ValueError for bad lengths or too small a buffer.");
+
+static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "open takes 5 arguments");
+        return NULL;
+    }
+    Py_buffer key = {0}, file_id = {0}, records = {0}, out = {0};
+    PyObject *result = NULL;
+    uint64_t first = 0;
+
+    if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &file_id, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[3], &records, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[4], &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    if (check_key(&key, &file_id) < 0)
+        goto done;
+    Py_ssize_t total = records.len;
+    Py_ssize_t count = total / RECORD_SIZE, rest = total % RECORD_SIZE;
+    if (rest) {
+        if (rest <= OVERHEAD) {
+            PyErr_SetString(PyExc_ValueError, "the last record is truncated");
+            goto done;
+        }
+        count++;
+    }
+    if (!PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "first: an int");
+        goto done;
+    }
+    if (read_indexes(args[2], count, NULL) < 0)
+        goto done;
+    first = PyLong_AsUnsignedLongLong(args[2]);
+    if (out.len < total - count * OVERHEAD) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        goto done;
+    }
+    Py_ssize_t failed = -1;
+    if (count > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        failed = open_loop(key.buf, file_id.buf, first, records.buf, total, out.buf);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed == -2) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
+        goto done;
+    }
+    result = PyLong_FromSsize_t(failed);
+done:
+    if (key.obj)
+        PyBuffer_Release(&key);
+    if (file_id.obj)
+        PyBuffer_Release(&file_id);
+    if (records.obj)
+        PyBuffer_Release(&records);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL, seal_doc},
+    {"open", (PyCFunction)(void (*)(void))open_records, METH_FASTCALL, open_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_sealer",
+    "Batch AES-256-GCM sealing of keyfence contents records (OpenSSL, GIL released).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__sealer(void)
+{
+    if (aes_gcm == NULL) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        aes_gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL); /* no implicit fetch per call */
+#else
+        aes_gcm = (EVP_CIPHER *)EVP_aes_256_gcm();
+#endif
+        if (aes_gcm == NULL) {
+            PyErr_SetString(PyExc_ImportError, "OpenSSL has no AES-256-GCM");
+            return NULL;
+        }
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,44 @@
+"""Which code seals and opens contents records: the native batch sealer or Python.
+
+``keyfence.fs._sealer`` (C, OpenSSL's libcrypto, built by setup.py when a
+compiler and OpenSSL's headers are there) seals or opens a whole batch of
+records in one call with the GIL released, so the mount worker encrypts on
+one core while another thread writes or reads on the other.  Without it
+(not built, or ``KEYFENCE_NO_NATIVE=1`` in the environment) the same
+records are made one ``cryptography`` call per block.  Both paths make
+byte-identical records from the same nonces (tests/fs/test_sealer.py);
+:class:`~keyfence.fs.crypto.FileCipher` picks :data:`NATIVE` when it is made.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+__all__ = ["DISABLE_ENV", "NATIVE", "describe"]
+
+DISABLE_ENV = "KEYFENCE_NO_NATIVE"
+"""Set to a non-empty value other than ``0``: always the Python path."""
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from keyfence.fs import _sealer
+    except ImportError:  # not built (no compiler or no OpenSSL headers)
+        return None
+    return _sealer
+
+
+NATIVE: ModuleType | None = _load()
+"""The native sealer module, or None for the Python path."""
+
+
+def describe() -> str:
+    """The path in use, for logs and ``keyfence status``."""
+    if NATIVE is not None:
+        return f"native ({NATIVE.OPENSSL_VERSION})"
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"python ({DISABLE_ENV} set)"
+    return "python (native sealer not built)"
