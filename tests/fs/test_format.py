@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyfence.fs import e4crypt_compat as e4
+from keyfence.fs import sealer
 from keyfence.fs.crypto import (
     DirectoryCipher,
     FileCipher,
@@ -101,6 +102,18 @@ def counting_nonces() -> Callable[[int], bytes]:
     return source
 
 
+@pytest.fixture(scope="module", autouse=True, params=["native", "python"])
+def sealing_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here (the frozen vectors too) on both ways of sealing
+    contents: the native batch sealer and Python (fs/sealer.py)."""
+    if request.param == "native" and sealer.NATIVE is None:
+        pytest.skip(f"native sealer not available: {sealer.describe()}")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "python":
+            patch.setattr(sealer, "NATIVE", None)
+        yield request.param
+
+
 @pytest.fixture
 def master() -> MasterKey:
     return MasterKey(MASTER)
@@ -169,6 +182,12 @@ def test_vectors_contents() -> None:
     assert plaintext_size(len(backing)) == v["plaintext_size"]
     body = m.file_cipher(header.file_id).decrypt_blocks(0, backing[FILE_HEADER_SIZE:])
     assert bytes(body) == b"".join(bytes.fromhex(b["plaintext"]) for b in blocks)
+    # and the batch call (the write-back's) makes the same records
+    batch = m.file_cipher(
+        fid, nonce_source=fixed_nonces(*(bytes.fromhex(b["nonce"]) for b in blocks))
+    )
+    records = batch.encrypt_blocks(0, b"".join(bytes.fromhex(b["plaintext"]) for b in blocks))
+    assert bytes(records) == backing[FILE_HEADER_SIZE:]
 
 
 def test_vectors_names() -> None:

@@ -53,6 +53,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from keyfence.fs import sealer
 from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
@@ -360,6 +361,7 @@ def run(
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
         log.info("serving as uid %d", os.geteuid())
+        log.info("contents sealed by the %s path", sealer.describe())
         trio.run(
             _serve,
             ops,
@@ -423,6 +425,7 @@ def _run_own(
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
         log.info("serving as uid %d (keyfence's FUSE loop)", os.geteuid())
+        log.info("contents sealed by the %s path", sealer.describe())
         trio.run(_serve, ops, session.serve, ready_fd, readahead_kb)
     except BaseException:
         log.exception("the FUSE loop failed")
