@@ -440,17 +440,10 @@ class FileCipher:
             return 0
         if len(indexes) != count:
             raise ValueError("one index per block")
-        if not checked and (min(indexes) < 0 or max(indexes) >= 1 << 64):
-            raise ValueError("block index out of range")
-        for block in blocks[:-1]:
-            if len(block) != BLOCK_SIZE:
-                raise ValueError(f"only the last block may be shorter than {BLOCK_SIZE} bytes")
-        last = len(blocks[-1])
-        if not 0 < last <= BLOCK_SIZE:
-            raise ValueError(f"a block holds 1..{BLOCK_SIZE} bytes")
-        size = BLOCK_NONCE_SIZE
         if self._native is not None:
-            # one call for the batch; the same nonces as below, as one string
+            size = BLOCK_NONCE_SIZE
+            # one call for the batch (it checks indexes and block sizes too);
+            # the same nonces as below, as one string
             if self._nonce is urandom_nonce:
                 raw = os.urandom(size * count)
             else:
@@ -463,6 +456,15 @@ class FileCipher:
                     self._native.seal(self._key, self._file_id, raw, indexes.start, blocks, target)
                 )
             return int(self._native.seal(self._key, self._file_id, raw, indexes, blocks, target))
+        if not checked and (min(indexes) < 0 or max(indexes) >= 1 << 64):
+            raise ValueError("block index out of range")
+        for block in blocks[:-1]:
+            if len(block) != BLOCK_SIZE:
+                raise ValueError(f"only the last block may be shorter than {BLOCK_SIZE} bytes")
+        last = len(blocks[-1])
+        if not 0 < last <= BLOCK_SIZE:
+            raise ValueError(f"a block holds 1..{BLOCK_SIZE} bytes")
+        size = BLOCK_NONCE_SIZE
         records = out if isinstance(out, RecordBuffer) else RecordBuffer(count, out)
         if count > records.count:
             raise ValueError("output buffer too small")
