@@ -11,6 +11,7 @@ cache is allowed), then:
 * the completion scripts are where bash-completion (given ``V/share`` in
   ``XDG_DATA_DIRS``) and zsh (``V/share/zsh/site-functions`` in ``fpath``)
   load them, and they do load;
+* the native sealer (setup.py's optional extension) was built;
 * ``keyfence install-data --prefix P`` lays the same files and the systemd
   units under P, the units starting ``V/bin/keyfence``, and removes them.
 
@@ -98,6 +99,28 @@ def test_version(venv: Path) -> None:
     done = run([str(venv / "bin" / "kfctl"), "--version"])
     assert done.returncode == 0
     assert done.stdout.startswith(f"keyctl from keyutils-1.6.3 (Built keyfence-{version})")
+
+
+def test_native_sealer_built(venv: Path, tmp_path: Path) -> None:
+    """setup.py's optional extension is built where it can be (gcc and
+    libssl-dev, scripts/setup.sh); without them the install still works."""
+    if shutil.which("gcc") is None or not Path("/usr/include/openssl/evp.h").exists():
+        reason = "no gcc or no OpenSSL headers (apt-get install gcc libssl-dev)"
+        print(reason)
+        pytest.skip(reason)
+    code = "from keyfence.fs import sealer; print(sealer.describe(), sealer.NATIVE.__file__)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "KEYFENCE"))}
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("native (OpenSSL "), done.stdout
+    assert str(venv) in done.stdout  # the installed copy, not the checkout's
 
 
 @pytest.mark.skipif(shutil.which("man") is None, reason="man-db is not installed")
