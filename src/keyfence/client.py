@@ -636,6 +636,25 @@ class Client:
         """
         return [int(s) for s in self._call("list_keyring", keyring)]
 
+    def keyring_tree(
+        self, keyring: int, levels: int = 9
+    ) -> tuple[int, dict[int, tuple[str | int, bytes | int | None]]]:
+        """What ``keyctl show`` asks key by key, in one request: the serial of
+        ``keyring`` (resolved as :meth:`get_keyring_id` does) and, for every key
+        reached within ``levels`` levels (1 to 9), its :meth:`describe` string
+        or the errno describe fails with, and for a keyring its :meth:`read`
+        (packed serials) or that errno.
+
+        Errors: the root's (ENOKEY, EACCES, EKEYREVOKED, ...); EINVAL (levels);
+        E2BIG (more keys than one answer holds: describe key by key);
+        EOPNOTSUPP (a daemon without the operation).
+        """
+        root, entries = self._call("keyring_tree", keyring, levels)
+        table: dict[int, tuple[str | int, bytes | int | None]] = {}
+        for serial, described, members in entries:
+            table[int(serial)] = (described, members)
+        return int(root), table
+
     def set_timeout(self, key_id: int, timeout: int) -> None:
         """KEYCTL_SET_TIMEOUT: expire ``key_id`` in ``timeout`` seconds (0:
         never).  An expiring key is fenced like a removal: its synchronous

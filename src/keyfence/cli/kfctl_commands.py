@@ -74,17 +74,55 @@ def cmd_show(tool: Kfctl, args: list[str], flag: bool) -> None:
     keyring = tool.key(args[0]) if args else KEY_SPEC_SESSION_KEYRING
     tool.out("Keyring\n" if args else "Session Keyring\n")
     client = tool.client
+    describe: Callable[[int], str] = client.describe
+    read: Callable[[int], bytes] = client.read
     try:
-        root = client.get_keyring_id(keyring, False)
+        # one request for the whole tree; a daemon without it (EOPNOTSUPP)
+        # or a tree too big for one answer (E2BIG): key by key, as keyctl
+        root, table = client.keyring_tree(keyring)
+        describe, read = _tree_lookups(table, describe, read)
     except OSError as err:
-        tool.fail("Unable to dump key", err)
+        if err.errno not in (errno.EOPNOTSUPP, errno.E2BIG):
+            tool.fail("Unable to dump key", err)
+        try:
+            root = client.get_keyring_id(keyring, False)
+        except OSError as err:
+            tool.fail("Unable to dump key", err)
     try:
-        for line in show_tree(
-            root, client.describe, client.read, tool.granted, _strerror, hex_ids=hex_ids
-        ):
+        for line in show_tree(root, describe, read, tool.granted, _strerror, hex_ids=hex_ids):
             tool.out(line)
     except TreeError as err:
         tool.fail(err.function, err.error)
+
+
+def _tree_lookups(
+    table: dict[int, tuple[str | int, bytes | int | None]],
+    describe: Callable[[int], str],
+    read: Callable[[int], bytes],
+) -> tuple[Callable[[int], str], Callable[[int], bytes]]:
+    """describe and read answered from a keyring_tree table (each entry is
+    what the daemon's describe and read gave: a value or an errno); a key
+    the table lacks is asked for."""
+
+    def described(key: int) -> str:
+        entry = table.get(key)
+        if entry is None:
+            return describe(key)
+        value = entry[0]
+        if isinstance(value, int):
+            raise OSError(value, os.strerror(value))
+        return value
+
+    def members(key: int) -> bytes:
+        entry = table.get(key)
+        if entry is None or entry[1] is None:
+            return read(key)
+        value = entry[1]
+        if isinstance(value, int):
+            raise OSError(value, os.strerror(value))
+        return value
+
+    return described, members
 
 
 def _add(tool: Kfctl, key_type: str, description: str, data: bytes | None, dest: int) -> None:
