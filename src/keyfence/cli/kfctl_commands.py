@@ -9,9 +9,9 @@ which error wins) follows keyctl.
 from __future__ import annotations
 
 import errno
-import os
+import posix  # not os: kfctl's start-up
 
-from keyfence.cli.kfctl_text import Exit, UsageError
+from keyfence.cli.kfctl_text import Exit, UsageError, fsencode
 from keyfence.cli.kfctl_tool import (
     HELP_EXTRA,
     KEY_SPEC_SESSION_KEYRING,
@@ -110,7 +110,7 @@ def _tree_lookups(
             return describe(key)
         value = entry[0]
         if isinstance(value, int):
-            raise OSError(value, os.strerror(value))
+            raise OSError(value, posix.strerror(value))
         return value
 
     def members(key: int) -> bytes:
@@ -119,7 +119,7 @@ def _tree_lookups(
             return read(key)
         value = entry[1]
         if isinstance(value, int):
-            raise OSError(value, os.strerror(value))
+            raise OSError(value, posix.strerror(value))
         return value
 
     return described, members
@@ -137,7 +137,7 @@ def cmd_add(tool: Kfctl, args: list[str], flag: bool) -> None:
     from keyfence.cli.kfctl_text import hex2bin
 
     as_hex = flag
-    data = os.fsencode(args[2])
+    data = fsencode(args[2])
     if as_hex and data:
         data = hex2bin(data)
     dest = tool.key(args[3])
@@ -188,7 +188,7 @@ def cmd_update(tool: Kfctl, args: list[str], flag: bool) -> None:
     from keyfence.cli.kfctl_text import hex2bin
 
     as_hex = flag
-    data = os.fsencode(args[1])
+    data = fsencode(args[1])
     if as_hex and data:
         data = hex2bin(data)
     _update(tool, tool.key(args[0]), data)
@@ -307,7 +307,7 @@ def _scan(tool: Kfctl, parent: int, key: int, func: Scanner) -> int:
     if raw is not None:
         desc = parse_description(raw)
         if desc is None:
-            raw, error = None, OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            raw, error = None, OSError(errno.EINVAL, posix.strerror(errno.EINVAL))
         elif desc.type == "keyring":
             try:
                 members = unpack_serials(client.read(key))
@@ -701,7 +701,7 @@ def _unsupported(
         else:
             _, what, base = next(n for n in numbers if n[0] == index)
             parse_number(args[index], what, base)
-    tool.fail(function, OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)))
+    tool.fail(function, OSError(errno.EOPNOTSUPP, posix.strerror(errno.EOPNOTSUPP)))
 
 
 def cmd_dh_compute(tool: Kfctl, args: list[str], flag: bool) -> None:
@@ -748,7 +748,7 @@ def _instantiate(tool: Kfctl, key: int, data: bytes, dest: int, as_hex: bool) ->
 def cmd_instantiate(tool: Kfctl, args: list[str], flag: bool) -> None:
     key = tool.key(args[0])
     dest = tool.key(args[2])
-    _instantiate(tool, key, os.fsencode(args[1]), dest, flag)
+    _instantiate(tool, key, fsencode(args[1]), dest, flag)
 
 
 def cmd_pinstantiate(tool: Kfctl, args: list[str], flag: bool) -> None:
