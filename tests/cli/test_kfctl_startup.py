@@ -74,7 +74,13 @@ def test_launcher_prints_what_the_module_prints(tmp_path: Path) -> None:
         added = run([*module, "add", "user", "speed.startup", "payload", "@u"], env)
         assert added.returncode == 0, added.stderr
         key = added.stdout.decode().strip()
-        for args in (["show", "@u"], ["print", key], ["describe", key], ["nosuchcommand"]):
+        for args in (
+            ["show", "@u"],
+            ["print", key],
+            ["describe", key],
+            ["print", "1"],  # exit 1 with keyctl's error line (exit_now keeps the status)
+            ["nosuchcommand"],
+        ):
             ours = run([str(path), *args], env)
             theirs = run([*module, *args], env)
             assert (ours.returncode, ours.stdout, ours.stderr) == (
