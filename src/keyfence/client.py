@@ -655,6 +655,19 @@ class Client:
             table[int(serial)] = (described, members)
         return int(root), table
 
+    def keyring_members(self, keyring: int) -> list[tuple[int, str | int]]:
+        """What ``keyctl list`` asks, in one request: the keys linked into
+        ``keyring`` (read as :meth:`list_keyring` reads it), each with its
+        :meth:`describe` string or the errno describe fails with.
+
+        Errors: those of :meth:`list_keyring` (ENOTDIR, EACCES, ENOKEY, ...);
+        E2BIG (more members than one answer holds); EOPNOTSUPP (a daemon
+        without the operation).
+        """
+        return [
+            (int(serial), described) for serial, described in self._call("keyring_members", keyring)
+        ]
+
     def set_timeout(self, key_id: int, timeout: int) -> None:
         """KEYCTL_SET_TIMEOUT: expire ``key_id`` in ``timeout`` seconds (0:
         never).  An expiring key is fenced like a removal: its synchronous

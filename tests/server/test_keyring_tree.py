@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -146,14 +147,44 @@ def test_another_uid_sees_what_its_own_describe_and_read_show(daemon: DaemonProc
             }
 
 
-def raw_request(daemon: DaemonProcess, args: list[object]) -> protocol.Message:
+def test_members_are_what_read_and_describe_say(daemon: DaemonProcess) -> None:
+    with Client.connect(daemon.socket, autostart=False) as c:
+        keys = build_tree(c)
+        for ring in (S, keys["a"], keys["b"], -4):
+            expected = []
+            for serial in c.list_keyring(ring):
+                try:
+                    expected.append((serial, c.describe(serial)))
+                except OSError as err:
+                    expected.append((serial, err.errno))
+            assert c.keyring_members(ring) == expected
+        assert (keys["hidden"], errno.EACCES) in c.keyring_members(keys["b"])
+        for key, code in ((keys["k"], errno.ENOTDIR), (2**31 - 1, errno.ENOKEY), (0, errno.ENOKEY)):
+            with pytest.raises(KeyfenceError) as caught:
+                c.keyring_members(key)
+            assert caught.value.errno == code, key
+
+
+def raw_request(
+    daemon: DaemonProcess, args: list[object], op: str = "keyring_tree"
+) -> protocol.Message:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(30)
     try:
-        sock.connect(daemon.socket)
+        # running_daemon returns once the socket file exists, which bind()
+        # makes before listen(): on a loaded machine a connect may come first
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock.connect(daemon.socket)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         sock.sendall(wire.frame({"type": "hello", "version": wire.PROTOCOL_VERSION}))
         assert wire.read(sock)["type"] == "welcome"  # type: ignore[index]
-        sock.sendall(wire.frame({"type": "req", "id": 7, "op": "keyring_tree", "args": args}))
+        sock.sendall(wire.frame({"type": "req", "id": 7, "op": op, "args": args}))
         reply = wire.read(sock)
     finally:
         sock.close()
@@ -189,6 +220,15 @@ def test_bad_arguments_get_the_kernels_errno(
     assert reply["id"] == 7 and reply["errno"] == code, reply  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    "args", [[], [-3, 9], [True], ["@s"], [None], [1.0], [b"\x01\x00\x00\x00"]]
+)
+def test_members_bad_arguments_are_einval(daemon: DaemonProcess, args: list[object]) -> None:
+    reply = raw_request(daemon, args, "keyring_members")
+    assert reply["type"] == "error", reply  # type: ignore[index]
+    assert reply["id"] == 7 and reply["errno"] == errno.EINVAL, reply  # type: ignore[index]
+
+
 def test_a_tree_too_big_for_one_answer_is_e2big_and_kfctl_falls_back(
     daemon: DaemonProcess,
 ) -> None:
@@ -199,6 +239,9 @@ def test_a_tree_too_big_for_one_answer_is_e2big_and_kfctl_falls_back(
             c.add_key("user", f"k{i}", b"x", ring)
         with pytest.raises(KeyfenceError) as caught:
             c.keyring_tree(ring)
+        assert caught.value.errno == errno.E2BIG
+        with pytest.raises(KeyfenceError) as caught:
+            c.keyring_members(ring)
         assert caught.value.errno == errno.E2BIG
         # the same keyring one level deep fits
         root, table = c.keyring_tree(ring, 1)
@@ -215,3 +258,14 @@ def test_a_tree_too_big_for_one_answer_is_e2big_and_kfctl_falls_back(
     lines = shown.stdout.splitlines()
     assert lines[0] == "Keyring" and len(lines) == 2 + MAX_TREE_KEYS + 1
     assert lines[-1].endswith(f"\\_ user: k{MAX_TREE_KEYS}")
+    listed = subprocess.run(
+        [sys.executable, "-m", "keyfence.cli.kfctl", "list", str(ring)],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"{MAX_TREE_KEYS + 1} keys in keyring:" and len(lines) == MAX_TREE_KEYS + 2

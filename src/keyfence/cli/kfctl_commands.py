@@ -378,22 +378,46 @@ def cmd_list(tool: Kfctl, args: list[str], flag: bool) -> None:
         list_header,
         list_line,
         parse_description,
-        unpack_serials,
     )
 
-    serials = unpack_serials(_read(tool, args))
-    tool.out(list_header(len(serials)))
-    client = tool.client
-    for serial in serials:
-        try:
-            raw = client.describe(serial)
-        except OSError as err:
-            tool.out(inaccessible(serial, _strerror(err), width=9))
+    key = tool.key(args[0])
+    members = _members(tool, key)
+    tool.out(list_header(len(members)))
+    for serial, raw in members:
+        if isinstance(raw, int):
+            tool.out(inaccessible(serial, posix.strerror(raw), width=9))
             continue
         desc = parse_description(raw)
         if desc is None:
             raise UsageError(f"Unparsable description obtained for key {serial}", code=3)
         tool.out(list_line(serial, desc, tool.granted(desc)))
+
+
+def _members(tool: Kfctl, key: int) -> list[tuple[int, str | int]]:
+    """keyctl list's read of ``key`` and describe of each serial in it, as
+    (serial, description or errno): one request; key by key for what that
+    request refuses (a key that is not a keyring, whose payload keyctl
+    lists as serials all the same; more than one answer holds; an older
+    daemon)."""
+    from keyfence.cli.kfctl_text import unpack_serials
+
+    client = tool.client
+    try:
+        return client.keyring_members(key)
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.E2BIG, errno.EOPNOTSUPP):
+            tool.fail("keyctl_read_alloc", err)
+    try:
+        data = client.read(key)
+    except OSError as err:
+        tool.fail("keyctl_read_alloc", err)
+    members: list[tuple[int, str | int]] = []
+    for serial in unpack_serials(data):
+        try:
+            members.append((serial, client.describe(serial)))
+        except OSError as err:
+            members.append((serial, err.errno or errno.EIO))
+    return members
 
 
 def cmd_rlist(tool: Kfctl, args: list[str], flag: bool) -> None:

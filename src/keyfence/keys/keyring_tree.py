@@ -23,6 +23,10 @@ Steps:
 3. Stop with E2BIG past :data:`MAX_TREE_KEYS` keys: the caller falls back
    to describing key by key.
 
+``keyctl list`` is the same walk one level deep, except that it reads the
+keyring by the id it was given (a special id is possessed) and never
+describes it: :func:`keyring_members`.
+
 Locking: none held across the walk (each describe and read takes the
 service lock itself), so the walk is not a snapshot -- neither is keyctl's.
 """
@@ -79,6 +83,26 @@ def keyring_tree(
                         below.append(member)
         level = below
     return root, entries
+
+
+def keyring_members(service: KeyService, caller: Caller, key_id: int) -> list[list[int | str]]:
+    """``keyctl list``'s calls: the keyring read as ``key_id`` names it
+    (``list_keyring``: read, then ENOTDIR for a key that is not a keyring),
+    then ``[serial, description str | errno int]`` for each member.
+
+    Errors: the read's (ENOKEY, EACCES, EKEYREVOKED, EKEYEXPIRED), ENOTDIR,
+    E2BIG (more than MAX_TREE_KEYS members).
+    """
+    serials = service.list_keyring(caller, key_id)
+    if len(serials) > MAX_TREE_KEYS:
+        raise fail(errno.E2BIG, f"more than {MAX_TREE_KEYS} keys in {key_id}")
+    members: list[list[int | str]] = []
+    for serial in serials:
+        try:
+            members.append([serial, service.describe(caller, serial)])
+        except OSError as err:
+            members.append([serial, err.errno or errno.EIO])
+    return members
 
 
 def _describe_and_read(service: KeyService, caller: Caller, serial: int) -> TreeEntry:
