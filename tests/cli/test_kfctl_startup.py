@@ -34,6 +34,11 @@ HEAVY = {
     "threading",
     "subprocess",
     "msgspec",
+    "os",  # posix is enough: os builds os.environ's ABCs (_collections_abc), 1.7 ms
+    "_collections_abc",
+    "posixpath",
+    "struct",  # an extension module: int.from_bytes and memoryview.cast instead
+    "_struct",
 }
 
 
@@ -69,7 +74,13 @@ def test_launcher_prints_what_the_module_prints(tmp_path: Path) -> None:
         added = run([*module, "add", "user", "speed.startup", "payload", "@u"], env)
         assert added.returncode == 0, added.stderr
         key = added.stdout.decode().strip()
-        for args in (["show", "@u"], ["print", key], ["describe", key], ["nosuchcommand"]):
+        for args in (
+            ["show", "@u"],
+            ["print", key],
+            ["describe", key],
+            ["print", "1"],  # exit 1 with keyctl's error line (exit_now keeps the status)
+            ["nosuchcommand"],
+        ):
             ours = run([str(path), *args], env)
             theirs = run([*module, *args], env)
             assert (ours.returncode, ours.stdout, ours.stderr) == (
@@ -79,16 +90,27 @@ def test_launcher_prints_what_the_module_prints(tmp_path: Path) -> None:
             ), args
 
 
-def test_show_imports_nothing_heavy(tmp_path: Path) -> None:
+def test_common_commands_import_nothing_heavy(tmp_path: Path) -> None:
     path = write(tmp_path)
     with running_daemon() as daemon:
-        argv = [sys.executable, "-X", "importtime", "-IS", str(path), "show", "@u"]
-        done = run(argv, daemon.env)
-    assert done.returncode == 0, done.stderr
-    loaded = {
-        line.split("|")[-1].strip()
-        for line in done.stderr.decode().splitlines()
-        if line.startswith("import time:")
-    }
-    assert "keyfence.client" in loaded  # the command did reach the daemon
-    assert not loaded & HEAVY, sorted(loaded & HEAVY)
+        added = run([str(path), "add", "user", "speed.heavy", "payload", "@u"], daemon.env)
+        assert added.returncode == 0, added.stderr
+        key = added.stdout.decode().strip()
+        for args in (
+            ["show", "@u"],
+            ["add", "user", "speed.heavy2", "payload", "@u"],
+            ["print", key],
+            ["search", "@u", "user", "speed.heavy"],
+            ["describe", key],
+            ["list", "@u"],
+        ):
+            argv = [sys.executable, "-X", "importtime", "-IS", str(path), *args]
+            done = run(argv, daemon.env)
+            assert done.returncode == 0, (args, done.stderr)
+            loaded = {
+                line.split("|")[-1].strip()
+                for line in done.stderr.decode().splitlines()
+                if line.startswith("import time:")
+            }
+            assert "keyfence.client" in loaded, args  # the command did reach the daemon
+            assert not loaded & HEAVY, (args, sorted(loaded & HEAVY))

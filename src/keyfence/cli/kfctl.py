@@ -37,8 +37,9 @@ from keyfence.cli.kfctl_tool import (
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import NoReturn
 
-__all__ = ["TABLE", "Kfctl", "main", "program_name", "run", "usage_text"]
+__all__ = ["TABLE", "Kfctl", "exit_now", "main", "program_name", "run", "usage_text"]
 
 
 def run(argv: list[str], tool: Kfctl) -> int:
@@ -85,5 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         tool.flush()
 
 
+def exit_now(code: int) -> NoReturn:
+    """Leave with ``code`` without the interpreter's teardown (freeing every
+    module and object: about 1 ms, a tenth of a bare interpreter's start).
+    kfctl writes its output with plain write(2)s, already done; Python's own
+    streams are flushed here, and nothing registers atexit handlers."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:  # noqa: SIM105 - contextlib costs start-up time
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    import posix
+
+    posix._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

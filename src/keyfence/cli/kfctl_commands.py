@@ -9,9 +9,9 @@ which error wins) follows keyctl.
 from __future__ import annotations
 
 import errno
-import os
+import posix  # not os: kfctl's start-up
 
-from keyfence.cli.kfctl_text import Exit, UsageError
+from keyfence.cli.kfctl_text import Exit, UsageError, fsencode
 from keyfence.cli.kfctl_tool import (
     HELP_EXTRA,
     KEY_SPEC_SESSION_KEYRING,
@@ -74,17 +74,55 @@ def cmd_show(tool: Kfctl, args: list[str], flag: bool) -> None:
     keyring = tool.key(args[0]) if args else KEY_SPEC_SESSION_KEYRING
     tool.out("Keyring\n" if args else "Session Keyring\n")
     client = tool.client
+    describe: Callable[[int], str] = client.describe
+    read: Callable[[int], bytes] = client.read
     try:
-        root = client.get_keyring_id(keyring, False)
+        # one request for the whole tree; a daemon without it (EOPNOTSUPP)
+        # or a tree too big for one answer (E2BIG): key by key, as keyctl
+        root, table = client.keyring_tree(keyring)
+        describe, read = _tree_lookups(table, describe, read)
     except OSError as err:
-        tool.fail("Unable to dump key", err)
+        if err.errno not in (errno.EOPNOTSUPP, errno.E2BIG):
+            tool.fail("Unable to dump key", err)
+        try:
+            root = client.get_keyring_id(keyring, False)
+        except OSError as err:
+            tool.fail("Unable to dump key", err)
     try:
-        for line in show_tree(
-            root, client.describe, client.read, tool.granted, _strerror, hex_ids=hex_ids
-        ):
+        for line in show_tree(root, describe, read, tool.granted, _strerror, hex_ids=hex_ids):
             tool.out(line)
     except TreeError as err:
         tool.fail(err.function, err.error)
+
+
+def _tree_lookups(
+    table: dict[int, tuple[str | int, bytes | int | None]],
+    describe: Callable[[int], str],
+    read: Callable[[int], bytes],
+) -> tuple[Callable[[int], str], Callable[[int], bytes]]:
+    """describe and read answered from a keyring_tree table (each entry is
+    what the daemon's describe and read gave: a value or an errno); a key
+    the table lacks is asked for."""
+
+    def described(key: int) -> str:
+        entry = table.get(key)
+        if entry is None:
+            return describe(key)
+        value = entry[0]
+        if isinstance(value, int):
+            raise OSError(value, posix.strerror(value))
+        return value
+
+    def members(key: int) -> bytes:
+        entry = table.get(key)
+        if entry is None or entry[1] is None:
+            return read(key)
+        value = entry[1]
+        if isinstance(value, int):
+            raise OSError(value, posix.strerror(value))
+        return value
+
+    return described, members
 
 
 def _add(tool: Kfctl, key_type: str, description: str, data: bytes | None, dest: int) -> None:
@@ -99,7 +137,7 @@ def cmd_add(tool: Kfctl, args: list[str], flag: bool) -> None:
     from keyfence.cli.kfctl_text import hex2bin
 
     as_hex = flag
-    data = os.fsencode(args[2])
+    data = fsencode(args[2])
     if as_hex and data:
         data = hex2bin(data)
     dest = tool.key(args[3])
@@ -150,7 +188,7 @@ def cmd_update(tool: Kfctl, args: list[str], flag: bool) -> None:
     from keyfence.cli.kfctl_text import hex2bin
 
     as_hex = flag
-    data = os.fsencode(args[1])
+    data = fsencode(args[1])
     if as_hex and data:
         data = hex2bin(data)
     _update(tool, tool.key(args[0]), data)
@@ -269,7 +307,7 @@ def _scan(tool: Kfctl, parent: int, key: int, func: Scanner) -> int:
     if raw is not None:
         desc = parse_description(raw)
         if desc is None:
-            raw, error = None, OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            raw, error = None, OSError(errno.EINVAL, posix.strerror(errno.EINVAL))
         elif desc.type == "keyring":
             try:
                 members = unpack_serials(client.read(key))
@@ -340,22 +378,46 @@ def cmd_list(tool: Kfctl, args: list[str], flag: bool) -> None:
         list_header,
         list_line,
         parse_description,
-        unpack_serials,
     )
 
-    serials = unpack_serials(_read(tool, args))
-    tool.out(list_header(len(serials)))
-    client = tool.client
-    for serial in serials:
-        try:
-            raw = client.describe(serial)
-        except OSError as err:
-            tool.out(inaccessible(serial, _strerror(err), width=9))
+    key = tool.key(args[0])
+    members = _members(tool, key)
+    tool.out(list_header(len(members)))
+    for serial, raw in members:
+        if isinstance(raw, int):
+            tool.out(inaccessible(serial, posix.strerror(raw), width=9))
             continue
         desc = parse_description(raw)
         if desc is None:
             raise UsageError(f"Unparsable description obtained for key {serial}", code=3)
         tool.out(list_line(serial, desc, tool.granted(desc)))
+
+
+def _members(tool: Kfctl, key: int) -> list[tuple[int, str | int]]:
+    """keyctl list's read of ``key`` and describe of each serial in it, as
+    (serial, description or errno): one request; key by key for what that
+    request refuses (a key that is not a keyring, whose payload keyctl
+    lists as serials all the same; more than one answer holds; an older
+    daemon)."""
+    from keyfence.cli.kfctl_text import unpack_serials
+
+    client = tool.client
+    try:
+        return client.keyring_members(key)
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.E2BIG, errno.EOPNOTSUPP):
+            tool.fail("keyctl_read_alloc", err)
+    try:
+        data = client.read(key)
+    except OSError as err:
+        tool.fail("keyctl_read_alloc", err)
+    members: list[tuple[int, str | int]] = []
+    for serial in unpack_serials(data):
+        try:
+            members.append((serial, client.describe(serial)))
+        except OSError as err:
+            members.append((serial, err.errno or errno.EIO))
+    return members
 
 
 def cmd_rlist(tool: Kfctl, args: list[str], flag: bool) -> None:
@@ -663,7 +725,7 @@ def _unsupported(
         else:
             _, what, base = next(n for n in numbers if n[0] == index)
             parse_number(args[index], what, base)
-    tool.fail(function, OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)))
+    tool.fail(function, OSError(errno.EOPNOTSUPP, posix.strerror(errno.EOPNOTSUPP)))
 
 
 def cmd_dh_compute(tool: Kfctl, args: list[str], flag: bool) -> None:
@@ -710,7 +772,7 @@ def _instantiate(tool: Kfctl, key: int, data: bytes, dest: int, as_hex: bool) ->
 def cmd_instantiate(tool: Kfctl, args: list[str], flag: bool) -> None:
     key = tool.key(args[0])
     dest = tool.key(args[2])
-    _instantiate(tool, key, os.fsencode(args[1]), dest, flag)
+    _instantiate(tool, key, fsencode(args[1]), dest, flag)
 
 
 def cmd_pinstantiate(tool: Kfctl, args: list[str], flag: bool) -> None:

@@ -7,7 +7,8 @@ bare interpreter, for a command that needs nothing outside the standard
 library and keyfence itself.  The launcher written here starts the same
 ``main`` with ``-I -S`` (isolated: no ``PYTHON*`` variables, no user site,
 no script directory on ``sys.path``; no ``site``) and puts the one directory
-that holds the ``keyfence`` package on ``sys.path`` itself.
+that holds the ``keyfence`` package on ``sys.path`` itself, and leaves
+through :func:`keyfence.cli.kfctl.exit_now` (no interpreter teardown).
 
     python -m keyfence.cli.launcher PATH     # scripts/setup.sh: .venv/bin/kfctl
 
@@ -34,11 +35,11 @@ def launcher_text(python: str, package_parent: str) -> str:
     return (
         f"#!{python} {FLAGS}\n"
         "# keyfence's kfctl launcher (python -m keyfence.cli.launcher): no site, no\n"
-        "# PYTHON* variables; keyfence from the directory below\n"
+        "# PYTHON* variables, no teardown; keyfence from the directory below\n"
         "import sys\n"
         f"sys.path.insert(0, {package_parent!r})\n"
-        "from keyfence.cli.kfctl import main\n"
-        "sys.exit(main())\n"
+        "from keyfence.cli.kfctl import exit_now, main\n"
+        "exit_now(main())\n"
     )
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyfence import protocol
 from keyfence.keys.errors import KeyfenceError
+from keyfence.keys.keyring_tree import keyring_members, keyring_tree
 from keyfence.keys.notify import KeyEvent
 
 if TYPE_CHECKING:
@@ -139,6 +140,16 @@ def _key_users(conn: Connection, request: protocol.Request) -> list[list[int]]:
     ]
 
 
+def _keyring_tree(conn: Connection, request: protocol.Request) -> list[object]:
+    key_id, levels = request.args
+    root, entries = keyring_tree(conn.daemon.service, conn.caller, key_id, levels)
+    return [root, entries]
+
+
+def _keyring_members(conn: Connection, request: protocol.Request) -> list[list[int | str]]:
+    return keyring_members(conn.daemon.service, conn.caller, request.args[0])
+
+
 def _ping(conn: Connection, request: protocol.Request) -> str:
     return "pong"
 
@@ -203,6 +214,11 @@ OPERATIONS: dict[str, Op] = _table(
     Op("search", (INT, STR, STR, INT), _service("search"), unless_no_destination),
     Op("read", (INT,), _service("read")),
     Op("list_keyring", (INT,), _service("list_keyring")),
+    # keyctl show's describe + read of every key below a keyring, and
+    # list's read + describe of each member, in one request each
+    # (keys/keyring_tree.py)
+    Op("keyring_tree", (INT, INT), _keyring_tree),
+    Op("keyring_members", (INT,), _keyring_members),
     Op("set_timeout", (INT, INT), _service("set_timeout")),
     Op("invalidate", (INT,), _service("invalidate", removal=True), always, removal=True),
     # keyfence lock: a filesystem key, whoever's keyrings hold it (the owner or root)
