@@ -122,6 +122,24 @@ def test_extending_past_a_partial_block_rewrites_it_and_leaves_holes(
     assert fresh.read_all() == model
 
 
+def test_one_aligned_page_past_a_partial_block(cache: PageCache, tmp_path: Path) -> None:
+    """PageCache.write's one-page path (random 4 KiB writes) keeps the
+    generic path's rules: the old partial last block is written again."""
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"hello")
+    cache.fsync(f.file)
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    cache.write(f.file, 3 * PAGE_SIZE, page)
+    cache.write(f.file, 3 * PAGE_SIZE, page[::-1])  # again: the same page, in place
+    model = bytearray(4 * PAGE_SIZE)
+    model[:5] = b"hello"
+    model[3 * PAGE_SIZE :] = page[::-1]
+    assert f.file.size == len(model)
+    assert f.read_all() == model
+    cache.fsync(f.file)
+    assert decrypt_backing(f.path) == model
+
+
 def test_truncate_shrink_grow_and_zero(cache: PageCache, tmp_path: Path) -> None:
     f = Opened(cache, tmp_path / "a")
     data = os.urandom(5 * PAGE_SIZE)

@@ -83,6 +83,7 @@ from keyfence.fs.pagecache import (
     PageCache,
     lenient_plaintext_size,
 )
+from keyfence.fs.privileges import Privileges, suidgid_to_drop
 from keyfence.fs.protector import MAX_PROTECTORS_SIZE, Protectors
 
 __all__ = ["POLICY_XATTR", "STATUS_XATTR", "KeyfenceOperations", "MountOptions"]
@@ -223,6 +224,8 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self._no_capability: set[int] = set()
+        self.privileges = Privileges()
+        """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2."""
         self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
         """Plaintext paths of files open when their key went (status shows
@@ -609,6 +612,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
                 self._no_capability.discard(ino)
+                self.privileges.changed(ino)
                 if gone.is_dir:
                     self.negatives.forget_dir(ino)
             if gone is not None and gone.is_reg:
@@ -634,8 +638,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         handle = self.handles.get(fh) if fh is not None else None
         policy = self.table.contents_policy(node) if not node.is_dir else None
+        # FATTR_KILL_SUIDGID (our loop, HANDLE_KILLPRIV_V2): the caller has
+        # no CAP_FSETID (truncate) or changes the owner (chown)
+        kill_suidgid = getattr(fields, "kill_suidgid", False)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            self.privileges.changed(node.ino)
         if fields.update_size:
-            await self._truncate(node, handle, policy, attr.st_size, ctx)
+            await self._truncate(node, handle, policy, attr.st_size, ctx, kill_suidgid)
         # by descriptor when the file is open, else by (directory, name)
         # with AT_SYMLINK_NOFOLLOW: never through a symlink swapped in
         fd = -1
@@ -656,6 +665,16 @@ class KeyfenceOperations(pyfuse3.Operations):
                 os.fchown(fd, uid, gid)
             else:
                 sc.chown_at(*self.table.entry(node.ino), uid, gid)
+            if kill_suidgid and node.is_reg:
+                # the backing store's own chown dropped them already (and the
+                # capability): this only makes sure, as fuse.h asks
+                st = self._stat_inode(node)
+                if kill := suidgid_to_drop(st.st_mode):
+                    mode = stat.S_IMODE(st.st_mode) & ~kill
+                    if fd >= 0:
+                        os.fchmod(fd, mode)
+                    else:
+                        sc.chmod_at(*self.table.entry(node.ino), mode)
         if fields.update_atime or fields.update_mtime:
             st = self._stat_inode(node)
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
@@ -680,20 +699,26 @@ class KeyfenceOperations(pyfuse3.Operations):
         policy: Policy | None,
         size: int,
         ctx: RequestContext,
+        kill_suidgid: bool = False,
     ) -> None:
         if node.is_dir:
             raise fail(errno.EISDIR)
+        drop = self.privileges.drop
         if policy is None:
             if handle is not None and handle.fd >= 0:
+                drop(node.ino, handle.fd, kill_suidgid=kill_suidgid)
                 os.ftruncate(handle.fd, size)
                 return
             fd, _st = self._open_file(node, os.O_WRONLY)
             try:
+                drop(node.ino, fd, kill_suidgid=kill_suidgid)
                 os.ftruncate(fd, size)
             finally:
                 os.close(fd)
             return
         if handle is not None and handle.cached is not None:
+            if handle.cached.fd >= 0:
+                drop(node.ino, handle.cached.fd, kill_suidgid=kill_suidgid)
             self.cache.truncate(handle.cached, size)
             return
         master = await self._need_key(policy, ctx)
@@ -701,6 +726,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             node.ino, policy.key.description, master, lambda: self._open_rw(node)
         )
         try:
+            if cached.fd >= 0:
+                drop(node.ino, cached.fd, kill_suidgid=kill_suidgid)
             self.cache.truncate(cached, size)
             await trio.to_thread.run_sync(self.cache.flush, cached)
         finally:
@@ -1077,7 +1104,11 @@ class KeyfenceOperations(pyfuse3.Operations):
     # ------------------------------------------------------------- file I/O
 
     @fuse_op
-    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
+    async def open(
+        self, inode: InodeT, flags: FlagT, ctx: RequestContext, kill_suidgid: bool = False
+    ) -> FileInfo:
+        """``kill_suidgid``: FUSE_OPEN_KILL_SUIDGID (our loop): an O_TRUNC
+        open by a caller without CAP_FSETID drops set-id bits."""
         node = self.table.get(inode)
         if node.is_dir:
             raise fail(errno.EISDIR)
@@ -1085,9 +1116,11 @@ class KeyfenceOperations(pyfuse3.Operations):
         fh = self._new_fh()
         if policy is None:
             fd, st = self._open_file(node, flags & _PLAIN_OPEN_FLAGS)
-            if flags & os.O_TRUNC and st.st_size:
+            if flags & os.O_TRUNC:
                 try:
-                    os.ftruncate(fd, 0)
+                    self.privileges.drop(node.ino, fd, kill_suidgid=kill_suidgid)
+                    if st.st_size:
+                        os.ftruncate(fd, 0)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -1099,6 +1132,8 @@ class KeyfenceOperations(pyfuse3.Operations):
             )
             if flags & os.O_TRUNC:
                 try:
+                    if cached.fd >= 0:
+                        self.privileges.drop(node.ino, cached.fd, kill_suidgid=kill_suidgid)
                     self.cache.truncate(cached, 0)
                 except BaseException:
                     self.cache.release(cached)
@@ -1135,8 +1170,13 @@ class KeyfenceOperations(pyfuse3.Operations):
         return os.pread(h.fd, size, off)
 
     @fuse_op
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes, kill_suidgid: bool = False) -> int:
+        """``kill_suidgid``: FUSE_WRITE_KILL_SUIDGID (our loop): the writer
+        has no CAP_FSETID, so set-id bits go (fs/privileges.py)."""
         h = self._handle(fh)
+        fd = h.fd if h.cached is None else h.cached.fd
+        if fd >= 0:
+            self.privileges.drop(h.ino, fd, kill_suidgid=kill_suidgid)
         if h.cached is None:
             view = memoryview(buf)
             done = 0
@@ -1325,6 +1365,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise fail(errno.EPERM)
         self._no_capability.discard(inode)
+        self.privileges.changed(inode)
         sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
     @fuse_op
@@ -1342,6 +1383,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if name.startswith(_XATTR_PREFIX):
             raise fail(errno.EPERM)
         self._no_capability.discard(inode)
+        self.privileges.changed(inode)
         sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:

@@ -417,7 +417,9 @@ def _run_own(
     session = Session(
         ops,
         fd,
-        SessionOptions(writeback_cache=options.writeback_cache, max_tasks=max_tasks),
+        SessionOptions(
+            writeback_cache=options.writeback_cache, killpriv_v2=True, max_tasks=max_tasks
+        ),
     )
     fuse_kernel.set_active(session)
     stats = StatsReporter(ops, source.report)

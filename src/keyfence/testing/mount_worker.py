@@ -175,6 +175,11 @@ class Control:
                 return list(self.source.finds)
         if op == "progress":
             return self.progress
+        if op == "requests":  # FUSE requests by opcode (keyfence's own loop)
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            return None if session is None else list(session.by_opcode)
         raise ValueError(f"unknown op {op}")
 
 

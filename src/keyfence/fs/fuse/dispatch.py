@@ -54,6 +54,7 @@ class SetattrFields:
     """Which attributes a SETATTR changes (``pyfuse3.SetattrFields``' fields)."""
 
     __slots__ = (
+        "kill_suidgid",
         "update_atime",
         "update_ctime",
         "update_gid",
@@ -64,6 +65,7 @@ class SetattrFields:
     )
 
     def __init__(self, valid: int) -> None:
+        self.kill_suidgid = bool(valid & p.FATTR_KILL_SUIDGID)
         self.update_atime = bool(valid & (p.FATTR_ATIME | p.FATTR_ATIME_NOW))
         self.update_mtime = bool(valid & (p.FATTR_MTIME | p.FATTR_MTIME_NOW))
         self.update_ctime = bool(valid & p.FATTR_CTIME)
@@ -311,7 +313,9 @@ class Dispatcher:
     # -- files
 
     async def open(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
-        flags, _ = p.OPEN_IN.unpack_from(body)
+        flags, open_flags = p.OPEN_IN.unpack_from(body)
+        if open_flags & p.OPEN_KILL_SUIDGID:  # only with HANDLE_KILLPRIV_V2
+            return open_out_bytes(await self.ops.open(nodeid, flags, caller, True))
         return open_out_bytes(await self.ops.open(nodeid, flags, caller))
 
     async def create(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
@@ -326,11 +330,14 @@ class Dispatcher:
         return [await self.ops.read(fh, offset, size)]
 
     async def write(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
-        fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+        fh, offset, size, write_flags, *_ = p.WRITE_IN.unpack_from(body)
         data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
         if len(data) != size:
             raise Malformed("write: fewer bytes than announced")
-        done = await self.ops.write(fh, offset, data)
+        if write_flags & p.WRITE_KILL_SUIDGID:  # only with HANDLE_KILLPRIV_V2
+            done = await self.ops.write(fh, offset, data, True)
+        else:
+            done = await self.ops.write(fh, offset, data)
         return p.WRITE_OUT.pack(done, 0)
 
     async def flush(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:

@@ -89,6 +89,12 @@ FATTR_FH = 1 << 6
 FATTR_ATIME_NOW = 1 << 7
 FATTR_MTIME_NOW = 1 << 8
 FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+"""HANDLE_KILLPRIV_V2: a truncate by a caller without CAP_FSETID, or a chown."""
+
+# fuse_write_in.write_flags, fuse_open_in.open_flags (HANDLE_KILLPRIV_V2)
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0
 
 # fuse_open_out.open_flags
 FOPEN_DIRECT_IO = 1 << 0

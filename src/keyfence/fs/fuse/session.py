@@ -119,6 +119,8 @@ class Session:
         """The kernel said ENODEV: the mount is gone."""
         self.requests = 0
         """Requests read (a figure for tests and benchmarks)."""
+        self.by_opcode = [0] * 64
+        """Requests read, by opcode (below 64; tests count writes and getxattrs)."""
         self.interrupts = 0
         self.abandoned = 0
         """Answers the kernel no longer wanted (the caller was killed)."""
@@ -206,6 +208,8 @@ class Session:
             log.error("a request of %d bytes, shorter than its header", n)
             return False
         length, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(buf)
+        if opcode < 64:
+            self.by_opcode[opcode] += 1
         if length != n:
             log.error("request %d: %d bytes announced, %d read", unique, length, n)
             if opcode not in p.NO_REPLY:
@@ -303,12 +307,15 @@ class Session:
             | p.ASYNC_DIO
             | p.PARALLEL_DIROPS
             | p.MAX_PAGES
-        )  # not HANDLE_KILLPRIV: the kernel clears set-id bits on write (pjdfstest chmod/12)
+        )  # not HANDLE_KILLPRIV (v1): it gives no per-write word on CAP_FSETID
         if getattr(self.ops, "supports_dot_lookup", False):
             want |= p.EXPORT_SUPPORT
         if self.options.writeback_cache:
             want |= p.WRITEBACK_CACHE
         if self.options.killpriv_v2:
+            # the handlers clear set-id bits and capabilities on write,
+            # truncate and chown (fs/privileges.py); the kernel then stops
+            # asking getxattr security.capability before every write
             want |= p.HANDLE_KILLPRIV_V2
         self.proto_minor = min(minor, p.OUR_MINOR)
         payload = p.INIT_OUT.pack(
