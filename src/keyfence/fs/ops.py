@@ -427,11 +427,16 @@ class KeyfenceOperations(pyfuse3.Operations):
                 sc.unlink_at(d_fd, sidecar_name(disk))
 
     @staticmethod
-    def _owner(d_fd: int, ctx: RequestContext) -> tuple[int, int, bool]:
-        """(uid, gid, setgid dir) of a new entry, as POSIX says."""
-        st = os.fstat(d_fd)
-        if st.st_mode & stat.S_ISGID:
-            return ctx.uid, st.st_gid, True
+    def _owner(d: Inode, d_fd: int, ctx: RequestContext) -> tuple[int, int, bool]:
+        """(uid, gid, setgid dir) of a new entry, as POSIX says, from the
+        directory's last stat (``Inode.group``: no fstat per create)."""
+        group = d.group
+        if group is None:
+            st = os.fstat(d_fd)
+            group = d.group = (bool(st.st_mode & stat.S_ISGID), st.st_gid)
+        setgid, gid = group
+        if setgid:
+            return ctx.uid, gid, True
         return ctx.uid, ctx.gid, False
 
     def _open_new(self, d_fd: int, disk: str, kind: int) -> int:
@@ -531,7 +536,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         """lstat of an inode's backing file, also once it has no name left."""
         try:
             if inode.is_dir:
-                return os.fstat(self.table.dir_fd(inode.ino))
+                st = os.fstat(self.table.dir_fd(inode.ino))
+                inode.group = (bool(st.st_mode & stat.S_ISGID), st.st_gid)
+                return st
             st = sc.stat_at(*self.table.entry(inode.ino))
             if self.table.fuse_ino(st.st_ino) != inode.ino:
                 # the name holds another file now (swapped in the backing
@@ -632,6 +639,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> EntryAttributes:
         node = self.table.get(inode)
+        node.group = None  # a chmod or chown may change it: stat again
         handle = self.handles.get(fh) if fh is not None else None
         policy = self.table.contents_policy(node) if not node.is_dir else None
         if fields.update_size:
@@ -735,7 +743,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             disk_target = os.fsdecode(target)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.symlink_at(disk_target, d_fd, disk)
         st = self._give_new(d_fd, disk, stat.S_IFLNK, uid, gid)
@@ -752,7 +760,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, _master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.mknod_at(d_fd, disk, mode, rdev)
         st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
@@ -768,7 +776,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         enc, master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
         disk = enc.disk_name
-        uid, gid, sgid = self._owner(d_fd, ctx)
+        uid, gid, sgid = self._owner(d, d_fd, ctx)
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if sgid else 0)
         if master is None:
             # only in a directory that is not encrypted (_new_name: ENOKEY
@@ -824,19 +832,30 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         open_flags = os.O_CREAT | (flags & os.O_EXCL)
         if master is None:
             open_flags |= flags & _PLAIN_OPEN_FLAGS
         else:
             open_flags |= os.O_RDWR
         with self._new_entry(d_fd, enc) as disk:
-            fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+            try:
+                # the kernel sends CREATE only for a name its lookup did not
+                # find: almost always a new file, which needs no O_NONBLOCK
+                # and has no security.capability to look up before writes
+                fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+                made = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                # put there behind the kernel's back: opened as open(2) would
+                fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+                made = False
         try:
             if open_flags & os.O_TRUNC and st.st_size:
                 os.ftruncate(fd, 0)  # open_regular truncates nothing itself
                 st = os.fstat(fd)
-            if (st.st_uid != uid or st.st_gid != gid) and st.st_uid == os.geteuid():
+            if made and (st.st_uid != uid or st.st_gid != gid):
                 # made by us just now; a file that was there already (put
                 # under the name in the backing store meanwhile) keeps its
                 # owner, as open(O_CREAT) of an existing file does
@@ -847,12 +866,14 @@ class KeyfenceOperations(pyfuse3.Operations):
             raise
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        ino = self.table.fuse_ino(st.st_ino)
+        if made:
+            self._no_capability.add(ino)
         fh = self._new_fh()
         if master is None:
-            self.handles[fh] = FileHandle(self.table.fuse_ino(st.st_ino), flags, fd=fd)
+            self.handles[fh] = FileHandle(ino, flags, fd=fd)
         else:
             assert d.policy is not None
-            ino = self.table.fuse_ino(st.st_ino)
             cached = self.cache.open(
                 ino, d.policy.key.description, master, lambda: fd, disk_size=st.st_size
             )
