@@ -473,12 +473,15 @@ class KeyfenceOperations(pyfuse3.Operations):
         return fd, st
 
     def _open_rw(self, node: Inode) -> int:
+        return self._open_rw_stat(node)[0]
+
+    def _open_rw_stat(self, node: Inode) -> tuple[int, os.stat_result]:
         try:
-            return self._open_file(node, os.O_RDWR)[0]
+            return self._open_file(node, os.O_RDWR)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
                 raise
-            return self._open_file(node, os.O_RDONLY)[0]
+            return self._open_file(node, os.O_RDONLY)
 
     def _timeout(self, locked: bool) -> float:
         return 0.0 if locked else self.options.attr_timeout
@@ -838,7 +841,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             open_flags |= flags & _PLAIN_OPEN_FLAGS
         else:
             open_flags |= os.O_RDWR
-        with self._new_entry(d_fd, enc) as disk:
+        disk = enc.disk_name
+        self._write_sidecar(d_fd, enc)  # what _new_entry does, without a generator per file
+        try:
             try:
                 # the kernel sends CREATE only for a name its lookup did not
                 # find: almost always a new file, which needs no O_NONBLOCK
@@ -851,6 +856,10 @@ class KeyfenceOperations(pyfuse3.Operations):
                 # put there behind the kernel's back: opened as open(2) would
                 fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
                 made = False
+        except BaseException:
+            if enc.is_long and not sc.exists_at(d_fd, disk):
+                self._remove_sidecar(d_fd, disk)
+            raise
         try:
             if open_flags & os.O_TRUNC and st.st_size:
                 os.ftruncate(fd, 0)  # open_regular truncates nothing itself
@@ -1115,9 +1124,23 @@ class KeyfenceOperations(pyfuse3.Operations):
             self.handles[fh] = FileHandle(node.ino, flags, fd=fd)
         else:
             master = await self._need_key(policy, ctx)
-            cached = self.cache.open(
-                node.ino, policy.key.description, master, lambda: self._open_rw(node)
-            )
+            if self.cache.get(node.ino) is None:
+                # opened here, with the stat open_regular makes anyway: the
+                # cache needs no fstat of its own for the size (should the
+                # file have been cached meanwhile, the cache closes fd)
+                fd, st = self._open_rw_stat(node)
+                try:
+                    cached = self.cache.open(
+                        node.ino, policy.key.description, master, lambda: fd,
+                        disk_size=st.st_size,
+                    )  # fmt: skip
+                except BaseException:
+                    os.close(fd)  # the cache keeps a descriptor only on success
+                    raise
+            else:
+                cached = self.cache.open(
+                    node.ino, policy.key.description, master, lambda: self._open_rw(node)
+                )
             if flags & os.O_TRUNC:
                 try:
                     self.cache.truncate(cached, 0)
