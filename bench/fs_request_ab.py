@@ -14,8 +14,11 @@ out).  Each run, interleaved: create ``--files`` files of 4 KiB
 (``open(O_CREAT|O_EXCL)``, ``write``, ``close``) in each directory; then
 read them all back (open, read, close: what ``grep -r`` does); then remove
 them.  Figures: files/s of the creating and the reading loop, and the
-worker's CPU time (``/proc/PID/stat`` utime + stime, every thread) per
-file, which load on the machine changes much less than wall-clock rates.
+worker's CPU time per file (``/proc/PID/stat``, every thread), user and
+system apart: the user time is the worker's own Python, which load on the
+machine changes much less than wall-clock rates; the system time is mostly
+the backing filesystem's (an ext4 create swings with the disk's other
+users) and the FUSE answers.
 Run 0 is a warm-up and not counted; medians of the rest.
 """
 
@@ -39,13 +42,14 @@ from keyfence.testing.mounting import Mount
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process (all its threads), seconds; 0 without one."""
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), seconds; 0 without one."""
     if pid is None:
-        return 0.0
+        return 0.0, 0.0
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def create_files(d: Path, count: int) -> None:
@@ -71,13 +75,18 @@ def remove_files(d: Path, count: int) -> None:
 
 def measure(
     fn: Callable[[Path, int], None], d: Path, count: int, pid: int | None
-) -> tuple[float, float]:
-    """files/s, and the worker's CPU microseconds per file."""
-    cpu = cpu_seconds(pid)
+) -> tuple[float, float, float]:
+    """files/s, and the worker's user and system CPU microseconds per file."""
+    user, system = cpu_seconds(pid)
     t = time.perf_counter()
     fn(d, count)
     took = time.perf_counter() - t
-    return count / took, (cpu_seconds(pid) - cpu) / count * 1e6
+    user_after, system_after = cpu_seconds(pid)
+    return (
+        count / took,
+        (user_after - user) / count * 1e6,
+        (system_after - system) / count * 1e6,
+    )
 
 
 def keyfence_mount(tmp: Path, name: str, src: Path | None) -> Mount:
@@ -131,22 +140,22 @@ def main() -> int:
         for run in range(a.runs + 1):
             for label, d, pid in targets:
                 for step, fn in (("create", create_files), ("read", read_files)):
-                    rate, cpu = measure(fn, d, a.files, pid)
+                    rate, user, system = measure(fn, d, a.files, pid)
                     if run:
                         figures.setdefault(f"{step} {label} files/s", []).append(rate)
                         if pid is not None:
-                            figures.setdefault(f"{step} {label} cpu-us/file", []).append(cpu)
-                        print(
-                            f"run {run} {step} {label}: {rate:,.0f} files/s, {cpu:,.0f} us/file",
-                            flush=True,
-                        )
+                            for unit, cpu in (("user", user), ("sys", system)):
+                                key = f"{step} {label} {unit}-us/file"
+                                figures.setdefault(key, []).append(cpu)
+                        line = f"{rate:,.0f} files/s, user {user:,.0f} + sys {system:,.0f} us"
+                        print(f"run {run} {step} {label}: {line}", flush=True)
                 remove_files(d, a.files)
         med = {k: statistics.median(v) for k, v in figures.items()}
         for k, v in med.items():
             print(f"{k:36s} median {v:10,.1f}  ({', '.join(f'{x:,.1f}' for x in figures[k])})")
         for step in ("create", "read"):
             for what in ("plain", "enc"):
-                for unit in ("cpu-us/file", "files/s"):
+                for unit in ("user-us/file", "sys-us/file", "files/s"):
                     base = med[f"{step} base {what} {unit}"]
                     tree = med[f"{step} tree {what} {unit}"]
                     print(f"{step} {what} {unit}: tree / base = {tree / base:.2f}x")
