@@ -91,6 +91,7 @@ class Inode:
         "contents",
         "disk_names",
         "fd",
+        "group",
         "ino",
         "kind",
         "links",
@@ -122,6 +123,12 @@ class Inode:
         """Backing name -> plaintext name (while the key is bound)."""
         self.disk_names: dict[bytes, EncryptedName] = {}
         """Plaintext name -> backing name (while the key is bound)."""
+        self.group: tuple[bool, int] | None = None
+        """Directories: (set-group-ID, gid) of the backing directory as last
+        stat'ed, which decide the group of new entries (POSIX), or None.
+        Refreshed by every GETATTR: the kernel sends one before a create
+        whenever the directory changed or its attributes timed out, so this
+        is never older than the kernel's own view of the directory."""
 
     @property
     def is_dir(self) -> bool:

@@ -430,11 +430,16 @@ class KeyfenceOperations(pyfuse3.Operations):
                 sc.unlink_at(d_fd, sidecar_name(disk))
 
     @staticmethod
-    def _owner(d_fd: int, ctx: RequestContext) -> tuple[int, int, bool]:
-        """(uid, gid, setgid dir) of a new entry, as POSIX says."""
-        st = os.fstat(d_fd)
-        if st.st_mode & stat.S_ISGID:
-            return ctx.uid, st.st_gid, True
+    def _owner(d: Inode, d_fd: int, ctx: RequestContext) -> tuple[int, int, bool]:
+        """(uid, gid, setgid dir) of a new entry, as POSIX says, from the
+        directory's last stat (``Inode.group``: no fstat per create)."""
+        group = d.group
+        if group is None:
+            st = os.fstat(d_fd)
+            group = d.group = (bool(st.st_mode & stat.S_ISGID), st.st_gid)
+        setgid, gid = group
+        if setgid:
+            return ctx.uid, gid, True
         return ctx.uid, ctx.gid, False
 
     def _open_new(self, d_fd: int, disk: str, kind: int) -> int:
@@ -471,12 +476,15 @@ class KeyfenceOperations(pyfuse3.Operations):
         return fd, st
 
     def _open_rw(self, node: Inode) -> int:
+        return self._open_rw_stat(node)[0]
+
+    def _open_rw_stat(self, node: Inode) -> tuple[int, os.stat_result]:
         try:
-            return self._open_file(node, os.O_RDWR)[0]
+            return self._open_file(node, os.O_RDWR)
         except OSError as err:
             if err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
                 raise
-            return self._open_file(node, os.O_RDONLY)[0]
+            return self._open_file(node, os.O_RDONLY)
 
     def _timeout(self, locked: bool) -> float:
         return 0.0 if locked else self.options.attr_timeout
@@ -534,7 +542,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         """lstat of an inode's backing file, also once it has no name left."""
         try:
             if inode.is_dir:
-                return os.fstat(self.table.dir_fd(inode.ino))
+                st = os.fstat(self.table.dir_fd(inode.ino))
+                inode.group = (bool(st.st_mode & stat.S_ISGID), st.st_gid)
+                return st
             st = sc.stat_at(*self.table.entry(inode.ino))
             if self.table.fuse_ino(st.st_ino) != inode.ino:
                 # the name holds another file now (swapped in the backing
@@ -636,6 +646,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> EntryAttributes:
         node = self.table.get(inode)
+        node.group = None  # a chmod or chown may change it: stat again
         handle = self.handles.get(fh) if fh is not None else None
         policy = self.table.contents_policy(node) if not node.is_dir else None
         # FATTR_KILL_SUIDGID (our loop, HANDLE_KILLPRIV_V2): the caller has
@@ -762,7 +773,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         else:
             disk_target = os.fsdecode(target)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.symlink_at(disk_target, d_fd, disk)
         st = self._give_new(d_fd, disk, stat.S_IFLNK, uid, gid)
@@ -779,7 +790,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, _master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         with self._new_entry(d_fd, enc) as disk:
             sc.mknod_at(d_fd, disk, mode, rdev)
         st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
@@ -795,7 +806,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         enc, master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
         disk = enc.disk_name
-        uid, gid, sgid = self._owner(d_fd, ctx)
+        uid, gid, sgid = self._owner(d, d_fd, ctx)
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if sgid else 0)
         if master is None:
             # only in a directory that is not encrypted (_new_name: ENOKEY
@@ -851,19 +862,36 @@ class KeyfenceOperations(pyfuse3.Operations):
         d = self._dir(parent_inode)
         enc, master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
-        uid, gid, _ = self._owner(d_fd, ctx)
+        uid, gid, _ = self._owner(d, d_fd, ctx)
         open_flags = os.O_CREAT | (flags & os.O_EXCL)
         if master is None:
             open_flags |= flags & _PLAIN_OPEN_FLAGS
         else:
             open_flags |= os.O_RDWR
-        with self._new_entry(d_fd, enc) as disk:
-            fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+        disk = enc.disk_name
+        self._write_sidecar(d_fd, enc)  # what _new_entry does, without a generator per file
+        try:
+            try:
+                # the kernel sends CREATE only for a name its lookup did not
+                # find: almost always a new file, which needs no O_NONBLOCK
+                # and has no security.capability to look up before writes
+                fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+                made = True
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                # put there behind the kernel's back: opened as open(2) would
+                fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+                made = False
+        except BaseException:
+            if enc.is_long and not sc.exists_at(d_fd, disk):
+                self._remove_sidecar(d_fd, disk)
+            raise
         try:
             if open_flags & os.O_TRUNC and st.st_size:
                 os.ftruncate(fd, 0)  # open_regular truncates nothing itself
                 st = os.fstat(fd)
-            if (st.st_uid != uid or st.st_gid != gid) and st.st_uid == os.geteuid():
+            if made and (st.st_uid != uid or st.st_gid != gid):
                 # made by us just now; a file that was there already (put
                 # under the name in the backing store meanwhile) keeps its
                 # owner, as open(O_CREAT) of an existing file does
@@ -874,12 +902,14 @@ class KeyfenceOperations(pyfuse3.Operations):
             raise
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        ino = self.table.fuse_ino(st.st_ino)
+        if made:
+            self._no_capability.add(ino)
         fh = self._new_fh()
         if master is None:
-            self.handles[fh] = FileHandle(self.table.fuse_ino(st.st_ino), flags, fd=fd)
+            self.handles[fh] = FileHandle(ino, flags, fd=fd)
         else:
             assert d.policy is not None
-            ino = self.table.fuse_ino(st.st_ino)
             cached = self.cache.open(
                 ino, d.policy.key.description, master, lambda: fd, disk_size=st.st_size
             )
@@ -1127,9 +1157,23 @@ class KeyfenceOperations(pyfuse3.Operations):
             self.handles[fh] = FileHandle(node.ino, flags, fd=fd)
         else:
             master = await self._need_key(policy, ctx)
-            cached = self.cache.open(
-                node.ino, policy.key.description, master, lambda: self._open_rw(node)
-            )
+            if self.cache.get(node.ino) is None:
+                # opened here, with the stat open_regular makes anyway: the
+                # cache needs no fstat of its own for the size (should the
+                # file have been cached meanwhile, the cache closes fd)
+                fd, st = self._open_rw_stat(node)
+                try:
+                    cached = self.cache.open(
+                        node.ino, policy.key.description, master, lambda: fd,
+                        disk_size=st.st_size,
+                    )  # fmt: skip
+                except BaseException:
+                    os.close(fd)  # the cache keeps a descriptor only on success
+                    raise
+            else:
+                cached = self.cache.open(
+                    node.ino, policy.key.description, master, lambda: self._open_rw(node)
+                )
             if flags & os.O_TRUNC:
                 try:
                     if cached.fd >= 0:

@@ -228,18 +228,33 @@ def open_regular(dir_fd: int, name: str, flags: int, mode: int = 0) -> tuple[int
     Opened non-blocking (a fifo swapped in must not hang the worker) and
     without ``O_TRUNC`` (nothing is cut before the check); anything but a
     regular file is closed again with EIO.  The caller truncates.
+    ``O_NONBLOCK`` stays set: Linux reads and writes a regular file the
+    same with or without it (only ``RWF_NOWAIT`` asks otherwise), and
+    clearing it cost an ``ioctl`` per open.
     """
     fd = open_at(dir_fd, name, (flags & ~os.O_TRUNC) | os.O_NONBLOCK | os.O_NOCTTY, mode)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EIO, "not a regular file")
-        if not flags & os.O_NONBLOCK:
-            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd, st
+
+
+def create_regular(dir_fd: int, name: str, flags: int, mode: int) -> tuple[int, os.stat_result]:
+    """A new regular file ``name`` inside ``dir_fd`` and its stat
+    (``O_CREAT | O_EXCL``: FileExistsError if there is an entry of that
+    name).  Blocking, unlike :func:`open_regular`: a file made just now is
+    a regular file, no fifo can have been swapped in."""
+    flags = (flags & ~os.O_TRUNC) | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+    fd = open_at(dir_fd, name, flags, mode)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_small(dir_fd: int, name: str, limit: int) -> bytes | None:

@@ -163,10 +163,12 @@ class Session:
             self.buffers.append(buf)
         view = memoryview(buf)
         every = self.options.checkpoint_every
+        max_tasks = self.options.max_tasks
+        waiting = self.waiting  # one entry per slot taken: cheaper than Semaphore.value
         fd = self.fd
         try:
             while not self.stopping:
-                if self._slots.value == 0:  # max_tasks handlers waiting
+                if len(waiting) >= max_tasks:  # max_tasks handlers waiting
                     await self._slots.acquire()
                     self._slots.release()
                     if self.stopping:
