@@ -52,6 +52,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import cast
 
 from keyfence.errors import KeyfenceError, fail
 from keyfence.fs import wipe
@@ -199,8 +201,10 @@ class CachedFile:
 @dataclass
 class _Chunk:
     first: int
-    pages: list[tuple[int, _Page, int]]
-    """(index, page object, version) of consecutive pages, as snapshotted."""
+    pages: list[_Page]
+    """The page objects of consecutive pages ``first, first+1, ...``."""
+    versions: list[int]
+    """Their versions, as snapshotted."""
     blocks: list[bytearray | memoryview]
     """Their buffers (not copied; the last one cut at end of file)."""
     last_len: int
@@ -209,6 +213,38 @@ class _Chunk:
 
     def records_size(self) -> int:
         return (len(self.pages) - 1) * RECORD_SIZE + self.last_len + BLOCK_OVERHEAD
+
+
+_version_of = attrgetter("version")
+_data_of = attrgetter("data")
+
+
+def _zero_pages(buffers: list[bytearray | memoryview]) -> None:
+    """Zero the plaintext of written pages, a whole write's buffer at once
+    where the pages are all of it (docs/security.md).
+
+    ``buffers`` are the data of consecutive pages, all being let go.  A page
+    made by a large write is a view into that write's buffer, whose pages
+    have consecutive indexes.  When the first and the last of ``m`` pages in
+    a row are views into the same buffer of ``m`` pages, those ``m`` indexes
+    are exactly the buffer's: every page still living in it is among them
+    (the others were written back, and zeroed, before), so zeroing the whole
+    buffer in one call touches no page that is still dirty.
+    """
+    k, count = 0, len(buffers)
+    while k < count:
+        data = buffers[k]
+        if type(data) is memoryview:
+            block = data.obj
+            m = len(block) // PAGE_SIZE if type(block) is bytearray else 0
+            if m > 1 and k + m <= count:
+                last = buffers[k + m - 1]
+                if type(last) is memoryview and last.obj is block:
+                    wipe.zero(block)
+                    k += m
+                    continue
+        data[:] = _ZERO_PAGE
+        k += 1
 
 
 class _StartIO:
@@ -876,24 +912,28 @@ class PageCache:
         if f.cipher is None:
             f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
             f.header_on_disk = False
-        run: list[tuple[int, _Page, int]] = []
-        blocks: list[bytearray | memoryview] = []
-        idx = first
-        limit = limit or self.chunk_pages
-        while pos < n and order[pos] == idx and len(run) < limit and idx * PAGE_SIZE < size:
-            page = pages.get(idx)
-            if page is None:
-                break
-            run.append((idx, page, page.version))
-            blocks.append(page.data)
-            pos += 1
-            idx += 1
+        # the run: as many of order[pos:] as are consecutive, dirty and
+        # inside the file, found with slices and C loops, not a step per page
+        count = min(limit or self.chunk_pages, n - pos, (size - 1) // PAGE_SIZE - first + 1)
+        if order[pos + count - 1] - first != count - 1:
+            # a gap: order is sorted and unique, so order[pos + j] == first + j
+            # holds for a prefix of j only, shorter than count
+            count = 1
+            while order[pos + count] == first + count:
+                count += 1
+        found = list(map(pages.get, range(first, first + count)))
+        if None in found:  # a page forgotten meanwhile ends the run (_Page has no __eq__)
+            found = found[: found.index(None)]
+        run = cast("list[_Page]", found)
+        pos += len(run)
+        blocks: list[bytearray | memoryview] = list(map(_data_of, run))
         last_len = min(PAGE_SIZE, size - (first + len(run) - 1) * PAGE_SIZE)
         if last_len < PAGE_SIZE:
             blocks[-1] = memoryview(blocks[-1])[:last_len]
         # No copy: a page written (or zeroed) while it is being encrypted
         # gets a new version under the lock, so its record is not stored.
-        return _Chunk(first, run, blocks, last_len, f.generation, f.cipher), pos
+        versions = list(map(_version_of, run))
+        return _Chunk(first, run, versions, blocks, last_len, f.generation, f.cipher), pos
 
     def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
         """:meth:`_store_chunk_locked` for every run of a batch, under one lock hold."""
@@ -912,7 +952,15 @@ class PageCache:
         if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
             return 0
         pages = f.pages
-        current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
+        first = chunk.first
+        now = list(map(pages.get, range(first, first + count)))
+        if now == chunk.pages and list(map(_version_of, now)) == chunk.versions:
+            current = [True] * count  # the usual case: two C loops, not a step per page
+        else:
+            current = [
+                page is was and page.version == v
+                for page, was, v in zip(now, chunk.pages, chunk.versions, strict=True)
+            ]
         header: bytes | None = None
         if not f.header_on_disk:
             header = FileHeader(chunk.cipher.file_id).serialize()
@@ -930,9 +978,10 @@ class PageCache:
             if not current[k]:
                 k += 1
                 continue
-            j = k
-            while j + 1 < count and current[j + 1]:
-                j += 1
+            try:  # the run of current pages from k ends before the next stale one
+                j = current.index(False, k) - 1
+            except ValueError:
+                j = count - 1
             start = k * RECORD_SIZE
             stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
             offset = record_offset(chunk.first + k)
@@ -947,10 +996,9 @@ class PageCache:
             while done < len(data):
                 done += os.pwrite(f.fd, data[done:], offset + done)
             f.disk_size = max(f.disk_size, offset + len(data))
-            for m in range(k, j + 1):
-                # written: its plaintext is zeroed before the memory goes
-                # back to the allocator (docs/security.md)
-                pages.pop(chunk.first + m).data[:] = _ZERO_PAGE
+            # written: its plaintext is zeroed before the memory goes back
+            # to the allocator (docs/security.md)
+            _zero_pages(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
             self._dirty_pages -= j - k + 1
             written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
             k = j + 1
