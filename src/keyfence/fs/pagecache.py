@@ -473,10 +473,11 @@ class PageCache:
             cached: dict[int, bytes] = {}
             pages = f.pages
             if pages:
-                for idx in range(first, last + 1):
-                    page = pages.get(idx)
-                    if page is not None:
-                        cached[idx] = bytes(page.data)
+                found = list(map(pages.get, range(first, last + 1)))
+                if any(found):  # (a _Page is always true)
+                    for idx, page in enumerate(found, first):
+                        if page is not None:
+                            cached[idx] = bytes(page.data)
             cipher, fd, generation = f.cipher, f.fd, f.generation
             sequential = off == f.next_read
             f.next_read = end
@@ -533,10 +534,14 @@ class PageCache:
         each padded to a full page (zeros beyond the end of file)."""
         if cipher is None:  # no header on disk: everything is a hole
             return bytes(count * PAGE_SIZE)
-        lengths = [
-            max(0, min(PAGE_SIZE, fsize - i * PAGE_SIZE)) for i in range(first, first + count)
-        ]
-        total = sum(n + BLOCK_OVERHEAD for n in lengths if n)
+        if (first + count) * PAGE_SIZE <= fsize:  # all full blocks (sequential reads)
+            lengths = [PAGE_SIZE] * count
+            total = count * RECORD_SIZE
+        else:
+            lengths = [
+                max(0, min(PAGE_SIZE, fsize - i * PAGE_SIZE)) for i in range(first, first + count)
+            ]
+            total = sum(n + BLOCK_OVERHEAD for n in lengths if n)
         start = record_offset(first)
         raw = os.pread(fd, total, start) if total else b""
         if total and len(raw) == total:
@@ -622,17 +627,25 @@ class PageCache:
                 block = memoryview(
                     bytearray(view[start : start + (full_last - full_first + 1) * PAGE_SIZE])
                 )
-                pos = 0
-                for idx in range(full_first, full_last + 1):
-                    page = pages.get(idx)
-                    if page is None:
-                        page = _Page(block[pos : pos + PAGE_SIZE])
-                        pages[idx] = page
-                        new_pages += 1
-                    else:
-                        page.data[:] = block[pos : pos + PAGE_SIZE]
-                    page.version += 1
-                    pos += PAGE_SIZE
+                span = range(full_first, full_last + 1)
+                if pages.keys().isdisjoint(span):  # the usual case: all new, one update
+                    views = [
+                        block[pos : pos + PAGE_SIZE] for pos in range(0, len(block), PAGE_SIZE)
+                    ]
+                    pages.update(zip(span, map(_Page, views), strict=True))
+                    new_pages += len(views)
+                else:
+                    pos = 0
+                    for idx in span:
+                        page = pages.get(idx)
+                        if page is None:
+                            page = _Page(block[pos : pos + PAGE_SIZE])
+                            pages[idx] = page
+                            new_pages += 1
+                        else:
+                            page.data[:] = block[pos : pos + PAGE_SIZE]
+                        page.version += 1
+                        pos += PAGE_SIZE
                 edges = [i for i in (first, last) if i < full_first or i > full_last]
             else:
                 edges = list(range(first, last + 1))
