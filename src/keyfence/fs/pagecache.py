@@ -49,7 +49,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
@@ -893,12 +893,17 @@ class PageCache:
     def _encrypt_batch(batch: list[_Chunk], out: RecordBuffer) -> list[memoryview]:
         """Encrypt a batch's pages into ``out`` (one call for all its runs);
         the records of each run, in ``out``."""
-        indexes: list[int] = []
-        blocks: list[bytearray | memoryview] = []
-        for chunk in batch:
-            indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
-            blocks.extend(chunk.blocks)
-            chunk.blocks = []
+        indexes: Sequence[int]
+        blocks: list[bytearray | memoryview]
+        if len(batch) == 1:  # one run (sequential writes): its indexes are a range
+            indexes = range(batch[0].first, batch[0].first + len(batch[0].pages))
+            blocks, batch[0].blocks = batch[0].blocks, []
+        else:
+            indexes, blocks = [], []
+            for chunk in batch:
+                indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
+                blocks.extend(chunk.blocks)
+                chunk.blocks = []
         batch[0].cipher.encrypt_indexed_into(indexes, blocks, out, checked=True)
         views = []
         start = 0
