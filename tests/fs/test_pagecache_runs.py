@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.pagecache import PAGE_SIZE, PageCache
-from tests.fs.test_pagecache import Opened, decrypt_backing
+from tests.fs.test_pagecache import KEY, Opened, decrypt_backing
 
 
 def _buffers(cache: PageCache, f: Opened) -> list[bytearray | memoryview]:
@@ -72,3 +72,19 @@ def test_a_page_forgotten_mid_run_ends_the_run(tmp_path: Path) -> None:
         chunk, pos = cache._next_chunk_locked(f.file, order, 0)
     assert chunk is not None and chunk.first == 0 and len(chunk.pages) == 8 and pos == 8
     assert chunk.last_len == 10
+
+
+def test_an_emergency_drop_zeroes_scattered_pages_and_write_buffers(tmp_path: Path) -> None:
+    cache = PageCache(dirty_limit=64 << 20, expire=60)
+    f = Opened(cache, tmp_path / "a")
+    for start in (0, 50, 200):  # large writes with gaps between them, and small ones
+        cache.write(f.file, start * PAGE_SIZE, os.urandom(20 * PAGE_SIZE))
+    cache.write(f.file, 30 * PAGE_SIZE + 9, b"small")
+    cache.write(f.file, 55 * PAGE_SIZE, b"inside a large write's page")
+    buffers = _buffers(cache, f)
+    owners = [b.obj if isinstance(b, memoryview) else b for b in buffers]
+    busy, dropped = cache.drop_key(KEY)
+    assert busy == [1] and dropped == {1: 61 * PAGE_SIZE}
+    assert all(not any(b) for b in buffers)
+    assert all(not any(o) for o in owners)
+    assert cache.dirty_bytes == 0

@@ -223,13 +223,14 @@ def _zero_pages(buffers: list[bytearray | memoryview]) -> None:
     """Zero the plaintext of written pages, a whole write's buffer at once
     where the pages are all of it (docs/security.md).
 
-    ``buffers`` are the data of consecutive pages, all being let go.  A page
-    made by a large write is a view into that write's buffer, whose pages
-    have consecutive indexes.  When the first and the last of ``m`` pages in
-    a row are views into the same buffer of ``m`` pages, those ``m`` indexes
-    are exactly the buffer's: every page still living in it is among them
-    (the others were written back, and zeroed, before), so zeroing the whole
-    buffer in one call touches no page that is still dirty.
+    ``buffers`` are the data of pages of increasing index (consecutive or
+    not), all being let go.  A page made by a large write is a view into
+    that write's buffer, whose pages have consecutive indexes.  When the
+    first and the last of ``m`` pages in a row are views into the same
+    buffer of ``m`` pages, those ``m`` indexes are exactly the buffer's:
+    every page still living in it is among them (the others were written
+    back, and zeroed, before), so zeroing the whole buffer in one call
+    touches no page that is still dirty.
     """
     k, count = 0, len(buffers)
     while k < count:
@@ -1203,8 +1204,7 @@ class PageCache:
                 lost = f.dirty_bytes()
                 if lost:
                     dropped[f.ino] = lost
-                for page in f.pages.values():
-                    page.data[:] = _ZERO_PAGE
+                _zero_pages([f.pages[i].data for i in sorted(f.pages)])
                 self._dirty_pages -= len(f.pages)
                 f.pages.clear()
                 f.master = None
