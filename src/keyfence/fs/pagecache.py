@@ -49,9 +49,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import cast
 
 from keyfence.errors import KeyfenceError, fail
 from keyfence.fs import wipe
@@ -199,8 +201,10 @@ class CachedFile:
 @dataclass
 class _Chunk:
     first: int
-    pages: list[tuple[int, _Page, int]]
-    """(index, page object, version) of consecutive pages, as snapshotted."""
+    pages: list[_Page]
+    """The page objects of consecutive pages ``first, first+1, ...``."""
+    versions: list[int]
+    """Their versions, as snapshotted."""
     blocks: list[bytearray | memoryview]
     """Their buffers (not copied; the last one cut at end of file)."""
     last_len: int
@@ -209,6 +213,39 @@ class _Chunk:
 
     def records_size(self) -> int:
         return (len(self.pages) - 1) * RECORD_SIZE + self.last_len + BLOCK_OVERHEAD
+
+
+_version_of = attrgetter("version")
+_data_of = attrgetter("data")
+
+
+def _zero_pages(buffers: list[bytearray | memoryview]) -> None:
+    """Zero the plaintext of written pages, a whole write's buffer at once
+    where the pages are all of it (docs/security.md).
+
+    ``buffers`` are the data of pages of increasing index (consecutive or
+    not), all being let go.  A page made by a large write is a view into
+    that write's buffer, whose pages have consecutive indexes.  When the
+    first and the last of ``m`` pages in a row are views into the same
+    buffer of ``m`` pages, those ``m`` indexes are exactly the buffer's:
+    every page still living in it is among them (the others were written
+    back, and zeroed, before), so zeroing the whole buffer in one call
+    touches no page that is still dirty.
+    """
+    k, count = 0, len(buffers)
+    while k < count:
+        data = buffers[k]
+        if type(data) is memoryview:
+            block = data.obj
+            m = len(block) // PAGE_SIZE if type(block) is bytearray else 0
+            if m > 1 and k + m <= count:
+                last = buffers[k + m - 1]
+                if type(last) is memoryview and last.obj is block:
+                    wipe.zero(block)
+                    k += m
+                    continue
+        data[:] = _ZERO_PAGE
+        k += 1
 
 
 class _StartIO:
@@ -437,10 +474,11 @@ class PageCache:
             cached: dict[int, bytes] = {}
             pages = f.pages
             if pages:
-                for idx in range(first, last + 1):
-                    page = pages.get(idx)
-                    if page is not None:
-                        cached[idx] = bytes(page.data)
+                found = list(map(pages.get, range(first, last + 1)))
+                if any(found):  # (a _Page is always true)
+                    for idx, page in enumerate(found, first):
+                        if page is not None:
+                            cached[idx] = bytes(page.data)
             cipher, fd, generation = f.cipher, f.fd, f.generation
             sequential = off == f.next_read
             f.next_read = end
@@ -497,10 +535,14 @@ class PageCache:
         each padded to a full page (zeros beyond the end of file)."""
         if cipher is None:  # no header on disk: everything is a hole
             return bytes(count * PAGE_SIZE)
-        lengths = [
-            max(0, min(PAGE_SIZE, fsize - i * PAGE_SIZE)) for i in range(first, first + count)
-        ]
-        total = sum(n + BLOCK_OVERHEAD for n in lengths if n)
+        if (first + count) * PAGE_SIZE <= fsize:  # all full blocks (sequential reads)
+            lengths = [PAGE_SIZE] * count
+            total = count * RECORD_SIZE
+        else:
+            lengths = [
+                max(0, min(PAGE_SIZE, fsize - i * PAGE_SIZE)) for i in range(first, first + count)
+            ]
+            total = sum(n + BLOCK_OVERHEAD for n in lengths if n)
         start = record_offset(first)
         raw = os.pread(fd, total, start) if total else b""
         if total and len(raw) == total:
@@ -588,17 +630,25 @@ class PageCache:
                 block = memoryview(
                     bytearray(view[start : start + (full_last - full_first + 1) * PAGE_SIZE])
                 )
-                pos = 0
-                for idx in range(full_first, full_last + 1):
-                    page = pages.get(idx)
-                    if page is None:
-                        page = _Page(block[pos : pos + PAGE_SIZE])
-                        pages[idx] = page
-                        new_pages += 1
-                    else:
-                        page.data[:] = block[pos : pos + PAGE_SIZE]
-                    page.version += 1
-                    pos += PAGE_SIZE
+                span = range(full_first, full_last + 1)
+                if pages.keys().isdisjoint(span):  # the usual case: all new, one update
+                    views = [
+                        block[pos : pos + PAGE_SIZE] for pos in range(0, len(block), PAGE_SIZE)
+                    ]
+                    pages.update(zip(span, map(_Page, views), strict=True))
+                    new_pages += len(views)
+                else:
+                    pos = 0
+                    for idx in span:
+                        page = pages.get(idx)
+                        if page is None:
+                            page = _Page(block[pos : pos + PAGE_SIZE])
+                            pages[idx] = page
+                            new_pages += 1
+                        else:
+                            page.data[:] = block[pos : pos + PAGE_SIZE]
+                        page.version += 1
+                        pos += PAGE_SIZE
                 edges = [i for i in (first, last) if i < full_first or i > full_last]
             else:
                 edges = list(range(first, last + 1))
@@ -869,12 +919,17 @@ class PageCache:
     def _encrypt_batch(batch: list[_Chunk], out: RecordBuffer) -> list[memoryview]:
         """Encrypt a batch's pages into ``out`` (one call for all its runs);
         the records of each run, in ``out``."""
-        indexes: list[int] = []
-        blocks: list[bytearray | memoryview] = []
-        for chunk in batch:
-            indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
-            blocks.extend(chunk.blocks)
-            chunk.blocks = []
+        indexes: Sequence[int]
+        blocks: list[bytearray | memoryview]
+        if len(batch) == 1:  # one run (sequential writes): its indexes are a range
+            indexes = range(batch[0].first, batch[0].first + len(batch[0].pages))
+            blocks, batch[0].blocks = batch[0].blocks, []
+        else:
+            indexes, blocks = [], []
+            for chunk in batch:
+                indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
+                blocks.extend(chunk.blocks)
+                chunk.blocks = []
         batch[0].cipher.encrypt_indexed_into(indexes, blocks, out, checked=True)
         views = []
         start = 0
@@ -901,24 +956,28 @@ class PageCache:
         if f.cipher is None:
             f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
             f.header_on_disk = False
-        run: list[tuple[int, _Page, int]] = []
-        blocks: list[bytearray | memoryview] = []
-        idx = first
-        limit = limit or self.chunk_pages
-        while pos < n and order[pos] == idx and len(run) < limit and idx * PAGE_SIZE < size:
-            page = pages.get(idx)
-            if page is None:
-                break
-            run.append((idx, page, page.version))
-            blocks.append(page.data)
-            pos += 1
-            idx += 1
+        # the run: as many of order[pos:] as are consecutive, dirty and
+        # inside the file, found with slices and C loops, not a step per page
+        count = min(limit or self.chunk_pages, n - pos, (size - 1) // PAGE_SIZE - first + 1)
+        if order[pos + count - 1] - first != count - 1:
+            # a gap: order is sorted and unique, so order[pos + j] == first + j
+            # holds for a prefix of j only, shorter than count
+            count = 1
+            while order[pos + count] == first + count:
+                count += 1
+        found = list(map(pages.get, range(first, first + count)))
+        if None in found:  # a page forgotten meanwhile ends the run (_Page has no __eq__)
+            found = found[: found.index(None)]
+        run = cast("list[_Page]", found)
+        pos += len(run)
+        blocks: list[bytearray | memoryview] = list(map(_data_of, run))
         last_len = min(PAGE_SIZE, size - (first + len(run) - 1) * PAGE_SIZE)
         if last_len < PAGE_SIZE:
             blocks[-1] = memoryview(blocks[-1])[:last_len]
         # No copy: a page written (or zeroed) while it is being encrypted
         # gets a new version under the lock, so its record is not stored.
-        return _Chunk(first, run, blocks, last_len, f.generation, f.cipher), pos
+        versions = list(map(_version_of, run))
+        return _Chunk(first, run, versions, blocks, last_len, f.generation, f.cipher), pos
 
     def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
         """:meth:`_store_chunk_locked` for every run of a batch, under one lock hold."""
@@ -937,7 +996,15 @@ class PageCache:
         if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
             return 0
         pages = f.pages
-        current = [pages.get(idx) is page and page.version == v for idx, page, v in chunk.pages]
+        first = chunk.first
+        now = list(map(pages.get, range(first, first + count)))
+        if now == chunk.pages and list(map(_version_of, now)) == chunk.versions:
+            current = [True] * count  # the usual case: two C loops, not a step per page
+        else:
+            current = [
+                page is was and page.version == v
+                for page, was, v in zip(now, chunk.pages, chunk.versions, strict=True)
+            ]
         header: bytes | None = None
         if not f.header_on_disk:
             header = FileHeader(chunk.cipher.file_id).serialize()
@@ -955,9 +1022,10 @@ class PageCache:
             if not current[k]:
                 k += 1
                 continue
-            j = k
-            while j + 1 < count and current[j + 1]:
-                j += 1
+            try:  # the run of current pages from k ends before the next stale one
+                j = current.index(False, k) - 1
+            except ValueError:
+                j = count - 1
             start = k * RECORD_SIZE
             stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
             offset = record_offset(chunk.first + k)
@@ -972,10 +1040,9 @@ class PageCache:
             while done < len(data):
                 done += os.pwrite(f.fd, data[done:], offset + done)
             f.disk_size = max(f.disk_size, offset + len(data))
-            for m in range(k, j + 1):
-                # written: its plaintext is zeroed before the memory goes
-                # back to the allocator (docs/security.md)
-                pages.pop(chunk.first + m).data[:] = _ZERO_PAGE
+            # written: its plaintext is zeroed before the memory goes back
+            # to the allocator (docs/security.md)
+            _zero_pages(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
             self._dirty_pages -= j - k + 1
             written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
             k = j + 1
@@ -1162,8 +1229,7 @@ class PageCache:
                 lost = f.dirty_bytes()
                 if lost:
                     dropped[f.ino] = lost
-                for page in f.pages.values():
-                    page.data[:] = _ZERO_PAGE
+                _zero_pages([f.pages[i].data for i in sorted(f.pages)])
                 self._dirty_pages -= len(f.pages)
                 f.pages.clear()
                 f.master = None
