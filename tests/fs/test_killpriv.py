@@ -127,6 +127,23 @@ def test_a_write_by_another_uid_drops_set_id_bits(where: Path, mode: int, after:
     assert path.read_bytes() == b"x!/bin/sh\n"
 
 
+def test_a_file_created_set_id_loses_its_bits_at_a_write(where: Path) -> None:
+    # a create remembers a new file as having nothing to drop (no extra
+    # syscall before its first write) only when its mode has no set-id bit
+    path = where / "made-set-id"
+    old = os.umask(0)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o4777)
+    finally:
+        os.umask(old)
+    try:
+        os.write(fd, b"#!/bin/sh\n")  # root: CAP_FSETID, the bit stays
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o4777
+    assert _as_other(path, "write") == 0o777
+
+
 @pytest.mark.parametrize("how", ["o_trunc", "ftruncate", "truncate"])
 def test_truncation_by_another_uid_drops_set_id_bits(where: Path, how: str) -> None:
     path = _file(where, f"t-{how}", 0o6777)

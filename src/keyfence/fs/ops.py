@@ -905,6 +905,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         ino = self.table.fuse_ino(st.st_ino)
         if made:
             self._no_capability.add(ino)
+            self.privileges.made(ino, st.st_mode)
         fh = self._new_fh()
         if master is None:
             self.handles[fh] = FileHandle(ino, flags, fd=fd)

@@ -80,6 +80,12 @@ class Privileges:
         self._bare: set[int] = set()
         """Inodes known to have no capability and no set-id bit a write drops."""
 
+    def made(self, ino: int, mode: int) -> None:
+        """``ino`` was just created by the worker with ``mode``: it has no
+        capability, and no set-id bit to drop unless its mode has one."""
+        if not suidgid_to_drop(mode):
+            self._bare.add(ino)
+
     def changed(self, ino: int) -> None:
         """``ino`` may have privileges again (chmod, chown, xattrs, forget)."""
         self._bare.discard(ino)
