@@ -52,10 +52,7 @@ def mount(tmp_path: Path) -> Iterator[Mount]:
     try:
         yield m
     finally:
-        code = m.unmount()
-        log = m.log()
-        assert "Traceback" not in log, log
-        assert code == 0, log
+        m.unmount_checked()
 
 
 class Enc:

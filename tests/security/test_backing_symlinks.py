@@ -311,10 +311,7 @@ def mount(world: Path) -> Iterator[Mount]:
     try:
         yield m
     finally:
-        code = m.unmount()
-        log = m.log()
-        assert "Traceback" not in log, log
-        assert code == 0, log
+        m.unmount_checked()
 
 
 class Scene:

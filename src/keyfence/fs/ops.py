@@ -223,7 +223,6 @@ class KeyfenceOperations(pyfuse3.Operations):
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
-        self._no_capability: set[int] = set()
         self.privileges = Privileges()
         """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2."""
         self.negatives = NegativeEntries()
@@ -621,8 +620,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         for ino, nlookup in inode_list:
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
-                self._no_capability.discard(ino)
-                self.privileges.changed(ino)
+                self.privileges.xattrs_changed(ino)
                 if gone.is_dir:
                     self.negatives.forget_dir(ino)
             if gone is not None and gone.is_reg:
@@ -653,7 +651,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         # no CAP_FSETID (truncate) or changes the owner (chown)
         kill_suidgid = getattr(fields, "kill_suidgid", False)
         if fields.update_mode or fields.update_uid or fields.update_gid:
-            self.privileges.changed(node.ino)
+            self.privileges.mode_changed(node.ino)
         if fields.update_size:
             await self._truncate(node, handle, policy, attr.st_size, ctx, kill_suidgid)
         # by descriptor when the file is open, else by (directory, name)
@@ -904,7 +902,6 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._modified(d)
         ino = self.table.fuse_ino(st.st_ino)
         if made:
-            self._no_capability.add(ino)
             self.privileges.made(ino, st.st_mode)
         fh = self._new_fh()
         if master is None:
@@ -1367,7 +1364,7 @@ class KeyfenceOperations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
-        if name == _CAPABILITY_XATTR and inode in self._no_capability:
+        if name == _CAPABILITY_XATTR and self.privileges.has_no_capability(inode):
             # the kernel asks this before every write(2) on FUSE: remember
             # the answer instead of a path walk and syscall per write (our
             # setxattr, removexattr and forget drop it)
@@ -1393,7 +1390,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             return sc.getxattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
         except OSError as err:
             if err.errno == errno.ENODATA and name == _CAPABILITY_XATTR:
-                self._no_capability.add(inode)
+                self.privileges.found_no_capability(inode)
             raise
 
     @fuse_op
@@ -1409,8 +1406,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             return
         if name.startswith(_XATTR_PREFIX):
             raise fail(errno.EPERM)
-        self._no_capability.discard(inode)
-        self.privileges.changed(inode)
+        self.privileges.xattrs_changed(inode)
         sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
     @fuse_op
@@ -1427,8 +1423,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if name.startswith(_XATTR_PREFIX):
             raise fail(errno.EPERM)
-        self._no_capability.discard(inode)
-        self.privileges.changed(inode)
+        self.privileges.xattrs_changed(inode)
         sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:

@@ -25,7 +25,8 @@ A keyfence file's mode and xattrs are its backing file's, so a drop is an
 ``fchmod``/``fremovexattr`` of the backing descriptor.  :class:`Privileges`
 remembers the inodes known to carry nothing to drop, so that a write costs
 no syscall after the first; anything that may give an inode privileges
-back (chmod, chown, setxattr, removexattr, forget) calls :meth:`changed`.
+back calls :meth:`mode_changed` (chmod, chown) or :meth:`xattrs_changed`
+(setxattr, removexattr, forget).
 The backing store is private to the mount: nothing else sets them.
 
 Concurrency: the FUSE handlers' thread only (no lock).
@@ -74,21 +75,42 @@ def remove_capability(fd: int) -> None:
 
 
 class Privileges:
-    """What a write drops, per inode (see the module doc)."""
+    """What a write drops, per inode (see the module doc), and what
+    ``getxattr security.capability`` may answer without a syscall.
+
+    Two sets, one fact each; ``_bare`` is always within ``_no_capability``."""
 
     def __init__(self) -> None:
+        self._no_capability: set[int] = set()
+        """Inodes known to have no ``security.capability``."""
         self._bare: set[int] = set()
         """Inodes known to have no capability and no set-id bit a write drops."""
 
     def made(self, ino: int, mode: int) -> None:
         """``ino`` was just created by the worker with ``mode``: it has no
         capability, and no set-id bit to drop unless its mode has one."""
+        self._no_capability.add(ino)
         if not suidgid_to_drop(mode):
             self._bare.add(ino)
 
-    def changed(self, ino: int) -> None:
-        """``ino`` may have privileges again (chmod, chown, xattrs, forget)."""
+    def has_no_capability(self, ino: int) -> bool:
+        """Known: ``ino`` has no ``security.capability`` (getxattr answers
+        ENODATA without asking the backing file)."""
+        return ino in self._no_capability
+
+    def found_no_capability(self, ino: int) -> None:
+        """The backing file said ENODATA for ``security.capability``."""
+        self._no_capability.add(ino)
+
+    def mode_changed(self, ino: int) -> None:
+        """chmod or chown: set-id bits may be back (a chown only ever takes
+        a capability away)."""
         self._bare.discard(ino)
+
+    def xattrs_changed(self, ino: int) -> None:
+        """setxattr, removexattr, or the inode forgotten: anything may be back."""
+        self._bare.discard(ino)
+        self._no_capability.discard(ino)
 
     def drop(self, ino: int, fd: int, *, kill_suidgid: bool) -> None:
         """Before a write or truncate of ``ino`` through its backing
@@ -103,7 +125,9 @@ class Privileges:
         if not stat.S_ISREG(st.st_mode):
             self._bare.add(ino)
             return
-        remove_capability(fd)
+        if ino not in self._no_capability:
+            remove_capability(fd)
+            self._no_capability.add(ino)
         kill = suidgid_to_drop(st.st_mode)
         if kill:
             if not kill_suidgid:

@@ -163,3 +163,12 @@ class Mount:
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], check=False)
         self.proc = None
         return code
+
+    def unmount_checked(self) -> str:
+        """:meth:`unmount`, then fail unless the worker exited 0 with no
+        traceback in its log; the log, for the caller's own checks."""
+        code = self.unmount()
+        log = self.log()
+        assert "Traceback" not in log, log
+        assert code == 0, log
+        return log
