@@ -5,7 +5,8 @@ Usage (root, from the repository root)::
 
     .venv/bin/python bench/fs_compare.py [--quick] [--json PATH] [--runs 3]
         [--systems keyfence,gocryptfs,fscrypt,disk] [--only GROUP,...] [--scratch DIR]
-        (also keyfence-pyfuse3, keyfence-ownloop: keyfence with a given FUSE loop)
+        (also keyfence-pyfuse3, keyfence-ownloop: keyfence with a given FUSE loop;
+        keyfence-nospin: its loop never spinning for the next request)
 
 Every peer lives over the same disk (``--scratch``, default /var/tmp): keyfence
 through its real daemon and mount worker with an e4crypt key in this run's
@@ -60,6 +61,7 @@ from keyfence.testing.bench.peers import (
     DiskPeer,
     FscryptPeer,
     GocryptfsPeer,
+    KeyfenceNoSpinPeer,
     KeyfenceOwnLoopPeer,
     KeyfencePeer,
     KeyfencePyfuse3Peer,
@@ -76,7 +78,7 @@ from keyfence.testing.bench.process import (
 from keyfence.testing.bench.results import error, ratio, report, result, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
-VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop"]
+VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop", "keyfence-nospin"]
 """keyfence with a given FUSE loop (fs_peers.py), for ``--systems``."""
 BLOCK = 4096
 
@@ -429,6 +431,7 @@ class Bench:
             "keyfence": lambda: KeyfencePeer(a.scratch_dir),
             "keyfence-pyfuse3": lambda: KeyfencePyfuse3Peer(a.scratch_dir),
             "keyfence-ownloop": lambda: KeyfenceOwnLoopPeer(a.scratch_dir),
+            "keyfence-nospin": lambda: KeyfenceNoSpinPeer(a.scratch_dir),
             "gocryptfs": lambda: GocryptfsPeer(a.scratch_dir),
             "fscrypt": lambda: FscryptPeer(a.scratch_dir, image),
             "disk": lambda: DiskPeer(a.scratch_dir),

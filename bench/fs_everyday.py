@@ -7,6 +7,7 @@ Usage (root, from the repository root)::
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
         [--tree full|small] [--sqlite-tx 10000] [--fio-mib 256] [--fio-io-mib 80]
         [--before TREE]
+        (also keyfence-nospin: keyfence whose loop never spins for the next request)
 
 The peers (keyfence.testing.bench.peers) are set up over the same disk as for
 bench/fs_compare.py (keyfence through its real daemon and worker with an
@@ -58,6 +59,7 @@ from keyfence.testing.bench.peers import (
     DiskPeer,
     FscryptPeer,
     GocryptfsPeer,
+    KeyfenceNoSpinPeer,
     KeyfencePeer,
     Peer,
     PeerError,
@@ -246,6 +248,7 @@ class Everyday:
     def setup(self) -> None:
         makers: dict[str, Callable[[], Peer]] = {
             "keyfence": lambda: KeyfencePeer(self.scratch),
+            "keyfence-nospin": lambda: KeyfenceNoSpinPeer(self.scratch),
             "gocryptfs": lambda: GocryptfsPeer(self.scratch),
             "fscrypt": lambda: FscryptPeer(self.scratch, 2 << 30),
             "disk": lambda: DiskPeer(self.scratch),
@@ -366,7 +369,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.systems = [s for s in a.systems.split(",") if s]
     if a.before and "keyfence-before" not in a.systems:
         a.systems.insert(1, "keyfence-before")
-    unknown = set(a.systems) - {*SYSTEMS, *(["keyfence-before"] if a.before else [])}
+    known = {*SYSTEMS, "keyfence-nospin", *(["keyfence-before"] if a.before else [])}
+    unknown = set(a.systems) - known
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
     return a

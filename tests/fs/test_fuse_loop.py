@@ -34,7 +34,7 @@ from pyfuse3 import FUSEError
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.fuse import protocol
 from keyfence.fs.fuse.mount import mount_by_name
-from keyfence.fs.fuse.session import Session
+from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.testing.mounting import Mount, fuse_available, is_mounted
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
@@ -181,14 +181,16 @@ def _unmount(mnt: Path) -> None:
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+@pytest.fixture(params=[0, 200], ids=["sleeping", "spinning"])
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The loop over CornerFS, once sleeping in epoll whenever the queue is
+    empty and once spinning 200 us first: every corner must hold both ways."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     fs = CornerFS()
     options = {"fsname=kfloop", "subtype=kfloop", "default_permissions", "nosuid", "nodev"}
     fd = mount_by_name(str(mnt), options)
-    session = Session(fs, fd)
+    session = Session(fs, fd, SessionOptions(spin_us=request.param))
     out: list[BaseException] = []
 
     def run() -> None:
@@ -379,6 +381,18 @@ def test_request_buffers_are_zeroed(served: Served) -> None:
     assert all(needle[:17] not in bytes(buf) for buf in served.session.buffers)
 
 
+def test_spinning_catches_the_next_request_of_a_busy_client(served: Served) -> None:
+    """statfs always reaches the filesystem: a client calling it in a loop
+    sends its next request while a spinning reader still waits for it.
+    (A process of its own: a thread of this one would wait for the GIL.)"""
+    code = "import os, sys\nfor _ in range(300): os.statvfs(sys.argv[1])\n"
+    subprocess.run([sys.executable, "-c", code, str(served.mnt)], check=True, timeout=WAIT)
+    if served.session.options.spin_ns:
+        assert served.session.spins_caught >= 1
+    else:
+        assert served.session.spins_caught == served.session.spins_missed == 0
+
+
 # ------------------------------------------ the real worker through the loop
 
 
@@ -388,10 +402,7 @@ def worker(tmp_path: Path) -> Iterator[Mount]:
     try:
         yield m
     finally:
-        code = m.unmount()
-        log = m.log()
-        assert "Traceback" not in log, log
-        assert code == 0, log
+        log = m.unmount_checked()
         assert "keyfence's FUSE loop" in log, log
 
 

@@ -44,6 +44,9 @@ def reachable() -> Iterator[Path]:
         ["dirty_limit=0"],
         ["dirty_expire=-1"],
         ["max_tasks=1e9"],
+        ["spin_us=1001"],
+        ["spin_us=-1"],
+        ["spin_us=1e3"],
         ["--no-such-flag"],
         ["dirty_limit=1M,-o"],
     ],
@@ -64,6 +67,7 @@ def test_the_table_and_the_older_spelling() -> None:
         True,
     )
     assert opts.worker_args() == ["--dirty-limit=268435456", "--dirty-expire=10.0"]
+    assert parse_options(["spin_us=0"]).worker_args() == ["--spin-us=0"]
     legacy = parse_options(["--dirty-limit=1G", "--dirty-expire", "3", "--writeback-cache"])
     assert legacy.worker_args() == [
         "--dirty-limit=1073741824",

@@ -20,6 +20,8 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
     --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
+    --spin-us US           keyfence's loop: busy-wait this long for the next
+                           request before sleeping (50; 0 on one CPU)
     --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
                            pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
 
@@ -85,6 +87,16 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _spin_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
+    if not 0 <= value <= MAX_SPIN_US:
+        raise argparse.ArgumentTypeError(f"out of range (0 to {MAX_SPIN_US}): {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m keyfence.fs.worker", description="keyfence mount worker"
@@ -97,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
     p.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT)
     p.add_argument("--max-tasks", type=int, default=64)
+    p.add_argument("--spin-us", type=_spin_us, default=default_spin_us())
     p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--backing-fd", type=int)
@@ -116,6 +129,17 @@ def default_fuse_loop() -> str:
     directories either way with it), else keyfence's own."""
     chosen = os.environ.get("KEYFENCE_FUSE_LOOP", "")
     return chosen if chosen in FUSE_LOOPS else "keyfence"
+
+
+DEFAULT_SPIN_US = 50
+MAX_SPIN_US = 1000
+"""How long keyfence's loop busy-waits for the next request (fs/fuse/session.py)."""
+
+
+def default_spin_us() -> int:
+    """:data:`DEFAULT_SPIN_US`, or 0 when this process may run on one CPU
+    only: spinning there would hold off the very client it waits for."""
+    return DEFAULT_SPIN_US if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 def _mount_device(mountpoint: str) -> str | None:
@@ -333,6 +357,7 @@ def run(
     allow_other: bool | None = None,
     readahead_kb: int = DEFAULT_READAHEAD_KB,
     max_tasks: int = 64,
+    spin_us: int | None = None,
     ready_fd: int | None = None,
     backing_fd: int | None = None,
     fuse_fd: int | None = None,
@@ -346,6 +371,7 @@ def run(
         return _run_own(
             backing, mountpoint, source, options,
             allow_other=allow_other, readahead_kb=readahead_kb, max_tasks=max_tasks,
+            spin_us=default_spin_us() if spin_us is None else spin_us,
             ready_fd=ready_fd, backing_fd=backing_fd, fuse_fd=fuse_fd,
             mountpoint_fd=mountpoint_fd,
         )  # fmt: skip
@@ -380,16 +406,17 @@ def run(
             unmounted = True
         if fuse_fd is not None:  # libfuse unmounts only what it mounted
             unmount_own(mountpoint, mountpoint_fd)
-        _report(
-            source,
-            "unmounted",
-            {"backing": backing, "mountpoint": ops.mountpoint, "clean": unmounted},
-        )
-        closer = getattr(source, "close", None)
-        if callable(closer):
-            with contextlib.suppress(Exception):
-                closer()
+        _finish(source, backing, ops.mountpoint, clean=unmounted)
     return 0
+
+
+def _finish(source: KeySource, backing: str, mountpoint: str, *, clean: bool) -> None:
+    """Both loops' last step: tell the daemon the mount is gone, close the channel."""
+    _report(source, "unmounted", {"backing": backing, "mountpoint": mountpoint, "clean": clean})
+    closer = getattr(source, "close", None)
+    if callable(closer):
+        with contextlib.suppress(Exception):
+            closer()
 
 
 def _run_own(
@@ -401,6 +428,7 @@ def _run_own(
     allow_other: bool | None,
     readahead_kb: int,
     max_tasks: int,
+    spin_us: int,
     ready_fd: int | None,
     backing_fd: int | None,
     fuse_fd: int | None,
@@ -418,7 +446,10 @@ def _run_own(
         ops,
         fd,
         SessionOptions(
-            writeback_cache=options.writeback_cache, killpriv_v2=True, max_tasks=max_tasks
+            writeback_cache=options.writeback_cache,
+            killpriv_v2=True,
+            max_tasks=max_tasks,
+            spin_us=spin_us,
         ),
     )
     fuse_kernel.set_active(session)
@@ -426,7 +457,11 @@ def _run_own(
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
-        log.info("serving as uid %d (keyfence's FUSE loop)", os.geteuid())
+        log.info(
+            "serving as uid %d (keyfence's FUSE loop; spins up to %d us for each next request)",
+            os.geteuid(),
+            spin_us,
+        )
         log.info("contents sealed by the %s path", sealer.describe())
         trio.run(_serve, ops, session.serve, ready_fd, readahead_kb)
     except BaseException:
@@ -440,15 +475,7 @@ def _run_own(
         fuse_kernel.set_active(None)
         with contextlib.suppress(OSError):
             os.close(fd)
-        _report(
-            source,
-            "unmounted",
-            {"backing": backing, "mountpoint": ops.mountpoint, "clean": True},
-        )
-        closer = getattr(source, "close", None)
-        if callable(closer):
-            with contextlib.suppress(Exception):
-                closer()
+        _finish(source, backing, ops.mountpoint, clean=True)
     return 0
 
 
@@ -486,6 +513,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         allow_other=args.allow_other,
         readahead_kb=args.readahead_kb,
         max_tasks=args.max_tasks,
+        spin_us=args.spin_us,
         ready_fd=args.ready_fd,
         backing_fd=args.backing_fd,
         fuse_fd=args.fuse_fd,

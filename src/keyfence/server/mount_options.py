@@ -100,6 +100,12 @@ OPTIONS: dict[str, _Option] = {
     "max_tasks": _Option(
         "max_tasks", _count(1, 1024), "--max-tasks", "concurrent FUSE requests served (64)"
     ),
+    "spin_us": _Option(
+        "spin_us",
+        _count(0, 1000),
+        "--spin-us",
+        "microseconds to wait for the next request before sleeping (50)",
+    ),
     "writeback_cache": _Option(
         "writeback_cache", None, "--writeback-cache", "let the kernel cache writes too"
     ),
@@ -121,6 +127,7 @@ class MountRequestOptions:
     attr_timeout: float | None = None
     readahead_kb: int | None = None
     max_tasks: int | None = None
+    spin_us: int | None = None
     fuse_loop: str | None = None
     writeback_cache: bool = False
     debug: bool = False

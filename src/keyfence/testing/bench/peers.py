@@ -283,6 +283,15 @@ class KeyfenceOwnLoopPeer(KeyfencePeer):
         super().__init__(scratch, ["fuse_loop=keyfence", *(options or [])])
 
 
+class KeyfenceNoSpinPeer(KeyfencePeer):
+    """keyfence whose loop sleeps as soon as the queue is empty (``-o spin_us=0``)."""
+
+    name = "keyfence-nospin"
+
+    def __init__(self, scratch: Path, options: list[str] | None = None) -> None:
+        super().__init__(scratch, ["spin_us=0", *(options or [])])
+
+
 # -- gocryptfs --------------------------------------------------------------
 
 
