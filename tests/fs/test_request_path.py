@@ -9,6 +9,8 @@ syscalls, and that the shortcuts taken for it keep POSIX's answers.
   Counted with strace on the worker, the real kernel as the oracle.
 - New entries still get their group as POSIX says after the directory's
   set-group-ID bit or group changed through the mount.
+- A read-only open answers ``FOPEN_NOFLUSH``: its close sends no FLUSH
+  request (a writer's close still does, so close(2) reports its errors).
 - A name the kernel believes missing but that exists in the backing store
   (CREATE for an existing file) is opened as open(2) would: O_EXCL gives
   EEXIST, otherwise the file keeps its owner and contents.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.fs.fuse import protocol as fuse_proto
 from keyfence.testing.mounting import Mount, fuse_available
 
 from .test_mount import Enc, errno_of
@@ -160,3 +163,31 @@ def test_create_of_a_name_the_kernel_believes_missing(mount: Mount) -> None:
     st = os.stat(behind)
     assert (st.st_uid, st.st_gid) == (GROUP, GROUP)  # kept its owner
     assert behind.read_bytes() == b"new contents"  # not truncated
+
+
+def _requests(mount: Mount) -> list[int]:
+    counts = mount.control("requests")
+    assert counts is not None, "the worker does not run keyfence's own loop"
+    return list(counts)
+
+
+@pytest.mark.parametrize("where", ["plain", "enc"])
+def test_closing_a_read_only_descriptor_sends_no_flush(mount: Mount, where: str) -> None:
+    """A read-only open answers FOPEN_NOFLUSH (nothing of its own to write
+    back); a writer's close still flushes, so close(2) reports its errors."""
+    top = Enc(mount).dir if where == "enc" else mount.mnt
+    path = top / "read-only"
+    path.write_bytes(b"contents " * 1000)
+    before = _requests(mount)
+    for _ in range(20):
+        with open(path, "rb") as f:
+            assert f.read(9) == b"contents "
+    after = _requests(mount)
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    assert delta[fuse_proto.OPEN] == 20, delta
+    assert delta[fuse_proto.FLUSH] == 0, delta
+    with open(path, "r+b") as f:
+        f.write(b"C")
+    final = _requests(mount)
+    assert final[fuse_proto.FLUSH] - after[fuse_proto.FLUSH] == 1
+    assert path.read_bytes()[:9] == b"Contents "

@@ -188,6 +188,11 @@ class KeyfenceOperations(pyfuse3.Operations):
     """The overlay: one instance per mount worker."""
 
     supports_dot_lookup = True
+    read_only_opens_skip_flush = True
+    """Our own loop answers a read-only open with FOPEN_NOFLUSH: ``flush``
+    writes back what this file's writers left dirty, which their own
+    close does; a read-only descriptor's close has no error to report and
+    no POSIX lock of ours to drop (the kernel keeps locks itself)."""
     enable_writeback_cache = False
     enable_acl = False
 

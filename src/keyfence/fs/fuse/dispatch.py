@@ -16,6 +16,7 @@ raises :class:`Malformed` and is answered EIO.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import struct
 import time
@@ -132,10 +133,11 @@ def attr_out_bytes(a: Any) -> bytes:
     return p.ATTR_OUT.pack(attr_s, attr_ns, 0) + attr_bytes(a)
 
 
-def open_out_bytes(fi: Any) -> bytes:
+def open_out_bytes(fi: Any, noflush: bool = False) -> bytes:
     flags = p.FOPEN_DIRECT_IO if fi.direct_io else 0
     flags |= p.FOPEN_KEEP_CACHE if fi.keep_cache else 0
     flags |= p.FOPEN_NONSEEKABLE if fi.nonseekable else 0
+    flags |= p.FOPEN_NOFLUSH if noflush else 0
     return p.OPEN_OUT.pack(fi.fh, flags, 0)
 
 
@@ -196,6 +198,9 @@ class Dispatcher:
 
     def __init__(self, ops: Any) -> None:
         self.ops = ops
+        self.noflush_read_only = bool(getattr(ops, "read_only_opens_skip_flush", False))
+        """``ops`` has nothing to do at the close of a read-only descriptor:
+        such opens answer ``FOPEN_NOFLUSH`` and close(2) sends no FLUSH."""
 
     def table(self) -> dict[int, Handler]:
         return {
@@ -314,9 +319,10 @@ class Dispatcher:
 
     async def open(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
         flags, open_flags = p.OPEN_IN.unpack_from(body)
+        noflush = self.noflush_read_only and flags & os.O_ACCMODE == os.O_RDONLY
         if open_flags & p.OPEN_KILL_SUIDGID:  # only with HANDLE_KILLPRIV_V2
-            return open_out_bytes(await self.ops.open(nodeid, flags, caller, True))
-        return open_out_bytes(await self.ops.open(nodeid, flags, caller))
+            return open_out_bytes(await self.ops.open(nodeid, flags, caller, True), noflush)
+        return open_out_bytes(await self.ops.open(nodeid, flags, caller), noflush)
 
     async def create(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
         flags, mode, umask, _ = p.CREATE_IN.unpack_from(body)

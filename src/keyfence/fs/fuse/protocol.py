@@ -100,6 +100,8 @@ OPEN_KILL_SUIDGID = 1 << 0
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_NONSEEKABLE = 1 << 2
+FOPEN_NOFLUSH = 1 << 5
+"""7.35: close(2) sends no FLUSH for this file (ignored with the writeback cache)."""
 
 FSYNC_FDATASYNC = 1 << 0
 XATTR_CREATE = 1
