@@ -103,6 +103,9 @@ def test_common_commands_import_nothing_heavy(tmp_path: Path) -> None:
             ["search", "@u", "user", "speed.heavy"],
             ["describe", key],
             ["list", "@u"],
+            # removals with no key user to wait for: no progress display
+            ["unlink", key, "@u"],
+            ["clear", "@u"],
         ):
             argv = [sys.executable, "-X", "importtime", "-IS", str(path), *args]
             done = run(argv, daemon.env)

@@ -131,7 +131,9 @@ class ProgressDisplay:
         *,
         live: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        started: float | None = None,
     ) -> None:
+        """``started``: when the command began, on ``clock`` (default: now)."""
         self.prog = prog
         self.command = command
         self.stream = sys.stderr if stream is None else stream
@@ -142,7 +144,7 @@ class ProgressDisplay:
                 live = False
         self.live = live
         self.clock = clock
-        self.started = clock()
+        self.started = clock() if started is None else started
         self._lock = threading.Lock()
         self._drawn = False
         self._last_draw = float("-inf")
