@@ -8,6 +8,8 @@ bytes as ``python -m keyfence.cli.kfctl``.
 
 from __future__ import annotations
 
+import ast
+import marshal
 import os
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from keyfence.cli import launcher
+from keyfence.cli import kfctl_bundle, launcher
 from keyfence.testing.daemon import running_daemon
 
 # each of these costs start-up time and no everyday command needs it
@@ -117,3 +119,58 @@ def test_common_commands_import_nothing_heavy(tmp_path: Path) -> None:
             }
             assert "keyfence.client" in loaded, args  # the command did reach the daemon
             assert not loaded & HEAVY, (args, sorted(loaded & HEAVY))
+
+
+# -- the bundle (keyfence.cli.kfctl_bundle)
+
+LOADERS = (
+    "import sys\n"
+    "def named(loader):\n"
+    "    return getattr(loader, '__name__', type(loader).__name__)\n"
+    "loaders = {name: named(module.__spec__.loader)\n"
+    "           for name, module in list(sys.modules.items())\n"
+    "           if name.startswith('keyfence') and module.__spec__ is not None}\n"
+    "sys.stdout.write(repr(sorted(loaders.items())) + '\\n')\n"
+    "sys.stdout.flush()\n"
+)
+
+
+def _loaders(path: Path, args: list[str], env: dict[str, str]) -> dict[str, str]:
+    """Run the launcher at ``path`` with ``args``; which loader brought in
+    each keyfence module."""
+    text = path.read_text().replace("exit_now(main())\n", "main()\n" + LOADERS)
+    script = path.parent / "kfctl-loaders"
+    script.write_text(text)
+    done = run([sys.executable, "-IS", str(script), *args], env)
+    assert done.returncode == 0, done.stderr
+    return dict(ast.literal_eval(done.stdout.decode().splitlines()[-1]))
+
+
+def test_launcher_loads_every_common_module_from_its_bundle(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    bundle = Path(kfctl_bundle.bundle_path(str(path)))
+    assert bundle.name == ".kfctl.bundle"
+    assert os.stat(bundle).st_mode & 0o777 == 0o644
+    with running_daemon() as daemon:
+        for args in (["show", "@u"], ["add", "user", "speed.bundle", "x", "@u"], ["clear", "@u"]):
+            loaders = _loaders(path, args, daemon.env)
+            assert "keyfence.client" in loaders, args
+            assert set(loaders.values()) == {"Bundle"}, (args, loaders)
+
+
+def test_a_stale_or_broken_bundle_is_not_used(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    bundle = Path(kfctl_bundle.bundle_path(str(path)))
+    form, tag, entries = marshal.loads(bundle.read_bytes())
+    # a source edited since: its recorded mtime no longer matches
+    name, package, origin, mtime, size, code = entries[-1]
+    entries[-1] = (name, package, origin, mtime - 1, size, code)
+    stale = marshal.dumps([form, tag, entries])
+    with running_daemon() as daemon:
+        for content in (stale, b"not a bundle", marshal.dumps([form, "cpython-00", []]), b""):
+            bundle.write_bytes(content)
+            loaders = _loaders(path, ["show", "@u"], daemon.env)
+            assert "Bundle" not in loaders.values(), loaders
+            assert loaders["keyfence.client"] == "SourceFileLoader"
+        bundle.unlink()
+        assert "Bundle" not in _loaders(path, ["show", "@u"], daemon.env).values()

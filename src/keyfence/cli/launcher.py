@@ -9,6 +9,9 @@ library and keyfence itself.  The launcher written here starts the same
 no script directory on ``sys.path``; no ``site``) and puts the one directory
 that holds the ``keyfence`` package on ``sys.path`` itself, and leaves
 through :func:`keyfence.cli.kfctl.exit_now` (no interpreter teardown).
+Beside it goes ``.kfctl.bundle``, the code of the modules every command
+imports in one file (keyfence.cli.kfctl_bundle); the launcher loads them
+from it while their sources are unchanged.
 
     python -m keyfence.cli.launcher PATH     # scripts/setup.sh: .venv/bin/kfctl
 
@@ -27,8 +30,56 @@ import sys
 FLAGS = "-IS"  # one word: Linux passes everything after the interpreter as one argument
 
 
-def launcher_text(python: str, package_parent: str) -> str:
-    """The script: ``python`` with FLAGS, keyfence imported from ``package_parent``."""
+_LOADER = """\
+def _bundled(path):
+    # kfctl's modules from one file (keyfence.cli.kfctl_bundle); any doubt: none
+    import marshal
+    import posix
+
+    try:
+        with open(path, "rb") as f:
+            form, tag, entries = marshal.loads(f.read())
+        if form != 1 or tag != sys.implementation.cache_tag:
+            return
+        codes = {}
+        for name, package, origin, mtime, size, code in entries:
+            st = posix.stat(origin)
+            if st.st_mtime_ns != mtime or st.st_size != size:
+                return
+            codes[name] = (package, origin, code)
+    except Exception:
+        return
+    spec_of = sys.modules["_frozen_importlib"].ModuleSpec
+
+    class Bundle:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            entry = codes.get(name)
+            if entry is None:
+                return None
+            spec = spec_of(name, Bundle, origin=entry[1], is_package=entry[0])
+            spec.has_location = True
+            if entry[0]:
+                spec.submodule_search_locations = [entry[1].rpartition("/")[0]]
+            return spec
+
+        @staticmethod
+        def create_module(spec):
+            return None
+
+        @staticmethod
+        def exec_module(module):
+            exec(codes[module.__name__][2], module.__dict__)
+
+    sys.meta_path.insert(0, Bundle)
+
+
+"""
+
+
+def launcher_text(python: str, package_parent: str, bundle: str | None = None) -> str:
+    """The script: ``python`` with FLAGS, keyfence imported from
+    ``package_parent`` (through the bundle at ``bundle`` when it is valid)."""
     if any(c in python for c in " \t\n") or "\n" in package_parent:
         # a shebang line splits at the first blank: such a path cannot be one
         raise ValueError(f"cannot write a launcher for the interpreter {python!r}")
@@ -38,7 +89,8 @@ def launcher_text(python: str, package_parent: str) -> str:
         "# PYTHON* variables, no teardown; keyfence from the directory below\n"
         "import sys\n"
         f"sys.path.insert(0, {package_parent!r})\n"
-        "from keyfence.cli.kfctl import exit_now, main\n"
+        + ("" if bundle is None else f"\n\n{_LOADER}_bundled({bundle!r})\n")
+        + "from keyfence.cli.kfctl import exit_now, main\n"
         "exit_now(main())\n"
     )
 
@@ -50,8 +102,13 @@ def package_parent() -> str:
 
 
 def write_launcher(path: str, python: str | None = None) -> None:
-    """Replace ``path`` (atomically, mode 0755) with the launcher."""
-    text = launcher_text(python or sys.executable, package_parent())
+    """Replace ``path`` (atomically, mode 0755) with the launcher, and write
+    its bundle beside it (keyfence.cli.kfctl_bundle)."""
+    from keyfence.cli import kfctl_bundle
+
+    bundle = kfctl_bundle.bundle_path(path)
+    kfctl_bundle.build(bundle)
+    text = launcher_text(python or sys.executable, package_parent(), bundle)
     temporary = f"{path}.kf-new"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o755)
     try:
