@@ -98,3 +98,45 @@ def test_frame_reader_and_split_frames_agree_with_encode() -> None:
         got = [reader.read() for _ in messages]
         assert [g["id"] for g in got if g is not None] == [0, 1, 2, 3]
         assert reader.read() is None
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-recv", "buffered"])
+def test_frame_reader_leaves_no_copy_of_a_payload(split: bool) -> None:
+    """A reply carrying a key (a mount worker's lookup): once the caller has
+    wiped the payload it got, no other copy is left in this process, not
+    even in memory the reader freed (a bytes copy of the body was)."""
+    import gc
+    import os
+    import socket
+
+    from keyfence.fs.crypto import wipe_bytes
+    from keyfence.testing.memory import addresses_in_memory
+
+    needle = bytearray(os.urandom(64))
+    frame = bytearray(b"\x00\x00\x00\x58\x83\xa4type\xa5reply\xa2id\x07\xa5value\xc4\x40")
+    frame += needle
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    a, b = socket.socketpair()
+    with a, b:
+        reader = wire.FrameReader(b)
+        if split:  # the header first, alone: the body comes through the buffer
+            a.sendall(frame[:10])
+            b.settimeout(0.2)  # the reader takes the first part, then times out
+            with pytest.raises(TimeoutError):
+                reader.read()
+            b.settimeout(None)
+            a.sendall(frame[10:])
+        else:
+            a.sendall(frame)
+        frame[:] = bytes(len(frame))
+        message = reader.read()
+        assert message is not None
+        payload = message["value"]
+        assert isinstance(payload, bytes) and payload == needle
+        wipe_bytes(payload)
+        del message, payload
+    gc.collect()
+    probe = bytes(needle)  # found once: this copy, at its own address
+    needle[:] = bytes(len(needle))
+    found = addresses_in_memory(os.getpid(), probe)
+    assert len(found) == 1, [hex(a) for a in found]

@@ -175,7 +175,11 @@ def _pack_int(n: int, out: bytearray) -> None:
         raise OverflowError("integer too large for msgpack")
 
 
-def unpack(data: bytes) -> object:
+_Data = bytes | memoryview
+"""What the decoder reads: a body, or a view of a buffer zeroed afterwards."""
+
+
+def unpack(data: _Data) -> object:
     obj, end = _unpack(data, 0, 0)
     if end != len(data):
         raise WireError("trailing bytes after the message")
@@ -185,7 +189,7 @@ def unpack(data: bytes) -> object:
 _MAX_DEPTH = 32
 
 
-def _unpack(data: bytes, pos: int, depth: int) -> tuple[object, int]:
+def _unpack(data: _Data, pos: int, depth: int) -> tuple[object, int]:
     if depth > _MAX_DEPTH:
         raise WireError("message nested too deeply")
     try:
@@ -228,7 +232,7 @@ def _unpack(data: bytes, pos: int, depth: int) -> tuple[object, int]:
     if tag in (0xC4, 0xC5, 0xC6):
         if pos + n > len(data):
             raise WireError("truncated bin")
-        return data[pos : pos + n], pos + n
+        return bytes(data[pos : pos + n]), pos + n  # from a view: its one copy
     if tag in (0xDC, 0xDD):
         return _array(data, pos, n, depth)
     return _map(data, pos, n, depth)
@@ -241,26 +245,26 @@ _LENGTHS.update({0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4})
 """str, bin, array and map tags: the size of their length."""
 
 
-def _check(data: bytes, end: int) -> None:
+def _check(data: _Data, end: int) -> None:
     if end > len(data):
         raise WireError("truncated message")
 
 
-def _number(data: bytes, pos: int, size: int, *, signed: bool) -> int:
+def _number(data: _Data, pos: int, size: int, *, signed: bool) -> int:
     _check(data, pos + size)
     return int.from_bytes(data[pos : pos + size], "big", signed=signed)
 
 
-def _str(data: bytes, pos: int, n: int) -> tuple[str, int]:
+def _str(data: _Data, pos: int, n: int) -> tuple[str, int]:
     if pos + n > len(data):
         raise WireError("truncated str")
     try:
-        return data[pos : pos + n].decode(), pos + n
+        return str(data[pos : pos + n], "utf-8"), pos + n
     except UnicodeDecodeError:
         raise WireError("str is not UTF-8") from None
 
 
-def _array(data: bytes, pos: int, n: int, depth: int) -> tuple[list[object], int]:
+def _array(data: _Data, pos: int, n: int, depth: int) -> tuple[list[object], int]:
     items = []
     for _ in range(n):
         item, pos = _unpack(data, pos, depth + 1)
@@ -268,7 +272,7 @@ def _array(data: bytes, pos: int, n: int, depth: int) -> tuple[list[object], int
     return items, pos
 
 
-def _map(data: bytes, pos: int, n: int, depth: int) -> tuple[dict[object, object], int]:
+def _map(data: _Data, pos: int, n: int, depth: int) -> tuple[dict[object, object], int]:
     result: dict[object, object] = {}
     for _ in range(n):
         key, pos = _unpack(data, pos, depth + 1)
@@ -372,7 +376,7 @@ def read(sock: _socket.socket) -> dict[str, object] | None:
     return None if body is None else message_of(body)
 
 
-def message_of(body: bytes) -> dict[str, object]:
+def message_of(body: bytes | memoryview) -> dict[str, object]:
     message = unpack(body)
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise WireError("a message must be a map with a 'type'")
@@ -408,9 +412,14 @@ class FrameReader:
             if have >= HEADER_SIZE:
                 want = HEADER_SIZE + body_size(buffer)
                 if have >= want:
-                    body = bytes(buffer[HEADER_SIZE:want])
+                    # a bytearray, zeroed once decoded: a bytes copy would
+                    # be freed unzeroed, with any payload in it
+                    body = buffer[HEADER_SIZE:want]
                     consume(buffer, want)
-                    return message_of(body)
+                    try:
+                        return message_of(memoryview(body))
+                    finally:
+                        body[:] = bytes(len(body))  # in place: views may live on
             size = self._sock.recv_into(scratch)
             if not size:
                 if buffer:
@@ -419,7 +428,7 @@ class FrameReader:
             try:
                 # the usual case, one whole message: straight from scratch
                 if not buffer and size >= HEADER_SIZE and size == HEADER_SIZE + body_size(scratch):
-                    return message_of(bytes(scratch[HEADER_SIZE:size]))
+                    return message_of(scratch[HEADER_SIZE:size])
                 buffer += scratch[:size]
             finally:
                 scratch[:size] = self._zeros[:size]
