@@ -7,13 +7,14 @@ so is everything made inside it (docs/fs.md has the rules, docs/format.md
 the bytes).
 
 Threads: every request handler runs on the trio thread.  Blocking work
-leaves it through ``trio.to_thread``: key lookups (the key source may be a
-socket), write-back and fsync.  Encrypted reads and writes copy and decrypt
-on the trio thread (the cipher holds the GIL anyway).  Key removal arrives
-on a thread of the key source and runs :meth:`KeyfenceOperations.key_going`
-there: write-back through the page cache's lock, table changes through
-``trio.from_thread``, kernel cache invalidation on that thread (never from
-a request handler: it may wait for requests).
+leaves it: key lookups (the key source may be a socket) through
+``trio.to_thread``, write-back and fsync through :attr:`run_blocking`.
+Encrypted reads and writes copy and decrypt on the trio thread (the cipher
+holds the GIL anyway).  Key removal arrives on a thread of the key source
+and runs :meth:`KeyfenceOperations.key_going` there: write-back through
+the page cache's lock, table changes through ``trio.from_thread``, kernel
+cache invalidation on that thread (never from a request handler: it may
+wait for requests).
 """
 
 from __future__ import annotations
@@ -229,6 +230,12 @@ class KeyfenceOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self.privileges = Privileges()
+        self.run_blocking: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync
+        """How a handler makes a blocking call (fsync, a big write-back):
+        trio's threads, or, injected by fs/worker.py under keyfence's own
+        loop, fs/fuse/blocking.py's (the loop waits for it directly while
+        no other request comes).  Key lookups stay on trio's threads: the
+        daemon they ask may call back into the trio thread."""
         """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2."""
         self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
@@ -743,7 +750,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             if cached.fd >= 0:
                 drop(node.ino, cached.fd, kill_suidgid=kill_suidgid)
             self.cache.truncate(cached, size)
-            await trio.to_thread.run_sync(self.cache.flush, cached)
+            await self.run_blocking(self.cache.flush, cached)
         finally:
             self.cache.release(cached)
 
@@ -1236,9 +1243,9 @@ class KeyfenceOperations(pyfuse3.Operations):
             sc.wipe_request_buffer(buf)  # copied: nothing refers to it any more
         if h.flags & (os.O_SYNC | os.O_DSYNC):
             datasync = (h.flags & os.O_SYNC) != os.O_SYNC
-            await trio.to_thread.run_sync(self.cache.fsync, h.cached, datasync)
+            await self.run_blocking(self.cache.fsync, h.cached, datasync)
         elif self.cache.over_limit():
-            await trio.to_thread.run_sync(self.cache.flush_until, self.cache.dirty_limit // 2)
+            await self.run_blocking(self.cache.flush_until, self.cache.dirty_limit // 2)
         return n
 
     async def _write_back(self, f: CachedFile) -> None:
@@ -1247,7 +1254,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         if not f.pages and (f.size == 0 or f.master is None):
             return
         if not self.cache.try_flush(f):
-            await trio.to_thread.run_sync(self.cache.flush, f)
+            await self.run_blocking(self.cache.flush, f)
 
     @fuse_op
     async def flush(self, fh: FileHandleT) -> None:
@@ -1282,9 +1289,9 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
         if h.cached is not None:
-            await trio.to_thread.run_sync(self.cache.fsync, self._rekeyed(h.cached), datasync)
+            await self.run_blocking(self.cache.fsync, self._rekeyed(h.cached), datasync)
         else:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+            await self.run_blocking(os.fdatasync if datasync else os.fsync, h.fd)
 
     # ----------------------------------------------------------- directories
 
@@ -1346,7 +1353,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             raise fail(errno.EBADF)
         fd = sc.open_dir(self.table.dir_fd(dh.ino), ".")
         try:
-            await trio.to_thread.run_sync(os.fsync, fd)
+            await self.run_blocking(os.fsync, fd)
         finally:
             os.close(fd)
 
@@ -1460,7 +1467,7 @@ class KeyfenceOperations(pyfuse3.Operations):
         _write_policy(d_fd, policy, sync=True)
         fd = sc.open_dir(d_fd, ".")
         try:
-            await trio.to_thread.run_sync(os.fsync, fd)
+            await self.run_blocking(os.fsync, fd)
         finally:
             os.close(fd)
         node.policy = policy

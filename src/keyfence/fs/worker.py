@@ -452,6 +452,7 @@ def _run_own(
             spin_us=spin_us,
         ),
     )
+    ops.run_blocking = session.blocking.run  # injected: the session is made after ops
     fuse_kernel.set_active(session)
     stats = StatsReporter(ops, source.report)
     try:

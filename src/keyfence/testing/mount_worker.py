@@ -180,6 +180,13 @@ class Control:
 
             session = fuse_kernel.active()
             return None if session is None else list(session.by_opcode)
+        if op == "blocking":  # blocking calls waited for directly, through trio
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            if session is None:
+                return None
+            return [session.blocking.direct, session.blocking.through_trio]
         raise ValueError(f"unknown op {op}")
 
 

@@ -29,6 +29,10 @@ Concurrency contract (why it is fast, and why the handlers need no change):
    more than serving it (docs/performance.md "Spinning for the next
    request").  Bounded: at most ``spin_us`` of one core per idle spell,
    and never on a one-CPU machine (the worker's default).
+6. A handler's blocking call (fsync, a big write-back) goes through
+   :attr:`Session.blocking` (fs/fuse/blocking.py): the reader waits for it
+   directly, ``/dev/fuse`` watched at once, and falls back to suspending
+   the handler (2.) when a request comes or the call takes longer.
 
 Unsolicited messages (cache invalidations) are written from any thread: a
 write to ``/dev/fuse`` is one message, and the kernel may wait for requests
@@ -58,6 +62,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from keyfence.fs.fuse import protocol as p
+from keyfence.fs.fuse.blocking import BlockingCalls
 from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, Malformed
 
 __all__ = ["Session", "SessionOptions"]
@@ -151,6 +156,9 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._notices: queue.SimpleQueue[tuple[int, bytes, bool] | None] = queue.SimpleQueue()
         self._notifier: threading.Thread | None = None
+        self.blocking = BlockingCalls(fd)
+        """Blocking calls of the handlers (fs/fuse/blocking.py), waited for
+        directly while no other request comes."""
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -165,6 +173,7 @@ class Session:
                 nursery.start_soon(self._reader)
         finally:
             self._nursery = None
+            self.blocking.close()
             if self._notifier is not None:
                 self._notices.put(None)
 
