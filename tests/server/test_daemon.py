@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -305,6 +307,51 @@ def test_second_daemon_refuses_and_stale_socket_is_replaced(daemon: DaemonProces
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_the_socket_appears_only_once_it_listens(tmp_path: object) -> None:
+    """Bound at a temporary name, made to listen, then renamed into place:
+    a client that finds the path never gets ECONNREFUSED from a daemon
+    still starting (which would make an autostarting client start a second
+    one).  The kernel's order of calls, by strace: deterministic."""
+    directory = os.path.join(str(tmp_path), "run")
+    path = os.path.join(directory, "sock")
+    trace = os.path.join(str(tmp_path), "trace")
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=bind,listen,rename,renameat,renameat2",
+         "-o", trace, sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with Client.connect(path, autostart=False) as c:
+                    assert c.ping() == "pong"
+                break
+            except KeyfenceError as err:
+                assert err.errno != errno.ECONNREFUSED, err
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        with contextlib.suppress(OSError, ValueError), open(path + ".lock") as lock:
+            os.kill(int(lock.read().strip()), signal.SIGTERM)  # the daemon, not strace
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with open(trace) as f:
+        calls = [line for line in f.read().splitlines() if directory in line or "listen(" in line]
+    bound = [i for i, line in enumerate(calls) if "bind(" in line]
+    listened = [i for i, line in enumerate(calls) if "listen(" in line]
+    renamed = [i for i, line in enumerate(calls) if "rename" in line and f'"{path}"' in line]
+    assert bound and listened and renamed, calls
+    assert f'"{path}"' not in calls[bound[0]], calls  # not bound at the path itself
+    assert listened[0] < renamed[0], calls
+    assert sorted(os.listdir(directory)) == ["sock.lock"]  # no temporary left
 
 
 def test_client_autostarts_a_daemon(tmp_path: object) -> None:

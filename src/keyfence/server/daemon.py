@@ -136,19 +136,45 @@ class Daemon:
         if listener is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # stale: its daemon no longer holds the lock
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                listener.bind(self.path)
-            except OSError as err:
-                listener.close()
-                if err.errno is None:  # "AF_UNIX path too long": bind(2)'s own word
-                    code = errno.ENAMETOOLONG
-                    raise OSError(code, os.strerror(code), self.path) from None
-                raise
-            os.chmod(self.path, 0o600 if self.private_uid is not None else 0o666)
-            listener.listen(128)
+            listener = self._listen(directory)
         self._listener = listener
         self._loop = Loop(self, listener)
+
+    def _listen(self, directory: str) -> socket.socket:
+        """A socket listening at ``path``, which appears only once it listens:
+        bound under a temporary name in the same (checked) directory, given
+        its mode, made to listen, then renamed into place.  A client that
+        finds the path can connect (bound at ``path`` itself, a connect
+        between bind and listen got ECONNREFUSED, and a client that starts
+        daemons on demand would have tried to start a second one).  A path
+        too long for the temporary name is bound directly, as before."""
+        mode = 0o600 if self.private_uid is not None else 0o666
+        temporary = os.path.join(directory, f".sock-{os.getpid()}.new")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)  # a crashed daemon's, under our lock
+            try:
+                listener.bind(temporary)
+            except OSError as err:
+                if err.errno is not None:
+                    raise
+                temporary = self.path  # too long: bind at the path itself
+                listener.bind(temporary)
+            os.chmod(temporary, mode)
+            listener.listen(128)
+            if temporary != self.path:
+                os.rename(temporary, self.path)
+        except OSError as err:
+            listener.close()
+            if temporary != self.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            if err.errno is None:  # "AF_UNIX path too long": bind(2)'s own word
+                code = errno.ENAMETOOLONG
+                raise OSError(code, os.strerror(code), self.path) from None
+            raise
+        return listener
 
     def record_pid(self) -> None:
         """Write our pid into the lock file (again after a fork)."""
