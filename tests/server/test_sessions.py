@@ -28,7 +28,7 @@ from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.keys import KeyService
 from keyfence.keys.caller import Caller, ParentProcess
-from keyfence.server.sessions import ProcStat, SessionTracker, read_stat
+from keyfence.server.sessions import _FORK, ProcStat, SessionTracker, read_stat
 from keyfence.testing import users
 from keyfence.testing.daemon import DaemonProcess, running_daemon
 
@@ -428,6 +428,42 @@ def test_tracker_without_fork_events_propagates_at_each_check() -> None:
         tracker.gone(svc)  # parents before children: both in one pass
         assert svc.session_binding(kid.process) == ring
         assert svc.session_binding(grandkid.process) == ring
+
+
+def test_a_fork_by_a_gone_parent_passes_on_the_parents_own_keyring() -> None:
+    """A login shell that joined a keyring and exec'd ``setsid -f`` as its
+    last command: by the time the fork event is read, the forking process
+    is gone.  The child inherits the parent's own binding (its keyring),
+    not what the parent had inherited at its own fork (the flake of
+    test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout,
+    about one run in five: the session ended with the shell)."""
+    gone = subprocess.Popen(["true"])
+    gone_stat = read_stat(gone.pid)
+    gone.wait()
+    assert gone_stat is not None and read_stat(gone.pid) is None
+    grand = read_stat(os.getpid())
+    assert grand is not None
+    tracker = SessionTracker()  # not started: events are fed by hand
+    with _svc() as svc:
+        tracker._service = svc
+        shell = Caller(
+            uid=0, gid=0, pid=gone.pid, start_time=gone_stat.start_time,
+            session=gone_stat.process,
+        )  # fmt: skip
+        ring = svc.join_session_keyring(shell)  # before the child: it inherits
+        tracker._forks[gone.pid] = (gone_stat.start_time, grand.process)
+        time.sleep(2 / os.sysconf("SC_CLK_TCK"))  # start times have tick resolution
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            me = read_stat(child.pid)
+            assert me is not None
+            offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+            when_ns = int((me.start_time / os.sysconf("SC_CLK_TCK") - offset) * 1e9)
+            tracker._on_event((_FORK, child.pid, gone.pid, when_ns))
+            assert svc.session_binding(me.process) == ring
+        finally:
+            child.kill()
+            child.wait()
 
 
 def test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout(

@@ -204,21 +204,28 @@ class SessionTracker:
         up = read_stat(parent)
         if up is not None and me is not None and up.start_time > me.start_time:
             up = None  # the parent's pid was reused already
+        gone_parent: ProcessId | None = None
         if up is not None:
             source = up.process
         else:
-            # a short-lived parent (daemon(3)'s middle process) is gone
-            # already: it passed on what it inherited from its own parent
+            # a short-lived parent (daemon(3)'s middle process, `setsid -f`)
+            # is gone already: it passed on its own binding if it had one
+            # (a login shell that joined a keyring, then exec'd `setsid -f`
+            # as its last command), else what it inherited at its own fork
             with self._lock:
                 forked = self._forks.get(parent)
             if forked is None or (me is not None and forked[0] > me.start_time):
                 return  # unknown, or the record of the pid's next owner
             source = forked[1]
+            if forked[0] >= 0:
+                gone_parent = (parent, forked[0])
         with self._lock:
             self._forks[child] = (me.start_time if me is not None else -1, source)
         service = self._service
         if me is not None and service is not None:
-            service.inherit_session(me.process, source, started_by(me.start_time))
+            started = started_by(me.start_time)
+            if gone_parent is None or not service.inherit_session(me.process, gone_parent, started):
+                service.inherit_session(me.process, source, started)
 
     def parent_of(self, process: ProcessId, ppid: int | None = None) -> ProcStat | None:
         """The process's parent at fork if a fork event told us, else its
