@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -309,7 +308,6 @@ def test_second_daemon_refuses_and_stale_socket_is_replaced(daemon: DaemonProces
         proc.wait(5)
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_the_socket_appears_only_once_it_listens(tmp_path: object) -> None:
     """Bound at a temporary name, made to listen, then renamed into place:
     a client that finds the path never gets ECONNREFUSED from a daemon
