@@ -229,6 +229,20 @@ def test_members_bad_arguments_are_einval(daemon: DaemonProcess, args: list[obje
     assert reply["id"] == 7 and reply["errno"] == errno.EINVAL, reply  # type: ignore[index]
 
 
+def kfctl_lines(daemon: DaemonProcess, *args: str) -> list[str]:
+    """The lines ``kfctl ARGS`` prints against ``daemon`` (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "keyfence.cli.kfctl", *args],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_a_tree_too_big_for_one_answer_is_e2big_and_kfctl_falls_back(
     daemon: DaemonProcess,
 ) -> None:
@@ -246,26 +260,8 @@ def test_a_tree_too_big_for_one_answer_is_e2big_and_kfctl_falls_back(
         # the same keyring one level deep fits
         root, table = c.keyring_tree(ring, 1)
         assert root == ring and len(table) == 1
-    shown = subprocess.run(
-        [sys.executable, "-m", "keyfence.cli.kfctl", "show", str(ring)],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert shown.returncode == 0, shown.stderr
-    lines = shown.stdout.splitlines()
+    lines = kfctl_lines(daemon, "show", str(ring))
     assert lines[0] == "Keyring" and len(lines) == 2 + MAX_TREE_KEYS + 1
     assert lines[-1].endswith(f"\\_ user: k{MAX_TREE_KEYS}")
-    listed = subprocess.run(
-        [sys.executable, "-m", "keyfence.cli.kfctl", "list", str(ring)],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert listed.returncode == 0, listed.stderr
-    lines = listed.stdout.splitlines()
+    lines = kfctl_lines(daemon, "list", str(ring))
     assert lines[0] == f"{MAX_TREE_KEYS + 1} keys in keyring:" and len(lines) == MAX_TREE_KEYS + 2

@@ -39,7 +39,7 @@ def _bundled(path):
     try:
         with open(path, "rb") as f:
             form, tag, entries = marshal.loads(f.read())
-        if form != 1 or tag != sys.implementation.cache_tag:
+        if form != FORMAT or tag != sys.implementation.cache_tag:
             return
         codes = {}
         for name, package, origin, mtime, size, code in entries:
@@ -77,6 +77,13 @@ def _bundled(path):
 """
 
 
+def _loader() -> str:
+    """:data:`_LOADER` for the bundle format kfctl_bundle writes."""
+    from keyfence.cli.kfctl_bundle import FORMAT
+
+    return _LOADER.replace("form != FORMAT", f"form != {FORMAT}")
+
+
 def launcher_text(python: str, package_parent: str, bundle: str | None = None) -> str:
     """The script: ``python`` with FLAGS, keyfence imported from
     ``package_parent`` (through the bundle at ``bundle`` when it is valid)."""
@@ -89,7 +96,7 @@ def launcher_text(python: str, package_parent: str, bundle: str | None = None) -
         "# PYTHON* variables, no teardown; keyfence from the directory below\n"
         "import sys\n"
         f"sys.path.insert(0, {package_parent!r})\n"
-        + ("" if bundle is None else f"\n\n{_LOADER}_bundled({bundle!r})\n")
+        + ("" if bundle is None else f"\n\n{_loader()}_bundled({bundle!r})\n")
         + "from keyfence.cli.kfctl import exit_now, main\n"
         "exit_now(main())\n"
     )

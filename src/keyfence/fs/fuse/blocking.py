@@ -65,7 +65,10 @@ class BlockingCalls:
     (see the module doc); its value, or its exception raised here."""
 
     def __init__(self, fuse_fd: int, *, threads: int = 4, direct_ms: int = 5) -> None:
-        self._fuse_fd = fuse_fd
+        self._waiter = select.poll()
+        """``/dev/fuse`` and, while a call is waited for directly, its
+        eventfd (the trio thread's only: one call waited for at a time)."""
+        self._waiter.register(fuse_fd, select.POLLIN)
         self._max_threads = threads
         self._direct_ms = direct_ms
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
@@ -126,13 +129,14 @@ class BlockingCalls:
             thread.start()
 
     def _wait_directly(self, call: _Call) -> bool:
-        waiter = select.poll()
-        waiter.register(self._fuse_fd, select.POLLIN)
+        waiter = self._waiter
         waiter.register(call.fd, select.POLLIN)
         try:
             ready = waiter.poll(self._direct_ms)
         except InterruptedError:
             return False
+        finally:
+            waiter.unregister(call.fd)
         return any(fd == call.fd for fd, _ in ready)
 
     def _serve(self) -> None:
