@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from keyfence.testing.daemon import DaemonProcess
-from tests.fs.test_daemon_mount import BIN, PASSPHRASE, mounted, session_sh
+from tests.fs.test_daemon_mount import BIN, PASSPHRASE, add_key_elsewhere, mounted, session_sh
 
 __all__ = ["mounted"]
 
@@ -118,7 +118,7 @@ def test_incompletely_locked_until_the_file_closes(
     daemon, _backing, mnt = mounted
     home = mnt / "busy"
     home.mkdir()
-    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    made = add_key_elsewhere(daemon, home)
     assert made.returncode == 0, made.stderr
     holder = subprocess.Popen(
         [

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from keyfence.testing.daemon import DaemonProcess, running_daemon
-from tests.fs.test_daemon_mount import PASSPHRASE, session_sh
+from tests.fs.test_daemon_mount import PASSPHRASE, add_key_elsewhere, session_sh
 from tests.fs.test_daemon_mount import pytestmark as needs_fuse
 
 pytestmark = needs_fuse
@@ -126,7 +126,7 @@ def test_the_mount_table_shows_dirty_bytes_keys_and_open_files_by_name(
     daemon, mnt = slow_flush_mount
     home = mnt / "home"
     home.mkdir()
-    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    made = add_key_elsewhere(daemon, home)
     assert made.returncode == 0, made.stderr
     holder = Holder(daemon, home, 3 << 20)
     try:
@@ -191,7 +191,7 @@ def test_status_of_a_mount_and_of_a_directory(
     home, plain = mnt / "home", mnt / "plain"
     home.mkdir()
     plain.mkdir()
-    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    made = add_key_elsewhere(daemon, home)
     assert made.returncode == 0, made.stderr
     holder = Holder(daemon, home, 1 << 20)
     try:

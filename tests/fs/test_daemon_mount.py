@@ -50,6 +50,17 @@ def session_sh(
     )
 
 
+def add_key_elsewhere(daemon: DaemonProcess, home: Path) -> subprocess.CompletedProcess[str]:
+    """Give ``home`` a passphrase policy in a session of its own, and take
+    that session's copy of the key away again before returning: while the
+    session's end was still on its way, the mount kept that copy bound, the
+    holder's writes went under it, and its removal then wrote them back
+    (dirty 0, no key) -- CI run 21's flaky failures."""
+    return session_sh(
+        daemon, f"keyfence e4crypt add_key {home} >/dev/null && kfctl clear @s", stdin=PASSPHRASE
+    )
+
+
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path, Path]]:
     backing, mountpoint = tmp_path / "backing", tmp_path / "mnt"

@@ -109,7 +109,10 @@ def backing_file_of(enc: Enc, name: str) -> Path:
 
 
 def assert_no_plaintext(root: Path, needles: list[bytes]) -> None:
-    """No backing name or file content holds any of ``needles``."""
+    """No backing name or file content holds any of ``needles`` (five bytes
+    or more: a random base64 name holds a given two-letter word about once
+    in a hundred names)."""
+    assert all(len(needle) >= 5 for needle in needles), needles
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             for needle in needles:
@@ -334,8 +337,8 @@ def test_rename_across_policies_is_exdev(mount: Mount) -> None:
     os.setxattr(mount.mnt / "other", POLICY, f"keyfence:{b_master.identifier}".encode())
     (mount.mnt / "plain").mkdir()
     (a.dir / "f").write_bytes(b"f")
-    (a.dir / "d1").mkdir()
-    (a.dir / "d2").mkdir()
+    (a.dir / "sub-one").mkdir()
+    (a.dir / "sub-two").mkdir()
     (mount.mnt / "plain" / "p").write_bytes(b"p")
     (mount.mnt / "plain" / "pd").mkdir()
     # across policies, into and out of plain directories: EXDEV (as fscrypt)
@@ -343,19 +346,19 @@ def test_rename_across_policies_is_exdev(mount: Mount) -> None:
     assert errno_of(os.rename, a.dir / "f", mount.mnt / "plain" / "f") == errno.EXDEV
     assert errno_of(os.rename, mount.mnt / "plain" / "p", a.dir / "p") == errno.EXDEV
     assert errno_of(os.rename, mount.mnt / "plain" / "pd", a.dir / "pd") == errno.EXDEV
-    assert errno_of(os.rename, a.dir / "d1", mount.mnt / "other" / "d1") == errno.EXDEV
+    assert errno_of(os.rename, a.dir / "sub-one", mount.mnt / "other" / "sub-one") == errno.EXDEV
     assert errno_of(os.link, a.dir / "f", mount.mnt / "other" / "f") == errno.EXDEV
     assert errno_of(os.link, a.dir / "f", mount.mnt / "plain" / "f") == errno.EXDEV
     assert errno_of(os.link, mount.mnt / "plain" / "p", a.dir / "p") == errno.EXDEV
     # within one policy, across directories: fine
-    os.rename(a.dir / "f", a.dir / "d1" / "f")
-    os.rename(a.dir / "d1", a.dir / "d2" / "d1")
-    assert (a.dir / "d2" / "d1" / "f").read_bytes() == b"f"
+    os.rename(a.dir / "f", a.dir / "sub-one" / "f")
+    os.rename(a.dir / "sub-one", a.dir / "sub-two" / "sub-one")
+    assert (a.dir / "sub-two" / "sub-one" / "f").read_bytes() == b"f"
     # an encrypted directory keeps its policy and may move into a plain one
-    os.rename(a.dir / "d2", mount.mnt / "plain" / "d2")
-    assert (mount.mnt / "plain" / "d2" / "d1" / "f").read_bytes() == b"f"
-    assert (mount.backing / "plain" / "d2").is_dir()
-    assert_no_plaintext(mount.backing / "plain" / "d2", [b"d1"])
+    os.rename(a.dir / "sub-two", mount.mnt / "plain" / "sub-two")
+    assert (mount.mnt / "plain" / "sub-two" / "sub-one" / "f").read_bytes() == b"f"
+    assert (mount.backing / "plain" / "sub-two").is_dir()
+    assert_no_plaintext(mount.backing / "plain" / "sub-two", [b"sub-one"])
 
 
 def test_rename_noreplace_and_exchange(enc: Enc) -> None:

@@ -121,7 +121,10 @@ class NameWatcher:
             self._stop.wait(0.02)
 
     def check(self, plaintext_words: list[str]) -> None:
+        """``plaintext_words`` of five letters or more: a random 43-letter
+        base64 name holds a given 3-letter word once in ~6,000 names."""
         assert self.walks > 3, "the watcher did not run"
+        assert all(len(word) >= 5 for word in plaintext_words), plaintext_words
         names = self.names - {POLICY_FILE_NAME}
         for name in names:
             assert _ENCRYPTED_NAME.fullmatch(name), f"not an encrypted name: {name!r}"
@@ -277,7 +280,7 @@ def test_stress_ng_hdd_verified(tmp_path: Path) -> None:
                 "--iomix-bytes",
                 "8M",
             )
-        watcher.check(["stress", "hdd", "iomix"])
+        watcher.check(["stress", "iomix"])
         assert_healthy(e)
 
 
@@ -307,7 +310,7 @@ def test_stress_ng_metadata_stressors(tmp_path: Path) -> None:
                 seconds=2,
             )
         assert "successful run completed" in out
-        watcher.check(["stress", "rename", "link", "symlink", "dentry", "chmod"])
+        watcher.check(["stress", "rename", "symlink", "dentry", "chmod"])
         assert os.listdir(e.dir) == []  # stress-ng cleaned up after itself
         assert_healthy(e)
 
