@@ -267,3 +267,73 @@ def test_lock_of_an_incompletely_locked_directory_removes_a_new_unused_key(
     assert "first=1" in out and "second=1" in out, out + done.stderr
     assert "was incompletely locked" in done.stderr
     assert "key=gone" in out, out + done.stderr
+
+
+# writes, waits for a line on stdin, writes again through the same
+# descriptor, closes: a writer that never looks its key up again
+WRITER = (
+    "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600); "
+    'os.write(fd, b"first\\n"); print("ready", flush=True); sys.stdin.readline(); '
+    'os.write(fd, b"second\\n"); os.close(fd); print("closed", flush=True)'
+)
+
+
+def test_one_logout_does_not_lock_a_file_another_login_has_open(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """Two logins, each with its own copy of the key (as two ssh logins
+    unlocking the same home get).  The mount is bound to the first's; the
+    second's writer has a file open.  The first logs out (clear @s): the
+    mount moves to the second's copy (docs/login.md), and the writer's
+    next write and its close succeed with every byte kept.  Before, the
+    removal locked the directory under the second login: the write failed
+    with ENOKEY (reads and writes carry no caller to look the key up)."""
+    daemon, _backing, mnt = mounted
+    home = mnt / "shared"
+    home.mkdir()
+    assert add_key_elsewhere(daemon, home).returncode == 0
+    password = PASSPHRASE.strip()
+    unlock = f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
+
+    def login(script: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["sh", "-ec", f"{unlock}; {script}"],
+            env=login_env(daemon),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def tell(process: subprocess.Popen[str], expect: str) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == expect, process.communicate()
+
+    first = login(
+        f"ls {home} >/dev/null; echo up; read _; kfctl clear @s; echo cleared; exec sleep 600"
+    )
+    second = None
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "up\n", first.communicate()
+        second = login(f"exec {sys.executable} -c '{WRITER}' {home}/notes")
+        assert second.stdout is not None and second.stdout.readline() == "ready\n"
+        tell(first, "cleared\n")
+        tell(second, "closed\n")
+        _out, err = second.communicate(timeout=60)
+        assert err.strip().endswith("(echo disabled):"), err  # no ENOKEY
+        deadline = time.monotonic() + 30  # the second login's end is seen at a lifetime check
+        while (
+            "Unlocked: No" not in (status := session_sh(daemon, f"keyfence status {home}")).stdout
+        ):
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.1)
+        check = session_sh(daemon, f"{unlock}; cat {home}/notes")
+        assert check.stdout == "first\nsecond\n", check.stderr
+    finally:
+        for process in (first, second):
+            if process is not None:
+                process.kill()
+                process.communicate()

@@ -10,11 +10,20 @@ never on the trio thread, and calls :class:`KeyGoingListener.key_going` (flush,
 evict, invalidate; docs/fs.md).  When the key has gone, the next request
 simply looks again: another key with the same description in the
 requester's keyrings unlocks the directories again.
+
+A key going away whose *copy* (same description, hence same bytes) a
+process with a file open under it still holds -- another login's
+``@s`` -- does not lock anything: the binding moves to that copy
+(:meth:`KeyBindings.move_to_copy`), as one logout must not lock a
+directory under another login (docs/login.md).  Reads and writes carry no
+caller, so without the move the other login's open files would fail with
+ENOKEY until one of its processes happened to look the key up again.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import threading
 import time
@@ -24,6 +33,7 @@ from typing import Any, Protocol
 
 import trio
 
+from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat
 from keyfence.fs.crypto import MasterKey, wipe_bytes
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
@@ -143,6 +153,66 @@ class KeyBindings:
                 return None
         log.info("bound key %s (serial %d) for pid %d", ref, found.serial, pid)
         return binding
+
+    def move_to_copy(self, binding: Binding, pids: list[int]) -> int | None:
+        """Rebind to another copy of ``binding``'s key that one of ``pids``
+        holds (blocking: a thread of the key source, never the trio
+        thread).  The serial moved to, or None: no live copy other than a
+        key going away, the binding is no longer current, or the copy
+        cannot be watched.
+
+        The copy is found in that process's keyrings exactly as a request
+        of its own would find it (the daemon checks the mount's owner), so
+        the move grants nothing a request could not have; its bytes are the
+        binding's (checked), so the ciphers and pages stay as they are.
+        """
+        for pid in dict.fromkeys(pids):  # each once, in order
+            try:
+                found = self.source.find([binding.description], pid)
+            except Exception as err:  # a broken channel: lock as before
+                log.warning("looking for a copy of %s for pid %d: %s", binding.ref, pid, err)
+                return None
+            if found is None:
+                continue
+            master = self._check(binding.ref, found)
+            if master is None:
+                continue
+            try:
+                same = hmac.compare_digest(master.raw, binding.master.raw)
+            except KeyfenceError:  # the binding's own copy was wiped: too late
+                same = False
+            master.wipe()
+            if not same:  # cannot happen for a matching key: be safe
+                continue
+            with self.lock:
+                going_since = self._going.get(found.serial)
+                if found.serial == binding.serial or (
+                    going_since is not None and self.clock() - going_since < GOING_GRACE
+                ):
+                    continue  # going away as well
+                if not self.is_current(binding):
+                    return None
+                old, binding.serial = binding.serial, found.serial
+                need_watch = found.serial not in self._watched
+                self._watched.add(found.serial)
+            if need_watch:
+                try:
+                    self.source.watch(found.serial, functools.partial(self._on_going, found.serial))
+                except Exception as err:
+                    log.warning("cannot watch key %d (%s): %s", found.serial, binding.ref, err)
+                    with self.lock:
+                        binding.serial = old
+                        self._watched.discard(found.serial)
+                    continue
+            log.info(
+                "key %s (serial %d) is going away; the mount moves to its copy %d (pid %d)",
+                binding.ref,
+                old,
+                found.serial,
+                pid,
+            )
+            return found.serial
+        return None
 
     @staticmethod
     def _check(ref: KeyRef, found: FoundKey) -> MasterKey | None:

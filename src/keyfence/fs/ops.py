@@ -156,13 +156,18 @@ syncfs = sc.syncfs_path
 
 
 class FileHandle:
-    __slots__ = ("cached", "fd", "flags", "ino")
+    __slots__ = ("cached", "fd", "flags", "ino", "pid")
 
-    def __init__(self, ino: int, flags: int, fd: int = -1, cached: CachedFile | None = None):
+    def __init__(
+        self, ino: int, flags: int, fd: int = -1, cached: CachedFile | None = None, pid: int = 0
+    ):
         self.ino = ino
         self.flags = flags
         self.fd = fd
         self.cached = cached
+        self.pid = pid
+        """Who opened it (encrypted files): where a copy of its key is
+        looked for when the bound one goes (KeyBindings.move_to_copy)."""
 
 
 class DirHandle:
@@ -929,7 +934,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                 # a new file is empty: an ftruncate would only cost (on ext4
                 # it also makes close(2) start write-back: auto_da_alloc)
                 self.cache.truncate(cached, 0)
-            self.handles[fh] = FileHandle(ino, flags, cached=cached)
+            self.handles[fh] = FileHandle(ino, flags, cached=cached, pid=ctx.pid)
         return FileInfo(fh=FileHandleT(fh)), self._attrs(st, d.policy)
 
     @fuse_op
@@ -1192,7 +1197,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                 except BaseException:
                     self.cache.release(cached)
                     raise
-            self.handles[fh] = FileHandle(node.ino, flags, cached=cached)
+            self.handles[fh] = FileHandle(node.ino, flags, cached=cached, pid=ctx.pid)
         return FileInfo(fh=FileHandleT(fh))
 
     def _rekeyed(self, f: CachedFile) -> CachedFile:
@@ -1564,8 +1569,27 @@ class KeyfenceOperations(pyfuse3.Operations):
                     self._key_dropped(binding, going)
                 except Exception:  # after the fact: nothing to abort, keep going
                     log.exception("emergency drop of %s", binding.description)
+            elif self.keys.move_to_copy(binding, self._in_loop(lambda: self._openers(binding))):
+                return  # another login holds the same key: nothing locks
             else:
                 self._key_flushed(binding, going)
+
+    def _openers(self, binding: Binding) -> list[int]:
+        """On the trio thread: the processes with a file or directory open
+        under ``binding``'s key, latest first."""
+        desc = binding.description
+        pids = [
+            h.pid
+            for h in self.handles.values()
+            if h.pid > 0 and h.cached is not None and h.cached.key == desc
+        ]
+        for dh in self.dir_handles.values():
+            node = self.table.find(dh.ino)
+            policy = node.policy if node is not None else None
+            if dh.pid > 0 and policy is not None and policy.key.description == desc:
+                pids.append(dh.pid)
+        pids.reverse()
+        return pids
 
     def _key_flushed(self, binding: Binding, going: GoingAway) -> None:
         desc = binding.description
