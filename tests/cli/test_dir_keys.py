@@ -337,3 +337,48 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
             if process is not None:
                 process.kill()
                 process.communicate()
+
+
+def test_lock_takes_every_logins_copy_even_with_a_file_open(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """``keyfence lock`` is the user's own lock (fscrypt's): it locks the
+    directory under every login of theirs.  With the move to another
+    login's copy (above), the lock follows the mount from copy to copy and
+    ends incompletely locked because of the open file, never unlocked."""
+    daemon, _backing, mnt = mounted
+    home = mnt / "both"
+    home.mkdir()
+    assert add_key_elsewhere(daemon, home).returncode == 0
+    password = PASSPHRASE.strip()
+    unlock = f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
+    first = subprocess.Popen(
+        ["sh", "-ec", f"{unlock}; ls {home} >/dev/null; echo up; exec sleep 600"],
+        env=login_env(daemon),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    second = subprocess.Popen(
+        ["sh", "-ec", f"{unlock}; exec {sys.executable} -c '{WRITER}' {home}/notes"],
+        env=login_env(daemon),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "up\n"
+        assert second.stdout is not None and second.stdout.readline() == "ready\n"
+        lock = session_sh(daemon, f"keyfence lock {home}")
+        assert lock.returncode == 1, lock.stdout + lock.stderr
+        assert "incompletely locked" in lock.stderr and "notes" in lock.stderr
+        status = session_sh(daemon, f"keyfence status {home}")
+        assert "Unlocked: Partially (incompletely locked)" in status.stdout, status.stdout
+        check = session_sh(daemon, f"{unlock}; cat {home}/notes")
+        assert check.stdout == "first\n", check.stderr  # written back before the lock
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.communicate()
