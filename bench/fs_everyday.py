@@ -5,8 +5,8 @@ Usage (root, from the repository root)::
 
     .venv/bin/python bench/fs_everyday.py [--quick] [--json PATH] [--runs 3]
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
-        [--tree full|small] [--sqlite-tx 10000] [--fio-mib 256] [--fio-io-mib 80]
-        [--before TREE]
+        [--tree full|small] [--stdlib DIR] [--sqlite-tx 10000] [--fio-mib 256]
+        [--fio-io-mib 80] [--before TREE]
         (also keyfence-nospin: keyfence whose loop never spins for the next request)
 
 The peers (keyfence.testing.bench.peers) are set up over the same disk as for
@@ -17,7 +17,10 @@ system, then run 2, ...); figures are medians:
 
 * ``extract``: ``tar -xf`` of a tarball of this Python's standard library
   (about 2,500 files and 58 MB without ``__pycache__`` and ``site-packages``;
-  ``--tree small`` or ``--quick``: four packages, about 100 files); s.
+  ``--tree small`` or ``--quick``: four packages, about 100 files).
+  Debian's own Python ships its ``test`` package apart (about 720 files,
+  14 MB): ``--stdlib`` takes the tree from another interpreter's
+  standard library, for figures comparable across interpreters; s.
 * ``find``: ``find TREE -type f`` of the tree just extracted (caches as
   the extraction left them); s.
 * ``grep``: ``grep -r -c import TREE``: reads every file; s.
@@ -103,9 +106,10 @@ def say(text: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f}s] {text}", flush=True)
 
 
-def make_tarball(path: Path, small: bool) -> tuple[int, int]:
-    """A tarball of the standard library (or four of its packages); (files, bytes)."""
-    stdlib = Path(sysconfig.get_path("stdlib"))
+def make_tarball(path: Path, small: bool, stdlib: Path | None = None) -> tuple[int, int]:
+    """A tarball of the standard library (or four of its packages); (files, bytes).
+    ``stdlib``: another interpreter's (``--stdlib``), else this one's."""
+    stdlib = stdlib or Path(sysconfig.get_path("stdlib"))
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = Path(info.name).name
@@ -354,6 +358,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--scratch", default="/var/tmp", help="a directory on the disk to compare on")
     p.add_argument("--tree", choices=("full", "small"), help="full stdlib, or four packages")
+    p.add_argument("--stdlib", type=Path, help="the standard library to extract (this Python's)")
     p.add_argument(
         "--before", metavar="TREE", help="also keyfence-before: the daemon and worker of TREE/src"
     )
@@ -373,6 +378,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(a.systems) - known
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if a.stdlib is not None and not (a.stdlib / "os.py").is_file():
+        p.error(f"--stdlib {a.stdlib}: not a Python standard library (no os.py)")
     return a
 
 
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [cmd for cmd in ("tar", "find", "grep", "git", "fio") if shutil.which(cmd) is None]
     with tempfile.TemporaryDirectory(prefix="kf-everyday-", dir=args.scratch) as scratch:
         tarball = Path(scratch) / "stdlib.tar"
-        files, size = make_tarball(tarball, args.tree == "small")
+        files, size = make_tarball(tarball, args.tree == "small", args.stdlib)
         say(f"fs-everyday: tree of {files:,} files, {size / 1e6:.1f} MB; {args.runs} run(s)")
         notes = {
             "extract": f"tar -xf of {files:,} files, {size / 1e6:.1f} MB (Python's stdlib)",
