@@ -32,6 +32,8 @@ BENCH_STAMP := $(VENV)/.bench-setup-done
 
 $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
+	# pip put its own kfctl script back: the -IS launcher again (setup.sh)
+	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl
 	touch $@
 
 # Every benchmark, side by side with the kernel, keyctl, gocryptfs, ext4+fscrypt
