@@ -278,6 +278,26 @@ WRITER = (
 )
 
 
+def unlock_script(home: Path) -> str:
+    """A new login's first steps: its own @s, the directory unlocked in it."""
+    password = PASSPHRASE.strip()
+    return f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
+
+
+def login(daemon: DaemonProcess, home: Path, script: str) -> subprocess.Popen[str]:
+    """A login of its own that unlocks ``home``, then runs ``script``
+    (stdin, stdout and stderr piped)."""
+    return subprocess.Popen(
+        ["sh", "-ec", f"{unlock_script(home)}; {script}"],
+        env=login_env(daemon),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def test_one_logout_does_not_lock_a_file_another_login_has_open(
     mounted: tuple[DaemonProcess, Path, Path],
 ) -> None:
@@ -292,19 +312,6 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
     home = mnt / "shared"
     home.mkdir()
     assert add_key_elsewhere(daemon, home).returncode == 0
-    password = PASSPHRASE.strip()
-    unlock = f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
-
-    def login(script: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            ["sh", "-ec", f"{unlock}; {script}"],
-            env=login_env(daemon),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
 
     def tell(process: subprocess.Popen[str], expect: str) -> None:
         assert process.stdin is not None and process.stdout is not None
@@ -313,12 +320,14 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
         assert process.stdout.readline() == expect, process.communicate()
 
     first = login(
-        f"ls {home} >/dev/null; echo up; read _; kfctl clear @s; echo cleared; exec sleep 600"
+        daemon,
+        home,
+        f"ls {home} >/dev/null; echo up; read _; kfctl clear @s; echo cleared; exec sleep 600",
     )
     second = None
     try:
         assert first.stdout is not None and first.stdout.readline() == "up\n", first.communicate()
-        second = login(f"exec {sys.executable} -c '{WRITER}' {home}/notes")
+        second = login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
         assert second.stdout is not None and second.stdout.readline() == "ready\n"
         tell(first, "cleared\n")
         tell(second, "closed\n")
@@ -330,7 +339,7 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
         ):
             assert time.monotonic() < deadline, status.stdout
             time.sleep(0.1)
-        check = session_sh(daemon, f"{unlock}; cat {home}/notes")
+        check = session_sh(daemon, f"{unlock_script(home)}; cat {home}/notes")
         assert check.stdout == "first\nsecond\n", check.stderr
     finally:
         for process in (first, second):
@@ -350,24 +359,8 @@ def test_lock_takes_every_logins_copy_even_with_a_file_open(
     home = mnt / "both"
     home.mkdir()
     assert add_key_elsewhere(daemon, home).returncode == 0
-    password = PASSPHRASE.strip()
-    unlock = f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
-    first = subprocess.Popen(
-        ["sh", "-ec", f"{unlock}; ls {home} >/dev/null; echo up; exec sleep 600"],
-        env=login_env(daemon),
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    second = subprocess.Popen(
-        ["sh", "-ec", f"{unlock}; exec {sys.executable} -c '{WRITER}' {home}/notes"],
-        env=login_env(daemon),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    first = login(daemon, home, f"ls {home} >/dev/null; echo up; exec sleep 600")
+    second = login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
     try:
         assert first.stdout is not None and first.stdout.readline() == "up\n"
         assert second.stdout is not None and second.stdout.readline() == "ready\n"
@@ -376,7 +369,7 @@ def test_lock_takes_every_logins_copy_even_with_a_file_open(
         assert "incompletely locked" in lock.stderr and "notes" in lock.stderr
         status = session_sh(daemon, f"keyfence status {home}")
         assert "Unlocked: Partially (incompletely locked)" in status.stdout, status.stdout
-        check = session_sh(daemon, f"{unlock}; cat {home}/notes")
+        check = session_sh(daemon, f"{unlock_script(home)}; cat {home}/notes")
         assert check.stdout == "first\n", check.stderr  # written back before the lock
     finally:
         for process in (first, second):
