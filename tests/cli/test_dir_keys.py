@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 from keyfence.testing.daemon import DaemonProcess
-from tests.fs.test_daemon_mount import BIN, PASSPHRASE, add_key_elsewhere, mounted, session_sh
+from tests.fs.test_daemon_mount import (
+    BIN,
+    PASSPHRASE,
+    add_key_elsewhere,
+    mounted,
+    session_sh,
+    start_login,
+    unlock_script,
+)
 
 __all__ = ["mounted"]
 
@@ -120,20 +128,11 @@ def test_incompletely_locked_until_the_file_closes(
     home.mkdir()
     made = add_key_elsewhere(daemon, home)
     assert made.returncode == 0, made.stderr
-    holder = subprocess.Popen(
-        [
-            "sh",
-            "-ec",
-            "kfctl new_session >/dev/null; "
-            f"echo '{PASSPHRASE.strip()}' | keyfence unlock {home} >/dev/null; "
-            f"exec 3>{home}/open.txt; echo x >&3; "
-            "echo ready; read _; exec 3>&-; echo closed; exec sleep 600",
-        ],
-        env=login_env(daemon),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    holder = start_login(
+        daemon,
+        home,
+        f"exec 3>{home}/open.txt; echo x >&3; "
+        "echo ready; read _; exec 3>&-; echo closed; exec sleep 600",
     )
     try:
         assert holder.stdin is not None and holder.stdout is not None
@@ -278,26 +277,6 @@ WRITER = (
 )
 
 
-def unlock_script(home: Path) -> str:
-    """A new login's first steps: its own @s, the directory unlocked in it."""
-    password = PASSPHRASE.strip()
-    return f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
-
-
-def login(daemon: DaemonProcess, home: Path, script: str) -> subprocess.Popen[str]:
-    """A login of its own that unlocks ``home``, then runs ``script``
-    (stdin, stdout and stderr piped)."""
-    return subprocess.Popen(
-        ["sh", "-ec", f"{unlock_script(home)}; {script}"],
-        env=login_env(daemon),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 def test_one_logout_does_not_lock_a_file_another_login_has_open(
     mounted: tuple[DaemonProcess, Path, Path],
 ) -> None:
@@ -319,7 +298,7 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
         process.stdin.flush()
         assert process.stdout.readline() == expect, process.communicate()
 
-    first = login(
+    first = start_login(
         daemon,
         home,
         f"ls {home} >/dev/null; echo up; read _; kfctl clear @s; echo cleared; exec sleep 600",
@@ -327,7 +306,7 @@ def test_one_logout_does_not_lock_a_file_another_login_has_open(
     second = None
     try:
         assert first.stdout is not None and first.stdout.readline() == "up\n", first.communicate()
-        second = login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
+        second = start_login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
         assert second.stdout is not None and second.stdout.readline() == "ready\n"
         tell(first, "cleared\n")
         tell(second, "closed\n")
@@ -359,8 +338,8 @@ def test_lock_takes_every_logins_copy_even_with_a_file_open(
     home = mnt / "both"
     home.mkdir()
     assert add_key_elsewhere(daemon, home).returncode == 0
-    first = login(daemon, home, f"ls {home} >/dev/null; echo up; exec sleep 600")
-    second = login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
+    first = start_login(daemon, home, f"ls {home} >/dev/null; echo up; exec sleep 600")
+    second = start_login(daemon, home, f"exec {sys.executable} -c '{WRITER}' {home}/notes")
     try:
         assert first.stdout is not None and first.stdout.readline() == "up\n"
         assert second.stdout is not None and second.stdout.readline() == "ready\n"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from keyfence.testing.daemon import DaemonProcess, running_daemon
-from tests.fs.test_daemon_mount import PASSPHRASE, add_key_elsewhere, session_sh
+from tests.fs.test_daemon_mount import add_key_elsewhere, session_sh, start_login
 from tests.fs.test_daemon_mount import pytestmark as needs_fuse
 
 pytestmark = needs_fuse
@@ -84,21 +84,8 @@ class Holder:
     and keeps the file open (dirty: nothing closes it) until told."""
 
     def __init__(self, daemon: DaemonProcess, home: Path, size: int) -> None:
-        env = dict(daemon.env, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-        self.process = subprocess.Popen(
-            [
-                "sh",
-                "-ec",
-                "kfctl new_session >/dev/null; "
-                f"echo '{PASSPHRASE.strip()}' | keyfence unlock {home} >/dev/null; "
-                f"exec {sys.executable} -c '{HOLD}' {home}/open.txt {size}",
-            ],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        self.process = start_login(
+            daemon, home, f"exec {sys.executable} -c '{HOLD}' {home}/open.txt {size}"
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

@@ -61,6 +61,26 @@ def add_key_elsewhere(daemon: DaemonProcess, home: Path) -> subprocess.Completed
     )
 
 
+def unlock_script(home: Path) -> str:
+    """A new login's first steps: its own @s, the directory unlocked in it."""
+    password = PASSPHRASE.strip()
+    return f"kfctl new_session >/dev/null; echo '{password}' | keyfence unlock {home} >/dev/null"
+
+
+def start_login(daemon: DaemonProcess, home: Path, script: str) -> subprocess.Popen[str]:
+    """A login of its own that unlocks ``home``, then runs ``script``
+    (stdin, stdout and stderr piped)."""
+    return subprocess.Popen(
+        ["sh", "-ec", f"{unlock_script(home)}; {script}"],
+        env=dict(daemon.env, PATH=f"{BIN}:{os.environ['PATH']}"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path, Path]]:
     backing, mountpoint = tmp_path / "backing", tmp_path / "mnt"
