@@ -1048,6 +1048,38 @@ while True:
 """
 
 
+def test_big_dirty_file_read_during_its_write_back_keeps_its_bytes(enc: Enc) -> None:
+    """A file of 32 MiB (past the size whose kernel pages a removal drops
+    beside the write-back, fs/ops.py ``_drop_kernel_pages_early``), all of
+    it dirty in the worker and open, read over and over while the key goes:
+    every read is right or ENOKEY, and the bytes are all there after."""
+    data = os.urandom(32 << 20)
+    expected = enc.mount.tmp / "expected"
+    expected.write_bytes(data)
+    writer = os.open(enc.dir / "big", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(data)
+        for off in range(0, len(data), 1 << 20):
+            os.pwrite(writer, view[off : off + (1 << 20)], off)
+        with subprocess.Popen(
+            [sys.executable, "-c", READER, str(enc.dir / "big"), str(expected)],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as reader:
+            assert reader.stdout is not None
+            assert reader.stdout.readline().strip() == "started"
+            time.sleep(0.3)
+            enc.lock()
+            good, _short, outcome = reader.stdout.readline().split()
+            reader.wait(30)
+    finally:
+        os.close(writer)
+    assert int(good) > 0
+    assert outcome == str(errno.ENOKEY)
+    enc.unlock()
+    assert (enc.dir / "big").read_bytes() == data
+
+
 def test_removal_under_concurrent_reads_never_serves_garbage(enc: Enc) -> None:
     data = os.urandom(8 << 20)
     (enc.dir / "r").write_bytes(data)

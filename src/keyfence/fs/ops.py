@@ -110,6 +110,9 @@ _TEMP_PREFIX = "kf.tmp."
 # behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
 # every `git status` or `make` more than a second after the last one.
 DEFAULT_ATTR_TIMEOUT = 10.0
+_EARLY_DROP_BYTES = 16 << 20
+"""Files from this size have the kernel's pages dropped beside their
+write-back at a key removal (``_drop_kernel_pages_early``)."""
 _EXPECTED_IO_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 P = ParamSpec("P")
@@ -1607,6 +1610,7 @@ class KeyfenceOperations(pyfuse3.Operations):
                 step[0] = done
                 going.report_progress(max(0, total - done), f"{self.mountpoint}: writing back")
 
+        early = self._drop_kernel_pages_early(desc)
         try:
             self.cache.flush_key(desc, progress)
             self.cache.close_key(desc)
@@ -1628,6 +1632,9 @@ class KeyfenceOperations(pyfuse3.Operations):
                 err.errno or errno.EIO,
                 f"mount {self.mountpoint} could not write back: {err.strerror or err}",
             ) from None
+        finally:
+            if early is not None:
+                early.join()
         going.report_progress(0, f"{self.mountpoint}: evicting")
         eviction = self._in_loop(lambda: self._evict(binding))
         self._invalidate(eviction)
@@ -1644,6 +1651,34 @@ class KeyfenceOperations(pyfuse3.Operations):
                     "files": eviction.busy,
                 },
             )
+
+    def _drop_kernel_pages_early(self, key: str) -> threading.Thread | None:
+        """Start dropping the kernel's cached pages of big files under
+        ``key`` on a thread of its own, while they are written back.
+
+        The eviction drops them anyway, but after the write-back: for 1 GiB
+        that is ~0.15 s of page-by-page work the removal waited for, which
+        runs beside the write-back's sealing and storing instead.  Safe at
+        any time: the pages are clean (no writeback cache) or written back
+        by the kernel first, and a read meanwhile only fetches them again.
+        """
+        if not self.mounted or self.closed or self.options.writeback_cache:
+            return None
+        inodes = [f.ino for f in self.cache.files(key) if f.size >= _EARLY_DROP_BYTES]
+        if not inodes:
+            return None
+
+        def drop() -> None:
+            for ino in inodes:
+                try:
+                    fuse_kernel.invalidate_inode(ino)
+                except OSError as err:
+                    if err.errno != errno.ENOENT:
+                        log.debug("invalidate inode %d: %s", ino, err)
+
+        thread = threading.Thread(target=drop, name="keyfence-drop-pages", daemon=True)
+        thread.start()
+        return thread
 
     def _key_dropped(self, binding: Binding, going: GoingAway) -> None:
         desc = binding.description
