@@ -257,6 +257,69 @@ def test_scattered_pages_are_written_back_in_batches(tmp_path: Path, pipelined: 
     assert f.read_all() == bytes(want)
 
 
+class _CountingPwrite:
+    """``os.pwrite`` that records the storing threads and can fail once."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.real = os.pwrite
+        self.calls = 0
+        self.offsets: list[int] = []
+        self.threads: set[str] = set()
+        self.fail_at = fail_at
+        self.lock = threading.Lock()
+
+    def __call__(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        with self.lock:
+            self.calls += 1
+            self.offsets.append(offset)
+            self.threads.add(threading.current_thread().name)
+            if self.calls == self.fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.real(fd, data, offset)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: one thread stores")
+def test_a_long_pass_seals_and_stores_on_two_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each thread seals a batch and stores it itself: the flushing thread
+    # stores too, not only the store thread (before: only the store thread);
+    # and in order, so that a worker dying between two stores leaves no
+    # hole in a growing file (tests/fs/test_faults.py, killed mid-flush)
+    cache = PageCache(dirty_limit=64 << 20, expire=60, chunk_pages=4)
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(256 * PAGE_SIZE + 77)
+    cache.write(f.file, 0, data)
+    pwrite = _CountingPwrite()
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    cache.flush(f.file)
+    monkeypatch.undo()
+    assert cache.dirty_bytes == 0
+    assert decrypt_backing(f.path) == data
+    assert len(pwrite.threads) == 2, pwrite.threads
+    assert pwrite.offsets == sorted(pwrite.offsets)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 7, 30])
+def test_a_failed_store_in_a_long_pass_fails_the_flush_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    cache = PageCache(dirty_limit=64 << 20, expire=60, chunk_pages=4)
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(200 * PAGE_SIZE + 5)
+    cache.write(f.file, 0, data)
+    monkeypatch.setattr(os, "pwrite", _CountingPwrite(fail_at))
+    with pytest.raises(OSError) as err:
+        cache.flush(f.file)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert cache.dirty_bytes > 0  # what was not stored is still dirty
+    assert f.read_all() == data
+    cache.flush(f.file)  # the disk has room again
+    assert cache.dirty_bytes == 0
+    assert decrypt_backing(f.path) == data
+
+
 def test_batch_encryption_matches_the_records_of_single_blocks() -> None:
     cipher = MASTER.file_cipher(bytes(16))
     indexes = [7, 2, 1000, 3]

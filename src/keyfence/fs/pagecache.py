@@ -260,6 +260,31 @@ class _StartIO:
         self.stored = 0
 
 
+class _Pass:
+    """What the two threads of a pipelined flush pass share (under
+    :attr:`PageCache.lock`): the dirty pages to go, where they are in it,
+    the batches taken and stored (in that order), the bytes written, the
+    disk writes to start, and whether one failed."""
+
+    __slots__ = ("failed", "order", "pos", "started", "stored", "taken", "turns", "written")
+
+    def __init__(self, order: list[int], started: _StartIO | None, lock: threading.Lock) -> None:
+        self.order = order
+        self.pos = 0
+        self.taken = 0
+        self.stored = 0
+        self.turns = threading.Condition(lock)
+        """Notified (under the cache's lock) when a batch is stored or a
+        thread failed."""
+        self.written = 0
+        self.started = started
+        self.failed = False
+
+
+_TWO_CPUS = len(os.sched_getaffinity(0)) > 1
+"""Whether a pipelined pass takes a second thread (fixed at import: the
+worker's affinity does not change)."""
+
 START_IO_BYTES = 8 << 20
 """Write-back that an fsync follows starts the disk writes every 8 MiB, so
 the fsync finds the work under way instead of starting all of it."""
@@ -825,41 +850,60 @@ class PageCache:
         done: int,
         start_io: bool,
     ) -> int:
-        """A pass of several batches: this thread encrypts batch k+1 into one
-        of two reused buffers while the store thread writes batch k (and
-        starts its disk writes); at most one store is outstanding."""
-        buffers = (RecordBuffer(self.chunk_pages), RecordBuffer(self.chunk_pages))
-        pending: Future[int] | None = None
-        started = _StartIO() if start_io else None
-        written = 0
-        pos = 0
-        turn = 0
+        """A pass of several batches on two threads alike, this one and the
+        store thread: each takes the next batch (under the lock), seals it
+        into a buffer of its own (no lock) and stores it (under the lock,
+        one ``pwrite``), then takes the next.  So one thread seals while the
+        other stores, on two cores.  Batches are stored in the order they
+        were taken: a file growing out of order would leave a hole, which
+        reads as zeros, if the worker died between the two stores (a
+        thread waits for the other's store, not for its sealing).  On one
+        CPU this thread does it all."""
+        shared = _Pass(order, _StartIO() if start_io else None, self.lock)
+        helper: Future[None] | None = None
+        if _TWO_CPUS:
+            helper = self._store_executor().submit(self._flush_worker, f, shared, None, 0)
         try:
-            while pos < len(order):
+            self._flush_worker(f, shared, progress, done)
+        except BaseException:  # shared.failed is set
+            # failing already: let the helper end first (cancel(): it had not
+            # started, another file's pass has the thread)
+            if helper is not None and not helper.cancel():
+                with contextlib.suppress(Exception):
+                    helper.result()
+            raise
+        if helper is not None and not helper.cancel():
+            helper.result()  # its error (ENOSPC...) is this pass's
+        return shared.written
+
+    def _flush_worker(
+        self, f: CachedFile, shared: _Pass, progress: Progress | None, done: int
+    ) -> None:
+        """One thread's part of :meth:`_flush_pipelined`."""
+        out = RecordBuffer(self.chunk_pages)
+        order = shared.order
+        try:
+            while True:
                 with self.lock:
-                    batch, pos = self._next_batch_locked(f, order, pos)
+                    if shared.failed or shared.pos >= len(order):
+                        return
+                    batch, shared.pos = self._next_batch_locked(f, order, shared.pos)
+                    turn = shared.taken
+                    if batch:
+                        shared.taken += 1
                 if not batch:
                     continue
-                records = self._encrypt_batch(batch, buffers[turn])
-                turn ^= 1
-                if pending is not None:
-                    written += pending.result()
-                    pending = None
-                    if progress is not None:
-                        progress(done + written)
-                pending = self._store_executor().submit(
-                    self._store_and_start_io, f, batch, records, started
-                )
-            if pending is not None:
-                written += pending.result()
-                pending = None
+                records = self._encrypt_batch(batch, out)
+                stored = self._store_and_start_io(f, batch, records, shared, turn)
+                if stored < 0:
+                    return  # the other thread failed
                 if progress is not None:
-                    progress(done + written)
-        finally:
-            if pending is not None:  # failing already: let the store end first
-                with contextlib.suppress(Exception):
-                    pending.result()
-        return written
+                    progress(done + stored)
+        except BaseException:
+            with self.lock:
+                shared.failed = True
+                shared.turns.notify_all()
+            raise
 
     def _store_executor(self) -> ThreadPoolExecutor:
         with self._store_thread_lock:
@@ -872,11 +916,51 @@ class PageCache:
         f: CachedFile,
         batch: list[_Chunk],
         records: list[memoryview],
-        started: _StartIO | None,
+        shared: _Pass,
+        turn: int,
     ) -> int:
-        written = self._store_batch(f, batch, records)
+        """Store the pass's batch number ``turn`` once those before it are;
+        the pass's bytes written so far (-1: the other thread failed).
+        Every :data:`START_IO_BYTES` stored, start the disk writing them."""
+        spent: list[list[bytearray | memoryview]] = []
+        try:
+            with self.lock:
+                while shared.stored != turn and not shared.failed:
+                    shared.turns.wait()
+                if shared.failed:
+                    return -1
+                total, start = self._store_locked(f, batch, records, shared, spent)
+                shared.stored += 1
+                shared.turns.notify_all()
+        finally:
+            for pages in spent:
+                _zero_pages(pages)
+        if start is not None:
+            fd, lo, hi = start
+            try:
+                start_writeback(fd, lo, hi - lo)
+            finally:
+                os.close(fd)
+        return total
+
+    def _store_locked(
+        self,
+        f: CachedFile,
+        batch: list[_Chunk],
+        records: list[memoryview],
+        shared: _Pass,
+        spent: list[list[bytearray | memoryview]],
+    ) -> tuple[int, tuple[int, int, int] | None]:
+        """:meth:`_store_and_start_io` under the lock: the pass's bytes
+        written so far and, when due, the range whose disk writes to start
+        (with a descriptor of its own of the backing file, closed by the
+        caller: the file's may be closed meanwhile)."""
+        written = self._store_batch_locked(f, batch, records, spent)
+        shared.written += written
+        total = shared.written
+        started = shared.started
         if started is None:
-            return written
+            return total, None
         # the range spans the batches stored since the last start (with
         # gaps, for scattered pages: the kernel skips what is not dirty)
         lo = record_offset(batch[0].first)
@@ -884,16 +968,13 @@ class PageCache:
         started.lo = lo if started.lo < 0 else min(started.lo, lo)
         started.hi = max(started.hi, hi)
         started.stored += sum(len(r) for r in records)
-        if started.stored >= START_IO_BYTES:
-            with self.lock:
-                fd = os.dup(f.fd) if f.fd >= 0 else -1
-            if fd >= 0:
-                try:
-                    start_writeback(fd, started.lo, started.hi - started.lo)
-                finally:
-                    os.close(fd)
-            started.lo, started.hi, started.stored = -1, -1, 0
-        return written
+        if started.stored < START_IO_BYTES:
+            return total, None
+        lo, hi = started.lo, started.hi
+        started.lo, started.hi, started.stored = -1, -1, 0
+        if f.fd < 0:
+            return total, None
+        return total, (os.dup(f.fd), lo, hi)
 
     def _next_batch_locked(
         self, f: CachedFile, order: list[int], pos: int
@@ -980,18 +1061,42 @@ class PageCache:
         return _Chunk(first, run, versions, blocks, last_len, f.generation, f.cipher), pos
 
     def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
-        """:meth:`_store_chunk_locked` for every run of a batch, under one lock hold."""
-        with self.lock:
-            return sum(
-                self._store_chunk_locked(f, chunk, rec)
-                for chunk, rec in zip(batch, records, strict=True)
-            )
+        """:meth:`_store_chunk_locked` for every run of a batch, under one
+        lock hold; the written pages are zeroed after it."""
+        spent: list[list[bytearray | memoryview]] = []
+        try:
+            with self.lock:
+                return self._store_batch_locked(f, batch, records, spent)
+        finally:
+            for pages in spent:
+                _zero_pages(pages)
+
+    def _store_batch_locked(
+        self,
+        f: CachedFile,
+        batch: list[_Chunk],
+        records: list[memoryview],
+        spent: list[list[bytearray | memoryview]],
+    ) -> int:
+        return sum(
+            self._store_chunk_locked(f, chunk, rec, spent)
+            for chunk, rec in zip(batch, records, strict=True)
+        )
 
     def _store_chunk_locked(
-        self, f: CachedFile, chunk: _Chunk, records: bytearray | memoryview
+        self,
+        f: CachedFile,
+        chunk: _Chunk,
+        records: bytearray | memoryview,
+        spent: list[list[bytearray | memoryview]],
     ) -> int:
         """Write the records of the pages that did not change since the
-        snapshot (same page object, same version) and forget those pages."""
+        snapshot (same page object, same version) and forget those pages.
+
+        Their buffers go to ``spent``, to be zeroed once the lock is let go
+        (:func:`_zero_pages`): out of the cache, nothing else refers to them,
+        and the lock, which the other flushing thread and the writers wait
+        for, is not held for a ``memset`` of each batch."""
         count = len(chunk.pages)
         if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
             return 0
@@ -1040,9 +1145,10 @@ class PageCache:
             while done < len(data):
                 done += os.pwrite(f.fd, data[done:], offset + done)
             f.disk_size = max(f.disk_size, offset + len(data))
-            # written: its plaintext is zeroed before the memory goes back
-            # to the allocator (docs/security.md)
-            _zero_pages(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
+            # written: its plaintext is zeroed (by the caller, once the lock
+            # is let go) before the memory goes back to the allocator
+            # (docs/security.md)
+            spent.append(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
             self._dirty_pages -= j - k + 1
             written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
             k = j + 1
