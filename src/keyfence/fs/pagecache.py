@@ -29,10 +29,13 @@ encrypts the page buffers (snapshotted with their versions, not copied)
 outside the lock and, back under the lock, writes only the pages whose
 version did not change meanwhile (every change of a page's bytes bumps its
 version under the lock, so a record of a page changed mid-encryption is
-never stored; the page stays dirty and is written by a later pass).  A pass
-of several chunks is a pipeline: the flushing thread encrypts the next chunk
-while one store thread writes the previous one and, when an fsync follows,
-starts its disk writes (``sync_file_range``) every few MiB.  Truncation and a new file id bump
+never stored; the page stays dirty and is written by a later pass; written
+pages are zeroed after the lock is let go, being out of the cache).  A pass
+of several chunks runs on two threads alike (the flushing thread and the
+store thread): each snapshots the next chunk, encrypts it and stores it, so
+one encrypts while the other stores; stores keep the order the chunks were
+taken (a growing file never has a hole), and when an fsync follows they
+start the disk writes (``sync_file_range``) every few MiB.  Truncation and a new file id bump
 the file's generation, which discards chunks encrypted before.  So flushes
 may run concurrently (on different threads) without losing or reordering
 data; ``CachedFile.flushing`` only keeps two threads from encrypting the
