@@ -59,7 +59,7 @@ from operator import attrgetter
 from typing import cast
 
 from keyfence.errors import KeyfenceError, fail
-from keyfence.fs import wipe
+from keyfence.fs import sealer, wipe
 from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
@@ -284,9 +284,11 @@ class _Pass:
         self.failed = False
 
 
-_TWO_CPUS = len(os.sched_getaffinity(0)) > 1
-"""Whether a pipelined pass takes a second thread (fixed at import: the
-worker's affinity does not change)."""
+_TWO_SEALERS = len(os.sched_getaffinity(0)) > 1 and sealer.NATIVE is not None
+"""Whether a pipelined pass takes a second thread: with two CPUs and the
+native sealer, which lets the GIL go for a whole batch (the Python path
+holds it per record, and two sealers taking turns at it seal slower than
+one: docs/performance.md, "Crypto on every core").  Fixed at import."""
 
 START_IO_BYTES = 8 << 20
 """Write-back that an fsync follows starts the disk writes every 8 MiB, so
@@ -864,7 +866,7 @@ class PageCache:
         CPU this thread does it all."""
         shared = _Pass(order, _StartIO() if start_io else None, self.lock)
         helper: Future[None] | None = None
-        if _TWO_CPUS:
+        if _TWO_SEALERS:
             helper = self._store_executor().submit(self._flush_worker, f, shared, None, 0)
         try:
             self._flush_worker(f, shared, progress, done)
