@@ -622,6 +622,35 @@ def test_open_files_lose_their_key_too_unlike_fscrypt(enc: Enc) -> None:
     assert (enc.dir / "open").read_bytes() == b"again" + data[5:]
 
 
+def test_a_small_new_files_write_is_on_disk_before_its_close(enc: Enc) -> None:
+    """The first write of a new file (up to 64 KiB at offset 0) is sealed
+    and stored by the write itself (PageCache._write_through): the backing
+    file is whole while the file is still open, and an emergency removal
+    has nothing of it to drop; a second write to another file is cached
+    (dirty) and dropped."""
+    data = os.urandom(5000)
+    small = os.open(enc.dir / "small", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    other = os.open(enc.dir / "other", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert os.write(small, data) == len(data)
+        backing = backing_file_of(enc, "small")
+        assert backing.stat().st_size == backing_size(len(data))
+        assert decrypt_backing_file(backing, enc.master) == data
+        os.write(other, b"first")
+        os.write(other, b" and cached")
+        enc.lock(emergency=True)
+        deadline = time.monotonic() + 10
+        while not (dropped := enc.mount.reports("dropped")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert dropped and dropped[-1]["files"] == {"enc/other": len("first and cached")}
+    finally:
+        os.close(small)
+        os.close(other)
+    enc.unlock()
+    assert (enc.dir / "small").read_bytes() == data
+    assert (enc.dir / "other").read_bytes() == b"first"
+
+
 def test_after_lock_pages_the_kernel_cached_are_gone(enc: Enc) -> None:
     data = os.urandom(1 << 20)
     (enc.dir / "cached").write_bytes(data)
@@ -634,7 +663,19 @@ def test_after_lock_pages_the_kernel_cached_are_gone(enc: Enc) -> None:
     assert errno_of(os.stat, enc.dir / "cached") == errno.ENOENT
 
 
-def test_emergency_removal_drops_and_reports(enc: Enc) -> None:
+@pytest.fixture
+def cached_enc(tmp_path: Path) -> Iterator[Enc]:
+    """``enc`` on a mount that caches first writes too (``--write-through 0``):
+    for tests of what happens to dirty data, small files included."""
+    m = Mount(tmp_path, "--dirty-expire", "60", "--write-through", "0", name="c")
+    try:
+        yield Enc(m)
+    finally:
+        m.unmount_checked()
+
+
+def test_emergency_removal_drops_and_reports(cached_enc: Enc) -> None:
+    enc = cached_enc
     (enc.dir / "safe").write_bytes(b"written before")
     dirty = os.urandom(3 * 4096 + 100)
     io = open(enc.dir / "lost", "w+b", buffering=0)  # noqa: SIM115

@@ -32,6 +32,7 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.pagecache import (
     PAGE_SIZE,
+    WRITE_THROUGH_BYTES,
     CachedFile,
     Flusher,
     PageCache,
@@ -67,7 +68,10 @@ class Opened:
 
 @pytest.fixture
 def cache() -> Iterator[PageCache]:
-    c = PageCache(dirty_limit=1 << 20, expire=60, label_of=lambda ino: f"file{ino}")
+    # write_through=0: a first write stays dirty too (what these tests are about)
+    c = PageCache(
+        dirty_limit=1 << 20, expire=60, label_of=lambda ino: f"file{ino}", write_through=0
+    )
     yield c
 
 
@@ -87,6 +91,98 @@ def test_reads_see_unflushed_writes_and_nothing_is_on_disk(
     assert decrypt_backing(f.path) == data
     assert data[:64] not in f.path.read_bytes()
     assert f.read_all() == data
+
+
+@pytest.mark.parametrize(
+    "size", [1, PAGE_SIZE - 1, PAGE_SIZE, 3 * PAGE_SIZE + 5, WRITE_THROUGH_BYTES]
+)
+def test_a_small_files_first_write_is_stored_at_once(tmp_path: Path, size: int) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(size)
+    before = time.time_ns()
+    assert cache.write(f.file, 0, data) == size
+    assert cache.dirty_bytes == 0 and not cache.has_write_back(f.file)
+    st = f.path.stat()
+    assert st.st_size == backing_size(size)
+    assert st.st_mtime_ns >= before - 10_000_000  # the write's own (coarse clock)
+    assert decrypt_backing(f.path) == data
+    assert f.read_all() == data
+    assert cache.flush(f.file) == 0  # nothing left for close(2)
+    assert f.path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_writes_after_a_stored_first_write_go_through_the_cache(tmp_path: Path) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    model = bytearray(os.urandom(5000))  # a short second block on disk
+    cache.write(f.file, 0, model)
+    cache.write(f.file, 5000, b"appended")  # into the short block: read back first
+    model += b"appended"
+    cache.write(f.file, 10, b"x" * 3)  # an overwrite
+    model[10:13] = b"x" * 3
+    assert cache.dirty_bytes == 2 * PAGE_SIZE
+    assert f.read_all() == model
+    cache.flush(f.file)
+    assert decrypt_backing(f.path) == model
+
+
+@pytest.mark.parametrize(
+    "first",
+    [(1, b"not at 0"), (0, os.urandom(WRITE_THROUGH_BYTES + 1))],
+    ids=["offset", "large"],
+)
+def test_other_first_writes_stay_in_the_cache(tmp_path: Path, first: tuple[int, bytes]) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    off, data = first
+    cache.write(f.file, off, data)
+    assert cache.dirty_bytes > 0 and f.path.stat().st_size == 0
+    cache.flush(f.file)
+    assert decrypt_backing(f.path) == bytes(off) + data
+
+
+def test_an_emptied_file_is_stored_at_once_under_a_new_file_id(tmp_path: Path) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"first")
+    old_id = f.path.read_bytes()[:FILE_HEADER_SIZE]
+    cache.truncate(f.file, 0)
+    cache.write(f.file, 0, b"second")
+    assert cache.dirty_bytes == 0
+    assert f.path.read_bytes()[:FILE_HEADER_SIZE] != old_id
+    assert decrypt_backing(f.path) == b"second"
+
+
+def test_a_first_write_during_a_removal_is_refused(tmp_path: Path) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    cache.close_key(KEY)
+    with pytest.raises(OSError) as err:
+        cache.write(f.file, 0, b"late")
+    assert err.value.errno == errno.ENOKEY
+    assert f.path.stat().st_size == 0
+
+
+def test_a_failed_first_write_leaves_the_file_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = PageCache()
+    f = Opened(cache, tmp_path / "a")
+    real = os.pwritev
+
+    def full(fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
+        real(fd, [bytes(buffers[0])[:10]], offset)  # a torn start, then no room
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", full)
+    with pytest.raises(OSError) as err:
+        cache.write(f.file, 0, b"no room")
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC
+    assert f.path.stat().st_size == 0 and f.file.size == 0 and cache.dirty_bytes == 0
+    assert cache.write(f.file, 0, b"room again") == 10
+    assert decrypt_backing(f.path) == b"room again"
 
 
 def test_read_modify_write_after_flush(cache: PageCache, tmp_path: Path) -> None:
@@ -402,7 +498,7 @@ def test_concurrent_flushers_and_writer_lose_nothing(tmp_path: Path) -> None:
 )
 def test_model(tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
     path = tmp_path / f"m{time.monotonic_ns()}"
-    cache = PageCache(chunk_pages=3)
+    cache = PageCache(chunk_pages=3, write_through=0)
     f = Opened(cache, path)
     model = bytearray()
     for step, (op, a, b) in enumerate(ops):
@@ -432,7 +528,7 @@ def test_model(tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
 
 
 def test_flusher_writes_back_expired_pages(tmp_path: Path) -> None:
-    cache = PageCache(expire=0.1)
+    cache = PageCache(expire=0.1, write_through=0)
     flusher = Flusher(cache)
     flusher.start()
     try:

@@ -44,7 +44,8 @@ def test_written_pages_are_zeroed_whatever_the_runs(
 def test_a_rewritten_page_keeps_its_write_buffer_alive(tmp_path: Path) -> None:
     # a page rewritten in place after the snapshot stays dirty, in the large
     # write's buffer: writing back the others of that buffer must not zero it
-    cache = PageCache(dirty_limit=64 << 20, expire=60, chunk_pages=16)
+    # (write_through=0: the large write stays in the cache)
+    cache = PageCache(dirty_limit=64 << 20, expire=60, chunk_pages=16, write_through=0)
     f = Opened(cache, tmp_path / "a")
     data = bytearray(os.urandom(16 * PAGE_SIZE))
     cache.write(f.file, 0, data)

@@ -390,6 +390,7 @@ def add_parsers(sub: Any) -> None:
         action="append",
         metavar="OPT[,OPT...]",
         help="mount options: dirty_limit=SIZE, dirty_expire=SEC, attr_timeout=SEC, "
+        "write_through=SIZE, "
         "readahead_kb=KB, max_tasks=N, spin_us=US, fuse_loop=keyfence|pyfuse3, writeback_cache, "
         "allow_other, "
         "nonempty, debug",

@@ -79,6 +79,7 @@ from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
     DEFAULT_EXPIRE,
+    WRITE_THROUGH_BYTES,
     CachedFile,
     Flusher,
     PageCache,
@@ -128,6 +129,7 @@ class MountOptions:
     attr_timeout: float = DEFAULT_ATTR_TIMEOUT
     writeback_cache: bool = False
     chunk_pages: int = DEFAULT_CHUNK_PAGES
+    write_through: int = WRITE_THROUGH_BYTES
 
 
 def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -228,6 +230,7 @@ class KeyfenceOperations(pyfuse3.Operations):
             expire=self.options.dirty_expire,
             chunk_pages=self.options.chunk_pages,
             label_of=self.log_label,
+            write_through=self.options.write_through,
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
@@ -1259,8 +1262,8 @@ class KeyfenceOperations(pyfuse3.Operations):
     async def _write_back(self, f: CachedFile) -> None:
         """Write a file back: small ones inline (a thread hop costs more than
         encrypting a few pages), big ones on a worker thread."""
-        if not f.pages and (f.size == 0 or f.master is None):
-            return
+        if not self.cache.has_write_back(f):
+            return  # e.g. a small file stored at its write (PageCache._write_through)
         if not self.cache.try_flush(f):
             await self.run_blocking(self.cache.flush, f)
 

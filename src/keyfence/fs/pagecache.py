@@ -290,6 +290,10 @@ native sealer, which lets the GIL go for a whole batch (the Python path
 holds it per record, and two sealers taking turns at it seal slower than
 one: docs/performance.md, "Crypto on every core").  Fixed at import."""
 
+WRITE_THROUGH_BYTES = 16 * PAGE_SIZE
+"""The largest first write of an empty file stored at once, by default
+(:meth:`PageCache._write_through`)."""
+
 START_IO_BYTES = 8 << 20
 """Write-back that an fsync follows starts the disk writes every 8 MiB, so
 the fsync finds the work under way instead of starting all of it."""
@@ -307,9 +311,12 @@ class PageCache:
         prefetch: int = DEFAULT_PREFETCH,
         label_of: Callable[[int], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        write_through: int = WRITE_THROUGH_BYTES,
     ) -> None:
         if dirty_limit < PAGE_SIZE:
             raise ValueError("dirty limit below one page")
+        self.write_through = write_through
+        """The largest first write of an empty file stored at once (0: none)."""
         self.lock = threading.Lock()
         self.dirty_limit = dirty_limit
         self.expire = expire
@@ -634,11 +641,17 @@ class PageCache:
             self._wakeup.notify_all()
 
     def write(self, f: CachedFile, off: int, data: bytes | bytearray | memoryview) -> int:
-        """Copy ``data`` into dirty pages at ``off``; returns its length."""
+        """Copy ``data`` into dirty pages at ``off``; returns its length.
+
+        The first write of a new (or emptied) file, of at most
+        :attr:`write_through` bytes at offset 0, is sealed and stored at
+        once instead (:meth:`_write_through`)."""
         n = len(data)
         if n == 0:
             return 0
         view = memoryview(data).cast("B")
+        if off == 0 and n <= self.write_through and f.size == 0 and self._write_through(f, view):
+            return n
         if n == PAGE_SIZE and not off % PAGE_SIZE:
             return self._write_page(f, off // PAGE_SIZE, view)
         with self.lock:
@@ -709,6 +722,70 @@ class PageCache:
             f.mtime_ns = time.time_ns()
             self._mark_dirty_locked(f)
         return n
+
+    def _write_through(self, f: CachedFile, view: memoryview) -> bool:
+        """Seal ``view`` as the whole of an empty file and store it, header
+        and records in one ``pwritev``, as gocryptfs writes; False (nothing
+        done) unless the file is empty with nothing dirty, on disk or
+        pending (the caller caches the write then).
+
+        A small file is mostly written once and closed (``tar``, ``git``,
+        an editor saving): through the cache, its close paid for a page
+        snapshot, a write-back pass and an ``futimens`` to put the write's
+        mtime back, about as much again as the write.  Stored at the write,
+        the file has the write's mtime, nothing is dirty, close(2) has
+        nothing to do, and an error (ENOSPC) is the write's own.  A later
+        write into the short last block reads it back first, as a write
+        into any file on disk does.  Sealed outside the lock (the cipher
+        and generation checked again before storing), stored under it: one
+        ``pwrite`` of at most :attr:`write_through` bytes of records.
+        """
+        with self.lock:
+            self._check_usable_locked(f, writing=True)
+            if f.size or f.pages or f.disk_size or f.fd < 0 or f.mtime_ns is not None:
+                return False
+            master = f.master
+            assert master is not None  # _check_usable_locked
+            if f.cipher is None:
+                f.cipher = master.file_cipher(os.urandom(FILE_ID_SIZE))
+                f.header_on_disk = False
+            cipher, generation = f.cipher, f.generation
+        n = len(view)
+        count = (n + PAGE_SIZE - 1) // PAGE_SIZE
+        out = memoryview(bytearray(count * RECORD_SIZE))
+        blocks = [view[pos : pos + PAGE_SIZE] for pos in range(0, n, PAGE_SIZE)]
+        records = out[: cipher.encrypt_indexed_into(range(count), blocks, out, checked=True)]
+        header = FileHeader(cipher.file_id).serialize()
+        with self.lock:
+            self._check_usable_locked(f, writing=True)
+            if (
+                f.generation != generation
+                or f.cipher is not cipher
+                or f.size
+                or f.pages
+                or f.disk_size
+                or f.fd < 0
+                or f.mtime_ns is not None
+            ):
+                return False  # changed meanwhile: through the cache
+            try:
+                done = os.pwritev(f.fd, [header, records], 0)
+                while done < len(header) + len(records):  # short: the rest
+                    if done < len(header):
+                        done += os.pwrite(f.fd, header[done:], done)
+                    else:
+                        rest = records[done - len(header) :]
+                        done += os.pwrite(f.fd, rest, done)
+            except BaseException:
+                # nothing of it counts: the next write starts the file again
+                with contextlib.suppress(OSError):
+                    os.ftruncate(f.fd, 0)
+                raise
+            f.header_on_disk = True
+            f.disk_size = len(header) + len(records)
+            f.size = n
+            self.stats["written_bytes"] += n
+        return True
 
     def _write_page(self, f: CachedFile, idx: int, view: memoryview) -> int:
         """:meth:`write` of one whole, aligned page (random 4 KiB writes):
@@ -796,6 +873,14 @@ class PageCache:
         """
         with f.flushing:
             return self._flush_locked_file(f, progress, start_io)
+
+    @staticmethod
+    def has_write_back(f: CachedFile) -> bool:
+        """Whether ``f`` may have something to write back (a hint, read
+        without the lock: :meth:`flush` decides under it)."""
+        if f.pages:
+            return True
+        return f.master is not None and f.size > 0 and f.disk_size < backing_size(f.size)
 
     def try_flush(self, f: CachedFile, max_pages: int = 64) -> bool:
         """Write back a file with at most ``max_pages`` dirty pages now, if no

@@ -12,6 +12,8 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --dirty-limit SIZE     dirty plaintext the page cache may hold (64M)
     --dirty-expire SEC     age after which dirty pages are written back (5)
     --writeback-cache      let the kernel cache writes too (off)
+    --write-through SIZE   a new file's first write up to SIZE (at offset 0) is
+                           sealed and stored at once, not cached (64K; 0: never)
     --readahead-kb KB      the mount's readahead window (1024; 0: kernel's)
     --attr-timeout SEC     how long the kernel may cache names and attributes (10)
     --allow-other          other users may use the mount (root's default)
@@ -62,7 +64,7 @@ from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
-from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE
+from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
 
 __all__ = ["DEFAULT_READAHEAD_KB", "main", "parse_size", "run"]
 
@@ -87,6 +89,16 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _write_through(text: str) -> int:
+    """``0`` (never) or a size up to 1M (the largest FUSE write)."""
+    if text.strip() == "0":
+        return 0
+    value = parse_size(text)
+    if value > 1 << 20:
+        raise argparse.ArgumentTypeError(f"at most 1M: {text!r}")
+    return value
+
+
 def _spin_us(text: str) -> int:
     try:
         value = int(text)
@@ -106,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dirty-limit", type=parse_size, default=DEFAULT_DIRTY_LIMIT)
     p.add_argument("--dirty-expire", type=float, default=DEFAULT_EXPIRE)
     p.add_argument("--writeback-cache", action="store_true")
+    p.add_argument("--write-through", type=_write_through, default=WRITE_THROUGH_BYTES)
     p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
     p.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT)
     p.add_argument("--max-tasks", type=int, default=64)
@@ -505,6 +518,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         dirty_expire=args.dirty_expire,
         attr_timeout=args.attr_timeout,
         writeback_cache=args.writeback_cache,
+        write_through=args.write_through,
     )
     return run(
         args.backing,

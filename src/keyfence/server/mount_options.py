@@ -41,6 +41,16 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _write_through(text: str) -> int:
+    """``0`` (never) or a size up to 1M (the largest FUSE write)."""
+    if text.strip() == "0":
+        return 0
+    value = parse_size(text)
+    if value > 1 << 20:
+        raise ValueError(f"at most 1M: {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -94,6 +104,12 @@ OPTIONS: dict[str, _Option] = {
     "attr_timeout": _Option(
         "attr_timeout", _seconds, "--attr-timeout", "seconds the kernel caches entries (10)"
     ),
+    "write_through": _Option(
+        "write_through",
+        _write_through,
+        "--write-through",
+        "a new file's first write up to this size is stored at once (64K; 0: never)",
+    ),
     "readahead_kb": _Option(
         "readahead_kb", _count(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"
     ),
@@ -125,6 +141,7 @@ class MountRequestOptions:
     dirty_limit: int | None = None
     dirty_expire: float | None = None
     attr_timeout: float | None = None
+    write_through: int | None = None
     readahead_kb: int | None = None
     max_tasks: int | None = None
     spin_us: int | None = None
