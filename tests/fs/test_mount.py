@@ -913,21 +913,27 @@ def chunks_ok(data: bytes, n: int) -> bool:
     return all(data[i << 16 : (i + 1) << 16] == struct.pack(">Q", i) * 8192 for i in range(n))
 
 
+def lock_during(enc: Enc, script: str, *args: str, settle: float) -> list[str]:
+    """Run ``script`` (it prints "started", then one line when its I/O
+    fails), lock ``enc`` ``settle`` seconds after it started: the words
+    of that line."""
+    with subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "started"
+        time.sleep(settle)
+        enc.lock()
+        words = child.stdout.readline().split()
+        child.wait(30)
+    return words
+
+
 def test_removal_under_load_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     m = Mount(tmp_path, "--dirty-expire", "60", name="load")
     try:
         e = Enc(m)
-        with subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(e.dir / "stream")],
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as writer:
-            assert writer.stdout is not None
-            assert writer.stdout.readline().strip() == "started"
-            time.sleep(0.5)
-            e.lock()
-            line = writer.stdout.readline().split()
-            writer.wait(30)
+        line = lock_during(e, WRITER, str(e.dir / "stream"), settle=0.5)
         acknowledged, code = int(line[0]), int(line[1])
         assert code == errno.ENOKEY
         assert acknowledged > 10
@@ -1089,30 +1095,27 @@ while True:
 """
 
 
+def lock_while_reading(enc: Enc, name: str, data: bytes) -> tuple[str, str]:
+    """Lock ``enc`` while another process reads ``name`` over and over
+    (READER, comparing with ``data``): (whole good reads, how it ended)."""
+    expected = enc.mount.tmp / "expected"
+    expected.write_bytes(data)
+    good, _short, outcome = lock_during(enc, READER, str(enc.dir / name), str(expected), settle=0.3)
+    return good, outcome
+
+
 def test_big_dirty_file_read_during_its_write_back_keeps_its_bytes(enc: Enc) -> None:
     """A file of 32 MiB (past the size whose kernel pages a removal drops
     beside the write-back, fs/ops.py ``_drop_kernel_pages_early``), all of
     it dirty in the worker and open, read over and over while the key goes:
     every read is right or ENOKEY, and the bytes are all there after."""
     data = os.urandom(32 << 20)
-    expected = enc.mount.tmp / "expected"
-    expected.write_bytes(data)
     writer = os.open(enc.dir / "big", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         view = memoryview(data)
         for off in range(0, len(data), 1 << 20):
             os.pwrite(writer, view[off : off + (1 << 20)], off)
-        with subprocess.Popen(
-            [sys.executable, "-c", READER, str(enc.dir / "big"), str(expected)],
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as reader:
-            assert reader.stdout is not None
-            assert reader.stdout.readline().strip() == "started"
-            time.sleep(0.3)
-            enc.lock()
-            good, _short, outcome = reader.stdout.readline().split()
-            reader.wait(30)
+        good, outcome = lock_while_reading(enc, "big", data)
     finally:
         os.close(writer)
     assert int(good) > 0
@@ -1124,18 +1127,6 @@ def test_big_dirty_file_read_during_its_write_back_keeps_its_bytes(enc: Enc) -> 
 def test_removal_under_concurrent_reads_never_serves_garbage(enc: Enc) -> None:
     data = os.urandom(8 << 20)
     (enc.dir / "r").write_bytes(data)
-    expected = enc.mount.tmp / "expected"
-    expected.write_bytes(data)
-    with subprocess.Popen(
-        [sys.executable, "-c", READER, str(enc.dir / "r"), str(expected)],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as reader:
-        assert reader.stdout is not None
-        assert reader.stdout.readline().strip() == "started"
-        time.sleep(0.3)
-        enc.lock()
-        good, _short, outcome = reader.stdout.readline().split()
-        reader.wait(30)
+    good, outcome = lock_while_reading(enc, "r", data)
     assert int(good) > 0
     assert outcome == str(errno.ENOKEY)
