@@ -355,10 +355,12 @@ def test_scattered_pages_are_written_back_in_batches(tmp_path: Path, pipelined: 
 
 
 class _CountingPwrite:
-    """``os.pwrite`` that records the storing threads and can fail once."""
+    """``os.pwrite`` that records the storing threads, can fail once, and
+    can take ``delay`` seconds (a slow disk)."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
         self.real = os.pwrite
+        self.delay = delay
         self.calls = 0
         self.offsets: list[int] = []
         self.threads: set[str] = set()
@@ -372,6 +374,8 @@ class _CountingPwrite:
             self.threads.add(threading.current_thread().name)
             if self.calls == self.fail_at:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.delay:
+            time.sleep(self.delay)
         return self.real(fd, data, offset)
 
 
@@ -387,7 +391,10 @@ def test_a_long_pass_seals_and_stores_on_two_threads(
     f = Opened(cache, tmp_path / "a")
     data = os.urandom(256 * PAGE_SIZE + 77)
     cache.write(f.file, 0, data)
-    pwrite = _CountingPwrite()
+    # a store that takes 2 ms: the pass lasts long enough for both threads
+    # to be scheduled (at full speed, on a loaded machine, the store thread
+    # once did the whole pass before the flushing thread first ran)
+    pwrite = _CountingPwrite(delay=0.002)
     monkeypatch.setattr(os, "pwrite", pwrite)
     cache.flush(f.file)
     monkeypatch.undo()
