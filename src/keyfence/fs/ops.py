@@ -1671,15 +1671,9 @@ class KeyfenceOperations(pyfuse3.Operations):
         if not inodes:
             return None
 
-        def drop() -> None:
-            for ino in inodes:
-                try:
-                    fuse_kernel.invalidate_inode(ino)
-                except OSError as err:
-                    if err.errno != errno.ENOENT:
-                        log.debug("invalidate inode %d: %s", ino, err)
-
-        thread = threading.Thread(target=drop, name="keyfence-drop-pages", daemon=True)
+        thread = threading.Thread(
+            target=self._invalidate_inodes, args=(inodes,), name="keyfence-drop-pages", daemon=True
+        )
         thread.start()
         return thread
 
@@ -1774,7 +1768,13 @@ class KeyfenceOperations(pyfuse3.Operations):
             except OSError as err:
                 if err.errno not in (errno.ENOENT, errno.ENOTDIR):
                     log.debug("invalidate entry %d/%r: %s", parent, name, err)
-        for ino in eviction.inodes:
+        self._invalidate_inodes(eviction.inodes)
+
+    @staticmethod
+    def _invalidate_inodes(inodes: list[int]) -> None:
+        """Drop the kernel's attributes and pages of each inode (one it no
+        longer knows is skipped).  May wait for requests: never a handler."""
+        for ino in inodes:
             try:
                 fuse_kernel.invalidate_inode(ino)
             except OSError as err:

@@ -742,7 +742,7 @@ class PageCache:
         """
         with self.lock:
             self._check_usable_locked(f, writing=True)
-            if f.size or f.pages or f.disk_size or f.fd < 0 or f.mtime_ns is not None:
+            if not self._blank_locked(f):
                 return False
             master = f.master
             assert master is not None  # _check_usable_locked
@@ -758,15 +758,7 @@ class PageCache:
         header = FileHeader(cipher.file_id).serialize()
         with self.lock:
             self._check_usable_locked(f, writing=True)
-            if (
-                f.generation != generation
-                or f.cipher is not cipher
-                or f.size
-                or f.pages
-                or f.disk_size
-                or f.fd < 0
-                or f.mtime_ns is not None
-            ):
+            if f.generation != generation or f.cipher is not cipher or not self._blank_locked(f):
                 return False  # changed meanwhile: through the cache
             try:
                 done = os.pwritev(f.fd, [header, records], 0)
@@ -873,6 +865,12 @@ class PageCache:
         """
         with f.flushing:
             return self._flush_locked_file(f, progress, start_io)
+
+    @staticmethod
+    def _blank_locked(f: CachedFile) -> bool:
+        """Empty, with nothing dirty, on disk or pending, and open: what
+        :meth:`_write_through` may store a whole file into."""
+        return not (f.size or f.pages or f.disk_size or f.fd < 0 or f.mtime_ns is not None)
 
     @staticmethod
     def has_write_back(f: CachedFile) -> bool:
