@@ -53,19 +53,37 @@ REGEN = os.environ.get("KFCTL_GOLDEN_REGEN") == "1"
 
 # ------------------------------------------------------------- normalizing
 
-_SERIAL = re.compile(r"(?m)(^ +)?(?<![\w.-])(0x[0-9a-f]{8}|[1-9][0-9]{5,9})(?![\w.])")
+_SERIAL = re.compile(r"(?m)(^ +)?(?<![\w.-])(0x[0-9a-f]{8}|[1-9][0-9]{0,9})(?![\w.])")
+# A serial is random in [3, 2**31): nearly always 6 digits or more, but one in
+# ~20,000 is shorter (CI once drew 81953). A shorter number is a serial only
+# if it also stands where only a serial can: a show line's id before its
+# permissions, "N: key inaccessible", "Joined session keyring: N", or in hex
+# as 0x and eight digits. Elsewhere ("rc=1", "2 keys in keyring:", a gid
+# 65534) a short number is itself.
+_SHORT_SERIAL_PLACES = re.compile(
+    r"(?m)^ *([1-9][0-9]{0,4})(?: [-a-z]{6,} |: key inaccessible)"
+    r"|keyring: ([1-9][0-9]{0,4})$"
+    r"|(?<![\w.-])0x([0-9a-f]{8})(?![\w.])"
+)
 
 
 def normalize(text: str) -> str:
     """Serials to <K1>, <K2>, ... by first appearance; kfctl to keyctl."""
+    sure = {
+        int(m[1] or m[2]) if m[3] is None else int(m[3], 16)
+        for m in _SHORT_SERIAL_PLACES.finditer(text)
+    }
     names: dict[int, str] = {}
 
     def name(match: re.Match[str]) -> str:
         token = match.group(2)
-        value = int(token, 16) if token.startswith("0x") else int(token)
+        hexed = token.startswith("0x")
+        value = int(token, 16) if hexed else int(token)
+        if not hexed and len(token) < 6 and value not in sure:
+            return match.group(0)
         if value not in names:
             names[value] = f"K{len(names) + 1}"
-        return f"<{names[value]}:hex>" if token.startswith("0x") else f"<{names[value]}>"
+        return f"<{names[value]}:hex>" if hexed else f"<{names[value]}>"
 
     text = _SERIAL.sub(name, text)
     return re.sub(r"\bkfctl\b", "keyctl", text)
@@ -80,6 +98,12 @@ def test_normalize_maps_serials_in_order_and_drops_padding() -> None:
         "       -3: alswrv\n"
         "3 bytes of data in key:\n"
         "kfctl: x\n"
+        "     81953 --alswrv      0 65534   \\_ keyring: b\n"
+        "81953: key inaccessible (Permission denied)\n"
+        "2 keys in keyring:\n"
+        "81953 123456789\n"
+        "k=81953\n"
+        "36 bytes of data in key:\n"
     )
     assert normalize(text) == (
         "Joined session keyring: <K1>\n"
@@ -89,6 +113,12 @@ def test_normalize_maps_serials_in_order_and_drops_padding() -> None:
         "       -3: alswrv\n"
         "3 bytes of data in key:\n"
         "keyctl: x\n"
+        "<K3> --alswrv      0 65534   \\_ keyring: b\n"
+        "<K3>: key inaccessible (Permission denied)\n"
+        "2 keys in keyring:\n"
+        "<K3> <K1>\n"
+        "k=<K3>\n"
+        "36 bytes of data in key:\n"
     )
 
 
