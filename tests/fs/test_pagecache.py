@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyfence.fs import pagecache
+from keyfence.fs import writeback
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.format import (
     FILE_HEADER_SIZE,
@@ -316,11 +316,11 @@ def test_version_check_keeps_a_page_written_during_write_back(
     cache.write(f.file, 0, b"a" * PAGE_SIZE)
     order = sorted(f.file.pages)
     with cache.lock:
-        chunk, _ = cache._next_chunk_locked(f.file, order, 0)
+        chunk, _ = writeback.next_chunk_locked(cache, f.file, order, 0)
     assert chunk is not None
     records = chunk.cipher.encrypt_blocks(chunk.first, b"".join(chunk.blocks))
     cache.write(f.file, 0, b"b" * 10)  # written again after the snapshot
-    assert cache._store_batch(f.file, [chunk], [memoryview(records)]) == 0
+    assert writeback.store_batch(cache, f.file, [chunk], [memoryview(records)]) == 0
     assert cache.dirty_bytes == PAGE_SIZE
     cache.flush(f.file)
     assert decrypt_backing(f.path) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)
@@ -379,7 +379,7 @@ class _CountingPwrite:
         return self.real(fd, data, offset)
 
 
-@pytest.mark.skipif(not pagecache._TWO_SEALERS, reason="one CPU or no native sealer: one thread")
+@pytest.mark.skipif(not writeback._TWO_SEALERS, reason="one CPU or no native sealer: one thread")
 def test_a_long_pass_seals_and_stores_on_two_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

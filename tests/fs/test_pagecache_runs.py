@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.fs import writeback
 from keyfence.fs.pagecache import PAGE_SIZE, PageCache
 from tests.fs.test_pagecache import KEY, Opened, decrypt_backing
 
@@ -51,12 +52,12 @@ def test_a_rewritten_page_keeps_its_write_buffer_alive(tmp_path: Path) -> None:
     cache.write(f.file, 0, data)
     order = sorted(f.file.pages)
     with cache.lock:
-        chunk, _ = cache._next_chunk_locked(f.file, order, 0)
+        chunk, _ = writeback.next_chunk_locked(cache, f.file, order, 0)
     assert chunk is not None
     records = chunk.cipher.encrypt_blocks(chunk.first, b"".join(chunk.blocks))
     cache.write(f.file, 15 * PAGE_SIZE + 1, b"x")  # the last page, after the snapshot
     data[15 * PAGE_SIZE + 1] = ord("x")
-    assert cache._store_batch(f.file, [chunk], [memoryview(records)]) == 15 * PAGE_SIZE
+    assert writeback.store_batch(cache, f.file, [chunk], [memoryview(records)]) == 15 * PAGE_SIZE
     assert cache.dirty_bytes == PAGE_SIZE
     assert f.read_all() == bytes(data)
     cache.flush(f.file)
@@ -70,7 +71,7 @@ def test_a_page_forgotten_mid_run_ends_the_run(tmp_path: Path) -> None:
     order = sorted(f.file.pages)
     cache.truncate(f.file, 7 * PAGE_SIZE + 10)  # pages 8.. go after order was taken
     with cache.lock:
-        chunk, pos = cache._next_chunk_locked(f.file, order, 0)
+        chunk, pos = writeback.next_chunk_locked(cache, f.file, order, 0)
     assert chunk is not None and chunk.first == 0 and len(chunk.pages) == 8 and pos == 8
     assert chunk.last_len == 10
 

@@ -13,6 +13,9 @@ returns; the page is encrypted and written back later, by
   past ``dirty_limit``,
 * :meth:`PageCache.flush_key` when a key is going away.
 
+The write-back itself (snapshot, seal, store, one or two threads) is
+fs/writeback.py: functions over the cache, under the protocol below.
+
 Clean pages are not kept (the kernel's page cache keeps what was read);
 reads copy the dirty pages they overlap and decrypt the rest from the
 backing file, so they always see unflushed writes.
@@ -52,15 +55,12 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from operator import attrgetter
-from typing import cast
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from keyfence.errors import KeyfenceError, fail
-from keyfence.fs import sealer, wipe
-from keyfence.fs.crypto import FileCipher, MasterKey, RecordBuffer
+from keyfence.fs import wipe, writeback
+from keyfence.fs.crypto import FileCipher, MasterKey
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
     BLOCK_SIZE,
@@ -73,7 +73,7 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
-from keyfence.fs.syscalls import set_mtime_ns, start_writeback
+from keyfence.fs.syscalls import set_mtime_ns
 
 __all__ = [
     "DEFAULT_CHUNK_PAGES",
@@ -201,102 +201,9 @@ class CachedFile:
         return total
 
 
-@dataclass
-class _Chunk:
-    first: int
-    pages: list[_Page]
-    """The page objects of consecutive pages ``first, first+1, ...``."""
-    versions: list[int]
-    """Their versions, as snapshotted."""
-    blocks: list[bytearray | memoryview]
-    """Their buffers (not copied; the last one cut at end of file)."""
-    last_len: int
-    generation: int
-    cipher: FileCipher
-
-    def records_size(self) -> int:
-        return (len(self.pages) - 1) * RECORD_SIZE + self.last_len + BLOCK_OVERHEAD
-
-
-_version_of = attrgetter("version")
-_data_of = attrgetter("data")
-
-
-def _zero_pages(buffers: list[bytearray | memoryview]) -> None:
-    """Zero the plaintext of written pages, a whole write's buffer at once
-    where the pages are all of it (docs/security.md).
-
-    ``buffers`` are the data of pages of increasing index (consecutive or
-    not), all being let go.  A page made by a large write is a view into
-    that write's buffer, whose pages have consecutive indexes.  When the
-    first and the last of ``m`` pages in a row are views into the same
-    buffer of ``m`` pages, those ``m`` indexes are exactly the buffer's:
-    every page still living in it is among them (the others were written
-    back, and zeroed, before), so zeroing the whole buffer in one call
-    touches no page that is still dirty.
-    """
-    k, count = 0, len(buffers)
-    while k < count:
-        data = buffers[k]
-        if type(data) is memoryview:
-            block = data.obj
-            m = len(block) // PAGE_SIZE if type(block) is bytearray else 0
-            if m > 1 and k + m <= count:
-                last = buffers[k + m - 1]
-                if type(last) is memoryview and last.obj is block:
-                    wipe.zero(block)
-                    k += m
-                    continue
-        data[:] = _ZERO_PAGE
-        k += 1
-
-
-class _StartIO:
-    """Byte range of a backing file stored by one flush pass and not yet
-    handed to the disk; handed over every :data:`START_IO_BYTES`."""
-
-    __slots__ = ("hi", "lo", "stored")
-
-    def __init__(self) -> None:
-        self.lo = -1
-        self.hi = -1
-        self.stored = 0
-
-
-class _Pass:
-    """What the two threads of a pipelined flush pass share (under
-    :attr:`PageCache.lock`): the dirty pages to go, where they are in it,
-    the batches taken and stored (in that order), the bytes written, the
-    disk writes to start, and whether one failed."""
-
-    __slots__ = ("failed", "order", "pos", "started", "stored", "taken", "turns", "written")
-
-    def __init__(self, order: list[int], started: _StartIO | None, lock: threading.Lock) -> None:
-        self.order = order
-        self.pos = 0
-        self.taken = 0
-        self.stored = 0
-        self.turns = threading.Condition(lock)
-        """Notified (under the cache's lock) when a batch is stored or a
-        thread failed."""
-        self.written = 0
-        self.started = started
-        self.failed = False
-
-
-_TWO_SEALERS = len(os.sched_getaffinity(0)) > 1 and sealer.NATIVE is not None
-"""Whether a pipelined pass takes a second thread: with two CPUs and the
-native sealer, which lets the GIL go for a whole batch (the Python path
-holds it per record, and two sealers taking turns at it seal slower than
-one: docs/performance.md, "Crypto on every core").  Fixed at import."""
-
 WRITE_THROUGH_BYTES = 16 * PAGE_SIZE
 """The largest first write of an empty file stored at once, by default
 (:meth:`PageCache._write_through`)."""
-
-START_IO_BYTES = 8 << 20
-"""Write-back that an fsync follows starts the disk writes every 8 MiB, so
-the fsync finds the work under way instead of starting all of it."""
 
 
 class PageCache:
@@ -864,7 +771,7 @@ class PageCache:
         disk writes as it goes (an fsync follows, or memory is short).
         """
         with f.flushing:
-            return self._flush_locked_file(f, progress, start_io)
+            return writeback.flush_file(self, f, progress, start_io)
 
     @staticmethod
     def _blank_locked(f: CachedFile) -> bool:
@@ -887,396 +794,10 @@ class PageCache:
         if len(f.pages) > max_pages or not f.flushing.acquire(blocking=False):
             return False
         try:
-            self._flush_locked_file(f, None, False)
+            writeback.flush_file(self, f, None, False)
         finally:
             f.flushing.release()
         return True
-
-    def _flush_locked_file(self, f: CachedFile, progress: Progress | None, start_io: bool) -> int:
-        """:meth:`flush` with ``f.flushing`` held."""
-        written = 0
-        mtime: int | None = None
-        for _ in range(4):  # pages written meanwhile get another pass
-            with self.lock:
-                if not f.pages:
-                    break
-                order = sorted(f.pages)
-                mtime = f.mtime_ns
-            written += self._flush_pass(f, order, progress, written, start_io)
-        self._finish_extension(f)
-        self._restore_mtime(f, mtime if written else None)
-        return written
-
-    def _flush_pass(
-        self,
-        f: CachedFile,
-        order: list[int],
-        progress: Progress | None,
-        done: int,
-        start_io: bool,
-    ) -> int:
-        if len(order) > self.chunk_pages:
-            return self._flush_pipelined(f, order, progress, done, start_io)
-        written = 0
-        pos = 0
-        while pos < len(order):
-            with self.lock:
-                batch, pos = self._next_batch_locked(f, order, pos)
-            if not batch:
-                continue
-            records = self._encrypt_batch(batch, RecordBuffer(sum(len(c.pages) for c in batch)))
-            written += self._store_batch(f, batch, records)
-            if progress is not None:
-                progress(done + written)
-        return written
-
-    def _flush_pipelined(
-        self,
-        f: CachedFile,
-        order: list[int],
-        progress: Progress | None,
-        done: int,
-        start_io: bool,
-    ) -> int:
-        """A pass of several batches on two threads alike, this one and the
-        store thread: each takes the next batch (under the lock), seals it
-        into a buffer of its own (no lock) and stores it (under the lock,
-        one ``pwrite``), then takes the next.  So one thread seals while the
-        other stores, on two cores.  Batches are stored in the order they
-        were taken: a file growing out of order would leave a hole, which
-        reads as zeros, if the worker died between the two stores (a
-        thread waits for the other's store, not for its sealing).  On one
-        CPU this thread does it all."""
-        shared = _Pass(order, _StartIO() if start_io else None, self.lock)
-        helper: Future[None] | None = None
-        if _TWO_SEALERS:
-            helper = self._store_executor().submit(self._flush_worker, f, shared, None, 0)
-        try:
-            self._flush_worker(f, shared, progress, done)
-        except BaseException:  # shared.failed is set
-            # failing already: let the helper end first (cancel(): it had not
-            # started, another file's pass has the thread)
-            if helper is not None and not helper.cancel():
-                with contextlib.suppress(Exception):
-                    helper.result()
-            raise
-        if helper is not None and not helper.cancel():
-            helper.result()  # its error (ENOSPC...) is this pass's
-        return shared.written
-
-    def _flush_worker(
-        self, f: CachedFile, shared: _Pass, progress: Progress | None, done: int
-    ) -> None:
-        """One thread's part of :meth:`_flush_pipelined`."""
-        out = RecordBuffer(self.chunk_pages)
-        order = shared.order
-        try:
-            while True:
-                with self.lock:
-                    if shared.failed or shared.pos >= len(order):
-                        return
-                    batch, shared.pos = self._next_batch_locked(f, order, shared.pos)
-                    turn = shared.taken
-                    if batch:
-                        shared.taken += 1
-                if not batch:
-                    continue
-                records = self._encrypt_batch(batch, out)
-                stored = self._store_and_start_io(f, batch, records, shared, turn)
-                if stored < 0:
-                    return  # the other thread failed
-                if progress is not None:
-                    progress(done + stored)
-        except BaseException:
-            with self.lock:
-                shared.failed = True
-                shared.turns.notify_all()
-            raise
-
-    def _store_executor(self) -> ThreadPoolExecutor:
-        with self._store_thread_lock:
-            if self._store_thread is None:
-                self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="keyfence-store")
-            return self._store_thread
-
-    def _store_and_start_io(
-        self,
-        f: CachedFile,
-        batch: list[_Chunk],
-        records: list[memoryview],
-        shared: _Pass,
-        turn: int,
-    ) -> int:
-        """Store the pass's batch number ``turn`` once those before it are;
-        the pass's bytes written so far (-1: the other thread failed).
-        Every :data:`START_IO_BYTES` stored, start the disk writing them."""
-        spent: list[list[bytearray | memoryview]] = []
-        try:
-            with self.lock:
-                while shared.stored != turn and not shared.failed:
-                    shared.turns.wait()
-                if shared.failed:
-                    return -1
-                total, start = self._store_locked(f, batch, records, shared, spent)
-                shared.stored += 1
-                shared.turns.notify_all()
-        finally:
-            for pages in spent:
-                _zero_pages(pages)
-        if start is not None:
-            fd, lo, hi = start
-            try:
-                start_writeback(fd, lo, hi - lo)
-            finally:
-                os.close(fd)
-        return total
-
-    def _store_locked(
-        self,
-        f: CachedFile,
-        batch: list[_Chunk],
-        records: list[memoryview],
-        shared: _Pass,
-        spent: list[list[bytearray | memoryview]],
-    ) -> tuple[int, tuple[int, int, int] | None]:
-        """:meth:`_store_and_start_io` under the lock: the pass's bytes
-        written so far and, when due, the range whose disk writes to start
-        (with a descriptor of its own of the backing file, closed by the
-        caller: the file's may be closed meanwhile)."""
-        written = self._store_batch_locked(f, batch, records, spent)
-        shared.written += written
-        total = shared.written
-        started = shared.started
-        if started is None:
-            return total, None
-        # the range spans the batches stored since the last start (with
-        # gaps, for scattered pages: the kernel skips what is not dirty)
-        lo = record_offset(batch[0].first)
-        hi = record_offset(batch[-1].first) + len(records[-1])
-        started.lo = lo if started.lo < 0 else min(started.lo, lo)
-        started.hi = max(started.hi, hi)
-        started.stored += sum(len(r) for r in records)
-        if started.stored < START_IO_BYTES:
-            return total, None
-        lo, hi = started.lo, started.hi
-        started.lo, started.hi, started.stored = -1, -1, 0
-        if f.fd < 0:
-            return total, None
-        return total, (os.dup(f.fd), lo, hi)
-
-    def _next_batch_locked(
-        self, f: CachedFile, order: list[int], pos: int
-    ) -> tuple[list[_Chunk], int]:
-        """Runs of dirty pages from ``order[pos:]``, up to ``chunk_pages``
-        pages in all, adjacent or not: scattered pages (random writes) are
-        encrypted and stored a batch at a time, not a call and a thread hop
-        per page.  The page at the end of file (maybe short) ends a batch."""
-        batch: list[_Chunk] = []
-        room = self.chunk_pages
-        n = len(order)
-        while pos < n and room > 0:
-            chunk, pos = self._next_chunk_locked(f, order, pos, room)
-            if chunk is None:
-                continue
-            batch.append(chunk)
-            room -= len(chunk.pages)
-            if chunk.last_len < PAGE_SIZE:
-                break
-        return batch, pos
-
-    @staticmethod
-    def _encrypt_batch(batch: list[_Chunk], out: RecordBuffer) -> list[memoryview]:
-        """Encrypt a batch's pages into ``out`` (one call for all its runs);
-        the records of each run, in ``out``."""
-        indexes: Sequence[int]
-        blocks: list[bytearray | memoryview]
-        if len(batch) == 1:  # one run (sequential writes): its indexes are a range
-            indexes = range(batch[0].first, batch[0].first + len(batch[0].pages))
-            blocks, batch[0].blocks = batch[0].blocks, []
-        else:
-            indexes, blocks = [], []
-            for chunk in batch:
-                indexes.extend(range(chunk.first, chunk.first + len(chunk.pages)))
-                blocks.extend(chunk.blocks)
-                chunk.blocks = []
-        batch[0].cipher.encrypt_indexed_into(indexes, blocks, out, checked=True)
-        views = []
-        start = 0
-        for chunk in batch:
-            views.append(out.buffer[start : start + chunk.records_size()])
-            start += len(chunk.pages) * RECORD_SIZE
-        return views
-
-    def _next_chunk_locked(
-        self, f: CachedFile, order: list[int], pos: int, limit: int = 0
-    ) -> tuple[_Chunk | None, int]:
-        """The next run of consecutive dirty pages from ``order[pos:]``,
-        snapshotted: page objects, versions and a copy of the bytes."""
-        pages = f.pages
-        n = len(order)
-        while pos < n and order[pos] not in pages:
-            pos += 1
-        if pos >= n or f.master is None:
-            return None, n
-        size = f.size
-        first = order[pos]
-        if first * PAGE_SIZE >= size:  # beyond the end (truncated meanwhile)
-            return None, pos + 1
-        if f.cipher is None:
-            f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
-            f.header_on_disk = False
-        # the run: as many of order[pos:] as are consecutive, dirty and
-        # inside the file, found with slices and C loops, not a step per page
-        count = min(limit or self.chunk_pages, n - pos, (size - 1) // PAGE_SIZE - first + 1)
-        if order[pos + count - 1] - first != count - 1:
-            # a gap: order is sorted and unique, so order[pos + j] == first + j
-            # holds for a prefix of j only, shorter than count
-            count = 1
-            while order[pos + count] == first + count:
-                count += 1
-        found = list(map(pages.get, range(first, first + count)))
-        if None in found:  # a page forgotten meanwhile ends the run (_Page has no __eq__)
-            found = found[: found.index(None)]
-        run = cast("list[_Page]", found)
-        pos += len(run)
-        blocks: list[bytearray | memoryview] = list(map(_data_of, run))
-        last_len = min(PAGE_SIZE, size - (first + len(run) - 1) * PAGE_SIZE)
-        if last_len < PAGE_SIZE:
-            blocks[-1] = memoryview(blocks[-1])[:last_len]
-        # No copy: a page written (or zeroed) while it is being encrypted
-        # gets a new version under the lock, so its record is not stored.
-        versions = list(map(_version_of, run))
-        return _Chunk(first, run, versions, blocks, last_len, f.generation, f.cipher), pos
-
-    def _store_batch(self, f: CachedFile, batch: list[_Chunk], records: list[memoryview]) -> int:
-        """:meth:`_store_chunk_locked` for every run of a batch, under one
-        lock hold; the written pages are zeroed after it."""
-        spent: list[list[bytearray | memoryview]] = []
-        try:
-            with self.lock:
-                return self._store_batch_locked(f, batch, records, spent)
-        finally:
-            for pages in spent:
-                _zero_pages(pages)
-
-    def _store_batch_locked(
-        self,
-        f: CachedFile,
-        batch: list[_Chunk],
-        records: list[memoryview],
-        spent: list[list[bytearray | memoryview]],
-    ) -> int:
-        return sum(
-            self._store_chunk_locked(f, chunk, rec, spent)
-            for chunk, rec in zip(batch, records, strict=True)
-        )
-
-    def _store_chunk_locked(
-        self,
-        f: CachedFile,
-        chunk: _Chunk,
-        records: bytearray | memoryview,
-        spent: list[list[bytearray | memoryview]],
-    ) -> int:
-        """Write the records of the pages that did not change since the
-        snapshot (same page object, same version) and forget those pages.
-
-        Their buffers go to ``spent``, to be zeroed once the lock is let go
-        (:func:`_zero_pages`): out of the cache, nothing else refers to them,
-        and the lock, which the other flushing thread and the writers wait
-        for, is not held for a ``memset`` of each batch."""
-        count = len(chunk.pages)
-        if f.generation != chunk.generation or f.cipher is not chunk.cipher or f.fd < 0:
-            return 0
-        pages = f.pages
-        first = chunk.first
-        now = list(map(pages.get, range(first, first + count)))
-        if now == chunk.pages and list(map(_version_of, now)) == chunk.versions:
-            current = [True] * count  # the usual case: two C loops, not a step per page
-        else:
-            current = [
-                page is was and page.version == v
-                for page, was, v in zip(now, chunk.pages, chunk.versions, strict=True)
-            ]
-        header: bytes | None = None
-        if not f.header_on_disk:
-            header = FileHeader(chunk.cipher.file_id).serialize()
-            if chunk.first != 0 or not current[0]:
-                os.pwrite(f.fd, header, 0)
-                header = None
-            # else: it goes out with the first records, one pwritev
-            # (a small file is then one write: header and its block)
-            f.header_on_disk = True
-            f.disk_size = max(f.disk_size, FILE_HEADER_SIZE)
-        view = memoryview(records)
-        k = 0
-        written = 0
-        while k < count:
-            if not current[k]:
-                k += 1
-                continue
-            try:  # the run of current pages from k ends before the next stale one
-                j = current.index(False, k) - 1
-            except ValueError:
-                j = count - 1
-            start = k * RECORD_SIZE
-            stop = len(records) if j == count - 1 else (j + 1) * RECORD_SIZE
-            offset = record_offset(chunk.first + k)
-            data = view[start:stop]
-            done = 0
-            if header is not None:  # block 0 and the header, adjacent
-                done = os.pwritev(f.fd, [header, data], 0) - len(header)
-                header = None
-                if done < 0:  # a short write inside the header: rewrite it all
-                    os.pwrite(f.fd, FileHeader(chunk.cipher.file_id).serialize(), 0)
-                    done = 0
-            while done < len(data):
-                done += os.pwrite(f.fd, data[done:], offset + done)
-            f.disk_size = max(f.disk_size, offset + len(data))
-            # written: its plaintext is zeroed (by the caller, once the lock
-            # is let go) before the memory goes back to the allocator
-            # (docs/security.md)
-            spent.append(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
-            self._dirty_pages -= j - k + 1
-            written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
-            k = j + 1
-        if not pages and f.disk_size >= backing_size(f.size):
-            f.dirty_since = None
-        self.stats["written_bytes"] += written
-        return written
-
-    def _finish_extension(self, f: CachedFile) -> None:
-        """After the pages: a file grown by truncate gets its header and size."""
-        with self.lock:
-            if f.master is None or f.fd < 0 or f.pages or f.size == 0:
-                return
-            need = backing_size(f.size)
-            if f.disk_size >= need:
-                f.dirty_since = None
-                return
-            if f.cipher is None:
-                f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
-                f.header_on_disk = False
-            if not f.header_on_disk:
-                os.pwrite(f.fd, FileHeader(f.cipher.file_id).serialize(), 0)
-                f.header_on_disk = True
-            os.ftruncate(f.fd, need)
-            f.disk_size = need
-            f.dirty_since = None
-
-    def _restore_mtime(self, f: CachedFile, mtime: int | None) -> None:
-        """Write-back happens after the write: keep the write's mtime."""
-        if mtime is None:
-            return
-        with self.lock:
-            if f.fd < 0:
-                return
-            try:
-                set_mtime_ns(f.fd, mtime)
-            except OSError:
-                return
-            if f.mtime_ns == mtime:
-                f.mtime_ns = None
 
     def set_mtime(self, f: CachedFile, mtime_ns: int) -> None:
         """An explicit mtime (utimens): kept after the pending write-back."""
@@ -1423,7 +944,7 @@ class PageCache:
                 lost = f.dirty_bytes()
                 if lost:
                     dropped[f.ino] = lost
-                _zero_pages([f.pages[i].data for i in sorted(f.pages)])
+                writeback.zero_pages([f.pages[i].data for i in sorted(f.pages)])
                 self._dirty_pages -= len(f.pages)
                 f.pages.clear()
                 f.master = None
