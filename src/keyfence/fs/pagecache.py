@@ -60,10 +60,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from keyfence.errors import KeyfenceError, fail
 from keyfence.fs import wipe, writeback
+from keyfence.fs.cachedfile import PAGE_SIZE, CachedFile, Page, Progress
 from keyfence.fs.crypto import FileCipher, MasterKey
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
-    BLOCK_SIZE,
     FILE_HEADER_SIZE,
     FILE_ID_SIZE,
     RECORD_SIZE,
@@ -90,7 +90,6 @@ __all__ = [
 
 log = logging.getLogger("keyfence.fs.pagecache")
 
-PAGE_SIZE = BLOCK_SIZE
 DEFAULT_DIRTY_LIMIT = 64 << 20
 DEFAULT_EXPIRE = 5.0
 DEFAULT_CHUNK_PAGES = 256
@@ -98,8 +97,6 @@ DEFAULT_CHUNK_PAGES = 256
 DEFAULT_PREFETCH = 4 << 20
 """Backing bytes announced (POSIX_FADV_WILLNEED) ahead of a sequential reader."""
 
-Progress = Callable[[int], None]
-"""Called during write-back with the bytes written so far."""
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _RECENT_READS = 4
@@ -122,83 +119,6 @@ def lenient_plaintext_size(disk_size: int) -> int:
     if rest == 0:
         return full * PAGE_SIZE
     return full * PAGE_SIZE + max(rest - BLOCK_OVERHEAD, 1)
-
-
-class _Page:
-    """One dirty 4 KiB page: its own bytearray, or a view into the buffer
-    of the large write that made it (one copy for a whole 1 MiB write)."""
-
-    __slots__ = ("data", "version")
-
-    def __init__(self, data: bytearray | memoryview) -> None:
-        self.data = data
-        self.version = 0
-
-
-class CachedFile:
-    """One encrypted backing file in the page cache (one per inode).
-
-    Every field is guarded by :attr:`PageCache.lock`.
-    """
-
-    __slots__ = (
-        "cipher",
-        "closing",
-        "dirty_since",
-        "disk_size",
-        "fd",
-        "flushing",
-        "generation",
-        "header_error",
-        "header_on_disk",
-        "ino",
-        "key",
-        "master",
-        "mtime_ns",
-        "next_read",
-        "pages",
-        "size",
-        "users",
-    )
-
-    def __init__(self, ino: int, fd: int, key: str, master: MasterKey) -> None:
-        self.ino = ino
-        self.fd = fd
-        self.key = key
-        """Description of the key the file is under (``keyfence:...``)."""
-        self.master: MasterKey | None = master
-        self.cipher: FileCipher | None = None
-        self.header_on_disk = False
-        self.header_error: OSError | None = None
-        self.size = 0
-        self.disk_size = 0
-        self.pages: dict[int, _Page] = {}
-        self.generation = 0
-        self.dirty_since: float | None = None
-        self.mtime_ns: int | None = None
-        self.users = 0
-        self.closing = False
-        self.flushing = threading.Lock()
-        self.next_read = -1
-        """Where a sequential reader would read next (for prefetching)."""
-
-    def __repr__(self) -> str:
-        return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"
-
-    def dirty_bytes(self) -> int:
-        """Plaintext bytes in dirty pages (what an emergency would lose)."""
-        pages, size = self.pages, self.size
-        if not pages:
-            return 0
-        last = (size - 1) // PAGE_SIZE if size > 0 else -1
-        if max(pages) > last:  # pages beyond the end (never left by truncate): count each
-            return sum(max(0, min(PAGE_SIZE, size - i * PAGE_SIZE)) for i in pages)
-        # every page is full but the one holding the end of file (a key
-        # removal asks this of 1 GiB of pages: a Python loop cost 60 ms)
-        total = len(pages) * PAGE_SIZE
-        if last in pages:
-            total -= (last + 1) * PAGE_SIZE - size
-        return total
 
 
 WRITE_THROUGH_BYTES = 16 * PAGE_SIZE
@@ -419,7 +339,7 @@ class PageCache:
             pages = f.pages
             if pages:
                 found = list(map(pages.get, range(first, last + 1)))
-                if any(found):  # (a _Page is always true)
+                if any(found):  # (a Page is always true)
                     for idx, page in enumerate(found, first):
                         if page is not None:
                             cached[idx] = bytes(page.data)
@@ -531,11 +451,11 @@ class PageCache:
 
     # ----------------------------------------------------------------- writes
 
-    def _dirty_page_locked(self, f: CachedFile, idx: int) -> _Page:
+    def _dirty_page_locked(self, f: CachedFile, idx: int) -> Page:
         """Block ``idx`` as a dirty page (loaded if it was not cached)."""
         page = f.pages.get(idx)
         if page is None:
-            page = _Page(self._load_block_locked(f, idx))
+            page = Page(self._load_block_locked(f, idx))
             f.pages[idx] = page
             self._dirty_pages += 1
         page.version += 1
@@ -585,14 +505,14 @@ class PageCache:
                     views = [
                         block[pos : pos + PAGE_SIZE] for pos in range(0, len(block), PAGE_SIZE)
                     ]
-                    pages.update(zip(span, map(_Page, views), strict=True))
+                    pages.update(zip(span, map(Page, views), strict=True))
                     new_pages += len(views)
                 else:
                     pos = 0
                     for idx in span:
                         page = pages.get(idx)
                         if page is None:
-                            page = _Page(block[pos : pos + PAGE_SIZE])
+                            page = Page(block[pos : pos + PAGE_SIZE])
                             pages[idx] = page
                             new_pages += 1
                         else:
@@ -610,13 +530,13 @@ class PageCache:
                 page = pages.get(idx)
                 if page is None:
                     if lo == 0 and hi == PAGE_SIZE:
-                        page = _Page(bytearray(src))
+                        page = Page(bytearray(src))
                     else:
                         on_disk = min(PAGE_SIZE, old_size - base)
                         if on_disk > 0 and (lo > 0 or hi < on_disk):
-                            page = _Page(self._load_block_locked(f, idx))
+                            page = Page(self._load_block_locked(f, idx))
                         else:
-                            page = _Page(bytearray(PAGE_SIZE))
+                            page = Page(bytearray(PAGE_SIZE))
                         page.data[lo:hi] = src
                     pages[idx] = page
                     new_pages += 1
@@ -698,7 +618,7 @@ class PageCache:
                 self._dirty_page_locked(f, old_size // PAGE_SIZE)
             page = f.pages.get(idx)
             if page is None:
-                page = f.pages[idx] = _Page(bytearray(view))
+                page = f.pages[idx] = Page(bytearray(view))
                 self._dirty_pages += 1
             else:
                 page.data[0:PAGE_SIZE] = view

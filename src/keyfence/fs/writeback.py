@@ -7,6 +7,10 @@ lock guards every field they read or change; sealing, ``fsync`` and starting
 the disk writes run without it.  :func:`flush_file` is one file's write-back
 with ``f.flushing`` held; a pass of more than one batch runs on two threads
 alike (:func:`_flush_pipelined`), a shorter one on the caller's.
+
+The cache is typed by the :class:`PageCache` protocol below, since
+fs/pagecache.py imports this module; the records both use (a page, a cached
+file) are fs/cachedfile.py's.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from keyfence.fs import sealer, wipe
+from keyfence.fs.cachedfile import PAGE_SIZE, CachedFile, Page, Progress
 from keyfence.fs.crypto import FileCipher, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
-    BLOCK_SIZE,
     FILE_HEADER_SIZE,
     FILE_ID_SIZE,
     RECORD_SIZE,
@@ -34,14 +38,22 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.syscalls import set_mtime_ns, start_writeback
 
-if TYPE_CHECKING:
-    from keyfence.fs.pagecache import CachedFile, PageCache, Progress
-    from keyfence.fs.pagecache import _Page as Page
-
 __all__ = ["START_IO_BYTES", "flush_file", "next_chunk_locked", "store_batch", "zero_pages"]
 
-PAGE_SIZE = BLOCK_SIZE
 _ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class PageCache(Protocol):
+    """What the write-back uses of :class:`keyfence.fs.pagecache.PageCache`
+    (which imports this module): the lock of the protocol, the batch size,
+    the count of dirty pages and of bytes written, the store thread."""
+
+    lock: threading.Lock
+    chunk_pages: int
+    _dirty_pages: int
+    stats: dict[str, int]
+    _store_thread: ThreadPoolExecutor | None
+    _store_thread_lock: threading.Lock
 
 
 @dataclass
@@ -389,7 +401,7 @@ def next_chunk_locked(
         while order[pos + count] == first + count:
             count += 1
     found = list(map(pages.get, range(first, first + count)))
-    if None in found:  # a page forgotten meanwhile ends the run (_Page has no __eq__)
+    if None in found:  # a page forgotten meanwhile ends the run (Page has no __eq__)
         found = found[: found.index(None)]
     run = cast("list[Page]", found)
     pos += len(run)
