@@ -65,38 +65,27 @@ from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
+from keyfence.sizes import parse_size, parse_write_through
 
-__all__ = ["DEFAULT_READAHEAD_KB", "main", "parse_size", "run"]
+__all__ = ["DEFAULT_READAHEAD_KB", "main", "run"]
 
 log = logging.getLogger("keyfence.fs.worker")
 
 DEFAULT_READAHEAD_KB = 1024
 
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
+def _argument(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """A :mod:`keyfence.sizes` parser as an argparse type: its message, as
+    a usage error (a bare ValueError would say only "invalid value")."""
 
-def parse_size(text: str) -> int:
-    """``65536``, ``64K``, ``64M``, ``1G`` (also with ``iB``/``B``)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
-    number = t[: len(t) - len(unit)]
-    try:
-        value = int(float(number) * _SUFFIXES[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive size: {text!r}")
-    return value
+    def parsed(text: str) -> int:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-
-def _write_through(text: str) -> int:
-    """``0`` (never) or a size up to 1M (the largest FUSE write)."""
-    if text.strip() == "0":
-        return 0
-    value = parse_size(text)
-    if value > 1 << 20:
-        raise argparse.ArgumentTypeError(f"at most 1M: {text!r}")
-    return value
+    parsed.__name__ = parse.__name__
+    return parsed
 
 
 def _spin_us(text: str) -> int:
@@ -115,10 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("backing")
     p.add_argument("mountpoint")
-    p.add_argument("--dirty-limit", type=parse_size, default=DEFAULT_DIRTY_LIMIT)
+    p.add_argument("--dirty-limit", type=_argument(parse_size), default=DEFAULT_DIRTY_LIMIT)
     p.add_argument("--dirty-expire", type=float, default=DEFAULT_EXPIRE)
     p.add_argument("--writeback-cache", action="store_true")
-    p.add_argument("--write-through", type=_write_through, default=WRITE_THROUGH_BYTES)
+    write_through = _argument(parse_write_through)
+    p.add_argument("--write-through", type=write_through, default=WRITE_THROUGH_BYTES)
     p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
     p.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT)
     p.add_argument("--max-tasks", type=int, default=64)

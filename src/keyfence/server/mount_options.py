@@ -21,34 +21,9 @@ from typing import Any
 
 from keyfence.errors import KeyfenceError
 from keyfence.server.fuse_conf import FUSE_CONF, read_fuse_conf
+from keyfence.sizes import parse_size, parse_write_through
 
 __all__ = ["OPTIONS", "MountRequestOptions", "parse_options", "parse_size", "user_allow_other"]
-
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``65536``, ``64K``, ``64M``, ``1G`` (also with ``iB``/``B``): bytes > 0."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _SUFFIXES else ""
-    number = t[: len(t) - len(unit)]
-    try:
-        value = int(float(number) * _SUFFIXES[unit])
-    except (ValueError, OverflowError):
-        raise ValueError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"not a positive size: {text!r}")
-    return value
-
-
-def _write_through(text: str) -> int:
-    """``0`` (never) or a size up to 1M (the largest FUSE write)."""
-    if text.strip() == "0":
-        return 0
-    value = parse_size(text)
-    if value > 1 << 20:
-        raise ValueError(f"at most 1M: {text!r}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -106,7 +81,7 @@ OPTIONS: dict[str, _Option] = {
     ),
     "write_through": _Option(
         "write_through",
-        _write_through,
+        parse_write_through,
         "--write-through",
         "a new file's first write up to this size is stored at once (64K; 0: never)",
     ),
