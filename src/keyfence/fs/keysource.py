@@ -91,6 +91,8 @@ class DaemonKeySource:
         fd = os.environ.get("KEYFENCE_WORKER_FD")
         if not fd:
             raise KeyfenceError(errno.ENOTCONN, "no private channel to the daemon (run by it)")
+        if not fd.isdigit():
+            raise KeyfenceError(errno.EBADF, f"KEYFENCE_WORKER_FD is not a descriptor: {fd!r}")
         return cls(socket.socket(fileno=int(fd)))
 
     def find(self, descriptions: list[str], pid: int) -> FoundKey | None:

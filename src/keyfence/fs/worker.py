@@ -52,7 +52,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -65,7 +65,7 @@ from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
-from keyfence.sizes import parse_size, parse_write_through
+from keyfence.option_values import count_in, parse_seconds, parse_size, parse_write_through
 
 __all__ = ["DEFAULT_READAHEAD_KB", "main", "run"]
 
@@ -74,11 +74,14 @@ log = logging.getLogger("keyfence.fs.worker")
 DEFAULT_READAHEAD_KB = 1024
 
 
-def _argument(parse: Callable[[str], int]) -> Callable[[str], int]:
-    """A :mod:`keyfence.sizes` parser as an argparse type: its message, as
+_T = TypeVar("_T")
+
+
+def _argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """A :mod:`keyfence.option_values` parser as an argparse type: its message, as
     a usage error (a bare ValueError would say only "invalid value")."""
 
-    def parsed(text: str) -> int:
+    def parsed(text: str) -> _T:
         try:
             return parse(text)
         except ValueError as err:
@@ -88,16 +91,6 @@ def _argument(parse: Callable[[str], int]) -> Callable[[str], int]:
     return parsed
 
 
-def _spin_us(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
-    if not 0 <= value <= MAX_SPIN_US:
-        raise argparse.ArgumentTypeError(f"out of range (0 to {MAX_SPIN_US}): {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m keyfence.fs.worker", description="keyfence mount worker"
@@ -105,14 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("backing")
     p.add_argument("mountpoint")
     p.add_argument("--dirty-limit", type=_argument(parse_size), default=DEFAULT_DIRTY_LIMIT)
-    p.add_argument("--dirty-expire", type=float, default=DEFAULT_EXPIRE)
+    p.add_argument("--dirty-expire", type=_argument(parse_seconds), default=DEFAULT_EXPIRE)
     p.add_argument("--writeback-cache", action="store_true")
     write_through = _argument(parse_write_through)
     p.add_argument("--write-through", type=write_through, default=WRITE_THROUGH_BYTES)
-    p.add_argument("--readahead-kb", type=int, default=DEFAULT_READAHEAD_KB)
-    p.add_argument("--attr-timeout", type=float, default=DEFAULT_ATTR_TIMEOUT)
-    p.add_argument("--max-tasks", type=int, default=64)
-    p.add_argument("--spin-us", type=_spin_us, default=default_spin_us())
+    p.add_argument(
+        "--readahead-kb", type=_argument(count_in(0, 1 << 20)), default=DEFAULT_READAHEAD_KB
+    )
+    p.add_argument("--attr-timeout", type=_argument(parse_seconds), default=DEFAULT_ATTR_TIMEOUT)
+    p.add_argument("--max-tasks", type=_argument(count_in(1, 1024)), default=64)
+    spin_us = _argument(count_in(0, MAX_SPIN_US, "number of microseconds"))
+    p.add_argument("--spin-us", type=spin_us, default=default_spin_us())
     p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--backing-fd", type=int)
@@ -502,7 +498,11 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
     if not hardened:
         log.warning("could not make the worker non-dumpable")
-    source = key_source if key_source is not None else DaemonKeySource.from_environment()
+    try:
+        source = key_source if key_source is not None else DaemonKeySource.from_environment()
+    except OSError as err:  # started by hand: no channel to the daemon
+        print(f"{_parser().prog}: {err.strerror}", file=sys.stderr)
+        return 1
     options = MountOptions(
         dirty_limit=args.dirty_limit,
         dirty_expire=args.dirty_expire,

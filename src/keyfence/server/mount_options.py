@@ -20,33 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyfence.errors import KeyfenceError
+from keyfence.option_values import count_in, parse_seconds, parse_size, parse_write_through
 from keyfence.server.fuse_conf import FUSE_CONF, read_fuse_conf
-from keyfence.sizes import parse_size, parse_write_through
 
 __all__ = ["OPTIONS", "MountRequestOptions", "parse_options", "parse_size", "user_allow_other"]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= 86400 * 365:
-        raise ValueError(f"out of range (0 to one year): {text!r}")
-    return value
-
-
-def _count(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"not a whole number: {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"out of range ({low} to {high}): {text!r}")
-        return value
-
-    return parse
 
 
 def _fuse_loop(text: str) -> str:
@@ -74,10 +51,13 @@ OPTIONS: dict[str, _Option] = {
         "dirty_limit", parse_size, "--dirty-limit", "dirty plaintext the cache may hold (64M)"
     ),
     "dirty_expire": _Option(
-        "dirty_expire", _seconds, "--dirty-expire", "seconds before dirty pages are written (5)"
+        "dirty_expire",
+        parse_seconds,
+        "--dirty-expire",
+        "seconds before dirty pages are written (5)",
     ),
     "attr_timeout": _Option(
-        "attr_timeout", _seconds, "--attr-timeout", "seconds the kernel caches entries (10)"
+        "attr_timeout", parse_seconds, "--attr-timeout", "seconds the kernel caches entries (10)"
     ),
     "write_through": _Option(
         "write_through",
@@ -86,14 +66,14 @@ OPTIONS: dict[str, _Option] = {
         "a new file's first write up to this size is stored at once (64K; 0: never)",
     ),
     "readahead_kb": _Option(
-        "readahead_kb", _count(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"
+        "readahead_kb", count_in(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"
     ),
     "max_tasks": _Option(
-        "max_tasks", _count(1, 1024), "--max-tasks", "concurrent FUSE requests served (64)"
+        "max_tasks", count_in(1, 1024), "--max-tasks", "concurrent FUSE requests served (64)"
     ),
     "spin_us": _Option(
         "spin_us",
-        _count(0, 1000),
+        count_in(0, 1000),
         "--spin-us",
         "microseconds to wait for the next request before sleeping (50)",
     ),

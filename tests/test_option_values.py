@@ -1,10 +1,16 @@
-"""keyfence.sizes: the one size parser of mount options and the worker."""
+"""keyfence.option_values: the one size parser of mount options and the worker."""
 
 from __future__ import annotations
 
 import pytest
 
-from keyfence.sizes import MAX_WRITE_THROUGH, parse_size, parse_write_through
+from keyfence.option_values import (
+    MAX_WRITE_THROUGH,
+    count_in,
+    parse_seconds,
+    parse_size,
+    parse_write_through,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,3 +51,30 @@ def test_write_through_is_zero_or_at_most_one_write() -> None:
         parse_write_through("2M")
     with pytest.raises(ValueError, match="not a size"):
         parse_write_through("1e999")
+
+
+@pytest.mark.parametrize("text", ["0", "10", "0.5", "31536000"])
+def test_seconds_from_zero_to_a_year(text: str) -> None:
+    assert parse_seconds(text) == float(text)
+
+
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "-inf", "31536001", "1e999"])
+def test_seconds_out_of_range(text: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_seconds(text)
+
+
+def test_seconds_not_a_number() -> None:
+    with pytest.raises(ValueError, match="not a number of seconds: 'soon'"):
+        parse_seconds("soon")
+
+
+def test_counts_in_a_range() -> None:
+    tasks = count_in(1, 1024)
+    assert tasks("64") == 64
+    with pytest.raises(ValueError, match=r"out of range \(1 to 1024\): '0'"):
+        tasks("0")
+    with pytest.raises(ValueError, match=r"not a whole number: '1\.5'"):
+        tasks("1.5")
+    with pytest.raises(ValueError, match="not a number of microseconds: 'x'"):
+        count_in(0, 1000, "number of microseconds")("x")
