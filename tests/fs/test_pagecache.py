@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyfence.fs import writeback
+from keyfence.fs import pagecache, writeback
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.format import (
     FILE_HEADER_SIZE,
@@ -561,6 +561,44 @@ def test_flusher_keeps_dirty_memory_under_the_limit(tmp_path: Path) -> None:
         while cache.dirty_bytes > 16 * PAGE_SIZE and time.monotonic() < deadline:
             time.sleep(0.02)
         assert cache.dirty_bytes <= 16 * PAGE_SIZE
+    finally:
+        flusher.stop()
+
+
+def test_the_heap_is_trimmed_when_idle_after_a_burst_never_while_dirty(
+    cache: PageCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pagecache, "TRIM_AFTER_BYTES", 8 * PAGE_SIZE)
+    trims: list[int] = []  # injected: the worker's malloc_trim (fs/syscalls.trim_heap)
+    cache.trim_heap = lambda: trims.append(cache.dirty_bytes)
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, os.urandom(12 * PAGE_SIZE))
+    assert not cache.trim_if_idle() and trims == []  # dirty: a removal may be under way
+    cache.flush(f.file)
+    assert cache.trim_if_idle() and trims == [0]
+    assert not cache.trim_if_idle()  # nothing written back since
+    cache.write(f.file, 0, os.urandom(4 * PAGE_SIZE))
+    cache.flush(f.file)
+    assert not cache.trim_if_idle()  # 4 pages: less than a burst
+    cache.write(f.file, 0, os.urandom(4 * PAGE_SIZE))
+    cache.flush(f.file)
+    assert cache.trim_if_idle() and trims == [0, 0]
+
+
+def test_the_flusher_trims_the_heap_after_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pagecache, "TRIM_AFTER_BYTES", 8 * PAGE_SIZE)
+    cache = PageCache(expire=0.1, write_through=0)
+    trimmed = threading.Event()
+    cache.trim_heap = trimmed.set
+    flusher = Flusher(cache)
+    flusher.start()
+    try:
+        f = Opened(cache, tmp_path / "a")
+        cache.write(f.file, 0, os.urandom(16 * PAGE_SIZE))
+        assert trimmed.wait(10)
+        assert cache.dirty_bytes == 0
     finally:
         flusher.stop()
 

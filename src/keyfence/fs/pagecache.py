@@ -121,6 +121,10 @@ def lenient_plaintext_size(disk_size: int) -> int:
     return full * PAGE_SIZE + max(rest - BLOCK_OVERHEAD, 1)
 
 
+TRIM_AFTER_BYTES = 256 << 20
+"""Bytes written back after which an idle cache gives the heap back
+(:meth:`PageCache.trim_if_idle`): glibc's own threshold was 256 MiB too."""
+
 WRITE_THROUGH_BYTES = 16 * PAGE_SIZE
 """The largest first write of an empty file stored at once, by default
 (:meth:`PageCache._write_through`)."""
@@ -150,6 +154,13 @@ class PageCache:
         self.chunk_pages = max(1, chunk_pages)
         self.prefetch = prefetch
         self.label_of = label_of or (lambda ino: f"inode {ino}")
+        self.trim_heap: Callable[[], object] | None = None
+        """Gives the process's free heap back to the kernel (the worker's
+        ``malloc_trim``, with glibc's own trimming turned off: fs/worker.py
+        ``tune_malloc``); the flusher calls it when nothing is dirty after
+        :data:`TRIM_AFTER_BYTES` were written back, never a request or a
+        key removal.  None: never (in-process users of the cache)."""
+        self._trimmed_at = 0
         self.backing_sync: Callable[[], None] | None = None
         """Makes the whole backing filesystem durable (``syncfs``): the
         fallback for a file closed between its write-back and its fsync."""
@@ -846,6 +857,26 @@ class PageCache:
                 if f.key == key:
                     f.closing = False
 
+    def trim_if_idle(self) -> bool:
+        """Call :attr:`trim_heap` if nothing is dirty and at least
+        :data:`TRIM_AFTER_BYTES` were written back since it last ran (the
+        pages of a big burst are free memory now); whether it was called.
+
+        glibc would otherwise trim inside whichever ``free`` let the top of
+        the heap pass its threshold: after 1 GiB written back, that was a
+        key removal's eviction: 45-61 ms with the GIL held, ~6 % of the
+        removal (docs/performance.md, part 7).  Called by the flusher
+        thread; the trim itself holds no lock of ours."""
+        if self.trim_heap is None:
+            return False
+        with self.lock:
+            written = self.stats["written_bytes"]
+            if self._dirty_pages or written - self._trimmed_at < TRIM_AFTER_BYTES:
+                return False
+            self._trimmed_at = written
+        self.trim_heap()
+        return True
+
     def evict_key(self, key: str) -> tuple[list[int], dict[int, int]]:
         """Forget plaintext and ciphers under ``key``.
 
@@ -925,6 +956,7 @@ class Flusher:
                 cache.flush_expired()
                 if cache.dirty_bytes > cache.dirty_limit // 2:
                     cache.flush_until(cache.dirty_limit // 4)
+                cache.trim_if_idle()
             except Exception:  # keep the flusher alive; the error was logged
                 log.exception("background write-back failed")
                 time.sleep(interval)

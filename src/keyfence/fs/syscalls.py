@@ -72,6 +72,7 @@ __all__ = [
     "syncfs",
     "syncfs_dir",
     "syncfs_path",
+    "trim_heap",
     "unlink_at",
     "utime_at",
     "utime_fd",
@@ -534,6 +535,13 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start the disk writing a
     range without waiting (best effort: errors surface at fsync)."""
     _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def trim_heap(pad: int = 16 << 20) -> bool:
+    """malloc_trim(3): give the C heap's free memory back to the kernel,
+    keeping ``pad`` bytes at its top; whether any was.  ctypes lets the GIL
+    go for the call (glibc still holds its arena lock meanwhile)."""
+    return bool(libc.malloc_trim(ctypes.c_size_t(pad)))
 
 
 def syncfs_dir(dir_fd: int) -> None:

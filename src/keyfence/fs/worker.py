@@ -65,6 +65,7 @@ from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
+from keyfence.fs.syscalls import trim_heap
 from keyfence.option_values import count_in, parse_seconds, parse_size, parse_write_through
 
 __all__ = ["DEFAULT_READAHEAD_KB", "main", "run"]
@@ -274,13 +275,19 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 
-def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Keep large buffers on glibc's heap instead of fresh mmaps.
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Keep large buffers on glibc's heap instead of fresh mmaps, and give
+    the heap back to the kernel on our own thread only.
 
     Every FUSE read or write-back chunk allocates buffers of about 1 MiB;
     by default glibc maps each one freshly and the kernel faults in and
     zeroes 256 pages every time, which cost two thirds of the read path
     (docs/fs.md).  With a higher mmap threshold the buffers are reused.
+    glibc trims the heap inside whichever ``free`` lets its free top pass
+    the trim threshold; the worker turns that off (the largest threshold)
+    and the page cache's flusher trims instead once a burst was written
+    back (:meth:`~keyfence.fs.pagecache.PageCache.trim_if_idle`), so no
+    request and no key removal pays for it.
     """
     try:
         from keyfence.fs.syscalls import libc  # the one CDLL of fs/
@@ -377,6 +384,7 @@ def run(
     # mounted by the daemon on the checked directory: serve its /dev/fuse
     target = mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
     ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
+    ops.cache.trim_heap = trim_heap  # glibc's own trimming is off: tune_malloc
     if allow_other is None:
         allow_other = os.geteuid() == 0
     pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))
@@ -435,6 +443,7 @@ def _run_own(
 ) -> int:
     """:func:`run` with keyfence's own loop: the same steps, our session."""
     ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
+    ops.cache.trim_heap = trim_heap  # glibc's own trimming is off: tune_malloc
     if allow_other is None:
         allow_other = os.geteuid() == 0
     if fuse_fd is None:
