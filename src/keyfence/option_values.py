@@ -14,10 +14,14 @@ import math
 from collections.abc import Callable
 
 __all__ = [
+    "MAX_SPIN_US",
     "MAX_WRITE_THROUGH",
     "count_in",
+    "parse_max_tasks",
+    "parse_readahead_kb",
     "parse_seconds",
     "parse_size",
+    "parse_spin_us",
     "parse_write_through",
 ]
 
@@ -77,3 +81,12 @@ def count_in(low: int, high: int, what: str = "whole number") -> Callable[[str],
 
     parse.__name__ = f"count_in_{low}_{high}"
     return parse
+
+
+MAX_SPIN_US = 1000
+"""The longest busy-wait of keyfence's loop for the next request
+(fs/fuse/session.py), in microseconds."""
+
+parse_readahead_kb = count_in(0, 1 << 20)
+parse_max_tasks = count_in(1, 1024)
+parse_spin_us = count_in(0, MAX_SPIN_US, "number of microseconds")

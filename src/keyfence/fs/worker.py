@@ -66,13 +66,21 @@ from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
 from keyfence.fs.syscalls import trim_heap
-from keyfence.option_values import count_in, parse_seconds, parse_size, parse_write_through
+from keyfence.option_values import (
+    parse_max_tasks,
+    parse_readahead_kb,
+    parse_seconds,
+    parse_size,
+    parse_spin_us,
+    parse_write_through,
+)
 
 __all__ = ["DEFAULT_READAHEAD_KB", "main", "run"]
 
 log = logging.getLogger("keyfence.fs.worker")
 
 DEFAULT_READAHEAD_KB = 1024
+PROG = "python -m keyfence.fs.worker"
 
 
 _T = TypeVar("_T")
@@ -93,9 +101,7 @@ def _argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m keyfence.fs.worker", description="keyfence mount worker"
-    )
+    p = argparse.ArgumentParser(prog=PROG, description="keyfence mount worker")
     p.add_argument("backing")
     p.add_argument("mountpoint")
     p.add_argument("--dirty-limit", type=_argument(parse_size), default=DEFAULT_DIRTY_LIMIT)
@@ -104,12 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     write_through = _argument(parse_write_through)
     p.add_argument("--write-through", type=write_through, default=WRITE_THROUGH_BYTES)
     p.add_argument(
-        "--readahead-kb", type=_argument(count_in(0, 1 << 20)), default=DEFAULT_READAHEAD_KB
+        "--readahead-kb", type=_argument(parse_readahead_kb), default=DEFAULT_READAHEAD_KB
     )
     p.add_argument("--attr-timeout", type=_argument(parse_seconds), default=DEFAULT_ATTR_TIMEOUT)
-    p.add_argument("--max-tasks", type=_argument(count_in(1, 1024)), default=64)
-    spin_us = _argument(count_in(0, MAX_SPIN_US, "number of microseconds"))
-    p.add_argument("--spin-us", type=spin_us, default=default_spin_us())
+    p.add_argument("--max-tasks", type=_argument(parse_max_tasks), default=64)
+    p.add_argument("--spin-us", type=_argument(parse_spin_us), default=default_spin_us())
     p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--backing-fd", type=int)
@@ -132,8 +137,8 @@ def default_fuse_loop() -> str:
 
 
 DEFAULT_SPIN_US = 50
-MAX_SPIN_US = 1000
-"""How long keyfence's loop busy-waits for the next request (fs/fuse/session.py)."""
+"""How long keyfence's loop busy-waits for the next request (fs/fuse/session.py);
+at most :data:`~keyfence.option_values.MAX_SPIN_US`."""
 
 
 def default_spin_us() -> int:
@@ -510,7 +515,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
     try:
         source = key_source if key_source is not None else DaemonKeySource.from_environment()
     except OSError as err:  # started by hand: no channel to the daemon
-        print(f"{_parser().prog}: {err.strerror}", file=sys.stderr)
+        print(f"{PROG}: {err.strerror}", file=sys.stderr)
         return 1
     options = MountOptions(
         dirty_limit=args.dirty_limit,

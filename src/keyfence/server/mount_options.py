@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyfence.errors import KeyfenceError
-from keyfence.option_values import count_in, parse_seconds, parse_size, parse_write_through
+from keyfence.option_values import (
+    parse_max_tasks,
+    parse_readahead_kb,
+    parse_seconds,
+    parse_size,
+    parse_spin_us,
+    parse_write_through,
+)
 from keyfence.server.fuse_conf import FUSE_CONF, read_fuse_conf
 
 __all__ = ["OPTIONS", "MountRequestOptions", "parse_options", "parse_size", "user_allow_other"]
@@ -66,14 +73,14 @@ OPTIONS: dict[str, _Option] = {
         "a new file's first write up to this size is stored at once (64K; 0: never)",
     ),
     "readahead_kb": _Option(
-        "readahead_kb", count_in(0, 1 << 20), "--readahead-kb", "readahead window in KiB (1024)"
+        "readahead_kb", parse_readahead_kb, "--readahead-kb", "readahead window in KiB (1024)"
     ),
     "max_tasks": _Option(
-        "max_tasks", count_in(1, 1024), "--max-tasks", "concurrent FUSE requests served (64)"
+        "max_tasks", parse_max_tasks, "--max-tasks", "concurrent FUSE requests served (64)"
     ),
     "spin_us": _Option(
         "spin_us",
-        count_in(0, 1000),
+        parse_spin_us,
         "--spin-us",
         "microseconds to wait for the next request before sleeping (50)",
     ),
