@@ -82,12 +82,13 @@ def test_frame_reader_and_split_frames_agree_with_encode() -> None:
         protocol.Reply(id=i, value=b"x" * size) for i, size in enumerate([0, 10, 70_000, 3])
     ]
     data = b"".join(protocol.encode(m) for m in messages)
-    buffer = bytearray(data[:-5])
-    bodies, used, error = wire.split_frames(buffer)
+    buffer = wire.ReceiveBuffer()
+    buffer.append(data[:-5])
+    bodies, used, error = wire.split_frames(buffer.view())
     assert error is None and [protocol.decode(b) for b in bodies] == messages[:3]
-    wire.consume(buffer, used)
-    buffer += data[-5:]
-    bodies, used, error = wire.split_frames(memoryview(buffer), limit=1)
+    buffer.take(used)
+    buffer.append(data[-5:])
+    bodies, used, error = wire.split_frames(buffer.view(), limit=1)
     assert [protocol.decode(b) for b in bodies] == messages[3:] and used == len(buffer)
     assert wire.split_frames(b"\x00\x00\x00\x01x\xff\xff\xff\xff")[1:][1] is not None
     a, b = socket.socketpair()
@@ -109,7 +110,7 @@ def test_frame_reader_leaves_no_copy_of_a_payload(split: bool) -> None:
     import os
     import socket
 
-    from keyfence.fs.crypto import wipe_bytes
+    from keyfence.keys.secret import wipe_bytes
     from keyfence.testing.memory import addresses_in_memory
 
     needle = bytearray(os.urandom(64))
@@ -140,3 +141,75 @@ def test_frame_reader_leaves_no_copy_of_a_payload(split: bool) -> None:
     needle[:] = bytes(len(needle))
     found = addresses_in_memory(os.getpid(), probe)
     assert len(found) == 1, [hex(a) for a in found]
+
+
+def _copies_left(needle: bytearray) -> int:
+    """Copies of ``needle`` in this process besides one probe (``needle``
+    itself is zeroed first)."""
+    import gc
+    import os
+
+    from keyfence.testing.memory import addresses_in_memory
+
+    gc.collect()
+    probe = bytes(needle)
+    needle[:] = bytes(len(needle))
+    return len(addresses_in_memory(os.getpid(), probe)) - 1
+
+
+def test_receive_buffer_leaves_no_copy_when_it_grows() -> None:
+    """Bytes that arrive a few at a time: the buffer grows (a new one, the
+    old zeroed), moves what it holds to the front, and zeroes what is
+    taken; none of it leaves a copy of a payload behind."""
+    import os
+
+    needle = bytearray(os.urandom(64))
+    stream = bytearray(30_064)  # built in place: a concatenation would leave copies
+    stream[:10_000] = os.urandom(10_000)
+    stream[10_000:10_064] = needle
+    stream[10_064:] = os.urandom(20_000)
+    buffer = wire.ReceiveBuffer()
+    view = memoryview(stream)
+    for at in range(0, len(stream), 700):
+        buffer.append(view[at : at + 700])
+        if len(buffer) > 5_000:
+            buffer.take(3_000)  # taken from the front while more comes
+    assert bytes(buffer.view()) == bytes(stream[-len(buffer) :])
+    buffer.clear()
+    assert len(buffer) == 0
+    view.release()
+    stream[:] = bytes(len(stream))
+    assert _copies_left(needle) == 0
+
+
+def test_a_payload_reply_is_encoded_without_a_copy_left() -> None:
+    """The daemon's answer to ``read``: encoded with room for its payload,
+    the frame zeroed once sent and the payload's bytes wiped, nothing of
+    the payload is left (a frame that outgrows its buffer is reallocated,
+    and the smaller one freed with what it held)."""
+    import os
+
+    from keyfence.keys.secret import wipe_bytes
+
+    needle = bytearray(os.urandom(64))
+    made = bytearray(6064)  # built in place: a concatenation would leave copies
+    made[:3000] = os.urandom(3000)
+    made[3000:3064] = needle
+    made[3064:] = os.urandom(3000)
+    payload = bytes(made)
+    wire.zero(made)
+    reply = protocol.Reply(id=9, value=[12345, "desc", payload])
+    frame = protocol.encode(reply, room=protocol.room_for(reply.value))
+    decoded = wire.unpack(memoryview(frame)[wire.HEADER_SIZE :])
+    assert decoded == {"type": "reply", "id": 9, "value": [12345, "desc", payload]}
+    assert isinstance(decoded, dict)
+    wipe_bytes(decoded["value"][2])
+    wire.zero(frame)
+    wipe_bytes(payload)
+    del reply, payload, decoded
+    assert _copies_left(needle) == 0
+
+
+def test_protocol_encode_refuses_a_frame_too_large() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        protocol.encode(protocol.Reply(id=1, value=bytes(wire.MAX_FRAME)))

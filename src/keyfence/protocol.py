@@ -164,12 +164,51 @@ class ProtocolError(Exception):
         """True when the stream can no longer be trusted (framing)."""
 
 
-def encode(message: Message) -> bytes:
-    """One frame; ValueError if the message is too large for one."""
-    return wire.framed(_encoder.encode(message))
+_ROOM = 256
+"""What a frame's buffer starts with when the sender names no size."""
 
 
-def decode(body: bytes) -> Message:
+def encode(message: Message, *, room: int = 0) -> bytearray:
+    """One frame, in a ``bytearray`` the sender may zero once it is sent;
+    ValueError if the message is too large for a frame.
+
+    msgspec encodes straight into the frame's buffer, after the header.  A
+    message that outgrows the buffer makes msgspec reallocate it, and the
+    old block is freed with what it held: a message carrying a key's
+    payload names its size as ``room`` (:func:`room_for`), so it is
+    encoded in one buffer and nothing of it is left behind.
+    """
+    frame = bytearray(wire.HEADER_SIZE + max(room, _ROOM))
+    _encoder.encode_into(message, frame, wire.HEADER_SIZE)
+    size = len(frame) - wire.HEADER_SIZE
+    if size > wire.MAX_FRAME:
+        wire.zero(frame)
+        raise ValueError(f"message of {size} bytes exceeds the {wire.MAX_FRAME}-byte frame limit")
+    frame[: wire.HEADER_SIZE] = size.to_bytes(wire.HEADER_SIZE, "big")
+    return frame
+
+
+def room_for(value: object) -> int:
+    """An upper bound of the bytes ``value`` takes in msgpack, plus what a
+    message around it adds (for :func:`encode`'s ``room``)."""
+    return 64 + _room(value, 0)
+
+
+def _room(value: object, depth: int) -> int:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return 5 + len(value)
+    if isinstance(value, str):
+        return 5 + 4 * len(value)  # UTF-8: at most 4 bytes a character
+    if depth > 64:  # deeper than any decoder takes: let the encoder refuse it
+        return 0
+    if isinstance(value, list | tuple):
+        return 5 + sum(_room(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return 5 + sum(_room(k, depth + 1) + _room(v, depth + 1) for k, v in value.items())
+    return 9  # nil, bool, int, float
+
+
+def decode(body: bytes | bytearray | memoryview) -> Message:
     try:
         message: Message = _decoder.decode(body)
     except msgspec.ValidationError as err:

@@ -309,36 +309,105 @@ def body_size(header: bytes | bytearray | memoryview, offset: int = 0) -> int:
 
 def split_frames(
     data: bytes | bytearray | memoryview, limit: int | None = None
-) -> tuple[list[bytes], int, WireError | None]:
+) -> tuple[list[bytearray], int, WireError | None]:
     """The bodies of the complete frames at the front of ``data`` (at most
     ``limit``), how many bytes those frames take, and the error, if any,
     of a header past MAX_FRAME after them (the stream can no longer be
     trusted from there on).  For readers that receive whatever the socket
     has (the daemon's event loop); the caller drops what was consumed.
+
+    Each body is a ``bytearray`` of its own, for the caller to :func:`zero`
+    once decoded: a body may carry a key's payload.
     """
-    bodies: list[bytes] = []
+    bodies: list[bytearray] = []
+    view = memoryview(data)  # slices of a view copy nothing
     offset = 0
-    end = len(data)
+    end = len(view)
     error = None
     while end - offset >= HEADER_SIZE and (limit is None or len(bodies) < limit):
         try:
-            size = body_size(data, offset)
+            size = body_size(view, offset)
         except WireError as err:
             error = err
             break
         start = offset + HEADER_SIZE
         if end - start < size:
             break
-        bodies.append(bytes(data[start : start + size]))
+        bodies.append(bytearray(view[start : start + size]))
         offset = start + size
     return bodies, offset, error
 
 
-def consume(buffer: bytearray, size: int) -> None:
-    """Drop ``size`` bytes off the front of ``buffer``, zeroed first: a
-    payload (a logon key on its way to a mount) must not linger there."""
-    buffer[:size] = bytes(size)
-    del buffer[:size]
+_ZEROS = memoryview(bytes(64 * 1024))
+
+
+def zero(buffer: bytearray | memoryview) -> None:
+    """Overwrite ``buffer`` with zeros, in place (views of it may live on)."""
+    size = len(buffer)
+    buffer[:] = _ZEROS[:size] if size <= len(_ZEROS) else bytes(size)
+
+
+class ReceiveBuffer:
+    """Bytes received but not taken yet, kept so that none is left behind.
+
+    A ``bytearray`` grown with ``+=`` is reallocated, and glibc frees the
+    old block with whatever it held (a key on its way to a mount, an
+    ``add_key`` payload); ``del b[:n]`` may move what is left the same way.
+    This buffer is one ``bytearray`` that is never resized: a window of it
+    holds the bytes.  Taking bytes zeroes them; when more room is needed, a
+    new ``bytearray`` gets the live bytes and the old one is zeroed before
+    it is dropped.  Once empty, a large one is let go (it is all zeros).
+    """
+
+    __slots__ = ("_data", "_end", "_start")
+
+    KEEP = 64 * 1024
+    """Capacity kept while empty; a larger buffer is let go then."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._start = 0
+        self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def view(self) -> memoryview:
+        """The bytes held (valid until the next :meth:`append` or :meth:`take`)."""
+        return memoryview(self._data)[self._start : self._end]
+
+    def append(self, chunk: bytes | bytearray | memoryview) -> None:
+        size = len(chunk)
+        if self._end + size > len(self._data):
+            self._make_room(size)
+        memoryview(self._data)[self._end : self._end + size] = chunk
+        self._end += size
+
+    def _make_room(self, size: int) -> None:
+        live = self._end - self._start
+        old = memoryview(self._data)
+        if live + size <= len(old):  # move the live bytes to the front
+            old[:live] = old[self._start : self._end]  # contiguous: a memmove
+            zero(old[live : self._end])
+        else:
+            grown = bytearray(max(live + size, 2 * len(old), 4096))
+            grown[:live] = old[self._start : self._end]
+            zero(old)
+            self._data = grown
+        self._start, self._end = 0, live
+
+    def take(self, size: int) -> None:
+        """Drop ``size`` bytes off the front, zeroed."""
+        size = min(size, self._end - self._start)
+        zero(memoryview(self._data)[self._start : self._start + size])
+        self._start += size
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._data) > self.KEEP:
+                self._data = bytearray()  # all zeros by now
+
+    def clear(self) -> None:
+        self.take(self._end - self._start)
 
 
 def recv_exact(sock: _socket.socket, size: int) -> bytes | None:
@@ -399,7 +468,7 @@ class FrameReader:
 
     def __init__(self, sock: _socket.socket) -> None:
         self._sock = sock
-        self._buffer = bytearray()
+        self._buffer = ReceiveBuffer()
         self._scratch = memoryview(bytearray(self.CHUNK))
         self._zeros = memoryview(bytes(self.CHUNK))
 
@@ -410,16 +479,12 @@ class FrameReader:
         while True:
             have = len(buffer)
             if have >= HEADER_SIZE:
-                want = HEADER_SIZE + body_size(buffer)
+                want = HEADER_SIZE + body_size(buffer.view())
                 if have >= want:
-                    # a bytearray, zeroed once decoded: a bytes copy would
-                    # be freed unzeroed, with any payload in it
-                    body = buffer[HEADER_SIZE:want]
-                    consume(buffer, want)
-                    try:
-                        return message_of(memoryview(body))
+                    try:  # decoded from the buffer itself, zeroed once taken
+                        return message_of(buffer.view()[HEADER_SIZE:want])
                     finally:
-                        body[:] = bytes(len(body))  # in place: views may live on
+                        buffer.take(want)
             size = self._sock.recv_into(scratch)
             if not size:
                 if buffer:
@@ -429,6 +494,6 @@ class FrameReader:
                 # the usual case, one whole message: straight from scratch
                 if not buffer and size >= HEADER_SIZE and size == HEADER_SIZE + body_size(scratch):
                     return message_of(scratch[HEADER_SIZE:size])
-                buffer += scratch[:size]
+                buffer.append(scratch[:size])
             finally:
                 scratch[:size] = self._zeros[:size]

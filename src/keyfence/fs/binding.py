@@ -35,9 +35,10 @@ import trio
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat
-from keyfence.fs.crypto import MasterKey, wipe_bytes
+from keyfence.fs.crypto import MasterKey
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
 from keyfence.fs.keysource import FoundKey, GoingAway, KeySource
+from keyfence.keys.secret import wipe_bytes
 
 __all__ = ["GOING_GRACE", "Binding", "KeyBindings", "KeyGoingListener"]
 

@@ -12,12 +12,10 @@ per-file key inside a ready ``AESGCM`` object) and one
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hmac
 import os
 import struct
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +58,7 @@ from keyfence.fs.format import (
     padded_name_length,
     sidecar_name,
 )
+from keyfence.keys.secret import wipe_bytes
 
 __all__ = [
     "DirectoryCipher",
@@ -163,18 +162,6 @@ def derive_symlinks_key(master: bytes, dir_nonce: bytes) -> bytes:
     if len(dir_nonce) != DIR_NONCE_SIZE:
         raise FormatError(f"a directory nonce is {DIR_NONCE_SIZE} bytes")
     return _hkdf(bytes(master), bytes(dir_nonce), INFO_SYMLINKS, 64)
-
-
-def wipe_bytes(data: bytes) -> None:
-    """Overwrite an (immutable) bytes object's contents with zeros.
-
-    CPython only: its bytes keep their contents inline after a fixed
-    header.  For key material that must not outlive its key; the object
-    must not be shared with anything that still needs it.
-    """
-    if type(data) is bytes and len(data) > 1:  # never the shared b"" and one-byte objects
-        offset = sys.getsizeof(b"") - 1  # the header; the rest is contents + NUL
-        ctypes.memset(id(data) + offset, 0, len(data))
 
 
 class MasterKey:

@@ -19,6 +19,7 @@ import ctypes.util
 import hmac
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -511,3 +512,18 @@ def default_arena() -> SecretArena:
 def store(data: bytes | bytearray | memoryview) -> SecretBuffer:
     """Store ``data`` in the process-wide default arena."""
     return _default_arena.store(data)
+
+
+def wipe_bytes(data: object) -> None:
+    """Overwrite an (immutable) ``bytes`` object's contents with zeros.
+
+    For the copies of a payload that leave the arena as ``bytes`` (a wire
+    message's decoded field, a ``read``'s answer, a mount worker's key).
+    CPython only: its bytes keep their contents inline after a fixed
+    header.  The object must not be shared with anything that still needs
+    it.  Anything but a ``bytes`` of two bytes or more is left alone (the
+    empty and one-byte objects are the interpreter's shared ones).
+    """
+    if type(data) is bytes and len(data) > 1:
+        offset = sys.getsizeof(b"") - 1  # the header; the rest is contents + NUL
+        ctypes.memset(id(data) + offset, 0, len(data))

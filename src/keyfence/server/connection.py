@@ -32,6 +32,7 @@ from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
+from keyfence.keys.secret import wipe_bytes
 from keyfence.server import limits
 
 if TYPE_CHECKING:
@@ -102,6 +103,16 @@ class RemoteWatcher:
             raise OSError(waiter.errno, waiter.message or errno.errorcode.get(waiter.errno, ""))
 
 
+def _wipe_payloads(value: object) -> None:
+    """Zero the ``bytes`` in an answer that carried a payload (read's
+    bytes; worker_find_key's ``[serial, description, payload]``)."""
+    if isinstance(value, list):
+        for item in value:
+            _wipe_payloads(item)
+    else:
+        wipe_bytes(value)
+
+
 class Connection:
     def __init__(
         self,
@@ -130,7 +141,8 @@ class Connection:
         self.acks: dict[int, _AckWaiter] = {}
         self.seqs = itertools.count(1)
         self.watch_ids = itertools.count(1)
-        self.inbuf = bytearray()
+        self.inbuf = wire.ReceiveBuffer()
+        """What the client sent that is not a whole message yet."""
         self.out: deque[memoryview] = deque()
         self.out_bytes = 0
         self.bad = 0
@@ -138,10 +150,15 @@ class Connection:
 
     # -- output (any thread)
 
-    def send(self, message: protocol.Message) -> None:
-        """Send a message without waiting for the client to read it."""
+    def send(self, message: protocol.Message, *, room: int = 0) -> None:
+        """Send a message without waiting for the client to read it.
+
+        ``room``: the bytes a message carrying a secret needs
+        (:func:`protocol.room_for`), so that its frame is encoded in one
+        buffer, never reallocated (keyfence.protocol.encode).
+        """
         try:
-            frame = protocol.encode(message)
+            frame = protocol.encode(message, room=room)
         except ValueError as err:  # a reply too large for a frame
             request_id = getattr(message, "id", 0)
             frame = protocol.encode(
@@ -149,10 +166,13 @@ class Connection:
             )
         self.send_frame(frame)
 
-    def send_frame(self, frame: bytes) -> None:
+    def send_frame(self, frame: bytearray) -> None:
+        """Queue ``frame`` (ours from now on: zeroed once sent or dropped,
+        as it may carry a key's payload)."""
         overflow = ""
         with self.lock:
             if self.closed:
+                wire.zero(frame)
                 return
             pending = memoryview(frame)
             if not self.out:
@@ -163,6 +183,7 @@ class Connection:
                 except OSError:
                     sent = -1
                 if sent == len(frame):
+                    wire.zero(frame)
                     return
                 if sent < 0:
                     overflow = "gone"  # the peer is gone: close below
@@ -176,6 +197,8 @@ class Connection:
                 else:
                     self.out.append(pending)
                     self.out_bytes += size
+            if overflow:
+                wire.zero(frame)
         if overflow:
             if overflow != "gone":
                 log.warning(
@@ -200,13 +223,13 @@ class Connection:
                         return False
                     except OSError:
                         drained += self.out_bytes
-                        self.out.clear()
-                        self.out_bytes = 0
+                        self._drop_output()
                         return True  # the reader will see the end of the stream
                     self.out_bytes -= sent
                     drained += sent
                     if sent == len(head):
                         self.out.popleft()
+                        wire.zero(head.obj)  # type: ignore[arg-type] # a frame of send_frame's
                     else:
                         self.out[0] = head[sent:]
                 return True
@@ -218,16 +241,23 @@ class Connection:
         """Loop thread, closing: partial input is dropped (zeroed)."""
         if self.inbuf:
             self.daemon.limits.give_back("input", self.uid, len(self.inbuf))
-            wire.consume(self.inbuf, len(self.inbuf))
+            self.inbuf.clear()
         self.discard_output()
 
     def discard_output(self) -> None:
-        """Loop thread, closing: what is still queued is dropped."""
+        """Loop thread, closing: what is still queued is dropped (zeroed)."""
         with self.lock:
-            dropped, self.out_bytes = self.out_bytes, 0
-            self.out.clear()
+            dropped = self.out_bytes
+            self._drop_output()
         if dropped:
             self.daemon.limits.give_back("output", self.uid, dropped)
+
+    def _drop_output(self) -> None:
+        """Under the lock: the queued frames are zeroed and dropped."""
+        for pending in self.out:
+            wire.zero(pending.obj)  # type: ignore[arg-type] # a frame of send_frame's
+        self.out.clear()
+        self.out_bytes = 0
 
     @property
     def reading_paused(self) -> bool:
@@ -236,7 +266,7 @@ class Connection:
 
     # -- input (loop thread)
 
-    def receive(self, scratch: memoryview) -> list[bytes] | None:
+    def receive(self, scratch: memoryview) -> list[bytearray] | None:
         """Read what the socket has (through the loop's ``scratch`` buffer:
         a fresh 256 KiB bytes per recv costs an mmap and munmap) and take
         this turn's messages; None at the end of the stream (or after a
@@ -253,16 +283,16 @@ class Connection:
             text = f"too much buffered input for uid {self.uid}"
             self.send(protocol.Error(id=0, errno=errno.ENOBUFS, message=text))
             self.daemon.limits.give_back("input", self.uid, held)
-            wire.consume(self.inbuf, len(self.inbuf))
+            self.inbuf.clear()
             return None
         if grown < 0:
             self.daemon.limits.give_back("input", self.uid, -grown)
         return bodies
 
-    def _receive(self, scratch: memoryview) -> list[bytes] | None:
+    def _receive(self, scratch: memoryview) -> list[bytearray] | None:
         if self.has_backlog():
-            bodies, used, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
-            wire.consume(self.inbuf, used)
+            bodies, used, error = wire.split_frames(self.inbuf.view(), FRAMES_PER_TURN)
+            self.inbuf.take(used)
         else:
             try:
                 size = self.sock.recv_into(scratch)
@@ -273,27 +303,27 @@ class Connection:
             if not size:
                 return None
             if self.inbuf:
-                self.inbuf += scratch[:size]
+                self.inbuf.append(scratch[:size])
                 scratch[:size] = _ZEROS[:size]
-                bodies, used, error = wire.split_frames(self.inbuf, FRAMES_PER_TURN)
-                wire.consume(self.inbuf, used)
+                bodies, used, error = wire.split_frames(self.inbuf.view(), FRAMES_PER_TURN)
+                self.inbuf.take(used)
             else:  # the usual case: whole messages straight from scratch
                 bodies, used, error = wire.split_frames(scratch[:size], FRAMES_PER_TURN)
                 if used < size:  # a partial message (or a bad header: next turn)
-                    self.inbuf += scratch[used:size]
+                    self.inbuf.append(scratch[used:size])
                 scratch[:size] = _ZEROS[:size]
         if error is not None and not bodies:
             # the stream can no longer be trusted: answer, then close (the
             # messages before the bad header were served in earlier turns)
             self.send(protocol.Error(id=0, errno=errno.EMSGSIZE, message=str(error)))
-            wire.consume(self.inbuf, len(self.inbuf))
-            bodies.append(b"")  # the loop closes at this marker
+            self.inbuf.clear()
+            bodies.append(bytearray())  # the loop closes at this marker
         return bodies
 
     def has_backlog(self) -> bool:
         """Whether a complete message is already buffered (the next turn
         needs no recv, and epoll will not say so)."""
-        buffer = self.inbuf
+        buffer = self.inbuf.view()
         if len(buffer) < wire.HEADER_SIZE:
             return False
         try:
@@ -354,9 +384,18 @@ class Connection:
         request: protocol.Request,
         *,
         counted: bool = True,
+        payload_args: tuple[int, ...] = (),
+        payload_reply: bool = False,
     ) -> None:
         """Run one checked request and send its answer; ``counted``: it holds
-        one of the connection's and the uid's in-flight places."""
+        one of the connection's and the uid's in-flight places.
+
+        ``payload_args``, ``payload_reply`` (the operation's row): where a
+        key's payload is, in the request or the answer.  The request's
+        decoded copy is zeroed once the call is done, the answer's once it
+        is encoded, and the answer is encoded in one buffer
+        (:func:`protocol.encode`): no copy of a payload is freed unzeroed.
+        """
         try:
             reply: protocol.Message = protocol.Reply(id=request.id, value=op(self, request))
         except KeyfenceError as err:
@@ -368,11 +407,17 @@ class Connection:
             log.exception("request %s from pid %d failed", request.op, self.caller.pid)
             reply = protocol.Error(id=request.id, errno=errno.EIO, message="internal error")
         finally:
+            for index in payload_args:
+                wipe_bytes(request.args[index])
             if counted:
                 with self.lock:
                     self.inflight -= 1
                 self.daemon.limits.give_back("inflight", self.uid)
-        self.send(reply)
+        if payload_reply and isinstance(reply, protocol.Reply):
+            self.send(reply, room=protocol.room_for(reply.value))
+            _wipe_payloads(reply.value)
+        else:
+            self.send(reply)
 
     def watch(self, key_id: int, mask: KeyEvent, sync: bool, name: str | None) -> int:
         with self.lock:

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from keyfence import protocol
+from keyfence import protocol, wire
 from keyfence.server import limits
 from keyfence.server.connection import RECV_BYTES, Connection
 from keyfence.server.optable import OPERATIONS
@@ -277,7 +277,7 @@ class Loop:
         if conn.has_backlog() and not conn.closed:
             self._backlog.add(conn)
 
-    def _message(self, conn: Connection, body: bytes) -> None:
+    def _message(self, conn: Connection, body: bytearray) -> None:
         try:
             message = protocol.decode(body)
         except protocol.ProtocolError as err:
@@ -287,6 +287,8 @@ class Loop:
             elif conn.protocol_error(err):
                 conn.close()
             return
+        finally:
+            wire.zero(body)  # decoded (or refused): the message has its own copies
         if not conn.greeted:
             if not conn.welcome(message):
                 conn.close()
@@ -319,7 +321,13 @@ class Loop:
             return refuse(err.errno or errno.EINVAL, str(err))
         if not op.waits(request):
             # done before the next message is read: no in-flight place needed
-            conn.run(op.handler, request, counted=False)
+            conn.run(
+                op.handler,
+                request,
+                counted=False,
+                payload_args=op.payload_args,
+                payload_reply=op.payload_reply,
+            )
             return None
         with conn.lock:
             busy = conn.inflight >= limits.MAX_INFLIGHT
@@ -336,5 +344,14 @@ class Loop:
             return refuse(
                 errno.EBUSY, f"too many requests in flight for uid {conn.uid} (limit {bound})"
             )
-        self.daemon.lanes.submit(conn.uid, functools.partial(conn.run, op.handler, request))
+        self.daemon.lanes.submit(
+            conn.uid,
+            functools.partial(
+                conn.run,
+                op.handler,
+                request,
+                payload_args=op.payload_args,
+                payload_reply=op.payload_reply,
+            ),
+        )
         return None

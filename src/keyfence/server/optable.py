@@ -70,6 +70,12 @@ class Op:
     """Only on a mount worker's private channel."""
     progress: bool = False
     """Not a removal, but reports progress as one does (umount)."""
+    payload_args: tuple[int, ...] = ()
+    """The arguments that carry a key's payload: their decoded copies are
+    zeroed once the call is done (the key keeps its own, in the arena)."""
+    payload_reply: bool = False
+    """The answer carries a key's payload: it is encoded in one buffer and
+    its copy zeroed once encoded (keyfence.server.connection)."""
 
     def check(self, request: protocol.Request) -> None:
         """EINVAL for arguments or options this operation does not take."""
@@ -190,7 +196,7 @@ def _table(*ops: Op) -> dict[str, Op]:
 OPERATIONS: dict[str, Op] = _table(
     # keys (keyfence.keys.KeyService); an add, link or joined session may
     # displace a key, which goes through the removal path and may wait
-    Op("add_key", (STR, OPT_STR, OPT_BYTES, INT), _service("add_key"), always),
+    Op("add_key", (STR, OPT_STR, OPT_BYTES, INT), _service("add_key"), always, payload_args=(2,)),
     # request_key waits: for its request-key handler, and (even without
     # callout information) for a key another request is constructing
     Op("request_key", (STR, STR, OPT_STR, INT), _service("request_key"), always),
@@ -203,7 +209,7 @@ OPERATIONS: dict[str, Op] = _table(
         always,
         removal=True,
     ),
-    Op("update", (INT, OPT_BYTES), _service("update")),
+    Op("update", (INT, OPT_BYTES), _service("update"), payload_args=(1,)),
     Op("revoke", (INT,), _service("revoke", removal=True), always, removal=True),
     Op("chown", (INT, INT, INT), _service("chown")),
     Op("setperm", (INT, INT), _service("setperm")),
@@ -212,7 +218,7 @@ OPERATIONS: dict[str, Op] = _table(
     Op("link", (INT, INT), _service("link"), always),
     Op("unlink", (INT, INT), _service("unlink", removal=True), always, removal=True),
     Op("search", (INT, STR, STR, INT), _service("search"), unless_no_destination),
-    Op("read", (INT,), _service("read")),
+    Op("read", (INT,), _service("read"), payload_reply=True),
     Op("list_keyring", (INT,), _service("list_keyring")),
     # keyctl show's describe + read of every key below a keyring, and
     # list's read + describe of each member, in one request each
@@ -233,7 +239,13 @@ OPERATIONS: dict[str, Op] = _table(
     Op("get_security", (INT,), _service("get_security")),
     # request-key: the handler instantiates the key under construction (and
     # may link it into a destination keyring, displacing another: may wait)
-    Op("instantiate", (INT, OPT_BYTES, INT), _service("instantiate"), always),
+    Op(
+        "instantiate",
+        (INT, OPT_BYTES, INT),
+        _service("instantiate"),
+        always,
+        payload_args=(1,),
+    ),
     Op("reject", (INT, INT, INT, INT), _service("reject"), always),
     Op("assume_authority", (INT,), _service("assume_authority")),
     Op("key_users", (), _key_users),
@@ -246,6 +258,13 @@ OPERATIONS: dict[str, Op] = _table(
     Op("umount", (STR,), _umount, always, progress=True),
     Op("mounts", (), _mounts),
     # a lookup for a FUSE request: may meet a key under construction and wait
-    Op("worker_find_key", (INT, LIST), _worker_find_key, always, worker_only=True),
+    Op(
+        "worker_find_key",
+        (INT, LIST),
+        _worker_find_key,
+        always,
+        worker_only=True,
+        payload_reply=True,
+    ),
     Op("worker_report", (STR, ANY), _worker_report, worker_only=True),
 )
