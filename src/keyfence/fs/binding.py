@@ -102,16 +102,29 @@ class KeyBindings:
     # ---------------------------------------------------------------- lookups
 
     async def unlock(self, ref: KeyRef, pid: int) -> MasterKey | None:
-        """The master key for ``ref``: bound, or found in ``pid``'s keyrings."""
-        binding = self._bound.get(ref.description)
-        if binding is not None:
-            return binding.master
-        lock = self._finding.setdefault(ref.description, trio.Lock())
-        async with lock:
+        """The master key for ``ref``: bound, or found in ``pid``'s keyrings.
+
+        On the trio thread.  A key bound here may go away (and be wiped)
+        before this task runs again, while the lookup's thread returns: it
+        is then looked up once more, as the caller may hold another copy
+        (or the same key, if that removal was aborted).  Without that, the
+        request got ENOKEY from a key its caller had.  What is returned is
+        not wiped: nothing on this thread can wipe it before the caller's
+        next ``await`` (an emergency, on its own thread, still may).
+        """
+        for _attempt in range(2):
             binding = self._bound.get(ref.description)
             if binding is None:
-                binding = await trio.to_thread.run_sync(self.find_and_bind, ref, pid)
-        return None if binding is None else binding.master
+                lock = self._finding.setdefault(ref.description, trio.Lock())
+                async with lock:
+                    binding = self._bound.get(ref.description)
+                    if binding is None:
+                        binding = await trio.to_thread.run_sync(self.find_and_bind, ref, pid)
+            if binding is None:
+                return None
+            if not binding.master.wiped:
+                return binding.master
+        return None
 
     def find_and_bind(self, ref: KeyRef, pid: int) -> Binding | None:
         """Look ``ref`` up for ``pid``, check it, watch it, bind it.

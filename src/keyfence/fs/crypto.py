@@ -186,6 +186,11 @@ class MasterKey:
         self._wiped = True
         wipe_bytes(self._raw)
 
+    @property
+    def wiped(self) -> bool:
+        """Zeroed (:meth:`wipe`): every use is ENOKEY from now on."""
+        return self._wiped
+
     def _usable(self) -> bytes:
         if self._wiped:
             raise KeyfenceError(errno.ENOKEY, "the key was wiped")
