@@ -63,9 +63,9 @@ from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
 from keyfence.fs.mount_stats import StatsReporter
-from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions, syncfs
+from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
-from keyfence.fs.syscalls import trim_heap
+from keyfence.fs.syscalls import syncfs_path, trim_heap
 from keyfence.option_values import (
     parse_max_tasks,
     parse_readahead_kb,
@@ -240,7 +240,7 @@ async def _on_signals(ops: KeyfenceOperations) -> None:
         async for signum in signals:
             log.info("%s: pushing the kernel's dirty pages, then unmounting", signum)
             with contextlib.suppress(OSError):
-                await trio.to_thread.run_sync(syncfs, ops.mountpoint)
+                await trio.to_thread.run_sync(syncfs_path, ops.mountpoint)
             _terminate()
             return
 
