@@ -191,3 +191,30 @@ def test_closing_a_read_only_descriptor_sends_no_flush(mount: Mount, where: str)
     final = _requests(mount)
     assert final[fuse_proto.FLUSH] - after[fuse_proto.FLUSH] == 1
     assert path.read_bytes()[:9] == b"Contents "
+
+
+@pytest.mark.parametrize("where", ["plain", "enc"])
+def test_a_file_written_in_unaligned_pieces_is_read_in_one_request(
+    mount: Mount, where: str
+) -> None:
+    """tar writes 10 KiB at a time, then sets the mtime.  The kernel keeps
+    a file's pages from one open to the next, but only those one write
+    covered whole: the others are holes, and a reader used to fetch each
+    hole with a READ of its own (three here; without the utime the mtime
+    the kernel had changed, and FUSE_AUTO_INVAL_DATA dropped the pages).
+    The next open drops the file's pages instead (no FOPEN_KEEP_CACHE):
+    one READ, and then the file is cached whole."""
+    top = Enc(mount).dir if where == "enc" else mount.mnt
+    path = top / "pieces"
+    data = os.urandom(40_000)
+    with open(path, "wb", buffering=0) as f:
+        for at in range(0, len(data), 10_240):
+            f.write(data[at : at + 10_240])
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # as tar does: the kernel learns the mtime
+    before = _requests(mount)
+    assert path.read_bytes() == data
+    after = _requests(mount)
+    assert after[fuse_proto.READ] - before[fuse_proto.READ] == 1
+    assert path.read_bytes() == data
+    final = _requests(mount)
+    assert final[fuse_proto.READ] - after[fuse_proto.READ] == 0  # cached whole

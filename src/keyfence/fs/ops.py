@@ -24,6 +24,7 @@ import errno
 import functools
 import json
 import logging
+import mmap
 import os
 import secrets
 import stat
@@ -106,6 +107,8 @@ _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
 _TEMP_PREFIX = "kf.tmp."
+_PAGE_MASK = mmap.PAGESIZE - 1
+"""The kernel's page: what one write must cover for the kernel to keep it."""
 # How long the kernel may keep names (negative ones too) and attributes
 # answered unlocked.  The backing store is the mount's own and a key removal
 # invalidates what it cached, so this only bounds how late changes made
@@ -208,6 +211,8 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2."""
         self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
+        self._partial_pages: set[int] = set()
+        """Inodes the kernel may hold partly written pages of (see ``open``)."""
         """Plaintext paths of files open when their key went (status shows
         them; the names themselves are evicted)."""
         """Inodes known to have no security.capability (see getxattr)."""
@@ -581,6 +586,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         for ino, nlookup in inode_list:
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
+                self._partial_pages.discard(ino)  # its pages went with it
                 self.privileges.xattrs_changed(ino)
                 if gone.is_dir:
                     self.negatives.forget_dir(ino)
@@ -1142,6 +1148,14 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
                     self.cache.release(cached)
                     raise
             self.handles[fh] = FileHandle(node.ino, flags, cached=cached, pid=ctx.pid)
+        if node.ino in self._partial_pages:
+            # The kernel keeps a file's pages from one open to the next, but
+            # marks a page readable only if one write covered it whole: after
+            # tar's 10 KiB writes, every other page is a hole, and a reader
+            # then fetches each hole with a READ of its own.  Dropped here,
+            # the file is read in one go and cached whole from then on.
+            self._partial_pages.discard(node.ino)
+            return FileInfo(fh=FileHandleT(fh), keep_cache=False)
         return FileInfo(fh=FileHandleT(fh))
 
     def _rekeyed(self, f: CachedFile) -> CachedFile:
@@ -1177,6 +1191,8 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         """``kill_suidgid``: FUSE_WRITE_KILL_SUIDGID (our loop): the writer
         has no CAP_FSETID, so set-id bits go (fs/privileges.py)."""
         h = self._handle(fh)
+        if (off | len(buf)) & _PAGE_MASK:  # a page this write does not cover whole
+            self._partial_pages.add(h.ino)
         fd = h.fd if h.cached is None else h.cached.fd
         if fd >= 0:
             self.privileges.drop(h.ino, fd, kill_suidgid=kill_suidgid)
