@@ -211,20 +211,10 @@ class KeyGoing:
                 early.join()
         going.report_progress(0, f"{self.mountpoint}: evicting")
         eviction = self._in_loop(lambda: self._evict(binding))
-        self._invalidate(eviction)
-        self._wipe(eviction)
         if eviction.busy:
             log.warning("%s: incompletely locked, %d files still open", desc, len(eviction.busy))
             log.debug("%s: still open: %s", desc, eviction.busy)
-            self.keys.report(
-                "busy",
-                {
-                    "mount": self.mountpoint,
-                    "key": desc,
-                    "serial": binding.serial,
-                    "files": eviction.busy,
-                },
-            )
+        self._finish(binding, eviction)
 
     def _drop_kernel_pages_early(self, key: str) -> threading.Thread | None:
         """Start dropping the kernel's cached pages of big files under
@@ -261,19 +251,21 @@ class KeyGoing:
             log.debug("%s: dropped: %s", desc, going.dropped)
         eviction = self._in_loop(lambda: self._evict(binding))
         eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
+        self._finish(binding, eviction, emergency=True)
+
+    def _finish(self, binding: Binding, eviction: _Eviction, **report: object) -> None:
+        """After an eviction: drop the kernel's caches, zero what was
+        evicted, report the files still open (``report``: more fields)."""
         self._invalidate(eviction)
         self._wipe(eviction)
         if eviction.busy:
-            self.keys.report(
-                "busy",
-                {
-                    "mount": self.mountpoint,
-                    "key": desc,
-                    "serial": binding.serial,
-                    "files": eviction.busy,
-                    "emergency": True,
-                },
-            )
+            detail = {
+                "mount": self.mountpoint,
+                "key": binding.description,
+                "serial": binding.serial,
+                "files": eviction.busy,
+            }
+            self.keys.report("busy", detail | report)
 
     def _modified_dir_fds(self, desc: str) -> list[int]:
         """On the trio thread: descriptors (to fsync, then close) of the
