@@ -213,3 +213,12 @@ def test_a_payload_reply_is_encoded_without_a_copy_left() -> None:
 def test_protocol_encode_refuses_a_frame_too_large() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         protocol.encode(protocol.Reply(id=1, value=bytes(wire.MAX_FRAME)))
+
+
+@given(values)
+def test_room_for_bounds_what_msgspec_writes(value: object) -> None:
+    """An answer encoded with ``room_for`` its value never outgrows its
+    buffer (a reallocation would leave the smaller one behind, unzeroed)."""
+    reply = protocol.Reply(id=2**31 - 1, value=value)
+    frame = protocol.encode(reply, room=protocol.room_for(value))
+    assert len(frame) - wire.HEADER_SIZE <= protocol.room_for(value)
