@@ -462,7 +462,7 @@ class FrameReader:
     copy of it may stay behind in the reader.
     """
 
-    __slots__ = ("_buffer", "_scratch", "_sock", "_zeros")
+    __slots__ = ("_buffer", "_scratch", "_sock")
 
     CHUNK = 64 * 1024
 
@@ -470,7 +470,6 @@ class FrameReader:
         self._sock = sock
         self._buffer = ReceiveBuffer()
         self._scratch = memoryview(bytearray(self.CHUNK))
-        self._zeros = memoryview(bytes(self.CHUNK))
 
     def read(self) -> dict[str, object] | None:
         """The next message; None at a clean end of stream; WireError."""
@@ -496,4 +495,4 @@ class FrameReader:
                     return message_of(scratch[HEADER_SIZE:size])
                 buffer.append(scratch[:size])
             finally:
-                scratch[:size] = self._zeros[:size]
+                zero(scratch[:size])
