@@ -89,6 +89,31 @@ def test_a_locked_directory_caches_no_negative_entry(mount: Mount) -> None:
     assert (enc.dir / "later").read_bytes() == b"data"
 
 
+def test_names_made_through_the_mount_leave_the_table(mount: Mount) -> None:
+    """Every way of making a name after a miss (open(O_CREAT), mkdir,
+    symlink, mknod, link, rename) takes it out of the table: the table
+    holds only names that are still missing.  (It used to keep them all,
+    so after 65,536 files made this way no miss was cached any more.)"""
+    enc = Enc(mount)
+    plain = mount.mnt / "plain"
+    plain.mkdir()
+    for d in (plain, enc.dir):
+        (d / "source").write_bytes(b"s")
+        made = ("file", "dir", "link", "fifo", "hard", "moved")
+        for name in (*made, "missing"):
+            assert errno_of(os.stat, d / name) == errno.ENOENT
+        before = mount.control("negatives")
+        assert before >= 7
+        (d / "file").write_bytes(b"x")
+        (d / "dir").mkdir()
+        os.symlink("file", d / "link")
+        os.mkfifo(d / "fifo")
+        os.link(d / "source", d / "hard")
+        os.rename(d / "source", d / "moved")
+        assert mount.control("negatives") == before - len(made)
+        assert errno_of(os.stat, d / "missing") == errno.ENOENT  # still cached, still missing
+
+
 def test_the_table_is_bounded() -> None:
     table = NegativeEntries(limit=3)
     assert table.remember(1, b"a") and table.remember(1, b"b") and table.remember(2, b"c")
@@ -97,5 +122,9 @@ def test_the_table_is_bounded() -> None:
     assert table.take(1) == [b"a", b"b"]
     assert len(table) == 1
     assert table.remember(2, b"d")
-    table.forget_dir(2)
-    assert len(table) == 0 and table.take(2) == []
+    table.discard(2, b"d")
+    table.discard(2, b"never")  # not there: nothing happens
+    assert len(table) == 1 and table.take(2) == [b"c"]
+    assert table.remember(3, b"e")
+    table.forget_dir(3)
+    assert len(table) == 0 and table.take(3) == []

@@ -18,7 +18,8 @@ directories together with their positive entries (ops ``_evict`` and
 plaintext names come back when the key does).
 
 Bounded: past ``limit`` names in all, a lookup gets no timeout (correct,
-only slower) until directories are forgotten or evicted.
+only slower) until directories are forgotten or evicted.  A name made
+through the mount leaves the table (:meth:`NegativeEntries.discard`).
 
 Concurrency: used on the FUSE loop's thread only (lookups, forget, and the
 eviction, which runs there too); no lock.
@@ -53,6 +54,19 @@ class NegativeEntries:
         names.add(name)
         self._count += 1
         return True
+
+    def discard(self, dir_ino: int, name: bytes) -> None:
+        """``name`` was made through the mount: the kernel swapped its
+        negative dentry for the new entry, so there is nothing left to
+        invalidate (and without this every file made after a miss, as
+        ``open(O_CREAT)`` makes them, would hold a place until the table is
+        full and no miss is cached any more)."""
+        names = self._names.get(dir_ino)
+        if names is not None and name in names:
+            names.remove(name)
+            self._count -= 1
+            if not names:
+                del self._names[dir_ino]
 
     def take(self, dir_ino: int) -> list[bytes]:
         """The names of ``dir_ino`` (to invalidate in the kernel), forgotten here."""

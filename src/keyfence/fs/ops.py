@@ -744,6 +744,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         st = self._give_new(d_fd, disk, stat.S_IFLNK, uid, gid)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        self.negatives.discard(d.ino, name)
         return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
 
     # ---------------------------------------------------- creating and removing
@@ -761,6 +762,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        self.negatives.discard(d.ino, name)
         return self._attrs(st, d.policy)
 
     @fuse_op
@@ -813,6 +815,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         st = sc.stat_at(d_fd, disk)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        self.negatives.discard(d.ino, name)
         return self._attrs(st, d.policy)
 
     @fuse_op
@@ -867,6 +870,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
             raise
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        self.negatives.discard(d.ino, name)
         ino = self.table.fuse_ino(st.st_ino)
         if made:
             self.privileges.made(ino, st.st_mode)
@@ -947,6 +951,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
             raise fail(errno.ESTALE)
         self.table.remember(d.ino, disk, st)
         self._modified(d)
+        self.negatives.discard(d.ino, new_name)
         return self._attrs(st, d.policy, dir_inode=d, link=(self.table.dir_fd(d.ino), disk))
 
     @fuse_op
@@ -1033,6 +1038,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
                     self.cache.forget_unlinked(cached)
         self._modified(od)
         self._modified(nd)
+        self.negatives.discard(nd.ino, name_new)
 
     def _check_move(self, od: Inode, nd: Inode, od_fd: int, disk: str, st: os.stat_result) -> None:
         """EXDEV unless the entry may live in ``nd`` (docs/fs.md, as fscrypt)."""

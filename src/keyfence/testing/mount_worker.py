@@ -180,6 +180,11 @@ class Control:
 
             session = fuse_kernel.active()
             return None if session is None else list(session.by_opcode)
+        if op == "negatives":  # negative entries the mount remembers handing out
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            return None if session is None else len(session.ops.negatives)
         if op == "blocking":  # blocking calls waited for directly, through trio
             from keyfence.fs.fuse import kernel as fuse_kernel
 
