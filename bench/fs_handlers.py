@@ -44,7 +44,8 @@ from keyfence.fs.crypto import MasterKey
 from keyfence.fs.fuse import protocol as p
 from keyfence.fs.fuse.dispatch import Caller, Dispatcher
 from keyfence.fs.keysource import FoundKey
-from keyfence.fs.ops import POLICY_XATTR, KeyfenceOperations
+from keyfence.fs.ops import KeyfenceOperations
+from keyfence.fs.xattrs import POLICY_XATTR
 
 CYCLE = ("LOOKUP", "CREATE", "GETXATTR", "WRITE", "FLUSH", "RELEASE", "GETATTR")
 

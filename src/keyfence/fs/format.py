@@ -134,6 +134,9 @@ PROTECTORS_FILE_NAME = ".keyfence-protectors"
 """Beside the policy: how a passphrase opens the key (:mod:`keyfence.fs.protector`)."""
 LONG_NAME_PREFIX = "kf.long."
 LONG_NAME_SIDECAR_SUFFIX = ".name"
+TEMP_NAME_PREFIX = "kf.tmp."
+"""Backing entries being made (an encrypted directory before its policy is
+in, a protectors record before its rename) or set aside: never listed."""
 
 DIR_NONCE_SIZE = 16
 POLICY_MAGIC = b"KFP1"

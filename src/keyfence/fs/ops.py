@@ -15,6 +15,10 @@ and runs :meth:`KeyfenceOperations.key_going` there: write-back through
 the page cache's lock, table changes through ``trio.from_thread``, kernel
 cache invalidation on that thread (never from a request handler: it may
 wait for requests).
+
+Two halves live apart, as base classes: the mount's side of a key going
+away (fs/key_going.py) and the extended attributes (fs/xattrs.py); how a
+handler's error becomes an errno is fs/op_errors.py.
 """
 
 from __future__ import annotations
@@ -22,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import logging
 import mmap
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -41,14 +44,12 @@ from pyfuse3 import (
     FileInfo,
     FileNameT,
     FlagT,
-    FUSEError,
     InodeT,
     ModeT,
     ReaddirToken,
     RequestContext,
     SetattrFields,
     StatvfsData,
-    XAttrNameT,
 )
 
 from keyfence.errors import KeyfenceError, fail
@@ -56,14 +57,12 @@ from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
-    DEFAULT_NAME_PADDING,
     DIR_NONCE_SIZE,
-    NAME_PADDINGS,
     POLICY_FILE_NAME,
     PROTECTORS_FILE_NAME,
+    TEMP_NAME_PREFIX,
     FormatError,
     IntegrityError,
-    KeyRef,
     Policy,
     is_hidden_name,
     is_long_name,
@@ -75,8 +74,8 @@ from keyfence.fs.handles import DirHandle, FileHandle
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.key_going import KeyGoing
 from keyfence.fs.keysource import KeySource
-from keyfence.fs.mount_stats import policy_options
 from keyfence.fs.negative import NegativeEntries
+from keyfence.fs.op_errors import fuse_op
 from keyfence.fs.pagecache import (
     DEFAULT_CHUNK_PAGES,
     DEFAULT_DIRTY_LIMIT,
@@ -88,25 +87,15 @@ from keyfence.fs.pagecache import (
     lenient_plaintext_size,
 )
 from keyfence.fs.privileges import Privileges, suidgid_to_drop
-from keyfence.fs.protector import MAX_PROTECTORS_SIZE, Protectors
+from keyfence.fs.xattrs import Xattrs, write_policy
 
-__all__ = ["POLICY_XATTR", "STATUS_XATTR", "KeyfenceOperations", "MountOptions"]
+__all__ = ["KeyfenceOperations", "MountOptions"]
 
 log = logging.getLogger("keyfence.fs.ops")
-
-POLICY_XATTR = b"user.keyfence.policy"
-STATUS_XATTR = b"user.keyfence.status"
-PROTECTORS_XATTR = b"user.keyfence.protectors"
-"""A directory's ``.keyfence-protectors`` (keyfence.fs.protector): owner and root."""
-_OUR_XATTRS = (POLICY_XATTR, STATUS_XATTR, PROTECTORS_XATTR)
-_XATTR_PREFIX = b"user.keyfence."
-_CAPABILITY_XATTR = b"security.capability"
-"""Asked by the kernel before every write (to drop file capabilities)."""
 
 _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
-_TEMP_PREFIX = "kf.tmp."
 _PAGE_MASK = mmap.PAGESIZE - 1
 """The kernel's page: what one write must cover for the kernel to keep it."""
 # How long the kernel may keep names (negative ones too) and attributes
@@ -132,31 +121,7 @@ class MountOptions:
     write_through: int = WRITE_THROUGH_BYTES
 
 
-def fuse_op(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn every error of a handler into the errno pyfuse3 replies with."""
-
-    @functools.wraps(fn)
-    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except FUSEError:
-            raise
-        except OSError as err:
-            code = err.errno or errno.EIO
-            if code == errno.EIO and not isinstance(err, IntegrityError):
-                log.error("%s: %s", fn.__name__, err.strerror or os.strerror(code))  # no name
-            raise FUSEError(code) from None
-        except FormatError as err:
-            log.error("%s: %s", fn.__name__, err)
-            raise FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise FUSEError(errno.EIO) from None
-
-    return handler
-
-
-class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
+class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
     """The overlay: one instance per mount worker."""
 
     supports_dot_lookup = True
@@ -313,7 +278,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         plain = d.plain_names.get(disk)
         if plain is not None:
             return plain
-        if is_hidden_name(disk) or disk.startswith(_TEMP_PREFIX):
+        if is_hidden_name(disk) or disk.startswith(TEMP_NAME_PREFIX):
             return None
         sidecar: bytes | None = None
         if is_long_name(disk):
@@ -335,7 +300,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
     @staticmethod
     def _listed_disk_name(disk: str) -> bool:
         """A backing name shown as is in a locked directory."""
-        if is_hidden_name(disk) or disk.startswith(_TEMP_PREFIX):
+        if is_hidden_name(disk) or disk.startswith(TEMP_NAME_PREFIX):
             return False
         return "." not in disk or is_long_name(disk)
 
@@ -792,13 +757,13 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
                 raise fail(errno.EEXIST)
             # made under a temporary name, with its policy, then renamed:
             # no encrypted directory is ever without its policy
-            tmp = _TEMP_PREFIX + secrets.token_hex(8)
+            tmp = TEMP_NAME_PREFIX + secrets.token_hex(8)
             sc.mkdir_at(d_fd, tmp, 0o700)
             tmp_fd = -1
             try:
                 tmp_fd = self._open_new(d_fd, tmp, stat.S_IFDIR)
                 policy = d.policy.with_nonce(os.urandom(DIR_NONCE_SIZE))
-                _write_policy(tmp_fd, policy)
+                write_policy(tmp_fd, policy)
                 sc.chown_at(tmp_fd, ".", uid, gid)
                 sc.chmod_at(tmp_fd, ".", perm)
                 with self._new_entry(d_fd, enc):
@@ -1082,7 +1047,7 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         else:
             disk_target = os.fsdecode(target)
         st = sc.stat_at(od_fd, old_disk)
-        tmp = _TEMP_PREFIX + secrets.token_hex(8)
+        tmp = TEMP_NAME_PREFIX + secrets.token_hex(8)
         sc.symlink_at(disk_target, nd_fd, tmp)
         try:
             sc.chown_at(nd_fd, tmp, st.st_uid, st.st_gid)
@@ -1343,215 +1308,9 @@ class KeyfenceOperations(KeyGoing, pyfuse3.Operations):
         out.f_namemax = s.f_namemax
         return out
 
-    # --------------------------------------------------------------- xattrs
-
-    @fuse_op
-    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
-        if name == _CAPABILITY_XATTR and self.privileges.has_no_capability(inode):
-            # the kernel asks this before every write(2) on FUSE: remember
-            # the answer instead of a path walk and syscall per write (our
-            # setxattr, removexattr and forget drop it)
-            raise FUSEError(pyfuse3.ENOATTR)
-        node = self.table.get(inode)
-        if name == POLICY_XATTR:
-            policy = self.table.contents_policy(node)
-            if policy is None:
-                raise FUSEError(pyfuse3.ENOATTR)
-            return policy.key.description.encode()
-        if name == STATUS_XATTR:
-            return json.dumps(self.status(node), sort_keys=True).encode()
-        if name == PROTECTORS_XATTR:
-            # tiny file, on the trio thread: the directory descriptor is the table's
-            return _read_protectors(self._protectors_dir(node, ctx))
-        if name.startswith(_XATTR_PREFIX):
-            raise FUSEError(pyfuse3.ENOATTR)
-        try:
-            cached = self.cache.get(node.ino) if node.is_reg else None
-            if cached is not None and cached.fd >= 0:
-                # open anyway: the kernel asks this before every write
-                return sc.fgetxattr(cached.fd, bytes(name))
-            return sc.getxattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
-        except OSError as err:
-            if err.errno == errno.ENODATA and name == _CAPABILITY_XATTR:
-                self.privileges.found_no_capability(inode)
-            raise
-
-    @fuse_op
-    async def setxattr(
-        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
-    ) -> None:
-        node = self.table.get(inode)
-        if name == POLICY_XATTR:
-            await self._set_policy(node, value, ctx)
-            return
-        if name == PROTECTORS_XATTR:
-            _write_protectors(self._protectors_dir(node, ctx), value)
-            return
-        if name.startswith(_XATTR_PREFIX):
-            raise fail(errno.EPERM)
-        self.privileges.xattrs_changed(inode)
-        sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
-
-    @fuse_op
-    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
-        node = self.table.get(inode)
-        names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
-        if self.table.contents_policy(node) is not None:
-            names.append(XAttrNameT(POLICY_XATTR))
-        names.append(XAttrNameT(STATUS_XATTR))
-        return names
-
-    @fuse_op
-    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
-        node = self.table.get(inode)
-        if name.startswith(_XATTR_PREFIX):
-            raise fail(errno.EPERM)
-        self.privileges.xattrs_changed(inode)
-        sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
-
-    async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
-        """setxattr user.keyfence.policy: encrypt an empty directory."""
-        if not node.is_dir:
-            raise fail(errno.ENOTDIR)
-        ref, padding = _policy_request(value)
-        if node.policy_error is not None:
-            raise IntegrityError(f"bad encryption policy: {node.policy_error}")
-        st = os.fstat(self.table.dir_fd(node.ino))
-        if ctx.uid != 0 and ctx.uid != st.st_uid:
-            raise fail(errno.EACCES)
-        if node.policy is not None:
-            # as the kernel: the same policy again is fine, another is EEXIST
-            if node.policy.key == ref and padding in (None, node.policy.name_padding):
-                return
-            raise fail(errno.EEXIST, "the directory already has another policy")
-        if sc.listdir_fd(self.table.dir_fd(node.ino)):
-            raise fail(errno.ENOTEMPTY)
-        master = await self.keys.unlock(ref, ctx.pid)
-        if master is None:
-            raise fail(errno.ENOKEY, str(ref))
-        policy = Policy(
-            ref, os.urandom(DIR_NONCE_SIZE), name_padding=padding or DEFAULT_NAME_PADDING
-        )
-        d_fd = self.table.dir_fd(node.ino)
-        if sc.listdir_fd(d_fd):  # filled while the key was looked up
-            raise fail(errno.ENOTEMPTY)
-        _write_policy(d_fd, policy, sync=True)
-        fd = sc.open_dir(d_fd, ".")
-        try:
-            await self.run_blocking(os.fsync, fd)
-        finally:
-            os.close(fd)
-        node.policy = policy
-        node.policy_error = None
-        node.forget_names()
-        log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
-
-    def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
-        """The backing descriptor of an encrypted directory the caller owns (or root)."""
-        if not node.is_dir:
-            raise fail(errno.ENOTDIR)
-        if node.policy is None:
-            raise FUSEError(pyfuse3.ENOATTR)
-        d_fd = self.table.dir_fd(node.ino)
-        if ctx.uid != 0 and ctx.uid != os.fstat(d_fd).st_uid:
-            raise fail(errno.EACCES)
-        return d_fd
-
-    def status(self, node: Inode) -> dict[str, Any]:
-        """What ``user.keyfence.status`` shows (JSON)."""
-        policy = self.table.contents_policy(node)
-        out: dict[str, Any] = {"encrypted": policy is not None}
-        if policy is not None:
-            binding = self.keys.get(policy.key)
-            out["key"] = policy.key.description
-            out["options"] = policy_options(policy)
-            out["state"] = "unlocked" if binding is not None else "locked"
-            if binding is not None:
-                out["serial"] = binding.serial
-            out["dirty_bytes"] = self.cache.dirty_bytes_of(policy.key.description)
-            still_open = [f.ino for f in self.cache.files(policy.key.description) if f.users > 0]
-            out["open_files"] = len(still_open)
-            if binding is None and still_open:
-                # fscrypt's "incompletely locked": the key went while these
-                # were open; the list empties as they close
-                out["state"] = "incompletely locked"
-                out["busy_files"] = sorted(
-                    self._busy_names.get(ino) or self.label_of(ino) for ino in still_open
-                )
-        if node.ino == ROOT_INODE:
-            out["mount"] = {
-                "backing": self.backing,
-                "mountpoint": self.mountpoint,
-                "dirty_bytes": self.cache.dirty_bytes_of(),
-                "dirty_limit": self.cache.dirty_limit,
-                "dirty_expire": self.cache.expire,
-                "writeback_cache": self.options.writeback_cache,
-                "keys": [
-                    {
-                        "key": b.description,
-                        "serial": b.serial,
-                        "dirty_bytes": self.cache.dirty_bytes_of(b.description),
-                        "open_files": sum(
-                            1 for f in self.cache.files(b.description) if f.users > 0
-                        ),
-                    }
-                    for b in self.keys.bindings()
-                ],
-            }
-        return out
-
 
 RENAME_NOREPLACE = int(pyfuse3.RENAME_NOREPLACE)
 RENAME_EXCHANGE = int(pyfuse3.RENAME_EXCHANGE)
-
-
-def _policy_request(value: bytes) -> tuple[KeyRef, int | None]:
-    """A ``user.keyfence.policy`` value being set: ``REF`` or ``REF pad=N``
-    (e4crypt's ``-p``; without it a new directory gets the default and an
-    encrypted one keeps its own)."""
-    words = value.decode("ascii", errors="replace").split()
-    try:
-        ref = KeyRef.from_description(words[0] if words else "")
-    except FormatError:
-        raise fail(errno.EINVAL, "a key reference is keyfence:<32 hex> or ext4:<16 hex>") from None
-    if len(words) == 1:
-        return ref, None
-    pad = words[1].removeprefix("pad=")
-    if len(words) > 2 or not words[1].startswith("pad=") or pad not in map(str, NAME_PADDINGS):
-        raise fail(errno.EINVAL, "a policy is REF or REF pad=4|8|16|32")
-    return ref, int(pad)
-
-
-def _write_policy(dir_fd: int, policy: Policy, *, sync: bool = False) -> None:
-    sc.write_new(dir_fd, POLICY_FILE_NAME, policy.serialize(), replace=False, sync=sync)
-
-
-def _read_protectors(d_fd: int) -> bytes:
-    data = sc.read_small(d_fd, PROTECTORS_FILE_NAME, MAX_PROTECTORS_SIZE + 1)
-    if data is None:
-        raise FUSEError(pyfuse3.ENOATTR)
-    try:
-        Protectors.parse(data)
-    except FormatError as err:
-        raise fail(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
-    return data
-
-
-def _write_protectors(d_fd: int, value: bytes) -> None:
-    """Replace the file atomically (write, fsync, rename, fsync the directory)."""
-    try:
-        Protectors.parse(value)
-    except FormatError as err:
-        raise fail(errno.EINVAL, f"not a protectors record: {err}") from None
-    tmp = f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
-    sc.write_new(d_fd, tmp, value, replace=False, sync=True)
-    try:
-        sc.rename_at(d_fd, tmp, d_fd, PROTECTORS_FILE_NAME)
-    except OSError:
-        with contextlib.suppress(OSError):
-            sc.unlink_at(d_fd, tmp)
-        raise
-    sc.fsync_dir(d_fd)
 
 
 def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None:
@@ -1572,7 +1331,7 @@ def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None
         return None
     if not all(_is_record_name(n) for n in names):
         raise fail(errno.ENOTEMPTY)
-    aside = _TEMP_PREFIX + secrets.token_hex(8)
+    aside = TEMP_NAME_PREFIX + secrets.token_hex(8)
     sc.rename_at(d_fd, disk, d_fd, aside, RENAME_NOREPLACE)
     return aside
 
@@ -1582,7 +1341,7 @@ def _is_record_name(name: str) -> bool:
     return (
         name in (POLICY_FILE_NAME, PROTECTORS_FILE_NAME)
         or is_sidecar_name(name)
-        or name.startswith(_TEMP_PREFIX)
+        or name.startswith(TEMP_NAME_PREFIX)
     )
 
 
