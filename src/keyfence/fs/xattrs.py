@@ -70,6 +70,7 @@ __all__ = [
     "write_policy",
 ]
 
+# the operations' own logger: the lines read as they always did
 log = logging.getLogger("keyfence.fs.ops")
 
 POLICY_XATTR = b"user.keyfence.policy"
