@@ -4,19 +4,22 @@
 Usage (from the repository root; any user who can write ``--scratch``)::
 
     .venv/bin/python bench/fs_handlers.py [--scratch /var/tmp] [--files 3000]
-        [--plain] [--profile]
+        [--plain] [--tar] [--profile]
 
 The real :class:`~keyfence.fs.fuse.dispatch.Dispatcher` over a real
 :class:`~keyfence.fs.ops.KeyfenceOperations` and a real backing directory,
 driven in this process with the request bodies the kernel would send for
 one small file after another: LOOKUP (a miss), CREATE, GETXATTR
 ``security.capability``, WRITE 4 KiB, FLUSH, RELEASE, GETATTR of the
-directory, in an encrypted directory (``--plain``: one that is not).  The
-key source is the injected dependency (fs/keysource.KeySource): it hands
-out one known key, where a mount asks the daemon.
+directory, in an encrypted directory (``--plain``: one that is not).
+``--tar``: files as ``tar -x`` makes them, 25 KiB written 10 KiB at a
+time, then their owner, mode and times set by name.  The key source is
+the injected dependency (fs/keysource.KeySource): it hands out one known
+key, where a mount asks the daemon.
 
-Printed: the median and tenth percentile per opcode, in microseconds, and
-their sum: the server's own part of bench/fuse_trace.py's ``send -> end``
+Printed: requests per file, the median and tenth percentile per opcode,
+in microseconds, and the sum of the medians (times the requests per
+file): the server's own part of bench/fuse_trace.py's ``send -> end``
 (the rest there is the kernel, the loop and the wait).  ``--profile``:
 cProfile of the whole loop instead (its figures are inflated).
 """
@@ -48,6 +51,13 @@ from keyfence.fs.ops import KeyfenceOperations
 from keyfence.fs.xattrs import POLICY_XATTR
 
 CYCLE = ("LOOKUP", "CREATE", "GETXATTR", "WRITE", "FLUSH", "RELEASE", "GETATTR")
+TAR_WRITES = ((0, b"t" * 10240), (10240, b"t" * 10240), (20480, b"t" * 5120))
+"""``--tar``: a 25 KiB file as tar writes it, 10 KiB at a time."""
+TAR_SETATTRS = (
+    ("SETATTR owner", p.FATTR_UID | p.FATTR_GID),
+    ("SETATTR mode", p.FATTR_MODE),
+    ("SETATTR times", p.FATTR_ATIME | p.FATTR_MTIME),
+)
 
 
 class OneKey:
@@ -75,7 +85,9 @@ class Driver:
         self.times: dict[str, list[int]] = defaultdict(list)
         self.source = source
 
-    async def request(self, op: str, nodeid: int, body: bytes, *, timed: bool = True) -> Any:
+    async def request(
+        self, op: str, nodeid: int, body: bytes, *, timed: bool = True, label: str = ""
+    ) -> Any:
         handler = self.table[getattr(p, op)]
         start = time.perf_counter_ns()
         try:
@@ -85,10 +97,10 @@ class Driver:
                 raise
             answer = None
         if timed:
-            self.times[op].append(time.perf_counter_ns() - start)
+            self.times[label or op].append(time.perf_counter_ns() - start)
         return answer
 
-    async def run(self, files: int, plain: bool) -> None:
+    async def run(self, files: int, plain: bool, tar: bool = False) -> None:
         entry = await self.request("MKDIR", 1, p.MKDIR_IN.pack(0o755, 0) + b"d\0", timed=False)
         d = struct.unpack_from("=Q", entry)[0]
         if not plain:
@@ -108,9 +120,18 @@ class Driver:
             fh = struct.unpack_from("=Q", made, p.ENTRY_OUT.size + p.ATTR.size)[0]
             xattr = p.GETXATTR_IN.pack(0, 0) + b"security.capability\0"
             await self.request("GETXATTR", ino, xattr)
-            await self.request("WRITE", ino, p.WRITE_IN.pack(fh, 0, len(data), 0, 0, 0, 0) + data)
+            for offset, piece in TAR_WRITES if tar else ((0, data),):
+                write = p.WRITE_IN.pack(fh, offset, len(piece), 0, 0, 0, 0) + piece
+                await self.request("WRITE", ino, write)
             await self.request("FLUSH", ino, p.FH_IN.pack(fh) + bytes(16))
             await self.request("RELEASE", ino, p.FH_IN.pack(fh) + bytes(16))
+            if tar:  # then tar sets the owner, the mode and the times, by name
+                for label, valid in TAR_SETATTRS:
+                    body = p.SETATTR_IN.pack(
+                        valid, 0, 0, 0, 0, 1_700_000_000, 1_700_000_000, 0, 0, 0, 0,
+                        0o100640, 0, 0, 0, 0,
+                    )  # fmt: skip
+                    await self.request("SETATTR", ino, body, label=label)
             await self.request("GETATTR", d, p.GETATTR_IN.pack(0, 0, 0))
 
 
@@ -119,22 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--files", type=int, default=3000)
     ap.add_argument("--plain", action="store_true", help="a directory that is not encrypted")
+    ap.add_argument("--tar", action="store_true", help="files as tar -x makes them")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.scratch, prefix="kfhandlers-") as backing:
         driver = Driver(Path(backing), OneKey())
         if args.profile:
             profile = cProfile.Profile()
-            profile.runcall(trio.run, driver.run, args.files, args.plain)
+            profile.runcall(trio.run, driver.run, args.files, args.plain, args.tar)
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
             return 0
-        trio.run(driver.run, args.files, args.plain)
+        trio.run(driver.run, args.files, args.plain, args.tar)
     total = 0.0
-    for op in CYCLE:
+    for op in (*CYCLE, *(label for label, _ in TAR_SETATTRS if args.tar)):
         values = sorted(driver.times[op])
         median = statistics.median(values) / 1000
         total += median
-        print(f"{op:9} median {median:6.2f} us   p10 {values[len(values) // 10] / 1000:6.2f} us")
+        count = len(values) / args.files
+        p10 = values[len(values) // 10] / 1000
+        total += median * (count - 1)  # every one of them (tar's writes)
+        print(f"{op:13} {count:3.0f}/file  median {median:6.2f} us   p10 {p10:6.2f} us")
     print(f"sum of the medians: {total:.1f} us per file")
     return 0
 

@@ -51,10 +51,12 @@ def test_a_trace_without_wakes_has_no_wake_figures() -> None:
 
 
 def test_the_handler_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for extra in ([], ["--plain"]):
+    for extra in ([], ["--plain"], ["--tar"]):
         assert fs_handlers.main(["--scratch", str(tmp_path), "--files", "20", *extra]) == 0
         printed = capsys.readouterr().out
         for op in fs_handlers.CYCLE:
             assert printed.count(f"{op} ") == 1, printed
+        assert ("SETATTR times" in printed) == (extra == ["--tar"]), printed
+        assert (" 3/file" in printed) == (extra == ["--tar"]), printed  # tar's three writes
         assert "sum of the medians" in printed
     assert list(tmp_path.iterdir()) == []  # the backing directory went with it
