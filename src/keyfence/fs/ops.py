@@ -34,7 +34,7 @@ import stat
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, cast
 
 import pyfuse3
 import trio
@@ -104,9 +104,6 @@ _PAGE_MASK = mmap.PAGESIZE - 1
 # behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
 # every `git status` or `make` more than a second after the last one.
 DEFAULT_ATTR_TIMEOUT = 10.0
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @dataclass
