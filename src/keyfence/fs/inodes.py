@@ -358,12 +358,25 @@ class InodeTable:
                 POLICY_FILE_NAME,
             )
 
-    def remember(self, parent: int, name: str, st: os.stat_result, *, count: bool = True) -> Inode:
+    def remember(
+        self,
+        parent: int,
+        name: str,
+        st: os.stat_result,
+        *,
+        count: bool = True,
+        made_dir: tuple[int, Policy | None] | None = None,
+    ) -> Inode:
         """Record that ``name`` in ``parent`` is ``st`` (a lookup, if ``count``).
 
+        ``made_dir``: ``name`` is a directory the worker has just made, as
+        (an ``O_PATH`` descriptor of it, which the table now owns, the
+        policy written into it or None): nothing to open or read back.
         EXDEV for a mount point of another filesystem: inode numbers are
         the backing filesystem's, and so is the lock's syncfs."""
         if st.st_dev != self.root_dev:
+            if made_dir is not None:
+                os.close(made_dir[0])
             raise KeyfenceError(errno.EXDEV, "another filesystem is mounted here")
         ino = self.fuse_ino(st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
@@ -377,7 +390,15 @@ class InodeTable:
             self._inodes[ino] = inode
             if inode.is_dir:
                 self._add_link(inode, parent, name)
-                self._load_policy(inode, self._inodes.get(parent))
+                if made_dir is None:
+                    self._load_policy(inode, self._inodes.get(parent))
+        if made_dir is not None:
+            fd, inode.policy = made_dir
+            inode.policy_error = None
+            if inode.fd >= 0 or not inode.is_dir:  # cannot be: a held number is not reused
+                os.close(fd)
+            else:
+                self._hold_fd(inode, fd)
         if (parent, name) not in inode.links:
             if inode.is_dir:  # a directory has one name: a new one means it moved
                 self._drop_links(inode)

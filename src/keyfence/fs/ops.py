@@ -369,27 +369,41 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             return ctx.uid, gid, True
         return ctx.uid, ctx.gid, False
 
-    def _open_new(self, d_fd: int, disk: str, kind: int) -> int:
-        """An ``O_PATH`` descriptor of the entry just made as ``disk``,
-        checked to be it: of that kind and owned by the worker.  A user who
-        can write the directory may have put an entry of their own under
-        the name in between: that one is left alone (ESTALE)."""
+    def _open_new(self, d_fd: int, disk: str, kind: int) -> tuple[int, os.stat_result]:
+        """An ``O_PATH`` descriptor of the entry just made as ``disk``, and
+        its stat, checked to be it: of that kind and owned by the worker.  A
+        user who can write the directory may have put an entry of their own
+        under the name in between: that one is left alone (ESTALE)."""
         fd = sc.open_at(d_fd, disk, os.O_PATH)
         st = os.fstat(fd)
         if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid():
             os.close(fd)
             log.warning("a new backing entry was replaced before it was set up")
             raise fail(errno.ESTALE)
-        return fd
+        return fd, st
 
     def _give_new(self, d_fd: int, disk: str, kind: int, uid: int, gid: int) -> os.stat_result:
         """Give the entry just made to its owner, through a descriptor."""
-        fd = self._open_new(d_fd, disk, kind)
+        fd, _st = self._open_new(d_fd, disk, kind)
         try:
             sc.chown_fd(fd, uid, gid)
             return os.fstat(fd)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _set_up_new_dir(fd: int, st: os.stat_result, uid: int, gid: int, perm: int) -> bool:
+        """Give a directory just made (``fd``, ``st``) its owner and mode;
+        True if that changed it (its ctime too: stat it again).  A worker
+        serving its own uid (or root serving root) skips both calls."""
+        changed = False
+        if st.st_uid != uid or st.st_gid != gid:
+            sc.chown_at(fd, ".", uid, gid)
+            changed = True
+        if changed or stat.S_IMODE(st.st_mode) != perm:
+            sc.chmod_at(fd, ".", perm)  # after chown, which may drop set-group-ID
+            changed = True
+        return changed
 
     def _open_file(self, node: Inode, flags: int) -> tuple[int, os.stat_result]:
         """Open a regular file's backing inode by its name, no-follow; ESTALE
@@ -737,32 +751,35 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         disk = enc.disk_name
         uid, gid, sgid = self._owner(d, d_fd, ctx)
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if sgid else 0)
+        # the new directory's O_PATH descriptor and policy go to the inode
+        # table as they are: nothing opened or read back (remember's made_dir)
         if master is None:
             # only in a directory that is not encrypted (_new_name: ENOKEY
             # in a locked one); inside an encrypted one every directory is
             # made with its policy, below
             sc.mkdir_at(d_fd, disk, perm)
-            new_fd = self._open_new(d_fd, disk, stat.S_IFDIR)
+            new_fd, st = self._open_new(d_fd, disk, stat.S_IFDIR)
             try:
-                sc.chown_at(new_fd, ".", uid, gid)
-                sc.chmod_at(new_fd, ".", perm)
-            finally:
+                if self._set_up_new_dir(new_fd, st, uid, gid, perm):
+                    st = os.fstat(new_fd)
+            except BaseException:
                 os.close(new_fd)
+                raise
+            made: tuple[int, Policy | None] = (new_fd, None)
         else:
             assert d.policy is not None
-            if sc.exists_at(d_fd, disk):
-                raise fail(errno.EEXIST)
             # made under a temporary name, with its policy, then renamed:
-            # no encrypted directory is ever without its policy
+            # no encrypted directory is ever without its policy.  An entry
+            # of that name (made behind the kernel's back: for a name it
+            # knows, it answers EEXIST itself) fails the rename: EEXIST.
             tmp = TEMP_NAME_PREFIX + secrets.token_hex(8)
             sc.mkdir_at(d_fd, tmp, 0o700)
             tmp_fd = -1
             try:
-                tmp_fd = self._open_new(d_fd, tmp, stat.S_IFDIR)
+                tmp_fd, st = self._open_new(d_fd, tmp, stat.S_IFDIR)
                 policy = d.policy.with_nonce(os.urandom(DIR_NONCE_SIZE))
                 write_policy(tmp_fd, policy)
-                sc.chown_at(tmp_fd, ".", uid, gid)
-                sc.chmod_at(tmp_fd, ".", perm)
+                self._set_up_new_dir(tmp_fd, st, uid, gid, perm)
                 with self._new_entry(d_fd, enc):
                     sc.rename_at(d_fd, tmp, d_fd, disk, RENAME_NOREPLACE)
             except BaseException:
@@ -770,12 +787,16 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                     if tmp_fd >= 0:
                         sc.unlink_at(tmp_fd, POLICY_FILE_NAME)
                     sc.rmdir_at(d_fd, tmp)
-                raise
-            finally:
                 if tmp_fd >= 0:
                     os.close(tmp_fd)
-        st = sc.stat_at(d_fd, disk)
-        self.table.remember(d.ino, disk, st)
+                raise
+            try:
+                st = os.fstat(tmp_fd)  # after the rename: its ctime
+            except BaseException:
+                os.close(tmp_fd)
+                raise
+            made = (tmp_fd, policy)
+        self.table.remember(d.ino, disk, st, made_dir=made)
         self._modified(d)
         self.negatives.discard(d.ino, name)
         return self._attrs(st, d.policy)
