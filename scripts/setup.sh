@@ -20,6 +20,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The kernel facilities the tests use, where a fresh machine has not mounted
+# them yet (systemd does on most): the FUSE control filesystem (a test aborts
+# a connection through it) and tracefs (bench/fuse_trace.py).
+if [ "$(id -u)" -eq 0 ]; then
+    modprobe fuse 2>/dev/null || true
+    if [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections; then
+        mount -t fusectl fusectl /sys/fs/fuse/connections || echo "setup: could not mount fusectl" >&2
+    fi
+    if [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
+        mount -t tracefs tracefs /sys/kernel/tracing || echo "setup: could not mount tracefs" >&2
+    fi
+fi
+
 # Debian's own interpreter where it is new enough: it is built with PGO and
 # LTO, and starts and serves requests ~10% faster than a plain source build
 # (a pyenv one, say) of the same version (docs/performance.md, part 5).
