@@ -662,6 +662,75 @@ def test_release_of_a_clean_file_closes_it(cache: PageCache, tmp_path: Path) -> 
         os.fstat(fd)
 
 
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_clean_files_stay_idle_for_the_next_open_least_recent_out_first(
+    tmp_path: Path,
+) -> None:
+    cache = PageCache(idle_files=2)
+    files = []
+    for ino in (1, 2, 3):
+        f = Opened(cache, tmp_path / f"f{ino}", ino)
+        cache.write(f.file, 0, b"data %d" % ino)
+        cache.flush(f.file)
+        files.append(f.file)
+    assert not cache.release(files[0])  # kept: still in the cache
+    assert cache.idle_inodes() == [1]
+    assert not _closed(files[0].fd)
+
+    def no_open() -> int:
+        raise AssertionError("an idle file is not opened again")
+
+    again = cache.open(1, KEY, MASTER, no_open)
+    assert again is files[0] and cache.idle_inodes() == []
+    assert cache.stats["idle_reopens"] == 1
+    assert bytes(cache.read(again, 0, 100)) == b"data 1"
+    fds = [f.fd for f in files]
+    for f in files:  # 1, 2, 3 closed in turn: 1 is pushed out by 3
+        cache.release(f)
+    assert cache.idle_inodes() == [2, 3]
+    assert cache.get(1) is None and _closed(fds[0]) and files[0].cipher is None
+    assert not _closed(fds[1]) and not _closed(fds[2])
+
+
+def test_an_idle_file_goes_with_its_key_and_when_unlinked(tmp_path: Path) -> None:
+    cache = PageCache(idle_files=8)
+    a = Opened(cache, tmp_path / "a", 1)
+    b = Opened(cache, tmp_path / "b", 2)
+    for f in (a, b):
+        cache.write(f.file, 0, b"x")
+        cache.flush(f.file)
+        cache.release(f.file)
+    assert cache.idle_inodes() == [1, 2]
+    fd_a, fd_b = a.file.fd, b.file.fd
+    cache.forget_unlinked(a.file)
+    assert cache.get(1) is None and _closed(fd_a) and cache.idle_inodes() == [2]
+    busy, dropped = cache.evict_key(KEY)
+    assert (busy, dropped) == ([], {})  # an idle file is not open: never "busy"
+    assert cache.get(2) is None and _closed(fd_b) and cache.idle_inodes() == []
+    assert b.file.cipher is None and b.file.master is None
+
+
+def test_dirty_or_unreadable_files_are_not_kept_idle(tmp_path: Path) -> None:
+    cache = PageCache(idle_files=8, write_through=0)
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"dirty")
+    cache.release(f.file)
+    assert cache.get(1) is f.file and cache.idle_inodes() == []  # dirty: kept for write-back
+    (tmp_path / "bad").write_bytes(b"\xff" * (FILE_HEADER_SIZE + 40))  # no valid header
+    bad = Opened(cache, tmp_path / "bad", 2)
+    assert bad.file.header_error is not None
+    fd = bad.file.fd
+    assert cache.release(bad.file)
+    assert _closed(fd) and cache.idle_inodes() == []
+
+
 def test_lenient_sizes() -> None:
     assert lenient_plaintext_size(0) == 0
     assert lenient_plaintext_size(10) == 1

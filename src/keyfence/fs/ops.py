@@ -84,6 +84,7 @@ from keyfence.fs.pagecache import (
     CachedFile,
     Flusher,
     PageCache,
+    idle_files_allowed,
     lenient_plaintext_size,
 )
 from keyfence.fs.privileges import Privileges, suidgid_to_drop
@@ -154,6 +155,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             chunk_pages=self.options.chunk_pages,
             label_of=self.log_label,
             write_through=self.options.write_through,
+            idle_files=idle_files_allowed(),  # after InodeTable raised the limit
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)
@@ -882,6 +884,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         st = sc.stat_at(d_fd, disk)
         if stat.S_ISDIR(st.st_mode):
             raise fail(errno.EISDIR)
+        if st.st_nlink <= 1:
+            self.cache.drop_idle(self.table.fuse_ino(st.st_ino))
         sc.unlink_at(d_fd, disk)
         self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
@@ -997,6 +1001,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             aside = None
             if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
                 aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
+            if replaced is not None and not exchange and replaced.st_nlink <= 1:
+                self.cache.drop_idle(self.table.fuse_ino(replaced.st_ino))
             try:
                 self._write_sidecar(nd_fd, new_enc)
                 sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)

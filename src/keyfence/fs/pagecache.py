@@ -20,6 +20,13 @@ Clean pages are not kept (the kernel's page cache keeps what was read);
 reads copy the dirty pages they overlap and decrypt the rest from the
 backing file, so they always see unflushed writes.
 
+A file closed clean stays *idle* in the cache, descriptor and file key
+with it, for the next open (up to ``idle_files`` of them, least recently
+closed out first), as the kernel keeps an inode and its fscrypt key after
+close: a file opened again (``grep`` after ``tar``, a compiler's headers)
+costs no ``openat2``, ``fstat``, header read or key derivation.  An idle
+file goes like any other when its key goes, and at once when it is unlinked.
+
 Lock protocol (threads: the trio thread serving FUSE, the flusher, the
 key-removal callback, worker threads of ``trio.to_thread``): one
 ``threading.Lock``, :attr:`PageCache.lock`, guards every field of every
@@ -52,9 +59,10 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,6 +133,20 @@ TRIM_AFTER_BYTES = 256 << 20
 """Bytes written back after which an idle cache gives the heap back
 (:meth:`PageCache.trim_if_idle`): glibc's own threshold was 256 MiB too."""
 
+IDLE_FILES = 4096
+"""Files closed clean kept open for the next open, by default in a mount
+(:meth:`PageCache._maybe_close_locked`; fewer where descriptors are few)."""
+
+
+def idle_files_allowed() -> int:
+    """:data:`IDLE_FILES`, or an eighth of the descriptor limit if less
+    (the inode table keeps up to a quarter for directories)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return IDLE_FILES
+    return min(IDLE_FILES, soft // 8)
+
+
 WRITE_THROUGH_BYTES = 16 * PAGE_SIZE
 """The largest first write of an empty file stored at once, by default
 (:meth:`PageCache._write_through`)."""
@@ -143,9 +165,14 @@ class PageCache:
         label_of: Callable[[int], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         write_through: int = WRITE_THROUGH_BYTES,
+        idle_files: int = 0,
     ) -> None:
         if dirty_limit < PAGE_SIZE:
             raise ValueError("dirty limit below one page")
+        self.idle_files = idle_files
+        """How many files closed clean stay open for the next open (0: none)."""
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        """Inodes of the idle files, least recently closed first."""
         self.write_through = write_through
         """The largest first write of an empty file stored at once (0: none)."""
         self.lock = threading.Lock()
@@ -176,7 +203,7 @@ class PageCache:
         """Writes encrypted chunks while the flushing thread encrypts the
         next one (pwrite releases the GIL; AES on 4 KiB blocks does not)."""
         self._store_thread_lock = threading.Lock()
-        self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0}
+        self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0, "idle_reopens": 0}
 
     # ------------------------------------------------------------ accounting
 
@@ -197,6 +224,11 @@ class PageCache:
     def dirty_bytes_of(self, key: str | None = None) -> int:
         with self.lock:
             return sum(f.dirty_bytes() for f in self._files.values() if key is None or f.key == key)
+
+    def idle_inodes(self) -> list[int]:
+        """Inodes of the files kept idle, least recently closed first."""
+        with self.lock:
+            return list(self._idle)
 
     def attributes(self, ino: int) -> tuple[int, int | None] | None:
         """(plaintext size, pending mtime in ns or None) of a cached file."""
@@ -228,6 +260,9 @@ class PageCache:
         with self.lock:
             f = self._files.get(ino)
             if f is not None:
+                if ino in self._idle:  # closed clean before: nothing to open or read
+                    del self._idle[ino]
+                    self.stats["idle_reopens"] += 1
                 if f.master is None:
                     f.master, f.key, f.closing = master, key, key in self._closing_keys
                     self._load_locked(f)
@@ -238,6 +273,7 @@ class PageCache:
             f = self._files.get(ino)
             if f is not None:  # opened meanwhile by another thread
                 os.close(fd)
+                self._idle.pop(ino, None)
                 f.users += 1
                 return f
             f = CachedFile(ino, fd, key, master)
@@ -281,11 +317,30 @@ class PageCache:
             f.users -= 1
             return self._maybe_close_locked(f)
 
-    def _maybe_close_locked(self, f: CachedFile) -> bool:
+    def _maybe_close_locked(self, f: CachedFile, *, keep_idle: bool = True) -> bool:
+        """Close a file without users or dirty pages, or keep it idle for
+        the next open (``keep_idle``, while its key is there and its header
+        sound); whether it left the cache."""
         if f.users > 0 or f.pages or self._files.get(f.ino) is not f:
             return False
         if f.master is not None and f.size > 0 and f.disk_size < backing_size(f.size):
             return False  # an extension still to write
+        if (
+            keep_idle
+            and self.idle_files
+            and f.master is not None
+            and not f.closing
+            and f.header_error is None
+            and f.fd >= 0
+        ):
+            self._idle[f.ino] = None
+            self._idle.move_to_end(f.ino)
+            while len(self._idle) > self.idle_files:
+                oldest = self._files.get(self._idle.popitem(last=False)[0])
+                if oldest is not None and oldest is not f:
+                    self._maybe_close_locked(oldest, keep_idle=False)
+            return False
+        self._idle.pop(f.ino, None)
         del self._files[f.ino]
         with contextlib.suppress(OSError):
             os.close(f.fd)
@@ -293,6 +348,16 @@ class PageCache:
         f.cipher = None
         f.master = None
         return True
+
+    def drop_idle(self, ino: int) -> None:
+        """Close ``ino`` if it is idle (closed clean): before its last name
+        goes, so the backing unlink frees it at once (an unlink with a
+        descriptor still open puts the inode on ext4's orphan list and the
+        close takes it off again, two more journal updates)."""
+        with self.lock:
+            f = self._files.get(ino)
+            if f is not None and ino in self._idle:
+                self._maybe_close_locked(f, keep_idle=False)
 
     def forget_unlinked(self, f: CachedFile) -> None:
         """The file has no name left and no user: its pages need no write-back."""
@@ -305,7 +370,7 @@ class PageCache:
             f.pages.clear()
             f.size = min(f.size, lenient_plaintext_size(f.disk_size))
             f.generation += 1
-            self._maybe_close_locked(f)
+            self._maybe_close_locked(f, keep_idle=False)
 
     # ------------------------------------------------------------------ reads
 
@@ -908,7 +973,7 @@ class PageCache:
                 if f.users > 0:
                     busy.append(f.ino)
                 else:
-                    self._maybe_close_locked(f)
+                    self._maybe_close_locked(f, keep_idle=False)
             wipe.release(self._recent_reads, keep_shared=True)
         wipe.release(ciphers)  # the file keys; one a write-back still holds is skipped
         return busy, dropped

@@ -185,6 +185,14 @@ class Control:
 
             session = fuse_kernel.active()
             return None if session is None else len(session.ops.negatives)
+        if op == "idle":  # files closed clean, kept open for the next open
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            if session is None:
+                return None
+            cache = session.ops.cache
+            return {"inodes": cache.idle_inodes(), "reopens": cache.stats["idle_reopens"]}
         if op == "blocking":  # blocking calls waited for directly, through trio
             from keyfence.fs.fuse import kernel as fuse_kernel
 
