@@ -164,27 +164,44 @@ def touch_every_tenth(tree: Path) -> int:
     return n
 
 
-def day(peer: Peer, tarball: Path) -> dict[str, float]:
-    """The tree steps, in order, on ``peer``: seconds per step."""
+def _untraced(step: str) -> contextlib.AbstractContextManager[object]:
+    del step
+    return contextlib.nullcontext()
+
+
+def day(
+    peer: Peer,
+    tarball: Path,
+    around: Callable[[str], contextlib.AbstractContextManager[object]] = _untraced,
+) -> dict[str, float]:
+    """The tree steps, in order, on ``peer``: seconds per step.  ``around``
+    wraps each step (bench/fuse_trace_day.py traces them)."""
     top = peer.work / "day"
     if top.exists():
         shutil.rmtree(top)
     top.mkdir()
     peer.sync()
     out: dict[str, float] = {}
-    out["extract"] = sh(["tar", "-xf", str(tarball)], cwd=top)
     tree = top / "stdlib"
-    out["find"] = sh(["find", str(tree), "-type", "f"], cwd=top)
-    out["grep"] = sh(["grep", "-r", "-c", "import", str(tree)], cwd=top)
-    t = time.perf_counter()
-    sh(git("init", "-q"), cwd=tree, env=GIT_ENV)
-    sh(git("add", "-A"), cwd=tree, env=GIT_ENV)
-    sh(git("commit", "-q", "-m", "tree"), cwd=tree, env=GIT_ENV)
-    out["git-add-commit"] = time.perf_counter() - t
+    with around("extract"):
+        out["extract"] = sh(["tar", "-xf", str(tarball)], cwd=top)
+    with around("find"):
+        out["find"] = sh(["find", str(tree), "-type", "f"], cwd=top)
+    with around("grep"):
+        out["grep"] = sh(["grep", "-r", "-c", "import", str(tree)], cwd=top)
+    with around("git-add-commit"):
+        t = time.perf_counter()
+        sh(git("init", "-q"), cwd=tree, env=GIT_ENV)
+        sh(git("add", "-A"), cwd=tree, env=GIT_ENV)
+        sh(git("commit", "-q", "-m", "tree"), cwd=tree, env=GIT_ENV)
+        out["git-add-commit"] = time.perf_counter() - t
     touch_every_tenth(tree)
-    out["git-status"] = sh(git("status", "--porcelain"), cwd=tree, env=GIT_ENV)
-    out["git-commit-a"] = sh(git("commit", "-q", "-a", "-m", "touched"), cwd=tree, env=GIT_ENV)
-    out["rm"] = sh(["rm", "-rf", str(top)], cwd=peer.work)
+    with around("git-status"):
+        out["git-status"] = sh(git("status", "--porcelain"), cwd=tree, env=GIT_ENV)
+    with around("git-commit-a"):
+        out["git-commit-a"] = sh(git("commit", "-q", "-a", "-m", "touched"), cwd=tree, env=GIT_ENV)
+    with around("rm"):
+        out["rm"] = sh(["rm", "-rf", str(top)], cwd=peer.work)
     peer.sync()
     return out
 

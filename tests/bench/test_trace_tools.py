@@ -8,6 +8,7 @@ bench runs for real, in this process, over a temporary backing directory
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ from .test_suite import load_script
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 fuse_trace = load_script(BENCH / "fuse_trace.py", "bench_fuse_trace")
 fs_handlers = load_script(BENCH / "fs_handlers.py", "bench_fs_handlers")
+sys.path.insert(0, str(BENCH))  # fuse_trace_day imports its sibling scripts
+try:
+    fuse_trace_day = load_script(BENCH / "fuse_trace_day.py", "bench_fuse_trace_day")
+finally:
+    sys.path.remove(str(BENCH))
 
 TRACE = """\
 # tracer: nop
@@ -60,3 +66,13 @@ def test_the_handler_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert (" 3/file" in printed) == (extra == ["--tar"]), printed  # tar's three writes
         assert "sum of the medians" in printed
     assert list(tmp_path.iterdir()) == []  # the backing directory went with it
+
+
+def test_the_day_trace_gives_requests_and_mean_server_time_by_opcode() -> None:
+    ops = fuse_trace_day.analyse(TRACE.splitlines())
+    assert ops == {
+        "LOOKUP": {"count": 2, "mean_us": 25.0},  # 30 and 20 us
+        "RELEASE": {"count": 1, "mean_us": 49.0},
+        "CREATE": {"count": 1, "mean_us": 40.0},
+    }
+    assert list(ops) == ["LOOKUP", "RELEASE", "CREATE"]  # by time spent
