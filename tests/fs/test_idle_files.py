@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,32 @@ def test_an_unlinked_idle_file_is_closed_at_once(mount: Mount) -> None:
     assert len(mount.control("idle")["inodes"]) == 1
     os.rename(enc.dir / "kept2", enc.dir / "renamed")
     assert (enc.dir / "renamed").read_bytes() == b"y"
+
+
+def test_a_file_idle_with_a_read_only_descriptor_is_opened_afresh_to_write(
+    mount: Mount,
+) -> None:
+    """The worker opens a backing file read-only where it cannot open it
+    read-write (here: immutable, which holds for root too); once that
+    file is idle and writable again, an open for writing must not write
+    through the read-only descriptor."""
+    enc = Enc(mount)
+    (enc.dir / "f").write_bytes(b"one")
+    enc.lock()  # closes the idle file
+    enc.unlock()
+    (name,) = backing_names(enc)
+    backing = enc.backing / name
+    subprocess.run(["chattr", "+i", str(backing)], check=True)
+    try:
+        assert (enc.dir / "f").read_bytes() == b"one"  # idle now, read-only
+    finally:
+        subprocess.run(["chattr", "-i", str(backing)], check=True)
+    with open(enc.dir / "f", "ab") as f:
+        f.write(b" two")
+    assert (enc.dir / "f").read_bytes() == b"one two"
+    (enc.dir / "f").write_bytes(b"three")  # O_TRUNC
+    assert (enc.dir / "f").read_bytes() == b"three"
+
+
+def backing_names(enc: Enc) -> list[str]:
+    return [p.name for p in enc.backing.iterdir() if not p.name.startswith(".")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import mmap
@@ -418,6 +419,18 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             raise fail(errno.ESTALE)
         return fd, st
 
+    def _drop_read_only_idle(self, ino: int) -> None:
+        """Before an open for writing: an idle file (closed clean) whose
+        backing descriptor could only be opened read-only (``_open_rw_stat``,
+        e.g. while the backing file was immutable) is closed, so that the
+        open opens it afresh instead of writing through that descriptor."""
+        cached = self.cache.get(ino)
+        if cached is None or cached.users or cached.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            if fcntl.fcntl(cached.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                self.cache.drop_idle(ino)
+
     def _open_rw(self, node: Inode) -> int:
         return self._open_rw_stat(node)[0]
 
@@ -676,6 +689,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             self.cache.truncate(handle.cached, size)
             return
         master = await self._need_key(policy, ctx)
+        self._drop_read_only_idle(node.ino)
         cached = self.cache.open(
             node.ino, policy.key.description, master, lambda: self._open_rw(node)
         )
@@ -1117,6 +1131,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             self.handles[fh] = FileHandle(node.ino, flags, fd=fd)
         else:
             master = await self._need_key(policy, ctx)
+            if flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY:
+                self._drop_read_only_idle(node.ino)
             if self.cache.get(node.ino) is None:
                 # opened here, with the stat open_regular makes anyway: the
                 # cache needs no fstat of its own for the size (should the
