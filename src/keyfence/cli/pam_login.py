@@ -112,8 +112,14 @@ def main() -> int:
             os.initgroups(user, entry.pw_gid)
             os.setgid(entry.pw_gid)
             os.setuid(entry.pw_uid)
-            os.chdir(entry.pw_dir)
-            env = dict(os.environ, HOME=entry.pw_dir, USER=user, LOGNAME=user, SHELL="/bin/sh")
+            home = entry.pw_dir
+            try:
+                os.chdir(home)
+            except OSError:  # as login(1): "No directory, logging in with HOME=/"
+                print("pam_login: no directory, logging in with HOME=/", file=sys.stderr)
+                home = "/"
+                os.chdir(home)
+            env = dict(os.environ, HOME=home, USER=user, LOGNAME=user, SHELL="/bin/sh")
             os.execve("/bin/sh", ["-sh", "-c", command], env)
         finally:
             os._exit(127)
