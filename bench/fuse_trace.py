@@ -6,6 +6,8 @@ events, Linux 6.x)::
 
     .venv/bin/python bench/fuse_trace.py [--scratch /var/tmp] [--files 3000]
         [--runs 3] [--systems keyfence,gocryptfs] [--together] [--json PATH]
+    .venv/bin/python bench/fuse_trace.py --day [--scratch DIR] [--systems ...]
+        [--stdlib DIR] [--json PATH]
 
 One process makes ``--files`` small files, one after another (``open``
 with ``O_CREAT|O_EXCL``, ``write`` 4 KiB, ``close``), on each system in
@@ -28,6 +30,14 @@ server gets when each answer wakes its caller on the CPU it runs on.
 docs/performance.md ("Everyday speed, part 9") explains what the figures
 show on a VM whose idle vCPUs halt (a wake on another CPU there costs tens
 of microseconds).
+
+``--day`` traces bench/fs_everyday.py's tree steps instead (``tar -xf`` of
+the standard library, ``find``, ``grep -r``, ``git add`` + ``commit``, ``git
+status``, ``git commit -a``, ``rm -rf``), once per system: per step the
+wall time and, per opcode, the requests and their mean ``send -> end``
+(``count x mean``, the dearest first).  Where keyfence is behind a peer,
+the difference says where: more requests (the kernel's doing) or dearer
+ones (the server's).  docs/performance.md, part 10.
 """
 
 from __future__ import annotations
@@ -46,9 +56,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from keyfence.testing.bench.everyday import day, make_tarball
+from keyfence.testing.bench.kernel_trace import (
+    TRACING,
+    StepTracer,
+    tracing_problem,
+    write,
+)
 from keyfence.testing.bench.peers import GocryptfsPeer, KeyfencePeer, Peer, PeerError
 
-TRACING = Path("/sys/kernel/tracing")
 PEERS: dict[str, type[Peer]] = {"keyfence": KeyfencePeer, "gocryptfs": GocryptfsPeer}
 _EVENT = re.compile(
     r"-(\d+)\s+\[(\d+)\].*?\s(\d+\.\d+): (fuse_request_send|fuse_request_end|sched_wakeup): (.*)"
@@ -58,40 +74,27 @@ _REQ = re.compile(r"req (\d+)")
 _WOKEN = re.compile(r"pid=(\d+) ")
 
 
-def _write(name: str, value: str) -> None:
-    (TRACING / name).write_text(value)
-
-
-def tracing_problem() -> str | None:
-    """Why this machine cannot run the trace, or None."""
-    if os.geteuid() != 0:
-        return "needs root (tracefs)"
-    if not (TRACING / "events" / "fuse" / "fuse_request_send").is_dir():
-        return f"no fuse trace events under {TRACING} (Linux 6.x, tracefs mounted)"
-    return None
-
-
 @contextlib.contextmanager
 def traced(caller: int) -> Iterator[list[str]]:
     """Record the FUSE requests and the wakeups of ``caller`` meanwhile;
     the trace's lines are in the yielded list afterwards."""
     lines: list[str] = []
-    _write("tracing_on", "0")
-    _write("trace", "")
-    _write("buffer_size_kb", "65536")
-    _write("events/sched/sched_wakeup/filter", f"pid == {caller}")
+    write("tracing_on", "0")
+    write("trace", "")
+    write("buffer_size_kb", "65536")
+    write("events/sched/sched_wakeup/filter", f"pid == {caller}")
     for event in ("fuse/enable", "sched/sched_wakeup/enable"):
-        _write(f"events/{event}", "1")
-    _write("tracing_on", "1")
+        write(f"events/{event}", "1")
+    write("tracing_on", "1")
     try:
         yield lines
     finally:
-        _write("tracing_on", "0")
+        write("tracing_on", "0")
         for event in ("fuse/enable", "sched/sched_wakeup/enable"):
-            _write(f"events/{event}", "0")
-        _write("events/sched/sched_wakeup/filter", "0")
+            write(f"events/{event}", "0")
+        write("events/sched/sched_wakeup/filter", "0")
         lines.extend((TRACING / "trace").read_text().splitlines())
-        _write("trace", "")
+        write("trace", "")
 
 
 def analyse(lines: list[str], caller: int, files: int) -> dict[str, Any]:
@@ -214,6 +217,39 @@ def report(name: str, figures: dict[str, Any]) -> None:
         )
 
 
+def trace_day(systems: list[str], scratch: Path, stdlib: Path | None, out: Path | None) -> int:
+    """``--day``: each tree step of fs_everyday once per system, traced."""
+    steps: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="kftraceday-") as top:
+        tarball = Path(top) / "stdlib.tar"
+        files, size = make_tarball(tarball, False, stdlib)
+        for system in systems:
+            (Path(top) / system).mkdir()
+            peer = PEERS[system](Path(top) / system)
+            tracer = StepTracer()
+            try:
+                peer.setup()
+                day(peer, tarball, tracer)
+            except PeerError as err:
+                print(f"{system}: {err}", file=sys.stderr)
+                return 1
+            finally:
+                peer.teardown()
+            steps[system] = tracer.steps
+    for step in steps[systems[0]]:
+        print(f"\n{step}")
+        for system in systems:
+            row = steps[system][step]
+            ops = "  ".join(
+                f"{op} {r['count']}x{r['mean_us']:.0f}" for op, r in list(row["ops"].items())[:8]
+            )
+            print(f"  {system:10} {row['wall_s']:7.3f} s  server {row['server_ms']:7.1f} ms  {ops}")
+    if out is not None:
+        meta = {"day": True, "files": files, "bytes": size}
+        out.write_text(json.dumps({"meta": meta, "systems": steps}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
@@ -222,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default="keyfence,gocryptfs")
     ap.add_argument("--together", action="store_true", help="caller and server on one CPU")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--day", action="store_true", help="fs_everyday's tree steps instead")
+    ap.add_argument("--stdlib", type=Path, help="--day: the tree from another interpreter")
     args = ap.parse_args(argv)
     problem = tracing_problem()
     if problem is not None:
@@ -231,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in PEERS]
     if unknown:
         ap.error(f"unknown systems: {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    if args.day:
+        return trace_day(systems, args.scratch, args.stdlib, args.json)
     cpus = sorted(os.sched_getaffinity(0))
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}

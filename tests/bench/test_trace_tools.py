@@ -1,4 +1,6 @@
-"""bench/fuse_trace.py's reading of a trace, and bench/fs_handlers.py run small.
+"""The reading of a trace (bench/fuse_trace.py, and
+keyfence.testing.bench.kernel_trace for its ``--day``), and
+bench/fs_handlers.py run small.
 
 The trace is a few lines in the kernel's format (tracefs ``trace``, padding
 and lengths left out), so the figures can be checked by hand; the handler
@@ -8,21 +10,17 @@ bench runs for real, in this process, over a temporary backing directory
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+
+from keyfence.testing.bench.kernel_trace import fuse_requests
 
 from .test_suite import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 fuse_trace = load_script(BENCH / "fuse_trace.py", "bench_fuse_trace")
 fs_handlers = load_script(BENCH / "fs_handlers.py", "bench_fs_handlers")
-sys.path.insert(0, str(BENCH))  # fuse_trace_day imports its sibling scripts
-try:
-    fuse_trace_day = load_script(BENCH / "fuse_trace_day.py", "bench_fuse_trace_day")
-finally:
-    sys.path.remove(str(BENCH))
 
 TRACE = """\
 # tracer: nop
@@ -69,7 +67,7 @@ def test_the_handler_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_the_day_trace_gives_requests_and_mean_server_time_by_opcode() -> None:
-    ops = fuse_trace_day.analyse(TRACE.splitlines())
+    ops = fuse_requests(TRACE.splitlines())
     assert ops == {
         "LOOKUP": {"count": 2, "mean_us": 25.0},  # 30 and 20 us
         "RELEASE": {"count": 1, "mean_us": 49.0},

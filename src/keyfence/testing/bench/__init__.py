@@ -7,6 +7,9 @@
 * :mod:`.process`: how such a benchmark runs (its own POSIX session, dying
   with its parent, a stop signal as an exception);
 * :mod:`.charts`: the suite's PNG charts (the bench extra's matplotlib);
+* :mod:`.everyday`: fs_everyday's tree steps, which bench/fuse_trace.py
+  ``--day`` traces too;
+* :mod:`.kernel_trace`: the kernel's FUSE trace events, read per opcode;
 * :mod:`.rawloop`: the FUSE request loop of our own that bench/fuse_loops.py
   measures beside pyfuse3.
 
