@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import logging
 import mmap
@@ -419,18 +418,6 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             raise fail(errno.ESTALE)
         return fd, st
 
-    def _drop_read_only_idle(self, ino: int) -> None:
-        """Before an open for writing: an idle file (closed clean) whose
-        backing descriptor could only be opened read-only (``_open_rw_stat``,
-        e.g. while the backing file was immutable) is closed, so that the
-        open opens it afresh instead of writing through that descriptor."""
-        cached = self.cache.get(ino)
-        if cached is None or cached.users or cached.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            if fcntl.fcntl(cached.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-                self.cache.drop_idle(ino)
-
     def _open_rw(self, node: Inode) -> int:
         return self._open_rw_stat(node)[0]
 
@@ -689,7 +676,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             self.cache.truncate(handle.cached, size)
             return
         master = await self._need_key(policy, ctx)
-        self._drop_read_only_idle(node.ino)
+        self.cache.drop_idle(node.ino, only_read_only=True)
         cached = self.cache.open(
             node.ino, policy.key.description, master, lambda: self._open_rw(node)
         )
@@ -1132,7 +1119,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         else:
             master = await self._need_key(policy, ctx)
             if flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY:
-                self._drop_read_only_idle(node.ino)
+                self.cache.drop_idle(node.ino, only_read_only=True)
             if self.cache.get(node.ino) is None:
                 # opened here, with the stat open_regular makes anyway: the
                 # cache needs no fstat of its own for the size (should the

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -349,15 +350,27 @@ class PageCache:
         f.master = None
         return True
 
-    def drop_idle(self, ino: int) -> None:
+    def drop_idle(self, ino: int, *, only_read_only: bool = False) -> None:
         """Close ``ino`` if it is idle (closed clean): before its last name
         goes, so the backing unlink frees it at once (an unlink with a
         descriptor still open puts the inode on ext4's orphan list and the
-        close takes it off again, two more journal updates)."""
+        close takes it off again, two more journal updates).
+
+        ``only_read_only``: only if its backing descriptor is read-only
+        (opened so where read-write was refused: not the worker's own,
+        immutable): before an open for writing, which must then open it
+        afresh instead of writing through that descriptor."""
         with self.lock:
             f = self._files.get(ino)
-            if f is not None and ino in self._idle:
-                self._maybe_close_locked(f, keep_idle=False)
+            if f is None or ino not in self._idle:
+                return
+            if only_read_only:
+                try:
+                    if fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                        return
+                except OSError:
+                    pass  # unusable: closed like a read-only one
+            self._maybe_close_locked(f, keep_idle=False)
 
     def forget_unlinked(self, f: CachedFile) -> None:
         """The file has no name left and no user: its pages need no write-back."""
