@@ -41,8 +41,9 @@ while it invalidates, so they are never written by the reader itself
 
 Errors: ``FUSEError`` is its errno, a malformed request EIO, any other
 exception EIO and a logged traceback; the loop itself goes on.  ``ENODEV``
-from ``/dev/fuse`` means unmounted: the loop ends once the handlers still
-running have finished.
+from ``/dev/fuse`` means unmounted (``ECONNABORTED`` too: a read that took
+a request as the connection went down, at an unmount or an abort): the
+loop ends once the handlers still running have finished.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ _ZEROS = memoryview(bytes(p.BUFFER_SIZE))
 (``ctypes.memset`` lets go of the GIL and must take it back: with another
 thread busy in Python, that costs up to the 5 ms switch interval, per
 request.)"""
+
+
+_GONE = (errno.ENODEV, errno.ECONNABORTED)
+"""What ``/dev/fuse`` says once the connection is gone (unmounted, aborted)."""
 
 
 def _errno_of(err: FUSEError) -> int:
@@ -219,7 +224,7 @@ class Session:
                 except OSError as err:
                     if err.errno in (errno.ENOENT, errno.EINTR):
                         continue  # interrupted before we read it; a signal
-                    if err.errno == errno.ENODEV:
+                    if err.errno in _GONE:
                         self.stopping = self.unmounted = True
                         return
                     raise
@@ -385,7 +390,7 @@ class Session:
         except OSError as err:
             if err.errno == errno.ENOENT:  # the caller is gone (killed)
                 self.abandoned += 1
-            elif err.errno == errno.ENODEV:
+            elif err.errno in _GONE:
                 self.stopping = self.unmounted = True
             else:
                 log.error("answer to request %d refused: %s", unique, err)
