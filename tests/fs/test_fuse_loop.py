@@ -242,7 +242,9 @@ def test_a_suspended_handler_does_not_stop_other_requests(served: Served) -> Non
         served.fs.gate.set()
         out, _ = child.communicate(timeout=WAIT)
         assert out == b"data of slow"
-        assert not served.session.waiting
+        # the answer wakes the reader before the loop's thread takes the
+        # request out of ``waiting`` (after its writev): wait for that
+        wait_for("the handler's slot back", lambda: not served.session.waiting)
     finally:
         served.fs.gate.set()
         child.kill()
@@ -343,6 +345,21 @@ def test_abort_while_a_request_is_pending(served: Served) -> None:
         child.kill()
         child.communicate()
         _unmount(served.mnt)
+
+
+def test_abort_while_idle_ends_the_loop_quietly(served: Served) -> None:
+    """The connection aborted while no request is pending: the next read of
+    ``/dev/fuse`` says ECONNABORTED (Linux sets ``fc->aborted``; an unmount
+    does too, so a loop ending at unmount can see it), and the loop ends as
+    for ENODEV, with no error (the fixture checks ``served.error``)."""
+    os.stat(served.mnt)  # served: the loop is past INIT and idle again
+    dev = os.stat(served.mnt).st_dev
+    with open(f"/sys/fs/fuse/connections/{os.minor(dev)}/abort", "w") as f:
+        f.write("1")
+    served.thread.join(WAIT)
+    assert not served.thread.is_alive()
+    assert served.session.unmounted
+    _unmount(served.mnt)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drop_caches needs root")
