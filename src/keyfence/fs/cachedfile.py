@@ -55,6 +55,7 @@ class CachedFile:
         "mtime_ns",
         "next_read",
         "pages",
+        "readahead_to",
         "size",
         "users",
     )
@@ -79,6 +80,8 @@ class CachedFile:
         self.flushing = threading.Lock()
         self.next_read = -1
         """Where a sequential reader would read next (for prefetching)."""
+        self.readahead_to = 0
+        """The end of the backing bytes announced to a sequential reader."""
 
     def __repr__(self) -> str:
         return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"

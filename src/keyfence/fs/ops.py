@@ -203,6 +203,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         self.mounted = False
         self.trio_token = None
         self.flusher.stop()
+        self.cache.readahead.stop()
         try:
             self.cache.flush_all(sync=True)
         except OSError as err:

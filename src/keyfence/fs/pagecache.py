@@ -82,6 +82,7 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
+from keyfence.fs.readahead import BackingReadahead
 from keyfence.fs.syscalls import set_mtime_ns
 
 __all__ = [
@@ -204,6 +205,8 @@ class PageCache:
         """Writes encrypted chunks while the flushing thread encrypts the
         next one (pwrite releases the GIL; AES on 4 KiB blocks does not)."""
         self._store_thread_lock = threading.Lock()
+        self.readahead = BackingReadahead()
+        """Announces a sequential reader's next records off the serving thread."""
         self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0, "idle_reopens": 0}
 
     # ------------------------------------------------------------ accounting
@@ -433,13 +436,12 @@ class PageCache:
                         if page is not None:
                             cached[idx] = bytes(page.data)
             cipher, fd, generation = f.cipher, f.fd, f.generation
-            sequential = off == f.next_read
+            announce = None
+            if off == f.next_read and self.prefetch and cipher is not None and end < fsize:
+                announce = self._readahead_range_locked(f, last + 1)
             f.next_read = end
-        if sequential and self.prefetch and cipher is not None and end < fsize:
-            # ask the backing filesystem for what comes next: its disk reads
-            # overlap our decryption of this chunk
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(fd, record_offset(last + 1), self.prefetch, os.POSIX_FADV_WILLNEED)
+        if announce is not None:
+            self.readahead.announce(fd, *announce)
         data: bytes | bytearray
         try:
             if not cached:
@@ -479,6 +481,19 @@ class PageCache:
         if start == 0 and len(data) == n:
             return data
         return memoryview(data)[start : start + n]
+
+    def _readahead_range_locked(self, f: CachedFile, block: int) -> tuple[int, int] | None:
+        """(offset, length) of backing bytes to announce for a sequential
+        reader whose next block is ``block``, or None while enough is on its
+        way: the window runs ``prefetch`` bytes ahead and is topped up half a
+        window at a time, each byte announced once."""
+        nxt = record_offset(block)
+        want = nxt + self.prefetch
+        start = f.readahead_to if nxt <= f.readahead_to <= want else nxt
+        if want - start < self.prefetch // 2:
+            return None
+        f.readahead_to = want
+        return start, want - start
 
     @staticmethod
     def _load_run(
