@@ -139,6 +139,24 @@ def test_holes_read_as_zeros(both: tuple[FileCipher, FileCipher]) -> None:
     assert info.value.block == 7
 
 
+def test_open_new_hands_out_only_what_it_wrote(native: ModuleType) -> None:
+    """open_new's buffer is not zeroed before it is filled: after a failed
+    record nothing of what the heap held (here: plaintext freed just
+    before, of the same size, which malloc hands back) comes out."""
+    fast = cipher_on("native")
+    size = 64 * BLOCK_SIZE
+    records = bytearray(fast.encrypt_blocks(0, bytes(size)))
+    records[40 * RECORD_SIZE + 100] ^= 1
+    for _ in range(20):
+        secret = bytearray(b"\xa5" * size)
+        del secret  # freed: its memory is what the next buffer of this size gets
+        failed, out = native.open_new(fast._key, FILE_ID, 0, records)
+        assert failed == 40
+        assert out == bytearray(size)
+        ok, plain = native.open_new(fast._key, FILE_ID, 0, bytes(records[: 40 * RECORD_SIZE]))
+        assert ok == -1 and plain == bytearray(40 * BLOCK_SIZE)
+
+
 def test_bad_arguments_are_value_errors(native: ModuleType) -> None:
     blocks = [bytes(BLOCK_SIZE), b"end"]
     nonces = bytes(24)
@@ -182,11 +200,23 @@ def test_bad_arguments_are_value_errors(native: ModuleType) -> None:
         "buffer too small": (KEY, FILE_ID, 0, records, bytearray(BLOCK_SIZE + 2)),
         "truncated last record": (KEY, FILE_ID, 0, records[: RECORD_SIZE + 20], plain),
     }
-    for what, args in bad_opens.items():
+    for what, open_args in bad_opens.items():
         with pytest.raises(ValueError):
-            native.open(*args)
+            native.open(*open_args)
             pytest.fail(what)
     assert native.open(KEY, FILE_ID, 0, b"", bytearray()) == -1
+    assert native.open_new(KEY, FILE_ID, 0, records) == (-1, bytearray(BLOCK_SIZE) + b"end")
+    assert native.open_new(KEY, FILE_ID, 0, b"") == (-1, bytearray())
+    for what, open_args in bad_opens.items():
+        if what == "buffer too small":
+            continue  # open_new makes its own
+        with pytest.raises(ValueError):
+            native.open_new(*open_args[:4])
+            pytest.fail(what)
+    with pytest.raises(TypeError):
+        native.open_new(KEY, FILE_ID, 0, records, plain)
+    with pytest.raises(TypeError):
+        native.open_new(KEY, FILE_ID, "0", records)
     # and through FileCipher: its own errors, as on the Python path
     fast = cipher_on("native")
     with pytest.raises(ValueError, match="output buffer too small"):

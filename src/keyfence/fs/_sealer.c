@@ -279,6 +279,36 @@ PyDoc_STRVAR(open_doc,
 "as zeros.  Returns -1, or the position of the first record that failed\n"
 "authentication.  ValueError for bad lengths or too small a buffer.");
 
+/* The checks open and open_new share (GIL held): key and file id, the
+ * records' length, the first index.  Sets *count and *plain_len (bytes of
+ * plaintext the records hold); -1 with an exception set on bad input. */
+static int check_open_args(const Py_buffer *key, const Py_buffer *file_id, PyObject *first_obj,
+                           const Py_buffer *records, uint64_t *first, Py_ssize_t *count,
+                           Py_ssize_t *plain_len)
+{
+    if (check_key(key, file_id) < 0)
+        return -1;
+    Py_ssize_t total = records->len;
+    Py_ssize_t n = total / RECORD_SIZE, rest = total % RECORD_SIZE;
+    if (rest) {
+        if (rest <= OVERHEAD) {
+            PyErr_SetString(PyExc_ValueError, "the last record is truncated");
+            return -1;
+        }
+        n++;
+    }
+    if (!PyLong_Check(first_obj)) {
+        PyErr_SetString(PyExc_TypeError, "first: an int");
+        return -1;
+    }
+    if (read_indexes(first_obj, n, NULL) < 0)
+        return -1;
+    *first = PyLong_AsUnsignedLongLong(first_obj);
+    *count = n;
+    *plain_len = total - n * OVERHEAD;
+    return 0;
+}
+
 static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -289,6 +319,7 @@ static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_buffer key = {0}, file_id = {0}, records = {0}, out = {0};
     PyObject *result = NULL;
     uint64_t first = 0;
+    Py_ssize_t count = 0, plain_len = 0;
 
     if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
         goto done;
@@ -298,32 +329,16 @@ static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t 
         goto done;
     if (PyObject_GetBuffer(args[4], &out, PyBUF_WRITABLE) < 0)
         goto done;
-    if (check_key(&key, &file_id) < 0)
+    if (check_open_args(&key, &file_id, args[2], &records, &first, &count, &plain_len) < 0)
         goto done;
-    Py_ssize_t total = records.len;
-    Py_ssize_t count = total / RECORD_SIZE, rest = total % RECORD_SIZE;
-    if (rest) {
-        if (rest <= OVERHEAD) {
-            PyErr_SetString(PyExc_ValueError, "the last record is truncated");
-            goto done;
-        }
-        count++;
-    }
-    if (!PyLong_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "first: an int");
-        goto done;
-    }
-    if (read_indexes(args[2], count, NULL) < 0)
-        goto done;
-    first = PyLong_AsUnsignedLongLong(args[2]);
-    if (out.len < total - count * OVERHEAD) {
+    if (out.len < plain_len) {
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
         goto done;
     }
     Py_ssize_t failed = -1;
     if (count > 0) {
         Py_BEGIN_ALLOW_THREADS
-        failed = open_loop(key.buf, file_id.buf, first, records.buf, total, out.buf);
+        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, out.buf);
         Py_END_ALLOW_THREADS
     }
     if (failed == -2) {
@@ -343,9 +358,66 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(open_new_doc,
+"open_new(key, file_id, first, records) -> (int, bytearray)\n\n"
+"open() into a new bytearray of exactly the records' plaintext, which is\n"
+"not zeroed first: every byte of it is written (a hole as zeros).  Returns\n"
+"(-1, plaintext), or (k, zeros) when record k failed authentication.");
+
+static PyObject *open_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "open_new takes 4 arguments");
+        return NULL;
+    }
+    Py_buffer key = {0}, file_id = {0}, records = {0};
+    PyObject *out = NULL, *result = NULL;
+    uint64_t first = 0;
+    Py_ssize_t count = 0, plain_len = 0;
+
+    if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &file_id, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[3], &records, PyBUF_SIMPLE) < 0)
+        goto done;
+    if (check_open_args(&key, &file_id, args[2], &records, &first, &count, &plain_len) < 0)
+        goto done;
+    out = PyByteArray_FromStringAndSize(NULL, plain_len); /* not zeroed: written below */
+    if (out == NULL)
+        goto done;
+    unsigned char *plain = (unsigned char *)PyByteArray_AS_STRING(out);
+    Py_ssize_t failed = -1;
+    if (count > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, plain);
+        if (failed != -1)
+            /* the records after a failure were never written: what the heap
+             * held there (another read's freed plaintext) is never handed out */
+            memset(plain, 0, (size_t)plain_len);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed == -2) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
+        goto done;
+    }
+    result = Py_BuildValue("(nO)", failed, out);
+done:
+    Py_XDECREF(out);
+    if (key.obj)
+        PyBuffer_Release(&key);
+    if (file_id.obj)
+        PyBuffer_Release(&file_id);
+    if (records.obj)
+        PyBuffer_Release(&records);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL, seal_doc},
     {"open", (PyCFunction)(void (*)(void))open_records, METH_FASTCALL, open_doc},
+    {"open_new", (PyCFunction)(void (*)(void))open_new, METH_FASTCALL, open_new_doc},
     {NULL, NULL, 0, NULL},
 };
 

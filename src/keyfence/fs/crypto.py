@@ -18,6 +18,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -505,16 +506,18 @@ class FileCipher:
                     block=index,
                 )
         self._check_range(first_index, count)
-        out = bytearray(total - count * BLOCK_OVERHEAD)
         if self._native is not None:
-            failed = self._native.open(self._key, self._file_id, first_index, data, out)
+            # a new buffer every byte of which it writes: no zeroing first
+            # (that was 8 % of a cold sequential read's serving thread)
+            failed, plain = self._native.open_new(self._key, self._file_id, first_index, data)
             if failed >= 0:
                 index = first_index + failed
                 raise IntegrityError(
                     f"block {index} failed authentication (tampered, torn, moved or wrong key)",
                     block=index,
                 )
-            return out
+            return cast(bytearray, plain)
+        out = bytearray(total - count * BLOCK_OVERHEAD)
         view = memoryview(out)
         file_id, pack = self._file_id, _pack_aad
         decrypt_into = getattr(self._aead, "decrypt_into", None)

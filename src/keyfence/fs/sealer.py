@@ -28,6 +28,8 @@ def _load() -> ModuleType | None:
         from keyfence.fs import _sealer
     except ImportError:  # not built (no compiler or no OpenSSL headers)
         return None
+    if not hasattr(_sealer, "open_new"):  # built from an older _sealer.c
+        return None
     return _sealer
 
 
