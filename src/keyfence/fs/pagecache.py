@@ -50,7 +50,9 @@ the file's generation, which discards chunks encrypted before.  So flushes
 may run concurrently (on different threads) without losing or reordering
 data; ``CachedFile.flushing`` only keeps two threads from encrypting the
 same pages twice.  Emergency drops take only :attr:`PageCache.lock`, so they
-wait at most for one chunk's ``pwrite``, whatever is dirty.
+wait at most for one chunk's ``pwrite``, whatever is dirty.  The readahead
+thread (fs/readahead.py) touches no field: a read works out the range to
+announce under the lock (``CachedFile.readahead_to``) and hands it over.
 """
 
 from __future__ import annotations
