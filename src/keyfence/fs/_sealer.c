@@ -309,17 +309,17 @@ static int check_open_args(const Py_buffer *key, const Py_buffer *file_id, PyObj
     return 0;
 }
 
-static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* open (into the caller's buffer out_arg) and open_new (out_arg NULL: into
+ * a new bytearray, not zeroed first, every byte of it written; all of it
+ * zeroed when a record or OpenSSL fails, so what the heap held there, such
+ * as another read's freed plaintext, never comes out). */
+static PyObject *open_impl(PyObject *const *args, PyObject *out_arg)
 {
-    (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "open takes 5 arguments");
-        return NULL;
-    }
     Py_buffer key = {0}, file_id = {0}, records = {0}, out = {0};
-    PyObject *result = NULL;
+    PyObject *made = NULL, *result = NULL;
     uint64_t first = 0;
     Py_ssize_t count = 0, plain_len = 0;
+    unsigned char *plain;
 
     if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
         goto done;
@@ -327,26 +327,37 @@ static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t 
         goto done;
     if (PyObject_GetBuffer(args[3], &records, PyBUF_SIMPLE) < 0)
         goto done;
-    if (PyObject_GetBuffer(args[4], &out, PyBUF_WRITABLE) < 0)
+    if (out_arg != NULL && PyObject_GetBuffer(out_arg, &out, PyBUF_WRITABLE) < 0)
         goto done;
     if (check_open_args(&key, &file_id, args[2], &records, &first, &count, &plain_len) < 0)
         goto done;
-    if (out.len < plain_len) {
-        PyErr_SetString(PyExc_ValueError, "output buffer too small");
-        goto done;
+    if (out_arg != NULL) {
+        if (out.len < plain_len) {
+            PyErr_SetString(PyExc_ValueError, "output buffer too small");
+            goto done;
+        }
+        plain = out.buf;
+    } else {
+        made = PyByteArray_FromStringAndSize(NULL, plain_len);
+        if (made == NULL)
+            goto done;
+        plain = (unsigned char *)PyByteArray_AS_STRING(made);
     }
     Py_ssize_t failed = -1;
     if (count > 0) {
         Py_BEGIN_ALLOW_THREADS
-        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, out.buf);
+        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, plain);
+        if (failed != -1 && made != NULL)
+            memset(plain, 0, (size_t)plain_len); /* the slots after a failure were never written */
         Py_END_ALLOW_THREADS
     }
     if (failed == -2) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
         goto done;
     }
-    result = PyLong_FromSsize_t(failed);
+    result = made != NULL ? Py_BuildValue("(nO)", failed, made) : PyLong_FromSsize_t(failed);
 done:
+    Py_XDECREF(made);
     if (key.obj)
         PyBuffer_Release(&key);
     if (file_id.obj)
@@ -356,6 +367,16 @@ done:
     if (out.obj)
         PyBuffer_Release(&out);
     return result;
+}
+
+static PyObject *open_records(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "open takes 5 arguments");
+        return NULL;
+    }
+    return open_impl(args, args[4]);
 }
 
 PyDoc_STRVAR(open_new_doc,
@@ -371,47 +392,7 @@ static PyObject *open_new(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "open_new takes 4 arguments");
         return NULL;
     }
-    Py_buffer key = {0}, file_id = {0}, records = {0};
-    PyObject *out = NULL, *result = NULL;
-    uint64_t first = 0;
-    Py_ssize_t count = 0, plain_len = 0;
-
-    if (PyObject_GetBuffer(args[0], &key, PyBUF_SIMPLE) < 0)
-        goto done;
-    if (PyObject_GetBuffer(args[1], &file_id, PyBUF_SIMPLE) < 0)
-        goto done;
-    if (PyObject_GetBuffer(args[3], &records, PyBUF_SIMPLE) < 0)
-        goto done;
-    if (check_open_args(&key, &file_id, args[2], &records, &first, &count, &plain_len) < 0)
-        goto done;
-    out = PyByteArray_FromStringAndSize(NULL, plain_len); /* not zeroed: written below */
-    if (out == NULL)
-        goto done;
-    unsigned char *plain = (unsigned char *)PyByteArray_AS_STRING(out);
-    Py_ssize_t failed = -1;
-    if (count > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, plain);
-        if (failed != -1)
-            /* the records after a failure were never written: what the heap
-             * held there (another read's freed plaintext) is never handed out */
-            memset(plain, 0, (size_t)plain_len);
-        Py_END_ALLOW_THREADS
-    }
-    if (failed == -2) {
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
-        goto done;
-    }
-    result = Py_BuildValue("(nO)", failed, out);
-done:
-    Py_XDECREF(out);
-    if (key.obj)
-        PyBuffer_Release(&key);
-    if (file_id.obj)
-        PyBuffer_Release(&file_id);
-    if (records.obj)
-        PyBuffer_Release(&records);
-    return result;
+    return open_impl(args, NULL);
 }
 
 static PyMethodDef methods[] = {
