@@ -57,6 +57,7 @@ class CachedFile:
         "pages",
         "readahead_to",
         "size",
+        "unsynced",
         "users",
     )
 
@@ -82,6 +83,9 @@ class CachedFile:
         """Where a sequential reader would read next (for prefetching)."""
         self.readahead_to = 0
         """The end of the backing bytes announced to a sequential reader."""
+        self.unsynced = 0
+        """Disk writes started since the file was last offered for a flush
+        behind the write-back (fs/syncbehind.py)."""
 
     def __repr__(self) -> str:
         return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"

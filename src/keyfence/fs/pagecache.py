@@ -53,6 +53,9 @@ same pages twice.  Emergency drops take only :attr:`PageCache.lock`, so they
 wait at most for one chunk's ``pwrite``, whatever is dirty.  The readahead
 thread (fs/readahead.py) touches no field: a read works out the range to
 announce under the lock (``CachedFile.readahead_to``) and hands it over.
+Nor does the flush-behind thread (fs/syncbehind.py): a store counts the
+disk writes it started in ``CachedFile.unsynced`` under the lock and hands
+over a descriptor of its own.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ from keyfence.fs.format import (
     record_offset,
 )
 from keyfence.fs.readahead import BackingReadahead
+from keyfence.fs.syncbehind import SyncBehind
 from keyfence.fs.syscalls import set_mtime_ns
 
 __all__ = [
@@ -209,6 +213,9 @@ class PageCache:
         self._store_thread_lock = threading.Lock()
         self.readahead = BackingReadahead()
         """Announces a sequential reader's next records off the serving thread."""
+        self.sync_behind = SyncBehind()
+        """Flushes the disk's cache behind a long write-back that an fsync
+        follows (fs/syncbehind.py)."""
         self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0, "idle_reopens": 0}
 
     # ------------------------------------------------------------ accounting
@@ -852,6 +859,8 @@ class PageCache:
             (os.fdatasync if datasync else os.fsync)(fd)
         finally:
             os.close(fd)
+        with self.lock:
+            f.unsynced = 0  # the next flush behind counts from here
         return True
 
     def _sync_backing(self) -> None:

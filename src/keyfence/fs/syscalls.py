@@ -537,6 +537,21 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+def reopen_read_only(fd: int) -> int:
+    """A new open file description of ``fd``'s regular file, read-only
+    (fs/syncbehind.py: its own write-back error report).  Through
+    ``/proc/self/fd/N``, which names exactly the inode ``fd`` holds; the
+    result is checked to be that inode."""
+    new = os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(new).st_mode) or not os.path.sameopenfile(fd, new):
+            raise OSError(errno.ESTALE, "not the same regular file")
+    except BaseException:
+        os.close(new)
+        raise
+    return new
+
+
 def trim_heap(pad: int = 16 << 20) -> bool:
     """malloc_trim(3): give the C heap's free memory back to the kernel,
     keeping ``pad`` bytes at its top; whether any was.  ctypes lets the GIL

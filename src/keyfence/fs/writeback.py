@@ -36,6 +36,7 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
+from keyfence.fs.syncbehind import SyncBehind
 from keyfence.fs.syscalls import set_mtime_ns, start_writeback
 
 __all__ = ["START_IO_BYTES", "flush_file", "next_chunk_locked", "store_batch", "zero_pages"]
@@ -46,7 +47,8 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 class PageCache(Protocol):
     """What the write-back uses of :class:`keyfence.fs.pagecache.PageCache`
     (which imports this module): the lock of the protocol, the batch size,
-    the count of dirty pages and of bytes written, the store thread."""
+    the count of dirty pages and of bytes written, the store thread, the
+    flushes behind a long write-back."""
 
     lock: threading.Lock
     chunk_pages: int
@@ -54,6 +56,7 @@ class PageCache(Protocol):
     stats: dict[str, int]
     _store_thread: ThreadPoolExecutor | None
     _store_thread_lock: threading.Lock
+    sync_behind: SyncBehind
 
 
 @dataclass
@@ -272,7 +275,8 @@ def _store_and_start_io(
 ) -> int:
     """Store the pass's batch number ``turn`` once those before it are;
     the pass's bytes written so far (-1: the other thread failed).
-    Every :data:`START_IO_BYTES` stored, start the disk writing them."""
+    Every :data:`START_IO_BYTES` stored, start the disk writing them, and
+    now and then offer the file for a flush behind."""
     spent: list[list[bytearray | memoryview]] = []
     try:
         with cache.lock:
@@ -287,9 +291,11 @@ def _store_and_start_io(
         for pages in spent:
             zero_pages(pages)
     if start is not None:
-        fd, lo, hi = start
+        fd, lo, hi, flush = start
         try:
             start_writeback(fd, lo, hi - lo)
+            if flush:
+                cache.sync_behind.offer(fd)
         finally:
             os.close(fd)
     return total
@@ -302,11 +308,12 @@ def _store_locked(
     records: list[memoryview],
     shared: _Pass,
     spent: list[list[bytearray | memoryview]],
-) -> tuple[int, tuple[int, int, int] | None]:
+) -> tuple[int, tuple[int, int, int, bool] | None]:
     """:func:`_store_and_start_io` under the lock: the pass's bytes
     written so far and, when due, the range whose disk writes to start
     (with a descriptor of its own of the backing file, closed by the
-    caller: the file's may be closed meanwhile)."""
+    caller: the file's may be closed meanwhile) and whether to offer the
+    file for a flush behind."""
     written = _store_batch_locked(cache, f, batch, records, spent)
     shared.written += written
     total = shared.written
@@ -323,10 +330,15 @@ def _store_locked(
     if started.stored < START_IO_BYTES:
         return total, None
     lo, hi = started.lo, started.hi
+    f.unsynced += started.stored  # across passes: the flusher's are short
     started.lo, started.hi, started.stored = -1, -1, 0
     if f.fd < 0:
         return total, None
-    return total, (os.dup(f.fd), lo, hi)
+    every = cache.sync_behind.every
+    flush = 0 < every <= f.unsynced
+    if flush:
+        f.unsynced = 0
+    return total, (os.dup(f.fd), lo, hi, flush)
 
 
 def _next_batch_locked(
