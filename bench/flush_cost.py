@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the disk's cache flush at the end of an fsync costs, and what
-flushing behind a long write saves (fs/syncbehind.py).
+flushing behind a long write saves (fs/writebehind.py).
 
 Usage (from the repository root; any user who can write to the scratch)::
 

@@ -84,8 +84,8 @@ class CachedFile:
         self.readahead_to = 0
         """The end of the backing bytes announced to a sequential reader."""
         self.unsynced = 0
-        """Disk writes started since the file was last offered for a flush
-        behind the write-back (fs/syncbehind.py)."""
+        """Bytes handed to the disk since the file was last flushed
+        behind the write-back (fs/writebehind.py)."""
 
     def __repr__(self) -> str:
         return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"

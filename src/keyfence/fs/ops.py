@@ -208,7 +208,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             self.cache.flush_all(sync=True)
         except OSError as err:
             log.error("final write-back failed: %s", err)
-        self.cache.sync_behind.stop()  # after the write-back that may offer one
+        self.cache.write_behind.stop()  # after the write-back that hands it work
         for handle in self.handles.values():
             if handle.fd >= 0:
                 with contextlib.suppress(OSError):

@@ -53,8 +53,8 @@ same pages twice.  Emergency drops take only :attr:`PageCache.lock`, so they
 wait at most for one chunk's ``pwrite``, whatever is dirty.  The readahead
 thread (fs/readahead.py) touches no field: a read works out the range to
 announce under the lock (``CachedFile.readahead_to``) and hands it over.
-Nor does the flush-behind thread (fs/syncbehind.py): a store counts the
-disk writes it started in ``CachedFile.unsynced`` under the lock and hands
+Nor does the write-behind thread (fs/writebehind.py): a store counts the
+disk writes it asks for in ``CachedFile.unsynced`` under the lock and hands
 over a descriptor of its own.
 """
 
@@ -88,8 +88,8 @@ from keyfence.fs.format import (
     record_offset,
 )
 from keyfence.fs.readahead import BackingReadahead
-from keyfence.fs.syncbehind import SyncBehind
 from keyfence.fs.syscalls import set_mtime_ns
+from keyfence.fs.writebehind import WriteBehind
 
 __all__ = [
     "DEFAULT_CHUNK_PAGES",
@@ -213,9 +213,9 @@ class PageCache:
         self._store_thread_lock = threading.Lock()
         self.readahead = BackingReadahead()
         """Announces a sequential reader's next records off the serving thread."""
-        self.sync_behind = SyncBehind()
-        """Flushes the disk's cache behind a long write-back that an fsync
-        follows (fs/syncbehind.py)."""
+        self.write_behind = WriteBehind()
+        """Starts the disk writes of a write-back that an fsync follows,
+        and flushes the disk's cache behind it (fs/writebehind.py)."""
         self.stats = {"written_bytes": 0, "read_bytes": 0, "integrity_errors": 0, "idle_reopens": 0}
 
     # ------------------------------------------------------------ accounting

@@ -539,7 +539,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 def reopen_read_only(fd: int) -> int:
     """A new open file description of ``fd``'s regular file, read-only
-    (fs/syncbehind.py: its own write-back error report).  Through
+    (fs/writebehind.py: its own write-back error report).  Through
     ``/proc/self/fd/N``, which names exactly the inode ``fd`` holds; the
     result is checked to be that inode."""
     new = os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)

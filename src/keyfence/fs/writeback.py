@@ -36,8 +36,8 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
-from keyfence.fs.syncbehind import SyncBehind
-from keyfence.fs.syscalls import set_mtime_ns, start_writeback
+from keyfence.fs.syscalls import set_mtime_ns
+from keyfence.fs.writebehind import WriteBehind
 
 __all__ = ["START_IO_BYTES", "flush_file", "next_chunk_locked", "store_batch", "zero_pages"]
 
@@ -48,7 +48,7 @@ class PageCache(Protocol):
     """What the write-back uses of :class:`keyfence.fs.pagecache.PageCache`
     (which imports this module): the lock of the protocol, the batch size,
     the count of dirty pages and of bytes written, the store thread, the
-    flushes behind a long write-back."""
+    thread that starts the disk writes (fs/writebehind.py)."""
 
     lock: threading.Lock
     chunk_pages: int
@@ -56,7 +56,7 @@ class PageCache(Protocol):
     stats: dict[str, int]
     _store_thread: ThreadPoolExecutor | None
     _store_thread_lock: threading.Lock
-    sync_behind: SyncBehind
+    write_behind: WriteBehind
 
 
 @dataclass
@@ -275,8 +275,8 @@ def _store_and_start_io(
 ) -> int:
     """Store the pass's batch number ``turn`` once those before it are;
     the pass's bytes written so far (-1: the other thread failed).
-    Every :data:`START_IO_BYTES` stored, start the disk writing them, and
-    now and then offer the file for a flush behind."""
+    Every :data:`START_IO_BYTES` stored, have the disk write them, and
+    now and then flush the file (fs/writebehind.py, another thread)."""
     spent: list[list[bytearray | memoryview]] = []
     try:
         with cache.lock:
@@ -292,12 +292,7 @@ def _store_and_start_io(
             zero_pages(pages)
     if start is not None:
         fd, lo, hi, flush = start
-        try:
-            start_writeback(fd, lo, hi - lo)
-            if flush:
-                cache.sync_behind.offer(fd)
-        finally:
-            os.close(fd)
+        cache.write_behind.start(fd, lo, hi - lo, flush=flush)  # takes fd
     return total
 
 
@@ -311,9 +306,9 @@ def _store_locked(
 ) -> tuple[int, tuple[int, int, int, bool] | None]:
     """:func:`_store_and_start_io` under the lock: the pass's bytes
     written so far and, when due, the range whose disk writes to start
-    (with a descriptor of its own of the backing file, closed by the
-    caller: the file's may be closed meanwhile) and whether to offer the
-    file for a flush behind."""
+    (with a descriptor of its own of the backing file, for
+    fs/writebehind.py: the file's may be closed meanwhile) and whether to
+    flush the file behind it."""
     written = _store_batch_locked(cache, f, batch, records, spent)
     shared.written += written
     total = shared.written
@@ -334,7 +329,7 @@ def _store_locked(
     started.lo, started.hi, started.stored = -1, -1, 0
     if f.fd < 0:
         return total, None
-    every = cache.sync_behind.every
+    every = cache.write_behind.every
     flush = 0 < every <= f.unsynced
     if flush:
         f.unsynced = 0

@@ -1,9 +1,11 @@
-"""Flushes behind a long write-back (fs/syncbehind.py) and when the page
-cache's write-back offers one (fs/writeback.py).
+"""Disk writes started and flushed behind a long write-back
+(fs/writebehind.py), and when the page cache's write-back asks for them
+(fs/writeback.py).
 
-The flush is recorded by an injected ``datasync`` that still calls the real
-``fdatasync``; the last test runs the real one against a disk that fails
-its writes, to show an error it sees still reaches the cache's own fsync.
+The calls are recorded by wrappers that still make the real ones (an
+injected ``datasync``, ``start_writeback`` patched in the module); the last
+test runs them against a disk that fails its writes, to show that an error
+the flush behind sees still reaches the cache's own fsync.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from keyfence.fs import writebehind
 from keyfence.fs.cachedfile import CachedFile
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.pagecache import PageCache
-from keyfence.fs.syncbehind import SyncBehind
+from keyfence.fs.writebehind import WriteBehind
 from tests.fs.test_faults import loop_ext4
 
 MASTER = MasterKey(bytes(range(64)))
@@ -47,80 +50,114 @@ class Recorder:
         os.fdatasync(fd)
 
 
-def wait_synced(sb: SyncBehind, n: int) -> None:
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, int]]]:
+    """(thread ident, offset, length) of every start of disk writes, in order."""
+    calls: list[tuple[int, int, int]] = []
+    real = writebehind.start_writeback
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        calls.append((threading.get_ident(), offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(writebehind, "start_writeback", spy)
+    yield calls
+
+
+def wait_for(predicate: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 10
-    while sb.synced < n:
-        assert time.monotonic() < deadline, "the flush did not run"
+    while not predicate():
+        assert time.monotonic() < deadline, "the write-behind thread did not get there"
         time.sleep(0.005)
 
 
-def test_a_flush_runs_on_a_description_of_its_own_on_another_thread(tmp_path: Path) -> None:
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_starts_then_a_flush_run_in_order_on_another_thread(
+    starts: list[tuple[int, int, int]], tmp_path: Path
+) -> None:
     rec = Recorder()
-    sb = SyncBehind(datasync=rec)
+    wb = WriteBehind(datasync=rec)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.write(fd, b"x" * 5000)  # the offset is 5000 now; a dup would share it
-        assert sb.offer(fd)
-        sb.stop()
+        os.write(fd, b"x" * (3 * MIB))  # the offset is 3 MiB now; a dup would share it
+        before = open_fds()
+        assert not wb.start(os.dup(fd), 0, MIB)
+        assert not wb.start(os.dup(fd), MIB, MIB)
+        assert wb.start(os.dup(fd), 2 * MIB, MIB, flush=True)
+        wb.stop()
+        assert open_fds() == before  # every descriptor handed over was closed
+        assert [(off, n) for _, off, n in starts] == [(0, MIB), (MIB, MIB), (2 * MIB, MIB)]
         [(ident, offset, mode, st)] = rec.calls
-        assert ident != threading.get_ident()
+        assert {i for i, *_ in starts} == {ident} and ident != threading.get_ident()
         assert offset == 0  # a new open file description
         assert mode == os.O_RDONLY
         mine = os.fstat(fd)
         assert (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-        assert os.lseek(fd, 0, os.SEEK_CUR) == 5000  # the caller's is untouched
-        os.fstat(fd)  # and still open
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 3 * MIB  # the caller's is untouched
     finally:
         os.close(fd)
-    assert sb.synced == 1
+    assert (wb.started, wb.flushed) == (3, 1)
 
 
-def test_an_offer_while_a_flush_is_under_way_is_declined(tmp_path: Path) -> None:
+def test_a_flush_asked_for_while_one_is_under_way_is_declined_not_its_start(
+    starts: list[tuple[int, int, int]], tmp_path: Path
+) -> None:
     gate = threading.Event()
     rec = Recorder(gate)
-    sb = SyncBehind(datasync=rec)
+    wb = WriteBehind(datasync=rec)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert sb.offer(fd)
-        assert not sb.offer(fd)
+        assert wb.start(os.dup(fd), 0, MIB, flush=True)
+        wait_for(lambda: wb.started == 1)
+        assert not wb.start(os.dup(fd), MIB, MIB, flush=True)  # the first still runs
         gate.set()
-        wait_synced(sb, 1)
-        assert sb.offer(fd)  # the next one is taken again
-        wait_synced(sb, 2)
+        wait_for(lambda: wb.flushed == 1 and wb.started == 2)
+        assert wb.start(os.dup(fd), 2 * MIB, MIB, flush=True)  # taken again
+        wait_for(lambda: wb.flushed == 2)
     finally:
-        sb.stop()
+        wb.stop()
         os.close(fd)
-    assert len(rec.calls) == 2
+    assert len(rec.calls) == 2 and len(starts) == 3
 
 
-def test_what_is_not_a_regular_file_of_ours_is_declined(tmp_path: Path) -> None:
+def test_what_is_not_a_regular_file_of_ours_is_not_flushed(
+    starts: list[tuple[int, int, int]], tmp_path: Path
+) -> None:
     rec = Recorder()
-    sb = SyncBehind(datasync=rec)
+    wb = WriteBehind(datasync=rec)
     r, w = os.pipe()
     try:
-        assert not sb.offer(r)  # a pipe: reopened, not a regular file
+        assert not wb.start(os.dup(r), 0, MIB, flush=True)  # a pipe: ESPIPE, ignored
     finally:
         os.close(r)
         os.close(w)
-    assert not sb.offer(r)  # closed
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert sb.offer(fd)  # a decline left nothing busy
-        sb.stop()
-        assert not sb.offer(fd)  # stop is final
+        assert wb.start(os.dup(fd), 0, MIB, flush=True)  # a decline left nothing busy
+        wb.stop()
+        before = open_fds()
+        assert not wb.start(os.dup(fd), 0, MIB, flush=True)  # stop is final
+        assert open_fds() == before  # and what was handed over is closed
     finally:
         os.close(fd)
-    assert len(rec.calls) == 1 and sb.synced == 1
+    assert len(rec.calls) == 1 and (wb.started, wb.flushed) == (2, 1)
 
 
-def test_every_zero_never_offers(tmp_path: Path) -> None:
-    sb = SyncBehind(every=0, datasync=Recorder())
+def test_every_zero_starts_but_never_flushes(
+    starts: list[tuple[int, int, int]], tmp_path: Path
+) -> None:
+    rec = Recorder()
+    wb = WriteBehind(every=0, datasync=rec)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert not sb.offer(fd)
+        assert not wb.start(os.dup(fd), 0, MIB, flush=True)
     finally:
+        wb.stop()
         os.close(fd)
-        sb.stop()
+    assert rec.calls == [] and len(starts) == 1
 
 
 @contextlib.contextmanager
@@ -131,29 +168,32 @@ def cached_file(cache: PageCache, path: Path) -> Iterator[tuple[int, CachedFile]
         yield fd, f
     finally:
         cache.release(f)
-        cache.sync_behind.stop()
+        cache.write_behind.stop()
 
 
-def test_a_write_back_an_fsync_follows_offers_the_file_every_so_often(tmp_path: Path) -> None:
+def test_a_write_back_an_fsync_follows_hands_the_disk_work_behind_it(
+    starts: list[tuple[int, int, int]], tmp_path: Path
+) -> None:
     cache = PageCache(dirty_limit=64 * MIB, expire=1e9)
     rec = Recorder()
-    cache.sync_behind = SyncBehind(every=4 * MIB, datasync=rec)
+    cache.write_behind = WriteBehind(every=16 * MIB, datasync=rec)
     data = os.urandom(MIB)
     with cached_file(cache, tmp_path / "f") as (fd, f):
         for i in range(2):
             cache.write(f, i * MIB, data)
         cache.flush(f, start_io=True)
-        assert rec.calls == []  # less than ``every`` started
+        assert (starts, rec.calls) == ([], [])  # less than START_IO_BYTES stored
         for i in range(2, 32):
             cache.write(f, i * MIB, data)
         cache.flush(f)
-        assert rec.calls == []  # nothing follows: no disk writes started, no flush
+        assert (starts, rec.calls) == ([], [])  # nothing follows: nothing asked of the disk
         for i in range(32, 64):
             cache.write(f, i * MIB, data)
         cache.flush(f, start_io=True)
-        wait_synced(cache.sync_behind, 1)
+        wait_for(lambda: cache.write_behind.flushed >= 1)
         mine = os.fstat(fd)
-    assert rec.calls
+    assert starts and {i for i, *_ in starts} != {threading.get_ident()}
+    assert 1 <= len(rec.calls) <= len(starts)
     assert all((st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino) for *_, st in rec.calls)
 
 
@@ -181,7 +221,7 @@ def test_an_error_the_flush_behind_sees_still_fails_the_fsync(failing_disk: Path
     report).  A kernel fact this module relies on, checked on the kernel."""
     cache = PageCache(dirty_limit=128 * MIB, expire=1e9)
     rec = Recorder()
-    cache.sync_behind = SyncBehind(every=4 * MIB, datasync=rec)
+    cache.write_behind = WriteBehind(every=4 * MIB, datasync=rec)
     seen: list[int] = []
     real = rec.__call__
 
@@ -192,13 +232,13 @@ def test_an_error_the_flush_behind_sees_still_fails_the_fsync(failing_disk: Path
             seen.append(err.errno or 0)
             raise
 
-    cache.sync_behind._datasync = datasync
+    cache.write_behind._datasync = datasync
     data = os.urandom(MIB)
     with cached_file(cache, failing_disk / "f") as (_fd, f):
         for i in range(40):
             cache.write(f, i * MIB, data)
         cache.flush(f, start_io=True)
-        cache.sync_behind.stop()  # every flush behind has run
+        cache.write_behind.stop()  # every flush behind has run
         assert seen and set(seen) <= {errno.ENOSPC, errno.EIO}
         with pytest.raises(OSError) as caught:
             cache.fsync(f)
