@@ -24,7 +24,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -446,14 +446,16 @@ def test_daemon_killed_workers_flush_lock_and_unmount(daemon: Daemon, tmp_path: 
 
 
 @contextlib.contextmanager
-def loop_ext4(image: Path, size: int, at: Path) -> Iterator[str]:
+def loop_ext4(image: Path, size: int, at: Path, mkfs_options: Sequence[str] = ()) -> Iterator[str]:
     """A fresh ext4 of ``size`` bytes on a loop device, mounted at ``at``;
     yields the device's ``major:minor``."""
     if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
         pytest.skip("losetup or mkfs.ext4 is not installed")
     with open(image, "wb") as f:
         f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", *mkfs_options, str(image)], check=True, capture_output=True
+    )
     made = subprocess.run(
         ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=False
     )
