@@ -146,6 +146,34 @@ def test_what_is_not_a_regular_file_of_ours_is_not_flushed(
     assert len(rec.calls) == 1 and (wb.started, wb.flushed) == (2, 1)
 
 
+def test_work_handed_over_while_stopping_is_closed_not_lost(
+    starts: list[tuple[int, int, int]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop between start()'s decision and its queueing (here: during the
+    reopen) leaves no descriptor behind a thread that has ended."""
+    wb = WriteBehind(datasync=Recorder())
+    real = writebehind.reopen_read_only
+
+    def reopen_then_stop(fd: int) -> int:
+        own = real(fd)
+        threading.Thread(target=wb.stop).start()
+        wait_for(lambda: wb._stopped)
+        return own
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert not wb.start(os.dup(fd), 0, MIB)  # the thread runs from here
+        wait_for(lambda: wb.started == 1)
+        before = open_fds()
+        monkeypatch.setattr(writebehind, "reopen_read_only", reopen_then_stop)
+        assert not wb.start(os.dup(fd), 0, MIB, flush=True)
+        wb.stop()
+        assert open_fds() == before
+    finally:
+        os.close(fd)
+    assert (wb.started, wb.flushed) == (1, 0)
+
+
 def test_every_zero_starts_but_never_flushes(
     starts: list[tuple[int, int, int]], tmp_path: Path
 ) -> None:

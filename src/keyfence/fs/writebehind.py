@@ -103,22 +103,29 @@ class WriteBehind:
                 self._thread.start()
         own = -1
         if flush:
-            try:
-                own = reopen_read_only(fd)
-            except OSError:  # no /proc, a file not readable by us: the fsync does it all
-                flush = False
-                with self._lock:
+            with contextlib.suppress(OSError):  # no /proc, a file not ours to read:
+                own = reopen_read_only(fd)  # the fsync does it all
+        with self._lock:  # queued under the lock: never after stop()'s end mark
+            if not self._stopped:
+                self._queue.put((fd, offset, length, own))
+                if flush and own < 0:
                     self._flushing = False
-        self._queue.put((fd, offset, length, own))
-        return flush
+                return own >= 0
+            if flush:
+                self._flushing = False
+        os.close(fd)
+        if own >= 0:
+            os.close(own)
+        return False
 
     def stop(self) -> None:
         """End the thread once the work handed over is done (idempotent)."""
         with self._lock:
+            if not self._stopped and self._thread is not None:
+                self._queue.put(None)
             self._stopped = True
             thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
+        if thread is not None:
             thread.join(30)
 
     def _run(self) -> None:
