@@ -11,7 +11,8 @@ setup(
     ext_modules=[
         Extension(
             "keyfence.fs._sealer",
-            ["src/keyfence/fs/_sealer.c"],
+            ["src/keyfence/fs/_sealer.c", "src/keyfence/fs/_gcm_vaes.c"],
+            depends=["src/keyfence/fs/_gcm_vaes.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
             optional=True,

@@ -21,10 +21,13 @@
 #include <Python.h>
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+
+#include "_gcm_vaes.h"
 
 #define BLOCK_SIZE 4096
 #define NONCE_SIZE 12
@@ -36,6 +39,11 @@
 #define AAD_SIZE (FILE_ID_SIZE + 8)
 
 static EVP_CIPHER *aes_gcm; /* fetched once at import */
+
+/* Which AES-GCM the loops use: _gcm_vaes.c where this CPU has VAES and its
+ * self test against OpenSSL passed at import (gcm_vaes_ok), else OpenSSL.
+ * Read once per call, with the GIL held, before the loop starts. */
+static int gcm_vaes_ok, gcm_vaes_on;
 
 static void pack_aad(unsigned char *aad, const unsigned char *file_id, uint64_t index)
 {
@@ -110,11 +118,34 @@ static int check_key(const Py_buffer *key, const Py_buffer *file_id)
     return 0;
 }
 
+/* seal_loop on _gcm_vaes.c: the same records, no per-record set-up. */
+static void seal_loop_vaes(const unsigned char *key, const unsigned char *file_id,
+                           const unsigned char *nonces, const uint64_t *indexes,
+                           const Py_buffer *blocks, Py_ssize_t count, unsigned char *out)
+{
+    kf_gcm_ctx ctx;
+    unsigned char aad[AAD_SIZE];
+    kf_gcm_init(&ctx, key);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        unsigned char *record = out + k * RECORD_SIZE;
+        size_t len = (size_t)blocks[k].len;
+        pack_aad(aad, file_id, indexes[k]);
+        memcpy(record, nonces + k * NONCE_SIZE, NONCE_SIZE);
+        kf_gcm_seal(&ctx, record, aad, AAD_SIZE, blocks[k].buf, len, record + NONCE_SIZE,
+                    record + NONCE_SIZE + len);
+    }
+    OPENSSL_cleanse(&ctx, sizeof ctx); /* round keys and hash key */
+}
+
 /* The sealing loop, without the GIL.  Returns 0, or -1 if OpenSSL failed. */
-static int seal_loop(const unsigned char *key, const unsigned char *file_id,
+static int seal_loop(int vaes, const unsigned char *key, const unsigned char *file_id,
                      const unsigned char *nonces, const uint64_t *indexes,
                      const Py_buffer *blocks, Py_ssize_t count, unsigned char *out)
 {
+    if (vaes) {
+        seal_loop_vaes(key, file_id, nonces, indexes, blocks, count, out);
+        return 0;
+    }
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     int ok = ctx != NULL && EVP_EncryptInit_ex(ctx, aes_gcm, NULL, key, NULL) == 1;
     unsigned char aad[AAD_SIZE];
@@ -208,9 +239,9 @@ static PyObject *seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
         goto done;
     }
-    int rc;
+    int rc, vaes = gcm_vaes_on;
     Py_BEGIN_ALLOW_THREADS
-    rc = seal_loop(key.buf, file_id.buf, nonces.buf, indexes, blocks, count, out.buf);
+    rc = seal_loop(vaes, key.buf, file_id.buf, nonces.buf, indexes, blocks, count, out.buf);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM failed");
@@ -234,13 +265,41 @@ done:
     return result;
 }
 
+/* open_loop on _gcm_vaes.c. */
+static Py_ssize_t open_loop_vaes(const unsigned char *key, const unsigned char *file_id,
+                                 uint64_t first, const unsigned char *records, Py_ssize_t total,
+                                 unsigned char *out)
+{
+    kf_gcm_ctx ctx;
+    Py_ssize_t failed = -1, k = 0;
+    unsigned char aad[AAD_SIZE];
+    kf_gcm_init(&ctx, key);
+    for (Py_ssize_t pos = 0; pos < total; pos += RECORD_SIZE, k++) {
+        const unsigned char *record = records + pos;
+        Py_ssize_t rlen = total - pos < RECORD_SIZE ? total - pos : RECORD_SIZE;
+        size_t len = (size_t)(rlen - OVERHEAD);
+        pack_aad(aad, file_id, first + (uint64_t)k);
+        /* a failure leaves the slot zeroed: unauthenticated, never handed out */
+        if (kf_gcm_open(&ctx, record, aad, AAD_SIZE, record + NONCE_SIZE, len,
+                        out + k * BLOCK_SIZE, record + NONCE_SIZE + len) != 0
+            && !all_zero(record, rlen)) {
+            failed = k;
+            break;
+        }
+    }
+    OPENSSL_cleanse(&ctx, sizeof ctx); /* round keys and hash key */
+    return failed;
+}
+
 /* The opening loop, without the GIL: -1 when every record opened (or was a
  * hole), else the position k of the first that failed (its plaintext slot is
  * zeroed), or -2 if OpenSSL failed. */
-static Py_ssize_t open_loop(const unsigned char *key, const unsigned char *file_id,
+static Py_ssize_t open_loop(int vaes, const unsigned char *key, const unsigned char *file_id,
                             uint64_t first, const unsigned char *records, Py_ssize_t total,
                             unsigned char *out)
 {
+    if (vaes)
+        return open_loop_vaes(key, file_id, first, records, total, out);
     EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
     Py_ssize_t failed = -1;
     int ok = ctx != NULL && EVP_DecryptInit_ex(ctx, aes_gcm, NULL, key, NULL) == 1;
@@ -344,9 +403,10 @@ static PyObject *open_impl(PyObject *const *args, PyObject *out_arg)
         plain = (unsigned char *)PyByteArray_AS_STRING(made);
     }
     Py_ssize_t failed = -1;
+    int vaes = gcm_vaes_on;
     if (count > 0) {
         Py_BEGIN_ALLOW_THREADS
-        failed = open_loop(key.buf, file_id.buf, first, records.buf, records.len, plain);
+        failed = open_loop(vaes, key.buf, file_id.buf, first, records.buf, records.len, plain);
         if (failed != -1 && made != NULL)
             memset(plain, 0, (size_t)plain_len); /* the slots after a failure were never written */
         Py_END_ALLOW_THREADS
@@ -395,7 +455,95 @@ static PyObject *open_new(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return open_impl(args, NULL);
 }
 
+/* _gcm_vaes.c against OpenSSL, at import: records of every length class
+ * (partial blocks, one and several registers, a whole block) byte for byte,
+ * opened back, and a changed bit refused with the slot zeroed.  1 if all
+ * agree. */
+static int gcm_self_test(void)
+{
+    static const Py_ssize_t lens[] = {1, 15, 16, 17, 31, 32, 33, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096};
+    unsigned char key[KEY_SIZE], file_id[FILE_ID_SIZE], nonce[NONCE_SIZE];
+    unsigned char data[BLOCK_SIZE], plain[BLOCK_SIZE], a[RECORD_SIZE], b[RECORD_SIZE];
+    for (int i = 0; i < KEY_SIZE; i++)
+        key[i] = (unsigned char)(0xa5 ^ (i * 29));
+    for (int i = 0; i < FILE_ID_SIZE; i++)
+        file_id[i] = (unsigned char)(i * 7 + 3);
+    for (int i = 0; i < BLOCK_SIZE; i++)
+        data[i] = (unsigned char)(i * 37 + (i >> 8) + 11);
+    for (size_t t = 0; t < sizeof lens / sizeof lens[0]; t++) {
+        Py_ssize_t len = lens[t];
+        Py_buffer block = {0};
+        block.buf = data;
+        block.len = len;
+        uint64_t index = UINT64_C(0x0102030405060708) * (uint64_t)(t + 1);
+        for (int i = 0; i < NONCE_SIZE; i++)
+            nonce[i] = (unsigned char)(t * 13 + i);
+        if (seal_loop(0, key, file_id, nonce, &index, &block, 1, a) != 0)
+            return 0;
+        seal_loop_vaes(key, file_id, nonce, &index, &block, 1, b);
+        if (memcmp(a, b, (size_t)(len + OVERHEAD)) != 0)
+            return 0;
+        if (open_loop_vaes(key, file_id, index, a, len + OVERHEAD, plain) != -1
+            || memcmp(plain, data, (size_t)len) != 0)
+            return 0;
+        a[NONCE_SIZE + len / 2] ^= 1;
+        if (open_loop_vaes(key, file_id, index, a, len + OVERHEAD, plain) != 0
+            || !all_zero(plain, len))
+            return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(set_gcm_doc,
+"set_gcm(name) -> str\n\n"
+"Use 'vaes' (this file's AES-GCM, where the CPU has it and its self test\n"
+"passed) or 'openssl' for the calls that follow; returns the name used\n"
+"before.  ValueError for 'vaes' where it is not available.  For tests and\n"
+"benchmarks: both make the same records.");
+
+static PyObject *gcm_name(void)
+{
+    return PyUnicode_FromString(gcm_vaes_on ? "vaes" : "openssl");
+}
+
+static PyObject *set_gcm(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name == NULL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "set_gcm takes 'vaes' or 'openssl'");
+        return NULL;
+    }
+    PyObject *before = gcm_name();
+    if (before == NULL)
+        return NULL;
+    if (strcmp(name, "openssl") == 0) {
+        gcm_vaes_on = 0;
+    } else if (strcmp(name, "vaes") == 0 && gcm_vaes_ok) {
+        gcm_vaes_on = 1;
+    } else {
+        Py_DECREF(before);
+        PyErr_SetString(PyExc_ValueError, strcmp(name, "vaes") == 0
+                                              ? "no VAES AES-GCM on this CPU or build"
+                                              : "set_gcm takes 'vaes' or 'openssl'");
+        return NULL;
+    }
+    return before;
+}
+
+PyDoc_STRVAR(gcm_doc, "gcm() -> str\n\nThe AES-GCM in use: 'vaes' or 'openssl'.");
+
+static PyObject *gcm(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return gcm_name();
+}
+
 static PyMethodDef methods[] = {
+    {"gcm", gcm, METH_NOARGS, gcm_doc},
+    {"set_gcm", set_gcm, METH_O, set_gcm_doc},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL, seal_doc},
     {"open", (PyCFunction)(void (*)(void))open_records, METH_FASTCALL, open_doc},
     {"open_new", (PyCFunction)(void (*)(void))open_new, METH_FASTCALL, open_new_doc},
@@ -421,6 +569,10 @@ PyMODINIT_FUNC PyInit__sealer(void)
             return NULL;
         }
     }
+    const char *no_vaes = getenv("KEYFENCE_NO_VAES"); /* set, not "" or "0": OpenSSL only */
+    int vaes_wanted = no_vaes == NULL || no_vaes[0] == '\0' || strcmp(no_vaes, "0") == 0;
+    if (!gcm_vaes_ok && vaes_wanted && kf_gcm_usable())
+        gcm_vaes_on = gcm_vaes_ok = gcm_self_test();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

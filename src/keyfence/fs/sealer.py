@@ -28,7 +28,7 @@ def _load() -> ModuleType | None:
         from keyfence.fs import _sealer
     except ImportError:  # not built (no compiler or no OpenSSL headers)
         return None
-    if not hasattr(_sealer, "open_new"):  # built from an older _sealer.c
+    if not hasattr(_sealer, "gcm"):  # built from an older _sealer.c
         return None
     return _sealer
 
@@ -40,7 +40,7 @@ NATIVE: ModuleType | None = _load()
 def describe() -> str:
     """The path in use, for logs and ``keyfence status``."""
     if NATIVE is not None:
-        return f"native ({NATIVE.OPENSSL_VERSION})"
+        return f"native ({NATIVE.OPENSSL_VERSION}; AES-GCM: {NATIVE.gcm()})"
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"python ({DISABLE_ENV} set)"
     return "python (native sealer not built)"
