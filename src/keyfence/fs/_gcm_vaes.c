@@ -175,12 +175,22 @@ KF_TARGET static inline __m128i gf_mul(__m128i x, __m128i h)
     return gf_reduce(lo, mid, hi);
 }
 
-KF_TARGET static inline __m256i clmul256(__m256i x, __m256i h, __m256i *mid, __m256i *hi)
+/* Two blocks (one per lane) times two powers, Karatsuba: three multiplies,
+ * hk holding each power's halves XORed in its low qword.  Returns the low
+ * products; the high ones and the middle ones (still without lo ^ hi,
+ * added once after the sum) go to *hi and *mid. */
+KF_TARGET static inline __m256i clmul256(__m256i x, __m256i h, __m256i hk, __m256i *mid,
+                                         __m256i *hi)
 {
+    __m256i xk = _mm256_xor_si256(x, _mm256_shuffle_epi32(x, 0x4e));
     *hi = _mm256_xor_si256(*hi, _mm256_clmulepi64_epi128(x, h, 0x11));
-    *mid = _mm256_xor_si256(*mid, _mm256_xor_si256(_mm256_clmulepi64_epi128(x, h, 0x01),
-                                                   _mm256_clmulepi64_epi128(x, h, 0x10)));
+    *mid = _mm256_xor_si256(*mid, _mm256_clmulepi64_epi128(xk, hk, 0x00));
     return _mm256_clmulepi64_epi128(x, h, 0x00);
+}
+
+KF_TARGET static inline __m256i halves(__m256i h)
+{
+    return _mm256_xor_si256(h, _mm256_shuffle_epi32(h, 0x4e));
 }
 
 KF_TARGET static inline __m128i fold(__m256i v)
@@ -197,6 +207,7 @@ KF_TARGET static __m128i ghash_blocks(const ctx_t *c, __m128i y, const unsigned 
         const __m256i h65 = _mm256_set_m128i(c->hp[4], c->hp[5]);
         const __m256i h43 = _mm256_set_m128i(c->hp[2], c->hp[3]);
         const __m256i h21 = _mm256_set_m128i(c->hp[0], c->hp[1]);
+        const __m256i k87 = halves(h87), k65 = halves(h65), k43 = halves(h43), k21 = halves(h21);
         do {
             __m256i d0 = bswap256(_mm256_loadu_si256((const __m256i *)p));
             __m256i d1 = bswap256(_mm256_loadu_si256((const __m256i *)(p + 32)));
@@ -204,11 +215,12 @@ KF_TARGET static __m128i ghash_blocks(const ctx_t *c, __m128i y, const unsigned 
             __m256i d3 = bswap256(_mm256_loadu_si256((const __m256i *)(p + 96)));
             d0 = _mm256_xor_si256(d0, _mm256_set_m128i(_mm_setzero_si128(), y));
             __m256i mid = _mm256_setzero_si256(), hi = mid;
-            __m256i lo = clmul256(d0, h87, &mid, &hi);
-            lo = _mm256_xor_si256(lo, clmul256(d1, h65, &mid, &hi));
-            lo = _mm256_xor_si256(lo, clmul256(d2, h43, &mid, &hi));
-            lo = _mm256_xor_si256(lo, clmul256(d3, h21, &mid, &hi));
-            y = gf_reduce(fold(lo), fold(mid), fold(hi));
+            __m256i lo = clmul256(d0, h87, k87, &mid, &hi);
+            lo = _mm256_xor_si256(lo, clmul256(d1, h65, k65, &mid, &hi));
+            lo = _mm256_xor_si256(lo, clmul256(d2, h43, k43, &mid, &hi));
+            lo = _mm256_xor_si256(lo, clmul256(d3, h21, k21, &mid, &hi));
+            __m128i l = fold(lo), h = fold(hi);
+            y = gf_reduce(l, _mm_xor_si128(fold(mid), _mm_xor_si128(l, h)), h);
             p += 128;
             n -= 8;
         } while (n >= 8);
