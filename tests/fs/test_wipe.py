@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from keyfence.fs import wipe
+import pytest
+
+from keyfence.fs import sealer, wipe
 
 
 def test_only_objects_no_one_else_holds_are_zeroed() -> None:
@@ -33,6 +35,30 @@ def test_zero_overwrites_in_place() -> None:
     wipe.zero(name)
     wipe.zero(page)
     assert name == bytes(10) and page == bytes(10)
+
+
+def test_a_large_buffer_is_zeroed_natively_and_wholly() -> None:
+    """A write-back's 1 MiB buffers go through the native sealer's
+    cache-bypassing ``zero`` (where built): every byte, none around it."""
+    if sealer.NATIVE is None:
+        pytest.skip(f"native sealer not available: {sealer.describe()}")
+    assert wipe._stream_zero is sealer.NATIVE.zero
+    page = bytearray(b"plain page" * 200_000 + b"tail")
+    wipe.zero(page)
+    assert page == bytes(2_000_004)
+    zero = sealer.NATIVE.zero
+    for size in (0, 1, 15, 16, 17, 63, 64, 65, 127, 1000, 70_000):
+        for skew in range(0, 20, 3):  # unaligned starts and ends
+            around = bytearray(b"\xa5" * (size + 40))
+            zero(memoryview(around)[skew : skew + size])
+            assert around[skew : skew + size] == bytes(size)
+            assert around[:skew] + around[skew + size :] == b"\xa5" * 40
+    with pytest.raises(BufferError):
+        zero(b"read-only bytes")
+    with pytest.raises(BufferError):
+        zero(memoryview(bytearray(64))[::2])  # not contiguous
+    with pytest.raises(TypeError):
+        zero("text")
 
 
 def test_shared_small_bytes_are_never_touched() -> None:

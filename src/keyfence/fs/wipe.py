@@ -24,16 +24,28 @@ import sys
 from collections.abc import MutableSequence
 from typing import Any
 
+from keyfence.fs import sealer
+
 __all__ = ["release", "zero"]
 
 
 _ZEROS = memoryview(bytes(1 << 20))
+
+_STREAM_FROM = 1 << 16
+"""Buffers this large are zeroed by the native sealer's ``zero`` (stores
+that bypass the cache, the GIL let go) where it is built: a write-back lets
+go of whole 1 MiB write buffers, which nothing reads again."""
+
+_stream_zero = getattr(sealer.NATIVE, "zero", None)
 
 
 def zero(obj: Any) -> None:
     """Overwrite ``obj``'s contents with zeros, now, whoever uses it."""
     if type(obj) is bytearray:
         n = len(obj)
+        if n >= _STREAM_FROM and _stream_zero is not None:
+            _stream_zero(obj)
+            return
         obj[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)  # same size: in place
     elif type(obj) is bytes:
         if len(obj) > 1:
