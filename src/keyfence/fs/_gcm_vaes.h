@@ -14,7 +14,7 @@
 
 #include <stddef.h>
 
-#define KF_GCM_CTX_SIZE 512 /* round keys (15 x 16), H^1..H^8 (8 x 16), aligned */
+#define KF_GCM_CTX_SIZE 1024 /* round keys, H^1..H^16 and their 256-bit pairs, aligned */
 
 typedef struct {
     _Alignas(32) unsigned char bytes[KF_GCM_CTX_SIZE];
