@@ -8,7 +8,7 @@
  * lookups), and its x86-64 GCM uses 128-bit AES-NI only where the CPU has
  * no AVX-512 (docs/performance.md, part 13).  Here a record costs a counter
  * pass (16 blocks per step, two per register) and a GHASH pass over the
- * ciphertext while it is still in L1 (8 blocks per reduction).
+ * ciphertext while it is still in L1 (16 blocks per reduction).
  *
  * The algorithms, not code, come from the literature: AES-256 key expansion
  * with AESKEYGENASSIST and GHASH by carry-less multiplication on
