@@ -77,28 +77,27 @@ KF_TARGET static inline __m256i bswap256(__m256i x)
 
 /* ---- AES-256 ---------------------------------------------------------- */
 
-KF_TARGET static inline __m128i expand_even(__m128i t1, __m128i assist)
+/* Each 32-bit word XORed with all the words below it: w0, w0^w1, w0^w1^w2,
+ * w0^w1^w2^w3 (the chaining of a key-schedule step). */
+KF_TARGET static inline __m128i xor_prefix(__m128i t)
 {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    __m128i t4 = _mm_slli_si128(t1, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t1 = _mm_xor_si128(t1, t4);
-    return _mm_xor_si128(t1, assist);
+    t = _mm_xor_si128(t, _mm_slli_si128(t, 4));
+    return _mm_xor_si128(t, _mm_slli_si128(t, 8));
 }
 
+/* The next even round key from the previous even one and AESKEYGENASSIST
+ * of the odd one (RotWord, SubWord and the round constant in word 3). */
+KF_TARGET static inline __m128i expand_even(__m128i t1, __m128i assist)
+{
+    return _mm_xor_si128(xor_prefix(t1), _mm_shuffle_epi32(assist, 0xff));
+}
+
+/* The next odd round key from the previous odd one and SubWord of the new
+ * even one (AESKEYGENASSIST's word 2, no rotation or constant). */
 KF_TARGET static inline __m128i expand_odd(__m128i t1, __m128i t3)
 {
     __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(t1, 0), 0xaa);
-    __m128i t4 = _mm_slli_si128(t3, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    t4 = _mm_slli_si128(t4, 4);
-    t3 = _mm_xor_si128(t3, t4);
-    return _mm_xor_si128(t3, assist);
+    return _mm_xor_si128(xor_prefix(t3), assist);
 }
 
 #define EXPAND_PAIR(i, rcon)                                                         \
