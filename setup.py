@@ -1,8 +1,10 @@
-"""The optional native sealer (keyfence.fs._sealer, C + OpenSSL libcrypto).
+"""The optional native parts: the sealer (keyfence.fs._sealer, C + OpenSSL
+libcrypto) and the FUSE loop's common case (keyfence.fs.fuse._loop).
 
 Everything else is in pyproject.toml.  ``optional=True``: without a compiler
 or OpenSSL's headers the build warns and goes on, and keyfence seals on its
-pure-Python path (keyfence/fs/sealer.py says which one it uses).
+pure-Python path (keyfence/fs/sealer.py says which one it uses) and its
+FUSE loop serves every request in Python.
 """
 
 from setuptools import Extension, setup
@@ -16,6 +18,12 @@ setup(
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
             optional=True,
-        )
+        ),
+        Extension(
+            "keyfence.fs.fuse._loop",
+            ["src/keyfence/fs/fuse/_loop.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ]
 )

@@ -181,16 +181,23 @@ def _unmount(mnt: Path) -> None:
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
-@pytest.fixture(params=[0, 200], ids=["sleeping", "spinning"])
+@pytest.fixture(
+    params=[(0, True), (200, True), (0, False), (200, False)],
+    ids=["sleeping", "spinning", "sleeping-python", "spinning-python"],
+)
 def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     """The loop over CornerFS, once sleeping in epoll whenever the queue is
-    empty and once spinning 200 us first: every corner must hold both ways."""
+    empty and once spinning 200 us first, each with the common case served
+    by fs/fuse/_loop.c and all in Python: every corner must hold every way."""
+    spin_us, native = request.param
+    if native and not _native_built():
+        pytest.fail("keyfence.fs.fuse._loop is not built (setup.py build_ext)")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     fs = CornerFS()
     options = {"fsname=kfloop", "subtype=kfloop", "default_permissions", "nosuid", "nodev"}
     fd = mount_by_name(str(mnt), options)
-    session = Session(fs, fd, SessionOptions(spin_us=request.param))
+    session = Session(fs, fd, SessionOptions(spin_us=spin_us, native=native))
     out: list[BaseException] = []
 
     def run() -> None:
@@ -214,6 +221,18 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
         os.close(fd)
         assert not thread.is_alive(), "the loop did not end after the unmount"
         assert not out, out
+        if native:  # every corner makes requests the common case serves
+            assert session.served_natively > 0
+        else:
+            assert session.served_natively == 0
+
+
+def _native_built() -> bool:
+    try:
+        from keyfence.fs.fuse import _loop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def reader(path: Path) -> subprocess.Popen[bytes]:
@@ -428,7 +447,7 @@ def worker(tmp_path: Path) -> Iterator[Mount]:
         yield m
     finally:
         log = m.unmount_checked()
-        assert "keyfence's FUSE loop" in log, log
+        assert "keyfence's FUSE loop, common case in C" in log, log
 
 
 def test_worker_serves_keyfence_through_its_own_loop(worker: Mount) -> None:

@@ -472,8 +472,10 @@ def _run_own(
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
         log.info(
-            "serving as uid %d (keyfence's FUSE loop; spins up to %d us for each next request)",
+            "serving as uid %d (keyfence's FUSE loop, common case in %s; "
+            "spins up to %d us for each next request)",
             os.geteuid(),
+            "C" if session.options.native else "Python",
             spin_us,
         )
         log.info("contents sealed by the %s path", sealer.describe())

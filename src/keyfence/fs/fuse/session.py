@@ -8,7 +8,13 @@ Concurrency contract (why it is fast, and why the handlers need no change):
    with ``coroutine.send(None)``: no task, no lock, no ``epoll`` per
    request.  A handler that finishes without suspending (most do: they make
    syscalls on the trio thread) is answered at once and the reader reads
-   the next request into the same buffer.
+   the next request into the same buffer.  When fs/fuse/_loop.c is built
+   (and ``KEYFENCE_NO_NATIVE_LOOP`` is not set), that common case runs in
+   C, many requests per call: reading, the header, driving the handler,
+   answering, zeroing (``_loop.serve``).  It hands everything else back
+   here with a status, and this module serves it as it always did: INIT,
+   INTERRUPT, unknown opcodes, bad lengths, a suspended handler, any
+   exception but ``FUSEError``.  The handlers are the same Python either way.
 2. A handler that *does* suspend (``trio.to_thread``: a key lookup,
    write-back, fsync) suspended inside the reader's own task, so that task
    becomes the handler's: it starts a new reader (with another buffer),
@@ -48,6 +54,7 @@ loop ends once the handlers still running have finished.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -82,7 +89,10 @@ class SessionOptions:
         max_tasks: int = 64,
         checkpoint_every: int = 32,
         spin_us: int = 0,
+        native: bool = True,
     ) -> None:
+        self.native = native and _native is not None
+        """Serve the common case in C (fs/fuse/_loop.c) when it was built."""
         self.spin_ns = spin_us * 1000
         """How long the reader busy-waits for the next request before it
         sleeps in trio's epoll (0: never)."""
@@ -119,6 +129,29 @@ thread busy in Python, that costs up to the 5 ms switch interval, per
 request.)"""
 
 
+NATIVE_DISABLE_ENV = "KEYFENCE_NO_NATIVE_LOOP"
+"""Set to a non-empty value other than ``0``: every request served in Python."""
+
+if os.environ.get(NATIVE_DISABLE_ENV, "") in ("", "0"):
+    try:
+        from keyfence.fs.fuse import _loop as _native
+    except ImportError:  # built without it (setup.py: optional)
+        _native = None  # type: ignore[assignment]
+else:
+    _native = None  # type: ignore[assignment]
+
+
+class _Next(enum.Enum):
+    """What the reader does after the native loop returned."""
+
+    READ = enum.auto()
+    WAIT = enum.auto()
+    CHECKPOINT = enum.auto()
+    SUSPENDED = enum.auto()
+    SPECIAL = enum.auto()
+    STOP = enum.auto()
+
+
 _GONE = (errno.ENODEV, errno.ECONNABORTED)
 """What ``/dev/fuse`` says once the connection is gone (unmounted, aborted)."""
 
@@ -143,6 +176,8 @@ class Session:
         """The kernel said ENODEV: the mount is gone."""
         self.requests = 0
         """Requests read (a figure for tests and benchmarks)."""
+        self.served_natively = 0
+        """Of those, requests read and served by fs/fuse/_loop.c."""
         self.by_opcode = [0] * 64
         """Requests read, by opcode (below 64; tests count writes and getxattrs)."""
         self.interrupts = 0
@@ -202,6 +237,7 @@ class Session:
         waiting = self.waiting  # one entry per slot taken: cheaper than Semaphore.value
         fd = self.fd
         spin_ns = self.options.spin_ns
+        native = _native if self.options.native else None
         try:
             while not self.stopping:
                 if len(waiting) >= max_tasks:  # max_tasks handlers waiting
@@ -209,25 +245,49 @@ class Session:
                     self._slots.release()
                     if self.stopping:
                         break
-                try:
-                    n = os.readv(fd, [buf])
-                except BlockingIOError:
-                    if self.stopping:
-                        break
-                    if spin_ns and self._spin(spin_ns):
-                        continue  # one is queued: read it without trio's epoll round
-                    try:
-                        await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError:  # terminate()
-                        break
-                    continue
-                except OSError as err:
-                    if err.errno in (errno.ENOENT, errno.EINTR):
-                        continue  # interrupted before we read it; a signal
-                    if err.errno in _GONE:
-                        self.stopping = self.unmounted = True
+                if native is not None and self.initialized:
+                    outcome = native.serve(
+                        fd, buf, view, self.handlers, Caller, FUSEError,
+                        self.by_opcode, spin_ns, every,
+                    )  # fmt: skip
+                    action = self._after_native(outcome, view)
+                    if action is _Next.READ:
+                        continue
+                    if action is _Next.WAIT:
+                        if self.stopping:
+                            break
+                        try:
+                            await trio.lowlevel.wait_readable(fd)
+                        except trio.ClosedResourceError:  # terminate()
+                            break
+                        continue
+                    if action is _Next.CHECKPOINT:
+                        await trio.lowlevel.checkpoint()
+                        continue
+                    if action is _Next.STOP:
                         return
-                    raise
+                    if action is _Next.SUSPENDED:
+                        _, _, _, _, _, n, coro, trap, unique, opcode = outcome
+                        await self._suspended(unique, opcode, coro, trap, buf, n)
+                        return  # this task served a suspended handler; another reads
+                    n = outcome[5]  # _Next.SPECIAL: served below, as without native
+                else:
+                    try:
+                        n = os.readv(fd, [buf])
+                    except BlockingIOError:
+                        if self.stopping:
+                            break
+                        if spin_ns and self._spin(spin_ns):
+                            continue  # one is queued: read it without trio's epoll round
+                        try:
+                            await trio.lowlevel.wait_readable(fd)
+                        except trio.ClosedResourceError:  # terminate()
+                            break
+                        continue
+                    except OSError as err:
+                        if self._read_failed(err.errno or errno.EIO):
+                            return
+                        continue
                 self.requests += 1
                 handed_off = False
                 try:
@@ -241,6 +301,52 @@ class Session:
                     await trio.lowlevel.checkpoint()
         finally:
             self._buffers.append(buf)
+
+    def _read_failed(self, code: int) -> bool:
+        """A read of /dev/fuse failed with ``code``: True when the loop ends."""
+        if code in (errno.ENOENT, errno.EINTR):
+            return False  # interrupted before we read it; a signal
+        if code in _GONE:
+            self.stopping = self.unmounted = True
+            return True
+        raise OSError(code, os.strerror(code))
+
+    def _after_native(self, outcome: tuple[Any, ...], view: memoryview) -> _Next:
+        """What the reader does after ``_loop.serve`` (fs/fuse/_loop.c)."""
+        status, served, caught, missed, abandoned, n, a, b, c, _ = outcome
+        self.requests += served
+        self.served_natively += served
+        self.spins_caught += caught
+        self.spins_missed += missed
+        self.abandoned += abandoned
+        if status == _native.IDLE:
+            return _Next.WAIT
+        if status == _native.BUDGET:
+            return _Next.CHECKPOINT
+        if status == _native.SUSPENDED:
+            return _Next.SUSPENDED
+        if status == _native.SPECIAL:
+            return _Next.SPECIAL
+        if status == _native.FAILED:  # a, b, c: exception, unique, opcode
+            try:
+                self._failed(b, c, a)
+            finally:
+                view[:n] = _ZEROS[:n]
+            return _Next.READ
+        if status == _native.ANSWER:  # a, b: answer, unique
+            try:
+                self._answer(b, a)
+            finally:
+                view[:n] = _ZEROS[:n]
+            return _Next.READ
+        if status == _native.WRITE_ERROR:  # n: errno, a: unique
+            log.error("answer to request %d refused: %s", a, os.strerror(n))
+            return _Next.READ
+        if status == _native.GONE:
+            self.stopping = self.unmounted = True
+            return _Next.STOP
+        # READ_ERROR, n: errno
+        return _Next.STOP if self._read_failed(n) else _Next.READ
 
     def _spin(self, spin_ns: int) -> bool:
         """Busy-wait up to ``spin_ns`` for the next request: True when one

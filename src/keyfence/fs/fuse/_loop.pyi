@@ -1,0 +1,25 @@
+# The FUSE request loop's common case (_loop.c); keyfence/fs/fuse/session.py drives it.
+from typing import Any
+
+IDLE: int
+BUDGET: int
+SUSPENDED: int
+SPECIAL: int
+FAILED: int
+ANSWER: int
+READ_ERROR: int
+WRITE_ERROR: int
+GONE: int
+
+def serve(
+    fd: int,
+    buf: bytearray,
+    view: memoryview,
+    handlers: dict[int, Any],
+    caller_type: type,
+    fuse_error: type,
+    by_opcode: list[int],
+    spin_ns: int,
+    budget: int,
+    /,
+) -> tuple[int, int, int, int, int, int, Any, Any, Any, Any]: ...
