@@ -237,6 +237,7 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
             PyList_SetItem(by_opcode, op, one); /* steals; drops old */
         }
         int no_reply = op == OP_FORGET || op == OP_BATCH_FORGET;
+        int e = 0; /* the errno of the answer's write */
         PyObject *unique = PyLong_FromUnsignedLongLong(h.unique);
         PyObject *opcode = PyLong_FromUnsignedLong(op);
         PyObject *coro = NULL, *value = NULL;
@@ -317,35 +318,13 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
                 Py_DECREF(opcode);
                 break;
             }
-            int e = write_answer(fd, h.unique, 0, parts, count, &abandoned);
+            e = write_answer(fd, h.unique, 0, parts, count, &abandoned);
             for (int i = 0; i < count; i++)
                 PyBuffer_Release(&parts[i]);
-            Py_DECREF(value);
-            value = NULL;
-            memset(mem, 0, (size_t)n);
-            if (e == ENODEV || e == ECONNABORTED) {
-                Py_DECREF(unique);
-                Py_DECREF(opcode);
-                out = result(ST_GONE, served, caught, missed, abandoned, 0, 0, 0, 0, 0);
-                break;
-            }
-            if (e != 0) {
-                PyObject *code = PyLong_FromLong(e);
-                out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, e, unique, code,
-                             NULL, NULL);
-                Py_XDECREF(code);
-                Py_DECREF(unique);
-                Py_DECREF(opcode);
-                break;
-            }
-        } else {
-            Py_DECREF(value);
-            value = NULL;
-            memset(mem, 0, (size_t)n);
         }
-        Py_DECREF(unique);
-        Py_DECREF(opcode);
-        continue;
+        Py_DECREF(value);
+        value = NULL;
+        goto answered;
 
     handler_raised: {
         /* FUSEError: its errno, answered here; anything else: the session */
@@ -368,27 +347,25 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         Py_XDECREF(type);
         Py_XDECREF(exc);
         Py_XDECREF(tb);
-        int e = no_reply ? 0 : write_answer(fd, h.unique, -code, NULL, 0, &abandoned);
+        e = no_reply ? 0 : write_answer(fd, h.unique, -code, NULL, 0, &abandoned);
+        goto answered;
+    }
+
+    answered: /* the request is done: zero it; a refused answer ends the call */
         memset(mem, 0, (size_t)n);
         if (e == ENODEV || e == ECONNABORTED) {
-            Py_DECREF(unique);
-            Py_DECREF(opcode);
             out = result(ST_GONE, served, caught, missed, abandoned, 0, 0, 0, 0, 0);
-            break;
-        }
-        if (e != 0) {
-            PyObject *ecode = PyLong_FromLong(e);
-            out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, e, unique, ecode, NULL,
+        } else if (e != 0) {
+            PyObject *code = PyLong_FromLong(e);
+            out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, e, unique, code, NULL,
                          NULL);
-            Py_XDECREF(ecode);
-            Py_DECREF(unique);
-            Py_DECREF(opcode);
-            break;
+            Py_XDECREF(code);
         }
         Py_DECREF(unique);
         Py_DECREF(opcode);
+        if (e != 0)
+            break;
         continue;
-    }
     request_error:
         Py_XDECREF(unique);
         Py_XDECREF(opcode);

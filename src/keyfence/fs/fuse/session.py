@@ -254,11 +254,7 @@ class Session:
                     if action is _Next.READ:
                         continue
                     if action is _Next.WAIT:
-                        if self.stopping:
-                            break
-                        try:
-                            await trio.lowlevel.wait_readable(fd)
-                        except trio.ClosedResourceError:  # terminate()
+                        if not await self._wait_for_request():
                             break
                         continue
                     if action is _Next.CHECKPOINT:
@@ -279,9 +275,7 @@ class Session:
                             break
                         if spin_ns and self._spin(spin_ns):
                             continue  # one is queued: read it without trio's epoll round
-                        try:
-                            await trio.lowlevel.wait_readable(fd)
-                        except trio.ClosedResourceError:  # terminate()
+                        if not await self._wait_for_request():
                             break
                         continue
                     except OSError as err:
@@ -301,6 +295,17 @@ class Session:
                     await trio.lowlevel.checkpoint()
         finally:
             self._buffers.append(buf)
+
+    async def _wait_for_request(self) -> bool:
+        """Sleep in trio's epoll until /dev/fuse is readable: False when the
+        loop is stopping (or :meth:`terminate` woke it)."""
+        if self.stopping:
+            return False
+        try:
+            await trio.lowlevel.wait_readable(self.fd)
+        except trio.ClosedResourceError:  # terminate()
+            return False
+        return True
 
     def _read_failed(self, code: int) -> bool:
         """A read of /dev/fuse failed with ``code``: True when the loop ends."""
