@@ -11,21 +11,23 @@ under real mounts, with the session around it.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pyfuse3 import FUSEError
+from pyfuse3 import EntryAttributes, FUSEError
 
 # built by setup.py (build_ext): not built is a failure here, not a skip
 from keyfence.fs.fuse import _loop
 from keyfence.fs.fuse import protocol as p
-from keyfence.fs.fuse.dispatch import Caller
+from keyfence.fs.fuse.dispatch import Caller, attr_out_bytes
 
-GETATTR, LOOKUP, FORGET = p.GETATTR, p.LOOKUP, p.FORGET
+GETATTR, LOOKUP, FORGET, GETXATTR = p.GETATTR, p.LOOKUP, p.FORGET, p.GETXATTR
 
 
 class Pair:
@@ -36,6 +38,8 @@ class Pair:
         self.view = memoryview(self.buf)
         self.by_opcode = [0] * 64
         self.handlers: dict[int, Any] = {}
+        self.dirs: dict[int, tuple[int, int, int, int]] | None = None
+        self.no_capability: set[int] | None = None
 
     def request(self, opcode: int, unique: int, body: bytes = b"", *, length: int | None = None):
         size = p.IN_HEADER.size + len(body) if length is None else length
@@ -45,7 +49,7 @@ class Pair:
     def serve(self, *, budget: int = 32, spin_ns: int = 0) -> tuple[Any, ...]:
         return _loop.serve(
             self.server.fileno(), self.buf, self.view, self.handlers, Caller, FUSEError,
-            self.by_opcode, spin_ns, budget,
+            self.by_opcode, spin_ns, budget, self.dirs, self.no_capability,
         )  # fmt: skip
 
     def answer(self) -> tuple[int, int, bytes]:
@@ -134,7 +138,7 @@ def test_any_other_exception_goes_back_to_the_session_unanswered(pair: Pair) -> 
 
     pair.handlers[GETATTR] = bug
     pair.request(GETATTR, 9, b"body")
-    status, served, _, _, _, n, exc, unique, opcode, _ = pair.serve()
+    status, served, _, _, _, n, exc, unique, opcode, _, _ = pair.serve()
     assert status == _loop.FAILED
     assert (served, n, unique, opcode) == (1, p.IN_HEADER.size + 4, 9, GETATTR)
     assert isinstance(exc, RuntimeError)
@@ -156,7 +160,7 @@ def test_a_suspended_handler_is_handed_over_with_its_trap(pair: Pair) -> None:
 
     pair.handlers[GETATTR] = slow
     pair.request(GETATTR, 21)
-    status, served, _, _, _, n, coro, yielded, unique, opcode = pair.serve()
+    status, served, _, _, _, n, coro, yielded, unique, opcode, _ = pair.serve()
     assert status == _loop.SUSPENDED
     assert (served, n, unique, opcode) == (1, p.IN_HEADER.size, 21, GETATTR)
     assert yielded is trap
@@ -208,7 +212,7 @@ def test_a_big_list_answer_goes_to_the_session(pair: Pair) -> None:
 
     pair.handlers[GETATTR] = many
     pair.request(GETATTR, 8)
-    status, _, _, _, _, n, answer, unique, opcode, _ = pair.serve()
+    status, _, _, _, _, n, answer, unique, opcode, _, _ = pair.serve()
     assert (status, n, unique, opcode) == (_loop.ANSWER, p.IN_HEADER.size, 8, GETATTR)
     assert answer is parts
     assert pair.no_answer()
@@ -248,3 +252,169 @@ def test_arguments_are_checked() -> None:
         _loop.serve(0, b"read-only", memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _loop.serve(0, buf, memoryview(buf), {}, Caller, "FUSEError", [0] * 64, 0, 32)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _loop.serve(0, buf, memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32, [])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _loop.serve(0, buf, memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32, None, [7])  # type: ignore[arg-type]
+
+
+# ----------------------------------------- directories answered from the table
+
+
+def _attr_out(nodeid: int, st: os.stat_result, seconds: int, ns: int) -> bytes:
+    """What the handler answers for a directory (ops._attrs, dispatch.attr_out_bytes)."""
+    a = EntryAttributes()
+    a.st_ino, a.st_mode, a.st_nlink = nodeid, st.st_mode, st.st_nlink
+    a.st_uid, a.st_gid, a.st_rdev, a.st_size = st.st_uid, st.st_gid, st.st_rdev, st.st_size
+    a.st_blksize, a.st_blocks = 4096, st.st_blocks
+    a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    a.attr_timeout = seconds + ns / 1e9
+    return attr_out_bytes(a)
+
+
+@pytest.fixture
+def a_dir(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    d = tmp_path / "d"
+    d.mkdir(mode=0o751)
+    fd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield fd, d
+    finally:
+        os.close(fd)
+
+
+def test_a_directory_in_the_table_is_answered_from_an_fstat_without_its_handler(
+    pair: Pair, a_dir: tuple[int, Path]
+) -> None:
+    fd, d = a_dir
+    (d / "f").write_bytes(b"x")
+    called: list[int] = []
+
+    async def getattr_(nodeid: int, caller: Caller, body: memoryview) -> bytes:
+        called.append(nodeid)
+        return b"from the handler"
+
+    pair.handlers[GETATTR] = getattr_
+    st = os.fstat(fd)
+    pair.dirs = {7: (fd, st.st_ino, 10, 500_000_000)}
+    pair.request(GETATTR, 41, p.GETATTR_IN.pack(0, 0, 0))
+    status, served, *_, tabled = pair.serve()
+    assert (status, served, tabled) == (_loop.IDLE, 1, 1)
+    assert called == []
+    assert pair.answer() == (0, 41, _attr_out(7, os.fstat(fd), 10, 500_000_000))
+    assert pair.by_opcode[GETATTR] == 1
+    assert not any(pair.buf)
+    os.chmod(d, 0o700)  # every answer is a new fstat
+    pair.request(GETATTR, 42)
+    assert pair.serve()[-1] == 1
+    error, unique, body = pair.answer()
+    assert (error, unique) == (0, 42) and body == _attr_out(7, os.fstat(fd), 10, 500_000_000)
+    assert os.fstat(fd).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["not in the table", "a regular file", "another inode", "removed", "not a tuple",
+     "wrong types", "not a getattr"],
+)  # fmt: skip
+def test_the_handler_answers_what_the_table_cannot(
+    pair: Pair, a_dir: tuple[int, Path], tmp_path: Path, case: str
+) -> None:
+    fd, _ = a_dir
+    st = os.fstat(fd)
+    entry: Any = (fd, st.st_ino, 10, 0)
+    opcode, key = GETATTR, 7  # the requests are for nodeid 7
+    held = -1
+    if case == "not in the table":
+        key = 8
+    elif case == "a regular file":
+        (tmp_path / "file").write_bytes(b"x")
+        held = os.open(tmp_path / "file", os.O_RDONLY)
+        entry = (held, os.fstat(held).st_ino, 10, 0)
+    elif case == "another inode":
+        entry = (fd, st.st_ino + 1, 10, 0)
+    elif case == "removed":  # rmdir'd: its number may be another's soon
+        (tmp_path / "gone").mkdir()
+        held = os.open(tmp_path / "gone", os.O_PATH | os.O_DIRECTORY)
+        entry = (held, os.fstat(held).st_ino, 10, 0)
+        (tmp_path / "gone").rmdir()
+    elif case == "not a tuple":
+        entry = [fd, st.st_ino, 10, 0]
+    elif case == "wrong types":
+        entry = (fd, "inode", 10, 0)
+    else:
+        opcode = LOOKUP
+    called: list[int] = []
+
+    async def handler(nodeid: int, caller: Caller, body: memoryview) -> bytes:
+        called.append(nodeid)
+        return b"from the handler"
+
+    pair.handlers[opcode] = handler
+    pair.dirs = {key: entry}
+    try:
+        pair.request(opcode, 51, b"d\0" if opcode == LOOKUP else b"")
+        status, served, *_, tabled = pair.serve()
+    finally:
+        if held >= 0:
+            os.close(held)
+    assert (status, served, tabled) == (_loop.IDLE, 1, 0)
+    assert called == [7]
+    assert pair.answer() == (0, 51, b"from the handler")
+
+
+# ------------------------------------ security.capability of a file known without
+
+
+def _getxattr(name: bytes, size: int = 0) -> bytes:
+    return p.GETXATTR_IN.pack(size, 0) + name + b"\0"
+
+
+def test_the_capability_of_an_inode_known_without_is_enodata_without_its_handler(
+    pair: Pair,
+) -> None:
+    called: list[int] = []
+
+    async def getxattr_(nodeid: int, caller: Caller, body: memoryview) -> bytes:
+        called.append(nodeid)
+        return b"from the handler"
+
+    pair.handlers[GETXATTR] = getxattr_
+    pair.no_capability = {7}
+    pair.request(GETXATTR, 61, _getxattr(b"security.capability"))
+    pair.request(GETXATTR, 62, _getxattr(b"security.capability", 4096))
+    status, served, *_, tabled = pair.serve()
+    assert (status, served, tabled) == (_loop.IDLE, 2, 2)
+    assert called == []
+    assert pair.answer() == (-errno.ENODATA, 61, b"")
+    assert pair.answer() == (-errno.ENODATA, 62, b"")
+    assert pair.by_opcode[GETXATTR] == 2
+    assert not any(pair.buf)
+
+
+@pytest.mark.parametrize(
+    ("known", "body"),
+    [
+        (set(), _getxattr(b"security.capability")),  # not known: the backing file says
+        ({7}, _getxattr(b"security.selinux")),
+        ({7}, _getxattr(b"security.capabilityx")),
+        ({7}, _getxattr(b"security.capabilit")),
+        ({7}, p.GETXATTR_IN.pack(0, 0) + b"security.capability"),  # no NUL: the handler says
+        ({7}, b"short"),
+        ({8}, _getxattr(b"security.capability")),
+    ],
+)
+def test_the_handler_answers_every_other_getxattr(pair: Pair, known: set[int], body: bytes) -> None:
+    called: list[int] = []
+
+    async def getxattr_(nodeid: int, caller: Caller, body: memoryview) -> bytes:
+        called.append(nodeid)
+        return b"from the handler"
+
+    pair.handlers[GETXATTR] = getxattr_
+    pair.no_capability = known
+    pair.request(GETXATTR, 71, body)
+    status, served, *_, tabled = pair.serve()
+    assert (status, served, tabled) == (_loop.IDLE, 1, 0)
+    assert called == [7]
+    assert pair.answer() == (0, 71, b"from the handler")

@@ -84,6 +84,9 @@ class KeyBindings:
         self._going: dict[int, float] = {}
         self._finding: dict[str, trio.Lock] = {}
         self.user: KeyGoingListener | None = None
+        self.unbound: Callable[[], None] | None = None
+        """Called after a binding is dropped (on the thread that drops it):
+        what cached "unlocked" elsewhere forgets it (fs/fuse/dir_attrs.py)."""
         self.clock: Callable[[], float] = time.monotonic
 
     # --------------------------------------------------------------- queries
@@ -278,6 +281,8 @@ class KeyBindings:
             if current:
                 del self._bound[binding.description]
         if current:
+            if self.unbound is not None:
+                self.unbound()
             binding.master.wipe()
         return current
 

@@ -70,6 +70,7 @@ from keyfence.fs.format import (
     sidecar_name,
 )
 from keyfence.fs.fuse import kernel as fuse_kernel
+from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.fs.handles import DirHandle, FileHandle
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.key_going import KeyGoing
@@ -161,25 +162,29 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         self.flusher = Flusher(self.cache)
         self.keys = KeyBindings(source)
         self.keys.user = self
+        self.dir_attributes = DirectoryAttributes(enabled=False)
+        """Directories whose GETATTR the loop answers in C (fs/fuse/dir_attrs.py;
+        enabled by fs/worker.py when its loop has the C part)."""
+        self.keys.unbound = self.dir_attributes.clear  # a lock changes their timeouts
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._modified_dirs: set[int] = set()
         self.privileges = Privileges()
+        """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2;
+        also the inodes known to have no security.capability (see getxattr)."""
         self.run_blocking: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync
         """How a handler makes a blocking call (fsync, a big write-back):
         trio's threads, or, injected by fs/worker.py under keyfence's own
         loop, fs/fuse/blocking.py's (the loop waits for it directly while
         no other request comes).  Key lookups stay on trio's threads: the
         daemon they ask may call back into the trio thread."""
-        """What writes drop (set-id bits, capabilities): FUSE_HANDLE_KILLPRIV_V2."""
         self.negatives = NegativeEntries()
         self._busy_names: dict[int, str] = {}
-        self._partial_pages: set[int] = set()
-        """Inodes the kernel may hold partly written pages of (see ``open``)."""
         """Plaintext paths of files open when their key went (status shows
         them; the names themselves are evicted)."""
-        """Inodes known to have no security.capability (see getxattr)."""
+        self._partial_pages: set[int] = set()
+        """Inodes the kernel may hold partly written pages of (see ``open``)."""
         self.trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self.mounted = False
@@ -219,6 +224,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         for binding in self.keys.bindings():
             self.cache.evict_key(binding.description)
             self.keys.unbind(binding)
+        self.dir_attributes.clear()
         self.closed = True
         self.table.close()
 
@@ -564,6 +570,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
+            self.dir_attributes.withdraw(ino)  # a number the backing store may give again
             gone = self.table.forget(ino, nlookup)
             if gone is not None:
                 self._partial_pages.discard(ino)  # its pages went with it
@@ -579,7 +586,18 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
 
     @fuse_op
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
-        return self._inode_attrs(self.table.get(inode))
+        node = self.table.get(inode)
+        generation = self.dir_attributes.generation  # before we look: a lock refuses the offer
+        attrs = self._inode_attrs(node)
+        if node.is_dir:  # from now on answered in C while it holds (fs/fuse/dir_attrs.py)
+            self.dir_attributes.offer(
+                node.ino,
+                self.table.dir_fd(node.ino),
+                self.table.fuse_ino(node.ino),  # its own inverse: the backing inode
+                attrs.attr_timeout,
+                generation=generation,
+            )
+        return attrs
 
     @fuse_op
     async def setattr(
@@ -1028,6 +1046,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 cached = self.cache.get(self.table.fuse_ino(replaced.st_ino))
                 if cached is not None and cached.users == 0:
                     self.cache.forget_unlinked(cached)
+        for moved in (st, st_new) if exchange else (st,):
+            if stat.S_ISDIR(moved.st_mode):  # its new parent's key decides its timeout
+                self.dir_attributes.withdraw(self.table.fuse_ino(moved.st_ino))
         self._modified(od)
         self._modified(nd)
         self.negatives.discard(nd.ino, name_new)

@@ -93,6 +93,13 @@ class Privileges:
         if not suidgid_to_drop(mode):
             self._bare.add(ino)
 
+    @property
+    def without_capability(self) -> set[int]:
+        """The set itself: fs/fuse/_loop.c answers ``getxattr
+        security.capability`` of these inodes with ENODATA, without the
+        handler (read on the handlers' thread, as everything here)."""
+        return self._no_capability
+
     def has_no_capability(self, ino: int) -> bool:
         """Known: ``ino`` has no ``security.capability`` (getxattr answers
         ENODATA without asking the backing file)."""

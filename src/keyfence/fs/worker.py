@@ -464,7 +464,10 @@ def _run_own(
             max_tasks=max_tasks,
             spin_us=spin_us,
         ),
+        dir_attributes=ops.dir_attributes,
+        no_capability=ops.privileges.without_capability,
     )
+    ops.dir_attributes.enabled = session.options.native  # only C reads it
     ops.run_blocking = session.blocking.run  # injected: the session is made after ops
     fuse_kernel.set_active(session)
     stats = StatsReporter(ops, source.report)

@@ -180,6 +180,14 @@ class Control:
 
             session = fuse_kernel.active()
             return None if session is None else list(session.by_opcode)
+        if op == "dir_attributes":  # directories whose GETATTR the C loop answers
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            if session is None:
+                return None
+            table = session.ops.dir_attributes
+            return {"entries": sorted(table.table), "served": session.served_from_tables}
         if op == "negatives":  # negative entries the mount remembers handing out
             from keyfence.fs.fuse import kernel as fuse_kernel
 

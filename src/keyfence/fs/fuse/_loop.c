@@ -30,6 +30,19 @@
  *
  * The GIL is let go for every read, write and spin, as os.read/os.writev
  * let it go.
+ *
+ * Two answers come from tables the handlers keep, without a handler
+ * (counted as `tabled`):
+ *
+ * - GETATTR of a directory in the table of fs/fuse/dir_attrs.py: from an
+ *   fstat of the table's own descriptor (dir_attrs.py says when an entry
+ *   is there and what it answers).  The table is read and the descriptor
+ *   fstat'ed without letting go of the GIL: the Python side takes an entry
+ *   out, under the GIL, before it closes its descriptor, so the descriptor
+ *   used here is never one closed (or reused) meanwhile.
+ * - GETXATTR "security.capability" of an inode in the set of those known
+ *   to have none (fs/privileges.py): ENODATA, as the handler answers it.
+ *   The kernel asks it before the first write to every file.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +51,7 @@
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +69,8 @@ enum {
 };
 
 #define OP_FORGET 2
+#define OP_GETATTR 3
+#define OP_GETXATTR 22
 #define OP_INIT 26
 #define OP_INTERRUPT 36
 #define OP_BATCH_FORGET 42
@@ -76,8 +92,20 @@ struct out_header {
     uint64_t unique;
 };
 
+struct attr {
+    uint64_t ino, size, blocks, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+
+struct attr_out {
+    uint64_t attr_valid;
+    uint32_t attr_valid_nsec, dummy;
+    struct attr attr;
+};
+
 _Static_assert(sizeof(struct in_header) == 40, "fuse_in_header");
 _Static_assert(sizeof(struct out_header) == 16, "fuse_out_header");
+_Static_assert(sizeof(struct attr_out) == 104, "fuse_attr_out");
 
 static PyObject *str_errno; /* "errno" */
 
@@ -134,6 +162,77 @@ static int write_answer(int fd, uint64_t unique, int32_t error, Py_buffer *parts
     return errno;
 }
 
+/* A GETATTR of nodeid answered from the directory table: 1 and *out
+   filled; 0 when the handler answers (no entry, or the descriptor is no
+   longer that directory, alive); -1 for an entry that is not
+   (fd, st_ino, attr_valid, attr_valid_nsec), or no memory: the handler
+   answers too.  The GIL stays held from the lookup to the end of the
+   fstat (see above). */
+static int dir_attr(PyObject *table, uint64_t nodeid, struct attr_out *out)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
+    if (key == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int fd;
+    unsigned long long st_ino, valid;
+    unsigned int valid_nsec;
+    if (!PyTuple_Check(entry))
+        return -1;
+    if (!PyArg_ParseTuple(entry, "iKKI", &fd, &st_ino, &valid, &valid_nsec))
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_ino != st_ino || st.st_nlink == 0)
+        return 0; /* the handler says what it is now */
+    /* as fs/ops.py's _attrs gives a directory (dispatch.attr_out_bytes) */
+    memset(out, 0, sizeof(*out));
+    out->attr_valid = valid;
+    out->attr_valid_nsec = valid_nsec;
+    out->attr.ino = nodeid;
+    out->attr.size = (uint64_t)st.st_size;
+    out->attr.blocks = (uint64_t)st.st_blocks;
+    out->attr.atime = (uint64_t)st.st_atim.tv_sec;
+    out->attr.mtime = (uint64_t)st.st_mtim.tv_sec;
+    out->attr.ctime = (uint64_t)st.st_ctim.tv_sec;
+    out->attr.atimensec = (uint32_t)st.st_atim.tv_nsec;
+    out->attr.mtimensec = (uint32_t)st.st_mtim.tv_nsec;
+    out->attr.ctimensec = (uint32_t)st.st_ctim.tv_nsec;
+    out->attr.mode = st.st_mode;
+    out->attr.nlink = (uint32_t)st.st_nlink;
+    out->attr.uid = st.st_uid;
+    out->attr.gid = st.st_gid;
+    out->attr.rdev = (uint32_t)st.st_rdev;
+    out->attr.blksize = 4096;
+    return 1;
+}
+
+static const char CAPABILITY[] = "security.capability"; /* with its NUL */
+
+/* Whether a GETXATTR (the request in mem, n bytes) asks for the
+   capability of an inode in no_capability: the answer is then ENODATA. */
+static int without_capability(PyObject *no_capability, const unsigned char *mem, size_t n,
+                              uint64_t nodeid)
+{
+    const size_t at = sizeof(struct in_header) + 8; /* fuse_getxattr_in: size, padding */
+    if (n < at + sizeof(CAPABILITY) || memcmp(mem + at, CAPABILITY, sizeof(CAPABILITY)) != 0)
+        return 0;
+    PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
+    if (key == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int known = PySet_Contains(no_capability, key);
+    Py_DECREF(key);
+    if (known < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    return known;
+}
+
 /* The errno a FUSEError carries (EIO if it is not one the kernel takes),
    or 0 if exc is not a FUSEError. */
 static int fuse_errno(PyObject *exc, PyObject *fuse_error)
@@ -154,22 +253,35 @@ static int fuse_errno(PyObject *exc, PyObject *fuse_error)
     return code > 0 && code <= ERRNO_MAX ? (int)code : EIO;
 }
 
+/* tabled: requests answered from the handlers' tables (last in the tuple) */
 static PyObject *result(int status, long served, long caught, long missed, long abandoned,
-                        Py_ssize_t n, PyObject *a, PyObject *b, PyObject *c, PyObject *d)
+                        long tabled, Py_ssize_t n, PyObject *a, PyObject *b, PyObject *c,
+                        PyObject *d)
 {
-    return Py_BuildValue("(illllnOOOO)", status, served, caught, missed, abandoned, n,
-                         a ? a : Py_None, b ? b : Py_None, c ? c : Py_None, d ? d : Py_None);
+    return Py_BuildValue("(illllnOOOOl)", status, served, caught, missed, abandoned, n,
+                         a ? a : Py_None, b ? b : Py_None, c ? c : Py_None, d ? d : Py_None,
+                         tabled);
 }
 
 static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
     PyObject *bufobj, *view, *handlers, *caller_type, *fuse_error, *by_opcode;
+    PyObject *dirs = Py_None, *no_capability = Py_None;
     long long spin_ns;
     long budget;
-    if (!PyArg_ParseTuple(args, "iOOO!OOO!Ll", &fd, &bufobj, &view, &PyDict_Type, &handlers,
-                          &caller_type, &fuse_error, &PyList_Type, &by_opcode, &spin_ns, &budget))
+    if (!PyArg_ParseTuple(args, "iOOO!OOO!Ll|OO", &fd, &bufobj, &view, &PyDict_Type, &handlers,
+                          &caller_type, &fuse_error, &PyList_Type, &by_opcode, &spin_ns, &budget,
+                          &dirs, &no_capability))
         return NULL;
+    if (dirs != Py_None && !PyDict_Check(dirs)) {
+        PyErr_SetString(PyExc_TypeError, "dirs must be a dict or None");
+        return NULL;
+    }
+    if (no_capability != Py_None && !PyAnySet_Check(no_capability)) {
+        PyErr_SetString(PyExc_TypeError, "no_capability must be a set or None");
+        return NULL;
+    }
     if (!PyType_Check(fuse_error)) {
         PyErr_SetString(PyExc_TypeError, "fuse_error must be a type");
         return NULL;
@@ -179,7 +291,7 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         return NULL;
     unsigned char *mem = buf.buf;
     size_t size = (size_t)buf.len;
-    long served = 0, caught = 0, missed = 0, abandoned = 0;
+    long served = 0, caught = 0, missed = 0, abandoned = 0, tabled = 0;
     PyObject *out = NULL;
 
     while (served < budget) {
@@ -197,21 +309,22 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
                     }
                     missed++;
                 }
-                out = result(ST_IDLE, served, caught, missed, abandoned, 0, 0, 0, 0, 0);
+                out = result(ST_IDLE, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
             } else {
-                out = result(ST_READ_ERROR, served, caught, missed, abandoned, e, 0, 0, 0, 0);
+                out = result(ST_READ_ERROR, served, caught, missed, abandoned, tabled, e, 0, 0, 0,
+                             0);
             }
             break;
         }
         struct in_header h;
         if ((size_t)n < sizeof(h)) {
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, n, 0, 0, 0, 0);
+            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
             break;
         }
         memcpy(&h, mem, sizeof(h));
         unsigned op = h.opcode;
         if (h.len != (uint64_t)n || op == OP_INIT || op == OP_INTERRUPT) {
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, n, 0, 0, 0, 0);
+            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
             break;
         }
         PyObject *key = PyLong_FromUnsignedLong(op);
@@ -222,7 +335,7 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         if (handler == NULL) {
             if (PyErr_Occurred())
                 goto error;
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, n, 0, 0, 0, 0);
+            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
             break;
         }
         served++;
@@ -243,6 +356,23 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         PyObject *coro = NULL, *value = NULL;
         if (unique == NULL || opcode == NULL)
             goto request_error;
+        if (op == OP_GETATTR && dirs != Py_None) {
+            struct attr_out answer;
+            int got = dir_attr(dirs, h.nodeid, &answer);
+            if (got < 0)
+                PyErr_Clear(); /* never the mount's end: the handler answers */
+            if (got > 0) {
+                Py_buffer part = {.buf = &answer, .len = sizeof(answer)};
+                tabled++;
+                e = write_answer(fd, h.unique, 0, &part, 1, &abandoned);
+                goto answered;
+            }
+        } else if (op == OP_GETXATTR && no_capability != Py_None &&
+                   without_capability(no_capability, mem, (size_t)n, h.nodeid)) {
+            tabled++;
+            e = write_answer(fd, h.unique, -ENODATA, NULL, 0, &abandoned);
+            goto answered;
+        }
         {
             PyObject *cargs[3];
             cargs[0] = PyLong_FromUnsignedLong(h.uid);
@@ -271,8 +401,8 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         {
             PySendResult sent = PyIter_Send(coro, Py_None, &value);
             if (sent == PYGEN_NEXT) { /* suspended: the session drives it on */
-                out = result(ST_SUSPENDED, served, caught, missed, abandoned, n, coro, value,
-                             unique, opcode);
+                out = result(ST_SUSPENDED, served, caught, missed, abandoned, tabled, n, coro,
+                             value, unique, opcode);
                 Py_DECREF(coro);
                 Py_DECREF(value);
                 Py_DECREF(unique);
@@ -311,7 +441,7 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
                 for (int i = 0; i < count; i++)
                     PyBuffer_Release(&parts[i]);
                 PyErr_Clear();
-                out = result(ST_ANSWER, served, caught, missed, abandoned, n, value, unique,
+                out = result(ST_ANSWER, served, caught, missed, abandoned, tabled, n, value, unique,
                              opcode, NULL);
                 Py_DECREF(value);
                 Py_DECREF(unique);
@@ -335,8 +465,8 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
             PyException_SetTraceback(exc, tb);
         int code = exc != NULL ? fuse_errno(exc, fuse_error) : 0;
         if (code == 0) {
-            out = result(ST_FAILED, served, caught, missed, abandoned, n, exc, unique, opcode,
-                         NULL);
+            out = result(ST_FAILED, served, caught, missed, abandoned, tabled, n, exc, unique,
+                         opcode, NULL);
             Py_XDECREF(type);
             Py_XDECREF(exc);
             Py_XDECREF(tb);
@@ -354,11 +484,11 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
     answered: /* the request is done: zero it; a refused answer ends the call */
         memset(mem, 0, (size_t)n);
         if (e == ENODEV || e == ECONNABORTED) {
-            out = result(ST_GONE, served, caught, missed, abandoned, 0, 0, 0, 0, 0);
+            out = result(ST_GONE, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
         } else if (e != 0) {
             PyObject *code = PyLong_FromLong(e);
-            out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, e, unique, code, NULL,
-                         NULL);
+            out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, tabled, e, unique,
+                         code, NULL, NULL);
             Py_XDECREF(code);
         }
         Py_DECREF(unique);
@@ -372,7 +502,7 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
         goto error;
     }
     if (out == NULL && !PyErr_Occurred())
-        out = result(ST_BUDGET, served, caught, missed, abandoned, 0, 0, 0, 0, 0);
+        out = result(ST_BUDGET, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
     PyBuffer_Release(&buf);
     return out;
 
@@ -383,8 +513,9 @@ error:
 
 static PyMethodDef methods[] = {
     {"serve", serve, METH_VARARGS,
-     "serve(fd, buf, view, handlers, caller_type, fuse_error, by_opcode, spin_ns, budget)\n"
-     "-> (status, served, caught, missed, abandoned, n, a, b, c, d)"},
+     "serve(fd, buf, view, handlers, caller_type, fuse_error, by_opcode, spin_ns, budget,\n"
+     "      dirs=None, no_capability=None)\n"
+     "-> (status, served, caught, missed, abandoned, n, a, b, c, d, tabled)"},
     {NULL, NULL, 0, NULL},
 };
 

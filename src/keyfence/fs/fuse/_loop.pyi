@@ -21,5 +21,7 @@ def serve(
     by_opcode: list[int],
     spin_ns: int,
     budget: int,
+    dirs: dict[int, tuple[int, int, int, int]] | None = None,
+    no_capability: set[int] | None = None,
     /,
-) -> tuple[int, int, int, int, int, int, Any, Any, Any, Any]: ...
+) -> tuple[int, int, int, int, int, int, Any, Any, Any, Any, int]: ...

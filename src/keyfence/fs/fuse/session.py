@@ -71,6 +71,7 @@ from pyfuse3 import FUSEError
 
 from keyfence.fs.fuse import protocol as p
 from keyfence.fs.fuse.blocking import BlockingCalls
+from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, Malformed
 
 __all__ = ["Session", "SessionOptions"]
@@ -164,10 +165,24 @@ def _errno_of(err: FUSEError) -> int:
 class Session:
     """Serve ``ops`` on the mounted ``/dev/fuse`` descriptor ``fd`` (not closed here)."""
 
-    def __init__(self, ops: Any, fd: int, options: SessionOptions | None = None) -> None:
+    def __init__(
+        self,
+        ops: Any,
+        fd: int,
+        options: SessionOptions | None = None,
+        *,
+        dir_attributes: DirectoryAttributes | None = None,
+        no_capability: set[int] | None = None,
+    ) -> None:
+        """What the C loop answers without a handler, from tables ``ops``
+        keeps: ``dir_attributes``, the directories whose GETATTR it answers
+        (fs/fuse/dir_attrs.py); ``no_capability``, the inodes whose
+        ``getxattr security.capability`` is ENODATA (fs/privileges.py)."""
         self.ops = ops
         self.fd = fd
         self.options = options or SessionOptions()
+        self.dir_attributes = dir_attributes
+        self.no_capability = no_capability
         self.handlers = Dispatcher(ops).table()
         self.initialized = False
         self.proto_minor = 0
@@ -178,6 +193,9 @@ class Session:
         """Requests read (a figure for tests and benchmarks)."""
         self.served_natively = 0
         """Of those, requests read and served by fs/fuse/_loop.c."""
+        self.served_from_tables = 0
+        """Of those, answered from :attr:`dir_attributes` or
+        :attr:`no_capability`, without a handler."""
         self.by_opcode = [0] * 64
         """Requests read, by opcode (below 64; tests count writes and getxattrs)."""
         self.interrupts = 0
@@ -238,6 +256,8 @@ class Session:
         fd = self.fd
         spin_ns = self.options.spin_ns
         native = _native if self.options.native else None
+        dirs = self.dir_attributes.table if self.dir_attributes is not None else None
+        no_capability = self.no_capability
         try:
             while not self.stopping:
                 if len(waiting) >= max_tasks:  # max_tasks handlers waiting
@@ -248,7 +268,7 @@ class Session:
                 if native is not None and self.initialized:
                     outcome = native.serve(
                         fd, buf, view, self.handlers, Caller, FUSEError,
-                        self.by_opcode, spin_ns, every,
+                        self.by_opcode, spin_ns, every, dirs, no_capability,
                     )  # fmt: skip
                     action = self._after_native(outcome, view)
                     if action is _Next.READ:
@@ -263,7 +283,7 @@ class Session:
                     if action is _Next.STOP:
                         return
                     if action is _Next.SUSPENDED:
-                        _, _, _, _, _, n, coro, trap, unique, opcode = outcome
+                        _, _, _, _, _, n, coro, trap, unique, opcode, _ = outcome
                         await self._suspended(unique, opcode, coro, trap, buf, n)
                         return  # this task served a suspended handler; another reads
                     n = outcome[5]  # _Next.SPECIAL: served below, as without native
@@ -318,9 +338,10 @@ class Session:
 
     def _after_native(self, outcome: tuple[Any, ...], view: memoryview) -> _Next:
         """What the reader does after ``_loop.serve`` (fs/fuse/_loop.c)."""
-        status, served, caught, missed, abandoned, n, a, b, c, _ = outcome
+        status, served, caught, missed, abandoned, n, a, b, c, _, tabled = outcome
         self.requests += served
         self.served_natively += served
+        self.served_from_tables += tabled
         self.spins_caught += caught
         self.spins_missed += missed
         self.abandoned += abandoned
