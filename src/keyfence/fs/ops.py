@@ -650,9 +650,11 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                     else:
                         sc.chmod_at(*self.table.entry(node.ino), mode)
         if fields.update_atime or fields.update_mtime:
-            st = self._stat_inode(node)
-            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            atime, mtime = attr.st_atime_ns, attr.st_mtime_ns
+            if not (fields.update_atime and fields.update_mtime):  # tar, touch set both: no stat
+                st = self._stat_inode(node)
+                atime = atime if fields.update_atime else st.st_atime_ns
+                mtime = mtime if fields.update_mtime else st.st_mtime_ns
             cached = self.cache.get(node.ino)
             if cached is not None and fields.update_mtime:
                 self.cache.set_mtime(cached, mtime)
