@@ -75,7 +75,7 @@ from keyfence.testing.bench.process import (
     lead_own_session,
     raise_interrupted,
 )
-from keyfence.testing.bench.results import error, ratio, report, result, write_json
+from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
 VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop", "keyfence-nospin"]
@@ -396,7 +396,7 @@ class Bench:
         parts: dict[str, list[dict[str, float]]] = {s: [] for s in names}
         failed: set[str] = set()
         for run in range(self.args.runs):
-            for name in names:
+            for name in rotated(names, run):
                 if name in failed:
                     continue
                 try:

@@ -72,7 +72,7 @@ from keyfence.testing.bench.process import (
     lead_own_session,
     raise_interrupted,
 )
-from keyfence.testing.bench.results import error, ratio, report, result, write_json
+from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
 
@@ -192,7 +192,8 @@ class Everyday:
         a = self.args
         for r in range(a.runs):
             say(f"run {r + 1}/{a.runs}")
-            for name, peer in self.peers.items():
+            for name in rotated(list(self.peers), r):
+                peer = self.peers[name]
                 failed = self.failed.get(name, set())
                 if "tree" not in failed:
                     try:

@@ -1,6 +1,7 @@
 """The reading of a trace (bench/fuse_trace.py, and
-keyfence.testing.bench.kernel_trace for its ``--day``), and
-bench/fs_handlers.py run small.
+keyfence.testing.bench.kernel_trace for its ``--day``),
+bench/fs_handlers.py run small, and the order the side-by-side benches
+run their systems in (keyfence.testing.bench.results.rotated).
 
 The trace is a few lines in the kernel's format (tracefs ``trace``, padding
 and lengths left out), so the figures can be checked by hand; the handler
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.testing.bench.kernel_trace import fuse_requests
+from keyfence.testing.bench.results import rotated
 
 from .test_suite import load_script
 
@@ -74,3 +76,16 @@ def test_the_day_trace_gives_requests_and_mean_server_time_by_opcode() -> None:
         "CREATE": {"count": 1, "mean_us": 40.0},
     }
     assert list(ops) == ["LOOKUP", "RELEASE", "CREATE"]  # by time spent
+
+
+def test_each_system_leads_a_round_in_turn() -> None:
+    names = ["keyfence", "keyfence-before", "gocryptfs"]
+    rounds = [rotated(names, run) for run in range(3)]
+    assert rounds == [
+        ["keyfence", "keyfence-before", "gocryptfs"],
+        ["keyfence-before", "gocryptfs", "keyfence"],
+        ["gocryptfs", "keyfence", "keyfence-before"],
+    ]
+    for place in range(3):  # every place in the order once each
+        assert sorted(r[place] for r in rounds) == sorted(names)
+    assert rotated(names, 4) == rounds[1] and rotated([], 2) == []

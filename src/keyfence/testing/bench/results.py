@@ -101,6 +101,16 @@ def machine_info(path: str | Path = SOURCE) -> dict[str, Any]:
     }
 
 
+def rotated(names: Sequence[str], run: int) -> list[str]:
+    """The order of ``names`` in round ``run``: each leads in turn, so what
+    a place in the order brings (the disk still writing back the one before,
+    caches warm or cold) is shared out instead of falling on one system."""
+    if not names:
+        return []
+    k = run % len(names)
+    return [*names[k:], *names[:k]]
+
+
 def ratio(this: float, that: float, higher_is_better: bool) -> float | None:
     """How many times better ``this`` is than ``that`` (>1: better): this/that for
     rates, that/this for times.  None when undefined."""
