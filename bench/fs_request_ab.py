@@ -13,7 +13,7 @@ encrypted directory; and a gocryptfs mount (``--no-gocryptfs`` to leave it
 out).  Each run, interleaved: create ``--files`` files of 4 KiB
 (``open(O_CREAT|O_EXCL)``, ``write``, ``close``) in each directory; then
 read them all back (open, read, close: what ``grep -r`` does); then remove
-them.  Figures: files/s of the creating and the reading loop, and the
+them (``unlink``).  Figures: files/s of each of the three loops, and the
 worker's CPU time per file (``/proc/PID/stat``, every thread), user and
 system apart: the user time is the worker's own Python, which load on the
 machine changes much less than wall-clock rates; the system time is mostly
@@ -139,7 +139,8 @@ def main() -> int:
         figures: dict[str, list[float]] = {}
         for run in range(a.runs + 1):
             for label, d, pid in targets:
-                for step, fn in (("create", create_files), ("read", read_files)):
+                steps = (("create", create_files), ("read", read_files), ("remove", remove_files))
+                for step, fn in steps:
                     rate, user, system = measure(fn, d, a.files, pid)
                     if run:
                         figures.setdefault(f"{step} {label} files/s", []).append(rate)
@@ -149,11 +150,10 @@ def main() -> int:
                                 figures.setdefault(key, []).append(cpu)
                         line = f"{rate:,.0f} files/s, user {user:,.0f} + sys {system:,.0f} us"
                         print(f"run {run} {step} {label}: {line}", flush=True)
-                remove_files(d, a.files)
         med = {k: statistics.median(v) for k, v in figures.items()}
         for k, v in med.items():
             print(f"{k:36s} median {v:10,.1f}  ({', '.join(f'{x:,.1f}' for x in figures[k])})")
-        for step in ("create", "read"):
+        for step in ("create", "read", "remove"):
             for what in ("plain", "enc"):
                 for unit in ("user-us/file", "sys-us/file", "files/s"):
                     base = med[f"{step} base {what} {unit}"]
