@@ -163,6 +163,18 @@ def _backing_of(mount: Mount, path: Path) -> Path:
     raise AssertionError(f"no backing directory of {path}")
 
 
+def _offered(mount: Mount, d: Path, *names: str) -> int:
+    """Make ``names`` in ``d``, stat'ing ``d`` after each: the kernel asks
+    for its attributes each time, the handler answers the first and offers
+    it.  ``d``'s inode, checked to be in the table."""
+    for name in names:
+        (d / name).write_bytes(b"x")
+        os.stat(d)
+    ino = os.stat(d).st_ino
+    assert ino in _table(mount)["entries"]
+    return ino
+
+
 def _same(st: os.stat_result, backing: os.stat_result) -> None:
     assert st.st_mode == backing.st_mode
     assert st.st_nlink == backing.st_nlink
@@ -210,11 +222,7 @@ def test_a_lock_takes_every_directory_out_and_its_handler_answers_with_no_timeou
     enc = Enc(mount)
     sub = enc.dir / "sub"
     sub.mkdir()
-    for i in range(3):
-        (sub / f"f{i}").write_bytes(b"x")
-        os.stat(sub)
-    ino = os.stat(sub).st_ino
-    assert ino in _table(mount)["entries"]
+    ino = _offered(mount, sub, "f0", "f1", "f2")
     enc.lock(op="clear")
     table = _table(mount)
     assert table["entries"] == []
@@ -232,11 +240,7 @@ def test_a_lock_takes_every_directory_out_and_its_handler_answers_with_no_timeou
     assert table["served"] == served
     assert ino not in table["entries"]  # enc itself may be: its parent is not encrypted
     enc.unlock()
-    (sub / "again").write_bytes(b"z")  # names are plaintext again
-    os.stat(sub)
-    (sub / "again2").write_bytes(b"z")
-    os.stat(sub)
-    assert os.stat(sub).st_ino in _table(mount)["entries"]
+    _offered(mount, sub, "again", "again2")  # names are plaintext again
 
 
 @needs_fuse
@@ -244,11 +248,7 @@ def test_a_lock_takes_every_directory_out_and_its_handler_answers_with_no_timeou
 def test_a_directory_the_kernel_forgets_leaves_the_table(mount: Mount) -> None:
     top = mount.mnt / "d"
     top.mkdir()
-    for i in range(3):
-        (top / f"f{i}").write_bytes(b"x")
-        os.stat(top)
-    ino = os.stat(top).st_ino
-    assert ino in _table(mount)["entries"]
+    ino = _offered(mount, top, "f0", "f1", "f2")
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("2\n")  # dentries and inodes: the kernel sends FORGET
@@ -270,11 +270,7 @@ def test_a_directory_moved_is_answered_by_its_handler_until_it_offers_it_again(
     b.mkdir()
     moving = a / "moving"
     moving.mkdir()
-    for i in range(3):
-        (moving / f"f{i}").write_bytes(b"x")
-        os.stat(moving)
-    ino = os.stat(moving).st_ino
-    assert ino in _table(mount)["entries"]
+    ino = _offered(mount, moving, "f0", "f1", "f2")
     os.rename(moving, b / "moved")
     assert ino not in _table(mount)["entries"]
     moved = b / "moved"
