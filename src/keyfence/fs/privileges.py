@@ -95,9 +95,10 @@ class Privileges:
 
     @property
     def without_capability(self) -> set[int]:
-        """The set itself: fs/fuse/_loop.c answers ``getxattr
-        security.capability`` of these inodes with ENODATA, without the
-        handler (read on the handlers' thread, as everything here)."""
+        """The set itself, never replaced: fs/fuse/_loop.c answers
+        ``getxattr security.capability`` of these inodes with ENODATA,
+        without the handler (read on the handlers' thread, as everything
+        here)."""
         return self._no_capability
 
     def has_no_capability(self, ino: int) -> bool:
