@@ -24,6 +24,7 @@ from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.testing.mounting import Mount, fuse_available
 
 from .test_mount import Enc
+from .test_request_path import _requests
 
 
 def _open_fds() -> int:
@@ -147,10 +148,6 @@ def _table(mount: Mount) -> dict[str, list[int] | int]:
     answer = mount.control("dir_attributes")
     assert answer is not None, "the worker does not run keyfence's own loop"
     return dict(answer)
-
-
-def _requests(mount: Mount) -> list[int]:
-    return list(mount.control("requests"))
 
 
 def _backing_of(mount: Mount, path: Path) -> Path:
