@@ -1,5 +1,6 @@
 """The optional native parts: the sealer (keyfence.fs._sealer, C + OpenSSL
-libcrypto) and the FUSE loop's common case (keyfence.fs.fuse._loop).
+libcrypto), the names (keyfence.fs._names, C + libcrypto) and the FUSE
+loop's common case (keyfence.fs.fuse._loop, which uses _names' capsule).
 
 Everything else is in pyproject.toml.  ``optional=True``: without a compiler
 or OpenSSL's headers the build warns and goes on, and keyfence seals on its
@@ -20,8 +21,18 @@ setup(
             optional=True,
         ),
         Extension(
+            "keyfence.fs._names",
+            ["src/keyfence/fs/_names.c"],
+            depends=["src/keyfence/fs/_names.h"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            optional=True,
+        ),
+        Extension(
             "keyfence.fs.fuse._loop",
-            ["src/keyfence/fs/fuse/_loop.c"],
+            ["src/keyfence/fs/fuse/_loop.c", "src/keyfence/fs/fuse/_answers.c"],
+            depends=["src/keyfence/fs/_names.h", "src/keyfence/fs/fuse/_answers.h"],
+            include_dirs=["src/keyfence/fs"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
         ),

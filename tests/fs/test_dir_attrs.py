@@ -52,9 +52,9 @@ def test_an_offer_holds_a_duplicate_that_a_withdrawal_closes(a_dir: int) -> None
     table = DirectoryAttributes()
     st = os.fstat(a_dir)
     table.offer(5, a_dir, st.st_ino, 1.25, generation=table.generation)
-    fd, st_ino, seconds, ns = table.table[5]
+    fd, st_ino, seconds, ns, names = table.table[5]
     assert fd != a_dir and os.path.samestat(os.fstat(fd), st)
-    assert (st_ino, seconds, ns) == (st.st_ino, 1, 250_000_000)
+    assert (st_ino, seconds, ns, names) == (st.st_ino, 1, 250_000_000, None)
     assert not os.get_inheritable(fd)
     table.withdraw(5)
     assert 5 not in table and not _is_open(fd)

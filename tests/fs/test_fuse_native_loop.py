@@ -38,8 +38,9 @@ class Pair:
         self.view = memoryview(self.buf)
         self.by_opcode = [0] * 64
         self.handlers: dict[int, Any] = {}
-        self.dirs: dict[int, tuple[int, int, int, int]] | None = None
+        self.dirs: dict[int, tuple[Any, ...]] | None = None
         self.no_capability: set[int] | None = None
+        self.on_miss: Any = None
 
     def request(self, opcode: int, unique: int, body: bytes = b"", *, length: int | None = None):
         size = p.IN_HEADER.size + len(body) if length is None else length
@@ -49,7 +50,7 @@ class Pair:
     def serve(self, *, budget: int = 32, spin_ns: int = 0) -> tuple[Any, ...]:
         return _loop.serve(
             self.server.fileno(), self.buf, self.view, self.handlers, Caller, FUSEError,
-            self.by_opcode, spin_ns, budget, self.dirs, self.no_capability,
+            self.by_opcode, spin_ns, budget, self.dirs, self.no_capability, self.on_miss,
         )  # fmt: skip
 
     def answer(self) -> tuple[int, int, bytes]:
@@ -256,6 +257,8 @@ def test_arguments_are_checked() -> None:
         _loop.serve(0, buf, memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32, [])  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         _loop.serve(0, buf, memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32, None, [7])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _loop.serve(0, buf, memoryview(buf), {}, Caller, FUSEError, [0] * 64, 0, 32, {}, None, 7)  # type: ignore[arg-type]
 
 
 # ----------------------------------------- directories answered from the table

@@ -61,6 +61,8 @@ from keyfence.fs.format import (
 )
 from keyfence.keys.secret import wipe_bytes
 
+_names = sealer.NAMES
+
 __all__ = [
     "DirectoryCipher",
     "EncryptedName",
@@ -602,7 +604,7 @@ class DirectoryCipher:
     "keyfence\\0symlinks" key, never shortened nor padded.
     """
 
-    __slots__ = ("_dir_nonce", "_keys", "_name_padding", "_names", "_symlinks")
+    __slots__ = ("_dir_nonce", "_keys", "_name_padding", "_names", "_symlinks", "names_sealer")
 
     def __init__(self, master: MasterKey, dir_nonce: bytes, name_padding: int = 0) -> None:
         if name_padding != 0 and name_padding not in NAME_PADDINGS:
@@ -615,12 +617,20 @@ class DirectoryCipher:
         self._symlinks = AESSIV(self._keys[1])
         self._dir_nonce = bytes(dir_nonce)
         self._name_padding = name_padding
+        self.names_sealer = (
+            None if _names is None else _names.NameSealer(self._keys[0], dir_nonce, name_padding)
+        )
+        """The same names' encoder in C (fs/_names.c), or None where it is not
+        built: encrypt_name uses it, and the FUSE loop answers a LOOKUP of a
+        missing name with it (fs/fuse/dir_attrs.py)."""
 
     def wipe(self) -> None:
         """Zero both derived keys in place; only for a cipher nothing uses
         any more (fs/wipe.py)."""
         for key in self._keys:
             wipe_bytes(key)
+        if self.names_sealer is not None:
+            self.names_sealer.wipe()  # its key schedule: from now on it encodes nothing
 
     @classmethod
     def for_policy(cls, master: MasterKey, policy: Policy) -> DirectoryCipher:
@@ -655,8 +665,10 @@ class DirectoryCipher:
             raise KeyfenceError(errno.ENAMETOOLONG)
         if not _valid_name(name):
             raise FormatError("a name is 1..255 bytes without '/' or NUL")
-        padded = bytes(name).ljust(padded_name_length(len(name), self._name_padding), b"\x00")
-        full = b64url_encode(self._names.encrypt(padded, [self._dir_nonce]))
+        full = None if self.names_sealer is None else self.names_sealer.encode_name(name)
+        if full is None:  # not built, or wiped (AESSIV keeps its own copy of the key)
+            padded = bytes(name).ljust(padded_name_length(len(name), self._name_padding), b"\x00")
+            full = b64url_encode(self._names.encrypt(padded, [self._dir_nonce]))
         if len(full) > ENCODED_NAME_MAX:
             return EncryptedName(long_name_for(full), full)
         return EncryptedName(full, full)

@@ -163,8 +163,10 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         self.keys = KeyBindings(source)
         self.keys.user = self
         self.dir_attributes = DirectoryAttributes(enabled=False)
-        """Directories whose GETATTR the loop answers in C (fs/fuse/dir_attrs.py;
-        enabled by fs/worker.py when its loop has the C part)."""
+        """Directories whose GETATTR and missing names the loop answers in C
+        (fs/fuse/dir_attrs.py; enabled by fs/worker.py when its loop has the
+        C part)."""
+        self.dir_attributes.on_miss = self.lookup_missed
         self.keys.unbound = self.dir_attributes.clear  # a lock changes their timeouts
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
@@ -545,14 +547,36 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             up = self.table.get(self.table.parent_of(d.ino))
             up.lookups += 1
             return self._inode_attrs(up)
-        disk, _master, locked = await self._resolve(d, name, ctx)
+        generation = self.dir_attributes.generation  # before we look: a lock refuses the offer
+        disk, master, locked = await self._resolve(d, name, ctx)
         try:
             st = sc.stat_at(self.table.dir_fd(d.ino), disk)
         except FileNotFoundError:
-            return self._missing(d, name, locked)
+            missing = self._missing(d, name, locked)
+            if master is not None and d.cipher is not None and d.cipher.names_sealer is not None:
+                # the next missing names of d are answered in C (fs/fuse/dir_attrs.py)
+                self.dir_attributes.offer(
+                    d.ino,
+                    self.table.dir_fd(d.ino),
+                    self.table.fuse_ino(d.ino),  # its own inverse: the backing inode
+                    missing.entry_timeout,
+                    generation=generation,
+                    names=d.cipher.names_sealer,
+                )
+            return missing
         self.table.remember(d.ino, disk, st)
         link = (self.table.dir_fd(d.ino), disk)
         return self._attrs(st, d.policy, locked=locked, dir_inode=d, link=link)
+
+    def lookup_missed(self, dir_ino: int, name: bytes, disk: str) -> bool:
+        """The C loop answers a LOOKUP of ``name`` (stored as ``disk``)
+        missing from ``dir_ino`` (fs/fuse/dir_attrs.py): remember it as
+        ``lookup`` would; whether the answer may carry a timeout."""
+        d = self.table.find(dir_ino)
+        if d is None or not d.is_dir or d.policy is None:
+            return False
+        d.remember_name(EncryptedName(disk, disk), name)  # create() needs it next
+        return self.negatives.remember(dir_ino, name)
 
     def _missing(self, d: Inode, name: bytes, locked: bool) -> EntryAttributes:
         """A negative entry (inode 0) the kernel may keep for the timeout,

@@ -8,6 +8,9 @@ one core while another thread writes or reads on the other.  Without it
 records are made one ``cryptography`` call per block.  Both paths make
 byte-identical records from the same nonces (tests/fs/test_sealer.py);
 :class:`~keyfence.fs.crypto.FileCipher` picks :data:`NATIVE` when it is made.
+
+``keyfence.fs._names`` (C, libcrypto) likewise encodes an encrypted
+directory's entry names (:data:`NAMES`), under the same switch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-__all__ = ["DISABLE_ENV", "NATIVE", "describe"]
+__all__ = ["DISABLE_ENV", "NAMES", "NATIVE", "describe"]
 
 DISABLE_ENV = "KEYFENCE_NO_NATIVE"
 """Set to a non-empty value other than ``0``: always the Python path."""
@@ -35,6 +38,21 @@ def _load() -> ModuleType | None:
 
 NATIVE: ModuleType | None = _load()
 """The native sealer module, or None for the Python path."""
+
+
+def _load_names() -> ModuleType | None:
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from keyfence.fs import _names
+    except ImportError:  # not built
+        return None
+    return _names
+
+
+NAMES: ModuleType | None = _load_names()
+"""The native entry names (fs/_names.c: crypto.DirectoryCipher.names_sealer),
+or None: names are encrypted through cryptography's AESSIV only."""
 
 
 def describe() -> str:

@@ -53,6 +53,7 @@ from keyfence.fs.format import (
     KeyRef,
     Policy,
 )
+from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable
 from keyfence.fs.mount_stats import policy_options
 from keyfence.fs.op_errors import fuse_op
@@ -95,6 +96,7 @@ class Xattrs:
     cache: PageCache
     keys: KeyBindings
     privileges: Privileges
+    dir_attributes: DirectoryAttributes
     enable_writeback_cache: bool
     _busy_names: dict[int, str]
     label_of: Callable[[int], str]
@@ -200,6 +202,7 @@ class Xattrs:
         node.policy = policy
         node.policy_error = None
         node.forget_names()
+        self.dir_attributes.withdraw(node.ino)  # its names are encrypted from now on
         log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:

@@ -180,14 +180,18 @@ class Control:
 
             session = fuse_kernel.active()
             return None if session is None else list(session.by_opcode)
-        if op == "dir_attributes":  # directories whose GETATTR the C loop answers
+        if op == "dir_attributes":  # directories whose GETATTR (and missing names) C answers
             from keyfence.fs.fuse import kernel as fuse_kernel
 
             session = fuse_kernel.active()
             if session is None:
                 return None
             table = session.ops.dir_attributes
-            return {"entries": sorted(table.table), "served": session.served_from_tables}
+            return {
+                "entries": sorted(table.table),
+                "names": sorted(ino for ino, entry in table.table.items() if entry[4] is not None),
+                "served": session.served_from_tables,
+            }
         if op == "negatives":  # negative entries the mount remembers handing out
             from keyfence.fs.fuse import kernel as fuse_kernel
 

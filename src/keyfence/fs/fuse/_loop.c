@@ -31,18 +31,10 @@
  * The GIL is let go for every read, write and spin, as os.read/os.writev
  * let it go.
  *
- * Two answers come from tables the handlers keep, without a handler
- * (counted as `tabled`):
- *
- * - GETATTR of a directory in the table of fs/fuse/dir_attrs.py: from an
- *   fstat of the table's own descriptor (dir_attrs.py says when an entry
- *   is there and what it answers).  The table is read and the descriptor
- *   fstat'ed without letting go of the GIL: the Python side takes an entry
- *   out, under the GIL, before it closes its descriptor, so the descriptor
- *   used here is never one closed (or reused) meanwhile.
- * - GETXATTR "security.capability" of an inode in the set of those known
- *   to have none (fs/privileges.py): ENODATA, as the handler answers it.
- *   The kernel asks it before the first write to every file.
+ * Three answers come from tables the handlers keep, without a handler
+ * (counted as `tabled`; _answers.c says which and when): a directory's
+ * GETATTR, the GETXATTR of security.capability of a file known to have
+ * none, and a LOOKUP of a name missing from an encrypted directory.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -56,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_answers.h"
+
 enum {
     ST_IDLE = 0,
     ST_BUDGET = 1,
@@ -68,6 +62,7 @@ enum {
     ST_GONE = 8,
 };
 
+#define OP_LOOKUP 1
 #define OP_FORGET 2
 #define OP_GETATTR 3
 #define OP_GETXATTR 22
@@ -76,36 +71,6 @@ enum {
 #define OP_BATCH_FORGET 42
 #define ERRNO_MAX 511
 #define MAX_PARTS 64
-
-struct in_header {
-    uint32_t len;
-    uint32_t opcode;
-    uint64_t unique;
-    uint64_t nodeid;
-    uint32_t uid, gid, pid;
-    uint16_t total_extlen, padding;
-};
-
-struct out_header {
-    uint32_t len;
-    int32_t error;
-    uint64_t unique;
-};
-
-struct attr {
-    uint64_t ino, size, blocks, atime, mtime, ctime;
-    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
-};
-
-struct attr_out {
-    uint64_t attr_valid;
-    uint32_t attr_valid_nsec, dummy;
-    struct attr attr;
-};
-
-_Static_assert(sizeof(struct in_header) == 40, "fuse_in_header");
-_Static_assert(sizeof(struct out_header) == 16, "fuse_out_header");
-_Static_assert(sizeof(struct attr_out) == 104, "fuse_attr_out");
 
 static PyObject *str_errno; /* "errno" */
 
@@ -162,77 +127,6 @@ static int write_answer(int fd, uint64_t unique, int32_t error, Py_buffer *parts
     return errno;
 }
 
-/* A GETATTR of nodeid answered from the directory table: 1 and *out
-   filled; 0 when the handler answers (no entry, or the descriptor is no
-   longer that directory, alive); -1 for an entry that is not
-   (fd, st_ino, attr_valid, attr_valid_nsec), or no memory: the handler
-   answers too.  The GIL stays held from the lookup to the end of the
-   fstat (see above). */
-static int dir_attr(PyObject *table, uint64_t nodeid, struct attr_out *out)
-{
-    PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
-    if (key == NULL)
-        return -1;
-    PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
-    Py_DECREF(key);
-    if (entry == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    int fd;
-    unsigned long long st_ino, valid;
-    unsigned int valid_nsec;
-    if (!PyTuple_Check(entry))
-        return -1;
-    if (!PyArg_ParseTuple(entry, "iKKI", &fd, &st_ino, &valid, &valid_nsec))
-        return -1;
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_ino != st_ino || st.st_nlink == 0)
-        return 0; /* the handler says what it is now */
-    /* as fs/ops.py's _attrs gives a directory (dispatch.attr_out_bytes) */
-    memset(out, 0, sizeof(*out));
-    out->attr_valid = valid;
-    out->attr_valid_nsec = valid_nsec;
-    out->attr.ino = nodeid;
-    out->attr.size = (uint64_t)st.st_size;
-    out->attr.blocks = (uint64_t)st.st_blocks;
-    out->attr.atime = (uint64_t)st.st_atim.tv_sec;
-    out->attr.mtime = (uint64_t)st.st_mtim.tv_sec;
-    out->attr.ctime = (uint64_t)st.st_ctim.tv_sec;
-    out->attr.atimensec = (uint32_t)st.st_atim.tv_nsec;
-    out->attr.mtimensec = (uint32_t)st.st_mtim.tv_nsec;
-    out->attr.ctimensec = (uint32_t)st.st_ctim.tv_nsec;
-    out->attr.mode = st.st_mode;
-    out->attr.nlink = (uint32_t)st.st_nlink;
-    out->attr.uid = st.st_uid;
-    out->attr.gid = st.st_gid;
-    out->attr.rdev = (uint32_t)st.st_rdev;
-    out->attr.blksize = 4096;
-    return 1;
-}
-
-static const char CAPABILITY[] = "security.capability"; /* with its NUL */
-
-/* Whether a GETXATTR (the request in mem, n bytes) asks for the
-   capability of an inode in no_capability: the answer is then ENODATA. */
-static int without_capability(PyObject *no_capability, const unsigned char *mem, size_t n,
-                              uint64_t nodeid)
-{
-    const size_t at = sizeof(struct in_header) + 8; /* fuse_getxattr_in: size, padding */
-    if (n < at + sizeof(CAPABILITY) || memcmp(mem + at, CAPABILITY, sizeof(CAPABILITY)) != 0)
-        return 0;
-    PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
-    if (key == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    int known = PySet_Contains(no_capability, key);
-    Py_DECREF(key);
-    if (known < 0) {
-        PyErr_Clear();
-        return 0;
-    }
-    return known;
-}
-
 /* The errno a FUSEError carries (EIO if it is not one the kernel takes),
    or 0 if exc is not a FUSEError. */
 static int fuse_errno(PyObject *exc, PyObject *fuse_error)
@@ -267,13 +161,17 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
     PyObject *bufobj, *view, *handlers, *caller_type, *fuse_error, *by_opcode;
-    PyObject *dirs = Py_None, *no_capability = Py_None;
+    PyObject *dirs = Py_None, *no_capability = Py_None, *on_miss = Py_None;
     long long spin_ns;
     long budget;
-    if (!PyArg_ParseTuple(args, "iOOO!OOO!Ll|OO", &fd, &bufobj, &view, &PyDict_Type, &handlers,
+    if (!PyArg_ParseTuple(args, "iOOO!OOO!Ll|OOO", &fd, &bufobj, &view, &PyDict_Type, &handlers,
                           &caller_type, &fuse_error, &PyList_Type, &by_opcode, &spin_ns, &budget,
-                          &dirs, &no_capability))
+                          &dirs, &no_capability, &on_miss))
         return NULL;
+    if (on_miss != Py_None && !PyCallable_Check(on_miss)) {
+        PyErr_SetString(PyExc_TypeError, "on_miss must be callable or None");
+        return NULL;
+    }
     if (dirs != Py_None && !PyDict_Check(dirs)) {
         PyErr_SetString(PyExc_TypeError, "dirs must be a dict or None");
         return NULL;
@@ -358,13 +256,20 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
             goto request_error;
         if (op == OP_GETATTR && dirs != Py_None) {
             struct attr_out answer;
-            int got = dir_attr(dirs, h.nodeid, &answer);
-            if (got < 0)
-                PyErr_Clear(); /* never the mount's end: the handler answers */
-            if (got > 0) {
+            if (dir_attr(dirs, h.nodeid, &answer)) {
                 Py_buffer part = {.buf = &answer, .len = sizeof(answer)};
                 tabled++;
                 e = write_answer(fd, h.unique, 0, &part, 1, &abandoned);
+                goto answered;
+            }
+        } else if (op == OP_LOOKUP && dirs != Py_None && on_miss != Py_None) {
+            struct entry_out answer;
+            int got = missing_name(dirs, on_miss, mem, (size_t)n, h.nodeid, &answer);
+            if (got) {
+                Py_buffer part = {.buf = &answer, .len = sizeof(answer)};
+                tabled++;
+                e = got == MISSING_CACHED ? write_answer(fd, h.unique, 0, &part, 1, &abandoned)
+                                          : write_answer(fd, h.unique, -ENOENT, NULL, 0, &abandoned);
                 goto answered;
             }
         } else if (op == OP_GETXATTR && no_capability != Py_None &&
@@ -514,7 +419,7 @@ error:
 static PyMethodDef methods[] = {
     {"serve", serve, METH_VARARGS,
      "serve(fd, buf, view, handlers, caller_type, fuse_error, by_opcode, spin_ns, budget,\n"
-     "      dirs=None, no_capability=None)\n"
+     "      dirs=None, no_capability=None, on_miss=None)\n"
      "-> (status, served, caught, missed, abandoned, n, a, b, c, d, tabled)"},
     {NULL, NULL, 0, NULL},
 };
@@ -527,7 +432,7 @@ static struct PyModuleDef loop_module = {
 PyMODINIT_FUNC PyInit__loop(void)
 {
     str_errno = PyUnicode_InternFromString("errno");
-    if (str_errno == NULL)
+    if (str_errno == NULL || answers_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&loop_module);
     if (m == NULL)

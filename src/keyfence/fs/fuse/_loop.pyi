@@ -1,4 +1,5 @@
 # The FUSE request loop's common case (_loop.c); keyfence/fs/fuse/session.py drives it.
+from collections.abc import Callable
 from typing import Any
 
 IDLE: int
@@ -21,7 +22,8 @@ def serve(
     by_opcode: list[int],
     spin_ns: int,
     budget: int,
-    dirs: dict[int, tuple[int, int, int, int]] | None = None,
+    dirs: dict[int, tuple[int, int, int, int, Any]] | None = None,
     no_capability: set[int] | None = None,
+    on_miss: Callable[[int, bytes, str], bool] | None = None,
     /,
 ) -> tuple[int, int, int, int, int, int, Any, Any, Any, Any, int]: ...

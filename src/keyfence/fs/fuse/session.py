@@ -175,7 +175,8 @@ class Session:
         no_capability: set[int] | None = None,
     ) -> None:
         """What the C loop answers without a handler, from tables ``ops``
-        keeps: ``dir_attributes``, the directories whose GETATTR it answers
+        keeps: ``dir_attributes``, the directories whose GETATTR (and, for
+        encrypted ones, LOOKUP of a missing name) it answers
         (fs/fuse/dir_attrs.py); ``no_capability``, the inodes whose
         ``getxattr security.capability`` is ENODATA (fs/privileges.py)."""
         self.ops = ops
@@ -257,6 +258,7 @@ class Session:
         spin_ns = self.options.spin_ns
         native = _native if self.options.native else None
         dirs = self.dir_attributes.table if self.dir_attributes is not None else None
+        on_miss = self.dir_attributes.on_miss if self.dir_attributes is not None else None
         no_capability = self.no_capability
         try:
             while not self.stopping:
@@ -268,7 +270,7 @@ class Session:
                 if native is not None and self.initialized:
                     outcome = native.serve(
                         fd, buf, view, self.handlers, Caller, FUSEError,
-                        self.by_opcode, spin_ns, every, dirs, no_capability,
+                        self.by_opcode, spin_ns, every, dirs, no_capability, on_miss,
                     )  # fmt: skip
                     action = self._after_native(outcome, view)
                     if action is _Next.READ:
