@@ -7,8 +7,9 @@ Usage (root, from the repository root)::
 
 Two mounts of the real worker (``keyfence.testing.mount_worker``: keys in
 an in-process KeyService, no daemon round trips), one running the source
-tree of ``--base`` (``git archive`` into a temporary directory, put first
-on the worker's ``PYTHONPATH``) and one this tree, each with a plain and an
+tree of ``--base`` (``git archive`` into a temporary directory, its native
+parts built there as this tree's are, put first on the worker's
+``PYTHONPATH``) and one this tree, each with a plain and an
 encrypted directory; and a gocryptfs mount (``--no-gocryptfs`` to leave it
 out).  Each run, interleaved: create ``--files`` files of 4 KiB
 (``open(O_CREAT|O_EXCL)``, ``write``, ``close``) in each directory; then
@@ -89,6 +90,21 @@ def measure(
     )
 
 
+def build_extensions(tree: Path) -> None:
+    """Build ``tree``'s native parts (the sealer, the loop) in place, as
+    this tree's are: without them its worker would seal and serve in
+    Python, and the comparison would be of that, not of the commits."""
+    subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+    )
+    built = sorted(p.name.split(".")[0] for p in (tree / "src").rglob("_*.so"))
+    if "_loop" not in built or "_sealer" not in built:
+        raise SystemExit(f"{tree}: native parts not built ({built})")
+
+
 def keyfence_mount(tmp: Path, name: str, src: Path | None) -> Mount:
     old = os.environ.get("PYTHONPATH")
     if src is not None:
@@ -119,9 +135,22 @@ def main() -> int:
     base_src = tmp / "base"
     base_src.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", a.base, "src"], check=True, capture_output=True
+        [
+            "git",
+            "-C",
+            str(REPO),
+            "archive",
+            a.base,
+            "src",
+            "setup.py",
+            "pyproject.toml",
+            "README.md",
+        ],
+        check=True,
+        capture_output=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
+    build_extensions(base_src)
     mounts: dict[str, Mount] = {}
     gocryptfs: GocryptfsPeer | None = None
     try:
