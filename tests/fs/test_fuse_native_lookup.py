@@ -27,19 +27,11 @@ from keyfence.fs.crypto import DirectoryCipher, MasterKey
 from keyfence.fs.fuse import _loop
 from keyfence.fs.fuse.dispatch import Caller, entry_bytes
 
+from . import test_fuse_native_loop as native_loop
 from .test_fuse_native_loop import LOOKUP, Pair
 
+pair = native_loop.pair  # the fixture: the same socket pair
 NODEID = 7  # Pair's requests are all for nodeid 7
-
-
-@pytest.fixture
-def pair() -> Iterator[Pair]:
-    pr = Pair()
-    try:
-        yield pr
-    finally:
-        pr.kernel.close()
-        pr.server.close()
 
 
 def _negative(timeout: float) -> bytes:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,28 +21,14 @@ import pytest
 from keyfence.fs.fuse import protocol as fuse_proto
 from keyfence.testing.mounting import Mount, fuse_available
 
+from . import test_dir_attrs
+from .test_dir_attrs import _table
 from .test_mount import Enc, errno_of
 from .test_request_path import _requests
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
-
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Mount]:
-    m = Mount(tmp_path, "--attr-timeout", "60")
-    try:
-        yield m
-    finally:
-        m.unmount_checked()
-
-
-def _table(mount: Mount) -> dict[str, list[int] | int]:
-    # the C loop adds what it answered to the session's count when it
-    # returns, after spinning up to 50 µs for the next request: let it
-    time.sleep(0.02)
-    answer = mount.control("dir_attributes")
-    assert answer is not None, "the worker does not run keyfence's own loop"
-    return dict(answer)
+mount = test_dir_attrs.mount  # the fixture: a mount with 60 s timeouts
 
 
 def _served(mount: Mount) -> int:

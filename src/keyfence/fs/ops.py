@@ -554,19 +554,25 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         except FileNotFoundError:
             missing = self._missing(d, name, locked)
             if master is not None and d.cipher is not None and d.cipher.names_sealer is not None:
-                # the next missing names of d are answered in C (fs/fuse/dir_attrs.py)
-                self.dir_attributes.offer(
-                    d.ino,
-                    self.table.dir_fd(d.ino),
-                    self.table.fuse_ino(d.ino),  # its own inverse: the backing inode
-                    missing.entry_timeout,
-                    generation=generation,
-                    names=d.cipher.names_sealer,
-                )
+                # the next missing names of d are answered in C
+                self._offer(d, missing.entry_timeout, generation, d.cipher.names_sealer)
             return missing
         self.table.remember(d.ino, disk, st)
         link = (self.table.dir_fd(d.ino), disk)
         return self._attrs(st, d.policy, locked=locked, dir_inode=d, link=link)
+
+    def _offer(self, d: Inode, timeout: float, generation: int, names: Any = None) -> None:
+        """Let the C loop answer ``d``'s GETATTR, and with ``names`` (its
+        NameSealer) its missing names (fs/fuse/dir_attrs.py); ``generation``
+        read before the handler looked."""
+        self.dir_attributes.offer(
+            d.ino,
+            self.table.dir_fd(d.ino),
+            self.table.fuse_ino(d.ino),  # its own inverse: the backing inode
+            timeout,
+            generation=generation,
+            names=names,
+        )
 
     def lookup_missed(self, dir_ino: int, name: bytes, disk: str) -> bool:
         """The C loop answers a LOOKUP of ``name`` (stored as ``disk``)
@@ -613,14 +619,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         node = self.table.get(inode)
         generation = self.dir_attributes.generation  # before we look: a lock refuses the offer
         attrs = self._inode_attrs(node)
-        if node.is_dir:  # from now on answered in C while it holds (fs/fuse/dir_attrs.py)
-            self.dir_attributes.offer(
-                node.ino,
-                self.table.dir_fd(node.ino),
-                self.table.fuse_ino(node.ino),  # its own inverse: the backing inode
-                attrs.attr_timeout,
-                generation=generation,
-            )
+        if node.is_dir:  # from now on answered in C while it holds
+            self._offer(node, attrs.attr_timeout, generation)
         return attrs
 
     @fuse_op
