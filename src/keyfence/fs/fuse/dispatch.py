@@ -141,6 +141,13 @@ def open_out_bytes(fi: Any, noflush: bool = False) -> bytes:
     return p.OPEN_OUT.pack(fi.fh, flags, 0)
 
 
+_PLUS_HEAD = struct.Struct(
+    "=" + p.ENTRY_OUT.format.lstrip("=") + p.ATTR.format.lstrip("=") + p.DIRENT.format.lstrip("=")
+)
+"""fuse_direntplus without its name: fuse_entry_out (with fuse_attr) and fuse_dirent."""
+_PADS = tuple(b"\0" * k for k in range(8))
+
+
 class DirBuffer:
     """The ``token`` of a READDIR(PLUS): entries until ``size`` bytes."""
 
@@ -158,13 +165,26 @@ class DirBuffer:
         dirent = p.DIRENT.size + n
         total = (dirent + 7) & ~7
         if self.plus:
-            total += p.ENTRY_OUT.size + p.ATTR.size
+            total += _PLUS_HEAD.size - p.DIRENT.size
         if self.used + total > self.size:
             return False
         kind = stat.S_IFMT(attrs.st_mode) >> 12
-        head = entry_bytes(attrs) if self.plus else b""
-        pad = b"\0" * ((8 - dirent % 8) % 8)
-        self.parts.append(head + p.DIRENT.pack(attrs.st_ino, next_id, n, kind) + name + pad)
+        pad = _PADS[-dirent % 8]
+        if self.plus:  # entry_bytes and the dirent in one pack: one per entry of a listing
+            a = attrs
+            entry_s, entry_ns = _seconds(a.entry_timeout)
+            attr_s, attr_ns = _seconds(a.attr_timeout)
+            at, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
+            head = _PLUS_HEAD.pack(
+                a.st_ino, a.generation, entry_s, attr_s, entry_ns, attr_ns,
+                a.st_ino, a.st_size, a.st_blocks, at // _NS, mt // _NS, ct // _NS,
+                at % _NS, mt % _NS, ct % _NS, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
+                a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0,
+                a.st_ino, next_id, n, kind,
+            )  # fmt: skip
+        else:
+            head = p.DIRENT.pack(attrs.st_ino, next_id, n, kind)
+        self.parts.append(head + name + pad)
         self.used += total
         return True
 
