@@ -39,7 +39,12 @@ static struct kf_names_api *names_api; /* NULL: _names not built */
 
 int answers_init(void)
 {
-    names_api = PyCapsule_Import("keyfence.fs._names._C_API", 0);
+    /* PyCapsule_Import imports only "keyfence" and walks attributes from
+     * there: the submodule must be imported first, or the capsule is found
+     * only when something else happened to import it before this module */
+    PyObject *module = PyImport_ImportModule("keyfence.fs._names");
+    Py_XDECREF(module);
+    names_api = module == NULL ? NULL : PyCapsule_Import("keyfence.fs._names._C_API", 0);
     if (names_api == NULL || names_api->version != KF_NAMES_API_VERSION) {
         names_api = NULL;
         PyErr_Clear();
@@ -47,26 +52,27 @@ int answers_init(void)
     return 0;
 }
 
-/* The directory table's entry of nodeid: (fd, st_ino, seconds, nanoseconds
- * [, NameSealer or None]), borrowed; NULL when there is none or it is not
+/* The directory table's entry of nodeid, (fd, st_ino, seconds,
+ * nanoseconds[, NameSealer or None]), into the out parameters (*names:
+ * borrowed, Py_None without one): 1, or 0 when there is none or it is not
  * such a tuple (errors cleared). */
-static PyObject *table_entry(PyObject *table, uint64_t nodeid, int *fd, unsigned long long *st_ino,
-                             unsigned long long *valid, unsigned int *valid_nsec)
+static int table_entry(PyObject *table, uint64_t nodeid, int *fd, unsigned long long *st_ino,
+                       unsigned long long *valid, unsigned int *valid_nsec, PyObject **names)
 {
     PyObject *key = PyLong_FromUnsignedLongLong(nodeid);
     if (key == NULL) {
         PyErr_Clear();
-        return NULL;
+        return 0;
     }
     PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
     Py_DECREF(key);
-    PyObject *sealer = Py_None;
+    *names = Py_None;
     if (entry == NULL || !PyTuple_Check(entry) ||
-        !PyArg_ParseTuple(entry, "iKKI|O", fd, st_ino, valid, valid_nsec, &sealer)) {
+        !PyArg_ParseTuple(entry, "iKKI|O", fd, st_ino, valid, valid_nsec, names)) {
         PyErr_Clear();
-        return NULL;
+        return 0;
     }
-    return entry;
+    return 1;
 }
 
 int dir_attr(PyObject *table, uint64_t nodeid, struct attr_out *out)
@@ -74,7 +80,8 @@ int dir_attr(PyObject *table, uint64_t nodeid, struct attr_out *out)
     int fd;
     unsigned long long st_ino, valid;
     unsigned int valid_nsec;
-    if (table_entry(table, nodeid, &fd, &st_ino, &valid, &valid_nsec) == NULL)
+    PyObject *names;
+    if (!table_entry(table, nodeid, &fd, &st_ino, &valid, &valid_nsec, &names))
         return 0;
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_ino != st_ino || st.st_nlink == 0)
@@ -131,12 +138,10 @@ int missing_name(PyObject *table, PyObject *on_miss, const unsigned char *mem, s
     int fd;
     unsigned long long st_ino, valid;
     unsigned int valid_nsec;
-    PyObject *entry = table_entry(table, nodeid, &fd, &st_ino, &valid, &valid_nsec);
-    if (entry == NULL || PyTuple_GET_SIZE(entry) < 5)
-        return 0;
-    PyObject *sealer = PyTuple_GET_ITEM(entry, 4);
-    if (sealer == Py_None)
-        return 0; /* not encrypted (or no sealer built): the handler */
+    PyObject *sealer;
+    if (!table_entry(table, nodeid, &fd, &st_ino, &valid, &valid_nsec, &sealer) ||
+        sealer == Py_None)
+        return 0; /* not in the table, or not encrypted (or no sealer built): the handler */
     /* the name: NUL-terminated, the rest of the request */
     const unsigned char *name = mem + sizeof(struct in_header);
     size_t room = n - sizeof(struct in_header);
