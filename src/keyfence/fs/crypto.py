@@ -5,9 +5,10 @@ AES-256-GCM for file contents (one record per 4 KiB block), AES-SIV
 (AES-256-SIV, a 64-byte key) for names and symlink targets.
 
 The mount worker keeps one :class:`FileCipher` per open file (it holds the
-per-file key inside a ready ``AESGCM`` object) and one
-:class:`DirectoryCipher` per directory it lists.  Keys never appear in a
-``repr``, a ``str`` or an exception message.
+per-file key, and makes an ``AESGCM`` of it only when a path needs one) and
+one :class:`DirectoryCipher` per directory it lists; a new file's key comes
+from :meth:`MasterKey.new_file_cipher`, derived ahead.  Keys never appear
+in a ``repr``, a ``str`` or an exception message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import hmac
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -97,9 +99,13 @@ def _refill_nonces() -> Iterator[bytes]:
     return it
 
 
+_forks = 0  # how many forks this process is from its ancestor: MasterKey spares
+
+
 def _after_fork_in_child() -> None:
-    global _nonces
+    global _nonces, _forks
     _nonces = iter(())
+    _forks += 1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -126,6 +132,8 @@ def urandom_nonce(n: int) -> bytes:
 
 
 # --- key derivation --------------------------------------------------------
+
+_SPARE_FILE_KEYS = 16  # new files' keys derived per batch (MasterKey.new_file_cipher)
 
 
 def _hkdf(master: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
@@ -174,7 +182,15 @@ class MasterKey:
     the e4crypt way, :meth:`from_e4crypt`.
     """
 
-    __slots__ = ("_descriptor", "_identifier", "_raw", "_wiped")
+    __slots__ = (
+        "_descriptor",
+        "_identifier",
+        "_raw",
+        "_spares",
+        "_spares_fork",
+        "_spares_lock",
+        "_wiped",
+    )
 
     def __init__(self, raw: bytes) -> None:
         _check_master(raw)
@@ -182,12 +198,24 @@ class MasterKey:
         self._identifier = key_identifier(self._raw)
         self._descriptor: str | None = None
         self._wiped = False
+        # new files' (file id, file key) pairs, derived ahead (new_file_cipher)
+        self._spares: list[tuple[bytes, bytes]] = []
+        self._spares_fork = _forks
+        self._spares_lock = threading.Lock()
 
     def wipe(self) -> None:
         """Zero the key bytes in place (a payload read from the key service
-        is this very object, often its only copy); unusable afterwards."""
-        self._wiped = True
-        wipe_bytes(self._raw)
+        is this very object, often its only copy), and the file keys derived
+        ahead; unusable afterwards."""
+        with self._spares_lock:
+            self._wiped = True
+            wipe_bytes(self._raw)
+            self._drop_spares_locked()
+
+    def _drop_spares_locked(self) -> None:
+        for _file_id, file_key in self._spares:
+            wipe_bytes(file_key)
+        self._spares.clear()
 
     @property
     def wiped(self) -> bool:
@@ -234,6 +262,31 @@ class MasterKey:
     ) -> FileCipher:
         master = self._usable()
         return FileCipher(derive_file_key(master, file_id), file_id, nonce_source=nonce_source)
+
+    def new_file_cipher(self, *, nonce_source: NonceSource = urandom_nonce) -> FileCipher:
+        """The cipher of a new file: a fresh random file id and its key.
+
+        Keys for new files are derived :data:`_SPARE_FILE_KEYS` at a time,
+        from one ``os.urandom`` of their ids: one HKDF among a request's
+        other work ran from cold caches at 15-30 us here, three times what
+        one in a row of them costs (docs/performance.md, part 18).  The
+        spares are wiped with the master key (:meth:`wipe`); they open
+        nothing yet, no file has their ids.  A child made by ``os.fork``
+        drops the spares it inherited, so parent and child never give two
+        files one id.
+        """
+        with self._spares_lock:
+            master = self._usable()
+            if self._spares_fork != _forks:
+                self._drop_spares_locked()
+                self._spares_fork = _forks
+            if not self._spares:
+                ids = os.urandom(FILE_ID_SIZE * _SPARE_FILE_KEYS)
+                for pos in range(0, len(ids), FILE_ID_SIZE):
+                    file_id = ids[pos : pos + FILE_ID_SIZE]
+                    self._spares.append((file_id, derive_file_key(master, file_id)))
+            file_id, file_key = self._spares.pop()
+        return FileCipher(file_key, file_id, nonce_source=nonce_source)
 
     def directory_cipher(self, dir_nonce: bytes, name_padding: int = 0) -> DirectoryCipher:
         return DirectoryCipher(self, dir_nonce, name_padding)
@@ -290,7 +343,7 @@ class FileCipher:
     hole (zeros).
     """
 
-    __slots__ = ("_aead", "_decrypt", "_encrypt", "_file_id", "_key", "_native", "_nonce")
+    __slots__ = ("_aead", "_file_id", "_key", "_native", "_nonce")
 
     def __init__(
         self, file_key: bytes, file_id: bytes, *, nonce_source: NonceSource = urandom_nonce
@@ -300,12 +353,20 @@ class FileCipher:
         if len(file_id) != FILE_ID_SIZE:
             raise FormatError(f"a file id is {FILE_ID_SIZE} bytes")
         self._key = bytes(file_key)
-        self._aead = AESGCM(self._key)  # holds this very object (no copy)
-        self._encrypt = self._aead.encrypt
-        self._decrypt = self._aead.decrypt
+        # made at first use: the native sealer takes the key bytes, so most
+        # files never need one (it cost a small file's write 5-10 us)
+        self._aead: AESGCM | None = None
         self._file_id = bytes(file_id)
         self._nonce = nonce_source
         self._native = sealer.NATIVE  # batches: one call, GIL released (fs/sealer.py)
+
+    def _gcm(self) -> AESGCM:
+        """cryptography's AES-GCM under this file's key, made once; it holds
+        the very key object (no copy), so :meth:`wipe` zeroes its key too."""
+        aead = self._aead
+        if aead is None:
+            aead = self._aead = AESGCM(self._key)
+        return aead
 
     @classmethod
     def for_header(
@@ -345,7 +406,7 @@ class FileCipher:
             aad = _pack_aad(self._file_id, index)
         except struct.error:
             raise ValueError(f"block index {index} out of range") from None
-        return nonce + self._encrypt(nonce, plaintext, aad)
+        return nonce + self._gcm().encrypt(nonce, plaintext, aad)
 
     def decrypt_block(self, index: int, record: Buffer) -> bytes:
         """The plaintext of the record of block ``index``.
@@ -368,7 +429,7 @@ class FileCipher:
             raise ValueError(f"block index {index} out of range") from None
         view = memoryview(record)
         try:
-            return self._decrypt(view[:BLOCK_NONCE_SIZE], view[BLOCK_NONCE_SIZE:], aad)
+            return self._gcm().decrypt(view[:BLOCK_NONCE_SIZE], view[BLOCK_NONCE_SIZE:], aad)
         except InvalidTag:
             if view == _ZEROS[:n]:
                 return bytes(n - BLOCK_OVERHEAD)
@@ -476,7 +537,8 @@ class FileCipher:
             bodies = bodies[:count]
             bodies[-1] = bodies[-1][: last + BLOCK_TAG_SIZE]
         file_id, pack = self._file_id, _pack_aad
-        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        aead = self._gcm()
+        encrypt_into = getattr(aead, "encrypt_into", None)
         for nonce, slot, body, block, index in zip(
             nonces, records.nonces, bodies, blocks, indexes, strict=False
         ):
@@ -484,7 +546,7 @@ class FileCipher:
             if encrypt_into is not None:
                 encrypt_into(nonce, block, pack(file_id, index), body)
             else:  # pragma: no cover - cryptography without encrypt_into
-                body[:] = self._encrypt(nonce, block, pack(file_id, index))
+                body[:] = aead.encrypt(nonce, block, pack(file_id, index))
         return (count - 1) * RECORD_SIZE + last + BLOCK_OVERHEAD
 
     def decrypt_blocks(self, first_index: int, records: Buffer) -> bytearray:
@@ -522,7 +584,8 @@ class FileCipher:
         out = bytearray(total - count * BLOCK_OVERHEAD)
         view = memoryview(out)
         file_id, pack = self._file_id, _pack_aad
-        decrypt_into = getattr(self._aead, "decrypt_into", None)
+        aead = self._gcm()
+        decrypt_into = getattr(aead, "decrypt_into", None)
         pos = 0
         for i in range(count):
             start = i * RECORD_SIZE
@@ -534,7 +597,7 @@ class FileCipher:
                 if decrypt_into is not None:
                     decrypt_into(nonce, sealed, pack(file_id, first_index + i), target)
                 else:  # pragma: no cover - cryptography without decrypt_into
-                    target[:] = self._decrypt(nonce, sealed, pack(file_id, first_index + i))
+                    target[:] = aead.decrypt(nonce, sealed, pack(file_id, first_index + i))
             except InvalidTag:
                 if record != _ZEROS[: len(record)]:
                     index = first_index + i

@@ -79,7 +79,6 @@ from keyfence.fs.crypto import FileCipher, MasterKey
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
     FILE_HEADER_SIZE,
-    FILE_ID_SIZE,
     RECORD_SIZE,
     FileHeader,
     FormatError,
@@ -687,7 +686,7 @@ class PageCache:
             master = f.master
             assert master is not None  # _check_usable_locked
             if f.cipher is None:
-                f.cipher = master.file_cipher(os.urandom(FILE_ID_SIZE))
+                f.cipher = master.new_file_cipher()
                 f.header_on_disk = False
             cipher, generation = f.cipher, f.generation
         n = len(view)

@@ -30,7 +30,6 @@ from keyfence.fs.crypto import FileCipher, RecordBuffer
 from keyfence.fs.format import (
     BLOCK_OVERHEAD,
     FILE_HEADER_SIZE,
-    FILE_ID_SIZE,
     RECORD_SIZE,
     FileHeader,
     backing_size,
@@ -396,7 +395,7 @@ def next_chunk_locked(
     if first * PAGE_SIZE >= size:  # beyond the end (truncated meanwhile)
         return None, pos + 1
     if f.cipher is None:
-        f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
+        f.cipher = f.master.new_file_cipher()
         f.header_on_disk = False
     # the run: as many of order[pos:] as are consecutive, dirty and
     # inside the file, found with slices and C loops, not a step per page
@@ -534,7 +533,7 @@ def finish_extension(cache: PageCache, f: CachedFile) -> None:
             f.dirty_since = None
             return
         if f.cipher is None:
-            f.cipher = f.master.file_cipher(os.urandom(FILE_ID_SIZE))
+            f.cipher = f.master.new_file_cipher()
             f.header_on_disk = False
         if not f.header_on_disk:
             os.pwrite(f.fd, FileHeader(f.cipher.file_id).serialize(), 0)

@@ -1,0 +1,138 @@
+"""New files' keys (crypto.MasterKey.new_file_cipher): derived ahead in
+batches, each the format's key for its id, never handed out twice (threads,
+fork), wiped with the master key; a file cipher makes cryptography's AESGCM
+only when a path needs it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+
+from keyfence.errors import KeyfenceError
+from keyfence.fs import crypto, sealer
+from keyfence.fs.crypto import FileCipher, MasterKey, derive_file_key
+from keyfence.fs.format import BLOCK_SIZE, FILE_ID_SIZE
+
+MASTER = bytes(range(64))
+
+
+def test_each_new_file_has_its_own_id_and_the_formats_key() -> None:
+    master = MasterKey(MASTER)
+    count = 3 * crypto._SPARE_FILE_KEYS + 5  # across several batches
+    ciphers = [master.new_file_cipher() for _ in range(count)]
+    ids = [c.file_id for c in ciphers]
+    assert len(set(ids)) == count and all(len(i) == FILE_ID_SIZE for i in ids)
+    for c in ciphers:
+        assert c._key == derive_file_key(MASTER, c.file_id)
+        # what a reader derives from the header opens what the writer sealed
+        record = c.encrypt_blocks(0, b"x" * (BLOCK_SIZE + 3))
+        reader = master.file_cipher(c.file_id)
+        assert bytes(reader.decrypt_blocks(0, record)) == b"x" * (BLOCK_SIZE + 3)
+
+
+def test_new_file_ids_are_unique_across_threads() -> None:
+    master = MasterKey(MASTER)
+    seen: list[list[bytes]] = []
+
+    def draw() -> None:
+        seen.append([master.new_file_cipher().file_id for _ in range(500)])
+
+    threads = [threading.Thread(target=draw) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for batch in seen for i in batch]
+    assert len(flat) == 3000 and len(set(flat)) == 3000
+
+
+def test_the_spares_are_wiped_with_the_master_key() -> None:
+    master = MasterKey(bytes(MASTER))
+    master.new_file_cipher()
+    spares = list(master._spares)
+    assert len(spares) == crypto._SPARE_FILE_KEYS - 1
+    keys = [key for _file_id, key in spares]
+    assert all(any(key) for key in keys)
+    master.wipe()
+    assert all(key == bytes(len(key)) for key in keys)
+    assert master._spares == []
+    with pytest.raises(KeyfenceError) as err:
+        master.new_file_cipher()
+    assert err.value.errno == errno.ENOKEY
+
+
+def test_a_forked_child_never_reuses_its_parents_spares() -> None:
+    master = MasterKey(MASTER)
+    master.new_file_cipher()  # the batch is there before the fork
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():
+        # 3.12+ warns about fork() when other tests left threads running
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(read_fd)
+            ids = [master.new_file_cipher().file_id for _ in range(40)]
+            os.write(write_fd, b"".join(ids))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        child_bytes = pipe.read()
+    os.waitpid(pid, 0)
+    child = {child_bytes[i : i + FILE_ID_SIZE] for i in range(0, len(child_bytes), FILE_ID_SIZE)}
+    parent = {master.new_file_cipher().file_id for _ in range(40)}
+    assert len(child) == 40 and not child & parent
+
+
+@pytest.mark.skipif(sealer.NATIVE is None, reason="the native sealer is not built here")
+def test_the_native_paths_make_no_aesgcm() -> None:
+    """A new small file's write and a read of it go through the native
+    sealer, which takes the key bytes: no cryptography AESGCM is made (it
+    was 5-10 us of a small file's WRITE); a single-record path makes one."""
+    cipher = MasterKey(MASTER).new_file_cipher()
+    records = cipher.encrypt_blocks(0, os.urandom(2 * BLOCK_SIZE))
+    cipher.decrypt_blocks(0, records)
+    assert cipher._aead is None
+    record = cipher.encrypt_block(5, b"one")
+    assert cipher._aead is not None and cipher.decrypt_block(5, record) == b"one"
+
+
+def test_a_lazy_aesgcm_uses_the_key_wiped_before_it() -> None:
+    """wipe() zeroes the key the AESGCM would be made from: a cipher wiped
+    before its first single-record use opens nothing sealed before."""
+    cipher = FileCipher(derive_file_key(MASTER, bytes(16)), bytes(16))
+    record = cipher.encrypt_blocks(0, b"secret")
+    cipher.wipe()
+    with pytest.raises(crypto.IntegrityError):
+        cipher.decrypt_block(0, record)
+
+
+RELEASED_SPARES = """
+import os
+from keyfence.fs.crypto import MasterKey
+from keyfence.testing.memory import count_in_memory
+
+master = MasterKey(os.urandom(64))
+master.new_file_cipher()
+reversed_keys = [bytes(reversed(key)) for _file_id, key in master._spares]
+master.wipe()
+print(*(count_in_memory(os.getpid(), bytes(reversed(needle))) for needle in reversed_keys))
+"""
+
+
+def test_wiped_spares_leave_no_key_bytes_in_memory() -> None:
+    """The spares' keys, searched in a fresh process's memory after the
+    master key's wipe: only the copy made to search for each is found."""
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASED_SPARES], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    counts = done.stdout.split()
+    assert len(counts) == crypto._SPARE_FILE_KEYS - 1 and set(counts) == {"1"}
