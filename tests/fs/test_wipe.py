@@ -79,7 +79,7 @@ file_cipher = master.file_cipher(os.urandom(16))
 file_cipher.decrypt_block(0, file_cipher.encrypt_block(0, b"x" * 4096))
 dir_cipher = master.directory_cipher(os.urandom(16))
 dir_cipher.decrypt_name(dir_cipher.encrypt_name(b"a name").disk_name)
-reversed_keys = [bytes(reversed(file_cipher._key)), bytes(reversed(dir_cipher._keys[0]))]
+reversed_keys = [bytes(reversed(file_cipher._key)), bytes(reversed(dir_cipher._names_key))]
 objects = [file_cipher, dir_cipher]
 del file_cipher, dir_cipher
 assert wipe.release(objects) == 2

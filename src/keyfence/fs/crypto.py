@@ -667,33 +667,70 @@ class DirectoryCipher:
     "keyfence\\0symlinks" key, never shortened nor padded.
     """
 
-    __slots__ = ("_dir_nonce", "_keys", "_name_padding", "_names", "_symlinks", "names_sealer")
+    __slots__ = (
+        "_dir_nonce",
+        "_master",
+        "_name_padding",
+        "_names",
+        "_names_key",
+        "_symlinks",
+        "_symlinks_key",
+        "_wiped",
+        "names_sealer",
+    )
 
     def __init__(self, master: MasterKey, dir_nonce: bytes, name_padding: int = 0) -> None:
         if name_padding != 0 and name_padding not in NAME_PADDINGS:
             raise FormatError(f"name padding is 4, 8, 16 or 32, not {name_padding!r}")
-        self._keys = (
-            derive_names_key(master.raw, dir_nonce),
-            derive_symlinks_key(master.raw, dir_nonce),
-        )
-        self._names = AESSIV(self._keys[0])  # each holds its very key object
-        self._symlinks = AESSIV(self._keys[1])
+        self._master = master
+        self._names_key = derive_names_key(master.raw, dir_nonce)
+        # cryptography's AES-SIV objects, and the symlinks key, are made at
+        # first use: a directory that is only written to (tar, git) needs
+        # neither with the C names, and they were half of its cipher's cost
+        self._names: AESSIV | None = None
+        self._symlinks_key: bytes | None = None
+        self._symlinks: AESSIV | None = None
+        self._wiped = False
         self._dir_nonce = bytes(dir_nonce)
         self._name_padding = name_padding
         self.names_sealer = (
-            None if _names is None else _names.NameSealer(self._keys[0], dir_nonce, name_padding)
+            None if _names is None else _names.NameSealer(self._names_key, dir_nonce, name_padding)
         )
         """The same names' encoder in C (fs/_names.c), or None where it is not
         built: encrypt_name uses it, and the FUSE loop answers a LOOKUP of a
         missing name with it (fs/fuse/dir_attrs.py)."""
 
     def wipe(self) -> None:
-        """Zero both derived keys in place; only for a cipher nothing uses
-        any more (fs/wipe.py)."""
-        for key in self._keys:
-            wipe_bytes(key)
+        """Zero the derived keys in place; only for a cipher nothing uses
+        any more (fs/wipe.py).  Nothing is derived or made from them after
+        it: a later use is ENOKEY, never a name sealed under zeros."""
+        self._wiped = True
+        wipe_bytes(self._names_key)
+        if self._symlinks_key is not None:
+            wipe_bytes(self._symlinks_key)
         if self.names_sealer is not None:
             self.names_sealer.wipe()  # its key schedule: from now on it encodes nothing
+
+    def _usable(self) -> None:
+        if self._wiped:
+            raise KeyfenceError(errno.ENOKEY, "the directory's cipher was wiped")
+
+    def _names_siv(self) -> AESSIV:
+        siv = self._names
+        if siv is None:
+            self._usable()
+            siv = self._names = AESSIV(self._names_key)  # AESSIV keeps a copy of the key
+        return siv
+
+    def _symlinks_siv(self) -> AESSIV:
+        siv = self._symlinks
+        if siv is None:
+            self._usable()
+            key = self._symlinks_key
+            if key is None:  # raises ENOKEY once the master key is wiped
+                key = self._symlinks_key = derive_symlinks_key(self._master.raw, self._dir_nonce)
+            siv = self._symlinks = AESSIV(key)
+        return siv
 
     @classmethod
     def for_policy(cls, master: MasterKey, policy: Policy) -> DirectoryCipher:
@@ -731,7 +768,7 @@ class DirectoryCipher:
         full = None if self.names_sealer is None else self.names_sealer.encode_name(name)
         if full is None:  # not built, or wiped (AESSIV keeps its own copy of the key)
             padded = bytes(name).ljust(padded_name_length(len(name), self._name_padding), b"\x00")
-            full = b64url_encode(self._names.encrypt(padded, [self._dir_nonce]))
+            full = b64url_encode(self._names_siv().encrypt(padded, [self._dir_nonce]))
         if len(full) > ENCODED_NAME_MAX:
             return EncryptedName(long_name_for(full), full)
         return EncryptedName(full, full)
@@ -763,7 +800,7 @@ class DirectoryCipher:
         except FormatError:
             raise IntegrityError(f"name {text!r} is not an encrypted name") from None
         try:
-            name = self._names.decrypt(sealed, [self._dir_nonce])
+            name = self._names_siv().decrypt(sealed, [self._dir_nonce])
         except (InvalidTag, ValueError):
             raise IntegrityError(f"name {text!r} failed authentication") from None
         if self._name_padding:
@@ -782,7 +819,7 @@ class DirectoryCipher:
             raise KeyfenceError(errno.ENAMETOOLONG)
         if not target or b"\x00" in target:
             raise FormatError("a symlink target is 1..3055 bytes without NUL")
-        return b64url_encode(self._symlinks.encrypt(bytes(target), [self._dir_nonce]))
+        return b64url_encode(self._symlinks_siv().encrypt(bytes(target), [self._dir_nonce]))
 
     def decrypt_symlink(self, encoded: str | bytes) -> bytes:
         """The plaintext target; :class:`IntegrityError` if not authentic."""
@@ -791,7 +828,7 @@ class DirectoryCipher:
         except FormatError:
             raise IntegrityError("symlink target is not an encrypted target") from None
         try:
-            target = self._symlinks.decrypt(sealed, [self._dir_nonce])
+            target = self._symlinks_siv().decrypt(sealed, [self._dir_nonce])
         except (InvalidTag, ValueError):
             raise IntegrityError("symlink target failed authentication") from None
         if not target or b"\x00" in target:

@@ -1,7 +1,10 @@
-"""New files' keys (crypto.MasterKey.new_file_cipher): derived ahead in
-batches, each the format's key for its id, never handed out twice (threads,
-fork), wiped with the master key; a file cipher makes cryptography's AESGCM
-only when a path needs it."""
+"""Derived keys made ahead or at first use (fs/crypto.py).
+
+New files' keys (MasterKey.new_file_cipher): derived ahead in batches, each
+the format's key for its id, never handed out twice (threads, fork), wiped
+with the master key.  A file cipher makes cryptography's AESGCM only when a
+path needs it; a directory cipher makes its AES-SIV objects and its
+symlinks key at first use, and nothing after its wipe."""
 
 from __future__ import annotations
 
@@ -16,7 +19,14 @@ import pytest
 
 from keyfence.errors import KeyfenceError
 from keyfence.fs import crypto, sealer
-from keyfence.fs.crypto import FileCipher, MasterKey, derive_file_key
+from keyfence.fs.crypto import (
+    DirectoryCipher,
+    FileCipher,
+    MasterKey,
+    derive_file_key,
+    derive_names_key,
+    derive_symlinks_key,
+)
 from keyfence.fs.format import BLOCK_SIZE, FILE_ID_SIZE
 
 MASTER = bytes(range(64))
@@ -112,6 +122,42 @@ def test_a_lazy_aesgcm_uses_the_key_wiped_before_it() -> None:
     cipher.wipe()
     with pytest.raises(crypto.IntegrityError):
         cipher.decrypt_block(0, record)
+
+
+def test_a_directory_cipher_derives_its_symlinks_key_at_first_use() -> None:
+    master = MasterKey(MASTER)
+    nonce = bytes(range(16))
+    d = DirectoryCipher(master, nonce, 16)
+    assert d._names_key == derive_names_key(MASTER, nonce)
+    assert d._symlinks_key is None and d._names is None and d._symlinks is None
+    target = d.encrypt_symlink(b"../target")
+    assert d._symlinks_key == derive_symlinks_key(MASTER, nonce)
+    # a second cipher of the same directory reads it, its names too
+    other = DirectoryCipher(master, nonce, 16)
+    assert other.decrypt_symlink(target) == b"../target"
+    assert other.decrypt_name(d.encrypt_name(b"a name").disk_name) == b"a name"
+
+
+def test_nothing_is_derived_or_made_after_a_wipe() -> None:
+    """A wiped directory cipher (or one whose master key is wiped) refuses
+    with ENOKEY what it has not made yet: never a name or target sealed
+    under zeroed keys."""
+    master = MasterKey(bytes(MASTER))
+    d = master.directory_cipher(bytes(16))
+    d.wipe()
+    for use in (
+        lambda: d.encrypt_name(b"name"),  # the C sealer is wiped: the fallback
+        lambda: d.decrypt_name("AAAAAAAAAAAAAAAAAAAAAAAAAA"),
+        lambda: d.encrypt_symlink(b"target"),
+    ):
+        with pytest.raises(KeyfenceError) as err:
+            use()
+        assert err.value.errno == errno.ENOKEY
+    d2 = master.directory_cipher(bytes(16))
+    master.wipe()
+    with pytest.raises(KeyfenceError) as err:
+        d2.encrypt_symlink(b"target")
+    assert err.value.errno == errno.ENOKEY
 
 
 RELEASED_SPARES = """
