@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.fs.worker import WORKER_DESCRIPTORS
+from keyfence.server.daemon import DAEMON_DESCRIPTORS
 from keyfence.testing.daemon import DaemonProcess, running_daemon
 
 BIN = Path(sys.executable).parent
@@ -148,6 +150,24 @@ def test_wrong_passphrase_is_a_clear_error(mounted: tuple[DaemonProcess, Path, P
     wrong = session_sh(daemon, f"keyfence unlock -S {SALT} {home}", stdin="not it\n")
     assert wrong.returncode == 1
     assert "wrong passphrase" in wrong.stderr
+
+
+def _table_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("FDSize:")).split()[1])
+
+
+def test_the_worker_and_the_daemon_make_their_descriptor_tables_at_start(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """Room for thousands of descriptors from the start (keyfence/fdtable.py):
+    a table doubled later waits for an RCU grace period inside a request
+    (7-22 ms here; a process starts with 64 or 256)."""
+    daemon, _backing, _mnt = mounted
+    status = session_sh(daemon, "keyfence status --json")
+    worker = json.loads(status.stdout)["mounts"][0]["pid"]
+    assert _table_size(worker) >= WORKER_DESCRIPTORS
+    assert _table_size(daemon.process.pid) >= DAEMON_DESCRIPTORS
 
 
 def test_a_dead_worker_is_reported(mounted: tuple[DaemonProcess, Path, Path]) -> None:

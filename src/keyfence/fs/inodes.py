@@ -37,11 +37,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from keyfence import fdtable
 from keyfence.errors import KeyfenceError
 from keyfence.fs import syscalls
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName
@@ -69,18 +69,7 @@ def read_policy(dir_fd: int) -> Policy | None:
 def _dir_fd_cap() -> int:
     """How many directory descriptors the table keeps open: a quarter of
     the descriptor limit, raised to the hard limit first."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(64, soft // 4)
+    return max(64, fdtable.raise_limit() // 4)
 
 
 class Inode:

@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from keyfence import fdtable
 from keyfence.fs import sealer
 from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.fuse.mount import mount_by_name
@@ -80,6 +81,9 @@ __all__ = ["DEFAULT_READAHEAD_KB", "main", "run"]
 log = logging.getLogger("keyfence.fs.worker")
 
 DEFAULT_READAHEAD_KB = 1024
+WORKER_DESCRIPTORS = 8192
+"""The descriptor table's room made at start: idle files (up to 4,096,
+fs/pagecache.py) and held directories (keyfence/fdtable.py)."""
 PROG = "python -m keyfence.fs.worker"
 
 
@@ -506,6 +510,9 @@ def _report(source: KeySource, event: str, detail: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = None) -> int:
+    # first, while this process has one thread: no doubling of the
+    # descriptor table inside a request later (keyfence/fdtable.py)
+    fdtable.reserve(WORKER_DESCRIPTORS)
     args = _parser().parse_args(argv)
     hardened = harden()
     logging.basicConfig(

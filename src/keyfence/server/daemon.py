@@ -28,7 +28,6 @@ import fcntl
 import functools
 import logging
 import os
-import resource
 import signal
 import socket
 import stat
@@ -36,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from keyfence import protocol, socket_trust
+from keyfence import fdtable, protocol, socket_trust
 from keyfence.keys import KeyService
 from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
@@ -62,6 +61,8 @@ __all__ = [
 log = logging.getLogger("keyfence.daemon")
 
 MONITOR_INTERVAL = 0.25
+DAEMON_DESCRIPTORS = 4096
+"""The descriptor table's room made at start (keyfence/fdtable.py)."""
 UNMOUNT_SECONDS = 60.0
 """How long shutdown waits for the mount workers to write back and exit."""
 
@@ -188,7 +189,9 @@ class Daemon:
         """Serve until :meth:`stop`; then unmount, clean up and return."""
         if self._listener is None:
             self.bind()
-        _raise_fd_limit()
+        # every connection is a descriptor: all the hard limit allows, and
+        # room for the first thousands now, not a doubling inside a request
+        fdtable.reserve(DAEMON_DESCRIPTORS)
         monitor = threading.Thread(target=self._monitor, name="keyfence-lifetimes", daemon=True)
         monitor.start()
         log.info("serving %s", self.path)
@@ -350,14 +353,6 @@ def _refuse(sock: socket.socket, code: int, message: str) -> None:
     with contextlib.suppress(OSError):
         sock.send(protocol.encode(protocol.Error(0, code, message)))
     sock.close()
-
-
-def _raise_fd_limit() -> None:
-    """Every connection is a descriptor: use all the hard limit allows."""
-    with contextlib.suppress(ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _let_go_of_the_terminal(path: str) -> None:
