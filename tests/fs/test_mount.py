@@ -309,6 +309,28 @@ def test_every_operation_round_trips(enc: Enc) -> None:
     assert not any("fifo" in p.name for p in enc.backing.iterdir())
 
 
+def test_new_directories_get_the_kernels_modes(enc: Enc, tmp_path: Path) -> None:
+    """Every mode a new encrypted directory can ask for, against ext4 making
+    the same (umask 0): made with the mode it keeps where it can, chmod'ed
+    after its policy where it cannot (group or other writable, set-id,
+    sticky, no owner bits)."""
+    modes = [0o755, 0o700, 0o750, 0o751, 0o777, 0o775, 0o555, 0o000, 0o1777, 0o2755, 0o4755]
+    plain = tmp_path / "kernel"
+    plain.mkdir()
+    old = os.umask(0)
+    try:
+        for mode in modes:
+            os.mkdir(enc.dir / f"d{mode:o}", mode)
+            os.mkdir(plain / f"d{mode:o}", mode)
+    finally:
+        os.umask(old)
+    for mode in modes:
+        want = stat.S_IMODE(os.stat(plain / f"d{mode:o}").st_mode)
+        assert stat.S_IMODE(os.stat(enc.dir / f"d{mode:o}").st_mode) == want, oct(mode)
+    backing = sorted(stat.S_IMODE(p.stat().st_mode) for p in enc.backing.iterdir() if p.is_dir())
+    assert backing == sorted(stat.S_IMODE(os.stat(plain / f"d{m:o}").st_mode) for m in modes)
+
+
 def test_symlinks_are_encrypted_and_follow(enc: Enc) -> None:
     d = enc.dir
     (d / "target.txt").write_bytes(b"pointed to")

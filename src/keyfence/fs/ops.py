@@ -822,7 +822,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             # of that name (made behind the kernel's back: for a name it
             # knows, it answers EEXIST itself) fails the rename: EEXIST.
             tmp = TEMP_NAME_PREFIX + secrets.token_hex(8)
-            sc.mkdir_at(d_fd, tmp, 0o700)
+            # writable by its owner alone until renamed; made with the mode
+            # it keeps where that is one (0755, 0700): no chmod afterwards
+            sc.mkdir_at(d_fd, tmp, (perm | 0o700) & 0o755)
             tmp_fd = -1
             try:
                 tmp_fd, st = self._open_new(d_fd, tmp, stat.S_IFDIR)
