@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 
 import pytest
 
@@ -28,6 +27,7 @@ from keyfence.fs.crypto import (
     derive_symlinks_key,
 )
 from keyfence.fs.format import BLOCK_SIZE, FILE_ID_SIZE
+from keyfence.testing.forking import from_a_forked_child
 
 MASTER = bytes(range(64))
 
@@ -80,22 +80,9 @@ def test_the_spares_are_wiped_with_the_master_key() -> None:
 def test_a_forked_child_never_reuses_its_parents_spares() -> None:
     master = MasterKey(MASTER)
     master.new_file_cipher()  # the batch is there before the fork
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():
-        # 3.12+ warns about fork() when other tests left threads running
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(read_fd)
-            ids = [master.new_file_cipher().file_id for _ in range(40)]
-            os.write(write_fd, b"".join(ids))
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        child_bytes = pipe.read()
-    os.waitpid(pid, 0)
+    child_bytes = from_a_forked_child(
+        lambda: b"".join(master.new_file_cipher().file_id for _ in range(40))
+    )
     child = {child_bytes[i : i + FILE_ID_SIZE] for i in range(0, len(child_bytes), FILE_ID_SIZE)}
     parent = {master.new_file_cipher().file_id for _ in range(40)}
     assert len(child) == 40 and not child & parent

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import threading
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ from keyfence.fs.format import (
     record_size,
     sidecar_name,
 )
+from keyfence.testing.forking import from_a_forked_child
 
 VECTORS = Path(__file__).parent / "vectors"
 MASTER = bytes(range(64))
@@ -791,21 +791,7 @@ def test_urandom_nonce_unique_across_threads() -> None:
 
 def test_urandom_nonce_fork_safety() -> None:
     urandom_nonce(12)  # make sure a batch is in the pool before forking
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():
-        # 3.12+ warns about fork() when other tests left threads running
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(read_fd)
-            os.write(write_fd, b"".join(urandom_nonce(12) for _ in range(100)))
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        child_bytes = pipe.read()
-    os.waitpid(pid, 0)
+    child_bytes = from_a_forked_child(lambda: b"".join(urandom_nonce(12) for _ in range(100)))
     child = {child_bytes[i : i + 12] for i in range(0, len(child_bytes), 12)}
     parent = {urandom_nonce(12) for _ in range(100)}
     assert len(child) == 100 and not child & parent
