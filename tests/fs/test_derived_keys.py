@@ -12,7 +12,6 @@ import errno
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -27,7 +26,7 @@ from keyfence.fs.crypto import (
     derive_symlinks_key,
 )
 from keyfence.fs.format import BLOCK_SIZE, FILE_ID_SIZE
-from keyfence.testing.forking import from_a_forked_child
+from keyfence.testing.draws import drawn_in_threads, from_a_forked_child
 
 MASTER = bytes(range(64))
 
@@ -48,17 +47,7 @@ def test_each_new_file_has_its_own_id_and_the_formats_key() -> None:
 
 def test_new_file_ids_are_unique_across_threads() -> None:
     master = MasterKey(MASTER)
-    seen: list[list[bytes]] = []
-
-    def draw() -> None:
-        seen.append([master.new_file_cipher().file_id for _ in range(500)])
-
-    threads = [threading.Thread(target=draw) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    flat = [i for batch in seen for i in batch]
+    flat = drawn_in_threads(lambda: master.new_file_cipher().file_id, threads=6, each=500)
     assert len(flat) == 3000 and len(set(flat)) == 3000
 
 

@@ -15,7 +15,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,7 +68,7 @@ from keyfence.fs.format import (
     record_size,
     sidecar_name,
 )
-from keyfence.testing.forking import from_a_forked_child
+from keyfence.testing.draws import drawn_in_threads, from_a_forked_child
 
 VECTORS = Path(__file__).parent / "vectors"
 MASTER = bytes(range(64))
@@ -773,17 +772,7 @@ def test_no_key_material_leaks(master: MasterKey, cipher: FileCipher) -> None:
 
 
 def test_urandom_nonce_unique_across_threads() -> None:
-    seen: list[list[bytes]] = []
-
-    def draw() -> None:
-        seen.append([urandom_nonce(12) for _ in range(3000)])
-
-    threads = [threading.Thread(target=draw) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    flat = [n for batch in seen for n in batch]
+    flat = drawn_in_threads(lambda: urandom_nonce(12), threads=8, each=3000)
     assert len(flat) == 24000 and len(set(flat)) == 24000
     assert all(len(n) == 12 for n in flat)
     assert len(urandom_nonce(16)) == 16 and urandom_nonce(16) != urandom_nonce(16)

@@ -1,16 +1,34 @@
-"""What a child made by ``os.fork`` computes, handed back to its parent.
+"""Values drawn in other threads or in a forked child, handed back.
 
-For tests of state a process must not share with its forked children
-(the block nonces' batch, new files' spare keys: fs/crypto.py).
+For tests of what must never be handed out twice (the block nonces'
+batch, new files' spare keys: fs/crypto.py): across threads of one
+process, and between a process and the children it forks.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 
-__all__ = ["from_a_forked_child"]
+__all__ = ["drawn_in_threads", "from_a_forked_child"]
+
+
+def drawn_in_threads(draw: Callable[[], bytes], *, threads: int, each: int) -> list[bytes]:
+    """``each`` values from ``draw`` in each of ``threads`` threads run at
+    once, all of them in one list."""
+    seen: list[list[bytes]] = []
+
+    def run() -> None:
+        seen.append([draw() for _ in range(each)])
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    return [value for batch in seen for value in batch]
 
 
 def from_a_forked_child(make: Callable[[], bytes]) -> bytes:
