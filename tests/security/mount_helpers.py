@@ -18,6 +18,7 @@ import pytest
 
 from keyfence.testing import users
 from keyfence.testing.daemon import DaemonProcess, running_daemon
+from keyfence.testing.mounting import fuse_available
 
 USER = 4620
 """The mounting user (issue 11's tests use uids 4620-4629)."""
@@ -34,11 +35,7 @@ SHELL_PRELUDE = (
 
 
 def why_not() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "FUSE is not available here (/dev/fuse)"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 (package fuse3) is missing"
-    return users.why_no_other_uids()
+    return fuse_available() or users.why_no_other_uids()
 
 
 def skip_without_facilities() -> pytest.MarkDecorator:

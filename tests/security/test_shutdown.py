@@ -11,7 +11,6 @@ removed its socket, and left no worker behind.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.testing.daemon import DaemonProcess, running_daemon
+from keyfence.testing.mounting import fuse_available
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple\n"
@@ -29,10 +29,7 @@ ROUNDS = 3
 EXIT_BOUND = 60.0
 """Seconds the daemon may take to write back, unmount and exit (it takes ~1 s)."""
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="FUSE is not available here (/dev/fuse, fusermount3)",
-)
+pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
 def session_sh(

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -28,6 +29,11 @@ def fuse_available() -> str | None:
     """Why FUSE mounts cannot run here, or None."""
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # fusermount3 opens it as the caller: a machine whose /dev/fuse is
+        # 0600 (these VMs) lets only root mount
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        return f"/dev/fuse is mode {mode:04o} here: uid {os.getuid()} cannot mount FUSE"
     if shutil.which("fusermount3") is None:
         return "no fusermount3 (apt-get install fuse3)"
     return None
