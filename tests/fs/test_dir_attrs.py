@@ -147,7 +147,7 @@ def mount(tmp_path: Path) -> Iterator[Mount]:
 
 def _table(mount: Mount) -> dict[str, list[int] | int]:
     # the C loop adds what it answered to the session's count when it
-    # returns, after spinning up to 50 µs for the next request: let it
+    # returns, after spinning up to 200 µs for the next request: let it
     time.sleep(0.02)
     answer = mount.control("dir_attributes")
     assert answer is not None, "the worker does not run keyfence's own loop"

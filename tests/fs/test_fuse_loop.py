@@ -35,6 +35,7 @@ from keyfence.fs.crypto import MasterKey
 from keyfence.fs.fuse import protocol
 from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
+from keyfence.fs.fuse.spin import START_NS
 from keyfence.testing.mounting import Mount, fuse_available, is_mounted
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
@@ -435,6 +436,44 @@ def test_spinning_catches_the_next_request_of_a_busy_client(served: Served) -> N
         assert served.session.spins_caught >= 1
     else:
         assert served.session.spins_caught == served.session.spins_missed == 0
+
+
+def test_the_spin_follows_a_client_that_thinks_between_calls(served: Served) -> None:
+    """A client that thinks ~120 us between calls comes back after a 50 us
+    spin but within the most (200 us): the window grows until it catches
+    it.  One that sleeps 3 ms between calls: the window halves back to its
+    start (fs/fuse/spin.py).  The same retry as above for a busy machine."""
+    code = (
+        "import os, sys, time\n"
+        "pc = time.perf_counter_ns\n"
+        "think, calls = int(sys.argv[2]), int(sys.argv[3])\n"
+        "for _ in range(calls):\n"
+        "    os.statvfs(sys.argv[1])\n"
+        "    if think > 1_000_000: time.sleep(think / 1e9)\n"
+        "    else:\n"
+        "        d = pc() + think\n"
+        "        while pc() < d: pass\n"
+    )
+    spin = served.session.spin
+    spinning = bool(served.session.options.spin_ns)
+
+    def client(think_ns: int, calls: int) -> None:
+        args = [sys.executable, "-c", code, str(served.mnt), str(think_ns), str(calls)]
+        subprocess.run(args, check=True, timeout=WAIT)
+
+    deadline = time.monotonic() + (10 if spinning else 0)
+    while True:
+        client(120_000, 500)
+        if spin.ns == spin.most_ns or time.monotonic() > deadline:
+            break
+    if not spinning:
+        assert spin.ns == spin.grown == spin.shrunk == 0
+        return
+    assert spin.ns == spin.most_ns == 200_000
+    assert spin.grown >= 2
+    client(3_000_000, 20)
+    assert spin.ns == START_NS
+    assert spin.shrunk >= 2
 
 
 # ------------------------------------------ the real worker through the loop

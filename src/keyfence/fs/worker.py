@@ -22,8 +22,9 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --fuse-fd FD           /dev/fuse, already mounted by the daemon: serve it
     --mountpoint-fd FD     the mount point (O_PATH): how a root worker unmounts
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
-    --spin-us US           keyfence's loop: busy-wait this long for the next
-                           request before sleeping (50; 0 on one CPU)
+    --spin-us US           keyfence's loop: busy-wait at most this long for the
+                           next request before sleeping (200; 0 on one CPU;
+                           fs/fuse/spin.py: from 50 up while a client needs it)
     --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
                            pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
 
@@ -140,9 +141,11 @@ def default_fuse_loop() -> str:
     return chosen if chosen in FUSE_LOOPS else "keyfence"
 
 
-DEFAULT_SPIN_US = 50
-"""How long keyfence's loop busy-waits for the next request (fs/fuse/session.py);
-at most :data:`~keyfence.option_values.MAX_SPIN_US`."""
+DEFAULT_SPIN_US = 200
+"""The longest keyfence's loop busy-waits for the next request: its window
+starts at 50 µs and grows to this only while a client keeps coming back
+just after it (fs/fuse/spin.py); at most
+:data:`~keyfence.option_values.MAX_SPIN_US`."""
 
 
 def default_spin_us() -> int:

@@ -82,7 +82,7 @@ OPTIONS: dict[str, _Option] = {
         "spin_us",
         parse_spin_us,
         "--spin-us",
-        "microseconds to wait for the next request before sleeping (50)",
+        "most microseconds to wait for the next request before sleeping (200)",
     ),
     "writeback_cache": _Option(
         "writeback_cache", None, "--writeback-cache", "let the kernel cache writes too"

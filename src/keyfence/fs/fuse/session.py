@@ -27,14 +27,16 @@ Concurrency contract (why it is fast, and why the handlers need no change):
 4. Every ``checkpoint_every`` requests the reader yields to trio, so that
    signals, timers and ``trio.from_thread`` calls (key removals) run under
    a steady load too.
-5. When the queue is empty the reader first busy-waits up to ``spin_us``
-   (``poll`` with no timeout, the GIL let go in each call) for the next
-   request, and only then sleeps in trio's ``epoll``.  A client that makes
-   one syscall after another (a database, ``tar``, ``git``) sends its next
-   request within microseconds; sleeping and being woken costs each one
-   more than serving it (docs/performance.md "Spinning for the next
-   request").  Bounded: at most ``spin_us`` of one core per idle spell,
-   and never on a one-CPU machine (the worker's default).
+5. When the queue is empty the reader first busy-waits (``poll`` with no
+   timeout, the GIL let go in each call) for the next request, and only
+   then sleeps in trio's ``epoll``.  A client that makes one syscall after
+   another (a database, ``tar``, ``git``) sends its next request within
+   microseconds; sleeping and being woken costs each one more than serving
+   it (docs/performance.md "Spinning for the next request").  How long:
+   :class:`~keyfence.fs.fuse.spin.SpinWindow`, 50 µs growing up to
+   ``spin_us`` while the client keeps coming back just after the spin
+   ended.  Bounded: at most ``spin_us`` of one core per idle spell, and
+   never on a one-CPU machine (the worker's default).
 6. A handler's blocking call (fsync, a big write-back) goes through
    :attr:`Session.blocking` (fs/fuse/blocking.py): the reader waits for it
    directly, ``/dev/fuse`` watched at once, and falls back to suspending
@@ -73,6 +75,7 @@ from keyfence.fs.fuse import protocol as p
 from keyfence.fs.fuse.blocking import BlockingCalls
 from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, Malformed
+from keyfence.fs.fuse.spin import SpinWindow
 
 __all__ = ["Session", "SessionOptions"]
 
@@ -95,8 +98,8 @@ class SessionOptions:
         self.native = native and _native is not None
         """Serve the common case in C (fs/fuse/_loop.c) when it was built."""
         self.spin_ns = spin_us * 1000
-        """How long the reader busy-waits for the next request before it
-        sleeps in trio's epoll (0: never)."""
+        """The longest the reader busy-waits for the next request before
+        it sleeps in trio's epoll (0: never; fs/fuse/spin.py)."""
         self.writeback_cache = writeback_cache
         self.killpriv_v2 = killpriv_v2
         self.max_tasks = max_tasks
@@ -204,6 +207,8 @@ class Session:
         """Idle spells in which the next request came while the reader spun."""
         self.spins_missed = 0
         """Idle spells that outlasted the spin (the reader then slept)."""
+        self.spin = SpinWindow(most_ns=self.options.spin_ns)
+        """How long the reader spins, adapted at each sleep."""
         self.abandoned = 0
         """Answers the kernel no longer wanted (the caller was killed)."""
         self.waiting: set[int] = set()
@@ -255,7 +260,7 @@ class Session:
         max_tasks = self.options.max_tasks
         waiting = self.waiting  # one entry per slot taken: cheaper than Semaphore.value
         fd = self.fd
-        spin_ns = self.options.spin_ns
+        spin = self.spin
         native = _native if self.options.native else None
         dirs = self.dir_attributes.table if self.dir_attributes is not None else None
         on_miss = self.dir_attributes.on_miss if self.dir_attributes is not None else None
@@ -270,13 +275,13 @@ class Session:
                 if native is not None and self.initialized:
                     outcome = native.serve(
                         fd, buf, view, self.handlers, Caller, FUSEError,
-                        self.by_opcode, spin_ns, every, dirs, no_capability, on_miss,
+                        self.by_opcode, spin.ns, every, dirs, no_capability, on_miss,
                     )  # fmt: skip
                     action = self._after_native(outcome, view)
                     if action is _Next.READ:
                         continue
                     if action is _Next.WAIT:
-                        if not await self._wait_for_request():
+                        if not await self._sleep_for_request():
                             break
                         continue
                     if action is _Next.CHECKPOINT:
@@ -295,9 +300,9 @@ class Session:
                     except BlockingIOError:
                         if self.stopping:
                             break
-                        if spin_ns and self._spin(spin_ns):
+                        if spin.ns and self._spin(spin.ns):
                             continue  # one is queued: read it without trio's epoll round
-                        if not await self._wait_for_request():
+                        if not await self._sleep_for_request():
                             break
                         continue
                     except OSError as err:
@@ -317,6 +322,16 @@ class Session:
                     await trio.lowlevel.checkpoint()
         finally:
             self._buffers.append(buf)
+
+    async def _sleep_for_request(self) -> bool:
+        """:meth:`_wait_for_request` after a spin of :attr:`spin` that
+        caught nothing, telling the window how long the queue was empty."""
+        spun = self.spin.ns
+        asleep = time.perf_counter_ns()
+        woken = await self._wait_for_request()
+        if woken and spun:
+            self.spin.slept(time.perf_counter_ns() - asleep + spun)
+        return woken
 
     async def _wait_for_request(self) -> bool:
         """Sleep in trio's epoll until /dev/fuse is readable: False when the
