@@ -441,8 +441,9 @@ def test_spinning_catches_the_next_request_of_a_busy_client(served: Served) -> N
 def test_the_spin_follows_a_client_that_thinks_between_calls(served: Served) -> None:
     """A client that thinks ~120 us between calls comes back after a 50 us
     spin but within the most (200 us): the window grows until it catches
-    it.  One that sleeps 3 ms between calls: the window halves back to its
-    start (fs/fuse/spin.py).  The same retry as above for a busy machine."""
+    it.  One that sleeps 3 ms between calls: after a few such pauses the
+    window halves back to its start (fs/fuse/spin.py).  The same retry as
+    above for a busy machine."""
     code = (
         "import os, sys, time\n"
         "pc = time.perf_counter_ns\n"

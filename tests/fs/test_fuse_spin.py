@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyfence.fs.fuse.spin import START_NS, SpinWindow
+from keyfence.fs.fuse.spin import LATE_SPELLS, START_NS, SpinWindow
 
 US = 1000
 
@@ -22,17 +22,38 @@ def test_starts_short_and_doubles_while_the_client_comes_back_within_the_most() 
     assert (w.grown, w.shrunk) == (2, 0)
 
 
-def test_halves_back_to_the_start_when_no_allowed_spin_would_catch() -> None:
+def test_halves_back_to_the_start_after_late_spells_in_a_row() -> None:
     w = SpinWindow(most_ns=400 * US)
     for _ in range(3):
         w.slept(300 * US)
     assert w.ns == 400 * US
+    for _ in range(LATE_SPELLS - 1):
+        w.slept(5_000 * US)  # no allowed spin would have caught these
+    assert w.ns == 400 * US  # not yet: one client's long pauses among short ones
     w.slept(5_000 * US)
     assert w.ns == 200 * US
-    for _ in range(5):
+    for _ in range(5 * LATE_SPELLS):
         w.slept(1_000_000 * US)
     assert w.ns == START_NS  # never below where it started
     assert w.shrunk == 3
+
+
+def test_a_catch_or_a_short_pause_keeps_the_window() -> None:
+    """git's pattern: a pause the window catches (or that a longer one
+    would have) between long ones; the window stays where it is."""
+    w = SpinWindow(most_ns=200 * US)
+    w.slept(120 * US)
+    w.slept(150 * US)
+    assert w.ns == 200 * US
+    for _ in range(10):
+        for _ in range(LATE_SPELLS - 1):
+            w.slept(2_000 * US)
+        w.caught()
+    for _ in range(10):
+        for _ in range(LATE_SPELLS - 1):
+            w.slept(2_000 * US)
+        w.slept(190 * US)
+    assert (w.ns, w.shrunk) == (200 * US, 0)
 
 
 def test_a_client_that_comes_back_late_costs_the_short_window() -> None:

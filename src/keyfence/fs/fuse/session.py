@@ -35,8 +35,9 @@ Concurrency contract (why it is fast, and why the handlers need no change):
    it (docs/performance.md "Spinning for the next request").  How long:
    :class:`~keyfence.fs.fuse.spin.SpinWindow`, 50 µs growing up to
    ``spin_us`` while the client keeps coming back just after the spin
-   ended.  Bounded: at most ``spin_us`` of one core per idle spell, and
-   never on a one-CPU machine (the worker's default).
+   ended, and shrinking when all its pauses are longer.  Bounded: at
+   most ``spin_us`` of one core per idle spell, and never on a one-CPU
+   machine (the worker's default).
 6. A handler's blocking call (fsync, a big write-back) goes through
    :attr:`Session.blocking` (fs/fuse/blocking.py): the reader waits for it
    directly, ``/dev/fuse`` watched at once, and falls back to suspending
@@ -361,6 +362,8 @@ class Session:
         self.served_from_tables += tabled
         self.spins_caught += caught
         self.spins_missed += missed
+        if caught:
+            self.spin.caught()
         self.abandoned += abandoned
         if status == _native.IDLE:
             return _Next.WAIT
@@ -402,6 +405,7 @@ class Session:
                 self.spins_missed += 1
                 return False
         self.spins_caught += 1
+        self.spin.caught()
         return True
 
     async def _request(self, buf: bytearray, view: memoryview, n: int) -> bool:
