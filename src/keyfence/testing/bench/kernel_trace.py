@@ -19,7 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRACING", "StepTracer", "fuse_requests", "tracing_problem", "write"]
+__all__ = [
+    "TRACING",
+    "StepTracer",
+    "fuse_requests",
+    "recorded",
+    "request_times",
+    "tracing_problem",
+    "write",
+]
 
 TRACING = Path("/sys/kernel/tracing")
 
@@ -41,9 +49,9 @@ def tracing_problem() -> str | None:
     return None
 
 
-def fuse_requests(lines: list[str]) -> dict[str, dict[str, float]]:
-    """Per opcode (``LOOKUP``, ...): the requests answered and their mean
-    time from sent to answered in microseconds, the dearest opcode first."""
+def request_times(lines: list[str]) -> dict[str, list[float]]:
+    """Per opcode (``LOOKUP``, ...), each answered request's time from sent
+    to answered in microseconds, in the trace's order."""
     sent: dict[str, tuple[float, str]] = {}
     spent: dict[str, list[float]] = collections.defaultdict(list)
     for line in lines:
@@ -63,10 +71,36 @@ def fuse_requests(lines: list[str]) -> dict[str, dict[str, float]]:
                 start, name = sent.pop(req)
                 spent[name].append((ts - start) * 1e6)
             break
+    return dict(spent)
+
+
+def fuse_requests(lines: list[str]) -> dict[str, dict[str, float]]:
+    """Per opcode (``LOOKUP``, ...): the requests answered and their mean
+    time from sent to answered in microseconds, the dearest opcode first."""
+    spent = request_times(lines)
     return {
         op: {"count": len(v), "mean_us": round(statistics.fmean(v), 1)}
         for op, v in sorted(spent.items(), key=lambda kv: -sum(kv[1]))
     }
+
+
+@contextlib.contextmanager
+def recorded() -> Iterator[list[str]]:
+    """Record the FUSE events meanwhile; the trace's lines are in the
+    yielded list afterwards (the kernel's buffer is emptied)."""
+    lines: list[str] = []
+    write("tracing_on", "0")
+    write("trace", "")
+    write("buffer_size_kb", "131072")
+    write("events/fuse/enable", "1")
+    write("tracing_on", "1")
+    try:
+        yield lines
+    finally:
+        write("tracing_on", "0")
+        write("events/fuse/enable", "0")
+        lines.extend((TRACING / "trace").read_text().splitlines())
+        write("trace", "")
 
 
 class StepTracer:
@@ -79,24 +113,16 @@ class StepTracer:
 
     @contextlib.contextmanager
     def __call__(self, step: str) -> Iterator[None]:
-        write("tracing_on", "0")
-        write("trace", "")
-        write("buffer_size_kb", "131072")
-        write("events/fuse/enable", "1")
-        write("tracing_on", "1")
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            wall = time.perf_counter() - start
-            write("tracing_on", "0")
-            write("events/fuse/enable", "0")
-            lines = (TRACING / "trace").read_text().splitlines()
-            write("trace", "")
-            ops = fuse_requests(lines)
-            server_us = sum(row["count"] * row["mean_us"] for row in ops.values())
-            self.steps[step] = {
-                "wall_s": round(wall, 4),
-                "server_ms": round(server_us / 1000, 1),
-                "ops": ops,
-            }
+        with recorded() as lines:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                wall = time.perf_counter() - start
+        ops = fuse_requests(lines)
+        server_us = sum(row["count"] * row["mean_us"] for row in ops.values())
+        self.steps[step] = {
+            "wall_s": round(wall, 4),
+            "server_ms": round(server_us / 1000, 1),
+            "ops": ops,
+        }
