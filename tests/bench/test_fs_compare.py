@@ -62,6 +62,11 @@ def test_quick_run_measures_every_peer_and_cleans_up(tmp_path: Path) -> None:
             assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"]
         assert set(rows[(group, "keyfence")]["ratios"]) == set(systems) - {"keyfence"}
     assert rows[("lock-2MiB", "disk")]["vs_sync"] == 1.0
+    # the lock as a user mounts it, beside the worst case: keyfence and the disk only
+    for group in ("lock-open-defaults-2MiB", "lock-open-2MiB"):
+        assert rows[(group, "keyfence")]["vs_sync"] > 0
+        assert rows[(group, "disk")]["vs_sync"] == 1.0
+        assert (group, "gocryptfs") not in rows
     for key in (
         ("emergency-clear-4MiB", "keyfence"),
         ("emergency-clear-4MiB", "kfctl"),
