@@ -33,29 +33,31 @@ key-removal callback, worker threads of ``trio.to_thread``): one
 :class:`CachedFile` and the cache's tables.  It is held for memory copies of
 one request (at most ``max_write``), loading at most two edge blocks, taking
 a snapshot of at most ``chunk`` pages, and one ``pwrite`` of at most
-``chunk`` records; never while encrypting a chunk, during ``fsync``, while
-looking up keys or while talking to the kernel.  Write-back therefore
-encrypts the page buffers (snapshotted with their versions, not copied)
-outside the lock and, back under the lock, writes only the pages whose
-version did not change meanwhile (every change of a page's bytes bumps its
-version under the lock, so a record of a page changed mid-encryption is
-never stored; the page stays dirty and is written by a later pass; written
-pages are zeroed after the lock is let go, being out of the cache).  A pass
-of several chunks runs on two threads alike (the flushing thread and the
-store thread): each snapshots the next chunk, encrypts it and stores it, so
-one encrypts while the other stores; stores keep the order the chunks were
-taken (a growing file never has a hole), and when an fsync follows they
-start the disk writes (``sync_file_range``) every few MiB.  Truncation and a new file id bump
-the file's generation, which discards chunks encrypted before.  So flushes
-may run concurrently (on different threads) without losing or reordering
-data; ``CachedFile.flushing`` only keeps two threads from encrypting the
-same pages twice.  Emergency drops take only :attr:`PageCache.lock`, so they
-wait at most for one chunk's ``pwrite``, whatever is dirty.  The readahead
-thread (fs/readahead.py) touches no field: a read works out the range to
-announce under the lock (``CachedFile.readahead_to``) and hands it over.
-Nor does the write-behind thread (fs/writebehind.py): a store counts the
-disk writes it asks for in ``CachedFile.unsynced`` under the lock and hands
-over a descriptor of its own.
+``chunk`` records (in a long pass, with the next snapshot); never while
+encrypting a chunk, during ``fsync``, while looking up keys or while talking
+to the kernel.  Write-back therefore encrypts the page buffers (snapshotted
+with their versions, not copied) outside the lock and, back under the lock,
+writes only the pages whose version did not change meanwhile (every change
+of a page's bytes bumps its version under the lock, so a record of a page
+changed mid-encryption is never stored; the page stays dirty and is written
+by a later pass; written pages are zeroed after the lock is let go, being
+out of the cache).  A pass of several chunks runs on two threads alike (the
+flushing thread and the store thread): each snapshots a chunk and encrypts
+it, then stores it and snapshots its next one in one lock hold, so one
+encrypts while the other stores; stores keep the order the chunks were taken
+(a growing file never has a hole), and when an fsync follows they start the
+disk writes (``sync_file_range``) every few MiB.  Truncation and a new file
+id bump the file's generation, which discards chunks encrypted before.  So
+flushes may run concurrently (on different threads) without losing or
+reordering data; ``CachedFile.flushing`` only keeps two threads from
+encrypting the same pages twice.  Emergency drops take only
+:attr:`PageCache.lock`, so they wait at most for one chunk's ``pwrite`` and
+snapshot, whatever is dirty.  The readahead thread (fs/readahead.py) touches
+no field: a read works out the range to announce under the lock
+(``CachedFile.readahead_to``) and hands it over.  Nor does the write-behind
+thread (fs/writebehind.py): a store counts the disk writes it asks for in
+``CachedFile.unsynced`` under the lock and hands over a descriptor of its
+own.
 """
 
 from __future__ import annotations

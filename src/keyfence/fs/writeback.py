@@ -201,10 +201,11 @@ def _flush_pipelined(
     start_io: bool,
 ) -> int:
     """A pass of several batches on two threads alike, this one and the
-    store thread: each takes the next batch (under the lock), seals it
-    into a buffer of its own (no lock) and stores it (under the lock,
-    one ``pwrite``), then takes the next.  So one thread seals while the
-    other stores, on two cores.  Batches are stored in the order they
+    store thread: each takes a batch (under the lock), seals it into a
+    buffer of its own (no lock), then stores it (one ``pwrite``) and takes
+    the next in one lock hold.  So one thread seals while the other
+    stores, on two cores, and a thread done sealing waits for the other's
+    store only to store its own.  Batches are stored in the order they
     were taken: a file growing out of order would leave a hole, which
     reads as zeros, if the worker died between the two stores (a
     thread waits for the other's store, not for its sealing).  On one
@@ -230,22 +231,17 @@ def _flush_pipelined(
 def _flush_worker(
     cache: PageCache, f: CachedFile, shared: _Pass, progress: Progress | None, done: int
 ) -> None:
-    """One thread's part of :func:`_flush_pipelined`."""
+    """One thread's part of :func:`_flush_pipelined`: take a batch, seal
+    it, store it and take the next in one lock hold, so that the other
+    thread, sealing meanwhile, never waits for this one's ``pwrite`` just to
+    take its next batch (docs/performance.md, part 20)."""
     out = RecordBuffer(cache.chunk_pages)
-    order = shared.order
     try:
-        while True:
-            with cache.lock:
-                if shared.failed or shared.pos >= len(order):
-                    return
-                batch, shared.pos = _next_batch_locked(cache, f, order, shared.pos)
-                turn = shared.taken
-                if batch:
-                    shared.taken += 1
-            if not batch:
-                continue
+        with cache.lock:
+            batch, turn = _take_locked(cache, f, shared)
+        while batch:
             records = _encrypt_batch(batch, out)
-            stored = _store_and_start_io(cache, f, batch, records, shared, turn)
+            stored, batch, turn = _store_and_start_io(cache, f, batch, records, shared, turn)
             if stored < 0:
                 return  # the other thread failed
             if progress is not None:
@@ -255,6 +251,18 @@ def _flush_worker(
             shared.failed = True
             shared.turns.notify_all()
         raise
+
+
+def _take_locked(cache: PageCache, f: CachedFile, shared: _Pass) -> tuple[list[_Chunk], int]:
+    """The pass's next batch and its turn to be stored; none (``[]``)
+    when the pass is done or the other thread failed."""
+    order = shared.order
+    while not shared.failed and shared.pos < len(order):
+        batch, shared.pos = _next_batch_locked(cache, f, order, shared.pos)
+        if batch:
+            shared.taken += 1
+            return batch, shared.taken - 1
+    return [], -1
 
 
 def _store_executor(cache: PageCache) -> ThreadPoolExecutor:
@@ -271,28 +279,36 @@ def _store_and_start_io(
     records: list[memoryview],
     shared: _Pass,
     turn: int,
-) -> int:
-    """Store the pass's batch number ``turn`` once those before it are;
-    the pass's bytes written so far (-1: the other thread failed).
-    Every :data:`START_IO_BYTES` stored, have the disk write them, and
-    now and then flush the file (fs/writebehind.py, another thread)."""
+) -> tuple[int, list[_Chunk], int]:
+    """Store the pass's batch number ``turn`` once those before it are,
+    and take the next batch in the same lock hold: the pass's bytes
+    written so far (-1: the other thread failed), the next batch and its
+    turn (:func:`_take_locked`).  Every :data:`START_IO_BYTES` stored,
+    have the disk write them, and now and then flush the file
+    (fs/writebehind.py, another thread)."""
     spent: list[list[bytearray | memoryview]] = []
+    start: tuple[int, int, int, bool] | None = None
     try:
         with cache.lock:
             while shared.stored != turn and not shared.failed:
                 shared.turns.wait()
             if shared.failed:
-                return -1
+                return -1, [], -1
             total, start = _store_locked(cache, f, batch, records, shared, spent)
             shared.stored += 1
             shared.turns.notify_all()
+            batch, turn = _take_locked(cache, f, shared)
+    except BaseException:
+        if start is not None:
+            os.close(start[0])  # the descriptor handed over is not started
+        raise
     finally:
         for pages in spent:
             zero_pages(pages)
     if start is not None:
         fd, lo, hi, flush = start
         cache.write_behind.start(fd, lo, hi - lo, flush=flush)  # takes fd
-    return total
+    return total, batch, turn
 
 
 def _store_locked(
