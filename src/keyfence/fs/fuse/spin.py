@@ -65,7 +65,8 @@ class SpinWindow:
         self.shrunk = 0
         """Times the window halved."""
         self._late = 0
-        """Late spells (3.) since the last catch or growth."""
+        """Late spells (3.) in a row: reset by a catch, by a pause within
+        ``most_ns`` (2.) and by a halving."""
 
     def caught(self) -> None:
         """A spin caught a request: the client still comes back in time."""
