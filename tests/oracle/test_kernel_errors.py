@@ -163,6 +163,33 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
         (A, "request_key", "user", "", "info", 0),
         (A, "request_key", "keyring", "negring", "info", 0),
     ],
+    # key_create_or_update(): the type, then "not a keyring", then the
+    # type's preparse (payload), then the description; the syscall's payload
+    # size check comes before everything
+    "add_key into a key that is not a keyring": [
+        (A, "add_key", "user", "a", b"1", "@s"),
+        (A, "add_key", "user", "b", b"x" * 32768, "k1"),
+        (A, "add_key", "user", "b", b"", "k1"),
+        (A, "add_key", "logon", "nocolon", b"x", "k1"),
+        (A, "add_key", "logon", "l:1", b"x" * 32768, "k1"),
+        (A, "add_key", "keyring", "r", b"x", "k1"),
+        (A, "add_key", "user", None, b"x", "k1"),
+        (A, "add_key", "nosuch", "b", b"", "k1"),
+        (A, "add_key", "", "b", b"x", "k1"),
+        (A, "add_key", "user", "a", b"x" * (1024 * 1024), "k1"),
+        (A, "add_key", "", "a", b"x" * (1024 * 1024), "@s"),
+        (A, "add_key", ".user", "a", b"x" * (1024 * 1024), NEVER),
+        (A, "add_key", "keyring", ".r", b"x" * (1024 * 1024), "@s"),
+        (A, "add_key", "user", "d" * 4096, b"x" * (1024 * 1024), "@s"),
+        (A, "add_key", "user", None, b"", "@s"),
+        (A, "add_key", "user", None, b"x", "@s"),
+        (A, "add_key", "logon", None, b"x", "@s"),
+        (A, "add_key", "keyring", None, None, "@s"),
+        (A, "add_key", "nosuch", "b", b"x", NEVER),
+        (A, "setperm", "k1", 0x3F010000),
+        (A, "add_key", "user", "b", b"x" * 32768, "k1"),
+        (A, "add_key", "nosuch", "b", b"x", "k1"),
+    ],
     "bad destination keyrings": [
         (A, "add_key", "user", "a", b"1", "@s"),
         (A, "add_key", "keyring", "r", None, "@s"),

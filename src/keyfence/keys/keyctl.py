@@ -511,7 +511,12 @@ class KeyService:
         same name goes through the removal path (the old one's watchers are
         fenced) and may fail as removals do.
         """
+        # the kernel's order: the syscall's checks (payload size first),
+        # the keyring lookup, then key_create_or_update's: the type, "not a
+        # keyring", the type's preparse, the description
         data = payload or b""
+        if len(data) > ADD_KEY_PAYLOAD_MAX:
+            raise fail(errno.EINVAL, "payload too large")
         check_type_name(type_name)
         if description is not None and len(description.encode()) > DESCRIPTION_MAX:
             raise fail(errno.EINVAL, "description too long")
@@ -519,8 +524,6 @@ class KeyService:
             description = None
         if description is not None and type_name == "keyring" and description.startswith("."):
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
-        if len(data) > ADD_KEY_PAYLOAD_MAX:
-            raise fail(errno.EINVAL, "payload too large")
         made = object()  # this call's token for the keys it makes
 
         def build() -> tuple[Removal | None, int]:
@@ -528,11 +531,11 @@ class KeyService:
                 caller, keyring, permission.WRITE, create=True
             )
             key_type = lookup_type(type_name)
+            if not ring.is_keyring:
+                raise fail(errno.ENOTDIR)
             prepared = key_type.preparse(data)
             if description is None:
                 raise fail(errno.EINVAL, "a description is required")
-            if not ring.is_keyring:
-                raise fail(errno.ENOTDIR)
             key_type.vet_description(description)
             assert ring.contents is not None
             existing = ring.contents.find((type_name, description))
