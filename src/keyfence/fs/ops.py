@@ -108,6 +108,22 @@ _PAGE_MASK = mmap.PAGESIZE - 1
 DEFAULT_ATTR_TIMEOUT = 10.0
 
 
+def _truncate_opened(fd: int, flags: int, open_for_writing: Callable[[], int]) -> None:
+    """Cut a plain file just opened with ``O_TRUNC`` (``flags``) to nothing.
+
+    Linux truncates on ``O_RDONLY | O_TRUNC`` too (the kernel checked write
+    permission for it), but ``ftruncate`` of a read-only descriptor is
+    EINVAL: that open truncates through a descriptor of its own."""
+    if flags & os.O_ACCMODE != os.O_RDONLY:
+        os.ftruncate(fd, 0)
+        return
+    writable = open_for_writing()
+    try:
+        os.ftruncate(writable, 0)
+    finally:
+        os.close(writable)
+
+
 @dataclass
 class MountOptions:
     """Tunables of one mount (worker command-line options)."""
@@ -891,7 +907,10 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             raise
         try:
             if open_flags & os.O_TRUNC and st.st_size:
-                os.ftruncate(fd, 0)  # open_regular truncates nothing itself
+                # open_regular truncates nothing itself
+                _truncate_opened(
+                    fd, open_flags, lambda: sc.open_regular(d_fd, disk, os.O_WRONLY)[0]
+                )
                 st = os.fstat(fd)
             if made and (st.st_uid != uid or st.st_gid != gid):
                 # made by us just now; a file that was there already (put
@@ -1162,7 +1181,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 try:
                     self.privileges.drop(node.ino, fd, kill_suidgid=kill_suidgid)
                     if st.st_size:
-                        os.ftruncate(fd, 0)
+                        _truncate_opened(fd, flags, lambda: self._open_file(node, os.O_WRONLY)[0])
                 except BaseException:
                     os.close(fd)
                     raise
