@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +139,45 @@ def test_read_only_open_with_o_trunc_truncates(enc_dir: Path, tmp_path: Path, cr
         finally:
             os.close(fd)
         assert path.read_bytes() == b"", d
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "socket"])
+@pytest.mark.parametrize("how", ["unlink", "rename over"])
+def test_fstat_of_a_special_file_whose_last_name_went(
+    enc_dir: Path, tmp_path: Path, kind: str, how: str
+) -> None:
+    """An open fifo (or an O_PATH descriptor of a symlink or socket) whose
+    last name was removed still has attributes, with no links, as on ext4.
+    Such a file has no backing descriptor in the worker, which answered
+    ESTALE.  Found by a random differential run of file-system calls."""
+    reference = tmp_path / "ext4"
+    reference.mkdir()
+    plain_dir = enc_dir.parent / "plain"
+    plain_dir.mkdir()
+    for d in (reference, plain_dir, enc_dir):
+        path = d / "node"
+        if kind == "fifo":
+            os.mkfifo(path, 0o640)
+        elif kind == "socket":
+            os.mknod(path, stat.S_IFSOCK | 0o640)
+        else:
+            os.symlink("some/target", path)
+        flags = os.O_RDONLY | os.O_NONBLOCK if kind == "fifo" else os.O_PATH | os.O_NOFOLLOW
+        fd = os.open(path, flags)
+        try:
+            before = os.fstat(fd)
+            if how == "unlink":
+                os.unlink(path)
+            else:
+                (d / "other").write_bytes(b"x")
+                os.rename(d / "other", path)
+            after = os.fstat(fd)
+            assert stat.S_IFMT(after.st_mode) == stat.S_IFMT(before.st_mode), d
+            assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode), d
+            assert (after.st_nlink, after.st_size, after.st_uid) == (
+                0,
+                before.st_size,
+                before.st_uid,
+            ), d
+        finally:
+            os.close(fd)

@@ -83,6 +83,7 @@ class Inode:
         "group",
         "ino",
         "kind",
+        "last_stat",
         "links",
         "lookups",
         "plain_names",
@@ -112,6 +113,11 @@ class Inode:
         """Backing name -> plaintext name (while the key is bound)."""
         self.disk_names: dict[bytes, EncryptedName] = {}
         """Plaintext name -> backing name (while the key is bound)."""
+        self.last_stat: os.stat_result | None = None
+        """Non-directories whose last name went (unlink, rename over): their
+        attributes then, with no links.  A fifo, socket, device or symlink
+        still open (or held by ``O_PATH``) has no backing descriptor to
+        fstat, and its GETATTR is answered from these."""
         self.group: tuple[bool, int] | None = None
         """Directories: (set-group-ID, gid) of the backing directory as last
         stat'ed, which decide the group of new entries (POSIX), or None.

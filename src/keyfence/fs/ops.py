@@ -32,6 +32,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -106,6 +107,18 @@ _PAGE_MASK = mmap.PAGESIZE - 1
 # behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
 # every `git status` or `make` more than a second after the last one.
 DEFAULT_ATTR_TIMEOUT = 10.0
+_STAT_EXTRA = (
+    "st_atime",
+    "st_mtime",
+    "st_ctime",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+    "st_blksize",
+    "st_blocks",
+    "st_rdev",
+)
+"""The fields of an ``os.stat_result`` beyond its first ten."""
 
 
 def _truncate_opened(fd: int, flags: int, open_for_writing: Callable[[], int]) -> None:
@@ -527,7 +540,33 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             for handle in self.handles.values():
                 if handle.ino == inode.ino and handle.fd >= 0:
                     return os.fstat(handle.fd)
+            if inode.last_stat is not None and not inode.links:
+                return inode.last_stat
             raise
+
+    def _symlink_size(self, d: Inode, d_fd: int, disk: str, st: os.stat_result) -> int | None:
+        """The plaintext size of the encrypted symlink ``disk`` about to lose
+        its last name (read while it has one), else None."""
+        if not stat.S_ISLNK(st.st_mode) or d.policy is None or st.st_nlink > 1:
+            return None
+        return int(self._attrs(st, d.policy, dir_inode=d, link=(d_fd, disk)).st_size)
+
+    def _last_name_gone(self, st: os.stat_result, size: int | None = None) -> None:
+        """The backing file ``st`` (stat'ed just before) lost its last name:
+        what its inode answers from now on (Inode.last_stat); ``size``: an
+        encrypted symlink's plaintext size (:meth:`_symlink_size`)."""
+        inode = self.table.find(self.table.fuse_ino(st.st_ino))
+        if inode is None or inode.is_dir or inode.links:
+            return
+        now = time.time_ns()  # the unlink changed its ctime, as on ext4
+        fields = list(st[:10])
+        fields[stat.ST_NLINK] = 0
+        if size is not None:
+            fields[stat.ST_SIZE] = size
+        fields[stat.ST_CTIME] = now // 1_000_000_000
+        extra = {name: getattr(st, name) for name in _STAT_EXTRA}
+        extra.update(st_ctime=now / 1e9, st_ctime_ns=now)
+        inode.last_stat = os.stat_result(fields, extra)
 
     def _inode_attrs(self, inode: Inode) -> EntryAttributes:
         st = self._stat_inode(inode)
@@ -954,12 +993,14 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             raise fail(errno.EISDIR)
         if st.st_nlink <= 1:
             self.cache.drop_idle(self.table.fuse_ino(st.st_ino))
+        size = self._symlink_size(d, d_fd, disk, st)
         sc.unlink_at(d_fd, disk)
         self._remove_sidecar(d_fd, disk)
         self.table.unlink(d.ino, disk)
         d.forget_name(disk)
         self._modified(d)
         if st.st_nlink <= 1:
+            self._last_name_gone(st, size)
             cached = self.cache.get(self.table.fuse_ino(st.st_ino))
             if cached is not None and cached.users == 0:
                 self.cache.forget_unlinked(cached)
@@ -1067,10 +1108,12 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             # an empty encrypted directory still holds its policy: set it
             # aside, or the backing rename over it is ENOTEMPTY
             aside = None
+            replaced_size = None
             if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
                 aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
             if replaced is not None and not exchange and replaced.st_nlink <= 1:
                 self.cache.drop_idle(self.table.fuse_ino(replaced.st_ino))
+                replaced_size = self._symlink_size(nd, nd_fd, new_disk, replaced)
             try:
                 self._write_sidecar(nd_fd, new_enc)
                 sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
@@ -1089,6 +1132,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         else:
             self.table.move(od.ino, old_disk, nd.ino, new_disk)
             od.forget_name(old_disk)
+            if replaced is not None and replaced.st_nlink <= 1:
+                self._last_name_gone(replaced, replaced_size)
             if replaced is not None and stat.S_ISREG(replaced.st_mode) and replaced.st_nlink <= 1:
                 cached = self.cache.get(self.table.fuse_ino(replaced.st_ino))
                 if cached is not None and cached.users == 0:
