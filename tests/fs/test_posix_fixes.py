@@ -181,3 +181,22 @@ def test_fstat_of_a_special_file_whose_last_name_went(
             ), d
         finally:
             os.close(fd)
+
+
+def test_symlink_renamed_into_another_encrypted_directory_over_a_name(enc_dir: Path) -> None:
+    """The rename that makes a new link for a symlink moved between
+    encrypted directories (docs/fs.md) may replace a name there; the
+    replaced file keeps its attributes for a descriptor still open."""
+    (enc_dir / "one").mkdir()
+    (enc_dir / "two").mkdir()
+    os.symlink("a target", enc_dir / "one" / "link")
+    (enc_dir / "two" / "link").write_bytes(b"replaced")
+    fd = os.open(enc_dir / "two" / "link", os.O_RDONLY)
+    try:
+        os.rename(enc_dir / "one" / "link", enc_dir / "two" / "link")
+        assert os.readlink(enc_dir / "two" / "link") == "a target"
+        assert os.fstat(fd).st_nlink == 0
+        assert os.read(fd, 100) == b"replaced"
+    finally:
+        os.close(fd)
+    assert os.listdir(enc_dir / "one") == []

@@ -1097,6 +1097,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         replaced: os.stat_result | None = None
         with contextlib.suppress(FileNotFoundError):
             replaced = sc.stat_at(nd_fd, new_disk)
+        replaced_size = None
+        if replaced is not None and not exchange:
+            replaced_size = self._symlink_size(nd, nd_fd, new_disk, replaced)
         if (
             stat.S_ISLNK(st.st_mode)
             and od.ino != nd.ino
@@ -1108,12 +1111,10 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             # an empty encrypted directory still holds its policy: set it
             # aside, or the backing rename over it is ENOTEMPTY
             aside = None
-            replaced_size = None
             if replaced is not None and not flags and stat.S_ISDIR(st.st_mode):
                 aside = _set_aside_empty_dir(nd_fd, new_disk, replaced)
             if replaced is not None and not exchange and replaced.st_nlink <= 1:
                 self.cache.drop_idle(self.table.fuse_ino(replaced.st_ino))
-                replaced_size = self._symlink_size(nd, nd_fd, new_disk, replaced)
             try:
                 self._write_sidecar(nd_fd, new_enc)
                 sc.rename_at(od_fd, old_disk, nd_fd, new_disk, flags)
