@@ -14,9 +14,9 @@ all the time.  What must hold afterwards:
 * the mount is healthy: a new file round-trips, the worker logged no error
   and no traceback, and it unmounts cleanly.
 
-Also here: what the mount answers for operations pyfuse3 3.5 has no handler
-for (``fallocate``, ``copy_file_range``, ``SEEK_DATA``/``SEEK_HOLE``),
-as documented in docs/fs.md.
+Also here: ``fallocate`` of encrypted and plain files, and what the mount
+answers for operations it has no handler for (``copy_file_range``,
+``SEEK_DATA``/``SEEK_HOLE``), as documented in docs/fs.md.
 """
 
 from __future__ import annotations
@@ -287,7 +287,8 @@ def test_stress_ng_hdd_verified(tmp_path: Path) -> None:
 @needs_stress_ng
 def test_stress_ng_metadata_stressors(tmp_path: Path) -> None:
     """rename, link, symlink, dir, chmod, dentry and fallocate stressors at
-    once (fallocate gets EOPNOTSUPP and does nothing: docs/fs.md)."""
+    once (fallocate's modes that punch or zero a range get EOPNOTSUPP in an
+    encrypted file: docs/fs.md)."""
     with mounted(tmp_path) as m:
         e = Encrypted(m)
         with NameWatcher(e.backing) as watcher:
@@ -318,14 +319,83 @@ def test_stress_ng_metadata_stressors(tmp_path: Path) -> None:
 # ------------------------------------------- operations pyfuse3 3.5 lacks
 
 
-def _fallocate(fd: int, length: int) -> int:
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _fallocate(fd: int, length: int, mode: int = 0, offset: int = 0) -> int:
     """fallocate(2) itself (``os.posix_fallocate`` would fall back to
     writing zeros, hiding what the filesystem answers): 0 or the errno."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, 0, 0, length) == 0:
+    if libc.fallocate(fd, mode, offset, length) == 0:
         return 0
     return ctypes.get_errno()
+
+
+def test_fallocate_of_an_encrypted_file(tmp_path: Path) -> None:
+    """Mode 0 grows the file as ftruncate would and reserves its backing
+    records; KEEP_SIZE only reserves; a punched or zeroed range would not
+    be zeros in plaintext: EOPNOTSUPP (docs/fs.md)."""
+    with mounted(tmp_path) as m:
+        e = Encrypted(m)
+        data = os.urandom(3 << 20)
+        path = e.dir / "f"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert _fallocate(fd, 8 << 20) == 0
+            assert os.fstat(fd).st_size == 8 << 20
+            assert _fallocate(fd, 1 << 20, FALLOC_FL_KEEP_SIZE, 16 << 20) == 0
+            assert os.fstat(fd).st_size == 8 << 20
+            assert _fallocate(fd, 5, 0, (8 << 20) + 3) == 0  # a partial last block
+            assert os.fstat(fd).st_size == (8 << 20) + 8
+            for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE):
+                assert _fallocate(fd, 4096, mode) == errno.EOPNOTSUPP
+            assert _fallocate(fd, 0) == errno.EINVAL  # the kernel's own check
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data + bytes((8 << 20) + 8 - len(data))
+        (backing,) = [b for b in e.backing.iterdir() if b.stat().st_size > 1 << 20]
+        # reserved: the records of 0-8 MiB and of 16-17 MiB (KEEP_SIZE)
+        assert backing.stat().st_blocks * 512 >= 9 << 20
+        ro = os.open(path, os.O_RDONLY)
+        try:
+            assert _fallocate(ro, 4096) == errno.EBADF
+        finally:
+            os.close(ro)
+        # posix_fallocate(3) no longer falls back to writing zeros (which an
+        # O_APPEND descriptor cannot: EBADF)
+        fd = os.open(e.dir / "appended", os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, 100_000)
+            assert os.fstat(fd).st_size == 100_000
+        finally:
+            os.close(fd)
+        assert (e.dir / "appended").read_bytes() == bytes(100_000)
+        assert_healthy(e)
+
+
+def test_fallocate_of_a_plain_file(tmp_path: Path) -> None:
+    """Every mode the kernel lets through is the backing file's."""
+    with mounted(tmp_path) as m:
+        path = m.mnt / "plain"
+        path.write_bytes(b"x" * 20_000)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert _fallocate(fd, 1 << 20) == 0
+            assert os.fstat(fd).st_size == 1 << 20
+            assert _fallocate(fd, 8192, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096) == 0
+            assert _fallocate(fd, 10, FALLOC_FL_ZERO_RANGE, 0) == 0
+            assert os.fstat(fd).st_size == 1 << 20
+        finally:
+            os.close(fd)
+        got = path.read_bytes()
+        assert got == bytes(10) + b"x" * 4086 + bytes(8192) + b"x" * 7712 + bytes(
+            (1 << 20) - 20_000
+        )
 
 
 def test_operations_without_a_handler(tmp_path: Path) -> None:
@@ -336,9 +406,6 @@ def test_operations_without_a_handler(tmp_path: Path) -> None:
         src = os.open(e.dir / "src", os.O_RDWR)
         dst = os.open(e.dir / "dst", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            # no fallocate handler: the kernel answers EOPNOTSUPP
-            assert _fallocate(src, 8 << 20) == errno.EOPNOTSUPP
-            assert os.fstat(src).st_size == len(data)
             # no copy_file_range handler: the kernel copies through
             # read and write requests instead (the data is right)
             copied = 0

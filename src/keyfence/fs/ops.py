@@ -58,6 +58,7 @@ from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
 from keyfence.fs.format import (
+    BLOCK_SIZE,
     DIR_NONCE_SIZE,
     POLICY_FILE_NAME,
     PROTECTORS_FILE_NAME,
@@ -68,6 +69,7 @@ from keyfence.fs.format import (
     is_hidden_name,
     is_long_name,
     is_sidecar_name,
+    record_offset,
     sidecar_name,
 )
 from keyfence.fs.fuse import kernel as fuse_kernel
@@ -1371,6 +1373,39 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             await self.run_blocking(self.cache.fsync, self._rekeyed(h.cached), datasync)
         else:
             await self.run_blocking(os.fdatasync if datasync else os.fsync, h.fd)
+
+    @fuse_op
+    async def fallocate(
+        self, fh: FileHandleT, offset: int, length: int, mode: int, ctx: RequestContext
+    ) -> None:
+        """fallocate(2) of an open file.  The kernel lets through only mode
+        0, ``FALLOC_FL_KEEP_SIZE``, ``PUNCH_HOLE`` and ``ZERO_RANGE``, on a
+        descriptor open for writing, with ``offset >= 0`` and ``length > 0``.
+
+        A plain file: the backing file's, whatever the mode.  An encrypted
+        file: mode 0 and ``KEEP_SIZE`` reserve the backing records of the
+        range (so that its write-back cannot meet ENOSPC later), and mode 0
+        then grows the size as ``ftruncate`` would; a hole punched or zeroed
+        in ciphertext is not zeros in plaintext: EOPNOTSUPP, as gocryptfs.
+        """
+        h = self._handle(fh)
+        if h.cached is None:
+            await self.run_blocking(sc.fallocate, h.fd, mode, offset, length)
+            return
+        if mode & ~sc.FALLOC_FL_KEEP_SIZE:
+            raise fail(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise fail(errno.EINVAL)
+        cached = self._rekeyed(h.cached)
+        end = offset + length
+        start = record_offset(offset // BLOCK_SIZE)
+        stop = record_offset((end - 1) // BLOCK_SIZE + 1)
+        if cached.fd >= 0:
+            await self.run_blocking(
+                sc.fallocate, cached.fd, sc.FALLOC_FL_KEEP_SIZE, start, stop - start
+            )
+        if not mode & sc.FALLOC_FL_KEEP_SIZE and end > cached.size:
+            self.cache.truncate(cached, end)
 
     # ----------------------------------------------------------- directories
 

@@ -48,6 +48,7 @@ __all__ = [
     "chown_at",
     "chown_fd",
     "exists_at",
+    "fallocate",
     "fgetxattr",
     "fsync_dir",
     "getxattr_at",
@@ -123,6 +124,10 @@ _sync_file_range = libc.sync_file_range
 _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _sync_file_range.restype = ctypes.c_int
 _SYNC_FILE_RANGE_WRITE = 2
+_fallocate = libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+FALLOC_FL_KEEP_SIZE = 0x01
 
 _fgetxattr = libc.fgetxattr
 _fgetxattr.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t)
@@ -507,6 +512,13 @@ def removexattr_at(dir_fd: int, name: str, attr: bytes, kind: int | None = None)
 def syncfs(fd: int) -> None:
     """syncfs(2) on the filesystem of ``fd`` (without holding the GIL)."""
     if _syncfs(fd) != 0:
+        raise _fail()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) (``os`` has only ``posix_fallocate``, whose fallback
+    writes zeros where the filesystem cannot allocate)."""
+    if _fallocate(fd, mode, offset, length) != 0:
         raise _fail()
 
 

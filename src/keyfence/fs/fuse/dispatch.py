@@ -244,6 +244,7 @@ class Dispatcher:
             p.STATFS: self.statfs,
             p.RELEASE: self.release,
             p.FSYNC: self.fsync,
+            p.FALLOCATE: self.fallocate,
             p.SETXATTR: self.setxattr,
             p.GETXATTR: self.getxattr,
             p.LISTXATTR: self.listxattr,
@@ -379,6 +380,11 @@ class Dispatcher:
     async def fsync(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
         fh, flags, _ = p.FSYNC_IN.unpack_from(body)
         await self.ops.fsync(fh, bool(flags & p.FSYNC_FDATASYNC))
+        return b""
+
+    async def fallocate(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
+        await self.ops.fallocate(fh, offset, length, mode, caller)
         return b""
 
     async def statfs(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:

@@ -54,6 +54,7 @@ CREATE = 35
 INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
+FALLOCATE = 43
 READDIRPLUS = 44
 RENAME2 = 45
 
@@ -148,6 +149,7 @@ KSTATFS = struct.Struct("=QQQQQIIII24x")
 FH_IN = struct.Struct("=Q")
 """The ``fh`` that begins release_in, flush_in, fsync_in, read_in, write_in."""
 FSYNC_IN = struct.Struct("=QII")  # fh fsync_flags padding
+FALLOCATE_IN = struct.Struct("=QQQII")  # fh offset length mode padding
 SETXATTR_IN = struct.Struct("=II")  # size flags
 GETXATTR_IN = struct.Struct("=II")  # size padding
 GETXATTR_OUT = struct.Struct("=II")  # size padding
