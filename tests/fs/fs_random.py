@@ -256,7 +256,10 @@ def tree(root: Path, *, plain: bool) -> list[list[object]]:
                 st.st_nlink if counted else None,
             ]
             if stat.S_ISREG(st.st_mode):
-                item += [_read_all(path), st.st_size]
+                try:
+                    item += [_read_all(path), st.st_size]
+                except OSError as err:  # not readable by this user
+                    item += [errno.errorcode.get(err.errno or 0), st.st_size]
             elif stat.S_ISLNK(st.st_mode):
                 item += [os.readlink(path), st.st_size]
             try:

@@ -214,3 +214,40 @@ def test_one_fuse_request_per_write(where: Path, mount: Mount) -> None:
     assert delta[fuse_proto.WRITE] == writes
     assert delta[fuse_proto.GETXATTR] <= 1, delta
     assert delta[fuse_proto.SETATTR] == 0, delta
+
+
+CREATOR = r"""
+import os, sys
+os.umask(0)
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY, int(sys.argv[2], 8))
+print(oct(os.fstat(fd).st_mode & 0o7777))
+"""
+
+
+@pytest.mark.parametrize("mode", [0o4755, 0o2755, 0o6711, 0o1755])
+def test_set_id_bits_asked_for_at_create_are_kept(where: Path, mode: int) -> None:
+    """open(O_CREAT) by a user who is not root, with set-id bits in its
+    mode: the new file has them, as on ext4 (the kernel has already
+    dropped a set-group-ID the creator may not have).  The worker made the
+    file as itself and gave it to the caller with fchown, which cleared
+    them.  Found by a random differential run as uid 65534."""
+    why = why_no_other_uids()
+    if why is not None:
+        pytest.skip(why)
+    reference = where.parent.parent / f"reference-{where.name}"
+    reference.mkdir(mode=0o777, exist_ok=True)
+    os.chmod(reference, 0o777)
+    seen = []
+    for d in (reference, where):
+        path = d / f"made-{mode:o}"
+        r = subprocess.run(
+            as_uid(OTHER_UID, python_argv("-c", CREATOR, str(path), oct(mode))),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        st = os.stat(path)
+        seen.append((int(r.stdout, 8), stat.S_IMODE(st.st_mode), st.st_uid))
+    assert seen[1] == seen[0] == (mode, mode, OTHER_UID)

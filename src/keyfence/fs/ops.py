@@ -101,6 +101,7 @@ log = logging.getLogger("keyfence.fs.ops")
 _PLAIN_OPEN_FLAGS = (
     os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_TRUNC | os.O_NOFOLLOW
 )
+_SET_ID = stat.S_ISUID | stat.S_ISGID
 _PAGE_MASK = mmap.PAGESIZE - 1
 """The kernel's page: what one write must cover for the kernel to keep it."""
 # How long the kernel may keep names (negative ones too) and attributes
@@ -934,7 +935,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 # the kernel sends CREATE only for a name its lookup did not
                 # find: almost always a new file, which needs no O_NONBLOCK
                 # and has no security.capability to look up before writes
-                fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
+                # set-id bits only once the file is the caller's (below):
+                # never a moment as the worker's, and fchown would clear them
+                fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode) & ~_SET_ID)
                 made = True
             except FileExistsError:
                 if flags & os.O_EXCL:
@@ -958,6 +961,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 # under the name in the backing store meanwhile) keeps its
                 # owner, as open(O_CREAT) of an existing file does
                 os.fchown(fd, uid, gid)
+                st = os.fstat(fd)
+            if made and mode & _SET_ID:
+                os.fchmod(fd, stat.S_IMODE(mode))  # as asked (the kernel stripped what it must)
                 st = os.fstat(fd)
         except BaseException:
             os.close(fd)
