@@ -1395,7 +1395,11 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         in ciphertext is not zeros in plaintext: EOPNOTSUPP, as gocryptfs.
         """
         h = self._handle(fh)
+        # as ext4's fallocate: set-id bits go unless the caller has
+        # CAP_FSETID, which FUSE does not say here: only root is taken to
+        kill_suidgid = ctx.uid != 0
         if h.cached is None:
+            self.privileges.drop(h.ino, h.fd, kill_suidgid=kill_suidgid)
             await self.run_blocking(sc.fallocate, h.fd, mode, offset, length)
             return
         if mode & ~sc.FALLOC_FL_KEEP_SIZE:
@@ -1403,6 +1407,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         if offset < 0 or length <= 0:
             raise fail(errno.EINVAL)
         cached = self._rekeyed(h.cached)
+        if cached.fd >= 0:
+            self.privileges.drop(h.ino, cached.fd, kill_suidgid=kill_suidgid)
         end = offset + length
         start = record_offset(offset // BLOCK_SIZE)
         stop = record_offset((end - 1) // BLOCK_SIZE + 1)
