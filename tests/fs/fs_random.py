@@ -246,7 +246,11 @@ def tree(root: Path, *, plain: bool) -> list[list[object]]:
         dirnames.sort()
         for name in sorted(dirnames + filenames):
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+            try:
+                st = os.lstat(path)
+            except OSError as err:  # a directory this user may list, not search
+                out.append([os.path.relpath(path, root), errno.errorcode.get(err.errno or 0)])
+                continue
             # a symlink moved between encrypted directories is a new inode
             counted = stat.S_ISREG(st.st_mode) or (plain and not stat.S_ISDIR(st.st_mode))
             item: list[object] = [
