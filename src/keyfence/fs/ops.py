@@ -1407,12 +1407,11 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         if offset < 0 or length <= 0:
             raise fail(errno.EINVAL)
         cached = self._rekeyed(h.cached)
+        end = offset + length
         if cached.fd >= 0:
             self.privileges.drop(h.ino, cached.fd, kill_suidgid=kill_suidgid)
-        end = offset + length
-        start = record_offset(offset // BLOCK_SIZE)
-        stop = record_offset((end - 1) // BLOCK_SIZE + 1)
-        if cached.fd >= 0:
+            start = record_offset(offset // BLOCK_SIZE)
+            stop = record_offset((end - 1) // BLOCK_SIZE + 1)
             await self.run_blocking(
                 sc.fallocate, cached.fd, sc.FALLOC_FL_KEEP_SIZE, start, stop - start
             )
