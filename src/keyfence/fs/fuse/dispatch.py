@@ -223,6 +223,14 @@ class Dispatcher:
         such opens answer ``FOPEN_NOFLUSH`` and close(2) sends no FLUSH."""
 
     def table(self) -> dict[int, Handler]:
+        """The handler of each opcode ``ops`` serves; the loop answers any
+        other ENOSYS (and the kernel then stops asking)."""
+        table = self._table()
+        if not callable(getattr(self.ops, "fallocate", None)):
+            del table[p.FALLOCATE]  # pyfuse3.Operations has no such method
+        return table
+
+    def _table(self) -> dict[int, Handler]:
         return {
             p.LOOKUP: self.lookup,
             p.FORGET: self.forget,
