@@ -118,18 +118,26 @@ def test_noreplace_and_exchange_of_empty_encrypted_directories(enc_dir: Path) ->
     assert os.listdir(enc_dir / "a") == []
 
 
-@pytest.mark.parametrize("create", [False, True])
-def test_read_only_open_with_o_trunc_truncates(enc_dir: Path, tmp_path: Path, create: bool) -> None:
-    """Linux truncates on open(O_RDONLY | O_TRUNC) (open(2): the effect is
-    unspecified by POSIX; ext4 truncates).  A plain file's open truncated
-    through its own read-only backing descriptor: EINVAL.  Found by a random
-    differential run of file-system calls against ext4."""
+@pytest.fixture
+def three_dirs(enc_dir: Path, tmp_path: Path) -> list[Path]:
+    """A directory on the host's own filesystem (the reference), a plain
+    one on the mount and the mount's encrypted one: what a fix must make
+    behave alike."""
     reference = tmp_path / "ext4"
     reference.mkdir()
     plain_dir = enc_dir.parent / "plain"
     plain_dir.mkdir()
+    return [reference, plain_dir, enc_dir]
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_read_only_open_with_o_trunc_truncates(three_dirs: list[Path], create: bool) -> None:
+    """Linux truncates on open(O_RDONLY | O_TRUNC) (open(2): the effect is
+    unspecified by POSIX; ext4 truncates).  A plain file's open truncated
+    through its own read-only backing descriptor: EINVAL.  Found by a random
+    differential run of file-system calls against ext4."""
     flags = os.O_RDONLY | os.O_TRUNC | (os.O_CREAT if create else 0)
-    for d in (reference, plain_dir, enc_dir):
+    for d in three_dirs:
         path = d / "f"
         path.write_bytes(b"some bytes")
         fd = os.open(path, flags, 0o644)
@@ -144,17 +152,13 @@ def test_read_only_open_with_o_trunc_truncates(enc_dir: Path, tmp_path: Path, cr
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "socket"])
 @pytest.mark.parametrize("how", ["unlink", "rename over"])
 def test_fstat_of_a_special_file_whose_last_name_went(
-    enc_dir: Path, tmp_path: Path, kind: str, how: str
+    three_dirs: list[Path], kind: str, how: str
 ) -> None:
     """An open fifo (or an O_PATH descriptor of a symlink or socket) whose
     last name was removed still has attributes, with no links, as on ext4.
     Such a file has no backing descriptor in the worker, which answered
     ESTALE.  Found by a random differential run of file-system calls."""
-    reference = tmp_path / "ext4"
-    reference.mkdir()
-    plain_dir = enc_dir.parent / "plain"
-    plain_dir.mkdir()
-    for d in (reference, plain_dir, enc_dir):
+    for d in three_dirs:
         path = d / "node"
         if kind == "fifo":
             os.mkfifo(path, 0o640)
