@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(keyutils e2fsprogs util-linux python3-venv fuse3 libfuse3-dev pkg-config fio stress-ng pamtester man-db zsh tmux gcc libc6-dev perl openssl bash-completion libssl-dev python3-dev strace)
+APT_PACKAGES=(keyutils e2fsprogs util-linux python3-venv fuse3 libfuse3-dev pkg-config fio stress-ng pamtester man-db zsh tmux gcc libc6-dev perl openssl bash-completion libssl-dev python3-dev strace openssh-client libwrap0)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -53,3 +53,16 @@ fi
 # command-line tools start faster from cached bytecode, even where the
 # environment says PYTHONDONTWRITEBYTECODE
 .venv/bin/python -m compileall -q src
+
+# sshd for the ssh login tests (keyfence.testing.sshd): Debian's package
+# unpacked into the venv, not installed, so that no ssh service starts
+if [ "$(id -u)" -eq 0 ] && [ ! -x .venv/openssh-server/usr/sbin/sshd ]; then
+    download=$(mktemp -d)
+    chmod 755 "$download"  # apt's download user writes there
+    if ! (cd "$download" && apt-get download -qq openssh-server 2>/dev/null); then
+        apt-get update -qq
+        (cd "$download" && apt-get download -qq openssh-server)
+    fi
+    dpkg-deb -x "$download"/openssh-server_*.deb .venv/openssh-server
+    rm -rf "$download"
+fi

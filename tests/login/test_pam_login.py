@@ -1,8 +1,9 @@
 """The seed scenario through a real login and logout (PAM, pam_exec).
 
 A real account with a password; the PAM lines of docs/login.md in a test
-service; a login program on the real libpam (keyfence/cli/pam_login.py, what
-su does, with our service name) and pamtester for the single steps.  The
+service; two login programs: one on the real libpam (keyfence/cli/pam_login.py,
+what su does, with our service name) and a real sshd (``ssh user@host
+command``, keyfence.testing.sshd); pamtester for the single steps.  The
 user writes in the encrypted home, leaves a file open and dirty in a
 process that outlives the login (as a tmux server would), logs out; logout
 returns once everything is encrypted on disk, the home is locked (names
@@ -22,21 +23,25 @@ import time
 import pytest
 
 from keyfence.testing.login import LoginSetup
+from keyfence.testing.sshd import sshd_for, why_no_sshd
 from keyfence.testing.users import as_uid, ensure_user, environment, keyfence_argv
+from tests.login.conftest import Login
 
 pytestmark = pytest.mark.slow
 
 DIRTY_MIB = 24
 
 
-def test_login_unlocks_logout_locks_and_keeps_every_byte(login_setup: LoginSetup) -> None:
+def test_login_unlocks_logout_locks_and_keeps_every_byte(
+    login_setup: LoginSetup, login: Login
+) -> None:
     s = login_setup
     data = os.urandom(DIRTY_MIB << 20)
     source = s.root / "source.bin"
     source.write_bytes(data)
     source.chmod(0o644)
     pidfile = s.user_tmp / "holder.pid"
-    first = s.login(
+    first = login.run(
         f"""
         set -e
         cd {s.home}
@@ -93,7 +98,7 @@ time.sleep(600)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder, signal.SIGKILL)
-    second = s.login(
+    second = login.run(
         f"cd {s.home} && sha256sum big.bin open.log && cat notes.txt && head -n1 open.log && ls"
     )
     assert second.returncode == 0, second.stderr + s.pam_log_text()
@@ -104,15 +109,17 @@ time.sleep(600)
     assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
 
 
-def test_wrong_password_unlocks_nothing_and_errors_never_block(login_setup: LoginSetup) -> None:
+def test_wrong_password_unlocks_nothing_and_errors_never_block(
+    login_setup: LoginSetup, login: Login
+) -> None:
     s = login_setup
-    wrong = s.login("echo never", password="not-the-password")
-    assert wrong.returncode == 91  # pam_unix refused (requisite): keyfence never ran
+    wrong = login.run("echo never", password="not-the-password")
+    assert wrong.returncode == login.refused, wrong  # pam_unix refused: keyfence never ran
     assert "ready to unlock" not in s.pam_log_text()
     # the daemon gone: the login still works, the home stays locked
     s.daemon.kill()
     s.daemon.wait(60)
-    gone = s.login(f"ls {s.home} >/dev/null; echo hello > {s.home}/x || echo locked")
+    gone = login.run(f"ls {s.home} >/dev/null; echo hello > {s.home}/x || echo locked")
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout.strip() == "locked"
     assert "open_session:" in s.pam_log_text()  # logged, not fatal
@@ -227,3 +234,22 @@ def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSe
     assert "data" not in out  # locked under the login's feet: the name is ciphertext now
     again = s.login(f"cat {s.home}/f")
     assert again.stdout == "data\n", again.stderr
+
+
+def test_ssh_password_authentication_unlocks_too(login_setup: LoginSetup) -> None:
+    """sshd's ``password`` method gives PAM the password the client sent
+    (no prompt in between): ``pam_exec expose_authtok`` reads it all the same."""
+    why = why_no_sshd()
+    if why:
+        pytest.skip(why)
+    s = login_setup
+    with sshd_for(s) as ssh:
+        done = ssh.login(f"echo via-password > {s.home}/p && cat {s.home}/p", method="password")
+        assert done.returncode == 0, done.stderr + s.pam_log_text()
+        assert done.stdout == "via-password\n"
+        assert f"{s.home} unlocked (key" in s.pam_log_text()
+        assert "session keyring cleared (1 keys)" in s.pam_log_text()
+        refused = ssh.login("true", password="not-the-password", method="password")
+        assert refused.returncode == 255
+    assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
+    assert s.password not in s.pam_log_text()
