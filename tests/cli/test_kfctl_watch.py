@@ -131,6 +131,42 @@ def test_clear_invalidate_and_gc(daemon: Daemon, tmp_path: Path) -> None:
     assert gcs.splitlines() == ["starting", "<K3> gc", "<K2> gc", "Monitoring terminated"]
 
 
+def test_displacement_tells_only_the_link(daemon: Daemon, tmp_path: Path) -> None:
+    """A move, link or add that displaces a key of the same type and
+    description posts only ``link`` to the keyring (the kernel's
+    ``__key_link`` replaces the slot and tells nothing of the key it put
+    out), as keyutils' own keyctl/move/valid expects."""
+    script = """
+        r=$(keyctl newring wibble @s)
+        keyctl watch_add $KEYCTL_WATCH_FD $r
+        k=$(keyctl add user lizard gizzard $r)
+        t=$(keyctl add user lizard gizzard @s)
+        keyctl move -f $k $r @s
+        keyctl watch_sync $KEYCTL_WATCH_FD
+        k3=$(keyctl add user lizard other $r)
+        keyctl link $k3 @s
+        keyctl watch_sync $KEYCTL_WATCH_FD
+        o=$(keyctl newring ring2 @s)
+        n=$(keyctl newring ring2 @s)
+        keyctl watch_sync $KEYCTL_WATCH_FD
+    """
+    out, notes, _gcs = watch_session(daemon, tmp_path, script)
+    assert out == "Joined session keyring: <K1>\nexit=0"
+    assert notes.splitlines() == [
+        "starting",
+        "<K1> link <K2>",  # newring wibble
+        "<K2> link <K3>",  # add lizard to wibble
+        "<K1> link <K4>",  # add lizard to @s
+        "<K2> unlk <K3>",  # move -f: out of wibble ...
+        "<K1> link <K3>",  # ... into @s, displacing K4 without a word
+        "<K2> link <K5>",
+        "<K1> link <K5>",  # link displacing K3
+        "<K1> link <K6>",  # newring ring2
+        "<K1> link <K7>",  # newring ring2 again, displacing K6
+        "Monitoring terminated",
+    ], notes
+
+
 def test_filters(daemon: Daemon, tmp_path: Path) -> None:
     script = """
         k=$(keyctl add user a b @s)

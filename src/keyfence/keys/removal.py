@@ -72,7 +72,8 @@ class Removal:
     unlinks_set: set[tuple[Key, Key]] = field(default_factory=set)
 
     # -- the plan, filled by plan_locked()
-    cut: set[tuple[Key, Key]] = field(default_factory=set)
+    cut: dict[tuple[Key, Key], None] = field(default_factory=dict)
+    """Every link cut, in the order planned (the order watchers are told)."""
     destroyed: list[Key] = field(default_factory=list)
     killed: dict[Key, KeyState] = field(default_factory=dict)
     going: dict[Key, Why] = field(default_factory=dict)
@@ -81,7 +82,7 @@ class Removal:
 
     def plan_locked(self) -> None:
         """Work out every link cut and every key that goes away."""
-        cut: set[tuple[Key, Key]] = set()
+        cut: dict[tuple[Key, Key], None] = {}
         lost: dict[Key, int] = {}
         released: dict[Key, int] = {}
         destroyed: dict[Key, None] = {}
@@ -90,7 +91,7 @@ class Removal:
 
         def cut_link(ring: Key, key: Key) -> None:
             if (ring, key) not in cut:
-                cut.add((ring, key))
+                cut[ring, key] = None
                 lost[key] = lost.get(key, 0) + 1
                 todo.append(key)
 
@@ -135,6 +136,14 @@ class Removal:
         self.killed = killed
         self.destroyed = list(destroyed)
         self.going = going
+
+    def displaced(self) -> set[tuple[Key, Key]]:
+        """The cut links that a link of this removal replaces: a key of the
+        same type and description put out of the keyring the new one goes
+        into (move, link, add).  The kernel replaces the slot in place and
+        tells the keyring's watchers only of the link."""
+        into = {(ring, key.index_key) for ring, key in self.links}
+        return {(ring, key) for ring, key in self.cut if (ring, key.index_key) in into}
 
     def apply_locked(self, now: float, quota: QuotaTable) -> list[Key]:
         """Make the planned change; return the keys destroyed (already wiped).

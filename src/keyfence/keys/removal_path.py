@@ -311,11 +311,12 @@ class RemovalPath:
         events: list[tuple[Key, KeyEvent, int | None]] = []
         cleared: set[Key] = set()
         destroyed = set(removal.destroyed)
+        displaced = removal.displaced()
         for ring, key in removal.cut:
             if removal.op == "clear" and (ring, key) in removal.unlinks_set:
                 cleared.add(ring)
-            elif ring in destroyed:
-                continue  # a destroyed keyring's contents go without a word (gc only)
+            elif ring in destroyed or (ring, key) in displaced:
+                continue  # a destroyed keyring's contents, a displaced key: no word
             else:
                 events.append((ring, KeyEvent.UNLINKED, key.serial))
         events.extend((ring, KeyEvent.CLEARED, None) for ring in cleared)
