@@ -59,10 +59,12 @@ fi
 if [ "$(id -u)" -eq 0 ] && [ ! -x .venv/openssh-server/usr/sbin/sshd ]; then
     download=$(mktemp -d)
     chmod 755 "$download"  # apt's download user writes there
-    if ! (cd "$download" && apt-get download -qq openssh-server 2>/dev/null); then
-        apt-get update -qq
-        (cd "$download" && apt-get download -qq openssh-server)
+    if (cd "$download" && { apt-get download -qq openssh-server 2>/dev/null ||
+            { apt-get update -qq && apt-get download -qq openssh-server; }; }) &&
+        dpkg-deb -x "$download"/openssh-server_*.deb .venv/openssh-server; then
+        :
+    else  # offline, say: everything else still works
+        echo "setup: could not unpack openssh-server; the ssh login tests will skip" >&2
     fi
-    dpkg-deb -x "$download"/openssh-server_*.deb .venv/openssh-server
     rm -rf "$download"
 fi
