@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,17 +43,31 @@ def backing_files_open(mount: Mount, directory: Path) -> set[str]:
     return out
 
 
+def wait_idle(mount: Mount, count: int) -> dict[str, Any]:
+    """The worker's idle files, once ``count`` of them are idle (or after
+    30 s): close(2) sends FUSE's RELEASE in the background, so the worker
+    may see it after close returns, and after a later request."""
+    deadline = time.monotonic() + 30
+    while True:
+        idle: dict[str, Any] = mount.control("idle")
+        if len(idle["inodes"]) == count or time.monotonic() > deadline:
+            return idle
+        time.sleep(0.01)
+
+
 def test_a_file_opened_again_is_not_opened_on_the_backing_store(mount: Mount) -> None:
     enc = Enc(mount)
     (enc.dir / "notes").write_bytes(b"first")
-    idle = mount.control("idle")
+    idle = wait_idle(mount, 1)
     assert len(idle["inodes"]) == 1
     assert len(backing_files_open(mount, enc.backing)) == 1
     for _ in range(3):
         assert (enc.dir / "notes").read_bytes() == b"first"
+        wait_idle(mount, 1)
     (enc.dir / "notes").write_bytes(b"second")  # O_TRUNC through the idle file
+    wait_idle(mount, 1)
     assert (enc.dir / "notes").read_bytes() == b"second"
-    assert mount.control("idle")["reopens"] - idle["reopens"] == 5
+    assert wait_idle(mount, 1)["reopens"] - idle["reopens"] == 5
 
 
 def test_idle_files_go_with_their_key_and_are_not_reported_open(mount: Mount) -> None:
@@ -78,6 +94,7 @@ def test_an_unlinked_idle_file_is_closed_at_once(mount: Mount) -> None:
     (enc.dir / "gone").write_bytes(b"x" * 10000)
     (enc.dir / "kept").write_bytes(b"y")
     os.link(enc.dir / "kept", enc.dir / "kept2")
+    wait_idle(mount, 2)
     assert len(backing_files_open(mount, enc.backing)) == 2
     os.unlink(enc.dir / "gone")
     os.unlink(enc.dir / "kept")  # another name is left: stays idle
