@@ -1,11 +1,13 @@
 """The real login set-up of keyfence.testing.login as a fixture: the account
 ``kfpam1``, a daemon on a private socket, a mount with the user's encrypted
 home, the PAM lines of docs/login.md in ``/etc/pam.d/kfpam-test-<random>``
-(removed afterwards); and ``login``, the two login programs over it: the
-libpam one (``su``'s steps) and a real sshd (keyfence.testing.sshd)."""
+(removed afterwards); and ``login``, the login programs over it: the
+libpam one (``su``'s steps), a real sshd (keyfence.testing.sshd) running a
+command, and the same sshd as an interactive login on a pty."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -39,8 +41,10 @@ class Login:
     """Its exit status when pam_unix refuses the password."""
 
 
-@pytest.fixture(params=["libpam", "sshd"])
+@pytest.fixture(params=["libpam", "sshd", "sshd-tty"])
 def login(request: pytest.FixtureRequest, login_setup: LoginSetup) -> Iterator[Login]:
+    """``sshd-tty``: an interactive ssh login on a pty, the command typed
+    at the login shell's prompt."""
     if request.param == "libpam":
         yield Login(login_setup.login, refused=91)
         return
@@ -48,4 +52,5 @@ def login(request: pytest.FixtureRequest, login_setup: LoginSetup) -> Iterator[L
     if why:
         pytest.skip(why)
     with sshd_for(login_setup) as ssh:
-        yield Login(ssh.login, refused=255)
+        tty = request.param == "sshd-tty"
+        yield Login(functools.partial(ssh.login, tty=tty), refused=255)

@@ -99,7 +99,7 @@ time.sleep(600)
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder, signal.SIGKILL)
     second = login.run(
-        f"cd {s.home} && sha256sum big.bin open.log && cat notes.txt && head -n1 open.log && ls"
+        f"cd {s.home} && sha256sum big.bin open.log && cat notes.txt && head -n1 open.log && ls -1"
     )
     assert second.returncode == 0, second.stderr + s.pam_log_text()
     lines = second.stdout.splitlines()
@@ -119,7 +119,8 @@ def test_wrong_password_unlocks_nothing_and_errors_never_block(
     # the daemon gone: the login still works, the home stays locked
     s.daemon.kill()
     s.daemon.wait(60)
-    gone = login.run(f"ls {s.home} >/dev/null; echo hello > {s.home}/x || echo locked")
+    # (stderr to /dev/null: on a terminal it is the same stream)
+    gone = login.run(f"{{ ls {s.home}; echo hello > {s.home}/x; }} >/dev/null 2>&1 || echo locked")
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout.strip() == "locked"
     assert "open_session:" in s.pam_log_text()  # logged, not fatal
@@ -253,3 +254,21 @@ def test_ssh_password_authentication_unlocks_too(login_setup: LoginSetup) -> Non
         assert refused.returncode == 255
     assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
     assert s.password not in s.pam_log_text()
+
+
+def test_an_interactive_ssh_login_is_a_terminal_session(login_setup: LoginSetup) -> None:
+    """``login`` fixture's ``sshd-tty``: a pty and an interactive login
+    shell (the commands typed at its prompt), unlocked and locked as the
+    others."""
+    why = why_no_sshd()
+    if why:
+        pytest.skip(why)
+    s = login_setup
+    with sshd_for(s) as ssh:
+        done = ssh.login(f"tty; echo flags=$-; echo typed > {s.home}/t", tty=True)
+    assert done.returncode == 0, done.stderr + s.pam_log_text()
+    terminal, flags = done.stdout.splitlines()
+    assert terminal.startswith("/dev/pts/") and "i" in flags.removeprefix("flags="), done.stdout
+    assert "session keyring cleared (1 keys)" in s.pam_log_text()
+    assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
+    assert s.login(f"cat {s.home}/t").stdout == "typed\n"

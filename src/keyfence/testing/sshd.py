@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -69,10 +70,20 @@ class Ssh:
     password_file: Path
 
     def login(
-        self, command: str, *, password: str | None = None, method: str = METHODS[0]
+        self,
+        command: str,
+        *,
+        password: str | None = None,
+        method: str = METHODS[0],
+        tty: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """``ssh user@host command``: auth, account, open_session, the
-        command in the user's shell, close_session (before ssh returns)."""
+        command in the user's shell, close_session (before ssh returns).
+
+        ``tty``: an interactive login instead (``ssh -tt user@host``, a
+        pty and the user's login shell) that is sent ``command`` as typed
+        lines, then ``exit``; the result holds what the command printed
+        (stdout and stderr, one stream on a pty) and its exit status."""
         self.password_file.write_text(self.setup.password if password is None else password)
         proxy = f"{self.sshd} -i -e -f {self.config}"
         options = {
@@ -83,21 +94,56 @@ class Ssh:
             "NumberOfPasswordPrompts": "1",
             "LogLevel": "ERROR",
         }
-        argv = ["ssh", "-F", "/dev/null", "-T"]
+        argv = ["ssh", "-F", "/dev/null", "-tt" if tty else "-T"]
         for name, value in options.items():
             argv += ["-o", f"{name}={value}"]
+        argv.append(f"{self.setup.user}@keyfence-test")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYFENCE_")}
         env.update(SSH_ASKPASS=str(self.askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY="none")
-        return subprocess.run(
-            [*argv, f"{self.setup.user}@keyfence-test", command],
+        done = subprocess.run(
+            argv if tty else [*argv, command],
             env=env,
-            stdin=subprocess.DEVNULL,
+            input=_typed(command) if tty else None,
+            stdin=None if tty else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=300,
             check=False,
             start_new_session=True,
         )
+        return _from_terminal(done) if tty and done.returncode != 255 else done
+
+
+_BEGIN, _END = "kf-output-begins", "kf-output-ends"
+
+
+def _typed(command: str) -> str:
+    """What a user types for ``command`` at a shell prompt, then ``exit``.
+
+    The terminal echoes the lines as they arrive, before ``stty -echo``
+    runs, so the markers are printed by ``printf`` from halves: the echo
+    shows the halves apart, the output the marker."""
+    begin = f"'{_BEGIN[:5]}' '{_BEGIN[5:]}'"
+    end = f"'{_END[:5]}' '{_END[5:]}'"
+    return (
+        "stty -echo; PS1=; PS2=\n"
+        f"printf '%s%s\\n' {begin}\n"
+        f"{{\n{command}\n}}\n"
+        f"rc=$?; printf '%s%s %s\\n' {end} $rc; exit $rc\n"
+    )
+
+
+def _from_terminal(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """The command's own output and status out of a terminal session's."""
+    text = done.stdout.replace("\r\n", "\n")
+    start = text.find(_BEGIN + "\n")
+    end = text.rfind(_END)
+    if start < 0 or end < start:
+        return done  # the shell never got that far: the whole session shows why
+    output = text[start + len(_BEGIN) + 1 : end]
+    status = re.match(r" ([0-9]+)", text[end + len(_END) :])
+    code = int(status.group(1)) if status else done.returncode
+    return subprocess.CompletedProcess(done.args, code, output, done.stderr + text)
 
 
 @contextlib.contextmanager
