@@ -11,11 +11,14 @@ A script makes two keys and two keyrings, then runs LENGTH commands drawn
 from every keyctl command that acts on keys, with edge arguments: special
 and malformed ids, ``%type:desc`` names, empty, long and odd descriptions
 and payloads, bad numbers, too few and too many arguments.  What differs by
-design (docs/cli.md, "Where kfctl differs") is left out: listings of more
-than two keys, ``chown`` to ids the user namespace does not map, reading
-keyrings' raw contents (serials), key types other than user, logon and
-keyring, invalidating the session keyring, and the kernel's gc timing (a
-pause after every removal lets the kernel's gc catch up).
+design (docs/cli.md, "Where kfctl differs") is left out: the order of a
+listing (``show``, ``list`` and ``rlist`` are compared with their lines,
+and rlist's serials, sorted on both sides: the kernel lists a keyring of
+more than two keys in its hash order, keyfence in link order), ``chown`` to
+ids the user namespace does not map, reading keyrings' raw contents
+(serials), key types other than user, logon and keyring, invalidating the
+session keyring, and the kernel's gc timing (a pause after every removal
+lets the kernel's gc catch up).
 """
 
 from __future__ import annotations
@@ -130,9 +133,9 @@ def random_command(r: random.Random) -> str:
         command = r.choice(["instantiate", "negate", "reject"])
         return f"keyctl {command} {key()} {pick(OWNERS)} {key()}"
     if c < 31:
-        return f"keyctl {r.choice(['show', 'show -x'])} {key()}"
+        return _listing(f"keyctl {r.choice(['show', 'show -x'])} {key()}")
     if c < 32:
-        return f"keyctl {r.choice(['list', 'rlist'])} {key()}"
+        return _listing(f"keyctl {r.choice(['list', 'rlist'])} {key()}")
     if c < 33:
         return f"keyctl link {key()} @s; keyctl unlink {key()} @s"
     if c < 34:
@@ -147,6 +150,40 @@ def random_command(r: random.Random) -> str:
     if c < 38:
         return f"keyctl add {pick(TYPES + ODD_TYPES)} {pick(DESCRIPTIONS)} {pick(PAYLOADS)} {key()}"
     return f"keyctl describe {key()}"
+
+
+LISTING_START = "--- listing, compared sorted ---"
+LISTING_END = "--- end of listing ---"
+_LISTING = re.compile(f"^{re.escape(LISTING_START)}\n(.*?){re.escape(LISTING_END)}\n", re.M | re.S)
+_NUMBER = re.compile(r"\b(0x[0-9a-f]+|[0-9]+)\b")
+
+
+def _listing(command: str) -> str:
+    """``command`` between markers that :func:`compared` finds; the
+    command's exit code stays the line's."""
+    return f"echo '{LISTING_START}'; {command}; rc=$?; echo '{LISTING_END}'; (exit $rc)"
+
+
+def compared(output: str) -> str:
+    """A script's output as compared: each marked listing's lines sorted by
+    what they say besides numbers and padding, before the serials are normalized (so
+    that a serial first seen in a listing gets the same ``<Kn>`` on both
+    sides), then a line of serials alone (rlist) sorted within itself."""
+
+    def by_text(match: re.Match[str]) -> str:
+        lines = sorted(match.group(1).splitlines(), key=lambda line: _NUMBER.sub("#", line).split())
+        return f"{LISTING_START}\n" + "".join(f"{line}\n" for line in lines) + f"{LISTING_END}\n"
+
+    def serials_sorted(match: re.Match[str]) -> str:
+        lines = []
+        for line in match.group(1).splitlines():
+            words = line.split(" ")
+            if len(words) > 1 and all(re.fullmatch(r"<K\d+>", w) for w in words):
+                line = " ".join(sorted(words))
+            lines.append(line)
+        return f"{LISTING_START}\n" + "".join(f"{line}\n" for line in lines) + f"{LISTING_END}\n"
+
+    return _LISTING.sub(serials_sorted, golden.normalize(_LISTING.sub(by_text, output)))
 
 
 def random_script(seed: int, length: int) -> str:
@@ -177,7 +214,7 @@ def run_both(text: str, tmp: Path) -> tuple[str, str]:
         ours = golden.run_script([*session, str(script)], tmp, daemon.env())
     finally:
         daemon.stop()
-    return golden.normalize(real), golden.normalize(ours)
+    return compared(real), compared(ours)
 
 
 def shown(text: str) -> str:
