@@ -41,6 +41,11 @@ case "$3" in
     {keyctl} rdescribe @a >> {log} 2>&1
     {keyctl} print @a >> {log} 2>&1
     {keyctl} instantiate "$1" "auth" "$4" ;;
+  hide)
+    {keyctl} setperm "$1" 0 >> {log} 2>&1
+    {keyctl} rdescribe "$1" >> {log} 2>&1
+    {keyctl} security "$1" >> {log} 2>&1; echo "security: $?" >> {log}
+    {keyctl} instantiate "$1" "hidden" "$4" ;;
   *) {keyctl} instantiate "$1" "Debug $3" "$4" || exit 1 ;;
 esac
 """
@@ -139,6 +144,25 @@ def test_the_handler_holds_the_authority_and_reads_the_callout_info(
     text = log.read_text()
     assert ".request_key_auth;0;0;1b010000;" in text
     assert "\nauth\n" in text
+
+
+def test_the_handler_views_the_key_it_constructs_whatever_its_permissions(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """keyctl_describe_key and keyctl_get_security: without view permission
+    the authority over the key's construction is enough; without both,
+    describe says EACCES and get_security ENOKEY (no authorisation key)."""
+    daemon, log = upcalls
+    out = sh(
+        daemon, 'k=$(keyctl request2 user test:h hide); keyctl describe "$k"; keyctl security "$k"'
+    )
+    assert out.splitlines() == [
+        "keyctl_describe_alloc: Permission denied",
+        "keyctl_getsecurity: Required key not available",
+        "exit=1",
+    ]
+    text = log.read_text()
+    assert "user;0;0;00000000;test:h\n\nsecurity: 0\n" in text, text
 
 
 def test_negate_reject_and_a_handler_that_dies(upcalls: tuple[Daemon, Path]) -> None:

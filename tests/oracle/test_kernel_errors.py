@@ -120,6 +120,19 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
     "session keyring name lengths": [
         (A, "join_session_keyring", "s" * n if n else "") for n in (0, 4096, 5000, 4095)
     ],
+    # the kernel's describe keeps its EACCES, get_security answers the
+    # failed search for an authorisation key instead (keyctl.c): ENOKEY
+    "no view permission": [
+        step
+        for perm in (0, 0x00010000, 0x3E3E3E3E, 0x01000000, 0x00000001)
+        for step in (
+            (A, "add_key", "user", "u", b"x", "@s"),
+            (A, "setperm", "k1", perm),
+            (A, "describe", "k1"),
+            (A, "get_security", "k1"),
+            (A, "setperm", "k1", 0x3F3F0000),
+        )
+    ],
     "payload limits per type": [
         (A, "add_key", "user", "u", b"x" * 32767, "@s"),
         (A, "add_key", "user", "u2", b"x" * 32768, "@s"),
@@ -248,6 +261,7 @@ MULTI_USER_SCRIPTS: dict[str, list[tuple[object, ...]]] = {
         ("b", "clear", "k2"),
         ("b", "read", "k1"),
         ("b", "describe", "k1"),
+        ("b", "get_security", "k1"),
         ("b", "get_keyring_id", "k2", False),
         ("b", "link", "k1", "@s"),
         ("b", "unlink", "k1", "k2"),

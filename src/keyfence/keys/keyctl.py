@@ -30,7 +30,7 @@ from keyfence.keys import permission
 from keyfence.keys import secret as _secret
 from keyfence.keys import upcall as _upcall
 from keyfence.keys.caller import Caller
-from keyfence.keys.errors import fail
+from keyfence.keys.errors import KeyfenceError, fail
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.gc import GarbageCollector
 from keyfence.keys.key import Key, KeyringContents, KeyState
@@ -1090,10 +1090,33 @@ class KeyService:
                 raise fail(errno.ENOTDIR)
         return list(struct.unpack(f"={len(data) // 4}i", data))
 
+    def _viewed_locked(self, caller: Caller, key_id: int, *, authority_errors: bool) -> Key:
+        """The key describe and get_security show: one the caller may view,
+        or one whose construction it holds the authority over (a handler
+        views the key it instantiates whatever its permissions).  Without
+        that authority the lookup's EACCES stands (describe), or the
+        authority's own error (ENOKEY, EKEYREVOKED) replaces it
+        (get_security), as in the kernel's keyctl.c."""
+        try:
+            return self._lookup_locked(caller, key_id, permission.VIEW)[0]
+        except KeyfenceError as denied:
+            if denied.errno != errno.EACCES:
+                raise
+            try:
+                _upcall.check_view_authority_locked(self, caller, key_id)
+            except KeyfenceError:
+                if authority_errors:
+                    raise
+                raise denied from None
+        return self._lookup_locked(caller, key_id, _Need.DEFER)[0]
+
     def describe(self, caller: Caller, key_id: int) -> str:
-        """KEYCTL_DESCRIBE: "type;uid;gid;perm;description" (view permission)."""
+        """KEYCTL_DESCRIBE: "type;uid;gid;perm;description".
+
+        Errors: ENOKEY, EKEYREVOKED, EKEYEXPIRED, EACCES (no view
+        permission and no authority over the key's construction)."""
         with self._lock:
-            key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
+            key = self._viewed_locked(caller, key_id, authority_errors=False)
             gid = key.gid if key.gid != -1 else 65534
             uid = key.uid if key.uid != -1 else 65534
             return f"{key.type.name};{uid};{gid};{key.perm:08x};{key.description}"
@@ -1144,9 +1167,13 @@ class KeyService:
             self.removals.notify_locked([(key, KeyEvent.SETATTR, None)], caller, "timeout")
 
     def get_security(self, caller: Caller, key_id: int) -> str:
-        """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty."""
+        """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty.
+
+        Errors: as describe, except that a key the caller may not view
+        gives ENOKEY (EKEYREVOKED if its authorisation key was revoked)
+        where describe gives EACCES."""
         with self._lock:
-            self._lookup_locked(caller, key_id, permission.VIEW)
+            self._viewed_locked(caller, key_id, authority_errors=True)
             return ""
 
     # ------------------------------------------------- process and session end

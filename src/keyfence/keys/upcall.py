@@ -373,6 +373,18 @@ def _instantiation_keyring_locked(
     raise fail(errno.ENOKEY)
 
 
+def check_view_authority_locked(svc: ServiceInternals, caller: Caller, key_id: int) -> None:
+    """key_get_instantiation_authkey(): ``caller`` holds the authority over
+    the construction of ``key_id``, so it may view that key whatever its
+    permissions (describe, get_security).  ENOKEY if it does not, and
+    EKEYREVOKED if its authorisation key was revoked."""
+    held = authority_locked(svc, caller)
+    if held is None or held.key.serial != key_id:
+        raise fail(errno.ENOKEY, "no authorisation for that key")
+    if held.auth.state is KeyState.REVOKED:
+        raise fail(errno.EKEYREVOKED)
+
+
 def _held_locked(svc: ServiceInternals, caller: Caller, key_id: int) -> Construction:
     held = authority_locked(svc, caller)
     if held is None or held.key.serial != key_id:
