@@ -39,7 +39,9 @@ command line are then only what ``keyfence status`` shows.  Without
 fusermount3 when not root.
 
 The worker makes itself non-dumpable (no core file, no ptrace or
-/proc/PID/mem by its own uid) before it touches a key.
+/proc/PID/mem by its own uid) before it touches a key; a root daemon
+starts a user's worker as root, and the worker takes its owner's
+identity only once it is non-dumpable (fs/worker_identity.py).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
 from keyfence.fs.syscalls import syncfs_path, trim_heap
+from keyfence.fs.worker_identity import become_owner_from_environment, harden
 from keyfence.option_values import (
     parse_max_tasks,
     parse_readahead_kb,
@@ -311,24 +314,6 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = (1 << 31) 
         return False
 
 
-PR_SET_DUMPABLE = 4
-
-
-def harden() -> bool:
-    """No core file, and not dumpable: neither the worker's own uid nor a
-    crash can read its memory (keys, plaintext pages).  Whether prctl took."""
-    import ctypes
-    import resource
-
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def fuse_options(backing: str, allow_other: bool) -> set[str]:
     """The FUSE mount options, all made here.  ``nosuid,nodev`` always (a
     user's mount gets them from fusermount3 anyway); the kernel checks
@@ -513,11 +498,19 @@ def _report(source: KeySource, event: str, detail: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = None) -> int:
-    # first, while this process has one thread: no doubling of the
-    # descriptor table inside a request later (keyfence/fdtable.py)
+    # first of all: never open to the owner, then the owner
+    # (fs/worker_identity.py: a root daemon starts a user's worker as root)
+    hardened = harden()
+    try:
+        if become_owner_from_environment():
+            hardened = harden()  # a change of ids resets dumpability
+    except (OSError, ValueError) as err:
+        print(f"{PROG}: cannot take the mount owner's identity: {err}", file=sys.stderr)
+        return 1
+    # while this process has one thread: no doubling of the descriptor
+    # table inside a request later (keyfence/fdtable.py)
     fdtable.reserve(WORKER_DESCRIPTORS)
     args = _parser().parse_args(argv)
-    hardened = harden()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s keyfence-worker[%(process)d] %(levelname)s %(name)s: %(message)s",

@@ -317,9 +317,12 @@ class MountSupervisor:
             request.backing,
             request.mountpoint,
         ]
-        privileges: dict[str, Any] = {}
         if root and uid != 0:
-            privileges = {"user": uid, "group": gid, "extra_groups": sorted(caller.groups)}
+            # the worker starts as root and takes these ids once it is
+            # non-dumpable, so the owner never gets a handle on it
+            # (fs/worker_identity.py, which reads this variable)
+            groups = ",".join(str(g) for g in sorted(caller.groups))
+            env["KEYFENCE_WORKER_CREDENTIALS"] = f"{uid}:{gid}:{groups}"
         err_fd = -1
         try:
             stderr_path, err_fd = self._open_log()
@@ -332,7 +335,6 @@ class MountSupervisor:
                 stderr=err_fd,
                 start_new_session=True,
                 cwd="/",
-                **privileges,
             )
         except (OSError, KeyfenceError) as err:
             ours.close()
