@@ -52,6 +52,8 @@ esac
 
 CONF = """# keyfence request-key.conf for tests
 create user test:loop:* * |/bin/cat
+create user test:big:* * |/usr/bin/head -c 3000000 /dev/zero
+create user test:small:* * |/bin/echo -n %c
 create user test:* * {handler} %k %d %c %S %u %g %T %P
 create user  other:* nomatch* {handler} %k %d %c %S
 """
@@ -254,6 +256,23 @@ def test_pipe_handlers_no_match_and_no_authority(upcalls: tuple[Daemon, Path]) -
         "keyctl_negate: Invalid argument",
         "exit=0",
     ]
+
+
+def test_a_pipe_handler_that_prints_without_end_is_cut_off(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """The daemon reads a ``|program``'s output up to a payload's limit (1
+    MiB) and kills a handler that prints more: a handler that echoes what a
+    user gives it cannot make the daemon hold any amount of memory."""
+    daemon, _ = upcalls
+    out = sh(
+        daemon,
+        "keyctl request2 user test:big:x info; keyctl print $(keyctl request2 user test:small:x i)",
+    )
+    lines = out.splitlines()
+    assert lines[0] == "request_key: Required key not available", out
+    assert lines[1:] == ["i", "exit=0"], out
+    assert "printed more than 1048575 bytes; killed" in daemon.log.read_text()
 
 
 def test_the_handler_runs_as_the_requesting_user(upcalls: tuple[Daemon, Path]) -> None:

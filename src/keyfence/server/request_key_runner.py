@@ -20,7 +20,8 @@ the key and calls :func:`install`'s hook, which does what the kernel and
    stdin until the service has recorded it (pid and start time), so no call
    it makes can come first;
 4. a ``|program`` line gets the callout info on stdin and, if it exits 0,
-   the key is instantiated with what it printed;
+   the key is instantiated with what it printed (read up to a payload's
+   limit: one that prints more is killed);
 5. when the handler exits (or, after :data:`HANDLER_TIMEOUT`, is killed
    with its process group) and the key is still uninstantiated, it is
    negated (ENOKEY for 60 s), which wakes the waiters.  How many handlers
@@ -34,15 +35,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from keyfence.keys import upcall
 from keyfence.keys.caller import Caller
 from keyfence.keys.errors import fail
+from keyfence.keys.key_type import ADD_KEY_PAYLOAD_MAX
 from keyfence.keys.keyctl import KeyService
 from keyfence.keys.request_key import Construction
 
@@ -286,12 +290,23 @@ class Runner:
         limit = _timeout()
         try:
             if callout is not None:
-                out, _ = child.communicate(callout.encode(), timeout=limit)
-                if child.returncode == 0:
+                out = _handler_output(child, callout.encode(), limit)
+                if out is None:
+                    log.warning(
+                        "request-key: the handler of key %d printed more than %d bytes; killed",
+                        construction.key.serial,
+                        ADD_KEY_PAYLOAD_MAX,
+                    )
+                    with contextlib.suppress(OSError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                elif child.returncode == 0:
                     try:
-                        upcall.instantiate_from_handler(svc, construction, out)
+                        upcall.instantiate_from_handler(svc, construction, bytes(out))
                     except OSError as err:
                         log.info("request-key: key %d: %s", construction.key.serial, err)
+                    finally:
+                        out[:] = bytes(len(out))
             else:
                 child.wait(limit)
         except subprocess.TimeoutExpired:
@@ -305,6 +320,49 @@ class Runner:
             child.wait()
         finally:
             upcall.handler_ended(svc, construction)
+
+
+def _handler_output(
+    child: subprocess.Popen[bytes], callout: bytes, timeout: float
+) -> bytearray | None:
+    """A ``|program`` handler's output once it has exited: the callout info
+    on its stdin (at most CALLOUT_MAX bytes, within a pipe's buffer, so the
+    write does not wait for the handler), what it prints read up to a
+    payload's limit.  None as soon as it prints more (the caller kills it:
+    the daemon holds no more than a key can take for any handler).
+    subprocess.TimeoutExpired past ``timeout``."""
+    assert child.stdin is not None and child.stdout is not None
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(BrokenPipeError):  # it exited, or closed its stdin
+        child.stdin.write(callout)
+        child.stdin.flush()
+    with contextlib.suppress(BrokenPipeError):
+        child.stdin.close()
+    fd = child.stdout.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    out = bytearray()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(child.args, timeout)
+            if not poller.poll(min(left, 60) * 1000):
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > ADD_KEY_PAYLOAD_MAX:
+                out[:] = bytes(len(out))
+                return None
+    except BaseException:
+        out[:] = bytes(len(out))
+        raise
+    finally:
+        child.stdout.close()
+    child.wait(max(0.0, deadline - time.monotonic()))
+    return out
 
 
 def _timeout() -> float:
