@@ -721,9 +721,19 @@ class Client:
         """KEYCTL_GET_SECURITY: the LSM label of ``key_id`` (always empty: no
         LSM labels keyfence's keys; the call still checks view permission).
 
-        Errors: EACCES (no view permission), ENOKEY.
+        Errors: ENOKEY (also for a key the caller may not view, as the
+        kernel answers), EKEYREVOKED.
         """
         return str(self._call("get_security", key_id))
+
+    def viewable_keys(self, key_type: str, description: str) -> list[int]:
+        """The serials, lowest first, of the keys of ``key_type`` and
+        ``description`` the caller may view, wherever they are linked: the
+        lines of /proc/keys libkeyutils' find_key_by_type_and_desc() looks
+        at when request_key() finds nothing (keyctl's ``%type:desc``).
+        Never an error but the connection's.
+        """
+        return [int(serial) for serial in self._call("viewable_keys", key_type, description)]
 
     def instantiate(self, key_id: int, payload: bytes | None, keyring: int) -> None:
         """KEYCTL_INSTANTIATE: only with the authority over ``key_id``."""

@@ -999,34 +999,27 @@ def test_removal_failures_keep_keyctls_text_and_add_keyfences_reason() -> None:
 
 def test_a_name_lookup_falls_back_to_keys_the_caller_can_view() -> None:
     """%type:desc: request_key() first, then (as libkeyutils reads
-    /proc/keys) any viewable key below @s, @u or @us, lowest serial first."""
+    /proc/keys) the first viewable key, lowest serial first, that the
+    caller can describe (the real thing: kfctl_golden/proc_keys.sh)."""
 
     class Client:
-        def __init__(self) -> None:
-            self.keys = {
-                10: "keyring;0;0;3f010000;_ses",
-                11: "keyring;0;0;3f010000;hidden",
-                20: "user;0;0;3f010000;target",
-                15: "user;0;0;3f010000;target",
-            }
-            self.members = {10: [11], 11: [20, 15]}
+        keys = {
+            11: "keyring;0;0;3f010000;hidden",
+            15: "user;0;0;3f010000;target",
+            20: "user;0;0;3f010000;target",
+        }
 
         def request_key(self, *args: Any) -> int:
             raise OSError(errno.EACCES, "no")
 
-        def get_keyring_id(self, key: int, create: bool) -> int:
-            if key == -3:
-                return 10
-            raise OSError(errno.ENOKEY, "no")
+        def viewable_keys(self, key_type: str, description: str) -> list[int]:
+            found = [k for k, d in self.keys.items() if d.endswith(f";{description}")]
+            return [9, *found] if description == "target" else found
 
         def describe(self, key: int) -> str:
+            if key == 9:  # revoked since it was listed: passed over
+                raise OSError(errno.EKEYREVOKED, "revoked")
             return self.keys[key]
-
-        def read(self, key: int) -> bytes:
-            import struct
-
-            members = self.members.get(key, [])
-            return struct.pack(f"={len(members)}i", *members)
 
     tool = kfctl.Kfctl("kfctl", client=Client())  # type: ignore[arg-type]
     assert tool.key("%user:target") == 15

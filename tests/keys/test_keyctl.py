@@ -364,3 +364,32 @@ def test_an_operation_can_wait_for_the_gc_work_it_caused(clock: FakeClock, root:
         while svc.find_key(key) is not None and time.monotonic() < deadline:
             svc.gc.wait_idle(timeout=1)
         assert svc.find_key(key) is None
+
+
+def test_viewable_keys_are_what_proc_keys_shows_the_caller(
+    svc: KeyService, alice: Caller, bob: Caller
+) -> None:
+    """keyctl's %type:desc fallback: every key of that type and description
+    the caller may view, wherever linked, lowest serial first; possession
+    only for a key whose possessor may view it (proc_keys_show)."""
+    mine = svc.add_key(alice, "user", "d", b"x", S)
+    ring = svc.add_key(alice, "keyring", "r", None, S)
+    nested = svc.add_key(alice, "user", "d", b"y", ring)
+    hidden = svc.add_key(alice, "user", "d", b"z", svc.add_key(alice, "keyring", "r2", None, S))
+    svc.setperm(alice, hidden, 0x3F000000)  # possessor only
+    others = svc.add_key(bob, "user", "d", b"b", S)
+    assert svc.viewable_keys(alice, "user", "d") == sorted([mine, nested, hidden])
+    assert svc.viewable_keys(alice, "user", "e") == []
+    assert svc.viewable_keys(alice, "logon", "d") == []
+    # bob's key, viewable by others; alice's keys viewable by her group (bob's)
+    svc.setperm(bob, others, 0x3F010001)
+    svc.setperm(alice, mine, 0x3F010100)
+    assert svc.viewable_keys(alice, "user", "d") == sorted([mine, nested, hidden, others])
+    assert svc.viewable_keys(bob, "user", "d") == sorted([mine, others])
+    # @s not searchable: nothing is possessed through it, so the key only its
+    # possessor may view is gone from the list; a revoked key stays
+    svc.revoke(alice, nested)
+    svc.setperm(alice, S, 0x01010101)
+    assert svc.viewable_keys(alice, "user", "d") == sorted([mine, nested, others])
+    svc.invalidate(bob, others)
+    assert svc.viewable_keys(alice, "user", "d") == sorted([mine, nested])

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from keyfence.client import Client
 
 KEY_SPEC_SESSION_KEYRING = -3
-KEY_SPEC_USER_KEYRING = -4
-KEY_SPEC_USER_SESSION_KEYRING = -5
 KEYCTL_MOVE_EXCL = 0x01
 STDIN_MAX = 1024 * 1024
 """keyctl reads at most 1 MiB of payload from stdin."""
@@ -168,49 +166,24 @@ class Kfctl:
 
     def _find_key(self, lookup: NameLookup) -> int:
         """libkeyutils' find_key_by_type_and_desc(): request_key() from the
-        caller's keyrings, else any key the caller can view (the kernel
-        scans /proc/keys; keyfence scans the keyrings reachable from @s,
-        @u and @us, lowest serial first as /proc/keys is ordered)."""
-        from keyfence.cli.kfctl_text import parse_description, unpack_serials
+        caller's keyrings, else the first key of /proc/keys (lowest serial
+        first) of that type and description that the caller can describe,
+        wherever it is linked (the daemon's ``viewable_keys``)."""
+        from keyfence.cli.kfctl_text import parse_description
 
         client = self.client
         try:
             return client.request_key(lookup.type, lookup.description, None, 0)
         except OSError:
             pass
-        found: list[int] = []
-        seen: set[int] = set()
-        todo: list[int] = []
-        for special in (
-            KEY_SPEC_SESSION_KEYRING,
-            KEY_SPEC_USER_KEYRING,
-            KEY_SPEC_USER_SESSION_KEYRING,
-        ):
-            try:
-                todo.append(client.get_keyring_id(special, False))
-            except OSError:
-                continue
-        while todo:
-            serial = todo.pop()
-            if serial in seen:
-                continue
-            seen.add(serial)
+        for serial in client.viewable_keys(lookup.type, lookup.description):
             try:
                 desc = parse_description(client.describe(serial))
             except OSError:
-                continue
-            if desc is None:
-                continue
-            if desc.type == lookup.type and desc.description == lookup.description:
-                found.append(serial)
-            if desc.type == "keyring":
-                try:
-                    todo.extend(unpack_serials(client.read(serial)))
-                except OSError:
-                    continue
-        if not found:
-            raise UsageError(f"Can't find '{lookup.type}:{lookup.description}'", code=1)
-        return min(found)
+                continue  # revoked, expired: libkeyutils' describe skips it too
+            if desc is not None and desc.description == lookup.description:
+                return serial
+        raise UsageError(f"Can't find '{lookup.type}:{lookup.description}'", code=1)
 
     def removal(self, command: str) -> dict[str, Any]:
         """The keyword arguments of a removal: --timeout, --emergency, and the

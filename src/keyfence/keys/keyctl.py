@@ -1166,6 +1166,31 @@ class KeyService:
                 self.gc.schedule_expiry(key)
             self.removals.notify_locked([(key, KeyEvent.SETATTR, None)], caller, "timeout")
 
+    def viewable_keys(self, caller: Caller, type_name: str, description: str) -> list[int]:
+        """The lines of /proc/keys that libkeyutils'
+        find_key_by_type_and_desc() considers when request_key() finds
+        nothing (keyctl's ``%type:desc``): the serials, lowest first, of the
+        keys of that type and description the caller may view, wherever
+        they are linked.  As in proc_keys_show(), possession counts only
+        for a key whose possessor may view it; revoked, expired and negative
+        keys are listed until the collector takes them (the caller's
+        describe then skips them, as libkeyutils' does).  One pass over
+        every key, under the lock; never an error."""
+        wanted = (type_name, description)
+        found = []
+        with self._lock:
+            for serial, key in self._keys.items():
+                if key.index_key != wanted:
+                    continue
+                if not key.is_live() or key.state is KeyState.INVALIDATED:
+                    continue
+                possessed = bool(key.perm & permission.POS_VIEW) and self._possessed_locked(
+                    caller, key
+                )
+                if permission.allowed(key, caller, permission.VIEW, possessed=possessed):
+                    found.append(serial)
+        return sorted(found)
+
     def get_security(self, caller: Caller, key_id: int) -> str:
         """KEYCTL_GET_SECURITY: no LSM here, so the label is always empty.
 

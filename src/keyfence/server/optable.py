@@ -237,6 +237,8 @@ OPERATIONS: dict[str, Op] = _table(
     ),
     Op("move", (INT, INT, INT, INT), _service("move", removal=True), always, removal=True),
     Op("get_security", (INT,), _service("get_security")),
+    # keyctl's %type:desc when request_key finds nothing: /proc/keys's lines
+    Op("viewable_keys", (STR, STR), _service("viewable_keys")),
     # request-key: the handler instantiates the key under construction (and
     # may link it into a destination keyring, displacing another: may wait)
     Op(
