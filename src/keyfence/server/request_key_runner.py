@@ -288,38 +288,37 @@ class Runner:
     ) -> None:
         svc = self.service
         limit = _timeout()
+        serial = construction.key.serial
         try:
             if callout is not None:
                 out = _handler_output(child, callout.encode(), limit)
                 if out is None:
-                    log.warning(
-                        "request-key: the handler of key %d printed more than %d bytes; killed",
-                        construction.key.serial,
-                        ADD_KEY_PAYLOAD_MAX,
+                    _kill(
+                        child,
+                        f"the handler of key {serial} printed more than "
+                        f"{ADD_KEY_PAYLOAD_MAX} bytes",
                     )
-                    with contextlib.suppress(OSError):
-                        os.killpg(child.pid, signal.SIGKILL)
-                    child.wait()
                 elif child.returncode == 0:
                     try:
                         upcall.instantiate_from_handler(svc, construction, bytes(out))
                     except OSError as err:
-                        log.info("request-key: key %d: %s", construction.key.serial, err)
+                        log.info("request-key: key %d: %s", serial, err)
                     finally:
                         out[:] = bytes(len(out))
             else:
                 child.wait(limit)
         except subprocess.TimeoutExpired:
-            log.warning(
-                "request-key: the handler of key %d ran %g s; killed",
-                construction.key.serial,
-                limit,
-            )
-            with contextlib.suppress(OSError):
-                os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+            _kill(child, f"the handler of key {serial} ran {limit:g} s")
         finally:
             upcall.handler_ended(svc, construction)
+
+
+def _kill(child: subprocess.Popen[bytes], why: str) -> None:
+    """Kill a handler and what it started (its process group), and reap it."""
+    log.warning("request-key: %s; killed", why)
+    with contextlib.suppress(OSError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
 
 
 def _handler_output(
