@@ -28,6 +28,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tests.cli import test_kfctl as golden
@@ -205,7 +206,9 @@ def run_both(text: str, tmp: Path) -> tuple[str, str]:
     env = golden._base_env()
     env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"
     unshare = [golden.UNSHARE, "--user", "--map-root-user", golden.KEYCTL, "session", "-", "sh"]
+    before = _kernel_keys()
     real = golden.run_script([*unshare, str(script)], tmp, env)
+    _wait_for_the_kernels_gc(before)
     daemon_dir = tmp / "daemon"
     daemon_dir.mkdir()
     daemon = golden.Daemon(daemon_dir)
@@ -215,6 +218,25 @@ def run_both(text: str, tmp: Path) -> tuple[str, str]:
     finally:
         daemon.stop()
     return compared(real), compared(ours)
+
+
+def _kernel_keys() -> set[str]:
+    """The serials in this machine's /proc/keys (root's view: every key of
+    uid 0, which every script's user namespace maps its root to)."""
+    with open("/proc/keys") as keys:
+        return {line.split(None, 1)[0] for line in keys if line.strip()}
+
+
+def _wait_for_the_kernels_gc(before: set[str], timeout: float = 20.0) -> None:
+    """Wait until the keys a kernel-side script made are gone from
+    /proc/keys.  They go with its session keyring and its user namespace's
+    @u, freed by the kernel after the script exits, at the gc's pace; till
+    then keyctl's ``%type:desc`` (which reads /proc/keys) in the next script
+    would find them.  Past ``timeout``, go on (the next script may then
+    differ, and says so)."""
+    deadline = time.monotonic() + timeout
+    while _kernel_keys() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def shown(text: str) -> str:
