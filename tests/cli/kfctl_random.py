@@ -5,7 +5,8 @@ kfctl (a keyfence daemon), side by side, as the golden scripts run
     .venv/bin/python -m tests.cli.kfctl_random SEED COUNT [LENGTH]
 
 prints each script that differs with the difference; as root (the golden
-files' uid 0).  tests/cli/test_kfctl_random.py runs a few fixed seeds.
+files' uid 0), one runner at a time: the kernel sides of two runners see
+each other's keys in root's /proc/keys, which ``%type:desc`` reads.  tests/cli/test_kfctl_random.py runs a few fixed seeds.
 
 A script makes two keys and two keyrings, then runs LENGTH commands drawn
 from every keyctl command that acts on keys, with edge arguments: special
