@@ -6,7 +6,8 @@ kfctl (a keyfence daemon), side by side, as the golden scripts run
 
 prints each script that differs with the difference; as root (the golden
 files' uid 0), one runner at a time: the kernel sides of two runners see
-each other's keys in root's /proc/keys, which ``%type:desc`` reads.  tests/cli/test_kfctl_random.py runs a few fixed seeds.
+each other's keys in root's /proc/keys, which ``%type:desc`` reads.
+tests/cli/test_kfctl_random.py runs a few fixed seeds.
 
 A script makes two keys and two keyrings, then runs LENGTH commands drawn
 from every keyctl command that acts on keys, with edge arguments: special
@@ -29,7 +30,6 @@ import random
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tests.cli import test_kfctl as golden
@@ -201,15 +201,9 @@ def random_script(seed: int, length: int) -> str:
 
 def run_both(text: str, tmp: Path) -> tuple[str, str]:
     """(Debian's keyctl's, kfctl's) normalized output of the script ``text``."""
-    assert golden.KEYCTL is not None and golden.UNSHARE is not None
     script = tmp / "script.sh"
     script.write_text(text)
-    env = golden._base_env()
-    env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"
-    unshare = [golden.UNSHARE, "--user", "--map-root-user", golden.KEYCTL, "session", "-", "sh"]
-    before = _kernel_keys()
-    real = golden.run_script([*unshare, str(script)], tmp, env)
-    _wait_for_the_kernels_gc(before)
+    real = golden.run_kernel_side(script, tmp)
     daemon_dir = tmp / "daemon"
     daemon_dir.mkdir()
     daemon = golden.Daemon(daemon_dir)
@@ -219,25 +213,6 @@ def run_both(text: str, tmp: Path) -> tuple[str, str]:
     finally:
         daemon.stop()
     return compared(real), compared(ours)
-
-
-def _kernel_keys() -> set[str]:
-    """The serials in this machine's /proc/keys (root's view: every key of
-    uid 0, which every script's user namespace maps its root to)."""
-    with open("/proc/keys") as keys:
-        return {line.split(None, 1)[0] for line in keys if line.strip()}
-
-
-def _wait_for_the_kernels_gc(before: set[str], timeout: float = 20.0) -> None:
-    """Wait until the keys a kernel-side script made are gone from
-    /proc/keys.  They go with its session keyring and its user namespace's
-    @u, freed by the kernel after the script exits, at the gc's pace; till
-    then keyctl's ``%type:desc`` (which reads /proc/keys) in the next script
-    would find them.  Past ``timeout``, go on (the next script may then
-    differ, and says so)."""
-    deadline = time.monotonic() + timeout
-    while _kernel_keys() - before and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def shown(text: str) -> str:

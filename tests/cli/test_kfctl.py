@@ -163,11 +163,40 @@ def _base_env() -> dict[str, str]:
 
 
 def run_real(script: str, tmp: Path) -> str:
+    return run_kernel_side(GOLDEN / f"{script}.sh", tmp)
+
+
+def run_kernel_side(script: Path, tmp: Path) -> str:
+    """``script`` through Debian's keyctl in a throwaway user namespace,
+    then a wait until the keys it made are gone from /proc/keys."""
     assert KEYCTL is not None and UNSHARE is not None
     env = _base_env()
     env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"
     argv = [UNSHARE, "--user", "--map-root-user", KEYCTL, "session", "-", "sh"]
-    return run_script([*argv, str(GOLDEN / f"{script}.sh")], tmp, env)
+    before = _kernel_keys()
+    try:
+        return run_script([*argv, str(script)], tmp, env)
+    finally:
+        _wait_for_the_kernels_gc(before)
+
+
+def _kernel_keys() -> set[str]:
+    """The serials in this machine's /proc/keys (root's view: every key of
+    uid 0, which each script's user namespace maps its root to)."""
+    with open("/proc/keys") as keys:
+        return {line.split(None, 1)[0] for line in keys if line.strip()}
+
+
+def _wait_for_the_kernels_gc(before: set[str], timeout: float = 20.0) -> None:
+    """Wait until the keys a kernel-side script made are gone from
+    /proc/keys.  They go with its session keyring and its user namespace's
+    @u, freed by the kernel after the script exits, at the gc's pace; till
+    then keyctl's ``%type:desc`` (which reads /proc/keys) in the next script
+    would find them.  Past ``timeout``, go on (the next script may then
+    differ, and says so)."""
+    deadline = time.monotonic() + timeout
+    while _kernel_keys() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class Daemon:
