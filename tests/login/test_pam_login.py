@@ -24,7 +24,13 @@ import pytest
 
 from keyfence.testing.login import LoginSetup
 from keyfence.testing.sshd import sshd_for, why_no_sshd
-from keyfence.testing.users import as_uid, ensure_user, environment, keyfence_argv
+from keyfence.testing.users import (
+    as_uid,
+    ensure_user,
+    environment,
+    keyfence_argv,
+    temporary_user,
+)
 from tests.login.conftest import Login
 
 pytestmark = pytest.mark.slow
@@ -202,16 +208,16 @@ def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSe
             assert login.poll() is None and time.monotonic() < deadline, s.pam_log_text()
             time.sleep(0.1)
         assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
-        other = ensure_user("kfpam2")
         env = environment(KEYFENCE_SOCKET=s.daemon_socket, KEYFENCE_NO_AUTOSTART="1")
-        refused = subprocess.run(
-            as_uid(other.pw_uid, keyfence_argv("lock", str(s.home))),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        with temporary_user("kfpam2") as other:
+            refused = subprocess.run(
+                as_uid(other.pw_uid, keyfence_argv("lock", str(s.home))),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
         assert refused.returncode == 1, refused.stdout
         assert "Traceback" not in refused.stderr
         assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout

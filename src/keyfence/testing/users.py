@@ -12,13 +12,14 @@ concurrent test runs never share an account.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import keyfence
@@ -121,6 +122,23 @@ def ensure_user(name: str, *, password: str | None = None, home: bool = True) ->
             ["chpasswd"], input=f"{name}:{password}\n", text=True, check=True, capture_output=True
         )
     return entry
+
+
+@contextlib.contextmanager
+def temporary_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """:func:`ensure_user` (no home), removed afterwards if it was made here:
+    a test leaves no account behind.  Root only."""
+    try:
+        pwd.getpwnam(name)
+        made = False
+    except KeyError:
+        made = True
+    entry = ensure_user(name, home=False)
+    try:
+        yield entry
+    finally:
+        if made:
+            remove_user(name)
 
 
 def remove_user(name: str) -> None:
