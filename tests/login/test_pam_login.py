@@ -209,29 +209,25 @@ def test_lock_across_sessions_the_user_their_own_not_others(login_setup: LoginSe
             time.sleep(0.1)
         assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
         env = environment(KEYFENCE_SOCKET=s.daemon_socket, KEYFENCE_NO_AUTOSTART="1")
-        with temporary_user("kfpam2") as other:
-            refused = subprocess.run(
-                as_uid(other.pw_uid, keyfence_argv("lock", str(s.home))),
+
+        def lock_as(uid: int, *, new_session: bool) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                as_uid(uid, keyfence_argv("lock", str(s.home))),
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=120,
                 check=False,
+                start_new_session=new_session,
             )
+
+        with temporary_user("kfpam2") as other:
+            refused = lock_as(other.pw_uid, new_session=False)
         assert refused.returncode == 1, refused.stdout
         assert "Traceback" not in refused.stderr
         assert "Unlocked: Yes" in s.keyfence("status", str(s.home)).stdout
-        user = ensure_user(s.user)
         # the user, from a process outside the login (no @s of its own)
-        mine = subprocess.run(
-            as_uid(user.pw_uid, keyfence_argv("lock", str(s.home))),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            start_new_session=True,
-        )
+        mine = lock_as(ensure_user(s.user).pw_uid, new_session=True)
         assert mine.returncode == 0, mine.stderr
         assert f"{s.home}: locked" in mine.stdout
         assert "Unlocked: No" in s.keyfence("status", str(s.home)).stdout
