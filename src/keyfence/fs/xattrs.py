@@ -117,7 +117,9 @@ class Xattrs:
                 raise FUSEError(pyfuse3.ENOATTR)
             return policy.key.description.encode()
         if name == STATUS_XATTR:
-            return json.dumps(self.status(node), sort_keys=True).encode()
+            return json.dumps(
+                self.status(node, names=self._owns(node, ctx)), sort_keys=True
+            ).encode()
         if name == PROTECTORS_XATTR:
             # tiny file, on the trio thread: the directory descriptor is the table's
             return read_protectors(self._protectors_dir(node, ctx))
@@ -216,8 +218,24 @@ class Xattrs:
             raise fail(errno.EACCES)
         return d_fd
 
-    def status(self, node: Inode) -> dict[str, Any]:
-        """What ``user.keyfence.status`` shows (JSON)."""
+    def _owns(self, node: Inode, ctx: RequestContext) -> bool:
+        """Whether the caller is root or owns ``node`` (its backing entry)."""
+        if ctx.uid == 0:
+            return True
+        try:
+            return ctx.uid == sc.stat_at(*self.table.entry(node.ino)).st_uid
+        except OSError:
+            return False
+
+    def status(self, node: Inode, *, names: bool = True) -> dict[str, Any]:
+        """What ``user.keyfence.status`` shows (JSON).
+
+        ``names``: the caller is root or owns ``node``.  Anyone the kernel
+        lets read the inode may ask, so for others it leaves out the
+        plaintext paths of files still open after a lock (they may lie in
+        directories the caller cannot list) and, at the mount's root, the
+        list of keys the mount is bound to; the counts stay.
+        """
         policy = self.table.contents_policy(node)
         out: dict[str, Any] = {"encrypted": policy is not None}
         if policy is not None:
@@ -234,6 +252,7 @@ class Xattrs:
                 # fscrypt's "incompletely locked": the key went while these
                 # were open; the list empties as they close
                 out["state"] = "incompletely locked"
+            if binding is None and still_open and names:
                 out["busy_files"] = sorted(
                     self._busy_names.get(ino) or self.label_of(ino) for ino in still_open
                 )
@@ -255,7 +274,9 @@ class Xattrs:
                         ),
                     }
                     for b in self.keys.bindings()
-                ],
+                ]
+                if names
+                else [],
             }
         return out
 
