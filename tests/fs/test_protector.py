@@ -19,6 +19,7 @@ from keyfence.fs.protector import (
     LoginProtector,
     Protectors,
     ScryptParams,
+    TooCostly,
     WrongPassphrase,
 )
 
@@ -104,6 +105,29 @@ def test_hostile_kdf_parameters_are_refused() -> None:
     body[5] = 30  # N = 2^30: gigabytes
     with pytest.raises(FormatError):
         LoginProtector.from_body(bytes(body))
+
+
+@pytest.mark.parametrize(
+    ("log2_n", "r", "p"),
+    [(20, 32, 16), (19, 8, 1), (18, 16, 1), (18, 8, 2), (15, 8, 16)],
+)
+def test_a_login_record_above_the_budget_is_refused_before_any_work(
+    log2_n: int, r: int, p: int
+) -> None:
+    # within the format's range, so it parses; root must still not run it
+    # at a login (tests/security/test_pam_protector_cost.py)
+    params = ScryptParams(log2_n, r, p)
+    costly = LoginProtector(1000, params, b"s" * 16, b"n" * 12, b"w" * 48)
+    assert not params.within_login_budget()
+    with pytest.raises(TooCostly, match="above a login's budget"):
+        costly.unwrap(PASSPHRASE, REF)  # at once: 4 GiB of scrypt would take minutes
+    with pytest.raises(TooCostly):
+        LoginProtector.wrap(1000, PASSPHRASE, MASTER, REF, params=params)
+
+
+def test_the_largest_login_cost_keyfence_login_writes_is_within_the_budget() -> None:
+    assert ScryptParams(18, 8, 1).within_login_budget()  # --kdf-cost 18
+    assert ScryptParams().within_login_budget()
 
 
 def test_no_secret_in_repr_and_the_file_is_hidden() -> None:

@@ -78,6 +78,13 @@ def test_passwd_with_nobody_logged_in_then_login_passwd(login_setup: LoginSetup)
     assert again.returncode == 0, again.stderr + s.pam_log_text()
     assert again.stdout == "before\n"
     assert backing_files(s) == before  # re-wrapped, not re-encrypted
+    # a cost above what root runs at a login is refused before anything is written
+    costly = s.keyfence(
+        "login", "passwd", "--kdf-cost", "19", "--user", s.user,
+        "--config-dir", str(s.config_dir), str(s.home), stdin=f"{new}\n{s.password}\n",
+    )  # fmt: skip
+    assert costly.returncode == 2, costly.stderr
+    assert "--kdf-cost: out of range (10 to 18)" in costly.stderr
 
 
 def test_password_step_with_the_token_rewraps_from_the_stash(login_setup: LoginSetup) -> None:

@@ -40,8 +40,9 @@ PROTECTORS_XATTR = "user.keyfence.protectors"
 S = -3
 
 
-def policy_of(path: str) -> str | None:
-    """The directory's key reference (``keyfence:...`` / ``ext4:...``), or None."""
+def policy_of(path: str | int) -> str | None:
+    """The directory's key reference (``keyfence:...`` / ``ext4:...``), or None.
+    ``path`` may be a descriptor, as for the other functions here."""
     try:
         return os.getxattr(path, POLICY_XATTR).decode()
     except OSError as err:
@@ -50,7 +51,7 @@ def policy_of(path: str) -> str | None:
         raise
 
 
-def status_of(path: str) -> dict[str, Any]:
+def status_of(path: str | int) -> dict[str, Any]:
     raw = os.getxattr(path, STATUS_XATTR)
     status = json.loads(raw)
     if not isinstance(status, dict):
@@ -82,7 +83,41 @@ def protectors_dir(path: str) -> str | None:
     return None
 
 
-def read_protectors(path: str) -> Protectors:
+def protectors_fd(fd: int) -> int | None:
+    """As :func:`protectors_dir` for directory descriptor ``fd``: a new
+    descriptor (the caller closes it) of ``fd``'s own directory or of the
+    nearest parent with the same policy that has protectors, reached by
+    ``..`` from ``fd``, never by name."""
+    ref = policy_of(fd)
+    if ref is None:
+        return None
+    here = os.dup(fd)
+    try:
+        while True:
+            try:
+                os.getxattr(here, PROTECTORS_XATTR)
+                found, here = here, -1
+                return found
+            except OSError as err:
+                if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=here)
+            st, pst = os.fstat(here), os.fstat(parent)
+            os.close(here)
+            here = parent
+            if (st.st_dev, st.st_ino) == (pst.st_dev, pst.st_ino):
+                return None  # the root
+            try:
+                if policy_of(here) != ref:
+                    return None
+            except OSError:
+                return None
+    finally:
+        if here >= 0:
+            os.close(here)
+
+
+def read_protectors(path: str | int) -> Protectors:
     """``path``'s own protectors (empty if it has none)."""
     try:
         raw = os.getxattr(path, PROTECTORS_XATTR)
@@ -96,7 +131,7 @@ def read_protectors(path: str) -> Protectors:
         raise KeyfenceError(errno.EIO, f"{path}: {err}") from None
 
 
-def write_protectors(path: str, protectors: Protectors) -> None:
+def write_protectors(path: str | int, protectors: Protectors) -> None:
     os.setxattr(path, PROTECTORS_XATTR, protectors.serialize())
 
 

@@ -31,6 +31,7 @@ import tomllib
 from keyfence.cli import login_setup
 from keyfence.cli.login_setup import LoginUser
 from keyfence.errors import KeyfenceError
+from keyfence.option_values import count_in
 
 DEFAULT_SYSTEM_DIR = "/etc/keyfence/login"
 USER_CONFIG = os.path.join(".config", "keyfence", "login.toml")
@@ -91,11 +92,18 @@ def _read_config(path: str, owner: int) -> list[str]:
 
 def login_directories(user: LoginUser, config_dir: str | None = None) -> list[str]:
     """The system list, then the user's own; duplicates once."""
-    out = _read_config(system_config(user, config_dir), 0)
+    return [path for path, _ in listed_directories(user, config_dir)]
+
+
+def listed_directories(user: LoginUser, config_dir: str | None = None) -> list[tuple[str, bool]]:
+    """(path, listed by the user) for the system list, then the user's own;
+    a path in both counts as the system's."""
+    out = dict.fromkeys(_read_config(system_config(user, config_dir), 0), False)
     # an encrypted (locked) or unreadable home: only the system list
     with contextlib.suppress(OSError):
-        out += _read_config(user_config(user), user.uid)
-    return list(dict.fromkeys(out))
+        for path in _read_config(user_config(user), user.uid):
+            out.setdefault(path, True)
+    return list(out.items())
 
 
 def _write_config(path: str, dirs: list[str], owner: LoginUser | None) -> None:
@@ -118,6 +126,14 @@ def _toml_string(text: str) -> str:
 
 
 # -- commands
+
+
+def _kdf_cost(text: str) -> int:
+    """log2 of scrypt's N (r = 8, p = 1), within a login's budget (fs/protector.py)."""
+    try:
+        return count_in(10, 18, "power of two")(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _target_user(args: argparse.Namespace) -> tuple[LoginUser, bool]:
@@ -199,5 +215,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             p.add_argument("dir")
         p.add_argument("--user", help="(root) set up this user's login, in the system list")
         p.add_argument("--config-dir", help=f"system list directory (default {DEFAULT_SYSTEM_DIR})")
-        p.add_argument("--kdf-cost", type=int, default=15, help=argparse.SUPPRESS)
+        p.add_argument("--kdf-cost", type=_kdf_cost, default=15, help=argparse.SUPPRESS)
         p.set_defaults(run=fn)

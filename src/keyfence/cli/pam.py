@@ -45,11 +45,12 @@ import time
 from collections.abc import Callable, Iterator
 
 from keyfence.cli import dir_keys
-from keyfence.cli.login import login_directories, lookup_user
+from keyfence.cli.login import lookup_user
 from keyfence.cli.login_setup import LoginUser
+from keyfence.cli.pam_dirs import LoginDir, login_protector, opened_login_dirs, why
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
-from keyfence.fs.format import FormatError, KeyRef
+from keyfence.fs.format import FormatError
 from keyfence.fs.protector import LoginProtector, WrongPassphrase
 
 KEY_SPEC_SESSION_KEYRING = -3
@@ -109,27 +110,6 @@ def _stashed_keys(client: Client, user: LoginUser) -> dict[str, bytes]:
     return out
 
 
-def _login_dirs(user: LoginUser, config_dir: str | None, log: _Log) -> Iterator[tuple[str, KeyRef]]:
-    for path in login_directories(user, config_dir):
-        try:
-            ref = dir_keys.policy_of(path)
-        except OSError as err:
-            log(f"{path}: cannot read its policy ({err.strerror})", error=True)
-            continue
-        if ref is None:
-            log(f"{path}: not an encrypted keyfence directory (is it mounted?)", error=True)
-            continue
-        yield path, KeyRef.from_description(ref)
-
-
-def _protector(path: str, user: LoginUser) -> tuple[str, LoginProtector] | None:
-    where = dir_keys.protectors_dir(path)
-    if where is None:
-        return None
-    found = dir_keys.read_protectors(where).login_for(user.uid)
-    return (where, found) if found is not None else None
-
-
 # -- the four PAM operations
 
 
@@ -142,27 +122,44 @@ def do_auth(
     authtok = _read_authtok()
     stashed = _stashed_keys(client, user) if rewrap else {}
     unlocked = 0
-    for path, ref in _login_dirs(user, config_dir, log):
-        found = _protector(path, user)
-        if found is None:
-            log(f"{path}: no login protector for {user.name}", error=True)
-            continue
-        try:
-            master = found[1].unwrap(authtok, ref)
-        except WrongPassphrase:
-            if ref.description in stashed and authtok:
-                _rewrap(path, found, user, authtok, ref, stashed[ref.description], log)
-            else:
-                log(f"{path}: the login password does not open it (changed without keyfence?)")
-            continue
-        ring = _stash(client, user, create=True)
-        assert ring is not None
-        serial = client.add_key("user", f"keyfence-login:{ref.description}", master, ring)
-        client.setperm(serial, STASH_PERM)
-        unlocked += 1
+    with opened_login_dirs(user, config_dir, log) as dirs:
+        for d in dirs:
+            try:
+                master = _unwrap(d, user, authtok, stashed, log)
+            except (OSError, FormatError) as err:
+                log(f"{d.path}: {why(err)}", error=True)
+                continue
+            if master is None:
+                continue
+            ring = _stash(client, user, create=True)
+            assert ring is not None
+            serial = client.add_key("user", f"keyfence-login:{d.ref.description}", master, ring)
+            client.setperm(serial, STASH_PERM)
+            unlocked += 1
     if unlocked:
         log(f"{user.name}: {unlocked} director{'y' if unlocked == 1 else 'ies'} ready to unlock")
     return 0
+
+
+def _unwrap(
+    d: LoginDir, user: LoginUser, authtok: bytes, stashed: dict[str, bytes], log: _Log
+) -> bytes | None:
+    """``d``'s master key opened with the password, or None (logged).
+    Errors: OSError, FormatError (TooCostly: a record above the login's
+    budget, refused before any work)."""
+    with login_protector(d, user) as found:
+        if found is None:
+            log(f"{d.path}: no login protector for {user.name}", error=True)
+            return None
+        where, protector = found
+        try:
+            return protector.unwrap(authtok, d.ref)
+        except WrongPassphrase:
+            if d.ref.description in stashed and authtok:
+                _rewrap(d, where, protector, user, authtok, stashed[d.ref.description], log)
+            else:
+                log(f"{d.path}: the login password does not open it (changed without keyfence?)")
+            return None
 
 
 def do_open_session(
@@ -185,15 +182,16 @@ def do_open_session(
     stashed = _stashed_keys(client, user)
     with _session_count(state_dir, user) as count:
         count(+1)
-    for path, ref in _login_dirs(user, config_dir, log):
-        master = stashed.get(ref.description)
-        if master is None:
-            continue  # not authenticated with the password (ssh key...): stays locked
-        serial = client.add_key(
-            "logon", ref.description, dir_keys.keyring_payload(ref, master), ring
-        )
-        client.chown(serial, user.uid, user.gid)
-        log(f"{user.name}: {path} unlocked (key {serial} in session keyring {ring})")
+    with opened_login_dirs(user, config_dir, log) as dirs:
+        for d in dirs:
+            master = stashed.get(d.ref.description)
+            if master is None:
+                continue  # not authenticated with the password (ssh key...): stays locked
+            serial = client.add_key(
+                "logon", d.ref.description, dir_keys.keyring_payload(d.ref, master), ring
+            )
+            client.chown(serial, user.uid, user.gid)
+            log(f"{user.name}: {d.path} unlocked (key {serial} in session keyring {ring})")
     return 0
 
 
@@ -211,16 +209,28 @@ def do_close_session(
     failed, @s is whatever the application had (an admin's, for ``su``),
     which is not ours to clear.
     """
-    status = 0
     ours = _remembered_session(state_dir)
     current = client.get_keyring_id(KEY_SPEC_SESSION_KEYRING, False)
     if ours is None or ours != current:
         log(f"{user.name}: close_session: @s is not the one open_session made; left alone")
         return 1
+    with opened_login_dirs(user, config_dir, log) as dirs:
+        return _close_session(client, user, dirs, state_dir, timeout, log)
+
+
+def _close_session(
+    client: Client,
+    user: LoginUser,
+    dirs: list[LoginDir],
+    state_dir: str,
+    timeout: float,
+    log: _Log,
+) -> int:
+    status = 0
     dirty = 0
-    for path, _ref in _login_dirs(user, config_dir, log):
+    for d in dirs:
         with contextlib.suppress(OSError, ValueError, KeyfenceError):
-            dirty += int(dir_keys.status_of(path).get("dirty_bytes", 0))
+            dirty += int(dir_keys.status_of(d.fd).get("dirty_bytes", 0))
     log(f"{user.name}: logout: {dirty:,} bytes to write back")
     start = time.monotonic()
     try:
@@ -237,12 +247,12 @@ def do_close_session(
             error=True,
         )
         status = 1
-    for path, _ref in _login_dirs(user, config_dir, log):
+    for d in dirs:
         with contextlib.suppress(OSError, ValueError, KeyfenceError):
-            files = dir_keys.status_of(path).get("busy_files") or []
+            files = dir_keys.status_of(d.fd).get("busy_files") or []
             if files:
                 still = ", ".join(map(str, files))
-                log(f"{path}: incompletely locked, still open: {still}", error=True)
+                log(f"{d.path}: incompletely locked, still open: {still}", error=True)
     with _session_count(state_dir, user) as count:
         if count(-1) <= 0:
             ring = _stash(client, user, create=False)
@@ -252,19 +262,20 @@ def do_close_session(
 
 
 def _rewrap(
-    path: str,
-    found: tuple[str, LoginProtector],
+    d: LoginDir,
+    where: int,
+    old: LoginProtector,
     user: LoginUser,
     new: bytes,
-    ref: KeyRef,
     master: bytes,
     log: _Log,
 ) -> None:
-    where, old = found
-    new_protector = LoginProtector.wrap(user.uid, new, master, ref, params=old.params)
+    """Re-wrap ``master`` under ``new`` in the record of directory
+    descriptor ``where`` (read and written through it, not by name)."""
+    new_protector = LoginProtector.wrap(user.uid, new, master, d.ref, params=old.params)
     prot = dir_keys.read_protectors(where)
     dir_keys.write_protectors(where, prot.with_login(new_protector))
-    log(f"{path}: login protector re-wrapped for the new password")
+    log(f"{d.path}: login protector re-wrapped for the new password")
 
 
 def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _Log) -> int:
@@ -279,21 +290,31 @@ def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _
         return 1
     stashed = _stashed_keys(client, user)
     status = 0
-    for path, ref in _login_dirs(user, config_dir, log):
-        found = _protector(path, user)
-        master = stashed.get(ref.description)
+    with opened_login_dirs(user, config_dir, log) as dirs:
+        for d in dirs:
+            try:
+                status |= _rewrap_for_chauthtok(d, user, new, stashed.get(d.ref.description), log)
+            except (OSError, FormatError) as err:
+                log(f"{d.path}: not re-wrapped: {why(err)}", error=True)
+                status = 1
+    return status
+
+
+def _rewrap_for_chauthtok(
+    d: LoginDir, user: LoginUser, new: bytes, master: bytes | None, log: _Log
+) -> int:
+    with login_protector(d, user) as found:
         if found is None:
-            continue
+            return 0
         if master is None:
             log(
-                f"{path}: not re-wrapped ({user.name} is not logged in with the password): "
+                f"{d.path}: not re-wrapped ({user.name} is not logged in with the password): "
                 f"its login protector still opens with the old one; run keyfence login passwd",
                 error=True,
             )
-            status = 1
-            continue
-        _rewrap(path, found, user, new, ref, master, log)
-    return status
+            return 1
+        _rewrap(d, found[0], found[1], user, new, master, log)
+    return 0
 
 
 def _parent_key() -> str:

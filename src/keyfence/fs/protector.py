@@ -69,6 +69,19 @@ class WrongPassphrase(ValueError):
     """The passphrase does not open this protector (authentication failed)."""
 
 
+class TooCostly(FormatError):
+    """A login protector whose scrypt cost is above the login budget."""
+
+
+LOGIN_MAX_MEMORY = 256 << 20
+"""The most memory a login protector's scrypt may take (128 * N * r bytes)."""
+LOGIN_MAX_WORK = 1 << 21
+"""The most work (N * r * p) a login protector's scrypt may ask: 8 times the
+default's, about a second here.  Root runs it at every login with the
+parameters stored in a record the user may write, so the record must not
+choose what root spends (tests/security/test_pam_protector_cost.py)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ScryptParams:
     """scrypt's cost: N = 2**log2_n, r, p (RFC 7914)."""
@@ -81,6 +94,11 @@ class ScryptParams:
         # bounded so a hostile record cannot ask for gigabytes or hours
         if not (10 <= self.log2_n <= 20 and 1 <= self.r <= 32 and 1 <= self.p <= 16):
             raise FormatError("scrypt parameters out of range (N 2^10..2^20, r 1..32, p 1..16)")
+
+    def within_login_budget(self) -> bool:
+        """Whether root may run this KDF at a login (LOGIN_MAX_*)."""
+        n = 1 << self.log2_n
+        return 128 * n * self.r <= LOGIN_MAX_MEMORY and n * self.r * self.p <= LOGIN_MAX_WORK
 
     def derive(self, passphrase: bytes, salt: bytes) -> bytes:
         """The 32-byte key-encryption key for ``passphrase``."""
@@ -124,6 +142,7 @@ class LoginProtector:
             raise FormatError(f"a master key is {MASTER_KEY_SIZE} bytes")
         if not 0 <= uid < 1 << 32:
             raise FormatError("uid out of range")
+        _check_budget(params)
         salt = os.urandom(16) if salt is None else salt
         nonce = os.urandom(12) if nonce is None else nonce
         shell = cls(uid, params, salt, nonce, b"")
@@ -132,7 +151,9 @@ class LoginProtector:
         return cls(uid, params, salt, nonce, wrapped)
 
     def unwrap(self, passphrase: bytes, ref: KeyRef) -> bytes:
-        """The master key, or :class:`WrongPassphrase`."""
+        """The master key, or :class:`WrongPassphrase`; :class:`TooCostly`
+        (before any work) if its cost is above the login budget."""
+        _check_budget(self.params)
         kek = self.params.derive(passphrase, self.salt)
         try:
             return AESGCM(kek).decrypt(self.nonce, self.wrapped, self._aad(ref))
@@ -152,6 +173,15 @@ class LoginProtector:
         if kdf != KDF_SCRYPT:
             raise FormatError(f"unknown KDF {kdf}")
         return cls(uid, ScryptParams(log2_n, r, p), salt, nonce, bytes(body[_LOGIN.size :]))
+
+
+def _check_budget(params: ScryptParams) -> None:
+    if not params.within_login_budget():
+        raise TooCostly(
+            f"scrypt cost N=2^{params.log2_n} r={params.r} p={params.p} is above a login's "
+            f"budget ({LOGIN_MAX_MEMORY >> 20} MiB, N*r*p <= 2^21): re-wrap it with "
+            "keyfence login passwd"
+        )
 
 
 @dataclass(slots=True)
