@@ -17,6 +17,7 @@ root, who still see it.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -95,17 +96,12 @@ def test_status_xattr_does_not_name_another_users_open_files(s: Scene) -> None:
                 f"uid {b_uid} (no access to {top}/private) read the plaintext path of "
                 f"uid {a_uid}'s open file from the status xattr: {seen.stdout.strip()}"
             )
-            mine = s.run(
-                a_uid,
-                f"""python3 -c "import os; print(os.getxattr('{top}', 'user.keyfence.status').decode())"
-                """,
-            )
+            read_status = f"import os; print(os.getxattr('{top}', 'user.keyfence.status').decode())"
+            mine = s.run(a_uid, f'python3 -c "{read_status}"')
             assert f"a/private/{SECRET}" in mine.stdout, mine.stdout + mine.stderr
         finally:
             os.chmod(pidfile_dir, 0o755)
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
             Path(f"{pidfile}.tmp").unlink(missing_ok=True)
             s.keyfence(0, "umount", str(mnt))
