@@ -141,6 +141,37 @@ def test_logout_keeps_the_data_and_locks(mounted: tuple[DaemonProcess, Path, Pat
     assert hashlib.sha256(big).hexdigest() in again.stdout
 
 
+def test_a_directory_is_listed_with_the_readers_keys(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """As ext4's readdir: the reading process's keyrings count, not those of
+    the process that opened the directory (which may have exited and its
+    pid gone to another user's process).  Here the opener has no key and
+    hands its descriptor to a child whose @s holds it."""
+    daemon, _, mnt = mounted
+    home = mnt / "home"
+    home.mkdir()
+    made = session_sh(
+        daemon,
+        f"keyfence e4crypt add_key -S {SALT} {home} >/dev/null; touch {home}/plain-name; "
+        "kfctl clear @s",
+        stdin=PASSPHRASE,
+    )
+    assert made.returncode == 0, made.stderr
+    password = PASSPHRASE.strip()
+    listed = session_sh(
+        daemon,
+        f"""
+        exec 3<{home}
+        sh -ec 'kfctl new_session >/dev/null
+            echo "{password}" | keyfence e4crypt add_key -S {SALT} >/dev/null
+            python3 -c "import os; print(sorted(os.listdir(3)))"'
+        """,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "plain-name" in listed.stdout, listed.stdout
+
+
 def test_wrong_passphrase_is_a_clear_error(mounted: tuple[DaemonProcess, Path, Path]) -> None:
     daemon, _backing, mnt = mounted
     home = mnt / "secret"

@@ -1422,12 +1422,15 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
 
     @fuse_op
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        self._dir(inode)
+        d = self._dir(inode)
+        # as ext4's open of an encrypted directory: the opener's keyrings
+        # count now, while it is held in the kernel; readdir asks the reader's
+        await self._unlock(d.policy, ctx.pid or None)
         fh = self._new_fh()
         self.dir_handles[fh] = DirHandle(inode, ctx.pid)
         return FileHandleT(fh)
 
-    async def _list(self, d: Inode, pid: int) -> tuple[list[tuple[bytes, str]], bool]:
+    async def _list(self, d: Inode, pid: int | None) -> tuple[list[tuple[bytes, str]], bool]:
         if d.policy is None:
             names = sc.listdir_fd(self.table.dir_fd(d.ino))
             return [(os.fsencode(n), n) for n in names], False
@@ -1444,13 +1447,19 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         return out, False
 
     @fuse_op
-    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+    async def readdir(
+        self, fh: FileHandleT, start_id: int, token: ReaddirToken, pid: int = 0
+    ) -> None:
+        """``pid``: the process reading (the request's).  Its keyrings count,
+        not the opener's: the reader is held in the kernel while we look, so
+        its pid cannot be reused meanwhile, where the opener's may have
+        exited long ago and its pid gone to another user's process."""
         dh = self.dir_handles.get(fh)
         if dh is None:
             raise fail(errno.EBADF)
         d = self._dir(dh.ino)
         if start_id == 0 or dh.entries is None:
-            dh.entries, dh.locked = await self._list(d, dh.pid)
+            dh.entries, dh.locked = await self._list(d, pid or None)
         for i in range(start_id, len(dh.entries)):
             name, disk = dh.entries[i]
             # asked again each time: remembering a directory below may

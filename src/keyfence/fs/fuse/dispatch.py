@@ -408,17 +408,17 @@ class Dispatcher:
         fh = await self.ops.opendir(nodeid, caller)
         return p.OPEN_OUT.pack(fh, 0, 0)
 
-    async def _list(self, body: memoryview, plus: bool) -> Answer:
+    async def _list(self, caller: Caller, body: memoryview, plus: bool) -> Answer:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         token = DirBuffer(size, plus)
-        await self.ops.readdir(fh, offset, token)
+        await self.ops.readdir(fh, offset, token, caller.pid)
         return token.parts
 
     async def readdir(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
-        return await self._list(body, plus=False)
+        return await self._list(caller, body, plus=False)
 
     async def readdirplus(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
-        return await self._list(body, plus=True)
+        return await self._list(caller, body, plus=True)
 
     async def releasedir(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
         (fh,) = p.FH_IN.unpack_from(body)
