@@ -152,7 +152,7 @@ class CornerFS(pyfuse3.Operations):
     async def opendir(self, inode: Any, ctx: Any) -> Any:
         return inode
 
-    async def readdir(self, fh: Any, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: Any, start_id: int, token: Any, pid: int = 0) -> None:
         from keyfence.fs.fuse.kernel import readdir_reply
 
         names = sorted(self.names)
