@@ -125,6 +125,18 @@ def test_a_login_record_above_the_budget_is_refused_before_any_work(
         LoginProtector.wrap(1000, PASSPHRASE, MASTER, REF, params=params)
 
 
+def test_the_users_own_command_may_open_a_record_above_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # keyfence login passwd re-wraps such a record: the user pays, not a login
+    cheap = ScryptParams(10, 8, 1)
+    record = LoginProtector.wrap(1000, PASSPHRASE, MASTER, REF, params=cheap)
+    monkeypatch.setattr("keyfence.fs.protector.LOGIN_MAX_WORK", 1 << 12)
+    with pytest.raises(TooCostly):
+        record.unwrap(PASSPHRASE, REF)
+    assert record.unwrap(PASSPHRASE, REF, budget=False) == MASTER
+
+
 def test_the_largest_login_cost_keyfence_login_writes_is_within_the_budget() -> None:
     assert ScryptParams(18, 8, 1).within_login_budget()  # --kdf-cost 18
     assert ScryptParams().within_login_budget()

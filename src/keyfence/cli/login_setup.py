@@ -133,7 +133,10 @@ def change_passphrase(path: str, user: LoginUser, *, kdf_log2_n: int = 15) -> No
     if old is None:
         raise KeyfenceError(errno.ENOKEY, f"{path}: no login protector for {user.name}")
     try:
-        master = old.unwrap(ask(f"Enter current login passphrase for {user.name}: "), ref)
+        # the old record may cost more than a login allows: this command
+        # (the user's own, or root's choice) pays, and writes one that does not
+        prompt = f"Enter current login passphrase for {user.name}: "
+        master = old.unwrap(ask(prompt), ref, budget=False)
     except WrongPassphrase:
         raise KeyfenceError(errno.EKEYREJECTED, "wrong passphrase") from None
     new = LoginProtector.wrap(

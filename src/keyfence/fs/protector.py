@@ -150,10 +150,13 @@ class LoginProtector:
         wrapped = AESGCM(kek).encrypt(nonce, bytes(master), shell._aad(ref))
         return cls(uid, params, salt, nonce, wrapped)
 
-    def unwrap(self, passphrase: bytes, ref: KeyRef) -> bytes:
+    def unwrap(self, passphrase: bytes, ref: KeyRef, *, budget: bool = True) -> bytes:
         """The master key, or :class:`WrongPassphrase`; :class:`TooCostly`
-        (before any work) if its cost is above the login budget."""
-        _check_budget(self.params)
+        (before any work) if its cost is above the login budget.
+        ``budget=False``: the user's own command pays, not root's login
+        (``keyfence login passwd`` re-wrapping such a record)."""
+        if budget:
+            _check_budget(self.params)
         kek = self.params.derive(passphrase, self.salt)
         try:
             return AESGCM(kek).decrypt(self.nonce, self.wrapped, self._aad(ref))
