@@ -6,7 +6,8 @@ Usage (root, from the repository root)::
     .venv/bin/python bench/fs_compare.py [--quick] [--json PATH] [--runs 3]
         [--systems keyfence,gocryptfs,fscrypt,disk] [--only GROUP,...] [--scratch DIR]
         (also keyfence-pyfuse3, keyfence-ownloop: keyfence with a given FUSE loop;
-        keyfence-nospin: its loop never spinning for the next request)
+        keyfence-nospin: its loop never spinning for the next request;
+        gocryptfs-allow-other: gocryptfs shared with other users, default_permissions)
 
 Every peer lives over the same disk (``--scratch``, default /var/tmp): keyfence
 through its real daemon and mount worker with an e4crypt key in this run's
@@ -64,6 +65,7 @@ from keyfence.testing.bench.peers import (
     MIB,
     DiskPeer,
     FscryptPeer,
+    GocryptfsAllowOtherPeer,
     GocryptfsPeer,
     KeyfenceNoSpinPeer,
     KeyfenceOwnLoopPeer,
@@ -82,8 +84,9 @@ from keyfence.testing.bench.process import (
 from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
-VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop", "keyfence-nospin"]
-"""keyfence with a given FUSE loop (fs_peers.py), for ``--systems``."""
+VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop", "keyfence-nospin", "gocryptfs-allow-other"]
+"""keyfence with a given FUSE loop, and gocryptfs shared with other users
+(peers.py), for ``--systems``."""
 BLOCK = 4096
 
 Row = dict[str, Any]
@@ -437,6 +440,7 @@ class Bench:
             "keyfence-ownloop": lambda: KeyfenceOwnLoopPeer(a.scratch_dir),
             "keyfence-nospin": lambda: KeyfenceNoSpinPeer(a.scratch_dir),
             "gocryptfs": lambda: GocryptfsPeer(a.scratch_dir),
+            "gocryptfs-allow-other": lambda: GocryptfsAllowOtherPeer(a.scratch_dir),
             "fscrypt": lambda: FscryptPeer(a.scratch_dir, image),
             "disk": lambda: DiskPeer(a.scratch_dir),
         }
@@ -625,7 +629,7 @@ def finish_ratios(results: list[Row]) -> None:
         if row["system"] != "keyfence":
             continue
         ratios = {}
-        for peer in ("gocryptfs", "fscrypt", "disk"):
+        for peer in ("gocryptfs", "gocryptfs-allow-other", "fscrypt", "disk"):
             other = medians.get((row["group"], peer))
             if other is not None:
                 value = ratio(row["median"], other["median"], row["higher_is_better"])

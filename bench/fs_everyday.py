@@ -7,7 +7,8 @@ Usage (root, from the repository root)::
         [--systems keyfence,gocryptfs,fscrypt,disk] [--scratch /var/tmp]
         [--tree full|small] [--stdlib DIR] [--sqlite-tx 10000] [--fio-mib 256]
         [--fio-io-mib 80] [--before TREE]
-        (also keyfence-nospin: keyfence whose loop never spins for the next request)
+        (also keyfence-nospin: keyfence whose loop never spins for the next request;
+        gocryptfs-allow-other: gocryptfs shared with other users, default_permissions)
 
 The peers (keyfence.testing.bench.peers) are set up over the same disk as for
 bench/fs_compare.py (keyfence through its real daemon and worker with an
@@ -60,6 +61,7 @@ from keyfence.testing.bench.peers import (
     MIB,
     DiskPeer,
     FscryptPeer,
+    GocryptfsAllowOtherPeer,
     GocryptfsPeer,
     KeyfenceNoSpinPeer,
     KeyfencePeer,
@@ -161,6 +163,7 @@ class Everyday:
             "keyfence": lambda: KeyfencePeer(self.scratch),
             "keyfence-nospin": lambda: KeyfenceNoSpinPeer(self.scratch),
             "gocryptfs": lambda: GocryptfsPeer(self.scratch),
+            "gocryptfs-allow-other": lambda: GocryptfsAllowOtherPeer(self.scratch),
             "fscrypt": lambda: FscryptPeer(self.scratch, 2 << 30),
             "disk": lambda: DiskPeer(self.scratch),
             "keyfence-before": lambda: KeyfenceBeforePeer(self.scratch, self.args.before),
@@ -233,7 +236,7 @@ class Everyday:
             if row["system"] != "keyfence":
                 continue
             ratios = {}
-            for peer in ("gocryptfs", "fscrypt", "disk"):
+            for peer in ("gocryptfs", "gocryptfs-allow-other", "fscrypt", "disk"):
                 other = medians.get((row["group"], peer))
                 if other is not None:
                     value = ratio(row["median"], other["median"], row["higher_is_better"])
@@ -282,7 +285,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.systems = [s for s in a.systems.split(",") if s]
     if a.before and "keyfence-before" not in a.systems:
         a.systems.insert(1, "keyfence-before")
-    known = {*SYSTEMS, "keyfence-nospin", *(["keyfence-before"] if a.before else [])}
+    known = {*SYSTEMS, "keyfence-nospin", "gocryptfs-allow-other"}
+    known |= {"keyfence-before"} if a.before else set()
     unknown = set(a.systems) - known
     if unknown:
         p.error(f"unknown systems: {', '.join(sorted(unknown))}")

@@ -63,9 +63,19 @@ from keyfence.testing.bench.kernel_trace import (
     tracing_problem,
     write,
 )
-from keyfence.testing.bench.peers import GocryptfsPeer, KeyfencePeer, Peer, PeerError
+from keyfence.testing.bench.peers import (
+    GocryptfsAllowOtherPeer,
+    GocryptfsPeer,
+    KeyfencePeer,
+    Peer,
+    PeerError,
+)
 
-PEERS: dict[str, type[Peer]] = {"keyfence": KeyfencePeer, "gocryptfs": GocryptfsPeer}
+PEERS: dict[str, type[Peer]] = {
+    "keyfence": KeyfencePeer,
+    "gocryptfs": GocryptfsPeer,
+    "gocryptfs-allow-other": GocryptfsAllowOtherPeer,
+}
 _EVENT = re.compile(
     r"-(\d+)\s+\[(\d+)\].*?\s(\d+\.\d+): (fuse_request_send|fuse_request_end|sched_wakeup): (.*)"
 )

@@ -13,6 +13,9 @@ failure half-way; it is safe to call twice.
 * :class:`GocryptfsPeer`: gocryptfs in the foreground; lock is unmounting it
   plus a syncfs of the backing disk (gocryptfs writes straight through to the
   backing files without syncing them, so its unmount alone persists nothing).
+  :class:`GocryptfsAllowOtherPeer` mounts it ``-allow_other``, which also
+  turns on ``default_permissions``: the options every mount root makes with
+  keyfence has.
 * :class:`FscryptPeer`: kernel ext4 + fscrypt v2 on a loop device backed by
   an image file on the same disk; a raw 64-byte key added with
   ``FS_IOC_ADD_ENCRYPTION_KEY``, removed with ``FS_IOC_REMOVE_ENCRYPTION_KEY``
@@ -325,10 +328,12 @@ class GocryptfsPeer(Peer):
     def sync_paths(self) -> list[Path]:
         return [self.mnt, self.cipher]
 
+    options: tuple[str, ...] = ()
+
     def mount(self) -> None:
         self.process = subprocess.Popen(
             [
-                "gocryptfs", "-fg", "-q", "-nosyslog",
+                "gocryptfs", "-fg", "-q", "-nosyslog", *self.options,
                 "-passfile", str(self.passfile), str(self.cipher), str(self.mnt),
             ],
             stdin=subprocess.DEVNULL,
@@ -376,6 +381,16 @@ class GocryptfsPeer(Peer):
             self.process = None
         if not os.path.ismount(self.mnt):
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class GocryptfsAllowOtherPeer(GocryptfsPeer):
+    """gocryptfs as a mount shared with other users: ``-allow_other``, which
+    gocryptfs pairs with ``default_permissions`` (the kernel checks modes,
+    asking for a directory's attributes again after each change in it), as
+    every keyfence mount made by root is."""
+
+    name = "gocryptfs-allow-other"
+    options = ("-allow_other",)
 
 
 # -- kernel ext4 + fscrypt v2 ------------------------------------------------
