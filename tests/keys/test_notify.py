@@ -343,3 +343,55 @@ def test_ten_thousand_watched_keys_one_thread(svc: KeyService, root: Caller) -> 
     svc.clear(root, ring)
     assert sorted(calls) == sorted(serials)
     assert threading.active_count() <= before + 1
+
+
+def test_a_foreign_removal_held_by_its_own_watcher_holds_roots_clear_a_bounded_time(
+    svc: KeyService, root: Caller, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice, in root's session, plants a key in root's @s, watches it with a
+    watcher that never answers and starts her own revoke of it, which her
+    own watcher holds without bound.  Root's clear waits for her removal's
+    fence only FOREIGN_WATCHER_SECONDS, then takes the key over (session
+    26's red-team pass, finding 1; checked failing before: the clear hung)."""
+    from keyfence.keys import removal_path
+
+    monkeypatch.setattr(removal_path, "FOREIGN_WATCHER_SECONDS", 0.5, raising=False)
+    in_roots_session = Caller(uid=alice.uid, gid=alice.gid, pid=201, session=root.session)
+    mine = svc.add_key(root, "user", "mine", SECRET, S)
+    planted = svc.add_key(in_roots_session, "user", "planted", b"x", S)
+    svc.setperm(in_roots_session, planted, 0x3F3F0000)
+    never = threading.Event()
+    svc.watch(in_roots_session, planted, lambda n: never.wait(), sync=True, name="never acks")
+    threading.Thread(target=svc.revoke, args=(alice, planted), daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not (key := svc.find_key(planted)) or not key.fenced_by:
+        assert time.monotonic() < deadline, "alice's revoke never started"
+        time.sleep(0.01)
+    started = time.monotonic()
+    svc.clear(root, S, timeout=10)
+    assert 0.4 < time.monotonic() - started < 3
+    assert svc.find_key(mine) is None and svc.find_key(planted) is None
+    never.set()
+
+
+def test_a_patient_watcher_of_another_removal_is_waited_for(
+    svc: KeyService, root: Caller, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The takeover is only for foreign holders: while the other removal
+    waits for a watcher patient for this one (root's: a mount worker), this
+    removal waits as before, past FOREIGN_WATCHER_SECONDS."""
+    from keyfence.keys import removal_path
+
+    monkeypatch.setattr(removal_path, "FOREIGN_WATCHER_SECONDS", 0.2)
+    serial = svc.add_key(root, "user", "k", SECRET, S)
+    release = threading.Event()
+    svc.watch(root, serial, lambda n: release.wait(), sync=True, name="root's flusher")
+    threading.Thread(target=svc.revoke, args=(root, serial), daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not (key := svc.find_key(serial)) or not key.fenced_by:
+        assert time.monotonic() < deadline, "the revoke never started"
+        time.sleep(0.01)
+    with pytest.raises(KeyfenceError) as info:
+        svc.unlink(root, serial, S, timeout=1.0)
+    assert info.value.errno == errno.ETIMEDOUT
+    release.set()

@@ -142,6 +142,34 @@ def test_a_planted_key_with_a_silent_watcher_holds_neither_roots_clear_nor_its_l
     the session.  Root's ``kfctl clear @s`` returns (the foreign watcher
     holds it up FOREIGN_WATCHER_SECONDS at most), and when root's login
     ends its keyring and keys go (checked failing before: clear hung)."""
+    _planted_key_holds_neither_roots_clear_nor_its_logout(PLANTER)
+
+
+REVOKING_PLANTER = PLANTER.replace(
+    "c.join_session_keyring(None)",
+    "c.setperm(key, 0x3F3F0000)  # its owner may revoke it out of the session too\n"
+    "mine = Client.connect()\n"
+    "threading.Thread(target=mine.revoke, args=(key,), daemon=True).start()\n"
+    "time.sleep(0.5)  # its own removal now fences the key, held by its own watcher\n"
+    "c.join_session_keyring(None)",
+)
+
+
+def test_a_planted_key_fenced_by_its_owners_own_removal_holds_neither_roots_clear_nor_logout() -> (
+    None
+):
+    """Red-team pass of session 26, finding 1: the planter also starts its
+    own removal of the planted key (``revoke``), which its own silent
+    watcher holds without bound (it is patient for its own uid).  Root's
+    clear found the key fenced by that removal and waited for it without
+    bound, and so did the end of root's login.  Now a removal waits for
+    another removal's fence at most FOREIGN_WATCHER_SECONDS when every
+    watcher that fence still waits for is foreign to it, then takes the
+    keys over (checked failing before: the clear hung past the test's 90 s)."""
+    _planted_key_holds_neither_roots_clear_nor_its_logout(REVOKING_PLANTER)
+
+
+def _planted_key_holds_neither_roots_clear_nor_its_logout(planter_code: str) -> None:
     if (reason := users.why_no_other_uids()) is not None:
         pytest.skip(reason)
     from keyfence.client import Client
@@ -169,7 +197,7 @@ def test_a_planted_key_with_a_silent_watcher_holds_neither_roots_clear_nor_its_l
         env = users.environment(
             KEYFENCE_SOCKET=daemon.socket,
             KEYFENCE_NO_AUTOSTART="1",
-            PLANTER=PLANTER,
+            PLANTER=planter_code,
         )
         env["PATH"] = f"{work}/bin:{env['PATH']}"
         try:

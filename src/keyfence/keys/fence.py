@@ -257,6 +257,11 @@ class FenceRound:
     def pending(self) -> list[_Call]:
         return [c for c in self._calls if not c.done]
 
+    def pending_calls(self) -> list[tuple[Watch, int]]:
+        """The calls not done yet, as (watch, key serial); safe from any thread."""
+        with self._cond:
+            return [(c.watch, c.note.key) for c in self._calls if not c.done]
+
     def snapshot(self) -> RemovalProgress:
         with self._cond:
             return self._snapshot_locked()

@@ -8,9 +8,12 @@ key removal"):
 1. ``build()`` (under the lock) describes the removal; the removal plans
    the whole set of keys going away;
 2. if another removal is fencing one of those keys, wait for it and build
-   again; else mark the keys with this removal's id (:attr:`Key.fenced_by`) and
-   call their synchronous watchers without the lock
-   (:class:`~keyfence.keys.fence.FenceRound`), keys still valid;
+   again (but if everything that removal still waits for is foreign to this
+   one, only FOREIGN_WATCHER_SECONDS, then take its keys over: see
+   :meth:`RemovalPath._outwaited_locked`); else mark the keys with this
+   removal's id (:attr:`Key.fenced_by`) and call their synchronous watchers
+   without the lock (:class:`~keyfence.keys.fence.FenceRound`), keys still
+   valid;
 3. close the keys' use-gates and wait for use-guards taken before;
 4. apply atomically (state changes, unlinks, payload wipes, quota refunds)
    and schedule the reaping of revoked and expired keys;
@@ -31,7 +34,13 @@ from typing import TypeVar
 
 from keyfence.keys.caller import Caller
 from keyfence.keys.errors import fail
-from keyfence.keys.fence import FenceOutcome, FenceRound, RemovalProgress, current_fence
+from keyfence.keys.fence import (
+    FOREIGN_WATCHER_SECONDS,
+    FenceOutcome,
+    FenceRound,
+    RemovalProgress,
+    current_fence,
+)
 from keyfence.keys.key import Key, KeyState
 from keyfence.keys.notify import Dispatcher, KeyEvent, Notification, Phase, Watch, WatchTable
 from keyfence.keys.quota import QuotaTable
@@ -93,6 +102,8 @@ class RemovalPath:
         self.wait_for_users = wait_for_users
         self._reap: Callable[[Key, float], None] = lambda key, now: None
         """Set by the collector (:meth:`reap_with`)."""
+        self._rounds: dict[int, FenceRound] = {}
+        """Removals calling their synchronous watchers, by id (under the lock)."""
 
     def reap_with(self, reap: Callable[[Key, float], None]) -> None:
         """Hand revoked and expired keys to ``reap(key, now)`` once applied."""
@@ -138,6 +149,8 @@ class RemovalPath:
         removal: Removal | None = None
         answer: T
         called: set[tuple[int, int]] = set()
+        took_over = False  # another removal's keys are ours now: never build again
+        held_since: dict[int, float] = {}  # another removal -> when it first held us
         fenced: list[Key] = []
         gated: list[Key] = []
         notes: list[tuple[Watch, Notification]] = []
@@ -145,7 +158,7 @@ class RemovalPath:
         try:
             while True:
                 with self.lock:
-                    if removal is None or not called:
+                    if removal is None or not (called or took_over):
                         removal, answer = build()
                         if removal is None:
                             return answer
@@ -159,7 +172,17 @@ class RemovalPath:
                                     errno.EDEADLK,
                                     f"a watcher of removal {blocker} tried to remove its keys",
                                 )
-                            self._wait_changed_locked(deadline, f"removal {blocker}")
+                            since = held_since.setdefault(blocker, time.monotonic())
+                            outwaited = self._outwaited_locked(removal, blocker, since)
+                            if outwaited is None:
+                                self._wait_changed_locked(deadline, f"removal {blocker}")
+                                continue
+                            for key in removal.going:
+                                if key.fenced_by == blocker:
+                                    key.fenced_by = removal.id
+                                    fenced.append(key)
+                            called.update(outwaited)  # counted as done, as in its round
+                            took_over = True
                             continue
                         calls = self._sync_calls_locked(removal, called)
                         if calls:
@@ -197,6 +220,28 @@ class RemovalPath:
             if key.fenced_by and key.fenced_by != removal.id:
                 return key.fenced_by
         return 0
+
+    def _outwaited_locked(
+        self, removal: Removal, blocker: int, since: float
+    ) -> set[tuple[int, int]] | None:
+        """Whether ``removal`` may take over the keys ``blocker`` fences.
+
+        Yes (the calls ``blocker`` still waits for, as (watch, key) pairs,
+        which ``removal`` then counts as done) once it has waited
+        FOREIGN_WATCHER_SECONDS and every watcher ``blocker`` still waits
+        for is foreign to ``removal``: its own round would have stopped
+        waiting for them by then.  Otherwise None: wait on.  Without this a
+        uid could plant a key in root's @s and hold it with a removal of its
+        own that its own watcher never lets finish (docs/security.md).
+        """
+        fence_round = self._rounds.get(blocker)
+        if fence_round is None or time.monotonic() - since < FOREIGN_WATCHER_SECONDS:
+            return None  # not calling watchers: applying, or waiting for a use to end
+        pending = fence_round.pending_calls()
+        patient = self._patient_uids(removal)
+        if not pending or any(watch.owner_uid in patient for watch, _key in pending):
+            return None
+        return {(watch.id, key) for watch, key in pending}
 
     def _wait_changed_locked(self, deadline: float | None, what: str) -> None:
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -238,12 +283,19 @@ class RemovalPath:
         progress: Callable[[RemovalProgress], None] | None,
     ) -> None:
         """Call the synchronous watchers (no lock held) and wait for them."""
-        foreign = self._foreign_watches(removal, calls)
+        patient = self._patient_uids(removal)
+        foreign = frozenset(w.id for w, _note in calls if w.owner_uid not in patient)
         fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls, foreign)
-        fence_round.start()
-        if progress is not None:
-            progress(fence_round.snapshot())
-        outcome = fence_round.wait(deadline, progress)
+        with self.lock:
+            self._rounds[removal.id] = fence_round
+        try:
+            fence_round.start()
+            if progress is not None:
+                progress(fence_round.snapshot())
+            outcome = fence_round.wait(deadline, progress)
+        finally:
+            with self.lock:
+                del self._rounds[removal.id]
         if outcome is FenceOutcome.FAILED:
             assert fence_round.failure is not None
             watch, err = fence_round.failure
@@ -257,17 +309,16 @@ class RemovalPath:
             )
 
     @staticmethod
-    def _foreign_watches(
-        removal: Removal, calls: list[tuple[Watch, Notification]]
-    ) -> frozenset[int]:
-        """Watches that may hold ``removal`` up only for a bounded time.
+    def _patient_uids(removal: Removal) -> set[int]:
+        """The uids whose watchers may hold ``removal`` up without bound.
 
-        Patient (unbounded) are root's watchers (the service's own mount
-        workers), the caller's own uid's, and -- for a removal by root or
-        by the service (process exit, session end) -- those of the uid that
-        owns what is removed: the keyring cut from or released, the key
-        revoked or invalidated.  Everyone else is foreign: a key planted
-        in root's @s cannot hold root's clear or root's logout hostage.
+        Patient are root's watchers (the service's own mount workers), the
+        caller's own uid's, and -- for a removal by root or by the service
+        (process exit, session end) -- those of the uid that owns what is
+        removed: the keyring cut from or released, the key revoked or
+        invalidated.  Everyone else is foreign (a bounded time, then the
+        removal goes on): a key planted in root's @s cannot hold root's
+        clear or root's logout hostage.
         """
         caller = removal.caller
         patient = {0}
@@ -277,7 +328,7 @@ class RemovalPath:
             patient.update(ring.uid for ring, _key in removal.unlinks)
             patient.update(key.uid for key in removal.releases)
             patient.update(key.uid for key in removal.kills)
-        return frozenset(w.id for w, _note in calls if w.owner_uid not in patient)
+        return patient
 
     def _note(
         self,
