@@ -66,6 +66,17 @@ def test_plain_lines_once_a_second_and_none_for_a_quick_operation() -> None:
     assert quick.getvalue() == ""
 
 
+def test_names_and_notes_from_other_processes_reach_the_terminal_printable() -> None:
+    """A watcher's name and note come from another process, maybe another
+    user's: an escape sequence in them is shown as ``?``, never sent to the
+    terminal (session 26's red-team pass, finding 3b; checked failing
+    before: the ESC reached the line)."""
+    pending = [{"watcher": "\x1b[2Jmount", "key": 7, "remaining_bytes": 1, "note": "\x1b]0;x\x07"}]
+    text = progress_text("kfctl", "clear", RemovalStatus({"elapsed": 1.0, "pending": pending}))
+    assert "\x1b" not in text and "\x07" not in text
+    assert "?[2Jmount (key 7" in text and "?]0;x?" in text
+
+
 def test_a_live_line_with_a_bar_erased_when_done(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # StringIO has no size: shutil's fallback
     now = [0.0]

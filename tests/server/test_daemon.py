@@ -414,3 +414,60 @@ def test_a_client_that_does_not_read_its_events_is_dropped(daemon: DaemonProcess
         assert received < 2 * OUTPUT_LIMIT_BYTES, "the daemon kept queueing for a non-reader"
     sock.close()
     assert received < updates * 4000
+
+
+def test_an_empty_frame_is_a_bad_message_not_an_end(daemon: DaemonProcess) -> None:
+    """protocol.md: a frame that is not a valid message gets EBADMSG and the
+    connection stays (EPROTO, closed, before hello).  An empty frame used to
+    close the connection without a word: the loop took it for its own
+    marker of a framing error (session 26's red-team pass, finding 4;
+    checked failing before: EOF instead of the error)."""
+    sock = raw(daemon)
+    sock.sendall(b"\x00\x00\x00\x00")
+    reply = protocol.read_message(sock)
+    sock.close()
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EPROTO
+    sock = raw(daemon)
+    sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    assert isinstance(protocol.read_message(sock), protocol.Welcome)
+    sock.sendall(b"\x00\x00\x00\x00")
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Error) and reply.errno == errno.EBADMSG
+    sock.sendall(protocol.encode(protocol.Request(id=9, op="ping")))
+    reply = protocol.read_message(sock)
+    assert isinstance(reply, protocol.Reply) and reply.id == 9
+    sock.close()
+
+
+def test_what_a_watcher_says_reaches_the_caller_bounded_and_printable(
+    daemon: DaemonProcess,
+) -> None:
+    """Session 26's red-team pass, findings 2 and 3: a watch name had no
+    bound (2 MiB each, 16,384 per uid: the daemon's memory), and a
+    watcher's name and progress note went unchecked into the removal's
+    caller's status frames (a status too large for a frame came back as an
+    E2BIG *answer* to the removal, which went on) and raw onto its terminal
+    (escape sequences).  Now a name is at most 256 printable characters
+    (EINVAL), notes and refusals are cut to 256 with control characters as
+    ``?`` (checked failing before: the 300-character name and the escape
+    were accepted, the note arrived whole)."""
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+        for name in ("n" * 300, "\x1b[2Jowned", "a\nb", "\u202eevil"):
+            with pytest.raises(KeyfenceError) as info:
+                c.watch(key, lambda note: None, sync=True, name=name)
+            assert info.value.errno == errno.EINVAL
+        c.watch(key, lambda note: None, sync=True, name="n" * 256)
+
+        def flush(note: object) -> None:
+            if note.phase == "before":  # type: ignore[attr-defined]
+                note.report_progress(1, "\x1b]0;owned\x07" + "x" * (1 << 20))  # type: ignore[attr-defined]
+                time.sleep(0.3)
+
+        c.watch(key, flush, sync=True, name="noisy")
+        statuses: list[protocol.Status] = []
+        c.clear(S, progress=statuses.append)
+    notes = [p.note for s in statuses for p in s.pending if p.note]
+    assert notes, statuses
+    assert all(len(n) <= 256 and "\x1b" not in n and "\x07" not in n for n in notes)
+    assert notes[0].startswith("?]0;owned?x")

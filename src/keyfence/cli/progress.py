@@ -74,8 +74,10 @@ def progress_text(prog: str, command: str, snapshot: Snapshot) -> str:
     """One line: who is still writing (for which key) and how much is left.
 
     Key users of a removal are counted and listed with their keys; a
-    mount's own write-back (``umount``: key 0) is named."""
-    pending = list(snapshot.pending)
+    mount's own write-back (``umount``: key 0) is named.  Names and notes
+    come from other processes (other users' watchers): control characters
+    show as ``?``, so no escape sequence of theirs reaches the terminal."""
+    pending = [_Shown(p) for p in snapshot.pending]
     total = sum(p.remaining_bytes or 0 for p in pending)
     head = f"{prog} {command}: waiting {snapshot.elapsed:.1f}s for "
     users = len(pending)
@@ -99,6 +101,20 @@ def progress_text(prog: str, command: str, snapshot: Snapshot) -> str:
             item += f", {user.note}"
         items.append(item + ")")
     return head + ": " + "; ".join(items)
+
+
+class _Shown:
+    """A pending user as shown: its name and note printable."""
+
+    def __init__(self, user: PendingUser) -> None:
+        self.watcher = _printable(user.watcher)
+        self.key = user.key
+        self.remaining_bytes = user.remaining_bytes
+        self.note = _printable(user.note)
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == " " else "?" for ch in text)
 
 
 def bar(done: float) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
 
-from keyfence.keys.notify import Notification, Watch
+from keyfence.keys.notify import Notification, Watch, watcher_text
 
 _local = threading.local()
 log = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class FenceRound:
     def _reporter(self, call: _Call) -> Callable[[int | None, str], None]:
         def report(remaining: int | None, note: str) -> None:
             with self._cond:
+                note = watcher_text(note)  # shown to the removal's caller
                 call.progress = replace(call.progress, remaining_bytes=remaining, note=note)
                 # every report reaches the caller, in order; under a flood
                 # only the newest of the tail is kept
@@ -234,7 +235,8 @@ class FenceRound:
                         with self._cond:
                             if call.until is not None:
                                 name = call.watch.name
-                                log.warning("%s refused a foreign removal: %s", name, err)
+                                why = watcher_text(str(err))
+                                log.warning("%s refused a foreign removal: %s", name, why)
                                 self._finish(call)
                                 continue
                             if self.failure is None:
@@ -307,7 +309,9 @@ class FenceRound:
                 for snap in reports or [self.snapshot()]:
                     progress(snap)
 
-    def describe_pending(self) -> str:
+    def describe_pending(self, most: int = 8) -> str:
+        """Who is still working, for an error message: ``most`` of them named."""
         with self._cond:
             names = sorted({f"{c.watch.name} (key {c.note.key})" for c in self.pending()})
-        return ", ".join(names)
+        shown = ", ".join(names[:most])
+        return shown + (f" and {len(names) - most} more" if len(names) > most else "")

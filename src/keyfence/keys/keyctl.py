@@ -45,11 +45,13 @@ from keyfence.keys.key_type import (
 )
 from keyfence.keys.keyring import SearchContext
 from keyfence.keys.notify import (
+    MAX_WATCH_NAME,
     Dispatcher,
     KeyEvent,
     Watch,
     WatchCallback,
     WatchTable,
+    is_printable_text,
 )
 from keyfence.keys.process_keys import (
     KEY_SPEC_GROUP_KEYRING,
@@ -1302,8 +1304,14 @@ class KeyService:
         Needs view permission.  A synchronous watch -- the key's owner or an
         admin only, so nobody else can hold a removal hostage -- is called
         before the key goes away and the removal waits for it.
-        Errors: EACCES, and the lookup's.
+        Errors: EACCES; EINVAL for a ``name`` longer than MAX_WATCH_NAME or
+        with control characters (it is shown to other users); the lookup's.
         """
+        if name is not None and (len(name) > MAX_WATCH_NAME or not is_printable_text(name)):
+            raise fail(
+                errno.EINVAL,
+                f"a watch name is at most {MAX_WATCH_NAME} printable characters",
+            )
         with self._lock:
             key, _ = self._lookup_locked(caller, key_id, permission.VIEW)
             if sync and key.uid != caller.uid and not caller.is_admin:

@@ -105,6 +105,29 @@ WatchCallback = Callable[[Notification], None]
 
 _watch_ids = itertools.count(1)
 
+MAX_WATCH_NAME = 256
+"""Characters in a watch's name (EINVAL past it): a name is shown to
+whoever's removal the watcher holds up, in their progress line and errors."""
+MAX_WATCHER_TEXT = 256
+"""Characters kept of what a watcher says (a progress note, a refusal's
+reason): the rest is cut, as it reaches other users' terminals and logs."""
+
+
+def is_printable_text(text: str) -> bool:
+    """No control or format characters (escape sequences, bidi overrides)."""
+    return all(ch.isprintable() or ch == " " for ch in text)
+
+
+def watcher_text(text: str, limit: int = MAX_WATCHER_TEXT) -> str:
+    """What a watcher said, safe to show another user: control and format
+    characters as ``?`` (no escape sequence reaches a terminal or a log
+    line), at most ``limit`` characters."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    if is_printable_text(text):
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else "?" for ch in text)
+
 
 class Watch:
     """A registered watch; ``remove()`` ends it (a pending fence call on a

@@ -42,7 +42,15 @@ from keyfence.keys.fence import (
     current_fence,
 )
 from keyfence.keys.key import Key, KeyState
-from keyfence.keys.notify import Dispatcher, KeyEvent, Notification, Phase, Watch, WatchTable
+from keyfence.keys.notify import (
+    Dispatcher,
+    KeyEvent,
+    Notification,
+    Phase,
+    Watch,
+    WatchTable,
+    watcher_text,
+)
 from keyfence.keys.quota import QuotaTable
 from keyfence.keys.removal import Removal, Why
 
@@ -301,6 +309,7 @@ class RemovalPath:
             watch, err = fence_round.failure
             code = err.errno if isinstance(err, OSError) and err.errno else errno.ECANCELED
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            reason = watcher_text(reason)  # the watcher's words, shown to the caller
             raise fail(code, f"{watch.name} failed: {reason}; nothing was removed") from None
         if outcome is FenceOutcome.TIMEOUT:
             raise fail(

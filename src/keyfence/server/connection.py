@@ -31,7 +31,7 @@ from keyfence import protocol, wire
 from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
-from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
+from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch, watcher_text
 from keyfence.keys.secret import wipe_bytes
 from keyfence.server import limits
 
@@ -45,6 +45,12 @@ SERVER_NAME = "keyfence 0.1.0"
 RECV_BYTES = 256 * 1024
 _ZEROS = memoryview(bytes(RECV_BYTES))
 FRAMES_PER_TURN = 16
+MAX_STATUS_PENDING = 64
+"""Pending watchers a status names (the first ones): a removal held by
+thousands still fits one frame."""
+CLOSE_MARKER = bytearray()
+"""What :meth:`Connection.receive` puts after a framing error it answered:
+the loop closes the connection there (an empty frame is not this object)."""
 """Messages the loop takes from one connection before serving the next: a
 client pipelining thousands of cheap requests gets turns, not the loop."""
 
@@ -159,10 +165,14 @@ class Connection:
         """
         try:
             frame = protocol.encode(message, room=room)
-        except ValueError as err:  # a reply too large for a frame
-            request_id = getattr(message, "id", 0)
+        except ValueError as err:
+            if not isinstance(message, protocol.Reply):
+                # a status or an event is not the request's answer: an
+                # E2BIG under the request's id would end it early
+                log.warning("dropped a %s too large for a frame", type(message).__name__)
+                return
             frame = protocol.encode(
-                protocol.Error(id=request_id, errno=errno.E2BIG, message=str(err))
+                protocol.Error(id=message.id, errno=errno.E2BIG, message=str(err))
             )
         self.send_frame(frame)
 
@@ -317,7 +327,7 @@ class Connection:
             # messages before the bad header were served in earlier turns)
             self.send(protocol.Error(id=0, errno=errno.EMSGSIZE, message=str(error)))
             self.inbuf.clear()
-            bodies.append(bytearray())  # the loop closes at this marker
+            bodies.append(CLOSE_MARKER)  # the loop closes here
         return bodies
 
     def has_backlog(self) -> bool:
@@ -367,7 +377,7 @@ class Connection:
             # a refusal must carry a real errno; anything else is ECANCELED
             code = message.errno
             waiter.errno = code if 0 <= code < 4096 else errno.ECANCELED
-            waiter.message = message.message
+            waiter.message = watcher_text(message.message)
             waiter.done.set()
 
     def progress(self, message: protocol.Progress) -> None:
@@ -472,7 +482,7 @@ class Connection:
         def emit(progress: RemovalProgress) -> None:
             pending = [
                 protocol.Pending(p.watcher, p.key, p.remaining_bytes, p.note)
-                for p in progress.pending
+                for p in progress.pending[:MAX_STATUS_PENDING]
             ]
             self.send(
                 protocol.Status(

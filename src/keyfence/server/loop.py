@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 from keyfence import protocol, wire
 from keyfence.server import limits
-from keyfence.server.connection import RECV_BYTES, Connection
+from keyfence.server.connection import CLOSE_MARKER, RECV_BYTES, Connection
 from keyfence.server.optable import OPERATIONS
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ class Loop:
         for body in bodies:
             if conn.closed:
                 return
-            if not body:  # receive()'s marker: a framing error was reported
+            if body is CLOSE_MARKER:  # a framing error was reported
                 conn.close()
                 return
             self._message(conn, body)
