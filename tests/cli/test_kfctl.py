@@ -44,6 +44,7 @@ import pytest
 from keyfence.cli import kfctl, kfctl_text, kfctl_tool
 from keyfence.cli.kfctl_text import NameLookup, UsageError
 from keyfence.cli.progress import human_bytes, progress_text
+from keyfence.testing import users
 
 GOLDEN = Path(__file__).parent / "kfctl_golden"
 SCRIPTS = sorted(p.stem for p in GOLDEN.glob("*.sh"))
@@ -158,6 +159,8 @@ def run_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYFENCE_", "PYTHON"))}
     env["LC_ALL"] = "C"
+    # the package under test (a worktree's src), not whatever is installed
+    env["PYTHONPATH"] = str(users.src_dir())
     env.pop("SHELL", None)
     return env
 
