@@ -37,6 +37,12 @@ case "$3" in
   kill) kill -9 $$ ;;
   slow) sleep 2; {keyctl} instantiate "$1" "slow" "$4" ;;
   hang) echo "hang $$" >> {log}; exec sleep 60 ;;
+  bgwait)
+    ( {keyctl} update "$1" waited; echo "update: $?" ) >> {log} 2>&1 &
+    sleep 2; echo "waiting" >> {log}
+    while [ ! -e {log}.go ]; do sleep 0.05; done
+    {keyctl} rdescribe @a >> {log} 2>&1
+    {keyctl} instantiate "$1" "made" "$4"; wait ;;
   auth)
     {keyctl} rdescribe @a >> {log} 2>&1
     {keyctl} print @a >> {log} 2>&1
@@ -71,7 +77,18 @@ def upcalls() -> Iterator[tuple[Daemon, Path]]:
         yield from _upcalls(Path(tmp))
 
 
-def _upcalls(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
+@pytest.fixture
+def patient_upcalls() -> Iterator[tuple[Daemon, Path]]:
+    """:func:`upcalls` with handlers killed after 10 s, not 3."""
+    why = users.why_no_other_uids()
+    if why is not None:
+        pytest.skip(why)
+    with tempfile.TemporaryDirectory(prefix="keyfence-request-key-") as tmp:
+        os.chmod(tmp, 0o755)
+        yield from _upcalls(Path(tmp), handler_timeout=10)
+
+
+def _upcalls(tmp_path: Path, *, handler_timeout: int = 3) -> Iterator[tuple[Daemon, Path]]:
     keyctl = tmp_path / "keyctl"
     kfctl = "/usr/bin/python3 -m keyfence.cli.kfctl"
     keyctl.write_text(f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec {kfctl} "$@"\n')
@@ -88,7 +105,10 @@ def _upcalls(tmp_path: Path) -> Iterator[tuple[Daemon, Path]]:
     (tmp_path / "d").mkdir()
     running = Daemon(
         tmp_path / "d",
-        {"KEYFENCE_REQUEST_KEY_CONF": str(conf), "KEYFENCE_REQUEST_KEY_TIMEOUT": "3"},
+        {
+            "KEYFENCE_REQUEST_KEY_CONF": str(conf),
+            "KEYFENCE_REQUEST_KEY_TIMEOUT": str(handler_timeout),
+        },
     )
     yield running, log
     running.stop()
@@ -308,3 +328,66 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2] != "Z"
+
+
+PROBE = """
+import time
+from keyfence.client import Client
+start = time.monotonic()
+with Client.connect({socket!r}, autostart=False) as client:
+    client.add_key("user", "unrelated", b"v", -4)
+print(time.monotonic() - start)
+"""
+
+
+def test_a_handlers_child_waiting_for_the_key_holds_up_no_one_else(
+    patient_upcalls: tuple[Daemon, Path],
+) -> None:
+    """A handler's child waiting for the key under construction (``keyctl
+    update KEY`` waits as lookup_user_key does) used to stop the whole
+    daemon: update runs on the event loop, and the loop itself waited for
+    the construction, so no client was answered -- not the handler's own
+    ``rdescribe @a`` and ``instantiate``, not another user's ``add`` --
+    until the handler was killed.  On the kernel only that child waits.
+
+    checked failing before: the other uid's connect + add took 8.0 s (the
+    daemon answered again when it killed the handler at 10 s)."""
+    daemon, log = patient_upcalls
+    script = "keyctl print $(keyctl request2 user test:w bgwait)"
+    requester = subprocess.Popen(
+        [sys.executable, "-m", "keyfence.cli.kfctl", "session", "-", "sh", "-c", script],
+        env=daemon.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "waiting" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        probe = subprocess.run(
+            users.as_uid(UID, users.python_argv("-c", PROBE.format(socket=daemon.socket))),
+            env=users.environment(daemon.env()),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        Path(f"{log}.go").touch()
+        out = requester.communicate(timeout=60)[0].decode()
+    finally:
+        if requester.poll() is None:
+            requester.kill()
+            requester.wait()
+    elapsed = float(probe.stdout)
+    assert elapsed < 1.0, f"another uid's add took {elapsed:.1f} s"
+    lines = [line for line in out.splitlines() if not line.startswith("Joined session")]
+    assert lines in (["made"], ["waited"]), out  # the child's update may come first
+    deadline = time.monotonic() + 30
+    while "update: " not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    text = log.read_text()
+    assert "update: " in text, text  # it waited, then ran
+    assert ".request_key_auth;0;0;1b010000;" in text, text

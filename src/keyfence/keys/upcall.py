@@ -47,6 +47,7 @@ from keyfence.keys.request_key import (
     Outcome,
     check_reject_error,
 )
+from keyfence.keys.waits import check_may_wait
 
 if TYPE_CHECKING:
     from keyfence.keys.caller import Caller
@@ -90,7 +91,9 @@ def special_locked(svc: ServiceInternals, caller: Caller, spec: int) -> Key:
 def check_constructed_locked(svc: ServiceInternals, key: Key, *, partial: bool) -> None:
     """lookup_user_key()'s wait_for_key_construction(): a lookup that is
     not KEY_LOOKUP_PARTIAL waits while the key is under construction, then
-    fails with a negative key's error."""
+    fails with a negative key's error.  The wait releases the service lock;
+    a thread that must not wait (the daemon's loop) gets
+    :class:`~keyfence.keys.waits.MustWait` instead."""
     construction = svc._constructions.of_locked(key)
     if construction is None:
         return
@@ -99,8 +102,12 @@ def check_constructed_locked(svc: ServiceInternals, key: Key, *, partial: bool) 
         return
     if partial:
         return
+    if construction.pending:
+        # the daemon's loop does not wait (keys/waits.py): the request is
+        # run again on a thread of the caller's, which may
+        check_may_wait(f"the construction of key {key.serial}")
     while construction.pending:
-        svc._changed.wait()
+        svc._changed.wait()  # releases the service lock (every level of it)
     if construction.outcome is Outcome.NEGATIVE:
         raise fail(construction.error)
 

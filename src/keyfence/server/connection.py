@@ -17,6 +17,7 @@ service lock, then a connection's lock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -33,6 +34,7 @@ from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch, watcher_text
 from keyfence.keys.secret import wipe_bytes
+from keyfence.keys.waits import MustWait, refusing_waits
 from keyfence.server import limits
 
 if TYPE_CHECKING:
@@ -394,11 +396,17 @@ class Connection:
         request: protocol.Request,
         *,
         counted: bool = True,
+        may_wait: bool = True,
         payload_args: tuple[int, ...] = (),
         payload_reply: bool = False,
-    ) -> None:
+    ) -> bool:
         """Run one checked request and send its answer; ``counted``: it holds
         one of the connection's and the uid's in-flight places.
+
+        ``may_wait`` False (the event loop): a call that would wait for the
+        key service (a key under construction, keys/waits.py) is not done:
+        nothing is sent, the request is left intact (its payload too) and
+        False is returned, for the caller to run it on a lane thread.
 
         ``payload_args``, ``payload_reply`` (the operation's row): where a
         key's payload is, in the request or the answer.  The request's
@@ -406,8 +414,13 @@ class Connection:
         is encoded, and the answer is encoded in one buffer
         (:func:`protocol.encode`): no copy of a payload is freed unzeroed.
         """
+        deferred = False
         try:
-            reply: protocol.Message = protocol.Reply(id=request.id, value=op(self, request))
+            with contextlib.nullcontext() if may_wait else refusing_waits():
+                value = op(self, request)
+            reply: protocol.Message = protocol.Reply(id=request.id, value=value)
+        except MustWait:
+            deferred = True
         except KeyfenceError as err:
             reply = protocol.Error(id=request.id, errno=err.errno or errno.EIO, message=str(err))
         except OSError as err:
@@ -417,17 +430,21 @@ class Connection:
             log.exception("request %s from pid %d failed", request.op, self.caller.pid)
             reply = protocol.Error(id=request.id, errno=errno.EIO, message="internal error")
         finally:
-            for index in payload_args:
-                wipe_bytes(request.args[index])
+            if not deferred:
+                for index in payload_args:
+                    wipe_bytes(request.args[index])
             if counted:
                 with self.lock:
                     self.inflight -= 1
                 self.daemon.limits.give_back("inflight", self.uid)
+        if deferred:
+            return False
         if payload_reply and isinstance(reply, protocol.Reply):
             self.send(reply, room=protocol.room_for(reply.value))
             _wipe_payloads(reply.value)
         else:
             self.send(reply)
+        return True
 
     def watch(self, key_id: int, mask: KeyEvent, sync: bool, name: str | None) -> int:
         with self.lock:

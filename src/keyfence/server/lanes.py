@@ -31,7 +31,8 @@ THREADS_PER_UID = 8
 IDLE_SECONDS = 10.0
 """How long an idle thread waits for another job before it ends."""
 
-Job = Callable[[], None]
+Job = Callable[[], object]
+"""A request to run; what it returns is ignored."""
 
 
 class Lanes:

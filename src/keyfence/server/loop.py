@@ -319,16 +319,17 @@ class Loop:
             op.check(request)
         except OSError as err:
             return refuse(err.errno or errno.EINVAL, str(err))
-        if not op.waits(request):
-            # done before the next message is read: no in-flight place needed
-            conn.run(
-                op.handler,
-                request,
-                counted=False,
-                payload_args=op.payload_args,
-                payload_reply=op.payload_reply,
-            )
-            return None
+        if not op.waits(request) and conn.run(
+            op.handler,
+            request,
+            counted=False,
+            may_wait=False,
+            payload_args=op.payload_args,
+            payload_reply=op.payload_reply,
+        ):
+            return None  # done before the next message is read: no in-flight place needed
+        # it may wait (its row says so, or it met a key under construction,
+        # whose wait here would stop every client: the handler too)
         with conn.lock:
             busy = conn.inflight >= limits.MAX_INFLIGHT
             if not busy:

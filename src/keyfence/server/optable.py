@@ -11,7 +11,10 @@ Where it runs follows from the row (keyfence.server.loop): an operation
 that cannot wait runs on the event loop at once; one that may wait runs on
 a thread of its caller's lane (keyfence.server.lanes); an emergency
 removal never waits (the key service applies it at once) and so always
-runs on the loop, where nothing a client does can queue ahead of it.
+runs on the loop, where nothing a client does can queue ahead of it.  The
+one wait a row cannot foresee, a lookup meeting a key under construction
+(it waits for the request-key handler), is refused on the loop
+(keyfence.keys.waits) and the request goes on to the lane.
 
 Adding an operation is adding one row to :data:`OPERATIONS` (and, if it is
 the key service's, a method there of the same name): see ``_service``.
