@@ -450,11 +450,14 @@ class KeyService:
             if found is None or not found.is_live() or found.state is KeyState.INVALIDATED:
                 raise fail(errno.ENOKEY)
             key = found
+            # possession first, as lookup_user_key finds it: a handler's
+            # child that waits below possesses the key through the
+            # requester's keyrings, though the authority ends as it wakes
+            possessed = self._possessed_locked(caller, key)
             if self._constructions.by_key:
                 # KEY_LOOKUP_PARTIAL: describe, chown, setperm, timeout, unlink
                 partial = need in (permission.VIEW, permission.SETATTR, _Need.UNLINK, _Need.DEFER)
                 _upcall.check_constructed_locked(self, key, partial=partial)
-            possessed = self._possessed_locked(caller, key)
         if isinstance(need, int):
             key.validate(self.now())
             permission.check(key, caller, need, possessed=possessed)
