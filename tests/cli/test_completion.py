@@ -72,7 +72,13 @@ def test_kfctl_commands() -> None:
 
 
 def test_kfctl_removal_options() -> None:
-    assert complete("kfctl", ["kfctl", "clear", "--"]) == ["--timeout", "--emergency"]
+    """kfctl's --timeout/--emergency come before the command name (after it
+    every word is keyctl's argument)."""
+    assert {"--timeout", "--emergency"} <= set(complete("kfctl", ["kfctl", "--"]))
+    assert complete("kfctl", ["kfctl", "clear", "--"]) == []
+    assert complete("kfctl", ["kfctl", "--emergency", "cl"]) == ["clear"]
+    assert complete("kfctl", ["kfctl", "--timeout", "5", "a"]) == []
+    assert complete("kfctl", ["kfctl", "--timeout", "5", "purge", "-"]) == ["-p", "-i", "-s"]
     assert complete("kfctl", ["kfctl", "add", "-"]) == ["-x"]
 
 

@@ -158,6 +158,8 @@ def run_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYFENCE_", "PYTHON"))}
+    # the daemon and kfctl run this checkout's keyfence, not the venv's
+    env["PYTHONPATH"] = users.pythonpath()
     env["LC_ALL"] = "C"
     # the package under test (a worktree's src), not whatever is installed
     env["PYTHONPATH"] = str(users.src_dir())
@@ -641,7 +643,9 @@ USAGE_ERRORS = [
     ["supports", "a", "b"],
     ["watch"],
     ["watch", "@s", "@s"],
-    ["clear", "--timeout"],
+    ["--timeout"],
+    ["--emergency"],
+    ["--timeout", "5"],
     ["dh_compute", "1"],
     ["instantiate", "1", "2"],
 ]
@@ -694,18 +698,31 @@ def test_missing_or_extra_arguments_print_the_format_and_exit_2(
             2,
             "watch_session: invalid option -- 'z'\nUnknown option\n",
         ),
-        (["clear", "@s", "--timeout", "soon"], 2, "Unparsable --timeout: 'soon'\n"),
-        (["clear", "@s", "--timeout=-1"], 2, "Unparsable --timeout: '-1'\n"),
+        (["--timeout", "soon", "clear", "@s"], 2, "Unparsable --timeout: 'soon'\n"),
+        (["--timeout=-1", "clear", "@s"], 2, "Unparsable --timeout: '-1'\n"),
         (
-            ["clear", "@s", "--timeout", "1", "--emergency"],
+            ["--timeout", "1", "--emergency", "clear", "@s"],
             2,
             "--timeout and --emergency cannot be combined\n",
         ),
+        (
+            ["--emergency", "add", "user", "d", "v", "@s"],
+            2,
+            "--timeout/--emergency: add is not a removal\n",
+        ),
+        (["--emergency", "nosuch"], 2, "Unknown command\n"),
+        # after the command name they are keyctl's arguments
+        (["clear", "--timeout", "1"], 2, None),
+        (["clear", "--emergency"], 2, "Unparsable key: '--emergency'\n"),
+        (["unlink", "1", "--"], 2, "Unparsable key: '--'\n"),
+        (["purge", "--emergency", "user"], 2, None),
     ],
 )
 def test_error_paths_before_the_daemon(
-    argv: list[str], code: int, message: str, capfd: pytest.CaptureFixture[str]
+    argv: list[str], code: int, message: str | None, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    if message is None:
+        message = kfctl.usage_text("kfctl")
     assert kfctl_run(argv, capfd) == (code, "", message)
 
 
@@ -725,16 +742,29 @@ def test_help_and_version(capfd: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and out.startswith("keyctl from keyutils-1.6.3 (Built keyfence-")
 
 
-def test_removal_options_are_taken_out_anywhere() -> None:
+def test_removal_options_come_before_the_command_name() -> None:
+    """kfctl took --timeout/--emergency/-- out of a removal's arguments
+    anywhere, so ``purge user --emergency`` purged every user key where
+    keyctl purges the key described "--emergency".  Checked failing before:
+    removal_options(["1", "--emergency", "2"]) returned ["1", "2"]."""
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl_tool.removal_options(tool, ["--timeout", "2.5", "@s"]) == ["@s"]
+    assert kfctl_tool.removal_options(tool, ["--timeout", "2.5", "clear", "@s"]) == ["clear", "@s"]
     assert tool.timeout == 2.5
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl_tool.removal_options(tool, ["1", "--emergency", "2"]) == ["1", "2"]
+    argv = ["--emergency", "purge", "user", "--emergency"]
+    assert kfctl_tool.removal_options(tool, argv) == ["purge", "user", "--emergency"]
     assert tool.emergency and tool.timeout is None
     tool = kfctl.Kfctl("kfctl")
-    assert kfctl_tool.removal_options(tool, ["--timeout=3", "--", "--emergency"]) == ["--emergency"]
+    argv = ["--timeout=3", "unlink", "--", "--emergency"]
+    assert kfctl_tool.removal_options(tool, argv) == ["unlink", "--", "--emergency"]
     assert tool.timeout == 3.0 and not tool.emergency
+    tool = kfctl.Kfctl("kfctl")
+    assert kfctl_tool.removal_options(tool, ["clear", "--emergency", "@s"]) == [
+        "clear",
+        "--emergency",
+        "@s",
+    ]
+    assert not tool.emergency
 
 
 def test_program_name() -> None:
@@ -916,7 +946,7 @@ def test_timeout_aborts_a_removal_and_leaves_the_keys(daemon: Daemon) -> None:
     watcher = BlockingWatcher(client, key)
     try:
         start = time.monotonic()
-        done = daemon.kfctl("clear", str(ring_id), "--timeout", "0.5")
+        done = daemon.kfctl("--timeout", "0.5", "clear", str(ring_id))
         took = time.monotonic() - start
     finally:
         watcher.release.set()
@@ -934,7 +964,7 @@ def test_emergency_does_not_wait_for_key_users(daemon: Daemon) -> None:
     key = client.add_key("user", "secret", b"x", ring_id)
     watcher = BlockingWatcher(client, key)
     try:
-        done = daemon.kfctl("unlink", "--emergency", str(key), str(ring_id), timeout=10)
+        done = daemon.kfctl("--emergency", "unlink", str(key), str(ring_id), timeout=10)
     finally:
         watcher.release.set()
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")

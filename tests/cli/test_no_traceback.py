@@ -284,10 +284,14 @@ def kfctl_runs(name: str) -> list[Run]:
                 for value in SOME_BAD:
                     runs.add(Run((name, *words[:i], value, *words[i + 1 :])))
     if any(c.removal for c in kfctl.TABLE if c.name == name):
+        # keyfence's options, before the command name; after it, keyctl's words
         for value in ("-1", "nan", "inf", "zz", ""):
-            runs.add(Run((name, "--timeout", value, *plausible)))
+            runs.add(Run(("--timeout", value, name, *plausible)))
+        runs.add(Run(("--timeout", name, *plausible)))
+        runs.add(Run(("--emergency", "--timeout", "1", name, *plausible)))
+        runs.add(Run(("--emergency", name, *plausible)))
         runs.add(Run((name, *plausible, "--timeout")))
-        runs.add(Run((name, "--emergency", "--timeout", "1", *plausible)))
+        runs.add(Run((name, "--emergency", *plausible)))
     for stdin in STDINS:
         runs.add(Run((name, *plausible), stdin))
         runs.add(Run((name, "-x", *plausible), stdin))

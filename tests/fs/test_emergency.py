@@ -1,6 +1,6 @@
 """An emergency wipe on real processes (issue #6, "Emergency").
 
-`kfctl clear --emergency @s` with 128 MiB of dirty data under a random
+`kfctl --emergency clear @s` with 128 MiB of dirty data under a random
 64-byte logon key: it returns at once; afterwards the key's bytes are
 nowhere in the daemon's or the mount worker's memory (searched through
 /proc/PID/mem, where they were found just before); the mount reports
@@ -103,9 +103,9 @@ def test_emergency_clear_wipes_at_once_and_reports_the_loss(
             # the control: the key is there to be found before
             assert addresses_in_memory(daemon.process.pid, key), "the search cannot find the key"
             assert addresses_in_memory(pid, key), "the search cannot find the worker's key"
-            out = s.ok("t=$(date +%s%N); kfctl clear --emergency @s; echo $(( $(date +%s%N) - t ))")
+            out = s.ok("t=$(date +%s%N); kfctl --emergency clear @s; echo $(( $(date +%s%N) - t ))")
             took = int(out.split()[-1]) / 1e9
-            print(f"kfctl clear --emergency (a whole kfctl process) returned in {took:.3f} s")
+            print(f"kfctl --emergency clear (a whole kfctl process) returned in {took:.3f} s")
             assert took < 1.0, took
             # the mount's account: exactly the unsynced files and their bytes
             wait_for("the mount's report", lambda: dropped_report(daemon) is not None, 10)

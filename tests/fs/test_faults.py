@@ -558,8 +558,8 @@ class Terminal:
 
 
 def test_slow_backing_store_progress_and_timeout(daemon: Daemon, tmp_path: Path) -> None:
-    """Writes to the backing device throttled to 4 MiB/s: `kfctl clear
-    --timeout 1 @s` draws progress, then fails with ETIMEDOUT naming the
+    """Writes to the backing device throttled to 4 MiB/s: `kfctl --timeout
+    1 clear @s` draws progress, then fails with ETIMEDOUT naming the
     mount worker, keys and data intact; a clear without timeout then waits
     for the write-back (progress lines counting down) and succeeds."""
     fs = tmp_path / "fs"
@@ -576,7 +576,7 @@ def test_slow_backing_store_progress_and_timeout(daemon: Daemon, tmp_path: Path)
                 add_key(s, mnt / "home")
                 start_writer(s, mnt / "home", tmp_path, "slow", files)
                 started = time.monotonic()
-                code, out = s.do(f"kfctl clear --timeout 1 @s 2>{tty.name}")
+                code, out = s.do(f"kfctl --timeout 1 clear @s 2>{tty.name}")
                 took = time.monotonic() - started
                 shown = tty.drain()
                 assert code != 0, out

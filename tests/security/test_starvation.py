@@ -148,7 +148,7 @@ def assert_root_is_served(daemon: DaemonProcess) -> None:
         ["add", "user", "k", "v", "@u"],
         ["clear", "@u"],
         ["add", "user", "k", "v", "@u"],
-        ["clear", "--emergency", "@u"],
+        ["--emergency", "clear", "@u"],
         ["show", "@s"],
     ):
         elapsed, done = root_kfctl(daemon, *args)

@@ -67,7 +67,13 @@ def kfctl_tables() -> str:
     from keyfence.cli import kfctl_tool
 
     names = [c.name for c in kfctl_tool.TABLE if c.handler is not None]
-    lines = [f"_kfctl_commands={_quote(' '.join(names))}", "declare -gA _kfctl_args _kfctl_flags"]
+    removals = [c.name for c in kfctl_tool.TABLE if c.removal]
+    lines = [
+        f"_kfctl_commands={_quote(' '.join(names))}",
+        f"_kfctl_removals={_quote(' '.join(removals))}",
+        f"_kfctl_options={_quote(' '.join(kfctl_tool.REMOVAL_OPTIONS))}",
+        "declare -gA _kfctl_args _kfctl_flags",
+    ]
     for command in kfctl_tool.TABLE:
         if command.handler is None:
             continue
@@ -76,8 +82,6 @@ def kfctl_tables() -> str:
         flags = [command.flag] if command.flag else []
         for usage in command.usage:
             flags += [t.strip("[]") for t in usage.split() if t.strip("[]").startswith("-")]
-        if command.removal:
-            flags += ["--timeout", "--emergency"]
         flags = [f for f in dict.fromkeys(flags) if f not in ("-", "--raw")] + (
             ["--raw"] if "--raw" in command.usage[0] else []
         )
@@ -97,20 +101,32 @@ _kfctl_ids() {
 
 _kfctl() {
     [[ -n ${ZSH_VERSION-} ]] && setopt localoptions ksharrays
-    local cur=${COMP_WORDS[COMP_CWORD]}
+    local cur=${COMP_WORDS[COMP_CWORD]} c=1
     COMPREPLY=()
-    if (( COMP_CWORD == 1 )); then
-        COMPREPLY=($(compgen -W "$_kfctl_commands" -- "$cur"))
+    # keyfence's --timeout S and --emergency come before the command name
+    while (( c < COMP_CWORD )); do
+        case ${COMP_WORDS[c]} in
+            --timeout) (( c += 2 )) ;;
+            --timeout=*|--emergency) (( c++ )) ;;
+            *) break ;;
+        esac
+    done
+    (( c > COMP_CWORD )) && return 0
+    if (( COMP_CWORD == c )); then
+        if (( c == 1 )); then
+            COMPREPLY=($(compgen -W "$_kfctl_commands $_kfctl_options" -- "$cur"))
+        else
+            COMPREPLY=($(compgen -W "$_kfctl_removals" -- "$cur"))
+        fi
         return 0
     fi
-    local cmd=${COMP_WORDS[1]} i n=0
+    local cmd=${COMP_WORDS[c]} i n=0
     if [[ $cur == -* ]]; then
         COMPREPLY=($(compgen -W "${_kfctl_flags[$cmd]-}" -- "$cur"))
         return 0
     fi
-    for (( i = 2; i < COMP_CWORD; i++ )); do
+    for (( i = c + 1; i < COMP_CWORD; i++ )); do
         case ${COMP_WORDS[i]} in
-            --timeout) (( i++ )) ;;
             -*) ;;
             *) (( n++ )) ;;
         esac

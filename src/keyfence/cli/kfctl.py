@@ -8,11 +8,12 @@ libkeyutils function keyctl names), 2 bad usage (the "Format:" text or an
 "Unparsable ..." message), 3 as keyctl for ``supports`` and unparsable
 descriptions.
 
-keyfence's additions, on the removals (clear, revoke, invalidate, unlink,
-move, timeout, purge): ``--timeout SECONDS`` aborts a removal whose key
-users have not finished in time, keys intact; ``--emergency`` wipes at
-once without waiting; on a terminal a progress line names the key users
-still flushing.
+keyfence's additions, before the command name of a removal (clear,
+revoke, invalidate, unlink, move, timeout, purge), where keyctl has only
+"Unknown command": ``--timeout SECONDS`` aborts a removal whose key users
+have not finished in time, keys intact; ``--emergency`` wipes at once
+without waiting.  On a terminal a progress line names the key users still
+flushing.
 
 Start-up time matters to shell scripts: this module imports only ``os``
 and ``sys`` at start (not ``signal``: its enums); the client library is
@@ -47,15 +48,18 @@ def run(argv: list[str], tool: Kfctl) -> int:
     try:
         if not argv:
             tool.usage()
+        argv = removal_options(tool, argv)
+        if not argv:
+            tool.usage()
         # keyctl 1.6.3 accepts exact command names only (its prefix
         # matching never matches a shorter word)
         command = BY_NAME.get(argv[0])
         if command is None or command.handler is None:
             tool.err("Unknown command\n")
             return 2
+        if (tool.emergency or tool.timeout is not None) and not command.removal:
+            raise UsageError(f"--timeout/--emergency: {argv[0]} is not a removal")
         args = argv[1:]
-        if command.removal:
-            args = removal_options(tool, args)
         args, flagged = command.check(tool, args)
         from keyfence.cli import kfctl_commands
 

@@ -45,12 +45,14 @@ If you do this, prefix the description with "<subtype>:"
 HELP_EXTRA = """
 keyfence additions (kfctl only):
   --help                  this text, on stdout
-  On clear, revoke, invalidate, unlink, move, timeout and purge:
+  Before the command name, for clear, revoke, invalidate, unlink, move,
+  timeout and purge (after it, every word is keyctl's argument):
   --timeout <seconds>     abort the removal if the key users (a mounted
                           filesystem flushing with the key, ...) have not
                           finished in time; nothing is removed
   --emergency             wipe the key now, without waiting for its users;
                           they are told afterwards
+  e.g. kfctl --timeout 5 clear @s
   On a terminal, a removal that waits shows who is still flushing.
   The daemon's socket: $KEYFENCE_SOCKET (no autostart: KEYFENCE_NO_AUTOSTART=1).
 """
@@ -250,24 +252,29 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def removal_options(tool: Kfctl, args: list[str]) -> list[str]:
-    """Take keyfence's --timeout/--emergency out of a removal's arguments
-    (anywhere before a ``--``, which is dropped)."""
-    rest: list[str] = []
+REMOVAL_OPTIONS = ("--timeout", "--emergency")
+
+
+def removal_options(tool: Kfctl, argv: list[str]) -> list[str]:
+    """Take keyfence's --timeout/--emergency from before the command name;
+    the command line from the command name on.
+
+    Only there: keyctl reads its first word as a command, and a word
+    starting ``--timeout``/``--emergency`` is none (``Unknown command``), so
+    no keyctl command line changes meaning.  Among a command's arguments
+    every word is keyctl's (``purge user --emergency`` purges the key
+    described ``--emergency``, as keyctl does)."""
     i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            rest.extend(args[i + 1 :])
-            break
+    while i < len(argv):
+        arg = argv[i]
         if arg == "--emergency":
             tool.emergency = True
         elif arg == "--timeout" or arg.startswith("--timeout="):
             if arg == "--timeout":
-                if i + 1 >= len(args):
+                if i + 1 >= len(argv):
                     tool.usage()
                 i += 1
-                value = args[i]
+                value = argv[i]
             else:
                 value = arg.partition("=")[2]
             try:
@@ -278,11 +285,11 @@ def removal_options(tool: Kfctl, args: list[str]) -> list[str]:
                 raise UsageError(f"Unparsable --timeout: '{value}'")
             tool.timeout = seconds
         else:
-            rest.append(arg)
+            break
         i += 1
     if tool.emergency and tool.timeout is not None:
         raise UsageError("--timeout and --emergency cannot be combined")
-    return rest
+    return argv[i:]
 
 
 # ------------------------------------------------------------ the table
@@ -295,7 +302,7 @@ def removal_options(tool: Kfctl, args: list[str]) -> list[str]:
 # ``nargs`` (or at least ``at_least``); anything else prints the usage text
 # and exits 2.  ``nargs`` None: the handler parses its own options
 # (getopt-style commands).  ``removal``: keyfence's --timeout/--emergency
-# are taken out first.
+# (given before the command name) apply to it.
 
 
 class Command:

@@ -244,7 +244,7 @@ class KeyfencePeer(Peer):
 
     def emergency_kfctl(self) -> float:
         t = time.perf_counter()
-        _run([str(BIN / "kfctl"), "clear", "--emergency", "@s"], env=self.env)
+        _run([str(BIN / "kfctl"), "--emergency", "clear", "@s"], env=self.env)
         return time.perf_counter() - t
 
     def unlock(self) -> None:
