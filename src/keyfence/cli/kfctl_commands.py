@@ -361,9 +361,17 @@ def cmd_read(tool: Kfctl, args: list[str], flag: bool) -> None:
 
 
 def cmd_pipe(tool: Kfctl, args: list[str], flag: bool) -> None:
+    from keyfence.cli.kfctl_tool import write_or_raise
+
     data = _read(tool, args)
     if data:
-        tool.out_bytes(data)
+        # keyctl's pipe write(2)s the payload and, alone of its commands,
+        # reports a failed write
+        tool.flush()
+        try:
+            write_or_raise(1, data)
+        except OSError as err:
+            tool.fail("write", err)
 
 
 def cmd_print(tool: Kfctl, args: list[str], flag: bool) -> None:

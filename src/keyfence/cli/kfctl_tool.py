@@ -243,13 +243,20 @@ class Kfctl:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` as keyctl's stdio does: a failed write (a full disk,
+    a closed descriptor, EPIPE with SIGPIPE ignored) is dropped silently
+    and the exit status stays the command's."""
+    try:  # noqa: SIM105 - contextlib costs start-up time
+        write_or_raise(fd, data)
+    except OSError:
+        pass
+
+
+def write_or_raise(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``; OSError on failure."""
     view = memoryview(data)
     while view:
-        try:
-            written = posix.write(fd, view)
-        except BrokenPipeError:
-            return
-        view = view[written:]
+        view = view[posix.write(fd, view) :]
 
 
 REMOVAL_OPTIONS = ("--timeout", "--emergency")
