@@ -154,6 +154,8 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
         (A, "reject", "k1", 10, errno.ENOKEY, "@s"),
         (A, "reject", "k1", 10, errno.EKEYREJECTED, 0),
         (A, "reject", "k1", 10, 0, "@s"),
+        (A, "reject", "k1", 10, 4094, "@s"),
+        (A, "reject", "k1", 10, 4095, "@s"),
         (A, "reject", "k1", 10, 4096, "@s"),
         (A, "reject", "k1", 10, 512, "@s"),
         (A, "reject", "k1", 10, -1, "@s"),

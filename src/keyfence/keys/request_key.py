@@ -105,7 +105,7 @@ def check_reject_error(error: int) -> None:
     """keyctl_reject_key(): a real, user-visible errno, else EINVAL."""
     from keyfence.keys.errors import fail
 
-    if error <= 0 or error >= 4096 or error in _KERNEL_ONLY_ERRORS:
+    if error <= 0 or error >= 4095 or error in _KERNEL_ONLY_ERRORS:  # MAX_ERRNO
         raise fail(errno.EINVAL, f"{error} is not an error a key can be rejected with")
 
 
