@@ -742,7 +742,15 @@ def cmd_dh_compute(tool: Kfctl, args: list[str], flag: bool) -> None:
 
 
 def cmd_dh_compute_kdf(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_dh_compute_kdf", (0, 1, 2))
+    from keyfence.cli.kfctl_pkey import dh_compute_kdf
+
+    dh_compute_kdf(tool, args, flag, other_info=False)
+
+
+def cmd_dh_compute_kdf_oi(tool: Kfctl, args: list[str], flag: bool) -> None:
+    from keyfence.cli.kfctl_pkey import dh_compute_kdf
+
+    dh_compute_kdf(tool, args, flag, other_info=True)
 
 
 def cmd_get_persistent(tool: Kfctl, args: list[str], flag: bool) -> None:
@@ -750,11 +758,22 @@ def cmd_get_persistent(tool: Kfctl, args: list[str], flag: bool) -> None:
 
 
 def cmd_pkey_query(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_pkey_query", (0,))
+    from keyfence.cli.kfctl_pkey import pkey
+
+    pkey(tool, args, 0, "keyctl_pkey_query")
+
+
+def cmd_pkey_data(tool: Kfctl, args: list[str], flag: bool) -> None:
+    """pkey_encrypt, pkey_decrypt, pkey_sign: keyctl queries the key first."""
+    from keyfence.cli.kfctl_pkey import pkey
+
+    pkey(tool, args, 1, "keyctl_pkey_query")
 
 
 def cmd_pkey_verify(tool: Kfctl, args: list[str], flag: bool) -> None:
-    _unsupported(tool, args, "keyctl_pkey_verify", (0,))
+    from keyfence.cli.kfctl_pkey import pkey
+
+    pkey(tool, args, 2, "keyctl_pkey_verify")
 
 
 def cmd_restrict_keyring(tool: Kfctl, args: list[str], flag: bool) -> None:

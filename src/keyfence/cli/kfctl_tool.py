@@ -371,7 +371,7 @@ TABLE: tuple[Command, ...] = (
     Command(
         "dh_compute_kdf_oi",
         "[-x] <private> <prime> <base> <len> <hash_name>",
-        "cmd_dh_compute_kdf",
+        "cmd_dh_compute_kdf_oi",
         nargs=(5,),
         flag="-x",
     ),
@@ -389,9 +389,9 @@ TABLE: tuple[Command, ...] = (
     Command("pinstantiate", "[-x] <key> <keyring>", "cmd_pinstantiate", nargs=_TWO, flag="-x"),
     Command("pipe", "<key>", "cmd_pipe", nargs=_ONE),
     Command("pkey_query", "<key> <pass> [k=v]*", "cmd_pkey_query", at_least=2),
-    Command("pkey_encrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
-    Command("pkey_decrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
-    Command("pkey_sign", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_query", at_least=3),
+    Command("pkey_encrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_data", at_least=3),
+    Command("pkey_decrypt", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_data", at_least=3),
+    Command("pkey_sign", "<key> <pass> <datafile> [k=v]*", "cmd_pkey_data", at_least=3),
     Command(
         "pkey_verify", "<key> <pass> <datafile> <sigfile> [k=v]*", "cmd_pkey_verify", at_least=4
     ),
