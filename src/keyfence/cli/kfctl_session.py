@@ -70,22 +70,24 @@ def _relay(pid: int) -> NoReturn:
 def exec_program(argv: list[str], report: Callable[[str], None]) -> NoReturn:
     """keyctl's tail: exec $SHELL (or /bin/sh) with no arguments, else
     ``argv`` through $PATH.  On failure: "<program>: <error>", exit 1."""
-    if not argv:
-        shell = os.environ.get("SHELL")
-        if shell is None:
-            shell = "/bin/sh"
-        target = shell
-        try:
+    try:
+        if not argv:
+            shell = os.environ.get("SHELL")
+            if shell is None:
+                shell = "/bin/sh"
+            target = shell
             os.execl(shell, shell)
-        except OSError as err:
-            report(f"{target}: {os.strerror(err.errno or 0)}\n")
-    else:
-        target = argv[0]
-        try:
+        else:
+            target = argv[0]
             os.execvp(argv[0], argv)
-        except OSError as err:
-            report(f"{target}: {os.strerror(err.errno or 0)}\n")
-        except ValueError:  # an empty name or a NUL in it: no such program
-            text = os.strerror(errno.ENOENT)
-            report(f"{target}: {text}\n" if target else f"{text}\n")  # as perror("")
+    except OSError as err:
+        _perror(report, target, err.errno or 0)
+    except ValueError:  # an empty name (SHELL=) or a NUL in it: no such program
+        _perror(report, target, errno.ENOENT)
     os._exit(1)
+
+
+def _perror(report: Callable[[str], None], target: str, code: int) -> None:
+    """perror(target): without the ": " when target is empty."""
+    text = os.strerror(code)
+    report(f"{target}: {text}\n" if target else f"{text}\n")

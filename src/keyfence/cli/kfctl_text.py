@@ -348,9 +348,11 @@ def printable(data: bytes) -> bytes:
 
 
 def rdescribe(raw: str, separator: str | None) -> str:
-    """``keyctl rdescribe``: the raw description, ';' replaced by ``separator``."""
+    """``keyctl rdescribe``: the raw description, ';' replaced by the first
+    byte of ``separator`` (keyctl's ``argv[2][0]``, half of a multi-byte
+    character; written out as that byte)."""
     if separator:
-        raw = raw.replace(";", separator[0])
+        raw = raw.replace(";", fsencode(separator)[:1].decode("utf-8", "surrogateescape"))
     return raw + "\n"
 
 

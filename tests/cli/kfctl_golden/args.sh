@@ -195,3 +195,9 @@ run watch -f
 run supports a b
 run rdescribe @s ''
 rm -f out
+# rdescribe's separator is the argument's first byte, even of a
+# multi-byte character
+keyctl rdescribe @s é | od -An -c | head -1
+# SHELL set but empty: keyctl's execl("") fails as perror("") says
+echo exit | SHELL= keyctl session
+echo "session with SHELL= rc=$?"
