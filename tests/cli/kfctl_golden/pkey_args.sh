@@ -3,7 +3,7 @@
 t() {
     out=$(keyctl "$@" 2>&1)
     rc=$?
-    printf '%.60s: %s rc=%s\n' "$*" "${out%%
+    printf '%s: %s rc=%s\n' "$(printf '%s' "$*" | sed 's/o=0000*/o=0.../')" "${out%%
 *}" $rc
 }
 k=$(keyctl add user k v @s)
