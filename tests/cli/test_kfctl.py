@@ -1089,3 +1089,14 @@ def test_a_name_lookup_falls_back_to_keys_the_caller_can_view() -> None:
     with pytest.raises(UsageError) as caught:
         tool.key("%user:absent")
     assert (caught.value.message, caught.value.code) == ("Can't find 'user:absent'", 1)
+
+
+def test_key_by_name_that_is_not_utf8_is_not_found_without_a_traceback(daemon: Daemon) -> None:
+    """``kfctl id "%user:x<0xff>y"`` printed a Python traceback (the wire
+    carries names as text, and the lookup of viewable keys let the client's
+    error through).  keyfence cannot hold such a name (docs/cli.md), so the
+    lookup finds nothing, as keyctl says it.  Checked failing before: a
+    KeyfenceError traceback, exit 1."""
+    done = daemon.kfctl("id", "%user:x\udcffy", text=False)
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr == b"Can't find 'user:x\xffy'\n"

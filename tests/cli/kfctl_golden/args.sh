@@ -201,3 +201,10 @@ keyctl rdescribe @s é | od -An -c | head -1
 # SHELL set but empty: keyctl's execl("") fails as perror("") says
 echo exit | SHELL= keyctl session
 echo "session with SHELL= rc=$?"
+# more than 1 MiB on stdin: keyctl 1.6.3 cuts it at 1 MiB (its "Too much
+# data read on stdin" cannot fire) and the kernel refuses the payload
+head -c 1048577 /dev/zero | keyctl padd user big @s
+echo "padd 1 MiB + 1 rc=$?"
+keyctl add user small v @s >/dev/null
+head -c 2000000 /dev/zero | keyctl pupdate %user:small
+echo "pupdate 2 MB rc=$?"
