@@ -161,8 +161,6 @@ def _base_env() -> dict[str, str]:
     # the daemon and kfctl run this checkout's keyfence, not the venv's
     env["PYTHONPATH"] = users.pythonpath()
     env["LC_ALL"] = "C"
-    # the package under test (a worktree's src), not whatever is installed
-    env["PYTHONPATH"] = str(users.src_dir())
     env.pop("SHELL", None)
     return env
 
