@@ -13,7 +13,9 @@ syscalls, and that the shortcuts taken for it keep POSIX's answers.
   request (a writer's close still does, so close(2) reports its errors).
 - A name the kernel believes missing but that exists in the backing store
   (CREATE for an existing file) is opened as open(2) would: O_EXCL gives
-  EEXIST, otherwise the file keeps its owner and contents.
+  EEXIST, otherwise the file keeps its owner and contents (the worker
+  answers ESTALE and the kernel opens the file after a fresh lookup:
+  tests/security/test_backing_create.py checks the modes).
 """
 
 from __future__ import annotations

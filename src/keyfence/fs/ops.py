@@ -923,46 +923,40 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         enc, master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
         uid, gid, _ = self._owner(d, d_fd, ctx)
-        open_flags = os.O_CREAT | (flags & os.O_EXCL)
+        open_flags = os.O_CREAT
         if master is None:
-            open_flags |= flags & _PLAIN_OPEN_FLAGS
+            open_flags |= flags & _PLAIN_OPEN_FLAGS & ~os.O_TRUNC  # a new file is empty
         else:
             open_flags |= os.O_RDWR
         disk = enc.disk_name
         self._write_sidecar(d_fd, enc)  # what _new_entry does, without a generator per file
         try:
-            try:
-                # the kernel sends CREATE only for a name its lookup did not
-                # find: almost always a new file, which needs no O_NONBLOCK
-                # and has no security.capability to look up before writes
-                # set-id bits only once the file is the caller's (below):
-                # never a moment as the worker's, and fchown would clear them
-                fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode) & ~_SET_ID)
-                made = True
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                # put there behind the kernel's back: opened as open(2) would
-                fd, st = sc.open_regular(d_fd, disk, open_flags, stat.S_IMODE(mode))
-                made = False
+            # the kernel sends CREATE only for a name its lookup did not
+            # find: almost always a new file, which needs no O_NONBLOCK
+            # and has no security.capability to look up before writes
+            # set-id bits only once the file is the caller's (below):
+            # never a moment as the worker's, and fchown would clear them
+            fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode) & ~_SET_ID)
+        except FileExistsError:
+            # put there behind the kernel's back while it held the name as
+            # missing.  Never opened here: the kernel takes what CREATE
+            # opens as made by the caller and checks no permission on it,
+            # and the worker (root on a shared mount) could open anyone's
+            # file.  O_EXCL: EEXIST, as open(2).  Else ESTALE: the kernel
+            # looks the name up again (LOOKUP_REVAL) and opens what it finds
+            # as any open, its modes checked for the caller.
+            if not flags & os.O_EXCL:
+                raise fail(errno.ESTALE) from None
+            raise
         except BaseException:
             if enc.is_long and not sc.exists_at(d_fd, disk):
                 self._remove_sidecar(d_fd, disk)
             raise
         try:
-            if open_flags & os.O_TRUNC and st.st_size:
-                # open_regular truncates nothing itself
-                _truncate_opened(
-                    fd, open_flags, lambda: sc.open_regular(d_fd, disk, os.O_WRONLY)[0]
-                )
-                st = os.fstat(fd)
-            if made and (st.st_uid != uid or st.st_gid != gid):
-                # made by us just now; a file that was there already (put
-                # under the name in the backing store meanwhile) keeps its
-                # owner, as open(O_CREAT) of an existing file does
+            if st.st_uid != uid or st.st_gid != gid:
                 os.fchown(fd, uid, gid)
                 st = os.fstat(fd)
-            if made and mode & _SET_ID:
+            if mode & _SET_ID:
                 os.fchmod(fd, stat.S_IMODE(mode))  # as asked (the kernel stripped what it must)
                 st = os.fstat(fd)
         except BaseException:
@@ -972,8 +966,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         self._modified(d)
         self.negatives.discard(d.ino, name)
         ino = self.table.fuse_ino(st.st_ino)
-        if made:
-            self.privileges.made(ino, st.st_mode)
+        self.privileges.made(ino, st.st_mode)
         fh = self._new_fh()
         if master is None:
             self.handles[fh] = FileHandle(ino, flags, fd=fd)
