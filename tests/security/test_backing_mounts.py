@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from keyfence.fs import syscalls
+from keyfence.fs.crypto import MasterKey
 from keyfence.testing.mounting import Mount, fuse_available
+from tests.security.mount_helpers import OTHER, USER, scene, skip_without_facilities
 
 _why = fuse_available()
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
@@ -89,3 +94,113 @@ def test_opens_refuse_to_cross_a_mount_point(
         os.close(fd)
     finally:
         os.close(parent)
+
+
+# --------------------------------------------------- a FUSE mount in the tree
+# Red-team pass on the FUSE mount, finding 1: the worker looked a name up
+# with fstatat and compared devices only afterwards, and a stat of a mount
+# point is answered by the filesystem mounted there.  A FUSE mount in the
+# backing tree (any user may make one on a directory they own) was asked
+# GETATTR by the worker: refused (EACCES: the whole directory could no
+# longer be listed) or never answered (its server stopped: the worker's
+# request thread hung, and with it the mount for everyone).
+
+
+def _mount_on(tmp: Path, mnt: Path) -> Mount:
+    """A second worker (root's, attributes never cached) mounted on ``mnt``."""
+    m = Mount.__new__(Mount)
+    m.tmp, m.mnt, m.backing = tmp, mnt, tmp / "n-backing"
+    m.backing.mkdir()
+    (m.backing / "nested-file").write_text("the nested mount's\n")
+    m.control_path, m.log_path = str(tmp / "n-control.sock"), tmp / "n-worker.log"
+    m.worker_args, m.proc = ("--attr-timeout", "0"), None
+    m.start()
+    return m
+
+
+_THROUGH_THE_MOUNT = r"""
+import errno, os, sys
+top = sys.argv[1]
+print(sorted(os.listdir(top)))
+# a missing name first: from then on, in an encrypted directory, the FUSE
+# loop's C part looks names up before the handler (fs/fuse/_answers.c)
+for name in ("missing", "sub"):
+    try:
+        os.stat(os.path.join(top, name))
+    except OSError as err:
+        print(errno.errorcode[err.errno])
+print(open(os.path.join(top, "file")).read().strip())
+"""
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_stopped_fuse_server_in_the_backing_tree_hangs_nothing(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    """Checked failing before: the listing hung in the kernel (D state)
+    until the nested server was resumed; plain and encrypted."""
+    outer = Mount(tmp_path, "--attr-timeout", "0.2")
+    nested: Mount | None = None
+    reader: subprocess.Popen[str] | None = None
+    try:
+        top = outer.mnt / "top"
+        top.mkdir()
+        if encrypted:
+            master = MasterKey(os.urandom(64))
+            outer.add_key(master)
+            os.setxattr(top, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+        (top / "sub").mkdir()
+        (top / "file").write_text("outer file\n")
+        (sub_backing,) = [p for p in (outer.backing / "top").iterdir() if p.is_dir()]
+        nested = _mount_on(tmp_path, sub_backing)
+        assert nested.proc is not None
+        os.kill(nested.proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # the outer mount's entries and attributes expire
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _THROUGH_THE_MOUNT, str(top)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 15
+        while reader.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hung = reader.poll() is None
+        os.kill(nested.proc.pid, signal.SIGCONT)  # a hung reader returns now
+        out, err = reader.communicate(timeout=60)
+        assert not hung, "the outer mount hung on the stopped nested server"
+        assert reader.returncode == 0, err
+        assert out.split("\n")[:4] == ["['file']", "ENOENT", "EXDEV", "outer file"], out
+    finally:
+        if nested is not None and nested.proc is not None:
+            os.kill(nested.proc.pid, signal.SIGCONT)
+            nested.unmount()
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait(30)
+        assert outer.unmount() == 0, outer.log()
+    assert "Traceback" not in outer.log(), outer.log()
+
+
+@skip_without_facilities()
+def test_a_users_mount_in_roots_backing_tree_leaves_the_listing_alone() -> None:
+    """A user mounts their own keyfence mount on a directory of theirs in a
+    shared directory of root's backing tree (the daemon allows it: their
+    home may live there).  Root's worker may not use it (no allow_other):
+    its stat was EACCES, and the whole shared directory could no longer be
+    listed through root's mount.  Checked failing before: ``ls`` of the
+    shared directory failed with EACCES for everyone."""
+    with scene() as s:
+        rb, rm = s.directory("rb", owner=0), s.directory("rm", owner=0)
+        shared = s.directory("rb/shared", owner=0, mode=0o1777)
+        (shared / "rootfile").write_text("root's file\n")
+        theirs, their_mnt = s.directory("ub"), s.directory("rb/shared/their-mnt")
+        assert s.keyfence(0, "mount", str(rb), str(rm)).returncode == 0
+        done = s.keyfence(USER, "mount", str(theirs), str(their_mnt))
+        assert done.returncode == 0, done.stderr
+        for uid in (0, OTHER):
+            done = s.run(uid, f"ls {rm}/shared; cat {rm}/shared/rootfile")
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.split("\n")[:2] == ["rootfile", "root's file"], done.stdout
+        assert s.keyfence(USER, "umount", str(their_mnt)).returncode == 0
+        assert s.keyfence(0, "umount", str(rm)).returncode == 0

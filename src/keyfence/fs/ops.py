@@ -1462,8 +1462,13 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 st = sc.stat_at(d_fd, disk)
             except FileNotFoundError:
                 continue
-            if st.st_dev != self.table.root_dev:
-                continue  # a mount point: not crossed (lookup says EXDEV)
+            except OSError as err:
+                # a mount point (EXDEV: not crossed, lookup says so too), or
+                # an entry that cannot be looked at: left out of the listing,
+                # which must not fail for every reader because of one entry
+                if err.errno != errno.EXDEV:
+                    log.warning("%s: an entry left out: %s", self.log_label(d.ino), err.strerror)
+                continue
             attrs = self._attrs(st, d.policy, locked=dh.locked, dir_inode=d, link=(d_fd, disk))
             if not fuse_kernel.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break

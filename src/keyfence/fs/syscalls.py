@@ -297,8 +297,27 @@ def write_new(dir_fd: int, name: str, data: bytes, *, replace: bool, sync: bool)
 
 
 def stat_at(dir_fd: int, name: str) -> os.stat_result:
-    """fstatat(AT_SYMLINK_NOFOLLOW)."""
-    return os.stat(_name(name), dir_fd=dir_fd, follow_symlinks=False)
+    """The lstat of ``name`` inside ``dir_fd``; EXDEV for a mount point.
+
+    Never ``fstatat``: a stat of a mount point is answered by the
+    filesystem mounted there, and a user's FUSE server in the backing tree
+    would be asked (and could refuse, or never answer: the worker's
+    request thread would hang).  The entry is opened ``O_PATH`` by
+    :func:`open_at` (``RESOLVE_NO_XDEV`` stops at the mount point without
+    asking it; a symlink gives a descriptor of the symlink itself) and
+    ``fstat``'ed: three syscalls, ~1.2 µs more than ``fstatat``.  Without
+    openat2 (Linux before 5.6), ``fstatat`` and a device check.
+    """
+    if not HAVE_OPENAT2:
+        st = os.stat(_name(name), dir_fd=dir_fd, follow_symlinks=False)
+        if st.st_dev != os.fstat(dir_fd).st_dev:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return st
+    fd = open_at(dir_fd, name, os.O_PATH)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def exists_at(dir_fd: int, name: str) -> bool:

@@ -11,8 +11,10 @@
  *   The kernel asks it before the first write to every file.
  * - LOOKUP of a name missing from an encrypted directory in the directory
  *   table whose entry carries its NameSealer (fs/_names.c): the name
- *   encoded as fs/crypto.py encodes it, an fstatat(AT_SYMLINK_NOFOLLOW) of
- *   that in the table's descriptor, and on ENOENT the table's `on_miss`
+ *   encoded as fs/crypto.py encodes it, a statx of that in the table's
+ *   descriptor (no fields wanted, AT_STATX_DONT_SYNC: never a request to a
+ *   filesystem mounted on the name, which a user's FUSE server could leave
+ *   unanswered; fs/syscalls.py stat_at), and on ENOENT the table's `on_miss`
  *   (KeyfenceOperations.lookup_missed: the negative entry remembered for a
  *   key removal to invalidate) says whether the answer may carry a timeout.
  *   Anything else (found, another error, a long name, "." or "..", a
@@ -157,11 +159,13 @@ int missing_name(PyObject *table, PyObject *on_miss, const unsigned char *mem, s
         return 0;
     }
     disk[disk_len] = '\0';
-    struct stat st;
+    struct statx stx;
     /* the descriptor is the directory's own (a duplicate: it cannot come to
      * stand for another); removed, it has no entries, as the handler's
-     * fstatat would find too */
-    if (fstatat(fd, disk, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
+     * stat_at would find too.  Whether the name exists, nothing more: no
+     * field asked for, nothing synced, so a mount point is not asked */
+    if (statx(fd, disk, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT | AT_STATX_DONT_SYNC, 0, &stx) == 0 ||
+        errno != ENOENT)
         return 0; /* there (or unknown): the handler */
     PyObject *answer = PyObject_CallFunction(on_miss, "Ky#s#", (unsigned long long)nodeid, name,
                                              (Py_ssize_t)len, disk, (Py_ssize_t)disk_len);
