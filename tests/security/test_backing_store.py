@@ -188,3 +188,18 @@ def test_planted_plain_directory_is_refused(mount: Mount) -> None:
         (mount.mnt / "enc" / "real" / "leak").write_bytes(b"plaintext")
     assert caught.value.errno == errno.EIO
     assert list(real.iterdir()) == []
+
+
+def test_a_planted_non_ascii_name_in_a_locked_directory_is_skipped(mount: Mount) -> None:
+    """Anyone who can write a backing directory could plant a name that is
+    not ASCII in an encrypted one; listed locked, it made ``ops._list``
+    raise UnicodeEncodeError (a traceback in the log, EIO for every
+    reader) where the unlocked listing skips it.  Checked failing before:
+    ``os.listdir`` of the locked directory was EIO."""
+    encrypt(mount, "enc")
+    (mount.mnt / "enc" / "real").write_bytes(b"x")
+    (mount.backing / "enc" / "\u00e9-planted").write_bytes(b"planted")
+    assert os.listdir(mount.mnt / "enc") == ["real"]
+    mount.clear()
+    (name,) = os.listdir(mount.mnt / "enc")
+    assert name != "real" and name.isascii()

@@ -1430,7 +1430,10 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         master = await self._unlock(d.policy, pid)
         names = sc.listdir_fd(self.table.dir_fd(d.ino))
         if master is None:
-            return [(n.encode("ascii"), n) for n in names if self._listed_disk_name(n)], True
+            # a name that is not ASCII is no encrypted name (planted): left
+            # out, as the unlocked listing leaves it out
+            listed = [n for n in names if n.isascii() and self._listed_disk_name(n)]
+            return [(n.encode("ascii"), n) for n in listed], True
         out: list[tuple[bytes, str]] = []
         d_fd = self.table.dir_fd(d.ino)
         for n in names:
