@@ -203,3 +203,23 @@ def test_a_planted_non_ascii_name_in_a_locked_directory_is_skipped(mount: Mount)
     mount.clear()
     (name,) = os.listdir(mount.mnt / "enc")
     assert name != "real" and name.isascii()
+
+
+def test_a_file_cut_behind_the_mount_while_cached_reads_eio(mount: Mount) -> None:
+    """The worker keeps a file it has read idle in its cache, with the
+    sizes it knows; the backing file cut (inside its header) meanwhile read
+    back as zeros, its missing records taken for holes not written yet,
+    where a fresh mount says EIO.  Torn or tampered ciphertext is EIO, never
+    plausible data (docs/fs.md, "Integrity").  Checked failing before: the
+    read returned 16 zero bytes."""
+    encrypt(mount, "enc")
+    target = mount.mnt / "enc" / "f"
+    target.write_bytes(b"secret line one\n")
+    assert target.read_bytes() == b"secret line one\n"  # now idle in the cache
+    (backing,) = [
+        p for p in (mount.backing / "enc").iterdir() if not p.name.startswith(".keyfence")
+    ]
+    os.truncate(backing, 10)
+    with pytest.raises(OSError) as caught:
+        target.read_bytes()
+    assert caught.value.errno == errno.EIO

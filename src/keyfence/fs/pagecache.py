@@ -445,7 +445,7 @@ class PageCache:
                     for idx, page in enumerate(found, first):
                         if page is not None:
                             cached[idx] = bytes(page.data)
-            cipher, fd, generation = f.cipher, f.fd, f.generation
+            cipher, fd, generation, disk_size = f.cipher, f.fd, f.generation, f.disk_size
             announce = None
             if off == f.next_read and self.prefetch and cipher is not None and end < fsize:
                 announce = self._readahead_range_locked(f, last + 1)
@@ -455,7 +455,7 @@ class PageCache:
         data: bytes | bytearray
         try:
             if not cached:
-                data = self._load_run(fd, cipher, first, last - first + 1, fsize)
+                data = self._load_run(fd, cipher, first, last - first + 1, fsize, disk_size)
             else:
                 buf = bytearray((last - first + 1) * PAGE_SIZE)
                 idx = first
@@ -468,7 +468,7 @@ class PageCache:
                     run_end = idx
                     while run_end + 1 <= last and run_end + 1 not in cached:
                         run_end += 1
-                    plain = self._load_run(fd, cipher, idx, run_end - idx + 1, fsize)
+                    plain = self._load_run(fd, cipher, idx, run_end - idx + 1, fsize, disk_size)
                     pos = (idx - first) * PAGE_SIZE
                     buf[pos : pos + len(plain)] = plain
                     wipe.zero(plain)  # made for this copy only
@@ -481,7 +481,7 @@ class PageCache:
             # The file may have changed under us (truncated, new file id):
             # try once more with a fresh snapshot before calling it damaged.
             with self.lock:
-                changed = f.generation != generation
+                changed = f.generation != generation or f.disk_size != disk_size
             if retry and changed:
                 return self._read(f, off, size, retry=False)
             raise
@@ -507,10 +507,15 @@ class PageCache:
 
     @staticmethod
     def _load_run(
-        fd: int, cipher: FileCipher | None, first: int, count: int, fsize: int
+        fd: int, cipher: FileCipher | None, first: int, count: int, fsize: int, disk_size: int
     ) -> bytes | bytearray:
         """Plaintext of blocks ``first .. first+count`` from the backing file,
-        each padded to a full page (zeros beyond the end of file)."""
+        each padded to a full page (zeros beyond the end of file).
+
+        A record missing from the backing file is a hole not written yet,
+        unless ``disk_size`` (the backing size the cache knows it wrote or
+        found) says it is there: then the file was cut behind the mount's
+        back, and that is EIO, never zeros."""
         if cipher is None:  # no header on disk: everything is a hole
             return bytes(count * PAGE_SIZE)
         if (first + count) * PAGE_SIZE <= fsize:  # all full blocks (sequential reads)
@@ -534,6 +539,11 @@ class PageCache:
             record = raw[pos : pos + rlen]
             pos += rlen
             if not record:
+                if start + pos <= disk_size:
+                    index = first + k
+                    raise IntegrityError(
+                        f"block {index} missing from the backing file", block=index
+                    )
                 continue  # beyond the backing file: a hole not written yet
             if len(record) < rlen:
                 if not any(record):
@@ -552,7 +562,7 @@ class PageCache:
         if idx * PAGE_SIZE >= f.size:
             return bytearray(PAGE_SIZE)
         try:
-            data = self._load_run(f.fd, f.cipher, idx, 1, f.size)
+            data = self._load_run(f.fd, f.cipher, idx, 1, f.size, f.disk_size)
         except IntegrityError as err:
             self.stats["integrity_errors"] += 1
             label = self.label_of(f.ino)
