@@ -78,6 +78,7 @@ from keyfence.fs.handles import DirHandle, FileHandle
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.key_going import KeyGoing
 from keyfence.fs.keysource import KeySource
+from keyfence.fs.limits import backing_max_size, encrypted_max_size
 from keyfence.fs.negative import NegativeEntries
 from keyfence.fs.op_errors import fuse_op
 from keyfence.fs.pagecache import (
@@ -189,6 +190,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             label_of=self.log_label,
             write_through=self.options.write_through,
             idle_files=idle_files_allowed(),  # after InodeTable raised the limit
+            max_size=encrypted_max_size(backing_max_size(self.table.root_fd)),
         )
         self.cache.backing_sync = functools.partial(sc.syncfs_dir, self.table.root_fd)
         self.flusher = Flusher(self.cache)

@@ -88,6 +88,7 @@ from keyfence.fs.format import (
     backing_size,
     record_offset,
 )
+from keyfence.fs.limits import LARGEST_FILE, encrypted_max_size
 from keyfence.fs.readahead import BackingReadahead
 from keyfence.fs.syscalls import set_mtime_ns
 from keyfence.fs.writebehind import WriteBehind
@@ -175,9 +176,15 @@ class PageCache:
         clock: Callable[[], float] = time.monotonic,
         write_through: int = WRITE_THROUGH_BYTES,
         idle_files: int = 0,
+        max_size: int | None = None,
     ) -> None:
         if dirty_limit < PAGE_SIZE:
             raise ValueError("dirty limit below one page")
+        self.max_size = encrypted_max_size(LARGEST_FILE) if max_size is None else max_size
+        """The largest plaintext size a file can have: its backing file must
+        fit the backing filesystem (fs/limits.py).  A write or truncate past
+        it fails with EFBIG before anything changes, so no page or size that
+        could never be stored enters the cache."""
         self.idle_files = idle_files
         """How many files closed clean stay open for the next open (0: none)."""
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -601,6 +608,11 @@ class PageCache:
         if n == 0:
             return 0
         view = memoryview(data).cast("B")
+        if off + n > self.max_size:  # as ext4: what fits, EFBIG if nothing does
+            if off >= self.max_size:
+                raise fail(errno.EFBIG, "beyond the largest encrypted file")
+            n = self.max_size - off
+            view = view[:n]
         if off == 0 and n <= self.write_through and f.size == 0 and self._write_through(f, view):
             return n
         if n == PAGE_SIZE and not off % PAGE_SIZE:
@@ -757,6 +769,8 @@ class PageCache:
         """Set the plaintext size (shrinking drops pages; growing makes a hole)."""
         if size < 0:
             raise KeyfenceError(errno.EINVAL)
+        if size > self.max_size:
+            raise fail(errno.EFBIG, "beyond the largest encrypted file")
         with self.lock:
             if f.master is None:
                 raise fail(errno.ENOKEY, "the directory's key is gone")
