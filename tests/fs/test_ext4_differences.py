@@ -167,3 +167,27 @@ def _is_ext4(path: Path) -> bool:
         ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False
     )
     return r.stdout.strip() in ("ext2/ext3", "ext4")
+
+
+# --- 4. trusted.* names listed to a user -----------------------------------------
+
+LIST_XATTRS = r"""
+import os, sys
+print(" ".join(sorted(n for n in os.listxattr(sys.argv[1]) if not n.startswith("user.keyfence."))))
+"""
+
+
+def test_a_user_does_not_see_trusted_names(dirs: Dirs) -> None:
+    """listxattr by a user listed the backing file's trusted.* names: the
+    worker (root) got the whole list, which the kernel filters only for a
+    caller without CAP_SYS_ADMIN.  Now the mount hides them from callers
+    other than root, as ext4 does.  Checked failing before: the user saw
+    'trusted.secret user.a' where ext4 shows 'user.a'."""
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"x")
+        os.chmod(path, 0o644)
+        os.setxattr(path, "trusted.secret", b"root only")
+        os.setxattr(path, "user.a", b"1")
+        assert as_other(LIST_XATTRS, str(path)).split() == ["user.a"], d
+        assert {"trusted.secret", "user.a"} <= set(os.listxattr(path)), d  # root sees both

@@ -15,7 +15,9 @@ that answers ``getxattr``, ``setxattr``, ``listxattr`` and ``removexattr``
   and root; replaced atomically.
 
 Any other ``user.keyfence.`` name is refused (EPERM) or missing; every
-other name passes to the backing file, except that the kernel's
+other name passes to the backing file, except that ``trusted.*`` names are
+listed only to root (the kernel lists them to CAP_SYS_ADMIN alone, and the
+worker's own listing, as root, has them all) and that the kernel's
 ``security.capability`` question before each write is answered from
 memory once it is known to be missing (fs/privileges.py).
 
@@ -79,6 +81,8 @@ STATUS_XATTR = b"user.keyfence.status"
 PROTECTORS_XATTR = b"user.keyfence.protectors"
 """A directory's ``.keyfence-protectors`` (keyfence.fs.protector): owner and root."""
 XATTR_PREFIX = b"user.keyfence."
+TRUSTED_PREFIX = b"trusted."
+"""Names listed only to root (as the kernel: to CAP_SYS_ADMIN)."""
 CAPABILITY_XATTR = b"security.capability"
 """Asked by the kernel before every write (to drop file capabilities)."""
 
@@ -156,6 +160,10 @@ class Xattrs:
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         node = self.table.get(inode)
         names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
+        if ctx.uid != 0:
+            # the kernel lists trusted.* only to a caller with CAP_SYS_ADMIN;
+            # the worker (root, for a root mount) is one, the caller need not be
+            names = [n for n in names if not n.startswith(TRUSTED_PREFIX)]
         if self.table.contents_policy(node) is not None:
             names.append(XAttrNameT(POLICY_XATTR))
         names.append(XAttrNameT(STATUS_XATTR))
