@@ -191,3 +191,36 @@ def test_a_user_does_not_see_trusted_names(dirs: Dirs) -> None:
         os.setxattr(path, "user.a", b"1")
         assert as_other(LIST_XATTRS, str(path)).split() == ["user.a"], d
         assert {"trusted.secret", "user.a"} <= set(os.listxattr(path)), d  # root sees both
+
+
+# --- 2. times before 1970 --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("atime", "mtime"), [(-1000 * 10**9, -5 * 10**9), (-1, -1), (-(2**40) * 10**9 + 7, 3)]
+)
+def test_times_before_1970_are_stored(dirs: Dirs, atime: int, mtime: int) -> None:
+    """utimensat with a time before 1970 failed with EIO: the FUSE loop read
+    fuse_setattr_in's seconds as unsigned (-5 s became about 1.8e19 s, which
+    os.utime refused with OverflowError).  The kernel sends and takes them
+    as signed 64-bit numbers: now they are read and answered so, and stored
+    as ext4 stores them (clamped to ext4's range, as the reference shows).
+    Checked failing before: os.utime raised EIO."""
+    seen = []
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"x")
+        os.utime(path, ns=(atime, mtime))
+        st = os.stat(path)
+        got = [st.st_atime_ns, st.st_mtime_ns]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.utime(fd, ns=(mtime, atime))
+            st = os.fstat(fd)
+            got += [st.st_atime_ns, st.st_mtime_ns]
+        finally:
+            os.close(fd)
+        seen.append(got)
+    if atime > -(2**31) * 10**9:
+        assert seen[0] == [atime, mtime, mtime, atime]
+    assert seen == [seen[0]] * 3

@@ -121,15 +121,17 @@ INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags
 INIT_OUT = struct.Struct("=IIIIHHIIHHI28x")
 """major minor max_readahead flags max_background congestion_threshold
 max_write time_gran max_pages map_alignment flags2, unused: 64 bytes."""
-ATTR = struct.Struct("=QQQQQQIIIIIIIIII")
+ATTR = struct.Struct("=QQQqqqIIIIIIIIII")
 """fuse_attr: ino size blocks atime mtime ctime atimensec mtimensec
-ctimensec mode nlink uid gid rdev blksize flags (88 bytes)."""
+ctimensec mode nlink uid gid rdev blksize flags (88 bytes).  The seconds
+are declared u64 but are the kernel's signed time64 (a time before 1970
+is negative), as in SETATTR_IN."""
 ENTRY_OUT = struct.Struct("=QQQQII")  # nodeid generation entry_valid attr_valid nsecs, + ATTR
 ATTR_OUT = struct.Struct("=QII")  # attr_valid attr_valid_nsec dummy, + ATTR
 GETATTR_IN = struct.Struct("=IIQ")  # getattr_flags dummy fh
-SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")
+SETATTR_IN = struct.Struct("=IIQQQqqqIIIIIIII")
 """valid padding fh size lock_owner atime mtime ctime atimensec mtimensec
-ctimensec mode unused4 uid gid unused5."""
+ctimensec mode unused4 uid gid unused5 (times signed: see ATTR)."""
 FORGET_IN = struct.Struct("=Q")  # nlookup
 BATCH_FORGET_IN = struct.Struct("=II")  # count dummy
 FORGET_ONE = struct.Struct("=QQ")  # nodeid nlookup
