@@ -549,6 +549,22 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 return inode.last_stat
             raise
 
+    def nameless_fd(self, inode: Inode) -> int:
+        """The backing descriptor of a regular file that lost its last name
+        while open (the worker's: its cached file's, or a handle's), or -1.
+        Only a descriptor reaches it (there is no name for the ``*at``
+        calls), and the kernel still sends requests for it: fchmod, fchown,
+        futimens and the f*xattr calls, which ext4 serves."""
+        if inode.links or not inode.is_reg:
+            return -1
+        cached = self.cache.get(inode.ino)
+        if cached is not None and cached.fd >= 0:
+            return cached.fd
+        for handle in self.handles.values():
+            if handle.ino == inode.ino and handle.fd >= 0:
+                return handle.fd
+        return -1
+
     def _symlink_size(self, d: Inode, d_fd: int, disk: str, st: os.stat_result) -> int | None:
         """The plaintext size of the encrypted symlink ``disk`` about to lose
         its last name (read while it has one), else None."""
@@ -710,6 +726,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             fd = handle.fd
         elif handle is not None and handle.cached is not None and handle.cached.fd >= 0:
             fd = handle.cached.fd
+        else:  # fchmod, fchown, futimens of an open file whose last name went
+            fd = self.nameless_fd(node)
         if fields.update_mode and not node.is_symlink:
             mode = stat.S_IMODE(attr.st_mode)
             if fd >= 0:

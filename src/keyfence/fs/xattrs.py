@@ -105,6 +105,7 @@ class Xattrs:
     _busy_names: dict[int, str]
     label_of: Callable[[int], str]
     log_label: Callable[[int], str]
+    nameless_fd: Callable[[Inode], int]
     run_blocking: Callable[..., Awaitable[Any]]
 
     @fuse_op
@@ -134,6 +135,8 @@ class Xattrs:
             if cached is not None and cached.fd >= 0:
                 # open anyway: the kernel asks this before every write
                 return sc.fgetxattr(cached.fd, bytes(name))
+            if (fd := self.nameless_fd(node)) >= 0:
+                return sc.fgetxattr(fd, bytes(name))
             return sc.getxattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
         except OSError as err:
             if err.errno == errno.ENODATA and name == CAPABILITY_XATTR:
@@ -154,12 +157,18 @@ class Xattrs:
         if name.startswith(XATTR_PREFIX):
             raise fail(errno.EPERM)
         self.privileges.xattrs_changed(inode)
+        if (fd := self.nameless_fd(node)) >= 0:
+            os.setxattr(fd, bytes(name), bytes(value))
+            return
         sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
 
     @fuse_op
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         node = self.table.get(inode)
-        names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
+        if (fd := self.nameless_fd(node)) >= 0:
+            names = [XAttrNameT(os.fsencode(n)) for n in os.listxattr(fd)]
+        else:
+            names = [XAttrNameT(n) for n in sc.listxattr_at(*self.table.entry(node.ino), node.kind)]
         if ctx.uid != 0:
             # the kernel lists trusted.* only to a caller with CAP_SYS_ADMIN;
             # the worker (root, for a root mount) is one, the caller need not be
@@ -175,6 +184,9 @@ class Xattrs:
         if name.startswith(XATTR_PREFIX):
             raise fail(errno.EPERM)
         self.privileges.xattrs_changed(inode)
+        if (fd := self.nameless_fd(node)) >= 0:
+            os.removexattr(fd, bytes(name))
+            return
         sc.removexattr_at(*self.table.entry(node.ino), bytes(name), node.kind)
 
     async def _set_policy(self, node: Inode, value: bytes, ctx: RequestContext) -> None:
