@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -259,3 +260,50 @@ def test_attributes_of_an_open_file_whose_last_name_went(dirs: Dirs) -> None:
             assert os.pread(fd, 2, 0) == b"xy"
         finally:
             os.close(fd)
+
+
+# --- 5. chown(f, -1, -1) and set-id bits -----------------------------------------
+
+CHOWN_NOTHING = r"""
+import errno, os, sys
+try:
+    os.chown(sys.argv[1], -1, -1)
+except OSError as err:
+    print(errno.errorcode[err.errno])
+else:
+    print(oct(os.stat(sys.argv[1]).st_mode & 0o7777))
+"""
+
+
+@pytest.mark.parametrize("mode", [0o6755, 0o4755, 0o2755, 0o2745, 0o6745], ids=oct)
+@pytest.mark.parametrize("who", ["root", "owner in group", "owner not in group", "not owner"])
+def test_chown_to_nobody_new_drops_set_id_bits_as_ext4(dirs: Dirs, mode: int, who: str) -> None:
+    """chown(f, -1, -1) changes no owner but is a chown: ext4 drops S_ISUID,
+    and S_ISGID where group-exec is set or the caller is neither in the
+    file's group nor privileged, and updates ctime.  The mount kept both
+    bits (the kernel's FUSE client leaves set-id bits of a chown to the
+    server, and the request said nothing else); a user other than the
+    owner gets EPERM instead.  Checked failing before:
+    mode 0o6755 stayed 0o6755 where ext4 shows 0o755."""
+    seen = []
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"x")
+        if who.startswith("owner"):
+            os.chown(path, OTHER_UID, OTHER_UID if who == "owner in group" else 0)
+        os.chmod(path, mode)
+        before = os.stat(path).st_ctime_ns
+        time.sleep(0.01)
+        if who == "root":
+            os.chown(path, -1, -1)
+            after = os.stat(path)
+            got = oct(after.st_mode & 0o7777)
+        else:
+            got = as_other(CHOWN_NOTHING, str(path)).strip()
+            after = os.stat(path)
+        if got != "EPERM":
+            assert after.st_ctime_ns > before, d
+        seen.append(got)
+    assert seen == [seen[0]] * 3, seen
+    if who == "not owner":  # another user's chown may not drop them
+        assert seen[0] == "EPERM"

@@ -92,7 +92,7 @@ from keyfence.fs.pagecache import (
     idle_files_allowed,
     lenient_plaintext_size,
 )
-from keyfence.fs.privileges import Privileges, suidgid_to_drop
+from keyfence.fs.privileges import Privileges, chown_drops, in_group, suidgid_to_drop
 from keyfence.fs.xattrs import Xattrs, write_policy
 
 __all__ = ["KeyfenceOperations", "MountOptions"]
@@ -728,6 +728,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             fd = handle.cached.fd
         else:  # fchmod, fchown, futimens of an open file whose last name went
             fd = self.nameless_fd(node)
+        if not _changes_anything(fields):
+            self._chown_to_nobody_new(node, fd, ctx)
         if fields.update_mode and not node.is_symlink:
             mode = stat.S_IMODE(attr.st_mode)
             if fd >= 0:
@@ -769,6 +771,40 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             else:
                 sc.utime_at(*self.table.entry(node.ino), atime, mtime)
         return self._inode_attrs(node)
+
+    def _chown_to_nobody_new(self, node: Inode, fd: int, ctx: RequestContext) -> None:
+        """A SETATTR that names nothing.  The kernel's FUSE client sends one
+        for ``chown(f, -1, -1)``, which is still a chown: ext4 drops set-id
+        bits (``privileges.chown_drops``) and updates ctime, and leaves both
+        to the server (HANDLE_KILLPRIV_V2).  It sends the same for
+        ``file_remove_privs`` before a write by a caller without
+        CAP_FSETID, which may not own the file but may write it.  So: the
+        owner (or root) loses what a chown drops; another caller who may
+        write the file what a write drops; anyone else gets EPERM if
+        anything would be dropped (as ext4's chown), else only ctime."""
+        self.privileges.mode_changed(node.ino)
+        st = self._stat_inode(node)
+        mode = st.st_mode
+        member = ctx.uid == 0 or in_group(ctx.pid, ctx.gid, st.st_gid)
+        if ctx.uid in (0, st.st_uid):
+            kill = chown_drops(mode, member)
+        elif mode & (stat.S_IWGRP if member else stat.S_IWOTH):
+            kill = suidgid_to_drop(mode)
+        elif chown_drops(mode, member):
+            raise fail(errno.EPERM)
+        else:
+            kill = 0
+        # the backing chown: ctime, and the capability the root worker drops
+        if fd >= 0:
+            os.fchown(fd, -1, -1)
+        else:
+            sc.chown_at(*self.table.entry(node.ino), -1, -1)
+        if kill and not node.is_symlink:
+            new_mode = stat.S_IMODE(mode) & ~kill
+            if fd >= 0:
+                os.fchmod(fd, new_mode)
+            else:
+                sc.chmod_at(*self.table.entry(node.ino), new_mode)
 
     async def _truncate(
         self,
@@ -1530,6 +1566,23 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
 
 RENAME_NOREPLACE = int(pyfuse3.RENAME_NOREPLACE)
 RENAME_EXCHANGE = int(pyfuse3.RENAME_EXCHANGE)
+
+
+def _changes_anything(fields: SetattrFields) -> bool:
+    """Whether a SETATTR names any attribute but ctime (``chown(f, -1, -1)``
+    names none, or only ctime where the kernel keeps times itself)."""
+    return any(
+        getattr(fields, name, False)
+        for name in (
+            "update_size",
+            "update_mode",
+            "update_uid",
+            "update_gid",
+            "update_atime",
+            "update_mtime",
+            "kill_suidgid",
+        )
+    )
 
 
 def _set_aside_empty_dir(d_fd: int, disk: str, st: os.stat_result) -> str | None:

@@ -38,7 +38,7 @@ import errno
 import os
 import stat
 
-__all__ = ["CAPABILITY_XATTR", "Privileges", "suidgid_to_drop"]
+__all__ = ["CAPABILITY_XATTR", "Privileges", "chown_drops", "in_group", "suidgid_to_drop"]
 
 CAPABILITY_XATTR = "security.capability"
 
@@ -54,6 +54,36 @@ def suidgid_to_drop(mode: int) -> int:
     if mode & stat.S_IXGRP:
         kill |= mode & stat.S_ISGID
     return kill
+
+
+def chown_drops(mode: int, in_group_or_capable: bool) -> int:
+    """The set-id bits of ``mode`` that a chown drops (``chown_common`` and
+    ``setattr_should_drop_sgid``, fs/open.c, fs/attr.c): S_ISUID always;
+    S_ISGID when group-exec is set, or when the caller is neither in the
+    file's group nor privileged; nothing of a directory."""
+    if stat.S_ISDIR(mode):
+        return 0
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group_or_capable):
+        kill |= stat.S_ISGID
+    return kill
+
+
+def in_group(pid: int, primary: int, gid: int) -> bool:
+    """Whether the process ``pid`` (primary group ``primary``, as its FUSE
+    request says) is in group ``gid``: its supplementary groups are read
+    from ``/proc/PID/status`` (the process waits in its request, so the pid
+    is still its own); False if it cannot be read."""
+    if primary == gid:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return gid in {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def remove_capability(fd: int) -> None:
