@@ -307,3 +307,26 @@ def test_chown_to_nobody_new_drops_set_id_bits_as_ext4(dirs: Dirs, mode: int, wh
     assert seen == [seen[0]] * 3, seen
     if who == "not owner":  # another user's chown may not drop them
         assert seen[0] == "EPERM"
+
+
+# --- 7. setxattr(XATTR_CREATE | XATTR_REPLACE) ----------------------------------
+
+
+def test_setxattr_with_create_and_replace_as_ext4(dirs: Dirs) -> None:
+    """XATTR_CREATE | XATTR_REPLACE together: ext4 answers ENODATA for a
+    missing attribute (nothing made) and EEXIST for an existing one; the
+    mount created the missing one (the loop tested CREATE alone before
+    REPLACE).  Checked failing before: the missing attribute was created."""
+    both = os.XATTR_CREATE | os.XATTR_REPLACE
+    seen = []
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"x")
+        got = [_errno_of(os.setxattr, path, "user.c", b"v", both)]
+        got.append(_errno_of(os.getxattr, path, "user.c"))
+        os.setxattr(path, "user.c", b"v")
+        got.append(_errno_of(os.setxattr, path, "user.c", b"w", both))
+        got.append(os.getxattr(path, "user.c"))
+        seen.append(got)
+    assert seen[0] == [errno.ENODATA, errno.ENODATA, errno.EEXIST, b"v"]
+    assert seen == [seen[0]] * 3, seen

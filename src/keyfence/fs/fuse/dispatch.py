@@ -441,16 +441,15 @@ class Dispatcher:
             raise Malformed("setxattr: fewer bytes than announced")
         if flags & ~(p.XATTR_CREATE | p.XATTR_REPLACE):
             raise FUSEError(errno.EINVAL)
-        if flags & p.XATTR_CREATE:  # as pyfuse3: must not exist yet
+        if flags:  # CREATE: must not exist yet; REPLACE: must (both: ENODATA first, as ext4)
             try:
                 await self.ops.getxattr(nodeid, name, caller)
             except FUSEError as err:
-                if err.errno != errno.ENODATA:
+                if err.errno != errno.ENODATA or flags & p.XATTR_REPLACE:
                     raise
             else:
-                raise FUSEError(errno.EEXIST)
-        elif flags & p.XATTR_REPLACE:  # must exist
-            await self.ops.getxattr(nodeid, name, caller)
+                if flags & p.XATTR_CREATE:
+                    raise FUSEError(errno.EEXIST)
         await self.ops.setxattr(nodeid, name, value, caller)
         return b""
 
