@@ -330,3 +330,23 @@ def test_setxattr_with_create_and_replace_as_ext4(dirs: Dirs) -> None:
         seen.append(got)
     assert seen[0] == [errno.ENODATA, errno.ENODATA, errno.EEXIST, b"v"]
     assert seen == [seen[0]] * 3, seen
+
+
+# --- 8. open(O_TRUNC) of an empty file ------------------------------------------
+
+
+@pytest.mark.parametrize("access", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY])
+def test_o_trunc_of_an_empty_file_updates_its_times(dirs: Dirs, access: int) -> None:
+    """Linux truncates on every open(O_TRUNC), and ext4 then sets mtime and
+    ctime even when the file was empty already; a plain directory's open
+    skipped the truncation of an empty file and changed neither.  Checked
+    failing before: in the plain directory mtime and ctime stayed."""
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"")
+        before = os.stat(path)
+        time.sleep(0.02)
+        os.close(os.open(path, access | os.O_TRUNC))
+        after = os.stat(path)
+        assert after.st_mtime_ns > before.st_mtime_ns, d
+        assert after.st_ctime_ns > before.st_ctime_ns, d

@@ -1279,12 +1279,12 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         policy = self.table.contents_policy(node)
         fh = self._new_fh()
         if policy is None:
-            fd, st = self._open_file(node, flags & _PLAIN_OPEN_FLAGS)
+            fd, _st = self._open_file(node, flags & _PLAIN_OPEN_FLAGS)
             if flags & os.O_TRUNC:
                 try:
                     self.privileges.drop(node.ino, fd, kill_suidgid=kill_suidgid)
-                    if st.st_size:
-                        _truncate_opened(fd, flags, lambda: self._open_file(node, os.O_WRONLY)[0])
+                    # also when empty: ext4 sets mtime and ctime then too
+                    _truncate_opened(fd, flags, lambda: self._open_file(node, os.O_WRONLY)[0])
                 except BaseException:
                     os.close(fd)
                     raise
