@@ -350,3 +350,28 @@ def test_o_trunc_of_an_empty_file_updates_its_times(dirs: Dirs, access: int) -> 
         after = os.stat(path)
         assert after.st_mtime_ns > before.st_mtime_ns, d
         assert after.st_ctime_ns > before.st_ctime_ns, d
+
+
+# --- 6. ctime of a write ---------------------------------------------------------
+
+
+def test_a_write_sets_ctime_with_mtime(dirs: Dirs) -> None:
+    """write(2) sets mtime and ctime to the same time on ext4.  In an
+    encrypted directory the page cache reported the write's mtime but the
+    backing file's old ctime until write-back.  Now the write's time is
+    kept for both.  Checked failing before: fstat after a write showed the
+    old ctime in the encrypted directory."""
+    for d in dirs.all:
+        path = d / "f"
+        path.write_bytes(b"x" * 10)
+        before = os.stat(path)
+        time.sleep(0.02)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"y" * 5000, 0)  # more than the first write: cached
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        assert after.st_mtime_ns > before.st_mtime_ns, d
+        assert after.st_ctime_ns == after.st_mtime_ns, d
+        assert os.stat(path).st_ctime_ns >= after.st_ctime_ns, d

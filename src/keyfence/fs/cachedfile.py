@@ -40,6 +40,7 @@ class CachedFile:
     """
 
     __slots__ = (
+        "changed_ns",
         "cipher",
         "closing",
         "dirty_since",
@@ -76,6 +77,11 @@ class CachedFile:
         self.generation = 0
         self.dirty_since: float | None = None
         self.mtime_ns: int | None = None
+        """The last write's time, to set as mtime after write-back (None:
+        the backing file's mtime holds)."""
+        self.changed_ns = 0
+        """The last write's time: the ctime to show until a write-back
+        changes the backing file's (ext4 sets both at the write)."""
         self.users = 0
         self.closing = False
         self.flushing = threading.Lock()

@@ -500,14 +500,15 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         size = st.st_size
-        mtime = st.st_mtime_ns
+        mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
         if parent_policy is not None:
             if stat.S_ISREG(st.st_mode):
                 cached = self.cache.attributes(ino)
                 if cached is not None:
-                    size, pending = cached
+                    size, pending, changed = cached
                     if pending is not None:
                         mtime = pending
+                    ctime = max(ctime, changed)  # a write not yet written back
                 else:
                     size = lenient_plaintext_size(size)
             elif stat.S_ISLNK(st.st_mode) and not locked and dir_inode is not None and link:
@@ -522,7 +523,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         a.st_blocks = st.st_blocks
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = mtime
-        a.st_ctime_ns = st.st_ctime_ns
+        a.st_ctime_ns = ctime
         return a
 
     def _stat_inode(self, inode: Inode) -> os.stat_result:

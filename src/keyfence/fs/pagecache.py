@@ -251,13 +251,14 @@ class PageCache:
         with self.lock:
             return list(self._idle)
 
-    def attributes(self, ino: int) -> tuple[int, int | None] | None:
-        """(plaintext size, pending mtime in ns or None) of a cached file."""
+    def attributes(self, ino: int) -> tuple[int, int | None, int] | None:
+        """(plaintext size, pending mtime in ns or None, last write's time in
+        ns or 0: the least ctime to show) of a cached file."""
         f = self._files.get(ino)
         if f is None:
             return None
         with self.lock:
-            return f.size, f.mtime_ns
+            return f.size, f.mtime_ns, f.changed_ns
 
     # ------------------------------------------------------------- open/close
 
@@ -682,7 +683,7 @@ class PageCache:
             self._dirty_pages += new_pages
             if end > old_size:
                 f.size = end
-            f.mtime_ns = time.time_ns()
+            f.mtime_ns = f.changed_ns = time.time_ns()
             self._mark_dirty_locked(f)
         return n
 
@@ -761,7 +762,7 @@ class PageCache:
             page.version += 1
             if end > old_size:
                 f.size = end
-            f.mtime_ns = time.time_ns()
+            f.mtime_ns = f.changed_ns = time.time_ns()
             self._mark_dirty_locked(f)
         return PAGE_SIZE
 
