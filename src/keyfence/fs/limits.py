@@ -19,8 +19,15 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 
-from keyfence.fs.format import BLOCK_OVERHEAD, BLOCK_SIZE, FILE_HEADER_SIZE, RECORD_SIZE
+from keyfence.fs.format import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    FILE_HEADER_SIZE,
+    RECORD_SIZE,
+    TEMP_NAME_PREFIX,
+)
 
 __all__ = ["FALLBACK_BACKING_MAX", "LARGEST_FILE", "backing_max_size", "encrypted_max_size"]
 
@@ -46,21 +53,38 @@ def encrypted_max_size(backing_max: int) -> int:
 
 def backing_max_size(dir_fd: int) -> int:
     """The largest file size the filesystem of ``dir_fd`` takes, asked of
-    it (see the module doc); :data:`FALLBACK_BACKING_MAX` if it cannot be
-    asked (no ``O_TMPFILE``, a read-only or unwritable directory)."""
+    it (see the module doc; a filesystem without ``O_TMPFILE``, such as
+    vfat or NFS, through a ``kf.tmp.*`` file removed at once);
+    :data:`FALLBACK_BACKING_MAX` if it cannot be asked (a read-only or
+    unwritable directory: nothing is stored there anyway)."""
     try:
         fd = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o600, dir_fd=dir_fd)
+    except OSError:
+        fd = _named_probe_file(dir_fd)
+    if fd < 0:
+        return FALLBACK_BACKING_MAX
+    try:
+        return _largest_truncate(fd)
+    finally:
+        os.close(fd)
+
+
+def _named_probe_file(dir_fd: int) -> int:
+    """A new empty file in ``dir_fd`` whose name is already gone, or -1."""
+    name = f"{TEMP_NAME_PREFIX}{secrets.token_hex(8)}"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except OSError as err:
         log.warning(
             "cannot ask the backing filesystem its largest file size (%s); taking %d",
             err.strerror,
             FALLBACK_BACKING_MAX,
         )
-        return FALLBACK_BACKING_MAX
-    try:
-        return _largest_truncate(fd)
-    finally:
-        os.close(fd)
+        return -1
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)
+    return fd
 
 
 def _largest_truncate(fd: int) -> int:
