@@ -33,7 +33,7 @@ image file there, and a plain directory.  Groups (sizes are options):
   it (64 MiB dirty limit, 5 s expiry), so the worker has sealed and stored
   most of the bytes before the removal, as the kernel's page cache holds
   the plain disk's.
-* ``emergency``: 1 GiB dirty in keyfence, ``clear --emergency @s`` through the
+* ``emergency``: 1 GiB dirty in keyfence, ``kfctl --emergency clear @s`` through the
   client library (the removal itself), through ``kfctl`` (a user's wall time),
   and until the mount reported what it dropped; ms, median and p99.
 * ``aes``: ``cryptography``'s AES-256-GCM on 4 KiB and 1 MiB blocks, MB/s.
@@ -582,7 +582,7 @@ class Bench:
         size = label(a.emergency_bytes)
         for group, system, what, values in (
             (f"emergency-clear-{size}", "keyfence", "the removal call (client) returns", client_ms),
-            (f"emergency-clear-{size}", "kfctl", "kfctl clear --emergency @s exits", kfctl_ms),
+            (f"emergency-clear-{size}", "kfctl", "kfctl --emergency clear @s exits", kfctl_ms),
             (
                 f"emergency-drop-report-{size}",
                 "keyfence",

@@ -12,7 +12,7 @@ page cache holds all of it), then:
 * fenced removal (``unlink`` of the key from the session keyring): the call
   returns after the worker wrote back, fsynced and evicted everything;
   reported as seconds and MB/s of dirty data,
-* emergency removal (``clear --emergency``): seconds until the call returns,
+* emergency removal (``kfctl --emergency clear``): seconds until the call returns,
   and until the worker reported what it dropped.
 
 Median over the runs.
