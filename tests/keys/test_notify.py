@@ -345,6 +345,16 @@ def test_ten_thousand_watched_keys_one_thread(svc: KeyService, root: Caller) -> 
     assert threading.active_count() <= before + 1
 
 
+def revoke_in_the_background(svc: KeyService, caller: Caller, serial: int) -> None:
+    """Start ``caller``'s revoke of ``serial`` on a thread; return once it
+    fences the key (its synchronous watchers are being called)."""
+    threading.Thread(target=svc.revoke, args=(caller, serial), daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not (key := svc.find_key(serial)) or not key.fenced_by:
+        assert time.monotonic() < deadline, "the revoke never started"
+        time.sleep(0.01)
+
+
 def test_a_foreign_removal_held_by_its_own_watcher_holds_roots_clear_a_bounded_time(
     svc: KeyService, root: Caller, alice: Caller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -362,11 +372,7 @@ def test_a_foreign_removal_held_by_its_own_watcher_holds_roots_clear_a_bounded_t
     svc.setperm(in_roots_session, planted, 0x3F3F0000)
     never = threading.Event()
     svc.watch(in_roots_session, planted, lambda n: never.wait(), sync=True, name="never acks")
-    threading.Thread(target=svc.revoke, args=(alice, planted), daemon=True).start()
-    deadline = time.monotonic() + 5
-    while not (key := svc.find_key(planted)) or not key.fenced_by:
-        assert time.monotonic() < deadline, "alice's revoke never started"
-        time.sleep(0.01)
+    revoke_in_the_background(svc, alice, planted)
     started = time.monotonic()
     svc.clear(root, S, timeout=10)
     assert 0.4 < time.monotonic() - started < 3
@@ -386,11 +392,7 @@ def test_a_patient_watcher_of_another_removal_is_waited_for(
     serial = svc.add_key(root, "user", "k", SECRET, S)
     release = threading.Event()
     svc.watch(root, serial, lambda n: release.wait(), sync=True, name="root's flusher")
-    threading.Thread(target=svc.revoke, args=(root, serial), daemon=True).start()
-    deadline = time.monotonic() + 5
-    while not (key := svc.find_key(serial)) or not key.fenced_by:
-        assert time.monotonic() < deadline, "the revoke never started"
-        time.sleep(0.01)
+    revoke_in_the_background(svc, root, serial)
     with pytest.raises(KeyfenceError) as info:
         svc.unlink(root, serial, S, timeout=1.0)
     assert info.value.errno == errno.ETIMEDOUT

@@ -239,15 +239,19 @@ def raw(daemon: DaemonProcess) -> socket.socket:
     return sock
 
 
+def greeted(daemon: DaemonProcess) -> socket.socket:
+    """A raw connection past its hello (the Welcome read)."""
+    sock = greeted(daemon)
+    return sock
+
+
 def test_bad_frames_get_errors_and_the_daemon_keeps_serving(daemon: DaemonProcess) -> None:
     sock = raw(daemon)
     sock.sendall(b"\x00\x00\x00\x03abc")  # not a hello
     reply = protocol.read_message(sock)
     sock.close()
     assert isinstance(reply, protocol.Error) and reply.errno == errno.EPROTO
-    sock = raw(daemon)
-    sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
-    assert isinstance(protocol.read_message(sock), protocol.Welcome)
+    sock = greeted(daemon)
     sock.sendall(b"\x00\x00\x00\x02\xc1\xc1")  # undecodable, but framed
     reply = protocol.read_message(sock)
     assert isinstance(reply, protocol.Error) and reply.errno == errno.EBADMSG
@@ -395,9 +399,7 @@ def test_a_client_that_does_not_read_its_events_is_dropped(daemon: DaemonProcess
     with Client.connect(daemon.socket, autostart=False) as c:
         description = "d" * 4000  # each event carries it: ~4 KB an event
         key = c.add_key("user", description, b"0", S)
-        sock = raw(daemon)
-        sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
-        assert isinstance(protocol.read_message(sock), protocol.Welcome)
+        sock = greeted(daemon)
         sock.sendall(protocol.encode(protocol.Request(1, "watch", [key, 0, False, None])))
         assert isinstance(protocol.read_message(sock), protocol.Reply)
         updates = 3 * OUTPUT_LIMIT_BYTES // 4000
@@ -427,9 +429,7 @@ def test_an_empty_frame_is_a_bad_message_not_an_end(daemon: DaemonProcess) -> No
     reply = protocol.read_message(sock)
     sock.close()
     assert isinstance(reply, protocol.Error) and reply.errno == errno.EPROTO
-    sock = raw(daemon)
-    sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
-    assert isinstance(protocol.read_message(sock), protocol.Welcome)
+    sock = greeted(daemon)
     sock.sendall(b"\x00\x00\x00\x00")
     reply = protocol.read_message(sock)
     assert isinstance(reply, protocol.Error) and reply.errno == errno.EBADMSG
