@@ -241,7 +241,9 @@ def raw(daemon: DaemonProcess) -> socket.socket:
 
 def greeted(daemon: DaemonProcess) -> socket.socket:
     """A raw connection past its hello (the Welcome read)."""
-    sock = greeted(daemon)
+    sock = raw(daemon)
+    sock.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    assert isinstance(protocol.read_message(sock), protocol.Welcome)
     return sock
 
 
