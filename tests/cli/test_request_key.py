@@ -67,6 +67,16 @@ create user  other:* nomatch* {handler} %k %d %c %S
 
 @pytest.fixture
 def upcalls() -> Iterator[tuple[Daemon, Path]]:
+    yield from _upcalls_in_a_shared_directory(handler_timeout=3)
+
+
+@pytest.fixture
+def patient_upcalls() -> Iterator[tuple[Daemon, Path]]:
+    """:func:`upcalls` with handlers killed after 10 s, not 3."""
+    yield from _upcalls_in_a_shared_directory(handler_timeout=10)
+
+
+def _upcalls_in_a_shared_directory(*, handler_timeout: int) -> Iterator[tuple[Daemon, Path]]:
     why = users.why_no_other_uids()
     if why is not None:
         pytest.skip(why)
@@ -74,18 +84,7 @@ def upcalls() -> Iterator[tuple[Daemon, Path]]:
     # reaches the socket, the handler and its log
     with tempfile.TemporaryDirectory(prefix="keyfence-request-key-") as tmp:
         os.chmod(tmp, 0o755)
-        yield from _upcalls(Path(tmp))
-
-
-@pytest.fixture
-def patient_upcalls() -> Iterator[tuple[Daemon, Path]]:
-    """:func:`upcalls` with handlers killed after 10 s, not 3."""
-    why = users.why_no_other_uids()
-    if why is not None:
-        pytest.skip(why)
-    with tempfile.TemporaryDirectory(prefix="keyfence-request-key-") as tmp:
-        os.chmod(tmp, 0o755)
-        yield from _upcalls(Path(tmp), handler_timeout=10)
+        yield from _upcalls(Path(tmp), handler_timeout=handler_timeout)
 
 
 def _upcalls(tmp_path: Path, *, handler_timeout: int = 3) -> Iterator[tuple[Daemon, Path]]:
