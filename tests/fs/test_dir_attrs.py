@@ -40,67 +40,58 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-@pytest.fixture
-def a_dir(tmp_path: Path) -> Iterator[int]:
-    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def test_an_offer_holds_a_duplicate_that_a_withdrawal_closes(a_dir: int) -> None:
+def test_an_offer_holds_a_duplicate_that_a_withdrawal_closes(tmp_dir_fd: int) -> None:
     table = DirectoryAttributes()
-    st = os.fstat(a_dir)
-    table.offer(5, a_dir, st.st_ino, 1.25, generation=table.generation)
+    st = os.fstat(tmp_dir_fd)
+    table.offer(5, tmp_dir_fd, st.st_ino, 1.25, generation=table.generation)
     fd, st_ino, seconds, ns, names = table.table[5]
-    assert fd != a_dir and os.path.samestat(os.fstat(fd), st)
+    assert fd != tmp_dir_fd and os.path.samestat(os.fstat(fd), st)
     assert (st_ino, seconds, ns, names) == (st.st_ino, 1, 250_000_000, None)
     assert not os.get_inheritable(fd)
     table.withdraw(5)
     assert 5 not in table and not _is_open(fd)
-    assert _is_open(a_dir)  # the backing descriptor is the caller's
+    assert _is_open(tmp_dir_fd)  # the backing descriptor is the caller's
     table.withdraw(5)  # twice: nothing
 
 
-def test_an_offer_made_before_a_clear_is_refused(a_dir: int) -> None:
+def test_an_offer_made_before_a_clear_is_refused(tmp_dir_fd: int) -> None:
     table = DirectoryAttributes()
     before = table.generation
-    table.offer(5, a_dir, 1, 10.0, generation=before)
+    table.offer(5, tmp_dir_fd, 1, 10.0, generation=before)
     kept = table.table[5][0]
     table.clear()  # a key was unbound meanwhile
     assert not table.table and not _is_open(kept)
     fds = _open_fds()
-    table.offer(6, a_dir, 1, 10.0, generation=before)
+    table.offer(6, tmp_dir_fd, 1, 10.0, generation=before)
     assert 6 not in table and _open_fds() == fds  # its duplicate closed again
-    table.offer(6, a_dir, 1, 10.0, generation=table.generation)
+    table.offer(6, tmp_dir_fd, 1, 10.0, generation=table.generation)
     assert 6 in table
     table.clear()
 
 
-def test_no_offer_without_a_timeout_nor_twice(a_dir: int) -> None:
+def test_no_offer_without_a_timeout_nor_twice(tmp_dir_fd: int) -> None:
     table = DirectoryAttributes()
-    table.offer(5, a_dir, 1, 0.0, generation=table.generation)  # locked: asked every time
+    table.offer(5, tmp_dir_fd, 1, 0.0, generation=table.generation)  # locked: asked every time
     assert 5 not in table
-    table.offer(5, a_dir, 1, 10.0, generation=table.generation)
+    table.offer(5, tmp_dir_fd, 1, 10.0, generation=table.generation)
     first = table.table[5]
     fds = _open_fds()
-    table.offer(5, a_dir, 1, 3.0, generation=table.generation)
+    table.offer(5, tmp_dir_fd, 1, 3.0, generation=table.generation)
     assert table.table[5] == first and _open_fds() == fds
     table.clear()
 
 
-def test_the_oldest_entry_goes_when_the_table_is_full(a_dir: int) -> None:
+def test_the_oldest_entry_goes_when_the_table_is_full(tmp_dir_fd: int) -> None:
     table = DirectoryAttributes(max_entries=3)
     for nodeid in (1, 2, 3):
-        table.offer(nodeid, a_dir, 1, 10.0, generation=table.generation)
+        table.offer(nodeid, tmp_dir_fd, 1, 10.0, generation=table.generation)
     oldest = table.table[1][0]
-    table.offer(4, a_dir, 1, 10.0, generation=table.generation)
+    table.offer(4, tmp_dir_fd, 1, 10.0, generation=table.generation)
     assert sorted(table.table) == [2, 3, 4] and not _is_open(oldest)
     table.clear()
 
 
-def test_offers_and_clears_from_several_threads_leave_no_descriptor_behind(a_dir: int) -> None:
+def test_offers_and_clears_from_several_threads_leave_no_descriptor_behind(tmp_dir_fd: int) -> None:
     table = DirectoryAttributes(max_entries=50)
     fds = _open_fds()
     stop = threading.Event()
@@ -108,7 +99,7 @@ def test_offers_and_clears_from_several_threads_leave_no_descriptor_behind(a_dir
     def offering(base: int) -> None:
         i = 0
         while not stop.is_set():
-            table.offer(base + i % 200, a_dir, 1, 10.0, generation=table.generation)
+            table.offer(base + i % 200, tmp_dir_fd, 1, 10.0, generation=table.generation)
             table.withdraw(base + (i * 7) % 200)
             i += 1
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,8 @@ def test_the_largest_plaintext_is_the_largest_that_fits(backing_max: int) -> Non
     assert backing_size(size + 1) > backing_max
 
 
-@pytest.fixture
-def directory(tmp_path: Path) -> Iterator[int]:
-    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def test_asked_of_the_filesystem_leaving_nothing(tmp_path: Path, directory: int) -> None:
-    found = backing_max_size(directory)
+def test_asked_of_the_filesystem_leaving_nothing(tmp_path: Path, tmp_dir_fd: int) -> None:
+    found = backing_max_size(tmp_dir_fd)
     probe = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(probe, found)
@@ -49,7 +39,7 @@ def test_asked_of_the_filesystem_leaving_nothing(tmp_path: Path, directory: int)
 
 
 def test_without_o_tmpfile_through_a_named_file(
-    tmp_path: Path, directory: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tmp_dir_fd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vfat and NFS have no O_TMPFILE: a kf.tmp.* file, removed at once."""
     real_open = os.open
@@ -59,9 +49,9 @@ def test_without_o_tmpfile_through_a_named_file(
             raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE")
         return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
 
-    expected = backing_max_size(directory)
+    expected = backing_max_size(tmp_dir_fd)
     monkeypatch.setattr(limits.os, "open", no_tmpfile)
-    assert backing_max_size(directory) == expected
+    assert backing_max_size(tmp_dir_fd) == expected
     assert os.listdir(tmp_path) == []
 
 
