@@ -114,6 +114,8 @@ class _Shown:
 
 
 def _printable(text: str) -> str:
+    # keys.notify.watcher_text's rule, not imported: kfctl loads nothing of
+    # the key model (its start-up time, docs/performance.md part 21)
     return "".join(ch if ch.isprintable() or ch == " " else "?" for ch in text)
 
 
