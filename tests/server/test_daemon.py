@@ -147,6 +147,24 @@ def test_remote_watcher_refusal_aborts(daemon: DaemonProcess) -> None:
         assert c.read(key) == b"x"
 
 
+def test_a_remote_refusal_reaches_the_caller_printable(daemon: DaemonProcess) -> None:
+    """A refusal's reason is the watcher's words: cut and made printable
+    (keys/fence.py) before the remover's error shows them."""
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+
+        def refuse(note: object) -> None:
+            if note.phase == "before":  # type: ignore[attr-defined]
+                raise OSError(errno.ENOSPC, "\x1b[2Jfull" + "x" * 5000)
+
+        c.watch(key, refuse, sync=True, name="full disk")
+        with pytest.raises(KeyfenceError) as info:
+            c.revoke(key)
+    assert info.value.errno == errno.ENOSPC
+    assert "\x1b" not in str(info.value) and "?[2Jfull" in str(info.value)
+    assert len(str(info.value)) < 400
+
+
 def test_watcher_killed_mid_removal_counts_as_done(daemon: DaemonProcess) -> None:
     with Client.connect(daemon.socket, autostart=False) as c:
         key = c.add_key("user", "k", b"x", S)

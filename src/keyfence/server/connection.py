@@ -32,7 +32,7 @@ from keyfence import protocol, wire
 from keyfence.keys.caller import Caller
 from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
-from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch, watcher_text
+from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.keys.secret import wipe_bytes
 from keyfence.keys.waits import MustWait, refusing_waits
 from keyfence.server import limits
@@ -379,7 +379,7 @@ class Connection:
             # a refusal must carry a real errno; anything else is ECANCELED
             code = message.errno
             waiter.errno = code if 0 <= code < 4096 else errno.ECANCELED
-            waiter.message = watcher_text(message.message)
+            waiter.message = message.message  # made printable where it is shown (keys/fence.py)
             waiter.done.set()
 
     def progress(self, message: protocol.Progress) -> None:
