@@ -1,6 +1,7 @@
 """The optional native parts: the sealer (keyfence.fs._sealer, C + OpenSSL
 libcrypto), the names (keyfence.fs._names, C + libcrypto) and the FUSE
-loop's common case (keyfence.fs.fuse._loop, which uses _names' capsule).
+loop's common case (keyfence.fs.fuse._loop, which uses _names' capsule),
+and the worker's one-syscall stat (keyfence.fs._statx, fs/syscalls.py).
 
 Everything else is in pyproject.toml.  ``optional=True``: without a compiler
 or OpenSSL's headers the build warns and goes on, and keyfence seals on its
@@ -26,6 +27,12 @@ setup(
             depends=["src/keyfence/fs/_names.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            optional=True,
+        ),
+        Extension(
+            "keyfence.fs._statx",
+            ["src/keyfence/fs/_statx.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
         ),
         Extension(

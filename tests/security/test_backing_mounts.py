@@ -96,6 +96,30 @@ def test_opens_refuse_to_cross_a_mount_point(
         os.close(parent)
 
 
+@pytest.mark.parametrize("path", ["statx", "careful"])
+def test_stat_refuses_a_mount_point(
+    nested: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of ``stat_at``: one statx refusing a mount root
+    (fs/_statx.c) and ``O_PATH`` + ``fstat``.  A mount root named as "."
+    (the backing root may be one) is the directory itself, never refused."""
+    if path == "careful":
+        monkeypatch.setattr(syscalls, "_STATX", None)
+    elif syscalls._STATX is None:
+        pytest.skip("fs/_statx.c not built")
+    parent = os.open(nested.parent, os.O_PATH | os.O_DIRECTORY)
+    root = os.open(nested, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert _errno(syscalls.stat_at, parent, "other") == errno.EXDEV
+        assert syscalls.stat_at(parent, "mine").st_size == len("backing file\n")
+        assert syscalls.stat_at(root, ".").st_dev == os.fstat(root).st_dev
+        assert syscalls.stat_at(root, "theirs").st_dev == os.fstat(root).st_dev
+        assert not syscalls.exists_at(parent, "missing")
+    finally:
+        os.close(parent)
+        os.close(root)
+
+
 # --------------------------------------------------- a FUSE mount in the tree
 # Red-team pass on the FUSE mount, finding 1: the worker looked a name up
 # with fstatat and compared devices only afterwards, and a stat of a mount
