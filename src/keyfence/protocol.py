@@ -99,7 +99,8 @@ class Event(msgspec.Struct, tag="event", forbid_unknown_fields=True):
     seq: int
     key: int
     event: str
-    """keyctl's word for it: inst, upd, link, unlk, clr, rev, inv, attr, exp, gc."""
+    """keyctl's word for it: inst, upd, link, unlk, clr, rev, inv, attr, exp, gc; or
+    loss: notifications to this watch were dropped, its uid's queue full."""
     aux: int | None = None
     op: str = ""
     uid: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -491,3 +492,72 @@ def test_what_a_watcher_says_reaches_the_caller_bounded_and_printable(
     assert notes, statuses
     assert all(len(n) <= 256 and "\x1b" not in n and "\x07" not in n for n in notes)
     assert notes[0].startswith("?]0;owned?x")
+
+
+def test_a_flood_of_watches_is_bounded_and_its_watchers_told_of_the_loss(
+    daemon: DaemonProcess,
+) -> None:
+    """Red-team pass (session 26, "watch fan-out"): 16,384 watches on one's
+    own key and a stream of ``setperm``s queued 16,384 notifications per
+    call on the daemon's one dispatcher; the queue grew by hundreds of MiB
+    and other users' events came seconds late.  Now a uid's queue is
+    bounded (keys/notify.py MAX_QUEUED_PER_UID): past it that uid's
+    notifications are dropped and ``kfctl watch`` prints keyctl's
+    ``-- LOSS --``.  Failed before: no loss line, every notification was
+    queued."""
+    from keyfence.server.limits import MAX_INFLIGHT, MAX_WATCHES
+
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "flood", b"0", S)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "keyfence.cli.kfctl", "watch", str(key)],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watcher.stdout is not None
+            deadline = time.monotonic() + 30
+            while not select.select([watcher.stdout], [], [], 0.2)[0]:
+                assert time.monotonic() < deadline, "kfctl watch printed nothing"
+                c.update(key, b"1")  # its watch is there once it prints this
+            assert watcher.stdout.readline().split()[1:] == ["upd"]
+            flooders, drained = [], [0]
+            for _ in range(4):  # 4 x 4,096 = the uid's 16,384 watches
+                sock = greeted(daemon)
+                flooders.append(sock)
+                for start in range(0, MAX_WATCHES, MAX_INFLIGHT):
+                    batch = [
+                        protocol.encode(protocol.Request(n, "watch", [key, 0, False, None]))
+                        for n in range(start + 1, start + MAX_INFLIGHT + 1)
+                    ]
+                    sock.sendall(b"".join(batch))
+                    for _n in range(MAX_INFLIGHT):
+                        assert isinstance(protocol.read_message(sock), protocol.Reply)
+
+            def drain(sock: socket.socket) -> None:
+                sock.settimeout(None)
+                with contextlib.suppress(OSError):
+                    while chunk := sock.recv(1 << 20):
+                        drained[0] += len(chunk)
+
+            readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in flooders]
+            for reader in readers:
+                reader.start()
+            for i in range(20):  # 327,700 notifications, far more than delivered meanwhile
+                c.setperm(key, 0x3F3F0000 | i)
+            assert c.ping() == "pong"
+            c.revoke(key)
+            c.unlink(key, S)
+            out, err = watcher.communicate(timeout=60)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait()
+            for sock in flooders:
+                sock.close()
+    lines = out.splitlines()
+    assert "-- LOSS --" in lines, (out, err)
+    assert lines[-1].split()[1:] == ["gc"], out
+    assert "dropping theirs" in daemon.log_text()

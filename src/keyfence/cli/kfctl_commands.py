@@ -695,7 +695,10 @@ def cmd_watch(tool: Kfctl, args: list[str], flag: bool) -> None:
     done = threading.Event()
 
     def on_event(note: Any) -> None:
-        tool.out(watch_line(note.key, note.event, note.aux))
+        # keyctl's consumer prints a full watch queue's loss this way
+        tool.out(
+            "-- LOSS --\n" if note.event == "loss" else watch_line(note.key, note.event, note.aux)
+        )
         tool.flush()
         if note.event == "gc":
             done.set()

@@ -216,6 +216,8 @@ def _consume(
             return
         if note.event in KEY_EVENTS.split():
             write(notify_log, watch_line(note.key, note.event, note.aux))
+        elif note.event == "loss":  # the daemon's queue for this uid was full
+            write(notify_log, "-- LOSS --\n")
 
     def terminated(signum: int, frame: object) -> None:
         write(notify_log, "Monitoring terminated\n")

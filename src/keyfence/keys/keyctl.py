@@ -47,6 +47,7 @@ from keyfence.keys.keyring import SearchContext
 from keyfence.keys.notify import (
     MAX_WATCH_NAME,
     Dispatcher,
+    DispatcherStatistics,
     KeyEvent,
     Watch,
     WatchCallback,
@@ -94,6 +95,8 @@ class ServiceStatistics:
     sessions: int
     processes: int
     users: int
+    notifications: DispatcherStatistics
+    """The AFTER notifications' queues (keys/notify.py Dispatcher)."""
 
 
 class KeyService:
@@ -1382,6 +1385,7 @@ class KeyService:
                 sessions=len(self._special.sessions),
                 processes=len(self._special.processes),
                 users=len(self._special.users),
+                notifications=self._dispatcher.statistics(),
             )
 
     def anchored_processes(self) -> list[tuple[int, int]]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
@@ -41,6 +41,9 @@ class KeyEvent(IntFlag):
     EXPIRED = 0x100
     GC = 0x200
     ALL = 0x3FF
+    LOSS = 0x400
+    """Not a key event: notifications to this watch were dropped, its
+    uid's queue being full (Dispatcher); never in a mask, always told."""
 
     @property
     def label(self) -> str:
@@ -59,6 +62,7 @@ _LABELS = {
     KeyEvent.SETATTR: "attr",
     KeyEvent.EXPIRED: "exp",
     KeyEvent.GC: "gc",
+    KeyEvent.LOSS: "loss",
 }
 
 
@@ -218,31 +222,126 @@ class WatchTable:
                 self._removed.notify_all()
 
 
-class Dispatcher:
-    """Delivers AFTER notifications in order on one thread.
+MAX_QUEUED_PER_UID = 16384
+"""AFTER notifications queued for one uid's watches (the watch owner's
+uid).  Past it that uid's new ones are dropped, and each watch that lost
+some is told ``loss`` (keyctl watch's "-- LOSS --") before its next one,
+as the kernel's watch queue marks a full queue.  The watched key's own
+end (rev, inv, exp, gc of the key itself) is queued all the same.  One per watch a uid may
+hold (server/limits.py WATCHES_PER_UID); a few MiB at most."""
 
+
+_KEY_ENDS = KeyEvent.REVOKED | KeyEvent.INVALIDATED | KeyEvent.EXPIRED | KeyEvent.GC
+
+
+def _ends_the_key(watch: Watch, note: Notification) -> bool:
+    """Never dropped: the watched key's own end.  ``gc`` ends the watch
+    (``kfctl watch`` exits on it) and, with ``emergency``, tells a mount
+    worker to wipe what it holds of the key.  Each comes at most once per
+    key, so they are bounded by the watches, not by what anyone does."""
+    return bool(note.event & _KEY_ENDS) and note.key == watch.key.serial
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherStatistics:
+    queued: int
+    """Notifications waiting, over every uid."""
+    uids: int
+    """Uids with notifications waiting."""
+    dropped: int
+    """Notifications dropped since start, a uid's queue being full."""
+
+
+class Dispatcher:
+    """Delivers AFTER notifications on one thread: in order for each watch,
+    and the uids that own the watches in turn, one notification each.
+
+    A uid's many watches (or a slow callback of theirs) delay that uid's
+    notifications, not everyone's: each uid has its own queue, bounded by
+    ``per_uid`` (:data:`MAX_QUEUED_PER_UID`), and the thread takes one
+    notification from each uid with any waiting in turn.  Callbacks must
+    not block (the daemon's send without waiting for the client to read).
     A callback that raises is logged (without payloads: notifications hold
     none) and does not stop delivery to others.
+
+    Locks: ``post`` is called with the key service's lock held; the
+    dispatcher's own lock is taken inside it and nothing is called under
+    it, so it is a leaf.  Callbacks run without it.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Watch, Notification] | None] = queue.SimpleQueue()
-        self._idle = threading.Condition()
+    def __init__(self, *, per_uid: int = MAX_QUEUED_PER_UID) -> None:
+        self._per_uid = per_uid
+        self._cond = threading.Condition()
+        self._queues: dict[int, deque[tuple[Watch, Notification]]] = {}
+        self._turns: deque[int] = deque()
+        """The uids with a queue, in the order they are served."""
+        self._lost: dict[int, dict[int, Watch]] = {}
+        """By uid: the watches that lost notifications, to be told so."""
         self._pending = 0
+        """Queued plus the one being delivered."""
+        self._dropped = 0
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="keyfence-notify", daemon=True)
         self._thread.start()
 
     def post(self, items: list[tuple[Watch, Notification]]) -> None:
         if not items:
             return
-        with self._idle:
-            self._pending += len(items)
-        for item in items:
-            self._queue.put(item)
+        full: set[int] = set()
+        with self._cond:
+            for watch, note in items:
+                uid = watch.owner_uid
+                queue_ = self._queues.get(uid)
+                if queue_ is None:
+                    queue_ = self._queues[uid] = deque()
+                    self._turns.append(uid)
+                if len(queue_) >= self._per_uid and not _ends_the_key(watch, note):
+                    if uid not in self._lost:
+                        full.add(uid)
+                    self._lost.setdefault(uid, {})[watch.id] = watch
+                    self._dropped += 1
+                    continue
+                if uid in self._lost:
+                    self._tell_losses_locked(uid, queue_)
+                queue_.append((watch, note))
+                self._pending += 1
+            self._cond.notify()
+        for uid in full:
+            log.warning(
+                "uid %d's watches do not keep up (%d notifications queued): dropping theirs",
+                uid,
+                self._per_uid,
+            )
+
+    def _tell_losses_locked(self, uid: int, queue_: deque[tuple[Watch, Notification]]) -> None:
+        """Queue ``loss`` for each of ``uid``'s watches that lost some: at
+        most one per watch, past the bound (the bound is on notifications,
+        and these stand for the ones dropped)."""
+        for watch in self._lost.pop(uid).values():
+            queue_.append((watch, Notification(key=watch.key.serial, event=KeyEvent.LOSS)))
+            self._pending += 1
+
+    def _next_locked(self) -> tuple[Watch, Notification] | None:
+        """The next uid's next notification (None: stopping), waiting for one."""
+        while not self._turns:
+            if self._stopping:
+                return None
+            self._cond.wait()
+        uid = self._turns.popleft()
+        queue_ = self._queues[uid]
+        item = queue_.popleft()
+        if not queue_ and uid in self._lost:
+            self._tell_losses_locked(uid, queue_)
+        if queue_:
+            self._turns.append(uid)
+        else:
+            del self._queues[uid]
+        return item
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            with self._cond:
+                item = self._next_locked()
             if item is None:
                 return
             watch, note = item
@@ -251,17 +350,28 @@ class Dispatcher:
             except Exception:
                 log.exception("watch %r raised on %s", watch.name, note.event.label)
             finally:
-                with self._idle:
+                with self._cond:
                     self._pending -= 1
                     if not self._pending:
-                        self._idle.notify_all()
+                        self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every posted notification was delivered."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
+
+    def statistics(self) -> DispatcherStatistics:
+        with self._cond:
+            return DispatcherStatistics(
+                queued=sum(len(q) for q in self._queues.values()),
+                uids=len(self._queues),
+                dropped=self._dropped,
+            )
 
     def stop(self) -> None:
-        self._queue.put(None)
+        """Stop once what is queued was delivered."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
