@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from keyfence.keys import Caller, KeyService
-from keyfence.keys.notify import Dispatcher, Notification
+from keyfence.keys.notify import DELIVERIES_PER_TURN, Dispatcher, Notification
 
 from .conftest import FakeClock
 
@@ -71,7 +71,7 @@ def test_another_uids_event_does_not_wait_for_a_backlog(
     assert svc.wait_for_notifications(30)
     assert len(log) == 3001
     where = log.index((bob.uid, "upd"))
-    assert where <= 2, f"bob's event was delivered {where + 1}th"
+    assert where <= DELIVERIES_PER_TURN, f"bob's event was delivered {where + 1}th"
 
 
 def test_a_uids_queue_is_bounded_and_its_watches_told_of_the_loss(
@@ -87,22 +87,46 @@ def test_a_uids_queue_is_bounded_and_its_watches_told_of_the_loss(
     svc.watch(bob, mine, lambda n: log.append((bob.uid, n.event.label)))
     svc.update(alice, theirs, b"y")
     assert gate.entered.wait(10)
-    for _ in range(49):
-        svc.update(alice, theirs, b"y")  # 490 more: 9 + 91 queued, 399 dropped
+    for _ in range(150):
+        svc.update(alice, theirs, b"y")  # 10 calls each: 9 more fit in 100
     stats = svc.statistics().notifications
-    assert (stats.queued, stats.dropped) == (100, 399)
+    assert (stats.queued, stats.notifications, stats.dropped) == (9, 100, 141)
     svc.update(bob, mine, b"z")  # bob's own queue has room
     gate.opened.set()
     assert svc.wait_for_notifications(30)
     assert log.count((bob.uid, "upd")) == 1
     theirs_seen = [label for uid, label in log if uid == alice.uid]
-    # the first (held) one, 100 queued, then one "loss" for each watch
-    assert theirs_seen == ["upd"] * 101 + ["loss"] * 10
+    # the first (held) event, 9 queued, then "loss" for each watch
+    assert theirs_seen == ["upd"] * 100 + ["loss"] * 10
     assert svc.statistics().notifications.queued == 0
     # room again: the next ones are delivered, no further loss
     svc.update(alice, theirs, b"y")
     assert svc.wait_for_notifications(30)
-    assert [label for uid, label in log if uid == alice.uid][111:] == ["upd"] * 10
+    assert [label for uid, label in log if uid == alice.uid][110:] == ["upd"] * 10
+
+
+def test_an_event_is_queued_once_per_uid_not_once_per_watch(
+    svc: KeyService, alice: Caller, bob: Caller
+) -> None:
+    """Red-team pass (session 27): with one queue entry per watch, each of
+    a user's updates of a key they watch 16,384 times built and queued
+    16,384 notifications under the key service's lock (36 ms a call), and
+    their stream of them stalled everyone's key operations for seconds.
+    Now an operation queues one event per uid watching; the watches are
+    read when it is delivered.  Failed before: 16,384 (and 16,385) queued."""
+    gate = Gate([], bob.uid)
+    bobs = svc.add_key(bob, "user", "b", b"x", S)
+    svc.watch(bob, bobs, gate)
+    key = svc.add_key(alice, "user", "a", b"x", S)
+    for _ in range(16384):
+        svc.watch(alice, key, lambda n: None)
+    svc.update(bob, bobs, b"y")
+    assert gate.entered.wait(10)  # the dispatcher is held in bob's watch
+    svc.update(alice, key, b"z")
+    stats = svc.statistics().notifications
+    assert (stats.queued, stats.notifications) == (1, 16384 + 1)  # alice's; bob's in delivery
+    gate.opened.set()
+    assert svc.wait_for_notifications(30)
 
 
 def test_a_loss_comes_before_the_first_notification_after_the_gap(
@@ -124,18 +148,18 @@ def test_a_loss_comes_before_the_first_notification_after_the_gap(
     svc.update(alice, key, b"y")
     assert entered.wait(10)
     for _ in range(120):
-        svc.update(alice, key, b"y")  # one taken, 100 queued, 20 dropped
+        svc.update(alice, key, b"y")  # one taken, 99 more queued, 21 dropped
     for _ in range(10):
         permits.release()
     deadline = time.monotonic() + 10
     while len(seen) < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(seen) == 10  # the 11th is taken and waits: 90 queued
+    assert len(seen) == 10  # the 11th is taken and waits: 89 queued
     svc.setperm(alice, key, 0x3F3F0000)
     for _ in range(200):
         permits.release()
     assert svc.wait_for_notifications(30)
-    assert seen == ["upd"] * 101 + ["loss", "attr"]
+    assert seen == ["upd"] * 100 + ["loss", "attr"]
 
 
 def test_the_watched_keys_own_end_is_never_dropped(
@@ -152,7 +176,7 @@ def test_the_watched_keys_own_end_is_never_dropped(
     svc.watch(alice, key, lambda n: seen.append((n.event.label, n.emergency)))
     svc.update(alice, key, b"y")
     assert gate.entered.wait(10)
-    for _ in range(100):
+    for _ in range(110):
         svc.update(alice, key, b"y")  # the queue is full from here
     assert svc.statistics().notifications.dropped > 0
     svc.revoke(alice, key, emergency=True)

@@ -439,6 +439,37 @@ def test_a_client_that_does_not_read_its_events_is_dropped(daemon: DaemonProcess
     assert received < updates * 4000
 
 
+def test_small_events_count_what_queueing_them_costs(daemon: DaemonProcess) -> None:
+    """Red-team pass (session 27): only a queued frame's bytes counted
+    against the output bounds, and each small event frame (~200 bytes)
+    costs ~400 more in objects; one uid's non-reading watchers held ~200 MB
+    where the bounds say 32 MiB.  Each queued frame now also counts
+    ``QUEUED_FRAME_BYTES``.  Failed before: 20,000 events were all queued
+    and the non-reader was not dropped."""
+    from keyfence.server.limits import OUTPUT_LIMIT_BYTES, QUEUED_FRAME_BYTES
+
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "e", b"0", S)
+        sock = greeted(daemon)
+        sock.sendall(protocol.encode(protocol.Request(1, "watch", [key, 0, False, None])))
+        assert isinstance(protocol.read_message(sock), protocol.Reply)
+        for i in range(20000):
+            c.update(key, str(i % 10).encode())
+        assert c.ping() == "pong"
+    events, dropped = 0, False
+    sock.settimeout(5)
+    try:
+        while protocol.read_message(sock) is not None:
+            events += 1
+        dropped = True
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        sock.close()
+    assert dropped, f"a non-reader of {events} small events was kept"
+    assert events < OUTPUT_LIMIT_BYTES // QUEUED_FRAME_BYTES
+
+
 def test_an_empty_frame_is_a_bad_message_not_an_end(daemon: DaemonProcess) -> None:
     """protocol.md: a frame that is not a valid message gets EBADMSG and the
     connection stays (EPROTO, closed, before hello).  An empty frame used to
@@ -501,10 +532,9 @@ def test_a_flood_of_watches_is_bounded_and_its_watchers_told_of_the_loss(
     own key and a stream of ``setperm``s queued 16,384 notifications per
     call on the daemon's one dispatcher; the queue grew by hundreds of MiB
     and other users' events came seconds late.  Now a uid's queue is
-    bounded (keys/notify.py MAX_QUEUED_PER_UID): past it that uid's
-    notifications are dropped and ``kfctl watch`` prints keyctl's
-    ``-- LOSS --``.  Failed before: no loss line, every notification was
-    queued."""
+    bounded (keys/notify.py MAX_QUEUED_PER_UID events): past it that uid's
+    are dropped and ``kfctl watch`` prints keyctl's ``-- LOSS --``.
+    Failed before: no loss line, every notification was queued."""
     from keyfence.server.limits import MAX_INFLIGHT, MAX_WATCHES
 
     with Client.connect(daemon.socket, autostart=False) as c:
@@ -545,7 +575,7 @@ def test_a_flood_of_watches_is_bounded_and_its_watchers_told_of_the_loss(
             readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in flooders]
             for reader in readers:
                 reader.start()
-            for i in range(20):  # 327,700 notifications, far more than delivered meanwhile
+            for i in range(20):  # each for 16,385 watches: past the uid's bound at once
                 c.setperm(key, 0x3F3F0000 | i)
             assert c.ping() == "pong"
             c.revoke(key)

@@ -44,6 +44,7 @@ from keyfence.keys.fence import (
 from keyfence.keys.key import Key, KeyState
 from keyfence.keys.notify import (
     Dispatcher,
+    Fanout,
     KeyEvent,
     Notification,
     Phase,
@@ -161,7 +162,7 @@ class RemovalPath:
         held_since: dict[int, float] = {}  # another removal -> when it first held us
         fenced: list[Key] = []
         gated: list[Key] = []
-        notes: list[tuple[Watch, Notification]] = []
+        notes: list[Fanout] = []
         applied = False
         try:
             while True:
@@ -364,7 +365,7 @@ class RemovalPath:
             description=key.description,
         )
 
-    def _after_notes_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
+    def _after_notes_locked(self, removal: Removal) -> list[Fanout]:
         """What every watch is told once the removal is applied."""
         if not self._watches:
             return []
@@ -392,16 +393,20 @@ class RemovalPath:
         removal: Removal | None = None,
         caller: Caller | None = None,
         op: str = "",
-    ) -> list[tuple[Watch, Notification]]:
+    ) -> list[Fanout]:
+        """One Fanout per event and uid watching its key: what is done under
+        the lock grows with the uids watching, never with their watches."""
         if not self._watches:
             return []
-        notes = []
+        last_id = self._watches.last_id
+        fanouts: list[Fanout] = []
         for key, event, aux in events:
-            for watch in self._watches.of(key):
-                if watch.events & event:
-                    note = self._note(key, event, removal, aux=aux, caller=caller, op=op)
-                    notes.append((watch, note))
-        return notes
+            groups = self._watches.groups(key)
+            if not groups:
+                continue
+            note = self._note(key, event, removal, aux=aux, caller=caller, op=op)
+            fanouts.extend(Fanout(note, uid, watches, last_id) for uid, watches in groups)
+        return fanouts
 
     def notify_locked(
         self,
@@ -413,7 +418,7 @@ class RemovalPath:
         if self._watches:
             self._dispatcher.post(self._notes_for_locked(events, caller=caller, op=op))
 
-    def _apply_locked(self, removal: Removal) -> list[tuple[Watch, Notification]]:
+    def _apply_locked(self, removal: Removal) -> list[Fanout]:
         now = self._clock()
         removal.unlinks_set = set(removal.unlinks)
         notes = self._after_notes_locked(removal)

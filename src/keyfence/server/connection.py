@@ -201,7 +201,7 @@ class Connection:
                     overflow = "gone"  # the peer is gone: close below
                 pending = pending[max(sent, 0) :]
             if not overflow:
-                size = len(pending)
+                size = len(pending) + limits.QUEUED_FRAME_BYTES
                 if self.out_bytes + size > limits.OUTPUT_LIMIT_BYTES:
                     overflow = "this connection"
                 elif not self.daemon.limits.try_take("output", self.uid, size):
@@ -241,6 +241,8 @@ class Connection:
                     drained += sent
                     if sent == len(head):
                         self.out.popleft()
+                        self.out_bytes -= limits.QUEUED_FRAME_BYTES
+                        drained += limits.QUEUED_FRAME_BYTES
                         wire.zero(head.obj)  # type: ignore[arg-type] # a frame of send_frame's
                     else:
                         self.out[0] = head[sent:]

@@ -43,6 +43,10 @@ INPUT_BYTES_PER_UID = 32 * 1024 * 1024
 OUTPUT_BYTES_PER_UID = 32 * 1024 * 1024
 """Queued bytes one uid's connections may hold together; the connection
 that would pass it is disconnected (so 128 non-readers cost 32 MiB, not 1 GiB)."""
+QUEUED_FRAME_BYTES = 512
+"""What a queued frame costs besides its bytes (its bytearray, memoryview
+and deque slot), counted against both output bounds: a stream of 200-byte
+events held 3x the bound's memory when only their bytes counted."""
 
 UNLIMITED_UIDS = frozenset({0})
 
