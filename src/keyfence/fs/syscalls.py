@@ -320,7 +320,7 @@ def stat_at(dir_fd: int, name: str) -> os.stat_result:
     filesystem mounted there, and a user's FUSE server in the backing tree
     would be asked (and could refuse, or never answer: the worker's
     request thread would hang).  One ``statx`` with ``AT_STATX_DONT_SYNC``
-    that refuses a mount root (fs/_statx.c, ~0.6 µs) where the C extension
+    that refuses a mount root (fs/_statx.c, ~0.8 µs) where the C extension
     is built and the kernel reports mount roots (5.8+); where it cannot
     say for certain, :func:`_stat_at_careful`.
     """
