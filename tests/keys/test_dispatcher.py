@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from keyfence.keys import Caller, KeyService
-from keyfence.keys.notify import DELIVERIES_PER_TURN, Dispatcher, Notification
+from keyfence.keys.notify import DELIVERIES_PER_TURN, Dispatcher, Fanout, Notification
 
 from .conftest import FakeClock
 
@@ -185,3 +185,51 @@ def test_the_watched_keys_own_end_is_never_dropped(
     assert svc.wait_for_notifications(30)
     # the loss is told where the gap is: before the first one queued after it
     assert seen[-3:] == [("loss", False), ("rev", True), ("gc", False)], seen[-4:]
+
+
+def test_a_watch_removed_before_its_call_is_not_called(svc: KeyService, alice: Caller) -> None:
+    """Red-team pass on the Fanout (session 27): a group's watches were
+    fixed at its first turn, so a watch removed meanwhile (between two
+    turns of 64, or by an earlier callback) was still called.  Failed
+    before: the removed watch was called with ``upd``."""
+    key = svc.add_key(alice, "user", "a", b"x", S)
+    called: list[int] = []
+    watches = []
+
+    def first(note: Notification) -> None:
+        watches[149].remove()
+
+    watches.append(svc.watch(alice, key, first))
+    for i in range(1, 200):
+        watches.append(svc.watch(alice, key, lambda n, i=i: called.append(i)))
+    svc.update(alice, key, b"y")
+    assert svc.wait_for_notifications(30)
+    assert 149 not in called and len(called) == 198
+
+
+def test_removal_events_are_posted_under_the_service_lock(
+    svc: KeyService, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team pass (session 27): a removal posted its events after
+    letting go of the service lock, where a link made meanwhile posted its
+    own under it: a keyring's watcher could hear ``link`` before the
+    ``unlk`` that came first.  Every post now happens under the lock.
+    Failed before: the unlink's post was made without it."""
+    ring = svc.add_key(alice, "keyring", "r", None, S)
+    key = svc.add_key(alice, "user", "k", b"x", S)
+    svc.link(alice, key, ring)
+    svc.watch(alice, ring, lambda n: None)
+    held: list[bool] = []
+    dispatcher = svc._dispatcher
+    post = dispatcher.post
+
+    def checking_post(fanouts: list[Fanout]) -> None:
+        held.append(svc._lock._is_owned())  # type: ignore[attr-defined]
+        post(fanouts)
+
+    monkeypatch.setattr(dispatcher, "post", checking_post)
+    svc.unlink(alice, key, ring)
+    svc.link(alice, key, ring)
+    svc.revoke(alice, key)
+    assert svc.wait_for_notifications(30)
+    assert held and all(held), held

@@ -270,8 +270,8 @@ class Fanout:
     note: Notification
     uid: int
     watches: dict[int, Watch]
-    """The group (WatchTable.groups), live: a watch removed meanwhile is
-    not called."""
+    """The group (WatchTable.groups), live: a watch removed before its
+    call is not called."""
     last_id: int
     """Watches with a larger id were added after the event: not told."""
 
@@ -451,7 +451,10 @@ class Dispatcher:
                 turn.targets = turn.fanout.targets()
             note = turn.fanout.note
             end = min(turn.next + DELIVERIES_PER_TURN, len(turn.targets))
+            watches = turn.fanout.watches
             for watch in turn.targets[turn.next : end]:
+                if watch.id not in watches:
+                    continue  # removed since: not called (a closed client's)
                 try:
                     watch.callback(note)
                 except Exception:

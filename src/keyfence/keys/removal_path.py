@@ -162,8 +162,6 @@ class RemovalPath:
         held_since: dict[int, float] = {}  # another removal -> when it first held us
         fenced: list[Key] = []
         gated: list[Key] = []
-        notes: list[Fanout] = []
-        applied = False
         try:
             while True:
                 with self.lock:
@@ -203,12 +201,10 @@ class RemovalPath:
                             self._wait_changed_locked(deadline, "a use of the key to end")
                             continue
                         else:
-                            notes = self._apply_locked(removal)
-                            applied = True
+                            self._apply_locked(removal)
                             break
                     else:
-                        notes = self._apply_locked(removal)
-                        applied = True
+                        self._apply_locked(removal)
                         break
                 self._call_watchers(removal, calls, deadline, progress)
                 called.update((w.id, n.key) for w, n in calls)
@@ -220,8 +216,6 @@ class RemovalPath:
                 for key in gated:
                     key.gate_closed = False
                 self._changed.notify_all()
-        if applied:
-            self._dispatcher.post(notes)
         return answer
 
     def _blocking_fence_locked(self, removal: Removal) -> int:
@@ -418,7 +412,10 @@ class RemovalPath:
         if self._watches:
             self._dispatcher.post(self._notes_for_locked(events, caller=caller, op=op))
 
-    def _apply_locked(self, removal: Removal) -> list[Fanout]:
+    def _apply_locked(self, removal: Removal) -> None:
+        """Apply, and post what the watches are told while the lock is
+        still held: events reach the dispatcher in the order they happened
+        (a link made right after this unlink is told after its ``unlk``)."""
         now = self._clock()
         removal.unlinks_set = set(removal.unlinks)
         notes = self._after_notes_locked(removal)
@@ -433,4 +430,4 @@ class RemovalPath:
             if state in (KeyState.REVOKED, KeyState.EXPIRED) and key.is_live():
                 self._reap(key, now)
         self._changed.notify_all()
-        return notes
+        self._dispatcher.post(notes)
