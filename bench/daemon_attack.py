@@ -11,7 +11,12 @@
    for ever on its own never-acknowledging synchronous watcher and reads of
    a 15 KB key whose replies it never reads.  Aims (issue 12): emergency
    p99 < 50 ms, ordinary p99 < 100 ms under attack.
-2. A wire fuzz run from an unprivileged uid: random bodies, mutated
+2. The same while another uid fans events out instead: 16,384 watches on
+   its own key (read by it) and ``setperm`` of that key pipelined from 8
+   connections, as fast as the daemon answers; besides root's requests,
+   the delay from root's ``update`` of a key it watches to root's event
+   (docs/notifications.md: a queue per uid, one event per uid watching).
+3. A wire fuzz run from an unprivileged uid: random bodies, mutated
    requests and bad headers, over many connections; frames per second,
    the daemon's RSS before, at its peak and after, whether it is still
    serving, and whether root's witness key is unchanged.
@@ -45,7 +50,7 @@ from keyfence.testing.users import (  # noqa: E402
     why_no_other_uids,
 )
 
-ATTACKER, FUZZER = 4633, 4634
+ATTACKER, FUZZER, FANNER = 4633, 4634, 4635
 S = -3
 
 ATTACK = """
@@ -90,6 +95,72 @@ for n in range(CONNECTIONS - 2):
     socks.append(s)
 print("ready", len(socks), flush=True)
 sys.stdin.read()
+"""
+
+FANOUT = """
+import os, socket, sys, threading
+from keyfence import wire
+from keyfence.client import Client
+PATH = os.environ["KEYFENCE_SOCKET"]
+WATCHES, BATCH = int(sys.argv[1]), int(sys.argv[2])
+
+def connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(PATH)
+    s.sendall(wire.frame({"type": "hello", "version": 1, "client": "fan-out"}))
+    wire.read(s)
+    return s
+
+def request(i, op, *args):
+    return wire.frame({"type": "req", "id": i, "op": op, "args": list(args)})
+
+c = Client.connect()
+key = c.add_key("user", "fan", b"v", -4)
+watchers = []
+for start in range(0, WATCHES, 4096):
+    s = connect()
+    for n in range(start, min(start + 4096, WATCHES), BATCH):
+        batch = [request(n + i + 1, "watch", key, 0x3FF, False, None) for i in range(BATCH)]
+        s.sendall(b"".join(batch))
+        for _ in range(BATCH):
+            wire.read(s)
+    watchers.append(s)
+
+# a process of its own reads the events (a thread would share the GIL
+# with the flood and fall behind: the daemon would drop the watchers)
+parent = os.getpid()
+if os.fork() == 0:
+    import selectors
+    sel = selectors.DefaultSelector()
+    for s in watchers:
+        sel.register(s, selectors.EVENT_READ)
+    while os.getppid() == parent:
+        for ready, _ in sel.select(0.5):
+            try:
+                if not ready.fileobj.recv(1 << 20):
+                    sel.unregister(ready.fileobj)
+            except OSError:
+                sel.unregister(ready.fileobj)
+    os._exit(0)
+for s in watchers:
+    s.close()
+
+stop = threading.Event()
+
+def flood():
+    s = connect()
+    n = 0
+    while not stop.is_set():
+        s.sendall(b"".join(request(n + i + 1, "setperm", key, 0x3F3F0000) for i in range(BATCH)))
+        for _ in range(BATCH):
+            wire.read(s)
+        n += BATCH
+
+for _ in range(8):
+    threading.Thread(target=flood, daemon=True).start()
+print("ready", WATCHES, flush=True)
+sys.stdin.read()
+stop.set()
 """
 
 FUZZ = """
@@ -223,6 +294,54 @@ def under_attack(daemon: DaemonProcess, rounds: int) -> tuple[dict[str, list[flo
         attack.wait(60)
 
 
+def event_delays(client: Client, rounds: int) -> list[float]:
+    """Milliseconds from an update of root's own watched key returning to
+    root's event for it."""
+    key = client.add_key("user", "watched", b"0", S)
+    arrived = threading.Event()
+    client.watch(key, lambda note: arrived.set())
+    out = []
+    for i in range(rounds):
+        arrived.clear()
+        client.update(key, str(i).encode())
+        t0 = time.perf_counter()
+        if not arrived.wait(60):
+            raise RuntimeError("root's event did not come within 60 s")
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def under_fan_out(daemon: DaemonProcess, rounds: int) -> dict[str, Any]:
+    argv = python_argv(
+        "-c", textwrap.dedent(FANOUT), str(limits.WATCHES_PER_UID), str(limits.MAX_INFLIGHT)
+    )
+    attack = subprocess.Popen(
+        as_uid(FANNER, argv),
+        env=environment(daemon.env),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert attack.stdout is not None and attack.stdin is not None
+    line = attack.stdout.readline().split()
+    if not line or line[0] != "ready":
+        attack.kill()
+        raise RuntimeError(f"the fan-out did not start: {attack.communicate()[1]}")
+    try:
+        with Client.connect(daemon.socket, autostart=False) as client:
+            return {
+                "latency": latencies(client, rounds),
+                "event_ms": event_delays(client, rounds),
+                "watches": int(line[1]),
+                "rss_kb": rss_kb(daemon.process.pid),
+            }
+    finally:
+        attack.stdin.close()
+        attack.wait(60)
+
+
 def fuzz(daemon: DaemonProcess, frames: int) -> dict[str, Any]:
     pid = daemon.process.pid
     with Client.connect(daemon.socket, autostart=False) as root:
@@ -290,6 +409,11 @@ def main() -> int:
             figures["attack"], figures["attack_connections"] = under_attack(daemon, rounds)
             assert daemon.process.poll() is None, daemon.log_text()
         with running_daemon("--system") as daemon:
+            with Client.connect(daemon.socket, autostart=False) as client:
+                figures["quiet_events"] = event_delays(client, rounds)
+            figures["fan_out"] = under_fan_out(daemon, rounds)
+            assert daemon.process.poll() is None, daemon.log_text()
+        with running_daemon("--system") as daemon:
             figures["fuzz"] = fuzz(daemon, frames)
         print(
             f"root's requests, ms (no attacker vs. uid {ATTACKER} holding "
@@ -309,6 +433,37 @@ def main() -> int:
                 rows.append(
                     result(
                         f"root {kind} latency",
+                        system,
+                        "ms",
+                        values,
+                        higher_is_better=False,
+                        p99=percentile(values, 0.99),
+                    )
+                )
+        fan = figures["fan_out"]
+        quiet_ev = figures["quiet_events"]
+        print(
+            f"\nunder uid {FANNER}'s fan-out ({fan['watches']:,} watches on its key, "
+            f"setperm from 8 connections; daemon RSS {fan['rss_kb'] / 1024:.1f} MiB):\n"
+        )
+        print("| figure | quiet p50 | quiet p99 | fan-out p50 | fan-out p99 |")
+        print("|---|---:|---:|---:|---:|")
+        for label, q, a in (
+            (
+                "root's ordinary requests, ms",
+                figures["quiet"]["ordinary"],
+                fan["latency"]["ordinary"],
+            ),
+            ("root's event after its update, ms", quiet_ev, fan["event_ms"]),
+        ):
+            print(
+                f"| {label} | {statistics.median(q):.2f} | {percentile(q, 0.99):.2f} | "
+                f"{statistics.median(a):.2f} | {percentile(a, 0.99):.2f} |"
+            )
+            for system, values in (("quiet", q), ("under fan-out", a)):
+                rows.append(
+                    result(
+                        f"fan-out: {label}",
                         system,
                         "ms",
                         values,
