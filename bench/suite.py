@@ -89,7 +89,7 @@ BENCHES = (
         "daemon-attack",
         "daemon_attack.py",
         1800,
-        "root's latency while an unprivileged uid attacks; 100k-frame wire fuzz from one",
+        "root's latency while an unprivileged uid attacks or fans events out; wire fuzz",
     ),
     Bench("kfctl", "kfctl_bench.py", 900, "one kfctl process vs one keyctl process vs a syscall"),
     Bench("fs-compare", "fs_compare.py", 5400, "keyfence vs gocryptfs vs ext4+fscrypt vs disk"),
