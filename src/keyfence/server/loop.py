@@ -51,6 +51,13 @@ log = logging.getLogger("keyfence.daemon")
 ACCEPT_PAUSE_SECONDS = 0.1
 """Out of file descriptors: stop accepting for this long (not a busy loop)."""
 
+FRAMES_PER_UID_TURN = 32
+"""Messages the loop takes from one uid's connections together in one
+turn (each connection's own share is connection.FRAMES_PER_TURN): a uid
+pipelining from many connections gets a turn's share, not one per
+connection, so another's request waits for at most a few dozen of theirs.
+A connection past it is read at a later turn (it stays readable)."""
+
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 
@@ -121,13 +128,16 @@ class Loop:
                 self._stop_listening()
                 self.daemon.begin_shutdown()
             touched = []
+            taken: dict[int, int] = {}  # this turn's messages, by uid
             backlog, self._backlog = self._backlog, set()
             for waiting in backlog:
-                if not waiting.closed and not waiting.reading_paused:
-                    self._serve(waiting, select.EPOLLIN)
+                if waiting.closed:
+                    continue
+                if not waiting.reading_paused and taken.get(waiting.uid, 0) < FRAMES_PER_UID_TURN:
+                    self._serve(waiting, select.EPOLLIN, taken)
                     touched.append(waiting)
-                elif not waiting.closed:
-                    self._backlog.add(waiting)  # its turn comes when it reads
+                else:
+                    self._backlog.add(waiting)  # its turn comes when it reads, or next
             for fd, mask in self._epoll.poll(self._timeout()):
                 if fd == self._wake_fd:
                     with contextlib.suppress(BlockingIOError):
@@ -138,7 +148,15 @@ class Loop:
                     conn = self._conns.get(fd)
                     if conn is None:
                         continue
-                    self._serve(conn, mask)
+                    if mask & ~_OUT and taken.get(conn.uid, 0) >= FRAMES_PER_UID_TURN:
+                        # its uid had this turn's share: read at a later turn
+                        # (epoll says so again; buffered messages, the backlog)
+                        if conn.has_backlog():
+                            self._backlog.add(conn)
+                        mask &= _OUT
+                        if not mask:
+                            continue
+                    self._serve(conn, mask, taken)
                     touched.append(conn)
             self._settle(touched)
             self._expire_handshakes()
@@ -152,13 +170,14 @@ class Loop:
         self._epoll.close()
         os.close(self._wake_fd)
 
-    def _serve(self, conn: Connection, mask: int) -> None:
-        """One turn of ``conn``; a bug here costs that connection, not the loop."""
+    def _serve(self, conn: Connection, mask: int, taken: dict[int, int]) -> None:
+        """One turn of ``conn`` (``taken``: the messages taken this turn, by
+        uid); a bug here costs that connection, not the loop."""
         try:
             if mask & _OUT:
                 conn.flush()
             if mask & ~_OUT:
-                self._readable(conn)
+                taken[conn.uid] = taken.get(conn.uid, 0) + self._readable(conn)
         except Exception:
             log.exception("serving pid %d failed: connection closed", conn.caller.pid)
             conn.close()
@@ -262,20 +281,22 @@ class Loop:
 
     # -- reading and dispatching
 
-    def _readable(self, conn: Connection) -> None:
+    def _readable(self, conn: Connection) -> int:
+        """Take this turn's messages of ``conn``; how many."""
         bodies = conn.receive(self._scratch)
         if bodies is None:
             conn.close()
-            return
+            return 0
         for body in bodies:
             if conn.closed:
-                return
+                return len(bodies)
             if body is CLOSE_MARKER:  # a framing error was reported
                 conn.close()
-                return
+                return len(bodies)
             self._message(conn, body)
         if conn.has_backlog() and not conn.closed:
             self._backlog.add(conn)
+        return len(bodies)
 
     def _message(self, conn: Connection, body: bytearray) -> None:
         try:
