@@ -27,6 +27,7 @@ Every figure comes from this one run; compare ratios within it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +271,13 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def under_attack(daemon: DaemonProcess, rounds: int) -> tuple[dict[str, list[float]], int]:
+@contextlib.contextmanager
+def attacking(daemon: DaemonProcess, uid: int, code: str, *args: str) -> Iterator[int]:
+    """Run ``code`` as ``uid`` until the block ends; it prints "ready N" once
+    in place (N: what it holds, given to the block) and holds everything
+    until its stdin closes."""
     attack = subprocess.Popen(
-        as_uid(
-            ATTACKER, python_argv("-c", textwrap.dedent(ATTACK), str(limits.CONNECTIONS_PER_UID))
-        ),
+        as_uid(uid, python_argv("-c", textwrap.dedent(code), *args)),
         env=environment(daemon.env),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -285,13 +289,20 @@ def under_attack(daemon: DaemonProcess, rounds: int) -> tuple[dict[str, list[flo
     line = attack.stdout.readline().split()
     if not line or line[0] != "ready":
         attack.kill()
-        raise RuntimeError(f"the attack did not start: {attack.communicate()[1]}")
+        raise RuntimeError(f"the attack of uid {uid} did not start: {attack.communicate()[1]}")
     try:
-        with Client.connect(daemon.socket, autostart=False) as client:
-            return latencies(client, rounds), int(line[1])
+        yield int(line[1])
     finally:
         attack.stdin.close()
         attack.wait(60)
+
+
+def under_attack(daemon: DaemonProcess, rounds: int) -> tuple[dict[str, list[float]], int]:
+    with (
+        attacking(daemon, ATTACKER, ATTACK, str(limits.CONNECTIONS_PER_UID)) as connections,
+        Client.connect(daemon.socket, autostart=False) as client,
+    ):
+        return latencies(client, rounds), connections
 
 
 def event_delays(client: Client, rounds: int) -> list[float]:
@@ -312,34 +323,17 @@ def event_delays(client: Client, rounds: int) -> list[float]:
 
 
 def under_fan_out(daemon: DaemonProcess, rounds: int) -> dict[str, Any]:
-    argv = python_argv(
-        "-c", textwrap.dedent(FANOUT), str(limits.WATCHES_PER_UID), str(limits.MAX_INFLIGHT)
-    )
-    attack = subprocess.Popen(
-        as_uid(FANNER, argv),
-        env=environment(daemon.env),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert attack.stdout is not None and attack.stdin is not None
-    line = attack.stdout.readline().split()
-    if not line or line[0] != "ready":
-        attack.kill()
-        raise RuntimeError(f"the fan-out did not start: {attack.communicate()[1]}")
-    try:
-        with Client.connect(daemon.socket, autostart=False) as client:
-            return {
-                "latency": latencies(client, rounds),
-                "event_ms": event_delays(client, rounds),
-                "watches": int(line[1]),
-                "rss_kb": rss_kb(daemon.process.pid),
-            }
-    finally:
-        attack.stdin.close()
-        attack.wait(60)
+    args = (str(limits.WATCHES_PER_UID), str(limits.MAX_INFLIGHT))
+    with (
+        attacking(daemon, FANNER, FANOUT, *args) as watches,
+        Client.connect(daemon.socket, autostart=False) as client,
+    ):
+        return {
+            "latency": latencies(client, rounds),
+            "event_ms": event_delays(client, rounds),
+            "watches": watches,
+            "rss_kb": rss_kb(daemon.process.pid),
+        }
 
 
 def fuzz(daemon: DaemonProcess, frames: int) -> dict[str, Any]:

@@ -52,18 +52,28 @@ class Gate:
         self.log.append((self.uid, note.event.label))
 
 
-def test_another_uids_event_does_not_wait_for_a_backlog(
-    svc: KeyService, alice: Caller, bob: Caller
-) -> None:
+def held_by_alice(
+    svc: KeyService, alice: Caller, bob: Caller, watches: int
+) -> tuple[list[tuple[int, str]], Gate, int, int]:
+    """Alice watches her key ``watches`` times through a Gate, bob his own
+    once; one update of alice's holds the dispatcher in her first callback.
+    (the log both write to, the gate, alice's key, bob's key)"""
     log: list[tuple[int, str]] = []
     gate = Gate(log, alice.uid)
     theirs = svc.add_key(alice, "user", "a", b"x", S)
-    for _ in range(100):
+    for _ in range(watches):
         svc.watch(alice, theirs, gate)
     mine = svc.add_key(bob, "user", "b", b"x", S)
     svc.watch(bob, mine, lambda n: log.append((bob.uid, n.event.label)))
     svc.update(alice, theirs, b"y")
-    assert gate.entered.wait(10)  # the dispatcher is inside alice's first callback
+    assert gate.entered.wait(10)
+    return log, gate, theirs, mine
+
+
+def test_another_uids_event_does_not_wait_for_a_backlog(
+    svc: KeyService, alice: Caller, bob: Caller
+) -> None:
+    log, gate, theirs, mine = held_by_alice(svc, alice, bob, 100)
     for _ in range(29):
         svc.update(alice, theirs, b"y")  # 3,000 of alice's queued in all
     svc.update(bob, mine, b"z")
@@ -78,15 +88,7 @@ def test_a_uids_queue_is_bounded_and_its_watches_told_of_the_loss(
     small_queue_svc: KeyService, alice: Caller, bob: Caller
 ) -> None:
     svc = small_queue_svc
-    log: list[tuple[int, str]] = []
-    gate = Gate(log, alice.uid)
-    theirs = svc.add_key(alice, "user", "a", b"x", S)
-    for _ in range(10):
-        svc.watch(alice, theirs, gate)
-    mine = svc.add_key(bob, "user", "b", b"x", S)
-    svc.watch(bob, mine, lambda n: log.append((bob.uid, n.event.label)))
-    svc.update(alice, theirs, b"y")
-    assert gate.entered.wait(10)
+    log, gate, theirs, mine = held_by_alice(svc, alice, bob, 10)
     for _ in range(150):
         svc.update(alice, theirs, b"y")  # 10 calls each: 9 more fit in 100
     stats = svc.statistics().notifications
