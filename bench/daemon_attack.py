@@ -55,12 +55,11 @@ from keyfence.testing.users import (  # noqa: E402
 ATTACKER, FUZZER, FANNER = 4633, 4634, 4635
 S = -3
 
-ATTACK = """
+RAW = """
 import os, socket, sys
 from keyfence import wire
 from keyfence.client import Client
 PATH = os.environ["KEYFENCE_SOCKET"]
-CONNECTIONS = int(sys.argv[1])
 
 def connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,6 +70,14 @@ def connect():
 
 def request(i, op, *args):
     return wire.frame({"type": "req", "id": i, "op": op, "args": list(args)})
+"""
+"""What both attacks start with: the daemon's socket, raw connections and
+requests (the attacker speaks the wire itself, to pipeline)."""
+
+ATTACK = (
+    RAW
+    + """
+CONNECTIONS = int(sys.argv[1])
 
 c = Client.connect()
 big = c.add_key("user", "big", b"x" * 15000, -4)
@@ -98,23 +105,13 @@ for n in range(CONNECTIONS - 2):
 print("ready", len(socks), flush=True)
 sys.stdin.read()
 """
+)
 
-FANOUT = """
-import os, socket, sys, threading
-from keyfence import wire
-from keyfence.client import Client
-PATH = os.environ["KEYFENCE_SOCKET"]
+FANOUT = (
+    RAW
+    + """
+import threading
 WATCHES, BATCH = int(sys.argv[1]), int(sys.argv[2])
-
-def connect():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(PATH)
-    s.sendall(wire.frame({"type": "hello", "version": 1, "client": "fan-out"}))
-    wire.read(s)
-    return s
-
-def request(i, op, *args):
-    return wire.frame({"type": "req", "id": i, "op": op, "args": list(args)})
 
 c = Client.connect()
 key = c.add_key("user", "fan", b"v", -4)
@@ -164,6 +161,7 @@ print("ready", WATCHES, flush=True)
 sys.stdin.read()
 stop.set()
 """
+)
 
 FUZZ = """
 import os, random, socket, struct, sys, threading, time

@@ -15,42 +15,39 @@ directory's entry names (:data:`NAMES`), under the same switch.
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
-__all__ = ["DISABLE_ENV", "NAMES", "NATIVE", "describe"]
+__all__ = ["DISABLE_ENV", "NAMES", "NATIVE", "describe", "load_native"]
 
 DISABLE_ENV = "KEYFENCE_NO_NATIVE"
 """Set to a non-empty value other than ``0``: always the Python path."""
 
 
-def _load() -> ModuleType | None:
+def load_native(name: str) -> ModuleType | None:
+    """``keyfence.fs.<name>``, one of the optional C extensions, or None when
+    it is not built or ``KEYFENCE_NO_NATIVE`` asks for the Python paths."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
     try:
-        from keyfence.fs import _sealer
+        return importlib.import_module(f"keyfence.fs.{name}")
     except ImportError:  # not built (no compiler or no OpenSSL headers)
         return None
-    if not hasattr(_sealer, "gcm"):  # built from an older _sealer.c
+
+
+def _load() -> ModuleType | None:
+    native = load_native("_sealer")
+    if native is not None and not hasattr(native, "gcm"):  # built from an older _sealer.c
         return None
-    return _sealer
+    return native
 
 
 NATIVE: ModuleType | None = _load()
 """The native sealer module, or None for the Python path."""
 
 
-def _load_names() -> ModuleType | None:
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None
-    try:
-        from keyfence.fs import _names
-    except ImportError:  # not built
-        return None
-    return _names
-
-
-NAMES: ModuleType | None = _load_names()
+NAMES: ModuleType | None = load_native("_names")
 """The native entry names (fs/_names.c: crypto.DirectoryCipher.names_sealer),
 or None: names are encrypted through cryptography's AESSIV only."""
 

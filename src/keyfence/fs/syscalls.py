@@ -43,7 +43,7 @@ import os
 import stat
 from types import ModuleType
 
-from keyfence.fs.sealer import DISABLE_ENV
+from keyfence.fs.sealer import load_native
 
 __all__ = [
     "HAVE_OPENAT2",
@@ -196,17 +196,7 @@ def _probe_openat2() -> bool:
 HAVE_OPENAT2 = _probe_openat2()
 
 
-def _load_statx() -> ModuleType | None:
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return None
-    try:
-        from keyfence.fs import _statx
-    except ImportError:  # not built
-        return None
-    return _statx
-
-
-_STATX: ModuleType | None = _load_statx()
+_STATX: ModuleType | None = load_native("_statx")
 """fs/_statx.c (stat_at in one syscall), or None: the careful path only."""
 
 
