@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(keyutils e2fsprogs util-linux python3-venv fuse3 libfuse3-dev pkg-config fio stress-ng pamtester man-db zsh tmux gcc libc6-dev perl openssl bash-completion libssl-dev python3-dev strace openssh-client libwrap0)
+APT_PACKAGES=(keyutils e2fsprogs util-linux acl python3-venv fuse3 libfuse3-dev pkg-config fio stress-ng pamtester man-db zsh tmux gcc libc6-dev perl openssl bash-completion libssl-dev python3-dev strace openssh-client libwrap0)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

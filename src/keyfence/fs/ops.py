@@ -54,6 +54,7 @@ from pyfuse3 import (
 )
 
 from keyfence.errors import KeyfenceError, fail
+from keyfence.fs import acl
 from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import KeyBindings
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName, MasterKey
@@ -163,7 +164,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
     close does; a read-only descriptor's close has no error to report and
     no POSIX lock of ours to drop (the kernel keeps locks itself)."""
     enable_writeback_cache = False
-    enable_acl = False
+    enable_acl = True
+    """The kernel enforces POSIX ACLs (fs/acl.py): with a root worker on a
+    shared mount, mode bits alone would let a user an ACL denies read."""
 
     def __init__(
         self,
@@ -897,6 +900,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         enc, _master = await self._new_name(d, name, ctx)
         d_fd = self.table.dir_fd(d.ino)
         uid, gid, _ = self._owner(d, d_fd, ctx)
+        mode = acl.creation_mode(d_fd, mode, ctx.umask)
         with self._new_entry(d_fd, enc) as disk:
             sc.mknod_at(d_fd, disk, mode, rdev)
         st = self._give_new(d_fd, disk, stat.S_IFMT(mode) or stat.S_IFREG, uid, gid)
@@ -914,7 +918,11 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         d_fd = self.table.dir_fd(d.ino)
         disk = enc.disk_name
         uid, gid, sgid = self._owner(d, d_fd, ctx)
-        perm = stat.S_IMODE(mode) | (stat.S_ISGID if sgid else 0)
+        # the mode it keeps, as ext4 gives it: every chmod below sets this
+        # one, so the default ACL it inherits stays as ext4 would leave it
+        perm = stat.S_IMODE(acl.creation_mode(d_fd, mode, ctx.umask)) | (
+            stat.S_ISGID if sgid else 0
+        )
         # the new directory's O_PATH descriptor and policy go to the inode
         # table as they are: nothing opened or read back (remember's made_dir)
         if master is None:
@@ -993,6 +1001,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             # and has no security.capability to look up before writes
             # set-id bits only once the file is the caller's (below):
             # never a moment as the worker's, and fchown would clear them
+            mode = acl.creation_mode(d_fd, mode, ctx.umask)
             fd, st = sc.create_regular(d_fd, disk, open_flags, stat.S_IMODE(mode) & ~_SET_ID)
         except FileExistsError:
             # put there behind the kernel's back while it held the name as

@@ -55,6 +55,7 @@ __all__ = [
     "fgetxattr",
     "fsync_dir",
     "getxattr_at",
+    "getxattr_opath",
     "link_at",
     "listdir_fd",
     "listxattr_at",
@@ -480,6 +481,11 @@ def _proc(fd: int) -> bytes:
 def fgetxattr(fd: int, attr: bytes) -> bytes:
     """An xattr of an open (not O_PATH) descriptor."""
     return _get(fd, False, attr)
+
+
+def getxattr_opath(fd: int, attr: bytes) -> bytes:
+    """An xattr of the entry an ``O_PATH`` descriptor holds (through /proc)."""
+    return _get(fd, True, attr)
 
 
 def getxattr_at(dir_fd: int, name: str, attr: bytes, kind: int | None = None) -> bytes:

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ import pyfuse3
 from pyfuse3 import FUSEError, InodeT, RequestContext, XAttrNameT
 
 from keyfence.errors import fail
+from keyfence.fs import acl
 from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import KeyBindings
 from keyfence.fs.format import (
@@ -85,6 +87,8 @@ TRUSTED_PREFIX = b"trusted."
 """Names listed only to root (as the kernel: to CAP_SYS_ADMIN)."""
 CAPABILITY_XATTR = b"security.capability"
 """Asked by the kernel before every write (to drop file capabilities)."""
+_ACL_XATTRS = (acl.ACCESS_XATTR, acl.DEFAULT_XATTR)
+_NO_ACLS = (errno.EOPNOTSUPP, errno.ENOTSUP)
 
 
 class Xattrs:
@@ -141,6 +145,10 @@ class Xattrs:
         except OSError as err:
             if err.errno == errno.ENODATA and name == CAPABILITY_XATTR:
                 self.privileges.found_no_capability(inode)
+            if err.errno in _NO_ACLS and name in _ACL_XATTRS:
+                # a backing store without ACLs: none, not an error that
+                # would fail the kernel's permission check (fs/acl.py)
+                raise FUSEError(pyfuse3.ENOATTR) from None
             raise
 
     @fuse_op
@@ -159,8 +167,26 @@ class Xattrs:
         self.privileges.xattrs_changed(inode)
         if (fd := self.nameless_fd(node)) >= 0:
             os.setxattr(fd, bytes(name), bytes(value))
+        else:
+            sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
+        if name == acl.ACCESS_XATTR and getattr(ctx, "acl_kill_sgid", False):
+            self._drop_sgid(node, fd)
+
+    def _drop_sgid(self, node: Inode, fd: int) -> None:
+        """An access ACL set by a caller outside the file's group: the
+        set-group-ID bit goes, as ext4 drops it for such a caller (a root
+        worker is none, so the backing store kept it)."""
+        if node.is_symlink:
             return
-        sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
+        if fd >= 0:
+            mode = os.fstat(fd).st_mode
+            if mode & stat.S_ISGID:
+                os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+            return
+        entry = self.table.entry(node.ino)
+        mode = sc.stat_at(*entry).st_mode
+        if mode & stat.S_ISGID:
+            sc.chmod_at(*entry, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     @fuse_op
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:

@@ -42,13 +42,15 @@ class Malformed(Exception):
 class Caller:
     """Who asked (``pyfuse3.RequestContext``'s fields)."""
 
-    __slots__ = ("gid", "pid", "uid", "umask")
+    __slots__ = ("acl_kill_sgid", "gid", "pid", "uid", "umask")
 
     def __init__(self, uid: int, gid: int, pid: int, umask: int = 0) -> None:
         self.uid = uid
         self.gid = gid
         self.pid = pid
         self.umask = umask
+        self.acl_kill_sgid = False
+        """SETXATTR of an ACL by a caller outside the file's group (fs/acl.py)."""
 
 
 class SetattrFields:
@@ -221,6 +223,8 @@ class Dispatcher:
         self.noflush_read_only = bool(getattr(ops, "read_only_opens_skip_flush", False))
         """``ops`` has nothing to do at the close of a read-only descriptor:
         such opens answer ``FOPEN_NOFLUSH`` and close(2) sends no FLUSH."""
+        self.setxattr_ext = False
+        """INIT granted ``SETXATTR_EXT``: SETXATTR's header is 16 bytes."""
 
     def table(self) -> dict[int, Handler]:
         """The handler of each opcode ``ops`` serves; the loop answers any
@@ -433,9 +437,15 @@ class Dispatcher:
     # -- extended attributes
 
     async def setxattr(self, nodeid: int, caller: Caller, body: memoryview) -> Answer:
-        size, flags = p.SETXATTR_IN.unpack_from(body)
-        name = _name(body, p.SETXATTR_IN.size)
-        start = p.SETXATTR_IN.size + len(name) + 1
+        if self.setxattr_ext:
+            size, flags, setxattr_flags, _ = p.SETXATTR_EXT_IN.unpack_from(body)
+            caller.acl_kill_sgid = bool(setxattr_flags & p.SETXATTR_ACL_KILL_SGID)
+            header = p.SETXATTR_EXT_IN.size
+        else:
+            size, flags = p.SETXATTR_IN.unpack_from(body)
+            header = p.SETXATTR_IN.size
+        name = _name(body, header)
+        start = header + len(name) + 1
         value = bytes(body[start : start + size])
         if len(value) != size:
             raise Malformed("setxattr: fewer bytes than announced")

@@ -68,6 +68,8 @@ NOTIFY_INVAL_ENTRY = 3
 # fuse_init_in/out flags
 ASYNC_READ = 1 << 0
 ATOMIC_O_TRUNC = 1 << 3
+DONT_MASK = 1 << 6
+"""Creation modes come unmasked, the umask beside them (fs/acl.py applies it)."""
 EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
@@ -76,8 +78,12 @@ ASYNC_DIO = 1 << 15
 WRITEBACK_CACHE = 1 << 16
 PARALLEL_DIROPS = 1 << 18
 HANDLE_KILLPRIV = 1 << 19
+POSIX_ACL = 1 << 20
+"""The kernel enforces POSIX ACLs, read through GETXATTR (fs/acl.py)."""
 MAX_PAGES = 1 << 22
 HANDLE_KILLPRIV_V2 = 1 << 28
+SETXATTR_EXT = 1 << 29
+"""SETXATTR carries :data:`SETXATTR_EXT_IN` (its ACL_KILL_SGID flag)."""
 
 # fuse_setattr_in.valid
 FATTR_MODE = 1 << 0
@@ -153,6 +159,9 @@ FH_IN = struct.Struct("=Q")
 FSYNC_IN = struct.Struct("=QII")  # fh fsync_flags padding
 FALLOCATE_IN = struct.Struct("=QQQII")  # fh offset length mode padding
 SETXATTR_IN = struct.Struct("=II")  # size flags
+SETXATTR_EXT_IN = struct.Struct("=IIII")  # size flags setxattr_flags padding (SETXATTR_EXT)
+SETXATTR_ACL_KILL_SGID = 1 << 0
+"""The caller is outside the file's group: setting its access ACL drops set-group-ID."""
 GETXATTR_IN = struct.Struct("=II")  # size padding
 GETXATTR_OUT = struct.Struct("=II")  # size padding
 ACCESS_IN = struct.Struct("=II")  # mask padding

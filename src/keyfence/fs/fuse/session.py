@@ -193,7 +193,8 @@ class Session:
         self.options = options or SessionOptions()
         self.dir_attributes = dir_attributes
         self.no_capability = no_capability
-        self.handlers = Dispatcher(ops).table()
+        self.dispatcher = Dispatcher(ops)
+        self.handlers = self.dispatcher.table()
         self.initialized = False
         self.proto_minor = 0
         self.stopping = False
@@ -535,7 +536,12 @@ class Session:
             # truncate and chown (fs/privileges.py); the kernel then stops
             # asking getxattr security.capability before every write
             want |= p.HANDLE_KILLPRIV_V2
+        if getattr(self.ops, "enable_acl", False):
+            # the kernel checks ACLs; creation modes and the set-group-ID
+            # bit on an ACL change are ours (fs/acl.py)
+            want |= p.POSIX_ACL | p.DONT_MASK | p.SETXATTR_EXT
         self.proto_minor = min(minor, p.OUR_MINOR)
+        self.dispatcher.setxattr_ext = bool(want & offered & p.SETXATTR_EXT)
         payload = p.INIT_OUT.pack(
             p.KERNEL_MAJOR, self.proto_minor, max_readahead, want & offered,
             12, 9, p.MAX_WRITE, 1, p.MAX_PAGES_PER_REQUEST, 0, 0,
