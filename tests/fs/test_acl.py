@@ -248,3 +248,28 @@ def test_the_pyfuse3_loop_enforces_them_too(top: Path) -> None:
         assert not reads(THIRD_UID, granted)
     finally:
         m.unmount_checked()
+
+
+def test_a_directory_that_lost_set_group_id_to_an_acl_stops_passing_its_group(
+    pair: tuple[Path, Path],
+) -> None:
+    groups = []
+    for d in pair:
+        sub = d / "shared"
+        sub.mkdir()
+        os.chown(sub, OTHER_UID, 0)
+        os.chmod(sub, 0o2775)
+        (sub / "before").write_bytes(b"")  # the mount now knows its group
+        r = setfacl("-m", f"u:{THIRD_UID}:rwx", str(sub), uid=OTHER_UID)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(
+            as_uid(THIRD_UID, ["touch", str(sub / "after")]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        groups.append((oct(os.stat(sub).st_mode), os.stat(sub / "after").st_gid))
+    assert groups[0] == groups[1]
+    assert groups[1][1] == THIRD_UID  # setpriv: gid = uid

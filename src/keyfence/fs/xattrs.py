@@ -169,8 +169,10 @@ class Xattrs:
             os.setxattr(fd, bytes(name), bytes(value))
         else:
             sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
-        if name == acl.ACCESS_XATTR and getattr(ctx, "acl_kill_sgid", False):
-            self._drop_sgid(node, fd)
+        if name == acl.ACCESS_XATTR:
+            node.group = None  # the mode may have changed with it: stat again
+            if getattr(ctx, "acl_kill_sgid", False):
+                self._drop_sgid(node, fd)
 
     def _drop_sgid(self, node: Inode, fd: int) -> None:
         """An access ACL set by a caller outside the file's group: the
