@@ -484,8 +484,10 @@ def fgetxattr(fd: int, attr: bytes) -> bytes:
 
 
 def getxattr_opath(fd: int, attr: bytes) -> bytes:
-    """An xattr of the entry an ``O_PATH`` descriptor holds (through /proc)."""
-    return _get(fd, True, attr)
+    """An xattr of the entry an ``O_PATH`` descriptor holds (through /proc:
+    f*xattr refuse O_PATH descriptors); os.getxattr sizes its own buffer,
+    half the cost of :func:`_get`'s for a missing name."""
+    return os.getxattr(_proc(fd), attr)
 
 
 def getxattr_at(dir_fd: int, name: str, attr: bytes, kind: int | None = None) -> bytes:
