@@ -375,3 +375,35 @@ def test_a_write_sets_ctime_with_mtime(dirs: Dirs) -> None:
         assert after.st_mtime_ns > before.st_mtime_ns, d
         assert after.st_ctime_ns == after.st_mtime_ns, d
         assert os.stat(path).st_ctime_ns >= after.st_ctime_ns, d
+
+
+@pytest.mark.parametrize("files", [2, 2000])
+def test_a_listing_has_dot_and_dot_dot_as_ext4(dirs: Dirs, files: int) -> None:
+    # before: no "." or ".." (ls -a, a program counting entries saw two
+    # fewer); 2,000 entries take several READDIRs: every one listed once
+    listings = []
+    for d in dirs.all:
+        sub = d / f"list{files}"
+        sub.mkdir()
+        for i in range(files):
+            (sub / f"f{i}").write_bytes(b"")
+        (sub / "dir").mkdir()
+        r = subprocess.run(
+            ["ls", "-a1f", str(sub)], capture_output=True, text=True, timeout=60, check=True
+        )
+        names = r.stdout.split("\n")[:-1]
+        if d != dirs.ref:  # ext4's order is its hash's
+            assert names[:2] == [".", ".."], d
+        listings.append(sorted(names))
+        inos = subprocess.run(
+            ["ls", "-a1fi", str(sub / "dir")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
+        # the inode numbers a listing gives the two: the directory's and its parent's
+        shown = dict(zip(inos[1::2], inos[0::2], strict=True))
+        assert shown == {".": str(os.stat(sub / "dir").st_ino), "..": str(os.stat(sub).st_ino)}
+    assert listings[0] == listings[1] == listings[2]
+    assert len(listings[0]) == files + 3

@@ -1521,9 +1521,14 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             raise fail(errno.EBADF)
         d = self._dir(dh.ino)
         if start_id == 0 or dh.entries is None:
-            dh.entries, dh.locked = await self._list(d, pid or None)
+            listed, dh.locked = await self._list(d, pid or None)
+            dh.entries = [*_DOT_ENTRIES, *listed]
         for i in range(start_id, len(dh.entries)):
             name, disk = dh.entries[i]
+            if not disk:  # "." or "..": no lookup counted (the kernel links neither)
+                if not fuse_kernel.readdir_reply(token, FileNameT(name), self._dot(d, name), i + 1):
+                    break
+                continue
             # asked again each time: remembering a directory below may
             # open descriptors and close the least recently used
             d_fd = self.table.dir_fd(d.ino)
@@ -1542,6 +1547,15 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             if not fuse_kernel.readdir_reply(token, FileNameT(name), attrs, i + 1):
                 break
             self.table.remember(d.ino, disk, st)
+
+    def _dot(self, d: Inode, name: bytes) -> EntryAttributes:
+        """``.`` or ``..`` of ``d`` as a listing shows them: a directory and
+        its inode number (the mount's root is its own parent, as ext4's
+        root).  READDIRPLUS's attributes of these two the kernel ignores."""
+        a = EntryAttributes()
+        a.st_ino = InodeT(d.ino if name == b"." else self.table.parent_of(d.ino))
+        a.st_mode = ModeT(stat.S_IFDIR)
+        return a
 
     @fuse_op
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -1574,6 +1588,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         return out
 
 
+_DOT_ENTRIES = ((b".", ""), (b"..", ""))
+"""The first two entries of every listing, as ext4 lists them (no backing name)."""
 RENAME_NOREPLACE = int(pyfuse3.RENAME_NOREPLACE)
 RENAME_EXCHANGE = int(pyfuse3.RENAME_EXCHANGE)
 
