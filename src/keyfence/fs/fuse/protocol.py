@@ -68,10 +68,10 @@ NOTIFY_INVAL_ENTRY = 3
 # fuse_init_in/out flags
 ASYNC_READ = 1 << 0
 ATOMIC_O_TRUNC = 1 << 3
-DONT_MASK = 1 << 6
-"""Creation modes come unmasked, the umask beside them (fs/acl.py applies it)."""
 EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6
+"""Creation modes come unmasked, the umask beside them (fs/acl.py applies it)."""
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
