@@ -31,6 +31,8 @@ pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_av
 OTHER_UID = 61111
 """The user ACL entries name (no account needed: setpriv takes numbers)."""
 THIRD_UID = 61112
+SGID_GROUP = 61119
+"""A group neither uid is in unless a test says so."""
 POLICY = "user.keyfence.policy"
 
 
@@ -246,8 +248,35 @@ def test_the_pyfuse3_loop_enforces_them_too(top: Path) -> None:
         assert reads(THIRD_UID, denied)
         assert reads(OTHER_UID, granted)
         assert not reads(THIRD_UID, granted)
+        # libfuse gives no ACL_KILL_SGID: the worker asks whether the caller
+        # is in the file's group itself (before: the bit stayed)
+        assert _sgid_after_setfacl(m.mnt / "outside", member=False) == 0
+        assert _sgid_after_setfacl(m.mnt / "member", member=True) == stat.S_ISGID
     finally:
         m.unmount_checked()
+
+
+def _sgid_after_setfacl(path: Path, *, member: bool) -> int:
+    """OTHER_UID owns ``path`` (group SGID_GROUP, 02750) and sets an ACL
+    entry on it, as a member of that group or not; the bit left."""
+    path.write_bytes(b"")
+    os.chown(path, OTHER_UID, SGID_GROUP)
+    os.chmod(path, 0o2750)
+    argv = ["setfacl", "-m", "o::rx", str(path)]
+    groups = (SGID_GROUP,) if member else ()
+    r = subprocess.run(
+        as_uid(OTHER_UID, argv, groups=groups), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    return os.stat(path).st_mode & stat.S_ISGID
+
+
+@pytest.mark.parametrize("member", [False, True])
+def test_set_group_id_stays_for_a_member_of_the_group(
+    pair: tuple[Path, Path], member: bool
+) -> None:
+    kept = [_sgid_after_setfacl(d / f"sgid-{member}", member=member) for d in pair]
+    assert kept[0] == kept[1] == (stat.S_ISGID if member else 0)
 
 
 def test_a_directory_that_lost_set_group_id_to_an_acl_stops_passing_its_group(

@@ -62,7 +62,7 @@ from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable
 from keyfence.fs.mount_stats import policy_options
 from keyfence.fs.op_errors import fuse_op
 from keyfence.fs.pagecache import PageCache
-from keyfence.fs.privileges import Privileges
+from keyfence.fs.privileges import Privileges, in_group
 from keyfence.fs.protector import MAX_PROTECTORS_SIZE, Protectors
 
 __all__ = [
@@ -169,26 +169,31 @@ class Xattrs:
             os.setxattr(fd, bytes(name), bytes(value))
         else:
             sc.setxattr_at(*self.table.entry(node.ino), bytes(name), bytes(value), node.kind)
-        if name == acl.ACCESS_XATTR:
+        if name == acl.ACCESS_XATTR and not node.is_symlink:
             node.group = None  # the mode may have changed with it: stat again
-            if getattr(ctx, "acl_kill_sgid", False):
-                self._drop_sgid(node, fd)
+            self._drop_sgid(node, fd, ctx)
 
-    def _drop_sgid(self, node: Inode, fd: int) -> None:
-        """An access ACL set by a caller outside the file's group: the
-        set-group-ID bit goes, as ext4 drops it for such a caller (a root
-        worker is none, so the backing store kept it)."""
-        if node.is_symlink:
+    def _drop_sgid(self, node: Inode, fd: int, ctx: RequestContext) -> None:
+        """After an access ACL is set: drop the set-group-ID bit if the
+        caller is outside the file's group, as ext4 does for such a caller
+        (a root worker is none, so the backing store kept it).  Our loop
+        has the kernel's word (``SETXATTR_EXT``'s ACL_KILL_SGID, which also
+        knows CAP_FSETID); pyfuse3's gives none, and then root keeps it and
+        anyone else keeps it only as a member of the group."""
+        kill = getattr(ctx, "acl_kill_sgid", None)
+        if kill is False:
             return
-        if fd >= 0:
-            mode = os.fstat(fd).st_mode
-            if mode & stat.S_ISGID:
-                os.fchmod(fd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+        entry = self.table.entry(node.ino) if fd < 0 else None
+        st = os.fstat(fd) if entry is None else sc.stat_at(*entry)
+        if not st.st_mode & stat.S_ISGID:
             return
-        entry = self.table.entry(node.ino)
-        mode = sc.stat_at(*entry).st_mode
-        if mode & stat.S_ISGID:
-            sc.chmod_at(*entry, stat.S_IMODE(mode) & ~stat.S_ISGID)
+        if kill is None and (ctx.uid == 0 or in_group(ctx.pid, ctx.gid, st.st_gid)):
+            return
+        mode = stat.S_IMODE(st.st_mode) & ~stat.S_ISGID
+        if entry is None:
+            os.fchmod(fd, mode)
+        else:
+            sc.chmod_at(*entry, mode)
 
     @fuse_op
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:

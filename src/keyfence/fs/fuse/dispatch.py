@@ -49,8 +49,10 @@ class Caller:
         self.gid = gid
         self.pid = pid
         self.umask = umask
-        self.acl_kill_sgid = False
-        """SETXATTR of an ACL by a caller outside the file's group (fs/acl.py)."""
+        self.acl_kill_sgid: bool | None = None
+        """SETXATTR with ``SETXATTR_EXT``: whether the caller is outside the
+        file's group (drops set-group-ID with an access ACL, fs/acl.py);
+        None: the kernel did not say."""
 
 
 class SetattrFields:
