@@ -81,7 +81,7 @@ def one_run(directory: Path, pid: int, placement: str, files: int, cpu: int) -> 
         out = subprocess.run(
             [
                 sys.executable, "-c", CREATE, str(work), str(files),
-                str(cpu if placement != "free" else -1), BLOCK[:4096].hex(),
+                str(cpu if placement != "free" else -1), BLOCK.hex(),
             ],
             capture_output=True, text=True, check=True, timeout=600,
         ).stdout  # fmt: skip
