@@ -366,3 +366,39 @@ def test_users_see_only_their_own_mounts_and_logs_are_private(s: Scene) -> None:
     for log in logs.iterdir():
         assert (os.stat(log).st_mode & 0o777) == 0o600
     assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+
+
+# ------------------------------------------- session 28's red-team pass, F2
+
+
+def test_an_owner_can_open_its_own_shut_directory_again(s: Scene) -> None:
+    # A user's worker runs as the user: a call on a directory by its own
+    # descriptor and "." needs search permission on it, which `chmod 000`
+    # took away.  Before, chmod back, touch, its xattrs and ACL, `ls -l`
+    # of its parent and rmdir of it empty were all EACCES (ext4 allows
+    # each to the owner): the owner was locked out of its own directory.
+    backing, mnt = s.directory("b"), s.directory("m")
+    done = s.keyfence(USER, "mount", str(backing), str(mnt))
+    assert done.returncode == 0, done.stderr
+    try:
+        # listxattr and the ACL need no permission on the entry (user.*
+        # attributes need its mode bits, on ext4 too)
+        xattrs = f'"$KF_PYTHON" -c "import os; os.listxattr(\'{mnt}/d\')"'
+        steps = [
+            f"mkdir {mnt}/d {mnt}/e && chmod 000 {mnt}/d {mnt}/e",
+            f"ls -l {mnt} >/dev/null",
+            f"touch -d 2020-01-01 {mnt}/d",
+            xattrs,
+            f"setfacl -m u:{OTHER}:r {mnt}/d && getfacl -cp {mnt}/d | grep -q 'user:{OTHER}:r'",
+            f"rmdir {mnt}/e",
+            f"chmod 755 {mnt}/d",
+            f'test -z "$(ls -A {mnt}/d)"',
+        ]
+        for step in steps:
+            r = s.run(USER, step)
+            assert r.returncode == 0, f"{step}: {r.stderr}"
+        st = os.stat(backing / "d")
+        assert (oct(st.st_mode & 0o7777), time.gmtime(st.st_mtime)[:3]) == ("0o755", (2020, 1, 1))
+        assert not (backing / "e").exists()
+    finally:
+        assert s.keyfence(USER, "umount", str(mnt)).returncode == 0

@@ -1648,7 +1648,14 @@ def _remove_encrypted_dir(d_fd: int, disk: str) -> None:
     stale long-name sidecars (ENOTEMPTY otherwise)."""
     fd = sc.open_dir(d_fd, disk, os.O_PATH)
     try:
-        names = sc.listdir_fd(fd)
+        try:
+            names = sc.listdir_fd(fd)
+        except PermissionError:
+            # a user's worker on its own unreadable directory (chmod 000):
+            # rmdir needs only the parent's permission, as on ext4 (an
+            # encrypted one still holds its policy: ENOTEMPTY)
+            sc.rmdir_at(d_fd, disk)
+            return
         if POLICY_FILE_NAME not in names:
             sc.rmdir_at(d_fd, disk)
             return

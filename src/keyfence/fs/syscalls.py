@@ -350,7 +350,11 @@ def exists_at(dir_fd: int, name: str) -> bool:
 
 def chmod_at(dir_fd: int, name: str, mode: int) -> None:
     """fchmodat2(AT_SYMLINK_NOFOLLOW) (Linux 6.6), else glibc's fchmodat,
-    which does the same through an ``O_PATH`` descriptor."""
+    which does the same through an ``O_PATH`` descriptor.  ``"."``: the
+    directory ``dir_fd`` itself (see :func:`_proc`)."""
+    if name == ".":
+        os.chmod(_proc(dir_fd), mode)
+        return
     raw = _name(name)
     if int(_syscall(_SYS_FCHMODAT2, dir_fd, raw, mode, AT_SYMLINK_NOFOLLOW)) == 0:
         return
@@ -361,7 +365,10 @@ def chmod_at(dir_fd: int, name: str, mode: int) -> None:
 
 
 def chown_at(dir_fd: int, name: str, uid: int, gid: int) -> None:
-    """fchownat(AT_SYMLINK_NOFOLLOW)."""
+    """fchownat(AT_SYMLINK_NOFOLLOW); ``"."``: ``dir_fd`` itself."""
+    if name == ".":
+        chown_fd(dir_fd, uid, gid)
+        return
     os.chown(_name(name), uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
@@ -373,7 +380,10 @@ def chown_fd(fd: int, uid: int, gid: int) -> None:
 
 
 def utime_at(dir_fd: int, name: str, atime_ns: int, mtime_ns: int) -> None:
-    """utimensat(AT_SYMLINK_NOFOLLOW)."""
+    """utimensat(AT_SYMLINK_NOFOLLOW); ``"."``: ``dir_fd`` itself."""
+    if name == ".":
+        os.utime(_proc(dir_fd), ns=(atime_ns, mtime_ns))
+        return
     os.utime(_name(name), ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
@@ -444,7 +454,10 @@ def _xattr_target(dir_fd: int, name: str, kind: int | None) -> tuple[int, bool]:
     """A descriptor for the xattr calls on ``name``: (fd, is it O_PATH).
 
     ``kind``: what the caller believes ``name`` is (``S_IFREG``...); for a
-    regular file or a directory one open does (checked by ``fstat``)."""
+    regular file or a directory one open does (checked by ``fstat``).
+    ``"."``: a duplicate of ``dir_fd`` itself (see :func:`_proc`)."""
+    if name == ".":
+        return os.dup(dir_fd), True
     if kind in (stat.S_IFREG, stat.S_IFDIR):
         try:
             fd = open_at(dir_fd, name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
@@ -475,6 +488,12 @@ def _xattr_target(dir_fd: int, name: str, kind: int | None) -> tuple[int, bool]:
 
 
 def _proc(fd: int) -> bytes:
+    """The path of what ``fd`` holds.  The calls on ``(dir_fd, ".")`` go
+    through it: ``"."`` looked up inside a directory
+    needs search permission on it, which a user's worker lacks on its own
+    ``chmod 000`` directory, while the /proc link reaches the directory
+    without a lookup in it, as ext4 lets its owner chmod, touch or read the
+    attributes of such a directory."""
     return b"/proc/self/fd/%d" % fd
 
 
