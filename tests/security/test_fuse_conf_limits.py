@@ -38,6 +38,8 @@ from tests.security.mount_helpers import SHELL_PRELUDE, why_not
 
 USER = 61200
 """The mounting user (this test's uids: 61200-61209)."""
+OTHER = 61201
+"""Another user on a mount USER opened to others (allow_other)."""
 
 MESSAGE = "too many FUSE filesystems mounted; mount_max=N can be set in /etc/fuse.conf"
 
@@ -112,6 +114,15 @@ class Namespaced:
         path.mkdir()
         os.chown(path, owner, owner)
         return path
+
+    def sh(self, uid: int, script: str) -> subprocess.CompletedProcess[str]:
+        """``script`` as ``uid`` inside the daemon's mount namespace (where
+        its mounts are)."""
+        argv = ["nsenter", f"--mount=/proc/{self.process.pid}/ns/mnt"]
+        argv += users.as_uid(uid, ["sh", "-c", script])
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, check=False, cwd="/"
+        )
 
     def keyfence(self, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
         base = dict(os.environ, KEYFENCE_SOCKET=self.socket, KEYFENCE_NO_AUTOSTART="1")
@@ -230,3 +241,30 @@ def test_user_allow_other_is_read_as_fusermount3_reads_it(ns: Namespaced) -> Non
     options = ns.mounted(mnt)
     assert options is not None and "allow_other" not in options, options
     assert ns.keyfence(USER, "umount", str(mnt)).returncode == 0
+
+
+def test_another_users_create_a_worker_cannot_give_leaves_nothing(ns: Namespaced) -> None:
+    # A user's worker runs as that user and cannot chown a new entry to
+    # another: OTHER's create in USER's 1777 directory fails (EPERM).
+    # Before, the entry stayed, USER's, with OTHER's name, mode and link
+    # target: links and files planted for USER to follow (red-team pass,
+    # session 28, F1); now nothing is left.
+    backing, mnt = ns.directory("b"), ns.directory("m")
+    ns.conf.write_text("user_allow_other\n")
+    done = ns.keyfence(USER, "mount", "-o", "allow_other", str(backing), str(mnt))
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        made = ns.sh(USER, f"mkdir {mnt}/tmpd && chmod 1777 {mnt}/tmpd && echo x > {mnt}/secret")
+        assert made.returncode == 0, made.stderr
+        for script in (
+            f"ln -s {mnt}/secret {mnt}/tmpd/link",
+            f"umask 0; : > {mnt}/tmpd/reg",
+            f"mkfifo {mnt}/tmpd/fifo",
+            f"mkdir {mnt}/tmpd/dir",
+        ):
+            tried = ns.sh(OTHER, script)
+            assert tried.returncode != 0, script
+            assert "Operation not permitted" in tried.stderr, tried.stderr
+        assert os.listdir(backing / "tmpd") == []
+    finally:
+        assert ns.keyfence(USER, "umount", str(mnt)).returncode == 0

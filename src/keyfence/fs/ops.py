@@ -433,12 +433,31 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
 
     def _give_new(self, d_fd: int, disk: str, kind: int, uid: int, gid: int) -> os.stat_result:
         """Give the entry just made to its owner, through a descriptor."""
-        fd, _st = self._open_new(d_fd, disk, kind)
+        fd, st = self._open_new(d_fd, disk, kind)
         try:
             sc.chown_fd(fd, uid, gid)
             return os.fstat(fd)
+        except BaseException:
+            self._take_back(d_fd, disk, st)
+            raise
         finally:
             os.close(fd)
+
+    def _take_back(self, d_fd: int, disk: str, made: os.stat_result) -> None:
+        """Remove an entry just made that could not be given to its owner
+        (a user's worker may not chown to another uid: EPERM), with its
+        long name's sidecar, if the name still holds it.  Left, it would be
+        the mount owner's, under a name, mode and link target another user
+        chose: a link or file planted for the owner to follow."""
+        with contextlib.suppress(OSError):
+            st = sc.stat_at(d_fd, disk)
+            if (st.st_dev, st.st_ino) != (made.st_dev, made.st_ino):
+                return
+            if stat.S_ISDIR(st.st_mode):
+                sc.rmdir_at(d_fd, disk)
+            else:
+                sc.unlink_at(d_fd, disk)
+            self._remove_sidecar(d_fd, disk)
 
     @staticmethod
     def _set_up_new_dir(fd: int, st: os.stat_result, uid: int, gid: int, perm: int) -> bool:
@@ -936,6 +955,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                     st = os.fstat(new_fd)
             except BaseException:
                 os.close(new_fd)
+                self._take_back(d_fd, disk, st)
                 raise
             made: tuple[int, Policy | None] = (new_fd, None)
         else:
@@ -1027,6 +1047,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                 st = os.fstat(fd)
         except BaseException:
             os.close(fd)
+            self._take_back(d_fd, disk, st)
             raise
         self.table.remember(d.ino, disk, st)
         self._modified(d)
