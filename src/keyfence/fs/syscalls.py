@@ -313,8 +313,11 @@ def stat_at(dir_fd: int, name: str) -> os.stat_result:
     request thread would hang).  One ``statx`` with ``AT_STATX_DONT_SYNC``
     that refuses a mount root (fs/_statx.c, ~0.8 µs) where the C extension
     is built and the kernel reports mount roots (5.8+); where it cannot
-    say for certain, :func:`_stat_at_careful`.
+    say for certain, :func:`_stat_at_careful`.  ``"."``: ``dir_fd`` itself,
+    by ``fstat`` (see :func:`_proc`).
     """
+    if name == ".":
+        return os.fstat(dir_fd)
     if _STATX is not None:
         st: os.stat_result | None = _STATX.stat_at(dir_fd, _name(name))
         if st is not None:
