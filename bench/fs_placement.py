@@ -35,9 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fs_smallfiles import BLOCK, gocryptfs_mount, keyfence_mount
+from keyfence.fs.crypto import MasterKey
+from keyfence.testing.bench.peers import GocryptfsPeer, PeerError
+from keyfence.testing.mounting import Mount
 
 PLACEMENTS = ("free", "client", "together")
+BLOCK = b"\xa5" * 4096
 CREATE = r"""
 import os, sys, time
 directory, count, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -52,17 +55,6 @@ for i in range(count):
     os.close(fd)
 print(count / (time.perf_counter() - start))
 """
-
-
-def server_pid(marker: Path) -> int:
-    """The process serving the mount whose command line names ``marker``."""
-    out = subprocess.run(
-        ["pgrep", "-f", "--", str(marker)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    pids = [int(p) for p in out if int(p) != os.getpid()]
-    if not pids:
-        raise RuntimeError(f"no server for {marker}")
-    return min(pids)
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -91,6 +83,22 @@ def one_run(directory: Path, pid: int, placement: str, files: int, cpu: int) -> 
     return float(out)
 
 
+def _keyfence(
+    stack: contextlib.ExitStack, tmp: Path, name: str, args: list[str]
+) -> tuple[Path, int]:
+    """An encrypted directory of a fresh mount (the test launcher's worker)
+    and the worker's pid."""
+    m = Mount(tmp, *args, name=name)
+    stack.callback(m.unmount)
+    master = MasterKey(os.urandom(64))
+    m.add_key(master)
+    enc = m.mnt / "enc"
+    enc.mkdir()
+    os.setxattr(enc, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+    assert m.proc is not None
+    return enc, m.proc.pid
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
@@ -103,11 +111,16 @@ def main() -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=a.tmp)))
         targets: dict[str, tuple[Path, int]] = {}
         for name, args in (("keyfence", []), ("keyfence-nospin", ["--spin-us", "0"])):
-            enc, _plain = stack.enter_context(keyfence_mount(tmp, args, name=name))
-            targets[name] = enc, server_pid(enc.parent)
-        gc = stack.enter_context(gocryptfs_mount(tmp))
-        if gc is not None:
-            targets["gocryptfs"] = gc, server_pid(tmp / "gc-cipher")
+            targets[name] = _keyfence(stack, tmp, name, args)
+        gocryptfs = GocryptfsPeer(tmp)
+        stack.callback(gocryptfs.teardown)
+        try:
+            gocryptfs.setup()
+        except PeerError as err:
+            print(f"gocryptfs: {err}, skipped", flush=True)
+        else:
+            assert gocryptfs.process is not None
+            targets["gocryptfs"] = gocryptfs.work, gocryptfs.process.pid
         for _ in range(a.runs):
             for name, (directory, pid) in targets.items():
                 for placement in PLACEMENTS:
