@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from keyfence.fs.crypto import MasterKey
 from keyfence.testing.mounting import Mount, fuse_available
-from keyfence.testing.users import as_uid, why_no_other_uids
+from keyfence.testing.users import as_uid, reachable_directory, why_no_other_uids
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
@@ -43,13 +42,8 @@ def top() -> Iterator[Path]:
     why = why_no_other_uids()
     if why is not None:
         pytest.skip(why)
-    # under a directory other uids may enter (pytest's tmp_path is 0700)
-    path = Path(tempfile.mkdtemp(prefix="kf-acl-"))
-    os.chmod(path, 0o755)
-    try:
+    with reachable_directory("kf-acl-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +35,13 @@ import pytest
 
 from keyfence.fs.crypto import MasterKey
 from keyfence.testing.mounting import Mount, fuse_available
-from keyfence.testing.users import as_uid, environment, python_argv, why_no_other_uids
+from keyfence.testing.users import (
+    as_uid,
+    environment,
+    python_argv,
+    reachable_directory,
+    why_no_other_uids,
+)
 
 ATTACKER = 4610
 SECRET = b"root-only secret contents\n"
@@ -292,12 +296,8 @@ FILE_OPS = [
 @pytest.fixture(scope="module")
 def world() -> Iterator[Path]:
     """A scratch directory other uids can traverse (pytest's is 0700)."""
-    top = Path(tempfile.mkdtemp(prefix="kffsb-"))
-    os.chmod(top, 0o711)
-    try:
+    with reachable_directory("kffsb-", 0o711) as top:
         yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

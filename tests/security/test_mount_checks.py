@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +15,16 @@ from keyfence.errors import KeyfenceError
 from keyfence.keys.caller import Caller
 from keyfence.server.mount_options import parse_options
 from keyfence.server.mount_request import as_caller, check_request, open_directory
+from keyfence.testing.users import reachable_directory
 
 USER = 4622
 
 
 @pytest.fixture
 def reachable() -> Iterator[Path]:
-    """A directory other uids can reach (pytest's reachable is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="kfmnt-"))
-    os.chmod(path, 0o755)
-    try:
+    """A directory other uids can reach (pytest's tmp_path is 0700)."""
+    with reachable_directory("kfmnt-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

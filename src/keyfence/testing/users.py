@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -92,6 +93,18 @@ def as_uid(
     group_option = "--groups=" + ",".join(map(str, groups)) if groups else "--clear-groups"
     gid = uid if gid is None else gid
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", group_option, *argv]
+
+
+@contextlib.contextmanager
+def reachable_directory(prefix: str, mode: int = 0o755) -> Iterator[Path]:
+    """A fresh directory other uids can reach (``mode``; pytest's tmp_path
+    is 0700), removed with everything in it afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def python_argv(*args: str) -> list[str]:
