@@ -37,8 +37,16 @@ setup(
         ),
         Extension(
             "keyfence.fs.fuse._loop",
-            ["src/keyfence/fs/fuse/_loop.c", "src/keyfence/fs/fuse/_answers.c"],
-            depends=["src/keyfence/fs/_names.h", "src/keyfence/fs/fuse/_answers.h"],
+            [
+                "src/keyfence/fs/fuse/_loop.c",
+                "src/keyfence/fs/fuse/_drive.c",
+                "src/keyfence/fs/fuse/_answers.c",
+            ],
+            depends=[
+                "src/keyfence/fs/_names.h",
+                "src/keyfence/fs/fuse/_answers.h",
+                "src/keyfence/fs/fuse/_drive.h",
+            ],
             include_dirs=["src/keyfence/fs"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,

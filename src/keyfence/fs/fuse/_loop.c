@@ -49,7 +49,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "_answers.h"
+#include "_drive.h"
 
 enum {
     ST_IDLE = 0,
@@ -63,17 +63,8 @@ enum {
     ST_GONE = 8,
 };
 
-#define OP_LOOKUP 1
-#define OP_FORGET 2
-#define OP_GETATTR 3
-#define OP_GETXATTR 22
 #define OP_INIT 26
 #define OP_INTERRUPT 36
-#define OP_BATCH_FORGET 42
-#define ERRNO_MAX 511
-#define MAX_PARTS 64
-
-static PyObject *str_errno; /* "errno" */
 
 /* Busy-wait up to ns for fd to be readable (or in error): 1 if it is.
    Every YIELD_NS of it also yields the CPU: on a busy machine the spin
@@ -114,7 +105,7 @@ static int spin(int fd, long long ns)
 static int write_answer(int fd, uint64_t unique, int32_t error, Py_buffer *parts, int count,
                         long *abandoned)
 {
-    struct iovec iov[MAX_PARTS + 1];
+    struct iovec iov[DRIVE_MAX_PARTS + 1];
     struct out_header h;
     size_t total = sizeof(h);
     for (int i = 0; i < count; i++) {
@@ -140,26 +131,6 @@ static int write_answer(int fd, uint64_t unique, int32_t error, Py_buffer *parts
     return errno;
 }
 
-/* The errno a FUSEError carries (EIO if it is not one the kernel takes),
-   or 0 if exc is not a FUSEError. */
-static int fuse_errno(PyObject *exc, PyObject *fuse_error)
-{
-    if (!PyObject_TypeCheck(exc, (PyTypeObject *)fuse_error))
-        return 0;
-    PyObject *v = PyObject_GetAttr(exc, str_errno);
-    if (v == NULL) {
-        PyErr_Clear();
-        return EIO;
-    }
-    long code = PyLong_AsLong(v);
-    Py_DECREF(v);
-    if (code == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return EIO;
-    }
-    return code > 0 && code <= ERRNO_MAX ? (int)code : EIO;
-}
-
 /* tabled: requests answered from the handlers' tables (last in the tuple) */
 static PyObject *result(int status, long served, long caught, long missed, long abandoned,
                         long tabled, Py_ssize_t n, PyObject *a, PyObject *b, PyObject *c,
@@ -170,40 +141,40 @@ static PyObject *result(int status, long served, long caught, long missed, long 
                          tabled);
 }
 
+struct fd_sink {
+    int fd;
+    long abandoned;
+};
+
+static int answer_to_fd(void *sink, uint64_t unique, int32_t error, Py_buffer *parts, int count)
+{
+    struct fd_sink *s = sink;
+    return write_answer(s->fd, unique, error, parts, count, &s->abandoned);
+}
+
 static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
-    PyObject *bufobj, *view, *handlers, *caller_type, *fuse_error, *by_opcode;
-    PyObject *dirs = Py_None, *no_capability = Py_None, *on_miss = Py_None;
+    PyObject *bufobj, *view;
+    struct drive_env env = {.dirs = Py_None, .no_capability = Py_None, .on_miss = Py_None};
     long long spin_ns;
     long budget;
-    if (!PyArg_ParseTuple(args, "iOOO!OOO!Ll|OOO", &fd, &bufobj, &view, &PyDict_Type, &handlers,
-                          &caller_type, &fuse_error, &PyList_Type, &by_opcode, &spin_ns, &budget,
-                          &dirs, &no_capability, &on_miss))
+    if (!PyArg_ParseTuple(args, "iOOOOOOLl|OOO", &fd, &bufobj, &view, &env.handlers,
+                          &env.caller_type, &env.fuse_error, &env.by_opcode, &spin_ns, &budget,
+                          &env.dirs, &env.no_capability, &env.on_miss))
         return NULL;
-    if (on_miss != Py_None && !PyCallable_Check(on_miss)) {
-        PyErr_SetString(PyExc_TypeError, "on_miss must be callable or None");
+    if (drive_env_check(&env) < 0)
         return NULL;
-    }
-    if (dirs != Py_None && !PyDict_Check(dirs)) {
-        PyErr_SetString(PyExc_TypeError, "dirs must be a dict or None");
-        return NULL;
-    }
-    if (no_capability != Py_None && !PyAnySet_Check(no_capability)) {
-        PyErr_SetString(PyExc_TypeError, "no_capability must be a set or None");
-        return NULL;
-    }
-    if (!PyType_Check(fuse_error)) {
-        PyErr_SetString(PyExc_TypeError, "fuse_error must be a type");
-        return NULL;
-    }
     Py_buffer buf;
     if (PyObject_GetBuffer(bufobj, &buf, PyBUF_WRITABLE) < 0)
         return NULL;
     unsigned char *mem = buf.buf;
     size_t size = (size_t)buf.len;
-    long served = 0, caught = 0, missed = 0, abandoned = 0, tabled = 0;
+    long served = 0, caught = 0, missed = 0, tabled = 0;
+    struct fd_sink sink = {.fd = fd, .abandoned = 0};
     PyObject *out = NULL;
+#define RESULT(status, n, a, b, c, d)                                                            \
+    result(status, served, caught, missed, sink.abandoned, tabled, n, a, b, c, d)
 
     while (served < budget) {
         ssize_t n;
@@ -220,207 +191,56 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
                     }
                     missed++;
                 }
-                out = result(ST_IDLE, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
+                out = RESULT(ST_IDLE, 0, 0, 0, 0, 0);
             } else {
-                out = result(ST_READ_ERROR, served, caught, missed, abandoned, tabled, e, 0, 0, 0,
-                             0);
+                out = RESULT(ST_READ_ERROR, e, 0, 0, 0, 0);
             }
             break;
         }
         struct in_header h;
         if ((size_t)n < sizeof(h)) {
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
+            out = RESULT(ST_SPECIAL, n, 0, 0, 0, 0);
             break;
         }
         memcpy(&h, mem, sizeof(h));
-        unsigned op = h.opcode;
-        if (h.len != (uint64_t)n || op == OP_INIT || op == OP_INTERRUPT) {
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
+        if (h.len != (uint64_t)n || h.opcode == OP_INIT || h.opcode == OP_INTERRUPT) {
+            out = RESULT(ST_SPECIAL, n, 0, 0, 0, 0);
             break;
         }
-        PyObject *key = PyLong_FromUnsignedLong(op);
-        if (key == NULL)
+        struct drive_out d;
+        int got = drive(&env, &h, mem, (size_t)n, view, 0, answer_to_fd, &sink, &d);
+        if (got == DRIVE_ERROR)
             goto error;
-        PyObject *handler = PyDict_GetItemWithError(handlers, key); /* borrowed */
-        Py_DECREF(key);
-        if (handler == NULL) {
-            if (PyErr_Occurred())
-                goto error;
-            out = result(ST_SPECIAL, served, caught, missed, abandoned, tabled, n, 0, 0, 0, 0);
+        if (got == DRIVE_NO_HANDLER) {
+            out = RESULT(ST_SPECIAL, n, 0, 0, 0, 0);
             break;
         }
         served++;
-        if (op < (unsigned)PyList_GET_SIZE(by_opcode)) {
-            PyObject *old = PyList_GET_ITEM(by_opcode, op);
-            long count = PyLong_AsLong(old);
-            if (count == -1 && PyErr_Occurred())
-                goto error;
-            PyObject *one = PyLong_FromLong(count + 1);
-            if (one == NULL)
-                goto error;
-            PyList_SetItem(by_opcode, op, one); /* steals; drops old */
+        tabled += d.tabled;
+        if (got == DRIVE_SUSPENDED) { /* the session drives it on */
+            out = RESULT(ST_SUSPENDED, n, d.coro, d.value, d.unique, d.opcode);
+        } else if (got == DRIVE_FAILED) { /* logged and answered there */
+            out = RESULT(ST_FAILED, n, d.value, d.unique, d.opcode, NULL);
+        } else if (got == DRIVE_ANSWER) {
+            out = RESULT(ST_ANSWER, n, d.value, d.unique, d.opcode, NULL);
+        } else { /* DRIVE_DONE: zero the request; a refused answer ends the call */
+            memset(mem, 0, (size_t)n);
+            int e = d.write_errno;
+            if (e == ENODEV || e == ECONNABORTED) {
+                out = RESULT(ST_GONE, 0, 0, 0, 0, 0);
+            } else if (e != 0) {
+                PyObject *code = PyLong_FromLong(e);
+                out = RESULT(ST_WRITE_ERROR, e, d.unique, code, NULL, NULL);
+                Py_XDECREF(code);
+            }
         }
-        int no_reply = op == OP_FORGET || op == OP_BATCH_FORGET;
-        int e = 0; /* the errno of the answer's write */
-        PyObject *unique = PyLong_FromUnsignedLongLong(h.unique);
-        PyObject *opcode = PyLong_FromUnsignedLong(op);
-        PyObject *coro = NULL, *value = NULL;
-        if (unique == NULL || opcode == NULL)
-            goto request_error;
-        if (op == OP_GETATTR && dirs != Py_None) {
-            struct attr_out answer;
-            if (dir_attr(dirs, h.nodeid, &answer)) {
-                Py_buffer part = {.buf = &answer, .len = sizeof(answer)};
-                tabled++;
-                e = write_answer(fd, h.unique, 0, &part, 1, &abandoned);
-                goto answered;
-            }
-        } else if (op == OP_LOOKUP && dirs != Py_None && on_miss != Py_None) {
-            struct entry_out answer;
-            int got = missing_name(dirs, on_miss, mem, (size_t)n, h.nodeid, &answer);
-            if (got) {
-                Py_buffer part = {.buf = &answer, .len = sizeof(answer)};
-                tabled++;
-                e = got == MISSING_CACHED ? write_answer(fd, h.unique, 0, &part, 1, &abandoned)
-                                          : write_answer(fd, h.unique, -ENOENT, NULL, 0, &abandoned);
-                goto answered;
-            }
-        } else if (op == OP_GETXATTR && no_capability != Py_None &&
-                   without_capability(no_capability, mem, (size_t)n, h.nodeid)) {
-            tabled++;
-            e = write_answer(fd, h.unique, -ENODATA, NULL, 0, &abandoned);
-            goto answered;
-        }
-        {
-            PyObject *cargs[3];
-            cargs[0] = PyLong_FromUnsignedLong(h.uid);
-            cargs[1] = PyLong_FromUnsignedLong(h.gid);
-            cargs[2] = PyLong_FromUnsignedLong(h.pid);
-            PyObject *caller = NULL;
-            if (cargs[0] && cargs[1] && cargs[2])
-                caller = PyObject_Vectorcall(caller_type, cargs, 3, NULL);
-            Py_XDECREF(cargs[0]);
-            Py_XDECREF(cargs[1]);
-            Py_XDECREF(cargs[2]);
-            PyObject *body = NULL;
-            if (caller != NULL)
-                body = PySequence_GetSlice(view, (Py_ssize_t)sizeof(h), n);
-            PyObject *nodeid = PyLong_FromUnsignedLongLong(h.nodeid);
-            if (caller != NULL && body != NULL && nodeid != NULL) {
-                PyObject *hargs[3] = {nodeid, caller, body};
-                coro = PyObject_Vectorcall(handler, hargs, 3, NULL);
-            }
-            Py_XDECREF(nodeid);
-            Py_XDECREF(caller);
-            Py_XDECREF(body);
-        }
-        if (coro == NULL)
-            goto handler_raised;
-        {
-            PySendResult sent = PyIter_Send(coro, Py_None, &value);
-            if (sent == PYGEN_NEXT) { /* suspended: the session drives it on */
-                out = result(ST_SUSPENDED, served, caught, missed, abandoned, tabled, n, coro,
-                             value, unique, opcode);
-                Py_DECREF(coro);
-                Py_DECREF(value);
-                Py_DECREF(unique);
-                Py_DECREF(opcode);
-                break;
-            }
-            Py_CLEAR(coro);
-            if (sent == PYGEN_ERROR)
-                goto handler_raised;
-        }
-        /* PYGEN_RETURN: value is the answer */
-        if (!no_reply) {
-            Py_buffer parts[MAX_PARTS];
-            int count = 0, too_many = 0, bad = 0;
-            if (value != Py_None) {
-                if (PyList_Check(value)) {
-                    Py_ssize_t k = PyList_GET_SIZE(value);
-                    if (k > MAX_PARTS) {
-                        too_many = 1;
-                    } else {
-                        for (; count < k; count++) {
-                            if (PyObject_GetBuffer(PyList_GET_ITEM(value, count), &parts[count],
-                                                   PyBUF_SIMPLE) < 0) {
-                                bad = 1;
-                                break;
-                            }
-                        }
-                    }
-                } else if (PyObject_GetBuffer(value, &parts[0], PyBUF_SIMPLE) < 0) {
-                    bad = 1;
-                } else {
-                    count = 1;
-                }
-            }
-            if (too_many || bad) {
-                for (int i = 0; i < count; i++)
-                    PyBuffer_Release(&parts[i]);
-                PyErr_Clear();
-                out = result(ST_ANSWER, served, caught, missed, abandoned, tabled, n, value, unique,
-                             opcode, NULL);
-                Py_DECREF(value);
-                Py_DECREF(unique);
-                Py_DECREF(opcode);
-                break;
-            }
-            e = write_answer(fd, h.unique, 0, parts, count, &abandoned);
-            for (int i = 0; i < count; i++)
-                PyBuffer_Release(&parts[i]);
-        }
-        Py_DECREF(value);
-        value = NULL;
-        goto answered;
-
-    handler_raised: {
-        /* FUSEError: its errno, answered here; anything else: the session */
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (exc != NULL && tb != NULL)
-            PyException_SetTraceback(exc, tb);
-        int code = exc != NULL ? fuse_errno(exc, fuse_error) : 0;
-        if (code == 0) {
-            out = result(ST_FAILED, served, caught, missed, abandoned, tabled, n, exc, unique,
-                         opcode, NULL);
-            Py_XDECREF(type);
-            Py_XDECREF(exc);
-            Py_XDECREF(tb);
-            Py_DECREF(unique);
-            Py_DECREF(opcode);
+        drive_out_clear(&d);
+        if (got != DRIVE_DONE || d.write_errno != 0)
             break;
-        }
-        Py_XDECREF(type);
-        Py_XDECREF(exc);
-        Py_XDECREF(tb);
-        e = no_reply ? 0 : write_answer(fd, h.unique, -code, NULL, 0, &abandoned);
-        goto answered;
     }
-
-    answered: /* the request is done: zero it; a refused answer ends the call */
-        memset(mem, 0, (size_t)n);
-        if (e == ENODEV || e == ECONNABORTED) {
-            out = result(ST_GONE, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
-        } else if (e != 0) {
-            PyObject *code = PyLong_FromLong(e);
-            out = result(ST_WRITE_ERROR, served, caught, missed, abandoned, tabled, e, unique,
-                         code, NULL, NULL);
-            Py_XDECREF(code);
-        }
-        Py_DECREF(unique);
-        Py_DECREF(opcode);
-        if (e != 0)
-            break;
-        continue;
-    request_error:
-        Py_XDECREF(unique);
-        Py_XDECREF(opcode);
-        goto error;
-    }
+#undef RESULT
     if (out == NULL && !PyErr_Occurred())
-        out = result(ST_BUDGET, served, caught, missed, abandoned, tabled, 0, 0, 0, 0, 0);
+        out = result(ST_BUDGET, served, caught, missed, sink.abandoned, tabled, 0, 0, 0, 0, 0);
     PyBuffer_Release(&buf);
     return out;
 
@@ -444,8 +264,7 @@ static struct PyModuleDef loop_module = {
 
 PyMODINIT_FUNC PyInit__loop(void)
 {
-    str_errno = PyUnicode_InternFromString("errno");
-    if (str_errno == NULL || answers_init() < 0)
+    if (answers_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&loop_module);
     if (m == NULL)
