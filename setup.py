@@ -1,7 +1,8 @@
 """The optional native parts: the sealer (keyfence.fs._sealer, C + OpenSSL
 libcrypto), the names (keyfence.fs._names, C + libcrypto) and the FUSE
 loop's common case (keyfence.fs.fuse._loop, which uses _names' capsule),
-and the worker's one-syscall stat (keyfence.fs._statx, fs/syscalls.py).
+the worker's one-syscall stat (keyfence.fs._statx, fs/syscalls.py) and the
+FUSE queues through io_uring (keyfence.fs.fuse._ring, fs/fuse/ring.py).
 
 Everything else is in pyproject.toml.  ``optional=True``: without a compiler
 or OpenSSL's headers the build warns and goes on, and keyfence seals on its
@@ -39,6 +40,22 @@ setup(
             "keyfence.fs.fuse._loop",
             [
                 "src/keyfence/fs/fuse/_loop.c",
+                "src/keyfence/fs/fuse/_drive.c",
+                "src/keyfence/fs/fuse/_answers.c",
+            ],
+            depends=[
+                "src/keyfence/fs/_names.h",
+                "src/keyfence/fs/fuse/_answers.h",
+                "src/keyfence/fs/fuse/_drive.h",
+            ],
+            include_dirs=["src/keyfence/fs"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            optional=True,
+        ),
+        Extension(
+            "keyfence.fs.fuse._ring",
+            [
+                "src/keyfence/fs/fuse/_ring.c",
                 "src/keyfence/fs/fuse/_drive.c",
                 "src/keyfence/fs/fuse/_answers.c",
             ],

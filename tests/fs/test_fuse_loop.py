@@ -13,6 +13,7 @@ Two kinds of tests, both on real FUSE mounts:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -33,10 +34,17 @@ from pyfuse3 import FUSEError
 
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.fuse import protocol
+from keyfence.fs.fuse.handoff import on_trio_thread
 from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.fuse.spin import START_NS
-from keyfence.testing.mounting import Mount, fuse_available, is_mounted
+from keyfence.testing.mounting import (
+    Mount,
+    fuse_available,
+    fuse_uring,
+    fuse_uring_available,
+    is_mounted,
+)
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
@@ -131,6 +139,7 @@ class CornerFS(pyfuse3.Operations):
         if fh == self.names[b"slow"]:
             self.slow_readers += 1
             try:
+                await on_trio_thread()  # a handler's contract (fs/fuse/handoff.py)
                 await trio.to_thread.run_sync(self.gate.wait)
             finally:
                 self.slow_readers -= 1
@@ -183,22 +192,34 @@ def _unmount(mnt: Path) -> None:
 
 
 @pytest.fixture(
-    params=[(0, True), (200, True), (0, False), (200, False)],
-    ids=["sleeping", "spinning", "sleeping-python", "spinning-python"],
-)
+    params=[(0, True, False), (200, True, False), (0, False, False), (200, False, False),
+            (0, True, True)],
+    ids=["sleeping", "spinning", "sleeping-python", "spinning-python", "uring"],
+)  # fmt: skip
 def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     """The loop over CornerFS, once sleeping in epoll whenever the queue is
     empty and once spinning 200 us first, each with the common case served
-    by fs/fuse/_loop.c and all in Python: every corner must hold every way."""
-    spin_us, native = request.param
+    by fs/fuse/_loop.c and all in Python, and once taking requests through
+    io_uring (one queue per CPU, fs/fuse/ring.py): every corner must hold
+    every way."""
+    spin_us, native, uring = request.param
     if native and not _native_built():
         pytest.fail("keyfence.fs.fuse._loop is not built (setup.py build_ext)")
+    if uring and fuse_uring_available() is not None:
+        pytest.skip(str(fuse_uring_available()))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     fs = CornerFS()
     options = {"fsname=kfloop", "subtype=kfloop", "default_permissions", "nosuid", "nodev"}
-    fd = mount_by_name(str(mnt), options)
-    session = Session(fs, fd, SessionOptions(spin_us=spin_us, native=native))
+    with fuse_uring(True) if uring else contextlib.nullcontext():
+        fd = mount_by_name(str(mnt), options)
+        session = Session(fs, fd, SessionOptions(spin_us=spin_us, native=native, uring=uring))
+        yield from _serve(fs, mnt, fd, session, native=native, uring=uring)
+
+
+def _serve(
+    fs: CornerFS, mnt: Path, fd: int, session: Session, *, native: bool, uring: bool
+) -> Iterator[Served]:
     out: list[BaseException] = []
 
     def run() -> None:
@@ -213,6 +234,10 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     s.error = out
     try:
         wait_for("INIT", lambda: session.initialized)
+        if uring:
+            assert session.queues is not None, (
+                "the kernel offered io_uring; the loop did not take it"
+            )
         yield s
     finally:
         fs.gate.set()
@@ -222,7 +247,10 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
         os.close(fd)
         assert not thread.is_alive(), "the loop did not end after the unmount"
         assert not out, out
-        if native:  # every corner makes requests the common case serves
+        if uring:  # every corner makes requests the queues serve
+            assert session.queues is not None
+            assert sum(session.queues.statistics()["served"]) > 0
+        elif native:  # every corner makes requests the common case serves
             assert session.served_natively > 0
         else:
             assert session.served_natively == 0
@@ -416,6 +444,22 @@ def test_request_buffers_are_zeroed(served: Served) -> None:
     assert (served.mnt / "secret").read_bytes() == needle
     assert served.session.buffers
     assert all(needle[:17] not in bytes(buf) for buf in served.session.buffers)
+    if served.session.queues is not None:
+        # the WRITE's data is zeroed when it is answered; the READ's answer
+        # once the kernel has taken it (fs/fuse/_ring.c, submit_and_wipe),
+        # not when the entry's next request comes (none comes here: the
+        # file stays open, nothing else is asked)
+        rings = [q.ring for q in served.session.queues.queues]
+        fd = os.open(served.mnt / "secret", os.O_RDONLY)
+        try:
+            assert os.read(fd, len(needle)) == needle
+            wait_for(
+                "the answer zeroed in the io_uring entries",
+                lambda: all(needle[:17] not in bytes(memoryview(ring)) for ring in rings),
+                timeout=5,
+            )
+        finally:
+            os.close(fd)
 
 
 def test_spinning_catches_the_next_request_of_a_busy_client(served: Served) -> None:

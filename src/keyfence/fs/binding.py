@@ -37,6 +37,7 @@ from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat
 from keyfence.fs.crypto import MasterKey
 from keyfence.fs.format import FormatError, KeyKind, KeyRef
+from keyfence.fs.fuse.handoff import on_trio_thread
 from keyfence.fs.keysource import FoundKey, GoingAway, KeySource
 from keyfence.keys.secret import wipe_bytes
 
@@ -118,6 +119,7 @@ class KeyBindings:
         for _attempt in range(2):
             binding = self._bound.get(ref.description)
             if binding is None:
+                await on_trio_thread()  # a queue thread's handler moves here
                 lock = self._finding.setdefault(ref.description, trio.Lock())
                 async with lock:
                     binding = self._bound.get(ref.description)

@@ -42,6 +42,7 @@ from keyfence.fs import syscalls as sc
 from keyfence.fs import wipe
 from keyfence.fs.binding import Binding, KeyBindings
 from keyfence.fs.fuse import kernel as fuse_kernel
+from keyfence.fs.fuse.handoff import current_queue
 from keyfence.fs.handles import DirHandle, FileHandle
 from keyfence.fs.inodes import ROOT_INODE, InodeTable
 from keyfence.fs.keysource import GoingAway
@@ -114,9 +115,14 @@ class KeyGoing:
         return "/".join(reversed(parts))
 
     def _in_loop(self, fn: Callable[[], R]) -> R:
-        """Run ``fn`` on the trio thread (or here, if the loop has ended)."""
+        """Run ``fn`` on the trio thread (or here, if the loop has ended, or
+        on a queue thread stepping a handler: it holds the serving lock)."""
         token = self.trio_token
-        if token is None or threading.get_ident() == self._trio_thread:
+        if (
+            token is None
+            or threading.get_ident() == self._trio_thread
+            or current_queue() is not None
+        ):
             return fn()
         try:
             return trio.from_thread.run_sync(fn, trio_token=token)

@@ -75,6 +75,7 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
+from keyfence.fs.fuse.handoff import on_trio_thread
 from keyfence.fs.handles import DirHandle, FileHandle
 from keyfence.fs.inodes import ROOT_INODE, Inode, InodeTable, read_policy
 from keyfence.fs.key_going import KeyGoing
@@ -1450,6 +1451,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             still = sorted(self._busy_names.values())
             report = {"mount": self.mountpoint, "files": still} if still else {}
             with contextlib.suppress(Exception):  # a report must not fail a close
+                await on_trio_thread()
                 await trio.to_thread.run_sync(self.keys.report, "busy", report)
 
     @fuse_op

@@ -212,6 +212,13 @@ class Control:
             if session is None:
                 return None
             return [session.blocking.direct, session.blocking.through_trio]
+        if op == "queues":  # the io_uring queues' figures (fs/fuse/ring.py), None without
+            from keyfence.fs.fuse import kernel as fuse_kernel
+
+            session = fuse_kernel.active()
+            if session is None or session.queues is None:
+                return None
+            return session.queues.statistics()
         raise ValueError(f"unknown op {op}")
 
 

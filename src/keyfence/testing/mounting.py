@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,40 @@ def fuse_available() -> str | None:
     if shutil.which("fusermount3") is None:
         return "no fusermount3 (apt-get install fuse3)"
     return None
+
+
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+"""The kernel's switch for FUSE over io_uring (6.14+; root's; global)."""
+
+
+def fuse_uring_available() -> str | None:
+    """Why mounts cannot be served through io_uring here, or None."""
+    if fuse_available() is not None:
+        return fuse_available()
+    if not os.path.exists(URING_PARAMETER):
+        return "this kernel has no FUSE over io_uring (Linux 6.14+)"
+    if not os.access(URING_PARAMETER, os.W_OK):
+        return f"{URING_PARAMETER} is root's to set"
+    from keyfence.fs.fuse import ring
+
+    if not ring.available():
+        return "keyfence was built without its io_uring queue (keyfence.fs.fuse._ring)"
+    return None
+
+
+@contextlib.contextmanager
+def fuse_uring(enabled: bool = True) -> Iterator[None]:
+    """The kernel's ``fuse.enable_uring`` set to ``enabled`` for the
+    block's mounts (what a mount saw at its INIT stays), then put back."""
+    with open(URING_PARAMETER, encoding="ascii") as f:
+        before = f.read().strip()
+    with open(URING_PARAMETER, "w", encoding="ascii") as f:
+        f.write("Y" if enabled else "N")
+    try:
+        yield
+    finally:
+        with open(URING_PARAMETER, "w", encoding="ascii") as f:
+            f.write(before)
 
 
 def is_mounted(path: Path) -> bool:

@@ -22,6 +22,13 @@ key removals arriving through ``trio.from_thread``) for at most
 ``direct_ms``.  A call that itself needed the trio thread (none does) would
 be held up as long, never deadlocked.
 
+Under io_uring (fs/fuse/ring.py) a handler may run on a CPU queue's
+thread: there 2. waits on that thread, the serving lock let go, for as long
+as no other request comes on that queue, and 3. first moves the handler to
+the trio thread.  The trio thread then waits through trio only
+(:attr:`BlockingCalls.direct_on_loop` is False): requests no longer come
+through the ``/dev/fuse`` it would watch, and it holds the serving lock.
+
 The eventfd: the waiter closes it once it has seen it readable; a waiter
 that gives up before (an exception) leaves it to the thread, which then
 closes it instead of writing: a number already closed, maybe reused for a
@@ -38,6 +45,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
+
+from keyfence.fs.fuse.handoff import current_queue, on_trio_thread
 
 __all__ = ["BlockingCalls"]
 
@@ -79,16 +88,25 @@ class BlockingCalls:
         """Calls answered from the direct wait (a figure for tests)."""
         self.through_trio = 0
         """Calls that waited through trio."""
+        self.direct_on_loop = True
+        """Whether the trio thread waits directly (2.): not once requests
+        come through io_uring."""
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         call = _Call(fn, args)
         self._submit(call)
         seen = False
         try:
-            if self._wait_directly(call):
+            queue_thread = current_queue()
+            if queue_thread is not None:
+                direct = queue_thread.wait_directly(call.fd, self._direct_ms)
+            else:
+                direct = self.direct_on_loop and self._wait_directly(call)
+            if direct:
                 self.direct += 1
             else:
                 self.through_trio += 1
+                await on_trio_thread()
                 with trio.CancelScope(shield=True):
                     await trio.lowlevel.wait_readable(call.fd)
             seen = True

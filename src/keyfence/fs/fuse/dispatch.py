@@ -27,7 +27,7 @@ from pyfuse3 import FUSEError
 
 from keyfence.fs.fuse import protocol as p
 
-__all__ = ["Answer", "Caller", "DirBuffer", "Dispatcher", "Malformed"]
+__all__ = ["Answer", "Caller", "DirBuffer", "Dispatcher", "Malformed", "error_code"]
 
 Answer = bytes | list[Any] | None
 Handler = Callable[[int, "Caller", memoryview], Awaitable[Answer]]
@@ -37,6 +37,24 @@ _NS = 1_000_000_000
 
 class Malformed(Exception):
     """A request whose body does not hold what its opcode needs."""
+
+
+def error_code(unique: int, opcode: int, err: BaseException, log: Any) -> int:
+    """The errno a handler's exception answers with (logged unless it is a
+    ``FUSEError``): its own, EIO for a malformed request or a bug.
+    KeyboardInterrupt and SystemExit are raised again: not ours to swallow."""
+    if isinstance(err, FUSEError):
+        code = int(err.errno)
+        return code if 0 < code <= p.ERRNO_MAX else errno.EIO
+    if isinstance(err, (Malformed, ValueError, IndexError)) or (
+        type(err).__name__ == "error" and type(err).__module__ == "struct"
+    ):
+        log.error("request %d (opcode %d) malformed: %s", unique, opcode, err)
+        return errno.EIO
+    if isinstance(err, Exception):
+        log.error("request %d (opcode %d) failed", unique, opcode, exc_info=err)
+        return errno.EIO
+    raise err
 
 
 class Caller:

@@ -82,6 +82,11 @@ POSIX_ACL = 1 << 20
 """The kernel enforces POSIX ACLs, read through GETXATTR (fs/acl.py)."""
 MAX_PAGES = 1 << 22
 HANDLE_KILLPRIV_V2 = 1 << 28
+INIT_EXT = 1 << 30
+"""fuse_init_in/out carry ``flags2``, the flags' upper 32 bits."""
+OVER_IO_URING_2 = 1 << (41 - 32)
+"""FUSE_OVER_IO_URING (1 << 41), as a bit of ``flags2``: requests through
+io_uring (Linux 6.14+, the fuse module's ``enable_uring``)."""
 SETXATTR_EXT = 1 << 29
 """SETXATTR carries :data:`SETXATTR_EXT_IN` (its ACL_KILL_SGID flag)."""
 
@@ -124,6 +129,7 @@ header, ``max_write`` bytes) must fit."""
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags
+INIT_IN_EXT = struct.Struct("=IIIII")  # ... flags2 (7.36+, with INIT_EXT)
 INIT_OUT = struct.Struct("=IIIIHHIIHHI28x")
 """major minor max_readahead flags max_background congestion_threshold
 max_write time_gran max_pages map_alignment flags2, unused: 64 bytes."""

@@ -44,6 +44,13 @@ Concurrency contract (why it is fast, and why the handlers need no change):
    :attr:`Session.blocking` (fs/fuse/blocking.py): the reader waits for it
    directly, ``/dev/fuse`` watched at once, and falls back to suspending
    the handler (2.) when a request comes or the call takes longer.
+7. When the kernel offers FUSE over io_uring (the fuse module's
+   ``enable_uring``) and ``_ring`` is built, INIT asks for it: requests then
+   come through one queue per CPU, each served on a thread pinned to its
+   CPU (fs/fuse/ring.py, its own contract), and this reader serves only what
+   still comes through ``/dev/fuse`` (FORGET, INTERRUPT), without spinning.
+   Handlers then run on several threads, one at a time:
+   :attr:`Session.serving_lock`.
 
 Unsolicited messages (cache invalidations) are written from any thread: a
 write to ``/dev/fuse`` is one message, and the kernel may wait for requests
@@ -67,17 +74,18 @@ import queue
 import select
 import threading
 import time
-import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import trio
 from pyfuse3 import FUSEError
 
 from keyfence.fs.fuse import protocol as p
+from keyfence.fs.fuse import ring
 from keyfence.fs.fuse.blocking import BlockingCalls
 from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
-from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, Malformed
+from keyfence.fs.fuse.dispatch import Answer, Caller, Dispatcher, error_code
+from keyfence.fs.fuse.handoff import resume
 from keyfence.fs.fuse.spin import SpinWindow
 
 __all__ = ["Session", "SessionOptions"]
@@ -97,7 +105,11 @@ class SessionOptions:
         checkpoint_every: int = 32,
         spin_us: int = 0,
         native: bool = True,
+        uring: bool = True,
     ) -> None:
+        self.uring = uring
+        """Take requests through io_uring, one queue per CPU, when the kernel
+        offers it (fs/fuse/ring.py)."""
         self.native = native and _native is not None
         """Serve the common case in C (fs/fuse/_loop.c) when it was built."""
         self.spin_ns = spin_us * 1000
@@ -107,26 +119,6 @@ class SessionOptions:
         self.killpriv_v2 = killpriv_v2
         self.max_tasks = max_tasks
         self.checkpoint_every = checkpoint_every
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Answer], trap: Any) -> Generator[Any, Any, Answer]:
-    """Go on driving ``coro``, which yielded ``trap`` in the current task:
-    what trio sends (or throws) goes down, what ``coro`` yields goes up."""
-    value = trap
-    while True:
-        try:
-            sent = yield value
-        except BaseException as exc:
-            try:
-                value = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-        else:
-            try:
-                value = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
 
 
 _ZEROS = memoryview(bytes(p.BUFFER_SIZE))
@@ -166,11 +158,6 @@ _GONE = (errno.ENODEV, errno.ECONNABORTED)
 """What ``/dev/fuse`` says once the connection is gone (unmounted, aborted)."""
 
 
-def _errno_of(err: FUSEError) -> int:
-    code = int(err.errno)
-    return code if 0 < code <= p.ERRNO_MAX else errno.EIO
-
-
 class Session:
     """Serve ``ops`` on the mounted ``/dev/fuse`` descriptor ``fd`` (not closed here)."""
 
@@ -200,11 +187,11 @@ class Session:
         self.stopping = False
         self.unmounted = False
         """The kernel said ENODEV: the mount is gone."""
-        self.requests = 0
-        """Requests read (a figure for tests and benchmarks)."""
-        self.served_natively = 0
-        """Of those, requests read and served by fs/fuse/_loop.c."""
-        self.served_from_tables = 0
+        self.read_here = 0
+        """Requests read from /dev/fuse (:attr:`requests` adds the queues')."""
+        self.native_here = 0
+        """Of those, served by fs/fuse/_loop.c."""
+        self.tabled_here = 0
         """Of those, answered from :attr:`dir_attributes` or
         :attr:`no_capability`, without a handler."""
         self.by_opcode = [0] * 64
@@ -232,6 +219,33 @@ class Session:
         directly while no other request comes."""
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
+        self.serving_lock = threading.Lock()
+        """Held by whoever steps a handler once requests also come through
+        io_uring (fs/fuse/ring.py); not taken otherwise."""
+        self.queues: ring.Queues | None = None
+        """The io_uring queues, when the kernel takes answers through them."""
+
+    # ------------------------------------------------------------ figures
+
+    def _queued(self, name: str) -> int:
+        return sum(self.queues.statistics()[name]) if self.queues is not None else 0
+
+    @property
+    def requests(self) -> int:
+        """Requests served, through /dev/fuse and the io_uring queues (a
+        figure for tests and benchmarks)."""
+        return self.read_here + self._queued("served")
+
+    @property
+    def served_natively(self) -> int:
+        """Of those, served in C (fs/fuse/_loop.c, fs/fuse/_ring.c)."""
+        return self.native_here + self._queued("served")
+
+    @property
+    def served_from_tables(self) -> int:
+        """Of those, answered from :attr:`dir_attributes` or
+        :attr:`no_capability`, without a handler."""
+        return self.tabled_here + self._queued("tabled")
 
     # ------------------------------------------------------------ the loop
 
@@ -244,6 +258,9 @@ class Session:
                 nursery.start_soon(self._reader)
         finally:
             self._nursery = None
+            if self.queues is not None:
+                self.queues.stop()
+                log.info("io_uring queues: %s", self.queues.statistics())
             self.blocking.close()
             if self._notifier is not None:
                 self._notices.put(None)
@@ -316,7 +333,7 @@ class Session:
                         if self._read_failed(err.errno or errno.EIO):
                             return
                         continue
-                self.requests += 1
+                self.read_here += 1
                 handed_off = False
                 try:
                     handed_off = await self._request(buf, view, n)
@@ -325,7 +342,7 @@ class Session:
                         view[:n] = _ZEROS[:n]
                 if handed_off:
                     return  # this task served a suspended handler; another reads
-                if self.requests % every == 0:
+                if self.read_here % every == 0:
                     await trio.lowlevel.checkpoint()
         finally:
             self._buffers.append(buf)
@@ -363,9 +380,9 @@ class Session:
     def _after_native(self, outcome: tuple[Any, ...], view: memoryview) -> _Next:
         """What the reader does after ``_loop.serve`` (fs/fuse/_loop.c)."""
         status, served, caught, missed, abandoned, n, a, b, c, _, tabled = outcome
-        self.requests += served
-        self.served_natively += served
-        self.served_from_tables += tabled
+        self.read_here += served
+        self.native_here += served
+        self.tabled_here += tabled
         self.spins_caught += caught
         self.spins_missed += missed
         if caught:
@@ -478,7 +495,7 @@ class Session:
         self._nursery.start_soon(self._reader)
         try:
             try:
-                answer = await _resume(coro, trap)
+                answer = await resume(coro, trap)
             except BaseException as err:
                 if isinstance(err, trio.Cancelled):
                     self._answer_error(unique, errno.EINTR)
@@ -493,18 +510,7 @@ class Session:
             memoryview(buf)[:n] = _ZEROS[:n]
 
     def _failed(self, unique: int, opcode: int, err: BaseException) -> None:
-        if isinstance(err, FUSEError):
-            code = _errno_of(err)
-        elif isinstance(err, (Malformed, ValueError, IndexError)) or (
-            type(err).__name__ == "error" and type(err).__module__ == "struct"
-        ):
-            log.error("request %d (opcode %d) malformed: %s", unique, opcode, err)
-            code = errno.EIO
-        elif isinstance(err, Exception):
-            log.error("request %d (opcode %d) failed", unique, opcode, exc_info=err)
-            code = errno.EIO
-        else:
-            raise err  # KeyboardInterrupt, SystemExit: not ours to swallow
+        code = error_code(unique, opcode, err, log)
         if opcode not in p.NO_REPLY:
             self._answer_error(unique, code)
 
@@ -517,6 +523,10 @@ class Session:
             self._answer_error(unique, errno.EPROTO)
             self.stopping = True
             return
+        offered2 = 0
+        if offered & p.INIT_EXT and len(body) >= p.INIT_IN_EXT.size:
+            offered2 = p.INIT_IN_EXT.unpack_from(body)[4]
+        want2 = 0
         want = (
             p.ASYNC_READ
             | p.ATOMIC_O_TRUNC
@@ -540,17 +550,38 @@ class Session:
             # the kernel checks ACLs; creation modes and the set-group-ID
             # bit on an ACL change are ours (fs/acl.py)
             want |= p.POSIX_ACL | p.DONT_MASK | p.SETXATTR_EXT
+        queues = None
+        if self.options.uring and offered2 & p.OVER_IO_URING_2 and ring.available():
+            assert self._nursery is not None
+            queues = ring.Queues(self)
+            if queues.prepare(self._nursery):
+                want |= p.INIT_EXT
+                want2 |= p.OVER_IO_URING_2
+            else:
+                queues = None
         self.proto_minor = min(minor, p.OUR_MINOR)
         self.dispatcher.setxattr_ext = bool(want & offered & p.SETXATTR_EXT)
         payload = p.INIT_OUT.pack(
             p.KERNEL_MAJOR, self.proto_minor, max_readahead, want & offered,
-            12, 9, p.MAX_WRITE, 1, p.MAX_PAGES_PER_REQUEST, 0, 0,
+            12, 9, p.MAX_WRITE, 1, p.MAX_PAGES_PER_REQUEST, 0, want2 & offered2,
         )  # fmt: skip
         init = getattr(self.ops, "init", None)
         if callable(init):
             init()
+        if queues is not None:
+            # from here on handlers also run on the queues' threads: this
+            # task step and every later one holds the serving lock
+            instrument = ring.LoopLock(self.serving_lock)
+            trio.lowlevel.add_instrument(instrument)
+            instrument.hold_now()
+            self.blocking.direct_on_loop = False
+            self.spin.stop()  # /dev/fuse is quiet from here on
+            self.queues = queues
         self._answer(unique, payload)
         self.initialized = True
+        if queues is not None:
+            queues.start()
+            log.info("FUSE requests through io_uring, %d queues", len(queues.queues))
 
     # ------------------------------------------------------------- answers
 

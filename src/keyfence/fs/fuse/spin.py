@@ -68,6 +68,10 @@ class SpinWindow:
         """Late spells (3.) in a row: reset by a catch, by a pause within
         ``most_ns`` (2.) and by a halving."""
 
+    def stop(self) -> None:
+        """Never spin again (requests come another way: fs/fuse/ring.py)."""
+        self.most_ns = self.start_ns = self.ns = 0
+
     def caught(self) -> None:
         """A spin caught a request: the client still comes back in time."""
         self._late = 0
