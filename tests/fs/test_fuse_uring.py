@@ -1,0 +1,130 @@
+"""keyfence's real worker serving FUSE requests through io_uring, one queue
+per CPU (src/keyfence/fs/fuse/ring.py, _ring.c), on a real mount: the kernel's
+``fuse.enable_uring`` is set for each test and put back after it.
+
+tests/fs/test_fuse_loop.py runs the loop's protocol corners this way too
+(its ``uring`` cases); here the whole worker: keys looked up (a handler moved
+to the trio thread), write-back and fsync (blocking calls waited for on a
+queue thread), a key removal through the fence with dirty data, and every
+request served by the queues.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyfence.fs.crypto import MasterKey
+from keyfence.fs.fuse import protocol
+from keyfence.fs.fuse.ring import possible_cpus
+from keyfence.testing.mounting import Mount, fuse_uring, fuse_uring_available
+
+pytestmark = pytest.mark.skipif(
+    fuse_uring_available() is not None, reason=str(fuse_uring_available())
+)
+
+
+def _queues(m: Mount) -> dict[str, list[int]]:
+    deadline = time.monotonic() + 30
+    while (got := m.control("queues")) is None:
+        assert time.monotonic() < deadline, "the worker took no io_uring queues"
+        time.sleep(0.05)
+    return got  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Mount]:
+    with fuse_uring(True):
+        m = Mount(tmp_path, "--fuse-loop=keyfence", "--dirty-expire", "60")
+        try:
+            _queues(m)
+            yield m
+        finally:
+            m.unmount_checked()
+
+
+def _encrypted(m: Mount) -> tuple[Path, MasterKey]:
+    master = MasterKey(os.urandom(64))
+    m.add_key(master)
+    d = m.mnt / "enc"
+    d.mkdir()
+    os.setxattr(d, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+    return d, master
+
+
+def test_every_request_comes_through_a_queue_of_its_cpu(worker: Mount) -> None:
+    assert worker.proc is not None
+    rings = [
+        fd
+        for fd in os.listdir(f"/proc/{worker.proc.pid}/fd")
+        if os.readlink(f"/proc/{worker.proc.pid}/fd/{fd}") == "anon_inode:[io_uring]"
+    ]
+    assert len(rings) == possible_cpus()
+    d, _ = _encrypted(worker)
+    before = _queues(worker)
+    by_opcode = worker.control("requests")
+    for i in range(200):
+        (d / f"f{i}").write_bytes(b"%d" % i * 100)
+    data = os.urandom(3 << 20)
+    (d / "big").write_bytes(data)
+    assert sorted(os.listdir(d)) == sorted([*(f"f{i}" for i in range(200)), "big"])
+    assert all((d / f"f{i}").read_bytes() == b"%d" % i * 100 for i in range(200))
+    assert (d / "big").read_bytes() == data
+    os.rename(d / "f0", d / "renamed")
+    os.symlink("renamed", d / "link")
+    assert (d / "link").read_bytes() == b"0" * 100
+    after = _queues(worker)
+    served = sum(after["served"]) - sum(before["served"])
+    creates = worker.control("requests")[protocol.CREATE] - by_opcode[protocol.CREATE]
+    assert creates == 201
+    assert served >= 201 * 4, (served, after)
+    # the key's lookup (fs/binding.py) went to the trio thread and back
+    assert sum(after["to_trio"]) >= 1, after
+
+
+def test_fsync_waits_on_the_queue_thread(worker: Mount) -> None:
+    before = _queues(worker)
+    path = worker.mnt / "journal"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        for i in range(20):
+            os.pwrite(fd, b"record %d\n" % i, i * 10)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    after = _queues(worker)
+    assert sum(after["direct_waits"]) - sum(before["direct_waits"]) >= 10, after
+    assert path.read_bytes().startswith(b"record 0\n")
+
+
+def test_a_key_removal_writes_back_dirty_data_first(worker: Mount) -> None:
+    d, master = _encrypted(worker)
+    data = os.urandom(2 << 20)
+    fd = os.open(d / "dirty", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, data)  # dirty in the worker (--dirty-expire 60)
+        worker.clear()  # the fence: written back under the key, then the key goes
+    finally:
+        os.close(fd)
+    assert not (d / "dirty").exists()  # locked: the name is shown sealed
+    worker.add_key(master)
+    assert (d / "dirty").read_bytes() == data
+
+
+def test_no_uring_keeps_a_mount_on_dev_fuse(tmp_path: Path) -> None:
+    with fuse_uring(True):
+        m = Mount(tmp_path, "--fuse-loop=keyfence", "--no-uring")
+        try:
+            (m.mnt / "f").write_bytes(b"x")
+            assert (m.mnt / "f").read_bytes() == b"x"
+            assert m.control("queues") is None
+            assert m.proc is not None
+            fds = os.listdir(f"/proc/{m.proc.pid}/fd")
+            links = [os.readlink(f"/proc/{m.proc.pid}/fd/{fd}") for fd in fds]
+            assert "anon_inode:[io_uring]" not in links
+        finally:
+            m.unmount_checked()
