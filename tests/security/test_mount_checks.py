@@ -63,6 +63,7 @@ def test_the_table_and_the_older_spelling() -> None:
     )
     assert opts.worker_args() == ["--dirty-limit=268435456", "--dirty-expire=10.0"]
     assert parse_options(["spin_us=0"]).worker_args() == ["--spin-us=0"]
+    assert parse_options(["no_uring"]).worker_args() == ["--no-uring"]
     legacy = parse_options(["--dirty-limit=1G", "--dirty-expire", "3", "--writeback-cache"])
     assert legacy.worker_args() == [
         "--dirty-limit=1073741824",

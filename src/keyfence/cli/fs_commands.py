@@ -391,8 +391,8 @@ def add_parsers(sub: Any) -> None:
         metavar="OPT[,OPT...]",
         help="mount options: dirty_limit=SIZE, dirty_expire=SEC, attr_timeout=SEC, "
         "write_through=SIZE, "
-        "readahead_kb=KB, max_tasks=N, spin_us=US, fuse_loop=keyfence|pyfuse3, writeback_cache, "
-        "allow_other, "
+        "readahead_kb=KB, max_tasks=N, spin_us=US, fuse_loop=keyfence|pyfuse3, no_uring, "
+        "writeback_cache, allow_other, "
         "nonempty, debug",
     )
     mount.set_defaults(run=cmd_mount)

@@ -27,6 +27,8 @@ Options (docs/fs.md has the measurements behind the defaults)::
                            fs/fuse/spin.py: from 50 up while a client needs it)
     --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
                            pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
+    --no-uring             keyfence's loop: read every request from /dev/fuse even
+                           when the kernel offers io_uring (fs/fuse/ring.py)
 
 There is no way to hand libfuse a raw option: the FUSE options are made
 here (``nosuid,nodev`` always, ``default_permissions``, ``allow_other``
@@ -130,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint-fd", type=int)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--fuse-loop", choices=FUSE_LOOPS, default=default_fuse_loop())
+    p.add_argument("--no-uring", dest="uring", action="store_false")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -366,6 +369,7 @@ def run(
     fuse_fd: int | None = None,
     mountpoint_fd: int | None = None,
     fuse_loop: str = "keyfence",
+    uring: bool = True,
 ) -> int:
     """Mount, serve until unmounted, write everything back.  Exit status."""
     os.umask(0)  # modes come from the requests, already masked by the kernel
@@ -376,7 +380,7 @@ def run(
             allow_other=allow_other, readahead_kb=readahead_kb, max_tasks=max_tasks,
             spin_us=default_spin_us() if spin_us is None else spin_us,
             ready_fd=ready_fd, backing_fd=backing_fd, fuse_fd=fuse_fd,
-            mountpoint_fd=mountpoint_fd,
+            mountpoint_fd=mountpoint_fd, uring=uring,
         )  # fmt: skip
     # mounted by the daemon on the checked directory: serve its /dev/fuse
     target = mountpoint if fuse_fd is None else f"/dev/fd/{fuse_fd}"
@@ -437,6 +441,7 @@ def _run_own(
     backing_fd: int | None,
     fuse_fd: int | None,
     mountpoint_fd: int | None,
+    uring: bool,
 ) -> int:
     """:func:`run` with keyfence's own loop: the same steps, our session."""
     ops = KeyfenceOperations(backing, mountpoint, source, options, backing_fd=backing_fd)
@@ -455,6 +460,7 @@ def _run_own(
             killpriv_v2=True,
             max_tasks=max_tasks,
             spin_us=spin_us,
+            uring=uring,
         ),
         dir_attributes=ops.dir_attributes,
         no_capability=ops.privileges.without_capability,
@@ -546,6 +552,7 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
         fuse_fd=args.fuse_fd,
         mountpoint_fd=args.mountpoint_fd,
         fuse_loop=args.fuse_loop,
+        uring=args.uring,
     )
 
 

@@ -90,6 +90,12 @@ OPTIONS: dict[str, _Option] = {
     "fuse_loop": _Option(
         "fuse_loop", _fuse_loop, "--fuse-loop", "FUSE request loop: keyfence or pyfuse3 (keyfence)"
     ),
+    "no_uring": _Option(
+        "no_uring",
+        None,
+        "--no-uring",
+        "read every request from /dev/fuse even when the kernel offers io_uring",
+    ),
     "debug": _Option("debug", None, "--debug", "log every request (root's mounts only)"),
     "allow_other": _Option(
         "allow_other", None, None, "other users may use the mount (fuse.conf user_allow_other)"
@@ -109,6 +115,7 @@ class MountRequestOptions:
     spin_us: int | None = None
     fuse_loop: str | None = None
     writeback_cache: bool = False
+    no_uring: bool = False
     debug: bool = False
     allow_other: bool = False
     nonempty: bool = False
