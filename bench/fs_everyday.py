@@ -8,6 +8,8 @@ Usage (root, from the repository root)::
         [--tree full|small] [--stdlib DIR] [--sqlite-tx 10000] [--fio-mib 256]
         [--fio-io-mib 80] [--before TREE]
         (also keyfence-nospin: keyfence whose loop never spins for the next request;
+        keyfence-uring: keyfence taking requests through io_uring, the kernel's
+        fuse.enable_uring set while it mounts;
         gocryptfs-allow-other: gocryptfs shared with other users, default_permissions)
 
 The peers (keyfence.testing.bench.peers) are set up over the same disk as for
@@ -65,6 +67,7 @@ from keyfence.testing.bench.peers import (
     GocryptfsPeer,
     KeyfenceNoSpinPeer,
     KeyfencePeer,
+    KeyfenceUringPeer,
     Peer,
     PeerError,
 )
@@ -162,6 +165,7 @@ class Everyday:
         makers: dict[str, Callable[[], Peer]] = {
             "keyfence": lambda: KeyfencePeer(self.scratch),
             "keyfence-nospin": lambda: KeyfenceNoSpinPeer(self.scratch),
+            "keyfence-uring": lambda: KeyfenceUringPeer(self.scratch),
             "gocryptfs": lambda: GocryptfsPeer(self.scratch),
             "gocryptfs-allow-other": lambda: GocryptfsAllowOtherPeer(self.scratch),
             "fscrypt": lambda: FscryptPeer(self.scratch, 2 << 30),
@@ -285,7 +289,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.systems = [s for s in a.systems.split(",") if s]
     if a.before and "keyfence-before" not in a.systems:
         a.systems.insert(1, "keyfence-before")
-    known = {*SYSTEMS, "keyfence-nospin", "gocryptfs-allow-other"}
+    known = {*SYSTEMS, "keyfence-nospin", "keyfence-uring", "gocryptfs-allow-other"}
     known |= {"keyfence-before"} if a.before else set()
     unknown = set(a.systems) - known
     if unknown:

@@ -295,6 +295,21 @@ class KeyfenceNoSpinPeer(KeyfencePeer):
         super().__init__(scratch, ["spin_us=0", *(options or [])])
 
 
+class KeyfenceUringPeer(KeyfencePeer):
+    """keyfence with FUSE requests through io_uring, one queue per CPU
+    (fs/fuse/ring.py): the kernel's ``fuse.enable_uring`` is set while it
+    mounts and its queues register, then put back."""
+
+    name = "keyfence-uring"
+
+    def mount(self, options: list[str] | None = None) -> None:
+        from keyfence.testing.mounting import fuse_uring
+
+        with fuse_uring(True):
+            super().mount(options)
+            time.sleep(0.5)  # the queues register just after INIT (checked at registration)
+
+
 # -- gocryptfs --------------------------------------------------------------
 
 
