@@ -7,6 +7,7 @@ Usage (root, from the repository root)::
         [--systems keyfence,gocryptfs,fscrypt,disk] [--only GROUP,...] [--scratch DIR]
         (also keyfence-pyfuse3, keyfence-ownloop: keyfence with a given FUSE loop;
         keyfence-nospin: its loop never spinning for the next request;
+        keyfence-uring: requests through io_uring, fuse.enable_uring set while it mounts;
         gocryptfs-allow-other: gocryptfs shared with other users, default_permissions)
 
 Every peer lives over the same disk (``--scratch``, default /var/tmp): keyfence
@@ -71,6 +72,7 @@ from keyfence.testing.bench.peers import (
     KeyfenceOwnLoopPeer,
     KeyfencePeer,
     KeyfencePyfuse3Peer,
+    KeyfenceUringPeer,
     Peer,
     PeerError,
     kernel_cipher_driver,
@@ -84,7 +86,13 @@ from keyfence.testing.bench.process import (
 from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
-VARIANTS = ["keyfence-pyfuse3", "keyfence-ownloop", "keyfence-nospin", "gocryptfs-allow-other"]
+VARIANTS = [
+    "keyfence-pyfuse3",
+    "keyfence-ownloop",
+    "keyfence-nospin",
+    "keyfence-uring",
+    "gocryptfs-allow-other",
+]
 """keyfence with a given FUSE loop, and gocryptfs shared with other users
 (peers.py), for ``--systems``."""
 BLOCK = 4096
@@ -439,6 +447,7 @@ class Bench:
             "keyfence-pyfuse3": lambda: KeyfencePyfuse3Peer(a.scratch_dir),
             "keyfence-ownloop": lambda: KeyfenceOwnLoopPeer(a.scratch_dir),
             "keyfence-nospin": lambda: KeyfenceNoSpinPeer(a.scratch_dir),
+            "keyfence-uring": lambda: KeyfenceUringPeer(a.scratch_dir),
             "gocryptfs": lambda: GocryptfsPeer(a.scratch_dir),
             "gocryptfs-allow-other": lambda: GocryptfsAllowOtherPeer(a.scratch_dir),
             "fscrypt": lambda: FscryptPeer(a.scratch_dir, image),

@@ -123,7 +123,7 @@ class LoopLock(trio.abc.Instrument):
 class Queues:
     """Every CPU's queue of one session."""
 
-    def __init__(self, session: Session, *, depth: int = 16, direct_ms: int = 5) -> None:
+    def __init__(self, session: Session, *, depth: int = 8, direct_ms: int = 5) -> None:
         self.session = session
         self.depth = depth
         self.direct_ms = direct_ms

@@ -154,6 +154,11 @@ class _Next(enum.Enum):
 _YIELD_NS = 10_000
 """A spinning reader yields the CPU this often (fs/fuse/_loop.c's YIELD_NS)."""
 
+FORGET_GATHER_S = 0.002
+"""With io_uring queues, how long the reader waits after /dev/fuse became
+readable before it reads (forgets gather meanwhile; an INTERRUPT waits as
+long, its handler is not cancelled anyway)."""
+
 _GONE = (errno.ENODEV, errno.ECONNABORTED)
 """What ``/dev/fuse`` says once the connection is gone (unmounted, aborted)."""
 
@@ -364,6 +369,11 @@ class Session:
             return False
         try:
             await trio.lowlevel.wait_readable(self.fd)
+            if self.queues is not None:
+                # only FORGET and INTERRUPT come here now: let the kernel
+                # gather forgets into one BATCH_FORGET rather than wake this
+                # thread (and take the serving lock) for each
+                await trio.sleep(FORGET_GATHER_S)
         except trio.ClosedResourceError:  # terminate()
             return False
         return True
