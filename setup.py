@@ -56,6 +56,7 @@ setup(
             "keyfence.fs.fuse._ring",
             [
                 "src/keyfence/fs/fuse/_ring.c",
+                "src/keyfence/fs/fuse/_awake.c",
                 "src/keyfence/fs/fuse/_drive.c",
                 "src/keyfence/fs/fuse/_answers.c",
             ],
@@ -63,9 +64,11 @@ setup(
                 "src/keyfence/fs/_names.h",
                 "src/keyfence/fs/fuse/_answers.h",
                 "src/keyfence/fs/fuse/_drive.h",
+                "src/keyfence/fs/fuse/_awake.h",
             ],
             include_dirs=["src/keyfence/fs"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         ),
     ]

@@ -153,3 +153,51 @@ def test_forgets_are_gathered_not_read_one_by_one(worker: Mount) -> None:
             break
         time.sleep(0.05)
     assert 0 < forgets + batches < 500, (forgets, batches)
+
+
+SCHED_IDLE = 5
+
+
+def _idle_class_threads(pid: int) -> dict[int, tuple[int, set[int]]]:
+    """The threads of ``pid`` at SCHED_IDLE: tid -> (CPU ticks so far, CPUs allowed)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        # fields[0] is field 3 (state): utime 14, stime 15, policy 41
+        if int(fields[41 - 3]) == SCHED_IDLE:
+            ticks = int(fields[14 - 3]) + int(fields[15 - 3])
+            out[int(tid)] = (ticks, os.sched_getaffinity(int(tid)))
+    return out
+
+
+@pytest.mark.skipif(possible_cpus() < 2, reason="one CPU: no neighbour to keep busy")
+def test_a_neighbouring_cpu_is_kept_busy_only_while_requests_come(worker: Mount) -> None:
+    """fs/fuse/_awake.c: one spinner per queue, at SCHED_IDLE, on the
+    queue's neighbouring CPU; asleep (no CPU time) once the mount is idle."""
+    assert worker.proc is not None
+    for i in range(200):
+        os.statvfs(worker.mnt)
+        (worker.mnt / f"f{i}").write_bytes(b"x")
+    spinners = _idle_class_threads(worker.proc.pid)
+    assert len(spinners) == possible_cpus(), spinners
+    assert sorted(min(cpus) for _, cpus in spinners.values()) == list(range(possible_cpus()))
+    assert all(len(cpus) == 1 for _, cpus in spinners.values())
+    time.sleep(0.5)  # well past the 200 us spin
+    before = _idle_class_threads(worker.proc.pid)
+    time.sleep(1.0)
+    after = _idle_class_threads(worker.proc.pid)
+    assert {tid: t for tid, (t, _) in after.items()} == {tid: t for tid, (t, _) in before.items()}
+
+
+def test_no_spinner_without_spin_us(tmp_path: Path) -> None:
+    with fuse_uring(True):
+        m = Mount(tmp_path, "--fuse-loop=keyfence", "--spin-us", "0")
+        try:
+            _queues(m)
+            for _ in range(100):
+                os.statvfs(m.mnt)
+            assert m.proc is not None
+            assert _idle_class_threads(m.proc.pid) == {}
+        finally:
+            m.unmount_checked()

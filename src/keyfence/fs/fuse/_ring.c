@@ -57,6 +57,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "_awake.h"
 #include "_drive.h"
 
 /* include/uapi/linux/fuse.h (7.42), not in older userspace headers */
@@ -135,6 +136,7 @@ typedef struct {
     unsigned live;    /* entries the kernel still has or gives requests in */
     long served;      /* requests driven here */
     long tabled;      /* of those, answered from a table */
+    struct kf_awake *awake; /* the CPU's spinner (_awake.c), or NULL */
 } Ring;
 
 static int sys_setup(unsigned entries, struct io_uring_params *p)
@@ -745,6 +747,8 @@ static PyObject *Ring_serve(Ring *r, PyObject *args)
             memcpy(&e->unique, e->hdr->in_out + 8, sizeof(e->unique));
             if (e->unique == 0)
                 e->unique = 1; /* malformed: lay_out() refuses it */
+            if (r->awake != NULL)
+                awake_touch(r->awake);
             PyObject *out = serve_entry(r, i, &env, view, lock);
             if (out != NULL || PyErr_Occurred())
                 return out;
@@ -754,8 +758,41 @@ static PyObject *Ring_serve(Ring *r, PyObject *args)
 
 /* close(): zero every entry and let the kernel go (the fds are closed; the
    mapping goes with the last view of it). */
+static void stop_awake(Ring *r)
+{
+    struct kf_awake *a = r->awake;
+    r->awake = NULL;
+    if (a != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        awake_stop(a);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* keep_awake(cpu, spin_ns): start the CPU's spinner (_awake.c); OSError
+   when it cannot run at SCHED_IDLE there. */
+static PyObject *Ring_keep_awake(Ring *r, PyObject *args)
+{
+    int cpu;
+    long long spin_ns;
+    if (!PyArg_ParseTuple(args, "iL", &cpu, &spin_ns))
+        return NULL;
+    if (check_open(r) < 0)
+        return NULL;
+    stop_awake(r);
+    struct kf_awake *a;
+    Py_BEGIN_ALLOW_THREADS
+    a = awake_start(cpu, spin_ns);
+    Py_END_ALLOW_THREADS
+    if (a == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    r->awake = a;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Ring_close(Ring *r, PyObject *Py_UNUSED(ignored))
 {
+    stop_awake(r);
     if (!r->closed) {
         r->closed = 1;
         close_fds(r);
@@ -788,6 +825,8 @@ static void Ring_releasebuffer(Ring *r, Py_buffer *Py_UNUSED(view))
 
 static void Ring_dealloc(Ring *r)
 {
+    awake_stop(r->awake);
+    r->awake = NULL;
     close_fds(r);
     unmap_all(r);
     Py_TYPE(r)->tp_free((PyObject *)r);
@@ -819,6 +858,7 @@ static PyMethodDef Ring_methods[] = {
     {"register", (PyCFunction)Ring_register, METH_NOARGS, "Give every entry to the kernel."},
     {"serve", (PyCFunction)Ring_serve, METH_VARARGS, "Serve requests until Python is needed."},
     {"commit", (PyCFunction)Ring_commit, METH_VARARGS, "Answer an entry's request."},
+    {"keep_awake", (PyCFunction)Ring_keep_awake, METH_VARARGS, "Start the CPU's spinner."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Zero the entries, close the ring."},
     {NULL, NULL, 0, NULL},
 };

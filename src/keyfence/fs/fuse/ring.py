@@ -27,12 +27,16 @@ Concurrency contract:
    the trio thread, which drives it to its end; the answer comes back
    through the queue's ``wake_fd`` and is committed by the queue thread (the
    ring's only submitter).  Trio is never called from a queue thread.
-3. A blocking call (fs/fuse/blocking.py) is waited for on the queue thread
+3. While requests come, a spinner at SCHED_IDLE keeps the queue's
+   neighbouring CPU busy for up to ``spin_us`` after the last one
+   (fs/fuse/_awake.c): the scheduler then finds no idle CPU to move the
+   answered caller to, and it stays on its own, beside the queue's thread.
+4. A blocking call (fs/fuse/blocking.py) is waited for on the queue thread
    with the lock let go (:meth:`_Queue.wait_directly`) while nothing else
    arrives for the queue, for at most ``direct_ms``; then as in 2.
-4. ``/dev/fuse`` is still read on the trio thread: INIT, FORGET and
+5. ``/dev/fuse`` is still read on the trio thread: INIT, FORGET and
    INTERRUPT come there, and every request until all queues are registered.
-5. Every answer zeroes what its entry held (fs/fuse/_ring.c).
+6. Every answer zeroes what its entry held (fs/fuse/_ring.c).
 
 Errors: a queue that cannot be made before INIT is answered means no
 io_uring for this mount (:meth:`Queues.prepare` says False and INIT does not
@@ -239,6 +243,12 @@ class _Queue:
             log.warning("FUSE queue %d not registered: %s", self.qid, err)
             return
         s = self.session
+        if s.options.spin_ns > 0 and len(self.queues.queues) > 1:  # contract 3
+            neighbour = (self.qid + 1) % len(self.queues.queues)
+            try:
+                ring.keep_awake(neighbour, s.options.spin_ns)
+            except OSError as err:
+                log.info("FUSE queue %d: CPU %d not kept busy: %s", self.qid, neighbour, err)
         dirs = s.dir_attributes.table if s.dir_attributes is not None else None
         on_miss = s.dir_attributes.on_miss if s.dir_attributes is not None else None
         args = (
@@ -344,7 +354,7 @@ class _Queue:
 
     def wait_directly(self, fd: int, timeout_ms: int) -> bool:
         """Wait for ``fd`` with the serving lock let go, while no request
-        or finished handler of this queue is waiting (contract 3)."""
+        or finished handler of this queue is waiting (contract 4)."""
         ring = self.ring
         poller = select.poll()
         poller.register(fd, select.POLLIN)
