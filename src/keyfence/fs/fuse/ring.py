@@ -14,7 +14,7 @@ reads ``/dev/fuse`` alone.
 Concurrency contract:
 
 1. The handlers keep their one-thread contract (fs/ops.py) through one
-   lock, :attr:`Session.serving_lock`: a queue thread holds it while it
+   lock, the session's ``serving_lock``: a queue thread holds it while it
    steps a handler (in C, ``Ring.serve``), the trio thread during each of
    its task steps (:class:`LoopLock`, a trio instrument).  Handlers still
    interleave only where they ``await``.
@@ -55,24 +55,22 @@ import queue
 import select
 import threading
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from pyfuse3 import FUSEError
 
 from keyfence.fs.fuse import protocol as p
+from keyfence.fs.fuse.dir_attrs import DirectoryAttributes
 from keyfence.fs.fuse.dispatch import Answer, Caller, error_code
 from keyfence.fs.fuse.handoff import TO_TRIO, resume, set_queue
-
-if TYPE_CHECKING:
-    from keyfence.fs.fuse.session import Session
 
 try:
     from keyfence.fs.fuse import _ring
 except ImportError:  # built without it (setup.py: optional)
     _ring = None  # type: ignore[assignment]
 
-__all__ = ["LoopLock", "Queues", "available", "possible_cpus"]
+__all__ = ["LoopLock", "QueuedSession", "Queues", "available", "possible_cpus"]
 
 log = logging.getLogger("keyfence.fs.fuse")
 
@@ -102,6 +100,26 @@ def possible_cpus(text: str | None = None) -> int:
     return highest + 1 if highest >= 0 else 1
 
 
+class _Options(Protocol):
+    spin_ns: int
+
+
+class QueuedSession(Protocol):
+    """What the queues use of their session (fs/fuse/session.py's
+    ``Session``, which makes them: a protocol here, not an import back)."""
+
+    fd: int
+    handlers: dict[int, Any]
+    by_opcode: list[int]
+    serving_lock: threading.Lock
+    dir_attributes: DirectoryAttributes | None
+    no_capability: set[int] | None
+    waiting: set[int]
+
+    @property
+    def options(self) -> _Options: ...
+
+
 class LoopLock(trio.abc.Instrument):
     """Holds the serving lock during every trio task step (contract 1)."""
 
@@ -127,7 +145,7 @@ class LoopLock(trio.abc.Instrument):
 class Queues:
     """Every CPU's queue of one session."""
 
-    def __init__(self, session: Session, *, depth: int = 8, direct_ms: int = 5) -> None:
+    def __init__(self, session: QueuedSession, *, depth: int = 8, direct_ms: int = 5) -> None:
         self.session = session
         self.depth = depth
         self.direct_ms = direct_ms
