@@ -423,7 +423,8 @@ static int carries_plaintext(uint32_t opcode)
 /* Answer entry i's request (error: 0 or a negative errno; parts: the
    answer) and give the entry back for the next one: queued, the next wait
    sends it.  What the entry held is zeroed first.  An answer larger than
-   the kernel asked for is refused with EIO, not cut.  0, or -EBUSY when the
+   the entry's payload is refused with EIO, not cut (the kernel checks it
+   against what the request asked for).  0, or -EBUSY when the
    submission ring is full (it holds every entry's command: never). */
 static int commit_entry(Ring *r, unsigned i, int32_t error, Py_buffer *parts, int count)
 {
@@ -670,10 +671,13 @@ static PyObject *serve_entry(Ring *r, unsigned i, const struct drive_env *env, P
     Py_ssize_t offset = (Py_ssize_t)(start - r->mem);
     int got = drive(env, &h, start, n, view, offset, answer_to_entry, &sink, &d);
     PyObject *out = NULL;
-    if (got == DRIVE_NO_HANDLER) {
-        if (commit_entry(r, i, -ENOSYS, NULL, 0) < 0)
+    if (got == DRIVE_NO_HANDLER || got == DRIVE_ERROR) {
+        /* no handler: ENOSYS; a Python error before the handler ran (out of
+           memory): EIO, and the error goes up (ring.py logs it) */
+        if (commit_entry(r, i, got == DRIVE_ERROR ? -EIO : -ENOSYS, NULL, 0) < 0 &&
+            !PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "submission ring full");
-    } else if (got != DRIVE_ERROR) {
+    } else {
         r->served++;
         r->tabled += d.tabled;
         if (got == DRIVE_SUSPENDED)

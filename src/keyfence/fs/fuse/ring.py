@@ -274,7 +274,11 @@ class _Queue:
             dirs, s.no_capability, on_miss,
         )  # fmt: skip
         while not self.queues.stopping:
-            status, entry, a, b, c, d = ring.serve(*args)
+            try:
+                status, entry, a, b, c, d = ring.serve(*args)
+            except MemoryError:  # the request was answered EIO; the queue goes on
+                log.exception("FUSE queue %d", self.qid)
+                continue
             if status == _ring.WOKEN:
                 self._commit_finished(ring)
             elif status == _ring.SUSPENDED:  # a: coro, b: what it yielded, c: unique, d: opcode
