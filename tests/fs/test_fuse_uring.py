@@ -29,6 +29,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _fd_links(pid: int) -> list[str]:
+    """What each open descriptor of ``pid`` is (one closed meanwhile: left out)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return links
+
+
 def _queues(m: Mount) -> dict[str, list[int]]:
     deadline = time.monotonic() + 30
     while (got := m.control("queues")) is None:
@@ -59,11 +70,7 @@ def _encrypted(m: Mount) -> tuple[Path, MasterKey]:
 
 def test_every_request_comes_through_a_queue_of_its_cpu(worker: Mount) -> None:
     assert worker.proc is not None
-    rings = [
-        fd
-        for fd in os.listdir(f"/proc/{worker.proc.pid}/fd")
-        if os.readlink(f"/proc/{worker.proc.pid}/fd/{fd}") == "anon_inode:[io_uring]"
-    ]
+    rings = [link for link in _fd_links(worker.proc.pid) if link == "anon_inode:[io_uring]"]
     assert len(rings) == possible_cpus()
     d, _ = _encrypted(worker)
     before = _queues(worker)
@@ -124,9 +131,7 @@ def test_no_uring_keeps_a_mount_on_dev_fuse(tmp_path: Path) -> None:
             assert (m.mnt / "f").read_bytes() == b"x"
             assert m.control("queues") is None
             assert m.proc is not None
-            fds = os.listdir(f"/proc/{m.proc.pid}/fd")
-            links = [os.readlink(f"/proc/{m.proc.pid}/fd/{fd}") for fd in fds]
-            assert "anon_inode:[io_uring]" not in links
+            assert "anon_inode:[io_uring]" not in _fd_links(m.proc.pid)
         finally:
             m.unmount_checked()
 
@@ -162,12 +167,18 @@ def _idle_class_threads(pid: int) -> dict[int, tuple[int, set[int]]]:
     """The threads of ``pid`` at SCHED_IDLE: tid -> (CPU ticks so far, CPUs allowed)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
         # fields[0] is field 3 (state): utime 14, stime 15, policy 41
         if int(fields[41 - 3]) == SCHED_IDLE:
             ticks = int(fields[14 - 3]) + int(fields[15 - 3])
-            out[int(tid)] = (ticks, os.sched_getaffinity(int(tid)))
+            try:
+                out[int(tid)] = (ticks, os.sched_getaffinity(int(tid)))
+            except ProcessLookupError:
+                continue
     return out
 
 
