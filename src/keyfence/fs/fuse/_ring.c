@@ -359,9 +359,12 @@ static int check_open(Ring *r)
     return 0;
 }
 
-static PyObject *submit_now(Ring *r)
+/* Send what is queued, without waiting (the GIL let go): 0 when all went,
+   1 when the kernel took none now (completions to reap first), -1 with an
+   error set. */
+static int submit_all(Ring *r)
 {
-    while (r->to_submit) {
+    while (r->to_submit > 0) {
         int n;
         Py_BEGIN_ALLOW_THREADS
         n = sys_enter(r->ring_fd, r->to_submit, 0, 0);
@@ -369,9 +372,26 @@ static PyObject *submit_now(Ring *r)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            if (errno == EBUSY || errno == EAGAIN)
+                return 1;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
+        if (n == 0)
+            return 1;
         r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
+    }
+    return 0;
+}
+
+static PyObject *submit_now(Ring *r)
+{
+    int sent = submit_all(r);
+    if (sent < 0)
+        return NULL;
+    if (sent > 0) {
+        errno = EBUSY;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
 }
@@ -565,23 +585,9 @@ enum { RS_WOKEN = 0, RS_GONE = 1, RS_SUSPENDED = 2, RS_FAILED = 3, RS_ANSWER = 4
    its payload is only the answer.  0, or -1 with an error set. */
 static int submit_and_wipe(Ring *r)
 {
-    while (r->to_submit > 0) {
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = sys_enter(r->ring_fd, r->to_submit, 0, 0);
-        Py_END_ALLOW_THREADS
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EBUSY || errno == EAGAIN)
-                return 0; /* completions to reap first: wiped after the next one */
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
-        if (n == 0)
-            return 0;
-    }
+    int sent = submit_all(r);
+    if (sent != 0)
+        return sent < 0 ? -1 : 0; /* not all sent: wiped after a later one */
     for (unsigned k = 0; k < r->n_wipe; k++) {
         struct kf_entry *e = &r->ents[r->to_wipe[k]];
         uint64_t now;
