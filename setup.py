@@ -12,6 +12,15 @@ FUSE loop serves every request in Python.
 
 from setuptools import Extension, setup
 
+# What both FUSE loops share (fs/fuse/_drive.c drives a request's handler;
+# _answers.c answers from the handlers' tables, with _names' capsule)
+FUSE_SHARED_SOURCES = ["src/keyfence/fs/fuse/_drive.c", "src/keyfence/fs/fuse/_answers.c"]
+FUSE_SHARED_HEADERS = [
+    "src/keyfence/fs/_names.h",
+    "src/keyfence/fs/fuse/_answers.h",
+    "src/keyfence/fs/fuse/_drive.h",
+]
+
 setup(
     ext_modules=[
         Extension(
@@ -38,16 +47,8 @@ setup(
         ),
         Extension(
             "keyfence.fs.fuse._loop",
-            [
-                "src/keyfence/fs/fuse/_loop.c",
-                "src/keyfence/fs/fuse/_drive.c",
-                "src/keyfence/fs/fuse/_answers.c",
-            ],
-            depends=[
-                "src/keyfence/fs/_names.h",
-                "src/keyfence/fs/fuse/_answers.h",
-                "src/keyfence/fs/fuse/_drive.h",
-            ],
+            ["src/keyfence/fs/fuse/_loop.c", *FUSE_SHARED_SOURCES],
+            depends=FUSE_SHARED_HEADERS,
             include_dirs=["src/keyfence/fs"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
@@ -57,15 +58,9 @@ setup(
             [
                 "src/keyfence/fs/fuse/_ring.c",
                 "src/keyfence/fs/fuse/_awake.c",
-                "src/keyfence/fs/fuse/_drive.c",
-                "src/keyfence/fs/fuse/_answers.c",
+                *FUSE_SHARED_SOURCES,
             ],
-            depends=[
-                "src/keyfence/fs/_names.h",
-                "src/keyfence/fs/fuse/_answers.h",
-                "src/keyfence/fs/fuse/_drive.h",
-                "src/keyfence/fs/fuse/_awake.h",
-            ],
+            depends=[*FUSE_SHARED_HEADERS, "src/keyfence/fs/fuse/_awake.h"],
             include_dirs=["src/keyfence/fs"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
             extra_link_args=["-pthread"],

@@ -35,7 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from keyfence.fs.crypto import MasterKey
 from keyfence.testing.bench.peers import GocryptfsPeer, PeerError
 from keyfence.testing.mounting import Mount
 
@@ -90,11 +89,7 @@ def _keyfence(
     and the worker's pid."""
     m = Mount(tmp, *args, name=name)
     stack.callback(m.unmount)
-    master = MasterKey(os.urandom(64))
-    m.add_key(master)
-    enc = m.mnt / "enc"
-    enc.mkdir()
-    os.setxattr(enc, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+    enc, _ = m.encrypted_dir()
     assert m.proc is not None
     return enc, m.proc.pid
 

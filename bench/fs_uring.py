@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from keyfence.fs.crypto import MasterKey
 from keyfence.testing.mounting import Mount, fuse_uring, fuse_uring_available
 
 STATFS_LOOP = (
@@ -72,12 +70,7 @@ def _mount(
                     raise SystemExit(f"{name}: the worker took no io_uring queues")
                 time.sleep(0.05)
             time.sleep(0.5)
-    master = MasterKey(os.urandom(64))
-    m.add_key(master)
-    enc = m.mnt / "enc"
-    enc.mkdir()
-    os.setxattr(enc, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
-    return m, enc
+    return m, m.encrypted_dir()[0]
 
 
 def main() -> int:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from keyfence.fs.crypto import MasterKey
 from keyfence.fs.fuse import protocol
 from keyfence.fs.fuse.ring import possible_cpus
 from keyfence.testing.mounting import Mount, fuse_uring, fuse_uring_available
@@ -59,20 +58,11 @@ def worker(tmp_path: Path) -> Iterator[Mount]:
             m.unmount_checked()
 
 
-def _encrypted(m: Mount) -> tuple[Path, MasterKey]:
-    master = MasterKey(os.urandom(64))
-    m.add_key(master)
-    d = m.mnt / "enc"
-    d.mkdir()
-    os.setxattr(d, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
-    return d, master
-
-
 def test_every_request_comes_through_a_queue_of_its_cpu(worker: Mount) -> None:
     assert worker.proc is not None
     rings = [link for link in _fd_links(worker.proc.pid) if link == "anon_inode:[io_uring]"]
     assert len(rings) == possible_cpus()
-    d, _ = _encrypted(worker)
+    d, _ = worker.encrypted_dir()
     before = _queues(worker)
     by_opcode = worker.control("requests")
     for i in range(200):
@@ -110,7 +100,7 @@ def test_fsync_waits_on_the_queue_thread(worker: Mount) -> None:
 
 
 def test_a_key_removal_writes_back_dirty_data_first(worker: Mount) -> None:
-    d, master = _encrypted(worker)
+    d, master = worker.encrypted_dir()
     data = os.urandom(2 << 20)
     fd = os.open(d / "dirty", os.O_CREAT | os.O_WRONLY, 0o600)
     try:

@@ -163,6 +163,16 @@ class Mount:
             )
         )
 
+    def encrypted_dir(self, name: str = "enc") -> tuple[Path, MasterKey]:
+        """A new directory ``name`` at the mount's root with a policy of a
+        fresh key, added to this session first: (its path, the key)."""
+        master = MasterKey(os.urandom(64))
+        self.add_key(master)
+        path = self.mnt / name
+        path.mkdir()
+        os.setxattr(path, "user.keyfence.policy", f"keyfence:{master.identifier}".encode())
+        return path, master
+
     def unlink_key(self, serial: int, *, emergency: bool = False) -> None:
         self.control("unlink", serial=serial, sid=os.getsid(0), emergency=emergency)
 
