@@ -319,9 +319,6 @@ class Client:
         except OSError as err:
             self._pending.pop(request_id, None)
             raise KeyfenceError(errno.ENOTCONN, f"lost the daemon: {err}") from None
-        except UnicodeEncodeError:  # a name from argv that is not UTF-8: the wire carries text
-            self._pending.pop(request_id, None)
-            raise KeyfenceError(errno.EINVAL, "a name or description that is not UTF-8") from None
 
     def _receive_until(self, pending: _Pending) -> None:
         """No reader thread: read the socket ourselves until our reply."""

@@ -24,7 +24,7 @@ lean client imports instead of this module); the structs here must match
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -108,7 +108,9 @@ class Event(msgspec.Struct, tag="event", forbid_unknown_fields=True):
     phase: str = "after"
     emergency: bool = False
     removal: int = 0
-    description: str = ""
+    description: Any = ""
+    """The key's description: str (a :data:`~keyfence.wire.TEXT_EXT` on the
+    wire where it is not UTF-8)."""
     ack: bool = False
 
 
@@ -128,8 +130,14 @@ class Progress(msgspec.Struct, tag="progress", forbid_unknown_fields=True):
 Message = Hello | Welcome | Request | Reply | Error | Status | Event | Ack | Progress
 
 
+def _ext_hook(code: int, data: memoryview) -> str:
+    if code != wire.TEXT_EXT:
+        raise msgspec.ValidationError(f"msgpack ext type {code} is not used by the protocol")
+    return wire.text_of(data)
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+_decoder = msgspec.msgpack.Decoder(Message, ext_hook=_ext_hook)
 
 
 def _check_fields() -> None:
@@ -180,13 +188,51 @@ def encode(message: Message, *, room: int = 0) -> bytearray:
     encoded in one buffer and nothing of it is left behind.
     """
     frame = bytearray(wire.HEADER_SIZE + max(room, _ROOM))
-    _encoder.encode_into(message, frame, wire.HEADER_SIZE)
+    try:
+        _encoder.encode_into(message, frame, wire.HEADER_SIZE)
+    except UnicodeEncodeError:  # text that is not UTF-8 somewhere in it (rare)
+        wire.zero(frame)
+        frame = bytearray(wire.HEADER_SIZE + max(room, _ROOM))
+        _encoder.encode_into(_with_text_exts(message), frame, wire.HEADER_SIZE)
     size = len(frame) - wire.HEADER_SIZE
     if size > wire.MAX_FRAME:
         wire.zero(frame)
         raise ValueError(f"message of {size} bytes exceeds the {wire.MAX_FRAME}-byte frame limit")
     frame[: wire.HEADER_SIZE] = size.to_bytes(wire.HEADER_SIZE, "big")
     return frame
+
+
+_EXACT_TEXT = frozenset({"args", "value", "description"})
+"""Fields (typed Any) whose text that is not UTF-8 goes as it is, a
+:data:`~keyfence.wire.TEXT_EXT`: a request's arguments, an answer, an
+event's key description.  In every other field (str: messages, notes,
+names) such bytes are shown as ``\\xe9``."""
+
+
+def _with_text_exts(message: Message) -> object:
+    """``message`` as builtins with its text that is not UTF-8 made
+    encodable (see :data:`_EXACT_TEXT`); bytes stay the same objects."""
+    fields = msgspec.to_builtins(message, builtin_types=(bytes, bytearray, memoryview))
+    return {
+        k: _texts(v, exact=k in _EXACT_TEXT) for k, v in cast(dict[str, object], fields).items()
+    }
+
+
+def _texts(value: object, *, exact: bool) -> object:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogateescape")
+            if exact:
+                return msgspec.msgpack.Ext(wire.TEXT_EXT, raw)
+            return raw.decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, list):
+        return [_texts(item, exact=exact) for item in value]
+    if isinstance(value, dict):
+        return {_texts(k, exact=exact): _texts(v, exact=exact) for k, v in value.items()}
+    return value
 
 
 def room_for(value: object) -> int:

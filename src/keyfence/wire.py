@@ -8,7 +8,7 @@ imported).  The daemon decodes message bodies with msgspec, which validates
 them; importing msgspec costs a command-line client about 10 ms, a quarter
 of its budget.  Clients therefore encode and decode here, in plain Python,
 the subset of msgpack the protocol uses (nil, bool, int, float, str, bin,
-array, map) -- messages are dicts whose ``"type"`` is the struct's tag,
+array, map, and ext :data:`TEXT_EXT`) -- messages are dicts whose ``"type"`` is the struct's tag,
 exactly as msgspec lays tagged structs out.  tests/test_wire.py checks both
 directions against msgspec.
 """
@@ -71,6 +71,12 @@ EVENT_BITS: dict[str, int] = {
 """Watch masks on the wire: keyctl's event words and the model's KeyEvent bits."""
 ALL_EVENTS = 0x3FF
 
+TEXT_EXT = 0
+"""The msgpack ext type of text that is not UTF-8: a key's description, a
+keyring's or a type's name may be any bytes but NUL, as the kernel's are
+(keyfence.keys.text).  Its data are the bytes; decoded, a str with each
+byte that is not UTF-8 as a lone surrogate (``surrogateescape``)."""
+
 # Numbers go through int.to_bytes/from_bytes: struct (an extension module)
 # costs a command-line client 0.7 ms to import; only floats (a removal's
 # timeout, a status frame's elapsed time) import it, when they occur.
@@ -101,7 +107,11 @@ def _pack(obj: object, out: bytearray) -> None:
         out.append(0xCB)
         out += struct.pack(">d", obj)
     elif type(obj) is str:
-        data = obj.encode()
+        try:
+            data = obj.encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, held as surrogates
+            _pack_ext(TEXT_EXT, obj.encode("utf-8", "surrogateescape"), out)
+            return
         n = len(data)
         if n < 32:
             out.append(0xA0 | n)
@@ -145,6 +155,18 @@ def _pack(obj: object, out: bytearray) -> None:
             _pack(value, out)
     else:
         raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+def _pack_ext(code: int, data: bytes, out: bytearray) -> None:
+    n = len(data)
+    if n < 0x100:
+        out += b"\xc7" + n.to_bytes(1, "big")
+    elif n < 0x10000:
+        out += b"\xc8" + n.to_bytes(2, "big")
+    else:
+        out += b"\xc9" + n.to_bytes(4, "big")
+    out.append(code)
+    out += data
 
 
 def _pack_int(n: int, out: bytearray) -> None:
@@ -222,6 +244,8 @@ def _unpack(data: _Data, pos: int, depth: int) -> tuple[object, int]:
         size, fmt = (4, ">f") if tag == 0xCA else (8, ">d")
         _check(data, pos + size)
         return struct.unpack_from(fmt, data, pos)[0], pos + size
+    if 0xD4 <= tag <= 0xD8:  # fixext 1, 2, 4, 8, 16
+        return _ext(data, pos, 1 << (tag - 0xD4))
     size = _LENGTHS.get(tag)
     if size is None:
         raise WireError(f"msgpack type 0x{tag:02x} is not used by the protocol")
@@ -233,6 +257,8 @@ def _unpack(data: _Data, pos: int, depth: int) -> tuple[object, int]:
         if pos + n > len(data):
             raise WireError("truncated bin")
         return bytes(data[pos : pos + n]), pos + n  # from a view: its one copy
+    if tag in (0xC7, 0xC8, 0xC9):
+        return _ext(data, pos, n)
     if tag in (0xDC, 0xDD):
         return _array(data, pos, n, depth)
     return _map(data, pos, n, depth)
@@ -240,9 +266,9 @@ def _unpack(data: _Data, pos: int, depth: int) -> tuple[object, int]:
 
 _INTS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
 """Integer tags: the size of the big-endian value (0xD0-0xD3 signed)."""
-_LENGTHS = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4}
+_LENGTHS = {0xD9: 1, 0xDA: 2, 0xDB: 4, 0xC4: 1, 0xC5: 2, 0xC6: 4, 0xC7: 1, 0xC8: 2, 0xC9: 4}
 _LENGTHS.update({0xDC: 2, 0xDD: 4, 0xDE: 2, 0xDF: 4})
-"""str, bin, array and map tags: the size of their length."""
+"""str, bin, ext, array and map tags: the size of their length."""
 
 
 def _check(data: _Data, end: int) -> None:
@@ -262,6 +288,20 @@ def _str(data: _Data, pos: int, n: int) -> tuple[str, int]:
         return str(data[pos : pos + n], "utf-8"), pos + n
     except UnicodeDecodeError:
         raise WireError("str is not UTF-8") from None
+
+
+def _ext(data: _Data, pos: int, n: int) -> tuple[str, int]:
+    """An ext of ``n`` bytes after its type byte at ``pos``: only text that
+    is not UTF-8 is used (:data:`TEXT_EXT`)."""
+    _check(data, pos + 1 + n)
+    if data[pos] != TEXT_EXT:
+        raise WireError(f"msgpack ext type {data[pos]} is not used by the protocol")
+    return text_of(data[pos + 1 : pos + 1 + n]), pos + 1 + n
+
+
+def text_of(data: bytes | memoryview) -> str:
+    """A :data:`TEXT_EXT`'s str: its UTF-8, bytes that are not held as surrogates."""
+    return str(data, "utf-8", "surrogateescape")
 
 
 def _array(data: _Data, pos: int, n: int, depth: int) -> tuple[list[object], int]:

@@ -186,7 +186,7 @@ def run_kernel_side(script: Path, tmp: Path) -> str:
 def _kernel_keys() -> set[str]:
     """The serials in this machine's /proc/keys (root's view: every key of
     uid 0, which each script's user namespace maps its root to)."""
-    with open("/proc/keys") as keys:
+    with open("/proc/keys", errors="surrogateescape") as keys:
         return {line.split(None, 1)[0] for line in keys if line.strip()}
 
 

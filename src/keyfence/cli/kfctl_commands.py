@@ -173,7 +173,7 @@ def cmd_request2(tool: Kfctl, args: list[str], flag: bool) -> None:
 
 
 def cmd_prequest2(tool: Kfctl, args: list[str], flag: bool) -> None:
-    info = tool.stdin_data().split(b"\0", 1)[0].decode("utf-8", "replace")
+    info = tool.stdin_data().split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     _request(tool, args, info)
 
 

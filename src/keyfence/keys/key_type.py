@@ -12,6 +12,7 @@ import errno
 from dataclasses import dataclass
 
 from keyfence.keys.errors import fail
+from keyfence.keys.text import as_bytes
 
 USER_PAYLOAD_MAX = 32767
 """user and logon payloads are 1..32,767 bytes (user_preparse)."""
@@ -74,7 +75,7 @@ TYPES: dict[str, KeyType] = {t.name: t for t in (USER, LOGON, KEYRING)}
 
 def check_type_name(name: str) -> None:
     """EINVAL for an empty type name, EPERM for the kernel's internal ones."""
-    if not name or len(name.encode()) >= TYPE_NAME_MAX:
+    if not name or len(as_bytes(name)) >= TYPE_NAME_MAX:
         raise fail(errno.EINVAL, "a key type name is 1 to 31 bytes")
     if name.startswith("."):
         raise fail(errno.EPERM, "types starting with '.' are internal")

@@ -71,6 +71,7 @@ from keyfence.keys.removal import Removal, wipe_payload
 from keyfence.keys.removal_path import RemovalPath
 from keyfence.keys.request_key import Constructions, UpcallHook
 from keyfence.keys.secret import SecretBuffer
+from keyfence.keys.text import as_bytes
 
 KEYCTL_MOVE_EXCL = 0x01
 
@@ -192,7 +193,7 @@ class KeyService:
         overrun: bool = False,
     ) -> Key:
         """Create a key (charged to ``uid``'s quota), not yet linked anywhere."""
-        quotalen = len(description.encode()) + 1 + key_type.def_datalen + len(payload)
+        quotalen = len(as_bytes(description)) + 1 + key_type.def_datalen + len(payload)
         self._quota.charge_locked(uid, quotalen, in_quota=in_quota, overrun=overrun)
         key = Key(
             self._new_serial_locked(),
@@ -526,7 +527,7 @@ class KeyService:
         if len(data) > ADD_KEY_PAYLOAD_MAX:
             raise fail(errno.EINVAL, "payload too large")
         check_type_name(type_name)
-        if description is not None and len(description.encode()) > DESCRIPTION_MAX:
+        if description is not None and len(as_bytes(description)) > DESCRIPTION_MAX:
             raise fail(errno.EINVAL, "description too long")
         if description == "":
             description = None
@@ -670,7 +671,7 @@ class KeyService:
         with '.'), EDQUOT, and the fence's.
         """
         session = caller.session
-        if name is not None and (not name or len(name.encode()) > DESCRIPTION_MAX):
+        if name is not None and (not name or len(as_bytes(name)) > DESCRIPTION_MAX):
             raise fail(errno.EINVAL, "a session keyring name is 1 to 4095 bytes")
         if name is not None and name.startswith("."):
             raise fail(errno.EPERM, "keyring names starting with '.' are reserved")
@@ -1033,7 +1034,7 @@ class KeyService:
         only matches were unusable), ENOTDIR.
         """
         check_type_name(type_name)
-        if len(description.encode()) > DESCRIPTION_MAX:
+        if len(as_bytes(description)) > DESCRIPTION_MAX:
             raise fail(errno.EINVAL, "description too long")
 
         def build() -> tuple[Removal | None, int]:

@@ -47,6 +47,7 @@ from keyfence.keys.request_key import (
     Outcome,
     check_reject_error,
 )
+from keyfence.keys.text import as_bytes
 from keyfence.keys.waits import check_may_wait
 
 if TYPE_CHECKING:
@@ -144,9 +145,9 @@ def request_key(
     dest_keyring: int,
 ) -> int:
     check_type_name(type_name)
-    if len(description.encode()) > DESCRIPTION_MAX:
+    if len(as_bytes(description)) > DESCRIPTION_MAX:
         raise fail(errno.EINVAL, "description too long")
-    if callout is not None and len(callout.encode()) > CALLOUT_MAX:
+    if callout is not None and len(as_bytes(callout)) > CALLOUT_MAX:
         raise fail(errno.EINVAL, "callout info too long")
     while True:
         result, made = _find_or_construct(
@@ -262,7 +263,7 @@ def _construct_locked(
             uid=caller.uid,
             gid=caller.gid,
             perm=AUTH_KEY_PERM,
-            payload=callout.encode(),
+            payload=as_bytes(callout),
             in_quota=False,
         )
     except OSError:

@@ -49,6 +49,7 @@ from keyfence.keys.errors import fail
 from keyfence.keys.key_type import ADD_KEY_PAYLOAD_MAX
 from keyfence.keys.keyctl import KeyService
 from keyfence.keys.request_key import Construction
+from keyfence.keys.text import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ class Runner:
         serial = construction.key.serial
         try:
             if callout is not None:
-                out = _handler_output(child, callout.encode(), limit)
+                out = _handler_output(child, as_bytes(callout), limit)
                 if out is None:
                     _kill(
                         child,
