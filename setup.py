@@ -47,10 +47,15 @@ setup(
         ),
         Extension(
             "keyfence.fs.fuse._loop",
-            ["src/keyfence/fs/fuse/_loop.c", *FUSE_SHARED_SOURCES],
-            depends=FUSE_SHARED_HEADERS,
+            [
+                "src/keyfence/fs/fuse/_loop.c",
+                "src/keyfence/fs/fuse/_awake.c",
+                *FUSE_SHARED_SOURCES,
+            ],
+            depends=[*FUSE_SHARED_HEADERS, "src/keyfence/fs/fuse/_awake.h"],
             include_dirs=["src/keyfence/fs"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         ),
         Extension(

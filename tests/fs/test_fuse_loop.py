@@ -43,6 +43,7 @@ from keyfence.testing.mounting import (
     fuse_available,
     fuse_uring,
     fuse_uring_available,
+    idle_class_threads,
     is_mounted,
 )
 
@@ -519,6 +520,34 @@ def test_the_spin_follows_a_client_that_thinks_between_calls(served: Served) -> 
     client(3_000_000, 20)
     assert spin.ns == START_NS
     assert spin.shrunk >= 2
+
+
+def test_a_cpu_is_kept_awake_while_requests_come(served: Served) -> None:
+    """fs/fuse/_awake.c on /dev/fuse: while the C loop spins (``spin_us``),
+    one spinner at SCHED_IDLE on no CPU in particular keeps the caller's
+    CPU from halting; it takes no CPU once the mount is idle and ends with
+    the session.  No spinner when the loop does not spin, in Python, or
+    under io_uring (its queues have their own, not with spin_us 0)."""
+    s = served.session
+    for i in range(300):
+        os.statvfs(served.mnt)
+        with contextlib.suppress(OSError):
+            os.stat(served.mnt / f"missing{i}")
+    spinners = idle_class_threads(os.getpid())
+    wanted = s.options.native and s.options.spin_ns > 0 and s.queues is None
+    if not wanted or len(os.sched_getaffinity(0)) < 2:
+        assert spinners == {}
+        return
+    assert len(spinners) == 1, spinners
+    ((_, cpus),) = spinners.values()
+    assert cpus == os.sched_getaffinity(0)  # on any CPU this process may use
+    time.sleep(0.5)  # well past the 200 us spin
+    before = idle_class_threads(os.getpid())
+    time.sleep(1.0)
+    assert idle_class_threads(os.getpid()) == before
+    _unmount(served.mnt)
+    served.thread.join(WAIT)
+    assert idle_class_threads(os.getpid()) == {}
 
 
 # ------------------------------------------ the real worker through the loop

@@ -21,7 +21,7 @@ import pytest
 
 from keyfence.fs.fuse import protocol
 from keyfence.fs.fuse.ring import possible_cpus
-from keyfence.testing.mounting import Mount, fuse_uring, fuse_uring_available
+from keyfence.testing.mounting import Mount, fuse_uring, fuse_uring_available, idle_class_threads
 
 pytestmark = pytest.mark.skipif(
     fuse_uring_available() is not None, reason=str(fuse_uring_available())
@@ -150,28 +150,6 @@ def test_forgets_are_gathered_not_read_one_by_one(worker: Mount) -> None:
     assert 0 < forgets + batches < 500, (forgets, batches)
 
 
-SCHED_IDLE = 5
-
-
-def _idle_class_threads(pid: int) -> dict[int, tuple[int, set[int]]]:
-    """The threads of ``pid`` at SCHED_IDLE: tid -> (CPU ticks so far, CPUs allowed)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a thread that ended meanwhile
-        # fields[0] is field 3 (state): utime 14, stime 15, policy 41
-        if int(fields[41 - 3]) == SCHED_IDLE:
-            ticks = int(fields[14 - 3]) + int(fields[15 - 3])
-            try:
-                out[int(tid)] = (ticks, os.sched_getaffinity(int(tid)))
-            except ProcessLookupError:
-                continue
-    return out
-
-
 @pytest.mark.skipif(possible_cpus() < 2, reason="one CPU: no neighbour to keep busy")
 def test_a_neighbouring_cpu_is_kept_busy_only_while_requests_come(worker: Mount) -> None:
     """fs/fuse/_awake.c: one spinner per queue, at SCHED_IDLE, on the
@@ -180,14 +158,14 @@ def test_a_neighbouring_cpu_is_kept_busy_only_while_requests_come(worker: Mount)
     for i in range(200):
         os.statvfs(worker.mnt)
         (worker.mnt / f"f{i}").write_bytes(b"x")
-    spinners = _idle_class_threads(worker.proc.pid)
+    spinners = idle_class_threads(worker.proc.pid)
     assert len(spinners) == possible_cpus(), spinners
     assert sorted(min(cpus) for _, cpus in spinners.values()) == list(range(possible_cpus()))
     assert all(len(cpus) == 1 for _, cpus in spinners.values())
     time.sleep(0.5)  # well past the 200 us spin
-    before = _idle_class_threads(worker.proc.pid)
+    before = idle_class_threads(worker.proc.pid)
     time.sleep(1.0)
-    after = _idle_class_threads(worker.proc.pid)
+    after = idle_class_threads(worker.proc.pid)
     assert {tid: t for tid, (t, _) in after.items()} == {tid: t for tid, (t, _) in before.items()}
 
 
@@ -199,6 +177,6 @@ def test_no_spinner_without_spin_us(tmp_path: Path) -> None:
             for _ in range(100):
                 os.statvfs(m.mnt)
             assert m.proc is not None
-            assert _idle_class_threads(m.proc.pid) == {}
+            assert idle_class_threads(m.proc.pid) == {}
         finally:
             m.unmount_checked()

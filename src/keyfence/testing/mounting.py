@@ -223,3 +223,26 @@ class Mount:
         assert "Traceback" not in log, log
         assert code == 0, log
         return log
+
+
+SCHED_IDLE = 5
+
+
+def idle_class_threads(pid: int) -> dict[int, tuple[int, set[int]]]:
+    """The threads of ``pid`` at SCHED_IDLE (fs/fuse/_awake.c's spinners):
+    tid -> (CPU ticks so far, CPUs allowed)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        # fields[0] is field 3 (state): utime 14, stime 15, policy 41
+        if int(fields[41 - 3]) == SCHED_IDLE:
+            ticks = int(fields[14 - 3]) + int(fields[15 - 3])
+            try:
+                out[int(tid)] = (ticks, os.sched_getaffinity(int(tid)))
+            except ProcessLookupError:
+                continue
+    return out

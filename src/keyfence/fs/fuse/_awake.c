@@ -21,6 +21,11 @@
  * CPU's power and, on a VM, the host's time for it: as the /dev/fuse
  * loop's own spin (fs/fuse/spin.py) did, at normal priority.
  *
+ * The /dev/fuse loop (fs/fuse/_loop.c) has one spinner on no CPU in
+ * particular (cpu -1): it answers from whichever CPU it spins on, and an
+ * idle CPU's wake costs the caller there (part 28): the spinner runs where
+ * nothing else does, which on 2 CPUs is the waiting caller's.
+ *
  * Memory order: the queue thread stores last_ns, then reads sleeping; the
  * spinner stores sleeping, then reads last_ns again before it sleeps (all
  * sequentially consistent), so a request is never missed by a sleeping
@@ -69,9 +74,10 @@ static void *spin(void *arg)
     struct kf_awake *a = arg;
     cpu_set_t set;
     CPU_ZERO(&set);
-    CPU_SET(a->cpu, &set);
+    if (a->cpu >= 0)
+        CPU_SET(a->cpu, &set);
     struct sched_param none = {0};
-    if (sched_setaffinity(0, sizeof(set), &set) != 0 ||
+    if ((a->cpu >= 0 && sched_setaffinity(0, sizeof(set), &set) != 0) ||
         sched_setscheduler(0, SCHED_IDLE, &none) != 0) {
         __atomic_store_n(&a->started, -1, __ATOMIC_SEQ_CST);
         return NULL;
@@ -100,7 +106,7 @@ static void poke(struct kf_awake *a)
 
 struct kf_awake *awake_start(int cpu, long long spin_ns)
 {
-    if (cpu < 0 || cpu >= CPU_SETSIZE || spin_ns <= 0) {
+    if (cpu < -1 || cpu >= CPU_SETSIZE || spin_ns <= 0) {
         errno = EINVAL;
         return NULL;
     }

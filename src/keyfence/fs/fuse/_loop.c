@@ -49,6 +49,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_awake.h"
 #include "_drive.h"
 
 enum {
@@ -152,19 +153,84 @@ static int answer_to_fd(void *sink, uint64_t unique, int32_t error, Py_buffer *p
     return write_answer(s->fd, unique, error, parts, count, &s->abandoned);
 }
 
+/* The spinner that keeps an idle CPU awake while requests come (_awake.c):
+   a capsule around this, so that stop_awake can end it before the capsule
+   goes. */
+struct awake_box {
+    struct kf_awake *a;
+};
+
+static const char AWAKE_CAPSULE[] = "keyfence.fs.fuse._loop.awake";
+
+static void awake_capsule_free(PyObject *capsule)
+{
+    struct awake_box *box = PyCapsule_GetPointer(capsule, AWAKE_CAPSULE);
+    if (box == NULL)
+        return;
+    awake_stop(box->a);
+    PyMem_Free(box);
+}
+
+/* start_awake(spin_ns) -> capsule: a SCHED_IDLE spinner on any CPU, busy
+   for spin_ns after each request serve() reads; OSError if it cannot run. */
+static PyObject *start_awake(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    long long spin_ns;
+    if (!PyArg_ParseTuple(args, "L", &spin_ns))
+        return NULL;
+    struct awake_box *box = PyMem_Malloc(sizeof(*box));
+    if (box == NULL)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    box->a = awake_start(-1, spin_ns);
+    Py_END_ALLOW_THREADS
+    if (box->a == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        PyMem_Free(box);
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New(box, AWAKE_CAPSULE, awake_capsule_free);
+    if (capsule == NULL) {
+        awake_stop(box->a);
+        PyMem_Free(box);
+    }
+    return capsule;
+}
+
+/* stop_awake(capsule): end its spinner now (later serve() calls touch nothing). */
+static PyObject *stop_awake(PyObject *Py_UNUSED(module), PyObject *capsule)
+{
+    struct awake_box *box = PyCapsule_GetPointer(capsule, AWAKE_CAPSULE);
+    if (box == NULL)
+        return NULL;
+    struct kf_awake *a = box->a;
+    box->a = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    awake_stop(a);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
-    PyObject *bufobj, *view;
+    PyObject *bufobj, *view, *awake_obj = Py_None;
     struct drive_env env = {.dirs = Py_None, .no_capability = Py_None, .on_miss = Py_None};
     long long spin_ns;
     long budget;
-    if (!PyArg_ParseTuple(args, "iOOOOOOLl|OOO", &fd, &bufobj, &view, &env.handlers,
+    if (!PyArg_ParseTuple(args, "iOOOOOOLl|OOOO", &fd, &bufobj, &view, &env.handlers,
                           &env.caller_type, &env.fuse_error, &env.by_opcode, &spin_ns, &budget,
-                          &env.dirs, &env.no_capability, &env.on_miss))
+                          &env.dirs, &env.no_capability, &env.on_miss, &awake_obj))
         return NULL;
     if (drive_env_check(&env) < 0)
         return NULL;
+    struct kf_awake *awake = NULL;
+    if (awake_obj != Py_None) {
+        struct awake_box *box = PyCapsule_GetPointer(awake_obj, AWAKE_CAPSULE);
+        if (box == NULL)
+            return NULL;
+        awake = box->a;
+    }
     Py_buffer buf;
     if (PyObject_GetBuffer(bufobj, &buf, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -197,6 +263,8 @@ static PyObject *serve(PyObject *Py_UNUSED(module), PyObject *args)
             }
             break;
         }
+        if (awake != NULL)
+            awake_touch(awake);
         struct in_header h;
         if ((size_t)n < sizeof(h)) {
             out = RESULT(ST_SPECIAL, n, 0, 0, 0, 0);
@@ -252,8 +320,11 @@ error:
 static PyMethodDef methods[] = {
     {"serve", serve, METH_VARARGS,
      "serve(fd, buf, view, handlers, caller_type, fuse_error, by_opcode, spin_ns, budget,\n"
-     "      dirs=None, no_capability=None, on_miss=None)\n"
+     "      dirs=None, no_capability=None, on_miss=None, awake=None)\n"
      "-> (status, served, caught, missed, abandoned, n, a, b, c, d, tabled)"},
+    {"start_awake", start_awake, METH_VARARGS,
+     "start_awake(spin_ns) -> capsule: a SCHED_IDLE spinner on any CPU (_awake.c)"},
+    {"stop_awake", stop_awake, METH_O, "stop_awake(capsule): end its spinner"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -25,5 +25,12 @@ def serve(
     dirs: dict[int, tuple[int, int, int, int, Any]] | None = None,
     no_capability: set[int] | None = None,
     on_miss: Callable[[int, bytes, str], bool] | None = None,
+    awake: Awake | None = None,
     /,
 ) -> tuple[int, int, int, int, int, int, Any, Any, Any, Any, int]: ...
+
+class Awake:
+    """A capsule: a SCHED_IDLE spinner (_awake.c)."""
+
+def start_awake(spin_ns: int, /) -> Awake: ...
+def stop_awake(awake: Awake, /) -> None: ...

@@ -208,6 +208,9 @@ class Session:
         """Idle spells that outlasted the spin (the reader then slept)."""
         self.spin = SpinWindow(most_ns=self.options.spin_ns)
         """How long the reader spins, adapted at each sleep."""
+        self._awake: Any = None
+        """On ``/dev/fuse``, a spinner at SCHED_IDLE on any CPU while
+        requests come (:meth:`_keep_awake`)."""
         self.abandoned = 0
         """Answers the kernel no longer wanted (the caller was killed)."""
         self.waiting: set[int] = set()
@@ -267,6 +270,8 @@ class Session:
                 self.queues.stop()
                 log.info("io_uring queues: %s", self.queues.statistics())
             self.blocking.close()
+            if self._awake is not None:
+                _native.stop_awake(self._awake)
             if self._notifier is not None:
                 self._notices.put(None)
 
@@ -305,6 +310,7 @@ class Session:
                     outcome = native.serve(
                         fd, buf, view, self.handlers, Caller, FUSEError,
                         self.by_opcode, spin.ns, every, dirs, no_capability, on_miss,
+                        self._awake,
                     )  # fmt: skip
                     action = self._after_native(outcome, view)
                     if action is _Next.READ:
@@ -587,11 +593,28 @@ class Session:
             self.blocking.direct_on_loop = False
             self.spin.stop()  # /dev/fuse is quiet from here on
             self.queues = queues
+        elif self.options.native and self.options.spin_ns > 0:
+            self._keep_awake()
         self._answer(unique, payload)
         self.initialized = True
         if queues is not None:
             queues.start()
             log.info("FUSE requests through io_uring, %d queues", len(queues.queues))
+
+    def _keep_awake(self) -> None:
+        """Start a spinner at SCHED_IDLE, on no CPU in particular, busy for
+        ``spin_ns`` after each request the C loop reads (fs/fuse/_awake.c).
+        The loop answers from the CPU it spins on; the caller waits on
+        another, which halts meanwhile on a VM like this one and costs each
+        answer its wake (docs/performance.md, part 28).  The spinner runs
+        only where nothing else would, so that CPU stays awake; anything
+        else preempts it.  Not on one CPU (nothing to keep awake)."""
+        if len(os.sched_getaffinity(0)) < 2:
+            return
+        try:
+            self._awake = _native.start_awake(self.options.spin_ns)
+        except OSError as err:
+            log.info("no CPU kept awake while requests come: %s", err)
 
     # ------------------------------------------------------------- answers
 
