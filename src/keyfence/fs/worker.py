@@ -24,7 +24,9 @@ Options (docs/fs.md has the measurements behind the defaults)::
     --ready-fd FD          write "ready\\n" to FD once serving, then close it
     --spin-us US           keyfence's loop: busy-wait at most this long for the
                            next request before sleeping (200; 0 on one CPU;
-                           fs/fuse/spin.py: from 50 up while a client needs it)
+                           fs/fuse/spin.py: from 50 up while a client needs it),
+                           and keep an idle CPU awake this long after each
+                           request (fs/fuse/_awake.c; 0: neither)
     --fuse-loop LOOP       the FUSE request loop: keyfence (fs/fuse/, our own) or
                            pyfuse3 (libfuse's); default $KEYFENCE_FUSE_LOOP or keyfence
     --no-uring             keyfence's loop: read every request from /dev/fuse even
