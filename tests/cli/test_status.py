@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from keyfence.testing.daemon import DaemonProcess, running_daemon
-from tests.fs.test_daemon_mount import add_key_elsewhere, session_sh, start_login
+from tests.fs.test_daemon_mount import PASSPHRASE, add_key_elsewhere, session_sh, start_login
 from tests.fs.test_daemon_mount import pytestmark as needs_fuse
 
 pytestmark = needs_fuse
@@ -192,6 +192,7 @@ def test_status_of_a_mount_and_of_a_directory(
         assert out.startswith(f'keyfence mount "{mnt}": mounted\n'), out
         assert "Keys:     1" in out and "Dirty:    1.0 MiB (1,048,576 bytes)" in out, out
         assert "ENCRYPTED DIRECTORY" in out and "/home" in out
+        assert "\nRequests: through /dev/fuse\n" in out or "through io_uring, " in out, out
         code, one = status_json(daemon, str(mnt))
         assert code == 0 and one["mount"]["mountpoint"] == str(mnt)
 
@@ -268,3 +269,28 @@ def test_a_dead_mount_is_shown_once_and_a_stopped_one_not_at_all(tmp_path: Path)
         finally:
             for mnt in mounts:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+def test_names_a_user_chose_reach_the_terminal_escaped(
+    slow_flush_mount: tuple[DaemonProcess, Path],
+) -> None:
+    """A user's file names (and their worker's reports) are shown to root
+    by ``keyfence status``: an escape sequence in an encrypted directory's
+    name must not reach the terminal as one (it could retitle the window,
+    or worse on some terminals)."""
+    daemon, mnt = slow_flush_mount
+    evil = mnt / "ev\x1b]0;owned\x07il\x1b[2J"
+    evil.mkdir()
+    made = session_sh(
+        daemon,
+        f"keyfence e4crypt add_key \"$(printf '%s/ev\\033]0;owned\\007il\\033[2J' {mnt})\""
+        " >/dev/null && kfctl clear @s",
+        stdin=PASSPHRASE,
+    )
+    assert made.returncode == 0, made.stderr
+    out = output_with(daemon, f"keyfence status {mnt}", "owned")
+    assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert "/ev\\x1b]0;owned\\x07il\\x1b[2J" in out, out
+    code, one = status_json(daemon, str(mnt))  # JSON keeps the name, escaped by JSON
+    assert code == 0
+    assert any(d["path"] == "/" + evil.name for d in one["mount"]["encrypted_dirs"])

@@ -529,6 +529,8 @@ def test_a_cpu_is_kept_awake_while_requests_come(served: Served) -> None:
     the session.  No spinner when the loop does not spin, in Python, or
     under io_uring (its queues have their own, not with spin_us 0)."""
     s = served.session
+    queues = s.queues
+    assert s.transport == (f"io_uring, {len(queues.queues)} queues" if queues else "/dev/fuse")
     for i in range(300):
         os.statvfs(served.mnt)
         with contextlib.suppress(OSError):

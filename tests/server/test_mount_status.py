@@ -16,6 +16,7 @@ EMPTY = {
     "keys": [],
     "encrypted_dirs": [],
     "encrypted_dir_count": 0,
+    "requests": "",
 }
 
 
@@ -32,6 +33,7 @@ def test_fields_are_typed_bounded_and_unknown_ones_dropped() -> None:
         "keys": [{"key": "k" * 10_000, "serial": "1", "dirty_bytes": 5, "open_files": [1]}] * 5000,
         "encrypted_dirs": [{"path": 1, "key": None, "unlocked": "yes"}, "not a dict"],
         "encrypted_dir_count": 3,
+        "requests": "r" * 1000,
         "secret": "payload",
     }
     clean = clean_stats(report)
@@ -42,6 +44,7 @@ def test_fields_are_typed_bounded_and_unknown_ones_dropped() -> None:
     assert clean["keys"][0] == {"key": "k" * 256, "serial": 0, "dirty_bytes": 5, "open_files": 0}
     assert clean["encrypted_dirs"] == [{"path": "", "key": "", "unlocked": False}]
     assert clean["encrypted_dir_count"] == 3
+    assert clean["requests"] == "r" * 64
 
 
 def test_busy_reports_per_key_and_whole_list() -> None:

@@ -79,6 +79,7 @@ def _state(mount: dict[str, Any]) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """fscrypt's tables: columns left-aligned, two spaces apart."""
+    rows = [[shown(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -131,7 +132,7 @@ def _print_mounts(mounts: list[dict[str, Any]], as_json: bool) -> int:
         print()
     for m, lines in notes:
         for line in lines:
-            print(f"{m.get('mountpoint')}: {line}")
+            _say(f"{m.get('mountpoint')}: {line}")
     return 0
 
 
@@ -139,13 +140,15 @@ def _print_mount(mount: dict[str, Any], as_json: bool) -> int:
     if as_json:
         _emit_json({"mount": mount})
         return 0
-    print(f'keyfence mount "{mount.get("mountpoint")}": {_state(mount)}')
+    _say(f'keyfence mount "{mount.get("mountpoint")}": {_state(mount)}')
     print()
     dirty = int(mount.get("dirty_bytes") or 0)
     limit = int(mount.get("dirty_limit") or 0)
-    print(f"Backing:  {mount.get('backing')}")
+    _say(f"Backing:  {mount.get('backing')}")
     print(f"Owner:    uid {mount.get('owner')}")
     print(f"Worker:   pid {mount.get('pid')}")
+    if mount.get("requests"):
+        _say(f"Requests: through {mount['requests']}")
     print(
         f"Dirty:    {human_bytes(dirty)} ({dirty:,} bytes)"
         + (f", limit {human_bytes(limit)}" if limit else "")
@@ -153,7 +156,7 @@ def _print_mount(mount: dict[str, Any], as_json: bool) -> int:
     keys = mount.get("keys") or []
     print(f"Keys:     {len(keys)}")
     for line in _notes(mount):
-        print(line[0].upper() + line[1:])
+        _say(line[0].upper() + line[1:])
     if keys:
         print()
         rows = [
@@ -188,7 +191,7 @@ def _print_mount(mount: dict[str, Any], as_json: bool) -> int:
 def _fail(path: str, text: str, as_json: bool, **fields: Any) -> int:
     if as_json:
         _emit_json({"path": path, "error": text, **fields})
-    print(f"keyfence status: {text}", file=sys.stderr)
+    print(f"keyfence status: {shown(text)}", file=sys.stderr)
     return 1
 
 
@@ -238,9 +241,24 @@ def _options_line(options: dict[str, Any]) -> str:
     return " ".join(f"{name}:{options[name]}" for name in order if name in options)
 
 
-def shown(path: str) -> str:
-    """A path as it can be printed (a name that is not UTF-8: escaped)."""
-    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+def shown(text: str) -> str:
+    """Text as it can be printed on a terminal: bytes that are not UTF-8
+    and characters that are not printable (an escape sequence, a newline
+    in a file name) escaped as ``\\xNN``.  A user's mount point, file
+    names and their worker's reports reach root's terminal through here."""
+    text = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def _say(line: str) -> None:
+    print(shown(line))
 
 
 def print_dir_status(given: str, as_json: bool) -> int:
@@ -264,9 +282,9 @@ def print_dir_status(given: str, as_json: bool) -> int:
         return 0
     print(f'"{path}" is encrypted with keyfence.')
     print()
-    print(f"Policy:   {info['policy']}")
+    _say(f"Policy:   {info['policy']}")
     if info["options"]:
-        print(f"Options:  {_options_line(info['options'])}")
+        _say(f"Options:  {_options_line(info['options'])}")
     print(f"Unlocked: {info['unlocked']}")
     if info["serial"] is not None:
         print(f"Key:      {info['serial']}")

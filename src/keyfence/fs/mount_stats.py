@@ -119,9 +119,17 @@ def key_figures(ops: MountView) -> list[dict[str, Any]]:
 class StatsReporter:
     """A thread that reports the mount's figures to the daemon as they change."""
 
-    def __init__(self, ops: MountView, report: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        ops: MountView,
+        report: Callable[[str, dict[str, Any]], None],
+        *,
+        transport: Callable[[], str],
+    ) -> None:
         self.ops = ops
         self.report = report
+        self.transport = transport
+        """How requests come (``/dev/fuse``, ``io_uring, 2 queues``)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: dict[str, Any] | None = None
@@ -165,6 +173,7 @@ class StatsReporter:
             "keys": key_figures(ops),
             "encrypted_dirs": dir_figures(ops, dirs),
             "encrypted_dir_count": count,
+            "requests": self.transport(),
         }
 
     def send(self) -> None:

@@ -392,7 +392,7 @@ def run(
         allow_other = os.geteuid() == 0
     pyfuse3.init(ops, target, fuse_options(os.path.abspath(backing), allow_other))
     unmounted = False
-    stats = StatsReporter(ops, source.report)
+    stats = StatsReporter(ops, source.report, transport=lambda: "/dev/fuse (pyfuse3)")
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()
@@ -470,7 +470,7 @@ def _run_own(
     ops.dir_attributes.enabled = session.options.native  # only C reads it
     ops.run_blocking = session.blocking.run  # injected: the session is made after ops
     fuse_kernel.set_active(session)
-    stats = StatsReporter(ops, source.report)
+    stats = StatsReporter(ops, source.report, transport=lambda: session.transport)
     try:
         _report(source, "mounted", {"backing": backing, "mountpoint": ops.mountpoint})
         stats.start()

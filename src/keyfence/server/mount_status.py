@@ -83,6 +83,7 @@ def clean_stats(detail: Any) -> dict[str, Any]:
         "keys": keys,
         "encrypted_dirs": dirs,
         "encrypted_dir_count": max(_count(detail.get("encrypted_dir_count")), len(dirs)),
+        "requests": _text(detail.get("requests"), 64),
     }
 
 

@@ -31,6 +31,10 @@
  * The GIL is let go for every read, write and spin, as os.read/os.writev
  * let it go.
  *
+ * While requests come, serve() touches the session's spinner (a capsule
+ * from start_awake(), _awake.c): a SCHED_IDLE thread keeps an idle CPU,
+ * the waiting caller's, from halting for spin_ns after each request read.
+ *
  * Three answers come from tables the handlers keep, without a handler
  * (counted as `tabled`; _answers.c says which and when): a directory's
  * GETATTR, the GETXATTR of security.capability of a file known to have

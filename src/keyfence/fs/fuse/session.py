@@ -239,6 +239,14 @@ class Session:
         return sum(self.queues.statistics()[name]) if self.queues is not None else 0
 
     @property
+    def transport(self) -> str:
+        """How requests come, as ``keyfence status`` says it: ``io_uring,
+        N queues`` or ``/dev/fuse`` (before INIT too)."""
+        if self.queues is not None:
+            return f"io_uring, {len(self.queues.queues)} queues"
+        return "/dev/fuse"
+
+    @property
     def requests(self) -> int:
         """Requests served, through /dev/fuse and the io_uring queues (a
         figure for tests and benchmarks)."""
