@@ -83,9 +83,12 @@ class Holder:
     """A login session that unlocks DIR, writes SIZE bytes to DIR/open.txt
     and keeps the file open (dirty: nothing closes it) until told."""
 
-    def __init__(self, daemon: DaemonProcess, home: Path, size: int) -> None:
+    def __init__(
+        self, daemon: DaemonProcess, home: Path, size: int, name: str = "open.txt"
+    ) -> None:
+        """``name``: a shell word for the file's name in DIR."""
         self.process = start_login(
-            daemon, home, f"exec {sys.executable} -c '{HOLD}' {home}/open.txt {size}"
+            daemon, home, f'exec {sys.executable} -c \'{HOLD}\' "{home}/"{name} {size}'
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -294,3 +297,24 @@ def test_names_a_user_chose_reach_the_terminal_escaped(
     code, one = status_json(daemon, str(mnt))  # JSON keeps the name, escaped by JSON
     assert code == 0
     assert any(d["path"] == "/" + evil.name for d in one["mount"]["encrypted_dirs"])
+
+
+def test_lock_names_files_still_open_escaped(
+    slow_flush_mount: tuple[DaemonProcess, Path],
+) -> None:
+    """``keyfence lock`` lists the files still open: names their owner
+    chose, escaped for the terminal of whoever locks (root may)."""
+    daemon, mnt = slow_flush_mount
+    home = mnt / "home"
+    home.mkdir()
+    made = add_key_elsewhere(daemon, home)
+    assert made.returncode == 0, made.stderr
+    holder = Holder(daemon, home, 4096, name="\"$(printf 'ev\\033[2Jil')\"")
+    try:
+        lock = session_sh(daemon, f"keyfence lock {home}")
+        assert lock.returncode == 1 and "incompletely locked" in lock.stderr, lock.stderr
+        assert "\x1b" not in lock.stderr, repr(lock.stderr)
+        assert "  home/ev\\x1b[2Jil\n" in lock.stderr, lock.stderr
+    finally:
+        holder.end()
+

@@ -242,12 +242,15 @@ def _remove_own_key(ref: str, args: argparse.Namespace) -> bool:
 
 
 def _incompletely_locked(path: str, status: dict[str, Any]) -> int:
+    from keyfence.cli.status import shown  # names a user chose: escaped for the terminal
+
+    path = shown(path)
     print(
         f"Error: Directory {path} was incompletely locked because some files are still open:",
         file=sys.stderr,
     )
     for name in status.get("busy_files") or ():
-        print(f"  {name}", file=sys.stderr)
+        print(f"  {shown(str(name))}", file=sys.stderr)
     print(
         f"Close them (fuser -vm {path} shows who has them) and run keyfence lock again.",
         file=sys.stderr,
