@@ -88,7 +88,7 @@ class Holder:
     ) -> None:
         """``name``: a shell word for the file's name in DIR."""
         self.process = start_login(
-            daemon, home, f'exec {sys.executable} -c \'{HOLD}\' "{home}/"{name} {size}'
+            daemon, home, f"exec {sys.executable} -c '{HOLD}' \"{home}/\"{name} {size}"
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
@@ -317,4 +317,3 @@ def test_lock_names_files_still_open_escaped(
         assert "  home/ev\\x1b[2Jil\n" in lock.stderr, lock.stderr
     finally:
         holder.end()
-
