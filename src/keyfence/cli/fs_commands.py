@@ -285,7 +285,9 @@ def nonempty_utf8(path: str, what: str) -> str:
 
 
 def utf8(text: str, what: str) -> str:
-    """``text`` if the daemon can be sent it (the wire carries UTF-8)."""
+    """``text`` if it is UTF-8: mount paths are kept to UTF-8 names (the wire
+    carries other text since keys/text.py, but the daemon's mount checks and
+    mountinfo matching are tested with UTF-8 paths only)."""
     try:
         text.encode()
     except UnicodeEncodeError:
