@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keyfence.cli.progress import ProgressDisplay
+from keyfence.cli.terminal import shown
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat as e4
@@ -242,9 +243,7 @@ def _remove_own_key(ref: str, args: argparse.Namespace) -> bool:
 
 
 def _incompletely_locked(path: str, status: dict[str, Any]) -> int:
-    from keyfence.cli.status import shown  # names a user chose: escaped for the terminal
-
-    path = shown(path)
+    path = shown(path)  # names a user chose: escaped for the terminal
     print(
         f"Error: Directory {path} was incompletely locked because some files are still open:",
         file=sys.stderr,

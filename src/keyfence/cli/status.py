@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from keyfence.cli.progress import human_bytes
+from keyfence.cli.terminal import shown
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 
@@ -239,22 +240,6 @@ def _options_line(options: dict[str, Any]) -> str:
     """fscrypt's ``Options:`` words: ``padding:16 contents:... filenames:...``."""
     order = ("padding", "contents", "filenames", "policy_version")
     return " ".join(f"{name}:{options[name]}" for name in order if name in options)
-
-
-def shown(text: str) -> str:
-    """Text as it can be printed on a terminal: bytes that are not UTF-8
-    and characters that are not printable (an escape sequence, a newline
-    in a file name) escaped as ``\\xNN``.  A user's mount point, file
-    names and their worker's reports reach root's terminal through here."""
-    text = text.encode(errors="surrogateescape").decode(errors="backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else _escaped(c) for c in text)
-
-
-def _escaped(c: str) -> str:
-    n = ord(c)
-    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _say(line: str) -> None:
