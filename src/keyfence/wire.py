@@ -112,25 +112,14 @@ def _pack(obj: object, out: bytearray) -> None:
         except UnicodeEncodeError:  # bytes that are not UTF-8, held as surrogates
             _pack_ext(TEXT_EXT, obj.encode("utf-8", "surrogateescape"), out)
             return
-        n = len(data)
-        if n < 32:
-            out.append(0xA0 | n)
-        elif n < 0x100:
-            out += b"\xd9" + n.to_bytes(1, "big")
-        elif n < 0x10000:
-            out += b"\xda" + n.to_bytes(2, "big")
+        if len(data) < 32:
+            out.append(0xA0 | len(data))
         else:
-            out += b"\xdb" + n.to_bytes(4, "big")
+            _pack_length(len(data), 0xD9, out)
         out += data
     elif isinstance(obj, bytes | bytearray | memoryview):
         data = bytes(obj)
-        n = len(data)
-        if n < 0x100:
-            out += b"\xc4" + n.to_bytes(1, "big")
-        elif n < 0x10000:
-            out += b"\xc5" + n.to_bytes(2, "big")
-        else:
-            out += b"\xc6" + n.to_bytes(4, "big")
+        _pack_length(len(data), 0xC4, out)
         out += data
     elif isinstance(obj, list | tuple):
         n = len(obj)
@@ -158,15 +147,23 @@ def _pack(obj: object, out: bytearray) -> None:
 
 
 def _pack_ext(code: int, data: bytes, out: bytearray) -> None:
-    n = len(data)
-    if n < 0x100:
-        out += b"\xc7" + n.to_bytes(1, "big")
-    elif n < 0x10000:
-        out += b"\xc8" + n.to_bytes(2, "big")
-    else:
-        out += b"\xc9" + n.to_bytes(4, "big")
+    _pack_length(len(data), 0xC7, out)
     out.append(code)
     out += data
+
+
+def _pack_length(n: int, tag8: int, out: bytearray) -> None:
+    """str 8/16/32 (0xd9-0xdb), bin (0xc4-0xc6) and ext (0xc7-0xc9): the
+    three tags follow each other, for a 1-, 2- and 4-byte length."""
+    if n < 0x100:
+        out.append(tag8)
+        out += n.to_bytes(1, "big")
+    elif n < 0x10000:
+        out.append(tag8 + 1)
+        out += n.to_bytes(2, "big")
+    else:
+        out.append(tag8 + 2)
+        out += n.to_bytes(4, "big")
 
 
 def _pack_int(n: int, out: bytearray) -> None:
