@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from keyfence.testing.daemon import DaemonProcess, running_daemon
-from tests.fs.test_daemon_mount import PASSPHRASE, add_key_elsewhere, session_sh, start_login
+from tests.fs.test_daemon_mount import add_key_elsewhere, session_sh, start_login
 from tests.fs.test_daemon_mount import pytestmark as needs_fuse
 
 pytestmark = needs_fuse
@@ -284,12 +284,7 @@ def test_names_a_user_chose_reach_the_terminal_escaped(
     daemon, mnt = slow_flush_mount
     evil = mnt / "ev\x1b]0;owned\x07il\x1b[2J"
     evil.mkdir()
-    made = session_sh(
-        daemon,
-        f"keyfence e4crypt add_key \"$(printf '%s/ev\\033]0;owned\\007il\\033[2J' {mnt})\""
-        " >/dev/null && kfctl clear @s",
-        stdin=PASSPHRASE,
-    )
+    made = add_key_elsewhere(daemon, evil)
     assert made.returncode == 0, made.stderr
     out = output_with(daemon, f"keyfence status {mnt}", "owned")
     assert "\x1b" not in out and "\x07" not in out, repr(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def add_key_elsewhere(daemon: DaemonProcess, home: Path) -> subprocess.Completed
     holder's writes went under it, and its removal then wrote them back
     (dirty 0, no key) -- CI run 21's flaky failures."""
     return session_sh(
-        daemon, f"keyfence e4crypt add_key {home} >/dev/null && kfctl clear @s", stdin=PASSPHRASE
+        daemon,
+        f"keyfence e4crypt add_key {shlex.quote(str(home))} >/dev/null && kfctl clear @s",
+        stdin=PASSPHRASE,
     )
 
 
