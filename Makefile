@@ -40,10 +40,12 @@ $(BENCH_STAMP): $(STAMP)
 # and the plain disk (missing peers are installed from apt first): writes
 # bench/results/<date>.{json,md}, latest.md, charts/, and README's bench block.
 bench: $(BENCH_STAMP)
+	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl  # its bundle current
 	$(VENV)/bin/python bench/suite.py --install-peers --readme
 
 # The same suite in quick mode (seconds; CI): proves it still works with every
 # peer (installed from apt as for bench), figures go to bench/results/quick/
 # (not committed); fails if a benchmark crashes.
 bench-quick: $(BENCH_STAMP)
+	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl  # its bundle current
 	$(VENV)/bin/python bench/suite.py --quick --strict --install-peers

@@ -34,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from keyfence.cli import kfctl_bundle  # noqa: E402
 from keyfence.testing.bench.results import error, report, result, write_json  # noqa: E402
 from keyfence.testing.daemon import running_daemon  # noqa: E402
 
@@ -114,6 +115,13 @@ def main() -> int:
     tools: dict[str, str] = {}
     if os.access(kfctl, os.X_OK):
         tools["kfctl"] = kfctl
+        if not kfctl_bundle.is_current(kfctl_bundle.bundle_path(kfctl)):
+            # sources edited since the launcher was written: kfctl imports
+            # module by module, 5-10 ms slower (not rewritten here: it may be
+            # an installed tool of another tree)
+            stale = "its bundle is stale or missing: python -m keyfence.cli.launcher PATH"
+            errors.append(error("kfctl", "kfctl", f"{kfctl}: {stale}"))
+            log(f"WARNING {kfctl}: {stale}")
     else:
         errors.append(error("kfctl", "kfctl", f"{kfctl} not found"))
     if keyctl:

@@ -151,6 +151,7 @@ def test_launcher_loads_every_common_module_from_its_bundle(tmp_path: Path) -> N
     bundle = Path(kfctl_bundle.bundle_path(str(path)))
     assert bundle.name == ".kfctl.bundle"
     assert os.stat(bundle).st_mode & 0o777 == 0o644
+    assert kfctl_bundle.is_current(str(bundle))
     with running_daemon() as daemon:
         for args in (["show", "@u"], ["add", "user", "speed.bundle", "x", "@u"], ["clear", "@u"]):
             loaders = _loaders(path, args, daemon.env)
@@ -169,8 +170,10 @@ def test_a_stale_or_broken_bundle_is_not_used(tmp_path: Path) -> None:
     with running_daemon() as daemon:
         for content in (stale, b"not a bundle", marshal.dumps([form, "cpython-00", []]), b""):
             bundle.write_bytes(content)
+            assert not kfctl_bundle.is_current(str(bundle))  # as benchmarks check
             loaders = _loaders(path, ["show", "@u"], daemon.env)
             assert "Bundle" not in loaders.values(), loaders
             assert loaders["keyfence.client"] == "SourceFileLoader"
         bundle.unlink()
+        assert not kfctl_bundle.is_current(str(bundle))
         assert "Bundle" not in _loaders(path, ["show", "@u"], daemon.env).values()

@@ -31,7 +31,7 @@ import marshal
 import os
 import sys
 
-__all__ = ["BUNDLED", "FORMAT", "build", "bundle_path"]
+__all__ = ["BUNDLED", "FORMAT", "build", "bundle_path", "is_current"]
 
 FORMAT = 1
 
@@ -98,3 +98,22 @@ def build(path: str) -> None:
     finally:
         os.close(fd)
     os.replace(temporary, path)
+
+
+def is_current(path: str) -> bool:
+    """Whether the launcher would use the bundle at ``path``: made by this
+    interpreter's bytecode version, every source unchanged since (the
+    launcher's own test, for benchmarks and ``keyfence doctor``-style
+    checks: a stale bundle makes kfctl import as usual, slower)."""
+    try:
+        with open(path, "rb") as f:
+            form, tag, entries = marshal.loads(f.read())
+        if form != FORMAT or tag != sys.implementation.cache_tag:
+            return False
+        for _name, _package, origin, mtime, size, _code in entries:
+            st = os.stat(origin)
+            if st.st_mtime_ns != mtime or st.st_size != size:
+                return False
+    except (OSError, ValueError, TypeError, EOFError):
+        return False
+    return True
