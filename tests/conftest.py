@@ -1,9 +1,14 @@
-"""Every test: never the machine's own daemon.
+"""Every test: never the machine's own daemon, and no Hypothesis deadline.
 
 A test that forgets ``KEYFENCE_SOCKET`` would otherwise reach (or, as root,
 autostart) the system daemon at /run/keyfence/sock; this points the system
 socket into a private temporary directory for the whole run, children and
 other uids' processes included (they inherit the environment).
+
+Hypothesis fails an example that takes longer than 200 ms by default: on a
+busy CI machine a pure-Python codec's 70 KB example can, with no bug at
+all.  Every property test here runs without that deadline (hangs are
+caught by the tests' own timeouts and CI's).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("keyfence", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("keyfence")
 
 _PRIVATE = tempfile.mkdtemp(prefix="keyfence-tests-system-")
 

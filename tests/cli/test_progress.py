@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -117,11 +118,26 @@ def test_kfctl_in_a_pipe_prints_a_plain_line_a_second(daemon: Daemon) -> None:
             text=True,
         )
         assert watcher.called.wait(30)
-        time.sleep(2.6)
+        # the watcher holds the clear until two lines have come (a line a
+        # second: a fixed 2.6 s left a busy machine little to spare)
+        stderr = process.stderr
+        assert stderr is not None
+        read: list[str] = []
+        reader = threading.Thread(target=lambda: read.extend(stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while len(read) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         watcher.release.set()
-    out, err = process.communicate(timeout=30)
+    assert process.stdout is not None
+    out = process.stdout.read()  # stderr is the reader's: not communicate()
+    process.wait(30)
+    reader.join(30)
+    process.stdout.close()
+    stderr.close()
     client.close()
+    err = "".join(read)
     assert process.returncode == 0 and out == ""
     lines = err.splitlines()
     assert len(lines) >= 2, err

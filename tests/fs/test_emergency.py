@@ -108,7 +108,10 @@ def test_emergency_clear_wipes_at_once_and_reports_the_loss(
             out = s.ok(f"t=$(date +%s%N); {wipe} && echo $(( $(date +%s%N) - t ))")
             took = int(out.split()[-1]) / 1e9
             print(f"kfctl --emergency clear (a whole kfctl process) returned in {took:.3f} s")
-            assert took < 1.0, took
+            # not a speed figure (0.1-0.3 s here; a busy machine takes
+            # longer to start kfctl alone): that nothing waited is shown by
+            # the report below, the unsynced files dropped, not written back
+            assert took < 10.0, took
             # the mount's account: exactly the unsynced files and their bytes
             wait_for("the mount's report", lambda: dropped_report(daemon) is not None, 10)
             assert dropped_report(daemon) == {"home/a": files["a"], "home/b": files["b"]}

@@ -34,7 +34,7 @@ def open_fds() -> int:
 
 
 def test_a_quick_call_is_answered_directly(device: tuple[int, int]) -> None:
-    calls = BlockingCalls(device[0])
+    calls = BlockingCalls(device[0], direct_ms=5000)  # a busy machine wakes threads late
     before = open_fds()
 
     async def main() -> None:
@@ -62,14 +62,28 @@ def test_its_exception_is_raised_in_the_handler(device: tuple[int, int]) -> None
 def test_a_waiting_request_sends_the_wait_through_trio(device: tuple[int, int]) -> None:
     r, w = device
     os.write(w, b"x")  # a request is queued: the loop must go back to it
-    calls = BlockingCalls(r)
+    # waited for directly, the call would hold trio for 30 s: the task that
+    # lets it finish could not run and it would end counted as direct
+    calls = BlockingCalls(r, direct_ms=30_000)
+    started, gate = threading.Event(), threading.Event()
 
     def slow() -> str:
-        time.sleep(0.02)  # still running when poll sees the request
+        started.set()
+        gate.wait(30)  # still running when poll sees the request
         return "done"
 
-    async def main() -> None:
+    async def let_go() -> None:
+        while not started.is_set():
+            await trio.sleep(0.001)
+        gate.set()
+
+    async def call() -> None:
         assert await calls.run(slow) == "done"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            nursery.start_soon(let_go)
 
     trio.run(main)
     calls.close()
@@ -111,13 +125,17 @@ def test_calls_run_side_by_side(device: tuple[int, int]) -> None:
     running = 0
     most = 0
     lock = threading.Lock()
+    # four at a time, however late each thread starts: fewer threads break
+    # the barrier (30 s), more than four show in ``most``
+    together = threading.Barrier(4, timeout=30)
 
     def slow() -> None:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        time.sleep(0.1)
+        together.wait()
+        time.sleep(0.01)
         with lock:
             running -= 1
 

@@ -391,10 +391,11 @@ def test_a_long_pass_seals_and_stores_on_two_threads(
     f = Opened(cache, tmp_path / "a")
     data = os.urandom(256 * PAGE_SIZE + 77)
     cache.write(f.file, 0, data)
-    # a store that takes 2 ms: the pass lasts long enough for both threads
-    # to be scheduled (at full speed, on a loaded machine, the store thread
-    # once did the whole pass before the flushing thread first ran)
-    pwrite = _CountingPwrite(delay=0.002)
+    # a store that takes 10 ms: the pass (64 stores) lasts long enough for
+    # both threads to be scheduled (at full speed, on a loaded machine, the
+    # store thread once did the whole pass before the flushing thread first
+    # ran; 2 ms a store left ~130 ms for it, too little on a busy CI host)
+    pwrite = _CountingPwrite(delay=0.01)
     monkeypatch.setattr(os, "pwrite", pwrite)
     cache.flush(f.file)
     monkeypatch.undo()

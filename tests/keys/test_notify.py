@@ -149,7 +149,7 @@ def test_timeout_aborts_naming_the_watcher(svc: KeyService, root: Caller) -> Non
     started = time.monotonic()
     with pytest.raises(KeyfenceError) as info:
         svc.revoke(root, serial, timeout=0.2)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 8  # not for ever (a busy machine: not 0.2 s)
     assert info.value.errno == errno.ETIMEDOUT and "slow flusher" in str(info.value)
     assert svc.read(root, serial) == SECRET
     release.set()
@@ -165,7 +165,9 @@ def test_removed_watch_counts_as_done(svc: KeyService, root: Caller) -> None:
         never.wait(30)
 
     watch = svc.watch(root, serial, stuck, sync=True, name="dying client")
-    threading.Timer(0.2, watch.remove).start()
+    # the watch goes once the unlink has reached it (a timer could beat the
+    # unlink to it on a busy machine)
+    threading.Thread(target=lambda: (called.wait(30), watch.remove()), daemon=True).start()
     svc.unlink(root, serial, S)
     assert called.is_set() and svc.find_key(serial) is None
     never.set()
@@ -187,7 +189,7 @@ def test_emergency_does_not_wait(svc: KeyService, root: Caller) -> None:
     svc.watch(root, serial, blocked, sync=True)
     started = time.monotonic()
     svc.clear(root, S, emergency=True)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 5  # the watcher never returns: waiting is for ever
     assert ctypes.string_at(address, size) == bytes(size)
     assert svc.wait_for_notifications(5)
     assert told and all(n.emergency and n.phase is Phase.AFTER for n in told)
@@ -375,7 +377,7 @@ def test_a_foreign_removal_held_by_its_own_watcher_holds_roots_clear_a_bounded_t
     revoke_in_the_background(svc, alice, planted)
     started = time.monotonic()
     svc.clear(root, S, timeout=10)
-    assert 0.4 < time.monotonic() - started < 3
+    assert 0.4 < time.monotonic() - started < 8  # not the whole timeout
     assert svc.find_key(mine) is None and svc.find_key(planted) is None
     never.set()
 

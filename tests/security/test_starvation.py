@@ -347,6 +347,8 @@ for s in socks:
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 print("ready", flush=True)
+import time
+began, replies = time.perf_counter(), 0
 while not stop.is_set():
     for key, _ in sel.select(0.2):
         state = key.data
@@ -358,11 +360,13 @@ while not stop.is_set():
         bodies, used, _error = wire.split_frames(bytes(state[1]))
         del state[1][:used]
         state[0] += len(bodies)
+        replies += len(bodies)
         if state[0] >= 32:  # every reply of the batch: send the next one
             state[0] -= 32
             key.fileobj.setblocking(True)
             key.fileobj.sendall(batch)
             key.fileobj.setblocking(False)
+print(replies / (time.perf_counter() - began), flush=True)
 """
 )
 
@@ -375,9 +379,12 @@ def test_one_uids_pipelined_requests_take_a_turns_share_of_the_loop(
     connections made everyone else's request wait for 1,024 of theirs
     (the fan-out bench: root's p50 5.5 ms with 8 connections).  Now one
     uid's connections together give at most FRAMES_PER_UID_TURN (32) per
-    turn.  Root's pings, median of 40, against a bound far from what each
-    loop gives on the development VM: 0.63-0.68 ms now; failed before
-    (16.0 and 16.7 ms)."""
+    turn.  Root's pings, median of 40: 0.63-0.68 ms now on the development
+    VM, 16.0 and 16.7 ms before.  The bound is in the attacker's replies,
+    not in ms (a machine ten times slower is ten times slower at both):
+    the median times the rate the attacker was answered at, the number of
+    its requests served while root's waited.  Fair: a turn's share or two
+    (32-64); before: about a thousand."""
     from keyfence.client import Client
 
     attack = Attack(daemon, PIPELINER, PIPELINE)
@@ -389,6 +396,11 @@ def test_one_uids_pipelined_requests_take_a_turns_share_of_the_loop(
                 assert root.ping() == "pong"
                 times.append(time.perf_counter() - start)
     finally:
-        attack.end()
+        rate = float(attack.end().split()[-1])  # the attacker's replies a second
     times.sort()
-    assert times[20] < 0.005, f"root's ping median {times[20] * 1e3:.1f} ms under the pipelining"
+    waited = times[20] * rate
+    print(f"root's ping median {times[20] * 1e3:.2f} ms: {waited:.0f} requests at {rate:.0f}/s")
+    assert waited < 320, (
+        f"root's ping median {times[20] * 1e3:.1f} ms under the pipelining:"
+        f" {waited:.0f} of the attacker's requests at {rate:.0f}/s"
+    )

@@ -202,8 +202,11 @@ def test_a_detached_process_keeps_the_login_keyring_after_the_shell_exits(
 def test_the_keyring_stays_while_a_detached_process_holds_it(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
+    # the holder lives until the test lets it go (a fixed sleep could end
+    # before a busy machine got to the checks), 60 s at most
+    hold = r"i=0; while [ ! -e $WORK/go ] && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i+1)); done"
     script = DETACHED.format(
-        launch='setsid -f sh -c "sleep 4; echo done > $WORK/out" </dev/null >/dev/null 2>&1'
+        launch=f'setsid -f sh -c "{hold}; echo done > $WORK/out" </dev/null >/dev/null 2>&1'
     )
     _, ours = run_both(script, daemon, tmp_path)
     assert ours == "v\n"
@@ -211,6 +214,8 @@ def test_the_keyring_stays_while_a_detached_process_holds_it(
     with Client.connect(daemon.socket, autostart=False) as c:
         time.sleep(1.5)  # the shell is long gone; several lifetime checks ran
         assert c.describe(key) == "user;0;0;3f010000;a"
+        for side in ("kernel", "ours"):
+            (tmp_path / side / "go").touch()
         assert _wait_for(tmp_path / "ours" / "out") == "done\n"
         assert wait_until_gone(c, key)
 

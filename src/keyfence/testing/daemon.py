@@ -42,7 +42,7 @@ def running_daemon(*extra: str) -> Iterator[DaemonProcess]:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a poll: a busy machine starts slowly
         while not os.path.exists(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 with open(log, errors="replace") as f:

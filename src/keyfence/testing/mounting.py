@@ -117,7 +117,7 @@ class Mount:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a poll: a busy machine starts slowly
         while not (os.path.ismount(self.mnt) and os.path.exists(self.control_path)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not mount:\n{self.log()}")
