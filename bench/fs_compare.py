@@ -19,7 +19,8 @@ image file there, and a plain directory.  Groups (sizes are options):
 * ``seq-read``: the same file with every cache cold (kernel caches dropped;
   keyfence and gocryptfs remounted, so their own caches are cold too); MB/s.
 * ``small-files``: 5,000 files of 4 KiB (open, write, close), then syncfs of
-  the mount and of the filesystem under it; files/s.
+  the mount and of the filesystem under it; files/s.  ``small-files-N-create``
+  is the same runs' creating loop alone (the sync can dominate the first).
 * ``rand-write``: 20,000 random 4 KiB writes into a 256 MiB file, then fsync; MB/s.
 * ``lock``: write 64, 256, 1024 MiB (closed, not fsynced), then remove the key:
   ``kfctl clear @s``, FS_IOC_REMOVE_ENCRYPTION_KEY, gocryptfs unmount + sync,
@@ -493,13 +494,26 @@ class Bench:
             lambda p, r: seq_read(p, a.seq_bytes),
             note="1 MiB reads; caches dropped, keyfence and gocryptfs remounted",
         )
-        self.measure(
+        small = self.measure(
             f"small-files-{a.files}",
             "files/s",
             True,
             lambda p, r: small_files(p, a.files),
             note="open(O_CREAT), write 4 KiB, close each; then syncfs",
         )
+        for name, runs in small.items():  # the creating loop on its own (issue 17)
+            rates = [a.files / run["create_s"] for run in runs if run.get("create_s")]
+            if rates:
+                self.results.append(
+                    result(
+                        f"small-files-{a.files}-create",
+                        name,
+                        "files/s",
+                        rates,
+                        higher_is_better=True,
+                        note="the same runs' creating loop alone, before the sync",
+                    )
+                )
         self.measure(
             f"rand-write-4KiB-{label(a.rand_bytes)}",
             "MB/s",
