@@ -84,6 +84,7 @@ from keyfence.testing.bench.process import (
     lead_own_session,
     raise_interrupted,
 )
+from keyfence.testing.bench.quiet import wait_for_quiet_disks
 from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
@@ -415,6 +416,7 @@ class Bench:
             for name in rotated(names, run):
                 if name in failed:
                     continue
+                wait_for_quiet_disks(spell=0.5)  # not the previous run's write-back
                 try:
                     got = one(self.peers[name], run)
                 except (OSError, PeerError, subprocess.SubprocessError) as err:

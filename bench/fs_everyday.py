@@ -77,6 +77,7 @@ from keyfence.testing.bench.process import (
     lead_own_session,
     raise_interrupted,
 )
+from keyfence.testing.bench.quiet import wait_for_quiet_disks
 from keyfence.testing.bench.results import error, ratio, report, result, rotated, write_json
 
 SYSTEMS = ["keyfence", "gocryptfs", "fscrypt", "disk"]
@@ -202,6 +203,11 @@ class Everyday:
             for name in rotated(list(self.peers), r):
                 peer = self.peers[name]
                 failed = self.failed.get(name, set())
+                # the disks quiet first: the run before (another system's, or
+                # another benchmark's) is not this one's to pay for
+                waited = wait_for_quiet_disks()
+                if waited > 1.5:
+                    say(f"{name}: waited {waited:.1f} s for the disks to go quiet")
                 if "tree" not in failed:
                     try:
                         for step, seconds in day(peer, tarball).items():
