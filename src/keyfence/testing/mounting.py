@@ -195,7 +195,9 @@ class Mount:
             return None
         lazy = False
         if os.path.ismount(self.mnt):
-            for _ in range(20):
+            # EBUSY for up to 10 s: a process of the test that just ended may
+            # not have closed its files yet on a busy machine
+            for _ in range(100):
                 r = subprocess.run(
                     ["fusermount3", "-u", str(self.mnt)], capture_output=True, check=False
                 )
