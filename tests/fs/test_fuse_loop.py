@@ -204,6 +204,11 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     io_uring (one queue per CPU, fs/fuse/ring.py): every corner must hold
     every way."""
     spin_us, native, uring = request.param
+    yield from _served(tmp_path, spin_us=spin_us, native=native, uring=uring)
+
+
+def _served(tmp_path: Path, *, spin_us: int, native: bool, uring: bool) -> Iterator[Served]:
+    """CornerFS mounted at ``tmp_path``/mnt, served with these options."""
     if native and not _native_built():
         pytest.fail("keyfence.fs.fuse._loop is not built (setup.py build_ext)")
     if uring and fuse_uring_available() is not None:
@@ -497,15 +502,7 @@ def served_long_spin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator
     above what a client thinks lets a test see it grow on a busy machine:
     the idle time the loop measures includes its own wake-up, which there
     can take longer than the default 200 us by itself."""
-    native = request.param
-    if native and not _native_built():
-        pytest.fail("keyfence.fs.fuse._loop is not built (setup.py build_ext)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    fs = CornerFS()
-    fd = mount_by_name(str(mnt), {"fsname=kfloop", "subtype=kfloop", "nosuid", "nodev"})
-    session = Session(fs, fd, SessionOptions(spin_us=2000, native=native, uring=False))
-    yield from _serve(fs, mnt, fd, session, native=native, uring=False)
+    yield from _served(tmp_path, spin_us=2000, native=request.param, uring=False)
 
 
 def test_the_spin_window_stays_within_its_bounds(served: Served) -> None:
