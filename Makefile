@@ -3,6 +3,9 @@
 
 VENV := .venv
 STAMP := $(VENV)/.setup-done
+# kfctl's -IS launcher and its bundle of code, (re)written for this tree
+# (keyfence.cli.launcher): after pip, and before a benchmark times kfctl
+KFCTL_LAUNCHER := $(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl
 
 .PHONY: setup demo test lint bench bench-quick
 
@@ -33,19 +36,19 @@ BENCH_STAMP := $(VENV)/.bench-setup-done
 $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
 	# pip put its own kfctl script back: the -IS launcher again (setup.sh)
-	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl
+	$(KFCTL_LAUNCHER)
 	touch $@
 
 # Every benchmark, side by side with the kernel, keyctl, gocryptfs, ext4+fscrypt
 # and the plain disk (missing peers are installed from apt first): writes
 # bench/results/<date>.{json,md}, latest.md, charts/, and README's bench block.
 bench: $(BENCH_STAMP)
-	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl  # its bundle current
+	$(KFCTL_LAUNCHER)
 	$(VENV)/bin/python bench/suite.py --install-peers --readme
 
 # The same suite in quick mode (seconds; CI): proves it still works with every
 # peer (installed from apt as for bench), figures go to bench/results/quick/
 # (not committed); fails if a benchmark crashes.
 bench-quick: $(BENCH_STAMP)
-	$(VENV)/bin/python -m keyfence.cli.launcher $(VENV)/bin/kfctl  # its bundle current
+	$(KFCTL_LAUNCHER)
 	$(VENV)/bin/python bench/suite.py --quick --strict --install-peers
