@@ -52,6 +52,17 @@ case "$3" in
     {keyctl} rdescribe "$1" >> {log} 2>&1
     {keyctl} security "$1" >> {log} 2>&1; echo "security: $?" >> {log}
     {keyctl} instantiate "$1" "hidden" "$4" ;;
+  after)
+    {keyctl} instantiate "$1" "made" "$4"
+    sleep 1; echo "after the key" >> {log} ;;
+  twice)
+    {keyctl} instantiate "$1" "first" "$4"
+    {keyctl} instantiate "$1" again 0 >> {log} 2>&1
+    {keyctl} instantiate "$1" again "$4" >> {log} 2>&1
+    {keyctl} instantiate "$1" again @s >> {log} 2>&1
+    {keyctl} negate "$1" 30 0 >> {log} 2>&1
+    {keyctl} reject "$1" 30 64 "$4" >> {log} 2>&1
+    echo "twice done" >> {log} ;;
   *) {keyctl} instantiate "$1" "Debug $3" "$4" || exit 1 ;;
 esac
 """
@@ -186,6 +197,40 @@ def test_the_handler_views_the_key_it_constructs_whatever_its_permissions(
     ]
     text = log.read_text()
     assert "user;0;0;00000000;test:h\n\nsecurity: 0\n" in text, text
+
+
+def test_the_requester_returns_when_the_handler_has_exited(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """As the kernel's call_sbin_request_key() (UMH_WAIT_PROC; on this
+    machine's kernel, request2 of a key whose handler instantiates and then
+    sleeps 2 s takes 2.0 s): what the handler does after instantiating is
+    done when request_key returns.  Before: the requester woke at the
+    instantiation, a second before the handler's last line."""
+    daemon, log = upcalls
+    out = sh(daemon, 'k=$(keyctl request2 user test:after after) && keyctl print "$k"')
+    assert out.splitlines() == ["made", "exit=0"], out
+    assert log.read_text().endswith("\nafter the key\n"), log.read_text()
+
+
+def test_a_handlers_second_instantiate_fails_as_the_kernels(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """The kernel's answers (tests/oracle/KERNEL_FACTS.md): the handler's
+    authority is spent, not gone: EBUSY, or EACCES for the requester's
+    keyring by serial.  Before: "Operation not permitted" for all five."""
+    daemon, log = upcalls
+    out = sh(daemon, "keyctl print $(keyctl request2 user test:t twice)")
+    assert out.splitlines() == ["first", "exit=0"], out
+    text = log.read_text()  # the requester returned when the handler had exited
+    assert text.split("args=")[1].split("\n", 1)[1] == (
+        "keyctl_instantiate: Device or resource busy\n"
+        "keyctl_instantiate: Permission denied\n"
+        "keyctl_instantiate: Device or resource busy\n"
+        "keyctl_negate: Device or resource busy\n"
+        "keyctl_negate: Permission denied\n"
+        "twice done\n"
+    ), text
 
 
 def test_negate_reject_and_a_handler_that_dies(upcalls: tuple[Daemon, Path]) -> None:

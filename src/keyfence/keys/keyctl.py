@@ -1222,7 +1222,8 @@ class KeyService:
     ) -> None:
         """A process is gone: its process and thread keyrings go away, and
         its session binding (named (pid, start_time)) is released; the
-        session keyring ends with the last process that held it.
+        session keyring ends with the last process that held it.  A
+        request_key authority it held is forgotten.
 
         If a watcher aborts the removal, the keyrings stay registered and
         the call raises; the caller (the daemon) retries.
@@ -1230,6 +1231,7 @@ class KeyService:
         me = (pid, start_time)
 
         def build() -> Removal | None:
+            self._constructions.forget_process_locked(me)
             tables = self._special
             threads = tables.threads_of(pid, start_time)
             rings = [tables.threads[t] for t in threads]
@@ -1391,9 +1393,11 @@ class KeyService:
 
     def anchored_processes(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process holding a process or thread
-        keyring or a session binding named by its process."""
+        keyring, a session binding named by its process, or a request_key
+        authority (keys/request_key.py, step 5)."""
         with self._lock:
             found = set(self._special.processes)
+            found.update(self._constructions.processes_locked())
             found.update((pid, start) for pid, start, _tid in self._special.threads)
             found.update(
                 s

@@ -26,7 +26,16 @@ does the same (security/keys/request_key.c, request_key_auth.c):
    or lookup of it fails with the given error); a handler that ends
    without doing either leaves the key negated with ENOKEY for
    :data:`KEY_NEGATIVE_TIMEOUT` seconds.  Either way the authorisation key
-   is destroyed and the waiters wake.
+   is destroyed and the waiters wake; the requester that started the
+   construction returns only when the handler has exited, so it sees what
+   the handler did after instantiating (a timeout, permissions, links).
+5. A process keeps the authority it holds after the key is done, *spent*
+   (``cred->request_key_auth`` still names the dead authorisation key),
+   until it exits or assumes another: a second instantiate, negate or
+   reject by it then fails as the kernel's does (the destination looked up
+   without the requester's keyrings, then EBUSY), not with EPERM.  The
+   service forgets it with the process (:meth:`Constructions.processes_locked`
+   are among the processes the daemon watches for exit).
 
 Lock rule: every method here expects the service lock held (``_locked``);
 :attr:`Construction.done` is waited on without it.
@@ -73,7 +82,17 @@ class Outcome(Enum):
 class Construction:
     """One key under construction (the kernel's request_key_auth payload)."""
 
-    __slots__ = ("auth", "callout", "dest", "done", "error", "key", "outcome", "requester")
+    __slots__ = (
+        "auth",
+        "callout",
+        "dest",
+        "done",
+        "error",
+        "handler_gone",
+        "key",
+        "outcome",
+        "requester",
+    )
 
     def __init__(
         self, key: Key, auth: Key, callout: str, requester: Caller, dest: Key | None
@@ -87,6 +106,10 @@ class Construction:
         self.error = 0
         """The errno a negative key answers with."""
         self.done = threading.Event()
+        self.handler_gone = threading.Event()
+        """Set when the handler has exited (or none could run): the requester
+        that started the construction returns only then, as the kernel's
+        call_sbin_request_key() waits for /sbin/request-key (UMH_WAIT_PROC)."""
 
     @property
     def pending(self) -> bool:
@@ -98,7 +121,9 @@ class Construction:
 
 UpcallHook = Callable[[Construction], None]
 """Starts the handler for a construction and returns; raising OSError
-means it could not be started (the requester gets that errno)."""
+means it could not be started (the requester gets that errno).  Once the
+handler has exited, :func:`keyfence.keys.upcall.handler_ended` must be
+called (the requester waits for it)."""
 
 
 def check_reject_error(error: int) -> None:
@@ -133,31 +158,45 @@ class Constructions:
         if construction.pending:
             self.granted[process] = construction
 
-    def authority_locked(self, lineage: Iterable[ProcessId]) -> Construction | None:
-        """The pending construction a process acts for: its own assumed or
-        granted authority, else its nearest ancestor's."""
+    def held_locked(self, lineage: Iterable[ProcessId]) -> Construction | None:
+        """The construction a process acts for (``cred->request_key_auth``):
+        its own assumed or granted authority, else its nearest ancestor's;
+        pending or spent (step 5)."""
         for process in lineage:
             if process in self.assumed:
-                held = self.assumed[process]
-                return held if held is not None and held.pending else None
+                return self.assumed[process]
             granted = self.granted.get(process)
             if granted is not None:
-                return granted if granted.pending else None
+                return granted
         return None
+
+    def authority_locked(self, lineage: Iterable[ProcessId]) -> Construction | None:
+        """The pending construction a process acts for; None if what it
+        holds is spent."""
+        held = self.held_locked(lineage)
+        return held if held is not None and held.pending else None
 
     def assume_locked(self, process: ProcessId, construction: Construction | None) -> None:
         self.assumed[process] = construction
 
     def finish_locked(self, construction: Construction, outcome: Outcome, error: int = 0) -> None:
-        """Record the outcome and forget every authority over it; the
-        caller destroys the authorisation key and wakes the waiters."""
+        """Record the outcome; every authority over it is spent from now on
+        (step 5).  The caller destroys the authorisation key and wakes the
+        waiters."""
         construction.outcome = outcome
         construction.error = error
         if outcome is Outcome.INSTANTIATED:
             self.by_key.pop(construction.key, None)
-        for table in (self.granted, self.assumed):
-            for process in [p for p, c in table.items() if c is construction]:
-                del table[process]
+
+    def processes_locked(self) -> set[ProcessId]:
+        """Every process holding an authority (pending or spent) or having
+        given one up: forgotten when it exits."""
+        return {*self.granted, *self.assumed}
+
+    def forget_process_locked(self, process: ProcessId) -> None:
+        """``process`` exited: its credentials, and what they held, are gone."""
+        self.granted.pop(process, None)
+        self.assumed.pop(process, None)
 
     def forget_key_locked(self, key: Key) -> None:
         """A negative key was destroyed."""

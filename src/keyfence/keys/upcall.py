@@ -158,6 +158,9 @@ def request_key(
         construction = result
         if made:
             _call_out(svc, construction)
+            # call_sbin_request_key() waits for the handler (UMH_WAIT_PROC),
+            # not only for the key: what it does after instantiating is done
+            construction.handler_gone.wait()
         construction.done.wait()
         if construction.outcome is Outcome.INSTANTIATED:
             if made:
@@ -323,10 +326,14 @@ def _user_keyrings_error_locked(svc: ServiceInternals, caller: Caller) -> int:
 
 def handler_ended(svc: ServiceInternals, construction: Construction) -> None:
     """The handler is gone: a key it left uninstantiated is negated with
-    ENOKEY for KEY_NEGATIVE_TIMEOUT seconds (complete_request_key)."""
-    with svc._lock:
-        if construction.pending:
-            _finish_locked(svc, construction, errno.ENOKEY, KEY_NEGATIVE_TIMEOUT)
+    ENOKEY for KEY_NEGATIVE_TIMEOUT seconds (complete_request_key), and
+    the requester returns."""
+    try:
+        with svc._lock:
+            if construction.pending:
+                _finish_locked(svc, construction, errno.ENOKEY, KEY_NEGATIVE_TIMEOUT)
+    finally:
+        construction.handler_gone.set()
 
 
 def _finish_locked(
@@ -393,11 +400,22 @@ def check_view_authority_locked(svc: ServiceInternals, caller: Caller, key_id: i
         raise fail(errno.EKEYREVOKED)
 
 
-def _held_locked(svc: ServiceInternals, caller: Caller, key_id: int) -> Construction:
-    held = authority_locked(svc, caller)
+def _held_locked(
+    svc: ServiceInternals, caller: Caller, key_id: int, ringid: int
+) -> tuple[Construction, Key | None]:
+    """keyctl_instantiate_key_common()'s and keyctl_reject_key()'s checks,
+    in their order: the authority over ``key_id`` (EPERM), the destination
+    (get_instantiation_keyring), then the key itself: one already done is
+    EBUSY ("can't instantiate twice").  A spent authority (request_key.py,
+    step 5) gets that far, its destination looked up without the
+    requester's keyrings (EACCES for the requester's by serial)."""
+    held = svc._constructions.held_locked(svc.process_lineage(caller))
     if held is None or held.key.serial != key_id:
         raise fail(errno.EPERM, "no authority to instantiate this key")
-    return held
+    dest = _instantiation_keyring_locked(svc, caller, held, ringid)
+    if not held.pending:
+        raise fail(errno.EBUSY, "the key is already instantiated or negated")
+    return held, dest
 
 
 def instantiate(
@@ -408,8 +426,7 @@ def instantiate(
         raise fail(errno.EINVAL, "payload too large")
 
     def build() -> Removal | None:
-        held = _held_locked(svc, caller, key_id)
-        dest = _instantiation_keyring_locked(svc, caller, held, keyring)
+        held, dest = _held_locked(svc, caller, key_id, keyring)
         key = held.key
         prepared = key.type.preparse(data)
         svc._update_locked(key, prepared)
@@ -428,8 +445,7 @@ def reject(
     check_reject_error(error)
 
     def build() -> Removal | None:
-        held = _held_locked(svc, caller, key_id)
-        dest = _instantiation_keyring_locked(svc, caller, held, keyring)
+        held, dest = _held_locked(svc, caller, key_id, keyring)
         key = held.key
         _finish_locked(svc, held, error, timeout)
         svc._constructions.assume_locked(caller.process, None)

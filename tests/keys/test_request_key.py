@@ -1,0 +1,108 @@
+"""request_key's authority after the key is done (keys/request_key.py, step 5).
+
+The kernel's answers, from a handler run by /sbin/request-key on this
+machine's kernel (tests/oracle/KERNEL_FACTS.md, "a handler's second
+instantiate"): a second instantiate, negate or reject by the handler is
+EBUSY, or EACCES when it names the requester's keyring by serial (which
+it no longer possesses); never EPERM, which is for a process holding no
+authority over the key.  The handler side through a real daemon and kfctl
+is tests/cli/test_request_key.py.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from keyfence.keys import Caller, KeyService
+from keyfence.keys import upcall as _upcall
+
+from .test_keyctl import S, errno_of
+
+HANDLER = Caller(uid=0, gid=0, pid=500, start_time=7, session="handler")
+"""The process request-key runs (it holds the authority it is granted)."""
+FIRST = Caller(uid=0, gid=0, pid=501, start_time=8, session="handler")
+SECOND = Caller(uid=0, gid=0, pid=502, start_time=9, session="handler")
+"""Two children of the handler, one ``keyctl`` each, as a handler script runs."""
+STRANGER = Caller(uid=0, gid=0, pid=600, start_time=10, session="stranger")
+
+
+def _lineage(caller: Caller) -> list[tuple[int, int]]:
+    if caller.pid in (FIRST.pid, SECOND.pid):
+        return [caller.process, HANDLER.process]
+    return [caller.process]
+
+
+def _served(svc: KeyService, requester: Caller, handle) -> int:  # type: ignore[no-untyped-def]
+    """request_key with callout info, ``handle(key serial, requester's
+    session keyring serial)`` playing the handler; the key's serial."""
+    session = svc.get_keyring_id(requester, S, True)
+
+    def upcall(construction) -> None:  # type: ignore[no-untyped-def]
+        _upcall.grant(svc, construction, HANDLER.process)
+        try:
+            handle(construction.key.serial, session)
+        finally:
+            _upcall.handler_ended(svc, construction)
+
+    svc.process_lineage = _lineage
+    svc.request_key_upcall = upcall
+    return svc.request_key(requester, "user", "made", "callout")
+
+
+def test_a_second_instantiate_is_ebusy_or_eacces_as_the_kernels(
+    svc: KeyService, root: Caller
+) -> None:
+    """Before: EPERM for every second call (the authority was forgotten
+    with the construction)."""
+    key = _served(svc, root, lambda serial, ses: svc.instantiate(FIRST, serial, b"first", ses))
+    assert svc.read(root, key) == b"first"
+    session = svc.get_keyring_id(root, S, False)
+    assert errno_of(svc.instantiate, SECOND, key, b"again", 0) == errno.EBUSY
+    assert errno_of(svc.instantiate, SECOND, key, b"again", S) == errno.EBUSY
+    # the requester's keyring by serial: written by the first call through
+    # the authority, no longer possessed
+    assert errno_of(svc.instantiate, SECOND, key, b"again", session) == errno.EACCES
+    assert errno_of(svc.reject, SECOND, key, 30, errno.ENOKEY, 0) == errno.EBUSY
+    assert errno_of(svc.reject, SECOND, key, 30, errno.EKEYREJECTED, session) == errno.EACCES
+    # the handler's own call after it instantiated: the kernel clears its
+    # authority (keyctl_change_reqkey_auth(NULL)), so it holds none
+    assert errno_of(svc.instantiate, FIRST, key, b"again", 0) == errno.EPERM
+    # a process that never held it, another key, a bad error: as before
+    assert errno_of(svc.instantiate, STRANGER, key, b"again", 0) == errno.EPERM
+    assert errno_of(svc.instantiate, SECOND, key + 1, b"again", 0) == errno.EPERM
+    assert errno_of(svc.reject, SECOND, key, 30, 0, 0) == errno.EINVAL
+    assert svc.read(root, key) == b"first"
+
+
+def test_a_negated_key_is_ebusy_too(svc: KeyService, root: Caller) -> None:
+    def negate(serial: int, ses: int) -> None:
+        svc.reject(FIRST, serial, 30, errno.ENOKEY, ses)
+
+    assert errno_of(_served, svc, root, negate) == errno.ENOKEY
+    (key,) = (k.serial for k in svc.all_keys() if k.description == "made")
+    assert errno_of(svc.instantiate, SECOND, key, b"late", 0) == errno.EBUSY
+    assert errno_of(svc.reject, SECOND, key, 30, errno.ENOKEY, S) == errno.EBUSY
+
+
+def test_the_spent_authority_goes_with_its_process(svc: KeyService, root: Caller) -> None:
+    """Kept with the process, as a cred is, then forgotten: a daemon that
+    ran handlers for a month holds nothing for them."""
+    key = _served(svc, root, lambda serial, ses: svc.instantiate(FIRST, serial, b"first", 0))
+    assert {HANDLER.process, FIRST.process} <= set(svc.anchored_processes())
+    svc.process_exited(*HANDLER.process)
+    svc.process_exited(*FIRST.process)
+    assert errno_of(svc.instantiate, SECOND, key, b"again", 0) == errno.EPERM
+    assert not svc._constructions.granted and not svc._constructions.assumed
+    assert not set(svc.anchored_processes()) & {HANDLER.process, FIRST.process}
+
+
+def test_giving_up_authority_is_forgotten_at_exit(svc: KeyService, root: Caller) -> None:
+    """assume_authority(0) from process after process must not grow the
+    daemon's tables for ever (it did: one entry per process, never dropped)."""
+    for pid in range(1000, 1100):
+        svc.assume_authority(Caller(uid=0, gid=0, pid=pid, start_time=1), 0)
+    assert len(svc._constructions.assumed) == 100
+    for pid in range(1000, 1100):
+        svc.process_exited(pid, 1)
+    assert not svc._constructions.assumed
+    assert not svc._constructions
