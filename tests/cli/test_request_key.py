@@ -52,6 +52,9 @@ case "$3" in
     {keyctl} rdescribe "$1" >> {log} 2>&1
     {keyctl} security "$1" >> {log} 2>&1; echo "security: $?" >> {log}
     {keyctl} instantiate "$1" "hidden" "$4" ;;
+  gated)
+    while [ ! -e {log}.go ]; do sleep 0.05; done
+    {keyctl} instantiate "$1" "gated" "$4" ;;
   after)
     {keyctl} instantiate "$1" "made" "$4"
     sleep 1; echo "after the key" >> {log} ;;
@@ -211,6 +214,29 @@ def test_the_requester_returns_when_the_handler_has_exited(
     out = sh(daemon, 'k=$(keyctl request2 user test:after after) && keyctl print "$k"')
     assert out.splitlines() == ["made", "exit=0"], out
     assert log.read_text().endswith("\nafter the key\n"), log.read_text()
+
+
+def test_a_request_its_caller_gave_up_on_is_not_done_later(
+    upcalls: tuple[Daemon, Path],
+) -> None:
+    """As on this machine's kernel (tests/oracle/KERNEL_FACTS.md): an
+    ``update`` of a key under construction waits, and when it is killed
+    (``timeout``), the key is not updated once made; a ``request`` that
+    finds the key under construction links it into its destination at
+    once, then waits.  Before: the killed update was done when the key was
+    made (``late``), and nothing was linked until then."""
+    daemon, log = upcalls
+    go = Path(f"{log}.go")
+    script = (
+        "keyctl request2 user test:g gated @s > /dev/null &"
+        " until k=$(keyctl search @s user test:g 2>/dev/null); do sleep 0.05; done;"
+        " timeout 2 keyctl update $k late; echo update=$?;"
+        " timeout 2 keyctl request user test:g @u; echo request=$?;"
+        f" keyctl rlist @u | tr ' ' '\\n' | grep -cx $k; touch {go}; wait;"
+        " keyctl print $k; keyctl rlist @u | tr ' ' '\\n' | grep -cx $k"
+    )
+    out = sh(daemon, script)
+    assert out.splitlines() == ["update=124", "request=124", "1", "gated", "1", "exit=0"], out
 
 
 def test_a_handlers_second_instantiate_fails_as_the_kernels(

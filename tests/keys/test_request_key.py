@@ -12,8 +12,10 @@ is tests/cli/test_request_key.py.
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
-from keyfence.keys import Caller, KeyService
+from keyfence.keys import Caller, KeyService, waits
 from keyfence.keys import upcall as _upcall
 
 from .test_keyctl import S, errno_of
@@ -106,3 +108,112 @@ def test_giving_up_authority_is_forgotten_at_exit(svc: KeyService, root: Caller)
         svc.process_exited(pid, 1)
     assert not svc._constructions.assumed
     assert not svc._constructions
+
+
+class _Running:
+    """A handler that has started and not yet answered: the test answers
+    for it (``answer``), then it exits."""
+
+    def __init__(self, svc: KeyService, requester: Caller) -> None:
+        self.svc = svc
+        self.made: list[object] = []
+        self.serial: int | None = None
+        self.result: list[object] = []
+        svc.process_lineage = _lineage
+        svc.request_key_upcall = self._upcall
+        self.thread = threading.Thread(target=self._request, args=(requester,))
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while self.serial is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.serial is not None
+
+    def _upcall(self, construction) -> None:  # type: ignore[no-untyped-def]
+        _upcall.grant(self.svc, construction, HANDLER.process)
+        self.made.append(construction)
+        self.serial = construction.key.serial
+
+    def _request(self, requester: Caller) -> None:
+        try:
+            self.result.append(self.svc.request_key(requester, "user", "made", "callout"))
+        except OSError as err:
+            self.result.append(err.errno)
+
+    def answer(self, payload: bytes) -> None:
+        self.svc.instantiate(FIRST, self.serial, payload, 0)
+        _upcall.handler_ended(self.svc, self.made[0])  # type: ignore[arg-type]
+        self.thread.join(30)
+
+
+def _in_thread(fn, *args):  # type: ignore[no-untyped-def]
+    """Run ``fn`` on a thread of its own; (thread, results list)."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn(*args))
+        except OSError as err:
+            out.append(err.errno)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_wait_for_a_construction_ends_when_its_caller_goes(svc: KeyService, root: Caller) -> None:
+    """wait_for_key_construction() is interruptible: an update waiting for
+    the key, whose caller is killed, is not done when the key is made.
+    Before: it was, after the handler's instantiate (``late``)."""
+    running = _Running(svc, root)
+    gone = threading.Event()
+
+    def update() -> None:
+        with waits.interrupted_when(gone.is_set):
+            svc.update(root, running.serial, b"late")
+
+    thread, out = _in_thread(update)
+    time.sleep(0.2)  # waiting (or about to: either way it must not update)
+    assert thread.is_alive()
+    gone.set()
+    svc.interrupt_waits()
+    thread.join(30)
+    assert out == [errno.EINTR]
+    running.answer(b"made")
+    assert running.result == [running.serial]
+    assert svc.read(root, running.serial) == b"made"
+
+
+def test_a_waiting_request_links_the_key_at_once_and_returns_it(
+    svc: KeyService, root: Caller
+) -> None:
+    """request_key_and_link() links a key it finds under construction into
+    the destination before it waits, and returns that key (on this
+    machine's kernel: a waiter killed meanwhile leaves the link).  Before:
+    nothing was linked until the key was made, and a waiter that had gone
+    linked it then."""
+    running = _Running(svc, root)
+    user_ring = svc.get_keyring_id(root, -4, True)
+    gone = threading.Event()
+
+    def request() -> int:
+        with waits.interrupted_when(gone.is_set):
+            return svc.request_key(root, "user", "made", None, user_ring)
+
+    thread, out = _in_thread(request)
+    deadline = time.monotonic() + 30
+    while running.serial not in svc.list_keyring(root, user_ring) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert running.serial in svc.list_keyring(root, user_ring)
+    assert thread.is_alive()  # linked, and waiting
+    waiter, waiter_out = _in_thread(request)
+    gone.set()
+    svc.interrupt_waits()
+    thread.join(30)
+    waiter.join(30)
+    assert out == [errno.EINTR] and waiter_out == [errno.EINTR]
+    gone.clear()
+    third, third_out = _in_thread(request)
+    running.answer(b"made")
+    third.join(30)
+    assert third_out == [running.serial]
+    assert svc.list_keyring(root, user_ring).count(running.serial) == 1

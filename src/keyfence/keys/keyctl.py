@@ -1420,6 +1420,12 @@ class KeyService:
         with self._lock:
             return list(self._keys.values())
 
+    def interrupt_waits(self) -> None:
+        """Wake every call waiting in the service (for a key under
+        construction), so that one whose caller has gone ends (keys/waits.py)."""
+        with self._lock:
+            self._changed.notify_all()
+
     def close(self) -> None:
         """Stop the collector and notification threads."""
         self.gc.stop()

@@ -48,7 +48,7 @@ from keyfence.keys.request_key import (
     check_reject_error,
 )
 from keyfence.keys.text import as_bytes
-from keyfence.keys.waits import check_may_wait
+from keyfence.keys.waits import check_interrupted, check_may_wait
 
 if TYPE_CHECKING:
     from keyfence.keys.caller import Caller
@@ -107,10 +107,18 @@ def check_constructed_locked(svc: ServiceInternals, key: Key, *, partial: bool) 
         # the daemon's loop does not wait (keys/waits.py): the request is
         # run again on a thread of the caller's, which may
         check_may_wait(f"the construction of key {key.serial}")
-    while construction.pending:
-        svc._changed.wait()  # releases the service lock (every level of it)
+    _wait_constructed_locked(svc, construction)
     if construction.outcome is Outcome.NEGATIVE:
         raise fail(construction.error)
+
+
+def _wait_constructed_locked(svc: ServiceInternals, construction: Construction) -> None:
+    """Until ``construction`` ends, or EINTR when the caller has gone
+    (keys/waits.py): the wait is interruptible, as the kernel's."""
+    what = f"the construction of key {construction.key.serial}"
+    while construction.pending:
+        check_interrupted(what)
+        svc._changed.wait()  # releases the service lock (every level of it)
 
 
 def updated_locked(svc: ServiceInternals, key: Key) -> None:
@@ -149,24 +157,24 @@ def request_key(
         raise fail(errno.EINVAL, "description too long")
     if callout is not None and len(as_bytes(callout)) > CALLOUT_MAX:
         raise fail(errno.EINVAL, "callout info too long")
-    while True:
-        result, made = _find_or_construct(
-            svc, caller, type_name, description, callout, dest_keyring
-        )
-        if not isinstance(result, Construction):
-            return result.serial
-        construction = result
-        if made:
-            _call_out(svc, construction)
-            # call_sbin_request_key() waits for the handler (UMH_WAIT_PROC),
-            # not only for the key: what it does after instantiating is done
-            construction.handler_gone.wait()
-        construction.done.wait()
-        if construction.outcome is Outcome.INSTANTIATED:
-            if made:
-                return construction.key.serial
-            continue  # a waiter searches again (the key may have moved)
-        raise fail(construction.error)
+    result, made = _find_or_construct(svc, caller, type_name, description, callout, dest_keyring)
+    if not isinstance(result, Construction):
+        return result.serial
+    construction = result
+    if made:
+        _call_out(svc, construction)
+        # call_sbin_request_key() waits for the handler (UMH_WAIT_PROC, not
+        # interruptible), not only for the key: what it does after
+        # instantiating is done
+        construction.handler_gone.wait()
+    else:
+        # found under construction (and linked into the destination
+        # already): wait_for_key_construction(), interruptible
+        with svc._lock:
+            _wait_constructed_locked(svc, construction)
+    if construction.outcome is Outcome.INSTANTIATED:
+        return construction.key.serial
+    raise fail(construction.error)
 
 
 def _find_or_construct(
@@ -200,15 +208,17 @@ def _find_or_construct(
         key, error = svc._search_process_keyrings_locked(caller, ctx)
         if key is not None:
             construction = svc._constructions.of_locked(key)
+            found: Key | Construction = key
             if construction is not None and construction.pending:
-                return None, (construction, False)
-            negative = negative_error_locked(svc, key)
-            if negative:
-                raise fail(negative)
+                found = construction  # linked now, waited for after (as the kernel)
+            else:
+                negative = negative_error_locked(svc, key)
+                if negative:
+                    raise fail(negative)
             if dest is None:
-                return None, (key, False)
+                return None, (found, False)
             permission.check(key, caller, permission.LINK, possessed=True)
-            return svc._link_locked(dest, key, "request", caller), (key, False)
+            return svc._link_locked(dest, key, "request", caller), (found, False)
         if error != errno.EAGAIN:
             raise fail(error)
         if callout is None:

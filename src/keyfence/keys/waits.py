@@ -16,13 +16,25 @@ and the caller runs the request again on a thread that may wait.
 Rule for the service: call :func:`check_may_wait` before a wait, and only
 where failing with an error would leave nothing done (a lookup at the start
 of an operation, before any key is changed).
+
+A wait is also *interruptible*, as the kernel's wait_for_key_construction()
+is: a thread serving a client runs its request inside
+:func:`interrupted_when`, and a wait calls :func:`check_interrupted` each
+time it wakes; once the client has gone (killed, or its connection closed
+by a ``timeout 1 keyctl update ...``) the wait ends with EINTR and the
+operation does nothing -- a request its caller gave up on is not done
+later, when the key is made.  Whoever makes a client go wakes the waiters
+(``KeyService.interrupt_waits``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from keyfence.keys.errors import fail
 
 
 class MustWait(Exception):
@@ -50,3 +62,23 @@ def check_may_wait(what: str) -> None:
     :func:`refusing_waits` block, else nothing."""
     if getattr(_thread, "refusing", False):
         raise MustWait(what)
+
+
+@contextlib.contextmanager
+def interrupted_when(gone: Callable[[], bool]) -> Iterator[None]:
+    """Waits in this block (this thread only) end with EINTR once ``gone()``
+    is true: the caller they wait for has gone."""
+    previous = getattr(_thread, "gone", None)
+    _thread.gone = gone
+    try:
+        yield
+    finally:
+        _thread.gone = previous
+
+
+def check_interrupted(what: str) -> None:
+    """Waiting for ``what`` (again): EINTR if this thread's caller has gone,
+    else nothing."""
+    gone = getattr(_thread, "gone", None)
+    if gone is not None and gone():
+        raise fail(errno.EINTR, f"the caller went away while waiting for {what}")

@@ -17,7 +17,6 @@ service lock, then a connection's lock.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -34,7 +33,7 @@ from keyfence.keys.errors import KeyfenceError
 from keyfence.keys.fence import RemovalProgress
 from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.keys.secret import wipe_bytes
-from keyfence.keys.waits import MustWait, refusing_waits
+from keyfence.keys.waits import MustWait, interrupted_when, refusing_waits
 from keyfence.server import limits
 
 if TYPE_CHECKING:
@@ -418,7 +417,8 @@ class Connection:
         """
         deferred = False
         try:
-            with contextlib.nullcontext() if may_wait else refusing_waits():
+            waits = interrupted_when(self.is_closed) if may_wait else refusing_waits()
+            with waits:
                 value = op(self, request)
             reply: protocol.Message = protocol.Reply(id=request.id, value=value)
         except MustWait:
@@ -539,6 +539,11 @@ class Connection:
 
     # -- the end (any thread)
 
+    def is_closed(self) -> bool:
+        """The client has gone: a request of its still waiting in the key
+        service ends with EINTR (keys/waits.py)."""
+        return self.closed
+
     def close(self) -> None:
         """Drop the connection: its watches end (a pending fence call on one
         counts as done), and the loop closes the socket."""
@@ -556,4 +561,5 @@ class Connection:
             self.daemon.limits.give_back("watches", self.uid, len(watches))
         for waiter in waiters:
             waiter.done.set()
+        self.daemon.service.interrupt_waits()  # a request of ours may be waiting
         self.daemon.loop.wake_for(self)
