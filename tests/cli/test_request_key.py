@@ -52,6 +52,12 @@ case "$3" in
     {keyctl} rdescribe "$1" >> {log} 2>&1
     {keyctl} security "$1" >> {log} 2>&1; echo "security: $?" >> {log}
     {keyctl} instantiate "$1" "hidden" "$4" ;;
+  own)
+    {keyctl} rdescribe @s >> {log} 2>&1
+    h=$({keyctl} add user handlerkey x @s); {keyctl} print "$h" >> {log} 2>&1
+    {keyctl} rlist @s | tr ' ' '\n' | grep -c . >> {log}
+    {keyctl} id @s > {log}.ring
+    {keyctl} instantiate "$1" "own" "$4" ;;
   gated)
     while [ ! -e {log}.go ]; do sleep 0.05; done
     {keyctl} instantiate "$1" "gated" "$4" ;;
@@ -214,6 +220,39 @@ def test_the_requester_returns_when_the_handler_has_exited(
     out = sh(daemon, 'k=$(keyctl request2 user test:after after) && keyctl print "$k"')
     assert out.splitlines() == ["made", "exit=0"], out
     assert log.read_text().endswith("\nafter the key\n"), log.read_text()
+
+
+def test_the_handler_has_a_session_keyring_of_its_own(upcalls: tuple[Daemon, Path]) -> None:
+    """As call_sbin_request_key() gives /sbin/request-key (on this machine's
+    kernel: ``keyring;0;0;3f030000;_req.<key>``, holding the authorisation
+    key and whatever the handler adds to ``@s``; tests/oracle/KERNEL_FACTS.md),
+    gone with the handler.  Before: the handler's ``@s`` was a fresh
+    ``_ses`` for each kfctl it ran (``add ... @s`` then lost the key at
+    once) or the user's ``@us``."""
+    daemon, log = upcalls
+    out = sh(
+        daemon,
+        "k=$(keyctl request2 user test:o own) && keyctl print $k;"
+        " keyctl search @us user handlerkey; keyctl search @s user handlerkey",
+    )
+    assert out.splitlines() == [
+        "own",
+        "keyctl_search: Required key not available",
+        "keyctl_search: Required key not available",
+        "exit=1",
+    ], out
+    (run,) = runs(log)
+    key = run.split("args=")[1].split()[0]
+    text = log.read_text()
+    assert f"\nkeyring;0;0;3f030000;_req.{key}\nx\n2\n" in text, text  # auth key + handlerkey
+    ring = Path(f"{log}.ring").read_text().strip()
+    deadline = time.monotonic() + 60  # ends when the daemon sees the handler gone
+    while time.monotonic() < deadline:
+        gone = sh(daemon, f"keyctl rdescribe {ring}")
+        if gone == "keyctl_describe: Required key not available\nexit=1":
+            break
+        time.sleep(0.2)
+    assert gone == "keyctl_describe: Required key not available\nexit=1", gone
 
 
 def test_a_request_its_caller_gave_up_on_is_not_done_later(

@@ -11,7 +11,7 @@ the service's lock rules: ``_locked`` ones expect the lock held.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -72,3 +72,7 @@ class ServiceInternals(Protocol):
     ) -> tuple[Key | None, int]: ...
 
     def _link_locked(self, ring: Key, key: Key, op: str, caller: Caller) -> Removal | None: ...
+
+    def _bind_session_locked(
+        self, caller: Caller, session: Hashable, ring: Key, op: str
+    ) -> Removal | None: ...

@@ -14,7 +14,9 @@ does the same (security/keys/request_key.c, request_key_auth.c):
    in instantiate/reject resolve to).
 2. The service calls an *upcall hook* (the daemon's: it runs the handler
    chosen by request-key.conf as the requesting user) and grants the
-   handler's process the authority (:meth:`Constructions.grant_locked`).
+   handler's process the authority (:meth:`Constructions.grant_locked`)
+   and a session keyring of its own, ``_req.<serial>`` holding the
+   authorisation key (:func:`keyfence.keys.upcall.grant`).
    Without a hook, the construction fails at once as it does on a kernel
    whose /sbin/request-key cannot be run: the requester gets ENOENT and
    the key is negated.

@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING
 
 from keyfence.keys import keyring as _keyring
 from keyfence.keys import permission
+from keyfence.keys.caller import Caller
 from keyfence.keys.errors import fail
 from keyfence.keys.key import KeyState
 from keyfence.keys.key_type import (
     ADD_KEY_PAYLOAD_MAX,
     CALLOUT_MAX,
     DESCRIPTION_MAX,
+    KEYRING,
     check_type_name,
     lookup_type,
 )
@@ -51,7 +53,6 @@ from keyfence.keys.text import as_bytes
 from keyfence.keys.waits import check_interrupted, check_may_wait
 
 if TYPE_CHECKING:
-    from keyfence.keys.caller import Caller
     from keyfence.keys.internal import ServiceInternals
     from keyfence.keys.key import Key
 
@@ -357,6 +358,8 @@ def _finish_locked(
         svc._constructions.finish_locked(construction, Outcome.NEGATIVE, error)
     else:
         svc._constructions.finish_locked(construction, Outcome.INSTANTIATED)
+    for ring in list(construction.auth.parents):  # the handler's _req keyring
+        _keyring.unlink_locked(ring, construction.auth, svc._quota)
     _destroy_locked(svc, construction.auth, anchored=True)
     key.anchors -= 1
     if not key.parents and not key.anchors and key.state is not KeyState.DEAD:
@@ -486,9 +489,38 @@ def assume_authority(svc: ServiceInternals, caller: Caller, key_id: int) -> int:
 
 
 def grant(svc: ServiceInternals, construction: Construction, process: tuple[int, int]) -> None:
-    """Give a handler process the authority over ``construction``."""
+    """Give a handler process the authority over ``construction`` and, as
+    call_sbin_request_key() does, a session keyring of its own:
+    ``_req.<key serial>``, the requester's, holding the authorisation key.
+    It is ``@s`` to the handler and its children (keys they add there stay
+    theirs) and ends with the handler, as any session keyring does."""
     with svc._lock:
         svc._constructions.grant_locked(construction, process)
+        if not construction.pending or process in svc._special.sessions:
+            return
+        requester = construction.requester
+        ring = svc._alloc_locked(
+            KEYRING,
+            f"_req.{construction.key.serial}",
+            uid=requester.uid,
+            gid=requester.gid,
+            perm=permission.SESSION_KEYRING_PERM,
+            overrun=True,
+        )
+        try:
+            _keyring.link_locked(ring, construction.auth, svc._quota)
+        except OSError:
+            _destroy_locked(svc, ring)
+            raise
+        handler = Caller(
+            uid=requester.uid,
+            gid=requester.gid,
+            groups=requester.groups,
+            pid=process[0],
+            start_time=process[1],
+            session=process,
+        )
+        svc._bind_session_locked(handler, process, ring, "request_key")  # none to release
 
 
 def requester_keyring_ids(
