@@ -260,7 +260,8 @@ def test_a_request_its_caller_gave_up_on_is_not_done_later(
 ) -> None:
     """As on this machine's kernel (tests/oracle/KERNEL_FACTS.md): an
     ``update`` of a key under construction waits, and when it is killed
-    (``timeout``), the key is not updated once made; a ``request`` that
+    (``timeout``), the key is not updated once made; a ``print`` waits too
+    (it printed an empty payload at once); a ``request`` that
     finds the key under construction links it into its destination at
     once, then waits.  Before: the killed update was done when the key was
     made (``late``), and nothing was linked until then."""
@@ -270,12 +271,21 @@ def test_a_request_its_caller_gave_up_on_is_not_done_later(
         "keyctl request2 user test:g gated @s > /dev/null &"
         " until k=$(keyctl search @s user test:g 2>/dev/null); do sleep 0.05; done;"
         " timeout 2 keyctl update $k late; echo update=$?;"
+        " timeout 2 keyctl print $k; echo print=$?;"
         " timeout 2 keyctl request user test:g @u; echo request=$?;"
         f" keyctl rlist @u | tr ' ' '\\n' | grep -cx $k; touch {go}; wait;"
         " keyctl print $k; keyctl rlist @u | tr ' ' '\\n' | grep -cx $k"
     )
     out = sh(daemon, script)
-    assert out.splitlines() == ["update=124", "request=124", "1", "gated", "1", "exit=0"], out
+    assert out.splitlines() == [
+        "update=124",
+        "print=124",
+        "request=124",
+        "1",
+        "gated",
+        "1",
+        "exit=0",
+    ], out
 
 
 def test_a_handlers_second_instantiate_fails_as_the_kernels(

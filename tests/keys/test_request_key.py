@@ -217,3 +217,54 @@ def test_a_waiting_request_links_the_key_at_once_and_returns_it(
     third.join(30)
     assert third_out == [running.serial]
     assert svc.list_keyring(root, user_ring).count(running.serial) == 1
+
+
+def test_a_key_its_handler_unlinked_is_linked_again_by_instantiate(
+    svc: KeyService, root: Caller
+) -> None:
+    """key_instantiate_and_link() links the key it instantiates: on this
+    machine's kernel a handler that unlinks the key from the requester's
+    keyring and then instantiates it into that keyring leaves it there,
+    usable.  Before: the key, with no link left when it was instantiated,
+    was destroyed first (the requester got a serial that said ENOKEY)."""
+
+    def unlink_then_instantiate(serial: int, ses: int) -> None:
+        svc.unlink(FIRST, serial, ses)
+        svc.instantiate(FIRST, serial, b"relinked", ses)
+
+    key = _served(svc, root, unlink_then_instantiate)
+    assert svc.read(root, key) == b"relinked"
+    assert key in svc.list_keyring(root, S)
+
+
+def test_a_construction_is_completed_once(svc: KeyService, root: Caller) -> None:
+    """instantiate (and a ``|program`` handler's output) completed the
+    construction twice: once through the payload update (as add_key over
+    a key under construction does) and once itself, so the key's anchor
+    count went to -1 and its waiters were told twice."""
+    told: list[object] = []
+    key = _served(svc, root, lambda serial, ses: svc.instantiate(FIRST, serial, b"x", ses))
+    made = svc.find_key(key)
+    assert made is not None and made.anchors == 0
+
+    def piped(serial: int, ses: int) -> None:
+        (construction,) = [c for k, c in svc._constructions.by_key.items() if k.serial == serial]
+        construction.done.set = lambda: told.append(serial)  # type: ignore[method-assign]
+        _upcall.instantiate_from_handler(svc, construction, b"printed")
+
+    other = Caller(uid=0, gid=0, pid=101, session="other-session")
+    svc.process_lineage = _lineage
+    second = _served(svc, other, piped)
+    made = svc.find_key(second)
+    assert made is not None and made.anchors == 0 and svc.read(other, second) == b"printed"
+    assert told == [second]
+
+
+def test_a_rejected_key_its_handler_unlinked_is_linked_again(svc: KeyService, root: Caller) -> None:
+    def unlink_then_reject(serial: int, ses: int) -> None:
+        svc.unlink(FIRST, serial, ses)
+        svc.reject(FIRST, serial, 30, errno.EKEYREJECTED, ses)
+
+    assert errno_of(_served, svc, root, unlink_then_reject) == errno.EKEYREJECTED
+    (key,) = (k.serial for k in svc.all_keys() if k.description == "made")
+    assert key in svc.list_keyring(root, S)

@@ -597,7 +597,10 @@ class KeyService:
                 wipe_payload(key)
                 self._release_locked(key)
 
-    def _update_locked(self, key: Key, data: bytes) -> None:
+    def _update_locked(self, key: Key, data: bytes, *, completes: bool = True) -> None:
+        """Replace ``key``'s payload.  ``completes``: a key under construction
+        is thereby instantiated (add_key, update); False for the upcall's own
+        instantiate, which completes the construction itself."""
         old = key.payload
         delta = len(data) - (len(old) if old is not None else 0)
         if key.in_quota:
@@ -606,7 +609,7 @@ class KeyService:
         key.payload = _secret.store(data)
         key.expiry = None  # an update clears the timeout, as user_update() does
         key.state = KeyState.VALID
-        if self._constructions.by_key:
+        if completes and self._constructions.by_key:
             _upcall.updated_locked(self, key)
         if old is not None:
             old.wipe()
@@ -1075,6 +1078,10 @@ class KeyService:
             except OSError as err:
                 # keyctl_read_key() answers ENOKEY for any failed lookup
                 raise fail(errno.ENOKEY) from err
+            if self._constructions.by_key:
+                # its lookup is not KEY_LOOKUP_PARTIAL: a key under
+                # construction is waited for, not read empty
+                _upcall.check_constructed_locked(self, key, partial=False)
             readable = permission.allowed(key, caller, permission.READ, possessed=False)
             if not possessed and not readable:
                 raise fail(errno.EACCES)

@@ -348,10 +348,17 @@ def handler_ended(svc: ServiceInternals, construction: Construction) -> None:
 
 
 def _finish_locked(
-    svc: ServiceInternals, construction: Construction, error: int, timeout: int
+    svc: ServiceInternals,
+    construction: Construction,
+    error: int,
+    timeout: int,
+    *,
+    linking: bool = False,
 ) -> None:
     """Instantiated (error 0) or negative: record it, destroy the
-    authorisation key, release the key's anchor, wake every waiter."""
+    authorisation key, release the key's anchor, wake every waiter.
+    ``linking``: the caller links the key next (instantiate or reject with
+    a destination), so a key without links is left for it."""
     key = construction.key
     if error:
         key.expiry = int(svc.now()) + timeout
@@ -362,13 +369,18 @@ def _finish_locked(
         _keyring.unlink_locked(ring, construction.auth, svc._quota)
     _destroy_locked(svc, construction.auth, anchored=True)
     key.anchors -= 1
-    if not key.parents and not key.anchors and key.state is not KeyState.DEAD:
-        _destroy_locked(svc, key)
+    if not linking:
+        _destroy_if_unheld_locked(svc, key)
     svc.removals.notify_locked(
         [(key, KeyEvent.INSTANTIATED, None)], construction.requester, "instantiate"
     )
     svc._changed.notify_all()
     construction.done.set()
+
+
+def _destroy_if_unheld_locked(svc: ServiceInternals, key: Key) -> None:
+    if not key.parents and not key.anchors and key.state is not KeyState.DEAD:
+        _destroy_locked(svc, key)
 
 
 def _destroy_locked(svc: ServiceInternals, key: Key, *, anchored: bool = False) -> None:
@@ -440,14 +452,11 @@ def instantiate(
 
     def build() -> Removal | None:
         held, dest = _held_locked(svc, caller, key_id, keyring)
-        key = held.key
-        prepared = key.type.preparse(data)
-        svc._update_locked(key, prepared)
-        _finish_locked(svc, held, 0, 0)
+        prepared = held.key.type.preparse(data)
+        svc._update_locked(held.key, prepared, completes=False)
+        _finish_locked(svc, held, 0, 0, linking=dest is not None)
         svc._constructions.assume_locked(caller.process, None)
-        if dest is None or not key.is_live():
-            return None
-        return svc._link_locked(dest, key, "instantiate", caller)
+        return _link_finished_locked(svc, caller, held, dest, "instantiate")
 
     svc.removals.run(build)
 
@@ -459,14 +468,28 @@ def reject(
 
     def build() -> Removal | None:
         held, dest = _held_locked(svc, caller, key_id, keyring)
-        key = held.key
-        _finish_locked(svc, held, error, timeout)
+        _finish_locked(svc, held, error, timeout, linking=dest is not None)
         svc._constructions.assume_locked(caller.process, None)
-        if dest is None or not key.is_live():
-            return None
-        return svc._link_locked(dest, key, "reject", caller)
+        return _link_finished_locked(svc, caller, held, dest, "reject")
 
     svc.removals.run(build)
+
+
+def _link_finished_locked(
+    svc: ServiceInternals, caller: Caller, held: Construction, dest: Key | None, op: str
+) -> Removal | None:
+    """key_instantiate_and_link()'s link, of a key just finished with
+    ``linking``: a key with no other link (its handler unlinked it from
+    where it was made) is linked, not destroyed first; one that cannot be
+    linked is destroyed if nothing holds it."""
+    key = held.key
+    if dest is None or not key.is_live():
+        return None
+    try:
+        return svc._link_locked(dest, key, op, caller)
+    except OSError:
+        _destroy_if_unheld_locked(svc, key)
+        raise
 
 
 def assume_authority(svc: ServiceInternals, caller: Caller, key_id: int) -> int:
@@ -554,5 +577,5 @@ def instantiate_from_handler(
             return
         key = construction.key
         prepared = key.type.preparse(data)
-        svc._update_locked(key, prepared)
+        svc._update_locked(key, prepared, completes=False)
         _finish_locked(svc, construction, 0, 0)
