@@ -39,8 +39,10 @@ does the same (security/keys/request_key.c, request_key_auth.c):
    service forgets it with the process (:meth:`Constructions.processes_locked`
    are among the processes the daemon watches for exit).
 
-Lock rule: every method here expects the service lock held (``_locked``);
-:attr:`Construction.done` is waited on without it.
+Lock rule: every method here expects the service lock held (``_locked``).
+Who waits for a construction waits on the service's condition for it to be
+no longer :attr:`~Construction.pending`; :attr:`Construction.handler_gone`
+is waited on without the lock.
 """
 
 from __future__ import annotations
@@ -88,7 +90,6 @@ class Construction:
         "auth",
         "callout",
         "dest",
-        "done",
         "error",
         "handler_gone",
         "key",
@@ -107,7 +108,6 @@ class Construction:
         self.outcome = Outcome.PENDING
         self.error = 0
         """The errno a negative key answers with."""
-        self.done = threading.Event()
         self.handler_gone = threading.Event()
         """Set when the handler has exited (or none could run): the requester
         that started the construction returns only then, as the kernel's

@@ -311,7 +311,6 @@ def _call_out(svc: ServiceInternals, construction: Construction) -> None:
         hook(construction)
     except OSError as err:
         handler_ended(svc, construction)
-        construction.done.wait()
         raise fail(err.errno or errno.ENOKEY, str(err)) from None
 
 
@@ -375,7 +374,6 @@ def _finish_locked(
         [(key, KeyEvent.INSTANTIATED, None)], construction.requester, "instantiate"
     )
     svc._changed.notify_all()
-    construction.done.set()
 
 
 def _destroy_if_unheld_locked(svc: ServiceInternals, key: Key) -> None:
