@@ -118,11 +118,9 @@ class _Running:
         self.svc = svc
         self.made: list[object] = []
         self.serial: int | None = None
-        self.result: list[object] = []
         svc.process_lineage = _lineage
         svc.request_key_upcall = self._upcall
-        self.thread = threading.Thread(target=self._request, args=(requester,))
-        self.thread.start()
+        self.thread, self.result = _in_thread(svc.request_key, requester, "user", "made", "callout")
         deadline = time.monotonic() + 30
         while self.serial is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -132,12 +130,6 @@ class _Running:
         _upcall.grant(self.svc, construction, HANDLER.process)
         self.made.append(construction)
         self.serial = construction.key.serial
-
-    def _request(self, requester: Caller) -> None:
-        try:
-            self.result.append(self.svc.request_key(requester, "user", "made", "callout"))
-        except OSError as err:
-            self.result.append(err.errno)
 
     def answer(self, payload: bytes) -> None:
         self.svc.instantiate(FIRST, self.serial, payload, 0)

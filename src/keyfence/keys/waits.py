@@ -46,15 +46,20 @@ _thread = threading.local()
 
 
 @contextlib.contextmanager
-def refusing_waits() -> Iterator[None]:
-    """Calls into the service in this block raise :class:`MustWait` where
-    they would wait (this thread only)."""
-    previous = getattr(_thread, "refusing", False)
-    _thread.refusing = True
+def _for_this_block(name: str, value: object) -> Iterator[None]:
+    """This thread's ``name`` is ``value`` inside the block, as before after."""
+    previous = getattr(_thread, name, None)
+    setattr(_thread, name, value)
     try:
         yield
     finally:
-        _thread.refusing = previous
+        setattr(_thread, name, previous)
+
+
+def refusing_waits() -> contextlib.AbstractContextManager[None]:
+    """Calls into the service in this block raise :class:`MustWait` where
+    they would wait (this thread only)."""
+    return _for_this_block("refusing", True)
 
 
 def check_may_wait(what: str) -> None:
@@ -64,16 +69,10 @@ def check_may_wait(what: str) -> None:
         raise MustWait(what)
 
 
-@contextlib.contextmanager
-def interrupted_when(gone: Callable[[], bool]) -> Iterator[None]:
+def interrupted_when(gone: Callable[[], bool]) -> contextlib.AbstractContextManager[None]:
     """Waits in this block (this thread only) end with EINTR once ``gone()``
     is true: the caller they wait for has gone."""
-    previous = getattr(_thread, "gone", None)
-    _thread.gone = gone
-    try:
-        yield
-    finally:
-        _thread.gone = previous
+    return _for_this_block("gone", gone)
 
 
 def check_interrupted(what: str) -> None:
