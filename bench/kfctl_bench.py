@@ -7,7 +7,11 @@ For each command (``show @s``, ``add user <desc> <data> @s``, ``search @s user
 <desc>``, ``print <key>``) the wall time of one whole invocation is timed N times
 from Python (start, run, exit; output discarded) and the median taken:
 
-* ``kfctl`` against a real keyfence daemon on a private socket,
+* ``kfctl`` against a real keyfence daemon on a private socket, as installed
+  (keyfence.cli.launcher): the compiled client served by a warm server
+  (keyfence.cli.kfctl_warm, started here on a private socket as the first
+  call would start one) -- and ``kfctl-cold``, the same command with
+  ``KEYFENCE_KFCTL_WARM=0``: Python started for every call,
 * ``keyctl`` (Debian's keyutils) against the kernel,
 * ``kernel``: the same request as one in-process ctypes syscall (per call),
 
@@ -22,11 +26,13 @@ cleared at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +40,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from keyfence.cli import kfctl_bundle  # noqa: E402
+from keyfence.cli import kfctl_bundle, launcher  # noqa: E402
 from keyfence.testing.bench.results import error, report, result, write_json  # noqa: E402
 from keyfence.testing.daemon import running_daemon  # noqa: E402
+from keyfence.testing.warm import running_warm_server  # noqa: E402
 
 SESSION = -3
 FULL_RUNS, QUICK_RUNS = 30, 5
@@ -115,7 +122,12 @@ def main() -> int:
     tools: dict[str, str] = {}
     if os.access(kfctl, os.X_OK):
         tools["kfctl"] = kfctl
-        if not kfctl_bundle.is_current(kfctl_bundle.bundle_path(kfctl)):
+        with open(kfctl, "rb") as f:
+            compiled = f.read(4) == b"\x7fELF"
+        if compiled:
+            tools["kfctl-cold"] = kfctl
+        python_kfctl = launcher.python_launcher_path(kfctl) if compiled else kfctl
+        if not kfctl_bundle.is_current(kfctl_bundle.bundle_path(python_kfctl)):
             # sources edited since the launcher was written: kfctl imports
             # module by module, 5-10 ms slower (not rewritten here: it may be
             # an installed tool of another tree)
@@ -140,8 +152,17 @@ def main() -> int:
         log(f"  {group} / {system}: median {statistics.median(values):.3f} ms")
 
     try:
-        with running_daemon("--system") as daemon:
-            envs = {"kfctl": daemon.env, "keyctl": dict(os.environ)}
+        with contextlib.ExitStack() as stack:
+            daemon = stack.enter_context(running_daemon("--system"))
+            envs = {
+                "kfctl": daemon.env,
+                "kfctl-cold": {**daemon.env, "KEYFENCE_KFCTL_WARM": "0"},
+                "keyctl": dict(os.environ),
+            }
+            if "kfctl-cold" in tools:
+                place = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kf-warm-")))
+                warm = stack.enter_context(running_warm_server(place, command=kfctl))
+                envs["kfctl"] = {**daemon.env, **warm.env}
             # keyfence's session keyring for us too (as the kernel's above):
             # every kfctl run below is our child and shares it
             from keyfence.client import Client
@@ -207,11 +228,12 @@ def main() -> int:
             )
     finally:
         kernel.clear(SESSION)
-    print("| command | " + " | ".join(("kfctl", "keyctl", "kernel")) + " |")
-    print("|---|---:|---:|---:|")
+    systems = ("kfctl", "kfctl-cold", "keyctl", "kernel")
+    print("| command | " + " | ".join(systems) + " |")
+    print("|---|---:|---:|---:|---:|")
     for group in dict.fromkeys(r["group"] for r in rows):
         cells = []
-        for system in ("kfctl", "keyctl", "kernel"):
+        for system in systems:
             row = next((r for r in rows if r["group"] == group and r["system"] == system), None)
             cells.append("-" if row is None else f"{row['median']:.3f} ms")
         print(f"| {group} | " + " | ".join(cells) + " |")

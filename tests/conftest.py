@@ -3,7 +3,9 @@
 A test that forgets ``KEYFENCE_SOCKET`` would otherwise reach (or, as root,
 autostart) the system daemon at /run/keyfence/sock; this points the system
 socket into a private temporary directory for the whole run, children and
-other uids' processes included (they inherit the environment).
+other uids' processes included (they inherit the environment).  kfctl's
+warm server socket goes there too (a call without KEYFENCE_NO_AUTOSTART
+starts one), and any warm server started there is stopped at the end.
 
 Hypothesis fails an example that takes longer than 200 ms by default: on a
 busy CI machine a pure-Python codec's 70 KB example can, with no bug at
@@ -13,8 +15,10 @@ caught by the tests' own timeouts and CI's).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -29,7 +33,13 @@ _PRIVATE = tempfile.mkdtemp(prefix="keyfence-tests-system-")
 def pytest_configure(config: pytest.Config) -> None:
     os.chmod(_PRIVATE, 0o755)  # other uids' clients look here too
     os.environ["KEYFENCE_SYSTEM_SOCKET"] = os.path.join(_PRIVATE, "sock")
+    os.environ["KEYFENCE_KFCTL_SOCKET"] = os.path.join(_PRIVATE, "kfctl.sock")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from keyfence.testing.warm import servers_at
+
+    for pid in servers_at(os.path.join(_PRIVATE, "kfctl.sock")):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
     shutil.rmtree(_PRIVATE, ignore_errors=True)

@@ -195,6 +195,7 @@ class Client:
         autostart: bool | None = None,
         name: str = "",
         timeout: float = 5.0,
+        opener: Callable[[str], _socket.socket] | None = None,
     ) -> Client:
         """Connect (starting a daemon if none answers and autostart is allowed).
 
@@ -209,14 +210,19 @@ class Client:
         Errors: ENOENT/ECONNREFUSED with an explanation when no daemon
         answers; EACCES (ELOOP, ENOTDIR) when the socket or its directory
         is not one we can trust; EPROTONOSUPPORT on a version mismatch.
+
+        ``opener``: connects a socket to a path (default: here); kfctl's warm
+        worker has its caller connect, so that the daemon sees the caller
+        (keyfence.cli.kfctl_warm).  Every check above applies to its socket.
         """
         place = paths.locate(path)
+        connect = opener or _open
         if autostart is None:
             autostart = place.kind != paths.EXPLICIT and paths.autostart_allowed()
         try:
             if place.private_dir is not None:
                 socket_trust.check_private_dir(place.private_dir)
-            sock = _open(place.path)
+            sock = connect(place.path)
         except (FileNotFoundError, ConnectionRefusedError) as err:
             if not autostart:
                 hint = "start one: keyfence daemon"
@@ -226,7 +232,7 @@ class Client:
                     err.errno or errno.ECONNREFUSED,
                     f"no keyfence daemon answers at {place.path} ({hint})",
                 ) from None
-            sock = _start_daemon(place, timeout)
+            sock = _start_daemon(place, timeout, connect)
         except KeyfenceError:
             raise
         except OSError as err:
@@ -878,7 +884,9 @@ def _open(path: str) -> _socket.socket:
     return sock
 
 
-def _start_daemon(place: paths.SocketPlace, timeout: float) -> _socket.socket:
+def _start_daemon(
+    place: paths.SocketPlace, timeout: float, connect: Callable[[str], _socket.socket] = _open
+) -> _socket.socket:
     """Start a detached daemon for ``place`` and connect to it.
 
     Its directory is created with mode 0700 and checked (ours, 0700, not a
@@ -920,7 +928,7 @@ def _start_daemon(place: paths.SocketPlace, timeout: float) -> _socket.socket:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return _open(path)
+            return connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 text = f"started a keyfence daemon but it did not answer; see {log_path}"

@@ -110,6 +110,25 @@ def locate(path: str | None = None) -> SocketPlace:
     return SocketPlace(directory + "/sock", USER, "the per-user daemon", private_dir=directory)
 
 
+def warm_socket() -> str:
+    """Where kfctl's warm server listens (keyfence.cli.kfctl_warm):
+    ``$KEYFENCE_KFCTL_SOCKET``, else ``kfctl.sock`` in the per-user keyfence
+    directory, for root too.  kfctl_client.c computes the same; it trusts
+    what it finds there only after checking the server's credentials, so
+    this does not check the directory (the server does, binding)."""
+    env = environment("KEYFENCE_KFCTL_SOCKET")
+    if env:
+        return env
+    runtime = environment("XDG_RUNTIME_DIR")
+    if not runtime:
+        logind = f"/run/user/{posix.geteuid()}"
+        mode = _mode(logind)
+        runtime = logind if mode is not None and stat.S_ISDIR(mode) else None
+    if runtime:
+        return runtime.rstrip("/") + "/keyfence/kfctl.sock"
+    return f"/tmp/keyfence-{posix.geteuid()}/kfctl.sock"
+
+
 def default_socket() -> str:
     """The socket ``keyfence daemon`` serves when given none."""
     return locate().path

@@ -45,6 +45,7 @@ from keyfence.cli import kfctl, kfctl_text, kfctl_tool
 from keyfence.cli.kfctl_text import NameLookup, UsageError
 from keyfence.cli.progress import human_bytes, progress_text
 from keyfence.testing import users
+from keyfence.testing.warm import WarmServer, running_warm_server
 
 GOLDEN = Path(__file__).parent / "kfctl_golden"
 SCRIPTS = sorted(p.stem for p in GOLDEN.glob("*.sh"))
@@ -308,6 +309,32 @@ def test_golden_kfctl_prints_what_keyctl_prints(
     if os.geteuid() != 0:
         pytest.skip("the golden files were recorded as (namespace) root: uid 0 in listings")
     got = normalize(run_kfctl(script, daemon, tmp_path))
+    want = expected(script, tool="kfctl")
+    assert got == want, _diff(want, got)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmServer]:
+    with running_warm_server(tmp_path_factory.mktemp("warm")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_golden_warm_kfctl_prints_what_keyctl_prints(
+    script: str, daemon: Daemon, warm: WarmServer, tmp_path: Path
+) -> None:
+    """The same scripts with ``keyctl`` the installed command on its warm
+    path (keyfence.cli.kfctl_warm): every call that can is served warm
+    (``require``), ``session`` runs in Python as the client decides."""
+    if os.geteuid() != 0:
+        pytest.skip("the golden files were recorded as (namespace) root: uid 0 in listings")
+    bin_dir = tmp_path / "warm-bin"
+    bin_dir.mkdir()
+    (bin_dir / "keyctl").symlink_to(warm.command)
+    env = daemon.env()
+    env.update(warm.env, PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}")
+    argv = [warm.command, "session", "-", "sh", str(GOLDEN / f"{script}.sh")]
+    got = normalize(run_script(argv, tmp_path, env))
     want = expected(script, tool="kfctl")
     assert got == want, _diff(want, got)
 

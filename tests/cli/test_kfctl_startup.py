@@ -45,8 +45,9 @@ HEAVY = {
 
 
 def write(tmp_path: Path) -> Path:
+    """The Python launcher (the compiled command's fallback) at tmp/kfctl."""
     path = tmp_path / "kfctl"
-    assert launcher.main([str(path)]) == 0
+    launcher.write_launcher(str(path))
     return path
 
 
@@ -61,6 +62,35 @@ def test_launcher_is_an_isolated_interpreter_on_this_tree(tmp_path: Path) -> Non
     assert repr(launcher.package_parent()) in text
     assert os.stat(path).st_mode & 0o777 == 0o755
     assert (Path(launcher.package_parent()) / "keyfence" / "cli" / "kfctl.py").exists()
+
+
+def test_the_installed_command_is_the_compiled_client_with_python_beside(tmp_path: Path) -> None:
+    path = tmp_path / "kfctl"
+    assert launcher.main([str(path)]) == 0
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    fallback = Path(launcher.python_launcher_path(str(path)))
+    assert fallback == tmp_path / ".kfctl-python"
+    assert fallback.read_text().startswith(f"#!{sys.executable} -IS\n")
+    assert kfctl_bundle.is_current(kfctl_bundle.bundle_path(str(fallback)))
+    # called by another name, through the fallback: that name in its usage;
+    # what the client told the launcher is not left to the command's children
+    (tmp_path / "keyctl").symlink_to(path)
+    env = {"PATH": "/usr/bin:/bin", "KEYFENCE_KFCTL_WARM": "0", "KEYFENCE_SOCKET": "/nonexistent"}
+    usage = run([str(tmp_path / "keyctl")], env)
+    assert usage.returncode == 2
+    assert usage.stderr.startswith(b"Format:\n  keyctl --version \n"), usage.stderr
+    inner = run([str(path), "session", "-", "sh", "-c", "env"], env)
+    assert b"KEYFENCE_KFCTL_ARGV0" not in inner.stdout
+    assert b"KEYFENCE_KFCTL_WARM_START" not in inner.stdout
+
+
+def test_without_a_c_compiler_the_command_is_the_python_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "false")
+    path = tmp_path / "kfctl"
+    assert launcher.main([str(path)]) == 0
+    assert path.read_text().startswith(f"#!{sys.executable} -IS\n")
 
 
 def test_launcher_refuses_an_interpreter_path_a_shebang_cannot_hold() -> None:
@@ -138,7 +168,7 @@ LOADERS = (
 def _loaders(path: Path, args: list[str], env: dict[str, str]) -> dict[str, str]:
     """Run the launcher at ``path`` with ``args``; which loader brought in
     each keyfence module."""
-    text = path.read_text().replace("exit_now(main())\n", "main()\n" + LOADERS)
+    text = path.read_text().replace("exit_now(code)\n", LOADERS)
     script = path.parent / "kfctl-loaders"
     script.write_text(text)
     done = run([sys.executable, "-IS", str(script), *args], env)

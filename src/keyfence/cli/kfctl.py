@@ -73,7 +73,9 @@ def run(argv: list[str], tool: Kfctl) -> int:
         return err.code
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, tool: Kfctl | None = None) -> int:
+    """kfctl with ``argv`` (default: ``sys.argv[1:]``); ``tool``: the
+    invocation's state (keyfence.cli.kfctl_warm's worker passes its own)."""
     # not signal: it imports enum (and functools, collections...), about as
     # long as the rest of kfctl's imports together
     import _signal  # type: ignore[import-not-found,unused-ignore]
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     if argv is None:
         argv = sys.argv[1:]
-    tool = Kfctl(program_name(sys.argv[0] if sys.argv else "kfctl"))
+    if tool is None:
+        tool = Kfctl(program_name(sys.argv[0] if sys.argv else "kfctl"))
     try:
         return run(argv, tool)
     finally:

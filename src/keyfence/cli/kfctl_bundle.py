@@ -59,7 +59,7 @@ is, in 3.11)."""
 def bundle_path(launcher: str) -> str:
     """Where the bundle of the launcher at ``launcher`` lives."""
     directory, name = os.path.split(os.path.abspath(launcher))
-    return os.path.join(directory, f".{name}.bundle")
+    return os.path.join(directory, f".{name.lstrip('.')}.bundle")
 
 
 def _entry(name: str) -> tuple[str, bool, str, int, int, object] | None:

@@ -15,6 +15,7 @@ from keyfence.cli.kfctl_text import Exit, UsageError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs milliseconds
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
     from keyfence.cli.kfctl_text import Description, NameLookup
@@ -96,9 +97,21 @@ def _removal_detail(err: OSError) -> str | None:
 class Kfctl:
     """One invocation: output streams, the (lazily connected) client, options."""
 
-    def __init__(self, prog: str, client: Client | None = None) -> None:
+    def __init__(
+        self,
+        prog: str,
+        client: Client | None = None,
+        *,
+        connect: Callable[[], Client] | None = None,
+    ) -> None:
         self.prog = prog
         self._client = client
+        # how to reach the daemon when a command first needs it (default:
+        # Client.connect); keyfence.cli.kfctl_warm's worker asks its caller
+        self._connect = connect
+        self.wrote = False
+        """Something went to stdout or stderr (a warm worker may no longer
+        hand the call back)."""
         self._buffer = bytearray()
         self._line_buffered = posix.isatty(1)
         self.timeout: float | None = None
@@ -123,9 +136,16 @@ class Kfctl:
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
+            self.wrote = True
             _write_all(1, data)
 
+    def discard(self) -> None:
+        """Forget the output not yet written (a warm worker handing its call
+        back to Python, which will print it all)."""
+        self._buffer.clear()
+
     def err(self, text: str) -> None:
+        self.wrote = True
         _write_all(2, text.encode("utf-8", "surrogateescape"))
 
     def usage(self) -> NoReturn:
@@ -150,7 +170,7 @@ class Kfctl:
             from keyfence.client import Client
 
             try:
-                self._client = Client.connect(name="kfctl")
+                self._client = self._connect() if self._connect else Client.connect(name="kfctl")
             except OSError as err:
                 text = err.strerror or str(err)
                 self.err(f"{self.prog}: {text}\n")

@@ -77,6 +77,22 @@ def _bundled(path):
 """
 
 
+_FROM_CLIENT = """\
+# from kfctl_client.c: the name it was called by (keyctl, say), and where
+# to start a warm server after this call (none answered); neither is left
+# for the command's children
+import posix
+
+argv0 = posix.environ.pop(b"KEYFENCE_KFCTL_ARGV0", None)
+warm = posix.environ.pop(b"KEYFENCE_KFCTL_WARM_START", None)
+if argv0 is not None:
+    posix.unsetenv(b"KEYFENCE_KFCTL_ARGV0")
+    sys.argv[0] = argv0.decode(sys.getfilesystemencoding(), "surrogateescape")
+if warm is not None:
+    posix.unsetenv(b"KEYFENCE_KFCTL_WARM_START")
+"""
+
+
 def _loader() -> str:
     """:data:`_LOADER` for the bundle format kfctl_bundle writes."""
     from keyfence.cli.kfctl_bundle import FORMAT
@@ -97,8 +113,13 @@ def launcher_text(python: str, package_parent: str, bundle: str | None = None) -
         "import sys\n"
         f"sys.path.insert(0, {package_parent!r})\n"
         + ("" if bundle is None else f"\n\n{_loader()}_bundled({bundle!r})\n")
+        + _FROM_CLIENT
         + "from keyfence.cli.kfctl import exit_now, main\n"
-        "exit_now(main())\n"
+        "code = main()\n"
+        "if warm is not None:\n"
+        "    from keyfence.cli.launcher import start_warm_server\n"
+        "    start_warm_server(warm.decode(sys.getfilesystemencoding(), 'surrogateescape'))\n"
+        "exit_now(code)\n"
     )
 
 
@@ -126,13 +147,100 @@ def write_launcher(path: str, python: str | None = None) -> None:
     os.replace(temporary, path)
 
 
+def start_warm_server(path: str) -> None:
+    """Start a detached warm server (keyfence.cli.kfctl_warm) at ``path``,
+    as -IS as kfctl; the Python launcher does, after a call that found none.
+    Any failure: silently none (the next call runs in Python again)."""
+    code = (
+        f"import sys; sys.path.insert(0, {package_parent()!r}); "
+        "from keyfence.cli.kfctl_warm import main; sys.exit(main())"
+    )
+    # the default place is in our private keyfence directory: the server
+    # makes or checks it (a chosen one, $KEYFENCE_KFCTL_SOCKET, is as given)
+    chosen = os.environ.get("KEYFENCE_KFCTL_SOCKET")
+    where = ["--socket", path] if chosen else ["--socket", path, "--private-dir"]
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_spawn(
+                sys.executable,
+                [sys.executable, FLAGS, "-c", code, *where],
+                {"PATH": "/usr/bin:/bin"},
+                file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)],
+                setsid=True,
+            )
+        finally:
+            os.close(devnull)
+    except OSError:
+        pass
+
+
+PYTHON_NAME = ".kfctl-python"
+"""The Python launcher's name beside the compiled command."""
+
+
+def python_launcher_path(command: str) -> str:
+    """Where :func:`write_command` puts the Python launcher for ``command``."""
+    return os.path.join(os.path.dirname(os.path.abspath(command)), PYTHON_NAME)
+
+
+def _c_string(text: str) -> str:
+    """``text`` as a C string literal (octal escapes for anything unusual)."""
+    out = []
+    for byte in os.fsencode(text):
+        char = chr(byte)
+        if char.isalnum() or char in "/._-+=:@, ":
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def compile_client(path: str, fallback: str) -> str | None:
+    """Compile kfctl_client.c to ``path`` (atomically, 0755), running
+    ``fallback`` when no warm server serves; None, or why it could not."""
+    import subprocess
+
+    source_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kfctl_client.c")
+    with open(source_path, encoding="utf-8") as f:
+        source = f.read()
+    text = f'#define KFCTL_FALLBACK {_c_string(fallback)}\n#line 1 "kfctl_client.c"\n{source}'
+    temporary = f"{path}.kf-new"
+    compiler = os.environ.get("CC") or "cc"
+    argv = [compiler, "-O2", "-Wall", "-o", temporary, "-x", "c", "-"]
+    try:
+        done = subprocess.run(
+            argv, input=text.encode(), capture_output=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{compiler}: {err}"
+    if done.returncode != 0:
+        return f"{compiler}: {done.stderr.decode(errors='replace').strip()}"
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, path)
+    return None
+
+
+def write_command(path: str) -> None:
+    """The installed ``kfctl`` at ``path``: the compiled client (a call to
+    the caller's warm server, keyfence.cli.kfctl_warm) with the Python
+    launcher beside it (:data:`PYTHON_NAME`) for everything else; with no
+    C compiler, the Python launcher itself."""
+    fallback = python_launcher_path(path)
+    write_launcher(fallback)
+    problem = compile_client(path, fallback)
+    if problem is not None:
+        print(f"launcher: kfctl without its warm client ({problem})", file=sys.stderr)
+        write_launcher(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: python -m keyfence.cli.launcher PATH", file=sys.stderr)
         return 2
     try:
-        write_launcher(args[0])
+        write_command(args[0])
     except (OSError, ValueError) as err:
         print(f"launcher: {err}", file=sys.stderr)
         return 1
