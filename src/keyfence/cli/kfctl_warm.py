@@ -319,8 +319,11 @@ def _run_spare(listener: socket.socket, channel: socket.socket) -> None:
     """The spare worker: wait for a call (or the server's end), take it."""
     code = 0
     try:
-        # the caller's environment replaces ours: drop ours while we wait
+        # what a worker needs, done while we wait: the caller's environment
+        # replaces ours, and signals do to it what they do to a kfctl
         os.environ.clear()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
         waiting = select.poll()
         waiting.register(listener, select.POLLIN)
         waiting.register(channel, select.POLLIN)
@@ -478,8 +481,6 @@ def _run_worker(
             os.write(2, f"kfctl: the warm worker cannot take the call: {err}\n".encode())
             kfctl.exit_now(1)
         os.umask(umask)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
         os.environ.update(env)  # the spare has cleared ours
         sys.argv = argv
         channel = Channel(channel_fd)

@@ -234,7 +234,18 @@ def kfctl_page() -> str:
         "0 on success, 1 on an error, 2 on a usage error (as keyctl(1)).",
     ]
     out += [".SH ENVIRONMENT", ".TP", "\\fBKEYFENCE_SOCKET\\fR", "The daemon's socket."]
-    out += [".TP", "\\fBKEYFENCE_NO_AUTOSTART\\fR", "Set to 1: do not start a daemon."]
+    out += [
+        ".TP",
+        "\\fBKEYFENCE_NO_AUTOSTART\\fR",
+        "Set to 1: do not start a daemon (nor a warm server).",
+        ".TP",
+        "\\fBKEYFENCE_KFCTL_WARM\\fR",
+        "0: always start Python for the call, never the warm server; require:"
+        " fail when no trusted warm server answers.",
+        ".TP",
+        "\\fBKEYFENCE_KFCTL_SOCKET\\fR",
+        "The warm server's socket (default: kfctl.sock in the per-user keyfence directory).",
+    ]
     out += see_also("kfctl", 1)
     return "\n".join(out) + "\n"
 
