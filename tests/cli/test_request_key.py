@@ -23,6 +23,7 @@ import pytest
 
 from keyfence.client import Client
 from keyfence.testing import users
+from keyfence.testing.warm import WarmServer, running_warm_server
 from tests.cli.test_kfctl import Daemon
 
 UID = 4671
@@ -85,10 +86,27 @@ create user  other:* nomatch* {handler} %k %d %c %S
 """
 
 
-@pytest.fixture
-def upcalls() -> Iterator[tuple[Daemon, Path]]:
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmServer]:
+    with running_warm_server(tmp_path_factory.mktemp("warm")) as server:
+        yield server
+
+
+@pytest.fixture(params=["python", "warm"])
+def upcalls(request: pytest.FixtureRequest) -> Iterator[tuple[Daemon, Path]]:
     """Handlers killed after 60 s: every handler here ends long before,
-    even one running several kfctl processes on a busy machine."""
+    even one running several kfctl processes on a busy machine.  ``keyctl``
+    (the requester's and the handler's) is kfctl in Python, then the
+    installed command on its warm path (keyfence.cli.kfctl_warm): a
+    handler's kfctl is then a client whose connection the daemon sees, its
+    authority included."""
+    warm = request.getfixturevalue("warm") if request.param == "warm" else None
+    yield from _upcalls_in_a_shared_directory(handler_timeout=60, warm=warm)
+
+
+@pytest.fixture
+def python_upcalls() -> Iterator[tuple[Daemon, Path]]:
+    """:func:`upcalls` in Python only (a warm server serves its own uid)."""
     yield from _upcalls_in_a_shared_directory(handler_timeout=60)
 
 
@@ -98,7 +116,9 @@ def hasty_upcalls() -> Iterator[tuple[Daemon, Path]]:
     yield from _upcalls_in_a_shared_directory(handler_timeout=3)
 
 
-def _upcalls_in_a_shared_directory(*, handler_timeout: int) -> Iterator[tuple[Daemon, Path]]:
+def _upcalls_in_a_shared_directory(
+    *, handler_timeout: int, warm: WarmServer | None = None
+) -> Iterator[tuple[Daemon, Path]]:
     why = users.why_no_other_uids()
     if why is not None:
         pytest.skip(why)
@@ -106,13 +126,19 @@ def _upcalls_in_a_shared_directory(*, handler_timeout: int) -> Iterator[tuple[Da
     # reaches the socket, the handler and its log
     with tempfile.TemporaryDirectory(prefix="keyfence-request-key-") as tmp:
         os.chmod(tmp, 0o755)
-        yield from _upcalls(Path(tmp), handler_timeout=handler_timeout)
+        yield from _upcalls(Path(tmp), handler_timeout=handler_timeout, warm=warm)
 
 
-def _upcalls(tmp_path: Path, *, handler_timeout: int) -> Iterator[tuple[Daemon, Path]]:
+def _upcalls(
+    tmp_path: Path, *, handler_timeout: int, warm: WarmServer | None = None
+) -> Iterator[tuple[Daemon, Path]]:
     keyctl = tmp_path / "keyctl"
     kfctl = "/usr/bin/python3 -m keyfence.cli.kfctl"
-    keyctl.write_text(f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec {kfctl} "$@"\n')
+    wrapper = f'#!/bin/sh\nPYTHONPATH={users.pythonpath()} exec {kfctl} "$@"\n'
+    if warm is not None:
+        settings = f"KEYFENCE_KFCTL_SOCKET={warm.socket} KEYFENCE_KFCTL_WARM=require"
+        wrapper = f'#!/bin/sh\n{settings} exec {warm.command} "$@"\n'
+    keyctl.write_text(wrapper)
     keyctl.chmod(0o755)
     log = tmp_path / "handler.log"
     log.touch()
@@ -131,6 +157,8 @@ def _upcalls(tmp_path: Path, *, handler_timeout: int) -> Iterator[tuple[Daemon, 
             "KEYFENCE_REQUEST_KEY_TIMEOUT": str(handler_timeout),
         },
     )
+    if warm is not None:  # the requester's keyctl too
+        (running.bin / "keyctl").write_text(wrapper)
     yield running, log
     running.stop()
 
@@ -416,8 +444,8 @@ def test_a_pipe_handler_that_prints_without_end_is_cut_off(
     assert "printed more than 1048575 bytes; killed" in daemon.log.read_text()
 
 
-def test_the_handler_runs_as_the_requesting_user(upcalls: tuple[Daemon, Path]) -> None:
-    daemon, log = upcalls
+def test_the_handler_runs_as_the_requesting_user(python_upcalls: tuple[Daemon, Path]) -> None:
+    daemon, log = python_upcalls
     out = sh(daemon, "keyctl print $(keyctl request2 user test:u mine); keyctl show", uid=UID)
     assert out.splitlines()[0] == "Debug mine", out
     (run,) = runs(log)
