@@ -266,13 +266,13 @@ def test_only_a_utf8_or_c_locale_is_served_warm(
 ) -> None:
     """Python started in a latin-1 locale decodes argv by it; a worker would
     by UTF-8: such calls run in Python."""
-    from keyfence.cli import kfctl_warm
+    from keyfence.cli import kfctl_warm_call
 
     for name in ("LC_ALL", "LC_CTYPE", "LANG"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert kfctl_warm._utf8_locale() is warm_ok
+    assert kfctl_warm_call.utf8_locale() is warm_ok
 
 
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])

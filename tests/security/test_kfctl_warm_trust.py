@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -212,3 +213,89 @@ def test_a_less_privileged_server_of_our_uid_is_never_called(
     with running_warm_server(place, command=command, prefix=["setpriv", "--no-new-privs"]) as warm:
         done = _client(["setpriv", "--no-new-privs"], warm, daemon)
         assert done.returncode == 0, done.stderr
+
+
+# In a fresh pid namespace: a warm server whose spare is stopped; a confined
+# caller (no_new_privs) connects, sends a call, hands its end of the
+# connection to a child and exits; an unconfined process gets its pid; the
+# spare goes on.  /proc by pid now shows an unconfined caller.
+REUSE_DRIVER = textwrap.dedent(
+    r"""
+    import os, signal, subprocess, sys, time
+    tmp = sys.argv[1]
+    sock = os.path.join(tmp, "kfctl.sock")
+    server = subprocess.Popen([sys.executable, "-m", "keyfence.cli.kfctl_warm", "--socket", sock])
+    def children():
+        try:
+            with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+                return [int(w) for w in f.read().split()]
+        except OSError:
+            return []
+    while not (os.path.exists(sock) and children()):
+        time.sleep(0.02)
+    (spare,) = children()
+    os.kill(spare, signal.SIGSTOP)
+    confined = ["setpriv", "--no-new-privs", sys.executable, "-c", sys.argv[2], sock, tmp]
+    caller = subprocess.run(confined, capture_output=True, text=True, check=True)
+    pid = int(caller.stdout)
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    unconfined = subprocess.Popen(["sleep", "60"])
+    got = unconfined.pid
+    print("reused" if got == pid else f"not reused: {pid} -> {got}", flush=True)
+    os.kill(spare, signal.SIGCONT)
+    reply = os.path.join(tmp, "reply")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(reply) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(open(reply).read() if os.path.exists(reply) else "no reply", flush=True)
+    unconfined.kill(); server.terminate(); server.wait()
+    """
+)
+
+REUSE_CALLER = textwrap.dedent(
+    r"""
+    import array, os, socket, sys
+    sock, tmp = sys.argv[1], sys.argv[2]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock)
+    argv, env = [b"kfctl", b"--version"], [b"PATH=/usr/bin:/bin"]
+    data = b"KFW1" + array.array("I", [len(argv), len(env), 0o22]).tobytes()
+    data += b"".join(w + b"\0" for w in argv + env)
+    null = os.open(os.devnull, os.O_RDWR)  # not our stdout: the driver waits for its end
+    fds = array.array("i", [null, null, null, os.open("/", os.O_PATH)]).tobytes()
+    s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    if os.fork():
+        print(os.getpid(), flush=True)
+        os._exit(0)
+    os.setsid()
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    s.settimeout(40)
+    try:
+        reply = s.recv(4096)[:1].decode() or "EOF"
+    except OSError as err:
+        reply = repr(err)
+    with open(os.path.join(tmp, "reply"), "w") as f:
+        f.write(reply)
+    """
+)
+
+
+def test_a_reused_pid_does_not_pass_for_its_caller() -> None:
+    """The worker checks the process that connected, by its pidfd: a pid
+    now another's, of an unconfined process, gets "F" and no worker."""
+    import shutil
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing: cannot make a pid namespace")
+    with tempfile.TemporaryDirectory(prefix="kfwarm-") as tmp:
+        argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+        argv += [REUSE_DRIVER, tmp, REUSE_CALLER]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    reused, reply = done.stdout.splitlines()
+    if reused != "reused":
+        pytest.skip(f"could not force the pid reuse ({reused})")
+    assert reply == "F", reply  # "P": a worker ran for it

@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -47,6 +48,15 @@
 extern char **environ;
 
 #define CALL_MAX (192 * 1024) /* the server reads at most this much */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77 /* Linux 6.5 */
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
 #define STATUS_LINES 11
 
 static const char *const status_lines[STATUS_LINES] = {
@@ -178,6 +188,27 @@ static int same_rights(pid_t pid)
     }
     snprintf(b, sizeof b, "/proc/%d/root", (int)pid);
     return same_file("/proc/self/root", b);
+}
+
+/* same_rights() of the process that made the server's socket, not of one
+ * that has its pid since (the socket passed on, its maker gone): /proc is
+ * read by pid, so that process must still be alive afterwards, as its pidfd
+ * says (SO_PEERPIDFD; before Linux 6.5 a pidfd opened first). */
+static int server_is_as_we_are(int sock, pid_t pid)
+{
+    int pidfd = -1, ok;
+    socklen_t len = sizeof pidfd;
+
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) {
+        if (errno != ENOPROTOOPT)
+            return 0; /* ESRCH: its maker has gone, the pid may be another's */
+        pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    }
+    if (pidfd < 0)
+        return 0;
+    ok = same_rights(pid) && syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0) == 0;
+    close(pidfd);
+    return ok;
 }
 
 static void on_signal(int sig)
@@ -384,7 +415,7 @@ int main(int argc, char **argv)
         fall_back(strerror(err), (err == ENOENT || err == ECONNREFUSED) && autostart ? path : NULL);
     }
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) != 0 ||
-        peer.uid != geteuid() || peer.gid != getegid() || !same_rights(peer.pid)) {
+        peer.uid != geteuid() || peer.gid != getegid() || !server_is_as_we_are(sock, peer.pid)) {
         close(sock);
         fall_back("the server is not ours", NULL);
     }
