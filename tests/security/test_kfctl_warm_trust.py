@@ -299,3 +299,81 @@ def test_a_reused_pid_does_not_pass_for_its_caller() -> None:
     if reused != "reused":
         pytest.skip(f"could not force the pid reuse ({reused})")
     assert reply == "F", reply  # "P": a worker ran for it
+
+
+# The other way round: a confined process makes the socket where our kfctl
+# looks, hands the listener to a child and exits; an unconfined process of
+# ours gets its pid.  The socket's SO_PEERCRED still names that pid.
+PLANT_DRIVER = textwrap.dedent(
+    r"""
+    import os, subprocess, sys, time
+    tmp, command, planter = sys.argv[1], sys.argv[2], sys.argv[3]
+    sock = os.path.join(tmp, "kfctl.sock")
+    made = subprocess.run(["setpriv", "--no-new-privs", sys.executable, "-c", planter, sock, tmp],
+                          capture_output=True, text=True, check=True)
+    pid = int(made.stdout)
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    unconfined = subprocess.Popen(["sleep", "60"])
+    got = unconfined.pid
+    print("reused" if got == pid else f"not reused: {pid} -> {got}", flush=True)
+    env = {"PATH": "/usr/bin:/bin", "KEYFENCE_KFCTL_SOCKET": sock,
+           "KEYFENCE_KFCTL_WARM": "require", "KEYFENCE_SOCKET": os.path.join(tmp, "none")}
+    call = subprocess.run([command, "--version"], env=env, capture_output=True, text=True)
+    print(call.returncode, call.stderr.strip(), flush=True)
+    report = os.path.join(tmp, "got")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(report) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(open(report).read() if os.path.exists(report) else "nothing", flush=True)
+    unconfined.kill()
+    """
+)
+
+PLANTER_EXITS = textwrap.dedent(
+    r"""
+    import os, socket, sys
+    sock, tmp = sys.argv[1], sys.argv[2]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(sock)
+    s.listen(8)
+    if os.fork():
+        print(os.getpid(), flush=True)
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    s.settimeout(40)
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        data, anc, _, _ = c.recvmsg(65536, socket.CMSG_SPACE(64))
+        text = f"got {len(data)} bytes {sum(len(a[2]) // 4 for a in anc)} fds"
+    except OSError as err:
+        text = f"got nothing: {err!r}"
+    with open(os.path.join(tmp, "got"), "w") as f:
+        f.write(text)
+    """
+)
+
+
+def test_a_socket_whose_maker_is_gone_is_not_trusted_for_its_pid() -> None:
+    """The client checks the process that made the socket, by its pidfd: a
+    pid now another's, of an unconfined process, is no pass, and the
+    socket gets not a byte."""
+    import shutil
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing: cannot make a pid namespace")
+    with tempfile.TemporaryDirectory(prefix="kfwarm-") as tmp:
+        command = compile_command(Path(tmp))
+        argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+        argv += [PLANT_DRIVER, tmp, command, PLANTER_EXITS]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    reused, called, got = done.stdout.splitlines()
+    if reused != "reused":
+        pytest.skip(f"could not force the pid reuse ({reused})")
+    assert called == "1 kfctl: no warm server: the server is not ours"
+    assert got == "got 0 bytes 0 fds", got
