@@ -16,10 +16,11 @@ Who may call whom (docs/security.md, "kfctl's warm server"):
 2. Each side checks the other with ``SO_PEERCRED`` and ``/proc``: the same
    uid and gid, and the same credentials, groups, capabilities,
    no_new_privs, seccomp mode, namespaces and root
-   (:func:`keyfence.cli.kfctl_warm_call.same_rights`, by pidfd).  A worker is thus no more privileged than its
-   caller, and a caller no more than the worker it gets; a socket planted
-   by anyone else is refused by the client, which then runs kfctl in
-   Python (the launcher) as before.
+   (:func:`keyfence.cli.kfctl_warm_call.same_rights`, by pidfd).  A
+   worker is thus no more privileged than its caller, and a caller no
+   more than the worker it gets; a socket planted by anyone else is
+   refused by the client, which then runs kfctl in Python (the launcher)
+   as before.
 3. The worker never connects to the daemon itself: it sends the socket
    path and the *client* connects and passes the connection over, so the
    daemon sees the caller's process (its ``@s``, ``@p``, ``@t`` and any
