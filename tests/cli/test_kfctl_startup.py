@@ -84,6 +84,13 @@ def test_the_installed_command_is_the_compiled_client_with_python_beside(tmp_pat
     assert b"KEYFENCE_KFCTL_WARM_START" not in inner.stdout
 
 
+def test_the_fallback_path_is_compiled_in_byte_for_byte() -> None:
+    """A path's bytes as octal escapes: a UTF-8 (or any) byte above 127
+    stays that byte, not the UTF-8 of its Latin-1 reading."""
+    assert launcher._c_string("/opt/é x/.kfctl-python") == '"/opt/\\303\\251 x/.kfctl-python"'
+    assert launcher._c_string('/a"b\\c\n') == '"/a\\042b\\134c\\012"'
+
+
 def test_without_a_c_compiler_the_command_is_the_python_launcher(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,7 +189,7 @@ def _c_string(text: str) -> str:
     out = []
     for byte in os.fsencode(text):
         char = chr(byte)
-        if char.isalnum() or char in "/._-+=:@, ":
+        if (char.isascii() and char.isalnum()) or char in "/._-+=:@, ":
             out.append(char)
         else:
             out.append(f"\\{byte:03o}")
