@@ -52,10 +52,15 @@ def running_daemon(*extra: str) -> Iterator[DaemonProcess]:
         try:
             yield daemon
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, timeout=5)
+
+
+def stop(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; reaped either way."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

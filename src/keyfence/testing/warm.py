@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyfence.cli import launcher
+from keyfence.testing.daemon import stop
 
 
 @dataclass
@@ -108,13 +108,7 @@ def running_warm_server(
             time.sleep(0.01)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout=10)
 
 
 def servers_at(sock: str) -> list[int]:
