@@ -321,3 +321,24 @@ def test_a_warm_call_starts_a_daemon_as_python_kfctl_would(
     assert done.returncode == 0, done.stderr
     assert output.replace(b"\r\n", b"\n").startswith(b"Keyring\n"), output
     assert b"_uid.0" in output and output.count(b"Keyring") == 1  # not run twice
+
+
+def test_a_spare_leaves_with_its_server(tmp_path: Path) -> None:
+    """A server killed outright (no cleanup): its spare sees the end of its
+    channel and goes, holding neither the socket nor anyone's connection."""
+    with running_warm_server(tmp_path) as warm:
+        (spare,) = warm.workers()
+        warm.process.kill()
+        warm.process.wait()
+        try:
+            assert _eventually(lambda: _gone(spare))
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(spare, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie, or reaped already)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        return "\nState:\tZ" in f.read()
+    return True

@@ -104,6 +104,10 @@ def run_spare(listener: socket.socket, channel: socket.socket) -> None:
     """The spare worker: wait for a call (or the server's end), take it."""
     code = 0
     try:
+        # nothing of the server's but these two: its end of our channel (or
+        # we would never see the server go), other callers' connections (or
+        # they would wait on us), the other workers' pidfds
+        _close_all_but(listener.fileno(), channel.fileno())
         # what a worker needs, done while we wait: the caller's environment
         # replaces ours, and signals do to it what they do to a kfctl
         os.environ.clear()
@@ -133,6 +137,16 @@ def run_spare(listener: socket.socket, channel: socket.socket) -> None:
     except BaseException:
         code = 1
     kfctl.exit_now(code)
+
+
+def _close_all_but(*keep: int) -> None:
+    """Close every descriptor from 3 up but ``keep``."""
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 20)
 
 
 def receive_socket(sock: socket.socket, kind: bytes) -> tuple[bytes, socket.socket | None]:
