@@ -276,8 +276,9 @@ REUSE_CALLER = textwrap.dedent(
         reply = s.recv(4096)[:1].decode() or "EOF"
     except OSError as err:
         reply = repr(err)
-    with open(os.path.join(tmp, "reply"), "w") as f:
+    with open(os.path.join(tmp, "reply.new"), "w") as f:
         f.write(reply)
+    os.rename(os.path.join(tmp, "reply.new"), os.path.join(tmp, "reply"))  # whole, for the driver
     """
 )
 
@@ -351,8 +352,9 @@ PLANTER_EXITS = textwrap.dedent(
         text = f"got {len(data)} bytes {sum(len(a[2]) // 4 for a in anc)} fds"
     except OSError as err:
         text = f"got nothing: {err!r}"
-    with open(os.path.join(tmp, "got"), "w") as f:
+    with open(os.path.join(tmp, "got.new"), "w") as f:
         f.write(text)
+    os.rename(os.path.join(tmp, "got.new"), os.path.join(tmp, "got"))  # whole, for the driver
     """
 )
 
