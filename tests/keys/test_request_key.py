@@ -15,8 +15,11 @@ import errno
 import threading
 import time
 
+import pytest
+
 from keyfence.keys import Caller, KeyService, waits
 from keyfence.keys import upcall as _upcall
+from keyfence.keys.notify import Notification, Phase
 
 from .test_keyctl import S, errno_of
 
@@ -257,3 +260,122 @@ def test_a_rejected_key_its_handler_unlinked_is_linked_again(svc: KeyService, ro
     assert errno_of(_served, svc, root, unlink_then_reject) == errno.EKEYREJECTED
     (key,) = (k.serial for k in svc.all_keys() if k.description == "made")
     assert key in svc.list_keyring(root, S)
+
+
+# -- a link that displaces a key the construction did not find
+
+
+class _Watcher:
+    """A synchronous watcher of ``serial``: records what it was called for
+    (and reads the key then, as a mount flushes with it), or refuses."""
+
+    def __init__(self, svc: KeyService, owner: Caller, serial: int, *, refuse: bool = False):
+        self.svc, self.owner, self.serial, self.refuse = svc, owner, serial, refuse
+        self.before: list[bytes] = []
+        svc.watch(owner, serial, self, sync=True, name="mount /mnt")
+
+    def __call__(self, note: Notification) -> None:
+        if note.phase is not Phase.BEFORE:
+            return
+        self.before.append(self.svc.read(self.owner, self.serial))
+        if self.refuse:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _old_in_user_keyring(svc: KeyService, root: Caller) -> tuple[int, int]:
+    """A session keyring without @u in it, and ``user:made`` in @u: a
+    request for ``made`` does not find it (the search covers the session),
+    and a destination of @u holds it, so the new key displaces it."""
+    user_ring = svc.get_keyring_id(root, -4, True)
+    old = svc.add_key(root, "user", "made", b"old", user_ring)
+    # possessed (through @us) until the session begins: readable after
+    svc.setperm(root, old, 0x3F3F0000)
+    svc.get_keyring_id(root, S, True)
+    return user_ring, old
+
+
+def _payload(svc: KeyService, serial: int) -> bytes:
+    """A key's payload seen from inside (a key in @u is not possessed)."""
+    key = svc.find_key(serial)
+    assert key is not None and key.payload is not None
+    return key.payload.reveal()
+
+
+def _request_into(svc: KeyService, root: Caller, dest: int, handle) -> int:  # type: ignore[no-untyped-def]
+    def upcall(construction) -> None:  # type: ignore[no-untyped-def]
+        _upcall.grant(svc, construction, HANDLER.process)
+        try:
+            handle(construction.key.serial)
+        finally:
+            _upcall.handler_ended(svc, construction)
+
+    svc.process_lineage = _lineage
+    svc.request_key_upcall = upcall
+    return svc.request_key(root, "user", "made", "callout", dest)
+
+
+def test_a_construction_displacing_a_watched_key_fences_it(svc: KeyService, root: Caller) -> None:
+    """construct_alloc_key() links the new key into the destination, which
+    displaces a key of the same name the search did not reach.  Before:
+    the displaced key was destroyed there and then, its synchronous
+    watcher never called (a mount using it would lose its dirty data)."""
+    user_ring, old = _old_in_user_keyring(svc, root)
+    watcher = _Watcher(svc, root, old)
+    key = _request_into(svc, root, user_ring, lambda k: svc.instantiate(FIRST, k, b"new", 0))
+    assert watcher.before == [b"old"]
+    assert svc.find_key(old) is None
+    assert _payload(svc, key) == b"new" and svc.list_keyring(root, user_ring) == [key]
+
+
+def test_a_refused_displacement_makes_no_key(svc: KeyService, root: Caller) -> None:
+    """A watcher that cannot let the displaced key go fails the request
+    with its reason, the old key intact and linked, nothing constructed
+    and no handler run."""
+    user_ring, old = _old_in_user_keyring(svc, root)
+    watcher = _Watcher(svc, root, old, refuse=True)
+    ran: list[int] = []
+    assert errno_of(_request_into, svc, root, user_ring, ran.append) == errno.ENOSPC
+    assert watcher.before == [b"old"] and not ran
+    assert svc.read(root, old) == b"old" and svc.list_keyring(root, user_ring) == [old]
+    assert [k.serial for k in svc.all_keys() if k.description == "made"] == [old]
+    assert not svc._constructions.by_key
+
+
+@pytest.mark.parametrize("how", ["instantiate", "reject"])
+def test_a_handler_link_displacing_a_watched_key_is_fenced(
+    svc: KeyService, root: Caller, how: str
+) -> None:
+    """A handler's instantiate (or reject) into a keyring holding a key of
+    the same name: the displaced key's watcher is called before it goes,
+    and a refusal fails the handler's call with the key still under
+    construction (the handler's exit then negates it).  Before: a refusal
+    left the key instantiated; if the handler had unlinked it, linked
+    nowhere and never collected."""
+    user_ring, old = _old_in_user_keyring(svc, root)
+
+    def finish(serial: int) -> None:
+        if how == "instantiate":
+            svc.instantiate(FIRST, serial, b"new", user_ring)
+        else:
+            svc.reject(FIRST, serial, 30, errno.EKEYREJECTED, user_ring)
+
+    answers: list[int] = []
+
+    def unlink_then_finish(serial: int) -> None:
+        svc.unlink(FIRST, serial, svc.get_keyring_id(root, S, False))
+        answers.append(errno_of(finish, serial))
+
+    refuser = _Watcher(svc, root, old, refuse=True)
+    assert errno_of(_request_into, svc, root, 0, unlink_then_finish) == errno.ENOKEY
+    assert answers == [errno.ENOSPC] and refuser.before == [b"old"]
+    assert svc.read(root, old) == b"old" and svc.list_keyring(root, user_ring) == [old]
+    assert [k.serial for k in svc.all_keys() if k.description == "made"] == [old]
+    refuser.refuse = False
+    key = _request_into(svc, root, 0, finish) if how == "instantiate" else 0
+    if how == "reject":
+        assert errno_of(_request_into, svc, root, 0, finish) == errno.EKEYREJECTED
+        (key,) = (k.serial for k in svc.all_keys() if k.description == "made")
+    assert refuser.before == [b"old", b"old"] and svc.find_key(old) is None
+    assert svc.list_keyring(root, user_ring) == [key]
+    if how == "instantiate":
+        assert _payload(svc, key) == b"new"

@@ -37,6 +37,10 @@ class ServiceInternals(Protocol):
     removals: RemovalPath
     request_key_upcall: UpcallHook | None
     process_lineage: Callable[[Caller], Iterable[tuple[int, int]]]
+    _pending_new: dict[Key, object]
+    """Keys an operation made for a removal that has not applied yet, by the
+    operation's token: destroyed by :meth:`_discard_pending_locked` unless
+    the removal's ``on_apply`` took them out."""
 
     def now(self) -> float: ...
 
@@ -54,6 +58,8 @@ class ServiceInternals(Protocol):
     ) -> Key: ...
 
     def _release_locked(self, key: Key) -> None: ...
+
+    def _discard_pending_locked(self, made: object) -> None: ...
 
     def _update_locked(self, key: Key, data: bytes, *, completes: bool = True) -> None: ...
 

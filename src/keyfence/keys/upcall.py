@@ -22,6 +22,7 @@ Errors, per operation, in the kernel's order:
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from keyfence.keys import keyring as _keyring
@@ -188,6 +189,7 @@ def _find_or_construct(
 ) -> tuple[Key | Construction, bool]:
     """request_key_and_link(): the key found (linked into the destination),
     a construction in progress to wait for, or a new one (True)."""
+    made = object()  # this call's token for a key made to displace another
 
     def build() -> tuple[Removal | None, tuple[Key | Construction, bool]]:
         dest = None
@@ -234,10 +236,16 @@ def _find_or_construct(
             raise fail(errno.EKEYREVOKED)
         if not description:
             raise fail(errno.EINVAL, "a key to construct needs a description")
-        construction = _construct_locked(svc, caller, key_type.name, description, callout, ring)
-        return None, (construction, True)
+        removal, construction = _construct_locked(
+            svc, caller, key_type.name, description, callout, ring, made
+        )
+        return removal, (construction, True)
 
-    return svc.removals.run_for(build)
+    try:
+        return svc.removals.run_for(build)
+    finally:
+        with svc._lock:
+            svc._discard_pending_locked(made)
 
 
 def _default_destination_locked(svc: ServiceInternals, caller: Caller) -> Key:
@@ -258,10 +266,24 @@ def _default_destination_locked(svc: ServiceInternals, caller: Caller) -> Key:
 
 
 def _construct_locked(
-    svc: ServiceInternals, caller: Caller, type_name: str, description: str, callout: str, ring: Key
-) -> Construction:
+    svc: ServiceInternals,
+    caller: Caller,
+    type_name: str,
+    description: str,
+    callout: str,
+    ring: Key,
+    made: object,
+) -> tuple[Removal | None, Construction]:
     """construct_alloc_key() + request_key_auth_new(): the uninstantiated
-    key, linked into ``ring``, and its authorisation key."""
+    key, linked into ``ring``, and its authorisation key.
+
+    A key of the same type and description in ``ring`` (one the search did
+    not reach: ``ring`` named by serial, or @u outside the session) is
+    displaced, as the kernel's link does; that goes through the removal
+    path, so the displaced key's watchers are called first and may refuse.
+    The construction then begins when the removal applies; until then the
+    two keys are ``made``'s (discarded if it does not apply, or if build()
+    runs again and makes others)."""
     table = svc._constructions
     for stale in [k for k in table.by_key if not k.is_live()]:
         table.forget_key_locked(stale)
@@ -283,15 +305,31 @@ def _construct_locked(
     except OSError:
         _destroy_locked(svc, key)
         raise
-    key.anchors += 1  # the construction holds both until it ends
-    auth.anchors += 1
-    displaced = _keyring.link_locked(ring, key, svc._quota)
-    if displaced is not None and not displaced.parents and not displaced.anchors:
-        _destroy_locked(svc, displaced)
     construction = Construction(key, auth, callout, caller, ring)
-    table.by_key[key] = construction
-    svc.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
-    return construction
+    assert ring.contents is not None
+    if ring.contents.find(key.index_key) is None:
+        try:
+            _keyring.link_locked(ring, key, svc._quota)
+        except OSError:
+            svc._pending_new.update({key: made, auth: made})
+            raise
+        _begin_locked(svc, construction)
+        svc.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
+        return None, construction
+    svc._pending_new.update({key: made, auth: made})
+    displaced = ring.contents.find(key.index_key)
+    assert displaced is not None
+    removal = Removal("request", caller, unlinks=[(ring, displaced)], links=[(ring, key)])
+    removal.on_apply.append(lambda: _begin_locked(svc, construction))
+    return removal, construction
+
+
+def _begin_locked(svc: ServiceInternals, construction: Construction) -> None:
+    """The construction holds its two keys until it ends, and is found."""
+    for key in (construction.key, construction.auth):
+        svc._pending_new.pop(key, None)
+        key.anchors += 1
+    svc._constructions.by_key[construction.key] = construction
 
 
 def _call_out(svc: ServiceInternals, construction: Construction) -> None:
@@ -451,10 +489,12 @@ def instantiate(
     def build() -> Removal | None:
         held, dest = _held_locked(svc, caller, key_id, keyring)
         prepared = held.key.type.preparse(data)
-        svc._update_locked(held.key, prepared, completes=False)
-        _finish_locked(svc, held, 0, 0, linking=dest is not None)
-        svc._constructions.assume_locked(caller.process, None)
-        return _link_finished_locked(svc, caller, held, dest, "instantiate")
+
+        def finish() -> None:
+            svc._update_locked(held.key, prepared, completes=False)
+            _finish_locked(svc, held, 0, 0, linking=dest is not None)
+
+        return _finish_and_link_locked(svc, caller, held, dest, "instantiate", finish)
 
     svc.removals.run(build)
 
@@ -466,21 +506,54 @@ def reject(
 
     def build() -> Removal | None:
         held, dest = _held_locked(svc, caller, key_id, keyring)
-        _finish_locked(svc, held, error, timeout, linking=dest is not None)
-        svc._constructions.assume_locked(caller.process, None)
-        return _link_finished_locked(svc, caller, held, dest, "reject")
+        return _finish_and_link_locked(
+            svc,
+            caller,
+            held,
+            dest,
+            "reject",
+            lambda: _finish_locked(svc, held, error, timeout, linking=dest is not None),
+        )
 
     svc.removals.run(build)
 
 
-def _link_finished_locked(
-    svc: ServiceInternals, caller: Caller, held: Construction, dest: Key | None, op: str
+def _finish_and_link_locked(
+    svc: ServiceInternals,
+    caller: Caller,
+    held: Construction,
+    dest: Key | None,
+    op: str,
+    finish: Callable[[], None],
 ) -> Removal | None:
-    """key_instantiate_and_link()'s link, of a key just finished with
-    ``linking``: a key with no other link (its handler unlinked it from
-    where it was made) is linked, not destroyed first; one that cannot be
-    linked is destroyed if nothing holds it."""
+    """key_instantiate_and_link() and key_reject_and_link(): ``finish`` the
+    construction (with ``linking``), give up the authority, and link the key
+    into ``dest``.
+
+    A link that displaces a key of the same name goes through the removal
+    path: the construction is finished when that removal applies, after the
+    displaced key's watchers are done, and not at all if one refuses (the
+    handler gets its reason, the key stays under construction).  A holder
+    of the same authority that finishes the key meanwhile leaves only the
+    link to make.  Otherwise the key is finished and linked at once; a key
+    that cannot be linked is destroyed if nothing holds it.
+    """
     key = held.key
+
+    def finish_once() -> None:
+        if held.pending:
+            finish()
+        svc._constructions.assume_locked(caller.process, None)
+
+    if dest is not None and key.is_live():
+        assert dest.contents is not None
+        displaced = dest.contents.find(key.index_key)
+        if displaced is not None and displaced is not key:
+            removal = svc._link_locked(dest, key, op, caller)
+            assert removal is not None  # a displacement: nothing changed yet
+            removal.on_apply.append(finish_once)
+            return removal
+    finish_once()
     if dest is None or not key.is_live():
         return None
     try:
