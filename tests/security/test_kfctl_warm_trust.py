@@ -215,13 +215,61 @@ def test_a_less_privileged_server_of_our_uid_is_never_called(
         assert done.returncode == 0, done.stderr
 
 
-# In a fresh pid namespace: a warm server whose spare is stopped; a confined
-# caller (no_new_privs) connects, sends a call, hands its end of the
-# connection to a child and exits; an unconfined process gets its pid; the
-# spare goes on.  /proc by pid now shows an unconfined caller.
+# Both pid-reuse tests run a driver as pid 1 of a fresh pid namespace, so
+# that it can choose the next pid (ns_last_pid).  PID_REUSE comes first in
+# each driver: a confined process (no_new_privs) does its part, prints its
+# pid and exits, leaving a child of its own to go on; an unconfined process
+# then gets that pid; the driver prints "reused" (or why not) and, later,
+# what the child wrote to its report.
+PID_REUSE = textwrap.dedent(
+    r"""
+    import os, subprocess, sys, time
+
+    def reuse_pid_of(code, *args):
+        made = subprocess.run(["setpriv", "--no-new-privs", sys.executable, "-c", code, *args],
+                              capture_output=True, text=True, check=True)
+        pid = int(made.stdout)
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        unconfined = subprocess.Popen(["sleep", "60"])
+        got = unconfined.pid
+        print("reused" if got == pid else f"not reused: {pid} -> {got}", flush=True)
+        return unconfined
+
+    def print_report(path):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(open(path).read() if os.path.exists(path) else "nothing", flush=True)
+    """
+)
+
+
+def _after_pid_reuse(tmp: str, driver: str, *args: str) -> list[str]:
+    """Run PID_REUSE + ``driver`` (argv: ``tmp``, ``args``) in a new pid
+    namespace; the lines it printed after "reused" (a skip if the pid could
+    not be had)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing: cannot make a pid namespace")
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+    argv += [PID_REUSE + driver, tmp, *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    reused, *rest = done.stdout.splitlines()
+    if reused != "reused":
+        pytest.skip(f"could not force the pid reuse ({reused})")
+    return rest
+
+
+# A warm server whose spare is stopped; the confined caller connects, sends
+# a call, hands its end of the connection to a child and exits; the spare
+# goes on once the pid is an unconfined process's.  /proc by pid now shows
+# an unconfined caller.
 REUSE_DRIVER = textwrap.dedent(
     r"""
-    import os, signal, subprocess, sys, time
+    import signal
     tmp = sys.argv[1]
     sock = os.path.join(tmp, "kfctl.sock")
     server = subprocess.Popen([sys.executable, "-m", "keyfence.cli.kfctl_warm", "--socket", sock])
@@ -235,20 +283,9 @@ REUSE_DRIVER = textwrap.dedent(
         time.sleep(0.02)
     (spare,) = children()
     os.kill(spare, signal.SIGSTOP)
-    confined = ["setpriv", "--no-new-privs", sys.executable, "-c", sys.argv[2], sock, tmp]
-    caller = subprocess.run(confined, capture_output=True, text=True, check=True)
-    pid = int(caller.stdout)
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-    unconfined = subprocess.Popen(["sleep", "60"])
-    got = unconfined.pid
-    print("reused" if got == pid else f"not reused: {pid} -> {got}", flush=True)
+    unconfined = reuse_pid_of(sys.argv[2], sock, tmp)
     os.kill(spare, signal.SIGCONT)
-    reply = os.path.join(tmp, "reply")
-    deadline = time.monotonic() + 30
-    while not os.path.exists(reply) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    print(open(reply).read() if os.path.exists(reply) else "no reply", flush=True)
+    print_report(os.path.join(tmp, "reply"))
     unconfined.kill(); server.terminate(); server.wait()
     """
 )
@@ -286,47 +323,26 @@ REUSE_CALLER = textwrap.dedent(
 def test_a_reused_pid_does_not_pass_for_its_caller() -> None:
     """The worker checks the process that connected, by its pidfd: a pid
     now another's, of an unconfined process, gets "F" and no worker."""
-    import shutil
     import tempfile
 
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing: cannot make a pid namespace")
     with tempfile.TemporaryDirectory(prefix="kfwarm-") as tmp:
-        argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
-        argv += [REUSE_DRIVER, tmp, REUSE_CALLER]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    reused, reply = done.stdout.splitlines()
-    if reused != "reused":
-        pytest.skip(f"could not force the pid reuse ({reused})")
+        (reply,) = _after_pid_reuse(tmp, REUSE_DRIVER, REUSE_CALLER)
     assert reply == "F", reply  # "P": a worker ran for it
 
 
-# The other way round: a confined process makes the socket where our kfctl
-# looks, hands the listener to a child and exits; an unconfined process of
-# ours gets its pid.  The socket's SO_PEERCRED still names that pid.
+# The other way round: the confined process makes the socket where our
+# kfctl looks and hands the listener to its child.  The socket's
+# SO_PEERCRED still names the reused pid.
 PLANT_DRIVER = textwrap.dedent(
     r"""
-    import os, subprocess, sys, time
     tmp, command, planter = sys.argv[1], sys.argv[2], sys.argv[3]
     sock = os.path.join(tmp, "kfctl.sock")
-    made = subprocess.run(["setpriv", "--no-new-privs", sys.executable, "-c", planter, sock, tmp],
-                          capture_output=True, text=True, check=True)
-    pid = int(made.stdout)
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-    unconfined = subprocess.Popen(["sleep", "60"])
-    got = unconfined.pid
-    print("reused" if got == pid else f"not reused: {pid} -> {got}", flush=True)
+    unconfined = reuse_pid_of(planter, sock, tmp)
     env = {"PATH": "/usr/bin:/bin", "KEYFENCE_KFCTL_SOCKET": sock,
            "KEYFENCE_KFCTL_WARM": "require", "KEYFENCE_SOCKET": os.path.join(tmp, "none")}
     call = subprocess.run([command, "--version"], env=env, capture_output=True, text=True)
     print(call.returncode, call.stderr.strip(), flush=True)
-    report = os.path.join(tmp, "got")
-    deadline = time.monotonic() + 30
-    while not os.path.exists(report) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    print(open(report).read() if os.path.exists(report) else "nothing", flush=True)
+    print_report(os.path.join(tmp, "got"))
     unconfined.kill()
     """
 )
@@ -363,19 +379,10 @@ def test_a_socket_whose_maker_is_gone_is_not_trusted_for_its_pid() -> None:
     """The client checks the process that made the socket, by its pidfd: a
     pid now another's, of an unconfined process, is no pass, and the
     socket gets not a byte."""
-    import shutil
     import tempfile
 
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing: cannot make a pid namespace")
     with tempfile.TemporaryDirectory(prefix="kfwarm-") as tmp:
         command = compile_command(Path(tmp))
-        argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
-        argv += [PLANT_DRIVER, tmp, command, PLANTER_EXITS]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
-    reused, called, got = done.stdout.splitlines()
-    if reused != "reused":
-        pytest.skip(f"could not force the pid reuse ({reused})")
+        called, got = _after_pid_reuse(tmp, PLANT_DRIVER, command, PLANTER_EXITS)
     assert called == "1 kfctl: no warm server: the server is not ours"
     assert got == "got 0 bytes 0 fds", got
