@@ -270,6 +270,47 @@ def test_process_and_session_end(svc: KeyService, root: Caller) -> None:
     assert svc.find_key(ses) is None and svc.find_key(skey) is None
 
 
+def test_an_exec_drops_the_process_and_thread_keyrings(svc: KeyService) -> None:
+    """As the kernel's exec (prepare_exec_creds): the new program has no @p
+    or @t, its @s and its user keyrings are the same, and the old keyrings
+    end through the fence.  Before: they were the new program's (the
+    process is the same pid and start time)."""
+    from keyfence.keys.notify import Phase
+
+    before = Caller(uid=0, gid=0, pid=100, session="login", image=b"image-1")
+    after = Caller(uid=0, gid=0, pid=100, session="login", image=b"image-2")
+    session = svc.get_keyring_id(before, S, True)
+    pring = svc.get_keyring_id(before, P, True)
+    tring = svc.get_keyring_id(before, T, True)
+    key = svc.add_key(before, "user", "pk", b"secret", P)
+    called: list[bytes] = []
+
+    def flush(note) -> None:  # type: ignore[no-untyped-def]
+        if note.phase is Phase.BEFORE:
+            payload = svc.find_key(key).payload  # type: ignore[union-attr]
+            called.append(payload.reveal())
+
+    svc.watch(before, key, flush, sync=True, name="mount /mnt")
+    assert not svc.exec_seen(before)  # the same program: nothing to do
+    assert svc.exec_seen(after)
+    assert errno_of(svc.get_keyring_id, after, P) == errno.ENOKEY
+    assert errno_of(svc.get_keyring_id, after, T) == errno.ENOKEY
+    assert errno_of(svc.search, after, S, "user", "pk", 0) == errno.ENOKEY
+    assert svc.get_keyring_id(after, S, False) == session
+    assert svc.find_key(pring) is not None and not called  # held until released
+    (token,) = svc.retired()
+    svc.release_retired(token)
+    assert called == [b"secret"] and not svc.retired()
+    for serial in (pring, tring, key):
+        assert svc.find_key(serial) is None
+    # the new program makes its own, which the next exec drops in turn
+    fresh = svc.get_keyring_id(after, P, True)
+    assert fresh != pring and not svc.exec_seen(after)
+    assert svc.exec_seen(Caller(uid=0, gid=0, pid=100, session="login", image=b"image-3"))
+    # an image not known (an in-process caller, /proc unreadable) is not compared
+    assert not svc.exec_seen(Caller(uid=0, gid=0, pid=100, session="login"))
+
+
 def test_session_keyring_shared_within_session(svc: KeyService) -> None:
     one = Caller(uid=0, gid=0, pid=1, session=("sid", 1))
     two = Caller(uid=0, gid=0, pid=2, session=("sid", 1))

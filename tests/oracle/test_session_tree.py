@@ -12,6 +12,7 @@ The reports must agree (KERNEL_FACTS.md, section 14).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -160,3 +161,95 @@ def test_session_to_parent_against_the_kernel_worker() -> None:
         world.close()
     assert kernel_results[2:4] == [("ok", None), ("ok", None)], kernel_results
     assert model_results == kernel_results
+
+
+# A program that makes @p (and a key in it) in its own session, then execs
+# itself: what the new program finds.  ``kernel``: the syscalls themselves;
+# ``ours``: keyfence's client, one connection per call, as kfctl makes.
+EXEC_PROBE = r"""
+import ctypes, os, sys
+mode, stage = sys.argv[1], sys.argv[2]
+if mode == "kernel":
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(*args):
+        r = libc.syscall(*args)
+        return r if r >= 0 else -ctypes.get_errno()
+    def keyring(spec, create):
+        return call(250, 0, spec, int(create))  # KEYCTL_GET_KEYRING_ID
+    def join():
+        return call(250, 1, None)  # KEYCTL_JOIN_SESSION_KEYRING
+    def add_to_p():
+        return call(248, b"user", b"pk", b"v", 1, -2)
+    def request():
+        return call(249, b"user", b"pk", None, 0)
+else:
+    from keyfence.client import Client
+    def op(fn):
+        try:
+            with Client.connect(autostart=False) as c:
+                return fn(c)
+        except OSError as err:
+            return -err.errno
+    def keyring(spec, create):
+        return op(lambda c: c.get_keyring_id(spec, create))
+    def join():
+        return op(lambda c: c.join_session_keyring(None))
+    def add_to_p():
+        return op(lambda c: c.add_key("user", "pk", b"v", -2))
+    def request():
+        return op(lambda c: c.request_key("user", "pk"))
+if stage == "before":
+    session = join()
+    process = keyring(-2, True)
+    key = add_to_p()
+    print("before:", session > 0, process > 0, request() == key, flush=True)
+    print(process, file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[3], mode, str(session), sys.argv[3]])
+session = int(stage)
+print("after:", keyring(-2, False), keyring(-1, False), keyring(-3, False) == session, request())
+"""
+
+
+def test_an_exec_drops_the_process_keyring_as_the_kernels_does(daemon: DaemonProcess) -> None:
+    """prepare_exec_creds(): the new program has no @p or @t (ENOKEY), the
+    same @s, and the key that was in @p is not found.  Before: keyfence
+    gave the new program the old @p (the same pid and start time), key and
+    all; and the old keyring ends (fenced) soon after."""
+    if UNSHARE is None:
+        pytest.skip("unshare (util-linux) is missing: no kernel oracle")
+    argv = [sys.executable, "-c", EXEC_PROBE]
+    env = dict(os.environ)
+    kernel = subprocess.run(
+        [UNSHARE, "--user", "--map-root-user", *argv, "kernel", "before", EXEC_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ours = subprocess.run(
+        [*argv, "ours", "before", EXEC_PROBE],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    enokey = -errno.ENOKEY
+    expected = f"before: True True True\nafter: {enokey} {enokey} True {enokey}\n"
+    assert (kernel.stdout, kernel.returncode) == (expected, 0), kernel.stderr
+    assert (ours.stdout, ours.returncode) == (expected, 0), ours.stderr
+    from keyfence.client import Client
+
+    old = int(ours.stderr.split()[0])
+    deadline = time.monotonic() + 30
+    with Client.connect(daemon.socket, autostart=False) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.describe(old)
+            except OSError as err:
+                assert err.errno == errno.ENOKEY
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the exec'd program's old @p is still there after 30 s")

@@ -46,6 +46,10 @@ class Caller:
     admin: bool | None = None
     """CAP_SYS_ADMIN; None means "uid 0 has it"."""
     parent: ParentProcess | None = None
+    image: bytes | None = field(default=None, compare=False, repr=False)
+    """A digest of the program the process runs now (the daemon: of its
+    ``/proc/PID/auxv``, which every exec makes anew); None if unknown.  An
+    exec drops the process and thread keyrings (docs/keys.md, "exec")."""
 
     @property
     def is_admin(self) -> bool:

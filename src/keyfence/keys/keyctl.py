@@ -314,6 +314,7 @@ class KeyService:
                 perm = permission.PROCESS_KEYRING_PERM
                 key = self._new_private_keyring_locked(caller, "_tid", perm)
                 tables.threads[caller.thread] = key
+                tables.made_in_locked(caller)
             return key
         if spec == KEY_SPEC_PROCESS_KEYRING:
             key = tables.process_keyring(caller)
@@ -323,6 +324,7 @@ class KeyService:
                 perm = permission.PROCESS_KEYRING_PERM
                 key = self._new_private_keyring_locked(caller, "_pid", perm)
                 tables.processes[caller.process] = key
+                tables.made_in_locked(caller)
             return key
         if spec == KEY_SPEC_SESSION_KEYRING:
             key = tables.session_keyring(caller)
@@ -1254,6 +1256,7 @@ class KeyService:
 
             def forget() -> None:
                 tables.processes.pop(me, None)
+                tables.images.pop(me, None)
                 tables.sessions.pop(me, None)
                 tables.bound_at.pop(me, None)
                 for thread in threads:
@@ -1263,6 +1266,47 @@ class KeyService:
             return removal
 
         self.removals.run(build, timeout=timeout, emergency=emergency)
+
+    def exec_seen(self, caller: Caller) -> bool:
+        """Whether the caller's process runs another program than the one
+        its process and thread keyrings were made in (``Caller.image``): it
+        has exec'd, and the kernel's exec dropped them (prepare_exec_creds).
+
+        If so they leave the process at once, without waiting (none is
+        found for it any more; a new one is made on demand), and wait for
+        :meth:`release_retired` to end them through the fenced removal
+        path.  The session binding and a request_key authority stay, as
+        across the kernel's exec.  Unknown images (None) are not compared.
+        """
+        if caller.image is None:
+            return False
+        with self._lock:
+            tables = self._special
+            made_in = tables.images.get(caller.process)
+            if made_in is None or made_in == caller.image:
+                return False
+            return tables.retire_locked(caller.pid, caller.start_time) is not None
+
+    def retired(self) -> list[int]:
+        """Tokens of the keyrings an exec took (:meth:`exec_seen`) that are
+        not released yet."""
+        with self._lock:
+            return list(self._special.retired)
+
+    def release_retired(self, token: int, *, timeout: float | None = None) -> None:
+        """End the keyrings an exec took, through the fenced removal path.
+        If a watcher aborts, they stay held and the call raises; the caller
+        (the daemon) retries."""
+
+        def build() -> Removal | None:
+            rings = self._special.retired.get(token)
+            if rings is None:
+                return None
+            removal = Removal("exec", None, releases=list(rings))
+            removal.on_apply.append(lambda: self._special.retired.pop(token, None))
+            return removal
+
+        self.removals.run(build, timeout=timeout)
 
     def thread_exited(self, pid: int, tid: int, start_time: int = 0) -> None:
         """A thread is gone: its thread keyring goes away."""

@@ -6,7 +6,9 @@ by who the caller is (docs/design.md, "Processes"; the caller itself is
 keys/caller.py):
 
 * @t by (pid, start time, tid); @p by (pid, start time), so a reused pid
-  never inherits a dead process's keyring;
+  never inherits a dead process's keyring; with the program image they
+  were made in (``Caller.image``), so that a process that has exec'd since
+  loses them, as the kernel's exec drops them;
 * @s by the caller's *session binding* (``Caller.session``): the daemon
   names it by the process itself, (pid, start time), and binds a process
   to the keyring its parent had at fork, as the kernel's credentials do
@@ -25,6 +27,7 @@ path when its process exits or its last session binding goes.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
@@ -89,6 +92,12 @@ class SpecialKeyrings:
         """Session binding -> when it got its keyring (boot_clock())."""
         self.users: dict[int, tuple[Key, Key]] = {}
         """uid -> (user keyring, user-session keyring)."""
+        self.images: dict[tuple[int, int], bytes] = {}
+        """Process -> the program image its @p and @t were made in, where known."""
+        self.retired: dict[int, list[Key]] = {}
+        """@p and @t keyrings an exec took from their process, by a token,
+        until their fenced release applies (each keeps its anchor meanwhile)."""
+        self._retire_ids = itertools.count(1)
 
     def thread_keyring(self, caller: Caller) -> Key | None:
         return self.threads.get(caller.thread)
@@ -103,3 +112,23 @@ class SpecialKeyrings:
 
     def threads_of(self, pid: int, start_time: int) -> list[tuple[int, int, int]]:
         return [t for t in self.threads if t[0] == pid and t[1] == start_time]
+
+    def made_in_locked(self, caller: Caller) -> None:
+        """The caller's @p or @t was just made: remember its image."""
+        if caller.image is not None:
+            self.images.setdefault(caller.process, caller.image)
+
+    def retire_locked(self, pid: int, start_time: int) -> int | None:
+        """Take the process's @p and @t from it (an exec): none is found
+        for it any more, and a new one is made on demand.  The token under
+        which they wait for their release, or None if it had none."""
+        self.images.pop((pid, start_time), None)
+        rings = [self.threads.pop(t) for t in self.threads_of(pid, start_time)]
+        process = self.processes.pop((pid, start_time), None)
+        if process is not None:
+            rings.append(process)
+        if not rings:
+            return None
+        token = next(self._retire_ids)
+        self.retired[token] = rings
+        return token

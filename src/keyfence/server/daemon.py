@@ -254,9 +254,12 @@ class Daemon:
 
     def check_lifetimes(self) -> None:
         """End the keyrings and session bindings of processes that are gone
-        (a session keyring ends with the last process holding it)."""
+        (a session keyring ends with the last process holding it), and the
+        process and thread keyrings of programs that exec'd."""
         for pid, start in self.sessions.gone(self.service):
             self._end(("process", pid, start), functools.partial(self._exit, pid, start))
+        for token in self.service.retired():  # @p and @t an exec took
+            self._end(("exec", token), functools.partial(self.service.release_retired, token))
 
     def _exit(self, pid: int, start: int) -> None:
         self.service.process_exited(pid, start)

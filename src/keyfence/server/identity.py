@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import signal
 import socket
@@ -77,6 +78,20 @@ def read_creds(pid: int) -> ProcCreds | None:
     except (OSError, KeyError, ValueError):
         return None
     return ProcCreds(tgid, (uids[0], uids[1], uids[2]), (gids[0], gids[1], gids[2]), groups)
+
+
+def read_image(pid: int) -> bytes | None:
+    """A digest of the program the process runs now: of its auxiliary
+    vector (``/proc/PID/auxv``), which every exec makes anew (the stack,
+    vDSO and program addresses in it are randomized for each).  None if it
+    cannot be read (a process that is not dumpable, to a daemon that is
+    not root).  The digest, not the vector: no addresses kept or logged."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return hashlib.blake2b(data, digest_size=16).digest() if data else None
 
 
 def _status_field(text: bytes, name: bytes) -> bytes:
@@ -160,6 +175,7 @@ def _pinned_caller(
     process the pidfd names only if it is still alive afterwards."""
     stat = read_stat(pid)
     creds = read_creds(pid)
+    image = read_image(pid)
     if stat is None or creds is None or not alive(pidfd):
         raise fail(errno.ESRCH, "the connecting process is gone")
     if uid is not None and (creds.uids[1] != uid or creds.gids[1] != gid):
@@ -177,7 +193,11 @@ def _pinned_caller(
         session=stat.process,
         admin=admin_uid is not None and uid == admin_uid,
         parent=_parent(pid, stat.ppid),
+        image=image,
     )
+    # an exec since its @p or @t were made took them (the daemon's
+    # lifetime check then ends them, fenced)
+    service.exec_seen(caller)
     return caller, ProcInfo(pid=pid, session=stat.session, start_time=stat.start_time)
 
 
