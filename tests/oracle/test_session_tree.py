@@ -253,3 +253,38 @@ def test_an_exec_drops_the_process_keyring_as_the_kernels_does(daemon: DaemonPro
             time.sleep(0.05)
         else:
             raise AssertionError("the exec'd program's old @p is still there after 30 s")
+
+
+def _unit_capabilities() -> str:
+    """keyfence.service's CapabilityBoundingSet as setpriv's --bounding-set."""
+    from importlib import resources
+
+    unit = resources.files("keyfence.data").joinpath("systemd/keyfence.service").read_text()
+    (line,) = [x for x in unit.splitlines() if x.startswith("CapabilityBoundingSet=")]
+    caps = line.split("=", 1)[1].split()
+    return ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in caps)])
+
+
+def test_an_exec_is_seen_for_another_uid_under_the_units_capabilities() -> None:
+    """The system daemon as its unit runs it (only the capabilities of
+    keyfence.service) sees another uid's exec: reading that uid's
+    /proc/PID/auxv takes ptrace read access (CAP_DAC_OVERRIDE to open it,
+    then CAP_SYS_PTRACE, which the unit lists for this; this kernel also
+    takes CAP_SYS_ADMIN).  An unreadable image would leave the new program
+    @p and its key."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing")
+    prefix = ["setpriv", f"--bounding-set={_unit_capabilities()}"]
+    with running_daemon("--system", prefix=prefix) as daemon:
+        as_user = ["setpriv", "--reuid=4652", "--regid=4652", "--clear-groups"]
+        done = subprocess.run(
+            [*as_user, sys.executable, "-c", EXEC_PROBE, "ours", "before", EXEC_PROBE],
+            env=dict(daemon.env, HOME="/"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    enokey = -errno.ENOKEY
+    expected = f"before: True True True\nafter: {enokey} {enokey} True {enokey}\n"
+    assert (done.stdout, done.returncode) == (expected, 0), done.stderr

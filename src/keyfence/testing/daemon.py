@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -30,14 +30,17 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def running_daemon(*extra: str) -> Iterator[DaemonProcess]:
+def running_daemon(*extra: str, prefix: Sequence[str] = ()) -> Iterator[DaemonProcess]:
+    """A daemon on a private socket with ``extra`` arguments, started
+    through ``prefix`` if given (``setpriv ...``)."""
     with tempfile.TemporaryDirectory(prefix="keyfence-test-") as tmp:
         os.chmod(tmp, 0o755)  # other uids (setpriv tests) must reach the socket
         sock = os.path.join(tmp, "sock")
         log = os.path.join(tmp, "daemon.log")
         with open(log, "wb") as out:
+            argv = [*prefix, sys.executable, "-m", "keyfence.cli.main", "daemon"]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", sock, *extra],
+                [*argv, "--socket", sock, *extra],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
