@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,3 +47,25 @@ def test_units_are_package_data() -> None:
     names = {p.name for p in UNITS.rglob("keyfence.*")}
     assert names == {"keyfence.service", "keyfence.socket"}
     assert (UNITS / "user" / "keyfence.service").exists()
+
+
+_FAMILY = re.compile(r"socket(?:pair)?\(\s*(?:_?socket\.)?(AF_[A-Z0-9]+)")
+
+
+@pytest.mark.parametrize("scope", ["system", "user"])
+def test_units_let_the_daemon_open_every_socket_family_it_uses(scope: str) -> None:
+    """RestrictAddressFamilies makes socket(2) of any other family fail
+    (EAFNOSUPPORT), and the daemon then quietly does without: the process
+    events connector (AF_NETLINK, server/sessions.py) was shut out by the
+    system unit's ``AF_UNIX`` alone, so under systemd no fork event was
+    read and @s fell back to the walk of /proc (docs/keys.md)."""
+    used = set()
+    for path in (UNITS.parent.parent).rglob("*.py"):
+        if "testing" in path.parts:
+            continue
+        used.update(_FAMILY.findall(path.read_text()))
+    assert {"AF_UNIX", "AF_NETLINK"} <= used  # the scan still finds them
+    unit = (UNITS if scope == "system" else UNITS / "user") / "keyfence.service"
+    lines = [x for x in unit.read_text().splitlines() if x.startswith("RestrictAddressFamilies=")]
+    allowed = {f for x in lines for f in x.split("=", 1)[1].split()}
+    assert not lines or used <= allowed, (unit, used - allowed)
