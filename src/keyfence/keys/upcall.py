@@ -307,7 +307,8 @@ def _construct_locked(
         raise
     construction = Construction(key, auth, callout, caller, ring)
     assert ring.contents is not None
-    if ring.contents.find(key.index_key) is None:
+    displaced = ring.contents.find(key.index_key)
+    if displaced is None:
         try:
             _keyring.link_locked(ring, key, svc._quota)
         except OSError:
@@ -317,8 +318,6 @@ def _construct_locked(
         svc.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
         return None, construction
     svc._pending_new.update({key: made, auth: made})
-    displaced = ring.contents.find(key.index_key)
-    assert displaced is not None
     removal = Removal("request", caller, unlinks=[(ring, displaced)], links=[(ring, key)])
     removal.on_apply.append(lambda: _begin_locked(svc, construction))
     return removal, construction
