@@ -210,6 +210,18 @@ print("after:", keyring(-2, False), keyring(-1, False), keyring(-3, False) == se
 """
 
 
+_ENOKEY = -errno.ENOKEY
+EXEC_EXPECTED = f"before: True True True\nafter: {_ENOKEY} {_ENOKEY} True {_ENOKEY}\n"
+"""What the new program finds: no @p, no @t, the same @s, not the key."""
+
+
+def _exec_probe(
+    prefix: list[str], mode: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    argv = [*prefix, sys.executable, "-c", EXEC_PROBE, mode, "before", EXEC_PROBE]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_an_exec_drops_the_process_keyring_as_the_kernels_does(daemon: DaemonProcess) -> None:
     """prepare_exec_creds(): the new program has no @p or @t (ENOKEY), the
     same @s, and the key that was in @p is not found.  Before: keyfence
@@ -217,28 +229,10 @@ def test_an_exec_drops_the_process_keyring_as_the_kernels_does(daemon: DaemonPro
     all; and the old keyring ends (fenced) soon after."""
     if UNSHARE is None:
         pytest.skip("unshare (util-linux) is missing: no kernel oracle")
-    argv = [sys.executable, "-c", EXEC_PROBE]
-    env = dict(os.environ)
-    kernel = subprocess.run(
-        [UNSHARE, "--user", "--map-root-user", *argv, "kernel", "before", EXEC_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    ours = subprocess.run(
-        [*argv, "ours", "before", EXEC_PROBE],
-        env=daemon.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    enokey = -errno.ENOKEY
-    expected = f"before: True True True\nafter: {enokey} {enokey} True {enokey}\n"
-    assert (kernel.stdout, kernel.returncode) == (expected, 0), kernel.stderr
-    assert (ours.stdout, ours.returncode) == (expected, 0), ours.stderr
+    kernel = _exec_probe([UNSHARE, "--user", "--map-root-user"], "kernel", dict(os.environ))
+    ours = _exec_probe([], "ours", daemon.env)
+    assert (kernel.stdout, kernel.returncode) == (EXEC_EXPECTED, 0), kernel.stderr
+    assert (ours.stdout, ours.returncode) == (EXEC_EXPECTED, 0), ours.stderr
     from keyfence.client import Client
 
     old = int(ours.stderr.split()[0])
@@ -277,14 +271,5 @@ def test_an_exec_is_seen_for_another_uid_under_the_units_capabilities() -> None:
     prefix = ["setpriv", f"--bounding-set={_unit_capabilities()}"]
     with running_daemon("--system", prefix=prefix) as daemon:
         as_user = ["setpriv", "--reuid=4652", "--regid=4652", "--clear-groups"]
-        done = subprocess.run(
-            [*as_user, sys.executable, "-c", EXEC_PROBE, "ours", "before", EXEC_PROBE],
-            env=dict(daemon.env, HOME="/"),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    enokey = -errno.ENOKEY
-    expected = f"before: True True True\nafter: {enokey} {enokey} True {enokey}\n"
-    assert (done.stdout, done.returncode) == (expected, 0), done.stderr
+        done = _exec_probe(as_user, "ours", dict(daemon.env, HOME="/"))
+    assert (done.stdout, done.returncode) == (EXEC_EXPECTED, 0), done.stderr
