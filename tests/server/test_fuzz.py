@@ -576,10 +576,14 @@ def fuzz(daemon: DaemonProcess, helper: Client) -> None:
 
 
 def fresh_client(daemon: DaemonProcess) -> str:
-    """A real add and read, from a client in a new session."""
+    """A real add and read, from a client in a session keyring of its own:
+    the one it inherits from this process may be one the fuzzing revoked
+    or invalidated (ENOKEY then, as from the kernel), and a new POSIX
+    session (``start_new_session``) does not change ``@s``."""
     code = """
         from keyfence.client import Client
         c = Client.connect()
+        c.join_session_keyring(None)
         key = c.add_key("user", "after", b"still serving", -3)
         print(c.ping(), c.read(key).decode())
     """
