@@ -306,20 +306,12 @@ def _construct_locked(
         _destroy_locked(svc, key)
         raise
     construction = Construction(key, auth, callout, caller, ring)
-    assert ring.contents is not None
-    displaced = ring.contents.find(key.index_key)
-    if displaced is None:
-        try:
-            _keyring.link_locked(ring, key, svc._quota)
-        except OSError:
-            svc._pending_new.update({key: made, auth: made})
-            raise
+    svc._pending_new.update({key: made, auth: made})  # until the link is made
+    removal = svc._link_locked(ring, key, "request", caller)
+    if removal is None:
         _begin_locked(svc, construction)
-        svc.removals.notify_locked([(ring, KeyEvent.LINKED, key.serial)], caller, "request")
-        return None, construction
-    svc._pending_new.update({key: made, auth: made})
-    removal = Removal("request", caller, unlinks=[(ring, displaced)], links=[(ring, key)])
-    removal.on_apply.append(lambda: _begin_locked(svc, construction))
+    else:
+        removal.on_apply.append(lambda: _begin_locked(svc, construction))
     return removal, construction
 
 
