@@ -163,12 +163,12 @@ def test_session_to_parent_against_the_kernel_worker() -> None:
     assert model_results == kernel_results
 
 
-# A program that makes @p (and a key in it) in its own session, then execs
-# itself: what the new program finds.  ``kernel``: the syscalls themselves;
-# ``ours``: keyfence's client, one connection per call, as kfctl makes.
-EXEC_PROBE = r"""
+# The keyring calls of the exec probes.  ``kernel``: the syscalls
+# themselves; ``ours``: keyfence's client, one connection per call, as
+# kfctl makes.  Each returns the result or -errno.
+CALLS = r"""
 import ctypes, os, sys
-mode, stage = sys.argv[1], sys.argv[2]
+mode = sys.argv[1]
 if mode == "kernel":
     libc = ctypes.CDLL(None, use_errno=True)
     def call(*args):
@@ -182,6 +182,8 @@ if mode == "kernel":
         return call(248, b"user", b"pk", b"v", 1, -2)
     def request():
         return call(249, b"user", b"pk", None, 0)
+    def describe(serial):
+        return call(250, 6, serial, ctypes.create_string_buffer(256), 256)
 else:
     from keyfence.client import Client
     def op(fn):
@@ -198,6 +200,16 @@ else:
         return op(lambda c: c.add_key("user", "pk", b"v", -2))
     def request():
         return op(lambda c: c.request_key("user", "pk"))
+    def describe(serial):
+        return op(lambda c: (c.describe(serial), 0)[1])
+"""
+
+# A program that makes @p (and a key in it) in its own session, then execs
+# itself: what the new program finds.
+EXEC_PROBE = (
+    CALLS
+    + r"""
+stage = sys.argv[2]
 if stage == "before":
     session = join()
     process = keyring(-2, True)
@@ -208,6 +220,7 @@ if stage == "before":
 session = int(stage)
 print("after:", keyring(-2, False), keyring(-1, False), keyring(-3, False) == session, request())
 """
+)
 
 
 _ENOKEY = -errno.ENOKEY
@@ -247,6 +260,60 @@ def test_an_exec_drops_the_process_keyring_as_the_kernels_does(daemon: DaemonPro
             time.sleep(0.05)
         else:
             raise AssertionError("the exec'd program's old @p is still there after 30 s")
+
+
+# A child makes @p and a key in it, then execs ``sleep``, which never
+# calls the keyring again; the parent watches the key while ``sleep`` runs
+# and after it is gone.
+EXEC_SLEEP_PROBE = (
+    CALLS
+    + r"""
+import signal, time
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    join()
+    keyring(-2, True)
+    os.write(write, b"%d" % add_to_p())
+    os.execvp("sleep", ["sleep", "60"])
+key = int(os.read(read, 32))
+time.sleep(1)
+print("sleep running:", describe(key) >= 0, os.waitpid(child, os.WNOHANG) == (0, 0))
+os.kill(child, signal.SIGKILL)
+os.waitpid(child, 0)
+deadline = time.monotonic() + 10
+while describe(key) >= 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("sleep gone:", describe(key))
+"""
+)
+
+
+def test_the_old_process_keyring_lives_while_the_execd_program_runs(
+    daemon: DaemonProcess,
+) -> None:
+    """The kernel's exec takes @p from the process, but the old keyring
+    (and its key) lives until the new program ends: the executable's open
+    file holds the credentials it was opened with, @p and all
+    (KERNEL_FACTS.md section 14).  keyfence sees the exec at the process's
+    next call; ``sleep`` makes none, so its old @p ends with it, as the
+    kernel's does -- not at the exec (an exec event would be early)."""
+    if UNSHARE is None:
+        pytest.skip("unshare (util-linux) is missing: no kernel oracle")
+    argv = [sys.executable, "-c", EXEC_SLEEP_PROBE]
+    expected = f"sleep running: True True\nsleep gone: {_ENOKEY}\n"
+    kernel = subprocess.run(
+        [UNSHARE, "--user", "--map-root-user", *argv, "kernel"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (kernel.stdout, kernel.returncode) == (expected, 0), kernel.stderr
+    ours = subprocess.run(
+        [*argv, "ours"], env=daemon.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (ours.stdout, ours.returncode) == (expected, 0), ours.stderr
 
 
 def _unit_capabilities() -> str:
