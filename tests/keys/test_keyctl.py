@@ -44,6 +44,18 @@ def test_default_masks_and_describe(svc: KeyService, root: Caller) -> None:
     assert svc.describe(root, US).startswith("keyring;0;65534;1f3f0000;_uid_ses.0")
 
 
+def test_describe_prints_ids_as_the_kernels_percent_d(svc: KeyService, root: Caller) -> None:
+    """keyctl_describe_key() prints uid and gid with %d: 2**31 and up
+    come out negative (KERNEL_FACTS.md section 1).  Before: unsigned."""
+    key = svc.add_key(root, "user", "neguid", b"v", S)
+    svc.chown(root, key, 4294967294, 4000000000)
+    assert svc.describe(root, key) == "user;-2;-294967296;3f010000;neguid"
+    svc.chown(root, key, 2147483648, -1)
+    assert svc.describe(root, key) == "user;-2147483648;-294967296;3f010000;neguid"
+    svc.chown(root, key, 2147483647, -1)
+    assert svc.describe(root, key) == "user;2147483647;-294967296;3f010000;neguid"
+
+
 def test_add_updates_in_place_but_replaces_keyrings(svc: KeyService, root: Caller) -> None:
     first = svc.add_key(root, "user", "d", b"one", S)
     assert svc.add_key(root, "user", "d", b"two", S) == first

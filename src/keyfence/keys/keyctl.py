@@ -1137,6 +1137,8 @@ class KeyService:
             key = self._viewed_locked(caller, key_id, authority_errors=False)
             gid = key.gid if key.gid != -1 else 65534
             uid = key.uid if key.uid != -1 else 65534
+            # the kernel prints them with %d: 4294967294 is -2
+            uid, gid = (n - (1 << 32) if n >= 1 << 31 else n for n in (uid, gid))
             return f"{key.type.name};{uid};{gid};{key.perm:08x};{key.description}"
 
     def chown(self, caller: Caller, key_id: int, uid: int, gid: int) -> None:
