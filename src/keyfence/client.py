@@ -874,6 +874,10 @@ def _detail(error: dict[str, Any]) -> str | None:
 
 def _open(path: str) -> _socket.socket:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    if sock.fileno() < 3:  # a caller started with 0-2 closed: keep off them
+        from keyfence.fdtable import above_standard
+
+        sock = _socket.socket(fileno=above_standard(sock.detach()))
     try:
         sock.connect(path)
     except OSError as err:

@@ -20,7 +20,7 @@ import fcntl
 import os
 import resource
 
-__all__ = ["raise_limit", "reserve", "table_size"]
+__all__ = ["above_standard", "occupy_standard", "raise_limit", "reserve", "table_size"]
 
 
 def raise_limit() -> int:
@@ -63,3 +63,31 @@ def table_size() -> int:
     except OSError:
         pass
     return 0
+
+
+def occupy_standard() -> None:
+    """Open /dev/null on each of descriptors 0, 1 and 2 that is closed.
+
+    A process started with one closed hands that number to the next file
+    or socket it opens, and what it prints or logs then goes there: into a
+    client's connection, for a daemon started with ``2>&-``."""
+    for fd in (0, 1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free: ``fd``
+            if null != fd:
+                os.dup2(null, fd, inheritable=True)
+                os.close(null)
+
+
+def above_standard(fd: int) -> int:
+    """``fd`` itself, or, if it took a standard descriptor's number (0-2
+    were closed), a close-on-exec duplicate above them, the original
+    closed: a connection must never be what the program prints to."""
+    if fd > 2:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)

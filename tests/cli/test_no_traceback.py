@@ -11,7 +11,8 @@ file where a directory or key is wanted and a directory where a file is,
 bytes that are not UTF-8 -- with standard input closed (``<&-``), empty,
 ``/dev/null``, a directory (the interpreter itself refuses to start:
 "Fatal Python error: init_sys_streams: <stdin> is a directory, cannot
-continue", before any keyfence code runs) and write-only (read: EBADF), and
+continue", before any keyfence code runs; the installed ``kfctl`` gets
+around it, test_kfctl_descriptors.py) and write-only (read: EBADF), and
 with no daemon at all (``$KEYFENCE_SOCKET`` naming nothing, a regular
 file, or a path too long for a socket address).  Issue 16 widened it to
 the options, files, stdin and daemon cases.  Each run must end with no

@@ -70,12 +70,43 @@ static volatile sig_atomic_t pending_signal;
 static int required; /* KEYFENCE_KFCTL_WARM=require */
 static char *const *saved_argv;
 
+/* Before Python starts.  A closed standard descriptor would be the next
+ * socket's number (the daemon connection: kfctl's answer, or a key's
+ * payload from `pipe`, written into it), so each gets /dev/null opened the
+ * way that keeps using it failing EBADF, as keyctl's would: 0 write-only,
+ * 1 and 2 read-only.  And Python refuses to start at all with a directory
+ * on stdin: it waits at a higher descriptor, named in KEYFENCE_KFCTL_STDIN,
+ * and the Python launcher puts it back (keyfence.cli.launcher). */
+static void standard_descriptors_for_python(void)
+{
+    struct stat st;
+    char number[16];
+    int i, fd;
+
+    for (i = 0; i < 3; i++)
+        if (fcntl(i, F_GETFD) < 0)
+            (void)open("/dev/null", i == 0 ? O_WRONLY : O_RDONLY); /* the lowest: i */
+    if (fstat(0, &st) == 0 && S_ISDIR(st.st_mode)) {
+        fd = fcntl(0, F_DUPFD, 3);
+        if (fd < 0)
+            return;
+        snprintf(number, sizeof number, "%d", fd);
+        setenv("KEYFENCE_KFCTL_STDIN", number, 1);
+        i = open("/dev/null", O_WRONLY);
+        if (i >= 0 && i != 0) {
+            dup2(i, 0);
+            close(i);
+        }
+    }
+}
+
 static void fall_back(const char *why, const char *start_at)
 {
     if (required) {
         dprintf(2, "kfctl: no warm server: %s\n", why);
         _exit(1);
     }
+    standard_descriptors_for_python();
     if (saved_argv[0] != NULL)
         setenv("KEYFENCE_KFCTL_ARGV0", saved_argv[0], 1);
     if (start_at != NULL)

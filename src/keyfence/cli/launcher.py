@@ -90,6 +90,17 @@ if argv0 is not None:
     sys.argv[0] = argv0.decode(sys.getfilesystemencoding(), "surrogateescape")
 if warm is not None:
     posix.unsetenv(b"KEYFENCE_KFCTL_WARM_START")
+# a directory on stdin, which Python cannot start with: kfctl_client.c
+# kept it at this descriptor
+stdin = posix.environ.pop(b"KEYFENCE_KFCTL_STDIN", None)
+if stdin is not None:
+    posix.unsetenv(b"KEYFENCE_KFCTL_STDIN")
+    if stdin.isdigit() and int(stdin) > 2:
+        try:
+            posix.dup2(int(stdin), 0)
+            posix.close(int(stdin))
+        except OSError:
+            pass
 """
 
 

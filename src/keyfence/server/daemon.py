@@ -404,6 +404,7 @@ def run_daemon(
     from keyfence.keys.secret import disable_core_dumps
 
     disable_core_dumps()
+    fdtable.occupy_standard()  # before the listener and connections take a number
     if private is None:
         private = os.geteuid() != 0
     daemon = Daemon(path, service=service, private_uid=os.geteuid() if private else None)
