@@ -63,6 +63,28 @@ def test_add_key_without_salt_stores_one_and_unlock_needs_none(
     assert listing.stdout.split() == ["f"]
 
 
+def test_the_protectors_record_is_the_owners_alone_in_the_backing_store(
+    mounted: tuple[DaemonProcess, Path, Path],
+) -> None:
+    """A login protector costs one scrypt per guess, so it is shown to the
+    directory's owner and root only (docs/format.md 3.1) -- through the
+    mount.  In the backing store it was written 0644: anyone who could
+    search the backing directory read it and guessed the password offline
+    (a helper's attack, 2026-12-07; failed before).  Now 0600, and an old
+    0644 one is made 0600 when it is next read."""
+    daemon, backing, mnt = mounted
+    home = mnt / "guarded"
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key {home}", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    record = backing / "guarded" / ".keyfence-protectors"
+    assert record.stat().st_mode & 0o777 == 0o600
+    record.chmod(0o644)  # as written before
+    status = session_sh(daemon, f"keyfence status {home}")
+    assert "e4crypt salt 0x" in status.stdout, status.stdout + status.stderr
+    assert record.stat().st_mode & 0o777 == 0o600
+
+
 def test_unlock_without_stored_salt_says_so(mounted: tuple[DaemonProcess, Path, Path]) -> None:
     daemon, backing, mnt = mounted
     home = mnt / "old"

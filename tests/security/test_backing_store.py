@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from keyfence.testing.mounting import Mount, fuse_available
 
 POLICY = "user.keyfence.policy"
 POLICY_RECORD = ".keyfence-policy"
+OTHER = 4631
+"""Another uid: the user who copies a record into its own directory."""
 
 _why = fuse_available()
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
@@ -169,6 +172,37 @@ def test_deleted_policy_is_refused_not_plaintext(mount: Mount) -> None:
     with pytest.raises(OSError) as caught:
         os.listdir(mount.mnt / "enc" / name)
     assert caught.value.errno == errno.EIO
+
+
+def test_a_policy_record_copied_by_another_user_is_refused(mount: Mount) -> None:
+    """A user who can write its own part of a shared backing store copies
+    another user's policy record (a key reference is no secret) into a
+    directory of its own, and beside it a copy of that user's ciphertext
+    (from a backup, a snapshot): the mount must not decrypt it with the
+    other user's key.  The worker writes records as itself and links them
+    once, so a record of another uid is refused, read as EIO.  Before: the
+    copy read as the victim's plaintext (a helper's attack on root's shared
+    mount, 2026-12-07)."""
+    encrypt(mount, "victim")
+    secret = mount.mnt / "victim" / "secret"
+    secret.write_bytes(b"the victim's secret\n")
+    fd = os.open(secret, os.O_RDONLY)
+    os.fsync(fd)  # its ciphertext on disk, as in any copy of the backing store
+    os.close(fd)
+    victim = mount.backing / "victim"
+    (ciphertext,) = [p for p in victim.iterdir() if p.name != POLICY_RECORD]
+    home = mount.backing / "attacker"
+    forged = home / "forged"
+    forged.mkdir(parents=True)
+    shutil.copyfile(victim / POLICY_RECORD, forged / POLICY_RECORD)
+    shutil.copyfile(ciphertext, forged / ciphertext.name)
+    for path in (home, forged, forged / POLICY_RECORD, forged / ciphertext.name):
+        os.chown(path, OTHER, OTHER)
+    with pytest.raises(OSError) as caught:
+        (mount.mnt / "attacker" / "forged" / "secret").read_bytes()
+    assert caught.value.errno == errno.EIO
+    assert "not written by this mount" in mount.log()
+    assert secret.read_bytes() == b"the victim's secret\n"
 
 
 def test_planted_plain_directory_is_refused(mount: Mount) -> None:

@@ -61,9 +61,30 @@ ROOT_INODE = 1
 
 def read_policy(dir_fd: int) -> Policy | None:
     """The policy of a backing directory (a descriptor of it), None if it
-    is not encrypted.  A malformed record raises :class:`FormatError`."""
-    data = syscalls.read_small(dir_fd, POLICY_FILE_NAME, POLICY_PADDED_SIZE + 1)
-    return None if data is None else Policy.parse(data)
+    is not encrypted.  A malformed record raises :class:`FormatError`, and
+    so does one this mount cannot have written: the worker writes records
+    as itself and never links them twice, so one owned by another uid than
+    the worker's or root's, or with a second link, was put there through
+    the backing store.  A key reference is no secret (anyone who may list
+    the directory reads it), so on a shared mount a user who can write its
+    own part of the backing store would otherwise copy another user's
+    record into a directory of its own, and the mount, once that user's
+    key is in, would decrypt whatever ciphertext of theirs it copied there
+    (docs/security.md, actor 3)."""
+    try:
+        fd, st = syscalls.open_regular(dir_fd, POLICY_FILE_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1:
+            raise FormatError(
+                f"{POLICY_FILE_NAME} of uid {st.st_uid} with {st.st_nlink} link(s):"
+                " not written by this mount (planted in the backing store?)"
+            )
+        data = os.read(fd, POLICY_PADDED_SIZE + 1)
+    finally:
+        os.close(fd)
+    return Policy.parse(data)
 
 
 def _dir_fd_cap() -> int:

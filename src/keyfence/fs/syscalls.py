@@ -284,11 +284,14 @@ def read_small(dir_fd: int, name: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def write_new(dir_fd: int, name: str, data: bytes, *, replace: bool, sync: bool) -> None:
-    """Write a small file inside ``dir_fd`` (a policy record or a sidecar):
-    ``O_EXCL`` unless ``replace``; fdatasync'd if ``sync``."""
+def write_new(
+    dir_fd: int, name: str, data: bytes, *, replace: bool, sync: bool, mode: int = 0o644
+) -> None:
+    """Write a small file inside ``dir_fd`` (a policy record, a sidecar, a
+    protectors record with ``mode`` 0600): ``O_EXCL`` unless ``replace``;
+    fdatasync'd if ``sync``."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
-    fd, _st = open_regular(dir_fd, name, flags, 0o644)
+    fd, _st = open_regular(dir_fd, name, flags, mode)
     try:
         if replace:
             os.ftruncate(fd, 0)

@@ -356,9 +356,20 @@ def write_policy(dir_fd: int, policy: Policy, *, sync: bool = False) -> None:
 
 
 def read_protectors(d_fd: int) -> bytes:
-    data = sc.read_small(d_fd, PROTECTORS_FILE_NAME, MAX_PROTECTORS_SIZE + 1)
-    if data is None:
-        raise FUSEError(pyfuse3.ENOATTR)
+    """The directory's protectors record.  It is the owner's and root's
+    only (a login protector costs one scrypt per guess: docs/format.md
+    3.1), on the backing store too: one written readable to others (0644,
+    before 2026-12-07) is made 0600 as it is read."""
+    try:
+        fd, st = sc.open_regular(d_fd, PROTECTORS_FILE_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FUSEError(pyfuse3.ENOATTR) from None
+    try:
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+        data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
+    finally:
+        os.close(fd)
     try:
         Protectors.parse(data)
     except FormatError as err:
@@ -373,7 +384,7 @@ def write_protectors(d_fd: int, value: bytes) -> None:
     except FormatError as err:
         raise fail(errno.EINVAL, f"not a protectors record: {err}") from None
     tmp = f"{TEMP_NAME_PREFIX}{secrets.token_hex(8)}"
-    sc.write_new(d_fd, tmp, value, replace=False, sync=True)
+    sc.write_new(d_fd, tmp, value, replace=False, sync=True, mode=0o600)
     try:
         sc.rename_at(d_fd, tmp, d_fd, PROTECTORS_FILE_NAME)
     except OSError:
