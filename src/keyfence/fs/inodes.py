@@ -97,6 +97,7 @@ class Inode:
     """One inode the kernel knows."""
 
     __slots__ = (
+        "bad_names",
         "cipher",
         "contents",
         "disk_names",
@@ -134,6 +135,10 @@ class Inode:
         """Backing name -> plaintext name (while the key is bound)."""
         self.disk_names: dict[bytes, EncryptedName] = {}
         """Plaintext name -> backing name (while the key is bound)."""
+        self.bad_names: set[str] = set()
+        """Short backing names that failed authentication under the bound
+        key (planted: a name decrypts the same way every time), so a
+        listing does not try them again (while the key is bound)."""
         self.last_stat: os.stat_result | None = None
         """Non-directories whose last name went (unlink, rename over): their
         attributes then, with no links.  A fifo, socket, device or symlink
@@ -165,6 +170,7 @@ class Inode:
         self.cipher = None
         self.plain_names.clear()
         self.disk_names.clear()
+        self.bad_names.clear()
         return spent
 
     def remember_name(self, enc: EncryptedName, plain: bytes) -> None:

@@ -113,6 +113,9 @@ _PAGE_MASK = mmap.PAGESIZE - 1
 # behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
 # every `git status` or `make` more than a second after the last one.
 DEFAULT_ATTR_TIMEOUT = 10.0
+BAD_NAMES_KEPT = 100_000
+"""Names that failed authentication remembered per directory, at most
+(as many as ``Inode.plain_names`` keeps valid ones)."""
 _STAT_EXTRA = (
     "st_atime",
     "st_mtime",
@@ -321,24 +324,32 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         d.remember_name(enc, name)
         return enc
 
-    def _decode(self, d: Inode, master: MasterKey, d_fd: int, disk: str) -> bytes | None:
+    def _decode(
+        self, d: Inode, master: MasterKey, d_fd: int, disk: str, failed: list[str]
+    ) -> bytes | None:
+        """The plaintext of a listed backing name; None for a name that is
+        not an entry's, or that fails authentication (appended to
+        ``failed``, for one log line per listing: a directory of planted
+        names must cost neither a line each nor, listed again, the work)."""
         plain = d.plain_names.get(disk)
         if plain is not None:
             return plain
-        if is_hidden_name(disk) or disk.startswith(TEMP_NAME_PREFIX):
+        if is_hidden_name(disk) or disk.startswith(TEMP_NAME_PREFIX) or disk in d.bad_names:
             return None
         sidecar: bytes | None = None
         if is_long_name(disk):
             sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
             if sidecar is None:
-                log.error("%s/%s: long name without its sidecar", self.log_label(d.ino), disk)
+                failed.append(f"{disk} (no sidecar)")
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
         except FormatError:
             return None
-        except IntegrityError as err:
-            log.error("%s/%s: %s", self.log_label(d.ino), disk, err.strerror)  # disk: ciphertext
+        except IntegrityError:
+            failed.append(disk)  # ciphertext, not a name
+            if sidecar is None and len(d.bad_names) < BAD_NAMES_KEPT:
+                d.bad_names.add(disk)
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
@@ -1525,10 +1536,18 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             return [(n.encode("ascii"), n) for n in listed], True
         out: list[tuple[bytes, str]] = []
         d_fd = self.table.dir_fd(d.ino)
+        failed: list[str] = []
         for n in names:
-            plain = self._decode(d, master, d_fd, n)
+            plain = self._decode(d, master, d_fd, n, failed)
             if plain is not None:
                 out.append((plain, n))
+        if failed:
+            log.error(
+                "%s: %d backing name(s) failed authentication, left out (first: %s)",
+                self.log_label(d.ino),
+                len(failed),
+                failed[0],
+            )
         return out, False
 
     @fuse_op
