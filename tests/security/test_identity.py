@@ -169,7 +169,32 @@ def test_a_planted_key_fenced_by_its_owners_own_removal_holds_neither_roots_clea
     _planted_key_holds_neither_roots_clear_nor_its_logout(REVOKING_PLANTER)
 
 
-def _planted_key_holds_neither_roots_clear_nor_its_logout(planter_code: str) -> None:
+RING_PLANTER = PLANTER.replace(
+    """key = c.add_key("user", "planted", b"x", -3)  # into root's @s, inherited""",
+    """ring = c.add_key("keyring", "theirs", None, -3)  # its own, in root's @s\n"""
+    "c.setperm(ring, 0x3F3F0000)\n"
+    'key = c.add_key("user", "planted", b"x", ring)',
+)
+
+
+@pytest.mark.parametrize("command", ["keyctl purge user", "keyctl unlink $(cat {work}/planted)"])
+def test_a_planted_keyring_with_a_silent_watcher_holds_neither_roots_purge_nor_unlink(
+    command: str,
+) -> None:
+    """A helper's attack run (2026-12-07): the planter's key sits in a
+    keyring of its own inside root's @s.  Root's ``purge`` or ``unlink``
+    cuts it from that keyring, which the planter owns: a removal by root
+    counted the owner of the keyring cut from as patient, so the silent
+    watcher held root's command without bound (59.8 s, until the planter
+    exited; the kernel answers at once).  Now root's removal waits for
+    a user's watcher FOREIGN_WATCHER_SECONDS at most (the login hook clears
+    a user's @s as that user instead).  Failed before: past the test's 90 s."""
+    _planted_key_holds_neither_roots_clear_nor_its_logout(RING_PLANTER, command)
+
+
+def _planted_key_holds_neither_roots_clear_nor_its_logout(
+    planter_code: str, command: str = "keyctl clear @s"
+) -> None:
     if (reason := users.why_no_other_uids()) is not None:
         pytest.skip(reason)
     from keyfence.client import Client
@@ -191,7 +216,7 @@ def _planted_key_holds_neither_roots_clear_nor_its_logout(planter_code: str) -> 
             {planter.replace("$PLANTER", '"$PLANTER"')} </dev/null >{work}/planter.log 2>&1 &
             echo $! > {work}/planter
             while [ ! -s {work}/planted ]; do sleep 0.05; done
-            keyctl clear @s && echo cleared
+            {command.format(work=work)} >/dev/null && echo cleared
             keyctl add user again v @s > {work}/again
         """
         env = users.environment(
@@ -228,3 +253,75 @@ def _planted_key_holds_neither_roots_clear_nor_its_logout(planter_code: str) -> 
                 pid = int(f.read() or 0)
             if pid:
                 subprocess.run(["kill", str(pid)], check=False)
+
+
+LOGOUT_UID = 4644
+
+LOGOUT_HOOK = textwrap.dedent(
+    r"""
+    import os, subprocess, sys, time
+    from keyfence.cli import pam
+    from keyfence.cli.login_setup import LoginUser
+    from keyfence.client import Client
+    work, uid, watcher = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    c = Client.connect()
+    ring = c.join_session_keyring(None)  # as open_session: a new @s, the user's
+    c.chown(ring, uid, uid)
+    key = c.add_key("user", "home", b"v", -3)
+    c.chown(key, uid, uid)
+    child = subprocess.Popen(watcher)  # the user's mount worker, as it were
+    while not os.path.exists(os.path.join(work, "watching")):
+        time.sleep(0.05)
+    start = time.monotonic()
+    pam._clear_as(LoginUser("kf-nobody", uid, uid, "/"), 60)
+    took = time.monotonic() - start
+    print(f"{took:.1f}", os.path.exists(os.path.join(work, "flushed")), c.list_keyring(ring))
+    child.kill()
+    """
+)
+
+SLOW_WATCHER = textwrap.dedent(
+    r"""
+    import os, sys, time
+    from keyfence.client import Client
+    work = sys.argv[1]
+    c = Client.connect()
+    key = c.search(-3, "user", "home")
+
+    def flush(note):
+        time.sleep(7)  # longer than a foreign watcher's bound
+        open(os.path.join(work, "flushed"), "w").close()
+
+    c.watch(key, flush, sync=True, name="flushing a user's mount")
+    open(os.path.join(work, "watching"), "w").close()
+    time.sleep(600)
+    """
+)
+
+
+def test_logout_waits_for_the_users_own_watcher_past_the_foreign_bound() -> None:
+    """The login hook's close_session clears the user's @s with the user's
+    ids switched in (as pam_keyinit revokes it), so the user's own watcher
+    -- a mount of theirs, writing back -- is waited for without bound:
+    root's own removal would give it FOREIGN_WATCHER_SECONDS (5 s) and go
+    on without it.  Here it takes 7 s, and the clear returns after it."""
+    if (reason := users.why_no_other_uids()) is not None:
+        pytest.skip(reason)
+    from keyfence.testing.daemon import running_daemon
+
+    with running_daemon("--system") as daemon, tempfile.TemporaryDirectory(prefix="kfout-") as work:
+        os.chmod(work, 0o777)
+        os.chmod(os.path.dirname(daemon.socket), 0o755)
+        watcher = users.as_uid(LOGOUT_UID, users.python_argv("-c", SLOW_WATCHER, work))
+        env = users.environment(KEYFENCE_SOCKET=daemon.socket, KEYFENCE_NO_AUTOSTART="1")
+        done = subprocess.run(
+            [*users.python_argv("-c", LOGOUT_HOOK, work, str(LOGOUT_UID)), *watcher],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        took, flushed, left = done.stdout.split(maxsplit=2)
+        assert (flushed, left) == ("True", "[]\n"), done.stderr
+        assert float(took) >= 6.5, done.stdout

@@ -235,7 +235,7 @@ def _close_session(
     start = time.monotonic()
     try:
         keys = client.list_keyring(KEY_SPEC_SESSION_KEYRING)
-        client.clear(KEY_SPEC_SESSION_KEYRING, timeout=timeout)
+        _clear_as(user, timeout)
         log(
             f"{user.name}: session keyring cleared ({len(keys)} keys) in "
             f"{time.monotonic() - start:.2f} s; everything written is on disk"
@@ -259,6 +259,50 @@ def _close_session(
             if ring is not None:
                 client.invalidate(ring)
     return status
+
+
+def _clear_as(user: LoginUser, timeout: float) -> None:
+    """``clear @s`` with the user's ids switched in, as pam_keyinit revokes
+    the session keyring (``change_uid``): the removal is the user's own, so
+    the user's own watchers (a mount of theirs, flushing) are waited for
+    without bound -- for a removal of root's they would be foreign, as a
+    user's watcher on something root removes must be (docs/security.md,
+    "Who a synchronous watcher may hold up").  A child process switches;
+    it inherits this process's ``@s`` and connects to the same daemon.
+    KeyfenceError with the child's errno and words if it fails."""
+    from keyfence import paths
+
+    path = paths.locate(None).path
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        code, text = 0, ""
+        try:
+            os.close(read_end)
+            os.setgroups(os.getgrouplist(user.name, user.gid))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            with Client.connect(path, autostart=False, name="keyfence-pam") as mine:
+                mine.clear(KEY_SPEC_SESSION_KEYRING, timeout=timeout)
+        except KeyfenceError as err:
+            code, text = err.errno or errno.EIO, str(err.strerror or err)
+        except BaseException as err:  # reported, never raised in the child
+            code, text = errno.EIO, f"{type(err).__name__}: {err}"
+        with contextlib.suppress(OSError):
+            os.write(write_end, f"{code}\0{text}".encode(errors="replace")[:4096])
+        os._exit(0 if code == 0 else 1)
+    os.close(write_end)
+    try:
+        report = b""
+        while chunk := os.read(read_end, 4096):
+            report += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    code_text, _, text = report.decode(errors="replace").partition("\0")
+    code = int(code_text) if code_text.isdigit() else errno.EIO
+    if code:
+        raise KeyfenceError(code, text or "the session keyring was not cleared")
 
 
 def _rewrap(

@@ -317,18 +317,23 @@ class RemovalPath:
         """The uids whose watchers may hold ``removal`` up without bound.
 
         Patient are root's watchers (the service's own mount workers), the
-        caller's own uid's, and -- for a removal by root or by the service
-        (process exit, session end) -- those of the uid that owns what is
-        removed: the keyring cut from or released, the key revoked or
-        invalidated.  Everyone else is foreign (a bounded time, then the
-        removal goes on): a key planted in root's @s cannot hold root's
-        clear or root's logout hostage.
+        caller's own uid's, and -- for a removal by the service itself
+        (process exit, session end, expiry: nobody waits but the service)
+        -- those of the uid that owns what is removed: the keyring cut from
+        or released, the key revoked or invalidated.  Everyone else is
+        foreign (a bounded time, then the removal goes on): a key or keyring
+        planted in root's @s cannot hold root's clear, unlink or purge, or
+        root's logout, hostage.  Root's removal of what a user owns is not
+        on that user's behalf (it was, until a hostile uid's own keyring in
+        root's @s held root's ``unlink`` and ``purge`` without bound): the
+        login hook clears a user's @s with the user's ids switched in, as
+        pam_keyinit does (keyfence.cli.pam).
         """
         caller = removal.caller
         patient = {0}
         if caller is not None:
             patient.add(caller.uid)
-        if caller is None or caller.is_admin:
+        if caller is None:
             patient.update(ring.uid for ring, _key in removal.unlinks)
             patient.update(key.uid for key in removal.releases)
             patient.update(key.uid for key in removal.kills)
