@@ -271,6 +271,7 @@ def _clear_as(user: LoginUser, timeout: float) -> None:
     it inherits this process's ``@s`` and connects to the same daemon.
     KeyfenceError with the child's errno and words if it fails."""
     from keyfence import paths
+    from keyfence.keys.secret import disable_core_dumps
 
     path = paths.locate(None).path
     read_end, write_end = os.pipe()
@@ -278,10 +279,15 @@ def _clear_as(user: LoginUser, timeout: float) -> None:
     if child == 0:  # pragma: no cover - the child reports through the pipe
         code, text = 0, ""
         try:
-            os.close(read_end)
+            # nothing of root's goes over: not its daemon connection (the
+            # user could ptrace this process where fs.suid_dumpable allows
+            # it), not the descriptors of the user's directories
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
             os.setgroups(os.getgrouplist(user.name, user.gid))
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
+            disable_core_dumps()
             with Client.connect(path, autostart=False, name="keyfence-pam") as mine:
                 mine.clear(KEY_SPEC_SESSION_KEYRING, timeout=timeout)
         except KeyfenceError as err:
