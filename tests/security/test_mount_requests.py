@@ -402,3 +402,40 @@ def test_an_owner_can_open_its_own_shut_directory_again(s: Scene) -> None:
         assert not (backing / "e").exists()
     finally:
         assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+
+
+def test_another_users_copy_of_a_mount_holds_neither_its_umount_nor_the_next_mount(
+    s: Scene,
+) -> None:
+    """Any user can copy the mount table into a namespace of its own
+    (``unshare -Urm``, unprivileged user namespaces); the copy of a victim's
+    FUSE mount keeps its superblock, so the worker never sees DESTROY.  The
+    victim's ``umount`` waited 60 s for the worker, failed ETIMEDOUT, the
+    worker kept the key, and a new mount there was refused EBUSY for as long
+    as the other user's process lived (a helper's attack run, 2026-12-07;
+    failed before).  Now the worker is told to write back and stop."""
+    if subprocess.run(["unshare", "-Urm", "true"], check=False).returncode != 0:
+        pytest.skip("no unprivileged user namespaces here")
+    backing = s.directory("pin-backing")
+    mnt = s.directory("pin-mnt")
+    assert s.keyfence(USER, "mount", str(backing), str(mnt)).returncode == 0
+    assert s.run(USER, f"echo kept > {mnt}/f").returncode == 0
+    pinner = subprocess.Popen(
+        users.as_uid(OTHER, ["unshare", "-Urm", "sleep", "120"]),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)  # its namespace made, with the copy in it
+        start = time.monotonic()
+        done = s.keyfence(USER, "umount", str(mnt), timeout=120)
+        took = time.monotonic() - start
+        assert done.returncode == 0, done.stderr
+        assert took < 20, took
+        again = s.keyfence(USER, "mount", str(backing), str(mnt))
+        assert again.returncode == 0, again.stderr
+        assert s.run(USER, f"cat {mnt}/f").stdout == "kept\n"
+        assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+    finally:
+        pinner.kill()
+        pinner.wait()

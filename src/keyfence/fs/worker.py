@@ -518,6 +518,12 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
     # while this process has one thread: no doubling of the descriptor
     # table inside a request later (keyfence/fdtable.py)
     fdtable.reserve(WORKER_DESCRIPTORS)
+    # SIGTERM asks a serving worker to write back and stop (_on_signals,
+    # which trio installs for the loop's life and then puts this back):
+    # one arriving before the loop or during the final write-back after it
+    # must not kill the worker with dirty pages (the daemon sends it after
+    # an unmount whose mount another namespace still holds: docs/fs.md)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,

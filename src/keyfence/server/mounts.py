@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -226,20 +227,38 @@ UNMOUNT_WAIT_MAX = 3600.0
 """However well a worker says it is doing, an unmount waits no longer."""
 
 
+PINNED_GRACE = 1.0
+"""Seconds an unmounted worker has to see the kernel's DESTROY before it is
+told to stop (SIGTERM): another mount namespace holding a copy of the mount
+(any user's ``unshare -Urm``) keeps the superblock, so none comes."""
+
+
 def _wait_for_write_back(mount: SupervisedMount, timeout: float) -> None:
     """Until the worker exits; ETIMEDOUT after ``timeout`` s in which what
     it reports (bytes left, phase) did not change -- a slow disk that keeps
     writing is waited for -- and after :data:`UNMOUNT_WAIT_MAX` in any case
-    (a worker is its user's: its reports cannot hold root's unmount)."""
+    (a worker is its user's: its reports cannot hold root's unmount).
+
+    The unmount here was not lazy, so nothing has a file of the mount open
+    in this namespace and the kernel holds no dirty page of it (a close
+    flushes them); if the worker has not stopped after
+    :data:`PINNED_GRACE`, a copy of the mount in another namespace keeps
+    its connection: SIGTERM makes it write back and exit, which ends the
+    copy too (ENOTCONN there).  A worker already writing back ignores it."""
     figures = ("dirty_bytes", "phase")
     last = [mount.stats.get(name) for name in figures]
     start = quiet_since = time.monotonic()
+    told = False
     while True:
         try:
             mount.process.wait(0.25)
             return
         except subprocess.TimeoutExpired:
             pass
+        if not told and time.monotonic() - start > PINNED_GRACE:
+            told = True
+            with contextlib.suppress(OSError):
+                mount.process.send_signal(signal.SIGTERM)
         now = [mount.stats.get(name) for name in figures]
         if now != last:
             last, quiet_since = now, time.monotonic()
