@@ -146,6 +146,26 @@ def test_pamtester_steps(login_setup: LoginSetup) -> None:
     assert "not the one open_session made; left alone" in s.pam_log_text()
 
 
+def test_an_authentication_no_session_followed_unlocks_no_later_session(
+    login_setup: LoginSetup,
+) -> None:
+    """A helper's attack run (2026-12-07): ``authenticate`` alone (an ssh
+    login aborted after the password, an auth-only ``sudo``) stashed the
+    key, and a later session that gave no password (an ssh key login) found
+    it and unlocked the home; the key stayed in root's keyring.  Now a
+    stash is this application's (or, with no session open, dropped), and
+    an auth-only one expires (AUTH_STASH_SECONDS)."""
+    s = login_setup
+    alone = s.pamtester("authenticate", stdin=s.password + "\n")
+    assert alone.returncode == 0, alone.stderr
+    later = s.pamtester("open_session", "close_session", stdin="")
+    assert later.returncode == 0, later.stderr
+    log = s.pam_log_text()
+    assert "ready to unlock" in log
+    assert "unlocked (key" not in log, log
+    assert "a stash no session used was dropped" in log
+
+
 def test_login_add_refuses_a_directory_outside_a_mount(login_setup: LoginSetup) -> None:
     s = login_setup
     plain = s.root / "plain"

@@ -177,12 +177,18 @@ def close_session_seconds(stderr: str) -> float | None:
 
 
 def _wrapper(root: Path, socket: str, config_dir: Path) -> Path:
-    """What pam_exec runs (it needs one absolute path): keyfence pam, as root."""
+    """What pam_exec runs (it needs one absolute path): keyfence pam, as root.
+
+    From ``/`` and with ``-P``: ``python -m`` puts the working directory
+    first on ``sys.path``, and pam_exec keeps the PAM application's (``su``
+    run from a user's directory), so a ``keyfence/`` package there ran as
+    root (a helper's attack run, 2026-12-07)."""
     path = root / "keyfence-pam"
     path.write_text(
         "#!/bin/sh\n"
         "export PYTHONDONTWRITEBYTECODE=1\n"
-        f"exec {sys.executable} -m keyfence.cli.main pam --socket '{socket}' "
+        "cd / || exit 1\n"
+        f"exec {sys.executable} -P -m keyfence.cli.main pam --socket '{socket}' "
         f"--config-dir '{config_dir}' --state-dir '{root / 'state'}' --timeout 120 --debug "
         '"$@"\n'
     )

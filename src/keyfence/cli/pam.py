@@ -39,6 +39,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
+import signal
 import sys
 import syslog
 import time
@@ -48,6 +50,7 @@ from keyfence.cli import dir_keys
 from keyfence.cli.login import lookup_user
 from keyfence.cli.login_setup import LoginUser
 from keyfence.cli.pam_dirs import LoginDir, login_protector, opened_login_dirs, why
+from keyfence.cli.terminal import shown
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs.format import FormatError
@@ -60,6 +63,10 @@ STASH_PERM = 0x3F3F0000
 DEFAULT_STATE_DIR = "/run/keyfence/pam"
 MAX_AUTHTOK = 8192
 DEFAULT_CLOSE_TIMEOUT = 60.0
+AUTH_STASH_SECONDS = 300
+"""How long keys a password authentication stashed wait for a session."""
+CLEAR_MARGIN = 10.0
+"""Seconds past ``--timeout`` the logout waits for its clearing child."""
 
 
 class _Log:
@@ -68,6 +75,9 @@ class _Log:
         self.service = service
 
     def __call__(self, message: str, *, error: bool = False) -> None:
+        # paths and file names in it are a user's: one line, no escapes
+        # (a newline in a listed directory's name forged a second line)
+        message = shown(message)
         syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_NOTICE, message)
         print(f"keyfence pam: {message}", file=sys.stderr, flush=True)
 
@@ -114,11 +124,24 @@ def _stashed_keys(client: Client, user: LoginUser) -> dict[str, bytes]:
 
 
 def do_auth(
-    client: Client, user: LoginUser, config_dir: str | None, log: _Log, *, rewrap: bool
+    client: Client,
+    user: LoginUser,
+    config_dir: str | None,
+    log: _Log,
+    *,
+    rewrap: bool,
+    state_dir: str = DEFAULT_STATE_DIR,
 ) -> int:
     """Unwrap into the stash.  With ``rewrap`` (the line runs only after the
     password was verified), a password the protector does not know while
-    the stash holds the key means the password was changed: re-wrap."""
+    the stash holds the key means the password was changed: re-wrap.
+
+    The stash is for this PAM application's own session: it is stamped
+    with the application (``auth.UID``), and while the user has no session
+    open it expires after :data:`AUTH_STASH_SECONDS` -- an authentication
+    that no session follows (an aborted ssh login, ``sudo``) must leave
+    neither the key in root's keyring nor an unlock for a later session
+    that did not give the password (an ssh key login)."""
     authtok = _read_authtok()
     stashed = _stashed_keys(client, user) if rewrap else {}
     unlocked = 0
@@ -138,6 +161,11 @@ def do_auth(
             unlocked += 1
     if unlocked:
         log(f"{user.name}: {unlocked} director{'y' if unlocked == 1 else 'ies'} ready to unlock")
+        _stamp_auth(state_dir, user)
+        with _session_count(state_dir, user) as count:
+            ring = _stash(client, user, create=False)
+            if ring is not None and count(0) == 0:
+                client.set_timeout(ring, AUTH_STASH_SECONDS)
     return 0
 
 
@@ -179,8 +207,20 @@ def do_open_session(
     # handover: session_to_parent wants the caller's own keyring)
     client.chown(ring, user.uid, user.gid)
     _remember_session(state_dir, ring)
-    stashed = _stashed_keys(client, user)
+    ours = _take_auth_stamp(state_dir, user)
     with _session_count(state_dir, user) as count:
+        stash = _stash(client, user, create=False)
+        if count(0) == 0 and not ours:
+            # no session open and no password given to this application:
+            # what an earlier authentication left is not this login's
+            stashed: dict[str, bytes] = {}
+            if stash is not None:
+                client.invalidate(stash)
+                log(f"{user.name}: a stash no session used was dropped")
+        else:
+            stashed = _stashed_keys(client, user)
+            if stash is not None:
+                client.set_timeout(stash, 0)  # held by the sessions now
         count(+1)
     with opened_login_dirs(user, config_dir, log) as dirs:
         for d in dirs:
@@ -241,12 +281,19 @@ def _close_session(
             f"{time.monotonic() - start:.2f} s; everything written is on disk"
         )
     except KeyfenceError as err:
-        log(
-            f"{user.name}: logout could not lock in {timeout:g} s, keys left in place: "
-            f"{err.strerror or err}",
-            error=True,
-        )
-        status = 1
+        try:
+            left = client.list_keyring(KEY_SPEC_SESSION_KEYRING)
+        except KeyfenceError:
+            left = keys
+        if left:
+            log(
+                f"{user.name}: logout could not lock in {timeout:g} s, keys left in place: "
+                f"{err.strerror or err}",
+                error=True,
+            )
+            status = 1
+        else:  # the clear went through; what failed came after it
+            log(f"{user.name}: session keyring cleared ({len(keys)} keys); {err.strerror or err}")
     for d in dirs:
         with contextlib.suppress(OSError, ValueError, KeyfenceError):
             files = dir_keys.status_of(d.fd).get("busy_files") or []
@@ -298,10 +345,22 @@ def _clear_as(user: LoginUser, timeout: float) -> None:
             os.write(write_end, f"{code}\0{text}".encode(errors="replace")[:4096])
         os._exit(0 if code == 0 else 1)
     os.close(write_end)
+    # the child has the user's uid, so the user may stop it (SIGSTOP): the
+    # wait is bounded, and then root ends it
+    deadline = time.monotonic() + timeout + CLEAR_MARGIN
+    report = b""
     try:
-        report = b""
-        while chunk := os.read(read_end, 4096):
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([read_end], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
             report += chunk
+        else:
+            os.kill(child, signal.SIGKILL)
+            report = f"{errno.ETIMEDOUT}\0the clearing process did not finish".encode()
     finally:
         os.close(read_end)
         os.waitpid(child, 0)
@@ -367,16 +426,50 @@ def _rewrap_for_chauthtok(
     return 0
 
 
-def _parent_key() -> str:
-    """Our parent (the PAM application), named by pid and start time."""
-    ppid = os.getppid()
+def _parent_key(pid: int | None = None) -> str:
+    """Our parent (the PAM application), named by pid and start time; or
+    the process ``pid`` so named."""
+    return _process_key(os.getppid() if pid is None else pid)[0]
+
+
+def _process_key(pid: int) -> tuple[str, int]:
+    """(``pid.start``, its parent's pid) of a process; start 0 if gone."""
     try:
-        with open(f"/proc/{ppid}/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        start = stat[stat.rindex(b")") + 2 :].split()[19].decode()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return f"{pid}.{fields[19].decode()}", int(fields[1])
     except (OSError, ValueError, IndexError):
-        start = "0"
-    return f"{ppid}.{start}"
+        return f"{pid}.0", 0
+
+
+def _stamp_auth(state_dir: str, user: LoginUser) -> None:
+    """This PAM application gave the user's password (auth.UID): it, and
+    its parent -- sshd authenticates in a child of the connection's
+    process, which then opens the session."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, f"auth.{user.uid}")
+    application, above = _process_key(os.getppid())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{application} {_parent_key(above)}".encode())
+    finally:
+        os.close(fd)
+
+
+def _take_auth_stamp(state_dir: str, user: LoginUser) -> bool:
+    """Whether this PAM application gave the password (the stamp is used up)."""
+    path = os.path.join(state_dir, f"auth.{user.uid}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return _parent_key() in os.read(fd, 128).decode(errors="replace").split()
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _remember_session(state_dir: str, ring: int) -> None:
@@ -440,7 +533,14 @@ def run(args: argparse.Namespace) -> int:
         user = lookup_user(os.environ.get("PAM_USER", ""))
         with Client.connect(autostart=False, name="keyfence-pam") as client:
             if pam_type == "auth":
-                status = do_auth(client, user, args.config_dir, log, rewrap=args.rewrap_on_auth)
+                status = do_auth(
+                    client,
+                    user,
+                    args.config_dir,
+                    log,
+                    rewrap=args.rewrap_on_auth,
+                    state_dir=args.state_dir,
+                )
             elif pam_type == "open_session":
                 status = do_open_session(client, user, args.config_dir, args.state_dir, log)
             elif pam_type == "close_session":
