@@ -6,6 +6,7 @@ socket, real FUSE mounts.  Each test failed on the code before the fix.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -439,3 +440,62 @@ def test_another_users_copy_of_a_mount_holds_neither_its_umount_nor_the_next_mou
     finally:
         pinner.kill()
         pinner.wait()
+
+
+def test_requests_for_one_directory_at_once_make_one_mount(s: Scene) -> None:
+    """The EBUSY check and the mount's record were two holds of the lock:
+    eight requests at once stacked six mounts and six workers on one
+    directory, one of them known to the daemon (the rest invisible to
+    ``status``, left dead after a shutdown).  A helper's attack run,
+    2026-12-07; failed 2 of 3 runs before (two and four mounts made)."""
+    backing = s.directory("race-backing")
+    mnt = s.directory("race-mnt")
+    racer = (
+        "import threading\n"
+        "from keyfence.client import Client\n"
+        "clients = [Client.connect(autostart=False) for _ in range(8)]\n"
+        "answers = []\n"
+        "def one(c):\n"
+        "    try:\n"
+        f"        c.mount({str(backing)!r}, {str(mnt)!r})\n"
+        "        answers.append('ok')\n"
+        "    except OSError as err:\n"
+        "        answers.append(str(err.errno))\n"
+        "threads = [threading.Thread(target=one, args=(c,)) for c in clients]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(' '.join(answers))\n"
+    )
+    script = s.root / "racer.py"
+    script.write_text(racer)
+    done = s.run(USER, f'"$KF_PYTHON" {script}')
+    answers = sorted(done.stdout.split())
+    # EBUSY while the first is starting; EACCES once it is up (root cannot
+    # look into a user's FUSE mount to check the path again)
+    assert answers.count("ok") == 1, done.stdout + done.stderr
+    assert set(answers) <= {"ok", str(errno.EBUSY), str(errno.EACCES)}, answers
+    assert [p for p, _dev, _o in fuse_mounts_under(s.root)] == [str(mnt)]
+    assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+
+
+def test_a_user_has_a_bounded_number_of_mounts_and_dirty_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each mount is a worker the daemon starts (outside the user's own
+    RLIMIT_NPROC and cgroup): a user may have USER_MOUNTS_MAX (here 2,
+    through the daemon's environment), and a dirty_limit of at most a
+    quarter of the machine's memory (100G made one worker 1.6 GB).  A
+    helper's attack run, 2026-12-07; failed before (no limit)."""
+    monkeypatch.setenv("KEYFENCE_USER_MOUNTS_MAX", "2")
+    with scene() as s:
+        made = []
+        for n in range(3):
+            backing, mnt = s.directory(f"b{n}"), s.directory(f"m{n}")
+            made.append((mnt, s.keyfence(USER, "mount", str(backing), str(mnt))))
+        assert [d.returncode for _m, d in made] == [0, 0, 1], [d.stderr for _m, d in made]
+        assert "too many keyfence mounts: a user may have 2" in made[2][1].stderr
+        huge = s.keyfence(USER, "mount", "-o", "dirty_limit=100000G", str(s.directory("b3")),
+                          str(s.directory("m3")))  # fmt: skip
+        assert huge.returncode == 1 and "a quarter of the machine's memory" in huge.stderr
+        for mnt, _d in made[:2]:
+            assert s.keyfence(USER, "umount", str(mnt)).returncode == 0

@@ -70,6 +70,7 @@ from keyfence.fs.fuse import kernel as fuse_kernel
 from keyfence.fs.fuse.mount import mount_by_name
 from keyfence.fs.fuse.session import Session, SessionOptions
 from keyfence.fs.keysource import DaemonKeySource, GoingAway, KeySource
+from keyfence.fs.log_budget import LogBudget
 from keyfence.fs.mount_stats import StatsReporter
 from keyfence.fs.ops import DEFAULT_ATTR_TIMEOUT, KeyfenceOperations, MountOptions
 from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THROUGH_BYTES
@@ -532,6 +533,8 @@ def main(argv: Sequence[str] | None = None, *, key_source: KeySource | None = No
     )
     if not args.debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(LogBudget())
     if not hardened:
         log.warning("could not make the worker non-dumpable")
     try:

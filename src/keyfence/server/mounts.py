@@ -227,6 +227,23 @@ UNMOUNT_WAIT_MAX = 3600.0
 """However well a worker says it is doing, an unmount waits no longer."""
 
 
+WORKER_LOGS_KEPT = 256
+"""Worker logs kept in ``worker-logs`` (the oldest of exited workers go)."""
+USER_MOUNTS_MAX = 64
+"""Live mounts a user (not root) may have at once: each is a worker
+process, started by the daemon and so outside the user's own RLIMIT_NPROC
+and cgroup (docs/security.md, "Worker privilege")."""
+
+
+def _user_mounts_max() -> int:
+    """:data:`USER_MOUNTS_MAX`, or ``$KEYFENCE_USER_MOUNTS_MAX`` (the
+    daemon's own environment: root's to set)."""
+    try:
+        return max(1, int(os.environ.get("KEYFENCE_USER_MOUNTS_MAX", USER_MOUNTS_MAX)))
+    except ValueError:
+        return USER_MOUNTS_MAX
+
+
 PINNED_GRACE = 1.0
 """Seconds an unmounted worker has to see the kernel's DESTROY before it is
 told to stop (SIGTERM): another mount namespace holding a copy of the mount
@@ -273,6 +290,9 @@ class MountSupervisor:
         self.daemon = daemon
         self._lock = threading.Lock()
         self._mounts: dict[str, SupervisedMount] = {}
+        self._claims: dict[tuple[str, Any], int] = {}
+        """(mount point, its id) -> uid, for requests between check and spawn."""
+        self.user_mounts_max = _user_mounts_max()
 
     # -- client operations
 
@@ -287,9 +307,20 @@ class MountSupervisor:
             )
         if opts.debug and caller.uid != 0:
             raise KeyfenceError(errno.EPERM, "debug: root's mounts only (it logs names)")
+        most = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        if caller.uid != 0 and (opts.dirty_limit or 0) > most:
+            # the worker's memory is charged to the daemon, not to the user
+            raise KeyfenceError(
+                errno.EINVAL,
+                f"dirty_limit: at most a quarter of the machine's memory ({most >> 20}M)",
+            )
         request = check_request(caller, backing, mountpoint, nonempty=opts.nonempty)
+        claim = (request.mountpoint, request.mountpoint_id)
         try:
             with self._lock:
+                # checked and claimed in one hold: two requests for one
+                # directory at once stacked two mounts, one of them untracked
+                owned = sum(1 for c in self._claims.values() if c == caller.uid)
                 for other in self._mounts.values():
                     live = other.state in ("starting", "mounted") or other.pinned_fd is not None
                     if live and (
@@ -299,7 +330,22 @@ class MountSupervisor:
                         raise KeyfenceError(
                             errno.EBUSY, f"{request.mountpoint} is already a keyfence mount"
                         )
-            mount = self._spawn(caller, request, opts.worker_args(), opts.allow_other)
+                    owned += live and other.owner == caller.uid
+                if any(c[0] == claim[0] or c[1] == claim[1] for c in self._claims):
+                    raise KeyfenceError(
+                        errno.EBUSY, f"{request.mountpoint} is already being mounted"
+                    )
+                if caller.uid != 0 and owned >= self.user_mounts_max:
+                    raise KeyfenceError(
+                        errno.EPERM,
+                        f"too many keyfence mounts: a user may have {self.user_mounts_max}",
+                    )
+                self._claims[claim] = caller.uid
+            try:
+                mount = self._spawn(caller, request, opts.worker_args(), opts.allow_other)
+            finally:
+                with self._lock:
+                    del self._claims[claim]
         finally:
             request.close()
         self._wait_ready(mount)
@@ -400,9 +446,33 @@ class MountSupervisor:
         return directory
 
     def _open_log(self) -> tuple[str, int]:
-        path = os.path.join(self._log_dir(), f"worker-{os.getpid()}-{time.time_ns()}.log")
+        directory = self._log_dir()
+        self._prune_logs(directory)
+        path = os.path.join(directory, f"worker-{os.getpid()}-{time.time_ns()}.log")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return path, os.open(path, flags, 0o600)
+
+    def _prune_logs(self, directory: str) -> None:
+        """Keep the newest :data:`WORKER_LOGS_KEPT` logs of workers that have
+        exited (each worker's own log is on a budget: fs/log_budget.py)."""
+        with self._lock:
+            live = {m.stderr_path for m in self._mounts.values() if m.process.poll() is None}
+        try:
+            names = [n for n in os.listdir(directory) if n.startswith("worker-")]
+        except OSError:
+            return
+        if len(names) < WORKER_LOGS_KEPT:
+            return
+        old = []
+        for name in names:
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                if path not in live:
+                    old.append((os.lstat(path).st_mtime_ns, path))
+        old.sort()
+        for _mtime, path in old[: max(0, len(names) - WORKER_LOGS_KEPT + 1)]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _wait_ready(self, mount: SupervisedMount) -> None:
         process = mount.process
