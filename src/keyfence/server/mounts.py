@@ -232,7 +232,7 @@ WORKER_LOGS_KEPT = 256
 USER_MOUNTS_MAX = 64
 """Live mounts a user (not root) may have at once: each is a worker
 process, started by the daemon and so outside the user's own RLIMIT_NPROC
-and cgroup (docs/security.md, "Worker privilege")."""
+and cgroup (docs/security.md, "Known gaps (mount requests and workers)")."""
 
 
 def _user_mounts_max() -> int:
