@@ -379,3 +379,27 @@ def test_a_handler_link_displacing_a_watched_key_is_fenced(
     assert svc.list_keyring(root, user_ring) == [key]
     if how == "instantiate":
         assert _payload(svc, key) == b"new"
+
+
+def test_a_handler_that_cannot_start_for_any_reason_negates_the_key(
+    svc: KeyService, root: Caller
+) -> None:
+    """Only OSError from the upcall was handled: any other exception (a
+    NUL in argv: ValueError) left the key under construction with nobody
+    to finish it, its requesters waiting and its quota held for ever
+    (failed before: the second request waited)."""
+
+    def upcall(construction) -> None:  # type: ignore[no-untyped-def]
+        raise ValueError("embedded null byte")
+
+    svc.request_key_upcall = upcall
+    with pytest.raises(ValueError):
+        svc.request_key(root, "user", "made", "callout")
+    answer: list[int] = []
+    again = threading.Thread(
+        target=lambda: answer.append(errno_of(svc.request_key, root, "user", "made", None)),
+        daemon=True,
+    )
+    again.start()
+    again.join(5)
+    assert answer == [errno.ENOKEY]  # the negative key the failed start left

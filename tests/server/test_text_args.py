@@ -88,6 +88,23 @@ def test_text_that_is_not_utf8_gets_an_answer(
     assert "Traceback" not in daemon.log_text()
 
 
+@pytest.mark.parametrize(("op", "place"), CASES)
+def test_a_nul_in_any_text_is_einval(
+    daemon: DaemonProcess, op: str, place: tuple[int, ...]
+) -> None:
+    """A C string ends at its NUL, so none reaches the kernel; here it
+    reached subprocess argv: request_key with one in its callout info (or
+    description) raised ValueError in the daemon, answered EIO, and left
+    the key under construction for ever, its quota held (a helper's attack
+    run, 2026-12-07; failed before, as did add_key, which stored it)."""
+    args = [list(a) if isinstance(a, list) else a for a in PLAUSIBLE[op]]
+    holder = args if len(place) == 1 else args[place[0]]
+    holder[place[-1]] = "a\0b"
+    answer = _call(daemon, op, args)
+    assert isinstance(answer, protocol.Error) and answer.errno == errno.EINVAL, answer
+    assert "Traceback" not in daemon.log_text()
+
+
 def test_a_description_that_is_not_utf8_round_trips(daemon: DaemonProcess) -> None:
     with Client.connect(daemon.socket, autostart=False) as c:
         ring = c.add_key("keyring", "ring\udcff", None, SESSION)

@@ -341,6 +341,12 @@ def _call_out(svc: ServiceInternals, construction: Construction) -> None:
     except OSError as err:
         handler_ended(svc, construction)
         raise fail(err.errno or errno.ENOKEY, str(err)) from None
+    except Exception:
+        # whatever stopped the handler starting, the key must not stay under
+        # construction with nobody to finish it (its quota held, its
+        # requesters waiting for ever)
+        handler_ended(svc, construction)
+        raise
 
 
 def _user_keyrings_error_locked(svc: ServiceInternals, caller: Caller) -> int:

@@ -93,6 +93,13 @@ class Op:
                 raise KeyfenceError(
                     errno.EINVAL, f"{self.name}: argument {index + 1} must be {names}"
                 )
+            texts = value if type(value) is list else (value,)
+            if any(type(t) is str and "\0" in t for t in texts):
+                # the kernel takes C strings: a NUL cannot reach it, and here
+                # it reached subprocess argv and os paths (ValueError)
+                raise KeyfenceError(
+                    errno.EINVAL, f"{self.name}: argument {index + 1} holds a NUL byte"
+                )
         if not self.removal:
             if (
                 request.timeout is not None
