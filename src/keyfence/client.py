@@ -23,6 +23,11 @@ from keyfence import paths, socket_trust, wire
 from keyfence.constants import *  # noqa: F403 - KEY_SPEC_*, KEY_POS_*, ...: keyutils' names
 from keyfence.errors import KeyfenceError
 
+_in_fence: Any = None
+"""A ``threading.local``: the removal whose ``"before"`` callback this
+thread runs (made with the first reader thread: threading costs start-up
+time).  Requests made from it carry ``fence`` (docs/protocol.md)."""
+
 TYPE_CHECKING = False  # typing costs a client 4 ms to import; mypy knows the name
 if TYPE_CHECKING:
     import queue
@@ -305,6 +310,9 @@ class Client:
             "emergency": emergency,
             "progress": progress is not None,
         }
+        inside = getattr(_in_fence, "removal", 0)
+        if inside:
+            request["fence"] = inside
         if self._cond is None:
             self._pending[request_id] = pending
             self._send_or_fail(request, request_id)
@@ -395,12 +403,18 @@ class Client:
     def _fence(self, watch: ClientWatch | None, note: RemoteNotification) -> None:
         code, message = 0, ""
         if watch is not None:
+            # a call the callback makes (on any connection) says it comes
+            # from inside this fence: a removal of the keys the fence holds
+            # is then EDEADLK at once, not a wait for this very callback
+            _in_fence.removal = note.removal
             try:
                 watch.callback(note)
             except OSError as err:
                 code, message = err.errno or errno.ECANCELED, err.strerror or str(err)
             except Exception as err:
                 code, message = errno.ECANCELED, f"{type(err).__name__}: {err}"
+            finally:
+                _in_fence.removal = 0
         try:  # noqa: SIM105 - contextlib costs start-up time
             self._send({"type": "ack", "seq": note._seq, "errno": code, "message": message})
         except OSError:
@@ -430,6 +444,10 @@ class Client:
     def _start_reader(self) -> None:
         """From now on a thread reads the socket (watches need one)."""
         import threading
+
+        global _in_fence
+        if _in_fence is None:
+            _in_fence = threading.local()
 
         if self._reader is not None:
             return

@@ -60,6 +60,11 @@ class Request(msgspec.Struct, tag="req", forbid_unknown_fields=True):
     emergency: bool = False
     progress: bool = False
     """For removals: send Status while watchers flush."""
+    fence: int = 0
+    """Sent from inside a synchronous watcher's callback for removal
+    ``fence``: a removal of the keys that fence holds is EDEADLK at once
+    (it would wait for the very callback that asks).  Claiming one only
+    makes the caller's own request fail sooner."""
 
 
 class Reply(msgspec.Struct, tag="reply", forbid_unknown_fields=True):

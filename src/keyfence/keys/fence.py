@@ -14,11 +14,12 @@ left; :class:`RemovalProgress` is a frozen snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
@@ -116,6 +117,22 @@ def current_fence() -> int:
     that is waiting for that very watcher: the service refuses it (EDEADLK).
     """
     return getattr(_local, "removal", 0)
+
+
+@contextlib.contextmanager
+def inside_fence(removal: int) -> Iterator[None]:
+    """Run as if inside a watcher of ``removal`` (0: as we are): a remote
+    watcher's callback calling back, as its request says (protocol
+    ``Request.fence``), so that :func:`current_fence` sees it."""
+    if not removal:
+        yield
+        return
+    previous = getattr(_local, "removal", 0)
+    _local.removal = removal
+    try:
+        yield
+    finally:
+        _local.removal = previous
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyfence import protocol
 from keyfence.keys.errors import KeyfenceError
+from keyfence.keys.fence import inside_fence
 from keyfence.keys.keyring_tree import keyring_members, keyring_tree
 from keyfence.keys.notify import KeyEvent
 
@@ -125,16 +126,17 @@ def _service(name: str, *, removal: bool = False) -> Handler:
 
     def call(conn: Connection, request: protocol.Request) -> Any:
         method: Callable[..., Any] = getattr(conn.daemon.service, name)
-        if not removal:
-            return method(conn.caller, *request.args)
-        progress = conn.progress_sender(request.id) if request.progress else None
-        return method(
-            conn.caller,
-            *request.args,
-            timeout=request.timeout,
-            emergency=request.emergency,
-            progress=progress,
-        )
+        with inside_fence(request.fence):
+            if not removal:
+                return method(conn.caller, *request.args)
+            progress = conn.progress_sender(request.id) if request.progress else None
+            return method(
+                conn.caller,
+                *request.args,
+                timeout=request.timeout,
+                emergency=request.emergency,
+                progress=progress,
+            )
 
     return call
 
