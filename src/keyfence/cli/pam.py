@@ -443,60 +443,53 @@ def _process_key(pid: int) -> tuple[str, int]:
         return f"{pid}.0", 0
 
 
+def _put_state(state_dir: str, name: str, text: str) -> None:
+    """Write ``name`` in the state directory (0600, never through a link)."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _take_state(state_dir: str, name: str) -> str | None:
+    """Read ``name`` from the state directory and forget it (None: none)."""
+    path = os.path.join(state_dir, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 128).decode(errors="replace")
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _stamp_auth(state_dir: str, user: LoginUser) -> None:
     """This PAM application gave the user's password (auth.UID): it, and
     its parent -- sshd authenticates in a child of the connection's
     process, which then opens the session."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, f"auth.{user.uid}")
     application, above = _process_key(os.getppid())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, f"{application} {_parent_key(above)}".encode())
-    finally:
-        os.close(fd)
+    _put_state(state_dir, f"auth.{user.uid}", f"{application} {_parent_key(above)}")
 
 
 def _take_auth_stamp(state_dir: str, user: LoginUser) -> bool:
     """Whether this PAM application gave the password (the stamp is used up)."""
-    path = os.path.join(state_dir, f"auth.{user.uid}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return _parent_key() in os.read(fd, 128).decode(errors="replace").split()
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    return _parent_key() in (_take_state(state_dir, f"auth.{user.uid}") or "").split()
 
 
 def _remember_session(state_dir: str, ring: int) -> None:
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, f"session.{_parent_key()}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, str(ring).encode())
-    finally:
-        os.close(fd)
+    _put_state(state_dir, f"session.{_parent_key()}", str(ring))
 
 
 def _remembered_session(state_dir: str) -> int | None:
     """The keyring open_session made for our parent (forgotten once read)."""
-    path = os.path.join(state_dir, f"session.{_parent_key()}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return int(os.read(fd, 32))
-    except ValueError:
-        return None
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    text = _take_state(state_dir, f"session.{_parent_key()}")
+    return int(text) if text is not None and text.isdigit() else None
 
 
 @contextlib.contextmanager
