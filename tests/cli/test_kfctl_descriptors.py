@@ -34,6 +34,7 @@ from keyfence import wire
 from keyfence.constants import KEY_SPEC_USER_KEYRING
 from keyfence.testing.daemon import DaemonProcess, running_daemon
 from keyfence.testing.warm import WarmServer, running_warm_server
+from tests.cli.test_kfctl import run_script
 
 KEYCTL = shutil.which("keyctl")
 UNSHARE = shutil.which("unshare")
@@ -58,17 +59,7 @@ def _normalize(text: str) -> str:
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path) -> str:
-    done = subprocess.run(
-        argv,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=120,
-        check=False,
-    )
-    return _normalize(done.stdout.decode(errors="replace")) + f"exit={done.returncode}\n"
+    return _normalize(run_script(argv, cwd, env))
 
 
 @pytest.fixture(scope="module")
