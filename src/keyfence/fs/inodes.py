@@ -71,20 +71,18 @@ def read_policy(dir_fd: int) -> Policy | None:
     record into a directory of its own, and the mount, once that user's
     key is in, would decrypt whatever ciphertext of theirs it copied there
     (docs/security.md, actor 3)."""
-    try:
-        fd, st = syscalls.open_regular(dir_fd, POLICY_FILE_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        if st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1:
-            raise FormatError(
-                f"{POLICY_FILE_NAME} of uid {st.st_uid} with {st.st_nlink} link(s):"
-                " not written by this mount (planted in the backing store?)"
-            )
-        data = os.read(fd, POLICY_PADDED_SIZE + 1)
-    finally:
-        os.close(fd)
-    return Policy.parse(data)
+    data = syscalls.read_small(
+        dir_fd, POLICY_FILE_NAME, POLICY_PADDED_SIZE + 1, inspect=_written_by_this_mount
+    )
+    return None if data is None else Policy.parse(data)
+
+
+def _written_by_this_mount(fd: int, st: os.stat_result) -> None:
+    if st.st_uid not in (0, os.geteuid()) or st.st_nlink != 1:
+        raise FormatError(
+            f"{POLICY_FILE_NAME} of uid {st.st_uid} with {st.st_nlink} link(s):"
+            " not written by this mount (planted in the backing store?)"
+        )
 
 
 def _dir_fd_cap() -> int:

@@ -41,6 +41,7 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Callable
 from types import ModuleType
 
 from keyfence.fs.sealer import load_native
@@ -271,14 +272,23 @@ def create_regular(dir_fd: int, name: str, flags: int, mode: int) -> tuple[int, 
         raise
 
 
-def read_small(dir_fd: int, name: str, limit: int) -> bytes | None:
+def read_small(
+    dir_fd: int,
+    name: str,
+    limit: int,
+    inspect: Callable[[int, os.stat_result], None] | None = None,
+) -> bytes | None:
     """Up to ``limit`` bytes of a small regular file (a policy record, a
-    long-name sidecar), None if there is no such entry."""
+    long-name sidecar), None if there is no such entry.  ``inspect`` is
+    given the open descriptor and its stat before the read (it may refuse
+    by raising)."""
     try:
-        fd, _st = open_regular(dir_fd, name, os.O_RDONLY)
+        fd, st = open_regular(dir_fd, name, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
+        if inspect is not None:
+            inspect(fd, st)
         return os.read(fd, limit)
     finally:
         os.close(fd)

@@ -360,21 +360,19 @@ def read_protectors(d_fd: int) -> bytes:
     only (a login protector costs one scrypt per guess: docs/format.md
     3.1), on the backing store too: one written readable to others (0644,
     before 2026-12-07) is made 0600 as it is read."""
-    try:
-        fd, st = sc.open_regular(d_fd, PROTECTORS_FILE_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        raise FUSEError(pyfuse3.ENOATTR) from None
-    try:
-        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-            os.fchmod(fd, 0o600)
-        data = os.read(fd, MAX_PROTECTORS_SIZE + 1)
-    finally:
-        os.close(fd)
+    data = sc.read_small(d_fd, PROTECTORS_FILE_NAME, MAX_PROTECTORS_SIZE + 1, inspect=_owner_only)
+    if data is None:
+        raise FUSEError(pyfuse3.ENOATTR)
     try:
         Protectors.parse(data)
     except FormatError as err:
         raise fail(errno.EIO, f"{PROTECTORS_FILE_NAME}: {err}") from None
     return data
+
+
+def _owner_only(fd: int, st: os.stat_result) -> None:
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.fchmod(fd, 0o600)
 
 
 def write_protectors(d_fd: int, value: bytes) -> None:
