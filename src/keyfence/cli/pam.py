@@ -145,6 +145,7 @@ def do_auth(
     authtok = _read_authtok()
     stashed = _stashed_keys(client, user) if rewrap else {}
     unlocked = 0
+    ring: int | None = None
     with opened_login_dirs(user, config_dir, log) as dirs:
         for d in dirs:
             try:
@@ -163,7 +164,6 @@ def do_auth(
         log(f"{user.name}: {unlocked} director{'y' if unlocked == 1 else 'ies'} ready to unlock")
         _stamp_auth(state_dir, user)
         with _session_count(state_dir, user) as count:
-            ring = _stash(client, user, create=False)
             if ring is not None and count(0) == 0:
                 client.set_timeout(ring, AUTH_STASH_SECONDS)
     return 0
@@ -426,10 +426,9 @@ def _rewrap_for_chauthtok(
     return 0
 
 
-def _parent_key(pid: int | None = None) -> str:
-    """Our parent (the PAM application), named by pid and start time; or
-    the process ``pid`` so named."""
-    return _process_key(os.getppid() if pid is None else pid)[0]
+def _parent_key() -> str:
+    """Our parent (the PAM application), named by pid and start time."""
+    return _process_key(os.getppid())[0]
 
 
 def _process_key(pid: int) -> tuple[str, int]:
@@ -474,7 +473,7 @@ def _stamp_auth(state_dir: str, user: LoginUser) -> None:
     its parent -- sshd authenticates in a child of the connection's
     process, which then opens the session."""
     application, above = _process_key(os.getppid())
-    _put_state(state_dir, f"auth.{user.uid}", f"{application} {_parent_key(above)}")
+    _put_state(state_dir, f"auth.{user.uid}", f"{application} {_process_key(above)[0]}")
 
 
 def _take_auth_stamp(state_dir: str, user: LoginUser) -> bool:
