@@ -28,6 +28,17 @@ from tests.fs.test_daemon_mount import (
 __all__ = ["mounted"]
 
 
+def _with_protectors(mounted: tuple[DaemonProcess, Path, Path], name: str) -> tuple[Path, Path]:
+    """A directory ``name`` of the mount that ``e4crypt add_key`` encrypted
+    (its salt stored): it, and its protectors record in the backing store."""
+    daemon, backing, mnt = mounted
+    home = mnt / name
+    home.mkdir()
+    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
+    assert made.returncode == 0, made.stderr
+    return home, backing / name / ".keyfence-protectors"
+
+
 def login_env(daemon: DaemonProcess) -> dict[str, str]:
     return dict(daemon.env, PATH=f"{BIN}:{os.environ['PATH']}")
 
@@ -72,12 +83,8 @@ def test_the_protectors_record_is_the_owners_alone_in_the_backing_store(
     search the backing directory read it and guessed the password offline
     (a helper's attack, 2026-12-07; failed before).  Now 0600, and an old
     0644 one is made 0600 when it is next read."""
-    daemon, backing, mnt = mounted
-    home = mnt / "guarded"
-    home.mkdir()
-    made = session_sh(daemon, f"keyfence e4crypt add_key {home}", stdin=PASSPHRASE)
-    assert made.returncode == 0, made.stderr
-    record = backing / "guarded" / ".keyfence-protectors"
+    daemon, _backing, _mnt = mounted
+    home, record = _with_protectors(mounted, "guarded")
     assert record.stat().st_mode & 0o777 == 0o600
     record.chmod(0o644)  # as written before
     status = session_sh(daemon, f"keyfence status {home}")
@@ -189,12 +196,8 @@ def test_incompletely_locked_until_the_file_closes(
 def test_a_hostile_protectors_file_is_a_clear_error(
     mounted: tuple[DaemonProcess, Path, Path],
 ) -> None:
-    daemon, backing, mnt = mounted
-    home = mnt / "h"
-    home.mkdir()
-    made = session_sh(daemon, f"keyfence e4crypt add_key {home} >/dev/null", stdin=PASSPHRASE)
-    assert made.returncode == 0, made.stderr
-    record = backing / "h" / ".keyfence-protectors"
+    daemon, _backing, _mnt = mounted
+    home, record = _with_protectors(mounted, "h")
     for hostile in (b"KFR1\x01\x00\x00\x05garbage", b"x" * 100_000):
         record.write_bytes(hostile)
         done = session_sh(daemon, f"keyfence unlock {home}", stdin=PASSPHRASE)
