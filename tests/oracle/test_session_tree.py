@@ -340,3 +340,64 @@ def test_an_exec_is_seen_for_another_uid_under_the_units_capabilities() -> None:
         as_user = ["setpriv", "--reuid=4652", "--regid=4652", "--clear-groups"]
         done = _exec_probe(as_user, "ours", dict(daemon.env, HOME="/"))
     assert (done.stdout, done.returncode) == (EXEC_EXPECTED, 0), done.stderr
+
+
+# Run in a session of its own (``keyctl session -``), the main thread adds
+# a key and leaves by pthread_exit(); another thread looks for it later.
+LEADER_EXIT_PROGRAM = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void *later(void *arg) {
+    (void)arg;
+    usleep(1500000); /* several lifetime checks with the leader a zombie */
+    system("keyctl search @s user marker >/dev/null 2>&1 && echo found || echo missing");
+    exit(0);
+}
+int main(void) {
+    pthread_t t;
+    if (system("keyctl add user marker v @s >/dev/null") != 0)
+        return 1;
+    pthread_create(&t, NULL, later, NULL);
+    pthread_exit(NULL);
+}
+"""
+
+
+def test_a_process_whose_main_thread_exited_keeps_its_session_keyring(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """/proc shows a leader that left by pthread_exit() as a zombie while
+    its other threads run; the kernel keeps the process's keyrings (the
+    threads' credentials hold them).  Before: keyfence counted the zombie
+    leader as gone and ended its session keyring, key and all."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if KEYCTL is None or UNSHARE is None or compiler is None:
+        pytest.skip("keyctl, unshare or a C compiler is missing")
+    program = tmp_path / "leader_exit"
+    source = tmp_path / "leader_exit.c"
+    source.write_text(LEADER_EXIT_PROGRAM)
+    subprocess.run([compiler, "-pthread", "-o", str(program), str(source)], check=True)
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    shim = shim_dir / "keyctl"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m keyfence.cli.kfctl "$@"\n')
+    shim.chmod(0o755)
+    path = f"{shim_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    kernel = subprocess.run(
+        [UNSHARE, "--user", "--map-root-user", KEYCTL, "session", "-", str(program)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ours = subprocess.run(
+        [str(shim), "session", "-", str(program)],
+        env=dict(daemon.env, PATH=path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (kernel.stdout, kernel.returncode) == ("found\n", 0), kernel.stderr
+    assert (ours.stdout, ours.returncode) == ("found\n", 0), ours.stderr

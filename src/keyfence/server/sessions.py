@@ -72,8 +72,10 @@ class ProcStat:
     @property
     def exited(self) -> bool:
         """A zombie: it has exited (and, as in the kernel's exit_creds(),
-        let go of its keyrings) but its parent has not reaped it yet."""
-        return self.state in ("Z", "X")
+        let go of its keyrings) but its parent has not reaped it yet.  A
+        leader whose main thread left by pthread_exit(3) shows Z too while
+        its other threads run: their credentials hold the keyrings."""
+        return self.state == "X" or (self.state == "Z" and self.threads <= 1)
 
     @property
     def process(self) -> ProcessId:
