@@ -36,6 +36,34 @@ def _refuse(code: int, text: str) -> KeyfenceError:
     return KeyfenceError(code, text)
 
 
+def uid_is_mapped(uid: int) -> bool:
+    """Whether our user namespace maps ``uid`` to a real uid.
+
+    In one that does not (``unshare -U`` with no map), every outside uid,
+    ours included, shows as the overflow uid (65534): an owner or a
+    ``SO_PEERCRED`` equal to ours then proves nothing, and another user's
+    socket would pass for our own."""
+    try:
+        with open("/proc/self/uid_map", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return uid != 65534  # no /proc: only the overflow uid is suspect
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3 and int(fields[0]) <= uid < int(fields[0]) + int(fields[2]):
+            return True
+    return False
+
+
+def _unmapped(uid: int, what: str) -> KeyfenceError:
+    return _refuse(
+        errno.EACCES,
+        f"refusing {what}: this user namespace does not map your uid (every other"
+        f" user shows as uid {uid} here, as you do), so who made it cannot be told;"
+        " map your uid (unshare --map-current-user) or run this outside the namespace",
+    )
+
+
 def check_private_dir(path: str, what: str = "keyfence socket directory") -> None:
     """``path`` is a directory of ours with mode 0700 (or stricter), not a
     symlink.  FileNotFoundError when it does not exist (the caller may then
@@ -46,6 +74,8 @@ def check_private_dir(path: str, what: str = "keyfence socket directory") -> Non
         raise _refuse(errno.ELOOP, f"refusing {what} {path}: it is a symlink")
     if not stat.S_ISDIR(st.st_mode):
         raise _refuse(errno.ENOTDIR, f"refusing {what} {path}: it is not a directory")
+    if st.st_uid == uid and not uid_is_mapped(uid):
+        raise _unmapped(uid, f"{what} {path}")
     if st.st_uid != uid:
         raise _refuse(
             errno.EACCES,
@@ -101,6 +131,8 @@ def prepare_bind_dir(directory: str, *, private: bool) -> None:
         raise _refuse(errno.ENOTDIR, f"{where}: it is not a directory")
     if st.st_uid not in (0, os.geteuid()):
         raise _refuse(errno.EACCES, f"{where}: it belongs to uid {st.st_uid}")
+    if st.st_uid != 0 and not uid_is_mapped(st.st_uid):
+        raise _unmapped(st.st_uid, where)
     if st.st_mode & 0o022:
         mode = stat.S_IMODE(st.st_mode)
         raise _refuse(
@@ -132,7 +164,10 @@ def check_server(sock: _socket.socket, path: str, *, root_only: bool = False) ->
         ) from None
     allowed = (0,) if root_only else (0, me)
     if uid in allowed:
-        return
+        if uid == 0 or uid_is_mapped(uid):
+            return
+        sock.close()
+        raise _unmapped(uid, f"the keyfence socket {path}")
     sock.close()
     whom = "root" if root_only else f"you (uid {me}) or root"
     raise _refuse(

@@ -304,3 +304,53 @@ def test_system_socket_is_trusted_only_from_root(scratch: Path) -> None:
         code, output = run_victim(argv, victim_env(KEYFENCE_SYSTEM_SOCKET=str(sock)), stdin)
         assert_refused(fake, code, output, str(sock), f"uid {VICTIM}", "not as root")
         assert fake.connections == 1
+
+
+def _in_unmapped_namespace(argv: list[str]) -> list[str]:
+    """``argv`` in a user namespace of its own that maps no uid (``unshare
+    -U``): every outside uid, the victim's own included, shows as 65534."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is missing")
+    probe = subprocess.run(
+        users.as_uid(VICTIM, [unshare, "--user", "true"]), capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel refuses user namespaces to uid {VICTIM}")
+    return [unshare, "--user", *argv]
+
+
+def test_another_users_socket_is_refused_in_an_unmapped_user_namespace(scratch: Path) -> None:
+    """Inside ``unshare -U`` the attacker's server and the victim both show
+    as uid 65534.  Before: the client took that for "the server is me" and
+    sent the attacker its request, payload and all."""
+    attacker_dir = scratch / "attacker"
+    attacker_dir.mkdir(mode=0o755)
+    os.chown(attacker_dir, ATTACKER, ATTACKER)
+    sock = attacker_dir / "sock"
+    with fake_daemon(sock) as fake:
+        for argv, stdin in VICTIM_COMMANDS:
+            code, output = run_victim(
+                _in_unmapped_namespace(argv), victim_env(KEYFENCE_SOCKET=str(sock)), stdin
+            )
+            assert_refused(fake, code, output, str(sock), "does not map your uid")
+
+
+def test_a_planted_fallback_directory_is_refused_in_an_unmapped_user_namespace() -> None:
+    """Inside ``unshare -U`` the victim's fallback directory is the overflow
+    uid's, ``/tmp/keyfence-65534``; the attacker's 0700 directory there
+    shows as the victim's own (uid 65534 both)."""
+    argv, stdin = VICTIM_COMMANDS[0]
+    argv = _in_unmapped_namespace(argv)
+    planted = Path("/tmp/keyfence-65534")
+    if planted.exists():
+        pytest.skip(f"{planted} exists (uid 65534's own?): not ours to replace")
+    planted.mkdir(mode=0o700)
+    try:
+        os.chown(planted, ATTACKER, ATTACKER)
+        with fake_daemon(planted / "sock") as fake:
+            code, output = run_victim(argv, victim_env(), stdin)
+            assert_refused(fake, code, output, str(planted), "does not map your uid")
+    finally:
+        kill_daemon_of(planted / "sock")
+        shutil.rmtree(planted, ignore_errors=True)
