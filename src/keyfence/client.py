@@ -934,8 +934,12 @@ def _start_daemon(
         ) from None
     try:
         # the daemon binds, forks and its parent exits: nothing to reap here
+        # -P and "/": never the caller's directory on sys.path (a keyfence/
+        # package planted in /tmp would run as the caller), nor held busy
+        argv = [sys.executable, "-P", "-m", "keyfence.cli.main", "daemon", "--detach"]
         subprocess.run(
-            [sys.executable, "-m", "keyfence.cli.main", "daemon", "--detach", "--socket", path],
+            [*argv, "--socket", os.path.abspath(path)],
+            cwd="/",
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

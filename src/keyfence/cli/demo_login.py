@@ -48,7 +48,8 @@ from keyfence.cli import demo_mount
 PAM_EXEC = "/lib/x86_64-linux-gnu/security/pam_exec.so"
 PAM_LOGIN = Path(__file__).with_name("pam_login.py")
 """The login program (run by path, as root)."""
-KEYFENCE = [sys.executable, "-m", "keyfence.cli.main"]
+KEYFENCE = [sys.executable, "-P", "-m", "keyfence.cli.main"]
+"""-P: never the working directory's code on sys.path."""
 USER_PYTHON = "/usr/bin/python3"
 """What the user's own processes run (the editor): any uid may."""
 BIG_MIB = demo_mount.BIG_MIB

@@ -65,13 +65,13 @@ def start_daemon(
     (:func:`stop_daemon`).
     """
     if fenced:
-        argv = [sys.executable, "-m", "keyfence.cli.main", "daemon", "--socket", str(sock)]
+        argv = [sys.executable, "-P", "-m", "keyfence.cli.main", "daemon", "--socket", str(sock)]
     else:
         code = (
             "import sys; from keyfence.cli.demo_mount import serve_without_fence; "
             "serve_without_fence(sys.argv[1])"
         )
-        argv = [sys.executable, "-c", code, str(sock)]
+        argv = [sys.executable, "-P", "-c", code, str(sock)]
     out: IO[bytes] | int = log if log is not None else subprocess.DEVNULL
     return subprocess.Popen(
         argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True

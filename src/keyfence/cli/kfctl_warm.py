@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             os.open(os.devnull, os.O_RDWR)
     try:
-        path = args.socket or warm_socket()
+        path = os.path.abspath(args.socket or warm_socket())
         chosen = args.socket or paths.environment("KEYFENCE_KFCTL_SOCKET")
         server = Server(path, idle=args.idle, private_dir=args.private_dir or not chosen)
         if not server.bind():
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, KeyfenceError) as err:
         print(f"kfctl_warm: {err}", file=sys.stderr)
         return 1
+    os.chdir("/")  # the first caller's directory is not held busy (each call's is sent)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:

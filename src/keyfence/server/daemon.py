@@ -403,6 +403,7 @@ def run_daemon(
     """
     from keyfence.keys.secret import disable_core_dumps
 
+    path = os.path.abspath(path)  # a detached daemon leaves for "/"
     disable_core_dumps()
     fdtable.occupy_standard()  # before the listener and connections take a number
     if private is None:
@@ -417,6 +418,7 @@ def run_daemon(
         if os.fork():
             os._exit(0)
         os.setsid()
+        os.chdir("/")  # as gpg-agent: the starter's directory is not held busy
         _let_go_of_the_terminal(path)
         daemon.record_pid()
     # the socket accepts from here on (connections wait in its backlog)
