@@ -223,7 +223,9 @@ class Client:
         place = paths.locate(path)
         connect = opener or _open
         if autostart is None:
-            autostart = place.kind != paths.EXPLICIT and paths.autostart_allowed()
+            # the system daemon is root's to start
+            ours = place.kind == paths.USER or (place.kind == paths.SYSTEM and not place.root_only)
+            autostart = ours and paths.autostart_allowed()
         try:
             if place.private_dir is not None:
                 socket_trust.check_private_dir(place.private_dir)
@@ -231,7 +233,9 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as err:
             if not autostart:
                 hint = "start one: keyfence daemon"
-                if place.kind == paths.EXPLICIT:
+                if place.kind == paths.SYSTEM:
+                    hint = "the system daemon: root starts it, systemctl start keyfence"
+                elif place.kind == paths.EXPLICIT:
                     hint = f"check {place.source}, or start one there: keyfence daemon"
                 raise KeyfenceError(
                     err.errno or errno.ECONNREFUSED,
@@ -913,7 +917,9 @@ def _start_daemon(
 
     Its directory is created with mode 0700 and checked (ours, 0700, not a
     symlink) before the log file is written into it: never a directory
-    someone else made."""
+    someone else made.  Root's at the system socket is the system daemon:
+    its directory is made as that daemon makes it (0755, root's), so that
+    every user reaches it."""
     import os
     import subprocess
     import sys
@@ -922,7 +928,10 @@ def _start_daemon(
     path = place.path
     directory = place.private_dir or os.path.dirname(path) or "."
     try:
-        socket_trust.make_private_dir(directory)
+        if place.kind == paths.SYSTEM:
+            socket_trust.prepare_bind_dir(directory, private=False)
+        else:
+            socket_trust.make_private_dir(directory)
         log_path = path + ".log"
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         log = os.open(log_path, flags, 0o600)

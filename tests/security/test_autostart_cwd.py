@@ -79,3 +79,31 @@ def test_a_daemon_started_on_demand_ignores_the_callers_directory(scratch: Path)
     assert done.returncode == 0, done.stderr
     pid = int((runtime / "keyfence" / "sock.lock").read_text().strip())
     assert os.readlink(f"/proc/{pid}/cwd") == "/"  # not kept busy either
+
+
+def test_roots_autostarted_daemon_at_the_system_socket_serves_every_user(scratch: Path) -> None:
+    """Root's client finds no system daemon and starts one: a system daemon
+    other users reach.  Before: it made the socket's directory 0700, and
+    every other user's client, sent to that socket because it exists, got
+    "cannot reach a keyfence daemon"."""
+    system = scratch / "run-keyfence" / "sock"
+    env = users.environment(KEYFENCE_SYSTEM_SOCKET=str(system))
+    for name in ("KEYFENCE_SOCKET", "KEYFENCE_NO_AUTOSTART", "XDG_RUNTIME_DIR"):
+        env.pop(name, None)
+    kfctl = users.python_argv("-P", "-m", "keyfence.cli.kfctl")
+    try:
+        done = subprocess.run([*kfctl, "id", "@us"], env=env, cwd="/", capture_output=True)
+        assert done.returncode == 0, done.stderr
+        assert (system.parent.stat().st_mode & 0o777) == 0o755
+        as_user = subprocess.run(
+            users.as_uid(VICTIM, [*kfctl, "add", "user", "k", "v", "@u"]),
+            env=env,
+            cwd="/",
+            capture_output=True,
+        )
+        assert as_user.returncode == 0, as_user.stderr
+    finally:
+        lock = Path(str(system) + ".lock")
+        if lock.exists():
+            os.kill(int(lock.read_text().strip()), 15)
+            time.sleep(0.5)
