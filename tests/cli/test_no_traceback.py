@@ -433,3 +433,42 @@ def test_every_option_of_add_key_and_unlock_is_described(words: tuple[str, ...])
         assert action.help and len(action.help) > 15, (words, action.option_strings)
     done = subprocess.run([*KEYFENCE, *words, "--help"], capture_output=True, text=True, check=True)
     assert "s:TEXT" in done.stdout and "0xHEX" in done.stdout
+
+
+def test_keyfence_ends_as_a_c_tool_on_interrupt_closed_pipe_and_full_disk(
+    daemon: DaemonProcess,
+) -> None:
+    """^C while a command waits, a reader that went away, a full disk: the
+    command dies of SIGINT or SIGPIPE, or says "write error" and exits 1;
+    never a traceback (kfctl already did; keyfence printed Python's
+    KeyboardInterrupt and BrokenPipeError tracebacks, exit 130 and 120)."""
+    waiting = subprocess.Popen(
+        [*KEYFENCE, "e4crypt", "add_key", "-S", "s:kfnt-salt"],
+        env=daemon.env,
+        stdin=subprocess.PIPE,  # the passphrase never comes
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    assert waiting.stderr is not None
+    assert b"passphrase" in waiting.stderr.read(32)  # it waits for one now
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == -signal.SIGINT
+    assert b"Traceback" not in err
+    for args in (["--help"], ["--version"]):
+        read, write = os.pipe()
+        os.close(read)
+        done = subprocess.run(
+            [*KEYFENCE, *args],
+            stdout=write,
+            capture_output=False,
+            stderr=subprocess.PIPE,
+            restore_signals=True,
+            check=False,
+        )
+        os.close(write)
+        assert (done.returncode, done.stderr) == (-signal.SIGPIPE, b""), args
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run([*KEYFENCE, *args], stdout=full, stderr=subprocess.PIPE)
+        assert done.returncode == 1, args
+        assert done.stderr == b"keyfence: write error: No space left on device\n", args

@@ -74,6 +74,42 @@ def describe_error(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command, ending as a C tool does: ^C and a reader that went
+    away end the process by their signal (after every ``finally`` has
+    cleaned up: the demo's account, a mount), a failed write of the output
+    (a full disk) is one line and status 1; never a traceback."""
+    import signal
+
+    try:
+        code = _command(argv)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        die_of = signal.SIGINT
+    except BrokenPipeError:
+        die_of = signal.SIGPIPE
+    except OSError as err:  # the output's last flush (a full disk)
+        print(f"keyfence: write error: {describe_error(err)}", file=sys.stderr)
+        _drop_stdout()
+        return 1
+    _drop_stdout()
+    signal.signal(die_of, signal.SIG_DFL)
+    os.kill(os.getpid(), die_of)
+    return 128 + die_of  # not reached
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a reader that
+    has gone cannot fail again at the interpreter's exit."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
