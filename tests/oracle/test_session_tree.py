@@ -401,3 +401,54 @@ def test_a_process_whose_main_thread_exited_keeps_its_session_keyring(
     )
     assert (kernel.stdout, kernel.returncode) == ("found\n", 0), kernel.stderr
     assert (ours.stdout, ours.returncode) == ("found\n", 0), ours.stderr
+
+
+SETUID_WRAPPER = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    execv(argv[1], argv + 1); /* set-user-ID root: real uid the user's, effective 0 */
+    perror("execv");
+    return 127;
+}
+"""
+
+
+def test_a_set_user_id_program_has_its_real_users_keyrings(daemon: DaemonProcess) -> None:
+    """The kernel finds @u and @us by the real uid (cred->user): a user's
+    set-user-ID-root program has the user's, not root's.  Before: keyfence
+    took the effective uid from SO_PEERCRED and gave it root's @u, where
+    root's keys are."""
+    from keyfence.testing import users
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if KEYCTL is None or compiler is None or users.why_no_other_uids() is not None:
+        pytest.skip("keyctl, a C compiler or other uids are missing")
+    uid = 4663
+    with tempfile.TemporaryDirectory(prefix="kfsuid-") as tmp:
+        os.chmod(tmp, 0o755)
+        wrapper = Path(tmp) / "wrapper"
+        source = Path(tmp) / "wrapper.c"
+        source.write_text(SETUID_WRAPPER)
+        subprocess.run([compiler, "-o", str(wrapper), str(source)], check=True)
+        wrapper.chmod(0o4755)
+        ours = [*users.python_argv("-m", "keyfence.cli.kfctl")]
+        reports = []
+        for keyctl, env in ((["/usr/bin/keyctl"], users.environment()), (ours, daemon.env)):
+            env = dict(env, PYTHONPATH=users.pythonpath(), HOME="/")
+            lines = []
+            for spec in ("@u", "@us"):
+                done = subprocess.run(
+                    users.as_uid(uid, [str(wrapper), *keyctl, "rdescribe", spec]),
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                lines.append((done.stdout, done.stderr))
+            reports.append(lines)
+    kernel, keyfence = reports
+    assert [out.split(";")[-1] for out, _ in kernel] == [f"_uid.{uid}\n", f"_uid_ses.{uid}\n"]
+    assert keyfence == kernel

@@ -35,6 +35,7 @@ class Caller:
     """
 
     uid: int
+    """The effective uid: who owns what the caller makes, whose rights count."""
     gid: int
     groups: frozenset[int] = field(default_factory=frozenset)
     pid: int = 0
@@ -46,6 +47,9 @@ class Caller:
     admin: bool | None = None
     """CAP_SYS_ADMIN; None means "uid 0 has it"."""
     parent: ParentProcess | None = None
+    real_uid: int | None = None
+    """The real uid, when it differs (a set-user-ID program): the kernel
+    finds ``@u``/``@us`` by it (``cred->user``).  None: ``uid``."""
     image: bytes | None = field(default=None, compare=False, repr=False)
     """A digest of the program the process runs now (the daemon: of its
     ``/proc/PID/auxv``, which every exec makes anew); None if unknown.  An
@@ -54,6 +58,11 @@ class Caller:
     @property
     def is_admin(self) -> bool:
         return self.uid == 0 if self.admin is None else self.admin
+
+    @property
+    def user_keyrings_uid(self) -> int:
+        """Whose ``@u`` and ``@us`` the caller has: its real uid's."""
+        return self.uid if self.real_uid is None else self.real_uid
 
     @property
     def process(self) -> tuple[int, int]:

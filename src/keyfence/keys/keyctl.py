@@ -252,9 +252,10 @@ class KeyService:
         but revoked, expired or not searchable makes *both* lookups fail
         with ENOKEY (observed: KERNEL_FACTS.md, "User keyrings").
         """
-        pair = self._special.users.get(caller.uid)
+        owner = caller.user_keyrings_uid
+        pair = self._special.users.get(owner)
         if pair is None:
-            return self._user_keyrings_locked(caller.uid)
+            return self._user_keyrings_locked(owner)
         user, user_session = pair
         gone = (KeyState.INVALIDATED, KeyState.DEAD)
         if user.state in gone or user_session.state in gone:
@@ -262,22 +263,22 @@ class KeyService:
             if user.state in gone:
                 self._drop_user_keyring_locked(user)
                 user = self._alloc_locked(
-                    KEYRING, f"_uid.{caller.uid}", uid=caller.uid, gid=-1, perm=perm, overrun=True
+                    KEYRING, f"_uid.{owner}", uid=owner, gid=-1, perm=perm, overrun=True
                 )
                 user.anchors += 1
             if user_session.state in gone:
                 self._drop_user_keyring_locked(user_session)
                 user_session = self._alloc_locked(
                     KEYRING,
-                    f"_uid_ses.{caller.uid}",
-                    uid=caller.uid,
+                    f"_uid_ses.{owner}",
+                    uid=owner,
                     gid=-1,
                     perm=perm,
                     overrun=True,
                 )
                 user_session.anchors += 1
                 _keyring.link_locked(user_session, user, self._quota)
-            pair = self._special.users[caller.uid] = (user, user_session)
+            pair = self._special.users[owner] = (user, user_session)
         now = self.now()
         for ring in pair:
             if (
@@ -357,7 +358,7 @@ class KeyService:
             rings.append(process)
         session = self._special.session_keyring(caller)
         if session is None:
-            session = self._user_keyrings_locked(caller.uid)[1]
+            session = self._user_keyrings_locked(caller.user_keyrings_uid)[1]
         rings.append(session)
         if self._constructions:
             rings.extend(
@@ -744,7 +745,9 @@ class KeyService:
             if parent.threads != 1:
                 raise fail(errno.EPERM, "the parent is not single-threaded")
             old = self._special.sessions.get(parent.session)
-            if old is ring or (old is None and ring is self._user_keyrings_locked(caller.uid)[1]):
+            if old is ring or (
+                old is None and ring is self._user_keyrings_locked(caller.user_keyrings_uid)[1]
+            ):
                 return None
             uid, gid = caller.uid, caller.gid
             if any(u != uid for u in parent.uids) or any(g != gid for g in parent.gids):

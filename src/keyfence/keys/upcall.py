@@ -359,7 +359,7 @@ def _user_keyrings_error_locked(svc: ServiceInternals, caller: Caller) -> int:
     else:
         return 0
     now = svc.now()
-    for ring in svc._special.users[caller.uid]:
+    for ring in svc._special.users[caller.user_keyrings_uid]:
         if ring.state is KeyState.REVOKED:
             return errno.EKEYREVOKED
         if ring.is_expired(now):
@@ -627,7 +627,7 @@ def requester_keyring_ids(
         process = tables.process_keyring(caller)
         session = tables.session_keyring(caller)
         if session is None:
-            session = svc._user_keyrings_locked(caller.uid)[1]
+            session = svc._user_keyrings_locked(caller.user_keyrings_uid)[1]
         return (
             thread.serial if thread is not None else 0,
             process.serial if process is not None else 0,

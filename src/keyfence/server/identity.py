@@ -192,6 +192,7 @@ def _pinned_caller(
         start_time=stat.start_time,
         session=stat.process,
         admin=admin_uid is not None and uid == admin_uid,
+        real_uid=creds.uids[0] if creds.uids[0] != uid else None,
         parent=_parent(pid, stat.ppid),
         image=image,
     )
