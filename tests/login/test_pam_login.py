@@ -13,15 +13,20 @@ are ciphertext) until the next login, which finds every byte.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from keyfence.client import Client
+from keyfence.constants import KEY_SPEC_USER_KEYRING
+from keyfence.errors import KeyfenceError
 from keyfence.testing.login import LoginSetup
 from keyfence.testing.sshd import sshd_for, why_no_sshd
 from keyfence.testing.users import (
@@ -164,6 +169,33 @@ def test_an_authentication_no_session_followed_unlocks_no_later_session(
     assert "ready to unlock" in log
     assert "unlocked (key" not in log, log
     assert "a stash no session used was dropped" in log
+
+
+def test_an_auth_only_stash_is_wiped_when_it_expires(login_setup: LoginSetup) -> None:
+    """A helper's secrets run (2026-12-07): the auth-only stash's timeout
+    was set on its keyring alone; an expired keyring keeps its keys until
+    the collector reaps it, so the master key stayed readable by root for
+    another five minutes.  The keys themselves expire now."""
+    s = login_setup
+    service = Path("/etc/pam.d") / s.service
+    lines = service.read_text()
+    service.write_text(lines.replace("--rewrap-on-auth", "--rewrap-on-auth --stash-seconds 2"))
+    alone = s.pamtester("authenticate", stdin=s.password + "\n")
+    assert alone.returncode == 0, alone.stderr
+    assert "ready to unlock" in s.pam_log_text()
+    with Client.connect(s.daemon_socket, autostart=False) as root:
+        ring = int(root.search(KEY_SPEC_USER_KEYRING, "keyring", f"keyfence-login:{s.user}"))
+        (key,) = root.list_keyring(ring)
+        assert len(root.read(key)) > 0
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                root.read(key)
+            except KeyfenceError as err:
+                assert err.errno in (errno.EKEYEXPIRED, errno.ENOKEY), err
+                break
+            assert time.monotonic() < deadline, "the stashed master key outlived its stash"
+            time.sleep(0.2)
 
 
 def test_login_add_refuses_a_directory_outside_a_mount(login_setup: LoginSetup) -> None:

@@ -106,6 +106,17 @@ def _stash(client: Client, user: LoginUser, *, create: bool) -> int | None:
     return ring
 
 
+def _stash_expires(client: Client, ring: int, seconds: int) -> None:
+    """Set the stash's timeout, and each key's in it (0: none): an
+    expired keyring keeps its keys until the collector reaps it (the
+    kernel's gc delay, 5 minutes more), so the keys themselves must expire
+    for the master keys to be wiped on time."""
+    client.set_timeout(ring, seconds)
+    for serial in client.list_keyring(ring):
+        with contextlib.suppress(KeyfenceError):
+            client.set_timeout(serial, seconds)
+
+
 def _stashed_keys(client: Client, user: LoginUser) -> dict[str, bytes]:
     """{key reference description: master key} from the stash."""
     ring = _stash(client, user, create=False)
@@ -131,6 +142,7 @@ def do_auth(
     *,
     rewrap: bool,
     state_dir: str = DEFAULT_STATE_DIR,
+    stash_seconds: int = AUTH_STASH_SECONDS,
 ) -> int:
     """Unwrap into the stash.  With ``rewrap`` (the line runs only after the
     password was verified), a password the protector does not know while
@@ -165,7 +177,7 @@ def do_auth(
         _stamp_auth(state_dir, user)
         with _session_count(state_dir, user) as count:
             if ring is not None and count(0) == 0:
-                client.set_timeout(ring, AUTH_STASH_SECONDS)
+                _stash_expires(client, ring, stash_seconds)
     return 0
 
 
@@ -220,7 +232,7 @@ def do_open_session(
         else:
             stashed = _stashed_keys(client, user)
             if stash is not None:
-                client.set_timeout(stash, 0)  # held by the sessions now
+                _stash_expires(client, stash, 0)  # held by the sessions now
         count(+1)
     with opened_login_dirs(user, config_dir, log) as dirs:
         for d in dirs:
@@ -532,6 +544,7 @@ def run(args: argparse.Namespace) -> int:
                     log,
                     rewrap=args.rewrap_on_auth,
                     state_dir=args.state_dir,
+                    stash_seconds=args.stash_seconds,
                 )
             elif pam_type == "open_session":
                 status = do_open_session(client, user, args.config_dir, args.state_dir, log)
@@ -554,6 +567,16 @@ def run(args: argparse.Namespace) -> int:
     return status if args.strict else 0
 
 
+def _stash_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds, 1 to 86400: {text!r}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pam = sub.add_parser("pam", help="PAM hook for pam_exec (auth, open/close_session, password)")
     pam.add_argument(
@@ -570,6 +593,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=DEFAULT_CLOSE_TIMEOUT,
         help="longest wait at logout for write-back, in seconds (keys stay after it)",
+    )
+    pam.add_argument(
+        "--stash-seconds",
+        type=_stash_seconds,
+        metavar="1..86400",
+        default=AUTH_STASH_SECONDS,
+        help="how long auth's stash lives while the user has no session open "
+        f"(default {AUTH_STASH_SECONDS})",
     )
     pam.add_argument("--debug", action="store_true", help="tracebacks on standard error")
     pam.add_argument(
