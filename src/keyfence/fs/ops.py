@@ -534,6 +534,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         size = st.st_size
+        blocks = st.st_blocks
         mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
         if parent_policy is not None:
             if stat.S_ISREG(st.st_mode):
@@ -543,6 +544,8 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                     if pending is not None:
                         mtime = pending
                     ctime = max(ctime, changed)  # a write not yet written back
+                    # what is not on disk yet takes blocks too (ext4's delalloc)
+                    blocks += self.cache.unwritten_sectors(ino, st.st_blksize)
                 else:
                     size = lenient_plaintext_size(size)
             elif stat.S_ISLNK(st.st_mode) and not locked and dir_inode is not None and link:
@@ -554,7 +557,7 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
                         )
         a.st_size = size
         a.st_blksize = 4096
-        a.st_blocks = st.st_blocks
+        a.st_blocks = blocks
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = mtime
         a.st_ctime_ns = ctime

@@ -32,8 +32,9 @@ key-removal callback, worker threads of ``trio.to_thread``): one
 ``threading.Lock``, :attr:`PageCache.lock`, guards every field of every
 :class:`CachedFile` and the cache's tables.  It is held for memory copies of
 one request (at most ``max_write``), loading at most two edge blocks, taking
-a snapshot of at most ``chunk`` pages, and one ``pwrite`` of at most
-``chunk`` records (in a long pass, with the next snapshot); never while
+a snapshot of at most ``chunk`` pages, one ``pwrite`` of at most
+``chunk`` records (in a long pass, with the next snapshot), and a ``stat``'s
+walk of a dirty file's holes (:meth:`PageCache.unwritten_sectors`); never while
 encrypting a chunk, during ``fsync``, while looking up keys or while talking
 to the kernel.  Write-back therefore encrypts the page buffers (snapshotted
 with their versions, not copied) outside the lock and, back under the lock,
@@ -259,6 +260,39 @@ class PageCache:
             return None
         with self.lock:
             return f.size, f.mtime_ns, f.changed_ns
+
+    def unwritten_sectors(self, ino: int, block_size: int) -> int:
+        """512-byte sectors the dirty pages of ``ino`` will take in its
+        backing file beyond what the backing file has allocated: what
+        ``stat`` adds to the backing file's ``st_blocks``, as ext4 counts
+        its delayed-allocation blocks.  Without them a file written and
+        kept open showed 0 blocks, and ``tar --sparse`` archived it as one
+        hole (zeros).
+
+        Counted in the backing filesystem's blocks (``block_size``): those
+        the dirty pages' records (and a header still to write) touch that
+        lie beyond the backing file's end or in one of its holes, so a
+        sparse file stays sparse where nothing was written.  The holes
+        are found with ``SEEK_HOLE``/``SEEK_DATA`` (one call for a file
+        without holes; at most :data:`_HOLES_ASKED` holes, the rest
+        counted as unallocated: more, never fewer).  A range preallocated
+        by ``fallocate`` reads as a hole to ``SEEK_HOLE`` on ext4
+        (unwritten extents), so a write into it counts its blocks twice
+        until written back."""
+        bs = max(512, block_size)
+        with self.lock:
+            f = self._files.get(ino)
+            if f is None or not f.pages or f.fd < 0 or f.master is None:
+                return 0
+            ranges = _record_blocks(sorted(f.pages), f.size, not f.header_on_disk, bs)
+            if not ranges:
+                return 0
+            allocated_end = -(-f.disk_size // bs)  # blocks beyond it are not there
+            inside = [(lo, min(hi, allocated_end)) for lo, hi in ranges if lo < allocated_end]
+            holes = _holes(f.fd, inside[0][0] * bs, inside[-1][1] * bs, bs) if inside else []
+        count = sum(hi - max(lo, allocated_end) for lo, hi in ranges if hi > allocated_end)
+        count += _overlap(inside, holes)
+        return count * (bs // 512)
 
     # ------------------------------------------------------------- open/close
 
@@ -1090,6 +1124,78 @@ class Flusher:
             except Exception:  # keep the flusher alive; the error was logged
                 log.exception("background write-back failed")
                 time.sleep(interval)
+
+
+_HOLES_ASKED = 256
+"""Holes of a backing file :meth:`PageCache.unwritten_sectors` looks for at
+most (two ``lseek`` each); past them everything counts as a hole."""
+
+
+def _record_blocks(order: list[int], size: int, header: bool, bs: int) -> list[tuple[int, int]]:
+    """Backing blocks (``bs`` bytes) the records of the dirty pages ``order``
+    (sorted) of a file of ``size`` plaintext bytes touch, and the header's
+    if ``header``: sorted, disjoint ``[lo, hi)`` ranges."""
+    out: list[tuple[int, int]] = [(0, -(-FILE_HEADER_SIZE // bs))] if header else []
+    k, n = 0, len(order)
+    while k < n:
+        first = order[k]
+        j = k
+        while j + 1 < n and order[j + 1] == order[j] + 1:
+            j += 1
+        last = order[j]
+        k = j + 1
+        if first * PAGE_SIZE >= size:
+            break  # beyond the end: cut by a truncate, not to be written
+        last = min(last, (size - 1) // PAGE_SIZE)
+        lo = record_offset(first) // bs
+        hi = -(
+            -(record_offset(last) + min(PAGE_SIZE, size - last * PAGE_SIZE) + BLOCK_OVERHEAD) // bs
+        )
+        if out and lo <= out[-1][1]:  # adjacent runs share a block
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _holes(fd: int, start: int, end: int, bs: int) -> list[tuple[int, int]]:
+    """The holes of ``fd`` between byte ``start`` and ``end`` (inside the
+    file), as ``[lo, hi)`` ranges of whole blocks of ``bs`` bytes; an error
+    counts as no hole (allocated)."""
+    holes: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        if len(holes) == _HOLES_ASKED:
+            holes.append((-(-pos // bs), -(-end // bs)))  # the rest: holes
+            break
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            break
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError:  # ENXIO: a hole up to the end of the file
+            data = end
+        if -(-hole // bs) < min(data, end) // bs:
+            holes.append((-(-hole // bs), min(data, end) // bs))
+        pos = data
+    return holes
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """How many units two sorted lists of disjoint ``[lo, hi)`` ranges share."""
+    total = i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            total += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def _touch(fd: int) -> None:
