@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.testing.mounting import Mount
+
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"
 SALT = "s:keyfence-faults-salt"
@@ -390,6 +392,43 @@ def test_worker_killed_mid_flush(daemon: Daemon, tmp_path: Path) -> None:
             print(f"killed with {flushed} bytes of ciphertext: {good} blocks intact, {bad} EIO")
     finally:
         unmount_quietly(mnt)
+
+
+@pytest.mark.parametrize("last", ["synced", "dirty"])
+def test_worker_killed_after_a_truncate_into_a_block(tmp_path: Path, last: str) -> None:
+    """ftruncate down into the middle of a block cut that block's record in
+    the backing file at once and wrote the shorter record only at the next
+    write-back: a worker SIGKILLed in between left fsynced bytes below the
+    new size reading EIO.  Now the truncate writes the new record itself,
+    right after the cut.  ``dirty``: the cut block was written again after
+    the fsync (its new bytes go out with the truncate).  Checked failing
+    before: bytes 49152..49999 read EIO after the kill."""
+    mount = Mount(tmp_path, "--dirty-expire", "600")
+    try:
+        enc, master = mount.encrypted_dir()
+        data = bytearray(payload("cut", 100_000))
+        path = enc / "f"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            if last == "dirty":
+                data[49_200:49_300] = b"z" * 100
+                os.pwrite(fd, data[49_200:49_300], 49_200)
+            os.ftruncate(fd, 50_000)
+            assert mount.proc is not None
+            mount.proc.kill()  # before any close: a close would write it back
+            mount.proc.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        unmount_quietly(mount.mnt)
+        mount.proc = None
+        mount.start()
+        mount.add_key(master)
+        assert path.read_bytes() == data[:50_000]
+    finally:
+        mount.unmount()
 
 
 # ------------------------------------------------------------------- daemon

@@ -34,12 +34,13 @@ key-removal callback, worker threads of ``trio.to_thread``): one
 one request (at most ``max_write``), loading at most two edge blocks, taking
 a snapshot of at most ``chunk`` pages, one ``pwrite`` of at most
 ``chunk`` records (in a long pass, with the next snapshot), and a ``stat``'s
-walk of a dirty file's holes (:meth:`PageCache.unwritten_sectors`); never while
-encrypting a chunk, during ``fsync``, while looking up keys or while talking
-to the kernel.  Write-back therefore encrypts the page buffers (snapshotted
-with their versions, not copied) outside the lock and, back under the lock,
-writes only the pages whose version did not change meanwhile (every change
-of a page's bytes bumps its version under the lock, so a record of a page
+walk of a dirty file's holes (:meth:`PageCache.unwritten_sectors`); never
+while encrypting a chunk (a truncate seals the one block it cuts under it),
+during ``fsync``, while looking up keys or while talking to the kernel.
+Write-back therefore encrypts the page buffers (snapshotted with their
+versions, not copied) outside the lock and, back under the lock, writes
+only the pages whose version did not change meanwhile (every change of a
+page's bytes bumps its version under the lock, so a record of a page
 changed mid-encryption is never stored; the page stays dirty and is written
 by a later pass; written pages are zeroed after the lock is let go, being
 out of the cache).  A pass of several chunks runs on two threads alike (the
@@ -834,14 +835,34 @@ class PageCache:
                 for idx in [i for i in f.pages if i > last]:
                     f.pages.pop(idx).data[:] = _ZERO_PAGE
                     self._dirty_pages -= 1
+                record = None
                 if size % PAGE_SIZE:
                     page = self._dirty_page_locked(f, last)
                     page.data[size % PAGE_SIZE :] = bytes(PAGE_SIZE - size % PAGE_SIZE)
+                    if f.cipher is not None and record_offset(last) < f.disk_size:
+                        # on disk: sealed now (one block, under the lock),
+                        # not left to a write-back seconds later (below)
+                        record = f.cipher.encrypt_block(last, page.data[: size % PAGE_SIZE])
                 f.size = size
                 new_disk = backing_size(size)
+                # The cut block's record and the file's size must change
+                # together, and no order of two calls keeps the block
+                # readable in between: the size says how long the last
+                # record is (format.md, "Sizes"), so the old record cut to
+                # the new size fails authentication, and the new record
+                # written over the old one's head with the old size reads
+                # as a torn record.  So the cut is followed at once by the
+                # new record, in this request under the lock: a kill -9
+                # of the worker loses that block only between these two
+                # calls (docs/fs.md, "Faults"), where it used to lose it
+                # until the next write-back.  Cut first: a kill between
+                # leaves the new size, and a failed write leaves the page
+                # dirty for write-back, as before.
                 if f.disk_size > new_disk:
                     os.ftruncate(f.fd, new_disk)
                     f.disk_size = new_disk
+                if record is not None:
+                    self._store_cut_record_locked(f, last, record)
             elif size > old:
                 if old % PAGE_SIZE:
                     self._dirty_page_locked(f, old // PAGE_SIZE)
@@ -851,6 +872,25 @@ class PageCache:
                 _touch(f.fd)
             if f.pages or f.disk_size < backing_size(f.size):
                 self._mark_dirty_locked(f)
+
+    def _store_cut_record_locked(self, f: CachedFile, idx: int, record: bytes) -> None:
+        """Write the record :meth:`truncate` sealed for the block it cut and
+        forget that page; an error leaves the page dirty for write-back
+        (which then reports it)."""
+        offset = record_offset(idx)
+        try:
+            done = 0
+            while done < len(record):
+                done += os.pwrite(f.fd, record[done:], offset + done)
+        except OSError as err:
+            log.warning("%s: block %d kept for write-back: %s", self.label_of(f.ino), idx, err)
+            return
+        f.disk_size = max(f.disk_size, offset + len(record))
+        f.pages.pop(idx).data[:] = _ZERO_PAGE
+        self._dirty_pages -= 1
+        self.stats["written_bytes"] += len(record) - BLOCK_OVERHEAD
+        if not f.pages and f.disk_size >= backing_size(f.size):
+            f.dirty_since = None
 
     # ------------------------------------------------------------- write-back
 
