@@ -475,3 +475,26 @@ def test_blocks_count_data_not_written_back_yet(dirs: Dirs) -> None:
             open_blocks = os.stat(path).st_blocks
         assert 8 <= open_blocks <= 32, (d, open_blocks)  # a page (and a header), not 1 MiB
         assert open_blocks == os.stat(path).st_blocks, d
+
+
+# --- 8. keyfence's own attributes are not listed -----------------------------------
+
+
+def test_keyfence_attributes_are_not_listed(dirs: Dirs) -> None:
+    """listxattr listed user.keyfence.status on every entry and
+    user.keyfence.policy in encrypted directories, where ext4 (fscrypt)
+    lists nothing: `cp -a` copied them off the mount and `tar --xattrs`
+    restoring into it failed to set them ("Operation not permitted", "Not
+    a directory").  Now they are answered by name only.  Checked failing
+    before: the mount listed both."""
+    for d in dirs.all:
+        (d / "f").write_bytes(b"hello")
+        (d / "sub").mkdir()
+        for path in (d, d / "f", d / "sub"):
+            assert os.listxattr(path) == os.listxattr(dirs.ref), path  # nothing extra
+        copy = dirs.mount.tmp / f"copy-{d.name}"
+        subprocess.run(["cp", "-a", str(d / "f"), str(copy)], check=True, timeout=60)
+        assert os.listxattr(copy) == os.listxattr(dirs.ref), d
+    for path in (dirs.enc, dirs.enc / "f", dirs.enc / "sub"):  # asked by name: there
+        assert os.getxattr(path, POLICY) == os.getxattr(dirs.enc, POLICY)
+        assert b'"encrypted": true' in os.getxattr(path, "user.keyfence.status")

@@ -14,7 +14,10 @@ that answers ``getxattr``, ``setxattr``, ``listxattr`` and ``removexattr``
   ``.keyfence-protectors`` record (keyfence.fs.protector), for its owner
   and root; replaced atomically.
 
-Any other ``user.keyfence.`` name is refused (EPERM) or missing; every
+None of them is listed (``listxattr``): they are asked for by name, as
+``keyfence status`` and ``keyfence e4crypt get_policy`` do, and a tool that
+copies every listed attribute (``cp -a``, ``tar --xattrs``) must not copy
+them.  Any other ``user.keyfence.`` name is refused (EPERM) or missing; every
 other name passes to the backing file, except that ``trusted.*`` names are
 listed only to root (the kernel lists them to CAP_SYS_ADMIN alone, and the
 worker's own listing, as root, has them all) and that the kernel's
@@ -206,9 +209,9 @@ class Xattrs:
             # the kernel lists trusted.* only to a caller with CAP_SYS_ADMIN;
             # the worker (root, for a root mount) is one, the caller need not be
             names = [n for n in names if not n.startswith(TRUSTED_PREFIX)]
-        if self.table.contents_policy(node) is not None:
-            names.append(XAttrNameT(POLICY_XATTR))
-        names.append(XAttrNameT(STATUS_XATTR))
+        # user.keyfence.* are answered by name only, never listed (as
+        # fscrypt lists nothing): cp -a and tar --xattrs copied them, and a
+        # restore into the mount failed to set them (EPERM, ENOTDIR)
         return names
 
     @fuse_op
