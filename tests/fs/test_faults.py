@@ -379,8 +379,8 @@ def test_worker_killed_mid_flush(daemon: Daemon, tmp_path: Path) -> None:
             wait_for("the dead worker", dead, 10)
             assert f"worker exited with status {-signal.SIGKILL}" in seen[-1], seen[-1]
             wait_for("the mount point", lambda: not os.path.ismount(mnt), 10)
-        # a kill cannot tear a pwrite (the page cache has it whole); a power
-        # cut can: cut the last record in the middle, as one would leave it
+        # a torn record (a power cut, or a kill stopping a pwrite between
+        # pages: docs/fs.md "Faults"): cut the last record in the middle
         os.truncate(target, target.stat().st_size - 1000)
         # a new mount of the same backing works and reads back what was fsync'd
         mount(daemon, backing, mnt)
