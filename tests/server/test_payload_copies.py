@@ -57,3 +57,27 @@ def test_no_payload_copy_outlives_its_key(daemon: DaemonProcess) -> None:
         for payload in payloads
     }
     assert all(n == 0 for n in found.values()), found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading /proc/PID/mem of the daemon needs root")
+def test_a_refused_request_leaves_no_copy_of_its_payload(daemon: DaemonProcess) -> None:
+    """A helper's secrets run (2026-12-07): a request the daemon refused
+    before running it (an argument of the wrong type or count, an unknown
+    operation) skipped the zeroing, and its payload stayed in the heap."""
+    refused = {
+        "keyring given as a string": lambda c, p: c.add_key("user", "refused", p, "@s"),
+        "one argument too many": lambda c, p: c._call("add_key", "user", "refused", p, S, 0),
+        "key id as a string": lambda c, p: c._call("update", "123", p),
+        "an unknown operation": lambda c, p: c._call("add_keyy", "user", "refused", p, S),
+    }
+    payloads = {name: os.urandom(3000) for name in refused}
+    with Client.connect(daemon.socket, autostart=False) as c:
+        for name, call in refused.items():
+            with pytest.raises(OSError):
+                call(c, payloads[name])
+        assert c.ping() == "pong"
+    found = {
+        name: len(addresses_in_memory(daemon.process.pid, probe(payload)))
+        for name, payload in payloads.items()
+    }
+    assert all(n == 0 for n in found.values()), found

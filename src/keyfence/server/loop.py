@@ -39,6 +39,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from keyfence import protocol, wire
+from keyfence.keys.secret import wipe_bytes
 from keyfence.server import limits
 from keyfence.server.connection import CLOSE_MARKER, RECV_BYTES, Connection
 from keyfence.server.optable import OPERATIONS
@@ -329,6 +330,10 @@ class Loop:
 
     def _dispatch(self, conn: Connection, request: protocol.Request) -> None:
         def refuse(code: int, text: str) -> None:
+            # a refused request is dropped: its bytes (a payload, maybe in
+            # the wrong place or for an unknown operation) are zeroed first
+            for arg in request.args:
+                wipe_bytes(arg)
             conn.send(protocol.Error(id=request.id, errno=code, message=text))
 
         op = OPERATIONS.get(request.op)
