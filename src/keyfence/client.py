@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = wire.PROTOCOL_VERSION
+HELLO_SECONDS = 30.0
+"""The longest wait for a daemon's welcome: one that accepts and never
+answers (stopped, wedged) is an error, not a client waiting for ever."""
 ALL_EVENTS = wire.ALL_EVENTS
 
 
@@ -251,6 +254,7 @@ class Client:
             ) from None
         socket_trust.check_server(sock, place.path, root_only=place.root_only)
         try:
+            sock.settimeout(HELLO_SECONDS)
             try:  # noqa: SIM105 - contextlib costs start-up time
                 sock.sendall(
                     wire.frame({"type": "hello", "version": PROTOCOL_VERSION, "client": name})
@@ -258,6 +262,14 @@ class Client:
             except OSError:
                 pass  # a daemon that refuses us closes at once: read why
             first = wire.read(sock)
+            sock.settimeout(None)
+        except TimeoutError:
+            sock.close()
+            raise KeyfenceError(
+                errno.ETIMEDOUT,
+                f"the keyfence daemon at {place.path} did not answer in {HELLO_SECONDS:.0f} s"
+                f" (stopped or stuck? its pid is in {place.path}.lock)",
+            ) from None
         except (OSError, wire.WireError) as err:
             sock.close()
             raise KeyfenceError(errno.EPROTO, f"bad answer from the daemon: {err}") from None

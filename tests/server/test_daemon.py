@@ -591,3 +591,35 @@ def test_a_flood_of_watches_is_bounded_and_its_watchers_told_of_the_loss(
     assert "-- LOSS --" in lines, (out, err)
     assert lines[-1].split()[1:] == ["gc"], out
     assert "dropping theirs" in daemon.log_text()
+
+
+def test_a_daemon_that_never_answers_hello_is_an_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A helper's install run (2026-12-07): a daemon that accepts but never
+    answers (stopped, wedged) held every client for ever, silently."""
+    from keyfence import client as client_module
+    from keyfence.testing.daemon import running_daemon
+
+    monkeypatch.setattr(client_module, "HELLO_SECONDS", 1.0)
+    outcome: list[BaseException | None] = []
+
+    def connect(path: str) -> None:
+        try:
+            Client.connect(path, autostart=False).close()
+            outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
+    with running_daemon("--system") as d:
+        os.kill(d.process.pid, signal.SIGSTOP)
+        try:
+            waiting = threading.Thread(target=connect, args=(str(d.socket),), daemon=True)
+            waiting.start()
+            waiting.join(15)
+            assert not waiting.is_alive(), "the client still waits for the stopped daemon"
+        finally:
+            os.kill(d.process.pid, signal.SIGCONT)
+    (err,) = outcome
+    assert isinstance(err, KeyfenceError) and err.errno == errno.ETIMEDOUT, err
+    assert "did not answer in 1 s" in str(err)
