@@ -78,6 +78,14 @@ def _mode(path: str) -> int | None:
         return None
 
 
+def _runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` if it is an absolute path: the XDG base
+    directory specification makes a relative one invalid, to be ignored
+    (one would give a daemon per working directory)."""
+    runtime = environment("XDG_RUNTIME_DIR")
+    return runtime if runtime and runtime.startswith("/") else None
+
+
 def locate(path: str | None = None) -> SocketPlace:
     """Where to find the daemon; KeyfenceError if ``$XDG_RUNTIME_DIR`` is
     not a directory we can trust."""
@@ -89,7 +97,7 @@ def locate(path: str | None = None) -> SocketPlace:
     system = environment("KEYFENCE_SYSTEM_SOCKET") or SYSTEM_SOCKET
     if _mode(system) is not None or posix.geteuid() == 0:
         return SocketPlace(system, SYSTEM, "the system daemon")
-    runtime = environment("XDG_RUNTIME_DIR")
+    runtime = _runtime_dir()
     if runtime:
         try:
             socket_trust.check_private_dir(runtime, "$XDG_RUNTIME_DIR")
@@ -119,7 +127,7 @@ def warm_socket() -> str:
     env = environment("KEYFENCE_KFCTL_SOCKET")
     if env:
         return env
-    runtime = environment("XDG_RUNTIME_DIR")
+    runtime = _runtime_dir()
     if not runtime:
         logind = f"/run/user/{posix.geteuid()}"
         mode = _mode(logind)
@@ -127,11 +135,6 @@ def warm_socket() -> str:
     if runtime:
         return runtime.rstrip("/") + "/keyfence/kfctl.sock"
     return f"/tmp/keyfence-{posix.geteuid()}/kfctl.sock"
-
-
-def default_socket() -> str:
-    """The socket ``keyfence daemon`` serves when given none."""
-    return locate().path
 
 
 def autostart_allowed() -> bool:

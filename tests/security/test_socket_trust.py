@@ -354,3 +354,47 @@ def test_a_planted_fallback_directory_is_refused_in_an_unmapped_user_namespace()
     finally:
         kill_daemon_of(planted / "sock")
         shutil.rmtree(planted, ignore_errors=True)
+
+
+def test_a_relative_runtime_dir_is_ignored(scratch: Path, fallback_dir: Path) -> None:
+    """The XDG specification makes a relative $XDG_RUNTIME_DIR invalid;
+    it was taken relative to the working directory: a daemon (and a
+    socket directory) per directory the user ran kfctl from."""
+    cwd = scratch / "cwd"
+    (cwd / "rel").mkdir(parents=True)
+    for path in (cwd, cwd / "rel"):
+        os.chown(path, VICTIM, VICTIM)
+    (cwd / "rel").chmod(0o700)
+    try:
+        done = subprocess.run(
+            users.as_uid(VICTIM, users.kfctl_argv("id", "@us")),
+            env=victim_env(XDG_RUNTIME_DIR="rel"),
+            cwd=cwd,
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert not (cwd / "rel" / "keyfence").exists()
+        assert (fallback_dir / "sock").exists()
+    finally:
+        kill_daemon_of(cwd / "rel" / "keyfence" / "sock")
+
+
+def test_a_daemon_does_not_serve_where_its_clients_refuse(scratch: Path) -> None:
+    """`keyfence daemon` served in a per-user directory of mode 0755, which
+    every client then refused; it refuses it now, with the clients' hint."""
+    runtime = scratch / "runtime"
+    (runtime / "keyfence").mkdir(parents=True)
+    for path in (runtime, runtime / "keyfence"):
+        os.chown(path, VICTIM, VICTIM)
+    runtime.chmod(0o700)
+    (runtime / "keyfence").chmod(0o755)
+    try:
+        code, output = run_victim(
+            users.keyfence_argv("daemon", "--detach"), victim_env(XDG_RUNTIME_DIR=str(runtime))
+        )
+        assert code == 1, output
+        assert "chmod 700" in output and "Traceback" not in output, output
+        assert not (runtime / "keyfence" / "sock").exists()
+    finally:
+        kill_daemon_of(runtime / "keyfence" / "sock")

@@ -419,7 +419,12 @@ def add_parsers(sub: Any) -> None:
         " to the session keyring @s; the directory's files become readable.",
     )
     unlock.add_argument("path", help="an encrypted directory of a keyfence mount")
-    unlock.add_argument("-S", dest="salt", metavar="SALT", help=SALT_HELP + " (required)")
+    unlock.add_argument(
+        "-S",
+        dest="salt",
+        metavar="SALT",
+        help=SALT_HELP + " (default: the salt stored with the directory's policy)",
+    )
     unlock.set_defaults(run=cmd_unlock)
     e4 = sub.add_parser("e4crypt", help="e4crypt(8)'s commands")
     e4sub = e4.add_subparsers(dest="e4command", required=True)

@@ -129,7 +129,7 @@ static int warm_socket_path(char *out, size_t size)
     if (env != NULL && *env != '\0')
         n = snprintf(out, size, "%s", env);
     else {
-        if (runtime == NULL || *runtime == '\0') {
+        if (runtime == NULL || *runtime != '/') { /* unset, or relative: invalid (XDG) */
             snprintf(logind, sizeof logind, "/run/user/%u", (unsigned)geteuid());
             runtime = (stat(logind, &st) == 0 && S_ISDIR(st.st_mode)) ? logind : NULL;
         }

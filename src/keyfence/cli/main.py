@@ -150,7 +150,17 @@ def run_daemon_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("daemon: --socket: an empty path")
     private = True if args.private else False if args.system else None
     try:
-        path = args.socket or paths.default_socket()
+        if args.socket:
+            path = args.socket
+        else:
+            place = paths.locate()
+            path = place.path
+            if place.private_dir is not None:
+                # the per-user directory as every client checks it (0700,
+                # ours): a daemon never serves where its clients would refuse
+                from keyfence import socket_trust
+
+                socket_trust.make_private_dir(place.private_dir)
         logging.basicConfig(level=logging.INFO, format="keyfence daemon: %(message)s")
         return run_daemon(path, private=private, detach=args.detach)
     except OSError as err:  # the socket's directory: missing, not ours, not a directory

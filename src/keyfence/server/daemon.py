@@ -129,7 +129,7 @@ class Daemon:
             os.close(fd)
             raise DaemonRunning(
                 f"a keyfence daemon (pid {owner}) already serves {self.path}; "
-                "stop it first or set KEYFENCE_SOCKET to another path"
+                f"stop it first (kill {owner}) or set KEYFENCE_SOCKET to another path"
             ) from None
         self._lock_file = fd
         self.record_pid()
