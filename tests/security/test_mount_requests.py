@@ -499,3 +499,32 @@ def test_a_user_has_a_bounded_number_of_mounts_and_dirty_memory(
         assert huge.returncode == 1 and "a quarter of the machine's memory" in huge.stderr
         for mnt, _d in made[:2]:
             assert s.keyfence(USER, "umount", str(mnt)).returncode == 0
+
+
+def test_a_failed_user_mount_says_why(s: Scene) -> None:
+    """A helper's install run (2026-12-07): a per-user daemon's mount that
+    fusermount3 refused said only "mount failed: worker exited with status
+    1"; the cause was in a worker log the message did not name."""
+    if os.stat("/dev/fuse").st_mode & 0o006:
+        pytest.skip("/dev/fuse is open to every user here: nothing refuses the mount")
+    home = s.directory("failhome", mode=0o700)
+    runtime = s.directory("failhome/runtime", mode=0o700)
+    env = users.environment(XDG_RUNTIME_DIR=str(runtime), KEYFENCE_SYSTEM_SOCKET="/nonexistent")
+    env.pop("KEYFENCE_SOCKET", None)
+    script = f"cd {home} && mkdir b m && {users.SYSTEM_PYTHON} -m keyfence.cli.main mount b m"
+    try:
+        done = subprocess.run(
+            users.as_uid(USER, ["sh", "-c", script]),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+            cwd="/",
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "/dev/fuse" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    finally:
+        lock = runtime / "keyfence" / "sock.lock"
+        if lock.exists():
+            os.kill(int(lock.read_text().strip()), 15)

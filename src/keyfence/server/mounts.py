@@ -480,7 +480,12 @@ class MountSupervisor:
             target=self._supervise, args=(mount,), name="keyfence-mount", daemon=True
         ).start()
         if not mount.ready.wait(READY_TIMEOUT) or mount.state != "mounted":
-            detail = mount.error or self._stderr_tail(mount) or "the worker did not start"
+            detail = mount.error or "the worker did not start"
+            # the worker's last words say why (fusermount3's "failed to open
+            # /dev/fuse"); its log is the daemon's, out of the caller's reach
+            last = self._stderr_tail(mount).splitlines()[-1:]
+            if last and last[0] not in detail:
+                detail = f"{detail}: {last[0]}"
             if process.poll() is None:
                 process.kill()
             raise KeyfenceError(errno.EIO, f"mount failed: {detail}")
