@@ -623,3 +623,29 @@ def test_a_daemon_that_never_answers_hello_is_an_error_not_a_hang(
     (err,) = outcome
     assert isinstance(err, KeyfenceError) and err.errno == errno.ETIMEDOUT, err
     assert "did not answer in 1 s" in str(err)
+
+
+def test_a_removal_whose_caller_went_away_is_not_done_later(daemon: DaemonProcess) -> None:
+    """A helper's install run (2026-12-07): Ctrl-C on a kfctl removal that
+    waited for a key user ended kfctl, and the daemon revoked the key
+    anyway once the user was done.  A caller that goes away now aborts
+    its removal, as its timeout would: nothing is removed."""
+    with Client.connect(daemon.socket, autostart=False) as c:
+        key = c.add_key("user", "k", b"x", S)
+        release = threading.Event()
+        c.watch(key, lambda n: release.wait(30) if n.phase == "before" else None, sync=True)
+        env = dict(daemon.env, KEYFENCE_KFCTL_WARM="0")
+        revoking = subprocess.Popen(
+            [sys.executable, "-m", "keyfence.cli.kfctl", "revoke", str(key)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.5)  # it waits for the watcher now
+        assert revoking.poll() is None
+        revoking.send_signal(signal.SIGINT)
+        assert revoking.wait(10) == -signal.SIGINT
+        time.sleep(0.5)  # the daemon sees the connection close
+        release.set()
+        time.sleep(1)
+        assert c.read(key) == b"x"

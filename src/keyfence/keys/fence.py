@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
 
+from keyfence.keys import waits
 from keyfence.keys.notify import Notification, Watch, watcher_text
 
 _local = threading.local()
@@ -178,6 +179,9 @@ class FenceOutcome(Enum):
     """A watcher raised: the removal is aborted."""
     TIMEOUT = "timeout"
     """The caller's deadline passed with watchers still working."""
+    GONE = "gone"
+    """The caller went away (a kfctl stopped with Ctrl-C) with watchers
+    still working: as a timeout, nothing is removed."""
 
 
 class FenceRound:
@@ -303,6 +307,8 @@ class FenceRound:
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = now + WATCH_CHECK_SECONDS
+                    if waits.caller_gone():
+                        return FenceOutcome.GONE
                     for call in self._calls:
                         if not call.done and not call.watch.active:
                             self._finish(call)  # the watcher went away: counts as done

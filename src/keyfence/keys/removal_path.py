@@ -54,6 +54,7 @@ from keyfence.keys.notify import (
 )
 from keyfence.keys.quota import QuotaTable
 from keyfence.keys.removal import Removal, Why
+from keyfence.keys.waits import check_interrupted
 
 T = TypeVar("T")
 
@@ -247,6 +248,7 @@ class RemovalPath:
         return {(watch.id, key) for watch, key in pending}
 
     def _wait_changed_locked(self, deadline: float | None, what: str) -> None:
+        check_interrupted(what)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise fail(errno.ETIMEDOUT, f"still waiting for {what}; nothing was removed")
@@ -310,6 +312,12 @@ class RemovalPath:
             raise fail(
                 errno.ETIMEDOUT,
                 f"still flushing: {fence_round.describe_pending()}; nothing was removed",
+            )
+        if outcome is FenceOutcome.GONE:  # the caller gave up: not done behind its back
+            raise fail(
+                errno.EINTR,
+                f"the caller went away while {fence_round.describe_pending()} flushed;"
+                " nothing was removed",
             )
 
     @staticmethod

@@ -75,6 +75,12 @@ def interrupted_when(gone: Callable[[], bool]) -> contextlib.AbstractContextMana
     return _for_this_block("gone", gone)
 
 
+def caller_gone() -> bool:
+    """Whether this thread's caller has gone (see :func:`interrupted_when`)."""
+    gone = getattr(_thread, "gone", None)
+    return gone is not None and bool(gone())
+
+
 def check_interrupted(what: str) -> None:
     """Waiting for ``what`` (again): EINTR if this thread's caller has gone,
     else nothing."""
