@@ -13,8 +13,9 @@ Run as root: ``python3 pam_login.py SERVICE USER COMMAND`` with the
 password in ``$PAM_LOGIN_PASSWORD`` (removed from ``os.environ`` before
 anything else runs, so the shell does not get it; the process's initial
 environment block, ``/proc/PID/environ``, keeps it for the login, readable
-by root alone: a test and demo program, not a login program to deploy); with ``$PAM_LOGIN_NEW_PASSWORD`` the password is
-changed (pam_chauthtok) after the command, before the session closes.
+by root alone: a test and demo program, not a login program to deploy);
+with ``$PAM_LOGIN_NEW_PASSWORD`` the password is changed (pam_chauthtok)
+after the command, before the session closes.
 Exit status: the command's, or 90 + the PAM step that failed.  The last
 line on standard error is ``pam_login: close_session took S s`` (the
 logout as a user waits for it, keyfence pam's start included).
