@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -649,3 +650,58 @@ def test_a_removal_whose_caller_went_away_is_not_done_later(daemon: DaemonProces
         release.set()
         time.sleep(1)
         assert c.read(key) == b"x"
+
+
+def test_a_detached_daemon_delivers_notifications_and_expires_keys(tmp_path: Path) -> None:
+    """A helper's permissions run (2026-12-07): `keyfence daemon --detach`
+    (how every client autostarts one) forked after the key service had
+    started its collector and notifier threads, and the child had neither:
+    no watcher was told anything, no key expired, and an emergency removal
+    never reached a mount, which went on serving plaintext."""
+    sock = tmp_path / "sock"
+    tmp_path.chmod(0o700)
+    started = subprocess.run(
+        [sys.executable, "-m", "keyfence.cli.main", "daemon", "--detach", "--socket", str(sock)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    pid = int((tmp_path / "sock.lock").read_text().strip())
+    try:
+        with Client.connect(str(sock), autostart=False) as c:
+            key = c.add_key("user", "k", b"x", S)
+            told = threading.Event()
+            c.watch(key, lambda note: told.set(), sync=False)
+            c.update(key, b"y")
+            assert told.wait(10), "no notification from a detached daemon"
+            c.set_timeout(key, 1)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    c.read(key)
+                except KeyfenceError as err:
+                    assert err.errno == errno.EKEYEXPIRED
+                    break
+                assert time.monotonic() < deadline, "the key never expired"
+                time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_a_detached_daemon_that_cannot_serve_fails_its_starter(tmp_path: Path) -> None:
+    """The starter leaves with the child's outcome: a second daemon for the
+    same socket says why and exits 1."""
+    sock = tmp_path / "sock"
+    tmp_path.chmod(0o700)
+    argv = [sys.executable, "-m", "keyfence.cli.main", "daemon", "--detach", "--socket", str(sock)]
+    first = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert first.returncode == 0, first.stderr
+    pid = int((tmp_path / "sock.lock").read_text().strip())
+    try:
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert f"already serves {sock}" in second.stdout + second.stderr
+        assert int((tmp_path / "sock.lock").read_text().strip()) == pid
+    finally:
+        os.kill(pid, signal.SIGTERM)

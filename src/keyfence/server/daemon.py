@@ -358,6 +358,28 @@ def _refuse(sock: socket.socket, code: int, message: str) -> None:
     sock.close()
 
 
+def _detach() -> int:
+    """Fork; the parent waits for the child's word and leaves with it (0
+    once the child serves, 1 if it exits first, having said why on the
+    same terminal).  The child, in a session of its own in "/" (as
+    gpg-agent: the starter's directory is not held busy), gets the pipe to
+    send that word on.  It forks before anything starts a thread: the key
+    service's collector and notifier did not survive a fork after them (a
+    detached daemon delivered no notification, and an emergency removal
+    never reached a mount)."""
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        word = b""
+        while chunk := os.read(read_end, 16):
+            word += chunk
+        os._exit(0 if word == b"ok" else 1)
+    os.close(read_end)
+    os.setsid()
+    os.chdir("/")
+    return write_end
+
+
 def _let_go_of_the_terminal(path: str) -> None:
     """A detached daemon keeps no terminal or pipe of its caller open (a
     ``$(keyfence daemon --detach)`` or a test reading its output would wait
@@ -408,19 +430,17 @@ def run_daemon(
     fdtable.occupy_standard()  # before the listener and connections take a number
     if private is None:
         private = os.geteuid() != 0
+    ready = _detach() if detach else None
     daemon = Daemon(path, service=service, private_uid=os.geteuid() if private else None)
     try:
         daemon.bind(systemd.listen_socket())
     except DaemonRunning as err:
         print(f"keyfence daemon: {err}", flush=True)
         return 1
-    if detach:
-        if os.fork():
-            os._exit(0)
-        os.setsid()
-        os.chdir("/")  # as gpg-agent: the starter's directory is not held busy
+    if ready is not None:
         _let_go_of_the_terminal(path)
-        daemon.record_pid()
+        os.write(ready, b"ok")  # the parent leaves: the socket accepts
+        os.close(ready)
     # the socket accepts from here on (connections wait in its backlog)
     systemd.take_notify_socket()
     systemd.notify("READY=1")
