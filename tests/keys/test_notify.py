@@ -399,3 +399,36 @@ def test_a_patient_watcher_of_another_removal_is_waited_for(
         svc.unlink(root, serial, S, timeout=1.0)
     assert info.value.errno == errno.ETIMEDOUT
     release.set()
+
+
+def test_a_foreign_watcher_that_adds_watches_holds_a_removal_one_bound_in_all(
+    svc: KeyService, root: Caller, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper's permissions run (2026-12-07): the foreign bound was per
+    round, and a watcher that registered one more synchronous watch each
+    time it was called started a new round each time: root's clear (and a
+    victim's, and the end of root's login) lasted as long as the attacker
+    liked.  The bound is the removal's now: later foreign calls are told
+    afterwards, uncalled (checked failing before: 20 rounds, 10 s)."""
+    from keyfence.keys import fence, removal_path
+
+    monkeypatch.setattr(removal_path, "FOREIGN_WATCHER_SECONDS", 0.5)
+    monkeypatch.setattr(fence, "FOREIGN_WATCHER_SECONDS", 0.5)
+    in_roots_session = Caller(uid=alice.uid, gid=alice.gid, pid=201, session=root.session)
+    planted = svc.add_key(in_roots_session, "user", "planted", b"x", S)
+    never = threading.Event()
+    rounds: list[int] = []
+
+    def one_more(note: Notification) -> None:
+        if note.phase is Phase.BEFORE:
+            rounds.append(1)
+            if len(rounds) < 20:
+                svc.watch(in_roots_session, planted, one_more, sync=True, name="again")
+            never.wait(10)
+
+    svc.watch(in_roots_session, planted, one_more, sync=True, name="again")
+    started = time.monotonic()
+    svc.clear(root, S, timeout=30)
+    assert time.monotonic() - started < 3, len(rounds)
+    assert svc.find_key(planted) is None
+    never.set()

@@ -194,9 +194,11 @@ class FenceRound:
         nkeys: int,
         calls: list[tuple[Watch, Notification]],
         foreign: frozenset[int] = frozenset(),
+        foreign_until: float | None = None,
     ) -> None:
-        """``foreign``: ids of the watches that may hold the removal up for
-        FOREIGN_WATCHER_SECONDS at most, and cannot abort it."""
+        """``foreign``: ids of the watches that may hold the removal up
+        until ``foreign_until`` (a monotonic time; default
+        FOREIGN_WATCHER_SECONDS from now) at most, and cannot abort it."""
         self.removal = removal
         self.op = op
         self.nkeys = nkeys
@@ -207,7 +209,9 @@ class FenceRound:
         self._reports: list[RemovalProgress] = []
         self.failure: tuple[Watch, BaseException] | None = None
         self._start = time.monotonic()
-        until = self._start + FOREIGN_WATCHER_SECONDS
+        until = (
+            foreign_until if foreign_until is not None else self._start + FOREIGN_WATCHER_SECONDS
+        )
         for watch, note in calls:
             call = _Call(watch, note, WatcherProgress(watch.name, note.key))
             call.note = replace(note, _report=self._reporter(call))

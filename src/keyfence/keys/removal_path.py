@@ -160,6 +160,10 @@ class RemovalPath:
         answer: T
         called: set[tuple[int, int]] = set()
         took_over = False  # another removal's keys are ours now: never build again
+        foreign_until: float | None = None
+        """Foreign watchers hold this removal up to here, over all its rounds
+        (per round, a watcher that added a watch each time it was called
+        started a new 5 s round each time, without end)."""
         held_since: dict[int, float] = {}  # another removal -> when it first held us
         fenced: list[Key] = []
         gated: list[Key] = []
@@ -193,6 +197,10 @@ class RemovalPath:
                             took_over = True
                             continue
                         calls = self._sync_calls_locked(removal, called)
+                        if calls and foreign_until is None:
+                            foreign_until = time.monotonic() + FOREIGN_WATCHER_SECONDS
+                        elif calls and time.monotonic() >= (foreign_until or 0.0):
+                            calls = self._past_foreign_bound_locked(removal, calls, called)
                         if calls:
                             for key in removal.going:
                                 if not key.fenced_by:
@@ -207,7 +215,7 @@ class RemovalPath:
                     else:
                         self._apply_locked(removal)
                         break
-                self._call_watchers(removal, calls, deadline, progress)
+                self._call_watchers(removal, calls, deadline, progress, foreign_until)
                 called.update((w.id, n.key) for w, n in calls)
         finally:
             with self.lock:
@@ -280,17 +288,39 @@ class RemovalPath:
                 busy = True
         return busy
 
+    def _past_foreign_bound_locked(
+        self,
+        removal: Removal,
+        calls: list[tuple[Watch, Notification]],
+        called: set[tuple[int, int]],
+    ) -> list[tuple[Watch, Notification]]:
+        """``calls`` without the foreign ones, once the removal's foreign
+        bound has passed: those count as done uncalled (told afterwards, as
+        in an emergency)."""
+        patient = self._patient_uids(removal)
+        kept = []
+        for watch, note in calls:
+            if watch.owner_uid in patient:
+                kept.append((watch, note))
+            else:
+                called.add((watch.id, note.key))
+        return kept
+
     def _call_watchers(
         self,
         removal: Removal,
         calls: list[tuple[Watch, Notification]],
         deadline: float | None,
         progress: Callable[[RemovalProgress], None] | None,
+        foreign_until: float | None = None,
     ) -> None:
-        """Call the synchronous watchers (no lock held) and wait for them."""
+        """Call the synchronous watchers (no lock held) and wait for them;
+        foreign ones until ``foreign_until`` at most."""
         patient = self._patient_uids(removal)
         foreign = frozenset(w.id for w, _note in calls if w.owner_uid not in patient)
-        fence_round = FenceRound(removal.id, removal.op, len(removal.going), calls, foreign)
+        fence_round = FenceRound(
+            removal.id, removal.op, len(removal.going), calls, foreign, foreign_until
+        )
         with self.lock:
             self._rounds[removal.id] = fence_round
         try:
