@@ -86,6 +86,10 @@ class RemoteWatcher:
             seq = next(conn.seqs)
             if waiter is not None:
                 conn.acks[seq] = waiter
+        # who acted, only to root and to the actor itself: the kernel's
+        # notification names nobody, and another watcher (a key's "other"
+        # view suffices) would learn who touched the key, and when
+        told = conn.uid in (0, note.uid)
         conn.send(
             protocol.Event(
                 watch=self.watch_id,
@@ -94,8 +98,8 @@ class RemoteWatcher:
                 event=note.event.label,
                 aux=note.aux,
                 op=note.op,
-                uid=note.uid,
-                pid=note.pid,
+                uid=note.uid if told else None,
+                pid=note.pid if told else None,
                 phase=note.phase.value,
                 emergency=note.emergency,
                 removal=note.removal,
