@@ -16,6 +16,7 @@ subprocess only when it needs them.
 from __future__ import annotations
 
 import _socket  # not socket: its enum and selectors cost start-up time
+import _thread  # not threading (start-up time): the calling thread's id
 import errno
 import posix  # not os: its import costs kfctl 1.7 ms
 
@@ -329,6 +330,9 @@ class Client:
         inside = getattr(_in_fence, "removal", 0)
         if inside:
             request["fence"] = inside
+        tid = _thread.get_native_id()
+        if tid != posix.getpid():  # not the main thread: its own @t
+            request["tid"] = tid
         if self._cond is None:
             self._pending[request_id] = pending
             self._send_or_fail(request, request_id)

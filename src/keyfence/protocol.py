@@ -65,6 +65,11 @@ class Request(msgspec.Struct, tag="req", forbid_unknown_fields=True):
     ``fence``: a removal of the keys that fence holds is EDEADLK at once
     (it would wait for the very callback that asks).  Claiming one only
     makes the caller's own request fail sooner."""
+    tid: int = 0
+    """The calling thread, when it is not the process's main thread: its
+    ``@t`` (and the FUSE lookups') is that thread's own, as the kernel's
+    credentials are per thread.  The daemon takes it only for a thread of
+    the connected process (``/proc/PID/task/TID``)."""
 
 
 class Reply(msgspec.Struct, tag="reply", forbid_unknown_fields=True):

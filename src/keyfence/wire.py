@@ -30,7 +30,7 @@ HEADER_SIZE = 4
 FIELDS: dict[str, tuple[str, ...]] = {
     "hello": ("version", "client"),
     "welcome": ("version", "server", "pid", "uid", "gid", "session"),
-    "req": ("id", "op", "args", "timeout", "emergency", "progress", "fence"),
+    "req": ("id", "op", "args", "timeout", "emergency", "progress", "fence", "tid"),
     "reply": ("id", "value"),
     "error": ("id", "errno", "message"),
     "status": ("id", "op", "removal", "keys", "elapsed", "pending"),

@@ -452,3 +452,51 @@ def test_a_set_user_id_program_has_its_real_users_keyrings(daemon: DaemonProcess
     kernel, keyfence = reports
     assert [out.split(";")[-1] for out, _ in kernel] == [f"_uid.{uid}\n", f"_uid_ses.{uid}\n"]
     assert keyfence == kernel
+
+
+# Each of five threads makes its @t and puts a key in it; the main thread
+# makes its own; then the threads are gone.
+THREADS_PROBE = (
+    CALLS
+    + r"""
+import errno, threading, time
+made = {}
+def worker(n):
+    made[n] = keyring(-1, True)
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(5)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+mine = keyring(-1, True)
+rings = sorted(made.values())
+print("distinct:", len(set(rings)), all(r > 0 for r in rings), mine not in rings)
+deadline = time.monotonic() + 15
+while any(describe(r) >= 0 for r in rings) and time.monotonic() < deadline:
+    time.sleep(0.1)
+gone = [describe(r) for r in rings] == [-errno.ENOKEY] * 5
+print("after the threads:", gone, describe(mine) >= 0)
+"""
+)
+
+
+def test_each_thread_has_its_own_thread_keyring(daemon: DaemonProcess) -> None:
+    """@t is per thread (the kernel's credentials are) and ends with its
+    thread.  Before: the daemon knew only the process, and every thread of
+    it shared one @t, which lived until the process exited."""
+    if UNSHARE is None:
+        pytest.skip("unshare (util-linux) is missing: no kernel oracle")
+    argv = [sys.executable, "-c", THREADS_PROBE]
+    expected = "distinct: 5 True True\nafter the threads: True True\n"
+    kernel = subprocess.run(
+        [UNSHARE, "--user", "--map-root-user", *argv, "kernel"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (kernel.stdout, kernel.returncode) == (expected, 0), kernel.stderr
+    ours = subprocess.run(
+        [*argv, "ours"], env=daemon.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (ours.stdout, ours.returncode) == (expected, 0), ours.stderr

@@ -705,3 +705,20 @@ def test_a_detached_daemon_that_cannot_serve_fails_its_starter(tmp_path: Path) -
         assert int((tmp_path / "sock.lock").read_text().strip()) == pid
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+def test_a_thread_id_counts_only_for_a_thread_of_the_caller(
+    daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request names its thread (for that thread's @t); a tid that is no
+    thread of the connected process (init's, here) is refused, ESRCH: a
+    client cannot take another process's thread keyring."""
+    from keyfence import client as client_module
+
+    with Client.connect(daemon.socket, autostart=False) as c:
+        monkeypatch.setattr(client_module._thread, "get_native_id", lambda: 1)
+        with pytest.raises(KeyfenceError) as info:
+            c.get_keyring_id(-1, True)
+        assert info.value.errno == errno.ESRCH
+        monkeypatch.undo()
+        assert c.get_keyring_id(-1, True) > 0

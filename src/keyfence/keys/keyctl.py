@@ -1462,6 +1462,12 @@ class KeyService:
             )
             return sorted(found)
 
+    def anchored_threads(self) -> list[tuple[int, int, int]]:
+        """(pid, start time, tid) of every thread other than a process's
+        main one that holds a thread keyring (they end with the thread)."""
+        with self._lock:
+            return [t for t in self._special.threads if t[2] != t[0]]
+
     def anchored_sessions(self) -> list[Hashable]:
         """Every session that has a session keyring."""
         with self._lock:

@@ -17,9 +17,11 @@ service lock, then a connection's lock.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -451,6 +453,19 @@ class Connection:
         else:
             self.send(reply)
         return True
+
+    def caller_for(self, request: protocol.Request) -> Caller:
+        """The caller as the thread that sent ``request``: a thread other
+        than the main one has its own ``@t``, as the kernel's credentials
+        are per thread.  Only a thread of the connected process counts
+        (ESRCH otherwise: the thread has gone, or was never its)."""
+        tid = request.tid
+        caller = self.caller
+        if not tid or tid == caller.pid:
+            return caller
+        if tid < 0 or not os.path.exists(f"/proc/{caller.pid}/task/{tid}"):
+            raise KeyfenceError(errno.ESRCH, f"thread {tid} is not one of the calling process's")
+        return dataclasses.replace(caller, tid=tid)
 
     def watch(self, key_id: int, mask: KeyEvent, sync: bool, name: str | None) -> int:
         with self.lock:

@@ -260,6 +260,10 @@ class Daemon:
             self._end(("process", pid, start), functools.partial(self._exit, pid, start))
         for token in self.service.retired():  # @p and @t an exec took
             self._end(("exec", token), functools.partial(self.service.release_retired, token))
+        for pid, start, tid in self.service.anchored_threads():  # @t ends with its thread
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                exited = functools.partial(self.service.thread_exited, pid, tid, start)
+                self._end(("thread", pid, start, tid), exited)
 
     def _exit(self, pid: int, start: int) -> None:
         self.service.process_exited(pid, start)

@@ -17,6 +17,7 @@ identity and session keyrings across users").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -232,8 +233,9 @@ def caller_of_pid(
 ) -> Caller | None:
     """The Caller for a process known only by pid (a FUSE request's): its
     effective uid and gid from /proc, pinned by pidfd while /proc is read,
-    its session keyring resolved as for a connection.  A thread id counts
-    as its process.  None if the process is gone."""
+    its session keyring resolved as for a connection.  A thread id is its
+    process's caller with that thread's own ``@t``.  None if the process
+    is gone."""
     creds = read_creds(pid)
     if creds is None:
         return None
@@ -248,4 +250,6 @@ def caller_of_pid(
     finally:
         with contextlib.suppress(OSError):
             os.close(pidfd)
+    if pid != creds.tgid:  # the requesting thread's own @t, as the kernel's lookup
+        caller = dataclasses.replace(caller, tid=pid)
     return caller

@@ -126,12 +126,13 @@ def _service(name: str, *, removal: bool = False) -> Handler:
 
     def call(conn: Connection, request: protocol.Request) -> Any:
         method: Callable[..., Any] = getattr(conn.daemon.service, name)
+        caller = conn.caller_for(request)
         with inside_fence(request.fence):
             if not removal:
-                return method(conn.caller, *request.args)
+                return method(caller, *request.args)
             progress = conn.progress_sender(request.id) if request.progress else None
             return method(
-                conn.caller,
+                caller,
                 *request.args,
                 timeout=request.timeout,
                 emergency=request.emergency,
@@ -160,12 +161,12 @@ def _key_users(conn: Connection, request: protocol.Request) -> list[list[int]]:
 
 def _keyring_tree(conn: Connection, request: protocol.Request) -> list[object]:
     key_id, levels = request.args
-    root, entries = keyring_tree(conn.daemon.service, conn.caller, key_id, levels)
+    root, entries = keyring_tree(conn.daemon.service, conn.caller_for(request), key_id, levels)
     return [root, entries]
 
 
 def _keyring_members(conn: Connection, request: protocol.Request) -> list[list[int | str]]:
-    return keyring_members(conn.daemon.service, conn.caller, request.args[0])
+    return keyring_members(conn.daemon.service, conn.caller_for(request), request.args[0])
 
 
 def _ping(conn: Connection, request: protocol.Request) -> str:
