@@ -4,11 +4,12 @@ Each entry must be what the kernel parses (fs/fuse/protocol.py): for
 READDIRPLUS a fuse_entry_out (with its fuse_attr, as ``entry_bytes`` makes
 it for a LOOKUP) then a fuse_dirent, the name, and NULs to the next 8
 bytes; for READDIR the dirent alone.  An entry that does not fit is left
-out whole.
+out whole.  The answer is zeroed when let go.
 """
 
 from __future__ import annotations
 
+import ctypes
 import random
 import stat
 
@@ -88,4 +89,25 @@ def test_an_entry_that_does_not_fit_is_left_out_whole(plus: bool) -> None:
     buf = DirBuffer(2 * one, plus)
     assert buf.add(b"name", a, 1) and buf.add(b"name", a, 2)  # exactly full
     assert not buf.add(b"n", a, 3)
-    assert buf.used == 2 * one and len(buf.parts) == 2
+    assert buf.used == 2 * one
+    assert [bytes(part) for part in buf.parts] == [
+        _expected(b"name", a, 1, plus) + _expected(b"name", a, 2, plus)
+    ]
+
+
+def test_an_answer_is_zeroed_once_let_go() -> None:
+    """The entries are one buffer, zeroed when the answer is freed (after it
+    was written): an encrypted directory's listing is its plaintext names.
+    Read where the buffer was, after it was freed (malloc's memory: still
+    mapped; the allocator writes only its list pointers at the start)."""
+    buf = DirBuffer(4096, True)
+    assert buf.parts == []
+    assert buf.add(b"secret-name", _attrs(random.Random(1)), 1)
+    answer = buf.parts
+    assert bytes(answer[0]).endswith(b"secret-name\0\0\0\0\0")
+    raw = buf.buffer
+    assert raw is not None
+    size = len(raw)
+    address = ctypes.addressof((ctypes.c_char * size).from_buffer(raw))
+    del buf, raw, answer
+    assert b"secret-name" not in ctypes.string_at(address, size)

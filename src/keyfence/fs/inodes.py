@@ -43,7 +43,7 @@ from collections.abc import Iterator
 
 from keyfence import fdtable
 from keyfence.errors import KeyfenceError
-from keyfence.fs import syscalls
+from keyfence.fs import syscalls, wipe
 from keyfence.fs.crypto import DirectoryCipher, EncryptedName
 from keyfence.fs.format import (
     POLICY_FILE_NAME,
@@ -173,15 +173,24 @@ class Inode:
 
     def remember_name(self, enc: EncryptedName, plain: bytes) -> None:
         if len(self.plain_names) > 100_000:  # a huge directory: keep memory bounded
+            spent = list(self.plain_names.values())
             self.plain_names.clear()
             self.disk_names.clear()
+            wipe.release(spent)
         self.plain_names[enc.disk_name] = plain
         self.disk_names[plain] = enc
 
     def forget_name(self, disk: str) -> None:
+        """The entry ``disk`` went (unlink, rename): its plaintext name is
+        zeroed unless something still uses it (a listing in progress, the
+        request that renamed it)."""
+        spent = []
         plain = self.plain_names.pop(disk, None)
         if plain is not None:
             self.disk_names.pop(plain, None)
+            spent.append(plain)
+        del plain
+        wipe.release(spent)
 
     def __repr__(self) -> str:
         return f"Inode({self.ino}, kind={self.kind:o}, links={list(self.links)})"
@@ -459,7 +468,7 @@ class InodeTable:
     def reload_policy(self, inode: Inode) -> None:
         parent = None if inode.ino == ROOT_INODE else self._inodes.get(self.parent_of(inode.ino))
         self._load_policy(inode, parent)
-        inode.forget_names()
+        wipe.release(inode.forget_names())
 
     def link_of(self, parent: int, name: str) -> Inode | None:
         ino = self._children.get(parent, {}).get(name)
@@ -508,6 +517,7 @@ class InodeTable:
         self._drop_links(inode)
         self._release_fd(inode)
         del self._inodes[ino]
+        wipe.release(inode.forget_names())  # a directory's names and cipher
         return inode
 
     def children_of(self, ino: int) -> list[tuple[str, Inode]]:

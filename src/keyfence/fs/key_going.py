@@ -247,16 +247,20 @@ class KeyGoing:
     def _key_dropped(self, binding: Binding, going: GoingAway) -> None:
         desc = binding.description
         self.keys.unbind(binding)
-        labels = {f.ino: self.label_of(f.ino) for f in self.cache.files(desc)}
         busy, dropped = self.cache.drop_key(desc)
+        # labelled while the names are still known (the eviction forgets
+        # them), and only the files the owner is told about: a label is a
+        # plaintext path (text, not zeroed), one per cached file would
+        # leave every name of the directory behind
+        labels = {ino: self.label_of(ino) for ino in (*dropped, *busy)}
         for ino, lost in dropped.items():
-            label = labels.get(ino) or self.label_of(ino)
+            label = labels[ino]
             going.dropped[label] = going.dropped.get(label, 0) + lost
         if dropped:
             log.warning("%s: emergency removal dropped data of %d files", desc, len(dropped))
             log.debug("%s: dropped: %s", desc, going.dropped)
         eviction = self._in_loop(lambda: self._evict(binding))
-        eviction.busy = [labels.get(ino) or self.label_of(ino) for ino in busy]
+        eviction.busy = [labels[ino] for ino in busy]
         self._finish(binding, eviction, emergency=True)
 
     def _finish(self, binding: Binding, eviction: _Eviction, **report: object) -> None:
@@ -318,10 +322,17 @@ class KeyGoing:
 
     @staticmethod
     def _wipe(eviction: _Eviction) -> None:
-        """Zero the evicted names and directory keys nothing uses any more
-        (a name a suspended request still holds is left alone)."""
+        """Zero the evicted names (the caches' and the negative entries')
+        and directory keys nothing uses any more (a name a suspended
+        request still holds is left alone)."""
+        # each object once: a second reference from this list would look
+        # like a user elsewhere to wipe.release
+        spent = list(
+            {id(o): o for o in [*(n for _, n in eviction.entries), *eviction.spent]}.values()
+        )
         eviction.entries.clear()
-        wipe.release(eviction.spent)
+        eviction.spent.clear()
+        wipe.release(spent)
 
     def _invalidate(self, eviction: _Eviction) -> None:
         """Drop the kernel's dentries and pages under an evicted key.

@@ -27,6 +27,8 @@ eviction, which runs there too); no lock.
 
 from __future__ import annotations
 
+from keyfence.fs import wipe
+
 DEFAULT_LIMIT = 65536
 
 
@@ -77,5 +79,6 @@ class NegativeEntries:
         return sorted(names)
 
     def forget_dir(self, dir_ino: int) -> None:
-        """The kernel forgot the directory: its dentries, negative ones too, are gone."""
-        self.take(dir_ino)
+        """The kernel forgot the directory: its dentries, negative ones too,
+        are gone (the names, plaintext in an encrypted directory, zeroed)."""
+        wipe.release(self.take(dir_ino))

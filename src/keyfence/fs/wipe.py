@@ -11,9 +11,9 @@ freed unzeroed later): zeroing it would corrupt data, which is worse.
 
 What can be zeroed: ``bytes`` of two bytes or more (CPython keeps the
 contents inline; the empty and one-byte objects are shared by the whole
-interpreter and never touched), ``bytearray``, and objects with a
-``wipe()`` method (the ciphers: their key bytes).  ``str`` is not
-(names turned into text for reports stay until Python reuses them), nor
+interpreter and never touched), ``bytearray`` (and its subclasses), and
+objects with a ``wipe()`` method (the ciphers: their key bytes).  ``str``
+is not (names turned into text for reports stay until Python reuses them), nor
 anything in OpenSSL's or libfuse's own memory.
 """
 
@@ -41,7 +41,7 @@ _stream_zero = getattr(sealer.NATIVE, "zero", None)
 
 def zero(obj: Any) -> None:
     """Overwrite ``obj``'s contents with zeros, now, whoever uses it."""
-    if type(obj) is bytearray:
+    if isinstance(obj, bytearray):
         n = len(obj)
         if n >= _STREAM_FROM and _stream_zero is not None:
             _stream_zero(obj)

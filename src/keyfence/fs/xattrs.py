@@ -45,7 +45,7 @@ import pyfuse3
 from pyfuse3 import FUSEError, InodeT, RequestContext, XAttrNameT
 
 from keyfence.errors import fail
-from keyfence.fs import acl
+from keyfence.fs import acl, wipe
 from keyfence.fs import syscalls as sc
 from keyfence.fs.binding import KeyBindings
 from keyfence.fs.format import (
@@ -259,8 +259,8 @@ class Xattrs:
             os.close(fd)
         node.policy = policy
         node.policy_error = None
-        node.forget_names()
         self.dir_attributes.withdraw(node.ino)  # its names are encrypted from now on
+        wipe.release(node.forget_names())
         log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:

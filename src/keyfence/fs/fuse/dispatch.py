@@ -25,6 +25,7 @@ from typing import Any
 
 from pyfuse3 import FUSEError
 
+from keyfence.fs import wipe
 from keyfence.fs.fuse import protocol as p
 
 __all__ = ["Answer", "Caller", "DirBuffer", "Dispatcher", "Malformed", "error_code"]
@@ -167,19 +168,42 @@ _PLUS_HEAD = struct.Struct(
     "=" + p.ENTRY_OUT.format.lstrip("=") + p.ATTR.format.lstrip("=") + p.DIRENT.format.lstrip("=")
 )
 """fuse_direntplus without its name: fuse_entry_out (with fuse_attr) and fuse_dirent."""
-_PADS = tuple(b"\0" * k for k in range(8))
+
+
+class _ZeroedWhenFreed(bytearray):
+    """A READDIR answer's buffer: zeroed when the last reference goes, after
+    the answer was written (whichever way: fs/fuse/_loop.c, the session or
+    an io_uring entry, which copy it), not freed with the names still in it
+    (an encrypted directory's listing is its plaintext names)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        wipe.zero(self)
 
 
 class DirBuffer:
-    """The ``token`` of a READDIR(PLUS): entries until ``size`` bytes."""
+    """The ``token`` of a READDIR(PLUS): entries until ``size`` bytes.
 
-    __slots__ = ("parts", "plus", "size", "used")
+    The entries are packed in place into one buffer of ``size`` bytes,
+    made at the first entry (no intermediate ``bytes`` of a name is left
+    behind), and zeroed once the answer is written (:class:`_ZeroedWhenFreed`).
+    """
+
+    __slots__ = ("buffer", "plus", "size", "used")
 
     def __init__(self, size: int, plus: bool) -> None:
         self.size = size
         self.plus = plus
         self.used = 0
-        self.parts: list[bytes] = []
+        self.buffer: bytearray | None = None
+
+    @property
+    def parts(self) -> list[memoryview]:
+        """The answer: the entries added, one buffer (none without an entry)."""
+        if self.buffer is None:
+            return []
+        return [memoryview(self.buffer)[: self.used]]
 
     def add(self, name: bytes, attrs: Any, next_id: int) -> bool:
         """Add one entry; False (and nothing added) when it does not fit."""
@@ -188,40 +212,51 @@ class DirBuffer:
         total = (dirent + 7) & ~7
         if self.plus:
             total += _PLUS_HEAD.size - p.DIRENT.size
-        if self.used + total > self.size:
+        at = self.used
+        if at + total > self.size:
             return False
+        buf = self.buffer
+        if buf is None:
+            buf = self.buffer = _ZeroedWhenFreed(self.size)  # zeros: the padding
         kind = stat.S_IFMT(attrs.st_mode) >> 12
-        pad = _PADS[-dirent % 8]
-        if self.plus:  # entry_bytes and the dirent in one pack: one per entry of a listing
+        if self.plus:  # entry_out and the dirent in one pack: one per entry of a listing
             a = attrs
             entry_s, entry_ns = _seconds(a.entry_timeout)
             attr_s, attr_ns = _seconds(a.attr_timeout)
-            at, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
-            head = _PLUS_HEAD.pack(
+            at_, mt, ct = a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns
+            _PLUS_HEAD.pack_into(
+                buf, at,
                 a.st_ino, a.generation, entry_s, attr_s, entry_ns, attr_ns,
-                a.st_ino, a.st_size, a.st_blocks, at // _NS, mt // _NS, ct // _NS,
-                at % _NS, mt % _NS, ct % _NS, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
+                a.st_ino, a.st_size, a.st_blocks, at_ // _NS, mt // _NS, ct // _NS,
+                at_ % _NS, mt % _NS, ct % _NS, a.st_mode, a.st_nlink, a.st_uid, a.st_gid,
                 a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0,
                 a.st_ino, next_id, n, kind,
             )  # fmt: skip
+            start = at + _PLUS_HEAD.size
         else:
-            head = p.DIRENT.pack(attrs.st_ino, next_id, n, kind)
-        self.parts.append(head + name + pad)
-        self.used += total
+            p.DIRENT.pack_into(buf, at, attrs.st_ino, next_id, n, kind)
+            start = at + p.DIRENT.size
+        buf[start : start + n] = name
+        self.used = at + total
         return True
 
 
 def _name(body: memoryview, start: int = 0) -> bytes:
-    """The NUL-terminated name at ``start``."""
+    """The NUL-terminated name at ``start`` (the copy it is cut from zeroed:
+    a name in an encrypted directory is plaintext)."""
     raw = bytes(body[start:])
     end = raw.find(b"\0")
-    if end <= 0:
+    name = raw[:end] if end > 0 else b""
+    wipe.zero(raw)  # ours alone: made just above
+    if not name:
         raise Malformed("no name")
-    return raw[:end]
+    return name
 
 
 def _two_names(body: memoryview, start: int) -> tuple[bytes, bytes]:
-    parts = bytes(body[start:]).split(b"\0")
+    raw = bytes(body[start:])
+    parts = raw.split(b"\0")
+    wipe.zero(raw)  # ours alone: made just above
     if len(parts) < 3 or not parts[0] or not parts[1]:
         raise Malformed("two names expected")
     return parts[0], parts[1]
