@@ -214,11 +214,16 @@ def test_own_directory_left_open_is_refused(fallback_dir: Path) -> None:
         assert_refused(fake, code, output, str(fallback_dir), "0777")
 
 
-def test_wrong_owner_socket_at_keyfence_socket_is_refused_before_a_byte(scratch: Path) -> None:
+def attackers_socket(scratch: Path) -> Path:
+    """Where the attacker's fake daemon listens: a directory of its own."""
     attacker_dir = scratch / "attacker"
     attacker_dir.mkdir(mode=0o755)
     os.chown(attacker_dir, ATTACKER, ATTACKER)
-    sock = attacker_dir / "sock"
+    return attacker_dir / "sock"
+
+
+def test_wrong_owner_socket_at_keyfence_socket_is_refused_before_a_byte(scratch: Path) -> None:
+    sock = attackers_socket(scratch)
     with fake_daemon(sock) as fake:
         for argv, stdin in VICTIM_COMMANDS:
             code, output = run_victim(argv, victim_env(KEYFENCE_SOCKET=str(sock)), stdin)
@@ -324,10 +329,7 @@ def test_another_users_socket_is_refused_in_an_unmapped_user_namespace(scratch: 
     """Inside ``unshare -U`` the attacker's server and the victim both show
     as uid 65534.  Before: the client took that for "the server is me" and
     sent the attacker its request, payload and all."""
-    attacker_dir = scratch / "attacker"
-    attacker_dir.mkdir(mode=0o755)
-    os.chown(attacker_dir, ATTACKER, ATTACKER)
-    sock = attacker_dir / "sock"
+    sock = attackers_socket(scratch)
     with fake_daemon(sock) as fake:
         for argv, stdin in VICTIM_COMMANDS:
             code, output = run_victim(
