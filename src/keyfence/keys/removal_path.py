@@ -197,10 +197,11 @@ class RemovalPath:
                             took_over = True
                             continue
                         calls = self._sync_calls_locked(removal, called)
-                        if calls and foreign_until is None:
-                            foreign_until = time.monotonic() + FOREIGN_WATCHER_SECONDS
-                        elif calls and time.monotonic() >= (foreign_until or 0.0):
-                            calls = self._past_foreign_bound_locked(removal, calls, called)
+                        if calls:
+                            if foreign_until is None:
+                                foreign_until = time.monotonic() + FOREIGN_WATCHER_SECONDS
+                            elif time.monotonic() >= foreign_until:
+                                calls = self._past_foreign_bound_locked(removal, calls, called)
                         if calls:
                             for key in removal.going:
                                 if not key.fenced_by:

@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
@@ -37,6 +36,7 @@ from keyfence.keys.notify import KeyEvent, Notification, Phase, Watch
 from keyfence.keys.secret import wipe_bytes
 from keyfence.keys.waits import MustWait, interrupted_when, refusing_waits
 from keyfence.server import limits
+from keyfence.server.sessions import is_thread_of
 
 if TYPE_CHECKING:
     from keyfence.server.internal import DaemonParts
@@ -463,7 +463,7 @@ class Connection:
         caller = self.caller
         if not tid or tid == caller.pid:
             return caller
-        if tid < 0 or not os.path.exists(f"/proc/{caller.pid}/task/{tid}"):
+        if not is_thread_of(caller.pid, tid):
             raise KeyfenceError(errno.ESRCH, f"thread {tid} is not one of the calling process's")
         return dataclasses.replace(caller, tid=tid)
 

@@ -46,7 +46,7 @@ from keyfence.server.limits import MAX_INFLIGHT, UidLimits
 from keyfence.server.loop import Loop
 from keyfence.server.mounts import MountSupervisor, SupervisedMount
 from keyfence.server.optable import OPERATIONS
-from keyfence.server.sessions import SessionTracker
+from keyfence.server.sessions import SessionTracker, is_thread_of
 
 __all__ = [
     "MAX_INFLIGHT",
@@ -261,7 +261,7 @@ class Daemon:
         for token in self.service.retired():  # @p and @t an exec took
             self._end(("exec", token), functools.partial(self.service.release_retired, token))
         for pid, start, tid in self.service.anchored_threads():  # @t ends with its thread
-            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+            if not is_thread_of(pid, tid):
                 exited = functools.partial(self.service.thread_exited, pid, tid, start)
                 self._end(("thread", pid, start, tid), exited)
 

@@ -104,6 +104,12 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
 
 
+def is_thread_of(pid: int, tid: int) -> bool:
+    """Whether ``tid`` is a live thread of process ``pid`` (its main one
+    included)."""
+    return tid > 0 and os.path.exists(f"/proc/{pid}/task/{tid}")
+
+
 class _Gone(ProcStat):
     """A parent known from a fork record that has exited since."""
 
