@@ -15,10 +15,8 @@ caught by the tests' own timeouts and CI's).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import tempfile
 
 import pytest
@@ -37,9 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from keyfence.testing.warm import servers_at
+    from keyfence.testing.warm import stop_servers_at
 
-    for pid in servers_at(os.path.join(_PRIVATE, "kfctl.sock")):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+    stop_servers_at(os.path.join(_PRIVATE, "kfctl.sock"))
     shutil.rmtree(_PRIVATE, ignore_errors=True)

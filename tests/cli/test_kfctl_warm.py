@@ -23,7 +23,7 @@ import pytest
 
 from keyfence.cli import launcher
 from keyfence.testing.daemon import DaemonProcess, running_daemon
-from keyfence.testing.warm import WarmServer, running_warm_server, servers_at
+from keyfence.testing.warm import WarmServer, running_warm_server, servers_at, stop_servers_at
 
 PYTHON_KFCTL = [sys.executable, "-m", "keyfence.cli.kfctl"]
 
@@ -222,8 +222,7 @@ def test_no_server_runs_in_python_and_starts_one(daemon: DaemonProcess, tmp_path
         assert same(warm, first)
         assert oct(os.stat(sock).st_mode & 0o777) == oct(0o600)
     finally:
-        for pid in servers_at(sock):
-            os.kill(pid, signal.SIGTERM)
+        stop_servers_at(sock)
     assert _eventually(lambda: not servers_at(sock))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,3 +131,11 @@ def servers_at(sock: str) -> list[int]:
         ):
             found.append(int(name))
     return found
+
+
+def stop_servers_at(sock: str) -> None:
+    """SIGTERM every warm server :func:`servers_at` finds; one gone
+    meanwhile (a spare its server took down with it) is no error."""
+    for pid in servers_at(sock):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
