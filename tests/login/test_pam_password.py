@@ -13,13 +13,21 @@ passwd`` does it.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import subprocess
 import time
 
 import pytest
 
+from keyfence.cli import dir_keys
+from keyfence.cli.dir_keys import PROTECTORS_XATTR
+from keyfence.client import Client
+from keyfence.constants import KEY_SPEC_USER_KEYRING
+from keyfence.errors import KeyfenceError
 from keyfence.testing.login import LoginSetup
+from keyfence.testing.users import as_uid, environment, keyfence_argv
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +142,114 @@ def test_password_step_with_the_token_rewraps_from_the_stash(login_setup: LoginS
     assert "re-wrapped" not in log and "does not open it" not in log, log
     after = dict(backing_files(s))
     assert all(after.get(name) == blob for name, blob in before)  # nothing re-encrypted
+
+
+def _user_ids(s: LoginSetup) -> tuple[int, int]:
+    entry = pwd.getpwnam(s.user)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _as_user(s: LoginSetup, *args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    uid, gid = _user_ids(s)
+    return subprocess.run(
+        as_uid(uid, keyfence_argv(*args), gid=gid),
+        input=stdin,
+        env={**environment(s.env), "HOME": str(s.user_tmp)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd="/",
+    )
+
+
+def test_login_add_takes_only_the_login_password(login_setup: LoginSetup) -> None:
+    """A protector under a password that is not the login password would
+    never open at login: ``login add`` asks PAM first (as fscrypt does),
+    and a wrong password leaves the directory as it was (not encrypted,
+    not listed).  Before the check, both adds succeeded."""
+    s = login_setup
+    uid, gid = _user_ids(s)
+    mine = s.mnt / "pw-check"
+    mine.mkdir()
+    os.chown(mine, uid, gid)
+    mine.chmod(0o700)
+    config = s.config_dir / f"{s.user}.toml"
+    listed = config.read_text() if config.exists() else ""
+
+    wrong = s.keyfence(
+        "login", "add", "--user", s.user, "--config-dir", str(s.config_dir), str(mine),
+        stdin="not-" + s.password + "\n",
+    )  # fmt: skip
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert f"that is not {s.user}'s login password" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and s.password not in wrong.stderr
+    assert dir_keys.policy_of(str(mine)) is None and not any(mine.iterdir())
+    assert (config.read_text() if config.exists() else "") == listed
+
+    # the user's own add: pam_unix's helper checks the user's own password
+    # (the user's list goes in a plain home: the encrypted one is locked)
+    subprocess.run(["usermod", "-d", str(s.user_tmp), s.user], check=True)
+    theirs = _as_user(s, "login", "add", str(mine), stdin="not-" + s.password + "\n")
+    assert theirs.returncode == 1, theirs.stdout + theirs.stderr
+    assert f"that is not {s.user}'s login password" in theirs.stderr
+    assert dir_keys.policy_of(str(mine)) is None
+    right = _as_user(s, "login", "add", str(mine), stdin=s.password + "\n")
+    assert right.returncode == 0, right.stderr
+    assert dir_keys.policy_of(str(mine)) is not None
+
+
+def test_login_passwd_takes_only_the_new_login_password(login_setup: LoginSetup) -> None:
+    """``login passwd``'s new password must be the login password now (root
+    re-wraps after ``passwd alice``); another leaves the protector as it was."""
+    s = login_setup
+    before = os.getxattr(s.home, PROTECTORS_XATTR)
+    refused = s.keyfence(
+        "login", "passwd", "--user", s.user, "--config-dir", str(s.config_dir), str(s.home),
+        stdin=f"{s.password}\nnot-{s.password}\n",
+    )  # fmt: skip
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"that is not {s.user}'s login password" in refused.stderr
+    assert os.getxattr(s.home, PROTECTORS_XATTR) == before
+
+
+def test_the_password_check_runs_no_login_hook(login_setup: LoginSetup) -> None:
+    """An admin's ``/etc/pam.d/keyfence`` that includes ``common-auth``
+    would run ``keyfence pam`` for the check itself: for the service
+    ``keyfence`` it does nothing (no stash of the user's keys).  The same
+    call for the login's own service does stash them."""
+    s = login_setup
+    ring = f"keyfence-login:{s.user}"
+
+    def stashed() -> bool:
+        with Client.connect(s.daemon_socket, autostart=False) as root:
+            try:
+                root.search(KEY_SPEC_USER_KEYRING, "keyring", ring)
+            except KeyfenceError as err:
+                assert err.errno == errno.ENOKEY, err
+                return False
+            return True
+
+    argv = keyfence_argv(
+        "pam", "--config-dir", str(s.config_dir), "--state-dir", str(s.root / "state"),
+        "--socket", s.daemon_socket,
+    )  # fmt: skip
+
+    def hook(service: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            input=s.password,
+            env=environment(s.env, PAM_TYPE="auth", PAM_USER=s.user, PAM_SERVICE=service),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd="/",
+        )
+
+    checked = hook("keyfence")
+    assert checked.returncode == 0, checked.stderr
+    assert not stashed()
+    logged_in = hook(s.service)
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert stashed()

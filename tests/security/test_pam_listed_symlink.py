@@ -47,6 +47,11 @@ from keyfence.testing.users import as_uid, environment, keyfence_argv, python_ar
 
 pytestmark = pytest.mark.slow
 
+UNCHECKED_KEYFENCE = (
+    "import sys; from keyfence.cli import main, pam_check; "
+    "pam_check.check_login_password = lambda user, password: None; "
+    "sys.exit(main.main(sys.argv[1:]))"
+)
 ATTACKER = "rtuser2"
 VICTIM = "rtuser3"
 
@@ -98,7 +103,7 @@ def attacker_and_victim() -> Iterator[Scene]:
     password = "rt-" + secrets.token_hex(8)
     with (
         login_setup(ATTACKER, password, service_prefix="rt-pam") as s,
-        temporary_user(VICTIM) as victim,
+        temporary_user(VICTIM, password="victim-password") as victim,
     ):
         attacker = os.stat(s.home).st_uid
         plain_home = s.user_tmp  # the attacker's plain (unencrypted) home
@@ -163,8 +168,11 @@ def test_rewrap_does_not_write_through_a_swapped_user_symlink() -> None:
         assert "2 directories ready to unlock" in s.pam_log_text(), s.pam_log_text()
 
         # the attacker re-wraps D2 under another password, with a slow KDF
+        # (`keyfence login passwd` takes only the login password: the
+        # attacker runs the same code without that check)
         passwd = sc.as_attacker(
-            *keyfence_argv("login", "passwd", "--kdf-cost", "18", str(sc.d2)),
+            *python_argv("-P", "-c", UNCHECKED_KEYFENCE, "login", "passwd", "--kdf-cost", "18"),
+            str(sc.d2),
             stdin=f"{sc.password}\n{other}\n",
         )
         assert passwd.returncode == 0, passwd.stderr

@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from keyfence.cli import dir_keys
+from keyfence.cli import dir_keys, pam_check
 from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.fs import e4crypt_compat as e4
@@ -48,6 +48,14 @@ def ask(prompt: str) -> bytes:
         raise KeyfenceError(errno.EINVAL, f"{prompt.strip()} no more input")
     print(prompt, file=sys.stderr, flush=True)
     return _lines.pop(0)
+
+
+def _login_password(user: LoginUser, prompt: str) -> bytes:
+    """The login password, asked and checked with PAM (pam_check.py): a
+    protector under any other password would never open at login."""
+    password = ask(prompt)
+    pam_check.check_login_password(user.name, password)
+    return password
 
 
 def _encrypt_new(path: str) -> tuple[KeyRef, bytes]:
@@ -100,15 +108,17 @@ def add_login_protector(path: str, user: LoginUser, *, kdf_log2_n: int = 15) -> 
         ) from None
     ref_text = dir_keys.policy_of(path)
     created = False
+    prompt = f"Enter login passphrase for {user.name}: "
     if ref_text is None:
         if os.listdir(path):
             raise KeyfenceError(errno.ENOTEMPTY, f"{path}: not encrypted and not empty")
+        passphrase = _login_password(user, prompt)  # before the directory changes
         ref, master = _encrypt_new(path)
         created = True
     else:
         ref = KeyRef.from_description(ref_text)
         master = _existing_key(path, ref, user)
-    passphrase = ask(f"Enter login passphrase for {user.name}: ")
+        passphrase = _login_password(user, prompt)
     protector = LoginProtector.wrap(
         user.uid, passphrase, master, ref, params=ScryptParams(log2_n=kdf_log2_n)
     )
@@ -141,7 +151,7 @@ def change_passphrase(path: str, user: LoginUser, *, kdf_log2_n: int = 15) -> No
         raise KeyfenceError(errno.EKEYREJECTED, "wrong passphrase") from None
     new = LoginProtector.wrap(
         user.uid,
-        ask(f"Enter new login passphrase for {user.name}: "),
+        _login_password(user, f"Enter new login passphrase for {user.name}: "),
         master,
         ref,
         params=ScryptParams(log2_n=kdf_log2_n),

@@ -46,7 +46,7 @@ import syslog
 import time
 from collections.abc import Callable, Iterator
 
-from keyfence.cli import dir_keys
+from keyfence.cli import dir_keys, pam_check
 from keyfence.cli.login import lookup_user
 from keyfence.cli.login_setup import LoginUser
 from keyfence.cli.pam_dirs import LoginDir, login_protector, opened_login_dirs, why
@@ -530,7 +530,10 @@ def _session_count(state_dir: str, user: LoginUser) -> Iterator[Callable[[int], 
 
 def run(args: argparse.Namespace) -> int:
     pam_type = args.type or os.environ.get("PAM_TYPE", "")
-    log = _Log(os.environ.get("PAM_SERVICE", "?"))
+    service = os.environ.get("PAM_SERVICE", "?")
+    if service == pam_check.SERVICE:
+        return 0  # `keyfence login add` checking a password (pam_check.py): no login
+    log = _Log(service)
     if args.socket:
         os.environ["KEYFENCE_SOCKET"] = args.socket
     try:

@@ -138,7 +138,7 @@ def ensure_user(name: str, *, password: str | None = None, home: bool = True) ->
 
 
 @contextlib.contextmanager
-def temporary_user(name: str) -> Iterator[pwd.struct_passwd]:
+def temporary_user(name: str, *, password: str | None = None) -> Iterator[pwd.struct_passwd]:
     """:func:`ensure_user` (no home), removed afterwards if it was made here:
     a test leaves no account behind.  Root only."""
     try:
@@ -146,7 +146,7 @@ def temporary_user(name: str) -> Iterator[pwd.struct_passwd]:
         made = False
     except KeyError:
         made = True
-    entry = ensure_user(name, home=False)
+    entry = ensure_user(name, password=password, home=False)
     try:
         yield entry
     finally:
