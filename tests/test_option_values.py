@@ -7,6 +7,7 @@ import pytest
 from keyfence.option_values import (
     MAX_WRITE_THROUGH,
     count_in,
+    parse_dirty_limit,
     parse_seconds,
     parse_size,
     parse_write_through,
@@ -41,6 +42,17 @@ def test_not_a_size_is_a_value_error_naming_it(text: str) -> None:
 def test_a_size_must_be_positive(text: str) -> None:
     with pytest.raises(ValueError, match="not a positive size"):
         parse_size(text)
+
+
+def test_a_dirty_limit_holds_at_least_one_page() -> None:
+    # before: 1 to 4095 bytes passed the daemon's check and the worker it
+    # started died of "ValueError: dirty limit below one page" (EIO)
+    assert parse_dirty_limit("4K") == 4096
+    for text in ("1", "100", "4095", "1.5K"):
+        with pytest.raises(ValueError, match="below one page"):
+            parse_dirty_limit(text)
+    with pytest.raises(ValueError, match="not a positive size"):
+        parse_dirty_limit("0")
 
 
 def test_write_through_is_zero_or_at_most_one_write() -> None:

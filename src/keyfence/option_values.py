@@ -17,6 +17,7 @@ __all__ = [
     "MAX_SPIN_US",
     "MAX_WRITE_THROUGH",
     "count_in",
+    "parse_dirty_limit",
     "parse_max_tasks",
     "parse_readahead_kb",
     "parse_seconds",
@@ -43,6 +44,20 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a size: {text!r}") from None
     if value <= 0:
         raise ValueError(f"not a positive size: {text!r}")
+    return value
+
+
+MIN_DIRTY_LIMIT = 4096
+"""One page of the worker's cache (fs/cachedfile.py ``PAGE_SIZE``): its
+page cache refuses a smaller dirty limit."""
+
+
+def parse_dirty_limit(text: str) -> int:
+    """A size of at least one page (``dirty_limit=100`` used to start a
+    worker that died of it: EIO instead of EINVAL)."""
+    value = parse_size(text)
+    if value < MIN_DIRTY_LIMIT:
+        raise ValueError(f"below one page ({MIN_DIRTY_LIMIT} bytes): {text!r}")
     return value
 
 

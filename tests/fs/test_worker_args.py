@@ -37,6 +37,7 @@ def run_worker(
         ("--dirty-limit", "1e999", "not a size: '1e999'"),
         ("--dirty-limit", "lots", "not a size: 'lots'"),
         ("--dirty-limit", "0", "not a positive size: '0'"),
+        ("--dirty-limit", "4095", "below one page (4096 bytes): '4095'"),
         ("--write-through", "inf", "not a size: 'inf'"),
         ("--write-through", "2M", "at most 1M: '2M'"),
         ("--dirty-expire", "nan", "out of range (0 to one year): 'nan'"),

@@ -37,6 +37,8 @@ def reachable() -> Iterator[Path]:
         ["allow_other=1"],
         ["dirty_limit"],
         ["dirty_limit=0"],
+        ["dirty_limit=4095"],
+        ["dirty_limit=1.5K"],
         ["dirty_expire=-1"],
         ["max_tasks=1e9"],
         ["spin_us=1001"],

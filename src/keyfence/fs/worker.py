@@ -77,10 +77,10 @@ from keyfence.fs.pagecache import DEFAULT_DIRTY_LIMIT, DEFAULT_EXPIRE, WRITE_THR
 from keyfence.fs.syscalls import syncfs_path, trim_heap
 from keyfence.fs.worker_identity import become_owner_from_environment, harden
 from keyfence.option_values import (
+    parse_dirty_limit,
     parse_max_tasks,
     parse_readahead_kb,
     parse_seconds,
-    parse_size,
     parse_spin_us,
     parse_write_through,
 )
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="keyfence mount worker")
     p.add_argument("backing")
     p.add_argument("mountpoint")
-    p.add_argument("--dirty-limit", type=_argument(parse_size), default=DEFAULT_DIRTY_LIMIT)
+    p.add_argument("--dirty-limit", type=_argument(parse_dirty_limit), default=DEFAULT_DIRTY_LIMIT)
     p.add_argument("--dirty-expire", type=_argument(parse_seconds), default=DEFAULT_EXPIRE)
     p.add_argument("--writeback-cache", action="store_true")
     write_through = _argument(parse_write_through)

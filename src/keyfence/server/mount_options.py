@@ -21,6 +21,7 @@ from typing import Any
 
 from keyfence.errors import KeyfenceError
 from keyfence.option_values import (
+    parse_dirty_limit,
     parse_max_tasks,
     parse_readahead_kb,
     parse_seconds,
@@ -55,7 +56,10 @@ class _Option:
 
 OPTIONS: dict[str, _Option] = {
     "dirty_limit": _Option(
-        "dirty_limit", parse_size, "--dirty-limit", "dirty plaintext the cache may hold (64M)"
+        "dirty_limit",
+        parse_dirty_limit,
+        "--dirty-limit",
+        "dirty plaintext the cache may hold (64M)",
     ),
     "dirty_expire": _Option(
         "dirty_expire",
