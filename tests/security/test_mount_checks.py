@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,32 @@ def test_check_request_refusals(reachable: Path) -> None:
         check_request(user, str(b), str(c), nonempty=False)
     assert err.value.errno == errno.ENOTEMPTY
     check_request(user, str(b), str(c), nonempty=True).close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another uid's credentials")
+def test_a_mount_point_the_user_cannot_write_is_refused(reachable: Path) -> None:
+    """fusermount3's ``access(".", W_OK)`` as the user: a user's own
+    directory made read-only (mode 0555, or ``chattr +i`` by root) is no
+    mount point for the user; root's request is not checked so.  Before
+    this check both were mounted over (the s37 mount-request helper)."""
+    backing, point = reachable / "backing", reachable / "point"
+    for d in (backing, point):
+        d.mkdir()
+        os.chown(d, USER, USER)
+    user = Caller(uid=USER, gid=USER)
+    check_request(user, str(backing), str(point), nonempty=False).close()
+    point.chmod(0o555)
+    with pytest.raises(KeyfenceError) as err:
+        check_request(user, str(backing), str(point), nonempty=False)
+    assert err.value.errno == errno.EACCES
+    assert f"user has no write access to mountpoint {point}" in str(err.value)
+    check_request(Caller(uid=0, gid=0), str(backing), str(point), nonempty=False).close()
+    point.chmod(0o755)
+    immutable = subprocess.run(["chattr", "+i", str(point)], capture_output=True, check=False)
+    try:
+        if immutable.returncode == 0:  # the filesystem of /tmp may not have the flag
+            with pytest.raises(KeyfenceError) as err:
+                check_request(user, str(backing), str(point), nonempty=False)
+            assert err.value.errno == errno.EACCES
+    finally:
+        subprocess.run(["chattr", "-i", str(point)], capture_output=True, check=False)

@@ -250,6 +250,13 @@ def check_request(
     return request
 
 
+def _writable(fd: int) -> bool:
+    """faccessat(W_OK, AT_EACCESS) of the directory ``fd``, with this
+    thread's file-system ids (the daemon's capabilities are dropped with
+    its fsuid)."""
+    return os.access(f"/proc/self/fd/{fd}", os.W_OK, effective_ids=True)
+
+
 def _check(caller: Caller, request: CheckedRequest, *, nonempty: bool) -> None:
     backing_st = os.fstat(request.backing_fd)
     mount_st = os.fstat(request.mountpoint_fd)
@@ -289,6 +296,13 @@ def _check(caller: Caller, request: CheckedRequest, *, nonempty: bool) -> None:
             errno.EPERM,
             f"mounting over the filesystem type of {request.mountpoint} is forbidden "
             "(as fusermount3: only plain data filesystems, not procfs, sysfs ...)",
+        )
+    if caller.uid != 0 and not _writable(request.mountpoint_fd):
+        # fusermount3's access(".", W_OK) as the user: a directory made
+        # read-only (mode 0555, chattr +i, a read-only filesystem) by
+        # root or by the user stays so; this thread has the caller's fsuid
+        raise KeyfenceError(
+            errno.EACCES, f"user has no write access to mountpoint {request.mountpoint}"
         )
     if not nonempty and not _is_empty(request.mountpoint_fd, request.mountpoint):
         raise KeyfenceError(
