@@ -219,6 +219,60 @@ def test_search_nested_and_permissions(svc: KeyService, root: Caller, alice: Cal
     assert errno_of(svc.search, alice, ses, "user", "deep") == errno.EACCES
 
 
+def test_a_keyring_reached_by_many_paths_is_searched_once_per_depth(
+    svc: KeyService, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's DAG of keyrings (each level's W keyrings linked into every
+    keyring of the level above, six levels: W + W**2 + ... + W**6 paths)
+    within its quota.  Before: the search entered a keyring once per path,
+    under the service lock: 16 wide (97 keyrings) held every client of the
+    daemon for 8 s per search, found by a helper's attack run; here 10 wide,
+    1.1 million entries.  Now each keyring is entered once per depth."""
+    from keyfence.keys import permission
+
+    width = 10
+    top = svc.add_key(alice, "keyring", "bomb", None, S)
+    above = [top]
+    for depth in range(6):
+        level = [
+            svc.add_key(alice, "keyring", f"l{depth}_{i}", None, above[0]) for i in range(width)
+        ]
+        for parent in above:
+            for ring in level:
+                svc.link(alice, ring, parent)
+        above = level
+    entered = 0
+    allowed = permission.allowed
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal entered
+        entered += 1
+        return allowed(*args, **kwargs)
+
+    monkeypatch.setattr(permission, "allowed", counting)
+    assert errno_of(svc.search, alice, top, "user", "absent") == errno.ENOKEY
+    assert entered < 7 * 6 * width * width  # at most once per keyring, depth and link
+
+
+def test_a_search_not_repeated_still_gives_its_reason(svc: KeyService, alice: Caller) -> None:
+    """A keyring met again at a depth it was searched at gives the reason
+    that search left (the last skipped match's), as searching it again did:
+    x holds a revoked match and is reached through a and b, c (between them)
+    an unsearchable one: the last reason is x's, met through b."""
+    top = svc.add_key(alice, "keyring", "t", None, S)
+    a = svc.add_key(alice, "keyring", "a", None, top)
+    c = svc.add_key(alice, "keyring", "c", None, top)
+    b = svc.add_key(alice, "keyring", "b", None, top)
+    x = svc.add_key(alice, "keyring", "x", None, a)
+    svc.link(alice, x, b)
+    svc.revoke(alice, svc.add_key(alice, "user", "k", b"v", x))
+    hidden = svc.add_key(alice, "user", "k", b"v", c)
+    svc.setperm(alice, hidden, 0x3F000000 & ~0x08000000)  # possessor: no search
+    assert errno_of(svc.search, alice, top, "user", "k") == errno.EKEYREVOKED
+    svc.unlink(alice, b, top)
+    assert errno_of(svc.search, alice, top, "user", "k") == errno.EACCES
+
+
 def test_read_needs_permission_or_possession(
     svc: KeyService, root: Caller, alice: Caller, bob: Caller
 ) -> None:

@@ -99,6 +99,9 @@ class SearchContext:
     error: int = errno.EAGAIN
     """Why nothing was found: EAGAIN (nothing matched) or the last skipped
     match's reason (EACCES, EKEYREVOKED, EKEYEXPIRED)."""
+    reasons: int = 0
+    """How many times ``error`` was set (a subtree's search replayed from
+    memory must know whether it set one)."""
 
     def consider(self, key: Key) -> bool:
         """The kernel's keyring_search_iterator: True if ``key`` is the answer."""
@@ -106,19 +109,23 @@ class SearchContext:
             return False
         if self.state_check:
             if key.state in (KeyState.INVALIDATED, KeyState.REVOKED, KeyState.DEAD):
-                self.error = errno.EKEYREVOKED
+                self.note_reason(errno.EKEYREVOKED)
                 return False
             if key.is_expired(self.now):
                 if not self.skip_expired:
-                    self.error = errno.EKEYEXPIRED
+                    self.note_reason(errno.EKEYEXPIRED)
                 return False
         if self.caller is not None and not permission.allowed(
             key, self.caller, permission.SEARCH, possessed=self.possessed
         ):
-            self.error = errno.EACCES
+            self.note_reason(errno.EACCES)
             return False
         self.found = key
         return True
+
+    def note_reason(self, error: int) -> None:
+        self.error = error
+        self.reasons += 1
 
 
 def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
@@ -126,15 +133,35 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
 
     On None, ``ctx.error`` says why (EAGAIN: no match at all; ELOOP: nesting
     deeper than allowed and ``detect_too_deep``).
+
+    The kernel enters a keyring once per path to it, so a keyring linked
+    into several others is searched again for each: W keyrings per level,
+    each linked into all W above, six levels deep, are W**6 entries (16**6
+    is 16.8 million, from 97 keyrings within a user's quota).  The kernel
+    spends that in the searcher's own syscall; here it would hold the
+    service lock and the loop.  Entering a keyring again at a depth it was
+    entered at before searches exactly what was searched then, which found
+    nothing, so it is not entered again: the reason that search left (if
+    it left one) is set again instead.  The result and ``ctx.error`` are
+    the kernel's, at most one entry per keyring and depth.
     """
     if (ctx.index_key is None or top.index_key == ctx.index_key) and ctx.consider(top):
         return top
     # Depth-first, own keys before nested keyrings, like search_nested_keyrings().
     stack: list[Iterator[Key]] = []
+    entered: list[tuple[tuple[int, int], int]] = []  # per stack level: (serial, depth), reasons
+    searched: dict[tuple[int, int], int | None] = {}  # the reason each left, None for none
     ring: Key | None = top
+
+    def pop() -> None:
+        stack.pop()
+        where, reasons = entered.pop()
+        searched[where] = ctx.error if ctx.reasons != reasons else None
+
     while True:
         if ring is not None and ring.state is not KeyState.REVOKED and ring.contents is not None:
             contents = ring.contents
+            entered.append(((ring.serial, len(stack)), ctx.reasons))
             if ctx.index_key is not None:
                 candidate = contents.by_index.get(ctx.index_key)
                 if candidate is not None and ctx.consider(candidate):
@@ -157,13 +184,19 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
                 nested, ctx.caller, permission.SEARCH, possessed=ctx.possessed
             ):
                 continue
+            where = (nested.serial, len(stack))
+            if where in searched:
+                reason = searched[where]
+                if reason is not None:
+                    ctx.note_reason(reason)
+                continue
             ring = nested
             break
         else:
-            stack.pop()
+            pop()
             continue
         if ring is None:
-            stack.pop()
+            pop()
 
 
 def detect_cycle_locked(ring: Key, key: Key, now: float) -> int:
