@@ -12,6 +12,7 @@ import pytest
 
 from keyfence.keys import KEYCTL_MOVE_EXCL, Caller, KeyService, KeyState
 from keyfence.keys.errors import KeyfenceError
+from keyfence.keys.notify import Notification, Phase
 
 from .conftest import FakeClock
 
@@ -471,6 +472,45 @@ def test_an_operation_can_wait_for_the_gc_work_it_caused(clock: FakeClock, root:
         while svc.find_key(key) is not None and time.monotonic() < deadline:
             svc.gc.wait_idle(timeout=1)
         assert svc.find_key(key) is None
+
+
+def test_a_users_silent_watcher_holds_up_only_their_own_expiries(
+    clock: FakeClock, alice: Caller, bob: Caller
+) -> None:
+    """An expiry waits for the owner's own watchers without bound.  Before:
+    one thread ran every expiry and reap, so alice's key with a watcher of
+    hers that never answers stopped bob's key from expiring (still
+    readable, bob's mount never told, 12 s after its 3 s timeout in a
+    helper's attack run on the daemon) and anyone's from being reaped.
+    Now each owner's collection runs apart."""
+    release = threading.Event()
+    told = threading.Event()
+
+    def silent(note: Notification) -> None:
+        if note.phase is Phase.BEFORE:
+            release.wait()
+
+    def flush(note: Notification) -> None:
+        if note.phase is Phase.BEFORE:
+            told.set()
+
+    with KeyService(clock=clock, gc_delay=2, run_gc_thread=True) as svc:
+        try:
+            stall = svc.add_key(alice, "user", "stall", b"x", S)
+            svc.watch(alice, stall, silent, sync=True, name="silent")
+            svc.set_timeout(alice, stall, 5)
+            key = svc.add_key(bob, "user", "mine", b"secret", S)
+            svc.watch(bob, key, flush, sync=True, name="bob's mount")
+            svc.set_timeout(bob, key, 6)
+            clock.advance(7)
+            assert told.wait(timeout=5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and svc.find_key(key).state is KeyState.VALID:  # type: ignore[union-attr]
+                time.sleep(0.01)  # told before the expiry is applied
+            assert errno_of(svc.read, bob, key) == errno.EKEYEXPIRED
+            assert svc.read(alice, stall) == b"x"  # still waiting for its owner's watcher
+        finally:
+            release.set()
 
 
 def test_viewable_keys_are_what_proc_keys_shows_the_caller(

@@ -10,6 +10,15 @@ it, so the collector has only the work that time causes:
 
 Work is a heap of (when, serial); each entry is re-checked when it comes
 due, so a key whose timeout changed or that is already gone costs nothing.
+
+An expiry or reap is on behalf of the key's owner, whose own watchers it
+waits for without bound (docs/security.md, "Who a synchronous watcher may
+hold up").  So the collector's thread only hands due work to a thread per
+owner uid (at most one per uid at once, its work in order): a user whose
+own watcher never answers the expiry of their own key holds up their own
+collection, not everyone's.  Before, one thread ran every removal, and a
+key with a silent watcher of its owner's stopped every other user's keys
+from expiring (still readable, their mounts never told) and being reaped.
 :meth:`GarbageCollector.wait_idle` lets an operation wait for the work it
 caused to finish.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -58,6 +68,8 @@ class GarbageCollector:
         self._cond = threading.Condition()
         self._busy = False
         self._stopped = False
+        self._lanes: dict[int, deque[tuple[int, Key]]] = {}
+        """Due work per owner uid, each run by a thread of its own (threaded)."""
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(target=self._run, name="keyfence-gc", daemon=True)
@@ -95,24 +107,55 @@ class GarbageCollector:
         with self._cond:
             self._busy = True
         try:
-            done = 0
-            for kind, key in self._due(now):
-                removal = self._work_for(kind, key, now)
-                if removal is None:
-                    continue
-                try:
-                    self._removals.run(_given(removal))
-                except OSError as err:
-                    # a watcher refused: the key stays valid; try again later
-                    log.warning("%s of key %d postponed: %s", removal.op, key.serial, err)
-                    self._push(now + RETRY_DELAY, kind, key)
-                    continue
-                done += 1
-            return done
+            return sum(self._do(kind, key, now) for kind, key in self._due(now))
         finally:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+    def _do(self, kind: int, key: Key, now: float) -> int:
+        """One due expiry or reap; 1 if it touched the key."""
+        removal = self._work_for(kind, key, now)
+        if removal is None:
+            return 0
+        try:
+            self._removals.run(_given(removal))
+        except OSError as err:
+            # a watcher refused: the key stays valid; try again later
+            log.warning("%s of key %d postponed: %s", removal.op, key.serial, err)
+            self._push(now + RETRY_DELAY, kind, key)
+            return 0
+        return 1
+
+    def _hand_out(self) -> None:
+        """Give the work due now to its owners' lanes (the thread's turn)."""
+        starts = []
+        due = self._due(self._clock())
+        with self._cond:
+            for kind, key in due:
+                lane = self._lanes.get(key.uid)
+                if lane is None:
+                    lane = self._lanes[key.uid] = deque()
+                    starts.append(key.uid)
+                lane.append((kind, key))
+        for uid in starts:
+            threading.Thread(
+                target=self._run_lane, args=(uid,), name=f"keyfence-gc-{uid}", daemon=True
+            ).start()
+
+    def _run_lane(self, uid: int) -> None:
+        while True:
+            with self._cond:
+                lane = self._lanes[uid]
+                if not lane or self._stopped:
+                    del self._lanes[uid]
+                    self._cond.notify_all()
+                    return
+                kind, key = lane.popleft()
+            try:
+                self._do(kind, key, self._clock())
+            except Exception:
+                log.exception("gc of key %d failed", key.serial)
 
     def _work_for(self, kind: int, key: Key, now: float) -> Removal | None:
         with self._removals.lock:
@@ -144,7 +187,7 @@ class GarbageCollector:
                     self._cond.wait(None if when is None else min(when - now, 1.0))
                 if self._stopped:
                     return
-            self.collect()
+            self._hand_out()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no work is due now or running; False on timeout."""
@@ -152,6 +195,7 @@ class GarbageCollector:
             return self._cond.wait_for(
                 lambda: (
                     not self._busy
+                    and not self._lanes
                     and (not self._heap or self._heap[0][0] > self._clock() or self._thread is None)
                 ),
                 timeout,
