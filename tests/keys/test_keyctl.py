@@ -513,6 +513,43 @@ def test_a_users_silent_watcher_holds_up_only_their_own_expiries(
             release.set()
 
 
+def test_a_lane_without_a_thread_waits_its_turn(
+    clock: FakeClock, alice: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no thread can be started for an owner's collection (the
+    system's thread limit: one lane per uid, and a user with subordinate
+    uids has many), the work is retried later; before, the collector's own
+    thread died of the RuntimeError and no key expired again."""
+    real_start = threading.Thread.start
+    refusals = [1]
+
+    def start(thread: threading.Thread) -> None:  # fault injection: the limit
+        if thread.name.startswith("keyfence-gc-") and refusals:
+            refusals.pop()
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    told = threading.Event()
+
+    def flush(note: Notification) -> None:
+        if note.phase is Phase.BEFORE:
+            told.set()
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with KeyService(clock=clock, gc_delay=2, run_gc_thread=True) as svc:
+        key = svc.add_key(alice, "user", "k", b"x", S)
+        svc.watch(alice, key, flush, sync=True, name="alice's mount")
+        svc.set_timeout(alice, key, 1)
+        clock.advance(2)
+        deadline = time.monotonic() + 5
+        while refusals and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not refusals  # the first lane had no thread
+        assert not told.wait(timeout=0.5)  # postponed
+        clock.advance(10)
+        assert told.wait(timeout=10)
+
+
 def test_viewable_keys_are_what_proc_keys_shows_the_caller(
     svc: KeyService, alice: Caller, bob: Caller
 ) -> None:

@@ -139,9 +139,20 @@ class GarbageCollector:
                     starts.append(key.uid)
                 lane.append((kind, key))
         for uid in starts:
-            threading.Thread(
-                target=self._run_lane, args=(uid,), name=f"keyfence-gc-{uid}", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._run_lane, args=(uid,), name=f"keyfence-gc-{uid}", daemon=True
+                ).start()
+            except RuntimeError:
+                # no thread to be had (the system's limit, many uids' lanes
+                # held at once): the work waits its turn rather than the
+                # collector's thread dying of it
+                log.warning("gc: no thread for uid %d's expiries; retried later", uid)
+                with self._cond:
+                    lane = self._lanes.pop(uid)
+                    self._cond.notify_all()
+                for kind, key in lane:
+                    self._push(self._clock() + RETRY_DELAY, kind, key)
 
     def _run_lane(self, uid: int) -> None:
         while True:
