@@ -178,6 +178,18 @@ SCRIPTS: dict[str, list[tuple[object, ...]]] = {
         (A, "request_key", "user", "", "info", 0),
         (A, "request_key", "keyring", "negring", "info", 0),
     ],
+    # key_alloc() refuses the description (empty; a logon key's without
+    # "service:") before the link finds the destination is no keyring, and
+    # the key is never made (a helper's kfctl fuzzing, 2026-12-08)
+    "request-key of a description the type refuses": [
+        (A, "add_key", "user", "a", b"1", "@s"),
+        (A, "request_key", "logon", "nocolon", "info", 0),
+        (A, "request_key", "logon", ":x", "info", "@s"),
+        (A, "request_key", "logon", "nocolon", "info", "k1"),
+        (A, "request_key", "user", "", "info", "k1"),
+        (A, "request_key", "logon", "nocolon", None, 0),
+        (A, "read", "@s"),
+    ],
     # key_create_or_update(): the type, then "not a keyring", then the
     # type's preparse (payload), then the description; the syscall's payload
     # size check comes before everything

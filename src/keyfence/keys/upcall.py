@@ -230,12 +230,14 @@ def _find_or_construct(
             raise fail(errno.EPERM, "keyrings are not constructed by request_key")
         ring = dest if dest is not None else _default_destination_locked(svc, caller)
         permission.check(ring, caller, permission.WRITE, possessed=True)
+        # key_alloc() refuses the description before the link looks at the keyring
+        if not description:
+            raise fail(errno.EINVAL, "a key to construct needs a description")
+        key_type.vet_description(description)
         if not ring.is_keyring:
             raise fail(errno.ENOTDIR)
         if ring.state is KeyState.REVOKED:
             raise fail(errno.EKEYREVOKED)
-        if not description:
-            raise fail(errno.EINVAL, "a key to construct needs a description")
         removal, construction = _construct_locked(
             svc, caller, key_type.name, description, callout, ring, made
         )
