@@ -200,6 +200,27 @@ def test_move(svc: KeyService, root: Caller) -> None:
     assert errno_of(svc.move, root, key, a, b, 2) == errno.EINVAL
 
 
+def test_move_into_a_keyring_whose_owner_is_at_quota(
+    svc: KeyService, root: Caller, alice: Caller
+) -> None:
+    """EDQUOT, and the key stays where it was, as the kernel's key_move()
+    (before: cut from the source, then the link failed: linked nowhere,
+    alive, its quota never refunded)."""
+    full = svc.add_key(alice, "keyring", "full", None, S)
+    svc.setperm(alice, full, 0x3F3F3F3F)
+    left = svc.quota_usage(1000).maxbytes - svc.quota_usage(1000).qnbytes
+    svc.add_key(alice, "user", "pad", b"x" * (left - len("pad") - 1 - 4 - 2), full)
+    source = svc.add_key(root, "keyring", "source", None, S)
+    key = svc.add_key(root, "user", "k", b"secret", source)
+    charged = svc.quota_usage(0)
+    assert errno_of(svc.move, root, key, source, full) == errno.EDQUOT
+    assert svc.list_keyring(root, source) == [key]
+    assert svc.quota_usage(0) == charged
+    svc.unlink(root, key, source)
+    assert svc.find_key(key) is None
+    assert svc.quota_usage(0).qnkeys == charged.qnkeys - 1
+
+
 def test_unlink_errors(svc: KeyService, root: Caller) -> None:
     key = svc.add_key(root, "user", "k", b"x", S)
     ring = svc.add_key(root, "keyring", "r", None, S)

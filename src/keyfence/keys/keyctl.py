@@ -1019,6 +1019,10 @@ class KeyService:
             if leaving is None:
                 raise fail(errno.ENOENT)
             old = dst.contents.find(key.index_key)
+            if old is None:
+                # the link is charged before anything is cut: a move that
+                # fails here leaves the key where it was (key_move())
+                _keyring.check_link_quota_locked(dst, self._quota)
             if old is not None and flags & KEYCTL_MOVE_EXCL:
                 raise fail(errno.EEXIST)
             if key.is_keyring:

@@ -70,6 +70,13 @@ def unlink_locked(ring: Key, key: Key, quota: QuotaTable) -> None:
     key.parents.discard(ring)
 
 
+def check_link_quota_locked(ring: Key, quota: QuotaTable) -> None:
+    """EDQUOT if one more link would take ``ring``'s owner past the quota
+    (__key_link_begin()'s reservation); nothing changes."""
+    _charge_link(ring, quota, LINK_QUOTA_BYTES)
+    _charge_link(ring, quota, -LINK_QUOTA_BYTES)
+
+
 def _charge_link(ring: Key, quota: QuotaTable, delta: int) -> None:
     if ring.in_quota and ring.is_live():
         quota.resize_locked(ring.uid, delta)
