@@ -432,3 +432,39 @@ def test_a_foreign_watcher_that_adds_watches_holds_a_removal_one_bound_in_all(
     assert time.monotonic() - started < 3, len(rounds)
     assert svc.find_key(planted) is None
     never.set()
+
+
+def test_a_move_does_not_link_a_key_destroyed_while_it_waited(
+    svc: KeyService, root: Caller
+) -> None:
+    """The move waits for the displaced key's watcher; meanwhile the moved
+    key is invalidated: ENOKEY and nothing changes (before: the dead key,
+    its serial released, was linked into the destination)."""
+    a = svc.add_key(root, "keyring", "a", None, S)
+    b = svc.add_key(root, "keyring", "b", None, S)
+    moved = svc.add_key(root, "user", "k", b"new", a)
+    displaced = svc.add_key(root, "user", "k", b"old", b)
+    called, release = threading.Event(), threading.Event()
+
+    def flushing(note: Notification) -> None:
+        called.set()
+        release.wait(10)
+
+    svc.watch(root, displaced, flushing, sync=True, name="mount /mnt")
+    failed: list[int] = []
+
+    def move() -> None:
+        try:
+            svc.move(root, moved, a, b)
+        except KeyfenceError as err:
+            failed.append(err.errno or 0)
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    assert called.wait(10)
+    svc.invalidate(root, moved)
+    release.set()
+    mover.join(10)
+    assert failed == [errno.ENOKEY]
+    assert svc.list_keyring(root, b) == [displaced]
+    assert svc.read(root, displaced) == b"old"

@@ -19,6 +19,7 @@ keys/key.py.
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from keyfence.keys import keyring
+from keyfence.keys.errors import fail
 from keyfence.keys.key import Key, KeyState
 
 if TYPE_CHECKING:
@@ -144,6 +146,18 @@ class Removal:
         tells the keyring's watchers only of the link."""
         into = {(ring, key.index_key) for ring, key in self.links}
         return {(ring, key) for ring, key in self.cut if (ring, key.index_key) in into}
+
+    def check_links_locked(self, quota: QuotaTable) -> None:
+        """Before anything is applied: the links, planned before the
+        watchers were called while others ran, can still be made.  A key or
+        keyring destroyed since is ENOKEY, a link its keyring's owner can no
+        longer be charged for EDQUOT; then nothing changes."""
+        for ring, key in self.links:
+            if not ring.is_live() or not key.is_live():
+                raise fail(errno.ENOKEY)
+            assert ring.contents is not None
+            if ring.contents.find(key.index_key) is None:
+                keyring.check_link_quota_locked(ring, quota)
 
     def apply_locked(self, now: float, quota: QuotaTable) -> list[Key]:
         """Make the planned change; return the keys destroyed (already wiped).

@@ -460,6 +460,7 @@ class RemovalPath:
         """Apply, and post what the watches are told while the lock is
         still held: events reach the dispatcher in the order they happened
         (a link made right after this unlink is told after its ``unlk``)."""
+        removal.check_links_locked(self._quota)
         now = self._clock()
         removal.unlinks_set = set(removal.unlinks)
         notes = self._after_notes_locked(removal)
