@@ -902,6 +902,35 @@ def test_truncated_and_torn_blocks_read_as_eio(enc: Enc) -> None:
         assert errno_of(os.pread, io.fileno(), 100, 0) == errno.EIO
 
 
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "directory", "socket"])
+def test_a_sidecar_that_is_no_regular_file_leaves_out_its_name_only(enc: Enc, planted: str) -> None:
+    """A long name's sidecar replaced in the backing store by something
+    that cannot be read as one leaves that name out of the listing, as a
+    missing or mismatched sidecar does (docs/fs.md, "Integrity"); the
+    directory stays listable.  Before, the open's error (EIO for a fifo,
+    socket or directory, ELOOP for a symlink) failed the whole listing:
+    whoever could write one entry of a shared backing directory made it
+    unlistable for every user."""
+    (enc.dir / ("L" * 200)).write_bytes(b"long")
+    (enc.dir / "short").write_bytes(b"short")
+    (sidecar,) = [p for p in enc.backing.iterdir() if p.name.endswith(".name")]
+    sidecar.unlink()
+    if planted == "fifo":
+        os.mkfifo(sidecar)
+    elif planted == "symlink":
+        os.symlink("/etc/hostname", sidecar)
+    elif planted == "directory":
+        sidecar.mkdir()
+    else:
+        os.mknod(sidecar, stat.S_IFSOCK | 0o644)
+    enc.mount.unmount()  # a fresh worker: no name of the directory known
+    enc.mount.start()
+    enc.unlock()
+    assert os.listdir(enc.dir) == ["short"]
+    assert (enc.dir / "short").read_bytes() == b"short"
+    assert "(sidecar: " in enc.mount.log()
+
+
 # ----------------------------------------------------------------- tools
 
 

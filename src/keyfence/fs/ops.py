@@ -338,7 +338,11 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             return None
         sidecar: bytes | None = None
         if is_long_name(disk):
-            sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
+            try:
+                sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
+            except OSError as err:  # a fifo, symlink, directory... planted
+                failed.append(f"{disk} (sidecar: {err.strerror})")
+                return None
             if sidecar is None:
                 failed.append(f"{disk} (no sidecar)")
                 return None
