@@ -34,6 +34,7 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -116,6 +117,12 @@ DEFAULT_ATTR_TIMEOUT = 10.0
 BAD_NAMES_KEPT = 100_000
 """Names that failed authentication remembered per directory, at most
 (as many as ``Inode.plain_names`` keeps valid ones)."""
+_NO_SIDECAR_HERE = frozenset(
+    (errno.EIO, errno.ELOOP, errno.ENXIO, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EAGAIN)
+)
+"""Errors of a long name's sidecar that say what is there is none (a fifo,
+socket, directory or symlink, a mount point, a file the worker may not
+read): that name is left out.  Any other (EMFILE, ENOMEM) fails the listing."""
 _STAT_EXTRA = (
     "st_atime",
     "st_mtime",
@@ -325,12 +332,21 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         return enc
 
     def _decode(
-        self, d: Inode, master: MasterKey, d_fd: int, disk: str, failed: list[str]
+        self,
+        d: Inode,
+        master: MasterKey,
+        d_fd: int,
+        disk: str,
+        failed: list[str],
+        listed: AbstractSet[str],
     ) -> bytes | None:
         """The plaintext of a listed backing name; None for a name that is
         not an entry's, or that fails authentication (appended to
         ``failed``, for one log line per listing: a directory of planted
-        names must cost neither a line each nor, listed again, the work)."""
+        names must cost neither a line each nor, listed again, the work:
+        a long name without a sidecar that matches is remembered as a
+        short one is).  ``listed``: the listing's names (a long name whose
+        sidecar is not among them costs no syscall)."""
         plain = d.plain_names.get(disk)
         if plain is not None:
             return plain
@@ -338,13 +354,18 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             return None
         sidecar: bytes | None = None
         if is_long_name(disk):
+            side = sidecar_name(disk)
             try:
-                sidecar = sc.read_small(d_fd, sidecar_name(disk), 8192)
+                sidecar = sc.read_small(d_fd, side, 8192) if side in listed else None
             except OSError as err:  # a fifo, symlink, directory... planted
+                if err.errno not in _NO_SIDECAR_HERE:
+                    raise
                 failed.append(f"{disk} (sidecar: {err.strerror})")
+                self._bad_name(d, disk)
                 return None
             if sidecar is None:
                 failed.append(f"{disk} (no sidecar)")
+                self._bad_name(d, disk)
                 return None
         try:
             plain = self._cipher(d, master).decrypt_name(disk, sidecar)
@@ -352,12 +373,16 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
             return None
         except IntegrityError:
             failed.append(disk)  # ciphertext, not a name
-            if sidecar is None and len(d.bad_names) < BAD_NAMES_KEPT:
-                d.bad_names.add(disk)
+            self._bad_name(d, disk)
             return None
         full = sidecar.decode("ascii") if sidecar is not None else disk
         d.remember_name(EncryptedName(disk, full), plain)
         return plain
+
+    @staticmethod
+    def _bad_name(d: Inode, disk: str) -> None:
+        if len(d.bad_names) < BAD_NAMES_KEPT:
+            d.bad_names.add(disk)
 
     @staticmethod
     def _listed_disk_name(disk: str) -> bool:
@@ -1544,8 +1569,9 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         out: list[tuple[bytes, str]] = []
         d_fd = self.table.dir_fd(d.ino)
         failed: list[str] = []
+        present = frozenset(names)
         for n in names:
-            plain = self._decode(d, master, d_fd, n, failed)
+            plain = self._decode(d, master, d_fd, n, failed, present)
             if plain is not None:
                 out.append((plain, n))
         if failed:
