@@ -173,6 +173,24 @@ class KeyBindings:
         log.info("bound key %s (serial %d) for pid %d", ref, found.serial, pid)
         return binding
 
+    def held_by(self, ref: KeyRef, pid: int) -> bool:
+        """Whether ``pid``'s own keyrings reach ``ref``'s key (blocking, as
+        :meth:`find_and_bind`; nothing is bound).  A key bound here was
+        found for whoever asked first: setting a policy must not borrow it
+        (fscrypt v2 refuses a policy whose key the caller has not added)."""
+        try:
+            found = self.source.find([ref.description], pid)
+        except Exception as err:  # a broken channel: not shown to hold it
+            log.warning("looking up %s for pid %d failed: %s", ref, pid, err)
+            return False
+        if found is None:
+            return False
+        master = self._check(ref, found)
+        if master is None:
+            return False
+        master.wipe()
+        return True
+
     def move_to_copy(self, binding: Binding, pids: list[int]) -> int | None:
         """Rebind to another copy of ``binding``'s key that one of ``pids``
         holds (blocking: a thread of the key source, never the trio

@@ -245,6 +245,12 @@ class Xattrs:
         master = await self.keys.unlock(ref, ctx.pid)
         if master is None:
             raise fail(errno.ENOKEY, str(ref))
+        # bound for another user, the key is not the caller's to give a
+        # directory (fscrypt v2's ENOKEY; root may, as CAP_FOWNER there):
+        # else a user's own directory under another user's key would
+        # decrypt a copy of that user's ciphertext placed in it
+        if ctx.uid != 0 and not await self.run_blocking(self.keys.held_by, ref, ctx.pid):
+            raise fail(errno.ENOKEY, f"{ref} is not in the caller's keyrings")
         policy = Policy(
             ref, os.urandom(DIR_NONCE_SIZE), name_padding=padding or DEFAULT_NAME_PADDING
         )
