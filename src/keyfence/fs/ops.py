@@ -114,6 +114,12 @@ _PAGE_MASK = mmap.PAGESIZE - 1
 # behind the mount's back show (docs/fs.md); 1 s cost a lookup per file to
 # every `git status` or `make` more than a second after the last one.
 DEFAULT_ATTR_TIMEOUT = 10.0
+LIST_CHUNK = 1024
+"""Names a listing decodes between two checkpoints of the request loop: a
+directory of 100,000 names or more (real, or planted by a user on a
+shared mount, past :data:`BAD_NAMES_KEPT`) took 1-2 s to decode, and
+every other request of every user waited for it (a helper's attack run,
+session 37).  Between chunks other requests are served."""
 BAD_NAMES_KEPT = 100_000
 """Names that failed authentication remembered per directory, at most
 (as many as ``Inode.plain_names`` keeps valid ones)."""
@@ -1570,7 +1576,14 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
         d_fd = self.table.dir_fd(d.ino)
         failed: list[str] = []
         present = frozenset(names)
-        for n in names:
+        for i, n in enumerate(names):
+            if i and not i % LIST_CHUNK:
+                await trio.lowlevel.checkpoint()
+                if self.keys.master(d.policy.key) is not master:
+                    # the key went (or moved to a copy) at the checkpoint:
+                    # its cipher is gone; list again under what is bound now
+                    return await self._list(d, pid)
+                d_fd = self.table.dir_fd(d.ino)
             plain = self._decode(d, master, d_fd, n, failed, present)
             if plain is not None:
                 out.append((plain, n))
