@@ -156,19 +156,16 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
         return top
     # Depth-first, own keys before nested keyrings, like search_nested_keyrings().
     stack: list[Iterator[Key]] = []
-    entered: list[tuple[tuple[int, int], int]] = []  # per stack level: (serial, depth), reasons
-    searched: dict[tuple[int, int], int | None] = {}  # the reason each left, None for none
+    # per stack level: (where, ctx.reasons on entry); where = serial * 8 + depth
+    # (depth <= SEARCH_MAX_DEPTH + 1 < 8: one int, cheaper to hash than a pair)
+    entered: list[tuple[int, int]] = []
+    searched: dict[int, int] = {}  # where -> the reason its search left, 0 for none
     ring: Key | None = top
-
-    def pop() -> None:
-        stack.pop()
-        where, reasons = entered.pop()
-        searched[where] = ctx.error if ctx.reasons != reasons else None
 
     while True:
         if ring is not None and ring.state is not KeyState.REVOKED and ring.contents is not None:
             contents = ring.contents
-            entered.append(((ring.serial, len(stack)), ctx.reasons))
+            reasons = ctx.reasons
             if ctx.index_key is not None:
                 candidate = contents.by_index.get(ctx.index_key)
                 if candidate is not None and ctx.consider(candidate):
@@ -177,7 +174,9 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
                 for candidate in contents.by_index.values():
                     if ctx.consider(candidate):
                         return candidate
-            stack.append(iter(list(contents.rings.values())))
+            if contents.rings:  # a keyring with none nested costs no level (nor memory)
+                entered.append((ring.serial * 8 + len(stack), reasons))
+                stack.append(iter(list(contents.rings.values())))
         ring = None
         if not stack:
             return None
@@ -191,19 +190,17 @@ def search_tree_locked(top: Key, ctx: SearchContext) -> Key | None:
                 nested, ctx.caller, permission.SEARCH, possessed=ctx.possessed
             ):
                 continue
-            where = (nested.serial, len(stack))
-            if where in searched:
-                reason = searched[where]
-                if reason is not None:
+            reason = searched.get(nested.serial * 8 + len(stack), -1)
+            if reason >= 0:  # searched at this depth before: found nothing
+                if reason:
                     ctx.note_reason(reason)
                 continue
             ring = nested
             break
-        else:
-            pop()
-            continue
-        if ring is None:
-            pop()
+        if ring is None:  # this level is done: remember what it left
+            stack.pop()
+            where, reasons = entered.pop()
+            searched[where] = ctx.error if ctx.reasons != reasons else 0
 
 
 def detect_cycle_locked(ring: Key, key: Key, now: float) -> int:
