@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from keyfence.fs.crypto import MasterKey
 from keyfence.testing.mounting import Mount
 
 BIN = Path(sys.executable).parent
@@ -552,6 +553,62 @@ def test_backing_store_full_during_removal(daemon: Daemon, tmp_path: Path) -> No
                     check_file(mnt / "home" / name, "full", size)
         finally:
             unmount_quietly(mnt)
+
+
+def fill_up(fs: Path) -> list[Path]:
+    """Take every free block of ``fs`` (made with ``-m 0``): a big file,
+    then small ones until one finds no block left."""
+    made = [fs / "ballast"]
+    fd = os.open(made[0], os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\xa5" * (1 << 16))
+    finally:
+        os.close(fd)
+    for i in range(100_000):
+        made.append(fs / f"ballast{i}")
+        try:
+            made[-1].write_bytes(b"x")
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+            break
+    return made
+
+
+def test_a_policy_the_full_backing_store_refused_leaves_no_record(tmp_path: Path) -> None:
+    """Setting a directory's policy while the backing filesystem is full
+    fails with ENOSPC and leaves nothing behind: once space is freed, the
+    same setxattr encrypts the directory.  Before, an empty .keyfence-policy
+    stayed in the backing directory: the directory was plaintext to the
+    mount but not empty, the retry failed with ENOTEMPTY, and a new mount
+    read it as a bad policy (the same with EIO from fdatasync)."""
+    fs = tmp_path / "fs"
+    with loop_ext4(tmp_path / "fs.img", 16 << 20, fs, ["-m", "0"]):
+        m = Mount(fs)
+        try:
+            master = MasterKey(os.urandom(64))
+            m.add_key(master)
+            ref = f"keyfence:{master.identifier}".encode()
+            d = m.mnt / "d"
+            d.mkdir()
+            ballast = fill_up(fs)
+            with pytest.raises(OSError) as failed:
+                os.setxattr(d, "user.keyfence.policy", ref)
+            assert failed.value.errno == errno.ENOSPC
+            assert os.listdir(m.backing / "d") == []
+            assert os.listdir(d) == []
+            for path in ballast:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            os.setxattr(d, "user.keyfence.policy", ref)
+            (d / "f").write_bytes(b"secret")
+            assert (d / "f").read_bytes() == b"secret"
+            assert b"secret" not in b"".join(
+                p.read_bytes() for p in (m.backing / "d").iterdir() if p.is_file()
+            )
+        finally:
+            m.unmount_checked()
 
 
 # ------------------------------------------------------- a slow backing store

@@ -257,12 +257,23 @@ class Xattrs:
         d_fd = self.table.dir_fd(node.ino)
         if sc.listdir_fd(d_fd):  # filled while the key was looked up
             raise fail(errno.ENOTEMPTY)
-        write_policy(d_fd, policy, sync=True)
-        fd = sc.open_dir(d_fd, ".")
         try:
-            await self.run_blocking(os.fsync, fd)
-        finally:
-            os.close(fd)
+            write_policy(d_fd, policy, sync=True)
+            fd = sc.open_dir(d_fd, ".")
+            try:
+                await self.run_blocking(os.fsync, fd)
+            finally:
+                os.close(fd)
+        except FileExistsError:  # put there behind the mount's back: not ours
+            raise
+        except BaseException:
+            # not written (ENOSPC, EIO): no record stays behind, else the
+            # directory would be plaintext to this mount yet not empty (a
+            # retry: ENOTEMPTY) and, after a remount, encrypted with
+            # whatever was written in it meanwhile, or of a bad policy
+            with contextlib.suppress(OSError):
+                sc.unlink_at(d_fd, POLICY_FILE_NAME)
+            raise
         node.policy = policy
         node.policy_error = None
         self.dir_attributes.withdraw(node.ino)  # its names are encrypted from now on
