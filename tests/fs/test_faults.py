@@ -611,6 +611,60 @@ def test_a_policy_the_full_backing_store_refused_leaves_no_record(tmp_path: Path
             m.unmount_checked()
 
 
+@contextlib.contextmanager
+def tmpfs(at: Path, size: int) -> Iterator[None]:
+    at.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False, capture_output=True)
+
+
+def test_every_open_of_a_file_is_told_of_a_failed_write_back(tmp_path: Path) -> None:
+    """Two processes have a file open (one description each, as ext4
+    reports errors); the backing store fails the write-back of what one
+    wrote (a loop device whose image is on a tmpfs that has run out: a thin
+    pool out of space), and the other's fsync gets the error (ENOSPC from
+    the loop device; EIO from a failing disk); once the store works again,
+    the writer's fsync gets it too, then 0, as on ext4.
+    Before: the mount's one backing descriptor had been told, so the
+    writer's fsync returned 0, its data not on disk (the file read back as
+    zeros)."""
+    thin = tmp_path / "thin"
+    with tmpfs(thin, 48 << 20):
+        fs = tmp_path / "fs"
+        with loop_ext4(thin / "fs.img", 40 << 20, fs, ["-O", "^has_journal"]):
+            m = Mount(fs)
+            try:
+                enc, _master = m.encrypted_dir()
+                writer = os.open(enc / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+                other = os.open(enc / "f", os.O_WRONLY)
+                try:
+                    os.write(writer, os.urandom(4 << 20))
+                    ballast = thin / "ballast"
+                    with contextlib.suppress(OSError), open(ballast, "wb") as out:
+                        while True:
+                            out.write(b"\xa5" * (1 << 20))
+                            out.flush()
+                    with pytest.raises(OSError) as failed:
+                        os.fsync(other)
+                    # the loop device's error: ENOSPC (BLK_STS_NOSPC)
+                    told = failed.value.errno
+                    assert told in (errno.EIO, errno.ENOSPC), failed.value
+                    ballast.unlink()
+                    with pytest.raises(OSError) as failed:
+                        os.fsync(writer)
+                    assert failed.value.errno == told
+                    os.fsync(writer)  # told once
+                    os.fsync(other)
+                finally:
+                    os.close(writer)
+                    os.close(other)
+            finally:
+                m.unmount_checked()
+
+
 # ------------------------------------------------------- a slow backing store
 
 THROTTLE = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device"

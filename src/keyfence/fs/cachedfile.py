@@ -58,6 +58,8 @@ class CachedFile:
         "pages",
         "readahead_to",
         "size",
+        "sync_errno",
+        "sync_errors",
         "unsynced",
         "users",
     )
@@ -92,6 +94,14 @@ class CachedFile:
         self.unsynced = 0
         """Bytes handed to the disk since the file was last flushed
         behind the write-back (fs/writebehind.py)."""
+        self.sync_errors = 0
+        """fsyncs of the backing file that failed (EIO: its write-back
+        failed in the backing store), and the last one's errno: every open
+        of the file is told once (:class:`keyfence.fs.handles.FileHandle`),
+        as the kernel tells every open file description (``errseq_t``);
+        the backing file's one description would tell only the first
+        fsync, whoever made it (another process, a key removal)."""
+        self.sync_errno = 0
 
     def __repr__(self) -> str:
         return f"CachedFile(ino={self.ino}, size={self.size}, dirty_pages={len(self.pages)})"

@@ -8,7 +8,7 @@ __all__ = ["DirHandle", "FileHandle"]
 
 
 class FileHandle:
-    __slots__ = ("cached", "fd", "flags", "ino", "pid")
+    __slots__ = ("cached", "fd", "flags", "ino", "pid", "sync_seen")
 
     def __init__(
         self, ino: int, flags: int, fd: int = -1, cached: CachedFile | None = None, pid: int = 0
@@ -20,6 +20,9 @@ class FileHandle:
         self.pid = pid
         """Who opened it (encrypted files): where a copy of its key is
         looked for when the bound one goes (KeyBindings.move_to_copy)."""
+        self.sync_seen = cached.sync_errors if cached is not None else 0
+        """The file's failed fsyncs this handle has reported (its fsync
+        reports one it has not: ``CachedFile.sync_errors``)."""
 
 
 class DirHandle:

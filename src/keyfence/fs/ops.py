@@ -1507,7 +1507,17 @@ class KeyfenceOperations(KeyGoing, Xattrs, pyfuse3.Operations):
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
         if h.cached is not None:
-            await self.run_blocking(self.cache.fsync, self._rekeyed(h.cached), datasync)
+            f = self._rekeyed(h.cached)
+            try:
+                await self.run_blocking(self.cache.fsync, f, datasync)
+            finally:
+                # a failed fsync of the backing file (another process's, a
+                # key removal's) is reported once through every open of the
+                # file, as ext4 reports a write-back error (errseq_t)
+                missed = h.sync_seen != f.sync_errors
+                h.sync_seen = f.sync_errors
+            if missed:
+                raise fail(f.sync_errno, "an earlier write-back of this file failed")
         else:
             await self.run_blocking(os.fdatasync if datasync else os.fsync, h.fd)
 

@@ -957,6 +957,11 @@ class PageCache:
             fd = os.dup(f.fd)
         try:
             (os.fdatasync if datasync else os.fsync)(fd)
+        except OSError as err:
+            with self.lock:
+                f.sync_errors += 1
+                f.sync_errno = err.errno or errno.EIO
+            raise
         finally:
             os.close(fd)
         with self.lock:
