@@ -130,8 +130,8 @@ class GarbageCollector:
     def _hand_out(self) -> None:
         """Give the work due now to its owners' lanes (the thread's turn)."""
         starts = []
-        due = self._due(self._clock())
-        with self._cond:
+        with self._cond:  # (an RLock) taken from the heap and given out at once:
+            due = self._due(self._clock())  # wait_idle never sees it in neither
             for kind, key in due:
                 lane = self._lanes.get(key.uid)
                 if lane is None:
