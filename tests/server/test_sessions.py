@@ -521,3 +521,72 @@ def test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout(
     finally:
         sh(f"keyfence umount {mnt} || true")
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
+
+
+def _event_ns(start_time: int, before: float) -> int:
+    """A fork event's CLOCK_MONOTONIC time, ``before`` seconds before a
+    process with this start time started."""
+    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+    return int((start_time / os.sysconf("SC_CLK_TCK") - before - offset) * 1e9)
+
+
+def test_a_fork_event_read_late_does_not_bind_the_next_owner_of_the_childs_pid() -> None:
+    """A fork event read after the child exited and its pid went to a
+    process started later (a lagging reader, a pid space cycled by another
+    user): that process was not forked by the event's parent and must not
+    get its keyring.  A process started 0.2 s after the fork cannot be the
+    child (start times are taken before the event).  Before: anything
+    within 0.5 s passed (found by a helper's pid-reuse run: root's
+    process took the pid of an attacker's exited child and was bound to
+    the attacker's session keyring, its keys then the attacker's)."""
+    me = read_stat(os.getpid())
+    assert me is not None
+    tracker = SessionTracker()  # not started: events are fed by hand
+    with _svc() as svc:
+        tracker._service = svc
+        mine = Caller(uid=1003, gid=100, pid=me.pid, start_time=me.start_time, session=me.process)
+        svc.join_session_keyring(mine)
+        other = subprocess.Popen(["sleep", "30"])
+        try:
+            later = read_stat(other.pid)
+            assert later is not None
+            tracker._on_event((_FORK, other.pid, me.pid, _event_ns(later.start_time, 0.2)))
+            assert svc.session_binding(later.process) == 0
+        finally:
+            other.kill()
+            other.wait()
+
+
+def test_a_fork_event_read_late_does_not_name_the_next_owner_of_the_parents_pid() -> None:
+    """The child is gone when its fork event is read and the parent's pid
+    belongs to a process started after the fork: the child's record must
+    not name that process, or the child's own children would inherit its
+    keyring (before: they did)."""
+    gone = subprocess.Popen(["true"])
+    gone_stat = read_stat(gone.pid)
+    gone.wait()
+    assert gone_stat is not None and read_stat(gone.pid) is None
+    tracker = SessionTracker()
+    with _svc() as svc:
+        tracker._service = svc
+        newer = subprocess.Popen(["sleep", "30"])  # the parent pid's next owner
+        grandchild = None
+        try:
+            owner = read_stat(newer.pid)
+            assert owner is not None
+            victim = Caller(uid=0, gid=0, pid=owner.pid, start_time=owner.start_time,
+                            session=owner.process)  # fmt: skip
+            svc.join_session_keyring(victim)
+            time.sleep(2 / os.sysconf("SC_CLK_TCK"))
+            when = _event_ns(owner.start_time, 0.2)
+            tracker._on_event((_FORK, gone.pid, newer.pid, when))
+            grandchild = subprocess.Popen(["sleep", "30"])
+            kid = read_stat(grandchild.pid)
+            assert kid is not None
+            tracker._on_event((_FORK, grandchild.pid, gone.pid, _event_ns(kid.start_time, 0)))
+            assert svc.session_binding(kid.process) == 0
+        finally:
+            for proc in (newer, grandchild):
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
