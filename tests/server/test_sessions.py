@@ -28,7 +28,7 @@ from keyfence.client import Client
 from keyfence.errors import KeyfenceError
 from keyfence.keys import KeyService
 from keyfence.keys.caller import Caller, ParentProcess
-from keyfence.server.sessions import _FORK, ProcStat, SessionTracker, read_stat
+from keyfence.server.sessions import _FORK, ProcStat, SessionTracker, read_stat, started_by
 from keyfence.testing import users
 from keyfence.testing.daemon import DaemonProcess, running_daemon
 
@@ -590,3 +590,41 @@ def test_a_fork_event_read_late_does_not_name_the_next_owner_of_the_parents_pid(
                 if proc is not None:
                     proc.kill()
                     proc.wait()
+
+
+def test_a_child_forked_just_before_its_parent_joined_does_not_get_the_new_keyring() -> None:
+    """A parent forks, then joins a new session keyring within the same
+    clock tick, and the fork event is read after the join: the kernel
+    leaves the child the old keyring; the daemon must not give it the new
+    one (the documented "none").  The fork event's own time says the fork
+    came first; the child's start time, rounded up to the tick, did not.
+    Nor may the child's first contact, walking up to the parent, give it.
+    Before: the child got the new keyring either way (found by a helper's
+    run: root forked a child that switched to another uid, joined a new
+    keyring and put a secret in it; 3 runs in 20 the child read the
+    secret)."""
+    me = read_stat(os.getpid())
+    assert me is not None
+    tracker = SessionTracker()  # not started: events are fed by hand
+    with _svc() as svc:
+        tracker._service = svc
+        parent = Caller(uid=0, gid=0, pid=me.pid, start_time=me.start_time, session=me.process)
+        old = svc.join_session_keyring(parent)
+        forked_ns = time.monotonic_ns()
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            kid = read_stat(child.pid)
+            assert kid is not None
+            new = svc.join_session_keyring(parent)
+            assert new != old
+            # the join landed between the fork and the end of the child's start tick
+            offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+            fork_time = forked_ns / 1e9 + offset
+            svc._special.bound_at[me.process] = (fork_time + started_by(kid.start_time)) / 2
+            tracker._on_event((_FORK, child.pid, me.pid, forked_ns))
+            assert svc.session_binding(kid.process) != new
+            tracker.resolve(svc, kid)  # its first contact: the walk up to the parent
+            assert svc.session_binding(kid.process) != new
+        finally:
+            child.kill()
+            child.wait()

@@ -152,6 +152,9 @@ class SessionTracker:
         self._lock = threading.Lock()
         self._forks: dict[int, tuple[int, ProcessId]] = {}
         """child pid -> (its start time, its parent at fork), from fork events."""
+        self._fork_times: dict[int, tuple[int, float]] = {}
+        """child pid -> (its start time, when it was forked: boot_clock()),
+        precise where start times are rounded to a clock tick."""
         self._service: KeyService | None = None
         self._events: socket.socket | None = None
         self._checks = 0
@@ -209,6 +212,7 @@ class SessionTracker:
         if kind == _EXIT:
             with self._lock:
                 self._forks.pop(child, None)
+                self._fork_times.pop(child, None)
                 self._exited.add(child)
             return
         when = _boottime_of(when_ns)
@@ -238,11 +242,24 @@ class SessionTracker:
                 gone_parent = (parent, forked[0])
         with self._lock:
             self._forks[child] = (me.start_time if me is not None else -1, source)
+            if me is not None:
+                self._fork_times[child] = (me.start_time, when)
         service = self._service
         if me is not None and service is not None:
-            started = started_by(me.start_time)
+            started = self._started(me.process)
             if gone_parent is None or not service.inherit_session(me.process, gone_parent, started):
                 service.inherit_session(me.process, source, started)
+
+    def _started(self, process: ProcessId) -> float:
+        """The latest time the process may have been forked at: its fork
+        event's time where known (its start time is rounded up to a clock
+        tick, past a join by its parent just after the fork)."""
+        started = started_by(process[1])
+        with self._lock:
+            forked = self._fork_times.get(process[0])
+        if forked is not None and forked[0] == process[1]:
+            started = min(started, forked[1])
+        return started
 
     def parent_of(self, process: ProcessId, ppid: int | None = None) -> ProcStat | None:
         """The process's parent at fork if a fork event told us, else its
@@ -285,6 +302,9 @@ class SessionTracker:
             for pid, record in stale:
                 if self._forks.get(pid) == record:  # not re-recorded meanwhile
                     del self._forks[pid]
+                forked = self._fork_times.get(pid)
+                if forked is not None and forked[0] == record[0]:
+                    del self._fork_times[pid]
 
     # -- resolving
 
@@ -312,7 +332,7 @@ class SessionTracker:
         if above is None:
             return
         for proc in reversed(chain):
-            if not service.inherit_session(proc, above, started_by(proc[1])):
+            if not service.inherit_session(proc, above, self._started(proc)):
                 return
             above = proc
 
