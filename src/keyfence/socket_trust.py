@@ -169,6 +169,15 @@ def check_server(sock: _socket.socket, path: str, *, root_only: bool = False) ->
         sock.close()
         raise _unmapped(uid, f"the keyfence socket {path}")
     sock.close()
+    if not uid_is_mapped(uid):
+        # root (the system daemon) is not mapped in a user's own namespace:
+        # it shows as the overflow uid, as every other unmapped user does
+        raise _refuse(
+            errno.EACCES,
+            f"refusing the keyfence socket {path}: its server's uid is not mapped in this"
+            f" user namespace (it shows as uid {uid}, as every unmapped user does), so"
+            " root cannot be told from anyone else; run kfctl outside the namespace",
+        )
     whom = "root" if root_only else f"you (uid {me}) or root"
     raise _refuse(
         errno.EACCES,

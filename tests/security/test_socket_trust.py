@@ -311,9 +311,10 @@ def test_system_socket_is_trusted_only_from_root(scratch: Path) -> None:
         assert fake.connections == 1
 
 
-def _in_unmapped_namespace(argv: list[str]) -> list[str]:
+def _in_unmapped_namespace(argv: list[str], *options: str) -> list[str]:
     """``argv`` in a user namespace of its own that maps no uid (``unshare
-    -U``): every outside uid, the victim's own included, shows as 65534."""
+    -U``): every outside uid, the victim's own included, shows as 65534
+    (``options``: ``--map-current-user`` maps the victim's, not root)."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("unshare (util-linux) is missing")
@@ -322,7 +323,7 @@ def _in_unmapped_namespace(argv: list[str]) -> list[str]:
     )
     if probe.returncode != 0:
         pytest.skip(f"this kernel refuses user namespaces to uid {VICTIM}")
-    return [unshare, "--user", *argv]
+    return [unshare, "--user", *options, *argv]
 
 
 def test_another_users_socket_is_refused_in_an_unmapped_user_namespace(scratch: Path) -> None:
@@ -336,6 +337,27 @@ def test_another_users_socket_is_refused_in_an_unmapped_user_namespace(scratch: 
                 _in_unmapped_namespace(argv), victim_env(KEYFENCE_SOCKET=str(sock)), stdin
             )
             assert_refused(fake, code, output, str(sock), "does not map your uid")
+
+
+def test_the_system_daemon_is_refused_for_its_reason_in_a_users_namespace(
+    scratch: Path,
+) -> None:
+    """In ``unshare -U --map-current-user`` root is not mapped: the system
+    daemon shows as uid 65534, as any unmapped user does, and is refused.
+    The refusal said "someone else may have put it there" (the s37
+    sessions helper); it says why now."""
+    run = scratch / "run"
+    run.mkdir(mode=0o755)
+    sock = run / "sock"
+    with fake_daemon(sock, uid=0) as fake:
+        argv, stdin = VICTIM_COMMANDS[0]
+        code, output = run_victim(
+            _in_unmapped_namespace(argv, "--map-current-user"),
+            victim_env(KEYFENCE_SYSTEM_SOCKET=str(sock)),
+            stdin,
+        )
+        assert_refused(fake, code, output, str(sock), "not mapped in this user namespace")
+        assert "someone else may have put it there" not in output
 
 
 def test_a_planted_fallback_directory_is_refused_in_an_unmapped_user_namespace() -> None:
