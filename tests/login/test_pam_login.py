@@ -198,6 +198,40 @@ def test_an_auth_only_stash_is_wiped_when_it_expires(login_setup: LoginSetup) ->
             time.sleep(0.2)
 
 
+def test_a_killed_login_program_leaves_no_stash_for_a_login_without_password(
+    login_setup: LoginSetup,
+) -> None:
+    """A helper's pam_fscrypt comparison (2026-12-08): a login program
+    killed before its close_session (SIGKILL, a crash) left the session
+    count at 1 for ever, so the stash (the home's master key, no expiry)
+    was never dropped and every later login that gave no password (an ssh
+    key, root's su) unlocked the home, while ``keyfence status`` said
+    locked.  A session counts while the PAM application that opened it
+    runs."""
+    s = login_setup
+    up = s.user_tmp / "up"
+    login = s.login_process(f"echo up > {up}; sleep 600")
+    try:
+        deadline = time.monotonic() + 120
+        while not up.exists():
+            assert login.poll() is None and time.monotonic() < deadline, s.pam_log_text()
+            time.sleep(0.1)
+        assert "unlocked (key" in s.pam_log_text()
+    finally:
+        os.killpg(login.pid, signal.SIGKILL)  # the login program and the user's shell
+        login.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while "Unlocked: No" not in s.keyfence("status", str(s.home)).stdout:
+        assert time.monotonic() < deadline, "the killed login's @s outlived its processes"
+        time.sleep(0.2)
+    before = len(s.pam_log_text())
+    later = s.pamtester("open_session", "close_session", stdin="")
+    assert later.returncode == 0, later.stderr
+    log = s.pam_log_text()[before:]
+    assert "unlocked (key" not in log, log
+    assert "a stash no session used was dropped" in log, log
+
+
 def test_login_add_refuses_a_directory_outside_a_mount(login_setup: LoginSetup) -> None:
     s = login_setup
     plain = s.root / "plain"

@@ -188,6 +188,9 @@ def _wrapper(root: Path, socket: str, config_dir: Path) -> Path:
     path.write_text(
         "#!/bin/sh\n"
         "export PYTHONDONTWRITEBYTECODE=1\n"
+        # this checkout's keyfence, not whichever the venv installed (pam_exec
+        # passes only PAM's environment: a worktree's tests ran main's hook)
+        f"export PYTHONPATH='{Path(__file__).resolve().parents[2]}'\n"
         "cd / || exit 1\n"
         f"exec {sys.executable} -P -m keyfence.cli.main pam --socket '{socket}' "
         f"--config-dir '{config_dir}' --state-dir '{root / 'state'}' --timeout 120 --debug "

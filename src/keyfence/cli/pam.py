@@ -438,6 +438,12 @@ def _rewrap_for_chauthtok(
     return 0
 
 
+def _alive(key: str) -> bool:
+    """Whether the process named ``pid.start`` (:func:`_process_key`) still runs."""
+    pid, _, start = key.partition(".")
+    return pid.isdigit() and start not in ("", "0") and _process_key(int(pid))[0] == key
+
+
 def _parent_key() -> str:
     """Our parent (the PAM application), named by pid and start time."""
     return _process_key(os.getppid())[0]
@@ -505,7 +511,14 @@ def _remembered_session(state_dir: str) -> int | None:
 
 @contextlib.contextmanager
 def _session_count(state_dir: str, user: LoginUser) -> Iterator[Callable[[int], int]]:
-    """The user's number of open sessions, under a lock (pam_fscrypt's count)."""
+    """The user's number of open sessions, under a lock (pam_fscrypt's count).
+
+    Counted as the PAM applications that opened them (``pid.start``, one a
+    line; ``count(+1)`` adds ours, ``count(-1)`` removes it), and one that
+    is gone no longer counts: a login program killed before its
+    close_session (SIGKILL, a crash) left a bare number at 1 for ever, so
+    the stash was never dropped and every later login without a password
+    (an ssh key) unlocked the directories."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, f"{user.uid}.count")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -513,15 +526,14 @@ def _session_count(state_dir: str, user: LoginUser) -> Iterator[Callable[[int], 
         fcntl.flock(fd, fcntl.LOCK_EX)
 
         def count(delta: int) -> int:
-            os.lseek(fd, 0, os.SEEK_SET)
-            try:
-                value = int(os.read(fd, 32) or b"0")
-            except ValueError:
-                value = 0
-            value = max(0, value + delta)
+            text = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+            mine = _parent_key()
+            live = [k for k in dict.fromkeys(text.split()) if k != mine and _alive(k)]
+            if delta > 0 or (delta == 0 and mine in text.split() and _alive(mine)):
+                live.append(mine)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(value).encode(), 0)
-            return value
+            os.pwrite(fd, "".join(f"{k}\n" for k in live).encode(), 0)
+            return len(live)
 
         yield count
     finally:
