@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from keyfence.testing import users
+from keyfence.testing import users, warm
 
 README = Path(__file__).resolve().parent.parent.parent / "README.md"
 MARKER = "<!-- using-it:"
@@ -167,4 +167,6 @@ def test_using_it_runs_verbatim(who: str) -> None:
         pid = daemon_pid(sock)
         if pid is not None:
             stop(pid)
+        # kfctl's warm server, which the block's kfctl started beside it
+        warm.stop_servers_at(str(run / "keyfence" / "kfctl.sock"))
         shutil.rmtree(top, ignore_errors=True)

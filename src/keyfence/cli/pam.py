@@ -26,7 +26,8 @@ does in-process.
   (no data is re-encrypted).  Without a stash (the user is not logged in)
   the old protector stays and a log line says to run ``keyfence login
   passwd DIR``.  Linux-PAM 1.5.2's pam_exec gives this step no password;
-  ``--rewrap-on-auth`` then re-wraps at the next login (docs/login.md).
+  ``--rewrap-on-auth`` then re-wraps at a login while a session is open
+  (docs/login.md).
 
 Errors never fail the PAM stack (exit 0) unless ``--strict``; a password
 is never logged or shown.
@@ -405,7 +406,8 @@ def do_chauthtok(client: Client, user: LoginUser, config_dir: str | None, log: _
         # Linux-PAM before 1.6 exposes the token to auth only: nothing here
         log(
             f"{user.name}: chauthtok got no password from pam_exec (this Linux-PAM gives it "
-            "to auth only); --rewrap-on-auth re-wraps at the next login",
+            "to auth only); --rewrap-on-auth re-wraps at a login while a session is open, "
+            "else run keyfence login passwd DIR",
             error=True,
         )
         return 1
