@@ -386,6 +386,28 @@ def test_concurrent_waiters_share_one_slow_handler(upcalls: tuple[Daemon, Path])
     assert len(runs(log)) == 1
 
 
+def test_more_waiters_than_a_uids_threads_do_not_stop_the_handler(
+    python_upcalls: tuple[Daemon, Path],
+) -> None:
+    """Ten requests at once for one key: one handler, and all ten get the
+    key, as on the kernel (1 s there).  The waiters park on their uid's
+    threads (server/lanes.py, 8 per uid), and the handler runs as that uid:
+    its ``instantiate`` queued behind them until it was killed, and every
+    requester got ENOKEY.
+
+    checked failing before: ten ``request_key: Required key not
+    available`` after the handler's 60 s."""
+    daemon, log = python_upcalls
+    script = (
+        "for i in 0 1 2 3 4 5 6 7 8 9; do keyctl request2 user test:many slow > o$i & done;"
+        " wait; cat o*; keyctl print $(cat o0)"
+    )
+    out = sh(daemon, f"cd {log.parent}; {script}").splitlines()
+    assert out[-2:] == ["slow", "exit=0"], out
+    assert len(out) == 12 and len(set(out[:10])) == 1, out
+    assert len(runs(log)) == 1
+
+
 def test_handlers_run_while_the_daemon_has_many_descriptors_open(
     upcalls: tuple[Daemon, Path],
 ) -> None:

@@ -658,6 +658,12 @@ class KeyService:
         """KEYCTL_ASSUME_AUTHORITY."""
         return _upcall.assume_authority(self, caller, key_id)
 
+    def acts_for_construction(self, caller: Caller) -> bool:
+        """Whether ``caller`` holds the authority over a key under
+        construction (a request-key handler, or a child of one)."""
+        with self._lock:
+            return _upcall.authority_locked(self, caller) is not None
+
     def get_keyring_id(self, caller: Caller, key_id: int, create: bool = False) -> int:
         """KEYCTL_GET_KEYRING_ID: resolve an id, creating special keyrings if
         asked; the key must be valid and grant search."""

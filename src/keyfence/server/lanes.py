@@ -10,6 +10,12 @@ queue behind them, so the number of threads is bounded by uids in use times
 the per-uid bound, and a uid that parks all of its threads only slows
 itself.
 
+A request-key handler runs as the uid whose request it serves, and that
+uid's other requests may all be waiting for the key it makes (ten
+``keyctl request2`` of one key at once): the handler's requests that may
+wait get a lane of their own, :func:`handler_lane`, or its ``instantiate``
+would queue behind them until the handler was killed.
+
 Threads outlive their request for :data:`IDLE_SECONDS` and are reused by
 any uid (a thread start costs about as much as the request).
 
@@ -30,6 +36,12 @@ THREADS_PER_UID = 8
 """Requests of one uid that may be waiting on threads at once."""
 IDLE_SECONDS = 10.0
 """How long an idle thread waits for another job before it ends."""
+
+
+def handler_lane(uid: int) -> int:
+    """The lane of ``uid``'s request-key handlers (a negative number: no
+    uid's own)."""
+    return -1 - uid
 
 Job = Callable[[], object]
 """A request to run; what it returns is ignored."""

@@ -42,6 +42,7 @@ from keyfence import protocol, wire
 from keyfence.keys.secret import wipe_bytes
 from keyfence.server import limits
 from keyfence.server.connection import CLOSE_MARKER, RECV_BYTES, Connection
+from keyfence.server.lanes import handler_lane
 from keyfence.server.optable import OPERATIONS
 
 if TYPE_CHECKING:
@@ -371,8 +372,13 @@ class Loop:
             return refuse(
                 errno.EBUSY, f"too many requests in flight for uid {conn.uid} (limit {bound})"
             )
+        lane = conn.uid
+        if self.daemon.service.acts_for_construction(conn.caller):
+            # not behind its uid's requests, which may be waiting for the
+            # key this handler makes (server/lanes.py)
+            lane = handler_lane(conn.uid)
         self.daemon.lanes.submit(
-            conn.uid,
+            lane,
             functools.partial(
                 conn.run,
                 op.handler,
