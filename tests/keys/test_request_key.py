@@ -403,3 +403,42 @@ def test_a_handler_that_cannot_start_for_any_reason_negates_the_key(
     again.start()
     again.join(5)
     assert answer == [errno.ENOKEY]  # the negative key the failed start left
+
+
+def test_a_handler_outliving_its_requesters_keyring_leaves_no_key_behind(
+    svc: KeyService,
+) -> None:
+    """The requester was killed and its session keyring, the key's
+    destination, ended with it; the handler then instantiated with ``@s``
+    (the requester's destination) and asked for another key.  On the
+    kernel the construction holds the destination (rka->dest_keyring)
+    until it ends, and then the keyring and the keys in it are freed.
+    Here the keys were linked into the destroyed keyring: never reachable
+    again, never destroyed, their secret kept and the requester's quota
+    charged until the daemon restarts (a user who did that 200 times could
+    make no key at all).
+
+    checked failing before: both keys left, linked into the dead keyring
+    (``made`` still there, ``nested``'s only keyring dead)."""
+    requester = Caller(uid=1000, gid=1000, pid=700, start_time=11, session=(700, 11))
+    svc.join_session_keyring(requester, None)
+    svc.process_lineage = _lineage
+
+    def upcall(construction) -> None:  # type: ignore[no-untyped-def]
+        if construction.key.description == "nested":
+            _upcall.handler_ended(svc, construction)
+            return
+        _upcall.grant(svc, construction, HANDLER.process)
+        try:
+            svc.process_exited(requester.pid, requester.start_time)
+            assert errno_of(svc.request_key, FIRST, "user", "nested", "x") == errno.ENOKEY
+            svc.instantiate(FIRST, construction.key.serial, b"late", S)
+        finally:
+            _upcall.handler_ended(svc, construction)
+
+    svc.request_key_upcall = upcall
+    svc.request_key(requester, "user", "made", "callout")
+    assert [k for k in svc.all_keys() if k.description == "made"] == []
+    # the other key went to the handler's own keyrings, as with no authority
+    (nested,) = [k for k in svc.all_keys() if k.description == "nested"]
+    assert nested.parents and all(ring.is_live() for ring in nested.parents)

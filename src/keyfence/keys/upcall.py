@@ -252,9 +252,10 @@ def _find_or_construct(
 
 def _default_destination_locked(svc: ServiceInternals, caller: Caller) -> Key:
     """construct_get_dest_keyring(), KEY_REQKEY_DEFL_DEFAULT: a handler's
-    requester's destination, else @t, @p, @s, @us -- the first that exists."""
+    requester's destination (while it lives), else @t, @p, @s, @us -- the
+    first that exists."""
     held = authority_locked(svc, caller)
-    if held is not None and held.dest is not None:
+    if held is not None and held.dest is not None and held.dest.is_live():
         return held.dest
     tables = svc._special
     for ring in (
@@ -433,7 +434,7 @@ def _instantiation_keyring_locked(
     svc: ServiceInternals, caller: Caller, construction: Construction, ringid: int
 ) -> Key | None:
     """get_instantiation_keyring(): none, a keyring by serial (write), or,
-    for any special id, the requester's destination."""
+    for any special id, the requester's destination (none once destroyed)."""
     if ringid == 0:
         return None
     if ringid > 0:
@@ -444,7 +445,12 @@ def _instantiation_keyring_locked(
     if ringid == KEY_SPEC_REQKEY_AUTH_KEY:
         raise fail(errno.EINVAL, "@a is not a keyring")
     if ringid >= KEY_SPEC_REQUESTOR_KEYRING:
-        return construction.dest
+        # the kernel's construction holds its destination until it ends;
+        # here a requester's session keyring ends with its last process:
+        # none then (a link into a destroyed keyring would keep the key
+        # for ever)
+        dest = construction.dest
+        return dest if dest is not None and dest.is_live() else None
     raise fail(errno.ENOKEY)
 
 
