@@ -21,6 +21,7 @@ from keyfence.keys import Caller, KeyService, waits
 from keyfence.keys import upcall as _upcall
 from keyfence.keys.notify import Notification, Phase
 
+from .conftest import FakeClock
 from .test_keyctl import S, errno_of
 
 HANDLER = Caller(uid=0, gid=0, pid=500, start_time=7, session="handler")
@@ -437,8 +438,40 @@ def test_a_handler_outliving_its_requesters_keyring_leaves_no_key_behind(
             _upcall.handler_ended(svc, construction)
 
     svc.request_key_upcall = upcall
-    svc.request_key(requester, "user", "made", "callout")
+    # ENOKEY: the key went with no link to hold it (its requester, gone,
+    # never sees the answer)
+    assert errno_of(svc.request_key, requester, "user", "made", "callout") == errno.ENOKEY
     assert [k for k in svc.all_keys() if k.description == "made"] == []
     # the other key went to the handler's own keyrings, as with no authority
     (nested,) = [k for k in svc.all_keys() if k.description == "nested"]
     assert nested.parents and all(ring.is_live() for ring in nested.parents)
+
+
+@pytest.mark.parametrize("spoil", ["revoke", "invalidate", "expire", "reject"])
+def test_a_key_its_handler_left_unusable_is_enokey_for_its_requester(
+    svc: KeyService, root: Caller, clock: FakeClock, spoil: str
+) -> None:
+    """call_sbin_request_key(): once request-key has exited, a key that
+    fails key_validate() is ENOKEY for the request that started it.  On
+    this machine's kernel a handler that gave itself setattr, instantiated
+    the key and then revoked, invalidated or let it expire, or rejected
+    it with a timeout of 0: ``request_key: Required key not available``.
+
+    checked failing before: the serial of the spoilt key (and ENONET for
+    the reject)."""
+
+    def handle(serial: int, ses: int) -> None:
+        if spoil == "reject":
+            svc.reject(FIRST, serial, 0, errno.ENONET, ses)
+            return
+        svc.setperm(FIRST, serial, 0x3F3F0000)
+        svc.instantiate(FIRST, serial, b"v", ses)
+        if spoil == "revoke":
+            svc.revoke(FIRST, serial)
+        elif spoil == "invalidate":
+            svc.invalidate(FIRST, serial)
+        else:
+            svc.set_timeout(FIRST, serial, 1)
+            clock.advance(2)
+
+    assert errno_of(_served, svc, root, handle) == errno.ENOKEY

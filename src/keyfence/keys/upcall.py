@@ -169,6 +169,13 @@ def request_key(
         # interruptible), not only for the key: what it does after
         # instantiating is done
         construction.handler_gone.wait()
+        with svc._lock:
+            try:
+                # then a key the handler left revoked, invalidated or
+                # expired (a reject with no timeout) is ENOKEY for us
+                construction.key.validate(svc.now())
+            except OSError:
+                raise fail(errno.ENOKEY, "the handler left the key unusable") from None
     else:
         # found under construction (and linked into the destination
         # already): wait_for_key_construction(), interruptible
