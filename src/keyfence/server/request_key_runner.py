@@ -148,7 +148,9 @@ def choose(conf: str, request: UpcallArgs) -> str | None:
 
 def expand(command: str, request: UpcallArgs) -> tuple[list[str], bool]:
     """The argv of a command line (program path first) and whether it is a
-    ``|program``; EINVAL for a macro request-key would refuse."""
+    ``|program``; EINVAL for a macro request-key would refuse.  Macros are
+    whole words of one letter after the ``%`` (``--key=%k`` and ``%kx``
+    are passed as they are, as request-key passes them)."""
     piped = command.startswith("|")
     if piped:
         command = command[1:]
@@ -171,6 +173,8 @@ def expand(command: str, request: UpcallArgs) -> tuple[list[str], bool]:
     for word in words[1:]:
         if word.startswith("%%"):
             argv.append(word[1:])
+        elif word.startswith("%") and len(word) > 2 and word[1] != "{":
+            argv.append(word)  # request-key: a longer word is no macro
         elif word.startswith("%"):
             value = macros.get(word[1:])
             if value is None:
