@@ -43,6 +43,7 @@ def handler_lane(uid: int) -> int:
     uid's own)."""
     return -1 - uid
 
+
 Job = Callable[[], object]
 """A request to run; what it returns is ignored."""
 
