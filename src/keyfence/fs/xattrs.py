@@ -261,24 +261,31 @@ class Xattrs:
             write_policy(d_fd, policy, sync=True)
             fd = sc.open_dir(d_fd, ".")
             try:
+                # (nothing is made in the directory meanwhile: the kernel
+                # holds its inode lock through the setxattr)
                 await self.run_blocking(os.fsync, fd)
             finally:
                 os.close(fd)
         except FileExistsError:  # put there behind the mount's back: not ours
             raise
         except BaseException:
-            # not written (ENOSPC, EIO): no record stays behind, else the
-            # directory would be plaintext to this mount yet not empty (a
-            # retry: ENOTEMPTY) and, after a remount, encrypted with
-            # whatever was written in it meanwhile, or of a bad policy
-            with contextlib.suppress(OSError):
-                sc.unlink_at(d_fd, POLICY_FILE_NAME)
+            self._unwrite_policy(node)
             raise
         node.policy = policy
         node.policy_error = None
         self.dir_attributes.withdraw(node.ino)  # its names are encrypted from now on
         wipe.release(node.forget_names())
         log.info("%s: encrypted with %s", self.log_label(node.ino), ref)
+
+    def _unwrite_policy(self, node: Inode) -> None:
+        """A policy record the backing store did not take (ENOSPC, EIO) is
+        removed: else the directory would be plaintext to this mount yet
+        not empty (a retry: ENOTEMPTY) and, after a remount, encrypted with
+        whatever was written in it meanwhile, or of a bad policy.  The
+        directory's descriptor is taken again (the one before an await may
+        be closed, its number another directory's)."""
+        with contextlib.suppress(OSError):
+            sc.unlink_at(self.table.dir_fd(node.ino), POLICY_FILE_NAME)
 
     def _protectors_dir(self, node: Inode, ctx: RequestContext) -> int:
         """The backing descriptor of an encrypted directory the caller owns (or root)."""
