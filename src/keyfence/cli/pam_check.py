@@ -46,6 +46,9 @@ _PAM_DISALLOW_NULL_AUTHTOK = 0x1
 _PAM_PROMPT_ECHO_OFF = 1
 
 
+# libpam's conversation ABI, as pam_login.py (the demo's login program)
+# declares it too: that one runs by path under the system interpreter and
+# imports nothing of keyfence, so the two cannot share one declaration.
 class _Message(ctypes.Structure):
     _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
 

@@ -137,6 +137,50 @@ class KeyBindings:
         Blocking (the key source may be a socket): never call it on the
         trio thread.  Returns None when the key is not reachable.
         """
+        looked_up = self._look_up(ref, pid)
+        if looked_up is None:
+            return None
+        serial, master = looked_up
+        with self.lock:
+            going_since = self._going.get(serial)
+            if going_since is not None and self.clock() - going_since < GOING_GRACE:
+                master.wipe()
+                return None  # its removal is applying
+            self._going.pop(serial, None)
+            current = self._bound.get(ref.description)
+            if current is not None:
+                master.wipe()  # found twice at once: one copy is enough
+                return current
+            binding = Binding(ref, serial, master)
+            self._bound[ref.description] = binding
+            need_watch = serial not in self._watched
+            self._watched.add(serial)
+        if need_watch:
+            try:
+                self.source.watch(serial, functools.partial(self._on_going, serial))
+            except Exception as err:  # unwatched, the key must not be used
+                log.warning("cannot watch key %d (%s): %s", serial, ref, err)
+                self.unbind(binding)
+                with self.lock:
+                    self._watched.discard(serial)
+                return None
+        log.info("bound key %s (serial %d) for pid %d", ref, serial, pid)
+        return binding
+
+    def held_by(self, ref: KeyRef, pid: int) -> bool:
+        """Whether ``pid``'s own keyrings reach ``ref``'s key (blocking, as
+        :meth:`find_and_bind`; nothing is bound).  A key bound here was
+        found for whoever asked first: setting a policy must not borrow it
+        (fscrypt v2 refuses a policy whose key the caller has not added)."""
+        looked_up = self._look_up(ref, pid)
+        if looked_up is None:
+            return False
+        looked_up[1].wipe()
+        return True
+
+    def _look_up(self, ref: KeyRef, pid: int) -> tuple[int, MasterKey] | None:
+        """``ref``'s key as ``pid``'s keyrings reach it, checked: (serial,
+        master), or None when unreachable (blocking: the key source)."""
         try:
             found = self.source.find([ref.description], pid)
         except Exception as err:  # a broken channel must not break requests
@@ -145,51 +189,7 @@ class KeyBindings:
         if found is None:
             return None
         master = self._check(ref, found)
-        if master is None:
-            return None
-        with self.lock:
-            going_since = self._going.get(found.serial)
-            if going_since is not None and self.clock() - going_since < GOING_GRACE:
-                master.wipe()
-                return None  # its removal is applying
-            self._going.pop(found.serial, None)
-            current = self._bound.get(ref.description)
-            if current is not None:
-                master.wipe()  # found twice at once: one copy is enough
-                return current
-            binding = Binding(ref, found.serial, master)
-            self._bound[ref.description] = binding
-            need_watch = found.serial not in self._watched
-            self._watched.add(found.serial)
-        if need_watch:
-            try:
-                self.source.watch(found.serial, functools.partial(self._on_going, found.serial))
-            except Exception as err:  # unwatched, the key must not be used
-                log.warning("cannot watch key %d (%s): %s", found.serial, ref, err)
-                self.unbind(binding)
-                with self.lock:
-                    self._watched.discard(found.serial)
-                return None
-        log.info("bound key %s (serial %d) for pid %d", ref, found.serial, pid)
-        return binding
-
-    def held_by(self, ref: KeyRef, pid: int) -> bool:
-        """Whether ``pid``'s own keyrings reach ``ref``'s key (blocking, as
-        :meth:`find_and_bind`; nothing is bound).  A key bound here was
-        found for whoever asked first: setting a policy must not borrow it
-        (fscrypt v2 refuses a policy whose key the caller has not added)."""
-        try:
-            found = self.source.find([ref.description], pid)
-        except Exception as err:  # a broken channel: not shown to hold it
-            log.warning("looking up %s for pid %d failed: %s", ref, pid, err)
-            return False
-        if found is None:
-            return False
-        master = self._check(ref, found)
-        if master is None:
-            return False
-        master.wipe()
-        return True
+        return None if master is None else (found.serial, master)
 
     def move_to_copy(self, binding: Binding, pids: list[int]) -> int | None:
         """Rebind to another copy of ``binding``'s key that one of ``pids``
