@@ -435,6 +435,32 @@ def test_tracker_without_fork_events_propagates_at_each_check() -> None:
         assert svc.session_binding(grandkid.process) == ring
 
 
+@contextlib.contextmanager
+def _hand_fed() -> Iterator[tuple[SessionTracker, KeyService]]:
+    """A tracker that is never started (its fork events are fed by hand)
+    over a model of its own."""
+    tracker = SessionTracker()
+    with _svc() as svc:
+        tracker._service = svc
+        yield tracker, svc
+
+
+def _exited() -> ProcStat:
+    """The /proc record of a process that has exited (its pid free)."""
+    gone = subprocess.Popen(["true"])
+    gone_stat = read_stat(gone.pid)
+    gone.wait()
+    assert gone_stat is not None and read_stat(gone.pid) is None
+    return gone_stat
+
+
+def _event_ns(start_time: int, before: float) -> int:
+    """A fork event's CLOCK_MONOTONIC time, ``before`` seconds before a
+    process with this start time started."""
+    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
+    return int((start_time / os.sysconf("SC_CLK_TCK") - before - offset) * 1e9)
+
+
 def test_a_fork_by_a_gone_parent_passes_on_the_parents_own_keyring() -> None:
     """A login shell that joined a keyring and exec'd ``setsid -f`` as its
     last command: by the time the fork event is read, the forking process
@@ -442,29 +468,22 @@ def test_a_fork_by_a_gone_parent_passes_on_the_parents_own_keyring() -> None:
     not what the parent had inherited at its own fork (the flake of
     test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout,
     about one run in five: the session ended with the shell)."""
-    gone = subprocess.Popen(["true"])
-    gone_stat = read_stat(gone.pid)
-    gone.wait()
-    assert gone_stat is not None and read_stat(gone.pid) is None
+    gone_stat = _exited()
     grand = read_stat(os.getpid())
     assert grand is not None
-    tracker = SessionTracker()  # not started: events are fed by hand
-    with _svc() as svc:
-        tracker._service = svc
+    with _hand_fed() as (tracker, svc):
         shell = Caller(
-            uid=0, gid=0, pid=gone.pid, start_time=gone_stat.start_time,
+            uid=0, gid=0, pid=gone_stat.pid, start_time=gone_stat.start_time,
             session=gone_stat.process,
         )  # fmt: skip
         ring = svc.join_session_keyring(shell)  # before the child: it inherits
-        tracker._forks[gone.pid] = (gone_stat.start_time, grand.process)
+        tracker._forks[gone_stat.pid] = (gone_stat.start_time, grand.process)
         time.sleep(2 / os.sysconf("SC_CLK_TCK"))  # start times have tick resolution
         child = subprocess.Popen(["sleep", "30"])
         try:
             me = read_stat(child.pid)
             assert me is not None
-            offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
-            when_ns = int((me.start_time / os.sysconf("SC_CLK_TCK") - offset) * 1e9)
-            tracker._on_event((_FORK, child.pid, gone.pid, when_ns))
+            tracker._on_event((_FORK, child.pid, gone_stat.pid, _event_ns(me.start_time, 0)))
             assert svc.session_binding(me.process) == ring
         finally:
             child.kill()
@@ -523,13 +542,6 @@ def test_a_detached_process_keeps_an_encrypted_directory_unlocked_after_logout(
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, check=False)
 
 
-def _event_ns(start_time: int, before: float) -> int:
-    """A fork event's CLOCK_MONOTONIC time, ``before`` seconds before a
-    process with this start time started."""
-    offset = time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
-    return int((start_time / os.sysconf("SC_CLK_TCK") - before - offset) * 1e9)
-
-
 def test_a_fork_event_read_late_does_not_bind_the_next_owner_of_the_childs_pid() -> None:
     """A fork event read after the child exited and its pid went to a
     process started later (a lagging reader, a pid space cycled by another
@@ -541,9 +553,7 @@ def test_a_fork_event_read_late_does_not_bind_the_next_owner_of_the_childs_pid()
     the attacker's session keyring, its keys then the attacker's)."""
     me = read_stat(os.getpid())
     assert me is not None
-    tracker = SessionTracker()  # not started: events are fed by hand
-    with _svc() as svc:
-        tracker._service = svc
+    with _hand_fed() as (tracker, svc):
         mine = Caller(uid=1003, gid=100, pid=me.pid, start_time=me.start_time, session=me.process)
         svc.join_session_keyring(mine)
         other = subprocess.Popen(["sleep", "30"])
@@ -562,13 +572,8 @@ def test_a_fork_event_read_late_does_not_name_the_next_owner_of_the_parents_pid(
     belongs to a process started after the fork: the child's record must
     not name that process, or the child's own children would inherit its
     keyring (before: they did)."""
-    gone = subprocess.Popen(["true"])
-    gone_stat = read_stat(gone.pid)
-    gone.wait()
-    assert gone_stat is not None and read_stat(gone.pid) is None
-    tracker = SessionTracker()
-    with _svc() as svc:
-        tracker._service = svc
+    gone_stat = _exited()
+    with _hand_fed() as (tracker, svc):
         newer = subprocess.Popen(["sleep", "30"])  # the parent pid's next owner
         grandchild = None
         try:
@@ -579,11 +584,11 @@ def test_a_fork_event_read_late_does_not_name_the_next_owner_of_the_parents_pid(
             svc.join_session_keyring(victim)
             time.sleep(2 / os.sysconf("SC_CLK_TCK"))
             when = _event_ns(owner.start_time, 0.2)
-            tracker._on_event((_FORK, gone.pid, newer.pid, when))
+            tracker._on_event((_FORK, gone_stat.pid, newer.pid, when))
             grandchild = subprocess.Popen(["sleep", "30"])
             kid = read_stat(grandchild.pid)
             assert kid is not None
-            tracker._on_event((_FORK, grandchild.pid, gone.pid, _event_ns(kid.start_time, 0)))
+            tracker._on_event((_FORK, grandchild.pid, gone_stat.pid, _event_ns(kid.start_time, 0)))
             assert svc.session_binding(kid.process) == 0
         finally:
             for proc in (newer, grandchild):
@@ -605,9 +610,7 @@ def test_a_child_forked_just_before_its_parent_joined_does_not_get_the_new_keyri
     secret)."""
     me = read_stat(os.getpid())
     assert me is not None
-    tracker = SessionTracker()  # not started: events are fed by hand
-    with _svc() as svc:
-        tracker._service = svc
+    with _hand_fed() as (tracker, svc):
         parent = Caller(uid=0, gid=0, pid=me.pid, start_time=me.start_time, session=me.process)
         old = svc.join_session_keyring(parent)
         forked_ns = time.monotonic_ns()
