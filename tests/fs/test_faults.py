@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from keyfence.fs.crypto import MasterKey
+from keyfence.fs.syscalls import syncfs_path
 from keyfence.testing.mounting import Mount
 
 BIN = Path(sys.executable).parent
@@ -486,7 +487,14 @@ def test_daemon_killed_workers_flush_lock_and_unmount(daemon: Daemon, tmp_path: 
 
 
 @contextlib.contextmanager
-def loop_ext4(image: Path, size: int, at: Path, mkfs_options: Sequence[str] = ()) -> Iterator[str]:
+def loop_ext4(
+    image: Path,
+    size: int,
+    at: Path,
+    mkfs_options: Sequence[str] = (),
+    *,
+    mount_options: str = "defaults",
+) -> Iterator[str]:
     """A fresh ext4 of ``size`` bytes on a loop device, mounted at ``at``;
     yields the device's ``major:minor``."""
     if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
@@ -504,7 +512,9 @@ def loop_ext4(image: Path, size: int, at: Path, mkfs_options: Sequence[str] = ()
     device = made.stdout.strip()
     try:
         at.mkdir()
-        subprocess.run(["mount", device, str(at)], check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-o", mount_options, device, str(at)], check=True, capture_output=True
+        )
         try:
             st = os.stat(device)
             yield f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
@@ -663,6 +673,110 @@ def test_every_open_of_a_file_is_told_of_a_failed_write_back(tmp_path: Path) -> 
                     os.close(other)
             finally:
                 m.unmount_checked()
+
+
+def forget_cached(directory: Path) -> None:
+    """Drop the clean cached pages of every file under ``directory``:
+    reads then come from the disk."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def failing_store(tmp_path: Path) -> Iterator[tuple[Mount, Callable[[], None], Callable[[], None]]]:
+    """A mount over an ext4 on a loop device whose image is on a small
+    tmpfs (a thin pool): after ``fail()`` fills the tmpfs, the loop device
+    fails every write that needs a new block of the image (ENOSPC; EIO
+    from a failing disk); ``heal()`` frees it again.
+
+    ext4 is mounted ``dioread_lock``: with the default ``dioread_nolock``
+    it allocates blocks as unwritten extents and converts them once their
+    write succeeds, and after a failed write it never converts them, so
+    it reads zeros there whatever is written again (the kernel logs
+    "failed to convert unwritten extents ... potential data loss")."""
+    thin = tmp_path / "thin"
+    with tmpfs(thin, 48 << 20):
+        fs = tmp_path / "fs"
+        with loop_ext4(
+            thin / "fs.img", 40 << 20, fs, ["-O", "^has_journal"], mount_options="dioread_lock"
+        ):
+            m = Mount(fs, "--dirty-expire=1")
+            ballast = thin / "ballast"
+
+            def fail() -> None:
+                with contextlib.suppress(OSError), open(ballast, "wb") as out:
+                    while True:
+                        out.write(b"\xa5" * (1 << 20))
+                        out.flush()
+
+            def heal() -> None:
+                ballast.unlink()
+
+            try:
+                yield m, fail, heal
+            finally:
+                m.unmount_checked()
+
+
+def test_a_removal_retried_after_the_backing_store_failed_loses_nothing(tmp_path: Path) -> None:
+    """Files written and closed (their records stored in the backing
+    files, not yet on disk); the backing store fails to write them: the key
+    removal fails with its errno and the key stays.  Once the store works
+    again, the same removal succeeds, and after an unlock every byte reads
+    back from the disk.  Before: the retried removal found nothing to
+    write, its fsync returned 0 (the error had been reported once), the key
+    went, and the files read back as the disk had them (EIO)."""
+    with failing_store(tmp_path) as (m, fail, heal):
+        enc, master = m.encrypted_dir()
+        data = {"big": os.urandom(4 << 20), "small": os.urandom(5000)}
+        for name, content in data.items():
+            (enc / name).write_bytes(content)
+        fail()
+        with pytest.raises(OSError) as failed:
+            m.clear()
+        assert failed.value.errno in (errno.EIO, errno.ENOSPC), failed.value
+        heal()
+        m.clear()
+        forget_cached(m.backing)
+        m.add_key(master)
+        for name, content in data.items():
+            assert (enc / name).read_bytes() == content, name
+
+
+def test_a_write_the_backing_store_failed_is_written_again(tmp_path: Path) -> None:
+    """No removal: the backing store fails to write a closed file's
+    records (the kernel's own write-back of the backing file, here a
+    syncfs); the mount keeps the pages (its flusher's wait for the backing
+    store, or the next fsync, sees the failure) and writes them again
+    once the store works.  The writer's next fsync is told of the error
+    once, as on ext4, and then every byte is on disk.  Before (and on
+    ext4) the error was told and the bytes were lost (EIO)."""
+    with failing_store(tmp_path) as (m, fail, heal):
+        enc, _master = m.encrypted_dir()
+        data = os.urandom(1 << 20)
+        fd = os.open(enc / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+            os.close(os.open(enc / "f", os.O_WRONLY))  # a close: stored in the backing file
+            fail()
+            with contextlib.suppress(OSError):
+                syncfs_path(str(m.backing))  # its write fails
+            heal()
+            with pytest.raises(OSError) as failed:
+                os.fsync(fd)
+            assert failed.value.errno in (errno.EIO, errno.ENOSPC), failed.value
+            os.fsync(fd)  # told once
+        finally:
+            os.close(fd)
+        forget_cached(m.backing)
+        forget_cached(enc)
+        assert (enc / "f").read_bytes() == data
+        m.clear()
 
 
 # ------------------------------------------------------- a slow backing store

@@ -576,13 +576,16 @@ def test_the_heap_is_trimmed_when_idle_after_a_burst_never_while_dirty(
     cache.write(f.file, 0, os.urandom(12 * PAGE_SIZE))
     assert not cache.trim_if_idle() and trims == []  # dirty: a removal may be under way
     cache.flush(f.file)
+    # stored, kept until the backing store has written it: memory still in use
+    assert not cache.trim_if_idle() and trims == []
+    cache.fsync(f.file)
     assert cache.trim_if_idle() and trims == [0]
     assert not cache.trim_if_idle()  # nothing written back since
     cache.write(f.file, 0, os.urandom(4 * PAGE_SIZE))
-    cache.flush(f.file)
+    cache.fsync(f.file)
     assert not cache.trim_if_idle()  # 4 pages: less than a burst
     cache.write(f.file, 0, os.urandom(4 * PAGE_SIZE))
-    cache.flush(f.file)
+    cache.fsync(f.file)
     assert cache.trim_if_idle() and trims == [0, 0]
 
 
@@ -656,11 +659,29 @@ def test_unlinked_file_pages_are_forgotten(cache: PageCache, tmp_path: Path) -> 
 def test_release_of_a_clean_file_closes_it(cache: PageCache, tmp_path: Path) -> None:
     f = Opened(cache, tmp_path / "a")
     cache.write(f.file, 0, b"data")
-    cache.flush(f.file)
+    cache.fsync(f.file)
     fd = f.file.fd
     assert cache.release(f.file)
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_file_closed_before_the_backing_store_wrote_it_closes_after(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    # stored, not yet written by the backing store: kept open (its pages are
+    # to be written again if that write fails) until the flusher's wait
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"data")
+    cache.flush(f.file)
+    page = f.file.stored[0].data
+    fd = f.file.fd
+    assert not cache.release(f.file)
+    assert cache.get(1) is f.file and not _closed(fd) and cache.stored_bytes == PAGE_SIZE
+    assert cache.confirm_stored() == 0  # stored less than `expire` ago
+    assert cache.confirm_stored(everything=True) == 1
+    assert cache.stored_bytes == 0 and not any(page)
+    assert cache.get(1) is None and _closed(fd)
 
 
 def _closed(fd: int) -> bool:
@@ -679,7 +700,7 @@ def test_clean_files_stay_idle_for_the_next_open_least_recent_out_first(
     for ino in (1, 2, 3):
         f = Opened(cache, tmp_path / f"f{ino}", ino)
         cache.write(f.file, 0, b"data %d" % ino)
-        cache.flush(f.file)
+        cache.fsync(f.file)
         files.append(f.file)
     assert not cache.release(files[0])  # kept: still in the cache
     assert cache.idle_inodes() == [1]
@@ -706,7 +727,7 @@ def test_an_idle_file_goes_with_its_key_and_when_unlinked(tmp_path: Path) -> Non
     b = Opened(cache, tmp_path / "b", 2)
     for f in (a, b):
         cache.write(f.file, 0, b"x")
-        cache.flush(f.file)
+        cache.fsync(f.file)
         cache.release(f.file)
     assert cache.idle_inodes() == [1, 2]
     fd_a, fd_b = a.file.fd, b.file.fd
@@ -738,3 +759,112 @@ def test_lenient_sizes() -> None:
     assert lenient_plaintext_size(FILE_HEADER_SIZE) == 0
     assert lenient_plaintext_size(backing_size(5000)) == 5000
     assert lenient_plaintext_size(FILE_HEADER_SIZE + RECORD_SIZE + 3) == PAGE_SIZE + 1
+
+
+class _FailingOnce:
+    """os.fsync/fdatasync failing once with EIO, as after the backing
+    store failed to write what it had taken (then the real call)."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.failed = False
+
+    def __call__(self, fd: int) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self.real(fd)  # type: ignore[operator]
+
+
+def test_a_failed_fsync_makes_what_was_stored_dirty_again(
+    cache: PageCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backing store failed the write-back of what the cache stored
+    (its fsync says so once and forgets those pages): the pages are dirty
+    again, so the next write-back (a retried key removal's) stores them
+    again.  Before, the retry found nothing to write, its fsync returned 0,
+    and the file read back as the disk had it (here: nothing).  A page
+    written again since keeps its newer bytes."""
+    f = Opened(cache, tmp_path / "a")
+    data = bytearray(os.urandom(40 * PAGE_SIZE + 5))
+    cache.write(f.file, 0, data)
+    cache.flush(f.file)
+    assert cache.dirty_bytes == 0 and cache.stored_bytes == 41 * PAGE_SIZE
+    cache.write(f.file, 3 * PAGE_SIZE, b"newer")
+    data[3 * PAGE_SIZE : 3 * PAGE_SIZE + 5] = b"newer"
+    monkeypatch.setattr(os, "fsync", _FailingOnce(os.fsync))
+    with pytest.raises(OSError) as failed:
+        cache.fsync(f.file)
+    assert failed.value.errno == errno.EIO
+    assert f.file.sync_errors == 1 and f.file.sync_errno == errno.EIO
+    assert cache.dirty_bytes == 41 * PAGE_SIZE and cache.stored_bytes == 0
+    os.truncate(f.path, 0)  # what the disk has: the write-back never reached it
+    assert f.read_all() == data  # the cache still has every byte
+    cache.fsync(f.file)  # the disk works again
+    assert cache.dirty_bytes == 0 and cache.stored_bytes == 0
+    assert decrypt_backing(f.path) == data
+
+
+def test_a_failed_wait_for_the_backing_store_makes_what_was_stored_dirty_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's wait (confirm_stored) sees the failure instead of an
+    fsync: the same, for a small file stored at its write."""
+    cache = PageCache(expire=60)
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(3 * PAGE_SIZE)  # stored at its write (write-through)
+    cache.write(f.file, 0, data)
+    assert cache.dirty_bytes == 0 and cache.stored_bytes == 3 * PAGE_SIZE
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pagecache, "wait_writeback", failing)
+    assert cache.confirm_stored(everything=True) == 1
+    monkeypatch.undo()
+    assert cache.dirty_bytes == 3 * PAGE_SIZE and f.file.sync_errors == 1
+    os.truncate(f.path, 0)
+    cache.fsync(f.file)
+    assert decrypt_backing(f.path) == data
+    assert cache.stored_bytes == 0
+
+
+def test_what_was_stored_goes_with_a_truncate_an_unlink_and_the_key(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, os.urandom(20 * PAGE_SIZE))
+    cache.flush(f.file)
+    kept = [f.file.stored[i].data for i in sorted(f.file.stored)]
+    cache.truncate(f.file, 5 * PAGE_SIZE + 1)  # pages 5.. cut: no longer wanted
+    assert sorted(f.file.stored) == list(range(6))  # page 5 is the cut record's now
+    assert all(not any(k) for k in kept[6:]) and all(any(k) for k in kept[:5])
+    busy, dropped = cache.evict_key(KEY)
+    assert busy == [1] and dropped == {}
+    assert cache.stored_bytes == 0 and all(not any(k) for k in kept)
+
+
+def test_what_is_stored_during_an_fsync_is_not_let_go_by_it(
+    cache: PageCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync settles only what was stored before it began: a truncate's
+    cut record stored meanwhile stays kept (its page not zeroed)."""
+    f = Opened(cache, tmp_path / "a")
+    data = os.urandom(3 * PAGE_SIZE)
+    cache.write(f.file, 0, data)
+    cache.fsync(f.file)
+    assert cache.stored_bytes == 0
+    real = os.fsync
+
+    def fsync_with_a_truncate(fd: int) -> None:
+        cache.truncate(f.file, PAGE_SIZE + 10)  # stores block 1's cut record
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_with_a_truncate)
+    cache.fsync(f.file)
+    monkeypatch.undo()
+    assert sorted(f.file.stored) == [1]
+    assert bytes(f.file.stored[1].data[:10]) == data[PAGE_SIZE : PAGE_SIZE + 10]
+    cache.fsync(f.file)
+    assert cache.stored_bytes == 0
+    assert decrypt_backing(f.path) == data[: PAGE_SIZE + 10]

@@ -38,6 +38,10 @@ def test_written_pages_are_zeroed_whatever_the_runs(
     cache.flush(f.file)
     assert cache.dirty_bytes == 0
     assert decrypt_backing(f.path) == bytes(want)
+    # kept until the backing store has them (PageCache.retain_locked)
+    assert cache.stored_bytes == len(buffers) * PAGE_SIZE
+    cache.fsync(f.file)
+    assert cache.stored_bytes == 0
     assert all(not any(b) for b in buffers)
     assert all(not any(o) for o in owners)  # the whole write buffers too
 

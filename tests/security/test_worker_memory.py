@@ -1,7 +1,9 @@
 """Plaintext the mount worker lets go is zeroed (issue 11, finding 8).
 
-16 MiB of one 16-byte random marker are written through a real worker and
-closed (so written back), then the session keyring is cleared (fenced).
+16 MiB of one 16-byte random marker are written through a real worker,
+fsync'd (so written back, and written by the backing store: until then
+the worker keeps the pages, docs/security.md) and closed, then the session
+keyring is cleared (fenced).
 Before the page cache zeroed written-back pages and FUSE write buffers,
 the worker's memory still held more than a whole copy of the file
 (655,360 hits for 8 MiB with the parent commit, bench/fs_memory_scan.py);
@@ -59,6 +61,11 @@ def test_written_plaintext_does_not_linger(mount: Mount) -> None:
     with open(enc / "f", "wb") as f:
         for _ in range(MIB):
             f.write(chunk)
+        f.flush()
+        # the pages are kept until the backing store has written them (to
+        # write them again if it fails: docs/fs.md, "Faults"); an fsync
+        # says it has
+        os.fsync(f.fileno())
     one_copy = MIB * (1 << 20) // len(marker)
     after_write = count_in_memory(mount.proc.pid, marker)
     mount.clear()

@@ -58,6 +58,8 @@ class CachedFile:
         "pages",
         "readahead_to",
         "size",
+        "stored",
+        "stored_since",
         "sync_errno",
         "sync_errors",
         "unsynced",
@@ -76,6 +78,14 @@ class CachedFile:
         self.size = 0
         self.disk_size = 0
         self.pages: dict[int, Page] = {}
+        self.stored: dict[int, Page] = {}
+        """Pages whose records were stored in the backing file since its
+        last fsync (or wait for its write-back) began, the latest of each
+        index: kept, plaintext and all, until the backing store says it
+        wrote them, to be written again if it failed (a removal retried
+        after EIO must find them dirty; docs/fs.md, "Faults")."""
+        self.stored_since: float | None = None
+        """When the first of :attr:`stored` was stored (the cache's clock)."""
         self.generation = 0
         self.dirty_since: float | None = None
         self.mtime_ns: int | None = None

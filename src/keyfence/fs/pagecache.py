@@ -10,7 +10,9 @@ returns; the page is encrypted and written back later, by
 * close (the FUSE ``flush`` of every close, so close(2) reports errors),
 * the flusher thread, for pages older than ``expire`` seconds or when the
   dirty memory passes ``dirty_limit / 2``; writers wait (flush themselves)
-  past ``dirty_limit``,
+  past ``dirty_limit``; the flusher also waits for the backing store to
+  write what was stored ``expire`` seconds ago (or, past ``dirty_limit /
+  2`` of it, all),
 * :meth:`PageCache.flush_key` when a key is going away.
 
 The write-back itself (snapshot, seal, store, one or two threads) is
@@ -18,7 +20,11 @@ fs/writeback.py: functions over the cache, under the protocol below.
 
 Clean pages are not kept (the kernel's page cache keeps what was read);
 reads copy the dirty pages they overlap and decrypt the rest from the
-backing file, so they always see unflushed writes.
+backing file, so they always see unflushed writes.  A page whose record
+was stored is kept aside (``CachedFile.stored``, never read from) until
+the backing store has written that record: an fsync of the file, or the
+flusher's wait for it (:meth:`PageCache.confirm_stored`), lets it go, and
+a failure makes it dirty again (:meth:`PageCache.retain_locked`).
 
 A file closed clean stays *idle* in the cache, descriptor and file key
 with it, for the next open (up to ``idle_files`` of them, least recently
@@ -51,8 +57,11 @@ encrypts while the other stores; stores keep the order the chunks were taken
 disk writes (``sync_file_range``) every few MiB.  Truncation and a new file
 id bump the file's generation, which discards chunks encrypted before.  So
 flushes may run concurrently (on different threads) without losing or
-reordering data; ``CachedFile.flushing`` only keeps two threads from
-encrypting the same pages twice.  Emergency drops take only
+reordering data; ``CachedFile.flushing`` keeps two threads from
+encrypting the same pages twice, and is held through an fsync of the
+backing file and the flusher's wait for its write-back (never with
+:attr:`PageCache.lock`), so that the pages that wait settles are not
+being stored meanwhile and a key removal's fsync comes after it.  Emergency drops take only
 :attr:`PageCache.lock`, so they wait at most for one chunk's ``pwrite`` and
 snapshot, whatever is dirty.  The readahead thread (fs/readahead.py) touches
 no field: a read works out the range to announce under the lock
@@ -92,7 +101,7 @@ from keyfence.fs.format import (
 )
 from keyfence.fs.limits import LARGEST_FILE, encrypted_max_size
 from keyfence.fs.readahead import BackingReadahead
-from keyfence.fs.syscalls import set_mtime_ns
+from keyfence.fs.syscalls import set_mtime_ns, start_writeback, wait_writeback
 from keyfence.fs.writebehind import WriteBehind
 
 __all__ = [
@@ -214,6 +223,15 @@ class PageCache:
         self._closing_keys: set[str] = set()
         """Keys whose removal is flushing: files opened meanwhile refuse writes too."""
         self._dirty_pages = 0
+        self._stored_pages = 0
+        """Pages kept after their records were stored, until the backing
+        store has written them (``CachedFile.stored``, and those being
+        waited for)."""
+        self._stored_files = 0
+        """Files with pages in ``CachedFile.stored``: each keeps its
+        descriptor until then, so past :attr:`stored_files_limit` of them
+        the flusher waits for them all, as past ``dirty_limit / 2`` pages."""
+        self.stored_files_limit = max(64, idle_files)
         self._recent_reads: deque[bytearray] = deque(maxlen=_RECENT_READS)
         """The last plaintext handed to pyfuse3 for read replies."""
         self._wakeup = threading.Condition(self.lock)
@@ -233,6 +251,11 @@ class PageCache:
     @property
     def dirty_bytes(self) -> int:
         return self._dirty_pages * PAGE_SIZE
+
+    @property
+    def stored_bytes(self) -> int:
+        """Plaintext kept until the backing store has written its records."""
+        return self._stored_pages * PAGE_SIZE
 
     def over_limit(self) -> bool:
         return self._dirty_pages * PAGE_SIZE > self.dirty_limit
@@ -352,6 +375,7 @@ class PageCache:
         f.size = lenient_plaintext_size(f.disk_size)
         f.cipher, f.header_error, f.header_on_disk = None, None, False
         f.generation += 1
+        self._forget_stored_locked(f)
         if f.disk_size >= FILE_HEADER_SIZE:
             f.header_on_disk = True
             try:
@@ -378,10 +402,14 @@ class PageCache:
         """Close a file without users or dirty pages, or keep it idle for
         the next open (``keep_idle``, while its key is there and its header
         sound); whether it left the cache."""
-        if f.users > 0 or f.pages or self._files.get(f.ino) is not f:
-            return False
-        if f.master is not None and f.size > 0 and f.disk_size < backing_size(f.size):
-            return False  # an extension still to write
+        if f.users > 0 or f.pages or f.stored or self._files.get(f.ino) is not f:
+            return False  # (stored: closed once the backing store has written it)
+        if (
+            f.master is not None
+            and f.size > 0
+            and (f.disk_size < backing_size(f.size) or not f.header_on_disk)
+        ):
+            return False  # an extension (or a header) still to write
         if (
             keep_idle
             and self.idle_files
@@ -439,6 +467,7 @@ class PageCache:
             f.pages.clear()
             f.size = min(f.size, lenient_plaintext_size(f.disk_size))
             f.generation += 1
+            self._forget_stored_locked(f)
             self._maybe_close_locked(f, keep_idle=False)
 
     # ------------------------------------------------------------------ reads
@@ -776,6 +805,8 @@ class PageCache:
             f.disk_size = len(header) + len(records)
             f.size = n
             self.stats["written_bytes"] += n
+            # a copy, kept until the backing store has written it
+            self.retain_locked(f, 0, _pages_of(view, count))
         return True
 
     def _write_page(self, f: CachedFile, idx: int, view: memoryview) -> int:
@@ -814,6 +845,8 @@ class PageCache:
                 raise fail(errno.ENOKEY, "the file's key is being removed")
             old = f.size
             f.generation += 1
+            if size < old:  # what was stored beyond the cut is no longer wanted
+                self._forget_stored_locked(f, size // PAGE_SIZE)
             if size == 0:
                 self._dirty_pages -= len(f.pages)
                 for page in f.pages.values():
@@ -886,7 +919,8 @@ class PageCache:
             log.warning("%s: block %d kept for write-back: %s", self.label_of(f.ino), idx, err)
             return
         f.disk_size = max(f.disk_size, offset + len(record))
-        f.pages.pop(idx).data[:] = _ZERO_PAGE
+        for data in self.retain_locked(f, idx, [f.pages.pop(idx)]):
+            data[:] = _ZERO_PAGE
         self._dirty_pages -= 1
         self.stats["written_bytes"] += len(record) - BLOCK_OVERHEAD
         if not f.pages and f.disk_size >= backing_size(f.size):
@@ -950,23 +984,199 @@ class PageCache:
         Another thread may close ``f.fd`` (a release, the flusher) at any
         moment outside the lock: a duplicate taken under the lock keeps the
         file open for the fsync (never EBADF, never another file's fd).
+        What was stored before the fsync began is let go if it succeeds and
+        dirty again if it fails (:meth:`_settle`), with ``f.flushing``
+        held: no write-back pass of the file runs meanwhile.
         """
-        with self.lock:
-            if f.fd < 0:
-                return False
-            fd = os.dup(f.fd)
-        try:
-            (os.fdatasync if datasync else os.fsync)(fd)
-        except OSError as err:
+        with f.flushing:
             with self.lock:
-                f.sync_errors += 1
-                f.sync_errno = err.errno or errno.EIO
-            raise
-        finally:
-            os.close(fd)
+                if f.fd < 0:
+                    return False
+                fd = os.dup(f.fd)
+                taken = self._take_stored_locked(f)
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            except OSError as err:
+                self._settle(f, taken, err)
+                raise
+            finally:
+                os.close(fd)
+            self._settle(f, taken, None)
         with self.lock:
             f.unsynced = 0  # the next flush behind counts from here
         return True
+
+    # ------------------------------------------ stored, until the disk has it
+
+    def retain_locked(
+        self, f: CachedFile, first: int, pages: list[Page]
+    ) -> list[bytearray | memoryview]:
+        """Keep ``pages`` (indexes ``first, first+1, ...``), whose records
+        were just stored, in ``f.stored`` until the backing store has
+        written them; the data of the older stored pages they replace, to
+        be zeroed (they would write older bytes again).
+
+        Why: the backing filesystem takes the records into its page cache
+        and writes them later; when that write fails (EIO from the disk,
+        ENOSPC from a thin pool) it marks them clean, reports the error to
+        one fsync, and forgets them.  A key removal that failed on that
+        fsync and was retried then found nothing to write and lost them
+        (ext4 with fscrypt loses them so).  Kept, they are made dirty again
+        instead (:meth:`_settle`)."""
+        stored = f.stored
+        if not stored:
+            f.stored_since = self.clock()
+            self._stored_files += 1
+        end = first + len(pages)
+        if stored.keys().isdisjoint(range(first, end)):  # the usual case
+            stored.update(zip(range(first, end), pages, strict=True))
+            replaced: list[bytearray | memoryview] = []
+        else:
+            replaced = [stored[i].data for i in range(first, end) if i in stored]
+            stored.update(zip(range(first, end), pages, strict=True))
+        self._stored_pages += len(pages) - len(replaced)
+        if self.stored_over_limit():
+            self._wakeup.notify_all()
+        return replaced
+
+    def stored_over_limit(self) -> bool:
+        """Whether the flusher should wait for everything stored now."""
+        return (
+            self._stored_pages * PAGE_SIZE > self.dirty_limit // 2
+            or self._stored_files > self.stored_files_limit
+        )
+
+    def _forget_stored_locked(self, f: CachedFile, first: int = 0) -> None:
+        """Let go of (and zero) the stored pages of ``f`` from index
+        ``first`` on: cut off by a truncate, unlinked, or the file's key or
+        contents gone."""
+        if not f.stored:
+            return
+        gone = sorted(i for i in f.stored if i >= first)
+        writeback.zero_pages([f.stored.pop(i).data for i in gone])
+        self._stored_pages -= len(gone)
+        if not f.stored:
+            f.stored_since = None
+            self._stored_files -= 1
+
+    def _take_stored_locked(self, f: CachedFile) -> tuple[dict[int, Page], FileCipher | None]:
+        """What was stored in ``f`` so far (and its cipher), for an fsync or
+        a wait about to begin to settle; pages stored from now on are the
+        next one's."""
+        taken = f.stored
+        if not taken:
+            return {}, f.cipher  # not f.stored: what is stored from now on is not this one's
+        f.stored = {}
+        f.stored_since = None
+        self._stored_files -= 1
+        return taken, f.cipher
+
+    def _settle(
+        self,
+        f: CachedFile,
+        taken: tuple[dict[int, Page], FileCipher | None],
+        err: OSError | None,
+    ) -> None:
+        """An fsync (or wait) of the backing file ended: with ``err`` None
+        its pages ``taken`` are on disk, zeroed and let go; otherwise they
+        are dirty again, to be written by the next write-back, and the
+        error is counted for every open of the file
+        (``CachedFile.sync_errors``)."""
+        pages, cipher = taken
+        if err is None:
+            with self.lock:
+                self._stored_pages -= len(pages)
+            if pages:
+                writeback.zero_pages([pages[i].data for i in sorted(pages)])
+            return
+        with self.lock:
+            f.sync_errors += 1
+            f.sync_errno = err.errno or errno.EIO
+            self._stored_pages -= len(pages)
+            usable = (
+                f.master is not None
+                and f.fd >= 0
+                and f.cipher is cipher
+                and cipher is not None
+                and self._files.get(f.ino) is f
+            )
+            again = 0
+            last = (f.size - 1) // PAGE_SIZE
+            for idx in sorted(pages):
+                page = pages[idx]
+                if not usable or idx > last or idx in f.pages or idx in f.stored:
+                    page.data[:] = _ZERO_PAGE  # gone, or newer bytes were written since
+                    continue
+                if idx == last and f.size % PAGE_SIZE:  # cut since: zeros past the end
+                    page.data[f.size % PAGE_SIZE :] = bytes(PAGE_SIZE - f.size % PAGE_SIZE)
+                page.version += 1
+                f.pages[idx] = page
+                again += 1
+            self._dirty_pages += again
+            if usable:
+                f.header_on_disk = False  # it may have been lost with them
+                self._mark_dirty_locked(f)
+        if pages:
+            log.error(
+                "%s: the backing store failed to write %d stored pages (%s); %s",
+                self.label_of(f.ino),
+                len(pages),
+                os.strerror(err.errno or errno.EIO),
+                f"{again} kept to write again" if usable else "the file is gone",
+            )
+
+    def confirm_stored(self, *, everything: bool = False) -> int:
+        """Have the backing store write what files had stored more than
+        ``expire`` seconds ago (``everything``: all of it, memory is short)
+        and wait for it, so that those pages can go; pages whose write
+        failed are dirty again.  The flusher's; the number of files settled.
+
+        The disk writes of all of them are started first, then waited for
+        one by one (``sync_file_range``: no journal commit, no flush of the
+        disk's cache; an fsync still does those).  The wait takes the
+        report of a failed write from the backing file's description: the
+        pages are then dirty again, and every open of the file is told at
+        its next fsync (:meth:`_settle`)."""
+        deadline = self.clock() - self.expire
+        with self.lock:
+            due = [
+                f
+                for f in self._files.values()
+                if f.stored
+                and f.fd >= 0
+                and (everything or (f.stored_since is not None and f.stored_since <= deadline))
+            ]
+        for f in due:  # one descriptor at a time: thousands may be due
+            with self.lock:
+                if f.fd < 0:
+                    continue
+                fd = os.dup(f.fd)
+            with contextlib.suppress(OSError):  # the wait below reports it
+                start_writeback(fd, 0, 0)
+            os.close(fd)
+        settled = 0
+        for f in due:
+            if not f.flushing.acquire(blocking=False):
+                continue  # being written back or fsynced: that settles it
+            try:
+                with self.lock:
+                    if f.fd < 0 or not f.stored:
+                        continue
+                    fd = os.dup(f.fd)
+                    taken = self._take_stored_locked(f)
+                try:
+                    wait_writeback(fd)
+                except OSError as err:
+                    self._settle(f, taken, err)
+                else:
+                    self._settle(f, taken, None)
+                finally:
+                    os.close(fd)
+                settled += 1
+            finally:
+                f.flushing.release()
+            self._close_idle(f)
+        return settled
 
     def _sync_backing(self) -> None:
         """A file was closed after its write-back but before its fsync: sync
@@ -977,6 +1187,13 @@ class PageCache:
     def flush_files(
         self, files: Iterable[CachedFile], *, sync: bool, progress: Progress | None = None
     ) -> int:
+        """Write back ``files`` and, with ``sync``, fsync each.  With
+        ``sync`` it fails (EIO, or the backing store's errno) also when the
+        backing store failed a write of one of them while this ran (the
+        flusher's wait saw it, not this fsync): their pages are dirty again,
+        and a key removal must not go on as if they were on disk."""
+        files = list(files)
+        errors = [f.sync_errors for f in files]
         written = 0
         missed = False
         for f in files:
@@ -991,6 +1208,11 @@ class PageCache:
                 missed = True
         if missed:
             self._sync_backing()
+        if sync:
+            for f, before in zip(files, errors, strict=True):
+                if f.sync_errors != before:  # logged with the file's name by _settle
+                    code = f.sync_errno or errno.EIO
+                    raise OSError(code, os.strerror(code))
         return written
 
     def flush_key(self, key: str, progress: Progress | None = None) -> int:
@@ -1080,7 +1302,11 @@ class PageCache:
             return False
         with self.lock:
             written = self.stats["written_bytes"]
-            if self._dirty_pages or written - self._trimmed_at < TRIM_AFTER_BYTES:
+            if (
+                self._dirty_pages
+                or self._stored_pages
+                or written - self._trimmed_at < TRIM_AFTER_BYTES
+            ):
                 return False
             self._trimmed_at = written
         self.trim_heap()
@@ -1107,6 +1333,7 @@ class PageCache:
                 writeback.zero_pages([f.pages[i].data for i in sorted(f.pages)])
                 self._dirty_pages -= len(f.pages)
                 f.pages.clear()
+                self._forget_stored_locked(f)
                 f.master = None
                 ciphers.append(f.cipher)
                 f.cipher = None
@@ -1157,7 +1384,7 @@ class Flusher:
             with cache.lock:
                 if self._stop:
                     return
-                if cache.dirty_bytes <= cache.dirty_limit // 2:
+                if cache.dirty_bytes <= cache.dirty_limit // 2 and not cache.stored_over_limit():
                     cache._wakeup.wait(interval)
                 if self._stop:
                     return
@@ -1165,6 +1392,7 @@ class Flusher:
                 cache.flush_expired()
                 if cache.dirty_bytes > cache.dirty_limit // 2:
                     cache.flush_until(cache.dirty_limit // 4)
+                cache.confirm_stored(everything=cache.stored_over_limit())
                 cache.trim_if_idle()
             except Exception:  # keep the flusher alive; the error was logged
                 log.exception("background write-back failed")
@@ -1174,6 +1402,18 @@ class Flusher:
 _HOLES_ASKED = 256
 """Holes of a backing file :meth:`PageCache.unwritten_sectors` looks for at
 most (two ``lseek`` each); past them everything counts as a hole."""
+
+
+def _pages_of(view: memoryview, count: int) -> list[Page]:
+    """A copy of ``view`` (at most ``count`` pages) as pages: one buffer of
+    ``count`` pages, zero past the end, one view per page."""
+    if count == 1:
+        page = bytearray(PAGE_SIZE)
+        page[: len(view)] = view
+        return [Page(page)]
+    block = memoryview(bytearray(count * PAGE_SIZE))
+    block[: len(view)] = view
+    return [Page(block[pos : pos + PAGE_SIZE]) for pos in range(0, len(block), PAGE_SIZE)]
 
 
 def _record_blocks(order: list[int], size: int, header: bool, bs: int) -> list[tuple[int, int]]:

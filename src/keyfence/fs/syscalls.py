@@ -82,6 +82,7 @@ __all__ = [
     "unlink_at",
     "utime_at",
     "utime_fd",
+    "wait_writeback",
     "write_new",
 ]
 
@@ -128,7 +129,9 @@ _futimens.restype = ctypes.c_int
 _sync_file_range = libc.sync_file_range
 _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _sync_file_range.restype = ctypes.c_int
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
 _fallocate = libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
@@ -628,6 +631,17 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE): start the disk writing a
     range without waiting (best effort: errors surface at fsync)."""
     _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def wait_writeback(fd: int) -> None:
+    """sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER) of the whole file:
+    have its dirty pages written and wait for them; the write-back error
+    the file's open file description has not been told yet, if any
+    (``errseq_t``, as fsync reports it), without a journal commit or a
+    flush of the disk's cache."""
+    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+    if _sync_file_range(fd, 0, 0, flags) != 0:
+        raise _fail()
 
 
 def reopen_read_only(fd: int) -> int:

@@ -57,6 +57,10 @@ class PageCache(Protocol):
     _store_thread_lock: threading.Lock
     write_behind: WriteBehind
 
+    def retain_locked(
+        self, f: CachedFile, first: int, pages: list[Page]
+    ) -> list[bytearray | memoryview]: ...
+
 
 @dataclass
 class _Chunk:
@@ -83,14 +87,14 @@ def zero_pages(buffers: list[bytearray | memoryview]) -> None:
     """Zero the plaintext of written pages, a whole write's buffer at once
     where the pages are all of it (docs/security.md).
 
-    ``buffers`` are the data of pages of increasing index (consecutive or
-    not), all being let go.  A page made by a large write is a view into
-    that write's buffer, whose pages have consecutive indexes.  When the
-    first and the last of ``m`` pages in a row are views into the same
-    buffer of ``m`` pages, those ``m`` indexes are exactly the buffer's:
-    every page still living in it is among them (the others were written
-    back, and zeroed, before), so zeroing the whole buffer in one call
-    touches no page that is still dirty.
+    ``buffers`` are the data of distinct pages, all being let go.  A page
+    made by a large write is a view into that write's buffer of ``m``
+    pages, one view per page.  When ``m`` pages in a row are all views
+    into the same buffer of ``m`` pages, they are all of its pages, so
+    zeroing the whole buffer in one call touches no page still in use.
+    (Checking only the first and the last is not enough: a page of the
+    buffer may still be dirty, or kept stored, while an older page of
+    another buffer at its index sits between them.)
     """
     k, count = 0, len(buffers)
     while k < count:
@@ -98,12 +102,17 @@ def zero_pages(buffers: list[bytearray | memoryview]) -> None:
         if type(data) is memoryview:
             block = data.obj
             m = len(block) // PAGE_SIZE if type(block) is bytearray else 0
-            if m > 1 and k + m <= count:
-                last = buffers[k + m - 1]
-                if type(last) is memoryview and last.obj is block:
-                    wipe.zero(block)
-                    k += m
-                    continue
+            if (
+                m > 1
+                and k + m <= count
+                and all(
+                    type(other) is memoryview and other.obj is block
+                    for other in buffers[k + 1 : k + m]
+                )
+            ):
+                wipe.zero(block)
+                k += m
+                continue
         data[:] = _ZERO_PAGE
         k += 1
 
@@ -526,10 +535,12 @@ def _store_chunk_locked(
         while done < len(data):
             done += os.pwrite(f.fd, data[done:], offset + done)
         f.disk_size = max(f.disk_size, offset + len(data))
-        # written: its plaintext is zeroed (by the caller, once the lock
-        # is let go) before the memory goes back to the allocator
-        # (docs/security.md)
-        spent.append(list(map(_data_of, map(pages.pop, range(first + k, first + j + 1)))))
+        # stored: kept until the backing store has written it (to store
+        # again if it failed); the pages it supersedes are zeroed by the
+        # caller once the lock is let go (docs/security.md)
+        spent.append(
+            cache.retain_locked(f, first + k, list(map(pages.pop, range(first + k, first + j + 1))))
+        )
         cache._dirty_pages -= j - k + 1
         written += (j - k) * PAGE_SIZE + (chunk.last_len if j == count - 1 else PAGE_SIZE)
         k = j + 1
@@ -540,22 +551,24 @@ def _store_chunk_locked(
 
 
 def finish_extension(cache: PageCache, f: CachedFile) -> None:
-    """After the pages: a file grown by truncate gets its header and size."""
+    """After the pages: a file grown by truncate gets its header and size,
+    a file whose header the backing store failed to write gets it again."""
     with cache.lock:
         if f.master is None or f.fd < 0 or f.pages or f.size == 0:
             return
         need = backing_size(f.size)
-        if f.disk_size >= need:
+        if f.disk_size >= need and f.header_on_disk:
             f.dirty_since = None
             return
         if f.cipher is None:
             f.cipher = f.master.new_file_cipher()
             f.header_on_disk = False
-        if not f.header_on_disk:
+        if not f.header_on_disk:  # also: its write-back failed in the backing store
             os.pwrite(f.fd, FileHeader(f.cipher.file_id).serialize(), 0)
             f.header_on_disk = True
-        os.ftruncate(f.fd, need)
-        f.disk_size = need
+        if f.disk_size < need:
+            os.ftruncate(f.fd, need)
+            f.disk_size = need
         f.dirty_since = None
 
 
