@@ -594,6 +594,7 @@ def test_the_flusher_trims_the_heap_after_a_burst(
 ) -> None:
     monkeypatch.setattr(pagecache, "TRIM_AFTER_BYTES", 8 * PAGE_SIZE)
     cache = PageCache(expire=0.1, write_through=0)
+    cache.stored_wait = 0.1  # the pages stored go once the backing store has them
     trimmed = threading.Event()
     cache.trim_heap = trimmed.set
     flusher = Flusher(cache)

@@ -11,8 +11,8 @@ returns; the page is encrypted and written back later, by
 * the flusher thread, for pages older than ``expire`` seconds or when the
   dirty memory passes ``dirty_limit / 2``; writers wait (flush themselves)
   past ``dirty_limit``; the flusher also waits for the backing store to
-  write what was stored ``expire`` seconds ago (or, past ``dirty_limit /
-  2`` of it, all),
+  have written what was stored :attr:`PageCache.stored_wait` seconds ago
+  (or, past the limits, all),
 * :meth:`PageCache.flush_key` when a key is going away.
 
 The write-back itself (snapshot, seal, store, one or two threads) is
@@ -159,6 +159,20 @@ IDLE_FILES = 4096
 (:meth:`PageCache._maybe_close_locked`; fewer where descriptors are few)."""
 
 
+def kernel_writes_back_within() -> float:
+    """Seconds within which the kernel writes a dirty page of the backing
+    store by itself: ``vm.dirty_expire_centisecs`` plus one period of its
+    flusher, ``vm.dirty_writeback_centisecs`` (30 + 5 s by default)."""
+    total = 0.0
+    for name, default in (("dirty_expire_centisecs", 3000), ("dirty_writeback_centisecs", 500)):
+        try:
+            with open(f"/proc/sys/vm/{name}") as f:
+                total += int(f.read()) / 100
+        except (OSError, ValueError):
+            total += default / 100
+    return total
+
+
 def idle_files_allowed() -> int:
     """:data:`IDLE_FILES`, or an eighth of the descriptor limit if less
     (the inode table keeps up to a quarter for directories)."""
@@ -232,6 +246,12 @@ class PageCache:
         descriptor until then, so past :attr:`stored_files_limit` of them
         the flusher waits for them all, as past ``dirty_limit / 2`` pages."""
         self.stored_files_limit = max(64, idle_files)
+        self.stored_wait = max(expire, kernel_writes_back_within())
+        """Seconds after which the flusher waits for what a file stored:
+        by then the kernel has written it by itself, so the wait only
+        learns whether that succeeded, and a file deleted sooner (``tar``,
+        then ``rm``) is never written out early for it.  Sooner only past
+        the limits (:meth:`stored_over_limit`)."""
         self._recent_reads: deque[bytearray] = deque(maxlen=_RECENT_READS)
         """The last plaintext handed to pyfuse3 for read replies."""
         self._wakeup = threading.Condition(self.lock)
@@ -1127,7 +1147,8 @@ class PageCache:
 
     def confirm_stored(self, *, everything: bool = False) -> int:
         """Have the backing store write what files had stored more than
-        ``expire`` seconds ago (``everything``: all of it, memory is short)
+        :attr:`stored_wait` seconds ago (``everything``: all of it, memory
+        or descriptors are short)
         and wait for it, so that those pages can go; pages whose write
         failed are dirty again.  The flusher's; the number of files settled.
 
@@ -1137,7 +1158,7 @@ class PageCache:
         report of a failed write from the backing file's description: the
         pages are then dirty again, and every open of the file is told at
         its next fsync (:meth:`_settle`)."""
-        deadline = self.clock() - self.expire
+        deadline = self.clock() - self.stored_wait
         with self.lock:
             due = [
                 f
