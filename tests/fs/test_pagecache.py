@@ -685,6 +685,42 @@ def test_a_file_closed_before_the_backing_store_wrote_it_closes_after(
     assert cache.get(1) is None and _closed(fd)
 
 
+def test_a_file_waiting_for_the_backing_store_may_be_idle_and_is_closed_after(
+    tmp_path: Path,
+) -> None:
+    # idle while waiting; pushed out of the idle ones, still open until the
+    # backing store has written what it stored, then closed
+    cache = PageCache(idle_files=1)
+    a = Opened(cache, tmp_path / "a", 1)
+    cache.write(a.file, 0, b"a")
+    fd = a.file.fd
+    cache.release(a.file)
+    assert cache.idle_inodes() == [1] and a.file.stored
+    b = Opened(cache, tmp_path / "b", 2)
+    cache.write(b.file, 0, b"b")
+    cache.release(b.file)
+    assert cache.idle_inodes() == [2]
+    assert cache.get(1) is a.file and not _closed(fd)  # a still waits
+    assert cache.confirm_stored(everything=True) == 2
+    assert cache.get(1) is None and _closed(fd)
+    assert cache.idle_inodes() == [2] and not b.file.stored
+
+
+def test_a_file_kept_for_what_it_stored_is_closed_before_its_last_name_goes(
+    cache: PageCache, tmp_path: Path
+) -> None:
+    f = Opened(cache, tmp_path / "a")
+    cache.write(f.file, 0, b"data")
+    cache.flush(f.file)
+    page, fd = f.file.stored[0].data, f.file.fd
+    assert not cache.release(f.file)
+    cache.drop_idle(1, only_read_only=True)  # an open for writing: not this
+    assert cache.get(1) is f.file
+    cache.drop_idle(1)  # an unlink of its last name
+    assert cache.get(1) is None and _closed(fd) and not any(page)
+    assert cache.stored_bytes == 0
+
+
 def _closed(fd: int) -> bool:
     try:
         os.fstat(fd)

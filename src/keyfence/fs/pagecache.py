@@ -421,9 +421,11 @@ class PageCache:
     def _maybe_close_locked(self, f: CachedFile, *, keep_idle: bool = True) -> bool:
         """Close a file without users or dirty pages, or keep it idle for
         the next open (``keep_idle``, while its key is there and its header
-        sound); whether it left the cache."""
-        if f.users > 0 or f.pages or f.stored or self._files.get(f.ino) is not f:
-            return False  # (stored: closed once the backing store has written it)
+        sound); whether it left the cache.  A file with pages stored that
+        the backing store has not written yet (``CachedFile.stored``) may
+        be idle, but is closed only once it has."""
+        if f.users > 0 or f.pages or self._files.get(f.ino) is not f:
+            return False
         if (
             f.master is not None
             and f.size > 0
@@ -446,6 +448,8 @@ class PageCache:
                     self._maybe_close_locked(oldest, keep_idle=False)
             return False
         self._idle.pop(f.ino, None)
+        if f.stored:
+            return False  # closed by confirm_stored once the backing store has it
         del self._files[f.ino]
         with contextlib.suppress(OSError):
             os.close(f.fd)
@@ -455,7 +459,8 @@ class PageCache:
         return True
 
     def drop_idle(self, ino: int, *, only_read_only: bool = False) -> None:
-        """Close ``ino`` if it is idle (closed clean): before its last name
+        """Close ``ino`` if it is idle (closed clean), or closed and kept
+        only for what it stored: before its last name
         goes, so the backing unlink frees it at once (an unlink with a
         descriptor still open puts the inode on ext4's orphan list and the
         close takes it off again, two more journal updates).
@@ -466,8 +471,16 @@ class PageCache:
         afresh instead of writing through that descriptor."""
         with self.lock:
             f = self._files.get(ino)
-            if f is None or ino not in self._idle:
+            if f is None or f.users > 0 or f.pages:
                 return
+            if only_read_only and ino not in self._idle:
+                return
+            if not only_read_only:
+                if ino not in self._idle and not f.stored:
+                    return
+                # kept (idle or not) until the backing store has written
+                # what it stored: the last name is going, so is that need
+                self._forget_stored_locked(f)
             if only_read_only:
                 try:
                     if fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
@@ -1196,7 +1209,9 @@ class PageCache:
                 settled += 1
             finally:
                 f.flushing.release()
-            self._close_idle(f)
+            with self.lock:
+                if f.ino not in self._idle:  # pushed out of the idle ones meanwhile
+                    self._maybe_close_locked(f, keep_idle=False)
         return settled
 
     def _sync_backing(self) -> None:
