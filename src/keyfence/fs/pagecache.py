@@ -1173,6 +1173,8 @@ class PageCache:
         its next fsync (:meth:`_settle`)."""
         deadline = self.clock() - self.stored_wait
         with self.lock:
+            if not self._stored_files:
+                return 0  # the flusher asks every turn: no walk of the table
             due = [
                 f
                 for f in self._files.values()
