@@ -8,6 +8,7 @@ made it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -905,3 +906,109 @@ def test_what_is_stored_during_an_fsync_is_not_let_go_by_it(
     cache.fsync(f.file)
     assert cache.stored_bytes == 0
     assert decrypt_backing(f.path) == data[: PAGE_SIZE + 10]
+
+
+class _LossyStore:
+    """A backing store that loses what it was given when it fails: the
+    ranges written (``pwrite``/``pwritev``) since its last fsync or wait
+    that succeeded are zeroed when one fails (what a disk that failed the
+    write-back has there), as ext4 loses them after EIO."""
+
+    def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.path = path
+        self.unwritten: list[tuple[int, int]] = []
+        self.fail_next = False
+        self._pwrite, self._pwritev = os.pwrite, os.pwritev
+        self._fsync, self._fdatasync = os.fsync, os.fdatasync
+        monkeypatch.setattr(os, "pwrite", self.pwrite)
+        monkeypatch.setattr(os, "pwritev", self.pwritev)
+        monkeypatch.setattr(os, "fsync", self.sync)
+        monkeypatch.setattr(os, "fdatasync", self.sync)
+        monkeypatch.setattr(pagecache, "wait_writeback", self.sync)
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        n = self._pwrite(fd, data, offset)
+        self.unwritten.append((offset, n))
+        return n
+
+    def pwritev(self, fd: int, buffers: list[bytes | memoryview], offset: int) -> int:
+        n = self._pwritev(fd, buffers, offset)
+        self.unwritten.append((offset, n))
+        return n
+
+    def sync(self, fd: int) -> None:
+        if not self.fail_next:
+            self._fsync(fd)
+            self.unwritten.clear()
+            return
+        self.fail_next = False
+        size = os.fstat(fd).st_size
+        for offset, n in self.unwritten:
+            n = min(n, size - offset)
+            if n > 0:
+                self._pwrite(fd, bytes(n), offset)
+        self.unwritten.clear()
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("write"),
+                st.one_of(st.integers(0, 6 * PAGE_SIZE), st.integers(0, 6).map(PAGE_SIZE.__mul__)),
+                st.one_of(
+                    st.integers(1, 12 * PAGE_SIZE), st.integers(1, 12).map(PAGE_SIZE.__mul__)
+                ),
+            ),
+            st.tuples(st.just("truncate"), st.integers(0, 7 * PAGE_SIZE), st.just(0)),
+            st.tuples(
+                st.sampled_from(["flush", "fsync", "fsync fails", "wait", "wait fails"]),
+                st.just(0),
+                st.just(0),
+            ),
+        ),
+        max_size=25,
+    )
+)
+def test_model_with_a_backing_store_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ops: list[tuple[str, int, int]]
+) -> None:
+    """Whatever the backing store loses when its fsync (or the flusher's
+    wait) fails, the cache still has, and the next fsync that succeeds
+    leaves every byte on disk."""
+    path = tmp_path / f"m{time.monotonic_ns()}"
+    cache = PageCache(chunk_pages=3)
+    f = Opened(cache, path)
+    with monkeypatch.context() as patched:
+        store = _LossyStore(path, patched)
+        model = bytearray()
+        for step, (op, a, b) in enumerate(ops):
+            if op == "write":
+                data = bytes([step % 251 + 1]) * b
+                cache.write(f.file, a, data)
+                if len(model) < a:
+                    model.extend(bytes(a - len(model)))
+                model[a : a + b] = data
+            elif op == "truncate":
+                cache.truncate(f.file, a)
+                del model[a:]
+                model.extend(bytes(a - len(model)))
+            elif op == "flush":
+                cache.flush(f.file)
+            elif op.startswith("fsync"):
+                store.fail_next = op.endswith("fails")
+                with contextlib.suppress(OSError):
+                    cache.fsync(f.file)
+            else:
+                store.fail_next = op.endswith("fails")
+                cache.confirm_stored(everything=True)
+            store.fail_next = False  # (nothing was stored to wait for)
+            assert f.file.size == len(model)
+            assert f.read_all() == model
+        cache.fsync(f.file)
+    assert decrypt_backing(path) == model
+    assert cache.stored_bytes == 0
