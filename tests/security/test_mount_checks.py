@@ -184,3 +184,25 @@ def test_a_mount_point_the_user_cannot_write_is_refused(reachable: Path) -> None
             assert err.value.errno == errno.EACCES
     finally:
         subprocess.run(["chattr", "-i", str(point)], capture_output=True, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another uid's credentials")
+def test_a_directory_the_user_cannot_search_is_refused_by_name(reachable: Path) -> None:
+    """A mount point or backing directory of mode 000 (the user's own):
+    EACCES naming it, as fusermount3 refuses it.  Before, the walk up to
+    ``/`` failed on its ``..`` with a bare "Permission denied" (the s37
+    mount-request helper)."""
+    backing, point = reachable / "backing", reachable / "point"
+    for d in (backing, point):
+        d.mkdir()
+        os.chown(d, USER, USER)
+    user = Caller(uid=USER, gid=USER)
+    for d, what in ((point, "mount point"), (backing, "backing directory")):
+        d.chmod(0)
+        try:
+            with pytest.raises(KeyfenceError) as err:
+                check_request(user, str(backing), str(point), nonempty=False)
+        finally:
+            d.chmod(0o755)
+        assert err.value.errno == errno.EACCES
+        assert f"{what} {d}: Permission denied" in str(err.value)

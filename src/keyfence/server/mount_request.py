@@ -145,8 +145,10 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-def _ancestors(fd: int) -> Iterator[tuple[os.stat_result, int]]:
-    """(stat, depth) of the directory and each parent up to ``/``."""
+def _ancestors(fd: int, path: str, what: str) -> Iterator[tuple[os.stat_result, int]]:
+    """(stat, depth) of the directory ``path`` (open as ``fd``) and each
+    parent up to ``/``; a parent the caller may not look up is an error
+    naming ``path`` (a directory of mode 000: EACCES)."""
     root = _identity(os.stat("/"))
     current = os.dup(fd)
     try:
@@ -155,7 +157,10 @@ def _ancestors(fd: int) -> Iterator[tuple[os.stat_result, int]]:
             yield st, depth
             if _identity(st) == root:
                 return
-            parent = os.open("..", _OPEN_DIR, dir_fd=current)
+            try:
+                parent = os.open("..", _OPEN_DIR, dir_fd=current)
+            except OSError as err:
+                raise _error(err, path, what) from None
             os.close(current)
             current = parent
     finally:
@@ -275,14 +280,14 @@ def _check(caller: Caller, request: CheckedRequest, *, nonempty: bool) -> None:
         )
     backing_id, mount_id = _identity(backing_st), _identity(mount_st)
     ours = keyfence_devices()
-    for st, depth in _ancestors(request.mountpoint_fd):
+    for st, depth in _ancestors(request.mountpoint_fd, request.mountpoint, "mount point"):
         if depth and _identity(st) == backing_id:
             raise KeyfenceError(
                 errno.EINVAL,
                 f"the mount point {request.mountpoint} is inside the backing directory "
                 f"{request.backing} (the mount would serve its own files)",
             )
-    for st, depth in _ancestors(request.backing_fd):
+    for st, depth in _ancestors(request.backing_fd, request.backing, "backing directory"):
         if depth and _identity(st) == mount_id:
             raise KeyfenceError(
                 errno.EINVAL,
