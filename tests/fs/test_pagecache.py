@@ -1012,3 +1012,22 @@ def test_model_with_a_backing_store_that_fails(
         cache.fsync(f.file)
     assert decrypt_backing(path) == model
     assert cache.stored_bytes == 0
+
+
+def test_closed_files_waiting_for_the_backing_store_are_bounded(tmp_path: Path) -> None:
+    """Files made faster than the flusher's waits end keep descriptors:
+    past twice the limit, a closed file goes without the wait (its pages
+    zeroed), so the descriptors stay bounded."""
+    cache = PageCache(idle_files=1)
+    limit = cache.stored_files_limit
+    kept = []
+    for ino in range(1, 4 * limit):
+        f = Opened(cache, tmp_path / f"f{ino}", ino)
+        cache.write(f.file, 0, b"%d" % ino)
+        kept.append(f.file.stored[0].data)
+        cache.release(f.file)
+    assert len(cache.files()) <= 2 * limit + 2
+    assert cache._stored_files <= 2 * limit + 1
+    assert sum(not any(page) for page in kept) >= len(kept) - 2 * limit - 2
+    assert cache.confirm_stored(everything=True) > 0
+    assert cache.stored_bytes == 0 and len(cache.files()) == 1  # the idle one

@@ -244,7 +244,8 @@ class PageCache:
         self._stored_files = 0
         """Files with pages in ``CachedFile.stored``: each keeps its
         descriptor until then, so past :attr:`stored_files_limit` of them
-        the flusher waits for them all, as past ``dirty_limit / 2`` pages."""
+        the flusher waits for them all, as past ``dirty_limit / 2`` pages,
+        and past twice that a closed file goes without the wait."""
         self.stored_files_limit = max(64, idle_files)
         self.stored_wait = max(expire, kernel_writes_back_within())
         """Seconds after which the flusher waits for what a file stored:
@@ -449,7 +450,11 @@ class PageCache:
             return False
         self._idle.pop(f.ino, None)
         if f.stored:
-            return False  # closed by confirm_stored once the backing store has it
+            if self._stored_files <= 2 * self.stored_files_limit:
+                return False  # closed by confirm_stored once the backing store has it
+            # files made faster than the flusher's waits end (a slow disk):
+            # descriptors come first, this one goes without the wait
+            self._forget_stored_locked(f)
         del self._files[f.ino]
         with contextlib.suppress(OSError):
             os.close(f.fd)
