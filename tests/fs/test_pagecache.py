@@ -1031,3 +1031,19 @@ def test_closed_files_waiting_for_the_backing_store_are_bounded(tmp_path: Path) 
     assert sum(not any(page) for page in kept) >= len(kept) - 2 * limit - 2
     assert cache.confirm_stored(everything=True) > 0
     assert cache.stored_bytes == 0 and len(cache.files()) == 1  # the idle one
+
+
+def test_pages_kept_for_the_backing_store_are_bounded(tmp_path: Path) -> None:
+    """Past ``dirty_limit`` of kept pages, new ones are not kept (zeroed
+    at once), so writers faster than the flusher's waits cannot grow the
+    worker's memory; what is kept is still written again after a failure."""
+    cache = PageCache(dirty_limit=16 * PAGE_SIZE, chunk_pages=4, write_through=0)
+    files = [Opened(cache, tmp_path / f"f{i}", i + 1) for i in range(4)]
+    for f in files:
+        cache.write(f.file, 0, os.urandom(8 * PAGE_SIZE))
+        cache.flush(f.file)
+    assert cache.stored_bytes == 16 * PAGE_SIZE  # two files' worth, the rest not kept
+    assert [len(f.file.stored) for f in files] == [8, 8, 0, 0]
+    for f in files:
+        cache.fsync(f.file)
+    assert cache.stored_bytes == 0

@@ -844,7 +844,8 @@ class PageCache:
             f.size = n
             self.stats["written_bytes"] += n
             # a copy, kept until the backing store has written it
-            self.retain_locked(f, 0, _pages_of(view, count))
+            for data in self.retain_locked(f, 0, _pages_of(view, count)):
+                data[:] = _ZERO_PAGE  # not kept (memory is short)
         return True
 
     def _write_page(self, f: CachedFile, idx: int, view: memoryview) -> int:
@@ -1060,7 +1061,15 @@ class PageCache:
         one fsync, and forgets them.  A key removal that failed on that
         fsync and was retried then found nothing to write and lost them
         (ext4 with fscrypt loses them so).  Kept, they are made dirty again
-        instead (:meth:`_settle`)."""
+        instead (:meth:`_settle`).
+
+        Past ``dirty_limit`` of kept pages (twice what wakes the flusher's
+        waits: writers faster than the disk, many files open), new ones are
+        not kept but returned to be zeroed, as before pages were kept:
+        memory comes first."""
+        if self._stored_pages * PAGE_SIZE >= self.dirty_limit:
+            self._wakeup.notify_all()
+            return [page.data for page in pages]
         stored = f.stored
         if not stored:
             f.stored_since = self.clock()
