@@ -485,20 +485,45 @@ def test_concurrent_flushers_and_writer_lose_nothing(tmp_path: Path) -> None:
     assert decrypt_backing(f.path) == model
 
 
+_WRITES_AND_TRUNCATES = st.one_of(
+    st.tuples(
+        st.just("write"),
+        st.one_of(st.integers(0, 6 * PAGE_SIZE), st.integers(0, 6).map(PAGE_SIZE.__mul__)),
+        st.one_of(st.integers(1, 12 * PAGE_SIZE), st.integers(1, 12).map(PAGE_SIZE.__mul__)),
+    ),
+    st.tuples(st.just("truncate"), st.integers(0, 7 * PAGE_SIZE), st.just(0)),
+)
+"""The model tests' writes (offset, length) and truncates (size)."""
+
+
+def _write_or_truncate(
+    cache: PageCache, f: Opened, model: bytearray, step: int, op: tuple[str, int, int]
+) -> bool:
+    """Apply a write or truncate of :data:`_WRITES_AND_TRUNCATES` to the
+    file and to ``model``; False for any other step."""
+    kind, a, b = op
+    if kind == "write":
+        data = bytes([step % 251 + 1]) * b
+        cache.write(f.file, a, data)
+        if len(model) < a:
+            model.extend(bytes(a - len(model)))
+        model[a : a + b] = data
+    elif kind == "truncate":
+        cache.truncate(f.file, a)
+        del model[a:]
+        model.extend(bytes(a - len(model)))
+    else:
+        return False
+    return True
+
+
 @settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     st.lists(
         st.one_of(
-            st.tuples(
-                st.just("write"),
-                st.one_of(st.integers(0, 6 * PAGE_SIZE), st.integers(0, 6).map(PAGE_SIZE.__mul__)),
-                st.one_of(
-                    st.integers(1, 12 * PAGE_SIZE), st.integers(1, 12).map(PAGE_SIZE.__mul__)
-                ),
-            ),
-            st.tuples(st.just("truncate"), st.integers(0, 7 * PAGE_SIZE), st.just(0)),
+            _WRITES_AND_TRUNCATES,
             st.tuples(st.just("flush"), st.just(0), st.just(0)),
             st.tuples(st.just("reopen"), st.just(0), st.just(0)),
         ),
@@ -511,16 +536,8 @@ def test_model(tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
     f = Opened(cache, path)
     model = bytearray()
     for step, (op, a, b) in enumerate(ops):
-        if op == "write":
-            data = bytes([step % 251 + 1]) * b
-            cache.write(f.file, a, data)
-            if len(model) < a:
-                model.extend(bytes(a - len(model)))
-            model[a : a + b] = data
-        elif op == "truncate":
-            cache.truncate(f.file, a)
-            del model[a:]
-            model.extend(bytes(a - len(model)))
+        if _write_or_truncate(cache, f, model, step, (op, a, b)):
+            pass  # a write or truncate, applied to both
         elif op == "flush":
             cache.fsync(f.file)
             assert decrypt_backing(path) == model
@@ -957,14 +974,7 @@ class _LossyStore:
 @given(
     st.lists(
         st.one_of(
-            st.tuples(
-                st.just("write"),
-                st.one_of(st.integers(0, 6 * PAGE_SIZE), st.integers(0, 6).map(PAGE_SIZE.__mul__)),
-                st.one_of(
-                    st.integers(1, 12 * PAGE_SIZE), st.integers(1, 12).map(PAGE_SIZE.__mul__)
-                ),
-            ),
-            st.tuples(st.just("truncate"), st.integers(0, 7 * PAGE_SIZE), st.just(0)),
+            _WRITES_AND_TRUNCATES,
             st.tuples(
                 st.sampled_from(["flush", "fsync", "fsync fails", "wait", "wait fails"]),
                 st.just(0),
@@ -987,16 +997,8 @@ def test_model_with_a_backing_store_that_fails(
         store = _LossyStore(path, patched)
         model = bytearray()
         for step, (op, a, b) in enumerate(ops):
-            if op == "write":
-                data = bytes([step % 251 + 1]) * b
-                cache.write(f.file, a, data)
-                if len(model) < a:
-                    model.extend(bytes(a - len(model)))
-                model[a : a + b] = data
-            elif op == "truncate":
-                cache.truncate(f.file, a)
-                del model[a:]
-                model.extend(bytes(a - len(model)))
+            if _write_or_truncate(cache, f, model, step, (op, a, b)):
+                pass  # a write or truncate, applied to both
             elif op == "flush":
                 cache.flush(f.file)
             elif op.startswith("fsync"):
