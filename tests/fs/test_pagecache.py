@@ -697,7 +697,7 @@ def test_a_file_closed_before_the_backing_store_wrote_it_closes_after(
     fd = f.file.fd
     assert not cache.release(f.file)
     assert cache.get(1) is f.file and not _closed(fd) and cache.stored_bytes == PAGE_SIZE
-    assert cache.confirm_stored() == 0  # stored less than `expire` ago
+    assert cache.confirm_stored() == 0  # stored less than `stored_wait` (35 s) ago
     assert cache.confirm_stored(everything=True) == 1
     assert cache.stored_bytes == 0 and not any(page)
     assert cache.get(1) is None and _closed(fd)
