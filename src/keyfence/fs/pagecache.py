@@ -478,20 +478,20 @@ class PageCache:
             f = self._files.get(ino)
             if f is None or f.users > 0 or f.pages:
                 return
-            if only_read_only and ino not in self._idle:
-                return
-            if not only_read_only:
-                if ino not in self._idle and not f.stored:
-                    return
-                # kept (idle or not) until the backing store has written
-                # what it stored: the last name is going, so is that need
-                self._forget_stored_locked(f)
             if only_read_only:
+                if ino not in self._idle:
+                    return
                 try:
                     if fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
                         return
                 except OSError:
                     pass  # unusable: closed like a read-only one
+            else:
+                if ino not in self._idle and not f.stored:
+                    return
+                # kept (idle or not) until the backing store has written
+                # what it stored: the last name is going, so is that need
+                self._forget_stored_locked(f)
             self._maybe_close_locked(f, keep_idle=False)
 
     def forget_unlinked(self, f: CachedFile) -> None:
@@ -1074,13 +1074,13 @@ class PageCache:
         if not stored:
             f.stored_since = self.clock()
             self._stored_files += 1
-        end = first + len(pages)
-        if stored.keys().isdisjoint(range(first, end)):  # the usual case
-            stored.update(zip(range(first, end), pages, strict=True))
-            replaced: list[bytearray | memoryview] = []
-        else:
-            replaced = [stored[i].data for i in range(first, end) if i in stored]
-            stored.update(zip(range(first, end), pages, strict=True))
+        span = range(first, first + len(pages))
+        replaced: list[bytearray | memoryview] = (
+            []  # the usual case: nothing stored there
+            if stored.keys().isdisjoint(span)
+            else [stored[i].data for i in span if i in stored]
+        )
+        stored.update(zip(span, pages, strict=True))
         self._stored_pages += len(pages) - len(replaced)
         if self.stored_over_limit():
             self._wakeup.notify_all()
